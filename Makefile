@@ -1,0 +1,22 @@
+# torch is pinned: an unpinned install resolves to a multi-GB CUDA build; 2.13.0 is a CPU wheel on these machines.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[test]'
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

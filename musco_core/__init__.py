@@ -1,0 +1,26 @@
+"""musco-core: multi-stage low-rank compression of PyTorch networks, extensible through plugins."""
+from .hookspecs import hookimpl  # noqa: I001 - plugins import the marker from here first
+
+from .components import (PLUGIN_API_VERSION, Decomposer, Factor, FactorLayout, LayerAdapter, LayerSpec,
+                         NoParams, RankSelector, Scheduler, WeightSource)
+from .compressor import Compressor
+from .config import generate_model_compr_kwargs, validate_model_compr_kwargs
+from .engine import LayerResult
+from .errors import (CompressionError, ConfigError, DuplicateComponentError, MuscoError, PluginError,
+                     UnknownComponentError, UnsupportedLayerError)
+from .plugins import make_plugin_manager
+from .registry import Registry, default_registry
+from .schedule import LayerSchedule, ModelSchedule, RunSettings, dump_schedule, load_schedule
+from .stats import LayerStats, ModelStats
+from .surgery import FactorizedLayer, standardize_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PLUGIN_API_VERSION", "CompressionError", "Compressor", "ConfigError", "Decomposer", "DuplicateComponentError",
+    "Factor", "FactorLayout", "FactorizedLayer", "LayerAdapter", "LayerResult", "LayerSchedule", "LayerSpec",
+    "LayerStats", "ModelSchedule", "ModelStats", "MuscoError", "NoParams", "PluginError", "RankSelector",
+    "Registry", "RunSettings", "Scheduler", "UnknownComponentError", "UnsupportedLayerError", "WeightSource",
+    "default_registry", "dump_schedule", "generate_model_compr_kwargs", "hookimpl", "load_schedule",
+    "make_plugin_manager", "standardize_model", "validate_model_compr_kwargs",
+]

@@ -1,0 +1,252 @@
+"""The public plugin API: the four component roles and the value types they exchange.
+
+A plugin supplies component *classes* (see :mod:`musco_core.hookspecs`). Each class declares a ``name`` and a
+``Params`` attrs class with its typed parameters; the core instantiates it with no arguments.
+
+* :class:`Decomposer` turns a weight into a chain of factors (plain tensor math, no modules).
+* :class:`RankSelector` chooses the ranks of a decomposition for one layer at one stage.
+* :class:`LayerAdapter` reads a module type into a :class:`LayerSpec` and builds modules from factors.
+* :class:`Scheduler` decides which layers are compressed at each compression step.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from .errors import UnsupportedLayerError
+
+if TYPE_CHECKING:
+    from .schedule import RunSettings
+
+#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (1, 0)``.
+PLUGIN_API_VERSION = (1, 0)
+
+
+@attrs.frozen
+class NoParams:
+    """Parameter class of a component that takes no parameters."""
+
+
+@attrs.frozen
+class LayerSpec:
+    """Geometry of a layer, independent of its weights.
+
+    Linear layers have an empty ``kernel_size``; convolutions carry one entry per spatial axis.
+    ``padding`` is a tuple of ints or one of torch's strings (``"same"``, ``"valid"``).
+    """
+
+    adapter: str
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    has_bias: bool = False
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True for Linear layers and convolutions whose kernel is 1 on every axis."""
+        return self.kernel_numel == 1
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.weight_shape)
+
+    def describe(self) -> str:
+        kernel = "x".join(map(str, self.kernel_size)) or "dense"
+        return f"{self.adapter} {self.in_channels}->{self.out_channels} kernel {kernel}, groups {self.groups}"
+
+
+@attrs.frozen
+class FactorLayout:
+    """Shape of one layer in a factorized chain.
+
+    The weight has conv layout ``(out, in // groups, *kernel)``, with one kernel entry per spatial axis of the
+    original layer (size 1 on axes the factor does not convolve). ``axes`` lists the spatial axes whose stride,
+    padding and dilation this factor applies; every axis of the original layer is owned by exactly one factor.
+    ``bias`` marks the factor that carries the original layer's bias.
+    """
+
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, ...] = ()
+    groups: int = 1
+    axes: tuple[int, ...] = ()
+    bias: bool = False
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def n_params(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @classmethod
+    def pointwise(cls, spec: LayerSpec, out_channels: int, in_channels: int, *, owns_geometry: bool = False,
+                  bias: bool = False) -> FactorLayout:
+        """A 1x1 (or dense) factor; ``owns_geometry`` gives it every axis (valid when no factor before it convolves)."""
+        axes = tuple(range(spec.spatial_dims)) if owns_geometry else ()
+        return cls(out_channels, in_channels, (1,) * spec.spatial_dims, 1, axes, bias)
+
+
+@attrs.frozen(eq=False)
+class Factor:
+    """A factor with its weights, as built into a module by a :class:`LayerAdapter`."""
+
+    layout: FactorLayout
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@attrs.define(eq=False)
+class WeightSource:
+    """What a decomposer factorizes: a layer's dense weight, or the factors of an earlier stage.
+
+    ``previous`` names the decomposition that produced ``factors`` when the layer was compressed before;
+    a decomposer may re-compress its own factors directly (e.g. Tucker2 re-decomposes only its core) or fall
+    back to :attr:`weight`, the dense weight rebuilt from the factors.
+    """
+
+    spec: LayerSpec
+    factors: list[Factor] | None = None
+    previous: str | None = None
+    _dense: torch.Tensor | None = attrs.field(default=None, alias="dense")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._dense is None:
+            from .factors import compose_factors
+
+            self._dense = compose_factors(self.spec, self.factors or [])
+        return self._dense
+
+    def previous_weights(self, decomposition: str) -> list[torch.Tensor] | None:
+        """The factor weights when the layer was last compressed by ``decomposition``, else None."""
+        if self.previous != decomposition or not self.factors:
+            return None
+        return [f.weight for f in self.factors]
+
+
+class Decomposer:
+    """A named factorization of a layer's weight into a chain of smaller layers.
+
+    Subclasses set ``name``, ``rank_names`` (one name per rank; Tucker2 has two) and ``min_rank``, and implement
+    :meth:`unsupported_reason`, :meth:`layout`, :meth:`max_ranks`, :meth:`decompose` and, to work with
+    rank estimation from singular values (vbmf), :meth:`rank_matrices`. ``Params`` is an attrs class of
+    algorithm settings (the schedule's ``algo_kwargs[name]``).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    rank_names: ClassVar[tuple[str, ...]] = ("rank",)
+    min_rank: ClassVar[int] = 2
+
+    def unsupported_reason(self, spec: LayerSpec) -> str | None:
+        """Why this decomposition cannot factorize a layer of this geometry, or None when it can."""
+        raise NotImplementedError
+
+    def check(self, spec: LayerSpec) -> None:
+        reason = self.unsupported_reason(spec)
+        if reason is not None:
+            raise UnsupportedLayerError(f"{self.name} cannot decompose a {spec.describe()}: {reason}")
+
+    def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
+        """The chain of factors produced at these ranks, first layer first."""
+        raise NotImplementedError
+
+    def max_ranks(self, source: WeightSource) -> tuple[int, ...]:
+        """The largest meaningful ranks for this layer as it is now; larger requested ranks are clamped."""
+        raise NotImplementedError
+
+    def rank_family(self, spec: LayerSpec, r: int) -> tuple[int, ...]:
+        """A one-parameter family of ranks, growing with ``r``, used by budget-driven rank selection."""
+        return (r,) * len(self.rank_names)
+
+    def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
+        """One matrix per rank whose singular spectrum tells that rank (used by vbmf)."""
+        raise UnsupportedLayerError(f"{self.name} has no matrix unfoldings for spectrum-based rank selection")
+
+    def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
+        """The factor weights, in :meth:`layout` order and shapes, on the weight's device.
+
+        ``params`` is an instance of ``Params``; ``seed`` seeds anything random, so results are reproducible.
+        """
+        raise NotImplementedError
+
+    def count_params(self, spec: LayerSpec, ranks: tuple[int, ...]) -> int:
+        """Weight count of the factorized layer (bias excluded, as for the original's rate formulas)."""
+        return sum(f.n_params for f in self.layout(spec, ranks))
+
+
+class RankSelector:
+    """Chooses the ranks of a decomposition for one layer at one stage.
+
+    ``Params`` is an attrs class whose fields are keys of a layer's schedule (e.g. ``vbmf_weakenen_factor``).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+
+    def unsupported_reason(self, decomposer: Decomposer) -> str | None:
+        """Why this selector cannot choose ranks for that decomposition, or None when it can."""
+        return None
+
+    def check_stages(self, params, n_stages: int) -> str | None:
+        """Why these parameters cannot serve ``n_stages`` compressions of a layer, or None when they can."""
+        return None
+
+    def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params) -> tuple[int, ...]:
+        """Ranks for compressing ``source`` for the ``stage``-th time (0-based)."""
+        raise NotImplementedError
+
+
+class LayerAdapter:
+    """Reads modules of some types into a :class:`LayerSpec` and rebuilds them from factors."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def read(self, module: nn.Module) -> tuple[LayerSpec, torch.Tensor, torch.Tensor | None]:
+        """The layer's geometry, weight (conv layout) and bias."""
+        raise NotImplementedError
+
+    def build(self, spec: LayerSpec, factors: Sequence[Factor], like: torch.Tensor) -> list[nn.Module]:
+        """Modules for the factors, in order, with ``like``'s dtype and device."""
+        raise NotImplementedError
+
+    def read_factor(self, module: nn.Module) -> Factor:
+        """A factor back from a module this adapter built (used to re-compress)."""
+        raise NotImplementedError
+
+
+class Scheduler:
+    """Decides which layers are compressed at each step; the user fine-tunes between steps."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+
+    def plan(self, layer_names: Sequence[str], settings: RunSettings, params) -> list[list[str]]:
+        """The steps: each a list of layer names compressed together, in order."""
+        raise NotImplementedError

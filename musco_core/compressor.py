@@ -1,0 +1,149 @@
+"""The ``Compressor`` facade, compatible with the original musco-pytorch API."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from typing import Any
+
+import attrs
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import generate_model_compr_kwargs
+from .engine import LayerResult, compress_layer, read_layer
+from .errors import CompressionError, ConfigError, MuscoError
+from .registry import Registry, default_registry
+from .schedule import ModelSchedule, ScheduleCodec, read_yaml
+from .stats import ModelStats, as_model_stats
+from .surgery import module_paths, replace_module
+
+log = logging.getLogger(__name__)
+
+
+class Compressor:
+    """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
+
+    ``model_compr_kwargs`` is the original ``{layer: settings or None}`` dict (never modified) or a
+    :class:`ModelSchedule`; when omitted it is generated from ``model_stats`` with ``config_type``.
+    ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
+    computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
+    The input model is deep-copied unless ``inplace=True``. With a ``ModelSchedule`` its own settings apply and
+    ``ft_every``, ``nglobal_compress_iters`` and ``all_algo_kwargs`` must be left at their defaults.
+    """
+
+    def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,
+                 ft_every: int = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
+                 config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
+                 seed: int = 0, registry: Registry | None = None) -> None:
+        self.registry = registry or default_registry()
+        self.compressed_model = model if inplace else copy.deepcopy(model)
+        self.model_stats: ModelStats = as_model_stats(model_stats, self.compressed_model, self.registry,
+                                                      example_input)
+        if isinstance(model_compr_kwargs, ModelSchedule):
+            if (ft_every, nglobal_compress_iters, all_algo_kwargs) != (1, None, None):
+                raise ConfigError("pass ft_every, nglobal_compress_iters and all_algo_kwargs inside the "
+                                  "ModelSchedule's settings, not as arguments")
+            schedule = model_compr_kwargs
+        else:
+            if model_compr_kwargs is None:
+                model_compr_kwargs = generate_model_compr_kwargs(self.model_stats, config_type,
+                                                                 registry=self.registry)
+            settings = {"ft_every": ft_every, "nglobal_compress_iters": nglobal_compress_iters or 1,
+                        "seed": seed, "algo_kwargs": all_algo_kwargs or {}}
+            schedule = ScheduleCodec(self.registry).structure(model_compr_kwargs, "model_compr_kwargs",
+                                                              settings=settings)
+        self._validate_against_model(schedule)
+        self.schedule = schedule
+        self.lnames = schedule.compressed_layers()
+        settings = schedule.settings
+        self.ft_every = min(settings.ft_every, len(self.lnames)) if self.lnames else settings.ft_every
+        self.nglobal_compress_iters = settings.nglobal_compress_iters
+        scheduler = self.registry.schedulers.get(settings.scheduler)
+        self._steps = scheduler.plan(self.lnames, settings, None)
+        self.niters = len(self._steps)
+        self.curr_iter = 0
+        self.ranks: dict[str, tuple[int, ...] | None] = dict.fromkeys(self.lnames)
+        self.history: list[LayerResult] = []
+        if not self.lnames:
+            log.warning("the schedule compresses no layer; the compressor is done at once")
+
+    @classmethod
+    def from_yaml(cls, model: nn.Module, path: str | os.PathLike, model_stats: Any = None, **kwargs: Any
+                  ) -> Compressor:
+        """A compressor for a YAML schedule file (see :mod:`musco_core.schedule`)."""
+        registry = kwargs.pop("registry", None) or default_registry()
+        schedule = ScheduleCodec(registry).structure(read_yaml(path), str(path))
+        return cls(model, model_stats, schedule, registry=registry, **kwargs)
+
+    @property
+    def done(self) -> bool:
+        return self.curr_iter >= self.niters
+
+    @property
+    def model_compr_kwargs(self) -> dict[str, Any]:
+        """The current schedule in the original dict form (a fresh copy, with updated ``curr_compr_iter``)."""
+        return {name: ScheduleCodec.unstructure_layer(layer) for name, layer in self.schedule.layers.items()}
+
+    def _validate_against_model(self, schedule: ModelSchedule) -> None:
+        problems = []
+        modules = dict(self.compressed_model.named_modules())
+        settings = schedule.settings
+        for name, layer in schedule.layers.items():
+            path = f'$.layers["{name}"]'
+            if layer is None:
+                continue
+            if name not in modules or not name:
+                problems.append(f"{path}: no layer of that name in {type(self.compressed_model).__name__}")
+                continue
+            try:
+                _, source, _ = read_layer(modules[name], self.registry, name)
+                self.registry.decompositions.get(layer.decomposition).check(source.spec)
+            except MuscoError as exc:
+                problems.append(f"{path}: {exc}")
+                continue
+            selector = self.registry.rank_selectors.get(layer.rank_selection)
+            reason = selector.check_stages(layer.rank_params, layer.curr_compr_iter + settings.nglobal_compress_iters)
+            if reason:
+                problems.append(f"{path}: {reason}")
+        if problems:
+            raise ConfigError("\n".join(f"model_compr_kwargs: {problem}" for problem in problems))
+
+    def compression_step(self) -> list[LayerResult]:
+        """Compresses the next group of layers. All of them are swapped in together, or none on failure."""
+        if self.done:
+            raise MuscoError(f"compression is done: all {self.niters} steps were taken")
+        names = self._steps[self.curr_iter]
+        paths = module_paths(self.compressed_model)
+        replacements, results = [], []
+        progress = tqdm(names, desc=f"compression step {self.curr_iter + 1}/{self.niters}", unit="layer",
+                        disable=not sys.stderr.isatty(), file=sys.stderr, leave=False)
+        for name in progress:
+            layer = self.schedule.layers[name]
+            module = self.compressed_model.get_submodule(name)
+            stats = self.model_stats.layers.get(name)
+            try:
+                new, result = compress_layer(module, name, layer, self.schedule.settings, self.registry,
+                                             stats.input_shape if stats else None)
+            except MuscoError as exc:
+                raise CompressionError(f"layer {name!r}: {exc}; the model was left as before this step") from exc
+            except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
+                raise CompressionError(f"layer {name!r}: {type(exc).__name__}: {exc}; the model was left as "
+                                       f"before this step") from exc
+            replacements.append((name, module, new))
+            results.append(result)
+        layers = dict(self.schedule.layers)
+        for (name, module, new), result in zip(replacements, results):
+            if new is not None:
+                for path in paths[id(module)]:
+                    replace_module(self.compressed_model, path, new)
+                self.ranks[name] = result.ranks
+            layers[name] = attrs.evolve(layers[name], curr_compr_iter=layers[name].curr_compr_iter + 1)
+        self.schedule = attrs.evolve(self.schedule, layers=layers)
+        self.history.extend(results)
+        self.curr_iter += 1
+        applied = sum(r.applied for r in results)
+        log.info("compression step %d/%d: %d of %d layers compressed", self.curr_iter, self.niters, applied,
+                 len(results))
+        return results

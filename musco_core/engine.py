@@ -1,0 +1,121 @@
+"""Compressing one layer: read it, choose ranks, refuse a 'compression' that grows it, factorize, rebuild."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from .components import Factor, LayerSpec, WeightSource
+from .errors import CompressionError, UnsupportedLayerError
+from .factors import chain_macs, compose_factors, layer_layout
+from .registry import Registry
+from .schedule import LayerSchedule, RunSettings
+from .surgery import FactorizedLayer
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class LayerResult:
+    """What happened to one layer at one compression: the figures before and after, or why it was kept."""
+
+    name: str
+    decomposition: str
+    rank_selection: str
+    stage: int
+    ranks: tuple[int, ...] | None
+    applied: bool
+    params_before: int
+    params_after: int
+    macs_before: int | None = None
+    macs_after: int | None = None
+    relative_error: float | None = None
+    seconds: float = 0.0
+    note: str | None = None
+
+
+def read_layer(module: nn.Module, registry: Registry, name: str):
+    """The adapter, weight source and bias of a plain or already factorized layer."""
+    if isinstance(module, FactorizedLayer):
+        adapter = registry.adapters.get(module.spec.adapter)
+        factors = [adapter.read_factor(child) for child in module]
+        bias = next((f.bias for f in factors if f.layout.bias), None)
+        return adapter, WeightSource(module.spec, factors, module.decomposition), bias
+    adapter = registry.adapter_for(module)
+    if adapter is None:
+        raise UnsupportedLayerError(f"layer {name!r}: no adapter handles {type(module).__name__}; "
+                                    f"known adapters: {', '.join(registry.adapters.names())}")
+    spec, weight, bias = adapter.read(module)
+    return adapter, WeightSource(spec, dense=weight), bias
+
+
+def _clamp(ranks: Sequence[int], limits: Sequence[int]) -> tuple[tuple[int, ...], str | None]:
+    clamped = tuple(max(1, min(r, m)) for r, m in zip(ranks, limits))
+    note = None if clamped == tuple(ranks) else f"ranks {tuple(ranks)} clamped to {clamped} (the layer's limits)"
+    return clamped, note
+
+
+def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,
+                   registry: Registry, input_shape: Sequence[int] | None = None
+                   ) -> tuple[FactorizedLayer | None, LayerResult]:
+    """Factorizes ``module`` per ``schedule``; returns the new layer (None when it is kept) and the result.
+
+    The model is not touched: the caller swaps the new layer in, so a failing step changes nothing.
+    """
+    started = time.perf_counter()
+    adapter, source, bias = read_layer(module, registry, name)
+    spec: LayerSpec = source.spec
+    decomposer = registry.decompositions.get(schedule.decomposition)
+    decomposer.check(spec)
+    selector = registry.rank_selectors.get(schedule.rank_selection)
+    stage = schedule.curr_compr_iter
+    ranks = selector.select(decomposer, source, stage, schedule.rank_params)
+    ranks, note = _clamp(ranks, decomposer.max_ranks(source))
+
+    current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
+    layouts = decomposer.layout(spec, ranks)
+    params_before = sum(layout.n_params for layout in current_layouts)
+    params_after = sum(layout.n_params for layout in layouts)
+    macs_before = macs_after = None
+    if input_shape is not None:
+        macs_before, macs_after = chain_macs(spec, current_layouts, input_shape), chain_macs(spec, layouts, input_shape)
+    result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
+                         params_before, params_before, macs_before, macs_before, note=note)
+
+    grows = params_after >= params_before or (macs_after is not None and macs_after >= macs_before)
+    if grows and not schedule.force:
+        reason = (f"kept as is: {schedule.decomposition} at ranks {ranks} would not be smaller "
+                  f"({params_after} vs {params_before} weights"
+                  + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else ")"))
+        log.info("layer %r: %s", name, reason)
+        return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
+                                  seconds=time.perf_counter() - started)
+
+    like = source.factors[0].weight if source.factors else source.weight
+    with torch.no_grad():
+        weights = decomposer.decompose(source, ranks, settings.algo_kwargs.get(decomposer.name)
+                                       or decomposer.Params(), seed=settings.seed)
+        factors = []
+        for index, (layout, weight) in enumerate(zip(layouts, weights, strict=True)):
+            if tuple(weight.shape) != layout.weight_shape:
+                raise CompressionError(f"layer {name!r}: {decomposer.name} returned factor {index} of shape "
+                                       f"{tuple(weight.shape)}, its layout says {layout.weight_shape}")
+            if not torch.isfinite(weight).all():
+                raise CompressionError(f"layer {name!r}: {decomposer.name} produced non-finite weights")
+            factors.append(Factor(layout, weight.to(like.dtype), bias if layout.bias else None))
+        reference = source.weight.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
+        approximation = compose_factors(spec, factors).to(reference.dtype)
+        error = float(torch.linalg.vector_norm(approximation - reference)
+                      / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
+        new = FactorizedLayer(spec, decomposer.name, ranks, adapter.build(spec, factors, like))
+    new.train(module.training)
+    new.requires_grad_(any(p.requires_grad for p in module.parameters()))
+    result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
+                          relative_error=error, seconds=time.perf_counter() - started)
+    log.info("layer %r: %s ranks %s, weights %d -> %d, relative error %.4f", name, decomposer.name, ranks,
+             params_before, params_after, error)
+    return new, result

@@ -1,0 +1,117 @@
+"""The registry: name -> component for each role, built from the plugin hooks."""
+from __future__ import annotations
+
+import logging
+from typing import Generic, TypeVar
+
+import attrs
+from torch import nn
+
+from .components import Decomposer, LayerAdapter, RankSelector, Scheduler
+from .errors import DuplicateComponentError, PluginError, UnknownComponentError
+from .plugins import MuscoPluginManager, PluginSource, make_plugin_manager
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Provided:
+    """A registered component class and the plugin that supplied it."""
+
+    role: str
+    name: str
+    component: type
+    source: PluginSource
+
+
+class Role(Generic[T]):
+    """The components of one role, by name."""
+
+    def __init__(self, title: str, base: type[T], hook: str) -> None:
+        self.title, self.base, self.hook = title, base, hook
+        self.entries: dict[str, Provided] = {}
+
+    def add(self, component: type, source: PluginSource) -> None:
+        if not (isinstance(component, type) and issubclass(component, self.base)):
+            raise PluginError(f"plugin {source.name!r} returned {component!r} from {self.hook}, "
+                              f"expected a subclass of {self.base.__qualname__}")
+        name = getattr(component, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {source.name!r}: {component.__qualname__} must declare a string `name`")
+        if name in self.entries:
+            other = self.entries[name].source
+            raise DuplicateComponentError(
+                f"{self.title} {name!r} is registered twice: by plugin {other.name!r} ({other.distribution}) "
+                f"and by plugin {source.name!r} ({source.distribution})")
+        self.entries[name] = Provided(self.title, name, component, source)
+
+    def get(self, name: str) -> T:
+        """A fresh instance of the component called ``name``."""
+        try:
+            return self.entries[name].component()
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise UnknownComponentError(f"unknown {self.title} {name!r}; known: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+class Registry:
+    """Every component the loaded plugins supplied, with lookups by name and by module type."""
+
+    def __init__(self, manager: MuscoPluginManager) -> None:
+        self.manager = manager
+        self.decompositions: Role[Decomposer] = Role("decomposition", Decomposer, "musco_register_decompositions")
+        self.rank_selectors: Role[RankSelector] = Role("rank selector", RankSelector, "musco_register_rank_selectors")
+        self.adapters: Role[LayerAdapter] = Role("layer adapter", LayerAdapter, "musco_register_layer_adapters")
+        self.schedulers: Role[Scheduler] = Role("scheduler", Scheduler, "musco_register_schedulers")
+        self._adapter_by_type: dict[type, str] = {}
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return (self.decompositions, self.rank_selectors, self.adapters, self.schedulers)
+
+    @classmethod
+    def from_plugin_manager(cls, manager: MuscoPluginManager, *, strict: bool = False) -> Registry:
+        """Calls each plugin's hooks one plugin at a time, so a failing plugin is skipped (or raised when strict)."""
+        registry = cls(manager)
+        contributions: dict[str, list[tuple[Role, list[type]]]] = {name: [] for name in manager.sources}
+        failed: set[str] = set()
+        for role in registry.roles:
+            for impl in getattr(manager.hook, role.hook).get_hookimpls():
+                if impl.plugin_name in failed:
+                    continue
+                try:
+                    contributions[impl.plugin_name].append((role, list(impl.function() or ())))
+                except Exception as exc:  # a plugin's hook raised: report it, keep the others
+                    source = manager.sources[impl.plugin_name]
+                    manager.report_failure(impl.plugin_name, source.distribution, exc, strict=strict)
+                    failed.add(impl.plugin_name)
+        for plugin_name, source in manager.sources.items():
+            if plugin_name not in failed:
+                for role, components in contributions[plugin_name]:
+                    for component in components:
+                        role.add(component, source)
+        for name, provided in registry.adapters.entries.items():
+            for module_type in provided.component.module_types:
+                registry._adapter_by_type.setdefault(module_type, name)
+        return registry
+
+    def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
+        """The adapter of the closest type in the module's MRO, or None when no adapter handles it."""
+        for klass in type(module).__mro__:
+            if klass in self._adapter_by_type:
+                return self.adapters.get(self._adapter_by_type[klass])
+        return None
+
+    def provided(self) -> list[Provided]:
+        """Every registered component, role by role, for listings such as ``musco plugins``."""
+        return [role.entries[name] for role in self.roles for name in role.names()]
+
+
+def default_registry(*, strict: bool = False) -> Registry:
+    """A registry of the bundled plugins and every installed ``musco`` entry point."""
+    return Registry.from_plugin_manager(make_plugin_manager(strict=strict), strict=strict)

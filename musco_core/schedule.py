@@ -1,0 +1,382 @@
+"""Compression schedules: attrs classes, their YAML form, and the original plain-dict form.
+
+A schedule file looks like::
+
+    version: 1
+    settings:
+      ft_every: 3
+      nglobal_compress_iters: 2
+      algo_kwargs:
+        cp4: {n_iter_max: 300}
+    layers:
+      layer2.1.conv2: {decomposition: tucker2, rank_selection: vbmf, vbmf_weakenen_factor: 0.9}
+      layer3.1.conv2: {decomposition: tucker2, rank_selection: manual, manual_rank: [[32, 32], [16, 16]]}
+      fc: null
+
+The original ``model_compr_kwargs`` dict (``{layer name: {...} or None}``) is accepted wherever a schedule is.
+Each layer's keys beyond ``decomposition``, ``rank_selection`` and ``curr_compr_iter`` are the typed
+parameters (``Params``) of its rank selector, so plugins add keys without touching this module.
+Bad input raises one :class:`~musco_core.errors.ConfigError` that lists every problem as
+``origin: $.path: what was expected``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NewType
+
+import attrs
+import cattrs
+import yaml
+from cattrs.v import format_exception as cattrs_format_exception
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+PositiveInt = NewType("PositiveInt", int)
+NonNegativeInt = NewType("NonNegativeInt", int)
+UnitFraction = NewType("UnitFraction", float)
+ReductionRate = NewType("ReductionRate", float)
+#: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
+Rank = NewType("Rank", tuple)
+
+
+class ValueProblem(ValueError):
+    """Raised by the strict structure hooks; its message is the expectation shown to the user."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float:
+    if _is_int(value) or isinstance(value, float):
+        return float(value)
+    raise ValueProblem(f"expected a number, got {value!r}")
+
+
+def _positive_int(value: Any, _type=None) -> int:
+    if not _is_int(value) or value <= 0:
+        raise ValueProblem(f"expected a positive int, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: Any, _type=None) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueProblem(f"expected a non-negative int, got {value!r}")
+    return value
+
+
+def _unit_fraction(value: Any, _type=None) -> float:
+    number = _number(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueProblem(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def _reduction_rate(value: Any, _type=None) -> float:
+    number = _number(value)
+    if not number > 1.0:
+        raise ValueProblem(f"expected a number > 1 (the factor by which the parameter count shrinks), got {value!r}")
+    return number
+
+
+def _rank(value: Any, _type=None) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v > 0 for v in value):
+        return tuple(value)
+    if _is_int(value) and value > 0:
+        return (value,)
+    raise ValueProblem(f"expected a positive int or a list of positive ints, got {value!r}")
+
+
+def _strict(kind: type):
+    def structure(value: Any, _type=None):
+        if kind is float:
+            return _number(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueProblem(f"expected {kind.__name__}, got {value!r}")
+        return value
+    return structure
+
+
+def make_converter() -> cattrs.Converter:
+    """A cattrs converter that rejects unknown keys and never coerces (``"5"`` is not an int)."""
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    for kind in (int, float, str, bool):
+        converter.register_structure_hook(kind, _strict(kind))
+    converter.register_structure_hook(PositiveInt, _positive_int)
+    converter.register_structure_hook(NonNegativeInt, _non_negative_int)
+    converter.register_structure_hook(UnitFraction, _unit_fraction)
+    converter.register_structure_hook(ReductionRate, _reduction_rate)
+    converter.register_structure_hook(Rank, _rank)
+    return converter
+
+
+def _format_problem(exc: BaseException, type_) -> str:
+    if isinstance(exc, ValueProblem):
+        return str(exc)
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown keys {sorted(exc.extra_fields)}"
+    return cattrs_format_exception(exc, type_)
+
+
+@attrs.frozen
+class LayerSchedule:
+    """How one layer is compressed: a decomposition, a rank selector with its parameters, and a stage counter."""
+
+    decomposition: str
+    rank_selection: str
+    rank_params: Any
+    curr_compr_iter: int = 0
+    #: Apply the decomposition even when it would not make the layer smaller (e.g. to test full rank).
+    force: bool = False
+
+
+@attrs.frozen
+class RunSettings:
+    """Settings of the whole run."""
+
+    ft_every: PositiveInt = 1
+    nglobal_compress_iters: PositiveInt = 1
+    scheduler: str = "musco"
+    seed: NonNegativeInt = 0
+    algo_kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ModelSchedule:
+    """A whole compression schedule: settings plus ``{layer name: LayerSchedule or None}``."""
+
+    settings: RunSettings = attrs.field(factory=RunSettings)
+    layers: dict[str, LayerSchedule | None] = attrs.field(factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def compressed_layers(self) -> list[str]:
+        return [name for name, layer in self.layers.items() if layer is not None]
+
+
+def _key_path(path: str, key: str) -> str:
+    return f'{path}["{key}"]' if not key.isidentifier() else f"{path}.{key}"
+
+
+class ScheduleCodec:
+    """Converts schedules to and from plain data, checking them against the registered components."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.converter = make_converter()
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def structure(self, data: Any, origin: str = "<schedule>", *, settings: Mapping[str, Any] | None = None
+                  ) -> ModelSchedule:
+        """A schedule from a YAML document or an original ``model_compr_kwargs`` dict.
+
+        ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments).
+        """
+        problems: list[str] = []
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{origin}: $: expected a mapping (a schedule or a {{layer: settings}} dict), "
+                              f"got {type(data).__name__}")
+        if "version" in data:
+            unknown = sorted(set(data) - {"version", "settings", "layers"})
+            if unknown:
+                problems.append(f"$: unknown keys {unknown}; expected version, settings, layers")
+            version = data["version"]
+            if not _is_int(version) or version < 1:
+                problems.append(f"$.version: expected a positive int, got {version!r}")
+            elif version > SCHEMA_VERSION:
+                problems.append(f"$.version: schema version {version} is newer than this musco-core reads "
+                                f"({SCHEMA_VERSION}); upgrade musco-core")
+            raw_settings, raw_layers = data.get("settings") or {}, data.get("layers")
+            if raw_layers is None:
+                raw_layers = {}
+        else:
+            raw_settings, raw_layers = settings or {}, data
+        run_settings = self._structure_settings(raw_settings, problems)
+        layers = {}
+        if not isinstance(raw_layers, Mapping):
+            problems.append(f"$.layers: expected a mapping of layer names, got {type(raw_layers).__name__}")
+        else:
+            for name, raw in raw_layers.items():
+                path = _key_path("$.layers", str(name))
+                if not isinstance(name, str):
+                    problems.append(f"{path}: expected a layer name (a string), got {name!r}")
+                    continue
+                layers[name] = self._structure_layer(raw, path, problems)
+        if problems:
+            raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
+        return ModelSchedule(run_settings, layers)
+
+    def _structure(self, value: Any, kind: type, path: str, problems: list[str]):
+        try:
+            return self.converter.structure(value, kind)
+        except (cattrs.BaseValidationError, ValueProblem) as exc:
+            if isinstance(exc, ValueProblem):
+                problems.append(f"{path}: {exc}")
+                return None
+            for line in cattrs.transform_error(exc, path=path, format_exception=_format_problem):
+                message, _, where = line.rpartition(" @ ")
+                problems.append(f"{where}: {message}")
+            return None
+
+    def _structure_settings(self, raw: Any, problems: list[str]) -> RunSettings | None:
+        if not isinstance(raw, Mapping):
+            problems.append(f"$.settings: expected a mapping, got {type(raw).__name__}")
+            return None
+        fields = dict(raw)
+        algo = fields.pop("algo_kwargs", None) or {}
+        settings = self._structure(fields, RunSettings, "$.settings", problems)
+        if settings is not None and settings.scheduler not in self.registry.schedulers.entries:
+            problems.append(f"$.settings.scheduler: unknown scheduler {settings.scheduler!r}; "
+                            f"known: {', '.join(self.registry.schedulers.names())}")
+        if not isinstance(algo, Mapping):
+            problems.append(f"$.settings.algo_kwargs: expected a mapping of decomposition names, got {algo!r}")
+            return None
+        algo_params = {}
+        for name, kwargs in algo.items():
+            path = _key_path("$.settings.algo_kwargs", str(name))
+            if name not in self.registry.decompositions.entries:
+                problems.append(f"{path}: unknown decomposition {name!r}; "
+                                f"known: {', '.join(self.registry.decompositions.names())}")
+                continue
+            params_class = self.registry.decompositions.entries[name].component.Params
+            algo_params[name] = self._structure(kwargs or {}, params_class, path, problems)
+        return attrs.evolve(settings, algo_kwargs=algo_params) if settings is not None else None
+
+    def _structure_layer(self, raw: Any, path: str, problems: list[str]) -> LayerSchedule | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, Mapping):
+            problems.append(f"{path}: expected a mapping of layer settings or null, got {raw!r}")
+            return None
+        fields = {key: value for key, value in raw.items()}
+        names = {}
+        for key, role in (("decomposition", self.registry.decompositions),
+                          ("rank_selection", self.registry.rank_selectors)):
+            value = fields.pop(key, None)
+            if not isinstance(value, str) or value not in role.entries:
+                known = ", ".join(role.names())
+                problems.append(f"{path}.{key}: expected one of {known}, got {value!r}")
+            names[key] = value
+        stage = fields.pop("curr_compr_iter", 0)
+        if not _is_int(stage) or stage < 0:
+            problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {stage!r}")
+        force = fields.pop("force", False)
+        if not isinstance(force, bool):
+            problems.append(f"{path}.force: expected true or false, got {force!r}")
+        if any(not isinstance(names[key], str) or names[key] not in role.entries
+               for key, role in (("decomposition", self.registry.decompositions),
+                                 ("rank_selection", self.registry.rank_selectors))):
+            return None
+        selector_class = self.registry.rank_selectors.entries[names["rank_selection"]].component
+        own = {field.name: field for field in attrs.fields(selector_class.Params)}
+        # Keys of other selectors set to null, and own keys set to null, are placeholders from the original
+        # template config: they mean "not set".
+        fields = {key: value for key, value in fields.items() if value is not None}
+        unknown = sorted(set(fields) - set(own))
+        if unknown:
+            problems.append(f"{path}: unknown keys {unknown} for rank_selection {names['rank_selection']!r}; "
+                            f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}")
+            return None
+        params = self._structure(fields, selector_class.Params, path, problems)
+        decomposer = self.registry.decompositions.get(names["decomposition"])
+        reason = selector_class().unsupported_reason(decomposer)
+        if reason:
+            problems.append(f"{path}: rank_selection {names['rank_selection']!r} cannot be used with "
+                            f"decomposition {names['decomposition']!r}: {reason}")
+        if params is None or reason:
+            return None
+        return LayerSchedule(names["decomposition"], names["rank_selection"], params, stage, force)
+
+    # -- writing --------------------------------------------------------------------------------------------
+    def unstructure(self, schedule: ModelSchedule) -> dict[str, Any]:
+        """Plain data for YAML: lists instead of tuples, null for uncompressed layers."""
+        settings = schedule.settings
+        return {
+            "version": schedule.version,
+            "settings": {
+                "ft_every": settings.ft_every,
+                "nglobal_compress_iters": settings.nglobal_compress_iters,
+                "scheduler": settings.scheduler,
+                "seed": settings.seed,
+                "algo_kwargs": {name: self.unstructure_params(params) for name, params in settings.algo_kwargs.items()},
+            },
+            "layers": {name: self.unstructure_layer(layer) for name, layer in schedule.layers.items()},
+        }
+
+    @staticmethod
+    def unstructure_layer(layer: LayerSchedule | None) -> dict[str, Any] | None:
+        if layer is None:
+            return None
+        return {"decomposition": layer.decomposition, "rank_selection": layer.rank_selection,
+                **ScheduleCodec.unstructure_params(layer.rank_params), "curr_compr_iter": layer.curr_compr_iter,
+                **({"force": True} if layer.force else {})}
+
+    @staticmethod
+    def unstructure_params(params: Any) -> dict[str, Any]:
+        """A component's parameters as plain YAML-friendly data."""
+        return _plain(attrs.asdict(params))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML loading that rejects duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML document through safe loading; any failure is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a schedule mapping")
+    return data
+
+
+def load_schedule(path: str | os.PathLike, registry=None) -> ModelSchedule:
+    """Reads and checks a YAML schedule file."""
+    from .registry import default_registry
+
+    return ScheduleCodec(registry or default_registry()).structure(read_yaml(path), str(path))
+
+
+def dump_schedule(schedule: ModelSchedule, path: str | os.PathLike, registry=None) -> None:
+    """Writes a schedule as YAML, atomically (a temporary file renamed over the target)."""
+    from .registry import default_registry
+
+    data = ScheduleCodec(registry or default_registry()).unstructure(schedule)
+    write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

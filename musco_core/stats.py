@@ -1,0 +1,133 @@
+"""Per-layer model statistics: geometry, shapes, parameters and MACs of the layers musco-core can compress."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .components import LayerSpec
+from .factors import chain_macs, layer_layout
+
+
+@attrs.frozen
+class LayerStats:
+    """One compressible layer as seen on an example input (shapes include the batch)."""
+
+    name: str
+    type: type
+    spec: LayerSpec
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+    @property
+    def params(self) -> int:
+        return self.spec.n_weights + (self.spec.out_channels if self.spec.has_bias else 0)
+
+    @property
+    def macs(self) -> int | None:
+        return None if self.input_shape is None else chain_macs(self.spec, layer_layout(self.spec), self.input_shape)
+
+
+@attrs.frozen
+class ModelStats:
+    """Statistics of every layer that a registered adapter can read, in model order."""
+
+    layers: dict[str, LayerStats]
+
+    @property
+    def ltypes(self) -> dict[str, dict[str, Any]]:
+        """The FlopCo-style ``{name: {'type', 'kernel_size', 'groups'}}`` view the original API read."""
+        return {name: {"type": s.type, "kernel_size": s.spec.kernel_size, "groups": s.spec.groups}
+                for name, s in self.layers.items()}
+
+    @property
+    def total_macs(self) -> int | None:
+        macs = [s.macs for s in self.layers.values()]
+        return None if any(m is None for m in macs) else sum(macs)
+
+    @property
+    def total_params(self) -> int:
+        return sum(s.params for s in self.layers.values())
+
+    @classmethod
+    def from_model(cls, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
+        """Reads every adaptable layer; with ``example_input`` also records shapes and MACs.
+
+        The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
+        BatchNorm statistics and the model's own hooks are untouched.
+        """
+        readable = {}
+        for name, module in model.named_modules():
+            adapter = registry.adapter_for(module) if name else None
+            if adapter is not None:
+                readable[name] = (module, adapter.read(module)[0])
+        shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        if example_input is not None:
+            shapes = _record_shapes(model, {name: m for name, (m, _) in readable.items()}, example_input)
+            readable = {name: entry for name, entry in readable.items() if name in shapes}
+        return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
+                    for name, (module, spec) in readable.items()})
+
+    @classmethod
+    def from_flopco(cls, flopco: Any) -> ModelStats:
+        """Converts a ``flopco.FlopCo`` object (the original's statistics) for its Conv2d and Linear layers."""
+        layers = {}
+        for name, info in flopco.ltypes.items():
+            input_shape, output_shape = tuple(flopco.input_shapes[name][0]), tuple(flopco.output_shapes[name][0])
+            if issubclass(info["type"], nn.Linear):
+                spec = LayerSpec("linear", output_shape[-1], input_shape[-1])
+            else:
+                kernel = tuple(info["kernel_size"])
+                spec = LayerSpec("conv", output_shape[1], input_shape[1], kernel, (1,) * len(kernel),
+                                 (0,) * len(kernel), (1,) * len(kernel), info.get("groups", 1))
+            layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape)
+        return cls(layers)
+
+
+def _record_shapes(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
+    shapes = {}
+    modes = {module: module.training for module in model.modules()}
+
+    def hook(name):
+        def record(module, inputs, output):
+            shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return shapes
+
+
+def as_model_stats(stats: Any, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
+    """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing."""
+    if isinstance(stats, ModelStats):
+        return stats
+    if stats is not None and hasattr(stats, "ltypes") and hasattr(stats, "input_shapes"):
+        return ModelStats.from_flopco(stats)
+    if stats is not None:
+        raise TypeError(f"model_stats must be a musco_core.ModelStats or a flopco.FlopCo object, "
+                        f"got {type(stats).__name__}")
+    return ModelStats.from_model(model, registry, example_input)
+
+
+def input_shape(stats: ModelStats, name: str) -> Sequence[int] | None:
+    layer = stats.layers.get(name)
+    return None if layer is None else layer.input_shape
+
+
+__all__ = ["LayerStats", "ModelStats", "as_model_stats", "math"]
