@@ -1,0 +1,122 @@
+"""Rank selectors of the original MUSCO: ``manual``, ``param_reduction`` and ``vbmf``."""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from musco_core import hookimpl
+from musco_core.components import Decomposer, RankSelector, WeightSource
+from musco_core.errors import ConfigError
+from musco_core.schedule import Rank, ReductionRate, UnitFraction
+
+from . import factorize
+
+
+def _current_weight_count(source: WeightSource) -> int:
+    if source.factors:
+        return sum(f.weight.numel() for f in source.factors)
+    return source.spec.n_weights
+
+
+@attrs.frozen
+class ManualParams:
+    """``manual_rank[i]`` is the rank for the layer's i-th compression (Tucker2: ``[r_out, r_in]``)."""
+
+    manual_rank: list[Rank]
+
+
+class Manual(RankSelector):
+    name = "manual"
+    Params = ManualParams
+
+    def check_stages(self, params: ManualParams, n_stages: int) -> str | None:
+        if len(params.manual_rank) < n_stages:
+            return (f"manual_rank has {len(params.manual_rank)} entries but the layer is compressed "
+                    f"{n_stages} times; expected one rank per compression")
+        return None
+
+    def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params: ManualParams
+               ) -> tuple[int, ...]:
+        if stage >= len(params.manual_rank):
+            raise ConfigError(f"manual_rank has {len(params.manual_rank)} entries; no rank for compression "
+                              f"number {stage + 1}")
+        ranks = params.manual_rank[stage]
+        if len(ranks) != len(decomposer.rank_names):
+            raise ConfigError(f"manual_rank[{stage}]: {decomposer.name} takes {len(decomposer.rank_names)} "
+                              f"rank(s) ({', '.join(decomposer.rank_names)}), got {list(ranks)}")
+        return tuple(ranks)
+
+
+@attrs.frozen
+class ParamReductionParams:
+    """The factor by which the layer's weight count shrinks at each compression."""
+
+    param_reduction_rate: ReductionRate = 2.0
+
+
+class ParamReduction(RankSelector):
+    """The largest ranks (along the decomposition's rank family) whose weight count is at most ``N / rate``.
+
+    ``N`` is the layer's current weight count (its factors' count when it was compressed before), so this solves
+    the original's closed-form equations (e.g. Tucker2's quadratic in ``r_in``) exactly in integers.
+    """
+
+    name = "param_reduction"
+    Params = ParamReductionParams
+
+    def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params: ParamReductionParams
+               ) -> tuple[int, ...]:
+        budget = _current_weight_count(source) / params.param_reduction_rate
+
+        def fits(r: int) -> bool:
+            return decomposer.count_params(source.spec, decomposer.rank_family(source.spec, r)) <= budget
+
+        low, high = 0, 1
+        while fits(high):
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return decomposer.rank_family(source.spec, max(low, decomposer.min_rank))
+
+
+@attrs.frozen
+class VBMFParams:
+    """Weakening factor in [0, 1]: 0 keeps the full rank, 1 takes the EVBMF rank as is."""
+
+    vbmf_weakenen_factor: UnitFraction = 0.8
+
+
+class VBMF(RankSelector):
+    """Ranks from Empirical Variational Bayesian Matrix Factorization of the decomposition's unfoldings.
+
+    For each unfolding of size ``full = min(rows, cols)`` with EVBMF rank ``r_e``:
+    ``r = max(int(full - f * (full - r_e)), min_rank)``; an EVBMF rank of 0 keeps the full rank.
+    """
+
+    name = "vbmf"
+    Params = VBMFParams
+
+    def unsupported_reason(self, decomposer: Decomposer) -> str | None:
+        if type(decomposer).rank_matrices is Decomposer.rank_matrices:
+            return "it has no matrix unfoldings to estimate a rank from; use param_reduction or manual"
+        return None
+
+    def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params: VBMFParams
+               ) -> tuple[int, ...]:
+        ranks = []
+        for matrix in decomposer.rank_matrices(source):
+            matrix = matrix.detach().to(factorize.compute_dtype(matrix))
+            full = min(matrix.shape)
+            estimated = factorize.evbmf_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape))
+            if estimated == 0:
+                ranks.append(full)
+            else:
+                weakened = int(full - params.vbmf_weakenen_factor * (full - estimated))
+                ranks.append(min(full, max(weakened, decomposer.min_rank)))
+        return tuple(ranks)
+
+
+@hookimpl
+def musco_register_rank_selectors() -> list[type]:
+    return [Manual, ParamReduction, VBMF]

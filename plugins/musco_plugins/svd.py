@@ -1,0 +1,58 @@
+"""Truncated SVD of a Linear or 1x1 conv: ``in -> r`` (sqrt(S) V^T) then ``r -> out`` (U sqrt(S), bias).
+
+The first factor applies the stride and padding (it is pointwise, so subsampling first is exact and cheap).
+Re-compression truncates the product of the two factors without forming it.
+"""
+from __future__ import annotations
+
+import torch
+
+from musco_core import hookimpl
+from musco_core.components import Decomposer, FactorLayout, LayerSpec, WeightSource
+
+from . import factorize
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+class SVD(Decomposer):
+    name = "svd"
+    min_rank = 2
+
+    def unsupported_reason(self, spec: LayerSpec) -> str | None:
+        if not spec.is_pointwise:
+            return "svd needs a Linear or a 1x1 convolution; use tucker2, cp3 or cp4 for a kxk convolution"
+        if spec.groups != 1:
+            return "grouped convolutions are not supported"
+        return None
+
+    def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
+        (rank,) = ranks
+        return [FactorLayout.pointwise(spec, rank, spec.in_channels, owns_geometry=True),
+                FactorLayout.pointwise(spec, spec.out_channels, rank, bias=spec.has_bias)]
+
+    def max_ranks(self, source: WeightSource) -> tuple[int, ...]:
+        previous = source.previous_weights(self.name)
+        if previous:
+            return (previous[0].shape[0],)
+        return (min(source.spec.out_channels, source.spec.in_channels),)
+
+    def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
+        return [_matrix(source.weight)]
+
+    def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
+        (rank,) = ranks
+        previous = source.previous_weights(self.name)
+        if previous:
+            left, right = factorize.svd_of_product(_matrix(previous[1]), _matrix(previous[0]), rank)
+        else:
+            left, right = factorize.truncated_svd(_matrix(source.weight), rank)
+        ones = (1,) * source.spec.spatial_dims
+        return [right.reshape(*right.shape, *ones), left.reshape(*left.shape, *ones)]
+
+
+@hookimpl
+def musco_register_decompositions() -> list[type]:
+    return [SVD]
