@@ -1,0 +1,255 @@
+"""The Compressor facade: the original README's two examples, multi-stage stepping, safety of the user's data."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import yaml
+from flopco import FlopCo
+from torch import nn
+
+from models import make_trained_like, resnet18, resnet50
+from musco_core import (CompressionError, Compressor, Decomposer, FactorizedLayer, MuscoError, Registry, hookimpl,
+                        make_plugin_manager, standardize_model)
+from musco_plugins.svd import SVD
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_readme_quick_start():
+    """The original README's Quick Start (ResNet-50, vbmf config, ft_every=5, two global iterations)."""
+    model = make_trained_like(resnet50(num_classes=10, width=16)).eval()
+    model_stats = FlopCo(model, img_size=(1, 3, 64, 64), device="cpu")
+
+    compressor = Compressor(model,
+                            model_stats,
+                            ft_every=5,
+                            nglobal_compress_iters=2,
+                            config_type='vbmf')
+    while not compressor.done:
+        compressor.compression_step()
+    standardize_model(compressor.compressed_model)
+    compressed_model = compressor.compressed_model
+
+    assert compressor.niters == math.ceil(2 * len(compressor.lnames) / 5)
+    assert n_params(compressed_model) < n_params(model)
+    assert not any(isinstance(m, FactorizedLayer) for m in compressed_model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert compressed_model(x).shape == model(x).shape
+    compressed = [r for r in compressor.history if r.applied]
+    assert len(compressed) > len(compressor.lnames) // 2, "vbmf compressed too few layers of a trained-like model"
+
+
+def test_readme_resnet18_schedule():
+    """The original README's ResNet-18 schedule, unchanged apart from the import path."""
+    model = make_trained_like(resnet18())
+    device = "cpu"
+    model_stats = FlopCo(model,
+                         img_size=(1, 3, 128, 128),
+                         device=device)
+    model_compr_kwargs = {
+        'layer3.1.conv2': {'decomposition': 'tucker2',
+                           'rank_selection': 'manual',
+                           'manual_rank': [(32, 32), (16, 16)],
+                           'curr_compr_iter': 0
+                           },
+        'layer2.1.conv2': {'decomposition': 'tucker2',
+                           'rank_selection': 'vbmf',
+                           'vbmf_weakenen_factor': 0.9,
+                           'curr_compr_iter': 0
+                           },
+        'layer1.1.conv2': {'decomposition': 'cp4',
+                           'rank_selection': 'param_reduction',
+                           'param_reduction_rate': 4,
+                           'curr_compr_iter': 0
+                           },
+    }
+    original_kwargs = copy.deepcopy(model_compr_kwargs)
+    compressor = Compressor(copy.deepcopy(model),
+                            model_stats,
+                            ft_every=3,
+                            nglobal_compress_iters=2,
+                            model_compr_kwargs=model_compr_kwargs,
+                            )
+    while not compressor.done:
+        compressor.compression_step()
+    standardize_model(compressor.compressed_model)
+
+    assert model_compr_kwargs == original_kwargs
+    assert compressor.niters == 2
+    assert compressor.ranks["layer3.1.conv2"] == (16, 16)
+    cp4_stages = [r for r in compressor.history if r.name == "layer1.1.conv2"]
+    # rate 4 of 64*64*3*3 weights at 134 weights per CP rank: 36864 / 4 / 134 -> 68; then 68*134 / 4 / 134 -> 17
+    assert [r.ranks for r in cp4_stages] == [(68,), (17,)]
+    assert all(r.applied for r in compressor.history)
+    assert list(compressor.compressed_model.get_submodule("layer3.1.conv2")[1].weight.shape) == [16, 16, 3, 3]
+    x = torch.randn(1, 3, 128, 128)
+    assert compressor.compressed_model(x).shape == (1, 1000)
+    assert compressor.model_compr_kwargs["layer3.1.conv2"]["curr_compr_iter"] == 2
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(48, 64, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 40))
+
+
+SMALL_CONFIG = {
+    "2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[16, 12], [8, 8]]},
+    "4": {"decomposition": "svd", "rank_selection": "param_reduction", "param_reduction_rate": 2},
+    "7": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [12, 6]},
+}
+
+
+def test_input_model_and_config_are_left_alone(registry):
+    model = small_cnn()
+    before = copy.deepcopy(model)
+    config = copy.deepcopy(SMALL_CONFIG)
+    for _ in range(2):  # the same dict serves twice: the original mutated it and failed the second time
+        compressor = Compressor(model, model_compr_kwargs=config, nglobal_compress_iters=2, ft_every=2,
+                                example_input=torch.randn(1, 3, 8, 8), registry=registry)
+        while not compressor.done:
+            compressor.compression_step()
+        assert config == SMALL_CONFIG
+    assert_same_state(model, before)
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+
+
+def test_inplace_compresses_the_given_model(registry):
+    model = small_cnn()
+    compressor = Compressor(model, model_compr_kwargs=SMALL_CONFIG, inplace=True, ft_every=3, registry=registry)
+    compressor.compression_step()
+    assert compressor.compressed_model is model and isinstance(model[2], FactorizedLayer)
+
+
+def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=2, nglobal_compress_iters=2,
+                            example_input=torch.randn(1, 3, 8, 8), registry=registry)
+    assert compressor.niters == 3 and compressor.ft_every == 2
+    steps = []
+    while not compressor.done:
+        steps.append([r.name for r in compressor.compression_step()])
+    assert steps == [["2", "4"], ["7", "2"], ["4", "7"]]
+    assert compressor.ranks == {"2": (8, 8), "4": compressor.history[-2].ranks, "7": (6,)}
+    with pytest.raises(MuscoError, match="done"):
+        compressor.compression_step()
+
+
+def test_default_config_compresses_nothing_instead_of_crashing(registry):
+    """The original raised ZeroDivisionError for Compressor(model, stats)."""
+    model = small_cnn()
+    stats = FlopCo(model, img_size=(1, 3, 8, 8))
+    compressor = Compressor(model, stats, registry=registry)
+    assert compressor.done and compressor.niters == 0 and compressor.lnames == []
+
+
+def test_stats_are_optional(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry)
+    results = compressor.compression_step()
+    assert all(r.applied and r.macs_before is None for r in results)
+
+
+def test_float64_model_stays_float64(registry):
+    model = small_cnn().double()
+    compressor = Compressor(model, model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry)
+    compressor.compression_step()
+    assert {p.dtype for p in compressor.compressed_model.parameters()} == {torch.float64}
+
+
+def test_from_yaml(tmp_path, registry):
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "settings": {"ft_every": 3, "nglobal_compress_iters": 2},
+                                    "layers": SMALL_CONFIG}))
+    compressor = Compressor.from_yaml(small_cnn(), path, example_input=torch.randn(1, 3, 8, 8), registry=registry)
+    assert compressor.niters == 2 and compressor.nglobal_compress_iters == 2
+    while not compressor.done:
+        compressor.compression_step()
+    assert compressor.ranks["2"] == (8, 8)
+
+
+class ExplodingSVD(SVD):
+    """An svd that fails on 64-output layers, to break a step in its middle."""
+
+    name = "exploding_svd"
+
+    def decompose(self, source, ranks, params, seed=0):
+        if source.spec.out_channels == 40:
+            raise RuntimeError("injected failure")
+        return super().decompose(source, ranks, params, seed)
+
+
+class ExplodingPlugin:
+    @hookimpl
+    def musco_register_decompositions(self):
+        return [ExplodingSVD]
+
+
+def test_a_failing_step_leaves_the_model_as_it_was():
+    registry = Registry.from_plugin_manager(make_plugin_manager(entry_points=False,
+                                                                plugins=[("exploding", ExplodingPlugin())]))
+    config = {**SMALL_CONFIG, "7": {"decomposition": "exploding_svd", "rank_selection": "manual",
+                                    "manual_rank": [8]}}
+    compressor = Compressor(small_cnn(), model_compr_kwargs=config, ft_every=3, registry=registry)
+    before = copy.deepcopy(compressor.compressed_model)
+    with pytest.raises(CompressionError, match="'7'.*injected failure"):
+        compressor.compression_step()
+    assert_same_state(compressor.compressed_model, before)
+    assert not any(isinstance(m, FactorizedLayer) for m in compressor.compressed_model.modules())
+    assert compressor.curr_iter == 0 and not compressor.history
+    assert compressor.model_compr_kwargs["2"]["curr_compr_iter"] == 0
+
+
+def test_a_layer_shared_by_two_names_stays_shared(registry):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 32)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Shared()
+    config = {"a": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]}}
+    compressor = Compressor(model, model_compr_kwargs=config, registry=registry)
+    compressor.compression_step()
+    compressed = compressor.compressed_model
+    assert isinstance(compressed.a, FactorizedLayer) and compressed.b is compressed.a
+
+
+def test_standardize_model_leaves_plain_torch_modules_that_save_load_and_trace(registry):
+    x = torch.randn(2, 3, 8, 8)
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry)
+    compressor.compression_step()
+    model = compressor.compressed_model.eval()
+    keys_before = list(model.state_dict())
+    expected = model(x)
+    plain = standardize_model(model)
+    assert plain is model
+    assert list(plain.state_dict()) == keys_before
+    assert "2.0.weight" in keys_before and not any("-" in key for key in keys_before)
+    for module in plain.modules():
+        assert type(module).__module__.startswith("torch.nn.modules"), type(module)
+        assert not hasattr(module, "spec") and not hasattr(module, "decomposition")
+    buffer = io.BytesIO()
+    torch.save(plain.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = copy.deepcopy(plain)
+    for p in reloaded.parameters():
+        p.data.zero_()
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(reloaded(x), expected)
+    traced = torch.jit.trace(plain, x)
+    torch.testing.assert_close(traced(x), expected)
+    exported = torch.export.export(plain, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
