@@ -15,7 +15,8 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q
 
-demo: install
+demo: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[demo]'
 	$(BIN)/python examples/demo.py
 
 clean:
