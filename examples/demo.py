@@ -93,7 +93,8 @@ def main():
     compressor = Compressor.from_yaml(model, HERE / "demo_schedule.yaml", example_input=example)
     print(f"\nschedule {HERE / 'demo_schedule.yaml'}: {compressor.niters} steps of {compressor.ft_every} layers, "
           f"each layer compressed {compressor.nglobal_compress_iters} times, 2 fine-tuning epochs between steps\n")
-    header = f"{'step':>4} {'layer':<13} {'decomposition':<13} {'ranks':<10} {'weights':>17} {'MACs':>21} {'rel.err':>8}"
+    header = (f"{'step':>4} {'layer':<13} {'decomposition':<13} {'ranks':<10} {'weights':>17} {'MACs':>21} "
+              f"{'rel.err':>8}")
     print(header)
     print("-" * len(header))
     step = 0
@@ -110,7 +111,8 @@ def main():
 
     compressed = standardize_model(compressor.compressed_model)
     registry = default_registry()
-    before, after = ModelStats.from_model(model, registry, example), ModelStats.from_model(compressed, registry, example)
+    before = ModelStats.from_model(model, registry, example)
+    after = ModelStats.from_model(compressed, registry, example)
     params_before, params_after = (sum(p.numel() for p in m.parameters()) for m in (model, compressed))
     print(f"\naccuracy      {accuracy(model, test_data):.4f} -> {accuracy(compressed, test_data):.4f}")
     print(f"parameters    {params_before:,} -> {params_after:,} ({params_before / params_after:.2f}x smaller)")

@@ -256,25 +256,24 @@ class ScheduleCodec:
         for key, role in (("decomposition", self.registry.decompositions),
                           ("rank_selection", self.registry.rank_selectors)):
             value = fields.pop(key, None)
-            if not isinstance(value, str) or value not in role.entries:
-                known = ", ".join(role.names())
-                problems.append(f"{path}.{key}: expected one of {known}, got {value!r}")
-            names[key] = value
+            if isinstance(value, str) and value in role.entries:
+                names[key] = value
+            else:
+                problems.append(f"{path}.{key}: expected one of {', '.join(role.names())}, got {value!r}")
         stage = fields.pop("curr_compr_iter", 0)
         if not _is_int(stage) or stage < 0:
             problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {stage!r}")
         force = fields.pop("force", False)
         if not isinstance(force, bool):
             problems.append(f"{path}.force: expected true or false, got {force!r}")
-        if any(not isinstance(names[key], str) or names[key] not in role.entries
-               for key, role in (("decomposition", self.registry.decompositions),
-                                 ("rank_selection", self.registry.rank_selectors))):
+        if len(names) < 2:
             return None
         selector_class = self.registry.rank_selectors.entries[names["rank_selection"]].component
         own = {field.name: field for field in attrs.fields(selector_class.Params)}
-        # Keys of other selectors set to null, and own keys set to null, are placeholders from the original
-        # template config: they mean "not set".
-        fields = {key: value for key, value in fields.items() if value is not None}
+        # Rank-selector keys set to null are placeholders from the original template config: "not set".
+        selector_keys = {field.name for provided in self.registry.rank_selectors.entries.values()
+                         for field in attrs.fields(provided.component.Params)}
+        fields = {key: value for key, value in fields.items() if not (value is None and key in selector_keys)}
         unknown = sorted(set(fields) - set(own))
         if unknown:
             problems.append(f"{path}: unknown keys {unknown} for rank_selection {names['rank_selection']!r}; "

@@ -1,8 +1,7 @@
 """Per-layer model statistics: geometry, shapes, parameters and MACs of the layers musco-core can compress."""
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -124,10 +123,3 @@ def as_model_stats(stats: Any, model: nn.Module, registry, example_input: Any = 
                         f"got {type(stats).__name__}")
     return ModelStats.from_model(model, registry, example_input)
 
-
-def input_shape(stats: ModelStats, name: str) -> Sequence[int] | None:
-    layer = stats.layers.get(name)
-    return None if layer is None else layer.input_shape
-
-
-__all__ = ["LayerStats", "ModelStats", "as_model_stats", "math"]

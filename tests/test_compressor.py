@@ -12,7 +12,7 @@ from flopco import FlopCo
 from torch import nn
 
 from models import make_trained_like, resnet18, resnet50
-from musco_core import (CompressionError, Compressor, Decomposer, FactorizedLayer, MuscoError, Registry, hookimpl,
+from musco_core import (CompressionError, Compressor, FactorizedLayer, MuscoError, Registry, hookimpl,
                         make_plugin_manager, standardize_model)
 from musco_plugins.svd import SVD
 
