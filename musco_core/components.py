@@ -212,6 +212,10 @@ class RankSelector:
         """Why this selector cannot choose ranks for that decomposition, or None when it can."""
         return None
 
+    def check_params(self, params, decomposer: Decomposer) -> str | None:
+        """What is wrong with these parameters for that decomposition (``"key: problem"``), or None."""
+        return None
+
     def check_stages(self, params, n_stages: int) -> str | None:
         """Why these parameters cannot serve ``n_stages`` compressions of a layer, or None when they can."""
         return None

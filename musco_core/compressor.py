@@ -15,7 +15,7 @@ from .config import generate_model_compr_kwargs
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError
 from .registry import Registry, default_registry
-from .schedule import ModelSchedule, ScheduleCodec, read_yaml
+from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml
 from .stats import ModelStats, as_model_stats
 from .surgery import module_paths, replace_module
 
@@ -41,10 +41,12 @@ class Compressor:
         self.compressed_model = model if inplace else copy.deepcopy(model)
         self.model_stats: ModelStats = as_model_stats(model_stats, self.compressed_model, self.registry,
                                                       example_input)
+        carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
+            isinstance(model_compr_kwargs, dict) and "version" in model_compr_kwargs)
+        if carries_settings and (ft_every, nglobal_compress_iters, all_algo_kwargs, seed) != (1, None, None, 0):
+            raise ConfigError("model_compr_kwargs is a full schedule with its own settings: put ft_every, "
+                              "nglobal_compress_iters, all_algo_kwargs and seed there, not in arguments")
         if isinstance(model_compr_kwargs, ModelSchedule):
-            if (ft_every, nglobal_compress_iters, all_algo_kwargs) != (1, None, None):
-                raise ConfigError("pass ft_every, nglobal_compress_iters and all_algo_kwargs inside the "
-                                  "ModelSchedule's settings, not as arguments")
             schedule = model_compr_kwargs
         else:
             if model_compr_kwargs is None:
@@ -91,7 +93,7 @@ class Compressor:
         modules = dict(self.compressed_model.named_modules())
         settings = schedule.settings
         for name, layer in schedule.layers.items():
-            path = f'$.layers["{name}"]'
+            path = key_path("$.layers", name)
             if layer is None:
                 continue
             if name not in modules or not name:

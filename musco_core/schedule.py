@@ -21,6 +21,7 @@ Bad input raises one :class:`~musco_core.errors.ConfigError` that lists every pr
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ SCHEMA_VERSION = 1
 
 PositiveInt = NewType("PositiveInt", int)
 NonNegativeInt = NewType("NonNegativeInt", int)
+NonNegativeFloat = NewType("NonNegativeFloat", float)
 UnitFraction = NewType("UnitFraction", float)
 ReductionRate = NewType("ReductionRate", float)
 #: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
@@ -52,9 +54,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _number(value: Any) -> float:
-    if _is_int(value) or isinstance(value, float):
+    if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
         return float(value)
-    raise ValueProblem(f"expected a number, got {value!r}")
+    raise ValueProblem(f"expected a finite number, got {value!r}")
 
 
 def _positive_int(value: Any, _type=None) -> int:
@@ -67,6 +69,13 @@ def _non_negative_int(value: Any, _type=None) -> int:
     if not _is_int(value) or value < 0:
         raise ValueProblem(f"expected a non-negative int, got {value!r}")
     return value
+
+
+def _non_negative_float(value: Any, _type=None) -> float:
+    number = _number(value)
+    if number < 0:
+        raise ValueProblem(f"expected a non-negative number, got {value!r}")
+    return number
 
 
 def _unit_fraction(value: Any, _type=None) -> float:
@@ -108,6 +117,7 @@ def make_converter() -> cattrs.Converter:
         converter.register_structure_hook(kind, _strict(kind))
     converter.register_structure_hook(PositiveInt, _positive_int)
     converter.register_structure_hook(NonNegativeInt, _non_negative_int)
+    converter.register_structure_hook(NonNegativeFloat, _non_negative_float)
     converter.register_structure_hook(UnitFraction, _unit_fraction)
     converter.register_structure_hook(ReductionRate, _reduction_rate)
     converter.register_structure_hook(Rank, _rank)
@@ -157,8 +167,9 @@ class ModelSchedule:
         return [name for name, layer in self.layers.items() if layer is not None]
 
 
-def _key_path(path: str, key: str) -> str:
-    return f'{path}["{key}"]' if not key.isidentifier() else f"{path}.{key}"
+def key_path(path: str, key: str) -> str:
+    """``$.layers["layer2.1.conv2"]``: the cattrs-style path of a mapping entry."""
+    return f'{path}["{key}"]'
 
 
 class ScheduleCodec:
@@ -200,7 +211,7 @@ class ScheduleCodec:
             problems.append(f"$.layers: expected a mapping of layer names, got {type(raw_layers).__name__}")
         else:
             for name, raw in raw_layers.items():
-                path = _key_path("$.layers", str(name))
+                path = key_path("$.layers", str(name))
                 if not isinstance(name, str):
                     problems.append(f"{path}: expected a layer name (a string), got {name!r}")
                     continue
@@ -228,18 +239,22 @@ class ScheduleCodec:
         fields = dict(raw)
         algo = fields.pop("algo_kwargs", None) or {}
         settings = self._structure(fields, RunSettings, "$.settings", problems)
-        if settings is not None and settings.scheduler not in self.registry.schedulers.entries:
-            problems.append(f"$.settings.scheduler: unknown scheduler {settings.scheduler!r}; "
+        scheduler = fields.get("scheduler", RunSettings().scheduler)
+        if isinstance(scheduler, str) and scheduler not in self.registry.schedulers.entries:
+            problems.append(f"$.settings.scheduler: unknown scheduler {scheduler!r}; "
                             f"known: {', '.join(self.registry.schedulers.names())}")
         if not isinstance(algo, Mapping):
             problems.append(f"$.settings.algo_kwargs: expected a mapping of decomposition names, got {algo!r}")
             return None
         algo_params = {}
         for name, kwargs in algo.items():
-            path = _key_path("$.settings.algo_kwargs", str(name))
+            path = key_path("$.settings.algo_kwargs", str(name))
             if name not in self.registry.decompositions.entries:
                 problems.append(f"{path}: unknown decomposition {name!r}; "
                                 f"known: {', '.join(self.registry.decompositions.names())}")
+                continue
+            if kwargs is not None and not isinstance(kwargs, Mapping):
+                problems.append(f"{path}: expected a mapping of {name} settings, got {kwargs!r}")
                 continue
             params_class = self.registry.decompositions.entries[name].component.Params
             algo_params[name] = self._structure(kwargs or {}, params_class, path, problems)
@@ -287,6 +302,10 @@ class ScheduleCodec:
                             f"decomposition {names['decomposition']!r}: {reason}")
         if params is None or reason:
             return None
+        problem = selector_class().check_params(params, decomposer)
+        if problem:
+            problems.append(f"{path}.{problem}")
+            return None
         return LayerSchedule(names["decomposition"], names["rank_selection"], params, stage, force)
 
     # -- writing --------------------------------------------------------------------------------------------
@@ -333,7 +352,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are flattened by the base class
             key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found an unhashable key", key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -347,6 +373,8 @@ def read_yaml(path: str | os.PathLike) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -13,7 +13,7 @@ import torch
 
 from musco_core import hookimpl
 from musco_core.components import Decomposer, FactorLayout, LayerSpec, WeightSource
-from musco_core.schedule import PositiveInt
+from musco_core.schedule import NonNegativeFloat, PositiveInt
 
 from . import factorize
 
@@ -23,7 +23,7 @@ class CPParams:
     """ALS iteration cap and the relative error change below which ALS stops."""
 
     n_iter_max: PositiveInt = 300
-    tol: float = 1e-6
+    tol: NonNegativeFloat = 1e-6
 
 
 class _CP(Decomposer):

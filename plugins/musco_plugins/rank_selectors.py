@@ -29,6 +29,20 @@ class Manual(RankSelector):
     name = "manual"
     Params = ManualParams
 
+    def check_params(self, params: ManualParams, decomposer: Decomposer) -> str | None:
+        for stage, ranks in enumerate(params.manual_rank):
+            problem = self._arity_problem(stage, ranks, decomposer)
+            if problem:
+                return problem
+        return None
+
+    @staticmethod
+    def _arity_problem(stage: int, ranks: tuple[int, ...], decomposer: Decomposer) -> str | None:
+        if len(ranks) == len(decomposer.rank_names):
+            return None
+        return (f"manual_rank[{stage}]: {decomposer.name} takes {len(decomposer.rank_names)} rank(s) "
+                f"({', '.join(decomposer.rank_names)}) per compression, got {list(ranks)}")
+
     def check_stages(self, params: ManualParams, n_stages: int) -> str | None:
         if len(params.manual_rank) < n_stages:
             return (f"manual_rank has {len(params.manual_rank)} entries but the layer is compressed "
@@ -41,9 +55,9 @@ class Manual(RankSelector):
             raise ConfigError(f"manual_rank has {len(params.manual_rank)} entries; no rank for compression "
                               f"number {stage + 1}")
         ranks = params.manual_rank[stage]
-        if len(ranks) != len(decomposer.rank_names):
-            raise ConfigError(f"manual_rank[{stage}]: {decomposer.name} takes {len(decomposer.rank_names)} "
-                              f"rank(s) ({', '.join(decomposer.rank_names)}), got {list(ranks)}")
+        problem = self._arity_problem(stage, ranks, decomposer)
+        if problem:
+            raise ConfigError(problem)
         return tuple(ranks)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from musco_core import hookimpl
 from musco_core.components import Decomposer, FactorLayout, LayerSpec, WeightSource
-from musco_core.schedule import PositiveInt
+from musco_core.schedule import NonNegativeFloat, PositiveInt
 
 import attrs
 
@@ -21,7 +21,7 @@ class Tucker2Params:
     """HOOI sweeps after the HOSVD initialisation, and the relative fit change that ends them early."""
 
     n_iter: PositiveInt = 10
-    tol: float = 1e-6
+    tol: NonNegativeFloat = 1e-6
 
 
 class Tucker2(Decomposer):
