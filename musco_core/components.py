@@ -240,9 +240,10 @@ class LayerAdapter:
         """Modules for the factors, in order, with ``like``'s dtype and device."""
         raise NotImplementedError
 
-    def read_factor(self, module: nn.Module) -> Factor:
-        """A factor back from a module this adapter built (used to re-compress)."""
-        raise NotImplementedError
+    def read_factor(self, module: nn.Module, layout: FactorLayout) -> Factor:
+        """The factor with ``layout`` back from a module this adapter built (used to re-compress)."""
+        bias = getattr(module, "bias", None)
+        return Factor(layout, module.weight.detach(), None if bias is None else bias.detach())
 
 
 class Scheduler:

@@ -15,6 +15,7 @@ from .config import generate_model_compr_kwargs
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError
 from .registry import Registry, default_registry
+from .report import CompressionReport
 from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml
 from .stats import ModelStats, as_model_stats
 from .surgery import module_paths, replace_module
@@ -39,6 +40,7 @@ class Compressor:
                  seed: int = 0, registry: Registry | None = None) -> None:
         self.registry = registry or default_registry()
         self.compressed_model = model if inplace else copy.deepcopy(model)
+        self._params_before = sum(p.numel() for p in self.compressed_model.parameters())
         self.model_stats: ModelStats = as_model_stats(model_stats, self.compressed_model, self.registry,
                                                       example_input)
         carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
@@ -87,6 +89,17 @@ class Compressor:
     def model_compr_kwargs(self) -> dict[str, Any]:
         """The current schedule in the original dict form (a fresh copy, with updated ``curr_compr_iter``)."""
         return {name: ScheduleCodec.unstructure_layer(layer) for name, layer in self.schedule.layers.items()}
+
+    def report(self) -> CompressionReport:
+        """What compression did so far: one row per layer and stage, and the model's totals."""
+        macs_before = self.model_stats.total_macs
+        macs_after = None
+        if macs_before is not None:
+            current = {s.name: s.macs for s in self.model_stats.layers.values()}
+            current.update({r.name: r.macs_after for r in self.history})
+            macs_after = sum(current.values())
+        return CompressionReport(list(self.history), self._params_before,
+                                 sum(p.numel() for p in self.compressed_model.parameters()), macs_before, macs_after)
 
     def _validate_against_model(self, schedule: ModelSchedule) -> None:
         problems = []

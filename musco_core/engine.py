@@ -42,7 +42,7 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
     """The adapter, weight source and bias of a plain or already factorized layer."""
     if isinstance(module, FactorizedLayer):
         adapter = registry.adapters.get(module.spec.adapter)
-        factors = [adapter.read_factor(child) for child in module]
+        factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)
         return adapter, WeightSource(module.spec, factors, module.decomposition), bias
     adapter = registry.adapter_for(module)
@@ -111,7 +111,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         approximation = compose_factors(spec, factors).to(reference.dtype)
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
-        new = FactorizedLayer(spec, decomposer.name, ranks, adapter.build(spec, factors, like))
+        new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
     new.train(module.training)
     new.requires_grad_(any(p.requires_grad for p in module.parameters()))
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,

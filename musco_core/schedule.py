@@ -396,7 +396,7 @@ def dump_schedule(schedule: ModelSchedule, path: str | os.PathLike, registry=Non
     from .registry import default_registry
 
     data = ScheduleCodec(registry or default_registry()).unstructure(schedule)
-    write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
 from .factors import chain_macs, layer_layout
@@ -36,6 +37,9 @@ class ModelStats:
     """Statistics of every layer that a registered adapter can read, in model order."""
 
     layers: dict[str, LayerStats]
+    #: FLOPs of the whole forward pass on the example input (every op, functional calls included), counted by
+    #: ``torch.utils.flop_counter.FlopCounterMode``; None without an example input.
+    total_flops: int | None = None
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -65,11 +69,12 @@ class ModelStats:
             if adapter is not None:
                 readable[name] = (module, adapter.read(module)[0])
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        total_flops = None
         if example_input is not None:
-            shapes = _record_shapes(model, {name: m for name, (m, _) in readable.items()}, example_input)
+            shapes, total_flops = _run_example(model, {name: m for name, (m, _) in readable.items()}, example_input)
             readable = {name: entry for name, entry in readable.items() if name in shapes}
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
-                    for name, (module, spec) in readable.items()})
+                    for name, (module, spec) in readable.items()}, total_flops)
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -87,7 +92,8 @@ class ModelStats:
         return cls(layers)
 
 
-def _record_shapes(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
+def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
+    """One forward pass recording each layer's input/output shape and the FLOPs of the whole pass."""
     shapes = {}
     modes = {module: module.training for module in model.modules()}
 
@@ -99,7 +105,7 @@ def _record_shapes(model: nn.Module, modules: Mapping[str, nn.Module], example_i
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             if isinstance(example_input, (tuple, list)):
                 model(*example_input)
             else:
@@ -109,7 +115,7 @@ def _record_shapes(model: nn.Module, modules: Mapping[str, nn.Module], example_i
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    return shapes
+    return shapes, counter.get_total_flops()
 
 
 def as_model_stats(stats: Any, model: nn.Module, registry, example_input: Any = None) -> ModelStats:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .components import LayerSpec
+from .components import FactorLayout, LayerSpec
 
 
 class FactorizedLayer(nn.Sequential):
@@ -15,11 +15,13 @@ class FactorizedLayer(nn.Sequential):
     (``layer.0.weight``, ``layer.1.weight``, ...).
     """
 
-    def __init__(self, spec: LayerSpec, decomposition: str, ranks: tuple[int, ...], modules: Sequence[nn.Module]):
+    def __init__(self, spec: LayerSpec, decomposition: str, ranks: tuple[int, ...],
+                 layouts: Sequence[FactorLayout], modules: Sequence[nn.Module]):
         super().__init__(*modules)
         self.spec = spec
         self.decomposition = decomposition
         self.ranks = tuple(ranks)
+        self.layouts = tuple(layouts)
 
     def extra_repr(self) -> str:
         return f"decomposition={self.decomposition!r}, ranks={self.ranks}"

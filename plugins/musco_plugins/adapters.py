@@ -77,14 +77,6 @@ class ConvAdapter(LayerAdapter):
             padding.append(total // 2)
         return tuple(padding)
 
-    def read_factor(self, module: nn.Conv2d) -> Factor:
-        owned = tuple(a for a in range(len(module.kernel_size))
-                      if module.kernel_size[a] != 1 or module.stride[a] != 1 or module.dilation[a] != 1
-                      or isinstance(module.padding, str) or module.padding[a] != 0)
-        layout = FactorLayout(module.out_channels, module.in_channels, tuple(module.kernel_size), module.groups,
-                              owned, module.bias is not None)
-        return Factor(layout, module.weight.detach(), _bias_of(module))
-
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` (and subclasses), on inputs of any rank."""
@@ -101,10 +93,6 @@ class LinearAdapter(LayerAdapter):
         return [_copy_into(skip_init(nn.Linear, f.layout.in_channels, f.layout.out_channels,
                                      bias=f.bias is not None, device=like.device, dtype=like.dtype), f)
                 for f in factors]
-
-    def read_factor(self, module: nn.Linear) -> Factor:
-        layout = FactorLayout(module.out_features, module.in_features, bias=module.bias is not None)
-        return Factor(layout, module.weight.detach(), _bias_of(module))
 
 
 @hookimpl

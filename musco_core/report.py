@@ -1,0 +1,95 @@
+"""Compression reports: what every step did to every layer, with model totals, as a table or as JSON."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from .engine import LayerResult
+
+REPORT_FORMAT = 1
+
+
+def _ratio(before: int | None, after: int | None) -> float | None:
+    return None if not before or not after else before / after
+
+
+@attrs.frozen
+class CompressionReport:
+    """Every layer compression so far (one row per layer and stage) and the model's totals.
+
+    ``params_*`` count every parameter of the model; ``macs_*`` count the compressible layers on the example
+    input (None when no input shapes were known).
+    """
+
+    layers: list[LayerResult]
+    params_before: int
+    params_after: int
+    macs_before: int | None = None
+    macs_after: int | None = None
+
+    @property
+    def params_ratio(self) -> float | None:
+        return _ratio(self.params_before, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float | None:
+        return _ratio(self.macs_before, self.macs_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT,
+                "layers": [attrs.asdict(r, value_serializer=lambda _i, _a, v: list(v) if isinstance(v, tuple) else v)
+                           for r in self.layers],
+                "totals": {"params_before": self.params_before, "params_after": self.params_after,
+                           "params_ratio": self.params_ratio, "macs_before": self.macs_before,
+                           "macs_after": self.macs_after, "macs_ratio": self.macs_ratio}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The report back from :meth:`to_dict` output (e.g. a ``report.json`` read with ``json.load``)."""
+        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a musco-core report of format {REPORT_FORMAT}")
+        rows = [LayerResult(**{**row, "ranks": tuple(row["ranks"]) if row["ranks"] is not None else None})
+                for row in data["layers"]]
+        totals = data["totals"]
+        return cls(rows, totals["params_before"], totals["params_after"], totals["macs_before"],
+                   totals["macs_after"])
+
+    def to_table(self) -> str:
+        """A fixed-width text table, one row per layer and stage, then the totals."""
+        header = ("stage", "layer", "decomposition", "ranks", "weights before", "after", "MACs before", "after",
+                  "rel.err", "seconds", "note")
+        rows = [header]
+        for r in self.layers:
+            rows.append((str(r.stage + 1), r.name, r.decomposition,
+                         ",".join(map(str, r.ranks)) if r.applied and r.ranks else "kept",
+                         f"{r.params_before:,}", f"{r.params_after:,}", _count(r.macs_before), _count(r.macs_after),
+                         "-" if r.relative_error is None else f"{r.relative_error:.4f}", f"{r.seconds:.2f}",
+                         r.note or ""))
+        lines = _columns(rows)
+        lines.append("")
+        lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,}" + _times(self.params_ratio))
+        if self.macs_before is not None:
+            lines.append(f"MACs of compressible layers: {self.macs_before:,} -> {self.macs_after:,}"
+                         + _times(self.macs_ratio))
+        return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f" ({ratio:.2f}x smaller)"
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = {0, 4, 5, 6, 7, 8, 9}
+    return ["  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in
+                      enumerate(zip(row, widths))).rstrip() for row in rows]
