@@ -30,15 +30,17 @@ class Compressor:
     :class:`ModelSchedule`; when omitted it is generated from ``model_stats`` with ``config_type``.
     ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
     computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
-    The input model is deep-copied unless ``inplace=True``. With a ``ModelSchedule`` its own settings apply and
+    The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
+    and ``progress`` is true. With a ``ModelSchedule`` its own settings apply and
     ``ft_every``, ``nglobal_compress_iters`` and ``all_algo_kwargs`` must be left at their defaults.
     """
 
     def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,
                  ft_every: int = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
-                 seed: int = 0, registry: Registry | None = None) -> None:
+                 seed: int = 0, registry: Registry | None = None, progress: bool = True) -> None:
         self.registry = registry or default_registry()
+        self.progress = progress
         self.compressed_model = model if inplace else copy.deepcopy(model)
         self._params_before = sum(p.numel() for p in self.compressed_model.parameters())
         self.model_stats: ModelStats = as_model_stats(model_stats, self.compressed_model, self.registry,
@@ -133,7 +135,7 @@ class Compressor:
         paths = module_paths(self.compressed_model)
         replacements, results = [], []
         progress = tqdm(names, desc=f"compression step {self.curr_iter + 1}/{self.niters}", unit="layer",
-                        disable=not sys.stderr.isatty(), file=sys.stderr, leave=False)
+                        disable=not (self.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
         for name in progress:
             layer = self.schedule.layers[name]
             module = self.compressed_model.get_submodule(name)

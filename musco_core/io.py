@@ -23,6 +23,7 @@ import attrs
 import cattrs
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -175,7 +176,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     weights = directory / WEIGHTS
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"{weights}: cannot load: {exc}") from None
     if missing or unexpected:
         raise ConfigError(f"{weights}: does not fit the rebuilt model: missing {sorted(missing)[:5]}, "

@@ -1,6 +1,7 @@
 """Per-layer model statistics: geometry, shapes, parameters and MACs of the layers musco-core can compress."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
-from .factors import chain_macs, layer_layout
 
 
 @attrs.frozen
@@ -29,7 +29,12 @@ class LayerStats:
 
     @property
     def macs(self) -> int | None:
-        return None if self.input_shape is None else chain_macs(self.spec, layer_layout(self.spec), self.input_shape)
+        """Multiply-accumulates on the example input: every output value costs one weight row."""
+        if self.output_shape is None:
+            return None
+        channel_axis = -1 if self.spec.spatial_dims == 0 else 1
+        positions = math.prod(self.output_shape) // self.output_shape[channel_axis]
+        return positions * self.spec.n_weights
 
 
 @attrs.frozen

@@ -1,0 +1,214 @@
+"""The ``musco`` command: compress a model from a YAML schedule, generate and check schedules, show reports
+and plugins. Every failure is one line on stderr and a non-zero exit code, never a traceback."""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import yaml
+from torch import nn
+
+from .errors import MuscoError
+from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, read_yaml
+
+log = logging.getLogger("musco_core")
+
+
+class UsageProblem(click.ClickException):
+    """A problem with the user's arguments or files: printed as ``musco: error: ...``, exit code 2."""
+
+    exit_code = 2
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file=None) -> None:
+        click.echo(f"musco: error: {self.format_message()}", err=True)
+
+
+def _friendly(command):
+    """Turns library and file errors into one line and exit code 2."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (MuscoError, OSError, ValueError, TypeError) as exc:
+            raise UsageProblem(str(exc)) from None
+    return run
+
+
+def _import_callable(spec: str, option: str):
+    """``package.module:name`` -> the object. Only for names the user typed on the command line."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageProblem(f"{option} {spec!r}: expected package.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module failed to import: say so in one line
+        raise UsageProblem(f"{option} {spec!r}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        raise UsageProblem(f"{option} {spec!r}: {module_name} has no callable {attribute!r}")
+    return target
+
+
+def _load_model(spec: str, weights: Path | None) -> nn.Module:
+    model = _import_callable(spec, "--model")()
+    if not isinstance(model, nn.Module):
+        raise UsageProblem(f"--model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UsageProblem(f"--weights {weights}: does not fit the model: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _input_shape(text: str | None) -> torch.Tensor | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageProblem(f"--input-shape {text!r}: expected comma-separated positive ints, e.g. 1,3,224,224") \
+            from None
+    if not shape or min(shape) < 1:
+        raise UsageProblem(f"--input-shape {text!r}: expected comma-separated positive ints, e.g. 1,3,224,224")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
+                     help="A callable that returns the uncompressed torch.nn.Module.")
+WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                       help="Weights to load first: .safetensors, or a state dict read with torch.load(weights_only=True).")
+INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
+                           help="Shape of a random example input, for MAC counts and the no-growth check.")
+
+
+@click.group()
+@click.version_option(package_name="musco-core")
+def main() -> None:
+    """Multi-stage low-rank compression of PyTorch models."""
+
+
+@main.command()
+@MODEL
+@WEIGHTS
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="YAML schedule.")
+@INPUT_SHAPE
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for model.safetensors, musco.yaml and report.json.")
+@click.option("--finetune", "finetune_spec", metavar="PKG.MODULE:FUNCTION",
+              help="Called as FUNCTION(model, step) after every compression step.")
+@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
+@_friendly
+def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, quiet) -> None:
+    """Compress a model with a YAML schedule and save the result to OUT."""
+    from .compressor import Compressor
+    from .io import save_compressed
+
+    _setup_logging(quiet)
+    finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
+    compressor = Compressor.from_yaml(_load_model(model_spec, weights), config_path,
+                                      example_input=_input_shape(input_shape), progress=not quiet)
+    while not compressor.done:
+        compressor.compression_step()
+        if finetune is not None:
+            finetune(compressor.compressed_model, compressor.curr_iter)
+    save_compressed(compressor, out_dir)
+    click.echo(compressor.report().to_table())
+    click.echo(f"\nsaved to {out_dir}")
+
+
+@main.group()
+def config() -> None:
+    """Generate and validate schedules."""
+
+
+@config.command()
+@MODEL
+@WEIGHTS
+@click.option("--type", "config_type", required=True, type=click.Choice(["vbmf", "param_reduction", "template", "none"]))
+@INPUT_SHAPE
+@_friendly
+def generate(model_spec, weights, config_type, input_shape) -> None:
+    """Print a default schedule for a model as YAML."""
+    from .config import generate_model_compr_kwargs
+    from .registry import default_registry
+    from .stats import ModelStats
+
+    registry = default_registry()
+    stats = ModelStats.from_model(_load_model(model_spec, weights), registry, _input_shape(input_shape))
+    layers = generate_model_compr_kwargs(stats, config_type, registry=registry)
+    settings = RunSettings()
+    document = {"version": SCHEMA_VERSION,
+                "settings": {"ft_every": settings.ft_every, "nglobal_compress_iters": settings.nglobal_compress_iters},
+                "layers": layers}
+    click.echo(yaml.safe_dump(document, sort_keys=False, default_flow_style=None), nl=False)
+
+
+@config.command()
+@click.argument("schedule", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY",
+              help="Also check the layer names and kinds against this model.")
+@_friendly
+def validate(schedule, model_spec) -> None:
+    """Check a YAML schedule; exit code 0 when it is valid."""
+    from .compressor import Compressor
+    from .registry import default_registry
+
+    registry = default_registry()
+    checked = ScheduleCodec(registry).structure(read_yaml(schedule), str(schedule))
+    if model_spec:
+        Compressor(_load_model(model_spec, None), model_compr_kwargs=checked, registry=registry)
+    click.echo(f"{schedule}: valid, {len(checked.compressed_layers())} layer(s) compressed "
+               f"{checked.settings.nglobal_compress_iters} time(s)")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly
+def report(directory, as_json) -> None:
+    """Show the report of a compressed model saved by `musco compress`."""
+    from .io import read_report
+
+    saved = read_report(directory)
+    click.echo(saved.to_json() if as_json else saved.to_table())
+
+
+@main.command()
+@click.option("--strict", is_flag=True, help="Fail when a plugin cannot be loaded.")
+@_friendly
+def plugins(strict) -> None:
+    """List every registered component with the plugin and distribution that supplied it."""
+    from .registry import default_registry
+
+    registry = default_registry(strict=strict)
+    rows: list[Any] = [("role", "name", "plugin", "distribution", "version")]
+    rows += [(p.role, p.name, p.source.name, p.source.distribution, p.source.version) for p in registry.provided()]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for failure in registry.manager.failures:
+        click.echo(f"broken plugin {failure.name!r} ({failure.distribution}): {failure.error}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,138 @@
+"""The `musco` command line: each command's output and exit code, and one-line errors without tracebacks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from musco_core.cli import main
+
+FACTORIES = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(48, 64, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 40))
+
+    STEPS = []
+
+    def finetune(model, step):
+        STEPS.append(step)
+
+    def not_a_model():
+        return 42
+""")
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("cli_factories", None)
+    yield tmp_path
+    sys.modules.pop("cli_factories", None)
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_generate_validate_compress_report(factories):
+    schedule = factories / "schedule.yaml"
+    result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "param_reduction",
+                 "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    document = yaml.safe_load(result.output)
+    assert document["version"] == 1 and document["layers"]["2"]["decomposition"] == "tucker2"
+    document["settings"]["ft_every"] = 2
+    schedule.write_text(yaml.safe_dump(document))
+
+    result = run("config", "validate", schedule, "--model", "cli_factories:cnn")
+    assert result.exit_code == 0 and "valid, 3 layer(s)" in result.output
+
+    out = factories / "out"
+    result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
+                 "--out", out, "--finetune", "cli_factories:finetune", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "parameters: 20,504 ->" in result.output
+    import cli_factories
+    assert cli_factories.STEPS == [1, 2]
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json"}
+
+    result = run("report", out)
+    assert result.exit_code == 0 and "tucker2" in result.output and "MACs of compressible layers" in result.output
+    result = run("report", out, "--json")
+    assert result.exit_code == 0 and '"params_ratio"' in result.output
+
+
+def test_compress_with_weights_loads_them_first(factories):
+    import cli_factories
+    model = cli_factories.cnn()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    weights = factories / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    schedule = factories / "schedule.yaml"
+    schedule.write_text(yaml.safe_dump({"version": 1, "layers": {
+        "7": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [40], "force": True}}}))
+    result = run("compress", "--model", "cli_factories:cnn", "--weights", weights, "--config", schedule,
+                 "--out", factories / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    from musco_core.io import load_compressed
+    loaded = load_compressed(cli_factories.cnn(), factories / "out").eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_plugins_lists_components_with_their_distribution():
+    result = run("plugins")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["role", "name", "plugin", "distribution", "version"]
+    assert any(line.split()[:4] == ["decomposition", "tucker2", "musco_plugins.tucker2", "musco-core"]
+               for line in lines[1:])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["config", "validate", "missing.yaml"], "missing.yaml: cannot read"),
+    (["compress", "--model", "cli_factories:nothere", "--config", "s.yaml", "--out", "o"], "no callable 'nothere'"),
+    (["compress", "--model", "no_such_module:f", "--config", "s.yaml", "--out", "o"], "cannot import no_such_module"),
+    (["compress", "--model", "cli_factories", "--config", "s.yaml", "--out", "o"], "expected package.module:callable"),
+    (["compress", "--model", "cli_factories:not_a_model", "--config", "s.yaml", "--out", "o"], "not a torch.nn.Module"),
+    (["config", "generate", "--model", "cli_factories:cnn", "--type", "vbmf", "--input-shape", "1,x"],
+     "--input-shape '1,x'"),
+    (["report", "nowhere"], "report.json: cannot read"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(factories, args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_invalid_schedule_is_reported_with_its_path(factories):
+    schedule = factories / "bad.yaml"
+    schedule.write_text("version: 1\nlayers:\n  '2': {decomposition: tucker2, rank_selection: vbmf, "
+                        "vbmf_weakenen_factor: 3}\n")
+    result = run("config", "validate", schedule)
+    assert result.exit_code == 2
+    assert f'{schedule}: $.layers["2"].vbmf_weakenen_factor: expected a number in [0, 1], got 3' in result.output
+
+
+def test_the_installed_console_script_runs(factories):
+    musco = Path(sys.executable).with_name("musco")
+    env = {**os.environ, "PYTHONPATH": str(factories)}
+    done = subprocess.run([str(musco), "config", "generate", "--model", "cli_factories:cnn", "--type", "template"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["layers"]["7"]["curr_compr_iter"] == 0

@@ -1,0 +1,133 @@
+"""Saving, loading and exporting compressed models: identical outputs, no pickle, clear errors."""
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models import make_trained_like, resnet18
+from musco_core import Compressor, ConfigError, FactorizedLayer, MuscoError, standardize_model
+from musco_core.io import load_compressed, read_report, save_compressed
+
+SCHEDULE = {
+    "layer1.0.conv1": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 8], [4, 4]]},
+    "layer2.0.conv2": {"decomposition": "cp3", "rank_selection": "param_reduction", "param_reduction_rate": 3},
+    "layer3.0.conv2": {"decomposition": "cp4", "rank_selection": "manual", "manual_rank": [12, 6]},
+    "layer2.0.downsample.0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8, 4]},
+    "fc": {"decomposition": "svd", "rank_selection": "vbmf"},
+}
+
+
+def make_model():
+    return make_trained_like(resnet18(num_classes=10, width=16), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    compressor = Compressor(make_model(), model_compr_kwargs=SCHEDULE, ft_every=3, nglobal_compress_iters=2,
+                            example_input=torch.randn(1, 3, 32, 32))
+    while not compressor.done:
+        compressor.compression_step()
+    compressor.compressed_model.eval()
+    return compressor
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path, compressed):
+    save_compressed(compressed, tmp_path / "out")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.safetensors", "musco.yaml", "report.json"}
+    fresh = make_trained_like(resnet18(num_classes=10, width=16), seed=99)
+    before = copy.deepcopy(fresh.state_dict())
+    loaded = load_compressed(fresh, tmp_path / "out").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), compressed.compressed_model(x))
+    assert isinstance(loaded.get_submodule("layer1.0.conv1"), FactorizedLayer)
+    assert all(torch.equal(before[k], fresh.state_dict()[k]) for k in before), "the fresh model was modified"
+    standardize_model(loaded)
+    assert torch.equal(loaded(x), compressed.compressed_model(x))
+
+
+def test_manifest_records_ranks_versions_and_a_valid_schedule(tmp_path, compressed, registry):
+    save_compressed(compressed, tmp_path)
+    manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
+    assert manifest["musco_core_version"] == "0.1.0"
+    assert manifest["layers"]["layer1.0.conv1"]["ranks"] == [4, 4]
+    assert manifest["components"]["decomposition/cp4"]["distribution"] == "musco-core"
+    from musco_core import validate_model_compr_kwargs
+    schedule = validate_model_compr_kwargs(manifest["schedule"], registry=registry)
+    assert schedule.layers["layer3.0.conv2"].rank_params.manual_rank == [(6,)]
+    report = read_report(tmp_path)
+    assert report == compressed.report()
+    assert json.loads((tmp_path / "report.json").read_text())["totals"]["params_ratio"] > 1
+
+
+def test_loading_into_a_different_architecture_is_a_clear_error(tmp_path, compressed):
+    save_compressed(compressed, tmp_path)
+    other = resnet18(num_classes=10, width=32)
+    with pytest.raises(ConfigError, match=r"layer 'layer1.0.conv1'.*32->32"):
+        load_compressed(other, tmp_path)
+
+
+def test_a_weights_file_that_does_not_fit_is_a_clear_error(tmp_path, compressed):
+    save_compressed(compressed, tmp_path)
+    manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
+    manifest["layers"]["layer1.0.conv1"]["ranks"] = [5, 5]
+    manifest["layers"]["layer1.0.conv1"]["factors"][0]["out_channels"] = 5
+    (tmp_path / "musco.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        load_compressed(make_model(), tmp_path)
+
+
+def test_a_damaged_manifest_names_the_file_and_field(tmp_path, compressed):
+    save_compressed(compressed, tmp_path)
+    manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
+    manifest["layers"]["fc"]["spec"]["groups"] = "one"
+    (tmp_path / "musco.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match=r'musco.yaml: .*\$\.layers\["fc"\]\.spec\.groups'):
+        load_compressed(make_model(), tmp_path)
+
+
+def test_nothing_in_the_files_is_executed(tmp_path, compressed):
+    save_compressed(compressed, tmp_path)
+    marker = tmp_path / "pwned"
+    text = (tmp_path / "musco.yaml").read_text()
+    (tmp_path / "musco.yaml").write_text(
+        text.replace("format: 1", f"format: !!python/object/apply:os.system ['touch {marker}']", 1))
+    with pytest.raises(ConfigError):
+        load_compressed(make_model(), tmp_path)
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "musco.yaml").write_text(text)
+    (tmp_path / "model.safetensors").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(ConfigError):
+        load_compressed(make_model(), tmp_path)
+    assert not marker.exists()
+
+
+def test_saving_needs_factorized_layers(tmp_path, compressed):
+    with pytest.raises(MuscoError, match="standardize_model"):
+        save_compressed(standardize_model(copy.deepcopy(compressed.compressed_model)), tmp_path)
+
+
+def test_standardized_model_exports_with_trace_export_and_onnx(compressed):
+    import onnxruntime
+
+    model = standardize_model(copy.deepcopy(compressed.compressed_model)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    with pytest.warns(DeprecationWarning):
+        traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), expected)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(onnx_out, expected.detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,71 @@
+"""Model statistics: exact per-layer counts on the example input, and no side effects on the model."""
+from __future__ import annotations
+
+import torch
+from flopco import FlopCo
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import resnet18
+from musco_core import ModelStats
+
+
+class Mixed(nn.Module):
+    """Grouped conv, Conv1d, Linear on a 3-D input and a functional call FlopCo cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(16)
+        self.temporal = nn.Conv1d(16, 12, 3, stride=2)
+        self.proj = nn.Linear(12, 20)
+        self.extra = nn.Parameter(torch.randn(20, 20))
+
+    def forward(self, x):
+        y = self.bn(self.grouped(x))                      # B x 16 x 6 x 6
+        y = self.temporal(y.flatten(2))                   # B x 12 x 17
+        y = self.proj(y.transpose(1, 2))                  # B x 17 x 20
+        return nn.functional.linear(y, self.extra)       # functional: only the total sees it
+
+
+def test_per_layer_macs_match_torch_flop_counter_and_respect_the_batch(registry):
+    model, x = Mixed(), torch.randn(3, 8, 6, 6)
+    stats = ModelStats.from_model(model, registry, x)
+    assert set(stats.layers) == {"grouped", "temporal", "proj"}
+    assert stats.layers["grouped"].macs == 3 * 16 * (8 // 4) * 9 * 36
+    assert stats.layers["temporal"].macs == 3 * 12 * 16 * 3 * 17
+    assert stats.layers["proj"].macs == 3 * 17 * 12 * 20
+    assert stats.layers["proj"].input_shape == (3, 17, 12)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    per_module = {name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                  if name.startswith("Mixed.")}
+    for name, layer in stats.layers.items():
+        assert 2 * layer.macs == per_module[name], name
+    assert stats.total_flops == counter.get_total_flops()
+    assert stats.total_flops > 2 * stats.total_macs  # the functional linear is in the total only
+
+
+def test_statistics_leave_the_model_as_it_was(registry):
+    model = Mixed().train()
+    model.temporal.eval()
+    calls = []
+    model.proj.register_forward_hook(lambda *args: calls.append("hook"))
+    running_mean = model.bn.running_mean.clone()
+    ModelStats.from_model(model, registry, torch.randn(2, 8, 6, 6))
+    assert torch.equal(model.bn.running_mean, running_mean) and model.bn.num_batches_tracked == 0
+    assert model.training and model.bn.training and not model.temporal.training
+    assert calls == ["hook"]  # the user's hook ran during the pass and is still registered
+    model(torch.randn(2, 8, 6, 6))
+    assert calls == ["hook", "hook"]
+
+
+def test_flopco_statistics_are_accepted_and_agree(registry):
+    model = resnet18(num_classes=10, width=16).eval()  # FlopCo runs the model in its current mode
+    ours = ModelStats.from_model(model, registry, torch.randn(1, 3, 32, 32))
+    theirs = ModelStats.from_flopco(FlopCo(model, img_size=(1, 3, 32, 32)))
+    assert list(theirs.layers) == list(ours.layers)
+    for name, layer in ours.layers.items():
+        assert theirs.layers[name].spec.kernel_size == layer.spec.kernel_size
+        assert theirs.layers[name].macs == layer.macs, name
+    assert ours.ltypes["layer1.0.conv1"] == {"type": nn.Conv2d, "kernel_size": (3, 3), "groups": 1}
