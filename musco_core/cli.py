@@ -96,7 +96,8 @@ def _setup_logging(quiet: bool) -> None:
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
 WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                       help="Weights to load first: .safetensors, or a state dict read with torch.load(weights_only=True).")
+                       help="Weights to load first: .safetensors, or a state dict read with "
+                            "torch.load(weights_only=True).")
 INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
                            help="Shape of a random example input, for MAC counts and the no-growth check.")
 
@@ -144,7 +145,8 @@ def config() -> None:
 @config.command()
 @MODEL
 @WEIGHTS
-@click.option("--type", "config_type", required=True, type=click.Choice(["vbmf", "param_reduction", "template", "none"]))
+@click.option("--type", "config_type", required=True,
+              type=click.Choice(["vbmf", "param_reduction", "template", "none"]))
 @INPUT_SHAPE
 @_friendly
 def generate(model_spec, weights, config_type, input_shape) -> None:
