@@ -114,24 +114,34 @@ def main() -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="YAML schedule.")
 @INPUT_SHAPE
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for model.safetensors, musco.yaml and report.json.")
+              help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
 @click.option("--finetune", "finetune_spec", metavar="PKG.MODULE:FUNCTION",
               help="Called as FUNCTION(model, step) after every compression step.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
-def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, quiet) -> None:
-    """Compress a model with a YAML schedule and save the result to OUT."""
+def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, quiet) -> None:
+    """Compress a model with a YAML schedule and save the result to OUT.
+
+    The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed run continues
+    when the same command is run again with --resume.
+    """
     from .compressor import Compressor
     from .io import save_compressed
 
     _setup_logging(quiet)
     finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
-    compressor = Compressor.from_yaml(_load_model(model_spec, weights), config_path,
-                                      example_input=_input_shape(input_shape), progress=not quiet)
+    model, example = _load_model(model_spec, weights), _input_shape(input_shape)
+    checkpoints = out_dir / "checkpoints"
+    if resume:
+        compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet)
+    else:
+        compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet)
     while not compressor.done:
         compressor.compression_step()
         if finetune is not None:
             finetune(compressor.compressed_model, compressor.curr_iter)
+        compressor.save_state(checkpoints)
     save_compressed(compressor, out_dir)
     click.echo(compressor.report().to_table())
     click.echo(f"\nsaved to {out_dir}")

@@ -4,10 +4,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,11 +19,15 @@ from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml
+from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml, write_text_atomic
 from .stats import ModelStats, as_model_stats
 from .surgery import module_paths, replace_module
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "state.yaml"
+LATEST_FILE = "LATEST"
+STATE_FORMAT = 1
 
 
 class Compressor:
@@ -61,6 +68,7 @@ class Compressor:
             schedule = ScheduleCodec(self.registry).structure(model_compr_kwargs, "model_compr_kwargs",
                                                               settings=settings)
         self._validate_against_model(schedule)
+        self.initial_schedule = schedule
         self.schedule = schedule
         self.lnames = schedule.compressed_layers()
         settings = schedule.settings
@@ -82,6 +90,71 @@ class Compressor:
         registry = kwargs.pop("registry", None) or default_registry()
         schedule = ScheduleCodec(registry).structure(read_yaml(path), str(path))
         return cls(model, model_stats, schedule, registry=registry, **kwargs)
+
+    def save_state(self, directory: str | os.PathLike) -> Path:
+        """Saves what :meth:`resume` needs to continue after the current step: weights, structure, schedule and
+        progress, in ``directory/step-NNNN``; ``directory/LATEST`` names the newest complete one.
+
+        The step folder is written under a temporary name and renamed, and LATEST is replaced atomically after
+        it, so a run killed while saving resumes from the previous complete state. Older states are removed.
+        """
+        from .io import save_compressed
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.curr_iter:04d}"
+        staging = directory / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_compressed(self, staging)
+        codec = ScheduleCodec(self.registry)
+        state = {"format": STATE_FORMAT, "initial_schedule": codec.unstructure(self.initial_schedule),
+                 "schedule": codec.unstructure(self.schedule), "steps": self._steps, "curr_iter": self.curr_iter,
+                 "params_before": self._params_before}
+        write_text_atomic(staging / STATE_FILE, yaml.safe_dump(state, sort_keys=False, default_flow_style=None))
+        shutil.rmtree(directory / name, ignore_errors=True)
+        os.replace(staging, directory / name)
+        write_text_atomic(directory / LATEST_FILE, name + "\n")
+        for old in directory.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        return directory / name
+
+    @classmethod
+    def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
+               registry: Registry | None = None, progress: bool = True) -> Compressor:
+        """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
+
+        ``model`` is a fresh, uncompressed instance of the architecture; it is not modified. A resumed run ends
+        with the same ranks and weights as an uninterrupted one with the same schedule and seed.
+        """
+        from .io import load_compressed, read_report
+
+        registry = registry or default_registry()
+        directory = Path(directory)
+        latest = directory / LATEST_FILE
+        try:
+            step_dir = directory / latest.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{latest}: cannot read: {exc.strerror or exc}; nothing to resume") from None
+        state = read_yaml(step_dir / STATE_FILE)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"{step_dir / STATE_FILE}: not a musco-core compressor state of format {STATE_FORMAT}")
+        codec = ScheduleCodec(registry)
+        origin = str(step_dir / STATE_FILE)
+        initial = codec.structure(state["initial_schedule"], f"{origin}: initial_schedule")
+        compressor = cls(load_compressed(model, step_dir, registry), model_compr_kwargs=initial,
+                         example_input=example_input, inplace=True, registry=registry, progress=progress)
+        if compressor._steps != state["steps"]:
+            raise ConfigError(f"{origin}: the saved plan of steps does not match its schedule")
+        compressor.schedule = codec.structure(state["schedule"], f"{origin}: schedule")
+        compressor.curr_iter = state["curr_iter"]
+        compressor._params_before = state["params_before"]
+        compressor.history = list(read_report(step_dir).layers)
+        for result in compressor.history:
+            if result.applied:
+                compressor.ranks[result.name] = result.ranks
+        log.info("resumed from %s at step %d of %d", step_dir, compressor.curr_iter, compressor.niters)
+        return compressor
 
     @property
     def done(self) -> bool:

@@ -74,7 +74,7 @@ def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, regi
     model = compressor.compressed_model if compressor else model_or_compressor
     registry = registry or (compressor.registry if compressor else default_registry())
     layers = _factorized_layers(model)
-    if not layers:
+    if not layers and compressor is None:
         raise MuscoError("the model has no factorized layers to save (was standardize_model called already?)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
+from .surgery import FactorizedLayer
 
 
 @attrs.frozen
@@ -65,13 +66,20 @@ class ModelStats:
     def from_model(cls, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
         """Reads every adaptable layer; with ``example_input`` also records shapes and MACs.
 
+        A factorized layer counts as the layer it replaced (its original geometry), so statistics of a model
+        that is part-way through a multi-stage run match those of the uncompressed model.
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched.
         """
         readable = {}
+        factorized: list[str] = []
         for name, module in model.named_modules():
-            adapter = registry.adapter_for(module) if name else None
-            if adapter is not None:
+            if not name or any(name.startswith(prefix + ".") for prefix in factorized):
+                continue
+            if isinstance(module, FactorizedLayer):
+                factorized.append(name)
+                readable[name] = (module, module.spec)
+            elif (adapter := registry.adapter_for(module)) is not None:
                 readable[name] = (module, adapter.read(module)[0])
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         total_flops = None

@@ -66,7 +66,13 @@ def test_generate_validate_compress_report(factories):
     assert "parameters: 20,504 ->" in result.output
     import cli_factories
     assert cli_factories.STEPS == [1, 2]
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json", "checkpoints"}
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0002"
+
+    result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
+                 "--out", out, "--resume", "--quiet")
+    assert result.exit_code == 0, result.output  # a finished run resumes to the same saved result
+    assert "parameters: 20,504 ->" in result.output and cli_factories.STEPS == [1, 2]
 
     result = run("report", out)
     assert result.exit_code == 0 and "tucker2" in result.output and "MACs of compressible layers" in result.output

@@ -1,0 +1,105 @@
+"""Nothing lost: resume after a kill, determinism, and odd models handled with a clear error or a logged skip."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from musco_core import CompressionError, Compressor, ConfigError
+
+HERE = Path(__file__).parent
+
+
+def run_worker(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(HERE / "resume_worker.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_killed_run_resumes_to_the_same_ranks_and_weights(tmp_path):
+    whole = run_worker(tmp_path / "state-a", tmp_path / "a.safetensors")
+    assert whole.returncode == 0, whole.stderr
+    killed = run_worker(tmp_path / "state-b", tmp_path / "b.safetensors", "--kill-after", 2)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b.safetensors").exists()
+    assert (tmp_path / "state-b" / "LATEST").read_text().strip() == "step-0002"
+    resumed = run_worker(tmp_path / "state-b", tmp_path / "b.safetensors", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ranks = json.loads((tmp_path / "a.safetensors.json").read_text())
+    assert ranks == json.loads((tmp_path / "b.safetensors.json").read_text())
+    assert ranks["layer3.0.conv1"] == [12] and ranks["fc"] == [3]
+
+
+def test_resume_without_a_state_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="LATEST.*nothing to resume"):
+        Compressor.resume(nn.Linear(4, 4), tmp_path)
+
+
+def small(layer):
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker2", "cp3"])
+def test_every_decomposition_is_bitwise_reproducible(registry, decomposition):
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 30) if decomposition == "svd" else nn.Conv2d(16, 24, 3)
+    rank = [8] if decomposition != "tucker2" else [[8, 6]]
+    config = {"0": {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": rank}}
+    weights = []
+    for _ in range(2):
+        compressor = Compressor(small(layer), model_compr_kwargs=config, seed=3, registry=registry)
+        compressor.compression_step()
+        weights.append(compressor.compressed_model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_clear_error_that_changes_nothing(registry, bad):
+    layer = nn.Conv2d(8, 16, 3)
+    with torch.no_grad():
+        layer.weight[0, 0, 0, 0] = bad
+    config = {"0": {"decomposition": "tucker2", "rank_selection": "vbmf"}}
+    compressor = Compressor(small(layer), model_compr_kwargs=config, registry=registry)
+    with pytest.raises(CompressionError, match=r"layer '0'.*non-finite"):
+        compressor.compression_step()
+    assert type(compressor.compressed_model[0]) is nn.Conv2d
+
+
+def test_zero_weights_are_kept_with_a_reason(registry):
+    layer = nn.Linear(32, 32)
+    nn.init.zeros_(layer.weight)
+    compressor = Compressor(small(layer), model_compr_kwargs={
+        "0": {"decomposition": "svd", "rank_selection": "vbmf"}}, registry=registry)
+    (result,) = compressor.compression_step()
+    assert not result.applied and "would not be smaller" in result.note
+
+
+@pytest.mark.parametrize("layer,decomposition,rank", [
+    (nn.Linear(1, 8), "svd", [4]),
+    (nn.Conv2d(1, 1, 3), "tucker2", [[1, 1]]),
+    (nn.Conv2d(1, 1, 3), "cp3", [4]),
+])
+def test_one_channel_layers_are_kept_with_a_reason(registry, layer, decomposition, rank):
+    compressor = Compressor(small(layer), model_compr_kwargs={
+        "0": {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": rank}}, registry=registry)
+    (result,) = compressor.compression_step()
+    assert not result.applied and result.note
+
+
+def test_a_module_no_adapter_knows_is_named_in_the_error(registry):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3))
+    config = {"1": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[2, 2]]}}
+    with pytest.raises(ConfigError, match=r'\$\.layers\["1"\].*no adapter handles ConvTranspose2d'):
+        Compressor(model, model_compr_kwargs=config, registry=registry)
