@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import attrs
-import torch
 
 from musco_core import hookimpl
 from musco_core.components import Decomposer, RankSelector, WeightSource
@@ -120,9 +119,8 @@ class VBMF(RankSelector):
                ) -> tuple[int, ...]:
         ranks = []
         for matrix in decomposer.rank_matrices(source):
-            matrix = matrix.detach().to(factorize.compute_dtype(matrix))
             full = min(matrix.shape)
-            estimated = factorize.evbmf_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape))
+            estimated = factorize.evbmf_rank(factorize.singular_values(matrix), tuple(matrix.shape))
             if estimated == 0:
                 ranks.append(full)
             else:

@@ -20,8 +20,8 @@ from . import factorize
 class Tucker2Params:
     """HOOI sweeps after the HOSVD initialisation, and the relative fit change that ends them early."""
 
-    n_iter: PositiveInt = 10
-    tol: NonNegativeFloat = 1e-6
+    n_iter: PositiveInt = 4
+    tol: NonNegativeFloat = 1e-5
 
 
 class Tucker2(Decomposer):
