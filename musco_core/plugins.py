@@ -65,6 +65,8 @@ class MuscoPluginManager(pluggy.PluginManager):
         try:
             self.register(plugin, name=source.name)
         except Exception as exc:  # a plugin's hooks are validated here: report, do not crash the host
+            if self.get_plugin(source.name) is plugin:  # pluggy < 1.7 leaves a half-registered plugin
+                self.unregister(plugin, name=source.name)
             self.report_failure(source.name, source.distribution, exc, strict=strict)
             return False
         self.sources[source.name] = source

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 from torch import nn
@@ -33,13 +33,17 @@ class Role(Generic[T]):
         self.title, self.base, self.hook = title, base, hook
         self.entries: dict[str, Provided] = {}
 
-    def add(self, component: type, source: PluginSource) -> None:
+    def check(self, component: Any, source: PluginSource) -> None:
+        """Raises PluginError unless ``component`` is a class of this role that declares a name."""
         if not (isinstance(component, type) and issubclass(component, self.base)):
             raise PluginError(f"plugin {source.name!r} returned {component!r} from {self.hook}, "
                               f"expected a subclass of {self.base.__qualname__}")
         name = getattr(component, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {source.name!r}: {component.__qualname__} must declare a string `name`")
+
+    def add(self, component: type, source: PluginSource) -> None:
+        name = component.name
         if name in self.entries:
             other = self.entries[name].source
             raise DuplicateComponentError(
@@ -78,23 +82,22 @@ class Registry:
     def from_plugin_manager(cls, manager: MuscoPluginManager, *, strict: bool = False) -> Registry:
         """Calls each plugin's hooks one plugin at a time, so a failing plugin is skipped (or raised when strict)."""
         registry = cls(manager)
-        contributions: dict[str, list[tuple[Role, list[type]]]] = {name: [] for name in manager.sources}
-        failed: set[str] = set()
+        contributions: dict[str, list[tuple[Role, Any]]] = {name: [] for name in manager.sources}
         for role in registry.roles:
             for impl in getattr(manager.hook, role.hook).get_hookimpls():
-                if impl.plugin_name in failed:
-                    continue
-                try:
-                    contributions[impl.plugin_name].append((role, list(impl.function() or ())))
-                except Exception as exc:  # a plugin's hook raised: report it, keep the others
-                    source = manager.sources[impl.plugin_name]
-                    manager.report_failure(impl.plugin_name, source.distribution, exc, strict=strict)
-                    failed.add(impl.plugin_name)
-        for plugin_name, source in manager.sources.items():
-            if plugin_name not in failed:
-                for role, components in contributions[plugin_name]:
-                    for component in components:
-                        role.add(component, source)
+                if impl.plugin_name in contributions:
+                    contributions[impl.plugin_name].append((role, impl.function))
+        for plugin_name, hooks in contributions.items():
+            source = manager.sources[plugin_name]
+            try:  # call and check every hook of the plugin before adding any of its components
+                provided = [(role, component) for role, hook in hooks for component in _as_list(hook(), role)]
+                for role, component in provided:
+                    role.check(component, source)
+            except Exception as exc:  # a broken plugin is reported and skipped, the others still load
+                manager.report_failure(plugin_name, source.distribution, exc, strict=strict)
+                continue
+            for role, component in provided:
+                role.add(component, source)  # a duplicate name is an error in any mode: which one is meant?
         for name, provided in registry.adapters.entries.items():
             for module_type in provided.component.module_types:
                 registry._adapter_by_type.setdefault(module_type, name)
@@ -110,6 +113,14 @@ class Registry:
     def provided(self) -> list[Provided]:
         """Every registered component, role by role, for listings such as ``musco plugins``."""
         return [role.entries[name] for role in self.roles for name in role.names()]
+
+
+def _as_list(returned: Any, role: Role) -> list:
+    if returned is None:
+        return []
+    if not isinstance(returned, (list, tuple)):
+        raise PluginError(f"{role.hook} returned {returned!r}, expected a list of {role.base.__qualname__} classes")
+    return list(returned)
 
 
 def default_registry(*, strict: bool = False) -> Registry:
