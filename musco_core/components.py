@@ -151,6 +151,9 @@ class WeightSource:
 class Decomposer:
     """A named factorization of a layer's weight into a chain of smaller layers.
 
+    Decomposers see one group at a time: the core factorizes each group of a grouped convolution separately
+    and joins the factors into grouped layers, so ``spec.groups`` is always 1 here.
+
     Subclasses set ``name``, ``rank_names`` (one name per rank; Tucker2 has two) and ``min_rank``, and implement
     :meth:`unsupported_reason`, :meth:`layout`, :meth:`max_ranks`, :meth:`decompose` and, to work with
     rank estimation from singular values (vbmf), :meth:`rank_matrices`. ``Params`` is an attrs class of

@@ -9,9 +9,9 @@ import attrs
 import torch
 from torch import nn
 
-from .components import Factor, LayerSpec, WeightSource
+from .components import Factor, FactorLayout, LayerSpec, WeightSource
 from .errors import CompressionError, UnsupportedLayerError
-from .factors import chain_macs, compose_factors, layer_layout
+from .factors import chain_macs, compose_factors, dense_weight, layer_layout
 from .registry import Registry
 from .schedule import LayerSchedule, RunSettings
 from .surgery import FactorizedLayer
@@ -53,6 +53,31 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
     return adapter, WeightSource(spec, dense=weight), bias
 
 
+def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
+    """A grouped layer as independent per-group layers: their spec and one dense source per group.
+
+    A layer with one group is returned as it is, keeping any earlier factors for direct re-compression.
+    """
+    spec, groups = source.spec, source.spec.groups
+    if groups == 1:
+        return spec, [source]
+    group_spec = attrs.evolve(spec, out_channels=spec.out_channels // groups,
+                              in_channels=spec.in_channels // groups, groups=1)
+    out_size, in_size = group_spec.out_channels, group_spec.in_channels
+    weight = source.weight  # (out, in // groups, *k) when dense; the block-diagonal (out, in, *k) when composed
+    blocks = [weight[g * out_size:(g + 1) * out_size] if not source.factors else
+              weight[g * out_size:(g + 1) * out_size, g * in_size:(g + 1) * in_size] for g in range(groups)]
+    return group_spec, [WeightSource(group_spec, dense=block) for block in blocks]
+
+
+def widen(layout: FactorLayout, groups: int) -> FactorLayout:
+    """A per-group factor layout repeated over ``groups`` groups side by side (one grouped conv)."""
+    if groups == 1:
+        return layout
+    return attrs.evolve(layout, out_channels=layout.out_channels * groups, in_channels=layout.in_channels * groups,
+                        groups=layout.groups * groups)
+
+
 def _clamp(ranks: Sequence[int], limits: Sequence[int]) -> tuple[tuple[int, ...], str | None]:
     clamped = tuple(max(1, min(r, m)) for r, m in zip(ranks, limits))
     note = None if clamped == tuple(ranks) else f"ranks {tuple(ranks)} clamped to {clamped} (the layer's limits)"
@@ -74,14 +99,18 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         raise CompressionError(f"layer {name!r} has non-finite weights (NaN or Inf); fix the model or leave the "
                                f"layer out of the schedule")
     decomposer = registry.decompositions.get(schedule.decomposition)
-    decomposer.check(spec)
+    group_spec, group_sources = split_groups(source)
+    decomposer.check(group_spec)
     selector = registry.rank_selectors.get(schedule.rank_selection)
     stage = schedule.curr_compr_iter
-    ranks = selector.select(decomposer, source, stage, schedule.rank_params)
-    ranks, note = _clamp(ranks, decomposer.max_ranks(source))
+    ranks = tuple(max(per_group) for per_group in zip(
+        *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
+    ranks = tuple(max(settings.rank_multiple, round(r / settings.rank_multiple) * settings.rank_multiple)
+                  for r in ranks)
+    ranks, note = _clamp(ranks, decomposer.max_ranks(group_sources[0]))
 
     current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
-    layouts = decomposer.layout(spec, ranks)
+    layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
     params_before = sum(layout.n_params for layout in current_layouts)
     params_after = sum(layout.n_params for layout in layouts)
     macs_before = macs_after = None
@@ -100,9 +129,10 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                                   seconds=time.perf_counter() - started)
 
     like = source.factors[0].weight if source.factors else source.weight
+    params = settings.algo_kwargs.get(decomposer.name) or decomposer.Params()
     with torch.no_grad():
-        weights = decomposer.decompose(source, ranks, settings.algo_kwargs.get(decomposer.name)
-                                       or decomposer.Params(), seed=settings.seed)
+        per_group = [decomposer.decompose(s, ranks, params, seed=settings.seed) for s in group_sources]
+        weights = [torch.cat(group_weights) for group_weights in zip(*per_group, strict=True)]
         factors = []
         for index, (layout, weight) in enumerate(zip(layouts, weights, strict=True)):
             if tuple(weight.shape) != layout.weight_shape:
@@ -111,7 +141,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
             if not torch.isfinite(weight).all():
                 raise CompressionError(f"layer {name!r}: {decomposer.name} produced non-finite weights")
             factors.append(Factor(layout, weight.to(like.dtype), bias if layout.bias else None))
-        reference = source.weight.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
+        reference = source.weight if source.factors else dense_weight(source.weight, spec.groups)
+        reference = reference.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
         approximation = compose_factors(spec, factors).to(reference.dtype)
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))

@@ -152,6 +152,8 @@ class RunSettings:
     nglobal_compress_iters: PositiveInt = 1
     scheduler: str = "musco"
     seed: NonNegativeInt = 0
+    #: Ranks are rounded to a multiple of this (e.g. 8) for hardware efficiency, then clamped to the layer.
+    rank_multiple: PositiveInt = 1
     algo_kwargs: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -319,6 +321,7 @@ class ScheduleCodec:
                 "nglobal_compress_iters": settings.nglobal_compress_iters,
                 "scheduler": settings.scheduler,
                 "seed": settings.seed,
+                "rank_multiple": settings.rank_multiple,
                 "algo_kwargs": {name: self.unstructure_params(params) for name, params in settings.algo_kwargs.items()},
             },
             "layers": {name: self.unstructure_layer(layer) for name, layer in schedule.layers.items()},

@@ -33,8 +33,6 @@ class _CP(Decomposer):
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims == 0 or spec.is_pointwise:
             return f"{self.name} needs a kxk convolution (k > 1); use svd for Linear and 1x1 layers"
-        if spec.groups != 1:
-            return "grouped convolutions are not supported"
         return None
 
     def max_ranks(self, source: WeightSource) -> tuple[int, ...]:
@@ -74,6 +72,8 @@ class CP4(_CP):
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims != 2:
             return "cp4 needs a 2-d convolution; use cp3 or tucker2"
+        if spec.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(spec.dilation, spec.kernel_size)):
+            return "padding='same' with an even kernel pads asymmetrically and cannot be split over two factors"
         return super().unsupported_reason(spec)
 
     def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:

@@ -24,8 +24,6 @@ class SVD(Decomposer):
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if not spec.is_pointwise:
             return "svd needs a Linear or a 1x1 convolution; use tucker2, cp3 or cp4 for a kxk convolution"
-        if spec.groups != 1:
-            return "grouped convolutions are not supported"
         return None
 
     def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:

@@ -33,8 +33,6 @@ class Tucker2(Decomposer):
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims == 0:
             return "tucker2 needs a convolution; use svd for a Linear layer"
-        if spec.groups != 1:
-            return "grouped convolutions are not supported"
         return None
 
     def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
