@@ -22,8 +22,8 @@ from . import factorize
 class CPParams:
     """ALS iteration cap and the relative error change below which ALS stops."""
 
-    n_iter_max: PositiveInt = 300
-    tol: NonNegativeFloat = 1e-6
+    n_iter_max: PositiveInt = 100
+    tol: NonNegativeFloat = 1e-4
 
 
 class _CP(Decomposer):
