@@ -22,7 +22,7 @@ from . import factorize
 class CPParams:
     """ALS iteration cap and the relative error change below which ALS stops."""
 
-    n_iter_max: PositiveInt = 100
+    n_iter_max: PositiveInt = 200
     tol: NonNegativeFloat = 1e-4
 
 
