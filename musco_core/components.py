@@ -219,8 +219,8 @@ class RankSelector:
         """What is wrong with these parameters for that decomposition (``"key: problem"``), or None."""
         return None
 
-    def check_stages(self, params, n_stages: int) -> str | None:
-        """Why these parameters cannot serve ``n_stages`` compressions of a layer, or None when they can."""
+    def check_layer(self, params, decomposer: Decomposer, source: WeightSource, n_stages: int) -> str | None:
+        """Why these parameters cannot serve ``n_stages`` compressions of this layer (one group of it), or None."""
         return None
 
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import generate_model_compr_kwargs
-from .engine import LayerResult, compress_layer, read_layer
+from .engine import LayerResult, compress_layer, read_layer, split_groups
 from .errors import CompressionError, ConfigError, MuscoError
 from .registry import Registry, default_registry
 from .report import CompressionReport
@@ -187,14 +187,17 @@ class Compressor:
             if name not in modules or not name:
                 problems.append(f"{path}: no layer of that name in {type(self.compressed_model).__name__}")
                 continue
+            decomposer = self.registry.decompositions.get(layer.decomposition)
             try:
                 _, source, _ = read_layer(modules[name], self.registry, name)
-                self.registry.decompositions.get(layer.decomposition).check(source.spec)
+                group_spec, group_sources = split_groups(source)
+                decomposer.check(group_spec)
             except MuscoError as exc:
                 problems.append(f"{path}: {exc}")
                 continue
             selector = self.registry.rank_selectors.get(layer.rank_selection)
-            reason = selector.check_stages(layer.rank_params, layer.curr_compr_iter + settings.nglobal_compress_iters)
+            reason = selector.check_layer(layer.rank_params, decomposer, group_sources[0],
+                                          layer.curr_compr_iter + settings.nglobal_compress_iters)
             if reason:
                 problems.append(f"{path}: {reason}")
         if problems:

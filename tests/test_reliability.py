@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,15 +88,30 @@ def test_zero_weights_are_kept_with_a_reason(registry):
 
 
 @pytest.mark.parametrize("layer,decomposition,rank", [
-    (nn.Linear(1, 8), "svd", [4]),
+    (nn.Linear(1, 8), "svd", [1]),
     (nn.Conv2d(1, 1, 3), "tucker2", [[1, 1]]),
-    (nn.Conv2d(1, 1, 3), "cp3", [4]),
+    (nn.Conv2d(1, 1, 3), "cp3", [1]),
 ])
 def test_one_channel_layers_are_kept_with_a_reason(registry, layer, decomposition, rank):
     compressor = Compressor(small(layer), model_compr_kwargs={
         "0": {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": rank}}, registry=registry)
     (result,) = compressor.compression_step()
     assert not result.applied and result.note
+
+
+@pytest.mark.parametrize("layer,decomposition,rank,limit", [
+    (nn.Linear(64, 32), "svd", [8, 40], "rank at most [32]"),
+    (nn.Conv2d(16, 24, 3), "tucker2", [[25, 8]], "r_out, r_in at most [24, 16]"),
+    (nn.Conv2d(16, 24, 3, groups=4), "tucker2", [[6, 5]], "r_out, r_in at most [6, 4]"),
+])
+def test_manual_ranks_above_the_layer_are_a_config_error(registry, layer, decomposition, rank, limit):
+    model = nn.Sequential(layer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"0": {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": rank}}
+    with pytest.raises(ConfigError, match=rf'\$\.layers\["0"\]: manual_rank\[\d\].*{re.escape(limit)}'):
+        Compressor(model, model_compr_kwargs=config, nglobal_compress_iters=len(rank), registry=registry,
+                   inplace=True)
+    assert type(model[0]) is type(layer) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_module_no_adapter_knows_is_named_in_the_error(registry):
