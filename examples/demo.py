@@ -116,8 +116,8 @@ def main():
     params_before, params_after = (sum(p.numel() for p in m.parameters()) for m in (model, compressed))
     print(f"\naccuracy      {accuracy(model, test_data):.4f} -> {accuracy(compressed, test_data):.4f}")
     print(f"parameters    {params_before:,} -> {params_after:,} ({params_before / params_after:.2f}x smaller)")
-    print(f"conv+linear MACs per image {before.total_macs:,} -> {after.total_macs:,} "
-          f"({before.total_macs / after.total_macs:.2f}x fewer)")
+    print(f"FLOPs per image {before.total_flops:,} -> {after.total_flops:,} "
+          f"({before.total_flops / after.total_flops:.2f}x fewer, whole forward pass, torch FlopCounterMode)")
     for batch in (1, 64):
         x = test_data[0][:batch]
         t0, t1 = latency_ms(model, x), latency_ms(compressed, x)
