@@ -31,7 +31,7 @@ from . import __version__
 from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, MuscoError
 from .registry import Registry, default_registry
-from .schedule import SCHEMA_VERSION, key_path, make_converter, read_yaml, write_text_atomic
+from .schedule import SCHEMA_VERSION, key_path, make_converter, plain_data, read_yaml, write_text_atomic
 from .surgery import FactorizedLayer, module_paths, replace_module
 
 MANIFEST = "musco.yaml"
@@ -87,7 +87,7 @@ def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, regi
         "format": MANIFEST_FORMAT,
         "musco_core_version": __version__,
         "components": {f"{role}/{name}": _provenance(registry, role, name) for role, name in sorted(components)},
-        "layers": _plain(records),
+        "layers": plain_data(records),
         "schedule": {"version": SCHEMA_VERSION, "layers": {
             name: {"decomposition": m.decomposition, "rank_selection": "manual", "manual_rank": [list(m.ranks)]}
             for name, m in layers.items()}},
@@ -110,14 +110,6 @@ def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
         return {"plugin": "unknown", "distribution": "unknown", "version": "unknown"}
     source = entries[name].source
     return {"plugin": source.name, "distribution": source.distribution, "version": source.version}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, LayerRecord]:

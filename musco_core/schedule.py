@@ -338,14 +338,15 @@ class ScheduleCodec:
     @staticmethod
     def unstructure_params(params: Any) -> dict[str, Any]:
         """A component's parameters as plain YAML-friendly data."""
-        return _plain(attrs.asdict(params))
+        return plain_data(attrs.asdict(params))
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """Nested dicts, lists and tuples as dicts and lists only, which ``yaml.safe_dump`` writes."""
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_data(item) for item in value]
     return value
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "singular_values_of_product", "unfold", "tucker2",
+__all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "singular_values", "unfold", "tucker2",
            "cp_als", "cp_to_tensor", "evbmf_rank"]
 
 
@@ -114,15 +114,6 @@ def svd_of_product(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tens
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     new_left, new_right = _split(u, s, vh, rank)
     return q_l @ new_left, new_right @ q_r.T
-
-
-@torch.no_grad()
-def singular_values_of_product(left: Tensor, right: Tensor) -> Tensor:
-    """Singular values (descending, min(m, n) of them, zero-padded past k) of left @ right via the QR trick."""
-    q_l, core, q_r = _product_core(left, right)
-    s = torch.linalg.svdvals(core)
-    n_total = min(left.shape[0], right.shape[1])
-    return torch.cat([s, s.new_zeros(max(n_total - s.shape[0], 0))])[:n_total]
 
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:
