@@ -9,8 +9,10 @@ TORCH_PIN ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The example third-party plugin is installed as a user would, so the tests use it through its entry point.
 install: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./examples/musco-spatial-svd
 
 test: install
 	$(BIN)/python -m pytest -q
