@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from musco_core import default_registry
+from musco_core import Registry, make_plugin_manager
 
 
 @pytest.fixture(autouse=True)
@@ -11,4 +11,5 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def registry():
-    return default_registry()
+    """The bundled components only, whatever else is installed (test_external_plugin checks entry points)."""
+    return Registry.from_plugin_manager(make_plugin_manager(entry_points=False))
