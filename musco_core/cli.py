@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,18 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageProblem(f"--model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            if weights.suffix == ".safetensors":
+                state = load_file(str(weights))
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageProblem(f"--weights {weights}: refused, not a plain tensor state dict "
+                               f"(read with weights_only=True, nothing in it was run): {reason}") from None
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

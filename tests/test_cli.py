@@ -142,3 +142,21 @@ def test_the_installed_console_script_runs(factories):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["layers"]["7"]["curr_compr_iter"] == 0
+
+
+def test_a_malicious_pickle_given_as_weights_is_refused_unexecuted(factories):
+    marker = factories / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = factories / "evil.pt"
+    torch.save({"0.weight": Exploit()}, evil)  # a state dict that would run code when unpickled
+    schedule = factories / "schedule.yaml"
+    schedule.write_text("version: 1\nlayers: {}\n")
+    result = run("compress", "--model", "cli_factories:cnn", "--weights", evil, "--config", schedule,
+                 "--out", factories / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "refused, not a plain tensor state dict" in result.output
+    assert not marker.exists()
