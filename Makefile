@@ -17,6 +17,11 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q
 
+.PHONY: docs
+docs: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[docs]'
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 demo: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[demo]'
 	$(BIN)/python examples/demo.py
