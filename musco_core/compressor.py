@@ -48,6 +48,9 @@ class Compressor:
                  seed: int = 0, registry: Registry | None = None, progress: bool = True) -> None:
         self.registry = registry or default_registry()
         self.progress = progress
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+            raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
+                              f"before compressing it")
         self.compressed_model = model if inplace else copy.deepcopy(model)
         self._params_before = sum(p.numel() for p in self.compressed_model.parameters())
         self.model_stats: ModelStats = as_model_stats(model_stats, self.compressed_model, self.registry,
@@ -158,6 +161,7 @@ class Compressor:
 
     @property
     def done(self) -> bool:
+        """True once every planned step was taken (at once when the schedule compresses no layer)."""
         return self.curr_iter >= self.niters
 
     @property

@@ -119,3 +119,10 @@ def test_a_module_no_adapter_knows_is_named_in_the_error(registry):
     config = {"1": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[2, 2]]}}
     with pytest.raises(ConfigError, match=r'\$\.layers\["1"\].*no adapter handles ConvTranspose2d'):
         Compressor(model, model_compr_kwargs=config, registry=registry)
+
+
+def test_a_lazy_model_is_a_clear_error(registry):
+    model = nn.Sequential(nn.LazyLinear(8))
+    with pytest.raises(ConfigError, match="uninitialized .lazy. parameters; run one forward pass"):
+        Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf"}},
+                   registry=registry)
