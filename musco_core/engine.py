@@ -94,8 +94,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     started = time.perf_counter()
     adapter, source, bias = read_layer(module, registry, name)
     spec: LayerSpec = source.spec
-    weights = [f.weight for f in source.factors] if source.factors else [source.weight]
-    if not all(torch.isfinite(w).all() for w in weights):
+    current = [f.weight for f in source.factors] if source.factors else [source.weight]
+    if not all(torch.isfinite(w).all() for w in current):
         raise CompressionError(f"layer {name!r} has non-finite weights (NaN or Inf); fix the model or leave the "
                                f"layer out of the schedule")
     decomposer = registry.decompositions.get(schedule.decomposition)
