@@ -260,6 +260,104 @@ def test_cp_als_close_to_tensorly():
     assert err <= ref_err * 1.05
 
 
+
+def _plain_als_sweep(t, factors):
+    """Textbook ALS sweep (unfolding times the full Khatri-Rao product, inverse of the Hadamard of Grams)."""
+    factors = list(factors)
+    for n in range(t.dim()):
+        others = [f for i, f in enumerate(factors) if i != n]
+        kr = others[0]
+        for f in others[1:]:
+            kr = torch.einsum("ir,jr->ijr", kr, f).reshape(-1, kr.shape[1])
+        gram = torch.ones(kr.shape[1], kr.shape[1], dtype=t.dtype)
+        for f in others:
+            gram = gram * (f.T @ f)
+        f = factorize.unfold(t, n) @ kr @ torch.linalg.inv(gram)
+        factors[n] = f / f.norm(dim=0) if n < t.dim() - 1 else f
+    return factors
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (9, 6, 4), (8, 8, 3, 3), (6, 5, 4, 3, 2)])
+def test_cp_als_sweep_matches_textbook_als(shape):
+    """The dimension-tree sweep computes exactly the textbook ALS updates, for any number of modes."""
+    g = _gen(31)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    factors = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in shape]
+    unfolded = (t.movedim(1, -1).reshape(-1, shape[1]), t.reshape(shape[0], -1))
+    new, grams, resid2 = factorize._als_sweep(unfolded, list(shape), factors, [f.T @ f for f in factors])
+    for got, want in zip(new, _plain_als_sweep(t, factors)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    for f, gram in zip(new, grams):
+        torch.testing.assert_close(gram, f.T @ f)
+    exact = (t - factorize.cp_to_tensor(new)).square().sum() - t.square().sum()
+    assert float(resid2) == pytest.approx(float(exact), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape,rank", [((15, 12, 9), 20), ((16, 12, 3, 3), 30)])
+def test_cp_als_extrapolation_never_increases_the_error(shape, rank):
+    t = torch.randn(*shape, generator=_gen(32), dtype=torch.float64)
+    trace = []
+    factors, err = factorize.cp_als(t, rank, n_iter_max=60, tol=0, trace=trace)
+    assert len(trace) < 60  # some extrapolated sweeps did not pay and were discarded ...
+    assert all(b <= a for a, b in zip(trace, trace[1:]))  # ... so the accepted errors never went up
+    assert trace[-1] == pytest.approx(err, rel=1e-9)  # the Gram-based estimate is the exact error
+    assert err == pytest.approx(_rel(factorize.cp_to_tensor(factors), t), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,rank", [((20, 20, 9), 40), ((16, 12, 3, 3), 30)])
+def test_cp_als_extrapolation_pays(shape, rank):
+    """With the same number of sweeps, extrapolation ends at a lower error than plain ALS."""
+    t = torch.randn(*shape, generator=_gen(33), dtype=torch.float64)
+    _, plain = factorize.cp_als(t, rank, n_iter_max=60, tol=0, extrapolate=False)
+    _, extrapolated = factorize.cp_als(t, rank, n_iter_max=60, tol=0)
+    assert extrapolated < plain * 0.99
+
+
+def test_cp_als_stopping_rule():
+    """ALS stops at the first sweep whose error fell by less than tol (relative) per sweep over the last five."""
+    t = torch.randn(15, 12, 9, generator=_gen(34), dtype=torch.float64)
+    trace = []
+    factors, err = factorize.cp_als(t, 10, n_iter_max=10_000, tol=1e-3, trace=trace)
+    assert 5 < len(trace) < 100
+    window = 5
+    assert trace[-1 - window] - trace[-1] <= window * 1e-3 * trace[-1]
+    assert all(trace[i - window] - trace[i] > window * 1e-3 * trace[i] for i in range(window, len(trace) - 1))
+    capped = []
+    factors, _ = factorize.cp_als(t, 10, n_iter_max=7, tol=0, trace=capped)
+    assert len(capped) <= 7 and capped == trace[:len(capped)]
+
+
+def test_cp_als_keeps_float64_precision():
+    g = _gen(35)
+    t = factorize.cp_to_tensor([torch.randn(n, 5, generator=g, dtype=torch.float64) for n in (20, 16, 9)])
+    factors, err = factorize.cp_als(t, 5)
+    assert all(f.dtype == torch.float64 for f in factors)
+    assert err < 1e-8  # the same tensor in float32 ends near 1e-5
+    assert _rel(factorize.cp_to_tensor(factors), t) < 1e-8
+
+
+def test_cp_als_weights_in_first_factor_whatever_the_mode_sizes():
+    """The sweep visits the largest mode first; the output is still in the input's mode order, scale in factors[0]."""
+    t = torch.randn(3, 20, 9, generator=_gen(36), dtype=torch.float64)
+    factors, err = factorize.cp_als(t, 4, n_iter_max=30)
+    assert [tuple(f.shape) for f in factors] == [(3, 4), (20, 4), (9, 4)]
+    for f in factors[1:]:
+        torch.testing.assert_close(f.norm(dim=0), torch.ones(4, dtype=torch.float64))
+    assert err == pytest.approx(_rel(factorize.cp_to_tensor(factors), t), rel=1e-12)
+
+
+def test_cp_als_never_nan():
+    """Rank far above what the tensor supports leaves singular normal equations: regularised, finite."""
+    t = torch.randn(2, 3, 2, generator=_gen(37))
+    factors, err = factorize.cp_als(t, 12, n_iter_max=50)
+    assert all(torch.isfinite(f).all() for f in factors)
+    assert 0.0 <= err < 1e-3
+    bad = t.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        factorize.cp_als(bad, 2)
+
+
 # ---------------------------------------------------------------- EVBMF
 
 

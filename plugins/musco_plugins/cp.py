@@ -20,9 +20,11 @@ from . import factorize
 
 @attrs.frozen
 class CPParams:
-    """ALS iteration cap and the relative error change below which ALS stops."""
+    """ALS sweep cap and the relative error decrease per sweep below which ALS stops."""
 
+    #: ALS sweep cap (extrapolated sweeps that were discarded count too).
     n_iter_max: PositiveInt = 200
+    #: ALS stops once the relative error fell by less than this per sweep, on average over the last 5 sweeps.
     tol: NonNegativeFloat = 1e-4
 
 
