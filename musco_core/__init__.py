@@ -1,8 +1,8 @@
 """musco-core: multi-stage low-rank compression of PyTorch networks, extensible through plugins."""
 from .hookspecs import hookimpl  # noqa: I001 - plugins import the marker from here first
 
-from .components import (PLUGIN_API_VERSION, Decomposer, Factor, FactorLayout, LayerAdapter, LayerSpec,
-                         NoParams, RankSelector, Scheduler, WeightSource)
+from .components import (PLUGIN_API_VERSION, Allocation, Decomposer, Factor, FactorLayout, LayerAdapter,
+                         LayerChoice, LayerSpec, ModelTotals, NoParams, RankSelector, Scheduler, WeightSource)
 from .compressor import Compressor
 from .config import generate_model_compr_kwargs, validate_model_compr_kwargs
 from .engine import LayerResult
@@ -17,10 +17,11 @@ from .surgery import FactorizedLayer, standardize_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "PLUGIN_API_VERSION", "CompressionError", "Compressor", "ConfigError", "Decomposer", "DuplicateComponentError",
-    "Factor", "FactorLayout", "FactorizedLayer", "LayerAdapter", "LayerResult", "LayerSchedule", "LayerSpec",
-    "LayerStats", "ModelSchedule", "ModelStats", "MuscoError", "NoParams", "PluginError", "RankSelector",
-    "Registry", "RunSettings", "Scheduler", "UnknownComponentError", "UnsupportedLayerError", "WeightSource",
-    "default_registry", "dump_schedule", "generate_model_compr_kwargs", "hookimpl", "load_schedule",
-    "make_plugin_manager", "standardize_model", "validate_model_compr_kwargs",
+    "PLUGIN_API_VERSION", "Allocation", "CompressionError", "Compressor", "ConfigError", "Decomposer",
+    "DuplicateComponentError", "Factor", "FactorLayout", "FactorizedLayer", "LayerAdapter", "LayerChoice",
+    "LayerResult", "LayerSchedule", "LayerSpec", "LayerStats", "ModelSchedule", "ModelStats", "ModelTotals",
+    "MuscoError", "NoParams", "PluginError", "RankSelector", "Registry", "RunSettings", "Scheduler",
+    "UnknownComponentError", "UnsupportedLayerError", "WeightSource", "default_registry", "dump_schedule",
+    "generate_model_compr_kwargs", "hookimpl", "load_schedule", "make_plugin_manager", "standardize_model",
+    "validate_model_compr_kwargs",
 ]

@@ -96,6 +96,26 @@ def _input_shape(text: str | None) -> torch.Tensor | None:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
+def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tensor] | None:
+    """The one tensor of a safetensors file, split along its first axis into batches of ``batch_size``."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise UsageProblem(f"--calibration {path}: not a safetensors file: {exc}") from None
+    if len(tensors) != 1:
+        raise UsageProblem(f"--calibration {path}: expected one tensor of model inputs, found {len(tensors)} "
+                           f"({', '.join(sorted(tensors)) or 'none'})")
+    (inputs,) = tensors.values()
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise UsageProblem(f"--calibration {path}: the tensor of shape {tuple(inputs.shape)} holds no inputs")
+    return list(inputs.split(batch_size))
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -126,9 +146,15 @@ def main() -> None:
 @click.option("--finetune", "finetune_spec", metavar="PKG.MODULE:FUNCTION",
               help="Called as FUNCTION(model, step) after every compression step.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
+@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
+                   "tensor, split into batches along its first axis.")
+@click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Inputs per calibration batch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
-def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, quiet) -> None:
+def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, calibration_path,
+             calibration_batch_size, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed run continues
@@ -140,11 +166,14 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     _setup_logging(quiet)
     finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
     model, example = _load_model(model_spec, weights), _input_shape(input_shape)
+    calibration = _calibration_batches(calibration_path, calibration_batch_size)
     checkpoints = out_dir / "checkpoints"
     if resume:
-        compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet)
+        compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                       calibration_data=calibration)
     else:
-        compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet)
+        compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet,
+                                          calibration_data=calibration)
     while not compressor.done:
         compressor.compression_step()
         if finetune is not None:
@@ -164,7 +193,7 @@ def config() -> None:
 @MODEL
 @WEIGHTS
 @click.option("--type", "config_type", required=True,
-              type=click.Choice(["vbmf", "param_reduction", "template", "none"]))
+              type=click.Choice(["vbmf", "param_reduction", "budget", "template", "none"]))
 @INPUT_SHAPE
 @_friendly
 def generate(model_spec, weights, config_type, input_shape) -> None:
@@ -180,6 +209,10 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
     document = {"version": SCHEMA_VERSION,
                 "settings": {"ft_every": settings.ft_every, "nglobal_compress_iters": settings.nglobal_compress_iters},
                 "layers": layers}
+    selector = registry.rank_selectors.entries.get(config_type)
+    if selector is not None and selector.component.scope == "model":  # its target, to edit, in one place
+        document["settings"]["algo_kwargs"] = {
+            config_type: ScheduleCodec.unstructure_params(selector.component.Params())}
     click.echo(yaml.safe_dump(document, sort_keys=False, default_flow_style=None), nl=False)
 
 

@@ -21,10 +21,12 @@ from torch import nn
 from .errors import UnsupportedLayerError
 
 if TYPE_CHECKING:
+    from .calibration import InputStats
     from .schedule import RunSettings
 
 #: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (1, 0)``.
-PLUGIN_API_VERSION = (1, 0)
+#: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
+PLUGIN_API_VERSION = (1, 1)
 
 
 @attrs.frozen
@@ -125,13 +127,16 @@ class WeightSource:
 
     ``previous`` names the decomposition that produced ``factors`` when the layer was compressed before;
     a decomposer may re-compress its own factors directly (e.g. Tucker2 re-decomposes only its core) or fall
-    back to :attr:`weight`, the dense weight rebuilt from the factors.
+    back to :attr:`weight`, the dense weight rebuilt from the factors. ``input_stats`` holds the second moment
+    of the layer's input features on the calibration data (see :mod:`musco_core.calibration`), for a
+    decomposer that sets ``needs_input_stats``; it is None otherwise.
     """
 
     spec: LayerSpec
     factors: list[Factor] | None = None
     previous: str | None = None
     _dense: torch.Tensor | None = attrs.field(default=None, alias="dense")
+    input_stats: InputStats | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -164,6 +169,10 @@ class Decomposer:
     Params: ClassVar[type] = NoParams
     rank_names: ClassVar[tuple[str, ...]] = ("rank",)
     min_rank: ClassVar[int] = 2
+    #: True for a data-aware decomposition: the core then collects the layer's input statistics from the
+    #: calibration data (only for the layers such decompositions compress) and passes them as
+    #: ``source.input_stats``; a schedule that uses it without calibration data is refused.
+    needs_input_stats: ClassVar[bool] = False
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         """Why this decomposition cannot factorize a layer of this geometry, or None when it can."""
@@ -202,14 +211,74 @@ class Decomposer:
         return sum(f.n_params for f in self.layout(spec, ranks))
 
 
-class RankSelector:
-    """Chooses the ranks of a decomposition for one layer at one stage.
+@attrs.frozen(eq=False)
+class LayerChoice:
+    """One layer offered to a whole-model rank selector at one pass, with the arithmetic to price its ranks.
 
-    ``Params`` is an attrs class whose fields are keys of a layer's schedule (e.g. ``vbmf_weakenen_factor``).
+    ``sources`` holds one weight source per group (decomposers see one group at a time); ``spec`` is the whole
+    layer's geometry, ``current`` its chain of factors as it is now (one factor when not compressed yet) and
+    ``input_shape`` its input on the example input (None when unknown). ``sensitivity`` is how much the model's
+    loss grows per unit of the layer's relative squared weight error, from a sensitivity pass (1.0 without one).
+    """
+
+    name: str
+    decomposer: Decomposer
+    spec: LayerSpec
+    sources: tuple[WeightSource, ...]
+    current: tuple[FactorLayout, ...]
+    input_shape: tuple[int, ...] | None = None
+    sensitivity: float = 1.0
+
+    def cost(self, ranks: tuple[int, ...] | None = None) -> tuple[int, int | None]:
+        """(weights, MACs) of the layer factorized at ``ranks``, or as it is now for None (MACs None if unknown)."""
+        from .engine import widen
+        from .factors import chain_macs
+
+        layouts = self.current if ranks is None else [
+            widen(layout, self.spec.groups) for layout in self.decomposer.layout(self.sources[0].spec, ranks)]
+        macs = None if self.input_shape is None else chain_macs(self.spec, layouts, self.input_shape)
+        return sum(layout.n_params for layout in layouts), macs
+
+
+@attrs.frozen
+class ModelTotals:
+    """Counts of the whole model, before any compression and now, as the compression report counts them.
+
+    ``params_*`` count every parameter of the model; ``macs_*`` the layers an adapter can read, on the example
+    input (None without one).
+    """
+
+    params_original: int
+    params_now: int
+    macs_original: int | None = None
+    macs_now: int | None = None
+
+
+@attrs.frozen
+class Allocation:
+    """A whole-model rank selector's answer: ranks per layer (None keeps the layer as it is at this pass), and the
+    reduction of the whole model it aims at after this pass next to the one these ranks give, by ``metric``."""
+
+    ranks: dict[str, tuple[int, ...] | None]
+    metric: str
+    target: float
+    planned: float
+    note: str | None = None
+
+
+class RankSelector:
+    """Chooses the ranks of a decomposition for one layer at one stage, or, for a whole-model selector
+    (``scope = "model"``), for all the layers that use it at once.
+
+    ``Params`` is an attrs class whose fields are keys of a layer's schedule (e.g. ``vbmf_weakenen_factor``);
+    a whole-model selector's ``Params`` are run settings instead, read from ``settings.algo_kwargs[name]``.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
+    #: ``"layer"``: :meth:`select` chooses each layer's ranks alone. ``"model"``: :meth:`allocate` chooses the
+    #: ranks of every layer using this selector together, once per pass over the model.
+    scope: ClassVar[str] = "layer"
 
     def unsupported_reason(self, decomposer: Decomposer) -> str | None:
         """Why this selector cannot choose ranks for that decomposition, or None when it can."""
@@ -227,13 +296,26 @@ class RankSelector:
         """Ranks for compressing ``source`` for the ``stage``-th time (0-based)."""
         raise NotImplementedError
 
+    def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
+                 params, rank_multiple: int = 1) -> Allocation:
+        """Ranks for every layer of a pass together (whole-model selectors only).
+
+        ``pass_index`` counts the passes from 0 to ``n_passes - 1``; ranks must be multiples of ``rank_multiple``
+        within each layer's :meth:`Decomposer.max_ranks`.
+        """
+        raise NotImplementedError
+
 
 class LayerAdapter:
-    """Reads modules of some types into a :class:`LayerSpec` and rebuilds them from factors."""
+    """Reads modules of some types into a :class:`LayerSpec` and rebuilds them from factors.
+
+    ``module_types`` holds classes, or dotted names (``"transformers.pytorch_utils.Conv1D"``) for classes of
+    optional packages, so the plugin need not import them: a name matches a class by its module and qualname.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
-    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    module_types: ClassVar[tuple[type[nn.Module] | str, ...]] = ()
 
     def read(self, module: nn.Module) -> tuple[LayerSpec, torch.Tensor, torch.Tensor | None]:
         """The layer's geometry, weight (conv layout) and bias."""

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,17 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import InputStats, check_reiterable, collect_input_stats
 from .config import generate_model_compr_kwargs
+from .components import LayerChoice, ModelTotals
 from .engine import LayerResult, compress_layer, read_layer, split_groups
 from .errors import CompressionError, ConfigError, MuscoError
+from .factors import layer_layout
 from .registry import Registry, default_registry
-from .report import CompressionReport
+from .report import BudgetRecord, CompressionReport
 from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml, write_text_atomic
 from .stats import ModelStats, as_model_stats
-from .surgery import module_paths, replace_module
+from .surgery import module_paths, replace_module, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,22 @@ class Compressor:
     The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
     and ``progress`` is true. With a ``ModelSchedule`` its own settings apply and
     ``ft_every``, ``nglobal_compress_iters`` and ``all_algo_kwargs`` must be left at their defaults.
+    ``calibration_data`` (a list or DataLoader of input batches, see :mod:`musco_core.calibration`) is required by
+    data-aware decompositions such as ``whitened_svd``: at each step the input statistics of the step's layers
+    that use one are collected on the model as it is then.
+    ``evaluate(model) -> float`` is an optional loss on a few batches (lower is better) for whole-model rank
+    selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured,
+    so layers that hurt the model more get a larger share of the budget (a sensitivity pass).
     """
 
     def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,
                  ft_every: int = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
-                 seed: int = 0, registry: Registry | None = None, progress: bool = True) -> None:
+                 seed: int = 0, registry: Registry | None = None, progress: bool = True,
+                 calibration_data: Any = None, evaluate: Callable[[nn.Module], float] | None = None) -> None:
         self.registry = registry or default_registry()
         self.progress = progress
+        self.evaluate = evaluate
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
             raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                               f"before compressing it")
@@ -71,6 +83,7 @@ class Compressor:
             schedule = ScheduleCodec(self.registry).structure(model_compr_kwargs, "model_compr_kwargs",
                                                               settings=settings)
         self._validate_against_model(schedule)
+        self.calibration_data = self._check_calibration(schedule, calibration_data)
         self.initial_schedule = schedule
         self.schedule = schedule
         self.lnames = schedule.compressed_layers()
@@ -83,6 +96,9 @@ class Compressor:
         self.curr_iter = 0
         self.ranks: dict[str, tuple[int, ...] | None] = dict.fromkeys(self.lnames)
         self.history: list[LayerResult] = []
+        #: What whole-model rank selectors planned, one entry per selector and pass.
+        self.budgets: list[BudgetRecord] = []
+        self._allocated: dict[str, tuple[int, ...] | None] = {}  # ranks for the layers' next compression
         if not self.lnames:
             log.warning("the schedule compresses no layer; the compressor is done at once")
 
@@ -112,7 +128,8 @@ class Compressor:
         codec = ScheduleCodec(self.registry)
         state = {"format": STATE_FORMAT, "initial_schedule": codec.unstructure(self.initial_schedule),
                  "schedule": codec.unstructure(self.schedule), "steps": self._steps, "curr_iter": self.curr_iter,
-                 "params_before": self._params_before}
+                 "params_before": self._params_before,
+                 "allocated": {name: None if ranks is None else list(ranks) for name, ranks in self._allocated.items()}}
         write_text_atomic(staging / STATE_FILE, yaml.safe_dump(state, sort_keys=False, default_flow_style=None))
         shutil.rmtree(directory / name, ignore_errors=True)
         os.replace(staging, directory / name)
@@ -124,11 +141,13 @@ class Compressor:
 
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
-               registry: Registry | None = None, progress: bool = True) -> Compressor:
+               registry: Registry | None = None, progress: bool = True, calibration_data: Any = None
+               ) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
         ``model`` is a fresh, uncompressed instance of the architecture; it is not modified. A resumed run ends
-        with the same ranks and weights as an uninterrupted one with the same schedule and seed.
+        with the same ranks and weights as an uninterrupted one with the same schedule and seed (and, for
+        data-aware decompositions, the same ``calibration_data``).
         """
         from .io import load_compressed, read_report
 
@@ -146,13 +165,18 @@ class Compressor:
         origin = str(step_dir / STATE_FILE)
         initial = codec.structure(state["initial_schedule"], f"{origin}: initial_schedule")
         compressor = cls(load_compressed(model, step_dir, registry), model_compr_kwargs=initial,
-                         example_input=example_input, inplace=True, registry=registry, progress=progress)
+                         example_input=example_input, inplace=True, registry=registry, progress=progress,
+                         calibration_data=calibration_data)
         if compressor._steps != state["steps"]:
             raise ConfigError(f"{origin}: the saved plan of steps does not match its schedule")
         compressor.schedule = codec.structure(state["schedule"], f"{origin}: schedule")
         compressor.curr_iter = state["curr_iter"]
         compressor._params_before = state["params_before"]
-        compressor.history = list(read_report(step_dir).layers)
+        compressor._allocated = {name: None if ranks is None else tuple(ranks)
+                                 for name, ranks in (state.get("allocated") or {}).items()}
+        saved_report = read_report(step_dir)
+        compressor.history = list(saved_report.layers)
+        compressor.budgets = list(saved_report.budgets)
         for result in compressor.history:
             if result.applied:
                 compressor.ranks[result.name] = result.ranks
@@ -178,7 +202,8 @@ class Compressor:
             current.update({r.name: r.macs_after for r in self.history})
             macs_after = sum(current.values())
         return CompressionReport(list(self.history), self._params_before,
-                                 sum(p.numel() for p in self.compressed_model.parameters()), macs_before, macs_after)
+                                 sum(p.numel() for p in self.compressed_model.parameters()), macs_before, macs_after,
+                                 list(self.budgets))
 
     def _validate_against_model(self, schedule: ModelSchedule) -> None:
         problems = []
@@ -207,13 +232,43 @@ class Compressor:
         if problems:
             raise ConfigError("\n".join(f"model_compr_kwargs: {problem}" for problem in problems))
 
+    def _needs_input_stats(self, schedule: ModelSchedule, names) -> list[str]:
+        return [name for name in names if schedule.layers[name] is not None
+                and self.registry.decompositions.get(schedule.layers[name].decomposition).needs_input_stats]
+
+    def _check_calibration(self, schedule: ModelSchedule, calibration_data: Any) -> Any:
+        """``calibration_data`` checked against the schedule: required exactly when a decomposition needs it."""
+        needing = self._needs_input_stats(schedule, schedule.compressed_layers())
+        if calibration_data is None:
+            if needing:
+                raise ConfigError(f"calibration_data: layer(s) {', '.join(map(repr, needing))} use data-aware "
+                                  f"decompositions that need the layers' input statistics; pass calibration_data, "
+                                  f"a list or DataLoader of input batches")
+            return None
+        check_reiterable(calibration_data, "calibration_data")
+        if not needing:
+            log.info("calibration_data is not used: no layer of the schedule uses a data-aware decomposition")
+        return calibration_data
+
+    def _input_stats(self, names) -> dict[str, InputStats]:
+        """Input statistics of this step's layers that need them, on the model as it is now."""
+        needing = self._needs_input_stats(self.schedule, names)
+        if not needing:
+            return {}
+        specs = {name: read_layer(self.compressed_model.get_submodule(name), self.registry, name)[1].spec
+                 for name in needing}
+        return collect_input_stats(self.compressed_model, specs, self.calibration_data, progress=self.progress)
+
     def compression_step(self) -> list[LayerResult]:
         """Compresses the next group of layers. All of them are swapped in together, or none on failure."""
         if self.done:
             raise MuscoError(f"compression is done: all {self.niters} steps were taken")
         names = self._steps[self.curr_iter]
+        input_stats = self._input_stats(names)
         paths = module_paths(self.compressed_model)
+        tied = tied_parameters(self.compressed_model, names)
         replacements, results = [], []
+        allocated_before, budgets_before = dict(self._allocated), list(self.budgets)
         progress = tqdm(names, desc=f"compression step {self.curr_iter + 1}/{self.niters}", unit="layer",
                         disable=not (self.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
         for name in progress:
@@ -221,13 +276,27 @@ class Compressor:
             module = self.compressed_model.get_submodule(name)
             stats = self.model_stats.layers.get(name)
             try:
+                self._allocate(name, dict(zip(names, zip(replacements, results))))
+            except MuscoError:
+                self._allocated, self.budgets = allocated_before, budgets_before
+                raise
+            allocated = {}
+            if name in self._allocated:
+                ranks = self._allocated.pop(name)
+                allocated = {"ranks": ranks} if ranks is not None else {
+                    "keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
+            if name in tied and not layer.force:
+                allocated = {"keep_note": f"kept as is: its weights are tied to {', '.join(tied[name])}, which "
+                                          f"stay, so factorizing it would add weights (force: true does it anyway "
+                                          f"and unties them)"}
+            try:
                 new, result = compress_layer(module, name, layer, self.schedule.settings, self.registry,
-                                             stats.input_shape if stats else None)
-            except MuscoError as exc:
-                raise CompressionError(f"layer {name!r}: {exc}; the model was left as before this step") from exc
+                                             stats.input_shape if stats else None,
+                                             input_stats=input_stats.get(name), **allocated)
             except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
-                raise CompressionError(f"layer {name!r}: {type(exc).__name__}: {exc}; the model was left as "
-                                       f"before this step") from exc
+                self._allocated, self.budgets = allocated_before, budgets_before
+                reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
+                raise CompressionError(f"layer {name!r}: {reason}; the model was left as before this step") from exc
             replacements.append((name, module, new))
             results.append(result)
         layers = dict(self.schedule.layers)
@@ -244,3 +313,101 @@ class Compressor:
         log.info("compression step %d/%d: %d of %d layers compressed", self.curr_iter, self.niters, applied,
                  len(results))
         return results
+
+    def _allocate(self, name: str, pending: dict[str, tuple[tuple[str, nn.Module, nn.Module | None], LayerResult]]
+                  ) -> None:
+        """Runs a whole-model rank selector for the pass ``name`` is in, unless its ranks are allocated already.
+
+        A pass holds every layer using the selector at the same stage: the allocation sees them together, on the
+        model as it is now (with this step's ``pending`` replacements), and fixes their ranks until each is
+        compressed.
+        """
+        layer = self.schedule.layers[name]
+        selector = self.registry.rank_selectors.get(layer.rank_selection)
+        if selector.scope != "model" or name in self._allocated:
+            return
+        settings = self.schedule.settings
+
+        def stage(other: str) -> int:  # a layer compressed earlier in this step is one stage on
+            return self.schedule.layers[other].curr_compr_iter + (other in pending)
+
+        members = [other for other in self.lnames if self.schedule.layers[other].rank_selection == selector.name
+                   and stage(other) == layer.curr_compr_iter]
+        def module(other: str) -> nn.Module:  # the layer as this step leaves it so far
+            if other not in pending:
+                return self.compressed_model.get_submodule(other)
+            (_, before, after), _ = pending[other]
+            return before if after is None else after
+
+        input_stats = self._input_stats(members)  # for data-aware decompositions' spectra and probes
+        choices = [self._layer_choice(other, module(other), input_stats.get(other)) for other in members]
+        if self.evaluate is not None:
+            sensitivity = self._sensitivities(choices, input_stats)
+            choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
+        report = self.report()
+        saved_params = sum(sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in new.parameters())
+                           for (_, module, new), _ in pending.values() if new is not None)
+        saved_macs = sum(r.macs_before - r.macs_after for _, r in pending.values() if r.macs_before is not None)
+        totals = ModelTotals(report.params_before, report.params_after - saved_params, report.macs_before,
+                             None if report.macs_after is None else report.macs_after - saved_macs)
+        pass_index = layer.curr_compr_iter - self.initial_schedule.layers[name].curr_compr_iter
+        params = settings.algo_kwargs.get(selector.name) or selector.Params()
+        try:
+            allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
+                                           settings.rank_multiple)
+        except MuscoError as exc:
+            raise CompressionError(f"rank selection {selector.name!r}: {exc}; the model was left as before "
+                                   f"this step") from exc
+        missing = set(members) - set(allocation.ranks)
+        if missing:
+            raise CompressionError(f"rank selection {selector.name!r} allocated no ranks for {sorted(missing)}; "
+                                   f"the model was left as before this step")
+        if allocation.note:
+            log.warning("%s: %s", selector.name, allocation.note)
+        self.budgets.append(BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters,
+                                         allocation.metric, allocation.target, allocation.planned, allocation.note))
+        self._allocated.update({member: allocation.ranks[member] for member in members})
+
+    def _layer_choice(self, name: str, module: nn.Module, input_stats: InputStats | None) -> LayerChoice:
+        _, source, _ = read_layer(module, self.registry, name)
+        source.input_stats = input_stats
+        _, group_sources = split_groups(source)
+        stats = self.model_stats.layers.get(name)
+        current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
+        return LayerChoice(name, self.registry.decompositions.get(self.schedule.layers[name].decomposition),
+                           source.spec, tuple(group_sources), current, stats.input_shape if stats else None)
+
+    def _sensitivities(self, choices: list[LayerChoice], input_stats: dict[str, InputStats]) -> dict[str, float]:
+        """Loss growth per unit of relative squared weight error of each layer, compressed alone at half its
+        ranks, relative to the mean over the layers (floored at 1% of it; 1.0 where nothing was measured)."""
+        settings = self.schedule.settings
+        paths = module_paths(self.compressed_model)
+        base = float(self.evaluate(self.compressed_model))
+        measured: dict[str, float] = {}
+        for choice in tqdm(choices, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
+                           disable=not (self.progress and sys.stderr.isatty())):
+            module = self.compressed_model.get_submodule(choice.name)
+            probe = tuple(max(choice.decomposer.min_rank, limit // 2)
+                          for limit in choice.decomposer.max_ranks(choice.sources[0]))
+            layer = attrs.evolve(self.schedule.layers[choice.name], force=True)
+            try:
+                new, result = compress_layer(module, choice.name, layer, settings, self.registry, choice.input_shape,
+                                             ranks=probe, input_stats=input_stats.get(choice.name))
+            except MuscoError as exc:
+                raise CompressionError(f"layer {choice.name!r}: sensitivity pass: {exc}; the model was left as "
+                                       f"before this step") from exc
+            if new is None or not result.relative_error:
+                continue
+            try:
+                for path in paths[id(module)]:
+                    replace_module(self.compressed_model, path, new)
+                loss = float(self.evaluate(self.compressed_model))
+            finally:
+                for path in paths[id(module)]:
+                    replace_module(self.compressed_model, path, module)
+            measured[choice.name] = max(loss - base, 0.0) / result.relative_error ** 2
+            log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, probe)
+        mean = sum(measured.values()) / len(measured) if measured else 0.0
+        if mean <= 0:
+            return {choice.name: 1.0 for choice in choices}
+        return {choice.name: max(measured.get(choice.name, mean) / mean, 0.01) for choice in choices}

@@ -12,7 +12,7 @@ from .stats import LayerStats, ModelStats, as_model_stats
 
 log = logging.getLogger(__name__)
 
-CONFIG_TYPES = ("none", "vbmf", "param_reduction", "template")
+CONFIG_TYPES = ("none", "vbmf", "param_reduction", "budget", "template")
 _TEMPLATE_KEYS = ("decomposition", "rank_selection", "manual_rank", "param_reduction_rate",
                   "vbmf_weakenen_factor")
 
@@ -32,7 +32,7 @@ def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params,
         return reason
     source = WeightSource(spec)
     limits = decomposer.max_ranks(source)
-    if rank_selection == "vbmf":
+    if rank_selection == "vbmf" or registry.rank_selectors.get(rank_selection).scope == "model":
         if min(limits) <= decomposer.min_rank:
             return f"dimensions {limits} are not above {decomposition}'s minimum rank {decomposer.min_rank}"
         return None
@@ -49,7 +49,9 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
     """A ``{layer name: layer settings or None}`` dict in the original format.
 
     ``none``: nothing compressed; ``vbmf``: k x k convs get tucker2 + vbmf, Linear and 1x1 convs svd + vbmf
-    (weakening 0.8); ``param_reduction``: the same decompositions with rate 2; ``template``: placeholders.
+    (weakening 0.8); ``param_reduction``: the same decompositions with rate 2; ``budget``: the same decompositions
+    with ranks from the whole-model ``budget`` selector (its target goes in ``algo_kwargs``); ``template``:
+    placeholders.
     Layers the default would not shrink (grouped convs, tiny layers, ranks beyond the dimensions) get None,
     with the reason logged.
     """
@@ -72,8 +74,9 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
                 log.info("generate_model_compr_kwargs: layer %r left uncompressed: %s", name, reason)
                 config[name] = None
             else:
-                config[name] = {"decomposition": decomposition, "rank_selection": config_type,
-                                **ScheduleCodec.unstructure_params(params), "curr_compr_iter": 0}
+                own = ScheduleCodec.unstructure_params(params) if selector.scope == "layer" else {}
+                config[name] = {"decomposition": decomposition, "rank_selection": config_type, **own,
+                                "curr_compr_iter": 0}
     return config
 
 

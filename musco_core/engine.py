@@ -9,6 +9,7 @@ import attrs
 import torch
 from torch import nn
 
+from .calibration import InputStats
 from .components import Factor, FactorLayout, LayerSpec, WeightSource
 from .errors import CompressionError, UnsupportedLayerError
 from .factors import chain_macs, compose_factors, dense_weight, layer_layout
@@ -67,7 +68,9 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     weight = source.weight  # (out, in // groups, *k) when dense; the block-diagonal (out, in, *k) when composed
     blocks = [weight[g * out_size:(g + 1) * out_size] if not source.factors else
               weight[g * out_size:(g + 1) * out_size, g * in_size:(g + 1) * in_size] for g in range(groups)]
-    return group_spec, [WeightSource(group_spec, dense=block) for block in blocks]
+    stats = source.input_stats
+    return group_spec, [WeightSource(group_spec, dense=block, input_stats=None if stats is None else
+                                     stats.group(g, groups)) for g, block in enumerate(blocks)]
 
 
 def widen(layout: FactorLayout, groups: int) -> FactorLayout:
@@ -85,14 +88,20 @@ def _clamp(ranks: Sequence[int], limits: Sequence[int]) -> tuple[tuple[int, ...]
 
 
 def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,
-                   registry: Registry, input_shape: Sequence[int] | None = None
+                   registry: Registry, input_shape: Sequence[int] | None = None, *,
+                   ranks: tuple[int, ...] | None = None, keep_note: str | None = None,
+                   input_stats: InputStats | None = None
                    ) -> tuple[FactorizedLayer | None, LayerResult]:
     """Factorizes ``module`` per ``schedule``; returns the new layer (None when it is kept) and the result.
 
-    The model is not touched: the caller swaps the new layer in, so a failing step changes nothing.
+    ``ranks`` chosen by a whole-model rank selector replace the schedule's per-layer selection; ``keep_note``
+    keeps the layer as it is, with that note. ``input_stats`` (the layer's calibration statistics) reach the
+    decomposer as ``source.input_stats``, split per group. The model is not touched: the caller swaps the new
+    layer in, so a failing step changes nothing.
     """
     started = time.perf_counter()
     adapter, source, bias = read_layer(module, registry, name)
+    source.input_stats = input_stats
     spec: LayerSpec = source.spec
     current = [f.weight for f in source.factors] if source.factors else [source.weight]
     if not all(torch.isfinite(w).all() for w in current):
@@ -101,21 +110,26 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     decomposer = registry.decompositions.get(schedule.decomposition)
     group_spec, group_sources = split_groups(source)
     decomposer.check(group_spec)
-    selector = registry.rank_selectors.get(schedule.rank_selection)
     stage = schedule.curr_compr_iter
-    ranks = tuple(max(per_group) for per_group in zip(
-        *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
+    current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
+    params_before = sum(layout.n_params for layout in current_layouts)
+    macs_before = None if input_shape is None else chain_macs(spec, current_layouts, input_shape)
+    if keep_note is not None:
+        log.info("layer %r: %s", name, keep_note)
+        return None, LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, None, False,
+                                 params_before, params_before, macs_before, macs_before, note=keep_note,
+                                 seconds=time.perf_counter() - started)
+    if ranks is None:
+        selector = registry.rank_selectors.get(schedule.rank_selection)
+        ranks = tuple(max(per_group) for per_group in zip(
+            *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
     ranks = tuple(max(settings.rank_multiple, round(r / settings.rank_multiple) * settings.rank_multiple)
                   for r in ranks)
     ranks, note = _clamp(ranks, decomposer.max_ranks(group_sources[0]))
 
-    current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
     layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
-    params_before = sum(layout.n_params for layout in current_layouts)
     params_after = sum(layout.n_params for layout in layouts)
-    macs_before = macs_after = None
-    if input_shape is not None:
-        macs_before, macs_after = chain_macs(spec, current_layouts, input_shape), chain_macs(spec, layouts, input_shape)
+    macs_after = None if input_shape is None else chain_macs(spec, layouts, input_shape)
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
 

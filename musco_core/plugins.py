@@ -26,9 +26,11 @@ BUNDLED_DISTRIBUTION = "musco-core"
 BUNDLED_PLUGINS = (
     "musco_plugins.adapters",
     "musco_plugins.svd",
+    "musco_plugins.whitened_svd",
     "musco_plugins.tucker2",
     "musco_plugins.cp",
     "musco_plugins.rank_selectors",
+    "musco_plugins.budget",
     "musco_plugins.schedulers",
 )
 

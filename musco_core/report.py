@@ -17,6 +17,25 @@ def _ratio(before: int | None, after: int | None) -> float | None:
 
 
 @attrs.frozen
+class BudgetRecord:
+    """What a whole-model rank selector planned for one pass: the whole model's reduction by ``metric`` it aimed
+    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``)."""
+
+    selector: str
+    pass_index: int
+    n_passes: int
+    metric: str
+    target: float
+    planned: float
+    note: str | None = None
+
+    def describe(self) -> str:
+        line = (f"{self.selector} pass {self.pass_index + 1}/{self.n_passes}: target {self.target:.3f}x "
+                f"{self.metric}, planned {self.planned:.3f}x")
+        return line + (f" ({self.note})" if self.note else "")
+
+
+@attrs.frozen
 class CompressionReport:
     """Every layer compression so far (one row per layer and stage) and the model's totals.
 
@@ -29,6 +48,8 @@ class CompressionReport:
     params_after: int
     macs_before: int | None = None
     macs_after: int | None = None
+    #: Plans of whole-model rank selectors, one per selector and pass; the totals say what was achieved.
+    budgets: list[BudgetRecord] = attrs.field(factory=list)
 
     @property
     def params_ratio(self) -> float | None:
@@ -44,7 +65,8 @@ class CompressionReport:
                            for r in self.layers],
                 "totals": {"params_before": self.params_before, "params_after": self.params_after,
                            "params_ratio": self.params_ratio, "macs_before": self.macs_before,
-                           "macs_after": self.macs_after, "macs_ratio": self.macs_ratio}}
+                           "macs_after": self.macs_after, "macs_ratio": self.macs_ratio},
+                "budgets": [attrs.asdict(record) for record in self.budgets]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -58,7 +80,7 @@ class CompressionReport:
                 for row in data["layers"]]
         totals = data["totals"]
         return cls(rows, totals["params_before"], totals["params_after"], totals["macs_before"],
-                   totals["macs_after"])
+                   totals["macs_after"], [BudgetRecord(**record) for record in data.get("budgets", [])])
 
     def to_table(self) -> str:
         """A fixed-width text table, one row per layer and stage, then the totals."""
@@ -77,6 +99,7 @@ class CompressionReport:
         if self.macs_before is not None:
             lines.append(f"MACs of compressible layers: {self.macs_before:,} -> {self.macs_after:,}"
                          + _times(self.macs_ratio))
+        lines.extend(record.describe() for record in self.budgets)
         return "\n".join(lines)
 
 

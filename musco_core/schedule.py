@@ -32,6 +32,7 @@ import cattrs
 import yaml
 from cattrs.v import format_exception as cattrs_format_exception
 
+from .components import NoParams
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -248,18 +249,21 @@ class ScheduleCodec:
         if not isinstance(algo, Mapping):
             problems.append(f"$.settings.algo_kwargs: expected a mapping of decomposition names, got {algo!r}")
             return None
+        # Settings of decompositions, and of whole-model rank selectors (their parameters are run-wide).
+        configurable = {name: entry.component for name, entry in self.registry.decompositions.entries.items()}
+        configurable.update({name: entry.component for name, entry in self.registry.rank_selectors.entries.items()
+                             if entry.component.scope == "model"})
         algo_params = {}
         for name, kwargs in algo.items():
             path = key_path("$.settings.algo_kwargs", str(name))
-            if name not in self.registry.decompositions.entries:
-                problems.append(f"{path}: unknown decomposition {name!r}; "
-                                f"known: {', '.join(self.registry.decompositions.names())}")
+            if name not in configurable:
+                problems.append(f"{path}: unknown decomposition or whole-model rank selector {name!r}; "
+                                f"known: {', '.join(sorted(configurable))}")
                 continue
             if kwargs is not None and not isinstance(kwargs, Mapping):
                 problems.append(f"{path}: expected a mapping of {name} settings, got {kwargs!r}")
                 continue
-            params_class = self.registry.decompositions.entries[name].component.Params
-            algo_params[name] = self._structure(kwargs or {}, params_class, path, problems)
+            algo_params[name] = self._structure(kwargs or {}, configurable[name].Params, path, problems)
         return attrs.evolve(settings, algo_kwargs=algo_params) if settings is not None else None
 
     def _structure_layer(self, raw: Any, path: str, problems: list[str]) -> LayerSchedule | None:
@@ -286,17 +290,21 @@ class ScheduleCodec:
         if len(names) < 2:
             return None
         selector_class = self.registry.rank_selectors.entries[names["rank_selection"]].component
-        own = {field.name: field for field in attrs.fields(selector_class.Params)}
+        layer_params_class = selector_class.Params if selector_class.scope == "layer" else NoParams
+        own = {field.name: field for field in attrs.fields(layer_params_class)}
         # Rank-selector keys set to null are placeholders from the original template config: "not set".
         selector_keys = {field.name for provided in self.registry.rank_selectors.entries.values()
-                         for field in attrs.fields(provided.component.Params)}
+                         if provided.component.scope == "layer" for field in attrs.fields(provided.component.Params)}
         fields = {key: value for key, value in fields.items() if not (value is None and key in selector_keys)}
         unknown = sorted(set(fields) - set(own))
         if unknown:
+            where = (f"; whole-model selector {names['rank_selection']!r} takes its settings from "
+                     f"$.settings.algo_kwargs.{names['rank_selection']}" if selector_class.scope == "model" else "")
             problems.append(f"{path}: unknown keys {unknown} for rank_selection {names['rank_selection']!r}; "
-                            f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}")
+                            f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}"
+                            + where)
             return None
-        params = self._structure(fields, selector_class.Params, path, problems)
+        params = self._structure(fields, layer_params_class, path, problems)
         decomposer = self.registry.decompositions.get(names["decomposition"])
         reason = selector_class().unsupported_reason(decomposer)
         if reason:

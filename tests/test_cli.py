@@ -160,3 +160,22 @@ def test_a_malicious_pickle_given_as_weights_is_refused_unexecuted(factories):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "refused, not a plain tensor state dict" in result.output
     assert not marker.exists()
+
+
+def test_a_generated_budget_schedule_meets_its_target_from_the_command_line(factories):
+    result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "budget", "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    document = yaml.safe_load(result.output)
+    assert document["settings"]["algo_kwargs"] == {"budget": {"reduction": 2.0, "metric": "flops"}}
+    assert {layer["rank_selection"] for layer in document["layers"].values() if layer} == {"budget"}
+    document["settings"]["algo_kwargs"]["budget"]["reduction"] = 1.8
+    document["settings"]["ft_every"] = 4
+    schedule = factories / "budget.yaml"
+    schedule.write_text(yaml.safe_dump(document))
+    out = factories / "out"
+    result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
+                 "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "budget pass 1/1: target 1.800x flops, planned" in result.output
+    report = yaml.safe_load((out / "report.json").read_text())
+    assert 1.8 <= report["totals"]["macs_ratio"] <= 1.8 * 1.02

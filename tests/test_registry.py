@@ -17,9 +17,9 @@ from musco_core.plugins import (BUNDLED_PLUGINS, DISABLE_ENV, ENTRY_POINT_GROUP,
 from musco_core.registry import Registry, default_registry
 
 BUNDLED = {
-    "decompositions": ["cp3", "cp4", "svd", "tucker2"],
-    "rank_selectors": ["manual", "param_reduction", "vbmf"],
-    "adapters": ["conv", "linear"],
+    "decompositions": ["cp3", "cp4", "svd", "tucker2", "whitened_svd"],
+    "rank_selectors": ["budget", "manual", "param_reduction", "vbmf"],
+    "adapters": ["conv", "hf_conv1d", "linear"],
     "schedulers": ["musco"],
 }
 BASES = {"decompositions": Decomposer, "rank_selectors": RankSelector, "adapters": LayerAdapter,
@@ -75,7 +75,7 @@ def test_bundled_components_are_registered(registry, role):
 
 
 def test_bundled_names_and_sources(registry):
-    assert registry.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+    assert registry.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
     assert registry.decompositions.entries["svd"].source.name == "musco_plugins.svd"
     assert registry.decompositions.entries["tucker2"].source.name == "musco_plugins.tucker2"
     assert registry.decompositions.entries["cp3"].source.name == "musco_plugins.cp"
@@ -197,7 +197,7 @@ def test_temporary_object_plugin_with_several_hooks():
 
 def test_hook_returning_none_contributes_nothing():
     reg = registry_with(("empty", make_plugin(musco_register_decompositions=lambda: None)))
-    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
     assert not reg.manager.failures
 
 
@@ -248,7 +248,7 @@ def test_duplicate_avoided_when_the_bundled_plugin_is_disabled():
 def test_bundled_plugin_disabled_through_the_environment(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, " musco_plugins.cp , musco_plugins.schedulers,")
     reg = Registry.from_plugin_manager(make_plugin_manager(entry_points=False))
-    assert reg.decompositions.names() == ["svd", "tucker2"]
+    assert reg.decompositions.names() == ["svd", "tucker2", "whitened_svd"]
     assert reg.schedulers.names() == []
     assert "musco_plugins.cp" not in reg.manager.sources
 
@@ -312,7 +312,7 @@ def test_raising_hook_is_skipped_when_not_strict():
     assert all(p.source.name != "raiser" for p in reg.provided())
     # the other plugins still work
     assert reg.decompositions.entries["fake"].source.name == "good"
-    assert reg.decompositions.names() == ["cp3", "cp4", "fake", "svd", "tucker2"]
+    assert reg.decompositions.names() == ["cp3", "cp4", "fake", "svd", "tucker2", "whitened_svd"]
     assert reg.schedulers.names() == ["musco"]
     assert reg.adapter_for(nn.Conv2d(3, 4, 3)).name == "conv"
 
@@ -347,7 +347,7 @@ def test_hook_returning_a_non_component_is_a_plugin_error(returned, strict):
     else:  # a broken plugin is reported and skipped; the bundled components still load
         reg = registry_with(("bad_return", plugin), strict=strict)
         assert [f.name for f in reg.manager.failures] == ["bad_return"]
-        assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+        assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
         message = reg.manager.failures[0].error
     assert "'bad_return'" in message
     assert "musco_register_decompositions" in message
@@ -360,7 +360,7 @@ def test_hook_returning_a_bare_int_is_reported():
         registry_with(("bare_int", plugin), strict=True)
     reg = registry_with(("bare_int", plugin))
     assert [f.name for f in reg.manager.failures] == ["bare_int"]
-    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
 
 
 def test_component_without_a_name_is_a_plugin_error():
@@ -395,7 +395,7 @@ def test_wrong_signature_is_reported_and_skipped_when_not_strict():
     assert "unexpected_arg" in failure.error
     reg = Registry.from_plugin_manager(manager)
     assert "fake" not in reg.decompositions.names()
-    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
 
 
 def test_wrong_signature_in_one_hook_drops_the_whole_plugin():
@@ -605,7 +605,7 @@ def test_factory_plugins_do_not_leak_between_managers():
     assert "raiser" in with_extra.sources and with_extra.failures
     assert "raiser" not in plain.sources
     assert plain.failures == []
-    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2"]
+    assert reg.decompositions.names() == ["cp3", "cp4", "svd", "tucker2", "whitened_svd"]
 
 
 def test_registries_from_the_same_manager_are_independent():

@@ -44,7 +44,8 @@ TYPE_WORDS: dict[str, tuple[str, str]] = {
     "NonNegativeFloat": ("number >= 0", "numbers >= 0"),
     "UnitFraction": ("number in [0, 1]", "numbers in [0, 1]"),
     "ReductionRate": ("number > 1", "numbers > 1"),
-    "Rank": ("rank (a positive int, or a list of positive ints)", "ranks (each a positive int, or a list of positive ints)"),
+    "Rank": ("rank (a positive int, or a list of positive ints)",
+             "ranks (each a positive int, or a list of positive ints)"),
 }
 BUILTIN_WORDS: dict[Any, tuple[str, str]] = {
     int: ("int", "ints"),
@@ -102,6 +103,8 @@ def describe_type(tp: Any, plural: bool = False) -> str:
     if attrs.has(tp):
         return f"{tp.__name__} mapping" + ("s" if plural else "")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
     if origin in (typing.Union, types.UnionType):
         others = [a for a in args if a is not type(None)]
         words = " or ".join(describe_type(a, plural) for a in others)
@@ -326,6 +329,9 @@ class ComponentParams(_Base):
             params = provided.component.Params
             self.env.note_dependency(inspect.getsourcefile(provided.component) or "")
             component_cell = literal(name) + [nodes.Text(f" ({provided.source.distribution})")]
+            if getattr(provided.component, "scope", "layer") == "model":  # run-wide: under settings.algo_kwargs
+                component_cell += [nodes.Text(", whole-model: keys of "),
+                                   *literal(f"settings.algo_kwargs.{name}")]
             fields = attrs.fields(params)
             if not fields:
                 rows.append([component_cell, "", "", "", "no parameters"])

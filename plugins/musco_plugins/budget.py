@@ -1,0 +1,218 @@
+"""Whole-model budgets: one target ("half the FLOPs") for the model, ranks allocated across layers to meet it.
+
+The ``budget`` rank selector prices every rank of every layer along the decomposition's rank family (weights
+and MACs, the compression report's own counts) and estimates the damage from the singular spectra of the
+decomposition's unfoldings: the share of squared singular values a rank drops, the exact relative squared error
+of a truncated SVD and an upper bound for Tucker2's HOSVD. It then minimizes the summed damage (weighted by the
+layers' measured sensitivities when a sensitivity pass ran) subject to the budget, by a Lagrangian search over
+the error-per-cost trade-off followed by a greedy fill of what is left of the budget.
+
+A multi-stage run splits the target geometrically: after pass ``p`` of ``N`` the model is ``reduction ** (p / N)``
+times smaller, so each pass removes the same share.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import attrs
+import numpy as np
+import torch
+
+from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
+from musco_core.errors import ConfigError
+from musco_core.schedule import ReductionRate
+
+from . import factorize
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class BudgetParams:
+    """Shrink the whole model's ``metric`` (``flops``: MACs of the compressible layers on the example input, as
+    the report counts them; ``params``: every parameter) by the factor ``reduction``, split over the passes."""
+
+    #: The factor by which the whole model's ``metric`` shrinks over the run (after all passes).
+    reduction: ReductionRate = 2.0
+    #: ``flops``: MACs of the compressible layers on the example input; ``params``: every parameter of the model.
+    metric: Literal["flops", "params"] = "flops"
+
+
+@attrs.frozen
+class LayerOptions:
+    """A layer's affordable ranks along its rank family, cheapest first; the last is the layer as it is."""
+
+    ranks: list[tuple[int, ...] | None]  # None: the layer as it is
+    cost: np.ndarray  # by the budget's metric
+    damage: np.ndarray  # estimated relative squared error, times the layer's sensitivity
+    spectra: list[list[np.ndarray]] = attrs.field(factory=list)  # per group, per rank: ``_tails``
+    sensitivity: float = 1.0
+
+    def damage_of(self, ranks: tuple[int, ...]) -> float:
+        return self.sensitivity * float(np.mean([sum(tails[min(rank, tails.size - 1)] for rank, tails in
+                                                     zip(ranks, group)) for group in self.spectra]))
+
+
+_METRIC_INDEX = {"params": 0, "flops": 1}  # in LayerChoice.cost's (weights, MACs)
+
+
+def _tails(matrix: torch.Tensor) -> np.ndarray:
+    """``tails[k]``: the share of the squared singular values beyond the first ``k`` (what rank ``k`` drops)."""
+    energy = factorize.singular_values(matrix).to(torch.float64).square().cpu().numpy()
+    total = energy.sum()
+    if total <= 0:
+        return np.zeros(energy.size + 1)
+    return np.clip(1.0 - np.concatenate([[0.0], np.cumsum(energy)]) / total, 0.0, None)
+
+
+def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1) -> LayerOptions:
+    """Every distinct rank of the layer along its rank family that would shrink it, and the layer as it is."""
+    decomposer = choice.decomposer
+    spectra = [[_tails(m) for m in decomposer.rank_matrices(source)] for source in choice.sources]
+    limits = decomposer.max_ranks(choice.sources[0])
+    index = _METRIC_INDEX[metric]
+    now = choice.cost()
+    ranks_list, costs, seen = [], [], set()
+    for r in range(decomposer.min_rank, max(limits) + 1):
+        ranks = tuple(min(limit, max(rank_multiple, math.ceil(rank / rank_multiple) * rank_multiple))
+                      for rank, limit in zip(decomposer.rank_family(choice.sources[0].spec, r), limits))
+        if ranks in seen:
+            continue
+        seen.add(ranks)
+        cost = choice.cost(ranks)
+        if cost[0] >= now[0] or (cost[1] is not None and now[1] is not None and cost[1] >= now[1]):
+            break  # from here on the layer would not shrink: the engine would keep it as it is
+        ranks_list.append(ranks)
+        costs.append(cost[index])
+    ranks_list.append(None)
+    costs.append(now[index])
+    order = np.argsort(costs, kind="stable")
+    options = LayerOptions([ranks_list[i] for i in order], np.asarray(costs, dtype=np.float64)[order],
+                           np.zeros(len(order)), spectra, choice.sensitivity)
+    options.damage[:] = [0.0 if ranks is None else options.damage_of(ranks) for ranks in options.ranks]
+    return options
+
+
+def _pick(layers: Sequence[LayerOptions], price: float) -> list[int]:
+    return [int(np.argmin(layer.damage + price * layer.cost)) for layer in layers]
+
+
+def _spent(layers: Sequence[LayerOptions], picks: Sequence[int]) -> float:
+    return float(sum(layer.cost[i] for layer, i in zip(layers, picks)))
+
+
+def allocate_ranks(layers: Sequence[LayerOptions], allowed: float) -> list[int]:
+    """Option indices minimizing the summed damage with the summed cost at most ``allowed`` (else the cheapest).
+
+    A bisection on the price of a unit of cost finds the cheapest-damage Lagrangian solution that fits; a greedy
+    pass then spends what is left on the upgrades that save the most damage per unit of cost.
+    """
+    cheapest = [0] * len(layers)
+    if _spent(layers, cheapest) > allowed:
+        return cheapest
+    scale = max(float(layer.cost[-1]) for layer in layers) or 1.0
+    low, high = 0.0, 1.0 / scale
+    while _spent(layers, _pick(layers, high)) > allowed:  # ends: a high enough price picks the cheapest options
+        low, high = high, high * 4.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if _spent(layers, _pick(layers, middle)) > allowed else (low, middle)
+    picks = _pick(layers, high)
+    left = allowed - _spent(layers, picks)
+    while True:
+        best = None
+        for index, (layer, pick) in enumerate(zip(layers, picks)):
+            end = int(np.searchsorted(layer.cost, layer.cost[pick] + left, side="right"))
+            extra = layer.cost[pick + 1:end] - layer.cost[pick]
+            saved = layer.damage[pick] - layer.damage[pick + 1:end]
+            useful = (extra > 0) & (saved > 0)
+            if not useful.any():
+                continue
+            gain = np.where(useful, saved / np.where(extra > 0, extra, 1.0), -1.0)
+            candidate = int(np.argmax(gain))
+            if best is None or gain[candidate] > best[0]:
+                best = (gain[candidate], index, pick + 1 + candidate)
+        if best is None:
+            return picks
+        _, index, option = best
+        left -= layers[index].cost[option] - layers[index].cost[picks[index]]
+        picks[index] = option
+
+
+def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOptions], ranks: list,
+                      left: float, metric: str, rank_multiple: int) -> list:
+    """Spends what the rank family's steps leave of the budget by raising single ranks of multi-rank layers
+    (e.g. Tucker2's ``r_out`` alone), best damage saved per unit of cost first, while the layer still shrinks."""
+    index = _METRIC_INDEX[metric]
+    ranks = list(ranks)
+    while True:
+        best = None
+        for position, (choice, layer, current) in enumerate(zip(choices, layers, ranks)):
+            if current is None or len(current) < 2:
+                continue
+            limits = choice.decomposer.max_ranks(choice.sources[0])
+            cost_now, cost_current = choice.cost(), choice.cost(current)
+            for axis in range(len(current)):
+                raised = tuple(min(limits[i], r + rank_multiple) if i == axis else r for i, r in enumerate(current))
+                cost = choice.cost(raised)
+                extra = cost[index] - cost_current[index]
+                saved = layer.damage_of(current) - layer.damage_of(raised)
+                shrinks = cost[0] < cost_now[0] and (cost[1] is None or cost[1] < cost_now[1])
+                if raised != current and shrinks and 0 < extra <= left and saved > 0 and (
+                        best is None or saved / extra > best[0]):
+                    best = (saved / extra, position, raised, extra)
+        if best is None:
+            return ranks
+        _, position, ranks[position], extra = best
+        left -= extra
+
+
+class Budget(RankSelector):
+    """Ranks of all its layers together, so the whole model meets one target; see the module docstring."""
+
+    name = "budget"
+    Params = BudgetParams
+    scope = "model"
+
+    def unsupported_reason(self, decomposer: Decomposer) -> str | None:
+        if type(decomposer).rank_matrices is Decomposer.rank_matrices:
+            return "it has no matrix unfoldings to estimate the error of a rank from; use tucker2, svd or manual"
+        return None
+
+    def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
+                 params: BudgetParams, rank_multiple: int = 1) -> Allocation:
+        original, now = ((totals.macs_original, totals.macs_now) if params.metric == "flops"
+                         else (totals.params_original, totals.params_now))
+        if original is None or now is None:
+            raise ConfigError("a budget on flops needs the layers' input shapes: give the compressor an "
+                              "example_input (or use metric: params)")
+        target = params.reduction ** ((pass_index + 1) / n_passes)
+        options = [layer_options(choice, params.metric, rank_multiple) for choice in layers]
+        fixed = now - sum(float(layer.cost[-1]) for layer in options)  # what the layers outside the budget hold
+        allowed = original / target - fixed
+        picks = allocate_ranks(options, allowed)
+        spent = sum(float(layer.cost[i]) for layer, i in zip(options, picks))
+        ranks = refine_off_family(layers, options, [layer.ranks[i] for layer, i in zip(options, picks)],
+                                  allowed - spent, params.metric, rank_multiple)
+        index = _METRIC_INDEX[params.metric]
+        planned = original / (fixed + sum(choice.cost(r)[index] for choice, r in zip(layers, ranks)))
+        note = None
+        if planned < target / 1.02:
+            note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks leave "
+                    f"{planned:.3f}x (the layers outside the budget hold {fixed / original:.1%} of the "
+                    f"{params.metric})")
+        elif planned > target * 1.02:
+            note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
+                    f"(too few or too coarse layers to land closer)")
+        log.info("budget pass %d/%d: target %.3fx %s, planned %.3fx over %d layers", pass_index + 1, n_passes,
+                 target, params.metric, planned, len(layers))
+        return Allocation({choice.name: r for choice, r in zip(layers, ranks)}, params.metric, target, planned,
+                          note)
+
+
+@hookimpl
+def musco_register_rank_selectors() -> list[type]:
+    return [Budget]

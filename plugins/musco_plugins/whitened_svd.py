@@ -1,0 +1,83 @@
+"""Activation-aware (whitened) SVD, fitted to a layer's outputs on calibration data (SVD-LLM / ASVD).
+
+With ``C = E[x x^T]`` the second moment of the layer's input features ``x`` and ``S`` a square root of it, the
+SVD of ``W S`` truncated at rank ``r`` gives ``W' = U_r Sigma_r V_r^T S^-1``, the rank-``r`` weight with the
+least output error ``E ||(W - W') x||^2`` on those inputs (plain SVD minimises ``||W - W'||``, which treats every
+input direction alike).
+
+The chain is ``in -> r`` then ``r -> out`` (1x1, with the bias). For a Linear layer or a 1x1 convolution the
+first factor is pointwise; for a k x k convolution it is a k x k convolution carrying the stride, padding and
+dilation (a data-aware "channel SVD"). Re-compression rebuilds the dense weight and truncates again with the
+statistics of the layer's inputs at that stage.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from musco_core import hookimpl
+from musco_core.components import Decomposer, FactorLayout, LayerSpec, WeightSource
+from musco_core.errors import ConfigError
+from musco_core.schedule import NonNegativeFloat
+
+from . import factorize
+
+
+@attrs.frozen
+class WhitenedSVDParams:
+    """Ridge added to the input second moment, relative to its mean diagonal, before its Cholesky factor."""
+
+    damping: NonNegativeFloat = 1e-6
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+class WhitenedSVD(Decomposer):
+    name = "whitened_svd"
+    Params = WhitenedSVDParams
+    min_rank = 2
+    needs_input_stats = True
+
+    def unsupported_reason(self, spec: LayerSpec) -> str | None:
+        if spec.spatial_dims > 2:
+            return "whitened_svd needs a Linear layer or a 1-D or 2-D convolution (its calibration unfolds inputs)"
+        return None
+
+    def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
+        (rank,) = ranks
+        return [FactorLayout(rank, spec.in_channels, spec.kernel_size, axes=tuple(range(spec.spatial_dims))),
+                FactorLayout.pointwise(spec, spec.out_channels, rank, bias=spec.has_bias)]
+
+    def max_ranks(self, source: WeightSource) -> tuple[int, ...]:
+        previous = source.previous_weights(self.name)
+        if previous:
+            return (previous[0].shape[0],)
+        return (min(source.spec.out_channels, source.spec.in_channels * source.spec.kernel_numel),)
+
+    def _second_moment(self, source: WeightSource) -> torch.Tensor:
+        if source.input_stats is None:
+            raise ConfigError(f"{self.name} fits the layer to its inputs and needs their statistics: pass "
+                              f"calibration_data (an iterable of input batches) to the Compressor, or input_stats "
+                              f"to compress_layer")
+        return source.input_stats.second_moment
+
+    def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
+        matrix = _matrix(source.weight)
+        root = factorize.whitening_factor(self._second_moment(source))
+        return [matrix.to(torch.float64) @ root.to(matrix.device)]
+
+    def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
+        (rank,) = ranks
+        weight = source.weight
+        left, right = factorize.whitened_truncated_svd(_matrix(weight), self._second_moment(source), rank,
+                                                       damping=params.damping)
+        spec = source.spec
+        return [right.reshape(right.shape[0], spec.in_channels, *spec.kernel_size),
+                left.reshape(*left.shape, *(1,) * spec.spatial_dims)]
+
+
+@hookimpl
+def musco_register_decompositions() -> list[type]:
+    return [WhitenedSVD]

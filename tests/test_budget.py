@@ -1,0 +1,230 @@
+"""Whole-model budgets: one target for the model, ranks allocated across layers, met within 2%."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from musco_core import Compressor, ConfigError, load_schedule
+from musco_core.errors import CompressionError
+from musco_core.io import save_compressed
+from musco_plugins.budget import LayerOptions, allocate_ranks
+
+from models import make_trained_like, resnet18
+
+INPUT = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return make_trained_like(resnet18(num_classes=10, width=16)).eval()
+
+
+def budget_schedule(model, selection="budget"):
+    """tucker2 for every k x k conv but the stem, svd for every 1x1 conv."""
+    return {name: {"decomposition": "svd" if module.kernel_size == (1, 1) else "tucker2", "rank_selection": selection}
+            for name, module in model.named_modules() if isinstance(module, nn.Conv2d) and name != "conv1"}
+
+
+def run(model, registry, schedule, **kwargs):
+    compressor = Compressor(model, example_input=INPUT, model_compr_kwargs=schedule, ft_every=len(schedule),
+                            registry=registry, progress=False, **kwargs)
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
+def squared_errors(compressor) -> float:
+    return sum(r.relative_error ** 2 for r in compressor.history if r.applied)
+
+
+@pytest.mark.parametrize(("metric", "reduction"), [("flops", 2.0), ("flops", 2.5), ("params", 3.0)])
+def test_the_whole_model_meets_its_target_within_two_percent(model, registry, metric, reduction):
+    compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": reduction,
+                                                                                            "metric": metric}})
+    report = compressor.report()
+    achieved = report.macs_ratio if metric == "flops" else report.params_ratio
+    assert reduction <= achieved <= reduction * 1.02
+    (record,) = report.budgets
+    assert (record.metric, record.target, record.note) == (metric, reduction, None)
+    assert record.planned == pytest.approx(achieved)
+    assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in report.to_table()
+
+
+def test_ranks_go_where_they_cost_least_damage(model, registry):
+    """At the FLOPs reduction uniform per-layer rates reach, the budget loses less of the weights."""
+    uniform = run(model, registry, budget_schedule(model, "param_reduction"))
+    budget = run(model, registry, budget_schedule(model),
+                 all_algo_kwargs={"budget": {"reduction": uniform.report().macs_ratio}})
+    assert budget.report().macs_ratio >= uniform.report().macs_ratio
+    assert squared_errors(budget) < 0.8 * squared_errors(uniform)
+    assert len({r.ranks for r in budget.history if r.applied}) > 3  # not one rank for all
+
+
+@pytest.mark.parametrize("ft_every", [4, 19])  # 4: steps straddle the passes; 19: one step per pass
+def test_a_budget_is_split_geometrically_over_the_passes(model, registry, ft_every):
+    schedule = budget_schedule(model)
+    assert len(schedule) == 19
+    compressor = Compressor(model, example_input=INPUT, model_compr_kwargs=schedule, ft_every=ft_every,
+                            nglobal_compress_iters=2, all_algo_kwargs={"budget": {"reduction": 2.25}},
+                            registry=registry, progress=False)
+    after_step = []
+    while not compressor.done:
+        compressor.compression_step()
+        after_step.append(compressor.report().macs_ratio)
+    first, second = compressor.budgets
+    assert (first.pass_index, second.pass_index, first.n_passes) == (0, 1, 2)
+    assert first.target == pytest.approx(1.5) and second.target == pytest.approx(2.25)
+    assert 1.5 <= first.planned <= 1.5 * 1.02 and 2.25 <= second.planned <= 2.25 * 1.02
+    if ft_every == 19:
+        assert first.planned == pytest.approx(after_step[0])
+    assert 2.25 <= after_step[-1] <= 2.25 * 1.02
+    assert all(count == 2 for count in np.unique([r.name for r in compressor.history], return_counts=True)[1])
+
+
+def test_an_unreachable_target_compresses_all_it_can_and_says_why(model, registry):
+    compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": 50.0}})
+    (record,) = compressor.report().budgets
+    assert "cannot be met" in record.note and "outside the budget hold" in record.note
+    assert record.planned == pytest.approx(compressor.report().macs_ratio)
+    assert 2.0 < compressor.report().macs_ratio < 50.0
+
+
+def test_ranks_are_rounded_to_the_requested_multiple(model, registry):
+    compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": 2.0}})
+    rounded = Compressor(model, example_input=INPUT, model_compr_kwargs={
+        "version": 1, "settings": {"ft_every": 20, "rank_multiple": 8, "algo_kwargs": {"budget": {"reduction": 2.0}}},
+        "layers": budget_schedule(model)}, registry=registry, progress=False)
+    while not rounded.done:
+        rounded.compression_step()
+    limits = {name: (module.out_channels, module.in_channels) for name, module in model.named_modules()
+              if isinstance(module, nn.Conv2d)}
+    for result in rounded.history:
+        if result.applied:
+            assert all(r % 8 == 0 or r in limits[result.name] for r in result.ranks), result
+    assert rounded.report().macs_ratio >= 2.0
+    assert {r.ranks for r in rounded.history} != {r.ranks for r in compressor.history}
+
+
+def test_a_sensitivity_pass_protects_the_layer_the_loss_depends_on(registry):
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+            with torch.no_grad():  # the same spectrum in both
+                self.b.weight.copy_(self.a.weight.flip(0))
+
+        def forward(self, x):
+            return torch.cat([self.a(x), 0.01 * self.b(x)], dim=-1)
+
+    torch.manual_seed(0)
+    model = make_trained_like(TwoBranches(), decay=0.95)
+    x = torch.randn(256, 64)
+    reference = model(x).detach()
+    calls = []
+
+    def evaluate(candidate):
+        calls.append(1)
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(candidate(x), reference))
+
+    schedule = {"a": {"decomposition": "svd", "rank_selection": "budget"},
+                "b": {"decomposition": "svd", "rank_selection": "budget"}}
+    settings = {"budget": {"reduction": 2.0, "metric": "params"}}
+    plain = Compressor(model, model_compr_kwargs=schedule, ft_every=2, all_algo_kwargs=settings,
+                       registry=registry, progress=False)
+    plain.compression_step()
+    assert plain.ranks["a"] == plain.ranks["b"]
+    aware = Compressor(model, model_compr_kwargs=schedule, ft_every=2, all_algo_kwargs=settings, evaluate=evaluate,
+                       registry=registry, progress=False)
+    aware.compression_step()
+    assert len(calls) == 3  # the unchanged model, then each layer compressed alone
+    assert aware.ranks["a"][0] > plain.ranks["a"][0] > aware.ranks["b"][0]
+    assert evaluate(aware.compressed_model) < evaluate(plain.compressed_model)
+    assert 2.0 <= aware.report().params_ratio <= 2.0 * 1.02
+    assert all(isinstance(m, nn.Linear) for m in (model.a, model.b))  # the input model is untouched
+
+
+def test_the_greedy_fill_spends_what_the_lagrangian_leaves():
+    layers = [LayerOptions([(1,), (2,), (3,), None], np.array([1.0, 2.0, 3.0, 10.0]), np.array([0.5, 0.2, 0.1, 0.0])),
+              LayerOptions([(1,), (2,), None], np.array([1.0, 5.0, 10.0]), np.array([0.9, 0.1, 0.0]))]
+    picks = allocate_ranks(layers, 7.0)
+    assert sum(layer.cost[i] for layer, i in zip(layers, picks)) <= 7.0
+    assert picks == [1, 1]  # 2 + 5: the largest damage saved that fits (0.3 in all, vs 1.0 at costs 3 + 1)
+    assert allocate_ranks(layers, 1.0) == [0, 0]  # nothing fits: the cheapest
+
+
+def test_budget_settings_live_in_algo_kwargs_and_are_checked(tmp_path, registry):
+    path = tmp_path / "schedule.yaml"
+    path.write_text("version: 1\nsettings:\n  algo_kwargs:\n    budget: {reduction: 2, metric: latency}\n"
+                    "layers:\n  fc: {decomposition: svd, rank_selection: budget, reduction: 2}\n"
+                    "  conv: {decomposition: cp3, rank_selection: budget}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_schedule(path, registry)
+    message = str(caught.value)
+    assert 'schedule.yaml: $.settings.algo_kwargs["budget"].metric' in message
+    assert ('$.layers["fc"]: unknown keys [\'reduction\'] for rank_selection \'budget\'' in message
+            and "takes its settings from $.settings.algo_kwargs.budget" in message)
+    assert "rank_selection 'budget' cannot be used with decomposition 'cp3'" in message
+    path.write_text("version: 1\nsettings:\n  algo_kwargs:\n    budget: {reduction: 3, metric: params}\n"
+                    "layers:\n  fc: {decomposition: svd, rank_selection: budget}\n")
+    schedule = load_schedule(path, registry)
+    assert (schedule.settings.algo_kwargs["budget"].reduction, schedule.settings.algo_kwargs["budget"].metric) == (
+        3.0, "params")
+
+
+def test_a_flops_budget_without_an_example_input_is_a_clear_error(model, registry):
+    compressor = Compressor(model, model_compr_kwargs=budget_schedule(model), ft_every=20, registry=registry,
+                            progress=False)
+    before = {name: value.clone() for name, value in compressor.compressed_model.state_dict().items()}
+    with pytest.raises(CompressionError, match="needs the layers' input shapes: give the compressor an example_input"):
+        compressor.compression_step()
+    after = compressor.compressed_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_resumed_budget_run_keeps_the_allocated_ranks(model, registry, tmp_path):
+    kwargs = {"all_algo_kwargs": {"budget": {"reduction": 2.0}}, "nglobal_compress_iters": 2}
+    schedule = budget_schedule(model)
+    straight = Compressor(model, example_input=INPUT, model_compr_kwargs=schedule, ft_every=5, registry=registry,
+                          progress=False, **kwargs)
+    interrupted = Compressor(model, example_input=INPUT, model_compr_kwargs=schedule, ft_every=5, registry=registry,
+                             progress=False, **kwargs)
+    straight.compression_step()
+    interrupted.compression_step()
+    with torch.no_grad():  # "fine-tuning" between steps changes the weights the rest of the pass would see
+        for p in straight.compressed_model.parameters():
+            p.mul_(1.1)
+        for p in interrupted.compressed_model.parameters():
+            p.mul_(1.1)
+    interrupted.save_state(tmp_path)
+    resumed = Compressor.resume(model, tmp_path, example_input=INPUT, registry=registry, progress=False)
+    while not straight.done:
+        straight.compression_step()
+        resumed.compression_step()
+    assert [(r.name, r.ranks) for r in resumed.history] == [(r.name, r.ranks) for r in straight.history]
+    assert resumed.report().budgets == straight.report().budgets
+    save_compressed(resumed, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "report.json").read_text())
+    assert [b["pass_index"] for b in saved["budgets"]] == [0, 1]
+
+
+def test_a_budget_works_with_a_data_aware_decomposition(registry):
+    torch.manual_seed(0)
+    model = make_trained_like(nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
+                                            nn.Linear(96, 10)))
+    mixing = torch.randn(8, 48)
+    batches = [torch.randn(64, 8) @ mixing + 0.01 * torch.randn(64, 48) for _ in range(4)]  # correlated inputs
+    schedule = {name: {"decomposition": "whitened_svd", "rank_selection": "budget"} for name in ("0", "2")}
+    compressor = Compressor(model, example_input=batches[0], model_compr_kwargs=schedule, ft_every=2,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}},
+                            calibration_data=batches, evaluate=lambda m: float(m(batches[0]).detach().square().mean()),
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    assert all(r.applied for r in compressor.history)
+    assert 2.0 <= compressor.report().params_ratio <= 2.0 * 1.02
+    assert compressor.ranks["0"][0] <= 16  # the whitened spectrum of layer 0 sees inputs of rank 8

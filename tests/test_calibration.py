@@ -1,0 +1,484 @@
+"""Calibration statistics and the activation-aware (whitened) SVD fitted to them."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+from musco_core import Compressor, ConfigError, FactorizedLayer, UnsupportedLayerError, calibration
+from musco_core.calibration import InputStats, collect_input_stats, input_features
+from musco_core.cli import main
+from musco_core.engine import compress_layer, read_layer
+from musco_core.factors import dense_weight
+from musco_core.io import load_compressed, save_compressed
+from musco_core.schedule import LayerSchedule, RunSettings
+from musco_plugins import factorize
+from musco_plugins.rank_selectors import ManualParams, VBMFParams
+
+
+def spec_of(registry, module):
+    return read_layer(module, registry, "layer")[1].spec
+
+
+def stats_of(registry, module, x):
+    features = input_features(spec_of(registry, module), x).to(torch.float64)
+    return InputStats(features.T @ features / features.shape[0], features.shape[0])
+
+
+def relative(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def compress(registry, module, decomposition, rank, stats=None, *, selection="manual", force=True):
+    params = ManualParams([(rank,)]) if selection == "manual" else VBMFParams()
+    schedule = LayerSchedule(decomposition, selection, params, 0, force)
+    return compress_layer(module, "layer", schedule, RunSettings(), registry, input_stats=stats)
+
+
+def random_conv(seed: int):
+    """A Conv1d/Conv2d with a random geometry: stride, padding (ints, 'same', 'valid'), mode, dilation, groups."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    dims = pick([1, 2])
+    groups = pick([1, 2, 3])
+    kernel = tuple(pick([1, 2, 3]) for _ in range(dims))
+    padding = pick(["same", "valid", "ints"])
+    stride = tuple(pick([1, 2]) for _ in range(dims)) if padding != "same" else (1,) * dims
+    if padding == "ints":
+        padding = tuple(pick([0, 1, 2]) for _ in range(dims))
+    conv = (nn.Conv1d, nn.Conv2d)[dims - 1]
+    return conv(2 * groups, 3 * groups, kernel, stride=stride, padding=padding,
+                dilation=tuple(pick([1, 2]) for _ in range(dims)), groups=groups,
+                padding_mode=pick(["zeros", "reflect", "circular", "replicate"])).double()
+
+
+def conv_output_from_features(registry, conv, x):
+    spec = spec_of(registry, conv)
+    weight = dense_weight(conv.weight.detach(), conv.groups).reshape(conv.out_channels, -1)
+    return (weight @ input_features(spec, x).T).T  # (rows, out)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("seed", range(24))
+def test_input_features_reproduce_random_convolutions(registry, seed):
+    conv = random_conv(seed)
+    x = torch.randn(2, conv.in_channels, *(9, 10)[-len(conv.kernel_size):], dtype=torch.float64)
+    with torch.no_grad():
+        expected = conv(x) - conv.bias.view(1, -1, *(1,) * len(conv.kernel_size))
+    rows = expected.movedim(1, -1).reshape(-1, conv.out_channels)
+    assert torch.allclose(conv_output_from_features(registry, conv, x), rows, atol=1e-12), conv
+
+
+def test_input_features_cover_the_named_geometries(registry):
+    """The geometries the seeds above must not miss, spelled out: 'same' with reflect and circular, Conv1d."""
+    convs = [nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+             nn.Conv2d(4, 6, (2, 3), padding="same", dilation=2, padding_mode="circular"),
+             nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="circular"),
+             nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect"),
+             nn.Conv1d(4, 6, 3, stride=2, padding=1, padding_mode="replicate")]
+    for conv in convs:
+        conv = conv.double()
+        x = torch.randn(2, 4, *(9, 11)[-len(conv.kernel_size):], dtype=torch.float64)
+        with torch.no_grad():
+            expected = (conv(x) - conv.bias.view(1, -1, *(1,) * len(conv.kernel_size))).movedim(1, -1)
+        assert torch.allclose(conv_output_from_features(registry, conv, x), expected.reshape(-1, 6), atol=1e-12)
+        unbatched = conv_output_from_features(registry, conv, x[0])
+        assert torch.allclose(unbatched, expected[0].reshape(-1, 6), atol=1e-12)
+
+
+def test_input_features_of_linear_on_b_t_c(registry):
+    linear = nn.Linear(8, 5).double()
+    x = torch.randn(3, 7, 8, dtype=torch.float64)
+    features = input_features(spec_of(registry, linear), x)
+    assert features.shape == (21, 8)
+    with torch.no_grad():
+        assert torch.allclose(features @ linear.weight.T + linear.bias, linear(x).reshape(-1, 5), atol=1e-12)
+
+
+def test_conv3d_is_refused_naming_the_layer(registry):
+    model = nn.Sequential(nn.Conv3d(2, 4, 3))
+    spec = spec_of(registry, model[0])
+    with pytest.raises(UnsupportedLayerError, match="only Linear layers and 1-D or 2-D"):
+        input_features(spec, torch.randn(1, 2, 5, 5, 5))
+    with pytest.raises(UnsupportedLayerError, match="layer '0'"):
+        collect_input_stats(model, {"0": spec}, [torch.randn(1, 2, 5, 5, 5)], progress=False)
+
+
+class TwoInputs(nn.Module):
+    """A model called with two tensors (and a keyword), with a conv and a Linear on B x T x C."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.norm = nn.BatchNorm2d(4)
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, image, tokens, scale=1.0):
+        pooled = self.dropout(self.norm(self.conv(image))).mean(dim=(2, 3))  # (B, 4)
+        return self.head(tokens * scale + pooled[:, None, :])  # tokens: (B, T, 4)
+
+
+def two_input_batches(n_batches=4, batch=3):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randn(batch, 5, 4, generator=g))
+            for _ in range(n_batches)]
+
+
+def test_stats_equal_those_of_the_concatenated_data_in_any_batch_form(registry, monkeypatch):
+    model = TwoInputs()
+    batches = two_input_batches()
+    specs = {name: spec_of(registry, model.get_submodule(name)) for name in ("conv", "head")}
+    stats = collect_input_stats(model, specs, batches, progress=False)
+    # Reference: the layer inputs of all batches at once, from plain forward hooks.
+    seen = {"conv": [], "head": []}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: seen[n].append(i[0]))
+               for n in seen]
+    model.eval()
+    with torch.no_grad():
+        for image, tokens in batches:
+            model(image, tokens)
+    for handle in handles:
+        handle.remove()
+    for name, spec in specs.items():
+        features = input_features(spec, torch.cat(seen[name])).to(torch.float64)
+        assert stats[name].count == features.shape[0]
+        assert torch.allclose(stats[name].second_moment, features.T @ features / features.shape[0], atol=1e-12)
+        assert stats[name].second_moment.dtype == torch.float64
+    # Mappings are passed as keywords, and tiny chunks give the same sums.
+    monkeypatch.setattr(calibration, "CHUNK_ELEMENTS", 50)
+    as_dicts = [{"image": image, "tokens": tokens, "scale": 1.0} for image, tokens in batches]
+    again = collect_input_stats(model, specs, as_dicts, progress=False)
+    for name in specs:
+        assert torch.allclose(again[name].second_moment, stats[name].second_moment, atol=1e-12)
+        assert again[name].count == stats[name].count
+
+
+def test_a_single_tensor_batch_is_passed_as_is(registry):
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(10, 4, dtype=torch.float64)
+    model = model.double()
+    stats = collect_input_stats(model, {"0": spec_of(registry, model[0])}, [x[:6], x[6:]], progress=False)
+    assert torch.allclose(stats["0"].second_moment, x.T @ x / 10, atol=1e-12) and stats["0"].count == 10
+
+
+def test_the_hook_keeps_only_f_by_f_sums(registry, monkeypatch):
+    """Bounded memory: after every batch each accumulator holds one F x F tensor and no activations."""
+    model = TwoInputs()
+    specs = {name: spec_of(registry, model.get_submodule(name)) for name in ("conv", "head")}
+    held = []
+
+    class Watching(calibration.InputStatsAccumulator):
+        def update(self, x):
+            super().update(x)
+            held.append((self.spec, [tuple(v.shape) for v in vars(self).values() if isinstance(v, torch.Tensor)]))
+
+    monkeypatch.setattr(calibration, "InputStatsAccumulator", Watching)
+    collect_input_stats(model, specs, two_input_batches(n_batches=6, batch=8), progress=False)
+    assert len(held) == 12
+    for spec, shapes in held:
+        size = spec.in_channels * spec.kernel_numel
+        assert shapes == [(size, size)]
+
+
+def test_modes_restored_and_hooks_removed_even_on_error(registry):
+    model = TwoInputs().train()
+    model.norm.eval()
+    specs = {"conv": spec_of(registry, model.conv)}
+    running_mean = model.norm.running_mean.clone()
+    collect_input_stats(model, specs, two_input_batches(), progress=False)
+    assert model.training and model.dropout.training and not model.norm.training
+    assert torch.equal(model.norm.running_mean, running_mean)  # eval mode: BatchNorm statistics untouched
+    assert not model.conv._forward_pre_hooks
+    bad = [(torch.randn(2, 5, 8, 8), torch.randn(2, 5, 4))]  # 5 channels where the conv takes 3
+    with pytest.raises(ConfigError, match="calibration: the model failed on batch 0: RuntimeError"):
+        collect_input_stats(model, specs, bad, progress=False)
+    assert not model.conv._forward_pre_hooks and model.training and not model.norm.training
+
+
+def test_bad_calibration_data_is_one_clear_error(registry):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    specs = {"0": spec_of(registry, model[0])}
+    with pytest.raises(ConfigError, match="calibration data is empty.*'0'"):
+        collect_input_stats(model, specs, [], progress=False)
+    with pytest.raises(ConfigError, match="iterator.*list or a DataLoader"):
+        collect_input_stats(model, specs, iter([torch.randn(2, 4)]), progress=False)
+    with pytest.raises(ConfigError, match="expected an iterable of input batches"):
+        collect_input_stats(model, specs, torch.randn(2, 4), progress=False)
+    with pytest.raises(ConfigError, match="contain NaN or Inf"):
+        collect_input_stats(model, specs, [torch.full((2, 4), math.nan)], progress=False)
+    with pytest.raises(ConfigError, match="no layer 'nope'"):
+        collect_input_stats(model, {"nope": specs["0"]}, [torch.randn(2, 4)], progress=False)
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    skips = Skips()
+    specs = {name: spec_of(registry, skips.get_submodule(name)) for name in ("used", "unused")}
+    with pytest.raises(ConfigError, match=r"layer\(s\) 'unused' never ran on the 1 calibration batch"):
+        collect_input_stats(skips, specs, [torch.randn(2, 4)], progress=False)
+
+
+def test_input_stats_of_a_group():
+    moment = torch.arange(36.0, dtype=torch.float64).reshape(6, 6)
+    stats = InputStats(moment, 7)
+    assert torch.equal(stats.group(1, 3).second_moment, moment[2:4, 2:4]) and stats.group(1, 3).count == 7
+    with pytest.raises(ValueError, match="do not split into 4 groups"):
+        stats.group(0, 4)
+
+
+LAYERS = [
+    pytest.param(lambda: nn.Linear(12, 10), (40, 3, 12), id="linear-BTC"),
+    pytest.param(lambda: nn.Conv2d(6, 10, 1, stride=2, padding=1), (4, 6, 7, 7), id="1x1-stride2-padded"),
+    pytest.param(lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1, padding_mode="reflect"), (4, 6, 9, 9),
+                 id="3x3-stride2-reflect"),
+    pytest.param(lambda: nn.Conv2d(6, 10, 3, padding="same", dilation=2, bias=False), (4, 6, 9, 9),
+                 id="3x3-same-dilated"),
+    pytest.param(lambda: nn.Conv1d(6, 10, 3, stride=2, padding=1, padding_mode="circular"), (4, 6, 15),
+                 id="conv1d-circular"),
+    pytest.param(lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2), (4, 6, 8, 8), id="3x3-groups2"),
+]
+
+
+@pytest.mark.parametrize("make,shape", LAYERS)
+def test_whitened_svd_at_full_rank_reproduces_the_layer(registry, make, shape):
+    layer = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    spec = spec_of(registry, layer)
+    full = min(spec.out_channels // spec.groups, spec.in_channels // spec.groups * spec.kernel_numel)
+    new, result = compress(registry, layer, "whitened_svd", full, stats_of(registry, layer, x))
+    assert isinstance(new, FactorizedLayer) and len(new) == 2 and new.ranks == (full,)
+    assert result.relative_error < 1e-9
+    assert relative(new(x), layer(x)) < 1e-9
+    first, second = new
+    assert tuple(first.weight.shape[2:]) == tuple(spec.kernel_size) and first.bias is None
+    assert (second.bias is not None) == spec.has_bias and set(second.weight.shape[2:]) <= {1}
+
+
+def correlated(n_rows, n_features, dim=6, noise=0.01, seed=0):
+    """Inputs on a `dim`-dimensional subspace plus small noise: strongly correlated features."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, n_features, generator=g, dtype=torch.float64)
+    def sample(n):
+        return torch.randn(n, dim, generator=g, dtype=torch.float64) @ mixing + noise * torch.randn(
+            n, n_features, generator=g, dtype=torch.float64)
+    return sample(n_rows), sample(n_rows)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_whitened_svd_beats_svd_on_correlated_inputs(registry, kind):
+    """Same rank, same weight count: the output error on held-out inputs is far lower with whitening."""
+    calibration_rows, held_out = correlated(400, 32)
+    if kind == "linear":
+        layer = nn.Linear(32, 24).double()
+    else:
+        layer = nn.Conv2d(32, 24, 1).double()
+        calibration_rows = calibration_rows.reshape(4, 10, 10, 32).permute(0, 3, 1, 2)
+        held_out = held_out.reshape(4, 10, 10, 32).permute(0, 3, 1, 2)
+    stats = stats_of(registry, layer, calibration_rows)
+    plain, plain_result = compress(registry, layer, "svd", 6)
+    aware, aware_result = compress(registry, layer, "whitened_svd", 6, stats)
+    assert plain_result.params_after == aware_result.params_after
+    with torch.no_grad():
+        expected = layer(held_out)
+        plain_error, aware_error = relative(plain(held_out), expected), relative(aware(held_out), expected)
+    assert plain_error > 0.3  # the weight itself has no low-rank structure
+    assert aware_error / plain_error < 0.05
+
+
+def test_singular_zero_and_indefinite_moments_give_finite_factors():
+    weight = torch.randn(5, 8, dtype=torch.float64)
+    v = torch.randn(8, 1, dtype=torch.float64)
+    moments = {"zero": torch.zeros(8, 8, dtype=torch.float64), "rank one": v @ v.T,
+               "indefinite": torch.diag(torch.tensor([1.0, -10.0, 0, 0, 0, 0, 0, 1.0], dtype=torch.float64))}
+    for name, moment in moments.items():
+        for damping in (0.0, 1e-6):
+            root = factorize.whitening_factor(moment, damping)
+            assert torch.isfinite(root).all() and torch.linalg.matrix_rank(root) == 8, name
+            left, right = factorize.whitened_truncated_svd(weight, moment, 3, damping)
+            assert torch.isfinite(left).all() and torch.isfinite(right).all(), name
+    # Zero inputs: whitening by a multiple of the identity, so the result is plain truncated SVD.
+    left, right = factorize.whitened_truncated_svd(weight, moments["zero"], 3)
+    plain_left, plain_right = factorize.truncated_svd(weight, 3)
+    assert torch.allclose(left @ right, plain_left @ plain_right, atol=1e-10)
+    # A positive definite moment needs no ridge when damping is 0: S S^T is the moment itself.
+    positive = torch.randn(8, 8, dtype=torch.float64)
+    positive = positive @ positive.T + torch.eye(8, dtype=torch.float64)
+    root = factorize.whitening_factor(positive, 0.0)
+    assert torch.allclose(root @ root.T, positive, atol=1e-10)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        factorize.whitening_factor(torch.full((3, 3), math.nan))
+
+
+def test_zero_calibration_inputs_give_a_finite_layer(registry):
+    layer = nn.Conv2d(4, 6, 3, padding=1).double()
+    new, _ = compress(registry, layer, "whitened_svd", 3, stats_of(registry, layer, torch.zeros(2, 4, 5, 5)))
+    assert all(torch.isfinite(p).all() for p in new.parameters())
+
+
+def test_whitened_svd_keeps_dtype_and_needs_stats(registry):
+    for dtype in (torch.float32, torch.float64):
+        layer = nn.Conv2d(6, 8, 3, padding=1).to(dtype)
+        x = torch.randn(3, 6, 8, 8, dtype=dtype)
+        new, _ = compress(registry, layer, "whitened_svd", 4, stats_of(registry, layer, x))
+        assert {p.dtype for p in new.parameters()} == {dtype}
+        assert {p.device for p in new.parameters()} == {layer.weight.device}
+        assert new(x).dtype == dtype
+    with pytest.raises(ConfigError, match="pass calibration_data .* or input_stats to compress_layer"):
+        compress(registry, nn.Linear(8, 8), "whitened_svd", 2)
+
+
+def test_vbmf_reads_the_whitened_spectrum(registry):
+    """Inputs on a 6-dimensional subspace: the whitened matrix has rank about 6, the weight itself full rank."""
+    layer = nn.Linear(32, 24).double()
+    calibration_rows, _ = correlated(400, 32, noise=1e-4)
+    new, _ = compress(registry, layer, "whitened_svd", None, stats_of(registry, layer, calibration_rows),
+                      selection="vbmf")
+    plain, _ = compress(registry, layer, "svd", None, selection="vbmf")
+    assert new.ranks[0] < plain.ranks[0]
+
+
+def test_grouped_conv_uses_each_groups_statistics(registry):
+    """Each group's factors come from that group's block of the statistics: compare with per-group layers."""
+    layer = nn.Conv2d(6, 8, 3, padding=1, groups=2).double()
+    x = torch.randn(4, 6, 8, 8, dtype=torch.float64)
+    x[:, 3:] = x[:, 3:4] + 0.01 * x[:, 3:]  # the second group's channels are nearly equal
+    new, _ = compress(registry, layer, "whitened_svd", 2, stats_of(registry, layer, x))
+    for g in range(2):
+        single = nn.Conv2d(3, 4, 3, padding=1).double()
+        with torch.no_grad():
+            single.weight.copy_(layer.weight[4 * g:4 * (g + 1)])
+            single.bias.copy_(layer.bias[4 * g:4 * (g + 1)])
+        part = x[:, 3 * g:3 * (g + 1)]
+        alone, _ = compress(registry, single, "whitened_svd", 2, stats_of(registry, single, part))
+        with torch.no_grad():
+            assert torch.allclose(new(x)[:, 4 * g:4 * (g + 1)], alone(part), atol=1e-10)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(64, 48)
+        self.fc2 = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.pool(self.conv(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_schedule_that_needs_statistics_without_calibration_data_is_refused(registry):
+    schedule = {"fc1": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [8]},
+                "fc2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    with pytest.raises(ConfigError, match=r"calibration_data: layer\(s\) 'fc1' use data-aware"):
+        Compressor(Net(), model_compr_kwargs=schedule, registry=registry)
+    with pytest.raises(ConfigError, match="iterator"):
+        Compressor(Net(), model_compr_kwargs=schedule, registry=registry, calibration_data=iter([]))
+    with pytest.raises(UnsupportedLayerError, match="whitened_svd cannot decompose.*1-D or 2-D"):
+        registry.decompositions.get("whitened_svd").check(spec_of(registry, nn.Conv3d(2, 4, 3)))
+
+
+def test_from_yaml_with_calibration_data_end_to_end(registry, tmp_path, monkeypatch):
+    """Two stages: statistics are collected at each step on the model as it is then, for whitened layers only."""
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "settings": {"ft_every": 2, "nglobal_compress_iters": 2},
+                                    "layers": {
+                                        "conv": {"decomposition": "whitened_svd", "rank_selection": "manual",
+                                                 "manual_rank": [10, 6]},
+                                        "fc1": {"decomposition": "whitened_svd", "rank_selection": "vbmf",
+                                                "vbmf_weakenen_factor": 0.5},
+                                        "fc2": {"decomposition": "svd", "rank_selection": "manual",
+                                                "manual_rank": [6, 4]}}}))
+    model = Net()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    calls = []
+    original = calibration.collect_input_stats
+
+    def recording(model, layers, batches, **kwargs):
+        calls.append((sorted(layers), {name: type(model.get_submodule(name)).__name__ for name in layers}))
+        return original(model, layers, batches, **kwargs)
+
+    monkeypatch.setattr("musco_core.compressor.collect_input_stats", recording)
+    compressor = Compressor.from_yaml(model, path, registry=registry, calibration_data=batches, progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert calls[0] == (["conv", "fc1"], {"conv": "Conv2d", "fc1": "Linear"})
+    assert any(kinds == {"conv": "FactorizedLayer"} for _, kinds in calls)  # the re-compression saw the new layer
+    assert all("fc2" not in names for names, _ in calls)
+    applied = [r for r in compressor.history if r.applied]
+    assert [r.ranks for r in applied if r.name == "conv"] == [(10,), (6,)]
+    assert compressor.compressed_model.conv.ranks == (6,)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        out = compressor.compressed_model(x)
+    assert torch.isfinite(out).all() and relative(out, expected) < 1.0
+    save_compressed(compressor, tmp_path / "saved")
+    loaded = load_compressed(Net(), tmp_path / "saved", registry)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_cli_compress_with_calibration(tmp_path, monkeypatch):
+    (tmp_path / "calib_factories.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def mlp():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "schedule.yaml").write_text(yaml.safe_dump({"version": 1, "layers": {
+        "0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}}}))
+    save_file({"inputs": torch.randn(50, 16)}, str(tmp_path / "calib.safetensors"))
+    save_file({"a": torch.randn(5, 16), "b": torch.randn(5, 16)}, str(tmp_path / "two.safetensors"))
+    args = ["compress", "--model", "calib_factories:mlp", "--config", str(tmp_path / "schedule.yaml"), "--quiet"]
+    runner = CliRunner()
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--calibration",
+                                  str(tmp_path / "calib.safetensors"), "--calibration-batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "whitened_svd" in result.output and (tmp_path / "out" / "model.safetensors").exists()
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "calibration_data: layer(s) '0'" in result.output
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "out3"), "--calibration",
+                                  str(tmp_path / "two.safetensors")])
+    assert result.exit_code == 2 and "expected one tensor of model inputs, found 2 (a, b)" in result.output
+
+
+def seeded_net():
+    torch.manual_seed(3)
+    return Net()
+
+
+def test_resume_collects_statistics_again_and_ends_like_an_uninterrupted_run(registry, tmp_path):
+    schedule = {"conv": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [8]},
+                "fc1": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [12]}}
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    whole = Compressor(seeded_net(), model_compr_kwargs=schedule, registry=registry, calibration_data=batches,
+                       progress=False)
+    while not whole.done:
+        whole.compression_step()
+    first = Compressor(seeded_net(), model_compr_kwargs=schedule, registry=registry, calibration_data=batches,
+                       progress=False)
+    first.compression_step()
+    first.save_state(tmp_path / "state")
+    with pytest.raises(ConfigError, match="calibration_data"):
+        Compressor.resume(seeded_net(), tmp_path / "state", registry=registry, progress=False)
+    resumed = Compressor.resume(seeded_net(), tmp_path / "state", registry=registry, progress=False,
+                                calibration_data=batches)
+    while not resumed.done:
+        resumed.compression_step()
+    expected, got = whole.compressed_model.state_dict(), resumed.compressed_model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
