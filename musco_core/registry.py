@@ -72,7 +72,7 @@ class Registry:
         self.rank_selectors: Role[RankSelector] = Role("rank selector", RankSelector, "musco_register_rank_selectors")
         self.adapters: Role[LayerAdapter] = Role("layer adapter", LayerAdapter, "musco_register_layer_adapters")
         self.schedulers: Role[Scheduler] = Role("scheduler", Scheduler, "musco_register_schedulers")
-        self._adapter_by_type: dict[type, str] = {}
+        self._adapter_by_type: dict[type | str, str] = {}  # a class, or a class's "module.qualname"
 
     @property
     def roles(self) -> tuple[Role, ...]:
@@ -106,8 +106,9 @@ class Registry:
     def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
         """The adapter of the closest type in the module's MRO, or None when no adapter handles it."""
         for klass in type(module).__mro__:
-            if klass in self._adapter_by_type:
-                return self.adapters.get(self._adapter_by_type[klass])
+            for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
+                if key in self._adapter_by_type:
+                    return self.adapters.get(self._adapter_by_type[key])
         return None
 
     def provided(self) -> list[Provided]:

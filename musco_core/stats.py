@@ -66,6 +66,8 @@ class ModelStats:
     def from_model(cls, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
         """Reads every adaptable layer; with ``example_input`` also records shapes and MACs.
 
+        ``example_input`` is called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping.
+
         A factorized layer counts as the layer it replaced (its original geometry), so statistics of a model
         that is part-way through a multi-stage run match those of the uncompressed model.
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
@@ -119,7 +121,9 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if isinstance(example_input, (tuple, list)):
+            if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
+                model(**example_input)
+            elif isinstance(example_input, (tuple, list)):
                 model(*example_input)
             else:
                 model(example_input)

@@ -35,6 +35,27 @@ def module_paths(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
+def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
+    """For each layer named, the parameters of *other* modules that are the same tensor as one of its own.
+
+    A tied weight (a language model's output layer sharing the input embedding's matrix) stays in the model when
+    the layer is factorized, so compressing that layer adds weights instead of removing them.
+    """
+    paths = module_paths(model)
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for name in names:
+        module = model.get_submodule(name)
+        own = tuple(f"{path}." for path in paths[id(module)])
+        others = [other for parameter in module.parameters() for other in names_of[id(parameter)]
+                  if not other.startswith(own)]
+        if others:
+            tied[name] = others
+    return tied
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Puts ``new`` at the dotted path ``name`` (not the root)."""
     parent_name, _, child = name.rpartition(".")

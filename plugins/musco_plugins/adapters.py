@@ -1,4 +1,4 @@
-"""Layer adapters: reading Conv1d/2d/3d and Linear modules, and rebuilding them from factors."""
+"""Layer adapters: reading Conv1d/2d/3d, Linear and Hugging Face Conv1D modules, and rebuilding them from factors."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -95,6 +95,22 @@ class LinearAdapter(LayerAdapter):
                 for f in factors]
 
 
+class HFConv1DAdapter(LinearAdapter):
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2 and kin): a Linear layer whose weight is stored
+    ``(in, out)``. It is named, not imported, so transformers is neither needed nor loaded to register it.
+
+    The factors are built as stock ``nn.Linear`` layers, so a compressed model needs no transformers class.
+    """
+
+    name = "hf_conv1d"
+    module_types = ("transformers.pytorch_utils.Conv1D",)
+
+    def read(self, module: nn.Module) -> tuple[LayerSpec, torch.Tensor, torch.Tensor | None]:
+        spec = LayerSpec(adapter=self.name, out_channels=module.nf, in_channels=module.nx,
+                         has_bias=module.bias is not None)
+        return spec, module.weight.detach().T, _bias_of(module)
+
+
 @hookimpl
 def musco_register_layer_adapters() -> list[type]:
-    return [ConvAdapter, LinearAdapter]
+    return [ConvAdapter, LinearAdapter, HFConv1DAdapter]

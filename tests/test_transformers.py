@@ -1,0 +1,197 @@
+"""Hugging Face transformers models: tiny randomly initialised BERT and GPT-2 built from configs (no download).
+
+BERT's weight layers are ``nn.Linear`` (the ``linear`` adapter); GPT-2's are ``transformers.pytorch_utils.Conv1D``
+(weight stored ``(in, out)``, the ``hf_conv1d`` adapter). A compressed model must keep its outputs' shape and
+dtype, reproduce them at full rank, and survive ``standardize_model`` + ``save_pretrained`` + loading.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.pytorch_utils import Conv1D
+
+from musco_core import Compressor, FactorizedLayer, standardize_model
+from musco_core.io import load_compressed, save_compressed
+
+VOCAB = 50
+
+
+def tiny_bert() -> BertModel:
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval()
+
+
+def tiny_gpt2(head: bool = False) -> GPT2Model:
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0)
+    return (GPT2LMHeadModel if head else GPT2Model)(config).eval()
+
+
+def tokens(batch: int = 3, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    """What a tokenizer returns for a padded batch: ids and an attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return {"input_ids": torch.randint(1, VOCAB, (batch, length), generator=generator), "attention_mask": mask}
+
+
+def weight_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def schedule(names: list[str], **layer) -> dict[str, dict]:
+    layer = layer or {"rank_selection": "param_reduction", "param_reduction_rate": 2}
+    return {name: {"decomposition": "svd", **layer} for name in names}
+
+
+def compress(model: nn.Module, names: list[str], **kwargs) -> Compressor:
+    compressor = Compressor(model, ft_every=len(names), progress=False, **kwargs)
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
+def hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).last_hidden_state
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_weight_layer_compresses_and_outputs_keep_shape_and_dtype(build, dtype):
+    model = build().to(dtype)
+    names = weight_layers(model)
+    inputs = tokens()
+    compressor = compress(model, names, model_compr_kwargs=schedule(names), example_input=inputs)
+    compressed = compressor.compressed_model
+    assert len(names) == (12 + 1 if build is tiny_bert else 8)  # 6 per BERT layer + pooler; 4 per GPT-2 block
+    assert all(r.applied for r in compressor.history), [r.note for r in compressor.history]
+    assert all(isinstance(compressed.get_submodule(n), FactorizedLayer) for n in names)
+    assert all(p.dtype == dtype for p in compressed.parameters())
+    before, after = hidden(model, inputs), hidden(compressed, inputs)
+    assert after.shape == before.shape and after.dtype == dtype
+    assert torch.isfinite(after).all()
+    report = compressor.report()
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before  # the tokenizer-style dict example_input ran as model(**x)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+def test_full_rank_reproduces_the_outputs(build):
+    model = build().to(torch.float64)
+    names = weight_layers(model)
+    full = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [min(weight.shape)],
+                   "force": True}  # force: at full rank the factors have more weights than the layer
+            for name in names for weight in [model.get_submodule(name).weight]}
+    compressed = compress(model, names, model_compr_kwargs=full).compressed_model
+    assert all(isinstance(compressed.get_submodule(n), FactorizedLayer) for n in names)
+    inputs = tokens()
+    torch.testing.assert_close(hidden(compressed, inputs), hidden(model, inputs), rtol=1e-9, atol=1e-9)
+
+
+def test_conv1d_adapter_reads_the_transposed_weight_and_builds_stock_linears(registry):
+    layer = tiny_gpt2().h[0].attn.c_attn  # Conv1D(nf=96, nx=32): weight (32, 96)
+    adapter = registry.adapter_for(layer)
+    assert adapter.name == "hf_conv1d"
+    spec, weight, bias = adapter.read(layer)
+    assert (spec.out_channels, spec.in_channels, spec.has_bias) == (96, 32, True)
+    torch.testing.assert_close(weight, layer.weight.T)
+    torch.testing.assert_close(bias, layer.bias)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(x @ weight.T + bias, layer(x))  # the weight is read in nn.Linear's layout
+    model = compress(tiny_gpt2(), ["h.0.attn.c_attn"], model_compr_kwargs=schedule(["h.0.attn.c_attn"]))
+    factors = list(model.compressed_model.h[0].attn.c_attn)
+    assert [type(f) for f in factors] == [nn.Linear, nn.Linear]
+    assert (factors[0].in_features, factors[-1].out_features) == (32, 96)
+
+
+def test_a_factorized_conv1d_layer_compresses_again():
+    model = tiny_gpt2()
+    name = "h.1.mlp.c_fc"
+    twice = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [16, 8]}}
+    compressor = compress(model, [name], model_compr_kwargs=twice, nglobal_compress_iters=2)
+    assert [r.ranks for r in compressor.history] == [(16,), (8,)]
+    assert compressor.compressed_model.get_submodule(name).spec.adapter == "hf_conv1d"
+
+
+def test_registering_the_conv1d_adapter_does_not_import_transformers():
+    code = ("import sys; from musco_core import default_registry; registry = default_registry(); "
+            "assert 'hf_conv1d' in registry.adapters.names(); "
+            "assert not any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules), 'imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_save_pretrained_then_load_compressed_round_trip(tmp_path):
+    model = tiny_bert()
+    names = weight_layers(model)
+    compressor = compress(model, names, model_compr_kwargs=schedule(names))
+    save_compressed(compressor, tmp_path)  # musco.yaml (the factorized structure) before standardize_model
+    plain = standardize_model(compressor.compressed_model)
+    assert not any(isinstance(m, FactorizedLayer) for m in plain.modules())
+    plain.save_pretrained(tmp_path)  # config.json + model.safetensors with the factor weights
+    assert {"config.json", "model.safetensors", "musco.yaml"} <= {p.name for p in tmp_path.iterdir()}
+
+    # from_pretrained would build the uncompressed architecture: build it from the saved config instead, then
+    # rebuild the factorized layers and load the weights save_pretrained wrote.
+    fresh = BertModel(BertConfig.from_pretrained(tmp_path))
+    loaded = load_compressed(fresh, tmp_path)
+    inputs = tokens()
+    torch.testing.assert_close(hidden(loaded, inputs), hidden(plain, inputs), rtol=0, atol=0)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in plain.parameters())
+
+    # and the loaded model saves again with save_pretrained, as a transformers model does
+    standardize_model(loaded).save_pretrained(tmp_path / "again")
+    again = load_compressed(BertModel(BertConfig.from_pretrained(tmp_path / "again")), tmp_path)
+    torch.testing.assert_close(hidden(again, inputs), hidden(plain, inputs), rtol=0, atol=0)
+
+
+def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
+    model = tiny_gpt2(head=True)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    names = weight_layers(model)
+    compressor = compress(model, names, model_compr_kwargs=schedule(names))
+    kept = {r.name: r for r in compressor.history if not r.applied}
+    assert list(kept) == ["lm_head"]
+    assert "tied to transformer.wte.weight" in kept["lm_head"].note
+    tied = compressor.compressed_model
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+
+    forced = compress(model, ["lm_head"], model_compr_kwargs=schedule(["lm_head"], rank_selection="manual",
+                                                                       manual_rank=[8], force=True))
+    assert forced.history[0].applied
+    untied = forced.compressed_model  # the embedding stays: the model grew by the factors' weights
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in model.parameters()) + 8 * (32 + VOCAB)
+
+    save_compressed(forced, tmp_path)
+    standardize_model(untied).save_pretrained(tmp_path)
+    loaded = load_compressed(GPT2LMHeadModel(GPT2Config.from_pretrained(tmp_path)), tmp_path).eval()
+    inputs = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, untied.eval()(**inputs).logits, rtol=0, atol=0)
+    prompt = inputs["input_ids"][1:, :4]
+    greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(loaded.generate(prompt, **greedy), untied.generate(prompt, **greedy))
+
+
+def test_whitened_svd_calibrates_on_tokenizer_style_batches():
+    model = tiny_bert()
+    names = weight_layers(model)[:6]  # the first encoder layer
+    calibration = [tokens(4, 16, seed=s) for s in range(3)]  # a list of dicts: each batch runs as model(**batch)
+    rate = {"rank_selection": "param_reduction", "param_reduction_rate": 2}
+    whitened = compress(model, names, model_compr_kwargs={n: {"decomposition": "whitened_svd", **rate}
+                                                          for n in names}, calibration_data=calibration)
+    plain = compress(model, names, model_compr_kwargs=schedule(names))
+    assert [r.ranks for r in whitened.history] == [r.ranks for r in plain.history]
+
+    def error(compressed: nn.Module) -> float:
+        return float(sum((hidden(compressed, b) - hidden(model, b)).norm() for b in calibration))
+
+    # fitted to the layers' inputs, whitened SVD loses less of the model's output on those inputs
+    assert error(whitened.compressed_model) < error(plain.compressed_model)
