@@ -276,7 +276,7 @@ class Compressor:
             module = self.compressed_model.get_submodule(name)
             stats = self.model_stats.layers.get(name)
             try:
-                self._allocate(name, dict(zip(names, zip(replacements, results))))
+                self._allocate(name, dict(zip(names, zip(replacements, results))), input_stats)
             except MuscoError:
                 self._allocated, self.budgets = allocated_before, budgets_before
                 raise
@@ -314,13 +314,13 @@ class Compressor:
                  len(results))
         return results
 
-    def _allocate(self, name: str, pending: dict[str, tuple[tuple[str, nn.Module, nn.Module | None], LayerResult]]
-                  ) -> None:
+    def _allocate(self, name: str, pending: dict[str, tuple[tuple[str, nn.Module, nn.Module | None], LayerResult]],
+                  step_stats: dict[str, InputStats]) -> None:
         """Runs a whole-model rank selector for the pass ``name`` is in, unless its ranks are allocated already.
 
         A pass holds every layer using the selector at the same stage: the allocation sees them together, on the
         model as it is now (with this step's ``pending`` replacements), and fixes their ranks until each is
-        compressed.
+        compressed. ``step_stats`` are the input statistics already collected for this step's layers.
         """
         layer = self.schedule.layers[name]
         selector = self.registry.rank_selectors.get(layer.rank_selection)
@@ -333,14 +333,16 @@ class Compressor:
 
         members = [other for other in self.lnames if self.schedule.layers[other].rank_selection == selector.name
                    and stage(other) == layer.curr_compr_iter]
-        def module(other: str) -> nn.Module:  # the layer as this step leaves it so far
+
+        def current(other: str) -> nn.Module:  # the layer as this step leaves it so far
             if other not in pending:
                 return self.compressed_model.get_submodule(other)
             (_, before, after), _ = pending[other]
             return before if after is None else after
 
-        input_stats = self._input_stats(members)  # for data-aware decompositions' spectra and probes
-        choices = [self._layer_choice(other, module(other), input_stats.get(other)) for other in members]
+        # data-aware decompositions' spectra and probes need input statistics: collect only the missing ones
+        input_stats = {**step_stats, **self._input_stats([other for other in members if other not in step_stats])}
+        choices = [self._layer_choice(other, current(other), input_stats.get(other)) for other in members]
         if self.evaluate is not None:
             sensitivity = self._sensitivities(choices, input_stats)
             choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]

@@ -51,7 +51,10 @@ class LayerOptions:
     spectra: list[list[np.ndarray]] = attrs.field(factory=list)  # per group, per rank: ``_tails``
     sensitivity: float = 1.0
 
-    def damage_of(self, ranks: tuple[int, ...]) -> float:
+    def damage_of(self, ranks: tuple[int, ...] | None) -> float:
+        """The damage of the layer at ``ranks`` (0 for None, the layer as it is)."""
+        if ranks is None:
+            return 0.0
         return self.sensitivity * float(np.mean([sum(tails[min(rank, tails.size - 1)] for rank, tails in
                                                      zip(ranks, group)) for group in self.spectra]))
 
@@ -90,10 +93,10 @@ def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1) -> L
     ranks_list.append(None)
     costs.append(now[index])
     order = np.argsort(costs, kind="stable")
-    options = LayerOptions([ranks_list[i] for i in order], np.asarray(costs, dtype=np.float64)[order],
-                           np.zeros(len(order)), spectra, choice.sensitivity)
-    options.damage[:] = [0.0 if ranks is None else options.damage_of(ranks) for ranks in options.ranks]
-    return options
+    ranks_list = [ranks_list[i] for i in order]
+    priced = LayerOptions(ranks_list, np.asarray(costs, dtype=np.float64)[order], np.zeros(0), spectra,
+                          choice.sensitivity)
+    return attrs.evolve(priced, damage=np.array([priced.damage_of(ranks) for ranks in ranks_list]))
 
 
 def _pick(layers: Sequence[LayerOptions], price: float) -> list[int]:
