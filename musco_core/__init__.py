@@ -14,7 +14,7 @@ from .schedule import LayerSchedule, ModelSchedule, RunSettings, dump_schedule, 
 from .stats import LayerStats, ModelStats
 from .surgery import FactorizedLayer, standardize_model
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "PLUGIN_API_VERSION", "Allocation", "CompressionError", "Compressor", "ConfigError", "Decomposer",

@@ -1,6 +1,23 @@
 """Exceptions raised by musco-core; every one of them derives from :class:`MuscoError`."""
 from __future__ import annotations
 
+import reprlib
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+SHORT_REPR_LIMIT = 100
+
+
+def short_repr(value: object) -> str:
+    """A repr of ``value`` bounded in length and depth, for error messages that echo user input.
+
+    A hostile file can hold a value whose full repr is gigabytes (nested YAML aliases); messages quote this instead.
+    """
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHORT_REPR_LIMIT else text[:SHORT_REPR_LIMIT - 3] + "..."
+
 
 class MuscoError(Exception):
     """Base class of every error musco-core raises on purpose."""

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, MuscoError
 from .registry import Registry, default_registry
