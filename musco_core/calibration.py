@@ -13,42 +13,18 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import attrs
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 from tqdm.auto import tqdm
 
-from .components import LayerSpec
+from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 
 log = logging.getLogger(__name__)
 
 #: Feature rows turned into float64 at once: bounds the transient copy to about 128 MiB per layer call.
 CHUNK_ELEMENTS = 1 << 24
-
-
-@attrs.frozen(eq=False)
-class InputStats:
-    """Second moment ``E[x x^T]`` (uncentered, float64, ``F x F``) of a layer's input features over ``count`` rows.
-
-    Features are ordered as the layer's ``weight.reshape(out, -1)`` columns: input channel, then kernel position.
-    """
-
-    second_moment: torch.Tensor
-    count: int
-
-    @property
-    def n_features(self) -> int:
-        return self.second_moment.shape[0]
-
-    def group(self, g: int, groups: int) -> InputStats:
-        """The statistics of group ``g``'s input features (the contiguous ``g``-th of ``groups`` blocks)."""
-        if groups < 1 or self.n_features % groups or not 0 <= g < groups:
-            raise ValueError(f"group {g} of {groups}: {self.n_features} features do not split into {groups} groups")
-        size = self.n_features // groups
-        block = slice(g * size, (g + 1) * size)
-        return InputStats(self.second_moment[block, block], self.count)
 
 
 def _explicit_padding(spec: LayerSpec) -> list[tuple[int, int]]:

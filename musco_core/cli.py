@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from .errors import MuscoError
+from .errors import MuscoError, short_repr
 from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, read_yaml
 
 log = logging.getLogger("musco_core")
@@ -145,7 +145,10 @@ def main() -> None:
               help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
 @click.option("--finetune", "finetune_spec", metavar="PKG.MODULE:FUNCTION",
               help="Called as FUNCTION(model, step) after every compression step.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in an OUT that holds another run's output (files musco-core did not write are "
+                   "never deleted).")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
                    "tensor, split into batches along its first axis.")
@@ -153,35 +156,81 @@ def main() -> None:
               help="Inputs per calibration batch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
-def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, calibration_path,
-             calibration_batch_size, quiet) -> None:
+def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, overwrite,
+             calibration_path, calibration_batch_size, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
-    The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed run continues
-    when the same command is run again with --resume.
+    The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
+    continues when the same command is run again with --resume. OUT is locked while the run writes to it.
     """
     from .compressor import Compressor
-    from .io import save_compressed
+    from .io import claim_folder, output_lock, save_compressed
+    from .schedule import load_schedule
 
+    if resume and overwrite:
+        raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _setup_logging(quiet)
     finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
     model, example = _load_model(model_spec, weights), _input_shape(input_shape)
     calibration = _calibration_batches(calibration_path, calibration_batch_size)
     checkpoints = out_dir / "checkpoints"
-    if resume:
-        compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                       calibration_data=calibration)
-    else:
-        compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet,
-                                          calibration_data=calibration)
-    while not compressor.done:
-        compressor.compression_step()
-        if finetune is not None:
-            finetune(compressor.compressed_model, compressor.curr_iter)
-        compressor.save_state(checkpoints)
-    save_compressed(compressor, out_dir)
+    with output_lock(out_dir):
+        if resume:
+            compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                           calibration_data=calibration)
+            codec = ScheduleCodec(compressor.registry)
+            if codec.unstructure(load_schedule(config_path, compressor.registry)) != codec.unstructure(
+                    compressor.initial_schedule):
+                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with; "
+                                   f"resume with that schedule, or start a new run with --overwrite")
+        else:
+            compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet,
+                                              calibration_data=calibration)
+        run_id = compressor.state.run_id
+        claim_folder(out_dir, "output", run_id, overwrite=overwrite)
+        claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
+        try:
+            while not compressor.done:
+                compressor.compression_step()
+                if finetune is not None:
+                    _call_finetune(finetune, finetune_spec, compressor, checkpoints)
+                compressor.save_state(checkpoints, overwrite=overwrite)
+        except KeyboardInterrupt:
+            raise Interrupted(_resume_hint(checkpoints)) from None
+        save_compressed(compressor, out_dir)
     click.echo(compressor.report().to_table())
     click.echo(f"\nsaved to {out_dir}")
+
+
+def _resume_hint(checkpoints: Path) -> str:
+    """Where an interrupted run can continue from: the state LATEST names, if any was saved."""
+    from .io import latest_state
+
+    try:
+        step_dir, _ = latest_state(checkpoints)
+    except MuscoError:
+        return "no step was saved yet; run the command again to start over"
+    return f"the last complete state is {step_dir}; run the same command with --resume to continue"
+
+
+def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
+    """Runs the user's fine-tuning; its failure is one line that says where the run can resume from."""
+    try:
+        finetune(compressor.compressed_model, compressor.curr_iter)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # the user's code: one line, and nothing of the step is saved
+        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
+                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from None
+
+
+class Interrupted(UsageProblem):
+    """Ctrl-C: nothing partial was saved; exit code 130 as shells expect."""
+
+    exit_code = 130
+
+    def format_message(self) -> str:
+        return f"interrupted; nothing partial was saved: {self.message}"
 
 
 @main.group()

@@ -7,12 +7,16 @@ A plugin supplies component *classes* (see :mod:`musco_core.hookspecs`). Each cl
 * :class:`RankSelector` chooses the ranks of a decomposition for one layer at one stage.
 * :class:`LayerAdapter` reads a module type into a :class:`LayerSpec` and builds modules from factors.
 * :class:`Scheduler` decides which layers are compressed at each compression step.
+
+It imports nothing from the rest of musco-core but its errors, so a plugin (and every core module) can import it
+without pulling in the engine; the arithmetic a value needs from the core (composing factors, pricing ranks) is
+handed in as a function by the core.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -20,18 +24,60 @@ from torch import nn
 
 from .errors import UnsupportedLayerError
 
-if TYPE_CHECKING:
-    from .calibration import InputStats
-    from .schedule import RunSettings
-
-#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (1, 0)``.
+#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 0)``.
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
-PLUGIN_API_VERSION = (1, 1)
+#: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count.
+PLUGIN_API_VERSION = (2, 0)
 
 
 @attrs.frozen
 class NoParams:
     """Parameter class of a component that takes no parameters."""
+
+
+class Cost(NamedTuple):
+    """What a layer (or its factor chain) costs: weights, and multiply-accumulates on the example input (None when
+    no input shape is known)."""
+
+    params: int
+    macs: int | None = None
+
+    def smaller_than(self, other: Cost) -> bool:
+        """The one rule for "this makes the layer smaller": fewer weights, and fewer MACs wherever both are known."""
+        return self.params < other.params and (self.macs is None or other.macs is None or self.macs < other.macs)
+
+
+def round_ranks(ranks: Sequence[int], multiple: int, limits: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The one rank-rounding rule: each rank up to a multiple of ``multiple`` (at least one multiple), then clamped
+    to the layer's ``limits`` when given (and to 1). Rounding up never gives a layer less than the rank asked for."""
+    rounded = [max(multiple, -(-rank // multiple) * multiple) for rank in ranks]
+    if limits is not None:
+        rounded = [min(rank, limit) for rank, limit in zip(rounded, limits, strict=True)]
+    return tuple(max(1, rank) for rank in rounded)
+
+
+@attrs.frozen(eq=False)
+class InputStats:
+    """Second moment ``E[x x^T]`` (uncentered, float64, ``F x F``) of a layer's input features over ``count`` rows.
+
+    Features are ordered as the layer's ``weight.reshape(out, -1)`` columns: input channel, then kernel position
+    (see :mod:`musco_core.calibration`, which collects them).
+    """
+
+    second_moment: torch.Tensor
+    count: int
+
+    @property
+    def n_features(self) -> int:
+        return self.second_moment.shape[0]
+
+    def group(self, g: int, groups: int) -> InputStats:
+        """The statistics of group ``g``'s input features (the contiguous ``g``-th of ``groups`` blocks)."""
+        if groups < 1 or self.n_features % groups or not 0 <= g < groups:
+            raise ValueError(f"group {g} of {groups}: {self.n_features} features do not split into {groups} groups")
+        size = self.n_features // groups
+        block = slice(g * size, (g + 1) * size)
+        return InputStats(self.second_moment[block, block], self.count)
 
 
 @attrs.frozen
@@ -127,23 +173,24 @@ class WeightSource:
 
     ``previous`` names the decomposition that produced ``factors`` when the layer was compressed before;
     a decomposer may re-compress its own factors directly (e.g. Tucker2 re-decomposes only its core) or fall
-    back to :attr:`weight`, the dense weight rebuilt from the factors. ``input_stats`` holds the second moment
-    of the layer's input features on the calibration data (see :mod:`musco_core.calibration`), for a
-    decomposer that sets ``needs_input_stats``; it is None otherwise.
+    back to :attr:`weight`, the dense weight rebuilt from the factors. ``dense`` is that weight, or a function
+    that computes it when first asked (the core passes one, as rebuilding it costs time and memory).
+    ``input_stats`` holds the second moment of the layer's input features on the calibration data (see
+    :mod:`musco_core.calibration`), for a decomposer that sets ``needs_input_stats``; it is None otherwise.
     """
 
     spec: LayerSpec
     factors: list[Factor] | None = None
     previous: str | None = None
-    _dense: torch.Tensor | None = attrs.field(default=None, alias="dense")
+    _dense: torch.Tensor | Callable[[], torch.Tensor] | None = attrs.field(default=None, alias="dense")
     input_stats: InputStats | None = None
 
     @property
     def weight(self) -> torch.Tensor:
+        if callable(self._dense):
+            self._dense = self._dense()
         if self._dense is None:
-            from .factors import compose_factors
-
-            self._dense = compose_factors(self.spec, self.factors or [])
+            raise ValueError(f"a WeightSource of a {self.spec.describe()} was made without its dense weight")
         return self._dense
 
     def previous_weights(self, decomposition: str) -> list[torch.Tensor] | None:
@@ -219,6 +266,7 @@ class LayerChoice:
     layer's geometry, ``current`` its chain of factors as it is now (one factor when not compressed yet) and
     ``input_shape`` its input on the example input (None when unknown). ``sensitivity`` is how much the model's
     loss grows per unit of the layer's relative squared weight error, from a sensitivity pass (1.0 without one).
+    ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`).
     """
 
     name: str
@@ -226,18 +274,17 @@ class LayerChoice:
     spec: LayerSpec
     sources: tuple[WeightSource, ...]
     current: tuple[FactorLayout, ...]
+    price: Callable[[tuple[int, ...] | None], Cost]
     input_shape: tuple[int, ...] | None = None
     sensitivity: float = 1.0
 
-    def cost(self, ranks: tuple[int, ...] | None = None) -> tuple[int, int | None]:
-        """(weights, MACs) of the layer factorized at ``ranks``, or as it is now for None (MACs None if unknown)."""
-        from .engine import widen
-        from .factors import chain_macs
+    def cost(self, ranks: tuple[int, ...] | None = None) -> Cost:
+        """The cost of the layer factorized at ``ranks``, or as it is now for None."""
+        return self.price(ranks)
 
-        layouts = self.current if ranks is None else [
-            widen(layout, self.spec.groups) for layout in self.decomposer.layout(self.sources[0].spec, ranks)]
-        macs = None if self.input_shape is None else chain_macs(self.spec, layouts, self.input_shape)
-        return sum(layout.n_params for layout in layouts), macs
+    def shrinks(self, ranks: tuple[int, ...]) -> bool:
+        """Whether factorizing at ``ranks`` makes the layer smaller than it is now (what the engine requires)."""
+        return self.cost(ranks).smaller_than(self.cost())
 
 
 @attrs.frozen
@@ -288,8 +335,9 @@ class RankSelector:
         """What is wrong with these parameters for that decomposition (``"key: problem"``), or None."""
         return None
 
-    def check_layer(self, params, decomposer: Decomposer, source: WeightSource, n_stages: int) -> str | None:
-        """Why these parameters cannot serve ``n_stages`` compressions of this layer (one group of it), or None."""
+    def check_layer(self, params, decomposer: Decomposer, source: WeightSource, stages: range) -> str | None:
+        """Why these parameters cannot serve the compressions ``stages`` (0-based, those still to run) of this layer
+        as it is now (one group of it), or None. A resumed run asks only about the stages it has left."""
         return None
 
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params) -> tuple[int, ...]:
@@ -332,11 +380,14 @@ class LayerAdapter:
 
 
 class Scheduler:
-    """Decides which layers are compressed at each step; the user fine-tunes between steps."""
+    """Decides which layers are compressed at each step; the user fine-tunes between steps.
+
+    :meth:`plan` gets the run's :class:`musco_core.schedule.RunSettings`.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
 
-    def plan(self, layer_names: Sequence[str], settings: RunSettings, params) -> list[list[str]]:
+    def plan(self, layer_names: Sequence[str], settings, params) -> list[list[str]]:
         """The steps: each a list of layer names compressed together, in order."""
         raise NotImplementedError

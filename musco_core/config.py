@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .components import WeightSource
+from .components import Cost, WeightSource
 from .errors import ConfigError
 from .registry import Registry, default_registry
 from .schedule import ModelSchedule, ScheduleCodec
@@ -39,7 +39,7 @@ def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params,
     ranks = registry.rank_selectors.get(rank_selection).select(decomposer, source, 0, params)
     if any(r > m for r, m in zip(ranks, limits)):
         return f"ranks {ranks} would exceed the layer's dimensions {limits}"
-    if decomposer.count_params(spec, ranks) >= spec.n_weights:
+    if not Cost(decomposer.count_params(spec, ranks)).smaller_than(Cost(spec.n_weights)):
         return f"ranks {ranks} would not reduce its {spec.n_weights} weights"
     return None
 

@@ -1,6 +1,7 @@
 """Compressing one layer: read it, choose ranks, refuse a 'compression' that grows it, factorize, rebuild."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -9,12 +10,11 @@ import attrs
 import torch
 from torch import nn
 
-from .calibration import InputStats
-from .components import Factor, FactorLayout, LayerSpec, WeightSource
+from .components import Factor, InputStats, LayerSpec, WeightSource, round_ranks
 from .errors import CompressionError, UnsupportedLayerError
-from .factors import chain_macs, compose_factors, dense_weight, layer_layout
+from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
-from .schedule import LayerSchedule, RunSettings
+from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
 from .surgery import FactorizedLayer
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,15 @@ class LayerResult:
     name: str
     decomposition: str
     rank_selection: str
-    stage: int
+    stage: NonNegativeInt
     ranks: tuple[int, ...] | None
     applied: bool
-    params_before: int
-    params_after: int
-    macs_before: int | None = None
-    macs_after: int | None = None
-    relative_error: float | None = None
-    seconds: float = 0.0
+    params_before: NonNegativeInt
+    params_after: NonNegativeInt
+    macs_before: NonNegativeInt | None = None
+    macs_after: NonNegativeInt | None = None
+    relative_error: NonNegativeFloat | None = None
+    seconds: NonNegativeFloat = 0.0
     note: str | None = None
 
 
@@ -45,7 +45,8 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         adapter = registry.adapters.get(module.spec.adapter)
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)
-        return adapter, WeightSource(module.spec, factors, module.decomposition), bias
+        dense = functools.partial(compose_factors, module.spec, factors)
+        return adapter, WeightSource(module.spec, factors, module.decomposition, dense=dense), bias
     adapter = registry.adapter_for(module)
     if adapter is None:
         raise UnsupportedLayerError(f"layer {name!r}: no adapter handles {type(module).__name__}; "
@@ -73,20 +74,6 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
                                      stats.group(g, groups)) for g, block in enumerate(blocks)]
 
 
-def widen(layout: FactorLayout, groups: int) -> FactorLayout:
-    """A per-group factor layout repeated over ``groups`` groups side by side (one grouped conv)."""
-    if groups == 1:
-        return layout
-    return attrs.evolve(layout, out_channels=layout.out_channels * groups, in_channels=layout.in_channels * groups,
-                        groups=layout.groups * groups)
-
-
-def _clamp(ranks: Sequence[int], limits: Sequence[int]) -> tuple[tuple[int, ...], str | None]:
-    clamped = tuple(max(1, min(r, m)) for r, m in zip(ranks, limits))
-    note = None if clamped == tuple(ranks) else f"ranks {tuple(ranks)} clamped to {clamped} (the layer's limits)"
-    return clamped, note
-
-
 def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,
                    registry: Registry, input_shape: Sequence[int] | None = None, *,
                    ranks: tuple[int, ...] | None = None, keep_note: str | None = None,
@@ -112,8 +99,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     decomposer.check(group_spec)
     stage = schedule.curr_compr_iter
     current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
-    params_before = sum(layout.n_params for layout in current_layouts)
-    macs_before = None if input_shape is None else chain_macs(spec, current_layouts, input_shape)
+    params_before, macs_before = before = chain_cost(spec, current_layouts, input_shape)
     if keep_note is not None:
         log.info("layer %r: %s", name, keep_note)
         return None, LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, None, False,
@@ -123,18 +109,16 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         selector = registry.rank_selectors.get(schedule.rank_selection)
         ranks = tuple(max(per_group) for per_group in zip(
             *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
-    ranks = tuple(max(settings.rank_multiple, round(r / settings.rank_multiple) * settings.rank_multiple)
-                  for r in ranks)
-    ranks, note = _clamp(ranks, decomposer.max_ranks(group_sources[0]))
+    rounded = round_ranks(ranks, settings.rank_multiple)
+    ranks = round_ranks(rounded, settings.rank_multiple, decomposer.max_ranks(group_sources[0]))
+    note = None if ranks == rounded else f"ranks {rounded} clamped to {ranks} (the layer's limits)"
 
     layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
-    params_after = sum(layout.n_params for layout in layouts)
-    macs_after = None if input_shape is None else chain_macs(spec, layouts, input_shape)
+    params_after, macs_after = after = chain_cost(spec, layouts, input_shape)
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
 
-    grows = params_after >= params_before or (macs_after is not None and macs_after >= macs_before)
-    if grows and not schedule.force:
+    if not after.smaller_than(before) and not schedule.force:
         reason = (f"kept as is: {schedule.decomposition} at ranks {ranks} would not be smaller "
                   f"({params_after} vs {params_before} weights"
                   + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else ")"))

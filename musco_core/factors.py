@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import attrs
 import torch
 
-from .components import Factor, FactorLayout, LayerSpec
+from .components import Cost, Factor, FactorLayout, LayerSpec
 
 
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -71,3 +72,17 @@ def layer_layout(spec: LayerSpec) -> list[FactorLayout]:
     """The original layer seen as a chain of one factor, so it is counted by the same arithmetic."""
     return [FactorLayout(spec.out_channels, spec.in_channels, spec.kernel_size, spec.groups,
                          tuple(range(spec.spatial_dims)), spec.has_bias)]
+
+
+def widen(layout: FactorLayout, groups: int) -> FactorLayout:
+    """A per-group factor layout repeated over ``groups`` groups side by side (one grouped conv)."""
+    if groups == 1:
+        return layout
+    return attrs.evolve(layout, out_channels=layout.out_channels * groups, in_channels=layout.in_channels * groups,
+                        groups=layout.groups * groups)
+
+
+def chain_cost(spec: LayerSpec, layouts: Sequence[FactorLayout], input_shape: Sequence[int] | None) -> Cost:
+    """Weights and MACs (None without an input shape) of a chain of factors standing for a layer of ``spec``."""
+    macs = None if input_shape is None else chain_macs(spec, layouts, input_shape)
+    return Cost(sum(layout.n_params for layout in layouts), macs)

@@ -1,6 +1,6 @@
-"""Saving and loading compressed models without pickle.
+"""Saving and loading compressed models and run states, without pickle and without ever losing the user's files.
 
-A saved model is a directory:
+A saved model is a folder, its *output set*:
 
 * ``model.safetensors``: every tensor of the state dict;
 * ``musco.yaml``: the factorized structure (each layer's geometry, decomposition, ranks and factor layouts), the
@@ -8,100 +8,292 @@ A saved model is a directory:
   that supplied the components;
 * ``report.json``: the compression report, when a Compressor is saved.
 
-Loading reads YAML safely and tensors with safetensors; nothing named in a file is imported or executed:
-component names are only looked up among the installed plugins.
+A run's states go to a checkpoint folder: ``step-NNNN/`` holds an output set and ``state.yaml`` (the
+:class:`~musco_core.state.RunState`), and ``LATEST`` names the newest complete one.
+
+Safety rules:
+
+* Every folder musco-core creates carries a marker file (``.musco-core``) naming the run that wrote it. Nothing
+  without that marker is ever deleted, and a folder that holds another run's files (or files musco-core did not
+  write) is refused unless ``overwrite=True``.
+* An output set is replaced as a whole: the new set is written and synced in a staging folder, a journal records
+  the commit, then the files are renamed into place. A reader checks that the weights and the manifest carry the
+  same set id, so it never uses a mix; a save that fails (disk full) or is killed leaves the old set in place, and
+  the next save or load finishes an interrupted commit and removes dead staging folders.
+* A state folder is written under a staging name and renamed in whole; ``LATEST`` is replaced atomically after it.
+
+Loading reads YAML safely (bounded, see :func:`musco_core.schedule.read_yaml`) and tensors with safetensors; every
+declared shape is checked against the safetensors header before anything is allocated; nothing named in a file is
+imported or executed: component names are only looked up among the installed plugins.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
+from cattrs.gen import make_dict_structure_fn
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no advisory locks
+    fcntl = None
+
 from ._version import __version__
 from .components import Factor, FactorLayout, LayerSpec
-from .errors import ConfigError, MuscoError
+from .errors import ConfigError, MuscoError, short_repr
 from .registry import Registry, default_registry
-from .schedule import SCHEMA_VERSION, key_path, make_converter, plain_data, read_yaml, write_text_atomic
+from .report import CompressionReport
+from .schedule import (SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data, read_yaml,
+                       validation_problems, write_text_atomic)
+from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 
 MANIFEST = "musco.yaml"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
+STATE_FILE = "state.yaml"
+LATEST_FILE = "LATEST"
+MARKER = ".musco-core"
+JOURNAL = ".musco-commit"
+LOCK_FILE = ".musco-lock"
 MANIFEST_FORMAT = 1
+#: Metadata key of the weights file that ties it to its manifest.
+SET_ID_KEY = "musco_set_id"
+STEP_NAME = re.compile(r"step-[0-9]{4,9}(-[0-9a-f]{8})?")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+# -- markers: which folders musco-core wrote, and for which run --------------------------------------------------
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a folder musco-core wrote, or None (no marker, or one it cannot read: then not ours)."""
+    path = folder / MARKER
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 4096:
+            return None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict) or data.get("created_by") != "musco-core" or not isinstance(data.get("kind"), str):
+        return None
+    return data
+
+
+def _write_marker(folder: Path, kind: str, run_id: str | None) -> None:
+    write_text_atomic(folder / MARKER, yaml.safe_dump({"created_by": "musco-core", "kind": kind, "run_id": run_id,
+                                                       "pid": os.getpid()}, sort_keys=False))
+
+
+def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, overwrite: bool = False) -> Path:
+    """Makes ``folder`` this run's ``kind`` folder (``output`` or ``checkpoints``), creating it if needed.
+
+    A folder that holds another run's files, or files musco-core did not write, is a ConfigError unless
+    ``overwrite``; even then nothing in it that musco-core did not write is removed.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: is a file; expected a folder for the {kind}")
+    marker = _read_marker(folder) if folder.exists() else None
+    if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id:
+        return folder
+    if not overwrite:
+        if marker is not None:
+            raise ConfigError(f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, "
+                              f"choose another folder, or pass overwrite=True (--overwrite) to replace it")
+        if folder.exists() and any(child.name != LOCK_FILE for child in folder.iterdir()):
+            raise ConfigError(f"{folder}: is not empty and was not written by musco-core; choose another folder, "
+                              f"or pass overwrite=True (--overwrite) to write into it (nothing of yours is deleted)")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_marker(folder, kind, run_id)
+    _fsync_dir(folder.parent)
+    return folder
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_ours(folder: Path) -> None:
+    """Removes a folder musco-core wrote, its marker last, so that a removal cut short leaves it still marked (and
+    removed by the next save) rather than an unmarked folder nobody may delete."""
+    for child in folder.iterdir():
+        if child.name != MARKER:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Removes staging folders of dead musco-core processes directly inside ``folder`` (by their marker only)."""
+    for child in folder.iterdir():
+        if not child.name.startswith(".") or not child.is_dir() or child.is_symlink():
+            continue
+        marker = _read_marker(child)
+        if marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid")):
+            _remove_ours(child)
+
+
+# -- durable writes -------------------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
+    staging = parent / f".{prefix}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    _write_marker(staging, "staging", run_id)
+    return staging
+
+
+# -- the manifest ---------------------------------------------------------------------------------------------
 @attrs.frozen
 class LayerRecord:
     """How one layer was factorized, enough to rebuild its modules before the weights are loaded."""
 
     decomposition: str
-    ranks: tuple[int, ...]
+    ranks: tuple[PositiveInt, ...]
     spec: LayerSpec
     factors: list[FactorLayout]
 
 
-def _converter() -> cattrs.Converter:
+@attrs.frozen
+class _Manifest:
+    """The typed fields of ``musco.yaml``."""
+
+    format: int
+    musco_core_version: str
+    components: dict[str, dict[str, str]]
+    layers: dict[str, LayerRecord]
+    schedule: dict
+    set_id: str | None = None
+
+
+def _spec_problem(spec: LayerSpec) -> str | None:
+    dims = len(spec.kernel_size)
+    if not spec.adapter:
+        return "adapter: expected a name"
+    if min(spec.out_channels, spec.in_channels, spec.groups) < 1:
+        return "expected positive out_channels, in_channels and groups"
+    if spec.out_channels % spec.groups or spec.in_channels % spec.groups:
+        return f"groups {spec.groups} does not divide {spec.in_channels} -> {spec.out_channels} channels"
+    if dims > 3 or len(spec.stride) != dims or len(spec.dilation) != dims:
+        return "expected kernel_size, stride and dilation of one length (0 to 3 spatial axes)"
+    if isinstance(spec.padding, str) and spec.padding not in ("same", "valid") or (
+            not isinstance(spec.padding, str) and (len(spec.padding) != dims or min(spec.padding, default=0) < 0)):
+        return f"padding: expected 'same', 'valid' or {dims} non-negative ints, got {short_repr(spec.padding)}"
+    if min((*spec.kernel_size, *spec.stride, *spec.dilation), default=1) < 1:
+        return "expected positive kernel sizes, strides and dilations"
+    if spec.padding_mode not in PADDING_MODES:
+        return f"padding_mode: expected one of {', '.join(PADDING_MODES)}, got {short_repr(spec.padding_mode)}"
+    return None
+
+
+def _record_problem(record: LayerRecord) -> str | None:
+    """What makes the record's chain of factors not a valid factorization of its layer, or None."""
+    spec = record.spec
+    problem = _spec_problem(spec)
+    if problem:
+        return f"spec: {problem}"
+    if not record.ranks or not record.factors:
+        return "expected ranks and at least one factor"
+    owners = []
+    for index, layout in enumerate(record.factors):
+        if min(layout.out_channels, layout.in_channels, layout.groups) < 1 or (
+                layout.out_channels % layout.groups or layout.in_channels % layout.groups):
+            return f"factors[{index}]: expected positive channels divisible by groups"
+        if len(layout.kernel_size) != spec.spatial_dims or min(layout.kernel_size, default=1) < 1 or any(
+                size not in (1, spec.kernel_size[axis]) for axis, size in enumerate(layout.kernel_size)):
+            return f"factors[{index}].kernel_size: {list(layout.kernel_size)} does not fit the layer's kernel"
+        if not set(layout.axes) <= set(range(spec.spatial_dims)):
+            return f"factors[{index}].axes: {list(layout.axes)} are not axes of the layer"
+        owners += layout.axes
+    if sorted(owners) != list(range(spec.spatial_dims)):
+        return "factors: every spatial axis must be owned by exactly one factor"
+    chain = [spec.in_channels] + [value for layout in record.factors
+                                  for value in (layout.in_channels, layout.out_channels)] + [spec.out_channels]
+    if any(chain[i] != chain[i + 1] for i in range(0, len(chain), 2)):
+        return "factors: the channels of consecutive factors do not connect the layer's input to its output"
+    if sum(layout.bias for layout in record.factors) != spec.has_bias:
+        return "factors: exactly one factor carries the bias when the layer has one, none otherwise"
+    return None
+
+
+def _manifest_converter() -> cattrs.Converter:
     converter = make_converter()
     converter.register_structure_hook(
         tuple[int, ...] | str, lambda value, _: value if isinstance(value, str) else
         converter.structure(value, tuple[int, ...]))
+    base = make_dict_structure_fn(LayerRecord, converter, _cattrs_forbid_extra_keys=True)
+
+    def record(value: Any, _type=None) -> LayerRecord:
+        structured = base(value, LayerRecord)
+        problem = _record_problem(structured)
+        if problem:
+            raise ValueProblem(problem)
+        return structured
+
+    converter.register_structure_hook(LayerRecord, record)
     return converter
 
 
+def read_manifest(directory: str | os.PathLike) -> dict[str, LayerRecord]:
+    """The factorized structure recorded in ``directory/musco.yaml``, checked field by field."""
+    return _read_manifest(Path(directory))[0]
+
+
+def _read_manifest(directory: Path) -> tuple[dict[str, LayerRecord], str | None]:
+    path = directory / MANIFEST
+    data = read_yaml(path)
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path}: not a musco-core model manifest of format {MANIFEST_FORMAT}")
+    try:
+        manifest = _manifest_converter().structure(data, _Manifest)
+    except (cattrs.BaseValidationError, ValueProblem) as exc:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in validation_problems(exc))) from None
+    return manifest.layers, manifest.set_id
+
+
+# -- writing output sets ----------------------------------------------------------------------------------------
 def _factorized_layers(model: nn.Module) -> dict[str, FactorizedLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, FactorizedLayer)}
-
-
-def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, registry: Registry | None = None) -> Path:
-    """Writes a compressed model (or a Compressor's model, schedule and report) to ``directory``.
-
-    Save before :func:`standardize_model`: the factorized layers carry the structure that loading rebuilds.
-    Each file is written atomically, so an interrupted save never leaves a half-written file.
-    """
-    from .compressor import Compressor
-
-    compressor = model_or_compressor if isinstance(model_or_compressor, Compressor) else None
-    model = compressor.compressed_model if compressor else model_or_compressor
-    registry = registry or (compressor.registry if compressor else default_registry())
-    layers = _factorized_layers(model)
-    if not layers and compressor is None:
-        raise MuscoError("the model has no factorized layers to save (was standardize_model called already?)")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    converter = _converter()
-    records = {name: converter.unstructure(LayerRecord(m.decomposition, m.ranks, m.spec, list(m.layouts)))
-               for name, m in layers.items()}
-    components = {(role, name) for m in layers.values()
-                  for role, name in (("decomposition", m.decomposition), ("layer adapter", m.spec.adapter))}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "musco_core_version": __version__,
-        "components": {f"{role}/{name}": _provenance(registry, role, name) for role, name in sorted(components)},
-        "layers": plain_data(records),
-        "schedule": {"version": SCHEMA_VERSION, "layers": {
-            name: {"decomposition": m.decomposition, "rank_selection": "manual", "manual_rank": [list(m.ranks)]}
-            for name, m in layers.items()}},
-    }
-    temporary = directory / f".{WEIGHTS}.tmp-{os.getpid()}"
-    try:
-        save_model(model, str(temporary), metadata={"musco_core_version": __version__})
-        os.replace(temporary, directory / WEIGHTS)
-    finally:
-        temporary.unlink(missing_ok=True)
-    write_text_atomic(directory / MANIFEST, yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None))
-    if compressor is not None:
-        write_text_atomic(directory / REPORT, compressor.report().to_json())
-    return directory
 
 
 def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
@@ -112,23 +304,128 @@ def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
     return {"plugin": source.name, "distribution": source.distribution, "version": source.version}
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, LayerRecord]:
-    """The factorized structure recorded in ``directory/musco.yaml``, checked field by field."""
-    path = Path(directory) / MANIFEST
-    data = read_yaml(path)
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("layers"), dict):
-        raise ConfigError(f"{path}: not a musco-core model manifest of format {MANIFEST_FORMAT}")
-    converter, records, problems = _converter(), {}, []
-    for name, raw in data["layers"].items():
-        try:
-            records[name] = converter.structure(raw, LayerRecord)
-        except (cattrs.BaseValidationError, ValueError) as exc:
-            where = key_path("$.layers", str(name))
-            problems += [f"{path}: {line}" for line in cattrs.transform_error(exc, path=where)] \
-                if isinstance(exc, cattrs.BaseValidationError) else [f"{path}: {where}: {exc}"]
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return records
+def _write_set_files(folder: Path, model: nn.Module, registry: Registry, report: CompressionReport | None,
+                     set_id: str) -> list[str]:
+    """Writes the output set's files into ``folder`` (a fresh staging folder) and syncs them; their names."""
+    layers = _factorized_layers(model)
+    converter = _manifest_converter()
+    records = {name: converter.unstructure(LayerRecord(m.decomposition, m.ranks, m.spec, list(m.layouts)))
+               for name, m in layers.items()}
+    components = {(role, name) for m in layers.values()
+                  for role, name in (("decomposition", m.decomposition), ("layer adapter", m.spec.adapter))}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "musco_core_version": __version__,
+        "set_id": set_id,
+        "components": {f"{role}/{name}": _provenance(registry, role, name) for role, name in sorted(components)},
+        "layers": plain_data(records),
+        "schedule": {"version": SCHEMA_VERSION, "layers": {
+            name: {"decomposition": m.decomposition, "rank_selection": "manual", "manual_rank": [list(m.ranks)]}
+            for name, m in layers.items()}},
+    }
+    save_model(model, str(folder / WEIGHTS), metadata={"musco_core_version": __version__, SET_ID_KEY: set_id})
+    (folder / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None),
+                                   encoding="utf-8")
+    names = [WEIGHTS, MANIFEST]
+    if report is not None:
+        (folder / REPORT).write_text(json.dumps({**report.to_dict(), "set_id": set_id}, indent=2), encoding="utf-8")
+        names.append(REPORT)
+    for name in names:
+        _fsync_file(folder / name)
+    _fsync_dir(folder)
+    return names
+
+
+def _finish_commit(directory: Path) -> None:
+    """Completes a commit the journal in ``directory`` records (idempotent), then removes journal and staging."""
+    journal = directory / JOURNAL
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+        staging = directory / entry["staging"]
+        files = [name for name in entry["files"] if name in (WEIGHTS, MANIFEST, REPORT)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{journal}: an interrupted save left a journal that cannot be read ({exc}); remove it "
+                          f"and save again") from None
+    marker = _read_marker(staging) if staging.parent == directory and staging.is_dir() else None
+    if marker is not None and marker["kind"] == "staging":
+        for name in files:
+            if (staging / name).exists():
+                os.replace(staging / name, directory / name)
+        _fsync_dir(directory)
+        _remove_ours(staging)
+    journal.unlink(missing_ok=True)
+
+
+def _recover(directory: Path) -> None:
+    """Finishes an interrupted commit of an output set and removes dead staging folders, in ``directory``."""
+    if (directory / JOURNAL).exists():
+        _finish_commit(directory)
+    _remove_dead_staging(directory)
+
+
+def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str | None) -> None:
+    """Writes a new output set with ``write(staging)`` and swaps it in as a whole (see the module docstring)."""
+    _recover(directory)
+    staging = _new_staging(directory, "set", run_id)
+    try:
+        files = write(staging)
+        write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
+        _fsync_dir(directory)
+    except BaseException:
+        _remove_ours(staging)
+        raise
+    _finish_commit(directory)
+
+
+def _compressor_parts(model_or_compressor: Any) -> tuple[nn.Module, CompressionReport | None, str | None, Any]:
+    """(model, report, run id, registry) of a Compressor (anything with ``compressed_model`` and ``state``) or of
+    a model."""
+    if isinstance(model_or_compressor, nn.Module):
+        return model_or_compressor, None, None, None
+    model = model_or_compressor.compressed_model
+    return model, model_or_compressor.report(), model_or_compressor.state.run_id, model_or_compressor.registry
+
+
+def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, registry: Registry | None = None, *,
+                    overwrite: bool = False) -> Path:
+    """Writes a compressed model (or a Compressor's model and report) to ``directory`` as one output set.
+
+    Save before :func:`standardize_model`: the factorized layers carry the structure that loading rebuilds. The
+    set is replaced as a whole (see the module docstring). ``directory`` may already hold an output set of the same
+    run (a Compressor's) or of a bare model (for a model); anything else is refused unless ``overwrite``.
+    """
+    model, report, run_id, own_registry = _compressor_parts(model_or_compressor)
+    registry = registry or own_registry or default_registry()
+    if report is None and not _factorized_layers(model):
+        raise MuscoError("the model has no factorized layers to save (was standardize_model called already?)")
+    directory = claim_folder(directory, "output", run_id, overwrite=overwrite)
+    set_id = uuid.uuid4().hex
+    _commit_set(directory, lambda staging: _write_set_files(staging, model, registry, report, set_id), run_id)
+    return directory
+
+
+# -- loading output sets -----------------------------------------------------------------------------------------
+def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and metadata of a safetensors file, from its header alone (nothing is loaded)."""
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            return ({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()},
+                    dict(handle.metadata() or {}))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"{weights}: cannot read: {short_repr(str(exc))}") from None
+
+
+def _check_shapes(directory: Path, name: str, record: LayerRecord, aliases: list[str],
+                  shapes: Mapping[str, tuple[int, ...]], renamed: Mapping[str, str]) -> None:
+    """A ConfigError unless the weights file holds every factor of the record with the shape it declares."""
+    for index, layout in enumerate(record.factors):
+        expected = {"weight": layout.weight_shape, **({"bias": (layout.out_channels,)} if layout.bias else {})}
+        for kind, shape in expected.items():
+            keys = [renamed.get(key, key) for key in (f"{alias}.{index}.{kind}" for alias in aliases)]
+            found = next((shapes[key] for key in keys if key in shapes), None)
+            if found != shape:
+                raise ConfigError(f"{directory / MANIFEST}: layer {name!r}: factor {index} declares a {kind} of shape "
+                                  f"{shape}, {directory / WEIGHTS} holds {found}")
 
 
 def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry | None = None
@@ -139,7 +436,15 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     """
     registry = registry or default_registry()
     directory = Path(directory)
-    records = read_manifest(directory)
+    if (directory / JOURNAL).exists():
+        _finish_commit(directory)
+    records, set_id = _read_manifest(directory)
+    weights = directory / WEIGHTS
+    shapes, metadata = _header(weights)
+    if SET_ID_KEY in metadata and metadata[SET_ID_KEY] != set_id:  # weights another tool wrote carry no set id
+        raise ConfigError(f"{weights}: is not the weights file of {directory / MANIFEST} (they come from different "
+                          f"saves); save the model again")
+    renamed = {key: value for key, value in metadata.items() if key in shapes or value in shapes}
     model = copy.deepcopy(fresh_model)
     paths = module_paths(model)
     modules = dict(model.named_modules())
@@ -156,6 +461,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         spec, weight, _ = adapter.read(module)
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
+        _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
         placeholders = [Factor(layout, torch.zeros(layout.weight_shape, dtype=weight.dtype, device=weight.device),
                                torch.zeros(layout.out_channels, dtype=weight.dtype, device=weight.device)
                                if layout.bias else None) for layout in record.factors]
@@ -165,25 +471,135 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         new.train(module.training)
         for path in paths[id(module)]:
             replace_module(model, path, new)
-    weights = directory / WEIGHTS
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (OSError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"{weights}: cannot load: {exc}") from None
+        raise ConfigError(f"{weights}: cannot load: {short_repr(str(exc))}") from None
     if missing or unexpected:
         raise ConfigError(f"{weights}: does not fit the rebuilt model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
     return model
 
 
-def read_report(directory: str | os.PathLike):
+def read_report(directory: str | os.PathLike) -> CompressionReport:
     """The :class:`~musco_core.report.CompressionReport` saved in ``directory``."""
-    from .report import CompressionReport
-
-    path = Path(directory) / REPORT
+    directory = Path(directory)
+    if (directory / JOURNAL).exists():
+        _finish_commit(directory)
+    path = directory / REPORT
     try:
         return CompressionReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a musco-core report: {exc}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a musco-core report: {short_repr(str(exc))}") from None
+
+
+# -- run states ------------------------------------------------------------------------------------------------
+def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, *, registry: Registry,
+               report: CompressionReport, overwrite: bool = False) -> Path:
+    """Saves the model and the run state after a step as ``directory/step-NNNN`` and points ``LATEST`` at it.
+
+    The step folder is written and synced under a staging name and renamed in whole, and LATEST is replaced
+    atomically after it, so a run killed while saving resumes from the previous complete state. Then this run's
+    older states are removed: only folders with this run's marker, never anything else in ``directory``.
+    """
+    directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
+    _remove_dead_staging(directory)
+    name = f"step-{state.next_step:04d}"
+    if (directory / name).exists():  # saved again after the same step: a new folder, so LATEST always has one
+        name = f"{name}-{uuid.uuid4().hex[:8]}"
+    target = directory / name
+    staging = _new_staging(directory, name, state.run_id)
+    try:
+        _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
+        write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
+                                                               sort_keys=False, default_flow_style=None))
+        _fsync_file(staging / STATE_FILE)
+        _write_marker(staging, "state", state.run_id)
+        _fsync_dir(staging)
+        os.replace(staging, target)
+    except BaseException:
+        if staging.exists():
+            _remove_ours(staging)
+        raise
+    _fsync_dir(directory)
+    write_text_atomic(directory / LATEST_FILE, name + "\n")
+    _fsync_dir(directory)
+    for old in directory.iterdir():
+        marker = _read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
+        if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
+            _remove_ours(old)
+    return target
+
+
+def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
+    """Whether ``folder`` carries musco-core's marker of ``kind`` for the run ``run_id``."""
+    marker = _read_marker(folder)
+    return marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id
+
+
+def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
+    """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
+    step folder directly inside it that this run wrote."""
+    directory = Path(directory)
+    marker = _read_marker(directory) if directory.is_dir() else None
+    if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
+        raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
+    latest = directory / LATEST_FILE
+    try:
+        if latest.is_symlink() or not latest.is_file() or latest.stat().st_size > 64:
+            raise ConfigError(f"{latest}: expected a small file naming a step folder; nothing to resume")
+        name = latest.read_bytes().decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{latest}: cannot read: {exc.strerror or exc}; nothing to resume") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{latest}: not UTF-8 text; expected a step folder name such as step-0003") from None
+    if not STEP_NAME.fullmatch(name):
+        raise ConfigError(f"{latest}: names {short_repr(name)}; expected a step folder directly inside "
+                          f"{directory}, such as step-0003")
+    step_dir = directory / name
+    if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
+        raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
+    return step_dir, marker["run_id"]
+
+
+def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry
+               ) -> tuple[nn.Module, RunState, str]:
+    """The model and the run state of the newest complete state in a checkpoint folder, and the state file's name
+    for messages. The state's fields are checked on their own here; :func:`musco_core.run.check_resumable` checks
+    them against the schedule and the model."""
+    step_dir, run_id = latest_state(directory)
+    origin = str(step_dir / STATE_FILE)
+    state = StateCodec(registry).structure(read_yaml(step_dir / STATE_FILE), origin)
+    if state.run_id != run_id:
+        raise ConfigError(f"{origin}: $.run_id: belongs to another run than {directory}")
+    return load_compressed(fresh_model, step_dir, registry), state, origin
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Holds an advisory lock on ``directory`` (created if needed) for one writer; a second gets a ConfigError
+    naming the holder's pid. The lock is released when the holder exits, however it exits."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as handle:
+        if fcntl is None:  # pragma: no cover - runs are not guarded where there are no advisory locks
+            yield directory
+            return
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(32).strip() or "unknown"
+            raise ConfigError(f"{directory}: another musco-core process (pid {holder}) is writing here; wait for it "
+                              f"to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield directory
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

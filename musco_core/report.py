@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from .engine import LayerResult
+from .schedule import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 REPORT_FORMAT = 1
 
@@ -22,11 +23,11 @@ class BudgetRecord:
     at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``)."""
 
     selector: str
-    pass_index: int
-    n_passes: int
+    pass_index: NonNegativeInt
+    n_passes: PositiveInt
     metric: str
-    target: float
-    planned: float
+    target: NonNegativeFloat
+    planned: NonNegativeFloat
     note: str | None = None
 
     def describe(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NewType
@@ -125,7 +126,7 @@ def make_converter() -> cattrs.Converter:
     return converter
 
 
-def _format_problem(exc: BaseException, type_) -> str:
+def format_problem(exc: BaseException, type_) -> str:
     if isinstance(exc, ValueProblem):
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
@@ -165,6 +166,8 @@ class ModelSchedule:
     settings: RunSettings = attrs.field(factory=RunSettings)
     layers: dict[str, LayerSchedule | None] = attrs.field(factory=dict)
     version: int = SCHEMA_VERSION
+    #: Where the schedule came from (a file name, ``model_compr_kwargs``), for error messages; not part of its value.
+    origin: str = attrs.field(default="<schedule>", eq=False, repr=False, kw_only=True)
 
     def compressed_layers(self) -> list[str]:
         return [name for name, layer in self.layers.items() if layer is not None]
@@ -173,6 +176,21 @@ class ModelSchedule:
 def key_path(path: str, key: str) -> str:
     """``$.layers["layer2.1.conv2"]``: the cattrs-style path of a mapping entry."""
     return f'{path}["{key}"]'
+
+
+_QUOTED_KEY = re.compile(r"\['((?:[^'\\]|\\.)*)'\]")
+
+
+def validation_problems(exc: BaseException, path: str = "$") -> list[str]:
+    """``path.to.field: what was expected`` lines for a failed structuring, mapping keys written as
+    :func:`key_path` writes them."""
+    if isinstance(exc, ValueProblem):
+        return [f"{path}: {exc}"]
+    problems = []
+    for line in cattrs.transform_error(exc, path=path, format_exception=format_problem):
+        message, _, where = line.rpartition(" @ ")
+        problems.append(f"{_QUOTED_KEY.sub(lambda match: f'[{chr(34)}{match[1]}{chr(34)}]', where)}: {message}")
+    return problems
 
 
 class ScheduleCodec:
@@ -189,6 +207,16 @@ class ScheduleCodec:
 
         ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments).
         """
+        schedule, problems = self.structure_partial(data, origin, settings=settings)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return schedule
+
+    def structure_partial(self, data: Any, origin: str = "<schedule>", *,
+                          settings: Mapping[str, Any] | None = None) -> tuple[ModelSchedule, list[str]]:
+        """The valid part of a schedule and every problem of the rest (``origin: $.path: ...`` lines), so that
+        checks against a model can report their problems together with these. Invalid layers are left out;
+        invalid settings are replaced by the defaults."""
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: $: expected a mapping (a schedule or a {{layer: settings}} dict), "
@@ -218,21 +246,18 @@ class ScheduleCodec:
                 if not isinstance(name, str):
                     problems.append(f"{path}: expected a layer name (a string), got {name!r}")
                     continue
-                layers[name] = self._structure_layer(raw, path, problems)
-        if problems:
-            raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
-        return ModelSchedule(run_settings, layers)
+                known = len(problems)
+                layer = self._structure_layer(raw, path, problems)
+                if len(problems) == known:
+                    layers[name] = layer
+        schedule = ModelSchedule(run_settings or RunSettings(), layers, origin=origin)
+        return schedule, [f"{origin}: {problem}" for problem in problems]
 
     def _structure(self, value: Any, kind: type, path: str, problems: list[str]):
         try:
             return self.converter.structure(value, kind)
         except (cattrs.BaseValidationError, ValueProblem) as exc:
-            if isinstance(exc, ValueProblem):
-                problems.append(f"{path}: {exc}")
-                return None
-            for line in cattrs.transform_error(exc, path=path, format_exception=_format_problem):
-                message, _, where = line.rpartition(" @ ")
-                problems.append(f"{where}: {message}")
+            problems.extend(validation_problems(exc, path))
             return None
 
     def _structure_settings(self, raw: Any, problems: list[str]) -> RunSettings | None:

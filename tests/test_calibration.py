@@ -412,7 +412,7 @@ def test_from_yaml_with_calibration_data_end_to_end(registry, tmp_path, monkeypa
         calls.append((sorted(layers), {name: type(model.get_submodule(name)).__name__ for name in layers}))
         return original(model, layers, batches, **kwargs)
 
-    monkeypatch.setattr("musco_core.compressor.collect_input_stats", recording)
+    monkeypatch.setattr("musco_core.run.collect_input_stats", recording)
     compressor = Compressor.from_yaml(model, path, registry=registry, calibration_data=batches, progress=False)
     while not compressor.done:
         compressor.compression_step()

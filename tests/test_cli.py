@@ -66,7 +66,8 @@ def test_generate_validate_compress_report(factories):
     assert "parameters: 20,504 ->" in result.output
     import cli_factories
     assert cli_factories.STEPS == [1, 2]
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json", "checkpoints"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json", "checkpoints",
+                                               ".musco-core", ".musco-lock"}
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0002"
 
     result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",

@@ -39,7 +39,8 @@ def compressed():
 
 def test_save_then_load_gives_identical_outputs(tmp_path, compressed):
     save_compressed(compressed, tmp_path / "out")
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.safetensors", "musco.yaml", "report.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.safetensors", "musco.yaml", "report.json",
+                                                               ".musco-core"}
     fresh = make_trained_like(resnet18(num_classes=10, width=16), seed=99)
     before = copy.deepcopy(fresh.state_dict())
     loaded = load_compressed(fresh, tmp_path / "out").eval()
@@ -77,6 +78,7 @@ def test_a_weights_file_that_does_not_fit_is_a_clear_error(tmp_path, compressed)
     manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
     manifest["layers"]["layer1.0.conv1"]["ranks"] = [5, 5]
     manifest["layers"]["layer1.0.conv1"]["factors"][0]["out_channels"] = 5
+    manifest["layers"]["layer1.0.conv1"]["factors"][1]["in_channels"] = 5
     (tmp_path / "musco.yaml").write_text(yaml.safe_dump(manifest))
     with pytest.raises(ConfigError, match="model.safetensors"):
         load_compressed(make_model(), tmp_path)

@@ -44,7 +44,7 @@ def test_a_killed_run_resumes_to_the_same_ranks_and_weights(tmp_path):
 
 
 def test_resume_without_a_state_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="LATEST.*nothing to resume"):
+    with pytest.raises(ConfigError, match="not a musco-core checkpoint folder.*nothing to resume"):
         Compressor.resume(nn.Linear(4, 4), tmp_path)
 
 

@@ -13,7 +13,6 @@ times smaller, so each pass removes the same share.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
+from musco_core.components import round_ranks
 from musco_core.errors import ConfigError
 from musco_core.schedule import ReductionRate
 
@@ -80,16 +80,14 @@ def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1) -> L
     now = choice.cost()
     ranks_list, costs, seen = [], [], set()
     for r in range(decomposer.min_rank, max(limits) + 1):
-        ranks = tuple(min(limit, max(rank_multiple, math.ceil(rank / rank_multiple) * rank_multiple))
-                      for rank, limit in zip(decomposer.rank_family(choice.sources[0].spec, r), limits))
+        ranks = round_ranks(decomposer.rank_family(choice.sources[0].spec, r), rank_multiple, limits)
         if ranks in seen:
             continue
         seen.add(ranks)
-        cost = choice.cost(ranks)
-        if cost[0] >= now[0] or (cost[1] is not None and now[1] is not None and cost[1] >= now[1]):
+        if not choice.shrinks(ranks):
             break  # from here on the layer would not shrink: the engine would keep it as it is
         ranks_list.append(ranks)
-        costs.append(cost[index])
+        costs.append(choice.cost(ranks)[index])
     ranks_list.append(None)
     costs.append(now[index])
     order = np.argsort(costs, kind="stable")
@@ -157,14 +155,12 @@ def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOpti
             if current is None or len(current) < 2:
                 continue
             limits = choice.decomposer.max_ranks(choice.sources[0])
-            cost_now, cost_current = choice.cost(), choice.cost(current)
+            cost_current = choice.cost(current)
             for axis in range(len(current)):
                 raised = tuple(min(limits[i], r + rank_multiple) if i == axis else r for i, r in enumerate(current))
-                cost = choice.cost(raised)
-                extra = cost[index] - cost_current[index]
+                extra = choice.cost(raised)[index] - cost_current[index]
                 saved = layer.damage_of(current) - layer.damage_of(raised)
-                shrinks = cost[0] < cost_now[0] and (cost[1] is None or cost[1] < cost_now[1])
-                if raised != current and shrinks and 0 < extra <= left and saved > 0 and (
+                if raised != current and choice.shrinks(raised) and 0 < extra <= left and saved > 0 and (
                         best is None or saved / extra > best[0]):
                     best = (saved / extra, position, raised, extra)
         if best is None:

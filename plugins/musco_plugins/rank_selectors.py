@@ -42,13 +42,14 @@ class Manual(RankSelector):
         return (f"manual_rank[{stage}]: {decomposer.name} takes {len(decomposer.rank_names)} rank(s) "
                 f"({', '.join(decomposer.rank_names)}) per compression, got {list(ranks)}")
 
-    def check_layer(self, params: ManualParams, decomposer: Decomposer, source: WeightSource, n_stages: int
+    def check_layer(self, params: ManualParams, decomposer: Decomposer, source: WeightSource, stages: range
                     ) -> str | None:
-        if len(params.manual_rank) < n_stages:
+        if len(params.manual_rank) < stages.stop:
             return (f"manual_rank has {len(params.manual_rank)} entries but the layer is compressed "
-                    f"{n_stages} times; expected one rank per compression")
+                    f"{stages.stop} times; expected one rank per compression")
         limits = decomposer.max_ranks(source)
-        for stage, ranks in enumerate(params.manual_rank):
+        for stage in stages:
+            ranks = params.manual_rank[stage]
             if any(r > limit for r, limit in zip(ranks, limits)):
                 return (f"manual_rank[{stage}]: {list(ranks)} exceeds what {decomposer.name} can use on this "
                         f"layer ({', '.join(decomposer.rank_names)} at most {list(limits)})")

@@ -1,0 +1,145 @@
+"""Whole-model rank allocation: a rank selector of scope ``"model"`` chooses the ranks of every layer of a pass at once.
+
+A pass holds every layer that uses the selector at the same stage. When a step reaches the first of them, the
+selector sees them all together, on the model as it is then (with the step's earlier replacements counted), and
+fixes their ranks until each is compressed. With an ``evaluate`` function a sensitivity pass first measures how
+much each layer's compression alone hurts the model.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+from torch import nn
+from tqdm.auto import tqdm
+
+from .components import InputStats, LayerChoice, ModelTotals
+from .engine import LayerResult, compress_layer, read_layer, split_groups
+from .errors import CompressionError, MuscoError
+from .factors import chain_cost, layer_layout, widen
+from .report import BudgetRecord
+from .schedule import LayerSchedule, ModelSchedule
+from .state import RunContext, RunState
+from .surgery import module_paths, replace_module
+
+log = logging.getLogger(__name__)
+
+Ranks = tuple[int, ...]
+
+
+@attrs.frozen(eq=False)
+class Pending:
+    """A layer compressed earlier in the current step, not swapped in yet: the module, its replacement (None when
+    kept) and the result."""
+
+    module: nn.Module
+    new: nn.Module | None
+    result: LayerResult
+
+    @property
+    def current(self) -> nn.Module:
+        return self.module if self.new is None else self.new
+
+
+def layer_choice(name: str, module: nn.Module, layer: LayerSchedule, context: RunContext,
+                 input_stats: InputStats | None) -> LayerChoice:
+    """The layer as a whole-model selector sees it, priced with the report's own arithmetic."""
+    _, source, _ = read_layer(module, context.registry, name)
+    source.input_stats = input_stats
+    group_spec, group_sources = split_groups(source)
+    current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
+    decomposer = context.registry.decompositions.get(layer.decomposition)
+    stats = context.model_stats.layers.get(name)
+    input_shape = stats.input_shape if stats else None
+
+    def price(ranks: Ranks | None):
+        layouts = current if ranks is None else [widen(layout, source.spec.groups)
+                                                 for layout in decomposer.layout(group_spec, ranks)]
+        return chain_cost(source.spec, layouts, input_shape)
+
+    return LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape)
+
+
+def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
+                  input_stats: Mapping[str, InputStats]) -> dict[str, float]:
+    """Loss growth per unit of relative squared weight error of each layer, compressed alone at half its ranks,
+    relative to the mean over the layers (floored at 1% of it; 1.0 where nothing was measured).
+
+    Each probe is swapped in and back out, also on error, so the model is as it was afterwards.
+    """
+    paths = module_paths(model)
+    base = float(context.evaluate(model))
+    measured: dict[str, float] = {}
+    for choice in tqdm(choices, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
+                       disable=not (context.progress and sys.stderr.isatty())):
+        module = model.get_submodule(choice.name)
+        probe = tuple(max(choice.decomposer.min_rank, limit // 2)
+                      for limit in choice.decomposer.max_ranks(choice.sources[0]))
+        layer = attrs.evolve(schedule.layers[choice.name], force=True)
+        try:
+            new, result = compress_layer(module, choice.name, layer, schedule.settings, context.registry,
+                                         choice.input_shape, ranks=probe, input_stats=input_stats.get(choice.name))
+        except MuscoError as exc:
+            raise CompressionError(f"layer {choice.name!r}: sensitivity pass: {exc}; the model was left as before "
+                                   f"this step") from exc
+        if new is None or not result.relative_error:
+            continue
+        try:
+            for path in paths[id(module)]:
+                replace_module(model, path, new)
+            loss = float(context.evaluate(model))
+        finally:
+            for path in paths[id(module)]:
+                replace_module(model, path, module)
+        measured[choice.name] = max(loss - base, 0.0) / result.relative_error ** 2
+        log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, probe)
+    mean = sum(measured.values()) / len(measured) if measured else 0.0
+    if mean <= 0:
+        return {choice.name: 1.0 for choice in choices}
+    return {choice.name: max(measured.get(choice.name, mean) / mean, 0.01) for choice in choices}
+
+
+def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunContext,
+                  pending: Mapping[str, Pending], totals: ModelTotals,
+                  input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]]
+                  ) -> tuple[dict[str, Ranks | None], BudgetRecord]:
+    """Runs the whole-model selector of ``name``'s pass: the ranks of every layer in that pass, and the plan.
+
+    ``pending`` holds the layers the current step compressed before ``name``; ``totals`` are the model's counts
+    with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now.
+    """
+    schedule = state.schedule
+    layer = schedule.layers[name]
+    registry, settings = context.registry, schedule.settings
+    selector = registry.rank_selectors.get(layer.rank_selection)
+
+    def stage(other: str) -> int:  # a layer compressed earlier in this step is one stage on
+        return schedule.layers[other].curr_compr_iter + (other in pending)
+
+    members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
+               and stage(other) == layer.curr_compr_iter]
+    input_stats = input_stats_for(members)
+    choices = [layer_choice(other, pending[other].current if other in pending else model.get_submodule(other),
+                            schedule.layers[other], context, input_stats.get(other)) for other in members]
+    if context.evaluate is not None:
+        sensitivity = sensitivities(model, choices, schedule, context, input_stats)
+        choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
+    pass_index = layer.curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
+    params = settings.algo_kwargs.get(selector.name) or selector.Params()
+    try:
+        allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
+                                       settings.rank_multiple)
+    except MuscoError as exc:
+        raise CompressionError(f"rank selection {selector.name!r}: {exc}; the model was left as before "
+                               f"this step") from exc
+    missing = set(members) - set(allocation.ranks)
+    if missing:
+        raise CompressionError(f"rank selection {selector.name!r} allocated no ranks for {sorted(missing)}; "
+                               f"the model was left as before this step")
+    if allocation.note:
+        log.warning("%s: %s", selector.name, allocation.note)
+    record = BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters, allocation.metric,
+                          allocation.target, allocation.planned, allocation.note)
+    return {member: allocation.ranks[member] for member in members}, record

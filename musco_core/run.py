@@ -1,0 +1,285 @@
+"""A multi-stage run as a function: ``run_step(model, state, context) -> (model, state)``.
+
+:func:`start_run` checks a schedule against the model once, as the model is when the run begins, and plans the
+steps. Each :func:`run_step` compresses the next step's layers and either returns the model (with the new layers
+swapped in) and the next :class:`~musco_core.state.RunState`, or raises with the model and the state untouched.
+:func:`check_resumable` checks a saved state against its schedule and the model it is resumed on, re-validating only
+the compressions still to come, against the layers as they are now.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import Pending, allocate_pass
+from .calibration import check_reiterable, collect_input_stats
+from .components import InputStats, ModelTotals
+from .engine import compress_layer, read_layer, split_groups
+from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
+from .registry import Registry
+from .report import CompressionReport
+from .schedule import ModelSchedule, ScheduleCodec, key_path
+from .state import RunContext, RunState
+from .stats import ModelStats
+from .surgery import FactorizedLayer, module_paths, replace_module, tied_parameters
+
+log = logging.getLogger(__name__)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
+    """The compressions (0-based stage numbers) still to run on each layer, after ``taken`` ones of the run."""
+    total = schedule.settings.nglobal_compress_iters
+    stages = {}
+    for name, layer in schedule.layers.items():
+        if layer is not None:
+            done = (taken or {}).get(name, 0)
+            first = layer.curr_compr_iter - done  # the layer's stage when the run began
+            stages[name] = range(layer.curr_compr_iter, first + total)
+    return stages
+
+
+def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Registry,
+                      stages: Mapping[str, range]) -> list[str]:
+    """What keeps the schedule's compressions ``stages`` from running on the model as it is now, one line each."""
+    problems = []
+    modules = dict(model.named_modules())
+    for name, remaining in stages.items():
+        if not remaining:
+            continue
+        layer = schedule.layers[name]
+        path = key_path("$.layers", name)
+        if name not in modules or not name:
+            problems.append(f"{path}: no layer of that name in {type(model).__name__}")
+            continue
+        decomposer = registry.decompositions.get(layer.decomposition)
+        try:
+            _, source, _ = read_layer(modules[name], registry, name)
+            group_spec, group_sources = split_groups(source)
+            decomposer.check(group_spec)
+        except MuscoError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        limit = max(decomposer.max_ranks(group_sources[0]))
+        if len(remaining) > max(1, limit.bit_length()):
+            problems.append(f"{path}: compressed {len(remaining)} more time(s), but its largest rank {limit} can "
+                            f"halve at most {max(1, limit.bit_length())} times; lower nglobal_compress_iters")
+            continue
+        selector = registry.rank_selectors.get(layer.rank_selection)
+        reason = selector.check_layer(layer.rank_params, decomposer, group_sources[0], remaining)
+        if reason:
+            problems.append(f"{path}: {reason}")
+    return problems
+
+
+def checked_schedule(model: nn.Module, data: Any, origin: str, registry: Registry,
+                     settings: Mapping[str, Any] | None = None) -> ModelSchedule:
+    """A schedule (YAML document, original dict or ModelSchedule) checked on its own and against the model; one
+    ConfigError lists every problem of both, named by ``origin``."""
+    if isinstance(data, ModelSchedule):
+        schedule, problems = data, []
+        origin = data.origin
+    else:
+        schedule, problems = ScheduleCodec(registry).structure_partial(data, origin, settings=settings)
+    problems += [f"{origin}: {problem}" for problem in
+                 schedule_problems(model, schedule, registry, stages_of(schedule))]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return schedule
+
+
+def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> list[str]:
+    """The layers among ``names`` whose decomposition fits to calibration data."""
+    return [name for name in names if schedule.layers[name] is not None
+            and registry.decompositions.get(schedule.layers[name].decomposition).needs_input_stats]
+
+
+def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
+                      ) -> Any:
+    """``calibration_data`` checked against the layers ``names`` still to compress: required exactly when one of
+    them uses a data-aware decomposition."""
+    needing = needs_input_stats(schedule, registry, names)
+    if calibration_data is None:
+        if needing:
+            raise ConfigError(f"calibration_data: layer(s) {', '.join(map(repr, needing))} use data-aware "
+                              f"decompositions that need the layers' input statistics; pass calibration_data, "
+                              f"a list or DataLoader of input batches")
+        return None
+    check_reiterable(calibration_data, "calibration_data")
+    if not needing:
+        log.info("calibration_data is not used: no layer of the schedule uses a data-aware decomposition")
+    return calibration_data
+
+
+def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, ...], ...]:
+    """The scheduler's plan for the schedule, checked: non-empty steps of known layers, none twice in a step."""
+    names = schedule.compressed_layers()
+    scheduler = registry.schedulers.get(schedule.settings.scheduler)
+    steps = tuple(tuple(step) for step in scheduler.plan(names, schedule.settings, None))
+    known = set(names)
+    for index, step in enumerate(steps):
+        if not step or not set(step) <= known or len(set(step)) != len(step):
+            raise PluginError(f"scheduler {scheduler.name!r} planned step {index} as {short_repr(list(step))}; "
+                              f"expected a non-empty list of distinct layers of the schedule")
+    return steps
+
+
+def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry) -> RunState:
+    """The state of a new run of ``schedule`` (already checked against ``model``) before its first step."""
+    state = RunState(uuid.uuid4().hex, schedule, plan_steps(schedule, registry), count_params(model))
+    if not state.steps:
+        log.warning("the schedule compresses no layer; the run is done at once")
+    return state
+
+
+def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> CompressionReport:
+    """What the run did so far: one row per layer compression, and the model's totals now."""
+    macs_before = model_stats.total_macs
+    macs_after = None
+    if macs_before is not None:
+        current = {s.name: s.macs for s in model_stats.layers.values()}
+        current.update({r.name: r.macs_after for r in state.history})
+        macs_after = sum(current.values())
+    return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
+                             list(state.budgets))
+
+
+def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending]) -> ModelTotals:
+    """The model's counts as the current step leaves them so far (its pending replacements counted)."""
+    report = build_report(model, state, context.model_stats)
+    saved_params = sum(count_params(p.module) - count_params(p.new) for p in pending.values() if p.new is not None)
+    saved_macs = sum(p.result.macs_before - p.result.macs_after for p in pending.values()
+                     if p.result.macs_before is not None)
+    return ModelTotals(report.params_before, report.params_after - saved_params, report.macs_before,
+                       None if report.macs_after is None else report.macs_after - saved_macs)
+
+
+def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
+    """Compresses the layers of the next step; returns the model with them swapped in and the next state.
+
+    Every layer of the step is factorized before any is swapped in, so a failure raises with the model as it was
+    (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned.
+    """
+    if state.done:
+        raise MuscoError(f"compression is done: all {len(state.steps)} steps were taken")
+    schedule, registry = state.schedule, context.registry
+    names = state.steps[state.next_step]
+    step_stats: dict[str, InputStats] = {}
+
+    def input_stats_for(layers: Sequence[str]) -> dict[str, InputStats]:
+        """Calibration statistics of the layers that need them, on the model as the step found it, collected once."""
+        missing = [name for name in needs_input_stats(schedule, registry, layers) if name not in step_stats]
+        if missing:
+            specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
+            step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress))
+        return step_stats
+
+    input_stats_for(names)
+    paths = module_paths(model)
+    tied = tied_parameters(model, names)
+    allocated, budgets = dict(state.allocated), list(state.budgets)
+    pending: dict[str, Pending] = {}
+    bar = tqdm(names, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
+               disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
+    for name in bar:
+        layer = schedule.layers[name]
+        module = model.get_submodule(name)
+        if registry.rank_selectors.get(layer.rank_selection).scope == "model" and name not in allocated:
+            ranks, record = allocate_pass(model, name, state, context, pending,
+                                          _totals(model, state, context, pending), input_stats_for)
+            allocated.update(ranks)
+            budgets.append(record)
+        chosen: dict[str, Any] = {}
+        if name in allocated:
+            ranks = allocated.pop(name)
+            chosen = {"ranks": ranks} if ranks is not None else {
+                "keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
+        if name in tied and not layer.force:
+            chosen = {"keep_note": f"kept as is: its weights are tied to {', '.join(tied[name])}, which stay, so "
+                                   f"factorizing it would add weights (force: true does it anyway and unties them)"}
+        stats = context.model_stats.layers.get(name)
+        try:
+            new, result = compress_layer(module, name, layer, schedule.settings, registry,
+                                         stats.input_shape if stats else None, input_stats=step_stats.get(name),
+                                         **chosen)
+        except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
+            reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
+            raise CompressionError(f"layer {name!r}: {reason}; the model was left as before this step") from exc
+        pending[name] = Pending(module, new, result)
+    for entry in pending.values():
+        if entry.new is not None:
+            for path in paths[id(entry.module)]:
+                replace_module(model, path, entry.new)
+    results = tuple(entry.result for entry in pending.values())
+    log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
+             sum(r.applied for r in results), len(results))
+    return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
+                               history=state.history + results, budgets=tuple(budgets))
+
+
+def check_resumable(model: nn.Module, state: RunState, context: RunContext, origin: str) -> None:
+    """A ConfigError listing every way ``state`` does not fit its own schedule and ``model`` (the model restored
+    from the same saved folder), or what keeps its remaining compressions from running on the layers as they are."""
+    registry, schedule = context.registry, state.initial_schedule
+    problems = []
+    try:
+        planned = plan_steps(schedule, registry)
+    except MuscoError as exc:
+        planned = None
+        problems.append(f"$.steps: {exc}")
+    if planned is not None and planned != state.steps:
+        problems.append(f"$.steps: the saved plan of {len(state.steps)} steps is not the plan of scheduler "
+                        f"{schedule.settings.scheduler!r} for $.initial_schedule ({len(planned)} steps)")
+    if state.next_step > len(state.steps):
+        problems.append(f"$.next_step: expected at most {len(state.steps)} (the number of planned steps), got "
+                        f"{state.next_step}")
+        raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
+    taken = [name for step in state.steps[:state.next_step] for name in step]
+    if [result.name for result in state.history] != taken:
+        problems.append(f"$.history: expected one result per layer of the {state.next_step} steps taken "
+                        f"({len(taken)}, in order), got {len(state.history)}")
+    stage = {name: layer.curr_compr_iter for name, layer in schedule.layers.items() if layer is not None}
+    for index, result in enumerate(state.history):
+        layer = schedule.layers.get(result.name)
+        if layer is None:
+            problems.append(f"$.history[{index}].name: {result.name!r} is not compressed by the schedule")
+            continue
+        arity = len(registry.decompositions.get(layer.decomposition).rank_names)
+        if result.decomposition != layer.decomposition or result.stage != stage[result.name] or (
+                result.ranks is not None and len(result.ranks) != arity):
+            problems.append(f"$.history[{index}]: {result.decomposition} stage {result.stage} ranks "
+                            f"{result.ranks} does not fit the schedule ({layer.decomposition}, stage "
+                            f"{stage[result.name]}, {arity} rank(s))")
+        stage[result.name] += 1
+    for name, ranks in state.allocated.items():
+        layer = schedule.layers.get(name)
+        if layer is None or registry.rank_selectors.get(layer.rank_selection).scope != "model":
+            problems.append(f"{key_path('$.allocated', name)}: not a layer of a whole-model rank selector")
+        elif ranks is not None and len(ranks) != len(registry.decompositions.get(layer.decomposition).rank_names):
+            problems.append(f"{key_path('$.allocated', name)}: {list(ranks)} has the wrong number of ranks for "
+                            f"{layer.decomposition}")
+    for name, ranks in state.ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # schedule_problems names it
+        factorized = isinstance(module, FactorizedLayer)
+        if factorized != (ranks is not None) or factorized and module.ranks != ranks:
+            now = f"{module.decomposition} at ranks {module.ranks}" if factorized else "not factorized"
+            problems.append(f"{key_path('$.layers', name)}: the history says ranks {ranks}, the saved model has it "
+                            f"{now}")
+    if not problems:
+        problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule,
+                                                                                 state.stages_taken()))
+    if problems:
+        raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))

@@ -1,0 +1,169 @@
+"""The state of a multi-stage run as one frozen value, and its versioned YAML form.
+
+A run is a plan of steps over the layers of a schedule; :class:`RunState` holds everything a run needs to continue
+(and nothing it can derive): the schedule as the run began, the plan, the index of the next step, the ranks a
+whole-model selector allocated for compressions still to come, every layer compression so far and the budgets'
+plans. The current schedule (each layer's ``curr_compr_iter``) and the current ranks are derived from it.
+
+:class:`StateCodec` writes and reads it as plain data. Reading checks every field's type and bounds, and reports
+every problem at once as ``origin: $.path: what was expected``; :func:`musco_core.run.check_resumable` then checks
+the state against the schedule and the model it is resumed on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import cattrs
+from torch import nn
+
+from .engine import LayerResult
+from .errors import ConfigError, short_repr
+from .report import BudgetRecord
+from .schedule import (ModelSchedule, NonNegativeInt, PositiveInt, ScheduleCodec, ValueProblem, make_converter,
+                       plain_data, validation_problems)
+from .stats import ModelStats
+
+#: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed.
+STATE_FORMAT = 2
+
+Ranks = tuple[int, ...]
+
+
+@attrs.frozen
+class RunState:
+    """Where a multi-stage run stands; a compression step maps it (and the model) to the next one.
+
+    ``steps`` is the plan (lists of layer names compressed together), ``next_step`` the index of the step to take
+    next, ``allocated`` the ranks a whole-model rank selector chose for layers whose compression in the current
+    pass is still to come (None keeps the layer as it is at that pass), ``history`` one :class:`LayerResult` per
+    layer compression taken, in order, and ``budgets`` the whole-model selectors' plans. ``params_before`` is the
+    model's parameter count when the run began; ``run_id`` tells this run's files from another run's.
+    """
+
+    run_id: str
+    initial_schedule: ModelSchedule
+    steps: tuple[tuple[str, ...], ...]
+    params_before: int
+    next_step: int = 0
+    allocated: Mapping[str, Ranks | None] = attrs.field(factory=dict)
+    history: tuple[LayerResult, ...] = ()
+    budgets: tuple[BudgetRecord, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.next_step >= len(self.steps)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers the run compresses, in schedule order."""
+        return self.initial_schedule.compressed_layers()
+
+    def stages_taken(self) -> dict[str, int]:
+        """How many times each layer was compressed (or kept) by the steps taken so far."""
+        taken = dict.fromkeys(self.layer_names, 0)
+        for step in self.steps[:self.next_step]:
+            for name in step:
+                taken[name] += 1
+        return taken
+
+    @property
+    def schedule(self) -> ModelSchedule:
+        """The schedule as it stands: each layer's ``curr_compr_iter`` counts the compressions taken so far."""
+        taken = self.stages_taken()
+        layers = {name: layer if layer is None else
+                  attrs.evolve(layer, curr_compr_iter=layer.curr_compr_iter + taken[name])
+                  for name, layer in self.initial_schedule.layers.items()}
+        return attrs.evolve(self.initial_schedule, layers=layers)
+
+    @property
+    def ranks(self) -> dict[str, Ranks | None]:
+        """Each layer's ranks after its last applied compression (None while it was never compressed)."""
+        ranks: dict[str, Ranks | None] = dict.fromkeys(self.layer_names)
+        for result in self.history:
+            if result.applied:
+                ranks[result.name] = result.ranks
+        return ranks
+
+
+@attrs.frozen(eq=False)
+class RunContext:
+    """What a step uses besides the model and the state, and that is not saved with it: the components, the
+    model's layer statistics on the example input, the calibration batches of data-aware decompositions, an
+    optional ``evaluate(model) -> loss`` for sensitivity passes, and whether to show progress bars."""
+
+    registry: Any
+    model_stats: ModelStats
+    calibration_data: Any = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    progress: bool = True
+
+
+@attrs.frozen
+class _StateDocument:
+    """The typed fields of a state's YAML form, checked by cattrs (the schedule is checked by its own codec)."""
+
+    format: int
+    run_id: str
+    initial_schedule: dict
+    steps: list[list[str]]
+    next_step: NonNegativeInt
+    params_before: PositiveInt
+    allocated: dict[str, list[PositiveInt] | None]
+    history: list[LayerResult]
+    budgets: list[BudgetRecord]
+
+
+class StateCodec:
+    """Converts run states to and from plain data; reading checks types and bounds and names every problem."""
+
+    def __init__(self, registry) -> None:
+        self.schedules = ScheduleCodec(registry)
+        self.converter = make_converter()
+        self.converter.register_structure_hook_func(lambda kind: kind == tuple[int, ...], self._ranks)  # ranks
+
+    @staticmethod
+    def _ranks(value: Any, _type=None) -> tuple[int, ...]:
+        if isinstance(value, list) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            return tuple(value)
+        raise ValueProblem(f"expected a non-empty list of positive ints, got {short_repr(value)}")
+
+    def unstructure(self, state: RunState) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "run_id": state.run_id,
+            "next_step": state.next_step,
+            "params_before": state.params_before,
+            "initial_schedule": self.schedules.unstructure(state.initial_schedule),
+            "steps": [list(step) for step in state.steps],
+            "allocated": {name: None if ranks is None else list(ranks) for name, ranks in state.allocated.items()},
+            "history": plain_data([attrs.asdict(result, recurse=False) for result in state.history]),
+            "budgets": [attrs.asdict(record) for record in state.budgets],
+        }
+
+    def structure(self, data: Any, origin: str) -> RunState:
+        """A state from its YAML form; a ConfigError lists every problem with its path."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{origin}: $: expected a musco-core run state (a mapping), got {type(data).__name__}")
+        found = data.get("format")
+        if found != STATE_FORMAT:
+            raise ConfigError(f"{origin}: $.format: expected {STATE_FORMAT} (a run state of this musco-core), got "
+                              f"{short_repr(found)}; a state of another version cannot be resumed")
+        try:
+            document = self.converter.structure(dict(data), _StateDocument)
+        except (cattrs.BaseValidationError, ValueProblem) as exc:
+            raise ConfigError("\n".join(f"{origin}: {line}" for line in validation_problems(exc))) from None
+        problems = []
+        if not document.run_id:
+            problems.append("$.run_id: expected a non-empty string")
+        if any(not step for step in document.steps):
+            problems.append("$.steps: expected non-empty lists of layer names")
+        if problems:
+            raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
+        schedule = self.schedules.structure(document.initial_schedule, f"{origin}: $.initial_schedule")
+        return RunState(document.run_id, schedule, tuple(tuple(step) for step in document.steps),
+                        document.params_before, document.next_step,
+                        {name: None if ranks is None else tuple(ranks) for name, ranks in document.allocated.items()},
+                        tuple(document.history), tuple(document.budgets))
