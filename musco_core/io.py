@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import re
@@ -41,9 +42,9 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn
 import torch
 import yaml
+from cattrs.gen import make_dict_structure_fn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -58,8 +59,16 @@ from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, MuscoError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import (SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data, read_yaml,
-                       validation_problems, write_text_atomic)
+from .schedule import (
+    SCHEMA_VERSION,
+    PositiveInt,
+    ValueProblem,
+    make_converter,
+    plain_data,
+    read_yaml,
+    validation_problems,
+    write_text_atomic,
+)
 from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 
@@ -323,7 +332,11 @@ def _write_set_files(folder: Path, model: nn.Module, registry: Registry, report:
             name: {"decomposition": m.decomposition, "rank_selection": "manual", "manual_rank": [list(m.ranks)]}
             for name, m in layers.items()}},
     }
-    save_model(model, str(folder / WEIGHTS), metadata={"musco_core_version": __version__, SET_ID_KEY: set_id})
+    try:
+        save_model(model, str(folder / WEIGHTS), metadata={"musco_core_version": __version__, SET_ID_KEY: set_id})
+    except SafetensorError as exc:  # an I/O failure (a full disk) inside safetensors: an OSError like any other
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code[1]) if code else errno.EIO, f"cannot write {folder / WEIGHTS}: {exc}") from None
     (folder / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None),
                                    encoding="utf-8")
     names = [WEIGHTS, MANIFEST]

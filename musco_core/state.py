@@ -21,8 +21,16 @@ from torch import nn
 from .engine import LayerResult
 from .errors import ConfigError, short_repr
 from .report import BudgetRecord
-from .schedule import (ModelSchedule, NonNegativeInt, PositiveInt, ScheduleCodec, ValueProblem, make_converter,
-                       plain_data, validation_problems)
+from .schedule import (
+    ModelSchedule,
+    NonNegativeInt,
+    PositiveInt,
+    ScheduleCodec,
+    ValueProblem,
+    make_converter,
+    plain_data,
+    validation_problems,
+)
 from .stats import ModelStats
 
 #: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed.

@@ -1,9 +1,12 @@
-"""Runs a multi-stage compression with fine-tuning between steps, saving state after each step.
+"""A two-pass MUSCO run with fine-tuning between steps, saving its state after each step: tucker2 (vbmf), cp3
+(param_reduction), cp4 and svd (manual), whitened_svd on calibration data, and two layers under a whole-model
+``budget`` whose second-pass allocation spans two steps. Used in-process by the resume tests and as a script:
 
-    python resume_worker.py STATE_DIR OUT_FILE [--kill-after N] [--resume]
+    python resume_worker.py STATE_DIR OUT_FILE [--kill-after N] [--announce] [--resume]
 
-With --kill-after N the process SIGKILLs itself right after saving the state of step N; with --resume it
-continues from STATE_DIR. OUT_FILE receives the final weights (safetensors) and ranks (JSON beside it).
+With --kill-after N the process SIGKILLs itself right after saving the state of step N; with --announce it prints
+"started" once the run is about to take its first step (so a test can kill it at a random moment after); with
+--resume it continues from STATE_DIR. OUT_FILE receives the final weights (safetensors) and ranks (JSON beside it).
 """
 from __future__ import annotations
 
@@ -12,29 +15,40 @@ import json
 import logging
 import os
 import signal
+import sys
 
 import torch
+from models import make_trained_like, resnet18
 from safetensors.torch import save_file
 from torch import nn
 
-from models import make_trained_like, resnet18
 from musco_core import Compressor, standardize_model
 
 SCHEDULE = {
     "version": 1,
-    "settings": {"ft_every": 2, "nglobal_compress_iters": 2, "seed": 7},
+    "settings": {"ft_every": 3, "nglobal_compress_iters": 2, "seed": 7,
+                 "algo_kwargs": {"budget": {"reduction": 1.12, "metric": "flops"}}},
     "layers": {
         "layer1.0.conv1": {"decomposition": "tucker2", "rank_selection": "vbmf", "vbmf_weakenen_factor": 0.5},
         "layer2.0.conv2": {"decomposition": "cp3", "rank_selection": "param_reduction", "param_reduction_rate": 2},
         "layer3.0.conv1": {"decomposition": "cp4", "rank_selection": "manual", "manual_rank": [24, 12]},
+        "layer2.0.downsample.0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [8, 4]},
+        "layer3.1.conv1": {"decomposition": "tucker2", "rank_selection": "budget"},
+        "layer3.1.conv2": {"decomposition": "tucker2", "rank_selection": "budget"},
         "fc": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [6, 3]},
     },
 }
+EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
 def model() -> nn.Module:
     torch.manual_seed(0)  # biases keep torch's random init
     return make_trained_like(resnet18(num_classes=10, width=16), seed=5)
+
+
+def calibration() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(2, 3, 32, 32, generator=generator) for _ in range(3)]
 
 
 def fine_tune(net: nn.Module, step: int) -> None:
@@ -49,30 +63,49 @@ def fine_tune(net: nn.Module, step: int) -> None:
     net.eval()
 
 
+def start() -> Compressor:
+    return Compressor(model(), model_compr_kwargs=SCHEDULE, example_input=EXAMPLE, calibration_data=calibration(),
+                      progress=False)
+
+
+def resume(state_dir) -> Compressor:
+    return Compressor.resume(model(), state_dir, example_input=EXAMPLE, calibration_data=calibration(),
+                             progress=False)
+
+
+def finish(compressor: Compressor, state_dir, kill_after: int | None = None) -> None:
+    """Takes the remaining steps, fine-tuning and saving the state after each."""
+    while not compressor.done:
+        compressor.compression_step()
+        fine_tune(compressor.compressed_model, compressor.curr_iter)
+        compressor.save_state(state_dir)
+        if kill_after == compressor.curr_iter:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def final_weights(compressor: Compressor) -> dict[str, torch.Tensor]:
+    plain = standardize_model(compressor.compressed_model)
+    return {key: value.contiguous() for key, value in plain.state_dict().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("state_dir")
     parser.add_argument("out_file")
     parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--announce", action="store_true")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
-    example = torch.zeros(1, 3, 32, 32)
-    if args.resume:
-        compressor = Compressor.resume(model(), args.state_dir, example_input=example)
-    else:
-        compressor = Compressor(model(), model_compr_kwargs=SCHEDULE, example_input=example)
-    while not compressor.done:
-        compressor.compression_step()
-        fine_tune(compressor.compressed_model, compressor.curr_iter)
-        compressor.save_state(args.state_dir)
-        if args.kill_after == compressor.curr_iter:
-            os.kill(os.getpid(), signal.SIGKILL)
-    final = standardize_model(compressor.compressed_model)
-    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, args.out_file)
-    with open(args.out_file + ".json", "w") as f:
-        json.dump({name: list(r) if r else None for name, r in compressor.ranks.items()}, f)
+    compressor = resume(args.state_dir) if args.resume else start()
+    if args.announce:
+        print("started", flush=True)
+    finish(compressor, args.state_dir, args.kill_after)
+    save_file(final_weights(compressor), args.out_file)
+    with open(args.out_file + ".json", "w", encoding="utf-8") as handle:
+        json.dump({name: list(r) if r else None for name, r in compressor.ranks.items()}, handle)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

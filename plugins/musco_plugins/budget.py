@@ -20,7 +20,14 @@ import attrs
 import numpy as np
 import torch
 
-from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
+from musco_core import (
+    Allocation,
+    Decomposer,
+    LayerChoice,
+    ModelTotals,
+    RankSelector,
+    hookimpl,
+)
 from musco_core.components import round_ranks
 from musco_core.errors import ConfigError
 from musco_core.schedule import ReductionRate

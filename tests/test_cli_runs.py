@@ -1,0 +1,170 @@
+"""`musco compress` never loses work: it refuses folders of other runs, keeps what it did not write, locks its
+output, and a failing fine-tuning, Ctrl-C or a finished run can all be continued with --resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from musco_core.cli import main
+from musco_core.io import output_lock
+
+HERE = Path(__file__).parent
+
+HELPERS = textwrap.dedent("""
+    import time
+    import torch
+    from torch import nn
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
+
+    def tune(model, step):
+        generator = torch.Generator().manual_seed(step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        loss = model(torch.randn(4, 3, 8, 8, generator=generator)).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def fails_at_3(model, step):
+        if step == 3:
+            raise RuntimeError("CUDA out of memory")
+        tune(model, step)
+
+    def slow_from_2(model, step):
+        tune(model, step)
+        if step >= 2:
+            time.sleep(60)
+""")
+SCHEDULE = {"version": 1, "settings": {"ft_every": 1, "nglobal_compress_iters": 2},
+            "layers": {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[16, 8], [8, 8]]},
+                       "6": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8, 4]}}}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "run_helpers.py").write_text(HELPERS)
+    (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(SCHEDULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("run_helpers", None)
+    yield tmp_path
+    sys.modules.pop("run_helpers", None)
+
+
+def compress(out, *extra, finetune="run_helpers:tune", config="schedule.yaml"):
+    args = ["compress", "--model", "run_helpers:cnn", "--config", config, "--input-shape", "1,3,8,8", "--out",
+            str(out), "--finetune", finetune, "--quiet", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def test_compressing_again_into_a_finished_run_refuses_and_changes_nothing(project):
+    assert compress("out").exit_code == 0
+    before = snapshot(project / "out")
+    again = compress("out")
+    assert again.exit_code == 2
+    assert again.output.count("\n") == 1 and "holds the output of another musco-core run" in again.output
+    assert "--overwrite" in again.output
+    assert snapshot(project / "out") == before
+
+
+def test_overwrite_starts_a_new_run_and_keeps_what_musco_core_did_not_write(project):
+    assert compress("out").exit_code == 0
+    (project / "out" / "notes.txt").write_text("mine")
+    assert compress("out", "--overwrite").exit_code == 0
+    assert (project / "out" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (project / "out" / "checkpoints").iterdir()) == [".musco-core", "LATEST",
+                                                                                 "step-0004"]
+
+
+def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
+    mine = project / "out" / "checkpoints" / "step-0500"
+    mine.mkdir(parents=True)
+    (mine / "weights.pt").write_text("a week of training")
+    refused = compress("out")
+    assert refused.exit_code == 2 and "not empty and was not written by musco-core" in refused.output
+    assert compress("out", "--overwrite").exit_code == 0
+    assert (mine / "weights.pt").read_text() == "a week of training"
+
+
+def test_resume_from_the_final_state_saves_the_same_model_again(project):
+    assert compress("out").exit_code == 0
+    first = weights(project / "out")
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    again = weights(project / "out")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_resume_with_another_schedule_is_refused(project):
+    assert compress("out").exit_code == 0
+    other = {**SCHEDULE, "settings": {"ft_every": 2, "nglobal_compress_iters": 2}}
+    (project / "other.yaml").write_text(yaml.safe_dump(other))
+    result = compress("out", "--resume", config="other.yaml")
+    assert result.exit_code == 2 and "is not the schedule the run in out began with" in result.output
+
+
+def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
+    assert compress("whole").exit_code == 0
+    failed = compress("out", finetune="run_helpers:fails_at_3")
+    assert failed.exit_code == 2
+    assert failed.output.count("\n") == 1 and "Traceback" not in failed.output
+    assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: 'CUDA out of memory'" in failed.output
+    assert "step-0002; run the same command with --resume" in failed.output
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    expected, got = weights(project / "whole"), weights(project / "out")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_second_run_on_a_locked_output_gets_one_line(project):
+    with output_lock(project / "out"):
+        result = compress("out")
+    assert result.exit_code == 2
+    assert f"another musco-core process (pid {os.getpid()}) is writing here" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    musco = Path(sys.executable).parent / "musco"
+    args = [str(musco), "compress", "--model", "run_helpers:cnn", "--config", "schedule.yaml", "--input-shape",
+            "1,3,8,8", "--out", "out", "--finetune", "run_helpers:slow_from_2", "--quiet"]
+    process = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = project / "out" / "checkpoints" / "LATEST"
+    deadline = time.monotonic() + 120
+    while not (latest.exists() and latest.read_text().strip() == "step-0001") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # inside step 2's fine-tuning
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted; nothing partial was saved" in lines[0], err
+    assert "step-0001; run the same command with --resume" in lines[0]
+    assert latest.read_text().strip() == "step-0001"
+    assert not (project / "out" / "model.safetensors").exists()
+    assert [p.name for p in (project / "out" / "checkpoints").iterdir() if ".staging-" in p.name] == []
+    assert compress("out", "--resume").exit_code == 0

@@ -1,0 +1,372 @@
+"""Resume works from any step and after a kill at any moment, and no user work is lost: states and output sets are
+complete or absent, and nothing musco-core did not write is deleted."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+import resume_worker as worker
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from musco_core import ConfigError, MuscoError
+from musco_core.io import LATEST_FILE, STATE_FILE, load_compressed, save_compressed
+
+HERE = Path(__file__).parent
+
+
+def comparable(history):
+    return [attrs.evolve(result, seconds=0.0) for result in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run without interruption, and a copy of its checkpoint folder after every step."""
+    root = tmp_path_factory.mktemp("whole")
+    compressor = worker.start()
+    copies = []
+    while not compressor.done:
+        compressor.compression_step()
+        worker.fine_tune(compressor.compressed_model, compressor.curr_iter)
+        compressor.save_state(root / "ckpt")
+        copies.append(shutil.copytree(root / "ckpt", root / f"after-step-{compressor.curr_iter}"))
+    return compressor, copies
+
+
+def test_resume_from_every_step_ends_bitwise_like_the_uninterrupted_run(uninterrupted, tmp_path):
+    whole, copies = uninterrupted
+    expected = worker.final_weights(whole)
+    assert whole.niters == len(copies) == 5
+    assert any(result.rank_selection == "budget" and result.applied for result in whole.history)
+    for saved in copies:  # the last one is the final state: nothing left to do
+        folder = shutil.copytree(saved, tmp_path / saved.name)
+        resumed = worker.resume(folder)
+        assert resumed.curr_iter == int(folder.name.rsplit("-", 1)[1])
+        worker.finish(resumed, folder)
+        assert resumed.ranks == whole.ranks
+        assert comparable(resumed.history) == comparable(whole.history)
+        assert resumed.budgets == whole.budgets
+        weights = worker.final_weights(resumed)
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[key], expected[key]) for key in expected), folder.name
+
+
+def test_an_allocation_spanning_a_step_boundary_is_saved_and_used(uninterrupted):
+    whole, copies = uninterrupted
+    state = yaml.safe_load((copies[3] / "step-0004" / STATE_FILE).read_text())
+    assert state["allocated"] == {"layer3.1.conv2": list(whole.ranks["layer3.1.conv2"])}
+
+
+def run_worker(*args, **popen):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(HERE / "resume_worker.py"), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finished(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def test_runs_killed_at_random_moments_resume_to_the_same_weights_and_ranks(tmp_path):
+    reference = run_worker(tmp_path / "state-ref", tmp_path / "ref.safetensors", "--announce")
+    assert reference.stdout.readline().strip() == "started"
+    started = time.perf_counter()
+    code, err = finished(reference)
+    assert code == 0, err
+    duration = time.perf_counter() - started
+    expected = load_file(tmp_path / "ref.safetensors")
+    ranks = json.loads((tmp_path / "ref.safetensors.json").read_text())
+    rng = random.Random(20261201)
+    killed = 0
+    for trial in range(6):  # trial 0 dies right after saving step 2; the others at a random moment
+        state, out = tmp_path / f"state-{trial}", tmp_path / f"out-{trial}.safetensors"
+        process = run_worker(state, out, "--announce", *(["--kill-after", 2] if trial == 0 else []))
+        assert process.stdout.readline().strip() == "started"
+        if trial:
+            time.sleep(rng.uniform(0.0, 0.9 * duration))
+            process.send_signal(signal.SIGKILL)
+        code, err = finished(process)
+        assert code == -signal.SIGKILL or code == 0, err
+        killed += code == -signal.SIGKILL
+        if code == -signal.SIGKILL and not (state / LATEST_FILE).exists():
+            assert not out.exists()
+            continue  # killed before its first state: nothing to resume, the next trial covers the rest
+        resumed = run_worker(state, out, "--resume")
+        code, err = finished(resumed)
+        assert code == 0, err
+        weights = load_file(out)
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[key], expected[key]) for key in expected), f"trial {trial}"
+        assert json.loads(Path(f"{out}.json").read_text()) == ranks
+        leftovers = [p.name for p in state.iterdir() if p.name.startswith(".") and p.name != ".musco-core"]
+        assert leftovers == [], leftovers
+    assert killed >= 3  # most kills land inside the run, not after it
+
+
+# -- what resuming refuses -------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(uninterrupted, tmp_path):
+    """A private copy of the state after step 2."""
+    return shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("latest", ["../elsewhere", "/tmp/step-0001", "step-0002/../step-0002", "", "step-2"])
+def test_latest_may_only_name_a_step_folder_inside_the_checkpoint_folder(saved, latest):
+    (saved / LATEST_FILE).write_text(latest + "\n")
+    with pytest.raises(ConfigError, match=r"LATEST: names .*expected a step folder directly inside"):
+        worker.resume(saved)
+
+
+def test_a_latest_that_is_not_text_is_a_clear_error(saved):
+    (saved / LATEST_FILE).write_bytes(b"\xff\xfe step")
+    with pytest.raises(ConfigError, match="LATEST: not UTF-8 text"):
+        worker.resume(saved)
+
+
+def edit_state(folder, edit):
+    path = folder / (folder / LATEST_FILE).read_text().strip() / STATE_FILE
+    state = yaml.safe_load(path.read_text())
+    edit(state)
+    path.write_text(yaml.safe_dump(state))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(next_step=10 ** 9), r"\$\.next_step: expected at most 5"),
+    (lambda s: s.update(next_step=-1), r"\$\.next_step: expected a non-negative int"),
+    (lambda s: s.update(next_step="2"), r"\$\.next_step: expected a non-negative int"),
+    (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
+    (lambda s: s.update(surprise=1), r"unknown keys \['surprise'\]|surprise"),
+    (lambda s: s.pop("steps"), r"\$\.steps"),
+    (lambda s: s.update(format=1), r"\$\.format: expected 2"),
+    (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
+    (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
+    (lambda s: s["history"].pop(), r"\$\.history: expected one result per layer of the 2 steps taken"),
+    (lambda s: s["steps"].reverse(), r"\$\.steps: the saved plan"),
+    (lambda s: s["allocated"].update(fc=[3]), r'\$\.allocated\["fc"\]: not a layer of a whole-model'),
+    (lambda s: s["history"][0].update(ranks=[5, 5]), r"\$\.history\[0\]: tucker2 stage 0 ranks \(5, 5\)|"
+                                                      r"the history says ranks"),
+])
+def test_a_damaged_state_is_one_clear_error_naming_the_file_and_field(saved, edit, message):
+    edit_state(saved, edit)
+    with pytest.raises(ConfigError, match=r"state\.yaml: (.|\n)*" + message):
+        worker.resume(saved)
+
+
+def test_a_state_whose_model_does_not_match_its_history_is_refused(saved):
+    step = saved / (saved / LATEST_FILE).read_text().strip()
+    manifest = yaml.safe_load((step / "musco.yaml").read_text())
+    del manifest["layers"]["layer1.0.conv1"]  # the saved model has it uncompressed, the history says compressed
+    (step / "musco.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError):
+        worker.resume(saved)
+
+
+def test_resuming_checks_only_the_stages_still_to_come(uninterrupted, tmp_path):
+    """The original bug: stage 0's ranks re-checked against the layer already shrunk by stage 0."""
+    folder = shutil.copytree(uninterrupted[1][2], tmp_path / "ckpt")  # after step 3: cp4 and fc compressed once
+    resumed = worker.resume(folder)
+    assert resumed.schedule.layers["layer3.0.conv1"].curr_compr_iter == 1
+    assert resumed.ranks["layer3.0.conv1"] == (24,)
+
+
+# -- never delete or overwrite what musco-core did not write -------------------------------------------------
+def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_path):
+    compressor = worker.start()
+    compressor.save_state(tmp_path / "ckpt")
+    mine = tmp_path / "ckpt" / "step-0500"
+    mine.mkdir()
+    (mine / "weights.pt").write_text("the user's own checkpoint")
+    for _ in range(2):
+        compressor.compression_step()
+        compressor.save_state(tmp_path / "ckpt")
+    assert (mine / "weights.pt").read_text() == "the user's own checkpoint"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".musco-core", "LATEST", "step-0002",
+                                                                     "step-0500"]
+
+
+def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
+    folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
+    before = sorted(p.name for p in folder.iterdir())
+    fresh = worker.start()
+    with pytest.raises(ConfigError, match="holds the checkpoints of another musco-core run"):
+        fresh.save_state(folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    fresh.save_state(folder, overwrite=True)
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0000"
+    assert worker.resume(folder).state.run_id == fresh.state.run_id
+
+
+def test_a_folder_with_foreign_files_is_refused_and_kept(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    compressor = worker.start()
+    with pytest.raises(ConfigError, match="not empty and was not written by musco-core"):
+        compressor.save_state(folder)
+    with pytest.raises(ConfigError, match="not empty and was not written by musco-core"):
+        save_compressed(compressor, folder)
+    compressor.save_state(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path):
+    """The save is killed after writing the weights of a new state; only musco-core's own leftovers go."""
+    script = (
+        "import os, signal, sys\n"
+        "import resume_worker as w\n"
+        "import musco_core.io as io\n"
+        "c = w.start()\n"
+        "c.compression_step()\n"
+        "c.save_state(sys.argv[1])\n"
+        "c.compression_step()\n"
+        "original = io.save_model\n"
+        "def dying(*args, **kwargs):\n"
+        "    original(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "io.save_model = dying\n"
+        "c.save_state(sys.argv[1])\n")
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run([sys.executable, "-c", script, str(folder)], env=env, capture_output=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    staging = [p for p in folder.iterdir() if ".staging-" in p.name]
+    assert len(staging) == 1 and (staging[0] / "model.safetensors").exists()
+    foreign = folder / ".step-0002.tmp-4242"  # looks like a leftover, but musco-core did not mark it
+    foreign.mkdir()
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0001"
+    resumed = worker.resume(folder)
+    resumed.compression_step()
+    resumed.save_state(folder)
+    assert not staging[0].exists()
+    assert foreign.exists()
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", ".step-0002.tmp-4242", "LATEST", "step-0002"]
+
+
+# -- output sets are replaced as a whole ------------------------------------------------------------------------
+def output_snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(uninterrupted):
+    """A compressor of its own, at the end of the run (resumed from the final state)."""
+    return worker.resume(uninterrupted[1][-1])
+
+
+def test_a_failing_save_over_an_output_set_leaves_the_old_set_loadable(finished_run, tmp_path, monkeypatch):
+    out = save_compressed(finished_run, tmp_path / "out")
+    before = output_snapshot(out)
+    reference = load_compressed(worker.model(), out)
+    original = Path.write_text
+
+    def full_disk(self, *args, **kwargs):  # the manifest is written after the weights: the disk fills there
+        if self.name == "musco.yaml":
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    worker.fine_tune(finished_run.compressed_model, 99)  # other weights than the saved ones
+    with pytest.raises(OSError, match="No space left"):
+        save_compressed(finished_run, out)
+    monkeypatch.undo()
+    assert output_snapshot(out) == before
+    assert [p.name for p in out.iterdir() if ".staging-" in p.name] == []
+    loaded = load_compressed(worker.model(), out)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_file_size_limit_during_a_save_leaves_the_old_set_loadable(tmp_path):
+    """A real limit (RLIMIT_FSIZE, as a full disk): the new weights do not fit, the old set stays intact."""
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from torch import nn\n"
+        "from musco_core import Compressor\n"
+        "from musco_core.io import save_compressed\n"
+        "def save(width, limit=None):\n"
+        "    torch.manual_seed(width)\n"
+        "    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))\n"
+        "    c = Compressor(model, model_compr_kwargs={'0': {'decomposition': 'svd', 'rank_selection': 'manual',\n"
+        "                   'manual_rank': [width // 4]}}, progress=False)\n"
+        "    c.compression_step()\n"
+        "    if limit:\n"
+        "        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+        "    save_compressed(c, sys.argv[1], overwrite=True)\n"
+        "save(32)\n"
+        "try:\n"
+        "    save(512, limit=200_000)\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc.errno)\n")
+    out = tmp_path / "out"
+    process = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == "refused 27"  # EFBIG
+    torch.manual_seed(32)
+    from torch import nn
+    fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    loaded = load_compressed(fresh, out)
+    assert loaded[0].ranks == (8,)
+    assert [p.name for p in out.iterdir() if ".staging-" in p.name] == []
+
+
+def test_an_interrupted_commit_is_finished_by_the_next_reader(finished_run, tmp_path, monkeypatch):
+    """Stopped between the renames of a commit: a reader finishes it from the journal and gets the new set."""
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    worker.fine_tune(finished_run.compressed_model, 99)
+    original, renamed = os.replace, []
+
+    def stopping_replace(source, target):
+        if Path(target).parent == out and Path(target).name in (io.WEIGHTS, io.MANIFEST, io.REPORT):
+            if renamed:
+                raise KeyboardInterrupt  # the process stops after the first file of the set was renamed in
+            renamed.append(target)
+        return original(source, target)
+
+    monkeypatch.setattr(os, "replace", stopping_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_compressed(finished_run, out)
+    monkeypatch.undo()
+    assert (out / io.JOURNAL).exists()
+    loaded = load_compressed(worker.model(), out)  # finishes the commit: weights and manifest match again
+    assert not (out / io.JOURNAL).exists()
+    assert [p.name for p in out.iterdir() if ".staging-" in p.name] == []
+    expected = finished_run.compressed_model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+
+
+def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_path):
+    first = save_compressed(finished_run, tmp_path / "first")
+    second = save_compressed(finished_run, tmp_path / "second")
+    shutil.copy(first / "model.safetensors", second / "model.safetensors")
+    with pytest.raises(ConfigError, match="different saves"):
+        load_compressed(worker.model(), second)
+
+
+def test_the_step_function_leaves_model_and_state_untouched_on_failure():
+    from musco_core.run import run_step
+
+    compressor = worker.start()
+    compressor.compression_step()
+    state = compressor.state
+    assert "layer2.0.downsample.0" in state.steps[1]  # whitened_svd: the step collects calibration statistics
+    before = {key: value.clone() for key, value in compressor.compressed_model.state_dict().items()}
+    broken = attrs.evolve(compressor.context, calibration_data=[torch.zeros(2, 7, 32, 32)])  # the model fails on it
+    with pytest.raises(MuscoError, match="calibration: the model failed on batch 0"):
+        run_step(compressor.compressed_model, state, broken)
+    assert compressor.state is state and state.next_step == 1 and len(state.history) == 3
+    after = compressor.compressed_model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
