@@ -272,13 +272,14 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
 @_friendly
 def validate(schedule, model_spec) -> None:
     """Check a YAML schedule; exit code 0 when it is valid."""
-    from .compressor import Compressor
     from .registry import default_registry
+    from .run import checked_schedule
 
     registry = default_registry()
-    checked = ScheduleCodec(registry).structure(read_yaml(schedule), str(schedule))
-    if model_spec:
-        Compressor(_load_model(model_spec, None), model_compr_kwargs=checked, registry=registry)
+    if model_spec:  # the file's own problems and the model's, reported together
+        checked = checked_schedule(_load_model(model_spec, None), read_yaml(schedule), str(schedule), registry)
+    else:
+        checked = ScheduleCodec(registry).structure(read_yaml(schedule), str(schedule))
     click.echo(f"{schedule}: valid, {len(checked.compressed_layers())} layer(s) compressed "
                f"{checked.settings.nglobal_compress_iters} time(s)")
 
