@@ -7,10 +7,12 @@ user's calibration batches: :func:`collect_input_stats` accumulates it with forw
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
+from .surgery import replace_module
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +73,45 @@ def input_features(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
 
 
 class InputStatsAccumulator:
-    """Running float64 sum of ``features^T features`` of one layer: all it keeps is ``F x F`` and a row count."""
+    """Running float64 sums over the features of one layer's inputs: ``x^T x``, and with reference inputs
+    ``x_ref^T x`` (sequential calibration). All it keeps is ``F x F`` sums and a row count."""
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec
         self.total: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
         self.count = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        """Adds the features of one input ``x`` of the layer, in chunks of about :data:`CHUNK_ELEMENTS` values."""
+    def _chunks(self, x: torch.Tensor):
+        """``x`` split along its first axis so each chunk's float64 features hold about :data:`CHUNK_ELEMENTS`."""
         n_features = self.spec.in_channels * self.spec.kernel_numel
-        # Chunks along the first axis keep the float64 features bounded whatever the batch size; a conv item
-        # gives at most about one row per input position (fewer with stride).
+        # a conv item gives at most about one row per input position (fewer with stride)
         if self.spec.spatial_dims == 0:
             outer, rows_per_item = x.reshape(-1, self.spec.in_channels), 1
         else:
             outer = x if x.dim() == self.spec.spatial_dims + 2 else x.unsqueeze(0)
             rows_per_item = math.prod(outer.shape[2:])
-        step = max(1, CHUNK_ELEMENTS // (n_features * max(1, rows_per_item)))
-        for chunk in outer.split(step):
+        return outer.split(max(1, CHUNK_ELEMENTS // (n_features * max(1, rows_per_item))))
+
+    def update(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Adds the features of one input ``x`` of the layer (and of the input ``reference`` the layer had at the
+        same place before the layers ahead of it were compressed)."""
+        pairs = zip(self._chunks(x), self._chunks(reference) if reference is not None else repeat(None))
+        for chunk, reference_chunk in pairs:
             features = input_features(self.spec, chunk).to(torch.float64)
             if self.total is None:
-                self.total = torch.zeros(n_features, n_features, dtype=torch.float64, device=features.device)
+                self.total = features.new_zeros(features.shape[1], features.shape[1])
             self.total.addmm_(features.T, features)
+            if reference_chunk is not None:
+                if self.cross is None:
+                    self.cross = torch.zeros_like(self.total)
+                self.cross.addmm_(input_features(self.spec, reference_chunk).to(torch.float64).T, features)
             self.count += features.shape[0]
 
     def result(self) -> InputStats:
         if self.total is None or self.count == 0:
             raise ValueError("no input was seen")
-        return InputStats(self.total / self.count, self.count)
+        return InputStats(self.total / self.count, self.count, None if self.cross is None else self.cross / self.count)
 
 
 def _run_batch(model: nn.Module, batch: Any) -> None:
@@ -120,15 +133,7 @@ def check_reiterable(batches: Any, what: str = "calibration data") -> None:
                           f"pass a list or a DataLoader, which can be iterated at every compression step")
 
 
-def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
-                        progress: bool = True) -> dict[str, InputStats]:
-    """The input statistics of the named layers over ``batches``, from one pass of ``model`` over them.
-
-    A batch is called as ``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a
-    mapping. The pass runs in eval mode under ``no_grad``; every module's training flag is restored and the
-    hooks are removed afterwards, also on error. Memory is one ``F x F`` float64 sum per layer, on its device.
-    """
-    check_reiterable(batches)
+def _modules(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str, nn.Module]:
     modules = {}
     for name, spec in layers.items():
         try:
@@ -139,45 +144,140 @@ def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batch
             check_geometry(spec)
         except UnsupportedLayerError as exc:
             raise UnsupportedLayerError(f"calibration: layer {name!r}: {exc}") from None
-    accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
+    return modules
+
+
+class _Recorded(Exception):
+    """Ends a forward pass once the layers it was run for have seen their input."""
+
+
+@contextlib.contextmanager
+def _calibration_pass(model: nn.Module):
+    """Eval mode and no_grad for the passes inside, every module's training flag restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *, stop_after: int = 0
+            ) -> dict[str, list[torch.Tensor]]:
+    """The inputs each module receives when the model runs on ``batch`` (one per call, in order), the modules in the
+    order they first ran (a module that did not run is missing).
+
+    With ``stop_after`` the pass ends once that many calls were recorded, so the rest of the model does not run.
+    """
+    seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple) -> None:
-            accumulators[name].update(inputs[0].detach())
+            seen.setdefault(name, []).append(inputs[0].detach().clone())  # the model may change it in place later
+            if stop_after and sum(map(len, seen.values())) >= stop_after:
+                raise _Recorded
         return record
 
-    modes = {module: module.training for module in model.modules()}
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    n_batches = 0
     try:
-        model.eval()
-        bar = tqdm(batches, desc="calibration", unit="batch", leave=False, file=sys.stderr,
-                   disable=not (progress and sys.stderr.isatty()))
-        with torch.no_grad():
-            for batch in bar:
-                try:
-                    _run_batch(model, batch)
-                except MuscoError:
-                    raise
-                except Exception as exc:  # the user's batch or model: one clear line, the cause chained
-                    raise ConfigError(f"calibration: the model failed on batch {n_batches}: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                n_batches += 1
+        _run_batch(model, batch)
+    except _Recorded:
+        pass
+    except MuscoError:
+        raise
+    except Exception as exc:  # the user's batch or model: one clear line, the cause chained
+        raise ConfigError(f"calibration: the model failed on batch {index}: {type(exc).__name__}: {exc}") from exc
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    return seen
+
+
+def _bar(batches: Iterable[Any], what: str, progress: bool):
+    return tqdm(batches, desc=what, unit="batch", leave=False, file=sys.stderr,
+                disable=not (progress and sys.stderr.isatty()))
+
+
+def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) -> dict[str, InputStats]:
     if n_batches == 0:
         raise ConfigError(f"calibration data is empty: no batch to collect the input statistics of "
-                          f"{', '.join(map(repr, layers))}")
+                          f"{', '.join(map(repr, accumulators))}")
     silent = [name for name, acc in accumulators.items() if acc.count == 0]
     if silent:
         raise ConfigError(f"calibration: layer(s) {', '.join(map(repr, silent))} never ran on the {n_batches} "
                           f"calibration batch(es); check that the batches reach them")
     stats = {name: acc.result() for name, acc in accumulators.items()}
-    broken = [name for name, s in stats.items() if not torch.isfinite(s.second_moment).all()]
+    broken = [name for name, s in stats.items() if not torch.isfinite(s.second_moment).all()
+              or s.cross_moment is not None and not torch.isfinite(s.cross_moment).all()]
     if broken:
         raise ConfigError(f"calibration: the inputs of layer(s) {', '.join(map(repr, broken))} contain NaN or Inf")
+    return stats
+
+
+def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
+                        progress: bool = True) -> dict[str, InputStats]:
+    """The input statistics of the named layers over ``batches``, from one pass of ``model`` over them.
+
+    A batch is called as ``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a
+    mapping. The pass runs in eval mode under ``no_grad``; every module's training flag is restored and the
+    hooks are removed afterwards, also on error. Memory is one ``F x F`` float64 sum per layer, on its device.
+    """
+    check_reiterable(batches)
+    modules = _modules(model, layers)
+    accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
+    n_batches = 0
+    with _calibration_pass(model):
+        for batch in _bar(batches, "calibration", progress):
+            for name, inputs in _inputs(model, modules, batch, n_batches).items():
+                for x in inputs:
+                    accumulators[name].update(x)
+            n_batches += 1
+    stats = _results(accumulators, n_batches)
     log.info("calibration: input statistics of %d layer(s) from %d batch(es)", len(stats), n_batches)
     return stats
+
+
+def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]) -> list[str]:
+    """The named layers in the order the model first runs them on the first calibration batch (layers it does not
+    run there come last, in the given order)."""
+    names = list(names)
+    modules = {name: model.get_submodule(name) for name in names}
+    with _calibration_pass(model):
+        order = list(_inputs(model, modules, next(iter(batches)), 0))
+    return sorted(names, key=lambda name: order.index(name) if name in order else len(order))
+
+
+def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, replacements: Mapping[str, nn.Module],
+                             batches: Iterable[Any], *, progress: bool = True) -> InputStats:
+    """The statistics of layer ``name``'s inputs in the model with ``replacements`` (``{path: module}``) swapped in,
+    paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
+    ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
+
+    Each batch runs twice, up to the layer only when the layer runs once per pass. The model is as it was
+    afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
+    """
+    check_reiterable(batches)
+    modules = _modules(model, {name: spec})
+    originals = {path: model.get_submodule(path) for path in replacements}
+    accumulator = InputStatsAccumulator(spec)
+    n_batches, calls = 0, 0
+    with _calibration_pass(model):
+        for batch in _bar(batches, f"calibration of {name}", progress):
+            reference = _inputs(model, modules, batch, n_batches, stop_after=calls).get(name, [])
+            try:
+                for path, module in replacements.items():
+                    replace_module(model, path, module)
+                actual = _inputs(model, modules, batch, n_batches, stop_after=calls).get(name, [])
+            finally:
+                for path, module in originals.items():
+                    replace_module(model, path, module)
+            if len(actual) != len(reference):
+                raise ConfigError(f"calibration: layer {name!r} ran {len(reference)} time(s) on batch {n_batches} "
+                                  f"before compressing the layers ahead of it and {len(actual)} after")
+            for x, x_ref in zip(actual, reference):
+                accumulator.update(x, x_ref)
+            calls = calls or len(reference)  # from the second batch on, a pass stops once the layer has run
+            n_batches += 1
+    return _results({name: accumulator}, n_batches)[name]

@@ -61,11 +61,15 @@ class InputStats:
     """Second moment ``E[x x^T]`` (uncentered, float64, ``F x F``) of a layer's input features over ``count`` rows.
 
     Features are ordered as the layer's ``weight.reshape(out, -1)`` columns: input channel, then kernel position
-    (see :mod:`musco_core.calibration`, which collects them).
+    (see :mod:`musco_core.calibration`, which collects them). ``cross_moment`` is ``E[x_ref x^T]`` when the layer's
+    inputs ``x`` come from a model whose earlier layers were already compressed and ``x_ref`` are the inputs the
+    layer had before (sequential calibration): a decomposition then fits ``W x_ref`` from ``x``, so it also
+    corrects the error of the layers before it. None means ``x_ref = x``.
     """
 
     second_moment: torch.Tensor
     count: int
+    cross_moment: torch.Tensor | None = None
 
     @property
     def n_features(self) -> int:
@@ -77,7 +81,8 @@ class InputStats:
             raise ValueError(f"group {g} of {groups}: {self.n_features} features do not split into {groups} groups")
         size = self.n_features // groups
         block = slice(g * size, (g + 1) * size)
-        return InputStats(self.second_moment[block, block], self.count)
+        cross = None if self.cross_moment is None else self.cross_moment[block, block]
+        return InputStats(self.second_moment[block, block], self.count, cross)
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Pending, allocate_pass
-from .calibration import check_reiterable, collect_input_stats
+from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
 from .components import InputStats, ModelTotals
 from .engine import compress_layer, read_layer, split_groups
 from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
@@ -184,12 +184,14 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress))
         return step_stats
 
-    input_stats_for(names)
+    data_aware = input_stats_for(names)
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
     pending: dict[str, Pending] = {}
-    bar = tqdm(names, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
+    sequential = schedule.settings.calibration == "sequential" and bool(data_aware)
+    order = forward_order(model, names, context.calibration_data) if sequential else names
+    bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:
         layer = schedule.layers[name]
@@ -210,8 +212,9 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         stats = context.model_stats.layers.get(name)
         try:
             new, result = compress_layer(module, name, layer, schedule.settings, registry,
-                                         stats.input_shape if stats else None, input_stats=step_stats.get(name),
-                                         **chosen)
+                                         stats.input_shape if stats else None,
+                                         input_stats=_calibrated(model, name, step_stats, pending, paths, context)
+                                         if sequential else step_stats.get(name), **chosen)
         except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
             reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
             raise CompressionError(f"layer {name!r}: {reason}; the model was left as before this step") from exc
@@ -220,11 +223,24 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if entry.new is not None:
             for path in paths[id(entry.module)]:
                 replace_module(model, path, entry.new)
-    results = tuple(entry.result for entry in pending.values())
+    results = tuple(pending[name].result for name in names)  # in the plan's order, whatever order they ran in
     log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
              sum(r.applied for r in results), len(results))
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
+
+
+def _calibrated(model: nn.Module, name: str, step_stats: Mapping[str, InputStats], pending: Mapping[str, Pending],
+                paths: Mapping[int, list[str]], context: RunContext) -> InputStats | None:
+    """Sequential calibration: the statistics of ``name``'s inputs with the step's layers compressed so far swapped
+    in, paired with its inputs at the start of the step (the same as ``step_stats`` while none is)."""
+    replacements = {path: entry.new for entry in pending.values() if entry.new is not None
+                    for path in paths[id(entry.module)]}
+    if name not in step_stats or not replacements:
+        return step_stats.get(name)
+    spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
+    return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,
+                                    progress=context.progress)
 
 
 def check_resumable(model: nn.Module, state: RunState, context: RunContext, origin: str) -> None:

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NewType
+from typing import Any, Literal, NewType
 
 import attrs
 import cattrs
@@ -156,6 +156,10 @@ class RunSettings:
     seed: NonNegativeInt = 0
     #: Ranks are rounded to a multiple of this (e.g. 8) for hardware efficiency, then clamped to the layer.
     rank_multiple: PositiveInt = 1
+    #: How data-aware decompositions calibrate the layers of a step: ``sequential`` compresses them in forward order,
+    #: each fitted on the inputs it gets with the layers ahead of it already compressed, to the outputs it had
+    #: before (so it also corrects their error); ``independent`` fits each on the inputs the step began with.
+    calibration: Literal["sequential", "independent"] = "sequential"
     algo_kwargs: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -355,6 +359,7 @@ class ScheduleCodec:
                 "scheduler": settings.scheduler,
                 "seed": settings.seed,
                 "rank_multiple": settings.rank_multiple,
+                "calibration": settings.calibration,
                 "algo_kwargs": {name: self.unstructure_params(params) for name, params in settings.algo_kwargs.items()},
             },
             "layers": {name: self.unstructure_layer(layer) for name, layer in schedule.layers.items()},

@@ -17,7 +17,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "singular_values", "unfold", "tucker2",
-           "cp_als", "cp_to_tensor", "evbmf_rank", "whitening_factor", "whitened_truncated_svd"]
+           "cp_als", "cp_to_tensor", "evbmf_rank", "whitening_factor", "whitened_target", "whitened_truncated_svd"]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -153,24 +153,43 @@ def whitening_factor(second_moment: Tensor, damping: float = 1e-6) -> Tensor:
     return vectors * values.clamp_min(ridges[-1] * scale).sqrt()
 
 
+def whitened_target(matrix: Tensor, root: Tensor, cross_moment: Tensor | None = None) -> Tensor:
+    """The matrix whose truncated SVD gives the output-optimal low-rank fit (float64): ``matrix @ S`` for inputs
+    ``x`` with ``E[x x^T] = S S^T``; with ``cross_moment = E[x_ref x^T]``, where the fit must reproduce
+    ``matrix @ x_ref`` from ``x`` (the inputs after the layers ahead were compressed), ``matrix @ C_x @ S^-T``.
+
+    Both are ``M S`` for the least-squares map ``M`` from ``x`` to the target outputs (``M = matrix`` without a cross
+    moment, ``matrix @ C_x @ C^-1`` with one), since ``E ||target - L x||^2 = const + ||(M - L) S||_F^2``.
+    """
+    w = matrix.detach().to(torch.float64)
+    root = root.to(device=w.device, dtype=torch.float64)
+    if cross_moment is None:
+        return w @ root
+    cross = cross_moment.to(device=w.device, dtype=torch.float64)
+    return torch.linalg.solve(root, (w @ cross).T).T
+
+
 @torch.no_grad()
-def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, damping: float = 1e-6
-                           ) -> tuple[Tensor, Tensor]:
+def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, damping: float = 1e-6,
+                           cross_moment: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The rank-`rank` ``left @ right`` closest to `matrix` (m x n) on inputs with ``E[x x^T] = second_moment``.
 
     Minimises ``E ||(matrix - left @ right) x||^2`` (activation-aware SVD, as in SVD-LLM): with ``S`` from
     :func:`whitening_factor`, ``matrix @ S`` is truncated by SVD to ``U_r Sigma_r V_r^T`` and the result is
-    ``U_r sqrt(Sigma_r)`` (m x r) and ``sqrt(Sigma_r) V_r^T S^-1`` (r x n). Computed in float64; returned in
-    `matrix`'s dtype on its device. At full rank the product is `matrix` itself.
+    ``U_r sqrt(Sigma_r)`` (m x r) and ``sqrt(Sigma_r) V_r^T S^-1`` (r x n). At full rank the product is `matrix`.
+    With ``cross_moment = E[x_ref x^T]`` it minimises ``E ||matrix x_ref - left @ right x||^2`` instead (sequential
+    calibration: ``x`` are the inputs after the layers ahead were compressed, ``x_ref`` those before), the
+    truncation of :func:`whitened_target`; at full rank the product is then the least-squares map from ``x``.
+    Computed in float64; returned in `matrix`'s dtype on its device.
     """
     rank = _check_rank(rank)
     _check_matrix(matrix, "matrix")
-    if second_moment.shape != (matrix.shape[1], matrix.shape[1]):
-        raise ValueError(f"second_moment must be {matrix.shape[1]} x {matrix.shape[1]} for a matrix of shape "
-                         f"{tuple(matrix.shape)}, got {tuple(second_moment.shape)}")
-    w = matrix.detach().to(torch.float64)
-    root = whitening_factor(second_moment.to(w.device), damping)
-    left, right = truncated_svd(w @ root, rank)
+    for name, moment in (("second_moment", second_moment), ("cross_moment", cross_moment)):
+        if moment is not None and moment.shape != (matrix.shape[1], matrix.shape[1]):
+            raise ValueError(f"{name} must be {matrix.shape[1]} x {matrix.shape[1]} for a matrix of shape "
+                             f"{tuple(matrix.shape)}, got {tuple(moment.shape)}")
+    root = whitening_factor(second_moment.to(matrix.device), damping)
+    left, right = truncated_svd(whitened_target(matrix, root, cross_moment), rank)
     right = torch.linalg.solve(root, right, left=False)  # right @ S^-1
     return left.to(matrix.dtype), right.to(matrix.dtype)
 

@@ -9,6 +9,12 @@ The chain is ``in -> r`` then ``r -> out`` (1x1, with the bias). For a Linear la
 first factor is pointwise; for a k x k convolution it is a k x k convolution carrying the stride, padding and
 dilation (a data-aware "channel SVD"). Re-compression rebuilds the dense weight and truncates again with the
 statistics of the layer's inputs at that stage.
+
+Under sequential calibration (the default, see ``settings.calibration``) the statistics also hold the cross
+moment ``E[x_ref x^T]`` of the inputs the layer had before the step (``x_ref``) and those it gets with the layers
+ahead of it compressed (``x``); the fit then reproduces ``W x_ref`` from ``x``: it truncates the least-squares map
+``W C_x C^-1`` instead of ``W``, which refits the second factor in closed form and corrects the error of the
+layers ahead.
 """
 from __future__ import annotations
 
@@ -64,15 +70,15 @@ class WhitenedSVD(Decomposer):
         return source.input_stats.second_moment
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        matrix = _matrix(source.weight)
         root = factorize.whitening_factor(self._second_moment(source))
-        return [matrix.to(torch.float64) @ root.to(matrix.device)]
+        return [factorize.whitened_target(_matrix(source.weight), root, source.input_stats.cross_moment)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks
         weight = source.weight
         left, right = factorize.whitened_truncated_svd(_matrix(weight), self._second_moment(source), rank,
-                                                       damping=params.damping)
+                                                       damping=params.damping,
+                                                       cross_moment=source.input_stats.cross_moment)
         spec = source.spec
         return [right.reshape(right.shape[0], spec.in_channels, *spec.kernel_size),
                 left.reshape(*left.shape, *(1,) * spec.spatial_dims)]

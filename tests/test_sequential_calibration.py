@@ -1,0 +1,161 @@
+"""Sequential (error-feedback) calibration: the data-aware layers of a step are compressed in forward order, each
+fitted on the inputs it gets with the layers ahead already compressed, to the outputs it had before the step."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from musco_core import Compressor
+from musco_core.calibration import collect_input_stats, collect_sequential_stats, forward_order, input_features
+from musco_plugins import factorize
+
+
+def test_the_cross_fit_at_full_rank_is_the_least_squares_map():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    reference = torch.randn(400, 5, generator=generator, dtype=torch.float64)
+    actual = reference + 0.3 * torch.randn(400, 5, generator=generator, dtype=torch.float64)  # upstream error
+    second, cross = actual.T @ actual / 400, reference.T @ actual / 400
+    left, right = factorize.whitened_truncated_svd(weight, second, 5, damping=0.0, cross_moment=cross)
+    least_squares = torch.linalg.lstsq(actual, reference @ weight.T).solution.T
+    torch.testing.assert_close(left @ right, least_squares, rtol=1e-8, atol=1e-8)
+
+
+def test_without_upstream_error_the_cross_fit_is_the_plain_whitened_fit():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    x = torch.randn(300, 6, generator=generator, dtype=torch.float64) @ torch.randn(6, 6, generator=generator,
+                                                                                      dtype=torch.float64)
+    second = x.T @ x / 300
+    plain = factorize.whitened_truncated_svd(weight, second, 3, damping=0.0)
+    crossed = factorize.whitened_truncated_svd(weight, second, 3, damping=0.0, cross_moment=second)
+    torch.testing.assert_close(plain[0] @ plain[1], crossed[0] @ crossed[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_the_cross_fit_minimises_the_error_against_the_reference_outputs(rank):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(7, 6, generator=generator, dtype=torch.float64)
+    reference = torch.randn(500, 6, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 2, 6)
+    actual = reference @ (torch.eye(6, dtype=torch.float64) + 0.2 * torch.randn(6, 6, generator=generator,
+                                                                               dtype=torch.float64))
+    second, cross = actual.T @ actual / 500, reference.T @ actual / 500
+
+    def error(left, right):
+        return float((reference @ weight.T - actual @ (left @ right).T).square().mean())
+
+    fitted = error(*factorize.whitened_truncated_svd(weight, second, rank, damping=0.0, cross_moment=cross))
+    naive = error(*factorize.whitened_truncated_svd(weight, second, rank, damping=0.0))
+    assert fitted < naive
+    for _ in range(20):  # no nearby rank-r map does better
+        left = torch.randn(7, rank, generator=generator, dtype=torch.float64)
+        right = torch.randn(rank, 6, generator=generator, dtype=torch.float64)
+        best = factorize.whitened_truncated_svd(weight, second, rank, damping=0.0, cross_moment=cross)
+        assert error(best[0] + 1e-3 * left, best[1] + 1e-3 * right) >= fitted - 1e-12
+
+
+class Reordered(nn.Module):
+    """Its modules are defined in another order than it runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Linear(16, 4)
+        self.middle = nn.Linear(16, 16)
+        self.first = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+def batches(n=4, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(8, 8, generator=generator)
+    return [torch.randn(16, 8, generator=generator) @ mixing for _ in range(n)]
+
+
+def test_forward_order_is_the_order_the_model_runs_its_layers():
+    assert forward_order(Reordered(), ["last", "middle", "first"], batches()) == ["first", "middle", "last"]
+
+
+def test_sequential_statistics_pair_the_inputs_before_and_after_the_replacements(registry):
+    torch.manual_seed(0)
+    model = Reordered().eval()
+    replacement = nn.Linear(8, 16)
+    data = batches()
+    stats = collect_sequential_stats(model, "middle", registry.adapters.get("linear").read(model.middle)[0],
+                                     {"first": replacement}, data, progress=False)
+    with torch.no_grad():
+        reference = torch.cat([torch.relu(model.first(x)) for x in data])
+        actual = torch.cat([torch.relu(replacement(x)) for x in data])
+    torch.testing.assert_close(stats.second_moment, (actual.T.double() @ actual.double()) / len(actual))
+    torch.testing.assert_close(stats.cross_moment, (reference.T.double() @ actual.double()) / len(actual))
+    assert stats.count == len(actual)
+    assert model.first is not replacement  # the model is as it was
+
+
+def test_sequential_statistics_of_a_convolution_use_its_input_features(registry):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)).eval()
+    spec = registry.adapters.get("conv").read(model[2])[0]
+    replacement = nn.Conv2d(3, 8, 3, padding=1)
+    data = [torch.randn(2, 3, 10, 10) for _ in range(2)]
+    stats = collect_sequential_stats(model, "2", spec, {"0": replacement}, data, progress=False)
+    with torch.no_grad():
+        reference = torch.cat([input_features(spec, torch.relu(model[0](x))) for x in data]).double()
+        actual = torch.cat([input_features(spec, torch.relu(replacement(x))) for x in data]).double()
+    torch.testing.assert_close(stats.cross_moment, reference.T @ actual / len(actual))
+    plain = collect_input_stats(model, {"2": spec}, data, progress=False)["2"]
+    assert plain.cross_moment is None and not torch.allclose(plain.second_moment, stats.second_moment)
+
+
+def mlp():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 10)).eval()
+    with torch.no_grad():  # trained-like: a decaying spectrum, so truncation errors are moderate
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                u, _, vh = torch.linalg.svd(layer.weight, full_matrices=False)
+                layer.weight.copy_(u * (0.8 ** torch.arange(len(vh)) * 3) @ vh)
+    return model
+
+
+def compress(mode, data):
+    schedule = {"version": 1, "settings": {"ft_every": 4, "calibration": mode},
+                "layers": {str(i): {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [6]}
+                           for i in (0, 2, 4, 6)}}
+    compressor = Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=data, progress=False)
+    compressor.compression_step()
+    return compressor.compressed_model
+
+
+def test_sequential_calibration_beats_independent_calibration_on_held_out_inputs():
+    generator = torch.Generator().manual_seed(5)
+    mixing = torch.randn(32, 32, generator=generator) * torch.linspace(0.1, 1.5, 32)
+    calibration = [torch.randn(64, 32, generator=generator) @ mixing for _ in range(4)]
+    held_out = torch.randn(256, 32, generator=generator) @ mixing
+    with torch.no_grad():
+        expected = mlp()(held_out)
+        errors = {mode: float((compress(mode, calibration)(held_out) - expected).square().mean() /
+                              expected.square().mean()) for mode in ("independent", "sequential")}
+    assert errors["sequential"] < 0.95 * errors["independent"], errors
+
+
+def test_sequential_and_independent_agree_on_a_step_with_one_data_aware_layer():
+    generator = torch.Generator().manual_seed(7)
+    data = [torch.randn(32, 32, generator=generator) for _ in range(3)]
+    schedule = {"version": 1, "settings": {"ft_every": 2},
+                "layers": {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]},
+                           "6": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}}}
+    results = {}
+    for mode in ("independent", "sequential"):
+        schedule["settings"]["calibration"] = mode
+        compressor = Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=data, progress=False)
+        compressor.compression_step()
+        results[mode] = compressor.compressed_model.state_dict()
+    # the svd layer runs first and is swapped in for the data-aware one only under sequential calibration
+    assert torch.equal(results["independent"]["0.0.weight"], results["sequential"]["0.0.weight"])
+    assert not torch.equal(results["independent"]["6.0.weight"], results["sequential"]["6.0.weight"])
