@@ -16,12 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .components import InputStats, LayerChoice, ModelTotals
-from .engine import LayerResult, compress_layer, read_layer, split_groups
+from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
 from .errors import CompressionError, MuscoError
 from .factors import chain_cost, layer_layout, widen
 from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule
-from .state import RunContext, RunState
+from .state import Allocated, RunContext, RunState
 from .surgery import module_paths, replace_module
 
 log = logging.getLogger(__name__)
@@ -43,23 +43,25 @@ class Pending:
         return self.module if self.new is None else self.new
 
 
-def layer_choice(name: str, module: nn.Module, layer: LayerSchedule, context: RunContext,
-                 input_stats: InputStats | None) -> LayerChoice:
-    """The layer as a whole-model selector sees it, priced with the report's own arithmetic."""
+def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: RunContext,
+                  input_stats: InputStats | None) -> list[LayerChoice]:
+    """The layer as a whole-model selector sees it, once per candidate decomposition that can factorize it, priced
+    with the report's own arithmetic."""
     _, source, _ = read_layer(module, context.registry, name)
     source.input_stats = input_stats
     group_spec, group_sources = split_groups(source)
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
-    decomposer = context.registry.decompositions.get(layer.decomposition)
     stats = context.model_stats.layers.get(name)
     input_shape = stats.input_shape if stats else None
+    choices = []
+    for decomposer in usable_decompositions(context.registry, layer, group_spec):
+        def price(ranks: Ranks | None, decomposer=decomposer):
+            layouts = current if ranks is None else [widen(layout, source.spec.groups)
+                                                     for layout in decomposer.layout(group_spec, ranks)]
+            return chain_cost(source.spec, layouts, input_shape)
 
-    def price(ranks: Ranks | None):
-        layouts = current if ranks is None else [widen(layout, source.spec.groups)
-                                                 for layout in decomposer.layout(group_spec, ranks)]
-        return chain_cost(source.spec, layouts, input_shape)
-
-    return LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape)
+        choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape))
+    return choices
 
 
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
@@ -72,12 +74,13 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
     paths = module_paths(model)
     base = float(context.evaluate(model))
     measured: dict[str, float] = {}
-    for choice in tqdm(choices, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
+    first = list({choice.name: choice for choice in reversed(choices)}.values())[::-1]  # a layer's first candidate
+    for choice in tqdm(first, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
                        disable=not (context.progress and sys.stderr.isatty())):
         module = model.get_submodule(choice.name)
         probe = tuple(max(choice.decomposer.min_rank, limit // 2)
                       for limit in choice.decomposer.max_ranks(choice.sources[0]))
-        layer = attrs.evolve(schedule.layers[choice.name], force=True)
+        layer = attrs.evolve(schedule.layers[choice.name], decomposition=choice.decomposer.name, force=True)
         try:
             new, result = compress_layer(module, choice.name, layer, schedule.settings, context.registry,
                                          choice.input_shape, ranks=probe, input_stats=input_stats.get(choice.name))
@@ -104,8 +107,9 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
 def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunContext,
                   pending: Mapping[str, Pending], totals: ModelTotals,
                   input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]]
-                  ) -> tuple[dict[str, Ranks | None], BudgetRecord]:
-    """Runs the whole-model selector of ``name``'s pass: the ranks of every layer in that pass, and the plan.
+                  ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
+    """Runs the whole-model selector of ``name``'s pass: the decomposition and ranks of every layer in that pass
+    (None keeps a layer as it is), and the plan.
 
     ``pending`` holds the layers the current step compressed before ``name``; ``totals`` are the model's counts
     with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now.
@@ -121,8 +125,10 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and stage(other) == layer.curr_compr_iter]
     input_stats = input_stats_for(members)
-    choices = [layer_choice(other, pending[other].current if other in pending else model.get_submodule(other),
-                            schedule.layers[other], context, input_stats.get(other)) for other in members]
+    choices = [choice for other in members
+               for choice in layer_choices(other, pending[other].current if other in pending else
+                                           model.get_submodule(other), schedule.layers[other], context,
+                                           input_stats.get(other))]
     if context.evaluate is not None:
         sensitivity = sensitivities(model, choices, schedule, context, input_stats)
         choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
@@ -131,15 +137,25 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
                                        settings.rank_multiple)
-    except MuscoError as exc:
-        raise CompressionError(f"rank selection {selector.name!r}: {exc}; the model was left as before "
+    except Exception as exc:  # a plugin's bug as well as a refusal: the model was not touched
+        reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
+        raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "
                                f"this step") from exc
-    missing = set(members) - set(allocation.ranks)
-    if missing:
-        raise CompressionError(f"rank selection {selector.name!r} allocated no ranks for {sorted(missing)}; "
-                               f"the model was left as before this step")
+    offered: dict[str, set[str]] = {}
+    for choice in choices:
+        offered.setdefault(choice.name, set()).add(choice.decomposer.name)
+    chosen: dict[str, Allocated | None] = {}
+    for member in members:
+        ranks = allocation.ranks.get(member, ())
+        decomposition = allocation.decompositions.get(member) or next(iter(sorted(offered.get(member, ()))), None)
+        if ranks == () or ranks is not None and (decomposition not in offered.get(member, ()) or len(
+                offered[member]) > 1 and member not in allocation.decompositions):
+            raise CompressionError(f"rank selection {selector.name!r} allocated no decomposition and ranks among "
+                                   f"{sorted(offered.get(member, ()))} for {member!r}; the model was left as before "
+                                   f"this step")
+        chosen[member] = None if ranks is None else Allocated(decomposition, tuple(ranks))
     if allocation.note:
         log.warning("%s: %s", selector.name, allocation.note)
     record = BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters, allocation.metric,
                           allocation.target, allocation.planned, allocation.note)
-    return {member: allocation.ranks[member] for member in members}, record
+    return chosen, record

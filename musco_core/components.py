@@ -26,7 +26,8 @@ from .errors import UnsupportedLayerError
 
 #: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 0)``.
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
-#: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count.
+#: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count; a whole-model
+#: selector may be offered several decompositions per layer and answers with ``Allocation.decompositions``.
 PLUGIN_API_VERSION = (2, 0)
 
 
@@ -309,13 +310,18 @@ class ModelTotals:
 @attrs.frozen
 class Allocation:
     """A whole-model rank selector's answer: ranks per layer (None keeps the layer as it is at this pass), and the
-    reduction of the whole model it aims at after this pass next to the one these ranks give, by ``metric``."""
+    reduction of the whole model it aims at after this pass next to the one these ranks give, by ``metric``.
+
+    A layer offered with several candidate decompositions (one :class:`LayerChoice` each) also needs its choice in
+    ``decompositions``; for a layer with one candidate it may be left out.
+    """
 
     ranks: dict[str, tuple[int, ...] | None]
     metric: str
     target: float
     planned: float
     note: str | None = None
+    decompositions: dict[str, str] = attrs.field(factory=dict)
 
 
 class RankSelector:
@@ -351,7 +357,8 @@ class RankSelector:
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
                  params, rank_multiple: int = 1) -> Allocation:
-        """Ranks for every layer of a pass together (whole-model selectors only).
+        """Ranks for every layer of a pass together (whole-model selectors only). A layer whose schedule lists
+        several decompositions appears once per candidate (same ``name``): choose one in ``Allocation.decompositions``.
 
         ``pass_index`` counts the passes from 0 to ``n_passes - 1``; ranks must be multiples of ``rank_multiple``
         within each layer's :meth:`Decomposer.max_ranks`.

@@ -17,14 +17,7 @@ from .engine import LayerResult
 from .errors import ConfigError
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
-from .run import (
-    build_report,
-    check_calibration,
-    check_resumable,
-    checked_schedule,
-    run_step,
-    start_run,
-)
+from .run import build_report, check_calibration, check_resumable, checked_schedule, run_step, start_run
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats

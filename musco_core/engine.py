@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import nn
 
-from .components import Factor, InputStats, LayerSpec, WeightSource, round_ranks
+from .components import Decomposer, Factor, InputStats, LayerSpec, WeightSource, round_ranks
 from .errors import CompressionError, UnsupportedLayerError
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
@@ -72,6 +72,12 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     stats = source.input_stats
     return group_spec, [WeightSource(group_spec, dense=block, input_stats=None if stats is None else
                                      stats.group(g, groups)) for g, block in enumerate(blocks)]
+
+
+def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:
+    """The layer's candidate decompositions that can factorize a group of its geometry, in the schedule's order."""
+    decomposers = [registry.decompositions.get(name) for name in layer.candidates]
+    return [decomposer for decomposer in decomposers if decomposer.unsupported_reason(group_spec) is None]
 
 
 def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,

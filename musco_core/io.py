@@ -59,16 +59,8 @@ from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, MuscoError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import (
-    SCHEMA_VERSION,
-    PositiveInt,
-    ValueProblem,
-    make_converter,
-    plain_data,
-    read_yaml,
-    validation_problems,
-    write_text_atomic,
-)
+from .schedule import (SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data, read_yaml,
+                       validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 

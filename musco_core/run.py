@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .allocation import Pending, allocate_pass
 from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
 from .components import InputStats, ModelTotals
-from .engine import compress_layer, read_layer, split_groups
+from .engine import compress_layer, read_layer, split_groups, usable_decompositions
 from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
 from .registry import Registry
 from .report import CompressionReport
@@ -62,15 +62,20 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
         if name not in modules or not name:
             problems.append(f"{path}: no layer of that name in {type(model).__name__}")
             continue
-        decomposer = registry.decompositions.get(layer.decomposition)
         try:
             _, source, _ = read_layer(modules[name], registry, name)
             group_spec, group_sources = split_groups(source)
-            decomposer.check(group_spec)
         except MuscoError as exc:
             problems.append(f"{path}: {exc}")
             continue
-        limit = max(decomposer.max_ranks(group_sources[0]))
+        usable = usable_decompositions(registry, layer, group_spec)
+        if not usable:
+            problems.append(f"{path}: " + "; ".join(
+                f"{name} cannot decompose a {group_spec.describe()}: "
+                f"{registry.decompositions.get(name).unsupported_reason(group_spec)}" for name in layer.candidates))
+            continue
+        decomposer = usable[0]
+        limit = max(max(candidate.max_ranks(group_sources[0])) for candidate in usable)
         if len(remaining) > max(1, limit.bit_length()):
             problems.append(f"{path}: compressed {len(remaining)} more time(s), but its largest rank {limit} can "
                             f"halve at most {max(1, limit.bit_length())} times; lower nglobal_compress_iters")
@@ -100,8 +105,8 @@ def checked_schedule(model: nn.Module, data: Any, origin: str, registry: Registr
 
 def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> list[str]:
     """The layers among ``names`` whose decomposition fits to calibration data."""
-    return [name for name in names if schedule.layers[name] is not None
-            and registry.decompositions.get(schedule.layers[name].decomposition).needs_input_stats]
+    return [name for name in names if schedule.layers[name] is not None and any(
+        registry.decompositions.get(candidate).needs_input_stats for candidate in schedule.layers[name].candidates)]
 
 
 def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
@@ -203,9 +208,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             budgets.append(record)
         chosen: dict[str, Any] = {}
         if name in allocated:
-            ranks = allocated.pop(name)
-            chosen = {"ranks": ranks} if ranks is not None else {
-                "keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
+            allocation = allocated.pop(name)
+            if allocation is None:
+                group_spec = split_groups(read_layer(module, registry, name)[1])[0]
+                layer = attrs.evolve(layer, decomposition=usable_decompositions(registry, layer, group_spec)[0].name)
+                chosen = {"keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
+            else:
+                layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
         if name in tied and not layer.force:
             chosen = {"keep_note": f"kept as is: its weights are tied to {', '.join(tied[name])}, which stay, so "
                                    f"factorizing it would add weights (force: true does it anyway and unties them)"}
@@ -243,6 +252,13 @@ def _calibrated(model: nn.Module, name: str, step_stats: Mapping[str, InputStats
                                     progress=context.progress)
 
 
+def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) -> int | None:
+    """How many ranks ``decomposition`` takes, or None when it is not one of the layer's ``candidates``."""
+    if decomposition not in candidates:
+        return None
+    return len(registry.decompositions.get(decomposition).rank_names)
+
+
 def check_resumable(model: nn.Module, state: RunState, context: RunContext, origin: str) -> None:
     """A ConfigError listing every way ``state`` does not fit its own schedule and ``model`` (the model restored
     from the same saved folder), or what keeps its remaining compressions from running on the layers as they are."""
@@ -270,20 +286,21 @@ def check_resumable(model: nn.Module, state: RunState, context: RunContext, orig
         if layer is None:
             problems.append(f"$.history[{index}].name: {result.name!r} is not compressed by the schedule")
             continue
-        arity = len(registry.decompositions.get(layer.decomposition).rank_names)
-        if result.decomposition != layer.decomposition or result.stage != stage[result.name] or (
+        arity = _arity(registry, layer.candidates, result.decomposition)
+        if arity is None or result.stage != stage[result.name] or (
                 result.ranks is not None and len(result.ranks) != arity):
             problems.append(f"$.history[{index}]: {result.decomposition} stage {result.stage} ranks "
-                            f"{result.ranks} does not fit the schedule ({layer.decomposition}, stage "
-                            f"{stage[result.name]}, {arity} rank(s))")
+                            f"{result.ranks} does not fit the schedule ({'/'.join(layer.candidates)}, stage "
+                            f"{stage[result.name]})")
         stage[result.name] += 1
-    for name, ranks in state.allocated.items():
+    for name, allocation in state.allocated.items():
         layer = schedule.layers.get(name)
         if layer is None or registry.rank_selectors.get(layer.rank_selection).scope != "model":
             problems.append(f"{key_path('$.allocated', name)}: not a layer of a whole-model rank selector")
-        elif ranks is not None and len(ranks) != len(registry.decompositions.get(layer.decomposition).rank_names):
-            problems.append(f"{key_path('$.allocated', name)}: {list(ranks)} has the wrong number of ranks for "
-                            f"{layer.decomposition}")
+        elif allocation is not None and _arity(registry, layer.candidates, allocation.decomposition) != len(
+                allocation.ranks):
+            problems.append(f"{key_path('$.allocated', name)}: {allocation.decomposition} at ranks "
+                            f"{list(allocation.ranks)} is not one of the layer's decompositions with its ranks")
     for name, ranks in state.ranks.items():
         try:
             module = model.get_submodule(name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
@@ -131,19 +132,31 @@ def format_problem(exc: BaseException, type_) -> str:
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown keys {sorted(exc.extra_fields)}"
+    classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
+    if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
+        return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
     return cattrs_format_exception(exc, type_)
 
 
 @attrs.frozen
 class LayerSchedule:
-    """How one layer is compressed: a decomposition, a rank selector with its parameters, and a stage counter."""
+    """How one layer is compressed: a decomposition, a rank selector with its parameters, and a stage counter.
 
-    decomposition: str
+    ``decomposition`` is one name, or several for a whole-model rank selector to choose among per layer (the
+    schedule's ``auto`` stands for every decomposition the selector can price that needs no calibration data).
+    """
+
+    decomposition: str | tuple[str, ...]
     rank_selection: str
     rank_params: Any
     curr_compr_iter: int = 0
     #: Apply the decomposition even when it would not make the layer smaller (e.g. to test full rank).
     force: bool = False
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The decompositions the layer may get: one, or several for a whole-model rank selector to choose from."""
+        return (self.decomposition,) if isinstance(self.decomposition, str) else self.decomposition
 
 
 @attrs.frozen
@@ -302,23 +315,23 @@ class ScheduleCodec:
             problems.append(f"{path}: expected a mapping of layer settings or null, got {raw!r}")
             return None
         fields = {key: value for key, value in raw.items()}
-        names = {}
-        for key, role in (("decomposition", self.registry.decompositions),
-                          ("rank_selection", self.registry.rank_selectors)):
-            value = fields.pop(key, None)
-            if isinstance(value, str) and value in role.entries:
-                names[key] = value
-            else:
-                problems.append(f"{path}.{key}: expected one of {', '.join(role.names())}, got {value!r}")
+        decomposition = fields.pop("decomposition", None)
+        selection = fields.pop("rank_selection", None)
+        valid = True
+        if not (isinstance(selection, str) and selection in self.registry.rank_selectors.entries):
+            problems.append(f"{path}.rank_selection: expected one of {', '.join(self.registry.rank_selectors.names())}, "
+                            f"got {selection!r}")
+            valid = False
+        candidates = self._candidates(decomposition, selection if valid else None, path, problems)
         stage = fields.pop("curr_compr_iter", 0)
         if not _is_int(stage) or stage < 0:
             problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {stage!r}")
         force = fields.pop("force", False)
         if not isinstance(force, bool):
             problems.append(f"{path}.force: expected true or false, got {force!r}")
-        if len(names) < 2:
+        if not valid or not candidates:
             return None
-        selector_class = self.registry.rank_selectors.entries[names["rank_selection"]].component
+        selector_class = self.registry.rank_selectors.entries[selection].component
         layer_params_class = selector_class.Params if selector_class.scope == "layer" else NoParams
         own = {field.name: field for field in attrs.fields(layer_params_class)}
         # Rank-selector keys set to null are placeholders from the original template config: "not set".
@@ -327,25 +340,50 @@ class ScheduleCodec:
         fields = {key: value for key, value in fields.items() if not (value is None and key in selector_keys)}
         unknown = sorted(set(fields) - set(own))
         if unknown:
-            where = (f"; whole-model selector {names['rank_selection']!r} takes its settings from "
-                     f"$.settings.algo_kwargs.{names['rank_selection']}" if selector_class.scope == "model" else "")
-            problems.append(f"{path}: unknown keys {unknown} for rank_selection {names['rank_selection']!r}; "
+            where = (f"; whole-model selector {selection!r} takes its settings from "
+                     f"$.settings.algo_kwargs.{selection}" if selector_class.scope == "model" else "")
+            problems.append(f"{path}: unknown keys {unknown} for rank_selection {selection!r}; "
                             f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}"
                             + where)
             return None
         params = self._structure(fields, layer_params_class, path, problems)
-        decomposer = self.registry.decompositions.get(names["decomposition"])
-        reason = selector_class().unsupported_reason(decomposer)
-        if reason:
-            problems.append(f"{path}: rank_selection {names['rank_selection']!r} cannot be used with "
-                            f"decomposition {names['decomposition']!r}: {reason}")
-        if params is None or reason:
+        if len(candidates) > 1 and selector_class.scope != "model":
+            problems.append(f"{path}.decomposition: several decompositions {list(candidates)} need a whole-model "
+                            f"rank selector (budget) to choose among them; rank_selection {selection!r} takes one")
             return None
-        problem = selector_class().check_params(params, decomposer)
-        if problem:
-            problems.append(f"{path}.{problem}")
+        selector = selector_class()
+        for name in candidates:
+            decomposer = self.registry.decompositions.get(name)
+            reason = selector.unsupported_reason(decomposer)
+            if reason:
+                problems.append(f"{path}: rank_selection {selection!r} cannot be used with decomposition {name!r}: "
+                                f"{reason}")
+                return None
+            problem = None if params is None else selector.check_params(params, decomposer)
+            if problem:
+                problems.append(f"{path}.{problem}")
+                return None
+        if params is None:
             return None
-        return LayerSchedule(names["decomposition"], names["rank_selection"], params, stage, force)
+        return LayerSchedule(candidates[0] if len(candidates) == 1 else candidates, selection, params, stage, force)
+
+    def _candidates(self, value: Any, selection: str | None, path: str, problems: list[str]) -> tuple[str, ...]:
+        """The decompositions a layer's ``decomposition`` names: one, a list, or ``auto`` (every decomposition the
+        rank selector can price that needs no calibration data)."""
+        role = self.registry.decompositions
+        if value == "auto":
+            if selection is None:
+                return ()
+            selector = self.registry.rank_selectors.get(selection)
+            return tuple(name for name in role.names() if selector.unsupported_reason(role.get(name)) is None
+                         and not role.entries[name].component.needs_input_stats)
+        names = [value] if isinstance(value, str) else value
+        if (isinstance(names, list) and names and len(set(map(str, names))) == len(names)
+                and all(isinstance(name, str) and name in role.entries for name in names)):
+            return tuple(names)
+        problems.append(f"{path}.decomposition: expected one of {', '.join(role.names())}, got {value!r} (or a "
+                        f"list of them, or auto)")
+        return ()
 
     # -- writing --------------------------------------------------------------------------------------------
     def unstructure(self, schedule: ModelSchedule) -> dict[str, Any]:
@@ -369,7 +407,8 @@ class ScheduleCodec:
     def unstructure_layer(layer: LayerSchedule | None) -> dict[str, Any] | None:
         if layer is None:
             return None
-        return {"decomposition": layer.decomposition, "rank_selection": layer.rank_selection,
+        decomposition = layer.decomposition if isinstance(layer.decomposition, str) else list(layer.decomposition)
+        return {"decomposition": decomposition, "rank_selection": layer.rank_selection,
                 **ScheduleCodec.unstructure_params(layer.rank_params), "curr_compr_iter": layer.curr_compr_iter,
                 **({"force": True} if layer.force else {})}
 

@@ -21,16 +21,8 @@ from torch import nn
 from .engine import LayerResult
 from .errors import ConfigError, short_repr
 from .report import BudgetRecord
-from .schedule import (
-    ModelSchedule,
-    NonNegativeInt,
-    PositiveInt,
-    ScheduleCodec,
-    ValueProblem,
-    make_converter,
-    plain_data,
-    validation_problems,
-)
+from .schedule import (ModelSchedule, NonNegativeInt, PositiveInt, ScheduleCodec, ValueProblem, make_converter,
+                       plain_data, validation_problems)
 from .stats import ModelStats
 
 #: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed.
@@ -40,12 +32,20 @@ Ranks = tuple[int, ...]
 
 
 @attrs.frozen
+class Allocated:
+    """The decomposition and ranks a whole-model selector chose for a layer's compression still to come."""
+
+    decomposition: str
+    ranks: Ranks
+
+
+@attrs.frozen
 class RunState:
     """Where a multi-stage run stands; a compression step maps it (and the model) to the next one.
 
     ``steps`` is the plan (lists of layer names compressed together), ``next_step`` the index of the step to take
-    next, ``allocated`` the ranks a whole-model rank selector chose for layers whose compression in the current
-    pass is still to come (None keeps the layer as it is at that pass), ``history`` one :class:`LayerResult` per
+    next, ``allocated`` the decomposition and ranks a whole-model rank selector chose for layers whose compression
+    in the current pass is still to come (None keeps the layer as it is at that pass), ``history`` one :class:`LayerResult` per
     layer compression taken, in order, and ``budgets`` the whole-model selectors' plans. ``params_before`` is the
     model's parameter count when the run began; ``run_id`` tells this run's files from another run's.
     """
@@ -55,7 +55,7 @@ class RunState:
     steps: tuple[tuple[str, ...], ...]
     params_before: int
     next_step: int = 0
-    allocated: Mapping[str, Ranks | None] = attrs.field(factory=dict)
+    allocated: Mapping[str, Allocated | None] = attrs.field(factory=dict)
     history: tuple[LayerResult, ...] = ()
     budgets: tuple[BudgetRecord, ...] = ()
 
@@ -118,7 +118,7 @@ class _StateDocument:
     steps: list[list[str]]
     next_step: NonNegativeInt
     params_before: PositiveInt
-    allocated: dict[str, list[PositiveInt] | None]
+    allocated: dict[str, Allocated | None]
     history: list[LayerResult]
     budgets: list[BudgetRecord]
 
@@ -146,7 +146,9 @@ class StateCodec:
             "params_before": state.params_before,
             "initial_schedule": self.schedules.unstructure(state.initial_schedule),
             "steps": [list(step) for step in state.steps],
-            "allocated": {name: None if ranks is None else list(ranks) for name, ranks in state.allocated.items()},
+            "allocated": {name: None if chosen is None else {"decomposition": chosen.decomposition,
+                                                             "ranks": list(chosen.ranks)}
+                          for name, chosen in state.allocated.items()},
             "history": plain_data([attrs.asdict(result, recurse=False) for result in state.history]),
             "budgets": [attrs.asdict(record) for record in state.budgets],
         }
@@ -173,5 +175,5 @@ class StateCodec:
         schedule = self.schedules.structure(document.initial_schedule, f"{origin}: $.initial_schedule")
         return RunState(document.run_id, schedule, tuple(tuple(step) for step in document.steps),
                         document.params_before, document.next_step,
-                        {name: None if ranks is None else tuple(ranks) for name, ranks in document.allocated.items()},
+                        document.allocated,
                         tuple(document.history), tuple(document.budgets))

@@ -1,6 +1,6 @@
 """A two-pass MUSCO run with fine-tuning between steps, saving its state after each step: tucker2 (vbmf), cp3
-(param_reduction), cp4 and svd (manual), whitened_svd on calibration data, and two layers under a whole-model
-``budget`` whose second-pass allocation spans two steps. Used in-process by the resume tests and as a script:
+(param_reduction), cp4 and svd (manual), whitened_svd on calibration data, and three layers under a whole-model
+``budget`` (one choosing between svd and tucker2) whose second-pass allocation spans two steps. Used in-process by the resume tests and as a script:
 
     python resume_worker.py STATE_DIR OUT_FILE [--kill-after N] [--announce] [--resume]
 
@@ -27,12 +27,13 @@ from musco_core import Compressor, standardize_model
 SCHEDULE = {
     "version": 1,
     "settings": {"ft_every": 3, "nglobal_compress_iters": 2, "seed": 7,
-                 "algo_kwargs": {"budget": {"reduction": 1.12, "metric": "flops"}}},
+                 "algo_kwargs": {"budget": {"reduction": 1.2, "metric": "flops"}}},
     "layers": {
         "layer1.0.conv1": {"decomposition": "tucker2", "rank_selection": "vbmf", "vbmf_weakenen_factor": 0.5},
         "layer2.0.conv2": {"decomposition": "cp3", "rank_selection": "param_reduction", "param_reduction_rate": 2},
         "layer3.0.conv1": {"decomposition": "cp4", "rank_selection": "manual", "manual_rank": [24, 12]},
         "layer2.0.downsample.0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [8, 4]},
+        "layer3.0.downsample.0": {"decomposition": ["svd", "tucker2"], "rank_selection": "budget"},
         "layer3.1.conv1": {"decomposition": "tucker2", "rank_selection": "budget"},
         "layer3.1.conv2": {"decomposition": "tucker2", "rank_selection": "budget"},
         "fc": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [6, 3]},

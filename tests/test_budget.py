@@ -228,3 +228,59 @@ def test_a_budget_works_with_a_data_aware_decomposition(registry):
     assert all(r.applied for r in compressor.history)
     assert 2.0 <= compressor.report().params_ratio <= 2.0 * 1.02
     assert compressor.ranks["0"][0] <= 16  # the whitened spectrum of layer 0 sees inputs of rank 8
+
+
+def candidate_schedule(model, decomposition):
+    return {name: {"decomposition": decomposition, "rank_selection": "budget"}
+            for name, module in model.named_modules() if isinstance(module, nn.Conv2d) and name != "conv1"}
+
+
+def test_a_layer_may_list_several_decompositions_for_the_budget_to_choose_from(registry):
+    schedule = load_schedule_from({"version": 1, "layers": {
+        "a": {"decomposition": ["tucker2", "svd"], "rank_selection": "budget"},
+        "b": {"decomposition": "auto", "rank_selection": "budget"}}}, registry)
+    assert schedule.layers["a"].candidates == ("tucker2", "svd")
+    assert schedule.layers["b"].candidates == ("svd", "tucker2")  # what budget can price, no calibration needed
+    with pytest.raises(ConfigError, match=r'\$\.layers\["c"\]\.decomposition: several decompositions .* need a '
+                                          r"whole-model rank selector"):
+        load_schedule_from({"version": 1, "layers": {"c": {"decomposition": ["tucker2", "svd"],
+                                                           "rank_selection": "manual", "manual_rank": [4]}}}, registry)
+    with pytest.raises(ConfigError, match=r"rank_selection 'budget' cannot be used with decomposition 'cp3'"):
+        load_schedule_from({"version": 1, "layers": {"c": {"decomposition": ["tucker2", "cp3"],
+                                                           "rank_selection": "budget"}}}, registry)
+
+
+def load_schedule_from(data, registry):
+    from musco_core.schedule import ScheduleCodec
+    return ScheduleCodec(registry).structure(data, "schedule.yaml")
+
+
+def test_the_budget_chooses_a_decomposition_per_layer_and_meets_the_target(model, registry):
+    compressor = run(model, registry, candidate_schedule(model, "auto"),
+                     all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "flops"}})
+    report = compressor.report()
+    assert 2.0 <= report.macs_ratio <= 2.0 * 1.02
+    chosen = {r.name: r.decomposition for r in compressor.history if r.applied}
+    assert set(chosen.values()) <= {"svd", "tucker2"}
+    pointwise = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+                 and module.kernel_size == (1, 1)]
+    # a k x k conv can only be tucker2 here; a 1x1 conv is cheaper as svd than as tucker2 at equal damage
+    assert all(chosen[name] == "tucker2" for name in chosen if name not in pointwise)
+    assert any(chosen.get(name) == "svd" for name in pointwise)
+    modules = dict(compressor.compressed_model.named_modules())
+    assert all(modules[name].decomposition == decomposition for name, decomposition in chosen.items())
+
+
+def test_the_choice_is_no_worse_than_either_decomposition_alone(model, registry):
+    budget = {"budget": {"reduction": 2.0, "metric": "flops"}}
+    chosen = run(model, registry, candidate_schedule(model, ["tucker2", "svd"]), all_algo_kwargs=budget)
+    only = run(model, registry, {name: {**layer, "decomposition": "tucker2"} for name, layer in
+                                 candidate_schedule(model, "tucker2").items()}, all_algo_kwargs=budget)
+    assert squared_errors(chosen) <= squared_errors(only) + 1e-9
+
+
+def test_the_choice_is_deterministic(model, registry):
+    runs = [run(model, registry, candidate_schedule(model, "auto"),
+                all_algo_kwargs={"budget": {"reduction": 1.7, "metric": "params"}}) for _ in range(2)]
+    assert [(r.name, r.decomposition, r.ranks) for r in runs[0].history] == \
+        [(r.name, r.decomposition, r.ranks) for r in runs[1].history]

@@ -5,7 +5,8 @@ and MACs, the compression report's own counts) and estimates the damage from the
 decomposition's unfoldings: the share of squared singular values a rank drops, the exact relative squared error
 of a truncated SVD and an upper bound for Tucker2's HOSVD. It then minimizes the summed damage (weighted by the
 layers' measured sensitivities when a sensitivity pass ran) subject to the budget, by a Lagrangian search over
-the error-per-cost trade-off followed by a greedy fill of what is left of the budget.
+the error-per-cost trade-off followed by a greedy fill of what is left of the budget. A layer offered several
+candidate decompositions has the options of all of them in one list, so the same search chooses its decomposition.
 
 A multi-stage run splits the target geometrically: after pass ``p`` of ``N`` the model is ``reduction ** (p / N)``
 times smaller, so each pass removes the same share.
@@ -20,14 +21,7 @@ import attrs
 import numpy as np
 import torch
 
-from musco_core import (
-    Allocation,
-    Decomposer,
-    LayerChoice,
-    ModelTotals,
-    RankSelector,
-    hookimpl,
-)
+from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
 from musco_core.components import round_ranks
 from musco_core.errors import ConfigError
 from musco_core.schedule import ReductionRate
@@ -50,13 +44,18 @@ class BudgetParams:
 
 @attrs.frozen
 class LayerOptions:
-    """A layer's affordable ranks along its rank family, cheapest first; the last is the layer as it is."""
+    """A layer's affordable ranks along its rank family, cheapest first; the last is the layer as it is.
+
+    Options of several candidate decompositions of one layer merge into one list (see :func:`merge_options`);
+    ``candidate`` then tells whose each option is (-1 for the layer as it is).
+    """
 
     ranks: list[tuple[int, ...] | None]  # None: the layer as it is
     cost: np.ndarray  # by the budget's metric
     damage: np.ndarray  # estimated relative squared error, times the layer's sensitivity
     spectra: list[list[np.ndarray]] = attrs.field(factory=list)  # per group, per rank: ``_tails``
     sensitivity: float = 1.0
+    candidate: list[int] = attrs.field(factory=list)
 
     def damage_of(self, ranks: tuple[int, ...] | None) -> float:
         """The damage of the layer at ``ranks`` (0 for None, the layer as it is)."""
@@ -102,6 +101,18 @@ def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1) -> L
     priced = LayerOptions(ranks_list, np.asarray(costs, dtype=np.float64)[order], np.zeros(0), spectra,
                           choice.sensitivity)
     return attrs.evolve(priced, damage=np.array([priced.damage_of(ranks) for ranks in ranks_list]))
+
+
+def merge_options(candidates: Sequence[LayerOptions]) -> LayerOptions:
+    """The options of a layer's candidate decompositions as one list, cheapest first, the layer as it is last."""
+    entries = [(float(options.cost[i]), float(options.damage[i]), index, options.ranks[i])
+               for index, options in enumerate(candidates) for i in range(len(options.ranks) - 1)]
+    entries.sort(key=lambda entry: entry[0])
+    as_is = candidates[0]
+    return LayerOptions([ranks for *_, ranks in entries] + [None],
+                        np.array([cost for cost, *_ in entries] + [float(as_is.cost[-1])]),
+                        np.array([damage for _, damage, *_ in entries] + [0.0]),
+                        candidate=[index for _, _, index, _ in entries] + [-1])
 
 
 def _pick(layers: Sequence[LayerOptions], price: float) -> list[int]:
@@ -196,15 +207,23 @@ class Budget(RankSelector):
             raise ConfigError("a budget on flops needs the layers' input shapes: give the compressor an "
                               "example_input (or use metric: params)")
         target = params.reduction ** ((pass_index + 1) / n_passes)
-        options = [layer_options(choice, params.metric, rank_multiple) for choice in layers]
-        fixed = now - sum(float(layer.cost[-1]) for layer in options)  # what the layers outside the budget hold
+        by_layer: dict[str, list[LayerChoice]] = {}
+        for choice in layers:  # a layer with several candidate decompositions comes once per candidate
+            by_layer.setdefault(choice.name, []).append(choice)
+        candidates = {name: [layer_options(choice, params.metric, rank_multiple) for choice in group]
+                      for name, group in by_layer.items()}
+        merged = [merge_options(options) for options in candidates.values()]
+        fixed = now - sum(float(layer.cost[-1]) for layer in merged)  # what the layers outside the budget hold
         allowed = original / target - fixed
-        picks = allocate_ranks(options, allowed)
-        spent = sum(float(layer.cost[i]) for layer, i in zip(options, picks))
-        ranks = refine_off_family(layers, options, [layer.ranks[i] for layer, i in zip(options, picks)],
-                                  allowed - spent, params.metric, rank_multiple)
+        picks = allocate_ranks(merged, allowed)
+        spent = sum(float(layer.cost[i]) for layer, i in zip(merged, picks))
+        chosen = [max(0, layer.candidate[i]) for layer, i in zip(merged, picks)]
+        choices = [by_layer[name][index] for name, index in zip(by_layer, chosen)]
+        ranks = refine_off_family(choices, [candidates[name][index] for name, index in zip(by_layer, chosen)],
+                                  [layer.ranks[i] for layer, i in zip(merged, picks)], allowed - spent,
+                                  params.metric, rank_multiple)
         index = _METRIC_INDEX[params.metric]
-        planned = original / (fixed + sum(choice.cost(r)[index] for choice, r in zip(layers, ranks)))
+        planned = original / (fixed + sum(choice.cost(r)[index] for choice, r in zip(choices, ranks)))
         note = None
         if planned < target / 1.02:
             note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks leave "
@@ -214,9 +233,9 @@ class Budget(RankSelector):
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
         log.info("budget pass %d/%d: target %.3fx %s, planned %.3fx over %d layers", pass_index + 1, n_passes,
-                 target, params.metric, planned, len(layers))
-        return Allocation({choice.name: r for choice, r in zip(layers, ranks)}, params.metric, target, planned,
-                          note)
+                 target, params.metric, planned, len(by_layer))
+        return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, params.metric, target, planned,
+                          note, {choice.name: choice.decomposer.name for choice in choices})
 
 
 @hookimpl
