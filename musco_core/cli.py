@@ -154,10 +154,13 @@ def main() -> None:
                    "tensor, split into batches along its first axis.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Inputs per calibration batch.")
+@click.option("--target", "target", metavar="METRIC:REDUCTION[:SCOPE]",
+              help="The budget selector's target, replacing the schedule's: e.g. flops:2 (half the MACs), "
+                   "params:1.43:compressed (30% fewer weights in the layers the schedule compresses).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
 def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, overwrite,
-             calibration_path, calibration_batch_size, quiet) -> None:
+             calibration_path, calibration_batch_size, target, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
@@ -165,7 +168,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     """
     from .compressor import Compressor
     from .io import claim_folder, output_lock, save_compressed
-    from .schedule import load_schedule
+    from .registry import default_registry
+    from .run import checked_schedule
 
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
@@ -173,19 +177,24 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
     model, example = _load_model(model_spec, weights), _input_shape(input_shape)
     calibration = _calibration_batches(calibration_path, calibration_batch_size)
+    registry = default_registry()
+    document = _with_target(read_yaml(config_path), target, config_path)
     checkpoints = out_dir / "checkpoints"
     with output_lock(out_dir):
         if resume:
             compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                           calibration_data=calibration)
-            codec = ScheduleCodec(compressor.registry)
-            if codec.unstructure(load_schedule(config_path, compressor.registry)) != codec.unstructure(
+                                           calibration_data=calibration, registry=registry)
+            codec = ScheduleCodec(registry)
+            if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
                     compressor.initial_schedule):
-                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with; "
-                                   f"resume with that schedule, or start a new run with --overwrite")
+                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
+                                   f"(with --target, if one was given); resume with that schedule, or start a new "
+                                   f"run with --overwrite")
         else:
-            compressor = Compressor.from_yaml(model, config_path, example_input=example, progress=not quiet,
-                                              calibration_data=calibration)
+            compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                                                                               registry),
+                                    example_input=example, progress=not quiet, calibration_data=calibration,
+                                    registry=registry)
         run_id = compressor.state.run_id
         claim_folder(out_dir, "output", run_id, overwrite=overwrite)
         claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
@@ -200,6 +209,30 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         save_compressed(compressor, out_dir)
     click.echo(compressor.report().to_table())
     click.echo(f"\nsaved to {out_dir}")
+
+
+def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
+    """The schedule document with ``--target METRIC:REDUCTION[:SCOPE]`` as the budget selector's target."""
+    if target is None:
+        return document
+    parts = target.split(":")
+    try:
+        reduction = float(parts[1]) if len(parts) in (2, 3) else None
+    except ValueError:
+        reduction = None
+    if reduction is None:
+        raise UsageProblem(f"--target {target!r}: expected METRIC:REDUCTION[:SCOPE], e.g. flops:2 or "
+                           f"params:1.43:compressed")
+    if not isinstance(document, dict) or "version" not in document:
+        raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
+    layers = document.get("layers") or {}
+    if not any(isinstance(layer, dict) and layer.get("rank_selection") == "budget" for layer in layers.values()):
+        raise UsageProblem(f"--target sets the budget selector's target, but no layer of {config_path} uses "
+                           f"rank_selection: budget")
+    budget = {"metric": parts[0], "reduction": reduction, **({"scope": parts[2]} if len(parts) == 3 else {})}
+    settings = dict(document.get("settings") or {})
+    settings["algo_kwargs"] = {**(settings.get("algo_kwargs") or {}), "budget": budget}
+    return {**document, "settings": settings}
 
 
 def _resume_hint(checkpoints: Path) -> str:

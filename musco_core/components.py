@@ -298,13 +298,15 @@ class ModelTotals:
     """Counts of the whole model, before any compression and now, as the compression report counts them.
 
     ``params_*`` count every parameter of the model; ``macs_*`` the layers an adapter can read, on the example
-    input (None without one).
+    input (None without one). ``scheduled`` holds the same counts over the layers the schedule compresses only
+    (their parameters and MACs), for targets scoped to them.
     """
 
     params_original: int
     params_now: int
     macs_original: int | None = None
     macs_now: int | None = None
+    scheduled: ModelTotals | None = None
 
 
 @attrs.frozen

@@ -160,13 +160,24 @@ def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> 
 
 
 def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending]) -> ModelTotals:
-    """The model's counts as the current step leaves them so far (its pending replacements counted)."""
+    """The model's counts, and those of the schedule's layers, as the current step leaves them so far (its pending
+    replacements counted)."""
     report = build_report(model, state, context.model_stats)
     saved_params = sum(count_params(p.module) - count_params(p.new) for p in pending.values() if p.new is not None)
     saved_macs = sum(p.result.macs_before - p.result.macs_after for p in pending.values()
                      if p.result.macs_before is not None)
+    stats = [context.model_stats.layers.get(name) for name in state.layer_names]
+    macs = {name: (stats.macs if stats else None) for name, stats in zip(state.layer_names, stats)}
+    macs.update({result.name: result.macs_after for result in state.history})
+    macs.update({name: entry.result.macs_after for name, entry in pending.items()})
+    scheduled = ModelTotals(
+        sum(layer.params for layer in stats if layer),
+        sum(count_params(pending[name].current if name in pending else model.get_submodule(name))
+            for name in state.layer_names),
+        None if any(layer is None or layer.macs is None for layer in stats) else sum(layer.macs for layer in stats),
+        None if any(value is None for value in macs.values()) else sum(macs.values()))
     return ModelTotals(report.params_before, report.params_after - saved_params, report.macs_before,
-                       None if report.macs_after is None else report.macs_after - saved_macs)
+                       None if report.macs_after is None else report.macs_after - saved_macs, scheduled)
 
 
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:

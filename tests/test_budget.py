@@ -284,3 +284,29 @@ def test_the_choice_is_deterministic(model, registry):
                 all_algo_kwargs={"budget": {"reduction": 1.7, "metric": "params"}}) for _ in range(2)]
     assert [(r.name, r.decomposition, r.ranks) for r in runs[0].history] == \
         [(r.name, r.decomposition, r.ranks) for r in runs[1].history]
+
+
+def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
+    """'30% fewer weights in the layers I named', whatever the rest of the model holds (an embedding here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5000, 64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.GELU(),
+                          nn.Linear(64, 64))
+    make_trained_like(model)
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("1", "3", "5")}
+    tokens = torch.randint(0, 5000, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def compress(**target):
+        compressor = Compressor(model, example_input=tokens, model_compr_kwargs=schedule, ft_every=3,
+                                all_algo_kwargs={"budget": {"reduction": 1 / 0.7, **target}}, registry=registry,
+                                progress=False)
+        compressor.compression_step()
+        return compressor
+
+    linear_params = sum(p.numel() for name in schedule for p in model.get_submodule(name).parameters())
+    scoped = compress(metric="params", scope="compressed")
+    after = sum(p.numel() for name in schedule for p in scoped.compressed_model.get_submodule(name).parameters())
+    assert 1 / 0.7 <= linear_params / after <= 1 / 0.7 * 1.02
+    flops = compress(metric="flops", scope="compressed")
+    assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
+    whole = compress(metric="params")
+    assert whole.report().budgets[0].note.startswith("the target 1.429x cannot be met")  # the embedding dominates

@@ -2,6 +2,7 @@
 output, and a failing fine-tuning, Ctrl-C or a finished run can all be continued with --resume."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -168,3 +169,32 @@ def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
     assert not (project / "out" / "model.safetensors").exists()
     assert [p.name for p in (project / "out" / "checkpoints").iterdir() if ".staging-" in p.name] == []
     assert compress("out", "--resume").exit_code == 0
+
+
+BUDGET = {"version": 1, "settings": {"ft_every": 3},
+          "layers": {name: {"decomposition": decomposition, "rank_selection": "budget"}
+                     for name, decomposition in (("2", "tucker2"), ("6", "svd"), ("8", "svd"))}}
+
+
+@pytest.mark.parametrize("target, metric, reduction", [("flops:1.5", "flops", 1.5), ("params:1.4:compressed",
+                                                                                       "params", 1.4)])
+def test_a_target_on_the_command_line_replaces_the_schedules(project, target, metric, reduction):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    result = compress("out", "--target", target, config="budget.yaml")
+    assert result.exit_code == 0, result.output
+    assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in result.output
+    report = json.loads((project / "out" / "report.json").read_text())
+    assert report["budgets"][0]["target"] == reduction
+
+
+@pytest.mark.parametrize("target, message", [("flops", "expected METRIC:REDUCTION"), ("flops:two", "expected METRIC"),
+                                             ("speed:2", "budget"), ("flops:2:everything", "scope")])
+def test_a_bad_target_is_one_line(project, target, message):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    result = compress("out", "--target", target, config="budget.yaml")
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_a_target_needs_budget_layers(project):
+    result = compress("out", "--target", "flops:2")
+    assert result.exit_code == 2 and "no layer of schedule.yaml uses rank_selection: budget" in result.output

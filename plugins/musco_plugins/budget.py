@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 @attrs.frozen
 class BudgetParams:
     """Shrink the whole model's ``metric`` (``flops``: MACs of the compressible layers on the example input, as
-    the report counts them; ``params``: every parameter) by the factor ``reduction``, split over the passes."""
+    the report counts them; ``params``: every parameter) by the factor ``reduction``, split over the passes; with
+    ``scope: compressed`` count only the layers the schedule compresses."""
 
     #: The factor by which the whole model's ``metric`` shrinks over the run (after all passes).
     reduction: ReductionRate = 2.0
     #: ``flops``: MACs of the compressible layers on the example input; ``params``: every parameter of the model.
     metric: Literal["flops", "params"] = "flops"
+    #: ``model``: the target counts the whole model (every parameter; the MACs of every compressible layer);
+    #: ``compressed``: only the layers the schedule compresses ("30% fewer weights in the layers I named").
+    scope: Literal["model", "compressed"] = "model"
 
 
 @attrs.frozen
@@ -201,6 +205,8 @@ class Budget(RankSelector):
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
                  params: BudgetParams, rank_multiple: int = 1) -> Allocation:
+        if params.scope == "compressed":
+            totals = totals.scheduled
         original, now = ((totals.macs_original, totals.macs_now) if params.metric == "flops"
                          else (totals.params_original, totals.params_now))
         if original is None or now is None:
