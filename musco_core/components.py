@@ -311,6 +311,8 @@ class LayerAdapter:
 
     ``module_types`` holds classes, or dotted names (``"transformers.pytorch_utils.Conv1D"``) for classes of
     optional packages, so the plugin need not import them: a name matches a class by its module and qualname.
+    The adapter handles the classes it lists, and their subclasses that define no computation of their own
+    (no ``forward``, ``_conv_forward``, ``weight`` property, ...); listing a subclass declares it reproduced.
     """
 
     name: ClassVar[str]

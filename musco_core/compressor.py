@@ -25,7 +25,7 @@ from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import ModelSchedule, ScheduleCodec, key_path, read_yaml, write_text_atomic
 from .stats import ModelStats, as_model_stats
-from .surgery import module_paths, replace_module, tied_parameters
+from .surgery import by_canonical_name, module_paths, replace_module, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Compressor:
                         "seed": seed, "algo_kwargs": all_algo_kwargs or {}}
             schedule = ScheduleCodec(self.registry).structure(model_compr_kwargs, "model_compr_kwargs",
                                                               settings=settings)
-        self._validate_against_model(schedule)
+        schedule = self._validate_against_model(schedule)
         self.calibration_data = self._check_calibration(schedule, calibration_data)
         self.initial_schedule = schedule
         self.schedule = schedule
@@ -200,13 +200,20 @@ class Compressor:
         if macs_before is not None:
             current = {s.name: s.macs for s in self.model_stats.layers.values()}
             current.update({r.name: r.macs_after for r in self.history})
-            macs_after = sum(current.values())
+            if None in current.values():  # a compressed layer the statistics do not count: totals unknown
+                macs_before = None
+            else:
+                macs_after = sum(current.values())
         return CompressionReport(list(self.history), self._params_before,
                                  sum(p.numel() for p in self.compressed_model.parameters()), macs_before, macs_after,
                                  list(self.budgets))
 
-    def _validate_against_model(self, schedule: ModelSchedule) -> None:
-        problems = []
+    def _validate_against_model(self, schedule: ModelSchedule) -> ModelSchedule:
+        """The schedule with each layer under its canonical name; a ConfigError naming every problem."""
+        layers, clashes = by_canonical_name(schedule.layers, self.compressed_model)
+        problems = [f"{key_path('$.layers', second)}: names the same module as {first!r}; name it once"
+                    for first, second in clashes]
+        schedule = attrs.evolve(schedule, layers=layers)
         modules = dict(self.compressed_model.named_modules())
         settings = schedule.settings
         for name, layer in schedule.layers.items():
@@ -215,6 +222,9 @@ class Compressor:
                 continue
             if name not in modules or not name:
                 problems.append(f"{path}: no layer of that name in {type(self.compressed_model).__name__}")
+                continue
+            if name in self.model_stats.excluded:
+                problems.append(f"{path}: cannot be compressed: {self.model_stats.excluded[name]}")
                 continue
             decomposer = self.registry.decompositions.get(layer.decomposition)
             try:
@@ -231,6 +241,7 @@ class Compressor:
                 problems.append(f"{path}: {reason}")
         if problems:
             raise ConfigError("\n".join(f"model_compr_kwargs: {problem}" for problem in problems))
+        return schedule
 
     def _needs_input_stats(self, schedule: ModelSchedule, names) -> list[str]:
         return [name for name in names if schedule.layers[name] is not None

@@ -48,8 +48,7 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         return adapter, WeightSource(module.spec, factors, module.decomposition), bias
     adapter = registry.adapter_for(module)
     if adapter is None:
-        raise UnsupportedLayerError(f"layer {name!r}: no adapter handles {type(module).__name__}; "
-                                    f"known adapters: {', '.join(registry.adapters.names())}")
+        raise UnsupportedLayerError(f"layer {name!r}: {registry.unsupported_reason(module)}")
     spec, weight, bias = adapter.read(module)
     return adapter, WeightSource(spec, dense=weight), bias
 
