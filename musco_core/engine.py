@@ -16,6 +16,7 @@ from .factors import chain_macs, compose_factors, dense_weight, layer_layout
 from .registry import Registry
 from .schedule import LayerSchedule, RunSettings
 from .surgery import FactorizedLayer
+from .verify import check_factorized
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
+        check_factorized(name, module, new, decomposer, registry, input_shape, params)
     new.train(module.training)
     new.requires_grad_(any(p.requires_grad for p in module.parameters()))
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
