@@ -226,6 +226,9 @@ class Decomposer:
     #: calibration data (only for the layers such decompositions compress) and passes them as
     #: ``source.input_stats``; a schedule that uses it without calibration data is refused.
     needs_input_stats: ClassVar[bool] = False
+    #: True when the chain at :meth:`max_ranks` reproduces the layer exactly (up to rounding): the core then checks
+    #: that on a miniature layer of each geometry before swapping a chain in (see :mod:`musco_core.verify`).
+    exact_at_max_rank: ClassVar[bool] = False
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         """Why this decomposition cannot factorize a layer of this geometry, or None when it can."""
@@ -373,6 +376,8 @@ class LayerAdapter:
 
     ``module_types`` holds classes, or dotted names (``"transformers.pytorch_utils.Conv1D"``) for classes of
     optional packages, so the plugin need not import them: a name matches a class by its module and qualname.
+    The adapter handles the classes it lists, and their subclasses that define no computation of their own
+    (no ``forward``, ``_conv_forward``, ``weight`` property, ...); listing a subclass declares it reproduced.
     """
 
     name: ClassVar[str]

@@ -66,7 +66,7 @@ class Compressor:
             model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)
         settings = {"ft_every": ft_every, "nglobal_compress_iters": nglobal_compress_iters or 1, "seed": seed,
                     "algo_kwargs": all_algo_kwargs or {}}
-        schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings)
+        schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
         self._attach(model, start_run(model, schedule, registry),
                      RunContext(registry, stats, calibration, evaluate, progress))

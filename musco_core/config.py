@@ -53,14 +53,21 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
     with ranks from the whole-model ``budget`` selector (its target goes in ``algo_kwargs``); ``template``:
     placeholders.
     Layers the default would not shrink (grouped convs, tiny layers, ranks beyond the dimensions) get None,
-    with the reason logged.
+    with the reason logged. Layers that must not be replaced (``model_stats.excluded``: a computation of their
+    own, hooks, weights read by their owner, not reached by the example input) are left out, with the reason
+    logged.
     """
     if config_type not in CONFIG_TYPES:
         raise ConfigError(f"config_type: expected one of {', '.join(CONFIG_TYPES)}, got {config_type!r}")
     registry = registry or default_registry()
     stats = model_stats if isinstance(model_stats, ModelStats) else as_model_stats(model_stats, None, registry)
     config: dict[str, dict[str, Any] | None] = {}
+    if config_type != "none":
+        for name, reason in stats.excluded.items():
+            log.info("generate_model_compr_kwargs: layer %r left out: %s", name, reason)
     for name, layer in stats.layers.items():
+        if name in stats.excluded:
+            continue
         if config_type == "none":
             config[name] = None
         elif config_type == "template":

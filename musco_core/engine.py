@@ -16,6 +16,7 @@ from .factors import chain_cost, compose_factors, dense_weight, layer_layout, wi
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
 from .surgery import FactorizedLayer
+from .verify import check_factorized
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         return adapter, WeightSource(module.spec, factors, module.decomposition, dense=dense), bias
     adapter = registry.adapter_for(module)
     if adapter is None:
-        raise UnsupportedLayerError(f"layer {name!r}: no adapter handles {type(module).__name__}; "
-                                    f"known adapters: {', '.join(registry.adapters.names())}")
+        raise UnsupportedLayerError(f"layer {name!r}: {registry.unsupported_reason(module)}")
     spec, weight, bias = adapter.read(module)
     return adapter, WeightSource(spec, dense=weight), bias
 
@@ -151,6 +151,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
+        check_factorized(name, module, new, decomposer, registry, input_shape, params)
     new.train(module.training)
     new.requires_grad_(any(p.requires_grad for p in module.parameters()))
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,

@@ -8,12 +8,22 @@ import attrs
 from torch import nn
 
 from .components import Decomposer, LayerAdapter, RankSelector, Scheduler
-from .errors import DuplicateComponentError, PluginError, UnknownComponentError
+from .errors import DuplicateComponentError, PluginError, UnknownComponentError, short_repr
 from .plugins import MuscoPluginManager, PluginSource, make_plugin_manager
+from .surgery import why_not_replaceable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@attrs.frozen
+class AdapterMatch:
+    """How the registry sees a module of a type some adapter lists: ``adapter`` names the adapter that reproduces
+    it exactly, or ``reason`` says why none does (see :meth:`Registry.match`)."""
+
+    adapter: str | None
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -41,6 +51,10 @@ class Role(Generic[T]):
         name = getattr(component, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {source.name!r}: {component.__qualname__} must declare a string `name`")
+        params = component.Params
+        if not (isinstance(params, type) and attrs.has(params)):
+            raise PluginError(f"plugin {source.name!r}: {component.__qualname__}.Params must be an attrs class "
+                              f"(decorate it with @attrs.frozen), got {short_repr(params)}")
 
     def add(self, component: type, source: PluginSource) -> None:
         name = component.name
@@ -103,13 +117,38 @@ class Registry:
                 registry._adapter_by_type.setdefault(module_type, name)
         return registry
 
-    def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
-        """The adapter of the closest type in the module's MRO, or None when no adapter handles it."""
+    def match(self, module: nn.Module) -> AdapterMatch | None:
+        """The adapter of the closest type in the module's MRO, if it reproduces the module; None when no adapter
+        lists a type of the module (a norm, an activation, a container).
+
+        An adapter handles the classes its ``module_types`` lists exactly, and their subclasses that define none
+        of the attributes the stock computation goes through (``forward``, ``_conv_forward``, the call machinery,
+        ``weight``/``bias`` properties). Listing a subclass declares that the adapter reproduces it. A module
+        with hooks, pruning, weight norm or parametrizations of its own is never handled: replacing it would
+        drop them (see :func:`musco_core.surgery.why_not_replaceable`).
+        """
         for klass in type(module).__mro__:
             for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
                 if key in self._adapter_by_type:
-                    return self.adapters.get(self._adapter_by_type[key])
+                    name = self._adapter_by_type[key]
+                    reason = why_not_replaceable(module, klass)
+                    if reason is not None:
+                        reason = f"the {name} adapter rebuilds a stock {klass.__qualname__}, but {reason}"
+                    return AdapterMatch(name if reason is None else None, reason)
         return None
+
+    def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
+        """A fresh instance of the adapter that reproduces the module, or None (see :meth:`unsupported_reason`)."""
+        match = self.match(module)
+        return None if match is None or match.adapter is None else self.adapters.get(match.adapter)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why no adapter handles the module, or None when one does."""
+        match = self.match(module)
+        if match is None:
+            return (f"no adapter handles {type(module).__qualname__}; "
+                    f"known adapters: {', '.join(self.adapters.names()) or 'none'}")
+        return match.reason
 
     def provided(self) -> list[Provided]:
         """Every registered component, role by role, for listings such as ``musco plugins``."""

@@ -28,7 +28,7 @@ from .report import CompressionReport
 from .schedule import ModelSchedule, ScheduleCodec, key_path
 from .state import RunContext, RunState
 from .stats import ModelStats
-from .surgery import FactorizedLayer, module_paths, replace_module, tied_parameters
+from .surgery import FactorizedLayer, by_canonical_name, module_paths, replace_module, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -
 
 
 def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Registry,
-                      stages: Mapping[str, range]) -> list[str]:
-    """What keeps the schedule's compressions ``stages`` from running on the model as it is now, one line each."""
+                      stages: Mapping[str, range], excluded: Mapping[str, str]) -> list[str]:
+    """What keeps the schedule's compressions ``stages`` from running on the model as it is now, one line each.
+    ``excluded`` holds the layers that must not be replaced, with why (:attr:`ModelStats.excluded`)."""
     problems = []
     modules = dict(model.named_modules())
     for name, remaining in stages.items():
@@ -61,6 +62,9 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
         path = key_path("$.layers", name)
         if name not in modules or not name:
             problems.append(f"{path}: no layer of that name in {type(model).__name__}")
+            continue
+        if name in excluded:
+            problems.append(f"{path}: cannot be compressed: {excluded[name]}")
             continue
         try:
             _, source, _ = read_layer(modules[name], registry, name)
@@ -88,16 +92,23 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
 
 
 def checked_schedule(model: nn.Module, data: Any, origin: str, registry: Registry,
-                     settings: Mapping[str, Any] | None = None) -> ModelSchedule:
-    """A schedule (YAML document, original dict or ModelSchedule) checked on its own and against the model; one
-    ConfigError lists every problem of both, named by ``origin``."""
+                     settings: Mapping[str, Any] | None = None, stats: ModelStats | None = None) -> ModelSchedule:
+    """A schedule (YAML document, original dict or ModelSchedule) checked on its own and against the model, with
+    each layer under its canonical name (a module reachable by two names may be named by either); one ConfigError
+    lists every problem of both, named by ``origin``. ``stats`` tells which layers must not be replaced (read from
+    the model's layers alone when not given)."""
     if isinstance(data, ModelSchedule):
         schedule, problems = data, []
         origin = data.origin
     else:
         schedule, problems = ScheduleCodec(registry).structure_partial(data, origin, settings=settings)
+    layers, clashes = by_canonical_name(schedule.layers, model)
+    schedule = attrs.evolve(schedule, layers=layers)
+    problems += [f"{origin}: {key_path('$.layers', second)}: names the same module as {first!r}; name it once"
+                 for first, second in clashes]
+    excluded = (stats or ModelStats.from_model(model, registry)).excluded
     problems += [f"{origin}: {problem}" for problem in
-                 schedule_problems(model, schedule, registry, stages_of(schedule))]
+                 schedule_problems(model, schedule, registry, stages_of(schedule), excluded)]
     if problems:
         raise ConfigError("\n".join(problems))
     return schedule
@@ -154,7 +165,10 @@ def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> 
     if macs_before is not None:
         current = {s.name: s.macs for s in model_stats.layers.values()}
         current.update({r.name: r.macs_after for r in state.history})
-        macs_after = sum(current.values())
+        if None in current.values():  # a compressed layer the statistics do not count: totals unknown
+            macs_before = None
+        else:
+            macs_after = sum(current.values())
     return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
                              list(state.budgets))
 
@@ -323,7 +337,7 @@ def check_resumable(model: nn.Module, state: RunState, context: RunContext, orig
             problems.append(f"{key_path('$.layers', name)}: the history says ranks {ranks}, the saved model has it "
                             f"{now}")
     if not problems:
-        problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule,
-                                                                                 state.stages_taken()))
+        problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule, state.stages_taken()),
+                                      context.model_stats.excluded)
     if problems:
         raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))

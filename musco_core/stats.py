@@ -8,10 +8,14 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
-from .surgery import FactorizedLayer
+from .errors import ConfigError, short_repr
+from .surgery import FactorizedLayer, describe_module, owner_read_layers
 
 
 @attrs.frozen
@@ -46,6 +50,11 @@ class ModelStats:
     #: FLOPs of the whole forward pass on the example input (every op, functional calls included), counted by
     #: ``torch.utils.flop_counter.FlopCounterMode``; None without an example input.
     total_flops: int | None = None
+    #: Layers of a type an adapter lists that must not be replaced, with why, in model order: a subclass or
+    #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
+    #: example input) a layer the example input never reaches. Generated schedules leave them out; a schedule
+    #: that names one is refused.
+    excluded: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -71,25 +80,35 @@ class ModelStats:
         A factorized layer counts as the layer it replaced (its original geometry), so statistics of a model
         that is part-way through a multi-stage run match those of the uncompressed model.
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
-        BatchNorm statistics and the model's own hooks are untouched.
+        BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
+        :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
+        it and those whose weights other code used outside their own call.
         """
         readable = {}
+        excluded = owner_read_layers(model)
         factorized: list[str] = []
         for name, module in model.named_modules():
-            if not name or any(name.startswith(prefix + ".") for prefix in factorized):
+            if not name or name in excluded or any(name.startswith(prefix + ".") for prefix in factorized):
                 continue
             if isinstance(module, FactorizedLayer):
                 factorized.append(name)
                 readable[name] = (module, module.spec)
-            elif (adapter := registry.adapter_for(module)) is not None:
-                readable[name] = (module, adapter.read(module)[0])
+            elif (match := registry.match(module)) is not None:
+                if match.adapter is None:
+                    excluded[name] = match.reason
+                else:
+                    readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         total_flops = None
         if example_input is not None:
-            shapes, total_flops = _run_example(model, {name: m for name, (m, _) in readable.items()}, example_input)
-            readable = {name: entry for name, entry in readable.items() if name in shapes}
+            shapes, total_flops, not_run = _run_example(model, {name: m for name, (m, _) in readable.items()},
+                                                        example_input)
+            excluded.update(not_run)
+            readable = {name: entry for name, entry in readable.items() if name not in not_run}
+        order = {name: index for index, (name, _) in enumerate(model.named_modules())}
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
-                    for name, (module, spec) in readable.items()}, total_flops)
+                    for name, (module, spec) in readable.items()}, total_flops,
+                   dict(sorted(excluded.items(), key=lambda item: order[item[0]])))
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -107,42 +126,137 @@ class ModelStats:
         return cls(layers)
 
 
+class _LayerWatch(TorchDispatchMode):
+    """Watches one forward pass: each layer's input and output shape when it is called, and every op that uses a
+    layer's parameters outside the layer's own call (an owner passing them to a fused op, or reading them).
+
+    Module hooks are registered globally, not on the modules: torch's fused fast paths (``nn.TransformerEncoderLayer``
+    in eval) are skipped when a module has hooks of its own, and those paths are where owners read their
+    children's weights. A parameter used by the module it belongs to directly (a tied weight, e.g. an embedding
+    sharing the output layer's matrix) is not a foreign use.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.layers = {id(module): name for name, module in layers.items()}
+        self.users: dict[int, list[str]] = {}  # parameter id -> the layers holding it
+        for name, module in layers.items():
+            if not isinstance(module, FactorizedLayer):
+                for parameter in module.parameters(recurse=False):
+                    self.users.setdefault(id(parameter), []).append(name)
+        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.called: set[str] = set()
+        self.foreign: dict[str, str] = {}  # layer -> the module whose code used its parameters
+        self.running: list[nn.Module] = []
+
+    def __enter__(self) -> _LayerWatch:
+        self.handles = [register_module_forward_pre_hook(self._enter_module),
+                        register_module_forward_hook(self._leave_module, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            for handle in self.handles:
+                handle.remove()
+
+    def _enter_module(self, module: nn.Module, inputs: tuple) -> None:
+        if id(module) in self.names:
+            self.running.append(module)
+
+    def _leave_module(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if id(module) not in self.names:
+            return
+        self.running.pop()
+        name = self.layers.get(id(module))
+        if name is not None:
+            self.called.add(name)
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                self.shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for leaf in tree_leaves((args, kwargs)):
+            for name in self.users.get(id(leaf), ()):
+                owner = self.running[-1] if self.running else None
+                if owner is None or not any(p is leaf for p in owner.parameters(recurse=False)):
+                    self.foreign.setdefault(name, "code outside the model's modules" if owner is None
+                                            else describe_module(self.names[id(owner)], owner))
+        return func(*args, **(kwargs or {}))
+
+    def not_run(self) -> dict[str, str]:
+        """Why each watched layer that did not run as a layer on the example input cannot be replaced."""
+        reasons = {name: f"its weights are used outside its own call by {owner} (passed to an op directly), so "
+                         f"a factorized layer, which has no single weight, would break that code"
+                   for name, owner in self.foreign.items()}
+        for name in self.layers.values():
+            if name not in self.called and name not in reasons:
+                reasons[name] = ("the example input never reaches it (its forward did not run), so it cannot be "
+                                 "checked; leave it out or give an example input that reaches it")
+        return reasons
+
+
+def _describe_input(example_input: Any) -> str:
+    """The shapes of an example input (tensors by shape, other values by a short repr); unbounded, see callers."""
+    if isinstance(example_input, torch.Tensor):
+        return f"shape {tuple(example_input.shape)}"
+    if isinstance(example_input, Mapping):
+        return "{" + ", ".join(f"{key}: {_describe_input(value)}" for key, value in example_input.items()) + "}"
+    if isinstance(example_input, (tuple, list)):
+        return "(" + ", ".join(_describe_input(value) for value in example_input) + ")"
+    return short_repr(example_input)
+
+
+def _call_model(model: nn.Module, example_input: Any) -> None:
+    """``model`` on the example input; a ConfigError in one line when the model's forward raises."""
+    try:
+        if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
+            model(**example_input)
+        elif isinstance(example_input, (tuple, list)):
+            model(*example_input)
+        else:
+            model(example_input)
+    except Exception as exc:  # the user's model or input: one clear line, the cause chained
+        described, message = _describe_input(example_input), str(exc).strip()
+        first_line = message.splitlines()[0] if message else ""
+        raise ConfigError(f"example input of {_bounded(described, 200)}: the model's forward raised "
+                          f"{type(exc).__name__}: {_bounded(first_line, 300)}") from exc
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
-    """One forward pass recording each layer's input/output shape and the FLOPs of the whole pass."""
-    shapes = {}
+    """One forward pass recording each layer's input/output shape, the FLOPs of the whole pass, and why each layer
+    that did not run as a layer cannot be replaced."""
     modes = {module: module.training for module in model.modules()}
-
-    def hook(name):
-        def record(module, inputs, output):
-            shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
     try:
         model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
-                model(**example_input)
-            elif isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _LayerWatch(model, modules) as watch:
+            _call_model(model, example_input)
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes.items():
             module.training = training
-    return shapes, counter.get_total_flops()
+    return watch.shapes, counter.get_total_flops(), watch.not_run()
 
 
-def as_model_stats(stats: Any, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
-    """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing."""
+def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:
+    """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing.
+
+    Statistics made elsewhere get the exclusions that can be known without running the model (see
+    :attr:`ModelStats.excluded`) when the model is given.
+    """
+    if stats is None:
+        return ModelStats.from_model(model, registry, example_input)
     if isinstance(stats, ModelStats):
-        return stats
-    if stats is not None and hasattr(stats, "ltypes") and hasattr(stats, "input_shapes"):
-        return ModelStats.from_flopco(stats)
-    if stats is not None:
+        given = stats
+    elif hasattr(stats, "ltypes") and hasattr(stats, "input_shapes"):
+        given = ModelStats.from_flopco(stats)
+    else:
         raise TypeError(f"model_stats must be a musco_core.ModelStats or a flopco.FlopCo object, "
                         f"got {type(stats).__name__}")
-    return ModelStats.from_model(model, registry, example_input)
-
+    if model is None:
+        return given
+    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry).excluded, **given.excluded})

@@ -1,11 +1,34 @@
-"""Module surgery: the factorized layer container, replacing modules by name, and ``standardize_model``."""
+"""Module surgery: the factorized layer container, replacing modules by name, ``standardize_model``, and what
+makes a module unsafe to replace (computation of its own, hooks, an owner that reads its weights, aliases)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from torch import nn
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .components import FactorLayout, LayerSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Attributes the stock computation of a layer goes through. A subclass that defines one of them itself computes
+#: something else than the stock class (TensorFlow-style padding in ``forward``, a scaled or masked weight), or
+#: computes it from something else (a ``weight`` property).
+COMPUTATION_ATTRIBUTES = ("forward", "_conv_forward", "__call__", "_call_impl", "_wrapped_call_impl",
+                          "__getattr__", "__getattribute__", "weight", "bias")
+
+#: Owners whose forward reads these children's weights directly instead of calling them: a factorized child has
+#: no ``weight``, so replacing one breaks its owner.
+OWNERS_READING_CHILD_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward(..., self.out_proj.weight, ...)
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),  # the eval fast path, torch._transformer_encoder_layer_fwd
+}
 
 
 class FactorizedLayer(nn.Sequential):
@@ -78,3 +101,104 @@ def standardize_model(model: nn.Module) -> nn.Module:
                 plain[id(module)] = nn.Sequential(*module.children()).train(module.training)
             replace_module(model, name, plain[id(module)])
     return model
+
+
+def describe_module(name: str, module: nn.Module) -> str:
+    """``'name' (Type)``, or ``the model (Type)`` for the root."""
+    return f"{name!r} ({type(module).__qualname__})" if name else f"the model ({type(module).__qualname__})"
+
+
+def _hook_problems(module: nn.Module) -> list[str]:
+    """What the module's own hooks do that a layer built in its place would not."""
+    problems = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            problems.append("it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and "
+                            "weight_mask before each call); call torch.nn.utils.prune.remove on it first")
+        elif isinstance(hook, WeightNorm):
+            problems.append("it has weight_norm (a pre-hook recomputes its weight from weight_g and weight_v); "
+                            "call torch.nn.utils.remove_weight_norm on it first")
+        elif isinstance(hook, SpectralNorm):
+            problems.append("it has spectral_norm (a pre-hook rescales its weight); call "
+                            "torch.nn.utils.remove_spectral_norm on it first")
+        else:
+            problems.append(f"it has a forward pre-hook ({getattr(hook, '__qualname__', type(hook).__qualname__)})")
+    kinds = (("forward hook", module._forward_hooks), ("backward hook", module._backward_hooks),
+             ("backward pre-hook", module._backward_pre_hooks))
+    problems += [f"it has a {kind} ({getattr(hook, '__qualname__', type(hook).__qualname__)})"
+                 for kind, hooks in kinds for hook in hooks.values()]
+    return problems
+
+
+def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
+    """Why ``module`` may not compute what a stock ``base`` with its weights computes, or None when it does.
+
+    ``base`` is a class in the module's MRO. The module's class and every class between it and ``base`` must
+    define none of :data:`COMPUTATION_ATTRIBUTES`, the instance must not override a method, and the module must
+    carry no parametrization and no hooks of its own: a layer built in its place would silently drop them. A
+    forward or backward hook can change what the module computes or read its weight (a hook moved to the
+    factorized layer would be given a module without ``weight``); pruning, weight_norm, spectral_norm and
+    parametrizations recompute the weight from other tensors at each call, which factorizing the weight of the
+    moment would freeze. Remove them, compress, and add them to the new layer where that makes sense.
+    """
+    problems = []
+    if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
+        names = list(module.parametrizations)
+        problems.append(f"its {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
+                        f"(torch.nn.utils.parametrize); call torch.nn.utils.parametrize.remove_parametrizations "
+                        f"on it first")
+    else:
+        mro = type(module).__mro__
+        defined = [f"{klass.__qualname__}.{attribute}" for klass in mro[:mro.index(base)]
+                   for attribute in COMPUTATION_ATTRIBUTES if attribute in vars(klass)]
+        defined += [f"the instance's own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
+                    if attribute in vars(module) and callable(vars(module)[attribute])]
+        if defined:
+            problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
+                            f"else (list the class in an adapter's module_types if it computes exactly what "
+                            f"{base.__qualname__} does)")
+    problems += _hook_problems(module)
+    return "; ".join(problems) if problems else None
+
+
+def owner_read_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose owner's forward reads their weights directly (known from the owner's type, see
+    :data:`OWNERS_READING_CHILD_WEIGHTS`), by canonical name, with why they cannot be replaced."""
+    reasons: dict[int, str] = {}
+    for name, owner in model.named_modules():
+        for owner_type, children in OWNERS_READING_CHILD_WEIGHTS.items():
+            if isinstance(owner, owner_type):
+                for child in children:
+                    if isinstance(owner._modules.get(child), nn.Module):
+                        reasons.setdefault(id(owner._modules[child]),
+                                           f"its owner {describe_module(name, owner)} reads its weight directly "
+                                           f"instead of calling it, so a factorized layer would break the owner")
+    return {name: reasons[id(module)] for name, module in model.named_modules() if id(module) in reasons}
+
+
+def layer_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name under which a module of ``model`` is reachable, mapped to its canonical name: the one
+    ``model.named_modules()`` gives it (the first in that order; a module shared by two parents has two names)."""
+    canonical: dict[int, str] = {}
+    return {name: canonical.setdefault(id(module), name)
+            for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def by_canonical_name(entries: Mapping[str, T], model: nn.Module) -> tuple[dict[str, T], list[tuple[str, str]]]:
+    """``entries`` keyed by layer name, re-keyed by canonical name in the same order (see :func:`layer_aliases`),
+    and the pairs of keys that name one module (the first key of such a pair is kept). Keys that name no module
+    are kept as they are."""
+    aliases = layer_aliases(model)
+    canonical: dict[str, T] = {}
+    first_key: dict[str, str] = {}
+    clashes = []
+    for key, value in entries.items():
+        name = aliases.get(key, key)
+        if name in first_key:
+            clashes.append((first_key[name], key))
+            continue
+        if name != key:
+            log.info("layer %r is the module also named %r: using that name", key, name)
+        first_key[name] = key
+        canonical[name] = value
+    return canonical, clashes

@@ -27,7 +27,8 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
 
 
 class ConvAdapter(LayerAdapter):
-    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` (and their subclasses)."""
+    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``, and subclasses that keep their computation (no ``forward``
+    or ``_conv_forward`` of their own; see :meth:`musco_core.registry.Registry.match`)."""
 
     name = "conv"
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -79,7 +80,8 @@ class ConvAdapter(LayerAdapter):
 
 
 class LinearAdapter(LayerAdapter):
-    """``nn.Linear`` (and subclasses), on inputs of any rank."""
+    """``nn.Linear``, and subclasses that keep its computation (``NonDynamicallyQuantizableLinear``), on inputs of
+    any rank."""
 
     name = "linear"
     module_types = (nn.Linear,)

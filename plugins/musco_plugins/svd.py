@@ -19,6 +19,7 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
 
 class SVD(Decomposer):
     name = "svd"
+    exact_at_max_rank = True
     min_rank = 2
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:

@@ -29,6 +29,7 @@ class Tucker2(Decomposer):
     Params = Tucker2Params
     rank_names = ("r_out", "r_in")
     min_rank = 8
+    exact_at_max_rank = True
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims == 0:

@@ -45,6 +45,7 @@ class WhitenedSVD(Decomposer):
     Params = WhitenedSVDParams
     min_rank = 2
     needs_input_stats = True
+    exact_at_max_rank = True
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims > 2:

@@ -34,6 +34,7 @@ class SpatialSVD(Decomposer):
 
     name = "spatial_svd"
     min_rank = 1
+    exact_at_max_rank = True
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         if spec.spatial_dims != 2 or min(spec.kernel_size) < 2:

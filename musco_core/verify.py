@@ -1,0 +1,179 @@
+"""The plugin contract, enforced before a factorized layer replaces a layer.
+
+A decomposition's factor layout, its factor weights and the adapter that builds modules from them must give a
+chain that computes what the layer computes, with fewer weights. Three checks, cheapest first:
+
+* :func:`layout_problem`: the layouts chain the layer's channels, every spatial axis is owned (its stride, padding
+  and dilation applied) by exactly one factor, a factor convolves only an axis it owns and with the layer's kernel
+  size there, and the layer's bias sits on the last factor.
+* :func:`output_shape_problem`: the new layer gives exactly the layer's output shape on a probe input of the
+  layer's input shape (batch 1; a small synthetic size when the input shape is unknown).
+* :func:`full_rank_problem`: a decomposer that declares ``exact_at_max_rank`` reproduces, at its
+  :meth:`~musco_core.components.Decomposer.max_ranks`, a miniature layer of the same geometry (kernel, stride,
+  padding, dilation, padding mode, bias; a few channels, one group). The verdict is cached per decomposer,
+  adapter, geometry and parameters for the process. Decompositions that are not exact at their largest rank by
+  design (CP at the largest rank that does not grow the layer) do not declare it and are not checked.
+
+:func:`check_factorized` runs the three and raises a :class:`~musco_core.errors.CompressionError` naming the layer,
+the decomposition and the plugins that registered it and the adapter.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapter, LayerSpec, WeightSource
+from .errors import CompressionError
+from .factors import layer_layout
+from .surgery import FactorizedLayer
+
+#: (in, out) channels of the miniature layer: small, and unequal so that a transposed factor shows.
+MINIATURE_CHANNELS = (4, 6)
+#: Largest relative output error of an exact chain on the miniature layer (float64 weights; a decomposer that
+#: computes in float32 stays well below it).
+FULL_RANK_TOLERANCE = 1e-5
+
+_full_rank_verdicts: dict[tuple, str | None] = {}
+
+
+def check_factorized(name: str, original: nn.Module, new: FactorizedLayer, decomposer: Decomposer, registry,
+                     input_shape: Sequence[int] | None = None, params: Any = None) -> None:
+    """Raises CompressionError unless ``new`` keeps the contract as a replacement of ``original``.
+
+    ``input_shape`` is the layer's input on the example input (batch included), None when unknown; ``params``
+    the decomposer's parameters of this run (its defaults when None).
+    """
+    spec = new.spec
+    adapter = registry.adapters.get(spec.adapter)
+    params = decomposer.Params() if params is None else params
+    problem = (layout_problem(spec, new.layouts) or output_shape_problem(original, new, input_shape)
+               or full_rank_problem(decomposer, adapter, spec, params))
+    if problem is not None:
+        made_by = registry.decompositions.entries[decomposer.name].source
+        built_by = registry.adapters.entries[spec.adapter].source
+        raise CompressionError(
+            f"layer {name!r}: the {decomposer.name} chain (decomposition {decomposer.name!r} of plugin "
+            f"{made_by.name!r} ({made_by.distribution}), built by layer adapter {spec.adapter!r} of plugin "
+            f"{built_by.name!r}) {problem}")
+
+
+def layout_problem(spec: LayerSpec, layouts: Sequence[FactorLayout]) -> str | None:
+    """What in a chain of factor layouts cannot compute a layer of geometry ``spec``, or None."""
+    if not layouts:
+        return "has no factors"
+    channels = [spec.in_channels] + [layout.out_channels for layout in layouts]
+    for index, layout in enumerate(layouts):
+        if layout.in_channels != channels[index]:
+            return f"has factor {index} taking {layout.in_channels} channels where {channels[index]} come in"
+    if channels[-1] != spec.out_channels:
+        return f"ends with {channels[-1]} channels, the layer has {spec.out_channels}"
+    axes = range(spec.spatial_dims)
+    for index, layout in enumerate(layouts):
+        if len(layout.kernel_size) != spec.spatial_dims or not set(layout.axes) <= set(axes):
+            return (f"has factor {index} with kernel {layout.kernel_size} and axes {layout.axes} for a layer with "
+                    f"{spec.spatial_dims} spatial axes")
+    for axis in axes:
+        owners = [index for index, layout in enumerate(layouts) if axis in layout.axes]
+        if len(owners) != 1:
+            return (f"leaves spatial axis {axis} {'without an owner' if not owners else f'to factors {owners}'}: "
+                    f"the axis' stride, padding and dilation must be applied by exactly one factor")
+    for index, layout in enumerate(layouts):
+        for axis, size in enumerate(layout.kernel_size):
+            if size != 1 and axis not in layout.axes:
+                return f"has factor {index} convolving spatial axis {axis}, which another factor owns"
+            if size not in (1, spec.kernel_size[axis]):
+                return (f"has factor {index} convolving spatial axis {axis} with kernel {size}, the layer's is "
+                        f"{spec.kernel_size[axis]}")
+    biased = [index for index, layout in enumerate(layouts) if layout.bias]
+    if biased != ([len(layouts) - 1] if spec.has_bias else []):
+        return ("drops the layer's bias" if not biased else
+                f"puts the bias on factor(s) {biased}; the layer's bias belongs on the last factor only")
+    return None
+
+
+def _probe_shape(spec: LayerSpec, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """A batch-1 input for a layer: its own input shape when known, else the smallest sizes that give each axis
+    an output of at least 3 positions (and room for reflect or circular padding)."""
+    if spec.spatial_dims == 0:
+        return 1, spec.in_channels
+    if input_shape is not None and len(input_shape) >= spec.spatial_dims + 1:
+        return 1, spec.in_channels, *input_shape[-spec.spatial_dims:]
+    padding = (0,) * spec.spatial_dims if isinstance(spec.padding, str) else spec.padding
+    return 1, spec.in_channels, *(d * (k - 1) + 2 * s + p + 1 for k, s, p, d in
+                                  zip(spec.kernel_size, spec.stride, padding, spec.dilation, strict=True))
+
+
+def output_shape_problem(original: nn.Module, new: FactorizedLayer, input_shape: Sequence[int] | None
+                         ) -> str | None:
+    """How ``new``'s output shape differs from ``original``'s on a probe of the layer's input shape, or None."""
+    like = next(new.parameters())
+    probe = torch.zeros(_probe_shape(new.spec, input_shape), dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        expected = tuple(original(probe).shape)
+        try:
+            got = tuple(new(probe).shape)
+        except Exception as exc:  # a plugin's modules that do not even chain
+            return f"fails on a probe input of shape {tuple(probe.shape)}: {type(exc).__name__}: {exc}"
+    if got != expected:
+        return f"gives output shape {got} on a probe input of shape {tuple(probe.shape)}, the layer {expected}"
+    return None
+
+
+def full_rank_problem(decomposer: Decomposer, adapter: LayerAdapter, spec: LayerSpec, params: Any) -> str | None:
+    """Why ``decomposer``'s chain at its max ranks does not reproduce a miniature layer of ``spec``'s geometry,
+    or None (also for a decomposer that does not declare ``exact_at_max_rank``). Cached for the process."""
+    if not decomposer.exact_at_max_rank:
+        return None
+    key = (type(decomposer), type(adapter), spec.adapter, spec.kernel_size, spec.stride, spec.padding,
+           spec.dilation, spec.padding_mode, spec.has_bias, repr(params))
+    if key not in _full_rank_verdicts:
+        _full_rank_verdicts[key] = _full_rank_verdict(decomposer, adapter, spec, params)
+    return _full_rank_verdicts[key]
+
+
+def _full_rank_verdict(decomposer: Decomposer, adapter: LayerAdapter, spec: LayerSpec, params: Any) -> str | None:
+    in_channels, out_channels = MINIATURE_CHANNELS
+    mini = attrs.evolve(spec, in_channels=in_channels, out_channels=out_channels, groups=1)
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    weight = random(*mini.weight_shape)
+    bias = random(out_channels) if mini.has_bias else None
+    probe = random(*_probe_shape(mini, None))
+    stats = None
+    if decomposer.needs_input_stats:  # the second moment of random features, well conditioned
+        features = random(4 * in_channels * mini.kernel_numel, in_channels * mini.kernel_numel)
+        stats = InputStats(features.T @ features / features.shape[0], features.shape[0])
+    ranks: tuple[int, ...] = ()
+    try:
+        source = WeightSource(mini, dense=weight, input_stats=stats)
+        ranks = tuple(decomposer.max_ranks(source))
+        layouts = decomposer.layout(mini, ranks)
+        with torch.no_grad():
+            weights = decomposer.decompose(source, ranks, params, seed=0)
+            factors = []
+            for index, (layout, factor) in enumerate(zip(layouts, weights, strict=True)):
+                if tuple(factor.shape) != layout.weight_shape:
+                    raise ValueError(f"factor {index} has shape {tuple(factor.shape)}, its layout says "
+                                     f"{layout.weight_shape}")
+                factors.append(Factor(layout, factor.to(torch.float64), bias if layout.bias else None))
+            reference = nn.Sequential(*adapter.build(mini, [Factor(layer_layout(mini)[0], weight, bias)], weight))
+            expected = reference(probe)
+            got = nn.Sequential(*adapter.build(mini, factors, weight))(probe)
+    except Exception as exc:  # a plugin's bug: reported as a broken contract, not raised from deep inside
+        return (f"fails at its max ranks {ranks} on a miniature {mini.describe()} of the layer's geometry: "
+                f"{type(exc).__name__}: {exc}")
+    if got.shape != expected.shape:
+        return (f"gives output shape {tuple(got.shape)} at its max ranks {ranks} on a miniature {mini.describe()} "
+                f"of the layer's geometry, the layer {tuple(expected.shape)}")
+    error = float(torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected))
+    if not error <= FULL_RANK_TOLERANCE:
+        return (f"declares exact_at_max_rank, but at its max ranks {ranks} on a miniature {mini.describe()} of the "
+                f"layer's geometry its output differs from the layer's by relative error {error:.2e}")
+    return None

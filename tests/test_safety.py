@@ -1,0 +1,571 @@
+"""Never a silently wrong model: layers whose behaviour a factorized chain would not reproduce are left alone
+(generated schedules) or refused with the layer and the reason (named in a schedule), and a plugin's chain that
+breaks the contract is refused before it is swapped in. Every refusal leaves the model as it was."""
+from __future__ import annotations
+
+import logging
+import types
+import warnings
+
+import attrs
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from musco_core import Compressor, ConfigError, ModelStats, hookimpl
+from musco_core.components import FactorLayout, LayerAdapter
+from musco_core.config import generate_model_compr_kwargs
+from musco_core.errors import CompressionError, PluginError
+from musco_core.plugins import make_plugin_manager
+from musco_core.registry import Registry
+from musco_core.surgery import layer_aliases
+from musco_core.verify import full_rank_problem
+from musco_plugins.adapters import ConvAdapter
+from musco_plugins.cp import CP3
+from musco_plugins.svd import SVD
+from musco_plugins.tucker2 import Tucker2
+from musco_spatial_svd import SpatialSVD
+
+
+def registry_with(*plugins: tuple[str, object], strict: bool = True) -> Registry:
+    manager = make_plugin_manager(entry_points=False, strict=strict, plugins=list(plugins))
+    return Registry.from_plugin_manager(manager, strict=strict)
+
+
+def plugin(**hooks) -> types.ModuleType:
+    module = types.ModuleType("test_safety_plugin")
+    for hook_name, components in hooks.items():
+        setattr(module, hook_name, hookimpl(lambda components=components: components))
+    return module
+
+
+def manual(rank, decomposition: str = "svd") -> dict:
+    return {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": [rank]}
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, type]]:
+    return ({key: value.clone() for key, value in model.state_dict().items()},
+            {name: type(module) for name, module in model.named_modules()})
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    state, module_types = snapshot(model)
+    assert module_types == before[1]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[key], before[0][key]) for key in state)
+
+
+def refused(model: nn.Module, schedule: dict, match: str, **kwargs) -> str:
+    """The ConfigError message of a Compressor on ``model`` (in place) for ``schedule``; the model is unchanged."""
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=match) as info:
+        Compressor(model, model_compr_kwargs=schedule, inplace=True, progress=False, **kwargs)
+    assert_unchanged(model, before)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. adapters only claim what they reproduce
+
+
+class TFSameConv2d(nn.Conv2d):
+    """TensorFlow 'SAME' padding computed in forward, as EfficientNet ports do (asymmetric for even totals)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride),
+                                 reversed(self.dilation)):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class PlainSubLinear(nn.Linear):
+    """A subclass that computes exactly what nn.Linear does."""
+
+
+class TFNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = TFSameConv2d(3, 16, 3, stride=2)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.scaled = ScaledLinear(32, 24)
+        self.fc = PlainSubLinear(24, 10)
+
+    def forward(self, x):
+        return self.fc(self.scaled(self.conv(torch.relu(self.stem(x))).mean((2, 3))))
+
+
+def test_subclasses_with_their_own_computation_are_not_claimed(registry):
+    model = TFNet()
+    assert registry.adapter_for(model.stem) is None
+    assert "TFSameConv2d.forward" in registry.unsupported_reason(model.stem)
+    assert "stock Conv2d" in registry.unsupported_reason(model.stem)
+    assert registry.adapter_for(model.scaled) is None
+    assert "ScaledLinear.forward" in registry.unsupported_reason(model.scaled)
+    assert registry.adapter_for(model.fc).name == "linear" and registry.unsupported_reason(model.fc) is None
+    assert registry.adapter_for(model.conv).name == "conv"
+    quantizable = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)  # overrides nothing
+    assert registry.adapter_for(quantizable).name == "linear"
+    assert registry.match(nn.BatchNorm2d(4)) is None
+    assert registry.unsupported_reason(nn.BatchNorm2d(4)).startswith("no adapter handles BatchNorm2d")
+
+
+class CallOverride(nn.Linear):
+    def __call__(self, x):
+        return super().__call__(x) + 1
+
+
+class WeightProperty(nn.Linear):
+    @property
+    def weight(self):
+        return self.raw * 2
+
+    @weight.setter
+    def weight(self, value):
+        self.raw = nn.Parameter(value)
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    (CallOverride(4, 4), "CallOverride.__call__"),
+    (WeightProperty(4, 4), "WeightProperty.weight"),
+])
+def test_overriding_the_call_machinery_or_the_weight_is_a_computation_of_its_own(registry, module, expected):
+    assert registry.adapter_for(module) is None
+    assert expected in registry.unsupported_reason(module)
+
+
+def test_an_adapter_declares_a_subclass_it_reproduces_by_listing_it(registry):
+    class TFSameAdapter(ConvAdapter):
+        name = "tf_same_conv"
+        module_types = (TFSameConv2d,)
+
+    reg = registry_with(("tf_same", plugin(musco_register_layer_adapters=[TFSameAdapter])))
+    assert reg.adapter_for(TFSameConv2d(3, 4, 3)).name == "tf_same_conv"
+    assert reg.adapter_for(nn.Conv2d(3, 4, 3)).name == "conv"
+
+
+def test_generated_schedule_leaves_out_subclasses_with_the_reason(registry, caplog):
+    model, x = TFNet(), torch.randn(1, 3, 16, 16)
+    stats = ModelStats.from_model(model, registry, x)
+    assert set(stats.excluded) == {"stem", "scaled"}
+    assert "TFSameConv2d.forward" in stats.excluded["stem"]
+    with caplog.at_level(logging.INFO, logger="musco_core.config"):
+        config = generate_model_compr_kwargs(stats, "param_reduction", registry=registry)
+    assert "stem" not in config and "scaled" not in config and config["conv"] is not None
+    assert any("'stem' left out" in record.getMessage() and "forward" in record.getMessage()
+               for record in caplog.records)
+    compressor = Compressor(model, config_type="param_reduction", example_input=x, progress=False, registry=registry)
+    assert set(compressor.lnames) == {"conv", "fc"} and "stem" in compressor.model_stats.excluded
+    while not compressor.done:
+        compressor.compression_step()
+    assert type(compressor.compressed_model.stem) is TFSameConv2d  # left alone
+
+
+@pytest.mark.parametrize(("layer", "decomposition", "what"), [
+    ("stem", "tucker2", r"TFSameConv2d\.forward"),
+    ("scaled", "svd", r"ScaledLinear\.forward"),
+])
+@pytest.mark.parametrize("example", [False, True])
+def test_a_schedule_naming_a_subclass_with_its_own_computation_is_refused(layer, decomposition, what, example):
+    model = TFNet()
+    rank = [8, 8] if decomposition == "tucker2" else 8
+    message = refused(model, {layer: manual(rank, decomposition)}, rf'\$\.layers\["{layer}"\].*{what}',
+                      example_input=torch.randn(1, 3, 16, 16) if example else None)
+    assert "\n" not in message
+
+
+def _prune(layer):
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+
+
+def _weight_norm(layer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecated hook-based weight_norm, still in use
+        nn.utils.weight_norm(layer)
+
+
+def _orthogonal(layer):
+    nn.utils.parametrizations.orthogonal(layer)
+
+
+def _scale_parametrization(layer):
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    parametrize.register_parametrization(layer, "weight", Double())
+
+
+def _forward_hook(layer):
+    layer.register_forward_hook(lambda module, inputs, output: output * 2)
+
+
+def _forward_pre_hook(layer):
+    layer.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+
+
+def _backward_hook(layer):
+    layer.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+
+
+def _instance_forward(layer):
+    plain = layer.forward
+    layer.forward = lambda x: plain(x) + 1  # as accelerate's hooks do
+
+
+@pytest.mark.parametrize(("attach", "expected"), [
+    (_prune, "pruned"), (_weight_norm, "weight_norm"), (_orthogonal, "weight is parametrized"),
+    (_scale_parametrization, "weight is parametrized"), (_forward_hook, "forward hook"),
+    (_forward_pre_hook, "forward pre-hook"), (_backward_hook, "backward hook"),
+    (_instance_forward, "the instance's own forward"),
+])
+def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(registry, attach, expected):
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 6))
+    attach(model[0])
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        output = model(x)
+    assert registry.adapter_for(model[0]) is None and expected in registry.unsupported_reason(model[0])
+    stats = ModelStats.from_model(model, registry, x)
+    assert expected in stats.excluded["0"] and "0" not in stats.layers
+    assert "0" not in generate_model_compr_kwargs(stats, "param_reduction", registry=registry)
+    refused(model, {"0": manual(4)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{expected}')
+    with torch.no_grad():
+        assert torch.equal(model(x), output)  # the hook or reparametrization still works as before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. layers read by their owner, not called
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0])
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_multihead_attention_out_proj_is_refused_by_its_owner(registry, example):
+    model, x = Attention().eval(), torch.randn(2, 5, 16)
+    stats = ModelStats.from_model(model, registry, x if example else None)
+    assert "MultiheadAttention" in stats.excluded["attn.out_proj"]
+    assert list(generate_model_compr_kwargs(stats, "param_reduction", registry=registry)) == ["head"]
+    refused(model, {"attn.out_proj": manual(4)},
+            r"attn\.out_proj.*'attn' \(MultiheadAttention\) reads its weight directly",
+            example_input=x if example else None)
+    compressor = Compressor(model, config_type="param_reduction", example_input=x if example else None,
+                            progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert compressor.compressed_model(x).shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_transformer_encoder_layer_linears_are_refused_in_eval(registry, example):
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1,
+                                  enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    stats = ModelStats.from_model(model, registry, x if example else None)
+    assert {"layers.0.linear1", "layers.0.linear2", "layers.0.self_attn.out_proj"} <= set(stats.excluded)
+    assert "TransformerEncoderLayer" in stats.excluded["layers.0.linear1"]
+    assert generate_model_compr_kwargs(stats, "param_reduction", registry=registry) == {}
+    message = refused(model, {"layers.0.linear1": manual(4), "layers.0.linear2": manual(4)},
+                      r"linear1.*TransformerEncoderLayer", example_input=x if example else None)
+    assert "layers.0.linear2" in message
+
+
+class FunctionalOwner(nn.Module):
+    """Reads its child's weight in its own forward (as fused or custom code does) instead of calling the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(F.linear(x, self.proj.weight, self.proj.bias))
+
+
+class AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.aux = nn.Linear(8, 4)  # used in training only
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_weight_read_outside_the_layers_call_is_told_from_a_layer_never_reached(registry):
+    owner = FunctionalOwner()
+    stats = ModelStats.from_model(owner, registry, torch.randn(2, 8))
+    assert list(stats.layers) == ["out"]
+    assert "used outside its own call by the model (FunctionalOwner)" in stats.excluded["proj"]
+    aux = AuxHead()
+    stats = ModelStats.from_model(aux, registry, torch.randn(1, 3, 8, 8))
+    assert list(stats.layers) == ["conv", "fc"]
+    assert "never reaches it" in stats.excluded["aux"]
+    refused(owner, {"proj": manual(4)}, r'\$\.layers\["proj"\].*outside its own call', example_input=torch.randn(2, 8))
+    message = refused(aux, {"aux": manual(4)}, r'\$\.layers\["aux"\].*never reaches it',
+                      example_input=torch.randn(1, 3, 8, 8))
+    assert "NoneType" not in message
+
+
+def test_tied_weights_used_by_their_other_owner_are_not_a_foreign_read(registry):
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.hidden = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+    stats = ModelStats.from_model(TiedLM(), registry, torch.randint(0, 20, (2, 5)))
+    assert list(stats.layers) == ["hidden", "head"] and stats.excluded == {}
+
+
+def test_report_totals_survive_a_layer_without_statistics(registry):
+    model, x = AuxHead(), torch.randn(1, 3, 8, 8)
+    stats = ModelStats.from_model(model, registry, x)
+    partial = attrs.evolve(stats, layers={"conv": stats.layers["conv"]})  # as from a tool that missed fc
+    compressor = Compressor(model, partial, {"fc": manual(2)}, progress=False)
+    compressor.compression_step()
+    report = compressor.report()
+    assert report.macs_before is None and report.macs_after is None  # not a total that leaves fc out
+    assert "fc" in report.to_table() and report.params_after < report.params_before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. the plugin contract, enforced before swap-in
+
+
+class UnownedAxisSVD(SpatialSVD):
+    """A third-party spatial SVD whose second factor forgets that it owns axis 1 (its padding is lost)."""
+
+    name = "unowned_axis_svd"
+
+    def layout(self, spec, ranks):
+        first, second = super().layout(spec, ranks)
+        return [first, attrs.evolve(second, axes=())]
+
+
+class LossySVD(SVD):
+    """Claims to be exact at its max rank but drops the last singular direction."""
+
+    name = "lossy_svd"
+    exact_at_max_rank = True
+
+    def decompose(self, source, ranks, params, seed=0):
+        first, second = super().decompose(source, ranks, params, seed)
+        first = first.clone()
+        first[-1] = 0
+        return [first, second]
+
+
+class ExactCP3(CP3):
+    """CP3 declaring what it cannot keep: its max rank (the largest that does not grow the layer) is not exact."""
+
+    name = "exact_cp3"
+    exact_at_max_rank = True
+
+
+def contract_registry() -> Registry:
+    return registry_with(("broken_decomposers", plugin(musco_register_decompositions=[UnownedAxisSVD, LossySVD,
+                                                                                        ExactCP3])))
+
+
+def compress_refused(model: nn.Module, schedule: dict, match: str, registry: Registry, x: torch.Tensor) -> str:
+    compressor = Compressor(model, model_compr_kwargs=schedule, example_input=x, inplace=True, progress=False,
+                            registry=registry)
+    before = snapshot(model)
+    with pytest.raises(CompressionError, match=match) as info:
+        compressor.compression_step()
+    assert_unchanged(model, before)
+    assert compressor.curr_iter == 0 and compressor.history == []
+    return str(info.value)
+
+
+def test_a_layout_that_leaves_an_axis_without_an_owner_is_refused_naming_the_plugin():
+    model, x = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1)), torch.randn(1, 6, 6, 6)
+    message = compress_refused(model, {"0": manual(4, "unowned_axis_svd")}, r"layer '0'.*unowned_axis_svd",
+                               contract_registry(), x)
+    assert "plugin 'broken_decomposers'" in message and "<registered in code>" in message
+    assert "spatial axis 1 without an owner" in message
+    assert model(x).shape == (1, 12, 6, 6)
+
+
+def test_an_adapter_that_loses_the_geometry_is_caught_by_the_output_shape_probe():
+    class MyConv(nn.Conv2d):
+        pass
+
+    class NoPaddingAdapter(ConvAdapter):
+        """Builds its factors without padding: the layout is fine, the modules are not."""
+
+        name = "no_padding"
+        module_types = (MyConv,)
+
+        @staticmethod
+        def _padding(spec, layout):
+            return (0,) * spec.spatial_dims
+
+    reg = registry_with(("sloppy_adapter", plugin(musco_register_layer_adapters=[NoPaddingAdapter])))
+    model, x = nn.Sequential(MyConv(6, 12, 3, padding=1)), torch.randn(1, 6, 6, 6)
+    message = compress_refused(model, {"0": manual([6, 6], "tucker2")}, r"output shape \(1, 12, 4, 4\)", reg, x)
+    assert "(1, 12, 6, 6)" in message and "adapter 'no_padding' of plugin 'sloppy_adapter'" in message
+
+
+@pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])
+def test_a_decomposer_that_is_not_exact_at_its_max_rank_is_caught_on_a_miniature(decomposition, rank):
+    layer = nn.Conv2d(8, 16, 1) if decomposition == "lossy_svd" else nn.Conv2d(8, 16, 3, padding=1)
+    model, x = nn.Sequential(layer), torch.randn(1, 8, 6, 6)
+    message = compress_refused(model, {"0": manual(rank, decomposition)}, "declares exact_at_max_rank",
+                               contract_registry(), x)
+    assert f"decomposition {decomposition!r} of plugin 'broken_decomposers'" in message
+    assert "miniature" in message and "relative error" in message
+
+
+GEOMETRIES = [nn.Conv2d(3, 5, 3), nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"),
+              nn.Conv2d(3, 5, (3, 5), padding="same", padding_mode="circular"), nn.Conv2d(3, 5, 1, stride=2),
+              nn.Conv1d(3, 5, 3, padding=1), nn.Conv3d(3, 5, 3, stride=(1, 2, 1)), nn.Linear(3, 5)]
+
+
+@pytest.mark.parametrize(("decomposer", "n_supported"), [(SVD(), 2), (Tucker2(), 6), (SpatialSVD(), 3)],
+                         ids=lambda value: getattr(value, "name", str(value)))
+def test_exact_bundled_decomposers_pass_the_miniature_check_at_every_geometry(registry, decomposer, n_supported):
+    checked = 0
+    for layer in GEOMETRIES:
+        adapter = registry.adapter_for(layer)
+        spec = adapter.read(layer)[0]
+        if decomposer.unsupported_reason(spec) is None:
+            assert full_rank_problem(decomposer, adapter, spec, decomposer.Params()) is None, layer
+            checked += 1
+    assert checked == n_supported
+
+
+def test_whitened_svd_passes_the_miniature_check_with_statistics(registry):
+    decomposer = registry.decompositions.get("whitened_svd")
+    for layer in (nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Linear(3, 5)):
+        adapter = registry.adapter_for(layer)
+        assert full_rank_problem(decomposer, adapter, adapter.read(layer)[0], decomposer.Params()) is None
+
+
+def test_the_miniature_verdict_is_cached_per_decomposer_and_geometry(registry):
+    calls = []
+
+    class CountingTucker2(Tucker2):
+        name = "counting_tucker2"
+
+        def decompose(self, source, ranks, params, seed=0):
+            calls.append(source.spec.in_channels)
+            return super().decompose(source, ranks, params, seed)
+
+    reg = registry_with(("counting", plugin(musco_register_decompositions=[CountingTucker2])))
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.Conv2d(16, 16, 3, padding=2, dilation=2))
+    compressor = Compressor(model, model_compr_kwargs={name: manual([8, 8], "counting_tucker2") for name in "012"},
+                            ft_every=3, example_input=torch.randn(1, 16, 8, 8), progress=False, registry=reg)
+    compressor.compression_step()
+    assert calls == [16, 4, 16, 16, 4]  # one miniature (4 channels in) per geometry: layers 0 and 1 share one
+
+
+def test_the_layout_contract_checks_channels_and_bias(registry):
+    from musco_core.verify import layout_problem
+
+    spec = registry.adapter_for(nn.Conv2d(4, 6, 3)).read(nn.Conv2d(4, 6, 3))[0]
+    core = FactorLayout(6, 5, (3, 3), axes=(0, 1), bias=True)
+    assert "factor 0 taking 5 channels where 4 come in" in layout_problem(spec, [core])
+    assert layout_problem(spec, [FactorLayout(6, 4, (3, 3), axes=(0, 1))]) == "drops the layer's bias"
+    assert "bias on factor(s) [0]" in layout_problem(spec, [FactorLayout(5, 4, (3, 3), axes=(0, 1), bias=True),
+                                                            FactorLayout(6, 5, (1, 1))])
+    assert "to factors [0, 1]" in layout_problem(spec, [FactorLayout(5, 4, (3, 1), axes=(0, 1)),
+                                                        FactorLayout(6, 5, (1, 3), axes=(1,), bias=True)])
+    assert layout_problem(spec, [FactorLayout(6, 4, (3, 3), axes=(0, 1), bias=True)]) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Params must be an attrs class
+
+
+class PlainParams:
+    rate = 2.0
+
+
+class PlainParamsSVD(SVD):
+    name = "plain_params_svd"
+    Params = PlainParams
+
+
+def test_params_that_are_not_an_attrs_class_are_refused_at_registration():
+    bad = plugin(musco_register_decompositions=[PlainParamsSVD])
+    with pytest.raises(PluginError, match=r"plugin 'plain_params'.*PlainParamsSVD\.Params must be an attrs class"):
+        registry_with(("plain_params", bad))
+    reg = registry_with(("plain_params", bad), strict=False)  # a broken plugin is skipped, the others load
+    assert "plain_params_svd" not in reg.decompositions.names() and "svd" in reg.decompositions.names()
+    assert [failure.name for failure in reg.manager.failures] == ["plain_params"]
+    assert "must be an attrs class" in reg.manager.failures[0].error
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. a module reachable under two names
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = self.first  # the same module under a second name
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+def test_layer_aliases_map_every_name_to_the_first(registry):
+    assert layer_aliases(Shared()) == {"": "", "first": "first", "second": "first", "out": "out"}
+
+
+def test_a_schedule_may_name_a_layer_by_either_name(registry, caplog):
+    model, x = Shared(), torch.randn(2, 8)
+    with caplog.at_level(logging.INFO, logger="musco_core.surgery"):
+        compressor = Compressor(model, model_compr_kwargs={"second": manual(2)}, example_input=x, progress=False)
+    assert compressor.lnames == ["first"] and list(compressor.model_compr_kwargs) == ["first"]
+    assert any("'second'" in record.getMessage() and "'first'" in record.getMessage() for record in caplog.records)
+    result, = compressor.compression_step()
+    assert result.name == "first" and result.applied
+    compressed = compressor.compressed_model
+    assert compressed.first is compressed.second and compressed(x).shape == (2, 4)
+
+
+def test_a_schedule_naming_both_names_of_one_module_is_refused():
+    message = refused(Shared(), {"first": manual(4), "second": manual(2)},
+                      r'\$\.layers\["second"\]: names the same module as \'first\'')
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. an example input the model cannot run
+
+
+def test_an_example_input_the_model_cannot_run_is_one_line(registry):
+    model = AuxHead()
+    message = refused(model, {"fc": manual(2)}, r"example input of shape \(1, 5\): the model's forward raised "
+                                                r"RuntimeError", example_input=torch.randn(1, 5))
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"\{input: shape \(2, 3\)\}.*TypeError"):
+        ModelStats.from_model(model, registry, {"input": torch.randn(2, 3)})
