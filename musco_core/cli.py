@@ -372,11 +372,11 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
     except KeyboardInterrupt:
         raise
     except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
-        raise UsageProblem(f"--finetune {short_repr(spec)} called sys.exit({short_repr(exc.code)}) after step "
+        raise UsageProblem(f"--finetune {spec} called sys.exit({short_repr(exc.code)}) after step "
                            f"{compressor.curr_iter}; {_resume_hint(checkpoints)}") from exc
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
-        raise UsageProblem(f"--finetune {short_repr(spec)} failed after step {compressor.curr_iter}: "
-                           f"{_exception_line(exc)}; {_resume_hint(checkpoints)}") from exc
+        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
+                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from exc
 
 
 class Interrupted(UsageProblem):

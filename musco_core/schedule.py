@@ -233,6 +233,21 @@ def key_path(path: str, key: str) -> str:
     return f'{path}["{shown}"]'
 
 
+_QUOTED_KEY = re.compile(r"\['((?:[^'\\]|\\.)*)'\]")
+
+
+def validation_problems(exc: BaseException, path: str = "$") -> list[str]:
+    """``path.to.field: what was expected`` lines for a failed structuring, mapping keys written as
+    :func:`key_path` writes them."""
+    if isinstance(exc, ValueProblem):
+        return [f"{path}: {exc}"]
+    problems = []
+    for line in cattrs.transform_error(exc, path=path, format_exception=format_problem):
+        message, _, where = line.rpartition(" @ ")
+        problems.append(f"{_QUOTED_KEY.sub(lambda match: f'[{chr(34)}{match[1]}{chr(34)}]', where)}: {message}")
+    return problems
+
+
 #: Most problems listed in one ConfigError; a file with thousands of bad entries gets the first ones and a count.
 MAX_LISTED_PROBLEMS = 50
 
