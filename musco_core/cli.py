@@ -33,6 +33,8 @@ log = logging.getLogger("musco_core")
 
 #: Largest random example input (``--input-shape``): 2**27 float32 values, 512 MiB.
 MAX_EXAMPLE_ELEMENTS = 2**27
+#: Most axes of the example input (a video batch has 5).
+MAX_EXAMPLE_AXES = 16
 #: Exit code of a bad argument, file or user callable (as click's own usage errors).
 USAGE_EXIT_CODE = 2
 #: Exit code of a bug in musco-core (as an uncaught Python exception).
@@ -135,7 +137,7 @@ def _writing(option: str, target: Path):
     try:
         yield
     except (OSError, SafetensorError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _exception_line(exc)
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
         raise UsageProblem(f"{option} {target}: cannot write: {reason}") from exc
 
 
@@ -218,6 +220,8 @@ def _input_shape(text: str | None) -> torch.Tensor | None:
         raise UsageProblem(expected) from None
     if not shape or min(shape) < 1:
         raise UsageProblem(expected)
+    if len(shape) > MAX_EXAMPLE_AXES:
+        raise UsageProblem(f"--input-shape {short_repr(text)}: {len(shape)} axes, more than {MAX_EXAMPLE_AXES}")
     if math.prod(min(size, MAX_EXAMPLE_ELEMENTS + 1) for size in shape) > MAX_EXAMPLE_ELEMENTS:
         raise UsageProblem(f"--input-shape {short_repr(text)}: more than {MAX_EXAMPLE_ELEMENTS:,} elements "
                            f"(MAX_EXAMPLE_ELEMENTS, {MAX_EXAMPLE_ELEMENTS * 4 // 2**20} MiB of float32)")
@@ -275,7 +279,7 @@ INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
                            help="Shape of a random example input, for MAC counts and the no-growth check.")
 
 
-@click.group(cls=MuscoGroup)
+@click.group(cls=MuscoGroup, name="musco")
 @click.version_option(package_name="musco-core")
 @click.option("--debug", is_flag=True, help="Print the traceback of an error before its one-line message.")
 def main(debug) -> None:
