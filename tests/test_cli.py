@@ -163,7 +163,8 @@ def test_debug_shows_the_traceback_of_a_user_error(factories):
     debug = run("--debug", "config", "generate", "--model", "cli_factories:broken", "--type", "vbmf")
     assert plain.exit_code == debug.exit_code == 2
     assert plain.stderr == "musco: error: --model 'cli_factories:broken' raised RuntimeError: broken factory\n"
-    assert "Traceback (most recent call last)" in debug.stderr and 'raise RuntimeError("broken factory")' in debug.stderr
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert 'raise RuntimeError("broken factory")' in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.strip()
 
 
