@@ -258,7 +258,7 @@ def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tenso
         raise UsageProblem(f"--calibration {path}: not a safetensors file: {_exception_line(exc)}") from None
     if len(tensors) != 1:
         raise UsageProblem(f"--calibration {path}: expected one tensor of model inputs, found {len(tensors)} "
-                           f"({short_repr(sorted(tensors))})")
+                           f"({one_line(', '.join(sorted(tensors)) or 'none', 200)})")
     (inputs,) = tensors.values()
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise UsageProblem(f"--calibration {path}: the tensor of shape {tuple(inputs.shape)} holds no inputs")
