@@ -21,7 +21,6 @@ Bad input raises one :class:`~musco_core.errors.ConfigError` that lists every pr
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -490,7 +489,8 @@ MAX_YAML_DEPTH = 100
 #: Longest integer literal in YAML: an int64 has 19 digits. Longer ones are refused before Python converts them
 #: (a sexagesimal ``1:2:3:...`` literal of a million parts takes minutes to convert).
 MAX_YAML_INT_CHARS = 100
-#: Largest JSON file read (``report.json``); JSON parsing is C code, so this is larger than the YAML limit.
+#: Largest JSON file read (``report.json``, through :func:`read_text_bounded`); JSON is parsed in C, so this
+#: is larger than the YAML limit.
 MAX_JSON_BYTES = 64 * 2**20
 
 
@@ -684,17 +684,6 @@ def read_yaml(path: str | os.PathLike) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a schedule mapping")
     return data
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """A JSON document of at most :data:`MAX_JSON_BYTES`; any failure is one ConfigError naming the file."""
-    text = read_text_bounded(path, MAX_JSON_BYTES)
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {one_line(str(exc))}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
 
 
 def load_schedule(path: str | os.PathLike, registry=None) -> ModelSchedule:

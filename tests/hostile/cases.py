@@ -245,11 +245,11 @@ def report_case(name: str, prepare: Callable[[Path], None], *mentions: str) -> N
     case(name, "raises", prepare, read_report, "ConfigError", ("{inputs}/report.json: ", *mentions))
 
 
-report_case("report-nested-100000-deep", writes("report.json", json_nesting(100_000)), "nested too deeply")
+report_case("report-nested-100000-deep", writes("report.json", json_nesting(100_000)), "not a musco-core report")
 report_case("report-65-MB", sparse("report.json", 65 * 2**20), "more than the 67,108,864")
 report_case("report-fifo", fifo("report.json"), "not a regular file")
 report_case("report-not-utf8", writes("report.json", b'{"format": "\xff"}'), "not UTF-8")
-report_case("report-huge-integer", writes("report.json", '{"format": ' + "9" * 5000 + "}"), "not valid JSON")
+report_case("report-huge-integer", writes("report.json", '{"format": ' + "9" * 5000 + "}"), "not a musco-core report")
 report_case("report-of-another-format", writes("report.json", '{"format": 99, "layers": []}'),
             "not a musco-core report")
 
@@ -440,7 +440,7 @@ cli_case("cli-validate-yaml-bomb", ["config", "validate", "bomb.yaml"], "bomb.ya
          prepare=writes("bomb.yaml", f"version: 1\nlayers:\n  fc: {{decomposition: {LAUGHS}}}\n"))
 cli_case("cli-validate-seed-2-to-the-64", ["config", "validate", "seed.yaml"], "seed.yaml: $.settings.seed:",
          prepare=writes("seed.yaml", f"version: 1\nsettings: {{seed: {2**64}}}\n"))
-cli_case("cli-report-nested-100000-deep", ["report", "."], "report.json: not valid JSON: nested too deeply",
+cli_case("cli-report-nested-100000-deep", ["report", "."], "report.json: not a musco-core report",
          prepare=writes("report.json", json_nesting(100_000)))
 cli_case("cli-report-65-MB", ["report", "."], "report.json: cannot read: 68,157,440 bytes",
          prepare=sparse("report.json", 65 * 2**20))
