@@ -1,72 +1,198 @@
 """The ``musco`` command: compress a model from a YAML schedule, generate and check schedules, show reports
-and plugins. Every failure is one line on stderr and a non-zero exit code, never a traceback."""
+and plugins.
+
+Every failure is one line on stderr, never a traceback: a bad argument, file or user callable gives
+``musco: error: ...`` and exit code 2; a bug in musco-core gives ``musco: internal error: ...`` and exit code 1,
+and ``musco --debug`` shows the traceback of either. ``--model`` and ``--finetune`` import and run the user's code,
+from the current directory as ``python -m`` does.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
+import math
+import os
 import pickle
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 
-from .errors import MuscoError, short_repr
+from .errors import MuscoError, one_line, short_repr
 from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, read_yaml
 
 log = logging.getLogger("musco_core")
 
+#: Largest random example input (``--input-shape``): 2**27 float32 values, 512 MiB.
+MAX_EXAMPLE_ELEMENTS = 2**27
+#: Most axes of the example input (a video batch has 5).
+MAX_EXAMPLE_AXES = 16
+#: Exit code of a bad argument, file or user callable (as click's own usage errors).
+USAGE_EXIT_CODE = 2
+#: Exit code of a bug in musco-core (as an uncaught Python exception).
+INTERNAL_EXIT_CODE = 1
+
 
 class UsageProblem(click.ClickException):
-    """A problem with the user's arguments or files: printed as ``musco: error: ...``, exit code 2."""
+    """A problem with the user's arguments, files or code: printed as ``musco: error: ...``, exit code 2."""
 
-    exit_code = 2
+    exit_code = USAGE_EXIT_CODE
+    label = "error"
 
     def format_message(self) -> str:
         return self.message
 
     def show(self, file=None) -> None:
-        click.echo(f"musco: error: {self.format_message()}", err=True)
+        click.echo(f"musco: {self.label}: {self.format_message()}", err=True)
+
+
+class InternalProblem(UsageProblem):
+    """A bug in musco-core: one line, exit code 1, and a pointer to ``--debug``."""
+
+    exit_code = INTERNAL_EXIT_CODE
+    label = "internal error"
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, bounded (torch errors append pages of C++ frames)."""
+    text = str(exc)
+    first = text.splitlines()[0] if text.strip() else ""
+    return one_line(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
+def _debug_requested() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+class MuscoGroup(click.Group):
+    """A click group whose usage errors (a missing option, a bad choice, an unknown command) are one line too."""
+
+    group_class = type  # subgroups (``musco config``) are MuscoGroups
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise UsageProblem(one_line(exc.format_message()) + where) from None
 
 
 def _friendly(command):
-    """Turns library and file errors into one line and exit code 2."""
+    """Turns every failure of a command into one line: exit code 2 for bad input (library errors, files, the
+    user's code), 1 for a bug in musco-core. With ``musco --debug`` the traceback is printed first."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (MuscoError, OSError, ValueError, TypeError) as exc:
-            raise UsageProblem(str(exc)) from None
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as exc:
+            if _debug_requested() and exc.__cause__ is not None:
+                traceback.print_exception(exc.__cause__, file=sys.stderr)
+            raise
+        except (MuscoError, OSError, SafetensorError) as exc:
+            problem = UsageProblem(_library_message(exc))
+            cause = exc
+        except Exception as exc:  # noqa: BLE001 - anything else is a bug: one line, traceback with --debug
+            problem = InternalProblem(f"{_exception_line(exc)} (a bug in musco-core; run with --debug for the "
+                                      f"traceback)")
+            cause = exc
+        if _debug_requested():
+            traceback.print_exception(cause, file=sys.stderr)
+        raise problem from None
     return run
 
 
+def _library_message(exc: BaseException) -> str:
+    """The message of an error about the user's input: a MuscoError's own (one line per problem), else one line."""
+    if isinstance(exc, MuscoError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return _exception_line(exc)
+
+
+@contextlib.contextmanager
+def _writing(option: str, target: Path):
+    """Reports a failed write (disk full, file too large, no permission) as one line naming the output."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
+        raise UsageProblem(f"{option} {target}: cannot write: {reason}") from exc
+
+
+def _call_user_code(option: str, spec: str, function, *args):
+    """``function(*args)``, where ``function`` is a callable the user named: whatever it raises, or a ``sys.exit``
+    in it, becomes one line naming the option and the callable."""
+    try:
+        return function(*args)
+    except SystemExit as exc:
+        raise UsageProblem(f"{option} {short_repr(spec)}: called sys.exit({short_repr(exc.code)}) instead of "
+                           f"returning") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+        raise UsageProblem(f"{option} {short_repr(spec)} raised {_exception_line(exc)}") from exc
+
+
 def _import_callable(spec: str, option: str):
-    """``package.module:name`` -> the object. Only for names the user typed on the command line."""
+    """``package.module:name`` -> the object. Only for names the user typed on the command line. The current
+    directory is searched first, as ``python -m`` does."""
     module_name, _, attribute = spec.partition(":")
+    shown = short_repr(spec)
     if not module_name or not attribute:
-        raise UsageProblem(f"{option} {spec!r}: expected package.module:callable")
+        raise UsageProblem(f"{option} {shown}: expected package.module:callable")
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module failed to import: say so in one line
-        raise UsageProblem(f"{option} {spec!r}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    except BaseException as exc:  # noqa: BLE001 - the user's module failed to import (or exited): one line
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UsageProblem(f"{option} {shown}: cannot import {one_line(module_name, 100)}: "
+                           f"{_exception_line(exc)}") from exc
     target = getattr(module, attribute, None)
     if not callable(target):
-        raise UsageProblem(f"{option} {spec!r}: {module_name} has no callable {attribute!r}")
+        raise UsageProblem(f"{option} {shown}: {one_line(module_name, 100)} has no callable "
+                           f"{short_repr(attribute)}")
     return target
 
 
+def _regular_file(option: str, path: Path) -> Path:
+    """``path``, refused unless it is a regular file (a FIFO would block, a device never end)."""
+    if not path.is_file():
+        raise UsageProblem(f"{option} {path}: not a regular file")
+    return path
+
+
 def _load_model(spec: str, weights: Path | None) -> nn.Module:
-    model = _import_callable(spec, "--model")()
+    model = _call_user_code("--model", spec, _import_callable(spec, "--model"))
     if not isinstance(model, nn.Module):
-        raise UsageProblem(f"--model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise UsageProblem(f"--model {short_repr(spec)}: the factory returned {type(model).__name__}, not a "
+                           f"torch.nn.Module")
     if weights is not None:
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        _regular_file("--weights", weights)
         try:
             if weights.suffix == ".safetensors":
                 state = load_file(str(weights))
@@ -75,41 +201,64 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
         except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageProblem(f"--weights {weights}: refused, not a plain tensor state dict "
-                               f"(read with weights_only=True, nothing in it was run): {reason}") from None
+                               f"(read with weights_only=True, nothing in it was run): {one_line(reason)}") from None
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise UsageProblem(f"--weights {weights}: does not fit the model: {str(exc).splitlines()[0]}") from None
+            raise UsageProblem(f"--weights {weights}: does not fit the model: {_exception_line(exc)}") from None
     return model.eval()
 
 
 def _input_shape(text: str | None) -> torch.Tensor | None:
+    """A seeded random example input of the shape ``N,C,H,W`` (any number of axes), bounded in size."""
     if text is None:
         return None
+    expected = f"--input-shape {short_repr(text)}: expected comma-separated positive ints, e.g. 1,3,224,224"
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise UsageProblem(f"--input-shape {text!r}: expected comma-separated positive ints, e.g. 1,3,224,224") \
-            from None
+        raise UsageProblem(expected) from None
     if not shape or min(shape) < 1:
-        raise UsageProblem(f"--input-shape {text!r}: expected comma-separated positive ints, e.g. 1,3,224,224")
+        raise UsageProblem(expected)
+    if len(shape) > MAX_EXAMPLE_AXES:
+        raise UsageProblem(f"--input-shape {short_repr(text)}: {len(shape)} axes, more than {MAX_EXAMPLE_AXES}")
+    if math.prod(min(size, MAX_EXAMPLE_ELEMENTS + 1) for size in shape) > MAX_EXAMPLE_ELEMENTS:
+        raise UsageProblem(f"--input-shape {short_repr(text)}: more than {MAX_EXAMPLE_ELEMENTS:,} elements "
+                           f"(MAX_EXAMPLE_ELEMENTS, {MAX_EXAMPLE_ELEMENTS * 4 // 2**20} MiB of float32)")
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def _model_and_example(model_spec: str, weights: Path | None, input_shape: str | None
+                       ) -> tuple[nn.Module, torch.Tensor | None]:
+    """The user's model and example input, checked to fit each other by one forward pass (the user's code)."""
+    model, example = _load_model(model_spec, weights), _input_shape(input_shape)
+    if example is not None:
+        def forward():
+            with torch.no_grad():
+                model(example)
+
+        try:
+            forward()
+        except Exception as exc:  # noqa: BLE001 - the model's forward is the user's code
+            raise UsageProblem(f"--input-shape {short_repr(input_shape)} does not fit --model "
+                               f"{short_repr(model_spec)}: {_exception_line(exc)}") from exc
+    return model, example
 
 
 def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tensor] | None:
     """The one tensor of a safetensors file, split along its first axis into batches of ``batch_size``."""
     if path is None:
         return None
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _regular_file("--calibration", path)
     try:
         tensors = load_file(str(path))
     except SafetensorError as exc:
-        raise UsageProblem(f"--calibration {path}: not a safetensors file: {exc}") from None
+        raise UsageProblem(f"--calibration {path}: not a safetensors file: {_exception_line(exc)}") from None
     if len(tensors) != 1:
         raise UsageProblem(f"--calibration {path}: expected one tensor of model inputs, found {len(tensors)} "
-                           f"({', '.join(sorted(tensors)) or 'none'})")
+                           f"({one_line(', '.join(sorted(tensors)) or 'none', 200)})")
     (inputs,) = tensors.values()
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise UsageProblem(f"--calibration {path}: the tensor of shape {tuple(inputs.shape)} holds no inputs")
@@ -130,10 +279,15 @@ INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
                            help="Shape of a random example input, for MAC counts and the no-growth check.")
 
 
-@click.group()
+@click.group(cls=MuscoGroup, name="musco")
 @click.version_option(package_name="musco-core")
-def main() -> None:
-    """Multi-stage low-rank compression of PyTorch models."""
+@click.option("--debug", is_flag=True, help="Print the traceback of an error before its one-line message.")
+def main(debug) -> None:
+    """Multi-stage low-rank compression of PyTorch models.
+
+    --model and --finetune import and run your code (package.module:callable, found from the current
+    directory first, as with python -m).
+    """
 
 
 @main.command()
@@ -175,7 +329,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _setup_logging(quiet)
     finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
-    model, example = _load_model(model_spec, weights), _input_shape(input_shape)
+    model, example = _model_and_example(model_spec, weights, input_shape)
     calibration = _calibration_batches(calibration_path, calibration_batch_size)
     registry = default_registry()
     document = _with_target(read_yaml(config_path), target, config_path)
@@ -203,10 +357,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 compressor.compression_step()
                 if finetune is not None:
                     _call_finetune(finetune, finetune_spec, compressor, checkpoints)
-                compressor.save_state(checkpoints, overwrite=overwrite)
+                with _writing("--out", out_dir):
+                    compressor.save_state(checkpoints, overwrite=overwrite)
         except KeyboardInterrupt:
             raise Interrupted(_resume_hint(checkpoints)) from None
-        save_compressed(compressor, out_dir)
+        with _writing("--out", out_dir):
+            save_compressed(compressor, out_dir)
     click.echo(compressor.report().to_table())
     click.echo(f"\nsaved to {out_dir}")
 
@@ -250,11 +406,14 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
     """Runs the user's fine-tuning; its failure is one line that says where the run can resume from."""
     try:
         finetune(compressor.compressed_model, compressor.curr_iter)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
+    except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
+        raise UsageProblem(f"--finetune {spec} called sys.exit({short_repr(exc.code)}) after step "
+                           f"{compressor.curr_iter}; {_resume_hint(checkpoints)}") from exc
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
-                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from None
+                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from exc
 
 
 class Interrupted(UsageProblem):
@@ -266,7 +425,7 @@ class Interrupted(UsageProblem):
         return f"interrupted; nothing partial was saved: {self.message}"
 
 
-@main.group()
+@main.group(cls=MuscoGroup)
 def config() -> None:
     """Generate and validate schedules."""
 
@@ -285,7 +444,8 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
     from .stats import ModelStats
 
     registry = default_registry()
-    stats = ModelStats.from_model(_load_model(model_spec, weights), registry, _input_shape(input_shape))
+    model, example = _model_and_example(model_spec, weights, input_shape)
+    stats = ModelStats.from_model(model, registry, example)
     layers = generate_model_compr_kwargs(stats, config_type, registry=registry)
     settings = RunSettings()
     document = {"version": SCHEMA_VERSION,
@@ -323,27 +483,46 @@ def validate(schedule, model_spec) -> None:
 @_friendly
 def report(directory, as_json) -> None:
     """Show the report of a compressed model saved by `musco compress`."""
-    from .io import read_report
+    from .io import REPORT, read_report
 
     saved = read_report(directory)
-    click.echo(saved.to_json() if as_json else saved.to_table())
+    try:
+        text = saved.to_json() if as_json else saved.to_table()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # values of the wrong kind in the file
+        raise UsageProblem(f"{Path(directory) / REPORT}: not a musco-core report: {_exception_line(exc)}") from exc
+    click.echo(text)
+
+
+CLASH_MARK = "<- name clash"
 
 
 @main.command()
 @click.option("--strict", is_flag=True, help="Fail when a plugin cannot be loaded.")
 @_friendly
 def plugins(strict) -> None:
-    """List every registered component with the plugin and distribution that supplied it."""
-    from .registry import default_registry
+    """List every registered component with the plugin and distribution that supplied it.
 
-    registry = default_registry(strict=strict)
+    Components whose name another plugin registered too are listed as well, marked, with a warning on stderr
+    (compressing fails until one of the plugins is disabled through $MUSCO_DISABLE_PLUGINS).
+    """
+    from .plugins import DISABLE_ENV
+    from .registry import shared_registry
+
+    registry = shared_registry(strict=strict)
+    clashing = {(clash.rejected.role, clash.rejected.name) for clash in registry.clashes}
+    listed = registry.provided() + [clash.rejected for clash in registry.clashes]
+    listed.sort(key=lambda p: ([role.title for role in registry.roles].index(p.role), p.name))
     rows: list[Any] = [("role", "name", "plugin", "distribution", "version")]
-    rows += [(p.role, p.name, p.source.name, p.source.distribution, p.source.version) for p in registry.provided()]
+    rows += [(p.role, p.name, p.source.name, p.source.distribution, p.source.version,
+              CLASH_MARK if (p.role, p.name) in clashing else "") for p in listed]
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     for row in rows:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths + [0])).rstrip())
     for failure in registry.manager.failures:
-        click.echo(f"broken plugin {failure.name!r} ({failure.distribution}): {failure.error}")
+        click.echo(f"broken plugin {failure.name!r} ({failure.distribution}): {one_line(failure.error)}")
+    for clash in registry.clashes:
+        click.echo(f"musco: warning: {clash.message}; compressing fails until one of them is disabled "
+                   f"(${DISABLE_ENV}=plugin name)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 from .components import Cost, WeightSource
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .schedule import ModelSchedule, ScheduleCodec
 from .stats import LayerStats, ModelStats, as_model_stats
@@ -58,7 +58,7 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
     logged.
     """
     if config_type not in CONFIG_TYPES:
-        raise ConfigError(f"config_type: expected one of {', '.join(CONFIG_TYPES)}, got {config_type!r}")
+        raise ConfigError(f"config_type: expected one of {', '.join(CONFIG_TYPES)}, got {short_repr(config_type)}")
     registry = registry or default_registry()
     stats = model_stats if isinstance(model_stats, ModelStats) else as_model_stats(model_stats, None, registry)
     config: dict[str, dict[str, Any] | None] = {}

@@ -45,3 +45,16 @@ class UnsupportedLayerError(MuscoError):
 
 class CompressionError(MuscoError):
     """Compressing a layer failed; the model was left as it was before the step."""
+
+
+ONE_LINE_LIMIT = 300
+
+
+def one_line(text: str, limit: int = ONE_LINE_LIMIT) -> str:
+    """``text`` as one line of at most ``limit`` characters: line breaks become spaces, the rest is cut with "...".
+
+    For messages that quote text from outside (a parser's complaint, an exception raised by user code).
+    """
+    head = text[:2 * limit]  # never split a huge text: only its start can be shown
+    flat = " ".join(head.split())
+    return flat if len(flat) <= limit and head == text else flat[:limit - 3] + "..."

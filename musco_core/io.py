@@ -59,8 +59,8 @@ from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, MuscoError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import (SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data, read_yaml,
-                       validation_problems, write_text_atomic)
+from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
+                       read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 
@@ -492,10 +492,9 @@ def read_report(directory: str | os.PathLike) -> CompressionReport:
     if (directory / JOURNAL).exists():
         _finish_commit(directory)
     path = directory / REPORT
+    text = read_text_bounded(path, MAX_JSON_BYTES)
     try:
-        return CompressionReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return CompressionReport.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a musco-core report: {short_repr(str(exc))}") from None
 

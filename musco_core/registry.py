@@ -9,7 +9,7 @@ from torch import nn
 
 from .components import Decomposer, LayerAdapter, RankSelector, Scheduler
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError, short_repr
-from .plugins import MuscoPluginManager, PluginSource, make_plugin_manager
+from .plugins import MuscoPluginManager, PluginSource, disabled_from_env, make_plugin_manager
 from .surgery import why_not_replaceable
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,14 @@ class Provided:
     source: PluginSource
 
 
+@attrs.frozen
+class Clash:
+    """A component that was not registered because another plugin had registered its name first."""
+
+    rejected: Provided
+    message: str
+
+
 class Role(Generic[T]):
     """The components of one role, by name."""
 
@@ -56,13 +64,19 @@ class Role(Generic[T]):
             raise PluginError(f"plugin {source.name!r}: {component.__qualname__}.Params must be an attrs class "
                               f"(decorate it with @attrs.frozen), got {short_repr(params)}")
 
-    def add(self, component: type, source: PluginSource) -> None:
+    def add(self, component: type, source: PluginSource, clashes: list[Clash] | None = None) -> None:
+        """Registers ``component``; a name taken already raises, or is recorded in ``clashes`` when given (the first
+        registration is kept)."""
         name = component.name
         if name in self.entries:
             other = self.entries[name].source
-            raise DuplicateComponentError(
-                f"{self.title} {name!r} is registered twice: by plugin {other.name!r} ({other.distribution}) "
-                f"and by plugin {source.name!r} ({source.distribution})")
+            error = DuplicateComponentError(
+                f"{self.title} {short_repr(name)} is registered twice: by plugin {other.name!r} ({other.distribution})"
+                f" and by plugin {source.name!r} ({source.distribution})")
+            if clashes is None:
+                raise error
+            clashes.append(Clash(Provided(self.title, name, component, source), str(error)))
+            return
         self.entries[name] = Provided(self.title, name, component, source)
 
     def get(self, name: str) -> T:
@@ -71,7 +85,7 @@ class Role(Generic[T]):
             return self.entries[name].component()
         except KeyError:
             known = ", ".join(sorted(self.entries)) or "none"
-            raise UnknownComponentError(f"unknown {self.title} {name!r}; known: {known}") from None
+            raise UnknownComponentError(f"unknown {self.title} {short_repr(name)}; known: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self.entries)
@@ -87,15 +101,24 @@ class Registry:
         self.adapters: Role[LayerAdapter] = Role("layer adapter", LayerAdapter, "musco_register_layer_adapters")
         self.schedulers: Role[Scheduler] = Role("scheduler", Scheduler, "musco_register_schedulers")
         self._adapter_by_type: dict[type | str, str] = {}  # a class, or a class's "module.qualname"
+        #: Components refused because their name was taken (only with ``from_plugin_manager(keep_clashes=True)``).
+        self.clashes: list[Clash] = []
 
     @property
     def roles(self) -> tuple[Role, ...]:
         return (self.decompositions, self.rank_selectors, self.adapters, self.schedulers)
 
     @classmethod
-    def from_plugin_manager(cls, manager: MuscoPluginManager, *, strict: bool = False) -> Registry:
-        """Calls each plugin's hooks one plugin at a time, so a failing plugin is skipped (or raised when strict)."""
+    def from_plugin_manager(cls, manager: MuscoPluginManager, *, strict: bool = False, keep_clashes: bool = False
+                            ) -> Registry:
+        """Calls each plugin's hooks one plugin at a time, so a failing plugin is skipped (or raised when strict).
+
+        Two components of one role with the same name raise :class:`DuplicateComponentError` (which one would a
+        schedule mean?), in any mode; with ``keep_clashes`` the first stays registered and the others are recorded
+        in :attr:`clashes`, for listings that must show everything (``musco plugins``).
+        """
         registry = cls(manager)
+        clashes = registry.clashes if keep_clashes else None
         contributions: dict[str, list[tuple[Role, Any]]] = {name: [] for name in manager.sources}
         for role in registry.roles:
             for impl in getattr(manager.hook, role.hook).get_hookimpls():
@@ -111,7 +134,7 @@ class Registry:
                 manager.report_failure(plugin_name, source.distribution, exc, strict=strict)
                 continue
             for role, component in provided:
-                role.add(component, source)  # a duplicate name is an error in any mode: which one is meant?
+                role.add(component, source, clashes)
         for name, provided in registry.adapters.entries.items():
             for module_type in provided.component.module_types:
                 registry._adapter_by_type.setdefault(module_type, name)
@@ -159,10 +182,36 @@ def _as_list(returned: Any, role: Role) -> list:
     if returned is None:
         return []
     if not isinstance(returned, (list, tuple)):
-        raise PluginError(f"{role.hook} returned {returned!r}, expected a list of {role.base.__qualname__} classes")
+        raise PluginError(f"{role.hook} returned {short_repr(returned)}, expected a list of "
+                          f"{role.base.__qualname__} classes")
     return list(returned)
 
 
+_SHARED: dict[tuple[bool, frozenset[str]], Registry] = {}
+
+
+def shared_registry(*, strict: bool = False) -> Registry:
+    """The registry of the bundled plugins and every installed ``musco`` entry point, name clashes kept in
+    :attr:`Registry.clashes`; built once per process for each ``strict`` and ``$MUSCO_DISABLE_PLUGINS``, so a
+    broken plugin is imported, and warned about, once. Shared: build your own with
+    :meth:`Registry.from_plugin_manager` to change it."""
+    key = (strict, frozenset(disabled_from_env()))
+    if key not in _SHARED:
+        _SHARED[key] = Registry.from_plugin_manager(make_plugin_manager(strict=strict), strict=strict,
+                                                    keep_clashes=True)
+    return _SHARED[key]
+
+
 def default_registry(*, strict: bool = False) -> Registry:
-    """A registry of the bundled plugins and every installed ``musco`` entry point."""
-    return Registry.from_plugin_manager(make_plugin_manager(strict=strict), strict=strict)
+    """The shared registry (see :func:`shared_registry`) for compressing: a name clash between plugins raises
+    :class:`DuplicateComponentError` naming both, since a schedule naming the component would be ambiguous."""
+    registry = shared_registry(strict=strict)
+    if registry.clashes:
+        raise DuplicateComponentError("\n".join(clash.message for clash in registry.clashes))
+    return registry
+
+
+def forget_shared_registries() -> None:
+    """Makes the next :func:`default_registry` call load the plugins again (after installing or removing one;
+    tests)."""
+    _SHARED.clear()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ import yaml
 from cattrs.v import format_exception as cattrs_format_exception
 
 from .components import NoParams
-from .errors import ConfigError
+from .errors import ConfigError, one_line, short_repr
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,10 @@ NonNegativeInt = NewType("NonNegativeInt", int)
 NonNegativeFloat = NewType("NonNegativeFloat", float)
 UnitFraction = NewType("UnitFraction", float)
 ReductionRate = NewType("ReductionRate", float)
+#: A seed: every random generator of the run is seeded with it.
+Seed = NewType("Seed", int)
+#: How many times each layer is compressed (``nglobal_compress_iters``).
+StageCount = NewType("StageCount", int)
 #: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
 Rank = NewType("Rank", tuple)
 
@@ -59,39 +64,64 @@ def _is_int(value: Any) -> bool:
 def _number(value: Any) -> float:
     if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
         return float(value)
-    raise ValueProblem(f"expected a finite number, got {value!r}")
+    raise ValueProblem(f"expected a finite number, got {short_repr(value)}")
 
 
 def _positive_int(value: Any, _type=None) -> int:
     if not _is_int(value) or value <= 0:
-        raise ValueProblem(f"expected a positive int, got {value!r}")
+        raise ValueProblem(f"expected a positive int, got {short_repr(value)}")
     return value
 
 
 def _non_negative_int(value: Any, _type=None) -> int:
     if not _is_int(value) or value < 0:
-        raise ValueProblem(f"expected a non-negative int, got {value!r}")
+        raise ValueProblem(f"expected a non-negative int, got {short_repr(value)}")
+    return value
+
+
+#: Largest seed: seeds are int64 values (``torch.Generator.manual_seed`` takes up to 2**64 - 1 but a plugin may
+#: hand the seed to numpy or store it as a signed 64-bit integer, so the signed range is the portable one).
+MAX_SEED = 2**63 - 1
+#: Most times a layer can be compressed (``nglobal_compress_iters``). Each stage that changes a layer lowers an
+#: integer rank below 2**63 (no tensor dimension is larger), and MUSCO's stages shrink ranks geometrically, so no
+#: layer's rank can halve more often than this; practical schedules use 2 to 10 stages. Planning is eager, so an
+#: unbounded count (10**9) would plan itself out of memory. The whole-model bound (from the layers' ranks) is
+#: checked where the model is known.
+MAX_COMPRESS_ITERS = 64
+
+
+def _seed(value: Any, _type=None) -> int:
+    if _non_negative_int(value) > MAX_SEED:
+        raise ValueProblem(f"expected a non-negative int below 2**63, got {short_repr(value)}")
+    return value
+
+
+def _stage_count(value: Any, _type=None) -> int:
+    if _positive_int(value) > MAX_COMPRESS_ITERS:
+        raise ValueProblem(f"expected a positive int of at most {MAX_COMPRESS_ITERS} (no layer's rank can halve "
+                           f"more often), got {short_repr(value)}")
     return value
 
 
 def _non_negative_float(value: Any, _type=None) -> float:
     number = _number(value)
     if number < 0:
-        raise ValueProblem(f"expected a non-negative number, got {value!r}")
+        raise ValueProblem(f"expected a non-negative number, got {short_repr(value)}")
     return number
 
 
 def _unit_fraction(value: Any, _type=None) -> float:
     number = _number(value)
     if not 0.0 <= number <= 1.0:
-        raise ValueProblem(f"expected a number in [0, 1], got {value!r}")
+        raise ValueProblem(f"expected a number in [0, 1], got {short_repr(value)}")
     return number
 
 
 def _reduction_rate(value: Any, _type=None) -> float:
     number = _number(value)
     if not number > 1.0:
-        raise ValueProblem(f"expected a number > 1 (the factor by which the parameter count shrinks), got {value!r}")
+        raise ValueProblem(f"expected a number > 1 (the factor by which the parameter count shrinks), "
+                           f"got {short_repr(value)}")
     return number
 
 
@@ -100,7 +130,7 @@ def _rank(value: Any, _type=None) -> tuple[int, ...]:
         return tuple(value)
     if _is_int(value) and value > 0:
         return (value,)
-    raise ValueProblem(f"expected a positive int or a list of positive ints, got {value!r}")
+    raise ValueProblem(f"expected a positive int or a list of positive ints, got {short_repr(value)}")
 
 
 def _strict(kind: type):
@@ -108,7 +138,7 @@ def _strict(kind: type):
         if kind is float:
             return _number(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueProblem(f"expected {kind.__name__}, got {value!r}")
+            raise ValueProblem(f"expected {kind.__name__}, got {short_repr(value)}")
         return value
     return structure
 
@@ -120,6 +150,8 @@ def make_converter() -> cattrs.Converter:
         converter.register_structure_hook(kind, _strict(kind))
     converter.register_structure_hook(PositiveInt, _positive_int)
     converter.register_structure_hook(NonNegativeInt, _non_negative_int)
+    converter.register_structure_hook(Seed, _seed)
+    converter.register_structure_hook(StageCount, _stage_count)
     converter.register_structure_hook(NonNegativeFloat, _non_negative_float)
     converter.register_structure_hook(UnitFraction, _unit_fraction)
     converter.register_structure_hook(ReductionRate, _reduction_rate)
@@ -131,7 +163,7 @@ def format_problem(exc: BaseException, type_) -> str:
     if isinstance(exc, ValueProblem):
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown keys {sorted(exc.extra_fields)}"
+        return f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}"
     classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
     if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
         return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
@@ -164,9 +196,9 @@ class RunSettings:
     """Settings of the whole run."""
 
     ft_every: PositiveInt = 1
-    nglobal_compress_iters: PositiveInt = 1
+    nglobal_compress_iters: StageCount = 1
     scheduler: str = "musco"
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     #: Ranks are rounded to a multiple of this (e.g. 8) for hardware efficiency, then clamped to the layer.
     rank_multiple: PositiveInt = 1
     #: How data-aware decompositions calibrate the layers of a step: ``sequential`` compresses them in forward order,
@@ -190,9 +222,14 @@ class ModelSchedule:
         return [name for name, layer in self.layers.items() if layer is not None]
 
 
+#: Longest key quoted whole in a path; longer keys (a layer name of a megabyte) are cut with "...".
+MAX_QUOTED_KEY = 80
+
+
 def key_path(path: str, key: str) -> str:
     """``$.layers["layer2.1.conv2"]``: the cattrs-style path of a mapping entry."""
-    return f'{path}["{key}"]'
+    shown = key if len(key) <= MAX_QUOTED_KEY else key[:MAX_QUOTED_KEY - 3] + "..."
+    return f'{path}["{shown}"]'
 
 
 _QUOTED_KEY = re.compile(r"\['((?:[^'\\]|\\.)*)'\]")
@@ -208,6 +245,19 @@ def validation_problems(exc: BaseException, path: str = "$") -> list[str]:
         message, _, where = line.rpartition(" @ ")
         problems.append(f"{_QUOTED_KEY.sub(lambda match: f'[{chr(34)}{match[1]}{chr(34)}]', where)}: {message}")
     return problems
+
+
+#: Most problems listed in one ConfigError; a file with thousands of bad entries gets the first ones and a count.
+MAX_LISTED_PROBLEMS = 50
+
+
+def problems_error(problems: list[str]) -> ConfigError:
+    """One ConfigError of one line per problem (each ``origin: $.path: ...``), at most :data:`MAX_LISTED_PROBLEMS`
+    of them and a count of the rest."""
+    lines = problems[:MAX_LISTED_PROBLEMS]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines.append(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more problems")
+    return ConfigError("\n".join(lines))
 
 
 class ScheduleCodec:
@@ -226,7 +276,7 @@ class ScheduleCodec:
         """
         schedule, problems = self.structure_partial(data, origin, settings=settings)
         if problems:
-            raise ConfigError("\n".join(problems))
+            raise problems_error(problems)
         return schedule
 
     def structure_partial(self, data: Any, origin: str = "<schedule>", *,
@@ -239,12 +289,12 @@ class ScheduleCodec:
             raise ConfigError(f"{origin}: $: expected a mapping (a schedule or a {{layer: settings}} dict), "
                               f"got {type(data).__name__}")
         if "version" in data:
-            unknown = sorted(set(data) - {"version", "settings", "layers"})
+            unknown = sorted(set(data) - {"version", "settings", "layers"}, key=str)
             if unknown:
-                problems.append(f"$: unknown keys {unknown}; expected version, settings, layers")
+                problems.append(f"$: unknown keys {short_repr(unknown)}; expected version, settings, layers")
             version = data["version"]
             if not _is_int(version) or version < 1:
-                problems.append(f"$.version: expected a positive int, got {version!r}")
+                problems.append(f"$.version: expected a positive int, got {short_repr(version)}")
             elif version > SCHEMA_VERSION:
                 problems.append(f"$.version: schema version {version} is newer than this musco-core reads "
                                 f"({SCHEMA_VERSION}); upgrade musco-core")
@@ -261,7 +311,7 @@ class ScheduleCodec:
             for name, raw in raw_layers.items():
                 path = key_path("$.layers", str(name))
                 if not isinstance(name, str):
-                    problems.append(f"{path}: expected a layer name (a string), got {name!r}")
+                    problems.append(f"{path}: expected a layer name (a string), got {short_repr(name)}")
                     continue
                 known = len(problems)
                 layer = self._structure_layer(raw, path, problems)
@@ -286,10 +336,11 @@ class ScheduleCodec:
         settings = self._structure(fields, RunSettings, "$.settings", problems)
         scheduler = fields.get("scheduler", RunSettings().scheduler)
         if isinstance(scheduler, str) and scheduler not in self.registry.schedulers.entries:
-            problems.append(f"$.settings.scheduler: unknown scheduler {scheduler!r}; "
+            problems.append(f"$.settings.scheduler: unknown scheduler {short_repr(scheduler)}; "
                             f"known: {', '.join(self.registry.schedulers.names())}")
         if not isinstance(algo, Mapping):
-            problems.append(f"$.settings.algo_kwargs: expected a mapping of decomposition names, got {algo!r}")
+            problems.append(f"$.settings.algo_kwargs: expected a mapping of decomposition names, "
+                            f"got {short_repr(algo)}")
             return None
         # Settings of decompositions, and of whole-model rank selectors (their parameters are run-wide).
         configurable = {name: entry.component for name, entry in self.registry.decompositions.entries.items()}
@@ -299,11 +350,11 @@ class ScheduleCodec:
         for name, kwargs in algo.items():
             path = key_path("$.settings.algo_kwargs", str(name))
             if name not in configurable:
-                problems.append(f"{path}: unknown decomposition or whole-model rank selector {name!r}; "
+                problems.append(f"{path}: unknown decomposition or whole-model rank selector {short_repr(name)}; "
                                 f"known: {', '.join(sorted(configurable))}")
                 continue
             if kwargs is not None and not isinstance(kwargs, Mapping):
-                problems.append(f"{path}: expected a mapping of {name} settings, got {kwargs!r}")
+                problems.append(f"{path}: expected a mapping of {name} settings, got {short_repr(kwargs)}")
                 continue
             algo_params[name] = self._structure(kwargs or {}, configurable[name].Params, path, problems)
         return attrs.evolve(settings, algo_kwargs=algo_params) if settings is not None else None
@@ -312,7 +363,7 @@ class ScheduleCodec:
         if raw is None:
             return None
         if not isinstance(raw, Mapping):
-            problems.append(f"{path}: expected a mapping of layer settings or null, got {raw!r}")
+            problems.append(f"{path}: expected a mapping of layer settings or null, got {short_repr(raw)}")
             return None
         fields = {key: value for key, value in raw.items()}
         decomposition = fields.pop("decomposition", None)
@@ -320,15 +371,15 @@ class ScheduleCodec:
         valid = True
         if not (isinstance(selection, str) and selection in self.registry.rank_selectors.entries):
             problems.append(f"{path}.rank_selection: expected one of {', '.join(self.registry.rank_selectors.names())}, "
-                            f"got {selection!r}")
+                            f"got {short_repr(selection)}")
             valid = False
         candidates = self._candidates(decomposition, selection if valid else None, path, problems)
         stage = fields.pop("curr_compr_iter", 0)
         if not _is_int(stage) or stage < 0:
-            problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {stage!r}")
+            problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {short_repr(stage)}")
         force = fields.pop("force", False)
         if not isinstance(force, bool):
-            problems.append(f"{path}.force: expected true or false, got {force!r}")
+            problems.append(f"{path}.force: expected true or false, got {short_repr(force)}")
         if not valid or not candidates:
             return None
         selector_class = self.registry.rank_selectors.entries[selection].component
@@ -338,11 +389,11 @@ class ScheduleCodec:
         selector_keys = {field.name for provided in self.registry.rank_selectors.entries.values()
                          if provided.component.scope == "layer" for field in attrs.fields(provided.component.Params)}
         fields = {key: value for key, value in fields.items() if not (value is None and key in selector_keys)}
-        unknown = sorted(set(fields) - set(own))
+        unknown = sorted(set(fields) - set(own), key=str)
         if unknown:
             where = (f"; whole-model selector {selection!r} takes its settings from "
                      f"$.settings.algo_kwargs.{selection}" if selector_class.scope == "model" else "")
-            problems.append(f"{path}: unknown keys {unknown} for rank_selection {selection!r}; "
+            problems.append(f"{path}: unknown keys {short_repr(unknown)} for rank_selection {selection!r}; "
                             f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}"
                             + where)
             return None
@@ -381,8 +432,8 @@ class ScheduleCodec:
         if (isinstance(names, list) and names and len(set(map(str, names))) == len(names)
                 and all(isinstance(name, str) and name in role.entries for name in names)):
             return tuple(names)
-        problems.append(f"{path}.decomposition: expected one of {', '.join(role.names())}, got {value!r} (or a "
-                        f"list of them, or auto)")
+        problems.append(f"{path}.decomposition: expected one of {', '.join(role.names())}, got {short_repr(value)} "
+                        f"(or a list of them, or auto)")
         return ()
 
     # -- writing --------------------------------------------------------------------------------------------
@@ -427,8 +478,95 @@ def plain_data(value: Any) -> Any:
     return value
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML loading that rejects duplicate keys instead of silently keeping the last one."""
+#: Largest YAML file read (schedules, manifests, states): 4 MiB holds a schedule of ~30,000 layers. Parsing is
+#: pure Python above the C scanner (a few seconds and a few hundred MB per MiB), so larger files are refused unread.
+MAX_YAML_BYTES = 4 * 2**20
+#: Most values (mappings, lists and scalars) in a YAML document, counting each use of an alias in full. Bounds the
+#: memory of a parse, and refuses "billion laughs" files whose nested aliases expand to billions of values.
+MAX_YAML_VALUES = 1_000_000
+#: Deepest nesting of a YAML document, aliases expanded (a schedule needs 6 levels, a manifest 7).
+MAX_YAML_DEPTH = 100
+#: Longest integer literal in YAML: an int64 has 19 digits. Longer ones are refused before Python converts them
+#: (a sexagesimal ``1:2:3:...`` literal of a million parts takes minutes to convert).
+MAX_YAML_INT_CHARS = 100
+#: Largest JSON file read (``report.json``, through :func:`read_text_bounded`); JSON is parsed in C, so this
+#: is larger than the YAML limit.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+class _BoundedComposer(yaml.composer.Composer):
+    """Composes YAML nodes while counting values and nesting, so nothing unbounded reaches the constructor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._values = self._depth = self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        self._values += 1
+        if self._values > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_VALUES:,} values", mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if self._aliases:
+            _measure_expanded(node, 1, {}, set())
+        return node
+
+
+def _measure_expanded(node, depth: int, sizes: dict[int, tuple[int, int]], open_nodes: set[int]) -> tuple[int, int]:
+    """(values, levels) of ``node`` with every alias expanded; raises past the limits or on a recursive alias.
+
+    Aliased nodes are measured once (``sizes``), so this takes time linear in the file however far aliases expand;
+    the recursion stops at ``MAX_YAML_DEPTH``.
+    """
+    if isinstance(node, yaml.ScalarNode):
+        size, height = 1, 1
+    elif id(node) in sizes:
+        size, height = sizes[id(node)]
+    elif id(node) in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it (recursive alias)",
+                                          node.start_mark)
+    else:
+        open_nodes.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = _measure_expanded(child, depth + 1, sizes, open_nodes)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_YAML_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand it to more than {MAX_YAML_VALUES:,} values", node.start_mark)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = size, height
+    if depth + height - 1 > MAX_YAML_DEPTH:
+        raise yaml.composer.ComposerError(None, None, f"aliases nest it deeper than {MAX_YAML_DEPTH} levels",
+                                          node.start_mark)
+    return size, height
+
+
+class PythonYamlEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """The pure-Python YAML event source, for PyYAML builds without libyaml."""
+
+    def __init__(self, stream) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+class _StrictConstructor(yaml.constructor.SafeConstructor):
+    """Safe construction that rejects duplicate keys (instead of silently keeping the last one) and overlong
+    integers."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -442,24 +580,107 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                         "found an unhashable key", key_node.start_mark) from None
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short_repr(key)}",
+                                                        key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_YAML_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value):,} characters (at most {MAX_YAML_INT_CHARS})",
+                node.start_mark)
+        return super().construct_yaml_int(node)
 
-def read_yaml(path: str | os.PathLike) -> Any:
-    """A YAML document through safe loading; any failure is a ConfigError naming the file."""
-    path = Path(path)
+
+_StrictConstructor.add_constructor("tag:yaml.org,2002:int", _StrictConstructor.construct_yaml_int)
+
+
+def bounded_loader(events: type) -> type:
+    """A YAML loader class: ``events`` (libyaml's ``CParser`` or the pure-Python parser) below the bounded
+    composer and the strict safe constructor, so the bounds hold whichever parser produces the events."""
+
+    class BoundedLoader(_BoundedComposer, events, _StrictConstructor, yaml.resolver.Resolver):
+        def __init__(self, stream) -> None:
+            events.__init__(self, stream)
+            _BoundedComposer.__init__(self)
+            _StrictConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    return BoundedLoader
+
+
+#: The loader of every YAML file musco-core reads; libyaml's parser when PyYAML has it (2-4x faster).
+YAML_LOADER = bounded_loader(yaml.cyaml.CParser if yaml.__with_libyaml__ else PythonYamlEvents)
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: what the parser found wrong and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return one_line("; ".join(part for part in (exc.context, exc.problem) if part)) + where
+    return one_line(str(exc))
+
+
+def _read_at_most(descriptor: int, limit: int) -> bytes:
+    """The first ``limit`` bytes of an open file, fewer when it ends before."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(descriptor, min(limit - size, 2**20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def read_text_bounded(path: str | os.PathLike, max_bytes: int) -> str:
+    """The UTF-8 text of a regular file of at most ``max_bytes``; anything else is a ConfigError naming the file.
+
+    The file is opened without blocking and checked before reading, so a FIFO, a device (``/dev/zero``) or a
+    directory is refused at once, and a file over the limit is refused unread.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise ConfigError(f"{short_repr(str(path))}: cannot read: {exc}") from None
+    try:
+        kind = os.fstat(descriptor)
+        if stat.S_ISDIR(kind.st_mode):
+            raise ConfigError(f"{path}: cannot read: it is a directory, expected a file")
+        if not stat.S_ISREG(kind.st_mode):
+            raise ConfigError(f"{path}: cannot read: not a regular file (a pipe, socket or device)")
+        if kind.st_size > max_bytes:
+            raise ConfigError(f"{path}: cannot read: {kind.st_size:,} bytes, more than the {max_bytes:,} allowed")
+        data = _read_at_most(descriptor, max_bytes + 1)  # the file may have grown since fstat
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise ConfigError(f"{path}: cannot read: more than the {max_bytes:,} bytes allowed")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML document through safe, bounded loading; any failure is one ConfigError naming the file.
+
+    Files over :data:`MAX_YAML_BYTES`, documents of more than :data:`MAX_YAML_VALUES` values or nested deeper
+    than :data:`MAX_YAML_DEPTH` (aliases expanded), recursive aliases and duplicate keys are refused.
+    """
+    text = read_text_bounded(path, MAX_YAML_BYTES)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - safe construction, bounded composition
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_describe_yaml_error(exc)}") from None
+    except ValueError as exc:  # a scalar the constructor cannot convert, e.g. the date 2024-02-30
+        raise ConfigError(f"{path}: not valid YAML: {one_line(str(exc))}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a schedule mapping")
     return data

@@ -30,6 +30,9 @@ FACTORIES = textwrap.dedent("""
 
     def not_a_model():
         return 42
+
+    def broken():
+        raise RuntimeError("broken factory")
 """)
 
 
@@ -143,6 +146,26 @@ def test_the_installed_console_script_runs(factories):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["layers"]["7"]["curr_compr_iter"] == 0
+
+
+def test_the_console_script_finds_the_model_module_in_the_current_directory(tmp_path):
+    (tmp_path / "local_models.py").write_text(FACTORIES)  # not on sys.path: found in the current directory
+    musco = Path(sys.executable).with_name("musco")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([str(musco), "config", "generate", "--model", "local_models:cnn", "--type", "template"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["layers"]["0"]["curr_compr_iter"] == 0
+
+
+def test_debug_shows_the_traceback_of_a_user_error(factories):
+    plain = run("config", "generate", "--model", "cli_factories:broken", "--type", "vbmf")
+    debug = run("--debug", "config", "generate", "--model", "cli_factories:broken", "--type", "vbmf")
+    assert plain.exit_code == debug.exit_code == 2
+    assert plain.stderr == "musco: error: --model 'cli_factories:broken' raised RuntimeError: broken factory\n"
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert 'raise RuntimeError("broken factory")' in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.strip()
 
 
 def test_a_malicious_pickle_given_as_weights_is_refused_unexecuted(factories):

@@ -14,7 +14,7 @@ from musco_core.components import Decomposer, LayerAdapter, RankSelector, Schedu
 from musco_core.errors import DuplicateComponentError, MuscoError, PluginError, UnknownComponentError
 from musco_core.plugins import (BUNDLED_PLUGINS, DISABLE_ENV, ENTRY_POINT_GROUP, MuscoPluginManager,
                                 PluginFailure, PluginSource, make_plugin_manager)
-from musco_core.registry import Registry, default_registry
+from musco_core.registry import Registry, default_registry, forget_shared_registries
 
 BUNDLED = {
     "decompositions": ["cp3", "cp4", "svd", "tucker2", "whitened_svd"],
@@ -480,11 +480,13 @@ def installed_plugins(tmp_path, monkeypatch):
     importlib.invalidate_caches()
     names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     assert {"good", "broken"} <= names, "importlib.metadata does not see the fake distributions"
+    forget_shared_registries()  # default_registry() loads the plugins once per process: let it see these
     yield tmp_path
     for module in PLUGIN_MODULES:
         sys.modules.pop(module, None)
     monkeypatch.undo()  # drop tmp_path from sys.path before invalidating the caches
     importlib.invalidate_caches()
+    forget_shared_registries()
 
 
 def test_entry_points_not_strict(installed_plugins):

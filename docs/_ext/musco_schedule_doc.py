@@ -44,6 +44,8 @@ TYPE_WORDS: dict[str, tuple[str, str]] = {
     "NonNegativeFloat": ("number >= 0", "numbers >= 0"),
     "UnitFraction": ("number in [0, 1]", "numbers in [0, 1]"),
     "ReductionRate": ("number > 1", "numbers > 1"),
+    "Seed": ("int in [0, 2**63)", "ints in [0, 2**63)"),
+    "StageCount": ("int in [1, 64]", "ints in [1, 64]"),
     "Rank": ("rank (a positive int, or a list of positive ints)",
              "ranks (each a positive int, or a list of positive ints)"),
 }
