@@ -15,7 +15,11 @@ def short_repr(value: object) -> str:
 
     A hostile file can hold a value whose full repr is gigabytes (nested YAML aliases); messages quote this instead.
     """
-    text = _SHORT.repr(value)
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int too long to print (over sys.get_int_max_str_digits() digits)
+        text = f"<an int of about {int(value.bit_length() * 0.30103)} digits>" if isinstance(value, int) \
+            else f"<a {type(value).__name__}>"
     return text if len(text) <= SHORT_REPR_LIMIT else text[:SHORT_REPR_LIMIT - 3] + "..."
 
 

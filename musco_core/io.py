@@ -460,7 +460,10 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
             raise ConfigError(f"{where}: no layer of that name in {type(model).__name__}")
         module = modules[name]
         adapter = registry.adapter_for(module)
-        if adapter is None or adapter.name != record.spec.adapter:
+        if adapter is None:
+            raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
+                              f"{type(module).__name__} cannot be rebuilt: {registry.unsupported_reason(module)}")
+        if adapter.name != record.spec.adapter:
             raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
                               f"{type(module).__name__}")
         spec, weight, _ = adapter.read(module)

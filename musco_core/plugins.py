@@ -16,7 +16,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class MuscoPluginManager(pluggy.PluginManager):
         return True
 
     def report_failure(self, name: str, distribution: str, exc: BaseException, *, strict: bool) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+        message = one_line(f"{type(exc).__name__}: {exc}")
         if strict:
             raise PluginError(f"plugin {name!r} from {distribution} failed: {message}") from exc
         log.warning("skipping plugin %r from %s: %s", name, distribution, message)

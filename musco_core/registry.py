@@ -54,7 +54,7 @@ class Role(Generic[T]):
     def check(self, component: Any, source: PluginSource) -> None:
         """Raises PluginError unless ``component`` is a class of this role that declares a name."""
         if not (isinstance(component, type) and issubclass(component, self.base)):
-            raise PluginError(f"plugin {source.name!r} returned {component!r} from {self.hook}, "
+            raise PluginError(f"plugin {source.name!r} returned {short_repr(component)} from {self.hook}, "
                               f"expected a subclass of {self.base.__qualname__}")
         name = getattr(component, "name", None)
         if not isinstance(name, str) or not name:

@@ -251,7 +251,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                                          if sequential else step_stats.get(name), **chosen)
         except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
             reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
-            raise CompressionError(f"layer {name!r}: {reason}; the model was left as before this step") from exc
+            named = reason if reason.startswith(f"layer {name!r}") else f"layer {name!r}: {reason}"
+            raise CompressionError(f"{named}; the model was left as before this step") from exc
         pending[name] = Pending(module, new, result)
     for entry in pending.values():
         if entry.new is not None:

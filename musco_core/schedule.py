@@ -51,6 +51,10 @@ Seed = NewType("Seed", int)
 StageCount = NewType("StageCount", int)
 #: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
 Rank = NewType("Rank", tuple)
+#: One :data:`Rank` per compression of a layer (at most :data:`MAX_COMPRESS_ITERS`).
+RankList = NewType("RankList", list)
+#: A positive int of at most :data:`MAX_RANK_MULTIPLE`.
+RankMultiple = NewType("RankMultiple", int)
 
 
 class ValueProblem(ValueError):
@@ -125,12 +129,25 @@ def _reduction_rate(value: Any, _type=None) -> float:
     return number
 
 
+#: Largest rank a schedule may name (larger ones exceed every layer; they are refused before any arithmetic).
+MAX_RANK = 2**31
+#: Largest ``rank_multiple``.
+MAX_RANK_MULTIPLE = 4096
+
+
 def _rank(value: Any, _type=None) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v > 0 for v in value):
-        return tuple(value)
-    if _is_int(value) and value > 0:
-        return (value,)
-    raise ValueProblem(f"expected a positive int or a list of positive ints, got {short_repr(value)}")
+    ranks = tuple(value) if isinstance(value, (list, tuple)) and 0 < len(value) <= 8 else (value,)
+    if not all(_is_int(rank) and rank > 0 for rank in ranks):
+        raise ValueProblem(f"expected a positive int or a list of positive ints, got {short_repr(value)}")
+    if max(ranks) > MAX_RANK:
+        raise ValueProblem(f"expected ranks of at most 2**31, got {short_repr(value)}")
+    return ranks
+
+
+def _rank_multiple(value: Any, _type=None) -> int:
+    if _positive_int(value) > MAX_RANK_MULTIPLE:
+        raise ValueProblem(f"expected a positive int of at most {MAX_RANK_MULTIPLE}, got {short_repr(value)}")
+    return value
 
 
 def _strict(kind: type):
@@ -156,6 +173,15 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(UnitFraction, _unit_fraction)
     converter.register_structure_hook(ReductionRate, _reduction_rate)
     converter.register_structure_hook(Rank, _rank)
+    converter.register_structure_hook(RankMultiple, _rank_multiple)
+
+    def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
+        if not isinstance(value, list) or len(value) > MAX_COMPRESS_ITERS:
+            raise ValueProblem(f"expected a list of at most {MAX_COMPRESS_ITERS} ranks, one per compression, got "
+                               f"{short_repr(value)}")
+        return converter.structure(value, list[Rank])
+
+    converter.register_structure_hook(RankList, rank_list)
     return converter
 
 
@@ -200,7 +226,7 @@ class RunSettings:
     scheduler: str = "musco"
     seed: Seed = 0
     #: Ranks are rounded to a multiple of this (e.g. 8) for hardware efficiency, then clamped to the layer.
-    rank_multiple: PositiveInt = 1
+    rank_multiple: RankMultiple = 1
     #: How data-aware decompositions calibrate the layers of a step: ``sequential`` compresses them in forward order,
     #: each fitted on the inputs it gets with the layers ahead of it already compressed, to the outputs it had
     #: before (so it also corrects their error); ``independent`` fits each on the inputs the step began with.
@@ -377,6 +403,8 @@ class ScheduleCodec:
         stage = fields.pop("curr_compr_iter", 0)
         if not _is_int(stage) or stage < 0:
             problems.append(f"{path}.curr_compr_iter: expected a non-negative int, got {short_repr(stage)}")
+        elif stage > MAX_COMPRESS_ITERS:
+            problems.append(f"{path}.curr_compr_iter: expected at most {MAX_COMPRESS_ITERS}, got {short_repr(stage)}")
         force = fields.pop("force", False)
         if not isinstance(force, bool):
             problems.append(f"{path}.force: expected true or false, got {short_repr(force)}")

@@ -174,3 +174,23 @@ def test_a_damaged_report_is_one_clear_error(copy, content, message):
     (copy / "report.json").write_text(content, encoding="utf-8", errors="surrogatepass")
     with pytest.raises(ConfigError, match=message):
         read_report(copy)
+
+
+def test_a_fresh_model_with_a_hooked_layer_is_refused_with_the_reason(copy):
+    fresh = model()
+    fresh[2].register_forward_hook(lambda module, inputs, output: output * 2)
+    with pytest.raises(ConfigError, match=r"layer '2': the file has a conv layer, the model's Conv2d cannot be "
+                                          r"rebuilt: .*hook"):
+        load_compressed(fresh, copy)
+
+
+def test_a_step_error_names_the_layer_once():
+    from musco_core import CompressionError
+
+    bad = model()
+    with torch.no_grad():
+        bad[2].weight[0, 0, 0, 0] = float("nan")
+    compressor = Compressor(bad, model_compr_kwargs=SCHEDULE, ft_every=2, progress=False)
+    with pytest.raises(CompressionError) as caught:
+        compressor.compression_step()
+    assert str(caught.value).count("layer '2'") == 1, str(caught.value)

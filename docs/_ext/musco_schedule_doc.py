@@ -48,6 +48,9 @@ TYPE_WORDS: dict[str, tuple[str, str]] = {
     "StageCount": ("int in [1, 64]", "ints in [1, 64]"),
     "Rank": ("rank (a positive int, or a list of positive ints)",
              "ranks (each a positive int, or a list of positive ints)"),
+    "RankList": ("list of ranks, one per compression (each a positive int, or a list of positive ints)",
+                 "lists of ranks"),
+    "RankMultiple": ("int in [1, 4096]", "ints in [1, 4096]"),
 }
 BUILTIN_WORDS: dict[Any, tuple[str, str]] = {
     int: ("int", "ints"),

@@ -6,7 +6,7 @@ import attrs
 from musco_core import hookimpl
 from musco_core.components import Decomposer, RankSelector, WeightSource
 from musco_core.errors import ConfigError
-from musco_core.schedule import Rank, ReductionRate, UnitFraction
+from musco_core.schedule import RankList, ReductionRate, UnitFraction
 
 from . import factorize
 
@@ -21,7 +21,7 @@ def _current_weight_count(source: WeightSource) -> int:
 class ManualParams:
     """``manual_rank[i]`` is the rank for the layer's i-th compression (Tucker2: ``[r_out, r_in]``)."""
 
-    manual_rank: list[Rank]
+    manual_rank: RankList
 
 
 class Manual(RankSelector):

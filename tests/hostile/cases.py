@@ -201,7 +201,15 @@ schedule_case("layer-name-of-a-megabyte", f"version: 1\nlayers:\n  ? {'n' * 1_00
               '$.layers["nnnnn', '..."]: expected a mapping')
 schedule_case("manual-rank-of-300000-entries",
               "version: 1\nlayers: {fc: {decomposition: svd, rank_selection: manual, manual_rank: ["
-              + ", ".join(["4"] * 300_000) + ", x]}}\n", '$.layers["fc"].manual_rank')
+              + ", ".join(["4"] * 300_000) + ", x]}}\n", '$.layers["fc"].manual_rank: expected a list of at most 64')
+schedule_case("manual-rank-of-2-to-the-40", "version: 1\nlayers: {fc: {decomposition: svd, rank_selection: manual, "
+              f"manual_rank: [{2**40}]}}}}\n", '$.layers["fc"].manual_rank[0]: expected ranks of at most 2**31')
+schedule_case("rank-multiple-a-billion", "version: 1\nsettings: {rank_multiple: 1000000000}\n",
+              "$.settings.rank_multiple: expected a positive int of at most 4096")
+schedule_case("stage-a-million", "version: 1\nlayers: {fc: {decomposition: svd, rank_selection: vbmf, "
+              "curr_compr_iter: 1000000}}\n", '$.layers["fc"].curr_compr_iter: expected at most 64')
+schedule_case("decomposition-list-of-unknowns", "version: 1\nlayers: {fc: {decomposition: [svd, svd, nope], "
+              "rank_selection: budget}}\n", '$.layers["fc"].decomposition: expected one of')
 schedule_case("100000-unknown-settings-keys",
               "version: 1\nsettings: {" + ", ".join(f"k{i}: 1" for i in range(100_000)) + "}\n",
               "$.settings: unknown keys ['k0', 'k1', 'k10', 'k100', ...]")
