@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,9 @@ class ModelStats:
     #: FLOPs of the whole forward pass on the example input (every op, functional calls included), counted by
     #: ``torch.utils.flop_counter.FlopCounterMode``; None without an example input.
     total_flops: int | None = None
+    #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
+    #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
+    output_layers: tuple[str, ...] | None = None
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -84,12 +88,14 @@ class ModelStats:
             elif (adapter := registry.adapter_for(module)) is not None:
                 readable[name] = (module, adapter.read(module)[0])
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        total_flops = None
+        total_flops = output_layers = None
         if example_input is not None:
-            shapes, total_flops = _run_example(model, {name: m for name, (m, _) in readable.items()}, example_input)
+            shapes, total_flops, returned = _run_example(model, {name: m for name, (m, _) in readable.items()},
+                                                         example_input)
             readable = {name: entry for name, entry in readable.items() if name in shapes}
+            output_layers = tuple(name for name in readable if name in returned)
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
-                    for name, (module, spec) in readable.items()}, total_flops)
+                    for name, (module, spec) in readable.items()}, total_flops, output_layers)
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -107,14 +113,53 @@ class ModelStats:
         return cls(layers)
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output: a tensor, or tensors nested in tuples, lists and mappings (ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken of (the tensor itself when it is no view)."""
+    return tensor if tensor._base is None else tensor._base
+
+
+def _output_layers(outputs: Mapping[str, list[weakref.ref]], calls: list[tuple[str, tuple[int, ...]]],
+                   returned: list[torch.Tensor]) -> set[str]:
+    """The layers whose output tensor the model returned, as it is or as a view of it.
+
+    When there is none, a model that ends in an elementwise function (``log_softmax(fc(x))``) is caught by shape:
+    the last layer to run is taken when its output is ``(batch, n)`` and a returned tensor has that shape.
+    """
+    roots = {id(_root(t)) for t in returned}
+    found = {name for name, refs in outputs.items() if any((t := ref()) is not None and id(t) in roots
+                                                           for ref in refs)}
+    if not found and calls:
+        last, shape = calls[-1]
+        if len(shape) == 2 and any(tuple(t.shape) == shape for t in returned):
+            found = {last}
+    return found
+
+
 def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
-    """One forward pass recording each layer's input/output shape and the FLOPs of the whole pass."""
+    """One forward pass recording each layer's input/output shape, the FLOPs of the whole pass and the layers whose
+    output the model returns (the same tensor or a view of it: weak references, so a freed output never matches)."""
     shapes = {}
+    outputs: dict[str, list[weakref.ref]] = {}
+    calls: list[tuple[str, tuple[int, ...]]] = []  # (layer, output shape) in the order the layers ran
     modes = {module: module.training for module in model.modules()}
 
     def hook(name):
         def record(module, inputs, output):
             shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+            calls.append((name, tuple(output.shape)))
+            if isinstance(output, torch.Tensor):
+                outputs.setdefault(name, []).append(weakref.ref(_root(output)))
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
@@ -122,17 +167,17 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
-                model(**example_input)
+                result = model(**example_input)
             elif isinstance(example_input, (tuple, list)):
-                model(*example_input)
+                result = model(*example_input)
             else:
-                model(example_input)
+                result = model(example_input)
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    return shapes, counter.get_total_flops()
+    return shapes, counter.get_total_flops(), _output_layers(outputs, calls, _tensors(result))
 
 
 def as_model_stats(stats: Any, model: nn.Module, registry, example_input: Any = None) -> ModelStats:

@@ -64,8 +64,13 @@ class WhitenedSVD(Decomposer):
         return source.input_stats.second_moment
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        matrix = _matrix(source.weight)
+        """The whitened weight ``W S``; once factorized at rank ``r``, an ``r x r`` core with its singular values."""
         root = factorize.whitening_factor(self._second_moment(source))
+        previous = source.previous_weights(self.name)
+        if previous:
+            left, right = (_matrix(w).to(torch.float64) for w in (previous[1], previous[0]))
+            return [factorize.product_core(left, right @ root.to(right.device))]
+        matrix = _matrix(source.weight)
         return [matrix.to(torch.float64) @ root.to(matrix.device)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
