@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=512, help="held-out paragraphs")
     parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(setup(args.threads))
@@ -107,10 +108,11 @@ def main() -> None:
                 if args.distill_steps:
                     started = time.perf_counter()
                     distill(model, compressor.compressed_model, calibration, args.distill_steps, args.distill_lr,
-                            seed=args.seed, progress=False)
+                            train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
                     cos = cosines(compressor.compressed_model, held_out, reference)
+                    mode = "eval mode" if args.distill_eval_mode else "train mode"
                     rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
-                                f"{args.distill_steps} steps | {weights:,} | {1 - weights / linear_weights:.1%} | "
+                                f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
                                 f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "
                                 f"{time.perf_counter() - started:.0f} |")
                     print(rows[-1], flush=True)

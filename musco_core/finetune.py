@@ -139,8 +139,8 @@ def _device_indices(parameters: Iterable[nn.Parameter]) -> list[int]:
 
 def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float = 1e-4, *,
             features: Sequence[str] | None = None, feature_weight: float = 1.0, temperature: float | None = None,
-            output: Callable[[Any], torch.Tensor] | None = None, weight_decay: float = 0.0, seed: int = 0,
-            progress: bool = True) -> DistillResult:
+            output: Callable[[Any], torch.Tensor] | None = None, weight_decay: float = 0.0, train_mode: bool = True,
+            seed: int = 0, progress: bool = True) -> DistillResult:
     """Trains ``student`` for ``steps`` AdamW steps to reproduce ``teacher``'s outputs on ``batches``.
 
     ``batches`` is a list or DataLoader of input batches, called as the calibration data is (``model(batch)``,
@@ -156,7 +156,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
       its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names.
 
     The teacher runs in eval mode under ``no_grad``. The student is trained in train mode (dropout and
-    BatchNorm's batch statistics, as in fine-tuning) with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
+    BatchNorm's batch statistics, as in fine-tuning), or in eval mode with ``train_mode=False`` (no dropout,
+    BatchNorm's running statistics kept), with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
     parameters that require grad. Every module's training flag is restored afterwards, and on any error the
     student's parameters and buffers are restored too, so a failed call changes nothing. The run is
     deterministic given ``seed``, which seeds a forked RNG (the caller's random state is untouched). A progress
@@ -175,7 +176,7 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
         if names:
             taps = [_FeatureTaps(teacher, names, "teacher"), _FeatureTaps(student, names, "student")]
         teacher.eval()
-        student.train()
+        student.train(train_mode)
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         devices = _device_indices(itertools.chain(parameters, teacher.parameters()))
         with torch.random.fork_rng(devices=devices):

@@ -67,6 +67,16 @@ def test_the_same_seed_gives_the_same_student_and_another_seed_another():
     assert not same_state(third, state(first))
 
 
+def test_in_eval_mode_the_student_trains_without_dropout():
+    teacher = mlp(dropout=0.5)
+    first, second = compressed(teacher), compressed(teacher)
+    runs = [distill(teacher, student, inputs(), steps=5, lr=1e-3, seed=seed, train_mode=False, progress=False)
+            for student, seed in ((first, 0), (second, 1))]
+    assert runs[0].losses == runs[1].losses  # nothing random is drawn: the seed does not matter
+    assert same_state(second, state(first))
+    assert not first.training
+
+
 def test_the_callers_random_state_is_left_alone():
     teacher = mlp(dropout=0.2)
     torch.manual_seed(123)
