@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-from .components import Cost, WeightSource
+from .components import Cost, Decomposer, LayerSpec, WeightSource
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .schedule import ModelSchedule, ScheduleCodec
@@ -44,27 +45,71 @@ def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params,
     return None
 
 
-def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, registry: Registry | None = None
-                                ) -> dict[str, dict[str, Any] | None]:
-    """A ``{layer name: layer settings or None}`` dict in the original format.
+#: A generated schedule leaves out a hidden layer whose rank would fall below this fraction of its full rank (and
+#: below the decomposition's minimum rank): a truncation that keeps fewer than 1 in 16 of a trained layer's
+#: directions is no longer a small perturbation that fine-tuning recovers from.
+RANK_FLOOR_FRACTION = 1 / 16
 
-    ``none``: nothing compressed; ``vbmf``: k x k convs get tucker2 + vbmf, Linear and 1x1 convs svd + vbmf
-    (weakening 0.8); ``param_reduction``: the same decompositions with rate 2; ``budget``: the same decompositions
-    with ranks from the whole-model ``budget`` selector (its target goes in ``algo_kwargs``); ``template``:
-    placeholders.
-    Layers the default would not shrink (grouped convs, tiny layers, ranks beyond the dimensions) get None,
-    with the reason logged. Layers that must not be replaced (``model_stats.excluded``: a computation of their
-    own, hooks, weights read by their owner, not reached by the example input) are left out, with the reason
-    logged.
+
+def output_layers(stats: ModelStats) -> dict[str, str]:
+    """The layers whose output is the model's output, each with how it was told.
+
+    With an example input, :attr:`ModelStats.output_layers`: the layers whose output tensor the model returns (as
+    it is or a view of it; or the last layer to run when the model applies an elementwise function such as
+    ``log_softmax`` to its ``(batch, n)`` output). Without one (or with FlopCo statistics), the model's last layer
+    in module order when it is a Linear layer, as a classifier is.
     """
-    if config_type not in CONFIG_TYPES:
-        raise ConfigError(f"config_type: expected one of {', '.join(CONFIG_TYPES)}, got {short_repr(config_type)}")
-    registry = registry or default_registry()
-    stats = model_stats if isinstance(model_stats, ModelStats) else as_model_stats(model_stats, None, registry)
+    if stats.output_layers is not None:
+        return {name: "the model returns its output" for name in stats.output_layers}
+    last = next(reversed(stats.layers.values()), None)
+    if last is not None and last.spec.spatial_dims == 0:
+        return {last.name: "it is the model's last layer, a Linear one (no example input told which layer's "
+                           "output the model returns)"}
+    return {}
+
+
+def rank_floor(decomposer: Decomposer, spec: LayerSpec, *, output_layer: bool = False) -> tuple[int, ...]:
+    """The smallest ranks a generated schedule lets a layer fall to, one per rank of ``decomposer``.
+
+    Each rank is at least the decomposition's minimum rank and :data:`RANK_FLOOR_FRACTION` of its full size; an
+    output layer's ranks are at least its output count (a classifier's class count: fewer directions than classes
+    cannot keep the classes apart), or their full size when that is smaller.
+    """
+    limits = decomposer.max_ranks(WeightSource(spec))
+    floor = [max(decomposer.min_rank, math.ceil(limit * RANK_FLOOR_FRACTION)) for limit in limits]
+    if output_layer:
+        floor = [max(f, min(limit, spec.out_channels)) for f, limit in zip(floor, limits)]
+    return tuple(floor)
+
+
+def _unsafe_reason(layer: LayerStats, decomposition: str, registry: Registry, output_reason: str | None
+                   ) -> str | None:
+    """Why a generated schedule leaves out a layer that the decomposition could shrink, or None.
+
+    The output layer (``output_reason`` says how it was told) is left out, as is a layer that no rank at or above
+    its :func:`rank_floor` would make smaller (the rank selectors choose ranks from the weights later).
+    """
+    if output_reason is not None:
+        return (f"output layer ({output_reason}): truncating a classifier's logits costs the most accuracy; name "
+                f"it in the schedule to compress it anyway")
+    decomposer = registry.decompositions.get(decomposition)
+    spec = layer.spec
+    floor = rank_floor(decomposer, spec)
+    if not Cost(decomposer.count_params(spec, floor)).smaller_than(Cost(spec.n_weights)):
+        return f"at its rank floor {floor} {decomposition} would not reduce its {spec.n_weights} weights"
+    return None
+
+
+def _generate(stats: ModelStats, config_type: str, registry: Registry
+              ) -> tuple[dict[str, dict[str, Any] | None], dict[str, str]]:
+    """The generated ``{layer: settings or None}`` and ``{layer: why it is left out}``."""
     config: dict[str, dict[str, Any] | None] = {}
+    reasons: dict[str, str] = {}
+    outputs = output_layers(stats) if config_type not in ("none", "template") else {}
     if config_type != "none":
         for name, reason in stats.excluded.items():
             log.info("generate_model_compr_kwargs: layer %r left out: %s", name, reason)
+            reasons[name] = reason
     for name, layer in stats.layers.items():
         if name in stats.excluded:
             continue
@@ -76,15 +121,51 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
             decomposition = _default_decomposition(layer)
             selector = registry.rank_selectors.get(config_type)
             params = selector.Params()
-            reason = _why_not(layer, decomposition, config_type, params, registry)
+            reason = (_why_not(layer, decomposition, config_type, params, registry)
+                      or _unsafe_reason(layer, decomposition, registry, outputs.get(name)))
             if reason:
                 log.info("generate_model_compr_kwargs: layer %r left uncompressed: %s", name, reason)
                 config[name] = None
+                reasons[name] = reason
             else:
                 own = ScheduleCodec.unstructure_params(params) if selector.scope == "layer" else {}
                 config[name] = {"decomposition": decomposition, "rank_selection": config_type, **own,
                                 "curr_compr_iter": 0}
-    return config
+    return config, reasons
+
+
+def _model_stats(model_stats: Any, config_type: str, registry: Registry | None) -> tuple[ModelStats, Registry]:
+    if config_type not in CONFIG_TYPES:
+        raise ConfigError(f"config_type: expected one of {', '.join(CONFIG_TYPES)}, got {short_repr(config_type)}")
+    registry = registry or default_registry()
+    stats = model_stats if isinstance(model_stats, ModelStats) else as_model_stats(model_stats, None, registry)
+    return stats, registry
+
+
+def generated_exclusions(model_stats: Any, config_type: str, *, registry: Registry | None = None
+                         ) -> dict[str, str]:
+    """``{layer: reason}`` for every layer that :func:`generate_model_compr_kwargs` leaves out (sets to None) for
+    ``config_type``, in model order; empty for ``none`` and ``template``, which compress nothing by design."""
+    stats, registry = _model_stats(model_stats, config_type, registry)
+    return _generate(stats, config_type, registry)[1]
+
+
+def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, registry: Registry | None = None
+                                ) -> dict[str, dict[str, Any] | None]:
+    """A ``{layer name: layer settings or None}`` dict in the original format.
+
+    ``none``: nothing compressed; ``vbmf``: k x k convs get tucker2 + vbmf, Linear and 1x1 convs svd + vbmf
+    (weakening 0.8); ``param_reduction``: the same decompositions with rate 2; ``budget``: the same decompositions
+    with ranks from the whole-model ``budget`` selector (its target goes in ``algo_kwargs``); ``template``:
+    placeholders.
+    Layers the default would not shrink (grouped convs, tiny layers, ranks beyond the dimensions) get None, as do
+    the output layer (see :func:`output_layers`) and layers whose rank would fall below :func:`rank_floor`; layers
+    that must not be replaced (``model_stats.excluded``: a computation of their own, hooks, weights read by their
+    owner, not reached by the example input) are left out. The reasons are logged and returned by
+    :func:`generated_exclusions`.
+    """
+    stats, registry = _model_stats(model_stats, config_type, registry)
+    return _generate(stats, config_type, registry)[0]
 
 
 def validate_model_compr_kwargs(model_compr_kwargs: Any, *, registry: Registry | None = None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,9 @@ class ModelStats:
     #: example input) a layer the example input never reaches. Generated schedules leave them out; a schedule
     #: that names one is refused.
     excluded: dict[str, str] = attrs.field(factory=dict)
+    #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
+    #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
+    output_layers: tuple[str, ...] | None = None
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -99,16 +103,17 @@ class ModelStats:
                 else:
                     readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        total_flops = None
+        total_flops = output_layers = None
         if example_input is not None:
-            shapes, total_flops, not_run = _run_example(model, {name: m for name, (m, _) in readable.items()},
-                                                        example_input)
+            shapes, total_flops, not_run, returned = _run_example(
+                model, {name: m for name, (m, _) in readable.items()}, example_input)
             excluded.update(not_run)
             readable = {name: entry for name, entry in readable.items() if name not in not_run}
+            output_layers = tuple(name for name in readable if name in returned)
         order = {name: index for index, (name, _) in enumerate(model.named_modules())}
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
                     for name, (module, spec) in readable.items()}, total_flops,
-                   dict(sorted(excluded.items(), key=lambda item: order[item[0]])))
+                   dict(sorted(excluded.items(), key=lambda item: order[item[0]])), output_layers)
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -149,6 +154,8 @@ class _LayerWatch(TorchDispatchMode):
         self.called: set[str] = set()
         self.foreign: dict[str, str] = {}  # layer -> the module whose code used its parameters
         self.running: list[nn.Module] = []
+        self.outputs: dict[str, list[weakref.ref]] = {}  # weak: a freed output never matches a returned tensor
+        self.calls: list[tuple[str, tuple[int, ...]]] = []  # (layer, output shape) in the order the layers ran
 
     def __enter__(self) -> _LayerWatch:
         self.handles = [register_module_forward_pre_hook(self._enter_module),
@@ -175,6 +182,24 @@ class _LayerWatch(TorchDispatchMode):
             self.called.add(name)
             if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
                 self.shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+                self.calls.append((name, tuple(output.shape)))
+                self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
+
+    def output_layers(self, result: Any) -> set[str]:
+        """The layers whose output tensor the model returned (``result``), as it is or as a view of it.
+
+        When there is none, a model that ends in an elementwise function (``log_softmax(fc(x))``) is caught by
+        shape: the last layer to run is taken when its output is ``(batch, n)`` and a returned tensor has that shape.
+        """
+        returned = _tensors(result)
+        roots = {id(_root(t)) for t in returned}
+        found = {name for name, refs in self.outputs.items()
+                 if any((t := ref()) is not None and id(t) in roots for ref in refs)}
+        if not found and self.calls:
+            last, shape = self.calls[-1]
+            if len(shape) == 2 and any(tuple(t.shape) == shape for t in returned):
+                found = {last}
+        return found
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for leaf in tree_leaves((args, kwargs)):
@@ -208,15 +233,30 @@ def _describe_input(example_input: Any) -> str:
     return short_repr(example_input)
 
 
-def _call_model(model: nn.Module, example_input: Any) -> None:
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output: a tensor, or tensors nested in tuples, lists and mappings (ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken of (the tensor itself when it is no view)."""
+    return tensor if tensor._base is None else tensor._base
+
+
+def _call_model(model: nn.Module, example_input: Any) -> Any:
     """``model`` on the example input; a ConfigError in one line when the model's forward raises."""
     try:
         if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
-            model(**example_input)
-        elif isinstance(example_input, (tuple, list)):
-            model(*example_input)
-        else:
-            model(example_input)
+            return model(**example_input)
+        if isinstance(example_input, (tuple, list)):
+            return model(*example_input)
+        return model(example_input)
     except Exception as exc:  # the user's model or input: one clear line, the cause chained
         described, message = _describe_input(example_input), str(exc).strip()
         first_line = message.splitlines()[0] if message else ""
@@ -229,17 +269,18 @@ def _bounded(text: str, limit: int) -> str:
 
 
 def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
-    """One forward pass recording each layer's input/output shape, the FLOPs of the whole pass, and why each layer
-    that did not run as a layer cannot be replaced."""
+    """One forward pass recording each layer's input/output shape, the FLOPs of the whole pass, why each layer
+    that did not run as a layer cannot be replaced, and the layers whose output the model returns."""
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter, _LayerWatch(model, modules) as watch:
-            _call_model(model, example_input)
+            result = _call_model(model, example_input)
+            returned = watch.output_layers(result)
     finally:
         for module, training in modes.items():
             module.training = training
-    return watch.shapes, counter.get_total_flops(), watch.not_run()
+    return watch.shapes, counter.get_total_flops(), watch.not_run(), returned
 
 
 def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:

@@ -60,7 +60,7 @@ def small_r18():
 
 
 def _expected_entry(name, kind):
-    if name == "conv1":
+    if name in ("conv1", "fc"):  # the 3-channel stem cannot shrink; the classifier is the output layer
         return None
     key, value = SELECTOR_KEY[kind]
     return {"decomposition": "svd" if name in POINTWISE else "tucker2", "rank_selection": kind, key: value,
@@ -119,7 +119,7 @@ def test_default_decompositions(r18_configs, kind):
     assert config["layer1.0.conv2"] == {"decomposition": "tucker2", "rank_selection": kind, key: value,
                                         "curr_compr_iter": 0}
     assert config["layer2.0.downsample.0"]["decomposition"] == "svd"
-    assert config["fc"]["decomposition"] == "svd"
+    assert config["fc"] is None
 
 
 @pytest.mark.parametrize("kind", ["vbmf", "param_reduction"])
@@ -131,8 +131,9 @@ def test_stem_conv_is_left_out_with_a_logged_reason(r18_stats, registry, caplog,
     stem = [m for m in messages if "'conv1'" in m]
     assert len(stem) == 1, messages
     assert "(64, 3)" in stem[0]  # the reason quotes the stem's dimensions (out 64, in 3)
-    # Only the stem is left out of resnet18, so only the stem is logged.
-    assert len(messages) == 1, messages
+    # Only the stem and the classifier (the output layer) are left out of resnet18, so only they are logged.
+    assert len(messages) == 2, messages
+    assert any("'fc'" in m and "output layer" in m for m in messages), messages
 
 
 def _grouped_model():
@@ -189,7 +190,7 @@ def test_resnet50_bottleneck_defaults(registry):
     assert config["layer1.0.conv2"]["decomposition"] == "tucker2"  # 3x3
     assert config["layer1.0.conv3"]["decomposition"] == "svd"      # 1x1 expand
     assert config["layer1.0.downsample.0"]["decomposition"] == "svd"
-    assert config["fc"]["decomposition"] == "svd"
+    assert config["fc"] is None  # the last layer, a Linear one: taken as the output layer without an example input
     assert len(config) == 54
 
 
@@ -230,7 +231,7 @@ def test_generated_config_validates_and_builds_a_compressor(r18, r18_stats, r18_
 def test_compressor_generates_config_from_flopco(r18, registry):
     flopco = FlopCo(r18, img_size=IMG)
     compressor = Compressor(r18, model_stats=flopco, config_type="vbmf", registry=registry)
-    assert compressor.lnames == [name for name in RESNET18_LAYERS if name != "conv1"]
+    assert compressor.lnames == [name for name in RESNET18_LAYERS if name not in ("conv1", "fc")]
 
 
 def test_param_reduction_run_shrinks_small_resnet18(small_r18, registry):

@@ -195,3 +195,77 @@ def test_whitened_svd_calibrates_on_tokenizer_style_batches():
 
     # fitted to the layers' inputs, whitened SVD loses less of the model's output on those inputs
     assert error(whitened.compressed_model) < error(plain.compressed_model)
+
+
+# ---------------------------------------------------------------- sentence-transformers
+
+SENTENCES = ["the cat sits on the mat .", "a dog sits on the mat .", "low rank layers compress the network .",
+             "the weather is nice today .", "a cat and a dog ."]
+
+
+def tiny_sentence_transformer(folder):
+    """A SentenceTransformer from a folder holding a tiny BERT and a word-piece vocabulary (as a hub model would
+    be, nothing downloaded): sentence-transformers wraps it in its Transformer module with mean pooling."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({word for sentence in SENTENCES for word in sentence.split()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder)
+    return SentenceTransformer(str(folder), device="cpu").eval()
+
+
+def encoder_linears(encoder: nn.Module) -> list[str]:
+    """The encoder's Linear layers; BERT's pooler is left out: mean pooling never uses it."""
+    return [name for name in weight_layers(encoder) if not name.startswith("pooler")]
+
+
+def embed(sentence_transformer) -> torch.Tensor:
+    return sentence_transformer.encode(SENTENCES, convert_to_tensor=True)
+
+
+def test_assigning_auto_model_does_not_replace_the_sentence_transformers_encoder(tmp_path):
+    """The documented pitfall, checked on the installed sentence-transformers: ``auto_model`` is a read-only view
+    of ``model``; nn.Module registers the assigned model as a new submodule that forward never calls."""
+    st = tiny_sentence_transformer(tmp_path)
+    names = encoder_linears(st[0].auto_model)
+    compressed = compress(st[0].auto_model, names, model_compr_kwargs=schedule(names)).compressed_model
+    before, n_params = embed(st), sum(p.numel() for p in st.parameters())
+    st[0].auto_model = compressed
+    assert torch.equal(embed(st), before)  # silently ignored
+    assert sum(p.numel() for p in st.parameters()) > n_params  # and the compressed copy rides along unused
+    del st[0]._modules["auto_model"]
+    st[0].model = compressed  # the attribute that forward uses
+    assert not torch.allclose(embed(st), before)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whitened_svd"])
+def test_a_sentence_transformer_compresses_in_place_and_round_trips(tmp_path, decomposition):
+    st = tiny_sentence_transformer(tmp_path / "model")
+    reference = embed(st)
+    encoder = st[0].auto_model
+    names = encoder_linears(encoder)
+    calibration = [dict(st.tokenize(SENTENCES[i:i + 2])) for i in range(0, len(SENTENCES), 2)]
+    compressor = compress(encoder, names, model_compr_kwargs=schedule(names, decomposition=decomposition,
+                                                                      rank_selection="param_reduction",
+                                                                      param_reduction_rate=2),
+                          inplace=True, calibration_data=calibration if decomposition == "whitened_svd" else None)
+    assert compressor.compressed_model is st[0].auto_model  # compressed where the sentence-transformer calls it
+    assert all(isinstance(encoder.get_submodule(name), FactorizedLayer) for name in names)
+    compressed = embed(st)
+    assert compressed.shape == reference.shape and not torch.allclose(compressed, reference)
+    with torch.no_grad():  # the embedding is the mean of the compressed encoder's token states
+        batch = st.tokenize(SENTENCES)
+        tokens_ = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens_.dtype)
+        torch.testing.assert_close(compressed, (tokens_ * mask).sum(1) / mask.sum(1))
+
+    save_compressed(st, tmp_path / "compressed")  # the whole SentenceTransformer: its layers' names start 0.
+    from sentence_transformers import SentenceTransformer
+
+    loaded = load_compressed(SentenceTransformer(str(tmp_path / "model"), device="cpu"), tmp_path / "compressed")
+    assert torch.equal(embed(loaded.eval()), compressed)

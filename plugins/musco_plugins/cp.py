@@ -38,7 +38,12 @@ class _CP(Decomposer):
         return None
 
     def max_ranks(self, source: WeightSource) -> tuple[int, ...]:
-        """The largest rank that does not store more weights than the dense layer."""
+        """The current CP rank once the layer was factorized by this decomposition (its kernel has that CP rank
+        exactly, so no larger one fits it better); before, the largest rank that stores no more weights than the
+        dense layer."""
+        previous = source.previous_weights(self.name)
+        if previous:
+            return (previous[0].shape[0],)
         spec = source.spec
         return (max(1, spec.n_weights // (self.count_params(spec, (1,)))),)
 

@@ -112,6 +112,9 @@ class VBMF(RankSelector):
 
     For each unfolding of size ``full = min(rows, cols)`` with EVBMF rank ``r_e``:
     ``r = max(int(full - f * (full - r_e)), min_rank)``; an EVBMF rank of 0 keeps the full rank.
+    ``full`` is relative to the layer as it is now: never above the decomposer's ``max_ranks`` (its current rank
+    once it was factorized), whose ``rank_matrices`` then hold the factorization's own spectrum (e.g. svd's
+    ``r x r`` core), so every pass can shrink the layer again.
     """
 
     name = "vbmf"
@@ -125,8 +128,8 @@ class VBMF(RankSelector):
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params: VBMFParams
                ) -> tuple[int, ...]:
         ranks = []
-        for matrix in decomposer.rank_matrices(source):
-            full = min(matrix.shape)
+        for matrix, limit in zip(decomposer.rank_matrices(source), decomposer.max_ranks(source), strict=True):
+            full = min(*matrix.shape, limit)
             estimated = factorize.evbmf_rank(factorize.singular_values(matrix), tuple(matrix.shape))
             if estimated == 0:
                 ranks.append(full)

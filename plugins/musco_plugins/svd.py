@@ -39,6 +39,10 @@ class SVD(Decomposer):
         return (min(source.spec.out_channels, source.spec.in_channels),)
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
+        """The weight matrix; once factorized at rank ``r``, the ``r x r`` core with the same singular values."""
+        previous = source.previous_weights(self.name)
+        if previous:
+            return [factorize.product_core(_matrix(previous[1]), _matrix(previous[0]))]
         return [_matrix(source.weight)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:

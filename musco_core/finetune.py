@@ -1,0 +1,264 @@
+"""Fine-tuning between compression steps without labels: knowledge distillation from the uncompressed model.
+
+:func:`distill` trains a compressed model (the *student*) to reproduce the outputs of the uncompressed one (the
+*teacher*) on unlabelled input batches, such as the calibration data, optionally matching intermediate features
+too. It creates its own optimizer (AdamW), so one call between two :meth:`Compressor.compression_step` calls is
+all the fine-tuning a multi-stage run needs.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import check_reiterable
+from .errors import ConfigError, MuscoError, short_repr
+
+log = logging.getLogger(__name__)
+
+#: The output fields matched by default when a model returns a mapping (a Hugging Face ``ModelOutput``), in order.
+OUTPUT_KEYS = ("logits", "last_hidden_state")
+
+
+@attrs.frozen
+class DistillResult:
+    """What a :func:`distill` run did: the total loss of every optimizer step, first step first."""
+
+    losses: list[float]
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)``; ``model(*batch)`` for a tuple or list; ``model(**batch)`` for a mapping (a tokenizer's
+    output), as the calibration data is called."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def matched_output(outputs: Any) -> torch.Tensor:
+    """The tensor of a model's outputs that distillation matches by default.
+
+    A tensor as it is; of a mapping (a Hugging Face ``ModelOutput`` or a dict), the first of :data:`OUTPUT_KEYS`
+    present, else its first tensor value; of a tuple or list, its first element (the main output of models called
+    with ``return_dict=False``), searched the same way.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        for key in OUTPUT_KEYS:
+            if isinstance(outputs.get(key), torch.Tensor):
+                return outputs[key]
+        values = [value for value in outputs.values() if isinstance(value, torch.Tensor)]
+        if values:
+            return values[0]
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        return matched_output(outputs[0])
+    raise ConfigError(f"distill: cannot tell which output to match in a {type(outputs).__name__} "
+                      f"({short_repr(outputs)}); pass output=, a function from the model's outputs to a tensor")
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((student - teacher)^2) / mean(teacher^2)``: the squared error relative to the teacher's scale, so
+    outputs and features of any magnitude weigh alike (0 is a perfect match, 1 is as far as predicting zeros)."""
+    return F.mse_loss(student, teacher) / teacher.square().mean().clamp_min(torch.finfo(teacher.dtype).tiny)
+
+
+def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the last axis,
+    averaged over every other position."""
+    classes = teacher.shape[-1]
+    log_student = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class _FeatureTaps:
+    """Forward hooks that keep the latest output of the named modules of one model."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [name for name in names if name not in modules]
+        if missing:
+            raise ConfigError(f"distill: features: the {role} has no module named "
+                              f"{', '.join(map(repr, missing))}")
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [modules[name].register_forward_hook(self._keep(name)) for name in names]
+
+    def _keep(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            self.values[name] = matched_output(output)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
+                     temperature: float | None, feature_weight: float) -> list[nn.Parameter]:
+    if teacher is student:
+        raise ConfigError("distill: the teacher and the student are the same model; pass the uncompressed model "
+                          "as the teacher and a compressed copy as the student")
+    check_reiterable(batches, "distill: batches")
+    problems = []
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        problems.append(f"steps: expected a positive int, got {short_repr(steps)}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr: expected a positive number, got {short_repr(lr)}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                                        and temperature > 0):
+        problems.append(f"temperature: expected None (MSE) or a positive number, got {short_repr(temperature)}")
+    if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
+        problems.append(f"feature_weight: expected a non-negative number, got {short_repr(feature_weight)}")
+    if problems:
+        raise ConfigError("distill: " + "; ".join(problems))
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    if not parameters:
+        raise ConfigError("distill: the student has no parameter that requires grad; nothing to train")
+    return parameters
+
+
+def _device_indices(parameters: Iterable[nn.Parameter]) -> list[int]:
+    return sorted({p.device.index or 0 for p in parameters if p.device.type == "cuda"})
+
+
+def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float = 1e-4, *,
+            features: Sequence[str] | None = None, feature_weight: float = 1.0, temperature: float | None = None,
+            output: Callable[[Any], torch.Tensor] | None = None, weight_decay: float = 0.0, train_mode: bool = True,
+            seed: int = 0, progress: bool = True) -> DistillResult:
+    """Trains ``student`` for ``steps`` AdamW steps to reproduce ``teacher``'s outputs on ``batches``.
+
+    ``batches`` is a list or DataLoader of input batches, called as the calibration data is (``model(batch)``,
+    ``model(*batch)``, ``model(**batch)``), on the models' device; it is cycled through until ``steps`` steps
+    are done, one batch per step. No labels are needed.
+
+    The loss of a batch is the output loss plus ``feature_weight`` times the feature losses:
+
+    * **output**: the tensor :func:`matched_output` picks (``logits``, else ``last_hidden_state``, else the first
+      tensor), or ``output(outputs)`` when given; :func:`relative_mse` by default, or with a ``temperature`` the
+      softened KL divergence of classifiers (:func:`softened_kl`, over the last axis);
+    * **features**: for each module name in ``features`` (the same name in both models: a compressed layer keeps
+      its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names.
+
+    The teacher runs in eval mode under ``no_grad``. The student is trained in train mode (dropout and
+    BatchNorm's batch statistics, as in fine-tuning), or in eval mode with ``train_mode=False`` (no dropout,
+    BatchNorm's running statistics kept), with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
+    parameters that require grad. Every module's training flag is restored afterwards, and on any error the
+    student's parameters and buffers are restored too, so a failed call changes nothing. The run is
+    deterministic given ``seed``, which seeds a forked RNG (the caller's random state is untouched). A progress
+    bar with the running loss goes to stderr when it is a terminal and ``progress`` is true.
+
+    Returns the loss of every step.
+    """
+    parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight)
+    pick = output or matched_output
+    names = list(features or [])
+    modes = {module: module.training for module in itertools.chain(teacher.modules(), student.modules())}
+    backup = {key: value.detach().clone() for key, value in student.state_dict(keep_vars=True).items()}
+    taps: list[_FeatureTaps] = []
+    losses: list[float] = []
+    try:
+        if names:
+            taps = [_FeatureTaps(teacher, names, "teacher"), _FeatureTaps(student, names, "student")]
+        teacher.eval()
+        student.train(train_mode)
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        devices = _device_indices(itertools.chain(parameters, teacher.parameters()))
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            bar = tqdm(total=steps, desc="distillation", unit="step", leave=False, file=sys.stderr,
+                       disable=not (progress and sys.stderr.isatty()))
+            try:
+                for step, batch in enumerate(_cycle(batches, steps)):
+                    loss = _step_loss(teacher, student, batch, pick, temperature, taps, names, feature_weight, step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            finally:
+                bar.close()
+    except BaseException:
+        with torch.no_grad():
+            student.load_state_dict(backup)
+        raise
+    finally:
+        for tap in taps:
+            tap.remove()
+        for module, training in modes.items():
+            module.training = training
+    log.info("distill: %d steps, loss %.4g -> %.4g", steps, losses[0], losses[-1])
+    return DistillResult(losses)
+
+
+def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
+    """``steps`` batches, going through ``batches`` again from the start as often as needed."""
+    produced = 0
+    while produced < steps:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+            produced += 1
+            if produced == steps:
+                return
+        if empty:
+            raise ConfigError("distill: batches is empty; nothing to distill on")
+
+
+def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor],
+               temperature: float | None, taps: list[_FeatureTaps], names: list[str], feature_weight: float,
+               step: int) -> torch.Tensor:
+    """The loss of one batch: output loss plus the weighted mean feature loss."""
+    try:
+        with torch.no_grad():
+            target = pick(run_model(teacher, batch)).detach()
+        prediction = pick(run_model(student, batch))
+    except MuscoError:
+        raise
+    except Exception as exc:  # the user's batch or model: one clear line, the cause chained
+        raise ConfigError(f"distill: the models failed on step {step + 1}'s batch: {type(exc).__name__}: {exc}") \
+            from exc
+    if prediction.shape != target.shape:
+        raise ConfigError(f"distill: the student's output has shape {tuple(prediction.shape)}, the teacher's "
+                          f"{tuple(target.shape)}; they must match")
+    if temperature is None:
+        loss = relative_mse(prediction, target)
+    else:
+        loss = softened_kl(prediction, target, temperature)
+    if names:
+        teacher_taps, student_taps = taps
+        feature_losses = []
+        for name in names:
+            if name not in teacher_taps.values or name not in student_taps.values:
+                raise ConfigError(f"distill: features: module {name!r} did not run on step {step + 1}'s batch")
+            expected, got = teacher_taps.values[name].detach(), student_taps.values[name]
+            if expected.shape != got.shape:
+                raise ConfigError(f"distill: features: {name!r} has shape {tuple(got.shape)} in the student, "
+                                  f"{tuple(expected.shape)} in the teacher")
+            feature_losses.append(relative_mse(got, expected))
+        loss = loss + feature_weight * torch.stack(feature_losses).mean()
+        teacher_taps.values.clear()
+        student_taps.values.clear()
+    if not loss.requires_grad:
+        raise ConfigError("distill: the matched output does not depend on the student's trainable parameters; "
+                          "check output= and features=")
+    if not torch.isfinite(loss):
+        raise ConfigError(f"distill: the loss is not finite at step {step + 1}; lower lr")
+    return loss

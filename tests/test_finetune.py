@@ -1,0 +1,244 @@
+"""musco_core.finetune.distill: knowledge distillation from the uncompressed model into a compressed one."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models import make_trained_like
+from musco_core import Compressor, ConfigError
+from musco_core.finetune import DistillResult, distill, matched_output, relative_mse
+
+
+def mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return make_trained_like(nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Dropout(dropout), nn.Linear(48, 48),
+                                           nn.ReLU(), nn.Linear(48, 6)), seed=seed).eval()
+
+
+def inputs(n_batches: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 24, generator=generator) for _ in range(n_batches)]
+
+
+def compressed(teacher: nn.Module, rank: int = 3) -> nn.Module:
+    schedule = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [rank]}
+                for name in ("0", "3")}
+    compressor = Compressor(teacher, model_compr_kwargs=schedule, ft_every=2, progress=False)
+    compressor.compression_step()
+    return compressor.compressed_model
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return list(now) == list(expected) and all(torch.equal(now[key], value) for key, value in expected.items())
+
+
+def output_error(teacher: nn.Module, student: nn.Module, data: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return float(sum(relative_mse(student(x), teacher(x)) for x in data) / len(data))
+
+
+def test_distillation_lowers_the_loss_and_the_held_out_output_error():
+    teacher = mlp()
+    student = compressed(teacher)
+    held_out = inputs(seed=7)
+    before = output_error(teacher, student, held_out)
+    result = distill(teacher, student, inputs(), steps=60, lr=3e-3, progress=False)
+    assert isinstance(result, DistillResult) and result.steps == 60
+    assert sum(result.losses[-5:]) < 0.5 * sum(result.losses[:5])
+    assert output_error(teacher, student, held_out) < 0.7 * before
+
+
+def test_the_same_seed_gives_the_same_student_and_another_seed_another():
+    teacher = mlp(dropout=0.2)  # dropout in the student's train mode draws random numbers
+    first, second, third = (compressed(teacher) for _ in range(3))
+    runs = [distill(teacher, student, inputs(), steps=8, lr=1e-3, seed=seed, progress=False)
+            for student, seed in ((first, 0), (second, 0), (third, 1))]
+    assert runs[0].losses == runs[1].losses
+    assert same_state(second, state(first))
+    assert runs[2].losses != runs[0].losses
+    assert not same_state(third, state(first))
+
+
+def test_in_eval_mode_the_student_trains_without_dropout():
+    teacher = mlp(dropout=0.5)
+    first, second = compressed(teacher), compressed(teacher)
+    runs = [distill(teacher, student, inputs(), steps=5, lr=1e-3, seed=seed, train_mode=False, progress=False)
+            for student, seed in ((first, 0), (second, 1))]
+    assert runs[0].losses == runs[1].losses  # nothing random is drawn: the seed does not matter
+    assert same_state(second, state(first))
+    assert not first.training
+
+
+def test_the_callers_random_state_is_left_alone():
+    teacher = mlp(dropout=0.2)
+    torch.manual_seed(123)
+    distill(teacher, compressed(teacher), inputs(), steps=3, progress=False)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_training_modes_are_restored_and_the_teacher_is_not_trained():
+    teacher = mlp(dropout=0.2).train()
+    teacher[2].eval()  # a submodule in another mode than its parent keeps it
+    student = compressed(mlp(dropout=0.2)).eval()
+    teacher_state = state(teacher)
+    distill(teacher, student, inputs(), steps=3, progress=False)
+    assert teacher.training and not teacher[2].training and teacher[0].training
+    assert not any(module.training for module in student.modules())
+    assert same_state(teacher, teacher_state)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_feature_matching_pulls_the_named_layer_towards_the_teachers():
+    teacher = mlp()
+
+    def perturbed() -> nn.Module:  # the first layer off, so that its output has something to recover
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            noise = torch.randn(student[0].weight.shape, generator=torch.Generator().manual_seed(5))
+            student[0].weight.add_(0.5 * noise * student[0].weight.norm() / noise.norm())
+        return student
+
+    def hidden_error(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(relative_mse(model[:2](x), teacher[:2](x)) for x in inputs(seed=7)))
+
+    plain, matched = perturbed(), perturbed()
+    before = hidden_error(plain)
+    distill(teacher, plain, inputs(), steps=40, lr=3e-3, progress=False)
+    distill(teacher, matched, inputs(), steps=40, lr=3e-3, features=["1"], feature_weight=10.0, progress=False)
+    assert hidden_error(matched) < 0.5 * min(before, hidden_error(plain))
+
+
+def test_outputs_in_tuples_and_mappings_and_a_custom_output():
+    class Both(nn.Module):
+        def __init__(self, body: nn.Module, as_mapping: bool):
+            super().__init__()
+            self.body, self.as_mapping = body, as_mapping
+
+        def forward(self, x):
+            logits = self.body(x)
+            return {"hidden": x, "logits": logits} if self.as_mapping else (logits, x)
+
+    for as_mapping in (False, True):
+        teacher = Both(mlp(), as_mapping)
+        student = Both(compressed(mlp()), as_mapping)
+        before = output_error(teacher.body, student.body, inputs(seed=7))
+        distill(teacher, student, inputs(), steps=30, lr=3e-3, progress=False)
+        assert output_error(teacher.body, student.body, inputs(seed=7)) < before, as_mapping
+    assert matched_output({"last_hidden_state": torch.ones(1), "pooler_output": torch.zeros(1)}).item() == 1.0
+    assert matched_output([{"other": torch.zeros(2)}]).shape == (2,)
+    teacher = Both(mlp(), True)
+    student = Both(compressed(mlp()), True)
+    frozen = state(student)
+    with pytest.raises(ConfigError, match="does not depend on the student's trainable parameters"):
+        distill(teacher, student, inputs(), steps=5, progress=False, output=lambda outputs: outputs["hidden"])
+    assert same_state(student, frozen)
+
+
+def test_a_classifier_with_a_temperature_matches_the_softened_distribution():
+    teacher = mlp()
+    student = compressed(teacher, rank=2)
+
+    def kl(data):
+        with torch.no_grad():
+            return float(sum(torch.nn.functional.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1),
+                                                        log_target=True, reduction="batchmean") for x in data))
+
+    before = kl(inputs(seed=7))
+    result = distill(teacher, student, inputs(), steps=40, lr=3e-3, temperature=2.0, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert kl(inputs(seed=7)) < before
+
+
+def test_a_hugging_face_model_matches_its_last_hidden_state():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    teacher = BertModel(config, add_pooling_layer=False).eval()
+    linears = [name for name, m in teacher.named_modules() if isinstance(m, nn.Linear)]
+    compressor = Compressor(teacher, model_compr_kwargs={
+        name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]} for name in linears},
+        ft_every=len(linears), progress=False)
+    compressor.compression_step()
+    student = compressor.compressed_model
+    generator = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 40, (4, 10), generator=generator)} for _ in range(3)]
+
+    name = "encoder.layer.0.attention.output.dense"
+
+    def feature_error() -> float:
+        taken = {}
+        handles = [model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, key=key: taken.__setitem__(key, out)) for key, model in
+            (("teacher", teacher), ("student", student))]
+        with torch.no_grad():
+            for model in (teacher, student):
+                model(**batches[0])
+        for handle in handles:
+            handle.remove()
+        return float(relative_mse(taken["student"], taken["teacher"]))
+
+    before = feature_error()
+    result = distill(teacher, student, batches, steps=30, lr=1e-3, progress=False, features=[name])
+    assert result.losses[-1] < 0.5 * result.losses[0]  # last_hidden_state of the ModelOutput, and the feature
+    assert feature_error() < 0.5 * before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps: expected a positive int, got 0"),
+    ({"steps": 2.5}, "steps: expected a positive int, got 2.5"),
+    ({"lr": -1.0}, "lr: expected a positive number, got -1.0"),
+    ({"temperature": 0}, "temperature: expected None (MSE) or a positive number, got 0"),
+    ({"feature_weight": float("nan")}, "feature_weight: expected a non-negative number, got nan"),
+    ({"features": ["0", "nope"]}, "the teacher has no module named 'nope'"),
+    ({"batches": iter(inputs())}, "got an iterator"),
+    ({"batches": []}, "batches is empty"),
+    ({"batches": [torch.randn(4, 5)]}, "the models failed on step 1's batch: RuntimeError"),
+])
+def test_bad_input_is_one_clear_error_and_changes_nothing(kwargs, message):
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    arguments = {"batches": inputs(), "steps": 3, **kwargs}
+    with pytest.raises(ConfigError, match="^distill: ") as info:
+        distill(teacher, student, progress=False, **arguments)
+    assert message in str(info.value)
+    assert same_state(student, before)
+
+
+def test_a_failure_after_some_steps_restores_the_student():
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    batches = [*inputs(3), torch.randn(16, 5)]  # the fourth batch does not fit the model
+    with pytest.raises(ConfigError, match="step 4's batch"):
+        distill(teacher, student, batches, steps=6, lr=1e-2, progress=False)
+    assert same_state(student, before)
+    assert not any(module.training for module in student.modules())
+
+
+def test_the_teacher_and_student_must_differ_and_fit_together():
+    teacher = mlp()
+    with pytest.raises(ConfigError, match="the same model"):
+        distill(teacher, teacher, inputs(), steps=1, progress=False)
+    other = nn.Sequential(nn.Linear(24, 5))
+    with pytest.raises(ConfigError, match=r"output has shape \(16, 5\), the teacher's \(16, 6\)"):
+        distill(teacher, other, inputs(), steps=1, progress=False)
+    frozen = compressed(teacher).requires_grad_(False)
+    with pytest.raises(ConfigError, match="no parameter that requires grad"):
+        distill(teacher, frozen, inputs(), steps=1, progress=False)
+    with pytest.raises(ConfigError, match="cannot tell which output to match in a object"):
+        distill(teacher, compressed(teacher), inputs(), steps=1, progress=False,
+                output=lambda outputs: matched_output(object()))

@@ -1,0 +1,129 @@
+"""Generated schedules never wreck a model: the output layer and layers below their rank floor are left out, each
+with a reason that ``generated_exclusions`` returns."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from models import make_trained_like
+from musco_core import Compressor, ModelStats, generate_model_compr_kwargs
+from musco_core.config import RANK_FLOOR_FRACTION, generated_exclusions, output_layers, rank_floor
+
+
+class LogSoftmaxNet(nn.Module):
+    """A classifier that returns ``log_softmax`` of its logits, as many MNIST examples do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 8 * 8, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        return torch.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+class ViewNet(nn.Module):
+    """A head whose output the model reshapes before returning it (a view of the layer's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 12)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))).view(-1, 3, 4)
+
+
+def sequential_classifier():
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 32, 3, padding=1), relu=nn.ReLU(), flat=nn.Flatten(),
+                                     fc1=nn.Linear(32 * 8 * 8, 64), relu2=nn.ReLU(), fc2=nn.Linear(64, 10)))
+
+
+@pytest.mark.parametrize("build,x,expected", [
+    (sequential_classifier, torch.randn(2, 1, 8, 8), ("fc2",)),
+    (LogSoftmaxNet, torch.randn(2, 1, 8, 8), ("fc2",)),
+    (ViewNet, torch.randn(2, 16), ("head",)),
+], ids=["returned", "log_softmax", "view"])
+def test_the_output_layer_is_found_on_the_example_input(registry, build, x, expected):
+    stats = ModelStats.from_model(build().eval(), registry, x)
+    assert stats.output_layers == expected
+    assert list(output_layers(stats)) == list(expected)
+
+
+def test_hugging_face_outputs_are_searched_and_an_encoder_has_no_output_layer(registry):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    inputs = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))}
+    classifier = ModelStats.from_model(BertForSequenceClassification(config).eval(), registry, inputs)
+    assert classifier.output_layers == ("classifier",)  # the logits of a ModelOutput
+    encoder = ModelStats.from_model(BertModel(config, add_pooling_layer=False).eval(), registry, inputs)
+    assert encoder.output_layers == ()  # last_hidden_state comes from a LayerNorm, no Linear layer
+    config_ = generate_model_compr_kwargs(encoder, "vbmf", registry=registry)
+    assert all(entry is not None for entry in config_.values()), generated_exclusions(encoder, "vbmf",
+                                                                                       registry=registry)
+
+
+def test_without_an_example_input_a_final_linear_layer_counts_as_the_output_layer(registry):
+    stats = ModelStats.from_model(sequential_classifier(), registry)
+    assert stats.output_layers is None
+    reasons = output_layers(stats)
+    assert list(reasons) == ["fc2"] and "no example input" in reasons["fc2"]
+    conv_last = ModelStats.from_model(nn.Sequential(nn.Linear(8, 8), nn.Unflatten(1, (8, 1, 1)),
+                                                    nn.Conv2d(8, 8, 1)), registry)
+    assert output_layers(conv_last) == {}
+
+
+@pytest.mark.parametrize("kind", ["vbmf", "param_reduction", "budget"])
+def test_generated_schedules_leave_out_the_output_layer_with_a_reason(registry, kind):
+    stats = ModelStats.from_model(LogSoftmaxNet().eval(), registry, torch.randn(1, 1, 8, 8))
+    config = generate_model_compr_kwargs(stats, kind, registry=registry)
+    reasons = generated_exclusions(stats, kind, registry=registry)
+    assert config["fc2"] is None and config["fc1"] is not None
+    assert list(reasons) == [name for name, entry in config.items() if entry is None] == ["conv", "fc2"]
+    assert reasons["fc2"].startswith("output layer (the model returns its output)")
+    assert "(32, 1)" in reasons["conv"]  # the 1-channel stem: tucker2 cannot shrink it
+
+
+@pytest.mark.parametrize("kind", ["none", "template"])
+def test_schedules_that_compress_nothing_by_design_list_no_exclusions(registry, kind):
+    stats = ModelStats.from_model(LogSoftmaxNet().eval(), registry, torch.randn(1, 1, 8, 8))
+    assert generated_exclusions(stats, kind, registry=registry) == {}
+
+
+def test_rank_floor(registry):
+    svd, tucker2 = registry.decompositions.get("svd"), registry.decompositions.get("tucker2")
+    spec_of = lambda module: registry.adapter_for(module).read(module)[0]  # noqa: E731
+    assert RANK_FLOOR_FRACTION == 1 / 16
+    assert rank_floor(svd, spec_of(nn.Linear(1024, 512))) == (32,)  # 512 / 16
+    assert rank_floor(svd, spec_of(nn.Linear(64, 32))) == (2,)  # svd's minimum rank
+    assert rank_floor(svd, spec_of(nn.Linear(512, 10)), output_layer=True) == (10,)  # the class count
+    assert rank_floor(svd, spec_of(nn.Linear(4, 10)), output_layer=True) == (4,)  # but never above the full rank
+    assert rank_floor(tucker2, spec_of(nn.Conv2d(256, 512, 3))) == (32, 16)  # (r_out, r_in)
+    assert rank_floor(tucker2, spec_of(nn.Conv2d(32, 64, 3))) == (8, 8)  # tucker2's minimum rank
+
+
+def test_a_layer_that_does_not_shrink_at_its_rank_floor_is_left_out(registry):
+    model = nn.Sequential(OrderedDict(wide=nn.Linear(64, 64), relu=nn.ReLU(), tiny=nn.Linear(64, 4),
+                                      relu2=nn.ReLU(), square=nn.Linear(4, 4), out=nn.Linear(4, 64)))
+    stats = ModelStats.from_model(model, registry, torch.randn(2, 64))
+    reasons = generated_exclusions(stats, "vbmf", registry=registry)
+    assert set(reasons) == {"square", "out"}
+    assert reasons["square"] == "at its rank floor (2,) svd would not reduce its 16 weights"
+
+
+def test_a_generated_vbmf_schedule_keeps_a_trained_classifier_intact(registry):
+    """The issue's failure: vbmf cut a 10-way classifier to rank 2; generated schedules now leave it alone."""
+    model = make_trained_like(LogSoftmaxNet()).eval()
+    compressor = Compressor(model, example_input=torch.randn(1, 1, 8, 8), config_type="vbmf", progress=False,
+                            registry=registry)
+    assert compressor.lnames == ["fc1"]
+    compressor.compression_step()
+    head = compressor.compressed_model.fc2
+    assert isinstance(head, nn.Linear) and torch.equal(head.weight, model.fc2.weight)
