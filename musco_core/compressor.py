@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from . import io
-from .config import generate_model_compr_kwargs
+from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
 from .errors import ConfigError
 from .registry import Registry, default_registry
@@ -62,13 +62,15 @@ class Compressor:
         if carries_settings and (ft_every, nglobal_compress_iters, all_algo_kwargs, seed) != (1, None, None, 0):
             raise ConfigError("model_compr_kwargs is a full schedule with its own settings: put ft_every, "
                               "nglobal_compress_iters, all_algo_kwargs and seed there, not in arguments")
+        left_out = {name: reason for name, reason in stats.excluded.items()}
         if model_compr_kwargs is None:
             model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)
+            left_out = generated_exclusions(stats, config_type, registry=registry)
         settings = {"ft_every": ft_every, "nglobal_compress_iters": nglobal_compress_iters or 1, "seed": seed,
                     "algo_kwargs": all_algo_kwargs or {}}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
-        self._attach(model, start_run(model, schedule, registry),
+        self._attach(model, start_run(model, schedule, registry, left_out),
                      RunContext(registry, stats, calibration, evaluate, progress))
 
     def _attach(self, model: nn.Module, state: RunState, context: RunContext) -> None:

@@ -51,6 +51,9 @@ class CompressionReport:
     macs_after: int | None = None
     #: Plans of whole-model rank selectors, one per selector and pass; the totals say what was achieved.
     budgets: list[BudgetRecord] = attrs.field(factory=list)
+    #: Layers left out of the run, with why: those that must not be replaced, and those a generated schedule left
+    #: out (the output layer, layers that cannot shrink).
+    left_out: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def params_ratio(self) -> float | None:
@@ -67,7 +70,8 @@ class CompressionReport:
                 "totals": {"params_before": self.params_before, "params_after": self.params_after,
                            "params_ratio": self.params_ratio, "macs_before": self.macs_before,
                            "macs_after": self.macs_after, "macs_ratio": self.macs_ratio},
-                "budgets": [attrs.asdict(record) for record in self.budgets]}
+                "budgets": [attrs.asdict(record) for record in self.budgets],
+                "left_out": dict(self.left_out)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -81,7 +85,8 @@ class CompressionReport:
                 for row in data["layers"]]
         totals = data["totals"]
         return cls(rows, totals["params_before"], totals["params_after"], totals["macs_before"],
-                   totals["macs_after"], [BudgetRecord(**record) for record in data.get("budgets", [])])
+                   totals["macs_after"], [BudgetRecord(**record) for record in data.get("budgets", [])],
+                   {str(name): str(reason) for name, reason in data.get("left_out", {}).items()})
 
     def to_table(self) -> str:
         """A fixed-width text table, one row per layer and stage, then the totals."""
@@ -101,6 +106,9 @@ class CompressionReport:
             lines.append(f"MACs of compressible layers: {self.macs_before:,} -> {self.macs_after:,}"
                          + _times(self.macs_ratio))
         lines.extend(record.describe() for record in self.budgets)
+        if self.left_out:
+            lines.append(f"left out ({len(self.left_out)}):")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.left_out.items())
         return "\n".join(lines)
 
 

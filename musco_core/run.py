@@ -150,9 +150,12 @@ def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, 
     return steps
 
 
-def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry) -> RunState:
-    """The state of a new run of ``schedule`` (already checked against ``model``) before its first step."""
-    state = RunState(uuid.uuid4().hex, schedule, plan_steps(schedule, registry), count_params(model))
+def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
+              left_out: Mapping[str, str] | None = None) -> RunState:
+    """The state of a new run of ``schedule`` (already checked against ``model``) before its first step;
+    ``left_out`` records the layers the run leaves out and why."""
+    state = RunState(uuid.uuid4().hex, schedule, plan_steps(schedule, registry), count_params(model),
+                     left_out=dict(left_out or {}))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state
@@ -170,7 +173,7 @@ def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> 
         else:
             macs_after = sum(current.values())
     return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
-                             list(state.budgets))
+                             list(state.budgets), dict(state.left_out))
 
 
 def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending]) -> ModelTotals:

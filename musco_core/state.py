@@ -58,6 +58,8 @@ class RunState:
     allocated: Mapping[str, Allocated | None] = attrs.field(factory=dict)
     history: tuple[LayerResult, ...] = ()
     budgets: tuple[BudgetRecord, ...] = ()
+    #: Layers the run leaves out, with why (see :attr:`CompressionReport.left_out`).
+    left_out: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def done(self) -> bool:
@@ -121,6 +123,7 @@ class _StateDocument:
     allocated: dict[str, Allocated | None]
     history: list[LayerResult]
     budgets: list[BudgetRecord]
+    left_out: dict[str, str] = attrs.field(factory=dict)
 
 
 class StateCodec:
@@ -151,6 +154,7 @@ class StateCodec:
                           for name, chosen in state.allocated.items()},
             "history": plain_data([attrs.asdict(result, recurse=False) for result in state.history]),
             "budgets": [attrs.asdict(record) for record in state.budgets],
+            "left_out": dict(state.left_out),
         }
 
     def structure(self, data: Any, origin: str) -> RunState:
@@ -176,4 +180,4 @@ class StateCodec:
         return RunState(document.run_id, schedule, tuple(tuple(step) for step in document.steps),
                         document.params_before, document.next_step,
                         document.allocated,
-                        tuple(document.history), tuple(document.budgets))
+                        tuple(document.history), tuple(document.budgets), document.left_out)

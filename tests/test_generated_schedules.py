@@ -127,3 +127,27 @@ def test_a_generated_vbmf_schedule_keeps_a_trained_classifier_intact(registry):
     compressor.compression_step()
     head = compressor.compressed_model.fc2
     assert isinstance(head, nn.Linear) and torch.equal(head.weight, model.fc2.weight)
+
+
+def test_the_report_lists_every_layer_left_out_and_why(tmp_path, registry):
+    from musco_core.io import read_report, save_compressed
+
+    class Hooked(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), Hooked(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    compressor = Compressor(model, config_type="vbmf", example_input=torch.randn(1, 3, 8, 8), progress=False,
+                            registry=registry)
+    left_out = compressor.report().left_out
+    assert "output layer" in left_out["8"] and "Hooked.forward" in left_out["6"]
+    table = compressor.report().to_table()
+    assert "left out (" in table and "  8: output layer" in table
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path / "out")
+    assert read_report(tmp_path / "out").left_out == left_out
+    compressor.save_state(tmp_path / "ckpt")
+    assert Compressor.resume(model, tmp_path / "ckpt", example_input=torch.randn(1, 3, 8, 8),
+                             registry=registry).report().left_out == left_out
