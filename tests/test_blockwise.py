@@ -251,3 +251,53 @@ def test_tied_tensors_are_written_once_under_the_name_safetensors_keeps():
     model[1].weight = model[0].weight
     kept, aliases = unique_entries(model.state_dict(keep_vars=True))
     assert set(kept) == {"0.weight"} and aliases == {"1.weight": "0.weight"}
+
+
+class KeywordStack(nn.Module):
+    """Blocks called with keywords only (the hidden state as ``hidden_states``) and an extra argument, defined in
+    reverse of the order they run when ``reverse`` is set."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(12, 24)
+            self.down = nn.Linear(24, 12)
+
+        def forward(self, hidden_states, scale):
+            return (hidden_states + scale * self.down(torch.relu(self.up(hidden_states))), "ignored")
+
+    def __init__(self, reverse: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        names = ["second", "first"] if reverse else ["first", "second"]
+        for name in names:
+            self.add_module(name, self.Block())
+
+    def forward(self, x, scale):
+        hidden = self.embed(x)
+        for name in ("first", "second"):
+            hidden = getattr(self, name)(hidden_states=hidden, scale=scale)[0]
+        return hidden
+
+
+def keyword_data():
+    generator = torch.Generator().manual_seed(4)
+    return [(torch.randn(8, 6, generator=generator), torch.tensor(0.5 + i)) for i in range(3)]
+
+
+def test_blocks_called_with_keywords_replay_their_arguments(tmp_path):
+    torch.manual_seed(0)
+    model = KeywordStack().eval()
+    plan = schedule(["first.up", "first.down", "second.up", "second.down"], decomposition="whitened_svd",
+                    rank_selection="manual", manual_rank=[5])
+    expected = in_memory(model, plan, keyword_data())
+    compress_blockwise(model, plan, ["first", "second"], tmp_path / "out", calibration_data=keyword_data(),
+                       progress=False)
+    assert_same_weights(expected.compressed_model, load_compressed(KeywordStack(), tmp_path / "out"))
+
+
+def test_blocks_must_run_in_the_order_the_model_defines_them(tmp_path):
+    plan = schedule(["first.up"], decomposition="whitened_svd", rank_selection="manual", manual_rank=[5])
+    with pytest.raises(ConfigError, match="blocks: 'first' ran before 'second'"):
+        compress_blockwise(KeywordStack(reverse=True), plan, ["first", "second"], tmp_path / "out",
+                           calibration_data=keyword_data(), progress=False)
