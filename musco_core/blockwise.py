@@ -49,7 +49,7 @@ from .registry import Registry, default_registry
 from .report import CompressionReport
 from .run import check_calibration, checked_schedule, count_params, needs_input_stats, tied_note
 from .schedule import ModelSchedule, key_path, read_yaml
-from .surgery import FactorizedLayer, module_paths, replace_module, tied_parameters
+from .surgery import module_paths, replace_module, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ def _check_partition(model: nn.Module, blocks: Sequence[str], schedule: ModelSch
     problems = [f"{key_path('$.layers', name)}: not inside any block; blockwise compression compresses layers "
                 f"inside the blocks {short_repr(list(blocks))}" for name in schedule.compressed_layers()
                 if _owner(name, blocks) is None]
-    names_of: dict[int, list[str]] = {}
-    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                        model.named_buffers(remove_duplicate=False)):
-        names_of.setdefault(id(tensor), []).append(name)
-    for names in names_of.values():
+    for names in _tensor_names(model).values():
         owners = {_owner(name, blocks) for name in names}
         if len(owners) > 1:
             inside = next(name for name in names if _owner(name, blocks) is not None)
