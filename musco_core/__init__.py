@@ -3,6 +3,7 @@ from .hookspecs import hookimpl  # noqa: I001 - plugins import the marker from h
 
 from .components import (PLUGIN_API_VERSION, Allocation, Decomposer, Factor, FactorLayout, LayerAdapter,
                          LayerChoice, LayerSpec, ModelTotals, NoParams, RankSelector, Scheduler, WeightSource)
+from .blockwise import compress_blockwise
 from .compressor import Compressor
 from .config import generate_model_compr_kwargs, validate_model_compr_kwargs
 from .engine import LayerResult
@@ -21,7 +22,8 @@ __all__ = [
     "DuplicateComponentError", "Factor", "FactorLayout", "FactorizedLayer", "LayerAdapter", "LayerChoice",
     "LayerResult", "LayerSchedule", "LayerSpec", "LayerStats", "ModelSchedule", "ModelStats", "ModelTotals",
     "MuscoError", "NoParams", "PluginError", "RankSelector", "Registry", "RunSettings", "Scheduler",
-    "UnknownComponentError", "UnsupportedLayerError", "WeightSource", "default_registry", "dump_schedule",
+    "UnknownComponentError", "UnsupportedLayerError", "WeightSource", "compress_blockwise", "default_registry",
+    "dump_schedule",
     "generate_model_compr_kwargs", "hookimpl", "load_schedule", "make_plugin_manager", "standardize_model",
     "validate_model_compr_kwargs",
 ]

@@ -250,22 +250,28 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
 
 
 def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, replacements: Mapping[str, nn.Module],
-                             batches: Iterable[Any], *, progress: bool = True) -> InputStats:
+                             batches: Iterable[Any], *, progress: bool = True,
+                             reference_batches: Iterable[Any] | None = None) -> InputStats:
     """The statistics of layer ``name``'s inputs in the model with ``replacements`` (``{path: module}``) swapped in,
     paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
     ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
 
     Each batch runs twice, up to the layer only when the layer runs once per pass. The model is as it was
     afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
+    ``reference_batches``, one per batch, are what the reference pass runs on instead (the inputs a block of the
+    model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`).
     """
     check_reiterable(batches)
+    references = batches if reference_batches is None else reference_batches
+    check_reiterable(references, "reference batches")
     modules = _modules(model, {name: spec})
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulator = InputStatsAccumulator(spec)
     n_batches, calls = 0, 0
     with _calibration_pass(model):
-        for batch in _bar(batches, f"calibration of {name}", progress):
-            reference = _inputs(model, modules, batch, n_batches, stop_after=calls).get(name, [])
+        for batch, reference_batch in _bar(zip(batches, references, strict=True), f"calibration of {name}",
+                                           progress):
+            reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])
             try:
                 for path, module in replacements.items():
                     replace_module(model, path, module)

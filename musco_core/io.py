@@ -307,13 +307,21 @@ def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
 
 def _write_set_files(folder: Path, model: nn.Module, registry: Registry, report: CompressionReport | None,
                      set_id: str) -> list[str]:
-    """Writes the output set's files into ``folder`` (a fresh staging folder) and syncs them; their names."""
-    layers = _factorized_layers(model)
+    """Writes the output set of ``model`` into ``folder`` (a fresh staging folder) and syncs it; the files' names."""
+    layers = {name: LayerRecord(m.decomposition, m.ranks, m.spec, list(m.layouts))
+              for name, m in _factorized_layers(model).items()}
+    return _write_set(folder, layers, lambda path, metadata: save_model(model, str(path), metadata=metadata),
+                      registry, report, set_id)
+
+
+def _write_set(folder: Path, layers: Mapping[str, LayerRecord], write_weights: Callable[[Path, dict[str, str]], None],
+               registry: Registry, report: CompressionReport | None, set_id: str) -> list[str]:
+    """Writes an output set into ``folder`` (a fresh staging folder), its weights by ``write_weights(path,
+    metadata)``, and syncs it; the files' names."""
     converter = _manifest_converter()
-    records = {name: converter.unstructure(LayerRecord(m.decomposition, m.ranks, m.spec, list(m.layouts)))
-               for name, m in layers.items()}
-    components = {(role, name) for m in layers.values()
-                  for role, name in (("decomposition", m.decomposition), ("layer adapter", m.spec.adapter))}
+    records = {name: converter.unstructure(record) for name, record in layers.items()}
+    components = {(role, name) for record in layers.values()
+                  for role, name in (("decomposition", record.decomposition), ("layer adapter", record.spec.adapter))}
     manifest = {
         "format": MANIFEST_FORMAT,
         "musco_core_version": __version__,
@@ -321,11 +329,12 @@ def _write_set_files(folder: Path, model: nn.Module, registry: Registry, report:
         "components": {f"{role}/{name}": _provenance(registry, role, name) for role, name in sorted(components)},
         "layers": plain_data(records),
         "schedule": {"version": SCHEMA_VERSION, "layers": {
-            name: {"decomposition": m.decomposition, "rank_selection": "manual", "manual_rank": [list(m.ranks)]}
-            for name, m in layers.items()}},
+            name: {"decomposition": record.decomposition, "rank_selection": "manual",
+                   "manual_rank": [list(record.ranks)]}
+            for name, record in layers.items()}},
     }
     try:
-        save_model(model, str(folder / WEIGHTS), metadata={"musco_core_version": __version__, SET_ID_KEY: set_id})
+        write_weights(folder / WEIGHTS, {"musco_core_version": __version__, SET_ID_KEY: set_id})
     except SafetensorError as exc:  # an I/O failure (a full disk) inside safetensors: an OSError like any other
         code = re.search(r"os error (\d+)", str(exc))
         raise OSError(int(code[1]) if code else errno.EIO, f"cannot write {folder / WEIGHTS}: {exc}") from None
@@ -406,6 +415,21 @@ def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, regi
     directory = claim_folder(directory, "output", run_id, overwrite=overwrite)
     set_id = uuid.uuid4().hex
     _commit_set(directory, lambda staging: _write_set_files(staging, model, registry, report, set_id), run_id)
+    return directory
+
+
+def save_output_set(directory: str | os.PathLike, layers: Mapping[str, LayerRecord],
+                    write_weights: Callable[[Path, dict[str, str]], None], *, registry: Registry | None = None,
+                    report: CompressionReport | None = None, overwrite: bool = False) -> Path:
+    """Writes an output set whose model is never whole in memory (:mod:`musco_core.blockwise`): the manifest
+    records the factorized ``layers`` (``{name: LayerRecord}``), and ``write_weights(path, metadata)`` must write
+    the whole state dict as a safetensors file at ``path`` with ``metadata`` in its header. The set is committed
+    as a whole, like :func:`save_compressed`'s, and ``directory`` is claimed the same way (a bare model's set).
+    """
+    registry = registry or default_registry()
+    directory = claim_folder(directory, "output", None, overwrite=overwrite)
+    set_id = uuid.uuid4().hex
+    _commit_set(directory, lambda staging: _write_set(staging, layers, write_weights, registry, report, set_id), None)
     return directory
 
 

@@ -197,6 +197,12 @@ def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Map
                        None if report.macs_after is None else report.macs_after - saved_macs, scheduled)
 
 
+def tied_note(others: Sequence[str]) -> str:
+    """Why a layer whose weights are tied to the parameters ``others`` (of other modules) is kept as it is."""
+    return (f"kept as is: its weights are tied to {', '.join(others)}, which stay, so factorizing it would add "
+            f"weights (force: true does it anyway and unties them)")
+
+
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
     """Compresses the layers of the next step; returns the model with them swapped in and the next state.
 
@@ -244,8 +250,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             else:
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
         if name in tied and not layer.force:
-            chosen = {"keep_note": f"kept as is: its weights are tied to {', '.join(tied[name])}, which stay, so "
-                                   f"factorizing it would add weights (force: true does it anyway and unties them)"}
+            chosen = {"keep_note": tied_note(tied[name])}
         stats = context.model_stats.layers.get(name)
         try:
             new, result = compress_layer(module, name, layer, schedule.settings, registry,

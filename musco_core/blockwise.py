@@ -1,0 +1,737 @@
+"""Compressing a model larger than memory, one block at a time (sequential onloading).
+
+:func:`compress_blockwise` compresses every layer of a schedule once, the model's *blocks* (a partition the user
+names: the decoder layers of a transformer, the stages of a network) one after the other. The model is given as
+an architecture whose weights are on the ``meta`` device and a safetensors checkpoint; only one block's weights
+are read at a time, compressed, written to a shard and dropped, and the shards become one output set at the end.
+
+Data-aware decompositions are calibrated as in a one-step in-memory run: the first block's inputs on every
+calibration batch are captured once (with the weights outside the blocks, such as embeddings, read for that pass
+only) and carried from block to block on CPU or on disk. Under sequential calibration two streams travel: the
+inputs each block gets from the compressed blocks before it, and those the uncompressed model gives it; each layer
+is fitted on the first, paired with the second (its ``cross_moment``), exactly as
+:func:`~musco_core.run.run_step` does when all the layers are in one step.
+
+What is assumed of the blocks, as of a Hugging Face decoder stack: each block is called once per forward pass,
+in the order the model defines them; its hidden state is its first positional argument (or the keyword argument
+``hidden_states``), and the block's output (a tensor, or a tuple whose first item is the tensor) is the next
+block's hidden state; every block gets the same other arguments (attention mask, position ids...) as the first.
+Those are captured on the first block and replayed, so they must be tensors or plain values: a cache object would
+be updated by each call (run Hugging Face models with ``use_cache=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import io
+from .calibration import _calibration_pass, _run_batch, collect_input_stats, collect_sequential_stats, forward_order
+from .engine import LayerResult, compress_layer, read_layer
+from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
+from .registry import Registry, default_registry
+from .report import CompressionReport
+from .run import check_calibration, checked_schedule, count_params, needs_input_stats, tied_note
+from .schedule import ModelSchedule, key_path, read_yaml
+from .surgery import module_paths, replace_module, tied_parameters
+
+log = logging.getLogger(__name__)
+
+#: Where activations are kept between blocks.
+OFFLOAD_MODES = ("cpu", "disk")
+#: safetensors' names of the dtypes it stores.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+#: The values a block's replayed arguments may hold (besides tensors and tuples, lists and dicts of them).
+PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+# -- naming the blocks ------------------------------------------------------------------------------------------
+def resolve_blocks(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
+    """The modules that ``blocks`` names, in the model's order: exact module names, and ``re:`` patterns matched
+    in full against module names (``re:transformer\\.h\\.\\d+``). A name that is not a module, a pattern that
+    matches none, the whole model, or blocks inside one another are a ConfigError."""
+    entries = [blocks] if isinstance(blocks, str) else list(blocks)
+    names = [name for name, _ in model.named_modules() if name]
+    chosen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(f"blocks: expected module names or 're:' patterns, got {short_repr(entry)}")
+        if entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as exc:
+                raise ConfigError(f"blocks: {short_repr(entry)} is not a regular expression: {exc}") from None
+            matched = [name for name in names if pattern.fullmatch(name)]
+            if not matched:
+                raise ConfigError(f"blocks: pattern {short_repr(entry)} matches no module of {type(model).__name__}")
+            chosen.update(matched)
+        elif entry in names:
+            chosen.add(entry)
+        else:
+            raise ConfigError(f"blocks: {short_repr(entry)} is not a module of {type(model).__name__}")
+    ordered = [name for name in names if name in chosen]
+    for outer, inner in itertools.combinations(ordered, 2):
+        if inner.startswith(outer + "."):
+            raise ConfigError(f"blocks: {inner!r} is inside block {outer!r}; name blocks that do not nest")
+    return ordered
+
+
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def _owner(name: str, blocks: Sequence[str]) -> str | None:
+    return next((block for block in blocks if _inside(name, block)), None)
+
+
+def _check_partition(model: nn.Module, blocks: Sequence[str], schedule: ModelSchedule) -> None:
+    """A ConfigError unless every compressed layer lies in a block and every block holds its own weights."""
+    problems = [f"{key_path('$.layers', name)}: not inside any block; blockwise compression compresses layers "
+                f"inside the blocks {short_repr(list(blocks))}" for name in schedule.compressed_layers()
+                if _owner(name, blocks) is None]
+    for names in _tensor_names(model).values():
+        owners = {_owner(name, blocks) for name in names}
+        if len(owners) > 1:
+            inside = next(name for name in names if _owner(name, blocks) is not None)
+            outside = next(name for name in names if _owner(name, blocks) != _owner(inside, blocks))
+            problems.append(f"blocks: {inside!r} is the same tensor as {outside!r}, outside its block; blockwise "
+                            f"compression needs blocks that hold their own weights (name a block that holds both)")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _blockwise_schedule(model: nn.Module, schedule: Any, registry: Registry) -> ModelSchedule:
+    """The schedule (a YAML file's path, its data or a ModelSchedule) checked against the model and for one
+    blockwise pass: each layer compressed once, by per-layer rank selectors."""
+    if isinstance(schedule, (str, os.PathLike)):
+        origin, data = str(schedule), read_yaml(schedule)
+    else:
+        origin, data = "schedule", schedule
+    checked = checked_schedule(model, data, origin, registry)
+    origin = checked.origin or origin
+    problems = []
+    if checked.settings.nglobal_compress_iters != 1:
+        problems.append(f"{origin}: $.settings.nglobal_compress_iters: blockwise compression compresses each layer "
+                        f"once, got {checked.settings.nglobal_compress_iters}; run multi-stage compression in memory")
+    for name, layer in checked.layers.items():
+        if layer is not None and registry.rank_selectors.get(layer.rank_selection).scope == "model":
+            problems.append(f"{origin}: {key_path('$.layers', name)}: rank selector {layer.rank_selection!r} "
+                            f"allocates ranks over the whole model, which blockwise compression never holds; use a "
+                            f"per-layer rank selector")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return checked
+
+
+# -- reading weights lazily -------------------------------------------------------------------------------------
+class Checkpoint:
+    """The tensors of a safetensors checkpoint (one file, or a folder of ``*.safetensors`` files), read a few
+    at a time; only the headers are read up front."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not files[0].is_file():
+            raise ConfigError(f"checkpoint {path}: expected a safetensors file or a folder of *.safetensors files")
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with self._open(file) as handle:
+                for key in handle.keys():
+                    if key in self.files:
+                        raise ConfigError(f"checkpoint {path}: tensor {short_repr(key)} is in both "
+                                          f"{self.files[key].name} and {file.name}")
+                    self.files[key] = file
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(file: Path) -> Iterator[Any]:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                yield handle
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"checkpoint {file}: cannot read: {one_line(str(exc))}") from None
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``keys``, each file opened once and closed again (its pages leave the process)."""
+        found = {}
+        for file, group in itertools.groupby(sorted(keys, key=lambda k: (str(self.files[k]), k)),
+                                             key=lambda k: self.files[k]):
+            with self._open(file) as handle:
+                for key in group:
+                    found[key] = handle.get_tensor(key)
+        return found
+
+
+def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter and buffer of the model (a tied tensor has several)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+@contextlib.contextmanager
+def _onloaded(owners: Iterable[nn.Module], names: Mapping[int, list[str]], checkpoint: Checkpoint | None,
+              device: torch.device) -> Iterator[None]:
+    """Inside, every parameter and buffer held by ``owners`` (directly) is real and on ``device``: read from the
+    checkpoint when it is on the meta device (under any of its ``names``), moved otherwise. The original tensors
+    are put back on exit, so the weights read leave memory with the block."""
+    slots = [(owner, attribute, tensor) for owner in owners for attribute, tensor in itertools.chain(
+        owner.named_parameters(recurse=False, remove_duplicate=False),
+        owner.named_buffers(recurse=False, remove_duplicate=False))]
+    wanted: dict[int, str] = {}
+    for _, _, tensor in slots:
+        if tensor.is_meta and id(tensor) not in wanted:
+            wanted[id(tensor)] = _checkpoint_key(tensor, names[id(tensor)], checkpoint)
+    loaded = checkpoint.read(set(wanted.values())) if wanted else {}
+    values: dict[int, torch.Tensor] = {}
+    try:
+        for owner, attribute, tensor in slots:
+            if id(tensor) not in values:
+                value = loaded[wanted[id(tensor)]] if tensor.is_meta else tensor
+                value = value.to(device=device, dtype=tensor.dtype)
+                values[id(tensor)] = (nn.Parameter(value, requires_grad=tensor.requires_grad)
+                                      if isinstance(tensor, nn.Parameter) else value)
+            setattr(owner, attribute, values[id(tensor)])
+        yield
+    finally:
+        for owner, attribute, tensor in slots:
+            setattr(owner, attribute, tensor)
+
+
+def _checkpoint_key(tensor: torch.Tensor, names: Sequence[str], checkpoint: Checkpoint | None) -> str:
+    """The checkpoint's name of a meta tensor (any of its ``names``), its shape checked."""
+    if checkpoint is None:
+        raise ConfigError(f"{names[0]!r} is on the meta device and no checkpoint was given to read it from")
+    key = next((name for name in names if name in checkpoint.files), None)
+    if key is None:
+        raise ConfigError(f"checkpoint: no tensor {names[0]!r} (a buffer that is not saved must be built on a real "
+                          f"device, not on meta)")
+    if checkpoint.shapes[key] != tuple(tensor.shape):
+        raise ConfigError(f"checkpoint {checkpoint.files[key]}: {key!r} has shape {checkpoint.shapes[key]}, the "
+                          f"model's {tuple(tensor.shape)}")
+    return key
+
+
+# -- carrying activations from block to block ------------------------------------------------------------------
+class Activations(Sequence):
+    """One tensor per calibration batch (a block's hidden-state inputs): in memory on CPU, or, with a ``folder``,
+    one raw file each, memory-mapped when read."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._items: list[torch.Tensor | tuple[Path, torch.dtype, tuple[int, ...]]] = []
+        if folder is not None:
+            folder.mkdir(parents=True)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        if self.folder is None:
+            self._items.append(tensor)
+            return
+        path = self.folder / f"{len(self._items)}.bin"
+        tensor.reshape(-1).view(torch.uint8).numpy().tofile(path)
+        self._items.append((path, tensor.dtype, tuple(tensor.shape)))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self._items[index]
+        if isinstance(item, torch.Tensor):
+            return item
+        path, dtype, shape = item
+        numel = int(torch.Size(shape).numel())
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.from_file(str(path), shared=False, size=numel, dtype=dtype).view(shape)
+
+    def release(self) -> None:
+        self._items = []
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Batches(Sequence):
+    """Calibration batches of a block runner: ``(hidden state, batch index)``."""
+
+    def __init__(self, hidden: Activations) -> None:
+        self.hidden = hidden
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.hidden[index], index
+
+
+@attrs.frozen
+class _Call:
+    """How the first block was called on one batch, without its hidden state."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value
+
+
+def _unreplayable(value: Any, where: str) -> str | None:
+    """Where in ``value`` something other than tensors and plain values is, or None."""
+    if isinstance(value, (torch.Tensor, *PLAIN_VALUES)):
+        return None
+    if isinstance(value, (tuple, list)):
+        return next(filter(None, (_unreplayable(item, f"{where}[{i}]") for i, item in enumerate(value))), None)
+    if isinstance(value, dict):
+        return next(filter(None, (_unreplayable(item, f"{where}[{key!r}]") for key, item in value.items())), None)
+    return f"{where} (a {type(value).__name__})"
+
+
+def _hidden_output(output: Any, block: str) -> torch.Tensor:
+    """The hidden state a block returns: its output, or the first item of a tuple or list."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ConfigError(f"block {block!r} returned a {type(output).__name__}; expected the next block's hidden "
+                          f"state: a tensor, or a tuple whose first item is one")
+    return output
+
+
+class BlockRunner(nn.Module):
+    """One block mounted at its path in the model (so its layers keep their names), called as
+    ``runner(hidden, index)`` with the other arguments of calibration batch ``index`` replayed."""
+
+    def __init__(self, path: str, block: nn.Module, calls: Sequence[_Call], hidden_keyword: bool,
+                 device: torch.device) -> None:
+        super().__init__()
+        *parents, last = path.split(".")
+        parent: nn.Module = self
+        for part in parents:
+            parent.add_module(part, nn.Module())
+            parent = parent.get_submodule(part)
+        parent.add_module(last, block)
+        self.path, self.calls, self.hidden_keyword, self.device = path, calls, hidden_keyword, device
+
+    @property
+    def block(self) -> nn.Module:
+        return self.get_submodule(self.path)
+
+    def forward(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        call = self.calls[index]
+        hidden, args, kwargs = hidden.to(self.device), _to(call.args, self.device), _to(call.kwargs, self.device)
+        output = (self.block(*args, hidden_states=hidden, **kwargs) if self.hidden_keyword
+                  else self.block(hidden, *args, **kwargs))
+        return _hidden_output(output, self.path)
+
+
+class _Reached(Exception):
+    """Ends the capture pass at the first block."""
+
+
+def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
+             store: Activations, progress: bool) -> tuple[list[_Call], bool]:
+    """Runs the model on each calibration batch up to the first block; stores the block's hidden-state input in
+    ``store`` and returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
+    seen: list[tuple[str, tuple, dict]] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.append((name, args, kwargs))
+            raise _Reached
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True) for name in blocks]
+    calls, keyword = [], None
+    try:
+        with _calibration_pass(model):
+            for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
+                seen.clear()
+                try:
+                    _run_batch(model, _to(batch, device))
+                except _Reached:
+                    pass
+                except MuscoError:
+                    raise
+                except Exception as exc:
+                    raise ConfigError(f"calibration: the model failed on batch {index} before block {blocks[0]!r}: "
+                                      f"{type(exc).__name__}: {one_line(str(exc))}") from exc
+                if not seen:
+                    raise ConfigError(f"calibration: batch {index} never reached block {blocks[0]!r}")
+                name, args, kwargs = seen[0]
+                if name != blocks[0]:
+                    raise ConfigError(f"blocks: {name!r} ran before {blocks[0]!r}; blocks are processed in the "
+                                      f"order the model defines them and must run in that order")
+                hidden, call, by_keyword = _split_call(args, kwargs, name)
+                if keyword is not None and by_keyword != keyword:
+                    raise ConfigError(f"block {name!r} got its hidden state positionally on some batches and as a "
+                                      f"keyword on others")
+                keyword = by_keyword
+                store.append(hidden)
+                calls.append(call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, bool(keyword)
+
+
+def _split_call(args: tuple, kwargs: dict, block: str) -> tuple[torch.Tensor, _Call, bool]:
+    """The hidden state of a block's call (first positional argument, or ``hidden_states``), the rest of the call
+    on CPU, and whether the hidden state came as a keyword."""
+    if args:
+        hidden, rest, by_keyword = args[0], _Call(tuple(args[1:]), dict(kwargs)), False
+    elif "hidden_states" in kwargs:
+        rest = dict(kwargs)
+        hidden, rest, by_keyword = rest.pop("hidden_states"), _Call((), rest), True
+    else:
+        raise ConfigError(f"block {block!r} was called without positional arguments or hidden_states=; expected "
+                          f"its hidden state first")
+    if not isinstance(hidden, torch.Tensor):
+        raise ConfigError(f"block {block!r}: its first argument is a {type(hidden).__name__}; expected the hidden "
+                          f"state, a tensor")
+    problem = _unreplayable(rest.args, "positional arguments") or _unreplayable(rest.kwargs, "keyword arguments")
+    if problem:
+        raise ConfigError(f"block {block!r} is called with {problem}; only tensors and plain values can be replayed "
+                          f"for every block (a cache object would be updated by each call: run the model without "
+                          f"caches, e.g. use_cache=False for Hugging Face models)")
+    return hidden, _Call(_to(rest.args, torch.device("cpu")), _to(rest.kwargs, torch.device("cpu"))), by_keyword
+
+
+def _bar(items: Iterable[Any], what: str, progress: bool):
+    return tqdm(items, desc=what, leave=False, file=sys.stderr, disable=not (progress and sys.stderr.isatty()))
+
+
+# -- writing safetensors files one tensor at a time -------------------------------------------------------------
+@attrs.frozen
+class TensorEntry:
+    """One tensor of a safetensors file being written: its name, dtype and shape, and where it is read from when
+    it is written (``source``: a tensor, or a safetensors file holding it as ``source_key``)."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: torch.Tensor | Path
+    source_key: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: Path, entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> None:
+    """Writes a safetensors file holding ``entries`` (in that order) and ``metadata``, reading each tensor only
+    when it is written: memory holds one tensor at a time (safetensors' own writers take the whole state dict).
+    A file source is opened once for its consecutive entries."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for entry in entries:
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise MuscoError(f"{entry.key!r}: safetensors cannot store dtype {entry.dtype}")
+        header[entry.key] = {"dtype": SAFETENSORS_DTYPES[entry.dtype], "shape": list(entry.shape),
+                             "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for source, group in itertools.groupby(entries, key=lambda e: e.source if isinstance(e.source, Path)
+                                               else None):
+            with safe_open(str(source), "pt") if source is not None else contextlib.nullcontext() as handle:
+                for entry in group:
+                    tensor = handle.get_tensor(entry.source_key) if source is not None else entry.source
+                    tensor = tensor.detach().to(device="cpu", dtype=entry.dtype).contiguous()
+                    if tuple(tensor.shape) != entry.shape:
+                        raise MuscoError(f"{entry.key!r}: the source holds shape {tuple(tensor.shape)}, expected "
+                                         f"{entry.shape}")
+                    out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def unique_entries(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict (with ``keep_vars=True``) without its duplicates: each tensor that several keys name (a tied
+    weight) under the first of them in sorted order, and ``{dropped key: kept key}``, as safetensors' ``save_model``
+    and ``load_model`` name them."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(key)
+    kept, aliases = {}, {}
+    for keys in groups.values():
+        first, *others = sorted(keys)
+        kept[first] = state[first]
+        aliases.update(dict.fromkeys(others, first))
+    return kept, aliases
+
+
+def _write_shard(path: Path, block: nn.Module, prefix: str) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Writes a compressed block's state dict (keys under ``prefix``) to ``path``; the entries to copy into the
+    output set from it, and the aliases of its tied tensors."""
+    kept, aliases = unique_entries(block.state_dict(prefix=prefix, keep_vars=True))
+    written = [TensorEntry(key, tensor.dtype, tuple(tensor.shape), tensor) for key, tensor in sorted(kept.items())]
+    write_safetensors(path, written, aliases)
+    return [attrs.evolve(entry, source=path, source_key=entry.key) for entry in written], aliases
+
+
+def _rest_entries(model: nn.Module, blocks: Sequence[str], names: Mapping[int, list[str]],
+                  checkpoint: Checkpoint | None) -> tuple[list[TensorEntry], dict[str, str]]:
+    """The state dict entries of the model outside the blocks, as the checkpoint (or the model) holds them."""
+    state = {key: tensor for key, tensor in model.state_dict(keep_vars=True).items() if _owner(key, blocks) is None}
+    kept, aliases = unique_entries(state)
+    entries = []
+    for key, tensor in sorted(kept.items()):
+        if tensor.is_meta:
+            source_key = _checkpoint_key(tensor, names.get(id(tensor), [key]), checkpoint)
+            entries.append(TensorEntry(key, tensor.dtype, tuple(tensor.shape), checkpoint.files[source_key],
+                                       source_key))
+        else:
+            entries.append(TensorEntry(key, tensor.dtype, tuple(tensor.shape), tensor))
+    return entries, aliases
+
+
+# -- the blockwise pass -----------------------------------------------------------------------------------------
+@attrs.define
+class _Streams:
+    """The calibration inputs of the current block: ``actual`` (from the compressed blocks before it) and
+    ``reference`` (from the uncompressed model); one object while no layer before the block was replaced."""
+
+    actual: Activations
+    reference: Activations
+
+    @property
+    def diverged(self) -> bool:
+        return self.actual is not self.reference
+
+
+@attrs.define
+class _Run:
+    """What the blockwise pass carries from block to block."""
+
+    schedule: ModelSchedule
+    registry: Registry
+    device: torch.device
+    work: Path
+    offload: str
+    progress: bool
+    tied: Mapping[str, list[str]]
+    streams: _Streams | None = None
+    calls: list[_Call] = attrs.field(factory=list)
+    hidden_keyword: bool = False
+    results: list[LayerResult] = attrs.field(factory=list)
+    records: dict[str, io.LayerRecord] = attrs.field(factory=dict)
+    params_change: int = 0
+    entries: list[TensorEntry] = attrs.field(factory=list)
+    aliases: dict[str, str] = attrs.field(factory=dict)
+    generation: int = 0
+
+    @property
+    def sequential(self) -> bool:
+        return self.schedule.settings.calibration == "sequential"
+
+    def new_activations(self) -> Activations:
+        self.generation += 1
+        return Activations(self.work / f"activations-{self.generation}" if self.offload == "disk" else None)
+
+
+def _layer_stats(run: _Run, runner: BlockRunner, name: str, replacements: Mapping[str, nn.Module]):
+    """The calibration statistics of layer ``name`` of the runner's block, as a one-step sequential (or
+    independent) in-memory run collects them."""
+    spec = read_layer(runner.get_submodule(name), run.registry, name)[1].spec
+    streams = run.streams
+    if not run.sequential or not streams.diverged and not replacements:
+        return collect_input_stats(runner, {name: spec}, _Batches(streams.reference), progress=run.progress)[name]
+    paths = module_paths(runner)
+    swaps = {path: new for old, new in replacements.items() for path in paths[id(runner.get_submodule(old))]}
+    return collect_sequential_stats(runner, name, spec, swaps, _Batches(streams.actual), progress=run.progress,
+                                    reference_batches=_Batches(streams.reference))
+
+
+def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Compresses the schedule's layers ``names`` of the runner's block in forward order; the new layers."""
+    needing = set(needs_input_stats(run.schedule, run.registry, names))
+    if run.streams is not None and len(names) > 1:
+        names = forward_order(runner, names, _Batches(run.streams.reference))
+    replacements: dict[str, nn.Module] = {}
+    for name in names:
+        layer = run.schedule.layers[name]
+        module = runner.get_submodule(name)
+        stats = _layer_stats(run, runner, name, replacements) if name in needing else None
+        chosen = {"keep_note": tied_note(run.tied[name])} if name in run.tied and not layer.force else {}
+        try:
+            new, result = compress_layer(module, name, layer, run.schedule.settings, run.registry, None,
+                                         input_stats=stats, **chosen)
+        except Exception as exc:  # a plugin's bug too: nothing is written, the model is as it was
+            reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
+            raise CompressionError(f"layer {name!r}: {reason}; nothing was written") from exc
+        run.results.append(result)
+        if new is not None:
+            replacements[name] = new
+            run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
+            run.params_change += count_params(new) - count_params(module)
+    return replacements
+
+
+@contextlib.contextmanager
+def _swapped(runner: BlockRunner, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Inside, the new layers are in the runner's block (under every name of the layer they replace)."""
+    paths = module_paths(runner)
+    originals = {path: runner.get_submodule(name) for name in replacements for path in
+                 paths[id(runner.get_submodule(name))]}
+    by_path = {path: replacements[name] for name in replacements
+               for path in paths[id(runner.get_submodule(name))]}
+    try:
+        for path, new in by_path.items():
+            replace_module(runner, path, new)
+        yield
+    finally:
+        for path, old in originals.items():
+            replace_module(runner, path, old)
+
+
+def _outputs(run: _Run, runner: BlockRunner, inputs: Activations) -> Activations:
+    """The runner's block applied to each of ``inputs`` (with each batch's other arguments)."""
+    produced = run.new_activations()
+    with _calibration_pass(runner):
+        for batch in _Batches(inputs):
+            produced.append(runner(*batch))
+    return produced
+
+
+def _propagate(run: _Run, runner: BlockRunner, replacements: Mapping[str, nn.Module]) -> None:
+    """Replaces the streams by the block's outputs: the original block's on the reference inputs and, under
+    sequential calibration, the compressed block's on the actual inputs (one stream while both are the same)."""
+    streams = run.streams
+    reference = _outputs(run, runner, streams.reference)
+    if run.sequential and (streams.diverged or replacements):
+        with _swapped(runner, replacements):
+            actual = _outputs(run, runner, streams.actual)
+    else:
+        actual = reference
+    _release(streams)
+    run.streams = _Streams(actual, reference)
+
+
+def _release(streams: _Streams) -> None:
+    streams.actual.release()
+    if streams.diverged:
+        streams.reference.release()
+
+
+def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[str], output: str | os.PathLike, *,
+                       checkpoint: str | os.PathLike | None = None, calibration_data: Any = None,
+                       registry: Registry | None = None, offload: str = "cpu", work_dir: str | os.PathLike | None = None,
+                       device: str | torch.device = "cpu", progress: bool = True,
+                       overwrite: bool = False) -> CompressionReport:
+    """Compresses every layer of ``schedule`` once, one block of the model at a time, and writes the result to
+    ``output`` as an output set (:func:`musco_core.io.load_compressed` loads it on a fresh model).
+
+    ``model`` is the architecture; its parameters and buffers on the ``meta`` device are read from ``checkpoint``
+    (a safetensors file, or a folder of them, keyed as ``model.state_dict()``), those on a real device are used
+    as they are. ``blocks`` names the partition: module names and ``re:`` patterns (see :func:`resolve_blocks`);
+    every compressed layer must lie in a block, and no block may share a tensor with anything outside it.
+    ``schedule`` is a YAML file's path, its data or a ModelSchedule, compressing each layer once
+    (``nglobal_compress_iters: 1``) with per-layer rank selectors. ``calibration_data`` (required by data-aware
+    decompositions) is a list or DataLoader of input batches of the whole model, as for the ``Compressor``; the
+    blocks' inputs are kept in memory on CPU (``offload="cpu"``) or in files under ``work_dir`` (``"disk"``),
+    where the compressed blocks' shards also go (default: next to ``output``; removed at the end).
+    ``device`` is where the blocks are computed.
+
+    Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
+    (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
+    counts parameters only (there is no example pass, so no MACs). ``model`` is not modified, and ``output``
+    gets the new set as a whole or, on any failure, nothing.
+    """
+    registry = registry or default_registry()
+    if offload not in OFFLOAD_MODES:
+        raise ConfigError(f"offload: expected one of {', '.join(OFFLOAD_MODES)}, got {short_repr(offload)}")
+    device = torch.device(device)
+    block_names = resolve_blocks(model, blocks)
+    checked = _blockwise_schedule(model, schedule, registry)
+    _check_partition(model, block_names, checked)
+    layers = checked.compressed_layers()
+    calibration = check_calibration(checked, registry, layers, calibration_data)
+    if not needs_input_stats(checked, registry, layers):
+        calibration = None
+    source = Checkpoint(checkpoint) if checkpoint is not None else None
+    output = Path(output)
+    with io.output_lock(output):
+        io.claim_folder(output, "output", None, overwrite=overwrite)
+        work = Path(tempfile.mkdtemp(prefix=".musco-blockwise-", dir=work_dir or output.parent))
+        try:
+            run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
+            report, write_weights = _blockwise(model, block_names, calibration, source, run)
+            io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
+                               overwrite=overwrite)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("blockwise compression: %d of %d layers compressed, %d -> %d weights, written to %s",
+             sum(r.applied for r in report.layers), len(layers), report.params_before, report.params_after, output)
+    return report
+
+
+def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkpoint: Checkpoint | None, run: _Run
+               ) -> tuple[CompressionReport, Callable[[Path, dict[str, str]], None]]:
+    """The blockwise pass: the report (the factorized layers go to ``run.records``) and the writer of the output
+    set's weights, which copies the shards and the tensors outside the blocks into one file."""
+    names = _tensor_names(model)
+    params_before = count_params(model)
+    if calibration is not None:
+        first = run.new_activations()
+        outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
+        with _onloaded(outside, names, checkpoint, run.device):
+            run.calls, run.hidden_keyword = _capture(model, blocks, calibration, run.device, first, run.progress)
+        run.streams = _Streams(first, first)
+    layers = run.schedule.compressed_layers()
+    for index, path in enumerate(_bar(blocks, "blockwise compression", run.progress)):
+        block = model.get_submodule(path)
+        with _onloaded(list(block.modules()), names, checkpoint, run.device):
+            runner = BlockRunner(path, block, run.calls, run.hidden_keyword, run.device)
+            replacements = _compress_block(run, runner, [name for name in layers if _inside(name, path)])
+            with _swapped(runner, replacements):
+                entries, aliases = _write_shard(run.work / f"block-{index:05d}.safetensors", runner.block,
+                                                path + ".")
+            run.entries += entries
+            run.aliases.update(aliases)
+            if run.streams is not None and index + 1 < len(blocks):
+                _propagate(run, runner, replacements)
+        log.info("block %r: %d layer(s) compressed", path, len(replacements))
+    if run.streams is not None:
+        _release(run.streams)
+    rest, rest_aliases = _rest_entries(model, blocks, names, checkpoint)
+    entries, aliases = rest + run.entries, {**rest_aliases, **run.aliases}
+    order = {name: i for i, name in enumerate(layers)}
+    report = CompressionReport(sorted(run.results, key=lambda result: order[result.name]), params_before,
+                               params_before + run.params_change)
+
+    def write_weights(path: Path, metadata: dict[str, str]) -> None:
+        write_safetensors(path, entries, {**metadata, **aliases})
+
+    return report, write_weights

@@ -1,0 +1,303 @@
+"""Blockwise compression (sequential onloading): a model on the meta device, its weights read block by block from a
+safetensors checkpoint, gives the output set a one-step in-memory run with sequential calibration gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file, save_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core.blockwise import TensorEntry, resolve_blocks, unique_entries, write_safetensors
+from musco_core.io import load_compressed, read_manifest, read_report
+
+VOCAB = 60
+BLOCKS = r"re:transformer\.h\.\d+"
+
+
+def gpt2_config(**overrides) -> GPT2Config:
+    settings = {"vocab_size": VOCAB, "n_positions": 32, "n_embd": 32, "n_layer": 3, "n_head": 4, "bos_token_id": 0,
+                "eos_token_id": 0, "use_cache": False, **overrides}
+    return GPT2Config(**settings)
+
+
+def gpt2(**overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(gpt2_config(**overrides)).eval()
+
+
+def meta_gpt2(**overrides) -> GPT2LMHeadModel:
+    with torch.device("meta"):
+        return GPT2LMHeadModel(gpt2_config(**overrides))
+
+
+def token_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, VOCAB, (2, 12), generator=generator),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(n)]
+    batches[1]["attention_mask"][0, 8:] = 0  # a padded sequence: the mask differs between batches
+    return batches
+
+
+def conv1d_layers(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+
+
+def schedule(names: list[str], calibration: str = "sequential", **layer) -> dict:
+    layer = layer or {"decomposition": "whitened_svd", "rank_selection": "vbmf"}
+    return {"version": 1, "settings": {"ft_every": len(names), "calibration": calibration},
+            "layers": {name: dict(layer) for name in names}}
+
+
+def in_memory(model: nn.Module, plan: dict, data) -> Compressor:
+    compressor = Compressor(model, model_compr_kwargs=plan, calibration_data=data, progress=False)
+    compressor.compression_step()
+    assert compressor.done
+    return compressor
+
+
+def assert_same_weights(expected: nn.Module, actual: nn.Module) -> None:
+    want, got = expected.state_dict(), actual.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        scale = float(want[key].float().norm()) or 1.0
+        assert float((want[key].float() - got[key].float()).norm()) <= 1e-5 * scale, key
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "gpt2.safetensors"
+    save_model(gpt2(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_blockwise_gpt2_equals_the_in_memory_sequential_run(tmp_path, checkpoint, offload):
+    model, data = gpt2(), token_batches()
+    plan = schedule(conv1d_layers(model))
+    expected = in_memory(model, plan, data)
+    meta = meta_gpt2()
+    report = compress_blockwise(meta, plan, BLOCKS, tmp_path / "out", checkpoint=checkpoint, calibration_data=data,
+                                offload=offload, work_dir=tmp_path, progress=False)
+    assert [(r.name, r.ranks, r.applied) for r in report.layers] == \
+        [(r.name, r.ranks, r.applied) for r in expected.history]
+    assert all(r.applied for r in report.layers) and len({r.ranks for r in report.layers}) > 1  # vbmf chose them
+    assert (report.params_before, report.params_after) == (expected.report().params_before,
+                                                           expected.report().params_after)
+    records = read_manifest(tmp_path / "out")
+    assert {name: record.ranks for name, record in records.items()} == {
+        name: module.ranks for name, module in expected.compressed_model.named_modules()
+        if isinstance(module, FactorizedLayer)}
+    assert read_report(tmp_path / "out").params_after == report.params_after
+    loaded = load_compressed(gpt2(), tmp_path / "out")
+    assert_same_weights(expected.compressed_model, loaded)
+    assert all(p.is_meta for p in meta.parameters())  # the architecture is left as it was given
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.safetensors", "out"]  # shards and activations gone
+
+
+def test_sequential_calibration_carries_two_streams_across_blocks(tmp_path, checkpoint):
+    """Sequential and independent calibration differ after the first compressed layer, and each matches its
+    in-memory counterpart: the blocks after the first are fitted on the compressed blocks' outputs."""
+    model, data = gpt2(), token_batches()
+    names = conv1d_layers(model)
+    fitted = {}
+    for mode in ("sequential", "independent"):
+        plan = schedule(names, mode, decomposition="whitened_svd", rank_selection="manual", manual_rank=[6])
+        compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / mode, checkpoint=checkpoint, calibration_data=data,
+                           progress=False)
+        fitted[mode] = load_compressed(gpt2(), tmp_path / mode)
+        assert_same_weights(in_memory(model, plan, data).compressed_model, fitted[mode])
+    first = "transformer.h.0.attn.c_attn"
+    last = "transformer.h.2.mlp.c_proj"
+    same = fitted["sequential"].get_submodule(first)[1].weight, fitted["independent"].get_submodule(first)[1].weight
+    torch.testing.assert_close(*same)
+    assert not torch.allclose(fitted["sequential"].get_submodule(last)[1].weight,
+                              fitted["independent"].get_submodule(last)[1].weight)
+
+
+def test_a_folder_of_safetensors_shards_and_a_subset_of_layers(tmp_path):
+    model, data = gpt2(), token_batches(2)
+    state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    keys = sorted(state)
+    (tmp_path / "ckpt").mkdir()
+    save_file({key: state[key] for key in keys[::2]}, str(tmp_path / "ckpt" / "part-1.safetensors"))
+    save_file({key: state[key] for key in keys[1::2]}, str(tmp_path / "ckpt" / "part-2.safetensors"))
+    plan = schedule([name for name in conv1d_layers(model) if name.endswith("mlp.c_fc")])
+    compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / "out", checkpoint=tmp_path / "ckpt",
+                       calibration_data=data, progress=False)
+    assert set(read_manifest(tmp_path / "out")) == set(plan["layers"])
+    assert_same_weights(in_memory(model, plan, data).compressed_model, load_compressed(gpt2(), tmp_path / "out"))
+
+
+class Stage(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class Net(nn.Module):
+    """Stages between a stem and a head, defined in another order than the stages run."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 5)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stage_a = Stage(16)
+        self.stage_b = Stage(16)
+        self.stage_c = nn.Sequential(Stage(16), nn.ReLU())
+
+    def forward(self, x):
+        x = self.stage_c(self.stage_b(self.stage_a(torch.relu(self.stem(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_user_named_partition_of_a_convolutional_network(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    generator = torch.Generator().manual_seed(2)
+    data = [torch.randn(2, 3, 8, 8, generator=generator) for _ in range(3)]
+    names = ["stage_a.conv1", "stage_a.conv2", "stage_b.conv1", "stage_c.0.conv1", "stage_c.0.conv2"]
+    plan = schedule(names, decomposition="whitened_svd", rank_selection="manual", manual_rank=[6])
+    plan["layers"]["stage_b.conv2"] = {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}
+    plan["settings"]["ft_every"] = len(plan["layers"])
+    expected = in_memory(model, plan, data)
+    compress_blockwise(model, plan, ["stage_a", "stage_b", "stage_c"], tmp_path / "out", calibration_data=data,
+                       progress=False)  # every weight real: no checkpoint needed
+    loaded = load_compressed(Net(), tmp_path / "out")
+    assert_same_weights(expected.compressed_model, loaded)
+    assert set(read_manifest(tmp_path / "out")) == set(plan["layers"])
+    assert not any(isinstance(m, FactorizedLayer) for m in model.modules())
+
+
+def test_blocks_are_named_exactly_or_by_patterns_in_the_models_order():
+    model = meta_gpt2()
+    assert resolve_blocks(model, ["transformer.h.2", r"re:transformer\.h\.[01]"]) == \
+        ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    with pytest.raises(ConfigError, match=r"pattern 're:decoder\\\\.\\\\d\+' matches no module of GPT2LMHeadModel"):
+        resolve_blocks(model, r"re:decoder\.\d+")
+    with pytest.raises(ConfigError, match="'transformer.h.9' is not a module"):
+        resolve_blocks(model, ["transformer.h.9"])
+    with pytest.raises(ConfigError, match="'transformer.h.0.attn' is inside block 'transformer.h.0'"):
+        resolve_blocks(model, ["transformer.h.0", "transformer.h.0.attn"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"blocks": ["transformer.h.0", "transformer.h.1"]},
+     r'\$.layers\["transformer.h.2.attn.c_attn"\]: not inside any block'),
+    ({"plan": {"version": 1, "settings": {"nglobal_compress_iters": 2}, "layers": {
+        "transformer.h.0.mlp.c_fc": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8, 4]}}}},
+     r"nglobal_compress_iters: blockwise compression compresses each layer once, got 2"),
+    ({"plan": {"version": 1, "settings": {"algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}}},
+               "layers": {"transformer.h.0.mlp.c_fc": {"decomposition": "svd", "rank_selection": "budget"}}}},
+     r"rank selector 'budget' allocates ranks over the whole model"),
+    ({"offload": "gpu"}, r"offload: expected one of cpu, disk, got 'gpu'"),
+    ({"config": {"use_cache": True}}, r"block 'transformer.h.0' is called with positional arguments\[0\] "
+                                      r"\(a DynamicCache\).*use_cache=False"),
+])
+def test_what_blockwise_compression_refuses(tmp_path, checkpoint, change, message):
+    plan = change.get("plan") or schedule(["transformer.h.0.attn.c_attn", "transformer.h.2.attn.c_attn"])
+    with pytest.raises(ConfigError, match=message):
+        compress_blockwise(meta_gpt2(**change.get("config", {})), plan, change.get("blocks", BLOCKS),
+                           tmp_path / "out", checkpoint=checkpoint, calibration_data=token_batches(),
+                           offload=change.get("offload", "cpu"), progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_blocks_must_hold_their_own_weights(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with pytest.raises(ConfigError, match="'0.weight' is the same tensor as '2.weight', outside its block"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
+
+
+def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path):
+    state = {key: value.contiguous() for key, value in gpt2().state_dict().items()
+             if key not in ("lm_head.weight", "transformer.h.1.mlp.c_fc.weight")}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ConfigError, match="checkpoint: no tensor 'transformer.h.1.mlp.c_fc.weight'"):
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "partial.safetensors", calibration_data=token_batches(),
+                           progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".musco-core", ".musco-lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial.safetensors"]
+
+
+def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    source = {"a": torch.randn(3, 4, generator=generator, dtype=torch.float64),
+              "b": torch.randn(5, generator=generator).to(torch.bfloat16), "c": torch.tensor([True, False, True]),
+              "d": torch.arange(6, dtype=torch.int32).reshape(2, 3), "e": torch.tensor(2.5)}
+    save_file(source, str(tmp_path / "source.safetensors"))
+    entries = [TensorEntry("x." + key, value.dtype, tuple(value.shape), tmp_path / "source.safetensors", key)
+               for key, value in source.items()]
+    entries.append(TensorEntry("weight", torch.float32, (2, 2), torch.eye(2, dtype=torch.float64)))  # cast on write
+    write_safetensors(tmp_path / "out.safetensors", entries, {"note": "yes"})
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"note": "yes"}
+        for key, value in source.items():
+            assert torch.equal(handle.get_tensor("x." + key), value)
+        assert torch.equal(handle.get_tensor("weight"), torch.eye(2))
+
+
+def test_tied_tensors_are_written_once_under_the_name_safetensors_keeps():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    kept, aliases = unique_entries(model.state_dict(keep_vars=True))
+    assert set(kept) == {"0.weight"} and aliases == {"1.weight": "0.weight"}
+
+
+class KeywordStack(nn.Module):
+    """Blocks called with keywords only (the hidden state as ``hidden_states``) and an extra argument, defined in
+    reverse of the order they run when ``reverse`` is set."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(12, 24)
+            self.down = nn.Linear(24, 12)
+
+        def forward(self, hidden_states, scale):
+            return (hidden_states + scale * self.down(torch.relu(self.up(hidden_states))), "ignored")
+
+    def __init__(self, reverse: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        names = ["second", "first"] if reverse else ["first", "second"]
+        for name in names:
+            self.add_module(name, self.Block())
+
+    def forward(self, x, scale):
+        hidden = self.embed(x)
+        for name in ("first", "second"):
+            hidden = getattr(self, name)(hidden_states=hidden, scale=scale)[0]
+        return hidden
+
+
+def keyword_data():
+    generator = torch.Generator().manual_seed(4)
+    return [(torch.randn(8, 6, generator=generator), torch.tensor(0.5 + i)) for i in range(3)]
+
+
+def test_blocks_called_with_keywords_replay_their_arguments(tmp_path):
+    torch.manual_seed(0)
+    model = KeywordStack().eval()
+    plan = schedule(["first.up", "first.down", "second.up", "second.down"], decomposition="whitened_svd",
+                    rank_selection="manual", manual_rank=[5])
+    expected = in_memory(model, plan, keyword_data())
+    compress_blockwise(model, plan, ["first", "second"], tmp_path / "out", calibration_data=keyword_data(),
+                       progress=False)
+    assert_same_weights(expected.compressed_model, load_compressed(KeywordStack(), tmp_path / "out"))
+
+
+def test_blocks_must_run_in_the_order_the_model_defines_them(tmp_path):
+    plan = schedule(["first.up"], decomposition="whitened_svd", rank_selection="manual", manual_rank=[5])
+    with pytest.raises(ConfigError, match="blocks: 'first' ran before 'second'"):
+        compress_blockwise(KeywordStack(reverse=True), plan, ["first", "second"], tmp_path / "out",
+                           calibration_data=keyword_data(), progress=False)
