@@ -111,7 +111,9 @@ class InputStatsAccumulator:
     def result(self) -> InputStats:
         if self.total is None or self.count == 0:
             raise ValueError("no input was seen")
-        return InputStats(self.total / self.count, self.count, None if self.cross is None else self.cross / self.count)
+        # in place: an F x F float64 sum can be hundreds of MiB; the accumulator is done with it
+        return InputStats(self.total.div_(self.count), self.count,
+                          None if self.cross is None else self.cross.div_(self.count))
 
 
 def _run_batch(model: nn.Module, batch: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -223,12 +223,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress))
         return step_stats
 
-    data_aware = input_stats_for(names)
+    sequential = schedule.settings.calibration == "sequential" and bool(needs_input_stats(schedule, registry, names))
+    if not sequential:  # sequentially, each layer's statistics are collected when it comes up, then freed
+        input_stats_for(names)
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
     pending: dict[str, Pending] = {}
-    sequential = schedule.settings.calibration == "sequential" and bool(data_aware)
     order = forward_order(model, names, context.calibration_data) if sequential else names
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
@@ -255,13 +256,16 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         try:
             new, result = compress_layer(module, name, layer, schedule.settings, registry,
                                          stats.input_shape if stats else None,
-                                         input_stats=_calibrated(model, name, step_stats, pending, paths, context)
-                                         if sequential else step_stats.get(name), **chosen)
+                                         input_stats=_calibrated(model, name, schedule, input_stats_for, pending,
+                                                                 paths, context) if sequential
+                                         else step_stats.get(name),
+                                         **chosen)
         except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
             reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
             named = reason if reason.startswith(f"layer {name!r}") else f"layer {name!r}: {reason}"
             raise CompressionError(f"{named}; the model was left as before this step") from exc
         pending[name] = Pending(module, new, result)
+        step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -273,14 +277,18 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                                history=state.history + results, budgets=tuple(budgets))
 
 
-def _calibrated(model: nn.Module, name: str, step_stats: Mapping[str, InputStats], pending: Mapping[str, Pending],
+def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,
+                input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: Mapping[str, Pending],
                 paths: Mapping[int, list[str]], context: RunContext) -> InputStats | None:
     """Sequential calibration: the statistics of ``name``'s inputs with the step's layers compressed so far swapped
-    in, paired with its inputs at the start of the step (the same as ``step_stats`` while none is)."""
+    in, paired with its inputs at the start of the step (plain statistics while none is swapped in; None for a
+    layer that needs none)."""
     replacements = {path: entry.new for entry in pending.values() if entry.new is not None
                     for path in paths[id(entry.module)]}
-    if name not in step_stats or not replacements:
-        return step_stats.get(name)
+    if not replacements:  # collected now, unless the layer needs none or the allocation collected them
+        return input_stats_for([name]).get(name)
+    if not needs_input_stats(schedule, context.registry, [name]):
+        return None
     spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
     return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,
                                     progress=context.progress)
