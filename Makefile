@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ docs: $(BIN)/python
 demo: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[demo]'
 	$(BIN)/python examples/demo.py
+
+# The benchmarks' extra (ONNX Runtime, transformers, all-MiniLM-L6-v2, scikit-learn), then one benchmark:
+# make bench BENCH="vbmf_pass.py --repeats 3"   (default: the latency table at batch 1, eager and ONNX Runtime)
+BENCH ?= latency.py --batches 1 --backends eager,onnxruntime
+bench: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[bench]'
+	cd benchmarks && $(abspath $(BIN))/python $(BENCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,68 +1,168 @@
-"""Measured CPU inference latency of a ResNet-50-shaped model before and after compression, next to the FLOPs
-reduction: the vbmf schedule (about 2.4x fewer FLOPs), the same with ranks rounded to multiples of 32, and the
-param_reduction schedule (about 1.9x). Original and compressed runs alternate, so drift hits both alike.
+"""Measured CPU inference speed-up of a ResNet-50-shaped model compressed by the ``budget`` selector, divided by
+its FLOPs reduction, for each way of running it. Every timing compares models in alternation in one process.
 
-    python benchmarks/latency.py [--threads 2] [--repeats 20]
+For each target FLOPs reduction the model is compressed once (tucker2 for k x k convolutions, svd for 1x1 ones
+and the classifier, ranks allocated by ``budget``). Then, per thread count and batch size:
+
+* eager: the original model as it is, and through ``optimize_for_inference``; the compressed model through
+  ``standardize_model`` and through ``optimize_for_inference`` (both optimized at the measured batch size);
+* torch.compile (inductor): the original as it is against the optimized compressed model;
+* ONNX Runtime: both exported with ``torch.onnx.export``, run with the same number of intra-op threads.
+
+The FLOPs reduction is that of the whole forward pass (``torch.utils.flop_counter.FlopCounterMode``); ``load``
+is the machine's 1-minute load average when the row was printed (other processes share the cores).
+
+    python benchmarks/latency.py [--reductions 2,3] [--batches 1,32] [--threads 1,2]
+                                 [--backends eager,compile,onnxruntime] [--repeats 20] [--large-repeats 3]
+
+The whole default run takes about an hour on 2 shared cores; batch-32 rows use ``--large-repeats`` rounds. Idle
+OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) and malloc keeps freed memory (see ``_setup.keep_freed_memory``)
+unless ``--system-malloc``: both settings apply to the original and the compressed models alike.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import copy
+import logging
+import os
 import time
+import warnings
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on cores shared with other
+# processes, spinning threads made 2-thread runs 5x slower (ResNet-50, batch 1: 1277 ms against 240 ms).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from torch import nn
 
-from _setup import make_trained_like, resnet50, setup
-from musco_core import Compressor, ModelStats, default_registry, generate_model_compr_kwargs, standardize_model
+from _setup import keep_freed_memory, make_trained_like, resnet50, setup
+from musco_core import (Compressor, FactorizedLayer, ModelStats, default_registry, optimize_for_inference,
+                        standardize_model)
+from musco_core.timing import fixed_threads, time_alternated, time_modules
+
+COLUMNS = (f"{'FLOPs x':>8} {'threads':>7} {'batch':>5}  {'backend':<34}{'original ms':>12}{'compressed ms':>14}"
+           f"{'speed-up':>9}{'/ FLOPs x':>10}{'load':>6}")
 
 
-@torch.no_grad()
-def latencies(models, x, repeats):
-    """Median seconds per forward pass of each model, timed in alternation after a warm-up."""
-    for model in models:
-        for _ in range(2):
-            model(x)
-    times = [[] for _ in models]
-    for _ in range(repeats):
-        for model, samples in zip(models, times):
-            started = time.perf_counter()
-            model(x)
-            samples.append(time.perf_counter() - started)
-    return [statistics.median(samples) for samples in times]
+def compress(model: nn.Module, x: torch.Tensor, reduction: float) -> nn.Module:
+    compressor = Compressor(model, example_input=x, config_type="budget", ft_every=1000, progress=False,
+                            all_algo_kwargs={"budget": {"reduction": reduction, "metric": "flops"}})
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor.compressed_model.eval()
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
+
+
+def row(flops_x: float, threads: int, batch: int, backend: str, original: float, compressed: float) -> None:
+    speed_up = original / compressed
+    print(f"{flops_x:>8.2f} {threads:>7} {batch:>5}  {backend:<34}{1e3 * original:>12.1f}{1e3 * compressed:>14.1f}"
+          f"{speed_up:>9.2f}{speed_up / flops_x:>10.2f}{os.getloadavg()[0]:>6.1f}", flush=True)
+
+
+def rounds(batch: int, args) -> dict:
+    """Timing effort: batch-32 passes take seconds on 2 cores, so they get few rounds."""
+    if batch >= 8:
+        return {"warmup": 1, "min_rounds": args.large_repeats, "max_rounds": args.large_repeats, "min_seconds": 0}
+    return {"warmup": 2, "min_rounds": args.repeats, "max_rounds": 4 * args.repeats, "min_seconds": 2.0}
+
+
+def eager_rows(original, compressed, x, flops_x, threads, args) -> nn.Module:
+    started = time.perf_counter()
+    optimized = optimize_for_inference(compressed, x, progress=False)
+    seconds = time.perf_counter() - started
+    original_optimized = optimize_for_inference(original, x, progress=False)
+    standardized = standardize_model(copy.deepcopy(compressed)).eval()
+    t_original, t_original_optimized, t_standardized, t_optimized = time_modules(
+        [original, original_optimized, standardized, optimized], x, **rounds(len(x), args))
+    batch = len(x)
+    row(flops_x, threads, batch, "eager, standardize_model", t_original, t_standardized)
+    row(flops_x, threads, batch, f"eager, optimize_for_inference{layout(optimized)}", t_original, t_optimized)
+    row(flops_x, threads, batch, f"eager, both optimized{layout(original_optimized)}", t_original_optimized,
+        t_optimized)
+    factorized = sum(isinstance(m, FactorizedLayer) for m in compressed.modules())
+    print(f"{'':>24}(optimize_for_inference: {seconds:.1f} s; of {factorized} factorized layers "
+          f"{kept_as_chains(optimized)} run as chains, the others as one layer)")
+    return optimized
+
+
+def layout(model: nn.Module) -> str:
+    """' (CL)' for a model whose convolutions are channels_last."""
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    return " (CL)" if convs and convs[0].is_contiguous(memory_format=torch.channels_last) else ""
+
+
+def kept_as_chains(optimized: nn.Module) -> int:
+    """How many factorized layers still run as a chain of two or more factors."""
+    return sum(type(m) is nn.Sequential and len(m) > 1 and all(isinstance(c, nn.Conv2d | nn.Linear) for c in m)
+               for m in optimized.modules())
+
+
+def compile_row(original, optimized, x, flops_x, threads, args) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()  # inductor's CPU kernels take the thread count at compile time
+    compiled = [torch.compile(original), torch.compile(optimized)]
+    with torch.no_grad():
+        for model in compiled:
+            model(x)  # compiles
+        t_original, t_optimized = time_modules(compiled, x, **rounds(len(x), args))
+    row(flops_x, threads, len(x), "torch.compile", t_original, t_optimized)
+
+
+def onnx_row(original, optimized, x, flops_x, threads, args) -> None:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sessions = []
+    for model in (original, optimized):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+        sessions.append(onnxruntime.InferenceSession(program.model_proto.SerializeToString(), options,
+                                                     providers=["CPUExecutionProvider"]))
+    feed = x.numpy()
+    calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]
+    t_original, t_optimized = time_alternated(calls, **rounds(len(x), args))
+    row(flops_x, threads, len(x), "onnxruntime (both exported)", t_original, t_optimized)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reductions", default="2,3", help="target FLOPs reductions of the budget")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--backends", default="eager,compile,onnxruntime")
+    parser.add_argument("--repeats", type=int, default=20, help="timing rounds at small batch sizes (at least)")
+    parser.add_argument("--large-repeats", type=int, default=3, help="timing rounds at batch 8 and above")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default freed memory is kept: see _setup.py)")
     args = parser.parse_args()
-    print(setup(args.threads))
-    registry = default_registry()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    backends = set(args.backends.split(","))
+    kept = not args.system_malloc and keep_freed_memory()
+    print(f"{setup(1)}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; malloc keeps freed memory: {kept}")
     model = make_trained_like(resnet50()).eval()
     x1 = torch.randn(1, 3, 224, 224)
-    stats = ModelStats.from_model(model, registry, x1)
-    before = stats.total_flops
-    vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)
-    schedules = {"vbmf 0.8": {"version": 1, "settings": {"ft_every": 1000}, "layers": vbmf},
-                 "vbmf 0.8, ranks x32": {"version": 1, "settings": {"ft_every": 1000, "rank_multiple": 32},
-                                         "layers": vbmf},
-                 "param_reduction 2": {"version": 1, "settings": {"ft_every": 1000},
-                                       "layers": generate_model_compr_kwargs(stats, "param_reduction",
-                                                                             registry=registry)}}
-    print(f"\n{'schedule':<22}{'FLOPs x':>9}{'batch':>7}{'original ms':>13}{'compressed ms':>15}{'speed-up':>10}"
-          f"{'speed-up / FLOPs x':>20}")
-    for label, schedule in schedules.items():
-        compressor = Compressor(model, model_compr_kwargs=schedule, example_input=x1, registry=registry,
-                                progress=False)
-        compressor.compression_step()
-        compressed = standardize_model(compressor.compressed_model).eval()
-        flops_x = before / ModelStats.from_model(compressed, registry, x1).total_flops
-        for batch in (1, 32):
-            x = torch.randn(batch, 3, 224, 224)
-            repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
-            t0, t1 = latencies([model, compressed], x, repeats)
-            print(f"{label:<22}{flops_x:>9.2f}{batch:>7}{1000 * t0:>13.1f}{1000 * t1:>15.1f}{t0 / t1:>10.2f}"
-                  f"{t0 / t1 / flops_x:>20.2f}")
+    original_flops = flops(model, x1)
+    print(COLUMNS + "\n" + "-" * len(COLUMNS))
+    for reduction in map(float, args.reductions.split(",")):
+        compressed = compress(model, x1, reduction)
+        flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
+        for threads in map(int, args.threads.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+                with fixed_threads(threads):
+                    optimized = eager_rows(model, compressed, x, flops_x, threads, args)
+                    if "compile" in backends:
+                        compile_row(model, optimized, x, flops_x, threads, args)
+                    if "onnxruntime" in backends:
+                        onnx_row(model, optimized, x, flops_x, threads, args)
 
 
 if __name__ == "__main__":

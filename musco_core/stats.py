@@ -1,6 +1,7 @@
 """Per-layer model statistics: geometry, shapes, parameters and MACs of the layers musco-core can compress."""
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Mapping
@@ -49,7 +50,8 @@ class ModelStats:
 
     layers: dict[str, LayerStats]
     #: FLOPs of the whole forward pass on the example input (every op, functional calls included), counted by
-    #: ``torch.utils.flop_counter.FlopCounterMode``; None without an example input.
+    #: ``torch.utils.flop_counter.FlopCounterMode``; None unless asked for with ``count_flops=True`` (counting slows
+    #: the pass down). ``total_macs`` counts the compressible layers without it.
     total_flops: int | None = None
     #: Layers of a type an adapter lists that must not be replaced, with why, in model order: a subclass or
     #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
@@ -76,8 +78,10 @@ class ModelStats:
         return sum(s.params for s in self.layers.values())
 
     @classmethod
-    def from_model(cls, model: nn.Module, registry, example_input: Any = None) -> ModelStats:
-        """Reads every adaptable layer; with ``example_input`` also records shapes and MACs.
+    def from_model(cls, model: nn.Module, registry, example_input: Any = None, *,
+                   count_flops: bool = False) -> ModelStats:
+        """Reads every adaptable layer; with ``example_input`` also records shapes and MACs, and with
+        ``count_flops=True`` the FLOPs of the whole forward pass (``total_flops``).
 
         ``example_input`` is called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping.
 
@@ -106,7 +110,7 @@ class ModelStats:
         total_flops = output_layers = None
         if example_input is not None:
             shapes, total_flops, not_run, returned = _run_example(
-                model, {name: m for name, (m, _) in readable.items()}, example_input)
+                model, {name: m for name, (m, _) in readable.items()}, example_input, count_flops)
             excluded.update(not_run)
             readable = {name: entry for name, entry in readable.items() if name not in not_run}
             output_layers = tuple(name for name in readable if name in returned)
@@ -140,6 +144,12 @@ class _LayerWatch(TorchDispatchMode):
     children's weights. A parameter used by the module it belongs to directly (a tied weight, e.g. an embedding
     sharing the output layer's matrix) is not a foreign use.
     """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps __torch_dispatch__ in dynamo.disable by default, which imports torch._dynamo (seconds on a
+        # cold start) on the first op; the watch never runs under torch.compile, so there is nothing to disable.
+        return False
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
         super().__init__()
@@ -268,19 +278,21 @@ def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any):
-    """One forward pass recording each layer's input/output shape, the FLOPs of the whole pass, why each layer
-    that did not run as a layer cannot be replaced, and the layers whose output the model returns."""
+def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any, count_flops: bool):
+    """One forward pass recording each layer's input/output shape, if asked the FLOPs of the whole pass, why each
+    layer that did not run as a layer cannot be replaced, and the layers whose output the model returns."""
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter, _LayerWatch(model, modules) as watch:
+        counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+        with torch.no_grad(), counter, _LayerWatch(model, modules) as watch:
             result = _call_model(model, example_input)
             returned = watch.output_layers(result)
     finally:
         for module, training in modes.items():
             module.training = training
-    return watch.shapes, counter.get_total_flops(), watch.not_run(), returned
+    total_flops = counter.get_total_flops() if count_flops else None
+    return watch.shapes, total_flops, watch.not_run(), returned
 
 
 def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:

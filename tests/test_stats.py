@@ -30,7 +30,7 @@ class Mixed(nn.Module):
 
 def test_per_layer_macs_match_torch_flop_counter_and_respect_the_batch(registry):
     model, x = Mixed(), torch.randn(3, 8, 6, 6)
-    stats = ModelStats.from_model(model, registry, x)
+    stats = ModelStats.from_model(model, registry, x, count_flops=True)
     assert set(stats.layers) == {"grouped", "temporal", "proj"}
     assert stats.layers["grouped"].macs == 3 * 16 * (8 // 4) * 9 * 36
     assert stats.layers["temporal"].macs == 3 * 12 * 16 * 3 * 17
@@ -46,13 +46,23 @@ def test_per_layer_macs_match_torch_flop_counter_and_respect_the_batch(registry)
     assert stats.total_flops > 2 * stats.total_macs  # the functional linear is in the total only
 
 
+def test_whole_forward_flops_are_counted_only_when_asked(registry):
+    """FlopCounterMode's first use imports torch._dynamo (seconds): the default pass counts layer MACs only."""
+    model, x = Mixed(), torch.randn(3, 8, 6, 6)
+    plain, counted = ModelStats.from_model(model, registry, x), ModelStats.from_model(model, registry, x,
+                                                                                      count_flops=True)
+    assert plain.total_flops is None and counted.total_flops > 0
+    assert plain.total_macs == counted.total_macs == sum(layer.macs for layer in plain.layers.values())
+    assert ModelStats.from_model(model, registry, count_flops=True).total_flops is None  # no example input
+
+
 def test_statistics_leave_the_model_as_it_was(registry):
     model = Mixed().train()
     model.temporal.eval()
     calls = []
     model.proj.register_forward_hook(lambda *args: calls.append("hook"))
     running_mean = model.bn.running_mean.clone()
-    ModelStats.from_model(model, registry, torch.randn(2, 8, 6, 6))
+    ModelStats.from_model(model, registry, torch.randn(2, 8, 6, 6), count_flops=True)
     assert torch.equal(model.bn.running_mean, running_mean) and model.bn.num_batches_tracked == 0
     assert model.training and model.bn.training and not model.temporal.training
     assert calls == ["hook"]  # the user's hook ran during the pass and is still registered

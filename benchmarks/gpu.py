@@ -1,0 +1,90 @@
+"""The latency comparison of ``latency.py``, and a timed compression pass, on a CUDA GPU.
+
+A ResNet-50-shaped model with trained-like weights is compressed on the GPU by the ``budget`` selector (the
+compression pass is timed), then the original and the compressed model (through ``standardize_model`` and
+through ``optimize_for_inference``, each optimized at the measured batch size) are timed in alternation, with a
+device synchronization after every forward pass; a torch.compile row compares the compiled original with the
+compiled optimized model. Without CUDA it prints why and exits with status 0.
+
+    python benchmarks/gpu.py [--reductions 2,3] [--batches 1,32] [--dtype float32] [--no-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+from _setup import make_trained_like, resnet50
+from musco_core import Compressor, ModelStats, default_registry, optimize_for_inference, standardize_model
+from musco_core.timing import time_modules
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compress(model: nn.Module, x: torch.Tensor, reduction: float, device: torch.device) -> tuple[nn.Module, float]:
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    compressor = Compressor(model, example_input=x, config_type="budget", ft_every=1000, progress=False,
+                            all_algo_kwargs={"budget": {"reduction": reduction, "metric": "flops"}})
+    while not compressor.done:
+        compressor.compression_step()
+    torch.cuda.synchronize(device)
+    return compressor.compressed_model.eval(), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reductions", default="2,3")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype the models run in (compression always runs in float32)")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(f"no CUDA device (torch {torch.__version__}, built with CUDA {torch.version.cuda}): nothing to "
+              f"measure; run this on a machine with a GPU")
+        return
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, {args.dtype}; TF32 for convolutions "
+          f"{torch.backends.cudnn.allow_tf32}, for matmuls {torch.backends.cuda.matmul.allow_tf32}")
+    model = make_trained_like(resnet50()).to(device).eval()
+    x1 = torch.randn(1, 3, 224, 224, device=device)
+    registry = default_registry()
+    original_flops = ModelStats.from_model(model, registry, x1, count_flops=True).total_flops
+    dtype = DTYPES[args.dtype]
+    header = (f"{'FLOPs x':>8} {'batch':>5}  {'model':<32}{'original ms':>12}{'compressed ms':>14}{'speed-up':>9}"
+              f"{'/ FLOPs x':>10}")
+    for reduction in map(float, args.reductions.split(",")):
+        compressed, seconds = compress(model, x1, reduction, device)
+        flops_x = original_flops / ModelStats.from_model(standardize_model(copy.deepcopy(compressed)), registry, x1,
+                                                         count_flops=True).total_flops
+        print(f"\nbudget {reduction}x FLOPs: compression pass {seconds:.1f} s on the GPU, FLOPs reduced "
+              f"{flops_x:.2f}x\n{header}\n{'-' * len(header)}")
+        original = copy.deepcopy(model).to(dtype)
+        for batch in map(int, args.batches.split(",")):
+            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+            rounds = {"warmup": 5, "min_rounds": args.repeats, "min_seconds": 1.0, "device": device}
+            standardized = standardize_model(copy.deepcopy(compressed)).to(dtype).eval()
+            optimized = optimize_for_inference(copy.deepcopy(compressed).to(dtype), x, inplace=True, progress=False)
+            times = time_modules([original, standardized, optimized], x, **rounds)
+            rows = [("eager, standardize_model", times[0], times[1]),
+                    ("eager, optimize_for_inference", times[0], times[2])]
+            if not args.no_compile:
+                compiled = [torch.compile(original), torch.compile(optimized)]
+                with torch.no_grad():
+                    for module in compiled:
+                        module(x)
+                rows.append(("torch.compile", *time_modules(compiled, x, **rounds)))
+            for label, t_original, t_compressed in rows:
+                speed_up = t_original / t_compressed
+                print(f"{flops_x:>8.2f} {batch:>5}  {label:<32}{1e3 * t_original:>12.3f}{1e3 * t_compressed:>14.3f}"
+                      f"{speed_up:>9.2f}{speed_up / flops_x:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""``optimize_for_inference``: the fastest plain-PyTorch form of a (compressed) model, for deployment.
+
+Three rewrites, each exact up to float rounding:
+
+* **BatchNorm folding.** A BatchNorm in eval mode is an affine map per channel; when it reads the output of a
+  convolution or Linear layer and nothing else reads that output, it is folded into that layer's weight and
+  bias. The data flow is read from a ``torch.fx`` trace of the model; a model that cannot be traced gets the
+  pairs inside ``nn.Sequential`` containers only. A BatchNorm after a factorized layer folds into its last
+  factor.
+* **Chain merging.** A factorized layer (or a plain ``nn.Sequential`` of convolutions, as ``standardize_model``
+  leaves one) is a chain of linear layers with no non-linearity in between. Any run of consecutive factors
+  whose product is one convolution (each spatial axis convolved by at most one of them, and no bias crossing a
+  zero padding) can be replaced by that product. Each chain gets the split into products that runs fastest at
+  the chain's input shape on this machine, measured; a factorization that is not measurably faster than its
+  dense layer is merged back into it. Without an example input the split with the fewest MACs is taken.
+* **Memory format.** With an example input, the whole model is timed in ``channels_last`` against the format
+  it has, and is put in ``channels_last`` when that is measurably faster.
+
+The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; module surgery and the
+measured choices are kept apart from it.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .factors import dense_weight
+from .surgery import FactorizedLayer, module_paths, replace_module, standardize_model
+from .timing import call_model, fixed_threads, time_modules, time_modules_at
+
+log = logging.getLogger(__name__)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: A factorized chain is kept only when its median time is below this share of the dense layer's; the
+#: rest of the difference is within what a shared machine's noise produces between two medians.
+MEASURABLY_FASTER = 0.97
+#: Chains longer than this are only compared as they are against fully merged (2^(n-1) splits otherwise).
+_MAX_SPLIT_SEARCH = 6
+
+
+def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inplace: bool = False,
+                           threads: int | None = None, progress: bool = True) -> nn.Module:
+    """The fastest plain-PyTorch form of ``model`` for inference: BatchNorm folded, factor chains merged where
+    that is faster, memory format chosen; outputs equal the eval-mode model's up to float rounding.
+
+    The result is in eval mode and made of stock torch modules (factorized layers become ``nn.Sequential``
+    chains or single layers), so it saves (``state_dict``), traces, exports and compiles like any model. Its
+    structure differs from the input's where layers were merged or BatchNorms folded (a folded BatchNorm
+    becomes ``nn.Identity``), so its state dict loads into an optimized model, not into the original.
+
+    Folding uses the BatchNorm running statistics, i.e. it reproduces the model in eval mode: a model passed in
+    train mode is optimized as its eval-mode self. The input model is deep-copied first and left untouched,
+    unless ``inplace=True`` (then it is modified and, unless it is itself a factorized layer, returned).
+
+    ``example_input`` (called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping)
+    is the input the model will be deployed on: each chain's candidate forms, and the memory formats, are timed
+    at its shapes on this machine with ``threads`` torch threads (default: the current setting). Without it,
+    chains are merged wherever that saves MACs, and the memory format is left as it is.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    shapes = _record_shapes(model, example_input) if example_input is not None else {}
+    for layer, batchnorm in _batchnorm_pairs(model, shapes):
+        fold_batchnorm(layer, batchnorm)
+        for path in module_paths(model)[id(batchnorm)]:
+            replace_module(model, path, nn.Identity())
+    chains = _chains(model, shapes)
+    model = _apply_splits(model, {chain: chain.fewest_macs() for chain in chains})
+    if example_input is not None:
+        with fixed_threads(threads):
+            channels_last = _channels_last_is_faster(model, example_input)
+            model = _apply_splits(model, _fastest_splits(chains, channels_last, progress))
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    return standardize_model(model).eval()
+
+
+# --- BatchNorm folding: arithmetic --------------------------------------------------------------------------
+
+def batchnorm_affine(batchnorm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel with ``batchnorm(x) == x * scale + shift`` in eval mode (float64)."""
+    var = batchnorm.running_var.detach().double()
+    scale = torch.rsqrt(var + batchnorm.eps)
+    if batchnorm.weight is not None:
+        scale = scale * batchnorm.weight.detach().double()
+    shift = -batchnorm.running_mean.detach().double() * scale
+    if batchnorm.bias is not None:
+        shift = shift + batchnorm.bias.detach().double()
+    return scale, shift
+
+
+def folded_weights(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a layer followed by ``x * scale + shift`` per output channel (float64)."""
+    weight = weight.detach().double() * scale.reshape(-1, *(1,) * (weight.dim() - 1))
+    bias = shift if bias is None else bias.detach().double() * scale + shift
+    return weight, bias
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
+                   batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
+    """Folds ``batchnorm`` (eval mode, running statistics) into the layer that feeds it, in place; the layer
+    gains a bias if it had none. The caller removes the BatchNorm."""
+    weight, bias = folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm))
+    layer.weight.copy_(weight)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(layer.weight), requires_grad=layer.weight.requires_grad)
+    else:
+        layer.bias.copy_(bias)
+
+
+# --- BatchNorm folding: which pairs -------------------------------------------------------------------------
+
+def _is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """A module of one of ``types`` whose forward is torch's own, with no hooks or parametrizations, so its
+    output is exactly the layer arithmetic its parameters say."""
+    return (isinstance(module, types) and any(type(module).forward is t.forward for t in types)
+            and not module._forward_hooks and not module._forward_pre_hooks
+            and not parametrize.is_parametrized(module))
+
+
+def _is_foldable_batchnorm(module: nn.Module) -> bool:
+    return (_is_stock(module, _BATCHNORMS) and module.track_running_stats and module.running_mean is not None
+            and module.running_var is not None)
+
+
+def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:
+    """True when the BatchNorm normalizes the layer's output channels.
+
+    BatchNorm2d/3d take only batched 4-d/5-d input, whose channel axis is the conv's. BatchNorm1d normalizes
+    axis 1, which is a Linear layer's features only on 2-d input and a Conv1d's channels only on batched input:
+    that needs the output shape seen on the example input.
+    """
+    if layer.weight.shape[0] != batchnorm.num_features:
+        return False
+    expected_dims = {nn.BatchNorm2d: (nn.Conv2d, 4), nn.BatchNorm3d: (nn.Conv3d, 5)}
+    for bn_type, (layer_type, _) in expected_dims.items():
+        if isinstance(batchnorm, bn_type):
+            return isinstance(layer, layer_type)
+    output = shapes.get(id(layer), (None, None))[1]
+    if isinstance(layer, nn.Linear):
+        return output is not None and len(output) == 2
+    return isinstance(layer, nn.Conv1d) and output is not None and len(output) == 3
+
+
+def _batchnorm_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, BatchNorm) pairs where the BatchNorm reads only that layer's output and both run once."""
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: fold where the data flow is certain
+        log.info("optimize_for_inference: the model cannot be traced by torch.fx (%s: %s); folding BatchNorms "
+                 "inside nn.Sequential containers only", type(exc).__name__, exc)
+        return _sequential_pairs(model, shapes)
+    return _traced_pairs(model, graph, shapes)
+
+
+def _traced_pairs(model: nn.Module, graph: torch.fx.Graph, shapes: dict[int, tuple]
+                  ) -> list[tuple[nn.Module, nn.Module]]:
+    calls = Counter(id(model.get_submodule(node.target)) for node in graph.nodes if node.op == "call_module")
+    # a parameter read directly (get_attr) is used outside the module's forward: folding would change that use
+    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        batchnorm, source = model.get_submodule(node.target), node.args[0]
+        if (not _is_foldable_batchnorm(batchnorm) or not isinstance(source, torch.fx.Node)
+                or source.op != "call_module" or len(source.users) != 1):
+            continue
+        layer = model.get_submodule(source.target)
+        if (_is_stock(layer, (*_CONVS, nn.Linear)) and calls[id(layer)] == 1 and calls[id(batchnorm)] == 1
+                and not {node.target, source.target} & read_directly
+                and _channel_axis_fits(layer, batchnorm, shapes)):
+            pairs.append((layer, batchnorm))
+    return pairs
+
+
+def _last_layer(module: nn.Module) -> nn.Module | None:
+    """The module that produces ``module``'s output when that is certain: itself, or the last layer of a
+    stock ``nn.Sequential`` (a factorized layer included)."""
+    while isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module):
+        module = module[-1]
+    return module
+
+
+def _sequential_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
+    paths = module_paths(model)
+    pairs = []
+    for container in model.modules():
+        if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
+            continue
+        children = list(container)
+        for before, batchnorm in zip(children, children[1:]):
+            layer = _last_layer(before)
+            if (_is_foldable_batchnorm(batchnorm) and _is_stock(layer, (*_CONVS, nn.Linear))
+                    and len(paths[id(layer)]) == 1 and len(paths[id(batchnorm)]) == 1
+                    and _channel_axis_fits(layer, batchnorm, shapes)):
+                pairs.append((layer, batchnorm))
+    return pairs
+
+
+def _record_shapes(model: nn.Module, example_input: Any) -> dict[int, tuple]:
+    """{id(module): (input shape, output shape)} of every module's first call on the example input."""
+    shapes: dict[int, tuple] = {}
+
+    def record(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes.setdefault(id(module), (tuple(inputs[0].shape), tuple(output.shape)))
+
+    handles = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+# --- Chain merging: arithmetic ------------------------------------------------------------------------------
+
+@attrs.frozen
+class Geometry:
+    """The one layer a run of chained layers computes: its kernel, stride, padding, dilation, groups."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    padding_mode: str
+    groups: int
+
+
+def _axis_padding(conv: nn.Module, axis: int) -> int | None:
+    """Symmetric padding of ``conv`` on ``axis``; None for an asymmetric ``'same'`` (even kernel)."""
+    if conv.padding == "valid":
+        return 0
+    if conv.padding == "same":
+        total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+        return None if total % 2 else total // 2
+    return conv.padding[axis]
+
+
+def merged_geometry(layers: Sequence[nn.Module]) -> Geometry | None:
+    """The geometry of the single layer equal to ``layers`` applied in order, or None when there is none.
+
+    Linear layers always merge. Convolutions merge when every spatial axis is convolved, strided or padded by
+    at most one of them (the others are pointwise there), all the padding uses one mode, and no layer with a
+    bias comes before a zero-padding one (the bias would reach the padded border, where the product has zeros).
+    """
+    groups = math.gcd(*(getattr(layer, "groups", 1) for layer in layers))
+    if isinstance(layers[0], nn.Linear):
+        return Geometry((), (), (), (), "zeros", 1)
+    dims = len(layers[0].kernel_size)
+    kernel, stride, dilation = [1] * dims, [1] * dims, [1] * dims
+    padding: list[int | None] = [0] * dims
+    owner: list[int | None] = [None] * dims
+    modes: set[str] = set()
+    biased_before = False
+    for index, conv in enumerate(layers):
+        pads = False
+        for axis in range(dims):
+            size, step, pad = conv.kernel_size[axis], conv.stride[axis], _axis_padding(conv, axis)
+            if size == 1 and step == 1 and pad == 0:
+                continue
+            if owner[axis] is not None:
+                return None
+            owner[axis] = index
+            kernel[axis], stride[axis], padding[axis] = size, step, pad
+            dilation[axis] = conv.dilation[axis] if size > 1 else 1
+            pads = pads or pad != 0
+        if pads:
+            modes.add(conv.padding_mode)
+            if conv.padding_mode == "zeros" and biased_before:
+                return None
+        biased_before = biased_before or conv.bias is not None
+    if len(modes) > 1:
+        return None
+    if any(pad is None for pad in padding):  # an asymmetric 'same': only its own layer may convolve
+        owners = {o for o in owner if o is not None}
+        if len(owners) != 1:
+            return None
+        return Geometry(tuple(kernel), tuple(stride), "same", tuple(dilation), modes.pop(), groups)
+    return Geometry(tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), modes.pop() if modes else "zeros",
+                    groups)
+
+
+def merged_weights(layers: Sequence[nn.Module], geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (grouped, ``geometry.groups``) and bias of the single layer equal to ``layers`` (float64).
+
+    The product is taken per kernel position, each layer's kernel broadcast along the axes it does not
+    convolve; each bias is carried through the later layers as a constant map (sum of their kernels).
+    """
+    positions = math.prod(geometry.kernel_size)
+    composite = bias = None  # composite: (positions, out, in)
+    for layer in layers:
+        weight = layer.weight.detach().double()
+        if geometry.kernel_size:
+            weight = dense_weight(weight, layer.groups)
+        full = weight.expand(*weight.shape[:2], *geometry.kernel_size).reshape(*weight.shape[:2], positions)
+        full = full.permute(2, 0, 1)
+        if bias is not None:
+            bias = weight.reshape(*weight.shape[:2], -1).sum(-1) @ bias
+        if layer.bias is not None:
+            layer_bias = layer.bias.detach().double()
+            bias = layer_bias if bias is None else bias + layer_bias
+        composite = full if composite is None else torch.bmm(full, composite)
+    out_channels, in_channels = composite.shape[1:]
+    dense = composite.permute(1, 2, 0).reshape(out_channels, in_channels, *geometry.kernel_size)
+    out_size, in_size = out_channels // geometry.groups, in_channels // geometry.groups
+    grouped = torch.cat([dense[g * out_size:(g + 1) * out_size, g * in_size:(g + 1) * in_size]
+                         for g in range(geometry.groups)])
+    return grouped, bias
+
+
+def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
+    """A new layer computing ``layers`` in one, with their dtype and device."""
+    weight, bias = merged_weights(layers, geometry)
+    like = layers[0].weight
+    options = {"bias": bias is not None, "device": like.device, "dtype": like.dtype}
+    if isinstance(layers[0], nn.Linear):
+        merged = nn.Linear(weight.shape[1], weight.shape[0], **options)
+    else:
+        merged = type(layers[0])(weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size,
+                                 stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation,
+                                 groups=geometry.groups, padding_mode=geometry.padding_mode, **options)
+    with torch.no_grad():
+        merged.weight.copy_(weight)
+        if bias is not None:
+            merged.bias.copy_(bias)
+    return merged.train(layers[0].training)
+
+
+# --- Chain merging: choosing and applying splits ------------------------------------------------------------
+
+#: A split of a chain of n layers: the (start, stop) ranges of its runs, covering 0..n in order.
+Split = tuple[tuple[int, int], ...]
+
+
+def _splits(n: int) -> list[Split]:
+    """Every split of n layers into consecutive runs (2^(n-1)); for long chains only unsplit and fully merged."""
+    if n > _MAX_SPLIT_SEARCH:
+        return [tuple((i, i + 1) for i in range(n)), ((0, n),)]
+    result = []
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), n]
+        result.append(tuple(zip(bounds, bounds[1:])))
+    return result
+
+
+def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
+    """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one kind
+    or Linear layers, whose layers are not shared with the rest of the model."""
+    paths = module_paths(model)
+    chains = []
+    for module in {id(m): m for m in model.modules()}.values():
+        if not (isinstance(module, FactorizedLayer) or type(module) is nn.Sequential) or len(module) < 2:
+            continue
+        layers = list(module)
+        if (len({type(layer) for layer in layers}) == 1
+                and all(_is_stock(layer, (*_CONVS, nn.Linear)) for layer in layers)
+                and all(len(paths[id(layer)]) == 1 for layer in layers)):
+            chains.append(_Chain(paths[id(module)], layers, shapes.get(id(module), (None, None))[0],
+                                 [shapes.get(id(layer), (None, None))[1] for layer in layers]))
+    return chains
+
+
+@attrs.define(eq=False)
+class _Chain:
+    """A chain of layers where the model holds it (its container's paths), the output shape of each layer on
+    the example input (None without one, or where the example input did not reach it)."""
+
+    paths: list[str]
+    layers: list[nn.Module]
+    input_shape: tuple[int, ...] | None
+    output_shapes: list[tuple[int, ...] | None]
+    _geometries: dict[tuple[int, int], Geometry | None] = attrs.Factory(dict)
+
+    def geometry(self, start: int, stop: int) -> Geometry | None:
+        if (start, stop) not in self._geometries:
+            self._geometries[start, stop] = merged_geometry(self.layers[start:stop])
+        return self._geometries[start, stop]
+
+    def valid_splits(self) -> list[Split]:
+        return [split for split in _splits(len(self.layers))
+                if all(self.geometry(start, stop) is not None for start, stop in split)]
+
+    def macs(self, split: Split) -> float:
+        """MACs of the chain run as ``split``: on the example input's shapes, else per input position."""
+        total = 0.0
+        for start, stop in split:
+            first, last, geometry = self.layers[start], self.layers[stop - 1], self.geometry(start, stop)
+            in_channels = first.weight.shape[1] * getattr(first, "groups", 1)
+            weights = last.weight.shape[0] * in_channels // geometry.groups * math.prod(geometry.kernel_size)
+            total += self._positions(stop - 1) * weights
+        return total
+
+    def _positions(self, index: int) -> float:
+        output = self.output_shapes[index]
+        if output is not None:
+            return math.prod(output) / self.layers[index].weight.shape[0]
+        strides = [s for layer in self.layers[:index + 1] for s in getattr(layer, "stride", ())]
+        return 1.0 / math.prod(strides)
+
+    def fewest_macs(self) -> Split:
+        """The split with the fewest MACs; at equal MACs the one with fewer layers."""
+        return min(self.valid_splits(), key=lambda split: (self.macs(split), len(split)))
+
+    def build(self, split: Split) -> nn.Module:
+        """The chain run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged)."""
+        parts = [self.layers[start] if stop - start == 1 else
+                 merge_layers(self.layers[start:stop], self.geometry(start, stop)) for start, stop in split]
+        return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
+
+
+def _apply_splits(model: nn.Module, splits: dict[_Chain, Split]) -> nn.Module:
+    """Puts each chain, run as its split, where the chain is held; returns the root (new if it was a chain)."""
+    for chain, split in splits.items():
+        new = chain.build(split)
+        for path in chain.paths:
+            if path:
+                replace_module(model, path, new)
+            else:
+                model = new
+    return model
+
+
+# --- Measured choices ---------------------------------------------------------------------------------------
+
+def _channels_last_is_faster(model: nn.Module, example_input: Any) -> bool:
+    """True when the model has 2-d convolutions and runs measurably faster in channels_last."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    device = next(model.parameters()).device
+    as_is, in_channels_last = time_modules([model, channels_last], example_input, warmup=1, min_rounds=3,
+                                           min_seconds=1.0, device=device)
+    log.info("optimize_for_inference: whole model %.3f ms as it is, %.3f ms in channels_last", 1e3 * as_is,
+             1e3 * in_channels_last)
+    return in_channels_last < MEASURABLY_FASTER * as_is
+
+
+def _candidates(chain: _Chain) -> list[Split]:
+    """The splits worth timing: unsplit, fully merged, and the three with the fewest MACs."""
+    splits = sorted(chain.valid_splits(), key=lambda split: (chain.macs(split), len(split)))
+    n = len(chain.layers)
+    wanted = [*splits[:3], tuple((i, i + 1) for i in range(n)), ((0, n),)]
+    return [split for split in dict.fromkeys(wanted) if split in splits]
+
+
+def _fastest_splits(chains: Sequence[_Chain], channels_last: bool, progress: bool) -> dict[_Chain, Split]:
+    """For each chain the split that runs fastest at its input shape; the dense layer unless a factorized
+    split is measurably faster. Chains the example input did not reach keep the fewest-MACs split."""
+    chosen = {}
+    for chain in tqdm(chains, desc="optimize_for_inference: timing layers", disable=not progress):
+        candidates = _candidates(chain)
+        if chain.input_shape is None or len(candidates) == 1:
+            chosen[chain] = chain.fewest_macs()
+            continue
+        like = chain.layers[0].weight
+        times = time_modules_at([chain.build(split) for split in candidates], chain.input_shape, dtype=like.dtype,
+                                device=like.device, channels_last=channels_last, warmup=1, min_rounds=3,
+                                max_rounds=30, min_seconds=0.1)
+        best = min(range(len(candidates)), key=times.__getitem__)
+        dense = ((0, len(chain.layers)),)
+        if dense in candidates and times[best] > MEASURABLY_FASTER * times[candidates.index(dense)]:
+            best = candidates.index(dense)
+        log.debug("optimize_for_inference: %s: %s -> %s", chain.paths[0],
+                  ", ".join(f"{split} {1e6 * t:.0f} us" for split, t in zip(candidates, times)), candidates[best])
+        chosen[chain] = candidates[best]
+    return chosen

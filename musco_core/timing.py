@@ -1,0 +1,104 @@
+"""Measuring how long modules take on this machine: warmed up, alternated, medians, at a fixed thread count.
+
+Timings on a shared machine drift by tens of percent within seconds, so candidates are never timed one after
+the other: every round calls each candidate once, in a rotating order, and the medians over the rounds are
+compared. Only ratios between candidates measured together are meaningful.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """``model(x)``; ``model(*x)`` for a tuple or list; ``model(**x)`` for a mapping (a tokenizer's output)."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+@contextmanager
+def fixed_threads(threads: int | None) -> Iterator[int]:
+    """Runs the block with torch's intra-op thread count set to ``threads`` (None: as it is), then restores it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_rounds: int = 5,
+                    max_rounds: int = 50, min_seconds: float = 0.2, threads: int | None = None,
+                    device: torch.device | None = None) -> list[float]:
+    """Median seconds per call of each callable, measured in alternation.
+
+    Each callable runs ``warmup`` times first (lazy initialisation, caches, oneDNN primitive creation). Then
+    rounds call every callable once, starting at a different one each round so none always runs right after
+    another; rounds go on until ``min_rounds`` are done and ``min_seconds`` have passed, or ``max_rounds``.
+    ``device`` set to a CUDA device synchronizes around every call, so the time is the kernel time.
+    """
+    if not calls:
+        return []
+    with fixed_threads(threads):
+        for call in calls:
+            for _ in range(warmup):
+                call()
+        _synchronize(device)
+        samples: list[list[float]] = [[] for _ in calls]
+        started = time.perf_counter()
+        for round_ in range(max_rounds):
+            for offset in range(len(calls)):
+                index = (round_ + offset) % len(calls)
+                begin = time.perf_counter()
+                calls[index]()
+                _synchronize(device)
+                samples[index].append(time.perf_counter() - begin)
+            if round_ + 1 >= min_rounds and time.perf_counter() - started >= min_seconds:
+                break
+    return [statistics.median(s) for s in samples]
+
+
+def time_modules(modules: Sequence[nn.Module], example_input: Any, **options: Any) -> list[float]:
+    """Median seconds of one forward pass of each module on ``example_input``, timed in alternation under
+    ``torch.no_grad`` (options as :func:`time_alternated`)."""
+
+    def forward(module: nn.Module) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad():
+                return call_model(module, example_input)
+        return run
+
+    return time_alternated([forward(m) for m in modules], **options)
+
+
+def time_modules_at(modules: Sequence[nn.Module], input_shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", channels_last: bool = False, seed: int = 0,
+                    **options: Any) -> list[float]:
+    """Median seconds of one forward pass of each module on a random input of ``input_shape`` (batch included),
+    timed in alternation (options as :func:`time_alternated`); ``channels_last`` puts a 4-d input and the modules'
+    4-d weights in that memory format first. Synchronizes around each call on a CUDA device."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(input_shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+        modules = [module.to(memory_format=torch.channels_last) for module in modules]
+    return time_modules(modules, x, device=device, **options)

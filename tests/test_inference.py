@@ -1,0 +1,397 @@
+"""optimize_for_inference: BatchNorm folding and chain merging keep outputs, the result exports, and the
+statistics and compression path start without importing torch._dynamo."""
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from models import make_trained_like, resnet18
+from musco_core import Compressor, FactorizedLayer, optimize_for_inference
+from musco_core.inference import merge_layers, merged_geometry
+from musco_core.timing import fixed_threads, time_alternated, time_modules_at
+
+TOLERANCE = 1e-5  # relative, on the output's norm
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def factorize(layer: nn.Module, decomposition: str, rank: int | tuple[int, int]) -> FactorizedLayer:
+    """``layer`` compressed with ``decomposition`` at ``rank`` (forced), as a factorized layer."""
+    schedule = {"0": {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": [rank],
+                      "force": True}}
+    compressor = Compressor(nn.Sequential(layer), model_compr_kwargs=schedule, progress=False)
+    compressor.compression_step()
+    (result,) = compressor.history
+    assert result.applied, result.note
+    return compressor.compressed_model[0]
+
+
+def with_trained_statistics(batchnorm: nn.modules.batchnorm._BatchNorm, seed: int) -> nn.Module:
+    """Gives a BatchNorm running statistics and affine parameters far from their defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    n = batchnorm.num_features
+    with torch.no_grad():
+        batchnorm.running_mean.copy_(torch.randn(n, generator=generator))
+        batchnorm.running_var.copy_(torch.rand(n, generator=generator) * 3 + 0.1)
+        if batchnorm.affine:
+            batchnorm.weight.copy_(torch.randn(n, generator=generator))
+            batchnorm.bias.copy_(torch.randn(n, generator=generator))
+    return batchnorm
+
+
+# --- chain merging over every conv geometry the adapters support ----------------------------------------------
+
+@st.composite
+def conv_cases(draw):
+    dims = draw(st.sampled_from([1, 2, 2, 3]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    in_channels = groups * draw(st.integers(2, 4))
+    out_channels = groups * draw(st.integers(2, 4))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    padding = draw(st.sampled_from(["same", "valid", "ints"])) if all(s == 1 for s in stride) else "ints"
+    if padding == "ints":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    bias = draw(st.booleans())
+    size = tuple(d * (k - 1) + 3 + draw(st.integers(0, 2)) for d, k in zip(dilation, kernel))
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    layer = conv(in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
+                 groups=groups, bias=bias, padding_mode=mode)
+    splittable = padding != "same" or all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel))
+    decompositions = ["tucker2"] + (["svd"] if all(k == 1 for k in kernel) else
+                                    ["cp3"] + ["cp4"] * (dims == 2 and splittable))
+    decomposition = draw(st.sampled_from(decompositions))
+    out_group, in_group = out_channels // groups, in_channels // groups
+    per_rank = {"cp3": out_group + in_group + math.prod(kernel), "cp4": out_group + in_group + sum(kernel)}
+    largest = (out_group * in_group * math.prod(kernel) // per_rank[decomposition] if decomposition in per_rank
+               else min(out_group, in_group))
+    rank = draw(st.integers(1, max(1, largest)))
+    return layer, size, decomposition, (rank, rank) if decomposition == "tucker2" else rank
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_every_run_of_factors_that_merges_reproduces_the_chain(case):
+    """Each run of consecutive factors that ``merged_geometry`` accepts is replaced exactly by its product, and
+    the whole chain of a bundled decomposition always merges back to one layer of the original geometry."""
+    layer, size, decomposition, rank = case
+    factorized = factorize(layer, decomposition, rank).eval()
+    factors = list(factorized)
+    assert merged_geometry(factors) is not None, f"{decomposition} on {layer} does not merge back"
+    x = torch.randn(2, layer.in_channels, *size)
+    inputs = [x]
+    with torch.no_grad():
+        for factor in factors:
+            inputs.append(factor(inputs[-1]))
+        for start in range(len(factors)):
+            for stop in range(start + 2, len(factors) + 1):
+                geometry = merged_geometry(factors[start:stop])
+                if geometry is None:
+                    continue
+                merged = merge_layers(factors[start:stop], geometry)
+                assert relative(merged(inputs[start]), inputs[stop]) < TOLERANCE, (start, stop, geometry)
+        whole = merge_layers(factors, merged_geometry(factors))
+    assert whole.weight.shape == layer.weight.shape
+    effective_dilation = tuple(d if k > 1 else 1 for d, k in zip(layer.dilation, layer.kernel_size))
+    assert (whole.stride, whole.dilation, whole.groups) == (layer.stride, effective_dilation, layer.groups)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans(), st.booleans())
+def test_factorized_conv_then_batchnorm_keeps_its_outputs(case, affine, train_mode):
+    """A factorized conv followed by a BatchNorm (trained statistics, model in train or eval mode): the
+    BatchNorm folds into the last factor and the optimized model matches the eval-mode model."""
+    layer, size, decomposition, rank = case
+    batchnorm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[layer.weight.dim() - 2]
+    model = nn.Sequential(factorize(layer, decomposition, rank),
+                          with_trained_statistics(batchnorm(layer.out_channels, affine=affine), 1), nn.ReLU())
+    model.train(train_mode)
+    x = torch.randn(2, layer.in_channels, *size)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x)
+        # BatchNorm1d normalizes axis 1, a Conv1d's channels only on batched input: that needs the shape seen
+        optimized = optimize_for_inference(model, x if layer.weight.dim() == 3 else None, progress=False)
+        assert relative(optimized(x), expected) < TOLERANCE
+    assert isinstance(optimized[1], nn.Identity)
+    assert model.training == train_mode and isinstance(model[0], FactorizedLayer), "the input model changed"
+    assert not any(isinstance(m, (FactorizedLayer, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+                   for m in optimized.modules())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(0, 1), st.booleans(),
+                          st.sampled_from(["zeros", "reflect"])), min_size=2, max_size=4))
+def test_merging_refuses_chains_it_cannot_reproduce(layers):
+    """Random 1-d conv chains: whenever a merged geometry is offered, the merged layer reproduces the chain
+    (biases before zero padding, two layers convolving one axis and mixed padding modes are refused)."""
+    convs, channels = [], 3
+    for kernel, stride, padding, bias, mode in layers:
+        convs.append(nn.Conv1d(channels, 4, kernel, stride=stride, padding=padding, bias=bias, padding_mode=mode))
+        channels = 4
+    geometry = merged_geometry(convs)
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        if geometry is not None:
+            assert relative(merge_layers(convs, geometry)(x), nn.Sequential(*convs)(x)) < TOLERANCE
+    convolving = sum(1 for kernel, stride, padding, *_ in layers if kernel > 1 or stride > 1 or padding)
+    if convolving > 1:
+        assert geometry is None
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_a_bias_reaching_a_padded_border_merges_only_when_padding_copies_pixels(mode):
+    """Zero padding puts zeros where the chain has the first layer's bias; copying pads commute with it."""
+    chain = [nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode)]
+    geometry = merged_geometry(chain)
+    assert (geometry is None) == (mode == "zeros")
+    if geometry is not None:
+        x = torch.randn(2, 3, 6, 7)
+        with torch.no_grad():
+            assert relative(merge_layers(chain, geometry)(x), nn.Sequential(*chain)(x)) < TOLERANCE
+
+
+def test_linear_chain_on_3d_input_merges_with_its_biases():
+    chain = [nn.Linear(6, 3), nn.Linear(3, 5), nn.Linear(5, 4)]
+    x = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        merged = merge_layers(chain, merged_geometry(chain))
+        assert relative(merged(x), nn.Sequential(*chain)(x)) < TOLERANCE
+    assert merged.weight.shape == (4, 6)
+
+
+def test_without_an_example_input_the_split_with_fewest_macs_is_taken():
+    """svd at a rank that saves MACs stays factorized; Tucker2 at full ranks costs more than the dense conv and
+    is merged back; outputs are kept either way."""
+    cheap = factorize(nn.Linear(64, 64), "svd", 8)
+    costly = factorize(nn.Conv2d(16, 16, 3, padding=1), "tucker2", (16, 16))
+    model = nn.Sequential(costly, nn.Flatten(), nn.Linear(16 * 25, 64), nn.ReLU(), cheap)
+    x = torch.randn(3, 16, 5, 5)
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, progress=False)
+        assert relative(optimized(x), model.eval()(x)) < TOLERANCE
+    assert isinstance(optimized[0], nn.Conv2d) and optimized[0].weight.shape == (16, 16, 3, 3)
+    assert isinstance(optimized[4], nn.Sequential) and [f.weight.shape for f in optimized[4]] == [(8, 64), (64, 8)]
+
+
+def test_a_plain_sequential_chain_is_merged_too():
+    """What standardize_model leaves (an nn.Sequential of factor convs) merges like a factorized layer."""
+    chain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                          nn.Conv2d(8, 8, 1))
+    model = nn.Sequential(chain, nn.ReLU())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, progress=False)
+        assert relative(optimized(x), model(x)) < TOLERANCE
+    assert isinstance(optimized[0], nn.Conv2d)
+
+
+# --- BatchNorm folding: where the data flow is certain ---------------------------------------------------------
+
+class Attributes(nn.Module):
+    """torchvision-style attribute layers: conv -> bn, linear -> bn (2-d), and a conv whose output is also
+    read elsewhere (its BatchNorm must not fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.shared_bn = with_trained_statistics(nn.BatchNorm2d(8), 3)
+        self.fc = nn.Linear(8, 6)
+        self.fc_bn = with_trained_statistics(nn.BatchNorm1d(6), 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        z = self.shared(y)
+        y = self.shared_bn(z) + z
+        return self.fc_bn(self.fc(y.mean((2, 3))))
+
+
+class Untraceable(Attributes):
+    """Data-dependent control flow: torch.fx cannot trace it, so only the Sequential pair folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(3), 5))
+
+    def forward(self, x):
+        x = self.block(x)
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_traced_model_folds_every_pair_whose_output_is_only_normalized():
+    model = Attributes()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        without_input = optimize_for_inference(model, progress=False)
+        with_input = optimize_for_inference(model, x, progress=False)
+        for optimized in (without_input, with_input):
+            assert relative(optimized(x), expected) < TOLERANCE
+    assert isinstance(without_input.bn, nn.Identity) and isinstance(with_input.bn, nn.Identity)
+    assert isinstance(without_input.shared_bn, nn.BatchNorm2d) and isinstance(with_input.shared_bn, nn.BatchNorm2d)
+    # BatchNorm1d after a Linear normalizes its features only on 2-d input: folded once the shape was seen
+    assert isinstance(without_input.fc_bn, nn.BatchNorm1d) and isinstance(with_input.fc_bn, nn.Identity)
+
+
+def test_untraceable_model_folds_inside_sequentials_only():
+    model = Untraceable()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        optimized = optimize_for_inference(model, progress=False)
+        assert relative(optimized(x), expected) < TOLERANCE
+    assert isinstance(optimized.block[1], nn.Identity)
+    assert isinstance(optimized.bn, nn.BatchNorm2d)
+
+
+def test_batchnorm_without_running_statistics_and_a_layer_used_twice_are_left_alone():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4, track_running_stats=False), conv,
+                          with_trained_statistics(nn.BatchNorm2d(4), 6))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        optimized = optimize_for_inference(model, progress=False)
+        assert relative(optimized(x), expected) < TOLERANCE
+    assert all(isinstance(m, nn.BatchNorm2d) for m in (optimized[1], optimized[3]))
+
+
+def test_input_model_is_untouched_unless_inplace():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
+    state = copy.deepcopy(model.state_dict())
+    optimized = optimize_for_inference(model, progress=False)
+    assert not optimized.training and model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert optimize_for_inference(model, inplace=True, progress=False) is model
+    assert isinstance(model[1], nn.Identity) and not model.training
+
+
+# --- the measured path and deployment ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compressed_resnet():
+    """A small ResNet with trained BatchNorm statistics and svd, tucker2, cp3 and cp4 layers."""
+    model = make_trained_like(resnet18(num_classes=10, width=16), seed=1)
+    for index, module in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        with_trained_statistics(module, 10 + index)
+    schedule = {"layer1.0.conv1": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 8]]},
+                "layer2.0.conv2": {"decomposition": "cp3", "rank_selection": "manual", "manual_rank": [24]},
+                "layer3.0.conv2": {"decomposition": "cp4", "rank_selection": "manual", "manual_rank": [24]},
+                "layer2.0.downsample.0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]},
+                "fc": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    compressor = Compressor(model.eval(), model_compr_kwargs=schedule, ft_every=5, progress=False)
+    compressor.compression_step()
+    return compressor.compressed_model.train()  # optimized as its eval-mode self
+
+
+def test_measured_optimization_keeps_outputs_and_exports(compressed_resnet, tmp_path):
+    import onnxruntime
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = copy.deepcopy(compressed_resnet).eval()(x)
+        optimized = optimize_for_inference(compressed_resnet, x, threads=1, progress=False)
+        assert relative(optimized(x), expected) < TOLERANCE
+    assert not optimized.training
+    assert not any(isinstance(m, (FactorizedLayer, nn.BatchNorm2d)) for m in optimized.modules())
+
+    torch.save(optimized.state_dict(), tmp_path / "weights.pt")
+    reloaded = copy.deepcopy(optimized)
+    for parameter in reloaded.parameters():
+        parameter.data.zero_()
+    reloaded.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    torch.testing.assert_close(reloaded(x), optimized(x))
+
+    with torch.no_grad(), pytest.warns(DeprecationWarning):
+        traced = torch.jit.trace(optimized, x)
+    torch.testing.assert_close(traced(x), optimized(x))
+    exported = torch.export.export(optimized, (x,))
+    torch.testing.assert_close(exported.module()(x), optimized(x))
+    program = torch.onnx.export(optimized, (x,), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(onnx_out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_optimized_model_compiles():
+    model = nn.Sequential(factorize(nn.Conv2d(4, 6, 3, padding=1), "tucker2", (3, 3)),
+                          with_trained_statistics(nn.BatchNorm2d(6), 8), nn.ReLU())
+    x = torch.randn(1, 4, 6, 6)
+    optimized = optimize_for_inference(model, progress=False)
+    with torch.no_grad():
+        compiled = torch.compile(optimized)
+        assert relative(compiled(x), model.eval()(x)) < TOLERANCE
+
+
+# --- timing helpers (the protocol, not the figures) -------------------------------------------------------------
+
+def test_time_alternated_runs_each_candidate_in_rotating_rounds():
+    order: list[str] = []
+    calls = [lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")]
+    medians = time_alternated(calls, warmup=1, min_rounds=4, max_rounds=4, min_seconds=0.0)
+    assert len(medians) == 3 and all(m >= 0 for m in medians)
+    assert order[:3] == ["a", "b", "c"]  # warm-up
+    rounds = [order[3 + 3 * i:6 + 3 * i] for i in range(4)]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a"] and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+
+
+def test_time_modules_at_an_input_shape_in_channels_last():
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(5, 2).double()
+    (median,) = time_modules_at([conv], (2, 3, 8, 8), channels_last=True, warmup=0, min_rounds=2, max_rounds=2,
+                                min_seconds=0.0)
+    assert median > 0 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(time_modules_at([linear, linear], (4, 7, 5), dtype=torch.float64, min_rounds=1, min_seconds=0.0)) == 2
+
+
+def test_fixed_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with fixed_threads(1) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive"):
+        with fixed_threads(0):
+            pass
+
+
+# --- start-up: no torch._dynamo -----------------------------------------------------------------------------------
+
+def test_statistics_compression_and_optimization_do_not_import_dynamo():
+    """Counting FLOPs with FlopCounterMode imports torch._dynamo (seconds); the default path must not."""
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        from torch import nn
+        import musco_core
+        from musco_core import Compressor, ModelStats, default_registry, optimize_for_inference
+        model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3),
+                              nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+        x = torch.randn(1, 3, 8, 8)
+        stats = ModelStats.from_model(model, default_registry(), x)
+        assert stats.total_macs > 0 and stats.total_flops is None
+        compressor = Compressor(model, example_input=x, config_type="vbmf", ft_every=10, progress=False)
+        compressor.compression_step()
+        optimize_for_inference(compressor.compressed_model, progress=False)
+        print("torch._dynamo" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
