@@ -233,7 +233,7 @@ def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batch
     modules = _modules(model, layers)
     accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
     n_batches = 0
-    with distributed.agreement(group, "calibration"), _calibration_pass(model):
+    with distributed.agreement(group, "input statistics"), _calibration_pass(model):
         for batch in _bar(batches, "calibration", progress):
             for name, inputs in _inputs(model, modules, batch, n_batches).items():
                 for x in inputs:
@@ -276,7 +276,7 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulator = InputStatsAccumulator(spec)
     n_batches, calls = 0, 0
-    with distributed.agreement(group, f"calibration of {name}"), _calibration_pass(model):
+    with distributed.agreement(group, f"input statistics of {name!r}"), _calibration_pass(model):
         for batch, reference_batch in _bar(zip(batches, references, strict=True), f"calibration of {name}",
                                            progress):
             reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])

@@ -220,10 +220,11 @@ def check_replicas(group: Group | None, model: nn.Module) -> None:
 
 
 # -- sharing the decompositions of a step ----------------------------------------------------------------------
-def assign(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
+def assign(costs: Mapping[str, float], world_size: int, loads: list[float] | None = None) -> dict[str, int]:
     """Each layer's owner rank: greedily, the costliest layer first, to the least loaded rank (ties: the name, then
-    the lower rank), so every rank computes the same split."""
-    loads = [0.0] * world_size
+    the lower rank), so every rank computes the same split. ``loads``, the ranks' work so far (say, from earlier
+    batches of the same step), is counted and updated in place."""
+    loads = [0.0] * world_size if loads is None else loads
     owners = {}
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
@@ -235,12 +236,14 @@ def assign(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
 def share(group: Group, jobs: Sequence[str], costs: Mapping[str, float],
           compute: Callable[[str], tuple[nn.Module | None, Any]],
           encode: Callable[[Any], Any], decode: Callable[[Any], Any],
-          skeleton: Callable[[str, Any], nn.Module]) -> dict[str, tuple[nn.Module | None, Any]]:
-    """``compute(name) -> (module or None, result)`` for every job, each on its owner rank (:func:`assign`), with
+          skeleton: Callable[[str, Any], nn.Module], loads: list[float] | None = None
+          ) -> dict[str, tuple[nn.Module | None, Any]]:
+    """``compute(name) -> (module or None, result)`` for every job, each on its owner rank (:func:`assign`, with
+    ``loads``), with
     the results on every rank: the owner's result (``encode``-d to JSON data, ``decode``-d back) and module, whose
     state is broadcast into ``skeleton(name, result)`` on the other ranks. A failure on any rank is raised on every
     rank before anything is broadcast."""
-    owners = assign(costs, group.world_size)
+    owners = assign(costs, group.world_size, loads)
     mine: dict[str, tuple[nn.Module | None, Any]] = {}
     with agreement(group, "decomposition"):
         for name in jobs:

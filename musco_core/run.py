@@ -240,10 +240,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     allocated, budgets = dict(state.allocated), list(state.budgets)
     pending: dict[str, Pending] = {}
     queued: dict[str, _Job] = {}
+    loads = [0.0] * group.world_size if group else None  # each rank's decomposition work in this step
 
     def decompose_queued() -> None:
         """Decomposes the layers queued so far (across the ranks in a distributed job) into ``pending``."""
-        pending.update(_decompose(model, queued, schedule, context, group))
+        if not queued:
+            return
+        pending.update(_decompose(queued, schedule, context, group, loads))
         for name in queued:
             step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
         queued.clear()
@@ -272,7 +275,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
-        if sequential:
+        if sequential and needs_input_stats(schedule, registry, [name]):
             decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
             stats = _calibrated(model, name, schedule, input_stats_for, pending, paths, context, group)
         else:
@@ -311,10 +314,10 @@ def _cost(job: _Job, registry: Registry, name: str) -> float:
     return float(spec.out_channels * features * min(spec.out_channels, features))
 
 
-def _decompose(model: nn.Module, jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunContext,
-               group: distributed.Group | None) -> dict[str, Pending]:
-    """The factorized layers of ``jobs``: each decomposed on its owner rank in a distributed job, the results and
-    factors broadcast to every rank."""
+def _decompose(jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunContext,
+               group: distributed.Group | None, loads: list[float] | None) -> dict[str, Pending]:
+    """The factorized layers of ``jobs``: each decomposed on its owner rank in a distributed job (``loads`` the
+    ranks' work so far in the step), the results and factors broadcast to every rank."""
     registry = context.registry
 
     def compute(name: str) -> tuple[nn.Module | None, LayerResult]:
@@ -337,7 +340,7 @@ def _decompose(model: nn.Module, jobs: Mapping[str, _Job], schedule: ModelSchedu
             decode=lambda data: LayerResult(**{**data, "ranks": None if data["ranks"] is None
                                                else tuple(data["ranks"])}),
             skeleton=lambda name, result: factorized_like(jobs[name].module, name, result.decomposition,
-                                                          result.ranks, registry))
+                                                          result.ranks, registry), loads=loads)
     return {name: Pending(jobs[name].module, new, result) for name, (new, result) in done.items()}
 
 
