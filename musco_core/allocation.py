@@ -157,7 +157,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
 
 
 def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], members: Sequence[str],
-                  totals: ModelTotals, pass_index: int, settings: RunSettings) -> tuple[dict[str, Allocated | None], BudgetRecord]:
+                  totals: ModelTotals, pass_index: int, settings: RunSettings
+                  ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
     params = settings.algo_kwargs.get(selector.name) or selector.Params()
     try:

@@ -64,17 +64,24 @@ def current() -> Group | None:
     return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
-def init_from_env(timeout: datetime.timedelta | None = None) -> Group | None:
-    """Initializes the default process group from the variables ``torchrun`` sets (``WORLD_SIZE``, ``RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more processes and none is initialized yet: NCCL
-    when CUDA is available, gloo otherwise. Returns the group (None for a single process)."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+@contextlib.contextmanager
+def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterator[Group | None]:
+    """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
+    torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more
+    processes and none is initialized yet, and destroyed on leaving (a gloo group left to the interpreter's exit
+    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective."""
+    started = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
         log.info("process group initialized: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    return current()
+    try:
+        yield current()
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 # -- agreeing on success ---------------------------------------------------------------------------------------

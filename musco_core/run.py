@@ -251,8 +251,10 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
         queued.clear()
 
-    order = forward_order(model, names, context.calibration_data) if sequential else names
-    order = distributed.broadcast_json(group, list(order))  # the order of the collectives below, the same on all
+    order = names
+    if sequential:  # rank 0's order (its shard cannot be empty): the collectives below run in it on every rank
+        order = distributed.on_first_rank(group, "the order of the step's layers",
+                                          lambda: forward_order(model, names, context.calibration_data))
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:

@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    group = distributed.init_from_env(timeout=datetime.timedelta(seconds=30))
+    with distributed.process_group_from_env(timeout=datetime.timedelta(seconds=30)) as group:
+        sys.exit(run(args, group))
+
+
+def run(args: argparse.Namespace, group: distributed.Group) -> int:
     rank, world_size = group.rank, group.world_size
     record: dict = {"fingerprints": []}
     state_dir = args.out / "ckpt"
@@ -137,8 +141,7 @@ def main() -> None:
         record.update(ranks=compressor.ranks, history=history(compressor), run_id=compressor.state.run_id,
                       step=compressor.curr_iter)
     (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
-    torch.distributed.destroy_process_group()
-    sys.exit(exit_code)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(*args: str, world_size: int = 2) -> list[subprocess.CompletedProcess]:
-    """Runs distributed_worker.py on ``world_size`` ranks, with the variables torchrun sets."""
+def launch(*args: str, world_size: int = 2, command: list[str] | None = None, cwd: Path = HERE
+           ) -> list[subprocess.CompletedProcess]:
+    """Runs distributed_worker.py with ``args`` (or ``command``) on ``world_size`` ranks, with the variables torchrun
+    sets."""
+    command = command or [sys.executable, str(HERE / "distributed_worker.py"), *args]
     port = free_port()
     processes = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), *args], env=env,
-                                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
     done = []
     try:
         for process in processes:
@@ -134,3 +137,46 @@ def test_layers_are_split_across_ranks_by_cost_deterministically():
     owners = assign({"a": 10.0, "b": 6.0, "c": 5.0, "d": 0.0}, 2)
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
     assert assign({"x": 1.0}, 3) == {"x": 0}
+
+
+CLI_MODEL = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10))
+"""
+CLI_SCHEDULE = """
+version: 1
+settings: {ft_every: 1, nglobal_compress_iters: 2}
+layers:
+  "2": {decomposition: whitened_svd, rank_selection: param_reduction, param_reduction_rate: 2}
+  "5": {decomposition: svd, rank_selection: param_reduction, param_reduction_rate: 2}
+"""
+
+
+def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from musco_core.cli import main
+
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL, encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    save_file({"x": torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "calibration.safetensors"))
+    args = ["compress", "--model", "cli_model:make", "--config", "schedule.yaml", "--calibration",
+            "calibration.safetensors", "--calibration-batch-size", "4", "--input-shape", "1,3,8,8", "--quiet"]
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", *args, "--out", "shared"], cwd=tmp_path)
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    assert "saved to shared" in processes[0].stdout and processes[1].stdout == ""  # rank 0 reports
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*args, "--out", "alone"])
+    assert result.exit_code == 0, result.output
+    close(load_file(tmp_path / "shared" / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors"))
+    rows = [[{**row, "seconds": 0} for row in json.loads((tmp_path / out / "report.json").read_text())["layers"]]
+            for out in ("shared", "alone")]
+    assert rows[0] == rows[1]
