@@ -61,10 +61,23 @@ def resume(state_dir: Path, rank: int = 0, world_size: int = 1) -> Compressor:
                              evaluate=evaluation(rank, world_size))
 
 
+def fine_tune(net: nn.Module, step: int) -> None:
+    """resume_worker's SGD step, through DistributedDataParallel in a job (:func:`distributed.rewrap`), every rank on
+    the same batch: the averaged gradient is each rank's own, so the result is the single-process one."""
+    wrapped, optimizer = distributed.rewrap(net, lambda parameters: torch.optim.SGD(parameters, lr=0.01))
+    generator = torch.Generator().manual_seed(step)
+    x, y = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+    wrapped.train()
+    nn.functional.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    net.eval()
+
+
 def step(compressor: Compressor, state_dir: Path) -> None:
-    """One step, then the same deterministic fine-tuning on every rank (replicas stay equal), then the state."""
+    """One step, then the same fine-tuning on every rank (replicas stay equal), then the state."""
     compressor.compression_step()
-    base.fine_tune(compressor.compressed_model, compressor.curr_iter)
+    fine_tune(compressor.compressed_model, compressor.curr_iter)
     compressor.save_state(state_dir)
 
 

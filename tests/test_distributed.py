@@ -72,7 +72,7 @@ def single():
     weights = []
     while not compressor.done:
         compressor.compression_step()
-        worker.base.fine_tune(compressor.compressed_model, compressor.curr_iter)
+        worker.fine_tune(compressor.compressed_model, compressor.curr_iter)
         weights.append(worker.weights(compressor))
     return compressor, weights
 
@@ -131,6 +131,15 @@ def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
         assert "the model was left as before this step" in decomposition
         assert replicas.startswith("ConfigError: rank 1 of 2: checking the replicas: this rank's model differs")
         assert record["untouched"] and record["next_step"] == 1
+
+
+def test_rewrap_without_a_process_group_gives_the_model_and_an_optimizer_over_its_parameters():
+    from musco_core.distributed import rewrap
+
+    model = torch.nn.Linear(3, 2)
+    wrapped, optimizer = rewrap(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1))
+    assert wrapped is model
+    assert [p for group in optimizer.param_groups for p in group["params"]] == list(model.parameters())
 
 
 def test_layers_are_split_across_ranks_by_cost_deterministically():
