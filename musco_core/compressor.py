@@ -44,6 +44,10 @@ class Compressor:
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
     and the model to the next ones, so a failing step changes neither.
+
+    Inside a ``torch.distributed`` job every rank builds its own Compressor over its replica, with its own shard of
+    ``calibration_data`` (and an ``evaluate`` on its own shard), and takes the steps together: see
+    :mod:`musco_core.distributed`.
     """
 
     def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,

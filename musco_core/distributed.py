@@ -185,7 +185,7 @@ def sum_moments(group: Group | None, accumulators: Mapping[str, Any], n_batches:
     for index, name in enumerate(names):
         acc = accumulators[name]
         size = acc.spec.in_channels * acc.spec.kernel_numel
-        zeros = torch.zeros(size, size, dtype=torch.float64)
+        zeros = torch.zeros(size, size, dtype=torch.float64, device=group.device)
         acc.total = _all_reduce_sum(group, zeros if acc.total is None else acc.total)
         if counts[1 + len(names) + index]:
             acc.cross = _all_reduce_sum(group, torch.zeros_like(acc.total) if acc.cross is None else acc.cross)
