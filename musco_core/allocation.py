@@ -15,12 +15,13 @@ import attrs
 from torch import nn
 from tqdm.auto import tqdm
 
-from .components import InputStats, LayerChoice, ModelTotals
+from .components import InputStats, LayerChoice, ModelTotals, RankSelector
 from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
+from . import distributed
 from .errors import CompressionError, MuscoError
 from .factors import chain_cost, layer_layout, widen
 from .report import BudgetRecord
-from .schedule import LayerSchedule, ModelSchedule
+from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .surgery import module_paths, replace_module
 
@@ -65,14 +66,18 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
 
 
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
-                  input_stats: Mapping[str, InputStats]) -> dict[str, float]:
+                  input_stats: Mapping[str, InputStats], group: distributed.Group | None = None) -> dict[str, float]:
     """Loss growth per unit of relative squared weight error of each layer, compressed alone at half its ranks,
     relative to the mean over the layers (floored at 1% of it; 1.0 where nothing was measured).
 
-    Each probe is swapped in and back out, also on error, so the model is as it was afterwards.
+    Each probe is swapped in and back out, also on error, so the model is as it was afterwards. With a distributed
+    ``group`` each rank's ``evaluate`` measures the loss on its own shard and the losses are averaged over the
+    ranks (the loss of all the data when the shards are the same size).
     """
     paths = module_paths(model)
-    base = float(context.evaluate(model))
+    with distributed.agreement(group, "sensitivity pass: evaluate"):
+        base = float(context.evaluate(model))
+    base = distributed.mean(group, base)
     measured: dict[str, float] = {}
     first = list({choice.name: choice for choice in reversed(choices)}.values())[::-1]  # a layer's first candidate
     for choice in tqdm(first, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
@@ -81,22 +86,26 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
         probe = tuple(max(choice.decomposer.min_rank, limit // 2)
                       for limit in choice.decomposer.max_ranks(choice.sources[0]))
         layer = attrs.evolve(schedule.layers[choice.name], decomposition=choice.decomposer.name, force=True)
-        try:
-            new, result = compress_layer(module, choice.name, layer, schedule.settings, context.registry,
-                                         choice.input_shape, ranks=probe, input_stats=input_stats.get(choice.name))
-        except MuscoError as exc:
-            raise CompressionError(f"layer {choice.name!r}: sensitivity pass: {exc}; the model was left as before "
-                                   f"this step") from exc
-        if new is None or not result.relative_error:
+        with distributed.agreement(group, f"sensitivity pass of layer {choice.name!r}"):
+            try:
+                new, result = compress_layer(module, choice.name, layer, schedule.settings, context.registry,
+                                             choice.input_shape, ranks=probe, input_stats=input_stats.get(choice.name))
+            except MuscoError as exc:
+                raise CompressionError(f"layer {choice.name!r}: sensitivity pass: {exc}; the model was left as "
+                                       f"before this step") from exc
+            loss = None
+            if new is not None and result.relative_error:
+                try:
+                    for path in paths[id(module)]:
+                        replace_module(model, path, new)
+                    loss = float(context.evaluate(model))
+                finally:
+                    for path in paths[id(module)]:
+                        replace_module(model, path, module)
+        # whether a probe ran depends on its ranks and weights alone, the same on every rank
+        if loss is None:
             continue
-        try:
-            for path in paths[id(module)]:
-                replace_module(model, path, new)
-            loss = float(context.evaluate(model))
-        finally:
-            for path in paths[id(module)]:
-                replace_module(model, path, module)
-        measured[choice.name] = max(loss - base, 0.0) / result.relative_error ** 2
+        measured[choice.name] = max(distributed.mean(group, loss) - base, 0.0) / result.relative_error ** 2
         log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, probe)
     mean = sum(measured.values()) / len(measured) if measured else 0.0
     if mean <= 0:
@@ -106,13 +115,15 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
 
 def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunContext,
                   pending: Mapping[str, Pending], totals: ModelTotals,
-                  input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]]
-                  ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
+                  input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]],
+                  group: distributed.Group | None = None) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """Runs the whole-model selector of ``name``'s pass: the decomposition and ranks of every layer in that pass
     (None keeps a layer as it is), and the plan.
 
     ``pending`` holds the layers the current step compressed before ``name``; ``totals`` are the model's counts
     with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now.
+    In a distributed job every rank runs the selector and rank 0's plan is broadcast, so all ranks follow one plan
+    even where floating-point results differ in the last bit between processes.
     """
     schedule = state.schedule
     layer = schedule.layers[name]
@@ -130,9 +141,25 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                            model.get_submodule(other), schedule.layers[other], context,
                                            input_stats.get(other))]
     if context.evaluate is not None:
-        sensitivity = sensitivities(model, choices, schedule, context, input_stats)
+        sensitivity = sensitivities(model, choices, schedule, context, input_stats, group)
         choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
     pass_index = layer.curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
+    with distributed.agreement(group, f"rank selection {selector.name!r}"):
+        chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
+    if group is None:
+        return chosen, record
+    plan = distributed.broadcast_json(group, {
+        "chosen": {member: None if value is None else [value.decomposition, list(value.ranks)]
+                   for member, value in chosen.items()},
+        "record": attrs.asdict(record)})
+    return ({member: None if value is None else Allocated(value[0], tuple(value[1]))
+             for member, value in plan["chosen"].items()}, BudgetRecord(**plan["record"]))
+
+
+def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], members: Sequence[str],
+                  totals: ModelTotals, pass_index: int, settings: RunSettings
+                  ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
+    """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
     params = settings.algo_kwargs.get(selector.name) or selector.Params()
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,

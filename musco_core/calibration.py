@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 from .surgery import replace_module
@@ -219,23 +220,26 @@ def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) 
 
 
 def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
-                        progress: bool = True) -> dict[str, InputStats]:
+                        progress: bool = True, group: distributed.Group | None = None) -> dict[str, InputStats]:
     """The input statistics of the named layers over ``batches``, from one pass of ``model`` over them.
 
     A batch is called as ``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a
     mapping. The pass runs in eval mode under ``no_grad``; every module's training flag is restored and the
     hooks are removed afterwards, also on error. Memory is one ``F x F`` float64 sum per layer, on its device.
+    With a distributed ``group`` each rank passes its own shard of the batches and the sums are added up over the
+    ranks before they are normalized: every rank gets the statistics of all the shards.
     """
     check_reiterable(batches)
     modules = _modules(model, layers)
     accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
     n_batches = 0
-    with _calibration_pass(model):
+    with distributed.agreement(group, "input statistics"), _calibration_pass(model):
         for batch in _bar(batches, "calibration", progress):
             for name, inputs in _inputs(model, modules, batch, n_batches).items():
                 for x in inputs:
                     accumulators[name].update(x)
             n_batches += 1
+    n_batches = distributed.sum_moments(group, accumulators, n_batches)
     stats = _results(accumulators, n_batches)
     log.info("calibration: input statistics of %d layer(s) from %d batch(es)", len(stats), n_batches)
     return stats
@@ -253,7 +257,8 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
 
 def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, replacements: Mapping[str, nn.Module],
                              batches: Iterable[Any], *, progress: bool = True,
-                             reference_batches: Iterable[Any] | None = None) -> InputStats:
+                             reference_batches: Iterable[Any] | None = None,
+                             group: distributed.Group | None = None) -> InputStats:
     """The statistics of layer ``name``'s inputs in the model with ``replacements`` (``{path: module}``) swapped in,
     paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
     ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
@@ -261,7 +266,8 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     Each batch runs twice, up to the layer only when the layer runs once per pass. The model is as it was
     afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
     ``reference_batches``, one per batch, are what the reference pass runs on instead (the inputs a block of the
-    model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`).
+    model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`). With a distributed
+    ``group`` the sums are added up over the ranks' shards, as in :func:`collect_input_stats`.
     """
     check_reiterable(batches)
     references = batches if reference_batches is None else reference_batches
@@ -270,7 +276,7 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulator = InputStatsAccumulator(spec)
     n_batches, calls = 0, 0
-    with _calibration_pass(model):
+    with distributed.agreement(group, f"input statistics of {name!r}"), _calibration_pass(model):
         for batch, reference_batch in _bar(zip(batches, references, strict=True), f"calibration of {name}",
                                            progress):
             reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])
@@ -288,4 +294,5 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
                 accumulator.update(x, x_ref)
             calls = calls or len(reference)  # from the second batch on, a pass stops once the layer has run
             n_batches += 1
+    n_batches = distributed.sum_moments(group, {name: accumulator}, n_batches)
     return _results({name: accumulator}, n_batches)[name]

@@ -319,7 +319,10 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
     continues when the same command is run again with --resume. OUT is locked while the run writes to it.
+    Launched by torchrun, every rank computes (each on its share of the calibration batches, decomposing its share
+    of the layers) and rank 0 writes OUT; --finetune then runs on every rank.
     """
+    from . import distributed
     from .compressor import Compressor
     from .io import claim_folder, output_lock, save_compressed
     from .registry import default_registry
@@ -328,43 +331,59 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _setup_logging(quiet)
-    finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
-    model, example = _model_and_example(model_spec, weights, input_shape)
-    calibration = _calibration_batches(calibration_path, calibration_batch_size)
-    registry = default_registry()
-    document = _with_target(read_yaml(config_path), target, config_path)
-    checkpoints = out_dir / "checkpoints"
-    with output_lock(out_dir):
-        if resume:
-            compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                           calibration_data=calibration, registry=registry)
-            codec = ScheduleCodec(registry)
-            if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
-                    compressor.initial_schedule):
-                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
-                                   f"(with --target, if one was given); resume with that schedule, or start a new "
-                                   f"run with --overwrite")
-        else:
-            compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
-                                                                               registry),
-                                    example_input=example, progress=not quiet, calibration_data=calibration,
-                                    registry=registry)
-        run_id = compressor.state.run_id
-        claim_folder(out_dir, "output", run_id, overwrite=overwrite)
-        claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
-        try:
-            while not compressor.done:
-                compressor.compression_step()
-                if finetune is not None:
-                    _call_finetune(finetune, finetune_spec, compressor, checkpoints)
+    with distributed.process_group_from_env() as group:  # launched by torchrun: every rank computes, rank 0 writes
+        finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
+        model, example = _model_and_example(model_spec, weights, input_shape)
+        calibration = _calibration_batches(calibration_path, calibration_batch_size)
+        if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
+            calibration = calibration[group.rank::group.world_size]
+        registry = default_registry()
+        document = _with_target(read_yaml(config_path), target, config_path)
+        checkpoints = out_dir / "checkpoints"
+        with contextlib.ExitStack() as held:
+            def lock() -> None:
+                held.enter_context(output_lock(out_dir))
+
+            distributed.on_first_rank(group, f"--out {out_dir}", lock)
+            if resume:
+                compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                               calibration_data=calibration, registry=registry)
+                codec = ScheduleCodec(registry)
+                if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
+                        compressor.initial_schedule):
+                    raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
+                                       f"(with --target, if one was given); resume with that schedule, or start a new "
+                                       f"run with --overwrite")
+            else:
+                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                                                                                   registry),
+                                        example_input=example, progress=not quiet, calibration_data=calibration,
+                                        registry=registry)
+            run_id = compressor.state.run_id
+
+            def claim() -> None:
+                claim_folder(out_dir, "output", run_id, overwrite=overwrite)
+                claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
+
+            distributed.on_first_rank(group, f"--out {out_dir}", claim)
+            try:
+                while not compressor.done:
+                    compressor.compression_step()
+                    if finetune is not None:
+                        _call_finetune(finetune, finetune_spec, compressor, checkpoints)
+                    with _writing("--out", out_dir):
+                        compressor.save_state(checkpoints, overwrite=overwrite)
+            except KeyboardInterrupt:
+                raise Interrupted(_resume_hint(checkpoints)) from None
+
+            def save() -> None:
                 with _writing("--out", out_dir):
-                    compressor.save_state(checkpoints, overwrite=overwrite)
-        except KeyboardInterrupt:
-            raise Interrupted(_resume_hint(checkpoints)) from None
-        with _writing("--out", out_dir):
-            save_compressed(compressor, out_dir)
-    click.echo(compressor.report().to_table())
-    click.echo(f"\nsaved to {out_dir}")
+                    save_compressed(compressor, out_dir)
+
+            distributed.on_first_rank(group, f"--out {out_dir}", save)
+        if group is None or group.first:
+            click.echo(compressor.report().to_table())
+            click.echo(f"\nsaved to {out_dir}")
 
 
 def _with_target(document: Any, target: str | None, config_path: Path) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from . import io
+from . import distributed, io
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
 from .errors import ConfigError
@@ -44,6 +44,10 @@ class Compressor:
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
     and the model to the next ones, so a failing step changes neither.
+
+    Inside a ``torch.distributed`` job every rank builds its own Compressor over its replica, with its own shard of
+    ``calibration_data`` (and an ``evaluate`` on its own shard), and takes the steps together: see
+    :mod:`musco_core.distributed`.
     """
 
     def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,
@@ -89,9 +93,13 @@ class Compressor:
 
     def save_state(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Saves what :meth:`resume` needs to continue after the current step in ``directory/step-NNNN``;
-        ``directory/LATEST`` names the newest complete one. See :func:`musco_core.io.save_state`."""
-        return io.save_state(self.compressed_model, self.state, directory, registry=self.registry,
-                             report=self.report(), overwrite=overwrite)
+        ``directory/LATEST`` names the newest complete one. See :func:`musco_core.io.save_state`. In a distributed
+        job rank 0 writes it and the other ranks wait; every rank returns the folder."""
+        def save() -> str:
+            return str(io.save_state(self.compressed_model, self.state, directory, registry=self.registry,
+                                     report=self.report(), overwrite=overwrite))
+
+        return Path(distributed.on_first_rank(distributed.current(), f"saving the run state to {directory}", save))
 
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,

@@ -55,6 +55,14 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
     return adapter, WeightSource(spec, dense=weight), bias
 
 
+def one_group(spec: LayerSpec) -> LayerSpec:
+    """The geometry of one group of a grouped layer (the layer's own with one group)."""
+    if spec.groups == 1:
+        return spec
+    return attrs.evolve(spec, out_channels=spec.out_channels // spec.groups,
+                        in_channels=spec.in_channels // spec.groups, groups=1)
+
+
 def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     """A grouped layer as independent per-group layers: their spec and one dense source per group.
 
@@ -63,8 +71,7 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     spec, groups = source.spec, source.spec.groups
     if groups == 1:
         return spec, [source]
-    group_spec = attrs.evolve(spec, out_channels=spec.out_channels // groups,
-                              in_channels=spec.in_channels // groups, groups=1)
+    group_spec = one_group(spec)
     out_size, in_size = group_spec.out_channels, group_spec.in_channels
     weight = source.weight  # (out, in // groups, *k) when dense; the block-diagonal (out, in, *k) when composed
     blocks = [weight[g * out_size:(g + 1) * out_size] if not source.factors else
@@ -78,6 +85,22 @@ def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: 
     """The layer's candidate decompositions that can factorize a group of its geometry, in the schedule's order."""
     decomposers = [registry.decompositions.get(name) for name in layer.candidates]
     return [decomposer for decomposer in decomposers if decomposer.unsupported_reason(group_spec) is None]
+
+
+def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tuple[int, ...], registry: Registry
+                    ) -> FactorizedLayer:
+    """The layer :func:`compress_layer` builds for ``module`` with ``decomposition`` at ``ranks``, with zero weights
+    (filled afterwards, e.g. by the rank that decomposed it in a distributed run)."""
+    adapter, source, bias = read_layer(module, registry, name)
+    layouts = [widen(layout, source.spec.groups)
+               for layout in registry.decompositions.get(decomposition).layout(one_group(source.spec), ranks)]
+    like = source.factors[0].weight if source.factors else source.weight
+    factors = [Factor(layout, like.new_zeros(layout.weight_shape), bias if layout.bias else None)
+               for layout in layouts]
+    new = FactorizedLayer(source.spec, decomposition, ranks, layouts, adapter.build(source.spec, factors, like))
+    new.train(module.training)
+    new.requires_grad_(any(p.requires_grad for p in module.parameters()))
+    return new
 
 
 def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,

@@ -18,14 +18,16 @@ import attrs
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .allocation import Pending, allocate_pass
 from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
 from .components import InputStats, ModelTotals
-from .engine import compress_layer, read_layer, split_groups, usable_decompositions
+from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
+                     usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
 from .registry import Registry
 from .report import CompressionReport
-from .schedule import ModelSchedule, ScheduleCodec, key_path
+from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import ModelStats
 from .surgery import FactorizedLayer, by_canonical_name, module_paths, replace_module, tied_parameters
@@ -154,7 +156,8 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
               left_out: Mapping[str, str] | None = None) -> RunState:
     """The state of a new run of ``schedule`` (already checked against ``model``) before its first step;
     ``left_out`` records the layers the run leaves out and why."""
-    state = RunState(uuid.uuid4().hex, schedule, plan_steps(schedule, registry), count_params(model),
+    run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
+    state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
                      left_out=dict(left_out or {}))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
@@ -208,9 +211,14 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
 
     Every layer of the step is factorized before any is swapped in, so a failure raises with the model as it was
     (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned.
+    In a distributed job (see :mod:`musco_core.distributed`) every rank calls it on its replica with its own shard
+    of the calibration data; the layers are decomposed across the ranks and every rank ends with the same model
+    and state, or every rank raises.
     """
     if state.done:
         raise MuscoError(f"compression is done: all {len(state.steps)} steps were taken")
+    group = distributed.current()
+    distributed.check_replicas(group, model)
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
     step_stats: dict[str, InputStats] = {}
@@ -220,7 +228,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         missing = [name for name in needs_input_stats(schedule, registry, layers) if name not in step_stats]
         if missing:
             specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
-            step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress))
+            step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
+                                                  group=group))
         return step_stats
 
     sequential = schedule.settings.calibration == "sequential" and bool(needs_input_stats(schedule, registry, names))
@@ -230,15 +239,31 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
     pending: dict[str, Pending] = {}
-    order = forward_order(model, names, context.calibration_data) if sequential else names
+    queued: dict[str, _Job] = {}
+    loads = [0.0] * group.world_size if group else None  # each rank's decomposition work in this step
+
+    def decompose_queued() -> None:
+        """Decomposes the layers queued so far (across the ranks in a distributed job) into ``pending``."""
+        if not queued:
+            return
+        pending.update(_decompose(queued, schedule, context, group, loads))
+        for name in queued:
+            step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
+        queued.clear()
+
+    order = names
+    if sequential:  # rank 0's order (its shard cannot be empty): the collectives below run in it on every rank
+        order = distributed.on_first_rank(group, "the order of the step's layers",
+                                          lambda: forward_order(model, names, context.calibration_data))
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:
         layer = schedule.layers[name]
         module = model.get_submodule(name)
         if registry.rank_selectors.get(layer.rank_selection).scope == "model" and name not in allocated:
+            decompose_queued()  # the allocation counts the step's earlier replacements
             ranks, record = allocate_pass(model, name, state, context, pending,
-                                          _totals(model, state, context, pending), input_stats_for)
+                                          _totals(model, state, context, pending), input_stats_for, group=group)
             allocated.update(ranks)
             budgets.append(record)
         chosen: dict[str, Any] = {}
@@ -252,20 +277,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
-        stats = context.model_stats.layers.get(name)
-        try:
-            new, result = compress_layer(module, name, layer, schedule.settings, registry,
-                                         stats.input_shape if stats else None,
-                                         input_stats=_calibrated(model, name, schedule, input_stats_for, pending,
-                                                                 paths, context) if sequential
-                                         else step_stats.get(name),
-                                         **chosen)
-        except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
-            reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
-            named = reason if reason.startswith(f"layer {name!r}") else f"layer {name!r}: {reason}"
-            raise CompressionError(f"{named}; the model was left as before this step") from exc
-        pending[name] = Pending(module, new, result)
-        step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
+        if sequential and needs_input_stats(schedule, registry, [name]):
+            decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
+            stats = _calibrated(model, name, schedule, input_stats_for, pending, paths, context, group)
+        else:
+            stats = step_stats.get(name)
+        queued[name] = _Job(module, layer, chosen, stats)
+    decompose_queued()
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -277,9 +295,61 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                                history=state.history + results, budgets=tuple(budgets))
 
 
+@attrs.frozen(eq=False)
+class _Job:
+    """A layer of the step ready to decompose: the module, its schedule entry (with the decomposition chosen),
+    ``compress_layer``'s choice arguments (``ranks`` or ``keep_note``) and its calibration statistics."""
+
+    module: nn.Module
+    layer: LayerSchedule
+    chosen: Mapping[str, Any]
+    input_stats: InputStats | None
+
+
+def _cost(job: _Job, registry: Registry, name: str) -> float:
+    """A layer's decomposition cost as a dense SVD of its ``out x F`` weight counts it, ``out * F * min(out, F)``
+    (0 for a layer kept as it is), to split a step's layers across ranks."""
+    if "keep_note" in job.chosen:
+        return 0.0
+    spec = read_layer(job.module, registry, name)[1].spec
+    features = spec.in_channels // spec.groups * spec.kernel_numel
+    return float(spec.out_channels * features * min(spec.out_channels, features))
+
+
+def _decompose(jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunContext,
+               group: distributed.Group | None, loads: list[float] | None) -> dict[str, Pending]:
+    """The factorized layers of ``jobs``: each decomposed on its owner rank in a distributed job (``loads`` the
+    ranks' work so far in the step), the results and factors broadcast to every rank."""
+    registry = context.registry
+
+    def compute(name: str) -> tuple[nn.Module | None, LayerResult]:
+        job = jobs[name]
+        stats = context.model_stats.layers.get(name)
+        try:
+            return compress_layer(job.module, name, job.layer, schedule.settings, registry,
+                                  stats.input_shape if stats else None, input_stats=job.input_stats, **job.chosen)
+        except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
+            reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
+            named = reason if reason.startswith(f"layer {name!r}") else f"layer {name!r}: {reason}"
+            raise CompressionError(f"{named}; the model was left as before this step") from exc
+
+    if group is None:
+        done = {name: compute(name) for name in jobs}
+    else:
+        done = distributed.share(
+            group, list(jobs), {name: _cost(job, registry, name) for name, job in jobs.items()}, compute,
+            encode=lambda result: plain_data(attrs.asdict(result, recurse=False)),
+            decode=lambda data: LayerResult(**{**data, "ranks": None if data["ranks"] is None
+                                               else tuple(data["ranks"])}),
+            skeleton=lambda name, result: factorized_like(jobs[name].module, name, result.decomposition,
+                                                          result.ranks, registry), loads=loads)
+    return {name: Pending(jobs[name].module, new, result) for name, (new, result) in done.items()}
+
+
 def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,
                 input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: Mapping[str, Pending],
-                paths: Mapping[int, list[str]], context: RunContext) -> InputStats | None:
+                paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None
+                ) -> InputStats | None:
     """Sequential calibration: the statistics of ``name``'s inputs with the step's layers compressed so far swapped
     in, paired with its inputs at the start of the step (plain statistics while none is swapped in; None for a
     layer that needs none)."""
@@ -291,7 +361,7 @@ def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,
         return None
     spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
     return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,
-                                    progress=context.progress)
+                                    progress=context.progress, group=group)
 
 
 def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) -> int | None:

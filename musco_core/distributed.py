@@ -1,0 +1,286 @@
+"""Multi-stage compression inside a ``torch.distributed`` job: the one module that talks to ``torch.distributed``.
+
+When a process group of more than one process is initialized (``torchrun``, or ``init_process_group`` by hand),
+every rank holds a replica of the model and calls the same steps (:class:`~musco_core.Compressor`,
+:func:`~musco_core.run.run_step`) with its own shard of the calibration data:
+
+- calibration statistics (sums of ``x x^T`` and ``x_ref x^T``, row and batch counts) and the losses of sensitivity
+  passes are all-reduced, so every rank sees the statistics of all the data;
+- the layers of a step are split across ranks by estimated cost (:func:`assign`); each layer's owner decomposes
+  it and broadcasts the result and factors, so every rank swaps in bitwise the same modules. Broadcasting, not
+  recomputing on every rank, because decompositions (SVD, ALS) are not bitwise reproducible across processes and
+  devices, and it divides the decomposition time by the number of ranks;
+- a whole-model allocation is computed on every rank and rank 0's is broadcast, for the same reason;
+- each local piece of work runs under :func:`agreement`: the ranks all-reduce whether it succeeded before any
+  collective that depends on it, so a rank that fails makes every rank raise the same error (naming the failing
+  rank) instead of leaving the others blocked in a collective; the step swaps in its layers only after that;
+- run states and output sets are written by rank 0 alone (:func:`on_first_rank`), the others waiting for it.
+
+Collectives time out after the process group's ``timeout`` (set it in ``init_process_group``) if a rank dies
+outside these agreements. Everything is a no-op without a process group of two or more ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import errors
+from .errors import CompressionError, MuscoError, one_line
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Group:
+    """The default process group as the compression sees it: this process's rank, the number of ranks, and the
+    device its collectives' tensors must be on (CUDA for NCCL, CPU for gloo)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> Group | None:
+    """The initialized default process group, or None outside a distributed job of two or more ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    return Group(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextlib.contextmanager
+def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterator[Group | None]:
+    """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
+    torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more
+    processes and none is initialized yet, and destroyed on leaving (a gloo group left to the interpreter's exit
+    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective."""
+    started = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if started:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        log.info("process group initialized: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    try:
+        yield current()
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+# -- agreeing on success ---------------------------------------------------------------------------------------
+def _error_class(name: str) -> type[MuscoError]:
+    kind = getattr(errors, name, None)
+    return kind if isinstance(kind, type) and issubclass(kind, MuscoError) else CompressionError
+
+
+@contextlib.contextmanager
+def agreement(group: Group | None, what: str) -> Iterator[None]:
+    """Runs the body on this rank, then agrees with every rank on whether it succeeded everywhere; when it failed on
+    some rank, every rank raises the first failing rank's error (a MuscoError of the same class, or a
+    CompressionError for anything else), naming that rank and ``what``. A no-op without a group.
+
+    The body must not run collectives itself: a rank that fails in it would leave the others waiting in them.
+    """
+    if group is None:
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks before we raise it
+        error = exc
+    flag = torch.tensor([group.rank if error is not None else group.world_size], dtype=torch.int64,
+                        device=group.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    failed = int(flag.item())
+    if failed == group.world_size:
+        return
+    mine = None
+    if error is not None and failed == group.rank:
+        message = str(error) if isinstance(error, MuscoError) else f"{type(error).__name__}: {error}"
+        mine = {"kind": type(error).__name__, "message": message}
+    sent = broadcast_json(group, mine, src=failed)
+    raise _error_class(sent["kind"])(f"rank {failed} of {group.world_size}: {what}: "
+                                     f"{one_line(sent['message'], 2000)}") from error
+
+
+def on_first_rank(group: Group | None, what: str, work: Callable[[], Any]) -> Any:
+    """``work()`` run by rank 0 alone (files are written once), the other ranks waiting for it; every rank returns
+    its result, which must be JSON data. A failure on rank 0 is raised on every rank."""
+    if group is None:
+        return work()
+    result = None
+    with agreement(group, what):
+        if group.first:
+            result = work()
+    return broadcast_json(group, result, src=0)
+
+
+# -- moving values ---------------------------------------------------------------------------------------------
+def broadcast_json(group: Group | None, value: Any, src: int = 0) -> Any:
+    """``value`` (JSON data) as rank ``src`` has it, on every rank, round-tripped through JSON on ``src`` too so every
+    rank holds the same kinds (lists, not tuples). No pickle: a peer's bytes are only ever parsed as JSON."""
+    if group is None:
+        return value
+    payload = json.dumps(value).encode("utf-8") if group.rank == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
+    dist.broadcast(size, src=src)
+    buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device) if group.rank == src
+              else torch.empty(int(size.item()), dtype=torch.uint8, device=group.device))
+    dist.broadcast(buffer, src=src)
+    return json.loads(buffer.cpu().numpy().tobytes().decode("utf-8"))
+
+
+def broadcast_tensors(group: Group, tensors: Iterable[torch.Tensor], src: int) -> None:
+    """Overwrites ``tensors`` (in the same order on every rank) with rank ``src``'s values, in place."""
+    for tensor in tensors:
+        direct = tensor.device == group.device and tensor.is_contiguous()
+        buffer = tensor.detach() if direct else tensor.detach().to(group.device).contiguous()
+        dist.broadcast(buffer, src=src)
+        if not direct:
+            with torch.no_grad():
+                tensor.copy_(buffer)
+
+
+def _all_reduce_sum(group: Group, tensor: torch.Tensor) -> torch.Tensor:
+    buffer = tensor.to(group.device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(tensor.device)
+
+
+def sum_counts(group: Group | None, counts: Sequence[int]) -> list[int]:
+    """Integer counts summed over the ranks (as they are without a group)."""
+    if group is None:
+        return list(counts)
+    return [int(v) for v in _all_reduce_sum(group, torch.tensor(list(counts), dtype=torch.int64)).tolist()]
+
+
+def sum_moments(group: Group | None, accumulators: Mapping[str, Any], n_batches: int) -> int:
+    """Adds up the running float64 sums and row counts of
+    :class:`~musco_core.calibration.InputStatsAccumulator` objects (the same layers, in the same order, on every
+    rank) over the ranks, in place, before they are normalized; returns the number of batches of all ranks.
+    A rank whose shard never reached a layer adds zeros."""
+    if group is None:
+        return n_batches
+    names = list(accumulators)
+    counts = sum_counts(group, [n_batches] + [accumulators[n].count for n in names]
+                        + [accumulators[n].cross is not None for n in names])
+    for index, name in enumerate(names):
+        acc = accumulators[name]
+        size = acc.spec.in_channels * acc.spec.kernel_numel
+        zeros = torch.zeros(size, size, dtype=torch.float64, device=group.device)
+        acc.total = _all_reduce_sum(group, zeros if acc.total is None else acc.total)
+        if counts[1 + len(names) + index]:
+            acc.cross = _all_reduce_sum(group, torch.zeros_like(acc.total) if acc.cross is None else acc.cross)
+        acc.count = counts[1 + index]
+        if acc.count == 0:
+            acc.total = acc.cross = None
+    return counts[0]
+
+
+def mean(group: Group | None, value: float) -> float:
+    """The mean of a float over the ranks (a loss measured on each rank's shard), in float64."""
+    if group is None:
+        return value
+    return float(_all_reduce_sum(group, torch.tensor([value], dtype=torch.float64))[0]) / group.world_size
+
+
+# -- replicas --------------------------------------------------------------------------------------------------
+def fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of the model's state_dict (names, dtypes, shapes and bytes): equal exactly when bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas(group: Group | None, model: nn.Module) -> None:
+    """A ConfigError on every rank unless every rank's model is bitwise rank 0's: the step decomposes each layer on
+    one rank and gives its factors to all, so replicas that differ would be silently mixed."""
+    if group is None:
+        return
+    reference = broadcast_json(group, fingerprint(model) if group.first else None, src=0)
+    with agreement(group, "checking the replicas"):
+        if fingerprint(model) != reference:
+            raise errors.ConfigError("this rank's model differs from rank 0's; every rank must hold the same "
+                                     "weights when a compression step starts (load the same checkpoint, or fine-tune "
+                                     "with DistributedDataParallel, which keeps them equal)")
+
+
+# -- sharing the decompositions of a step ----------------------------------------------------------------------
+def assign(costs: Mapping[str, float], world_size: int, loads: list[float] | None = None) -> dict[str, int]:
+    """Each layer's owner rank: greedily, the costliest layer first, to the least loaded rank (ties: the name, then
+    the lower rank), so every rank computes the same split. ``loads``, the ranks' work so far (say, from earlier
+    batches of the same step), is counted and updated in place."""
+    loads = [0.0] * world_size if loads is None else loads
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[name] = rank
+        loads[rank] += costs[name]
+    return owners
+
+
+def share(group: Group, jobs: Sequence[str], costs: Mapping[str, float],
+          compute: Callable[[str], tuple[nn.Module | None, Any]],
+          encode: Callable[[Any], Any], decode: Callable[[Any], Any],
+          skeleton: Callable[[str, Any], nn.Module], loads: list[float] | None = None
+          ) -> dict[str, tuple[nn.Module | None, Any]]:
+    """``compute(name) -> (module or None, result)`` for every job, each on its owner rank (:func:`assign`, with
+    ``loads``), with
+    the results on every rank: the owner's result (``encode``-d to JSON data, ``decode``-d back) and module, whose
+    state is broadcast into ``skeleton(name, result)`` on the other ranks. A failure on any rank is raised on every
+    rank before anything is broadcast."""
+    owners = assign(costs, group.world_size, loads)
+    mine: dict[str, tuple[nn.Module | None, Any]] = {}
+    with agreement(group, "decomposition"):
+        for name in jobs:
+            if owners[name] == group.rank:
+                mine[name] = compute(name)
+    shared = {}
+    for name in jobs:
+        owner = owners[name]
+        new, result = mine.get(name, (None, None))
+        header = broadcast_json(group, {"result": encode(result), "module": new is not None}
+                                if owner == group.rank else None, src=owner)
+        result = decode(header["result"])
+        if header["module"]:
+            if owner != group.rank:
+                new = skeleton(name, result)
+            broadcast_tensors(group, new.state_dict().values(), src=owner)
+        shared[name] = (new, result)
+    return shared
+
+
+# -- training after a step -------------------------------------------------------------------------------------
+def rewrap(model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+           **ddp_options: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model to fine-tune after a compression step, and its optimizer: the model (or a
+    DistributedDataParallel's ``.module``) wrapped in a new ``DistributedDataParallel`` (``ddp_options`` passed
+    on) and ``make_optimizer(parameters)`` over the new parameters. A step replaces layers, so the old wrapper's
+    gradient buckets and the old optimizer's state point at parameters that left the model.
+    Without a process group of two or more ranks the model is returned unwrapped."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    plain = model.module if isinstance(model, DistributedDataParallel) else model
+    wrapped = DistributedDataParallel(plain, **ddp_options) if current() is not None else plain
+    return wrapped, make_optimizer(wrapped.parameters())

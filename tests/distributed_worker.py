@@ -1,0 +1,161 @@
+"""One rank of a 2-process gloo job for test_distributed (the environment carries RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT, as torchrun sets them). Also imported by the test for the single-process reference run.
+
+    python distributed_worker.py run OUT [--steps N]   # a new run: N steps (all without --steps), states in OUT/ckpt
+    python distributed_worker.py resume OUT            # continues the run in OUT/ckpt to the end
+    python distributed_worker.py fail OUT              # after a step, rank 1 fails in calibration, decomposing, and
+                                                       # with a model that differs from rank 0's
+
+The run is resume_worker's schedule (tucker2/vbmf, cp3, cp4, svd, whitened_svd on calibration data, a whole-model
+budget over two passes) with a sensitivity pass, each rank feeding its own shard of the calibration and evaluation
+batches. Each rank writes OUT/rank-R.json: the fingerprint of its model after every step, its ranks, its history, and
+the error of a failing step; and OUT/rank-R.safetensors, its final weights.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import attrs
+import resume_worker as base
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from musco_core import Compressor, MuscoError, distributed
+
+SCHEDULE = base.SCHEDULE
+EVAL_BATCHES = 2  # one per rank: the mean of the ranks' losses is the loss over all the data
+
+
+def shard(batches: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of the batches: every ``world_size``-th one."""
+    return batches[rank::world_size]
+
+
+def evaluation(rank: int = 0, world_size: int = 1):
+    """A loss on this rank's share of a few fixed batches (cross-entropy against seeded labels)."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 10, (2,), generator=generator))
+               for _ in range(EVAL_BATCHES)]
+    mine = shard(batches, rank, world_size)
+
+    def evaluate(net: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float(nn.functional.cross_entropy(net(x), y)) for x, y in mine) / len(mine)
+    return evaluate
+
+
+def start(rank: int = 0, world_size: int = 1) -> Compressor:
+    return Compressor(base.model(), model_compr_kwargs=SCHEDULE, example_input=base.EXAMPLE, progress=False,
+                      calibration_data=shard(base.calibration(), rank, world_size),
+                      evaluate=evaluation(rank, world_size))
+
+
+def resume(state_dir: Path, rank: int = 0, world_size: int = 1) -> Compressor:
+    return Compressor.resume(base.model(), state_dir, example_input=base.EXAMPLE, progress=False,
+                             calibration_data=shard(base.calibration(), rank, world_size),
+                             evaluate=evaluation(rank, world_size))
+
+
+def fine_tune(net: nn.Module, step: int) -> None:
+    """resume_worker's SGD step, through DistributedDataParallel in a job (:func:`distributed.rewrap`), every rank on
+    the same batch: the averaged gradient is each rank's own, so the result is the single-process one."""
+    wrapped, optimizer = distributed.rewrap(net, lambda parameters: torch.optim.SGD(parameters, lr=0.01))
+    generator = torch.Generator().manual_seed(step)
+    x, y = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+    wrapped.train()
+    nn.functional.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    net.eval()
+
+
+def step(compressor: Compressor, state_dir: Path) -> None:
+    """One step, then the same fine-tuning on every rank (replicas stay equal), then the state."""
+    compressor.compression_step()
+    fine_tune(compressor.compressed_model, compressor.curr_iter)
+    compressor.save_state(state_dir)
+
+
+def weights(compressor: Compressor) -> dict[str, torch.Tensor]:
+    """The model's weights now (the keys standardize_model leaves, without changing the model)."""
+    return {key: value.detach().clone().contiguous() for key, value in compressor.compressed_model.state_dict().items()}
+
+
+def history(compressor: Compressor) -> list:
+    return [{**attrs.asdict(result), "seconds": 0.0} for result in compressor.history]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["run", "resume", "fail"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with distributed.process_group_from_env(timeout=datetime.timedelta(seconds=30)) as group:
+        sys.exit(run(args, group))
+
+
+def run(args: argparse.Namespace, group: distributed.Group) -> int:
+    rank, world_size = group.rank, group.world_size
+    record: dict = {"fingerprints": []}
+    state_dir = args.out / "ckpt"
+    if args.scenario == "resume":
+        compressor = resume(state_dir, rank, world_size)
+    else:
+        compressor = start(rank, world_size)
+    record["fingerprints"].append(distributed.fingerprint(compressor.compressed_model))
+    exit_code = 0
+    if args.scenario == "fail":  # the first step's layers need no calibration: the failures come in the second
+        step(compressor, state_dir)
+        record["errors"] = []
+        before = distributed.fingerprint(compressor.compressed_model)
+        if rank == 1:  # a batch only rank 1 has, which the model cannot run
+            compressor.context.calibration_data.append(torch.zeros(1, 5, 32, 32))
+        try:
+            compressor.compression_step()
+        except MuscoError as exc:
+            record["errors"].append(f"{type(exc).__name__}: {exc}")
+        if rank == 1:
+            compressor.context.calibration_data.pop()
+            import musco_core.run
+
+            def broken(module, name, *args, **kwargs):
+                raise RuntimeError(f"decomposer crashed on {name}")
+            musco_core.run.compress_layer = broken
+        try:
+            compressor.compression_step()
+        except MuscoError as exc:
+            record["errors"].append(f"{type(exc).__name__}: {exc}")
+        bias = compressor.compressed_model.fc.bias
+        kept = bias.detach().clone()
+        if rank == 1:  # replicas that drifted apart (fine-tuning without DDP, say)
+            with torch.no_grad():
+                bias.add_(1e-6)
+        try:
+            compressor.compression_step()
+        except MuscoError as exc:
+            record["errors"].append(f"{type(exc).__name__}: {exc}")
+            exit_code = 3
+        with torch.no_grad():
+            bias.copy_(kept)
+        record["untouched"] = distributed.fingerprint(compressor.compressed_model) == before
+        record["next_step"] = compressor.curr_iter
+    else:
+        while not compressor.done and (args.steps is None or compressor.curr_iter < args.steps):
+            step(compressor, state_dir)
+            record["fingerprints"].append(distributed.fingerprint(compressor.compressed_model))
+        save_file(weights(compressor), str(args.out / f"rank-{rank}.safetensors"))
+        record.update(ranks=compressor.ranks, history=history(compressor), run_id=compressor.state.run_id,
+                      step=compressor.curr_iter)
+    (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+    return exit_code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Compression inside a 2-process gloo job (spawned here, as torchrun would): every rank holds the same model after
+every step, the result is the single-process one, a distributed run resumes, and a rank that fails makes the whole
+job fail cleanly, with no model changed and no rank left waiting."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker as worker
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from musco_core.distributed import assign
+
+HERE = Path(__file__).parent
+#: A hang fails the test instead of blocking the suite (the job itself times its collectives out after 30 s).
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(*args: str, world_size: int = 2, command: list[str] | None = None, cwd: Path = HERE
+           ) -> list[subprocess.CompletedProcess]:
+    """Runs distributed_worker.py with ``args`` (or ``command``) on ``world_size`` ranks, with the variables torchrun
+    sets."""
+    command = command or [sys.executable, str(HERE / "distributed_worker.py"), *args]
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    done = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=TIMEOUT_S)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
+
+
+def records(out: Path, world_size: int = 2) -> list[dict]:
+    return [json.loads((out / f"rank-{rank}.json").read_text(encoding="utf-8")) for rank in range(world_size)]
+
+
+def close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert (actual[key] - value).abs().max() / scale <= 1e-6, key
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The single-process run over all the data: its weights after every step, ranks and history."""
+    torch.set_num_threads(1)
+    compressor = worker.start()
+    weights = []
+    while not compressor.done:
+        compressor.compression_step()
+        worker.fine_tune(compressor.compressed_model, compressor.curr_iter)
+        weights.append(worker.weights(compressor))
+    return compressor, weights
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    """A 2-rank run stopped after 2 steps, then resumed by a new 2-rank job to the end."""
+    out = tmp_path_factory.mktemp("dist")
+    first = launch("run", str(out), "--steps", "2")
+    assert [p.returncode for p in first] == [0, 0], first[0].stderr[-2000:] + first[1].stderr[-2000:]
+    stopped = records(out), {rank: load_file(out / f"rank-{rank}.safetensors") for rank in range(2)}
+    second = launch("resume", str(out))
+    assert [p.returncode for p in second] == [0, 0], second[0].stderr[-2000:] + second[1].stderr[-2000:]
+    finished = records(out), {rank: load_file(out / f"rank-{rank}.safetensors") for rank in range(2)}
+    return out, stopped, finished
+
+
+def test_every_rank_holds_the_same_model_after_every_step(distributed_run, single):
+    _, (stopped, _), (finished, _) = distributed_run
+    compressor, _ = single
+    for ranks in (stopped, finished):
+        assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+        assert ranks[0]["history"] == ranks[1]["history"]
+        assert ranks[0]["run_id"] == ranks[1]["run_id"]
+    assert len(stopped[0]["fingerprints"]) == 3  # as loaded, and after each of the 2 steps
+    assert len(finished[0]["fingerprints"]) == compressor.niters - 2 + 1
+
+
+def test_the_distributed_run_is_the_single_process_run_over_all_shards(distributed_run, single):
+    _, (stopped, stopped_weights), (finished, final_weights) = distributed_run
+    compressor, weights = single
+    expected_history = json.loads(json.dumps(worker.history(compressor)))
+    assert stopped[0]["step"] == 2
+    assert stopped[0]["history"] == expected_history[:len(stopped[0]["history"])]
+    close(stopped_weights[0], weights[1])
+    assert finished[0]["ranks"] == json.loads(json.dumps(compressor.ranks))
+    assert [h["ranks"] for h in finished[0]["history"]] == [h["ranks"] for h in expected_history]
+    for mine, theirs in zip(finished[0]["history"], expected_history):
+        assert mine["decomposition"] == theirs["decomposition"] and mine["applied"] == theirs["applied"]
+        error = theirs["relative_error"]
+        assert mine["relative_error"] == (None if error is None else pytest.approx(error, rel=1e-6))
+    close(final_weights[0], weights[-1])
+    assert any(h["decomposition"] == "whitened_svd" and h["applied"] for h in expected_history)
+    assert compressor.budgets  # the budget selector ran, with a sensitivity pass over both ranks' data
+
+
+def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
+    processes = launch("fail", str(tmp_path))
+    assert [p.returncode for p in processes] == [3, 3], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    for record in records(tmp_path):
+        calibration, decomposition, replicas = record["errors"]
+        assert calibration.startswith("ConfigError: rank 1 of 2: input statistics: calibration:")
+        assert "failed on batch" in calibration
+        assert decomposition.startswith("CompressionError: rank 1 of 2: decomposition: layer '")
+        assert "RuntimeError: decomposer crashed on" in decomposition
+        assert "the model was left as before this step" in decomposition
+        assert replicas.startswith("ConfigError: rank 1 of 2: checking the replicas: this rank's model differs")
+        assert record["untouched"] and record["next_step"] == 1
+
+
+def test_rewrap_without_a_process_group_gives_the_model_and_an_optimizer_over_its_parameters():
+    from musco_core.distributed import rewrap
+
+    model = torch.nn.Linear(3, 2)
+    wrapped, optimizer = rewrap(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1))
+    assert wrapped is model
+    assert [p for group in optimizer.param_groups for p in group["params"]] == list(model.parameters())
+
+
+def test_layers_are_split_across_ranks_by_cost_deterministically():
+    owners = assign({"a": 10.0, "b": 6.0, "c": 5.0, "d": 0.0}, 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert assign({"x": 1.0}, 3) == {"x": 0}
+
+
+CLI_MODEL = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10))
+"""
+CLI_SCHEDULE = """
+version: 1
+settings: {ft_every: 1, nglobal_compress_iters: 2}
+layers:
+  "2": {decomposition: whitened_svd, rank_selection: param_reduction, param_reduction_rate: 2}
+  "5": {decomposition: svd, rank_selection: param_reduction, param_reduction_rate: 2}
+"""
+
+
+def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from musco_core.cli import main
+
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL, encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    save_file({"x": torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "calibration.safetensors"))
+    args = ["compress", "--model", "cli_model:make", "--config", "schedule.yaml", "--calibration",
+            "calibration.safetensors", "--calibration-batch-size", "4", "--input-shape", "1,3,8,8", "--quiet"]
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", *args, "--out", "shared"], cwd=tmp_path)
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    assert "saved to shared" in processes[0].stdout and processes[1].stdout == ""  # rank 0 reports
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*args, "--out", "alone"])
+    assert result.exit_code == 0, result.output
+    close(load_file(tmp_path / "shared" / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors"))
+    rows = [[{**row, "seconds": 0} for row in json.loads((tmp_path / out / "report.json").read_text())["layers"]]
+            for out in ("shared", "alone")]
+    assert rows[0] == rows[1]
