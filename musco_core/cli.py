@@ -35,6 +35,12 @@ log = logging.getLogger("musco_core")
 MAX_EXAMPLE_ELEMENTS = 2**27
 #: Most axes of the example input (a video batch has 5).
 MAX_EXAMPLE_AXES = 16
+#: ``--finetune distill``: the built-in distillation; a user callable is always ``package.module:name``, with a colon.
+DISTILL = "distill"
+#: Defaults of ``--distill-steps`` and ``--distill-lr``: a few passes over a few hundred calibration inputs, at a
+#: learning rate small enough not to undo a pretrained model (measured on MiniLM and an MNIST CNN, docs/experiments.md).
+DISTILL_STEPS = 100
+DISTILL_LR = 1e-4
 #: Exit code of a bad argument, file or user callable (as click's own usage errors).
 USAGE_EXIT_CODE = 2
 #: Exit code of a bug in musco-core (as an uncaught Python exception).
@@ -159,7 +165,8 @@ def _import_callable(spec: str, option: str):
     module_name, _, attribute = spec.partition(":")
     shown = short_repr(spec)
     if not module_name or not attribute:
-        raise UsageProblem(f"{option} {shown}: expected package.module:callable")
+        alternative = f" or {DISTILL}" if option == "--finetune" else ""
+        raise UsageProblem(f"{option} {shown}: expected package.module:callable{alternative}")
     here = os.getcwd()
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -297,8 +304,15 @@ def main(debug) -> None:
 @INPUT_SHAPE
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
-@click.option("--finetune", "finetune_spec", metavar="PKG.MODULE:FUNCTION",
-              help="Called as FUNCTION(model, step) after every compression step.")
+@click.option("--finetune", "finetune_spec", metavar="distill|PKG.MODULE:FUNCTION",
+              help="After every compression step: 'distill' trains the compressed model to reproduce the "
+                   "uncompressed one's outputs on the --calibration inputs (no labels); PKG.MODULE:FUNCTION is "
+                   "called as FUNCTION(model, step).")
+@click.option("--distill-steps", type=click.IntRange(min=1), default=None,
+              help=f"Optimizer steps of --finetune distill after each compression step, one calibration batch "
+                   f"each  [default: {DISTILL_STEPS}]")
+@click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an OUT that holds another run's output (files musco-core did not write are "
@@ -313,8 +327,8 @@ def main(debug) -> None:
                    "params:1.43:compressed (30% fewer weights in the layers the schedule compresses).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
-def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, resume, overwrite,
-             calibration_path, calibration_batch_size, target, quiet) -> None:
+def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, distill_steps, distill_lr, resume,
+             overwrite, calibration_path, calibration_batch_size, target, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
@@ -330,11 +344,20 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
+    _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
     _setup_logging(quiet)
     with distributed.process_group_from_env() as group:  # launched by torchrun: every rank computes, rank 0 writes
-        finetune = _import_callable(finetune_spec, "--finetune") if finetune_spec else None
+        if group is not None and finetune_spec == DISTILL:
+            raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "
+                               "--finetune callable that wraps the model in DistributedDataParallel "
+                               "(musco_core.distributed.rewrap) so the replicas stay equal")
+        finetune = (_import_callable(finetune_spec, "--finetune")
+                    if finetune_spec and finetune_spec != DISTILL else None)
         model, example = _model_and_example(model_spec, weights, input_shape)
         calibration = _calibration_batches(calibration_path, calibration_batch_size)
+        if finetune_spec == DISTILL:
+            finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
+                                  progress=not quiet)
         if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
             calibration = calibration[group.rank::group.world_size]
         registry = default_registry()
@@ -410,6 +433,29 @@ def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
     return {**document, "settings": settings}
 
 
+def _check_distill_options(finetune_spec: str | None, steps: int | None, lr: float | None,
+                           calibration_path: Path | None) -> None:
+    """One line for a distillation option without ``--finetune distill``, or distillation without data."""
+    if finetune_spec != DISTILL:
+        given = [option for option, value in (("--distill-steps", steps), ("--distill-lr", lr)) if value is not None]
+        if given:
+            raise UsageProblem(f"{' and '.join(given)} set(s) the built-in distillation: add --finetune distill")
+    elif calibration_path is None:
+        raise UsageProblem("--finetune distill trains on the --calibration inputs: give --calibration FILE")
+
+
+def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: float, progress: bool):
+    """``finetune(model, step)`` for ``--finetune distill``: :func:`~musco_core.finetune.distill` from the model as
+    loaded. The student trains in eval mode (no dropout, BatchNorm statistics kept: a few hundred calibration inputs
+    are too few to re-estimate them), so the run has no randomness and resuming repeats it exactly."""
+    from .finetune import distill
+
+    def finetune(student: nn.Module, step: int) -> None:
+        distill(teacher, student, batches, steps, lr, train_mode=False, progress=progress)
+
+    return finetune
+
+
 def _resume_hint(checkpoints: Path) -> str:
     """Where an interrupted run can continue from: the state LATEST names, if any was saved."""
     from .io import latest_state
@@ -431,6 +477,8 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
         raise UsageProblem(f"--finetune {spec} called sys.exit({short_repr(exc.code)}) after step "
                            f"{compressor.curr_iter}; {_resume_hint(checkpoints)}") from exc
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
+        if spec == DISTILL and not isinstance(exc, MuscoError):
+            raise  # not the user's code: a bug in musco-core
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
                            f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from exc
 

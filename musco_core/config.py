@@ -68,15 +68,18 @@ def output_layers(stats: ModelStats) -> dict[str, str]:
     return {}
 
 
-def rank_floor(decomposer: Decomposer, spec: LayerSpec, *, output_layer: bool = False) -> tuple[int, ...]:
-    """The smallest ranks a generated schedule lets a layer fall to, one per rank of ``decomposer``.
+def rank_floor(decomposer: Decomposer, spec: LayerSpec, *, output_layer: bool = False,
+               fraction: float = RANK_FLOOR_FRACTION) -> tuple[int, ...]:
+    """The smallest ranks a generated schedule (or the ``budget`` selector) lets a layer fall to, one per rank of
+    ``decomposer``.
 
-    Each rank is at least the decomposition's minimum rank and :data:`RANK_FLOOR_FRACTION` of its full size; an
-    output layer's ranks are at least its output count (a classifier's class count: fewer directions than classes
-    cannot keep the classes apart), or their full size when that is smaller.
+    Each rank is at least the decomposition's minimum rank and ``fraction`` (by default
+    :data:`RANK_FLOOR_FRACTION`) of the layer's full size, the uncompressed layer's; an output layer's ranks are
+    at least its output count (a classifier's class count: fewer directions than classes cannot keep the classes
+    apart), or their full size when that is smaller.
     """
     limits = decomposer.max_ranks(WeightSource(spec))
-    floor = [max(decomposer.min_rank, math.ceil(limit * RANK_FLOOR_FRACTION)) for limit in limits]
+    floor = [max(decomposer.min_rank, math.ceil(limit * fraction)) for limit in limits]
     if output_layer:
         floor = [max(f, min(limit, spec.out_channels)) for f, limit in zip(floor, limits)]
     return tuple(floor)

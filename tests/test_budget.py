@@ -94,6 +94,23 @@ def test_an_unreachable_target_compresses_all_it_can_and_says_why(model, registr
     assert 2.0 < compressor.report().macs_ratio < 50.0
 
 
+@pytest.mark.parametrize(("fraction", "fc1_rank", "fc2_rank"), [(None, 16, 4), (0.0, 2, 2), (0.25, 64, 16)])
+def test_an_unreachable_target_stops_at_the_rank_floor(registry, fraction, fc1_rank, fc2_rank):
+    """Out of reach, no layer falls below ``min_rank_fraction`` (by default 1/16) of its full rank."""
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                                          nn.Linear(64, 10))).eval()
+    budget = {"reduction": 100.0, "metric": "params", "scope": "compressed",
+              **({} if fraction is None else {"min_rank_fraction": fraction})}
+    compressor = Compressor(mlp, model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                     for name in ("0", "2")},
+                            ft_every=2, all_algo_kwargs={"budget": budget}, registry=registry, progress=False)
+    compressor.compression_step()
+    assert {result.name: result.ranks for result in compressor.history} == {"0": (fc1_rank,), "2": (fc2_rank,)}
+    (record,) = compressor.report().budgets
+    assert "cannot be met" in record.note and "min_rank_fraction" in record.note
+
+
 def test_ranks_are_rounded_to_the_requested_multiple(model, registry):
     compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": 2.0}})
     rounded = Compressor(model, example_input=INPUT, model_compr_kwargs={

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from musco_core.cli import main
-from musco_core.io import output_lock
+from musco_core.io import load_compressed, output_lock
 
 HERE = Path(__file__).parent
 
@@ -39,6 +39,9 @@ HELPERS = textwrap.dedent("""
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+    def keep(model, step):
+        pass
 
     def fails_at_3(model, step):
         if step == 3:
@@ -198,3 +201,40 @@ def test_a_bad_target_is_one_line(project, target, message):
 def test_a_target_needs_budget_layers(project):
     result = compress("out", "--target", "flops:2")
     assert result.exit_code == 2 and "no layer of schedule.yaml uses rank_selection: budget" in result.output
+
+
+def output_error(project: Path, out: str, inputs: torch.Tensor) -> float:
+    """The compressed model's relative squared output error against the uncompressed one on ``inputs``."""
+    import run_helpers
+
+    teacher = run_helpers.cnn().eval()
+    student = load_compressed(run_helpers.cnn(), project / out).eval()
+    with torch.no_grad():
+        expected = teacher(inputs)
+        return float((student(inputs) - expected).square().mean() / expected.square().mean())
+
+
+def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(project):
+    inputs = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    save_file({"inputs": inputs}, project / "calibration.safetensors")
+    data = ("--calibration", "calibration.safetensors", "--calibration-batch-size", "8")
+    assert compress("plain", *data, finetune="run_helpers:keep").exit_code == 0
+    first = compress("distilled", *data, "--distill-steps", "30", "--distill-lr", "1e-3", finetune="distill")
+    assert first.exit_code == 0, first.output
+    assert compress("again", *data, "--distill-steps", "30", "--distill-lr", "1e-3", finetune="distill").exit_code == 0
+    assert output_error(project, "distilled", inputs) < 0.5 * output_error(project, "plain", inputs)
+    expected, got = weights(project / "distilled"), weights(project / "again")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("extra, finetune, message", [
+    ((), "distill", "--finetune distill trains on the --calibration inputs: give --calibration FILE"),
+    (("--distill-steps", "5"), "run_helpers:tune", "--distill-steps set(s) the built-in distillation: add "
+                                                   "--finetune distill"),
+    ((), "distil", "--finetune 'distil': expected package.module:callable or distill"),
+])
+def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
+    result = compress("out", *extra, finetune=finetune)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert message in result.output
+    assert not (project / "out").exists()

@@ -189,3 +189,21 @@ def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tm
     rows = [[{**row, "seconds": 0} for row in json.loads((tmp_path / out / "report.json").read_text())["layers"]]
             for out in ("shared", "alone")]
     assert rows[0] == rows[1]
+
+
+def test_musco_compress_refuses_distillation_under_torchrun(tmp_path):
+    """``--finetune distill`` trains each rank on its own shard, which would leave replicas that differ."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL, encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    save_file({"x": torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "calibration.safetensors"))
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", "compress", "--model", "cli_model:make",
+                                "--config", "schedule.yaml", "--calibration", "calibration.safetensors",
+                                "--input-shape", "1,3,8,8", "--finetune", "distill", "--quiet", "--out", "out"],
+                       cwd=tmp_path)
+    for process in processes:
+        assert process.returncode == 2, process.stderr[-2000:]
+        assert "--finetune distill runs in one process" in process.stderr
+    assert not (tmp_path / "out").exists()

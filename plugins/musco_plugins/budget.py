@@ -23,8 +23,9 @@ import torch
 
 from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
 from musco_core.components import round_ranks
+from musco_core.config import RANK_FLOOR_FRACTION, rank_floor
 from musco_core.errors import ConfigError
-from musco_core.schedule import ReductionRate
+from musco_core.schedule import ReductionRate, UnitFraction
 
 from . import factorize
 
@@ -44,6 +45,10 @@ class BudgetParams:
     #: ``model``: the target counts the whole model (every parameter; the MACs of every compressible layer);
     #: ``compressed``: only the layers the schedule compresses ("30% fewer weights in the layers I named").
     scope: Literal["model", "compressed"] = "model"
+    #: No rank falls below this fraction of the uncompressed layer's full rank (nor the decomposition's minimum
+    #: rank): a target out of reach stops there, and says so, instead of cutting every layer to rank 2. 0 lets the
+    #: ranks go down to the decomposition's minimum.
+    min_rank_fraction: UnitFraction = RANK_FLOOR_FRACTION
 
 
 @attrs.frozen
@@ -81,17 +86,20 @@ def _tails(matrix: torch.Tensor) -> np.ndarray:
     return np.clip(1.0 - np.concatenate([[0.0], np.cumsum(energy)]) / total, 0.0, None)
 
 
-def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1) -> LayerOptions:
-    """Every distinct rank of the layer along its rank family that would shrink it, and the layer as it is."""
+def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
+                  min_rank_fraction: float = 0.0) -> LayerOptions:
+    """Every distinct rank of the layer along its rank family that would shrink it and is not below its
+    :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``, and the layer as it is."""
     decomposer = choice.decomposer
     spectra = [[_tails(m) for m in decomposer.rank_matrices(source)] for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
+    floor = rank_floor(decomposer, choice.sources[0].spec, fraction=min_rank_fraction)
     index = _METRIC_INDEX[metric]
     now = choice.cost()
     ranks_list, costs, seen = [], [], set()
     for r in range(decomposer.min_rank, max(limits) + 1):
         ranks = round_ranks(decomposer.rank_family(choice.sources[0].spec, r), rank_multiple, limits)
-        if ranks in seen:
+        if ranks in seen or any(rank < lowest for rank, lowest in zip(ranks, floor)):
             continue
         seen.add(ranks)
         if not choice.shrinks(ranks):
@@ -216,8 +224,8 @@ class Budget(RankSelector):
         by_layer: dict[str, list[LayerChoice]] = {}
         for choice in layers:  # a layer with several candidate decompositions comes once per candidate
             by_layer.setdefault(choice.name, []).append(choice)
-        candidates = {name: [layer_options(choice, params.metric, rank_multiple) for choice in group]
-                      for name, group in by_layer.items()}
+        candidates = {name: [layer_options(choice, params.metric, rank_multiple, params.min_rank_fraction)
+                             for choice in group] for name, group in by_layer.items()}
         merged = [merge_options(options) for options in candidates.values()]
         fixed = now - sum(float(layer.cost[-1]) for layer in merged)  # what the layers outside the budget hold
         allowed = original / target - fixed
@@ -232,9 +240,9 @@ class Budget(RankSelector):
         planned = original / (fixed + sum(choice.cost(r)[index] for choice, r in zip(choices, ranks)))
         note = None
         if planned < target / 1.02:
-            note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks leave "
-                    f"{planned:.3f}x (the layers outside the budget hold {fixed / original:.1%} of the "
-                    f"{params.metric})")
+            note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks (none below "
+                    f"{params.min_rank_fraction:.3g} of its full rank: min_rank_fraction) leave {planned:.3f}x "
+                    f"(the layers outside the budget hold {fixed / original:.1%} of the {params.metric})")
         elif planned > target * 1.02:
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
