@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .components import InputStats, LayerChoice, ModelTotals, RankSelector
-from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
+from .engine import LayerResult, compress_layer, factorized_like, read_layer, split_groups, usable_decompositions
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError
 from .factors import chain_cost, layer_layout, widen
@@ -134,29 +135,77 @@ def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, lis
     return {path: entry.new for entry in pending.values() if entry.new is not None for path in paths[id(entry.module)]}
 
 
+class _FixedOutput(nn.Module):
+    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.output
+
+
 def _timed_totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending],
                   totals: ModelTotals, profiler: LatencyProfiler) -> ModelTotals:
-    """``totals`` with measured seconds: the whole model timed once as the step leaves it so far, and the layers'
-    chains (cached). The model's time before compression is its time now plus, for each compressible layer
-    factorized so far, its dense time minus its chain's time; the scheduled layers' seconds are their summed times."""
+    """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
+
+    The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
+    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
+    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
+    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
+    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
+    the scheduled layers' seconds are their summed times."""
+    paths = module_paths(model)
+    replacements = pending_replacements(pending, paths)
     current = {name: pending[name].current if name in pending else model.get_submodule(name)
                for name in context.model_stats.layers}
-    names = [name for name, stats in context.model_stats.layers.items() if stats.input_shape is not None and (
-        name in state.layer_names or isinstance(current[name], FactorizedLayer))]
+    reached = {name: stats for name, stats in context.model_stats.layers.items()
+               if stats.input_shape is not None and stats.output_shape is not None}
     layers = []
-    for name in names:
-        stats = context.model_stats.layers[name]
+    for name, stats in reached.items():
         layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
         layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
                                                                           stats.input_shape)])
-    times = dict(zip(names, profiler.seconds(layers)))
-    with swapped(model, pending_replacements(pending, module_paths(model))), evaluating(model):
-        now = profiler.calls([lambda: call_model(model, context.example_input)])[0]
+    times = dict(zip(reached, profiler.seconds(layers)))
+    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
+             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
+
+    def whole() -> Any:
+        return call_model(model, context.example_input)
+
+    def rest() -> Any:
+        with swapped(model, stubs):
+            return call_model(model, context.example_input)
+
+    with swapped(model, replacements), evaluating(model):
+        model_seconds, rest_seconds = profiler.calls([whole, rest])
+    alone = sum(chain for _, chain in times.values())
+    in_place = model_seconds - rest_seconds
+    scale = in_place / alone if in_place > 0 and alone > 0 else 1.0
+    now = model_seconds / scale
+    log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
+             "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
+             100 * rest_seconds / model_seconds)
     original = now + sum(dense - chain for dense, chain in times.values())
     scheduled = [times[name] for name in state.layer_names if name in times]
-    return attrs.evolve(totals, seconds_original=original, seconds_now=now, scheduled=attrs.evolve(
-        totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
-        seconds_now=sum(chain for _, chain in scheduled)))
+
+    def speedup_of(plan: Mapping[str, tuple[str, Ranks] | None]) -> float:
+        planned = {path: new for name, chosen in plan.items() if chosen is not None
+                   for new in [factorized_like(current[name], name, chosen[0], chosen[1], context.registry)]
+                   for path in paths[id(model.get_submodule(name))]}
+
+        def with_plan() -> Any:
+            with swapped(model, planned):
+                return call_model(model, context.example_input)
+
+        with swapped(model, replacements), evaluating(model, *planned.values()):
+            as_is, planned_seconds = profiler.calls([whole, with_plan])
+        return as_is / planned_seconds
+
+    return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
+                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
+                                               seconds_now=sum(chain for _, chain in scheduled)))
 
 
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,

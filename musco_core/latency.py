@@ -96,7 +96,8 @@ class Timer:
     def layers(self, modules: Sequence[nn.Module], input_shape: Sequence[int], dtype: torch.dtype,
                device: torch.device) -> list[float]:
         """Median seconds of each module on a random input of ``input_shape``, timed in alternation."""
-        return time_modules_at(modules, input_shape, dtype=dtype, device=device, min_rounds=7, min_seconds=0.05)
+        return time_modules_at(modules, input_shape, dtype=dtype, device=device, warmup=3, min_rounds=15,
+                               min_seconds=0.2)
 
     def close(self) -> None:
         """Ends the progress bar and logs how many layers were timed and how many came from the cache."""
@@ -108,7 +109,7 @@ class Timer:
 
     def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device) -> list[float]:
         """Median seconds of each call (whole forward passes), timed in alternation."""
-        return time_alternated(calls, device=device, min_rounds=7, min_seconds=0.5)
+        return time_alternated(calls, device=device, min_rounds=15, min_seconds=2.0)
 
 
 @attrs.frozen

@@ -302,19 +302,20 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
                            schedule: ModelSchedule, context: RunContext, budgets: Sequence[BudgetRecord],
                            group: distributed.Group | None) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
-    measures latency and whose layers the step replaced: the model with the step's replacements swapped in, timed
+    measures latency and whose layers the step compressed: the model with the step's replacements swapped in, timed
     in alternation against it with them swapped out (in eval mode; the model is left as it was). In a distributed
     job rank 0's measurement counts on every rank, so the states stay equal."""
     registry = context.registry
     selectors = set()
     for name, entry in pending.items():
         selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
-        if entry.new is not None and selector.scope == "model" and selector.measures_latency(
-                selector_params(selector, schedule.settings)):
+        if selector.scope == "model" and selector.measures_latency(selector_params(selector, schedule.settings)):
             selectors.add(selector.name)
     if not selectors:
         return list(budgets)
     replacements = pending_replacements(pending, paths)
+    if not replacements:  # the allocation kept every layer: the model is as fast as it was
+        return _multiplied(budgets, selectors, 1.0)
     originals = {path: model.get_submodule(path) for path in replacements}
 
     def forward(modules: Mapping[str, nn.Module]) -> Callable[[], Any]:
@@ -330,6 +331,12 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
             before, after = profiler.calls([forward(originals), forward(replacements)])
     speedup = float(distributed.broadcast_json(group, before / after))
     log.info("compression step: measured whole-model speed-up %.3fx", speedup)
+    return _multiplied(budgets, selectors, speedup)
+
+
+def _multiplied(budgets: Sequence[BudgetRecord], selectors: set[str], speedup: float) -> list[BudgetRecord]:
+    """``budgets`` with ``speedup`` multiplied into the measured speed-up of each selector's latest plan (which
+    starts from its previous plan's, or 1)."""
     budgets = list(budgets)
     for selector in sorted(selectors):
         index = max(i for i, record in enumerate(budgets) if record.selector == selector)
