@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .components import InputStats, LayerChoice, ModelTotals, RankSelector
-from .engine import LayerResult, compress_layer, factorized_like, read_layer, split_groups, usable_decompositions
+from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError
 from .factors import chain_cost, layer_layout, widen
-from .latency import Chain, LatencyProfiler
+from .latency import Chain, LatencyProfiler, profiler_for, timed_totals
 from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
-from .surgery import FactorizedLayer, module_paths, replace_module
-from .timing import call_model
+from .surgery import module_paths, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -96,116 +93,9 @@ def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: A
                               f"(--input-shape on the command line)")
 
 
-@contextmanager
-def swapped(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
-    """The model with the modules at these paths replaced, put back afterwards (also on error)."""
-    originals = {path: model.get_submodule(path) for path in replacements}
-    try:
-        for path, new in replacements.items():
-            replace_module(model, path, new)
-        yield model
-    finally:
-        for path, module in originals.items():
-            replace_module(model, path, module)
-
-
-@contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """The modules in eval mode (timing must not update BatchNorm statistics), each one's own mode put back after."""
-    modes = [(module, module.training) for model in models for module in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
-    """The latency profiler of a step: on the device and dtype of the model's first weight, the context's timer."""
-    like = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if like is None:
-        raise ConfigError(f"{type(model).__name__} has no floating-point weights to time the layers on")
-    return LatencyProfiler(context.registry, like.detach(), timer=context.latency_timer, progress=context.progress)
-
-
 def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, list[str]]) -> dict[str, nn.Module]:
     """Every path at which a replacement of the step is to be swapped in."""
     return {path: entry.new for entry in pending.values() if entry.new is not None for path in paths[id(entry.module)]}
-
-
-class _FixedOutput(nn.Module):
-    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
-
-    def __init__(self, output: torch.Tensor) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.output
-
-
-def _timed_totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending],
-                  totals: ModelTotals, profiler: LatencyProfiler) -> ModelTotals:
-    """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
-
-    The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
-    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
-    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
-    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
-    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
-    the scheduled layers' seconds are their summed times."""
-    paths = module_paths(model)
-    replacements = pending_replacements(pending, paths)
-    current = {name: pending[name].current if name in pending else model.get_submodule(name)
-               for name in context.model_stats.layers}
-    reached = {name: stats for name, stats in context.model_stats.layers.items()
-               if stats.input_shape is not None and stats.output_shape is not None}
-    layers = []
-    for name, stats in reached.items():
-        layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
-        layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
-                                                                          stats.input_shape)])
-    times = dict(zip(reached, profiler.seconds(layers)))
-    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
-             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
-
-    def whole() -> Any:
-        return call_model(model, context.example_input)
-
-    def rest() -> Any:
-        with swapped(model, stubs):
-            return call_model(model, context.example_input)
-
-    with swapped(model, replacements), evaluating(model):
-        model_seconds, rest_seconds = profiler.calls([whole, rest])
-    alone = sum(chain for _, chain in times.values())
-    in_place = model_seconds - rest_seconds
-    scale = in_place / alone if in_place > 0 and alone > 0 else 1.0
-    now = model_seconds / scale
-    log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
-             "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
-             100 * rest_seconds / model_seconds)
-    original = now + sum(dense - chain for dense, chain in times.values())
-    scheduled = [times[name] for name in state.layer_names if name in times]
-
-    def speedup_of(plan: Mapping[str, tuple[str, Ranks] | None]) -> float:
-        planned = {path: new for name, chosen in plan.items() if chosen is not None
-                   for new in [factorized_like(current[name], name, chosen[0], chosen[1], context.registry)]
-                   for path in paths[id(model.get_submodule(name))]}
-
-        def with_plan() -> Any:
-            with swapped(model, planned):
-                return call_model(model, context.example_input)
-
-        with swapped(model, replacements), evaluating(model, *planned.values()):
-            as_is, planned_seconds = profiler.calls([whole, with_plan])
-        return as_is / planned_seconds
-
-    return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
-                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
-                                               seconds_now=sum(chain for _, chain in scheduled)))
 
 
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
@@ -294,7 +184,9 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     with distributed.agreement(group, f"rank selection {selector.name!r}"):
         try:
             if profiler is not None:
-                totals = _timed_totals(model, state, context, pending, totals, profiler)
+                totals = timed_totals(model, context, profiler, totals, state.layer_names,
+                                      {name: entry.current for name, entry in pending.items()},
+                                      pending_replacements(pending, module_paths(model)))
             chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
         finally:
             if profiler is not None:

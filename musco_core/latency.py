@@ -9,6 +9,9 @@ shapes, measures nothing.
 
 The cache is one JSON file (:func:`default_cache_path`, or ``$MUSCO_LATENCY_CACHE``), replaced atomically on
 every save; a file that cannot be read, or one of another format, is ignored with one warning.
+
+Whole-model timings are never cached: :func:`timed_totals` times the model against its rest (the compressible
+layers stubbed out) and gives the selector a function that times a plan in place.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .components import Factor, FactorLayout, LayerSpec
+from .components import Factor, FactorLayout, LayerSpec, ModelTotals
+from .engine import factorized_like
+from .errors import ConfigError
 from .factors import layer_layout
-from .timing import time_alternated, time_modules_at
+from .state import RunContext
+from .surgery import FactorizedLayer, evaluating, module_paths, swapped
+from .timing import call_model, time_alternated, time_modules_at
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ class Timer:
 
     def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device) -> list[float]:
         """Median seconds of each call (whole forward passes), timed in alternation."""
-        return time_alternated(calls, device=device, min_rounds=15, min_seconds=2.0)
+        return time_alternated(calls, device=device, min_rounds=7, min_seconds=3.0)
 
 
 @attrs.frozen
@@ -208,3 +215,88 @@ class LatencyProfiler:
         """Seconds of each call (whole forward passes), timed in alternation, never cached."""
         with torch.no_grad():
             return self.timer.calls(calls, self.device)
+
+
+def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
+    """The latency profiler of a step: on the device and dtype of the model's first weight, the context's timer."""
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if like is None:
+        raise ConfigError(f"{type(model).__name__} has no floating-point weights to time the layers on")
+    return LatencyProfiler(context.registry, like.detach(), timer=context.latency_timer, progress=context.progress)
+
+
+class _FixedOutput(nn.Module):
+    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.output
+
+
+def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfiler, totals: ModelTotals,
+                 scheduled_layers: Sequence[str], current: Mapping[str, nn.Module],
+                 replacements: Mapping[str, nn.Module]) -> ModelTotals:
+    """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
+
+    The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
+    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
+    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
+    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
+    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
+    the scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as
+    the step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
+
+    ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
+    the model as it is."""
+    paths = module_paths(model)
+    current = {name: current[name] if name in current else model.get_submodule(name)
+               for name in context.model_stats.layers}
+    reached = {name: stats for name, stats in context.model_stats.layers.items()
+               if stats.input_shape is not None and stats.output_shape is not None}
+    layers = []
+    for name, stats in reached.items():
+        layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
+        layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
+                                                                          stats.input_shape)])
+    times = dict(zip(reached, profiler.seconds(layers)))
+    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
+             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
+
+    def whole() -> Any:
+        return call_model(model, context.example_input)
+
+    def rest() -> Any:
+        with swapped(model, stubs):
+            return call_model(model, context.example_input)
+
+    with swapped(model, replacements), evaluating(model):
+        model_seconds, rest_seconds = profiler.calls([whole, rest])
+    alone = sum(chain for _, chain in times.values())
+    in_place = model_seconds - rest_seconds
+    scale = in_place / alone if in_place > 0 and alone > 0 else 1.0
+    now = model_seconds / scale
+    log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
+             "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
+             100 * rest_seconds / model_seconds)
+    original = now + sum(dense - chain for dense, chain in times.values())
+    scheduled = [times[name] for name in scheduled_layers if name in times]
+
+    def speedup_of(plan: Mapping[str, tuple[str, tuple[int, ...]] | None]) -> float:
+        planned = {path: new for name, chosen in plan.items() if chosen is not None
+                   for new in [factorized_like(current[name], name, chosen[0], chosen[1], context.registry)]
+                   for path in paths[id(model.get_submodule(name))]}
+
+        def with_plan() -> Any:
+            with swapped(model, planned):
+                return call_model(model, context.example_input)
+
+        with swapped(model, replacements), evaluating(model, *planned.values()):
+            as_is, planned_seconds = profiler.calls([whole, with_plan])
+        return as_is / planned_seconds
+
+    return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
+                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
+                                               seconds_now=sum(chain for _, chain in scheduled)))

@@ -19,8 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .allocation import (Pending, allocate_pass, evaluating, pending_replacements, profiler_for, selector_params,
-                         swapped)
+from .allocation import Pending, allocate_pass, pending_replacements, selector_params
 from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
 from .components import InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
@@ -31,7 +30,9 @@ from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import ModelStats
-from .surgery import FactorizedLayer, by_canonical_name, module_paths, replace_module, tied_parameters
+from .latency import profiler_for
+from .surgery import (FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, swapped,
+                      tied_parameters)
 from .timing import call_model
 
 log = logging.getLogger(__name__)

@@ -301,42 +301,65 @@ class Budget(RankSelector):
                           note, {choice.name: choice.decomposer.name for choice in choices})
 
 
-#: Plans timed in place per pass of a latency budget, at most (see :func:`_calibrated`).
+#: Plans timed in place per pass of a latency budget (see :func:`_calibrated`).
 CALIBRATION_ROUNDS = 4
 
 
 def _calibrated(plan: Callable[[float], tuple[list[LayerChoice], list, float]], totals: ModelTotals, target: float,
                 done: float) -> tuple[list[LayerChoice], list, float, str | None]:
-    """A plan whose whole-model speed-up, measured in place, meets ``target`` (within 2%) where it can, with a note
-    when it does not.
+    """A plan whose whole-model speed-up, measured in place, meets ``target`` where it can, with a note when the
+    fit says it does not (within 2%).
 
     Layers timed alone do not add up to the model: in place their inputs come cold from the layer before and the
-    rest of the model runs between them. So each plan is timed in place (chains with zero weights swapped into the
-    model, in alternation with it as it is), and the reduction the cost model aims at is corrected by the shortfall
-    (``aim *= target / measured``), up to :data:`CALIBRATION_ROUNDS` times. The plan measured closest to the target
-    wins; its measured speed-up (times ``done``, what earlier passes achieved) is the planned one."""
-    aim, best, previous, timed, saturated = target, None, None, 0, False
+    rest of the model runs between them. So plans are timed in place (chains with zero weights swapped into the
+    model, in alternation with it as it is): the first at the target, the second with the aim corrected by the
+    shortfall (``aim *= target / measured``), the others where a straight line through all the measurements so far
+    (log speed-up against log aim) meets the target, :data:`CALIBRATION_ROUNDS` in all. One measurement moves by
+    several percent on a busy machine, so the final plan is the fit's, not the luckiest measurement's; ``planned``
+    is the fit's speed-up there (times ``done``, what earlier passes achieved)."""
+    aims: list[float] = []
+    measured: list[float] = []
+    by_plan: dict[tuple, list[float]] = {}
+    aim, fit, saturated = target, (0.0, 1.0), False
     for _ in range(CALIBRATION_ROUNDS):
         choices, ranks, _estimate = plan(aim)
-        saturated = (choices, ranks) == previous
-        if saturated:
-            break  # the cost model cannot go further (every layer at its smallest or largest rank)
-        previous, timed = (choices, ranks), timed + 1
-        measured = done * totals.speedup_of({choice.name: None if r is None else (choice.decomposer.name, tuple(r))
-                                             for choice, r in zip(choices, ranks)})
-        log.info("latency budget: aiming at %.3fx by the layer timings measured %.3fx in place", aim, measured)
-        if best is None or abs(math.log(measured / target)) < abs(math.log(best[2] / target)):
-            best = (choices, ranks, measured)
-        if abs(measured / target - 1) <= 0.02:
-            return (*best, None)
-        aim *= target / measured
-    if saturated and best[2] < target:
-        note = (f"the target {target:.3f}x cannot be met: the fastest plan the layers allow (none below "
-                f"min_rank_fraction of its full rank) measured {best[2]:.3f}x in place")
-    else:
-        note = (f"the closest of {timed} plans timed in place measured {best[2]:.3f}x (timings on this machine "
-                f"vary by a few percent from one measurement to the next)")
-    return (*best, note)
+        key = _plan_key(choices, ranks)
+        if aims and key in by_plan and aim > math.exp(max(aims)):
+            saturated = True  # a higher aim gives the same plan: the layers are at their smallest ranks
+            break
+        speedup = done * totals.speedup_of({choice.name: None if r is None else (choice.decomposer.name, tuple(r))
+                                            for choice, r in zip(choices, ranks)})
+        log.info("latency budget: aiming at %.3fx by the layer timings measured %.3fx in place", aim, speedup)
+        aims.append(math.log(aim))
+        measured.append(math.log(speedup))
+        by_plan.setdefault(key, []).append(math.log(speedup))
+        fit = _line(aims, measured)
+        aim = math.exp((math.log(target) - fit[0]) / fit[1])
+    choices, ranks, _estimate = plan(aim)
+    key = _plan_key(choices, ranks)
+    # a plan timed before: the mean of its measurements; a new one: the fit's value
+    planned = math.exp(float(np.mean(by_plan[key])) if key in by_plan else fit[0] + fit[1] * math.log(aim))
+    if abs(planned / target - 1) <= 0.02:
+        return choices, ranks, planned, None
+    if saturated and planned < target:
+        return choices, ranks, planned, (
+            f"the target {target:.3f}x cannot be met: the fastest plan the layers allow (none below "
+            f"min_rank_fraction of its full rank) measured {planned:.3f}x in place")
+    return choices, ranks, planned, (f"the plan timed in place gives {planned:.3f}x (one measurement on this "
+                                     f"machine moves by several percent; too few or too coarse layers to land closer)")
+
+
+def _plan_key(choices: Sequence[LayerChoice], ranks: Sequence) -> tuple:
+    return tuple((choice.name, choice.decomposer.name, r) for choice, r in zip(choices, ranks))
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through the points; with one point (or all at one x), the line
+    of slope 1 through their mean. The slope is kept within [0.25, 4]: a faster plan never measures slower."""
+    x, y = np.asarray(xs), np.asarray(ys)
+    spread = float(np.sum((x - x.mean()) ** 2))
+    slope = 1.0 if spread < 1e-12 else float(np.clip(np.sum((x - x.mean()) * (y - y.mean())) / spread, 0.25, 4.0))
+    return float(y.mean() - slope * x.mean()), slope
 
 
 @hookimpl
