@@ -6,6 +6,7 @@ import json
 import logging
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from musco_core.latency import CACHE_FORMAT, Chain, LatencyCache, LatencyProfile
 from musco_core.report import BudgetRecord, CompressionReport
 from musco_core.run import checked_schedule
 from musco_core.state import STATE_FORMAT, RunState, StateCodec
+from musco_plugins.budget import despiked, monotone
 
 INPUT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -209,3 +211,10 @@ def test_budget_records_round_trip_with_the_measured_speedup_and_old_files_still
     data["format"] = 2
     del data["budgets"][0]["measured"]
     assert codec.structure(data, "state").budgets == (attrs.evolve(record, measured=None),)
+
+
+def test_grid_timings_lose_a_spike_and_never_fall_as_macs_grow():
+    assert list(despiked(np.array([1.0, 2.0, 9.0, 4.0, 5.0]))) == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert list(monotone(np.array([1.0, 3.0, 2.0, 4.0]))) == [1.0, 2.5, 2.5, 4.0]
+    rising = np.array([0.1, 0.2, 0.4, 0.8])
+    assert list(monotone(despiked(rising))) == list(rising)

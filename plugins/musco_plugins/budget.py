@@ -95,17 +95,39 @@ def metric_pricer(choice: LayerChoice, metric: str) -> Pricer:
     return lambda ranks: float(choice.cost(ranks)[index])
 
 
+def despiked(values: np.ndarray) -> np.ndarray:
+    """Each inner value replaced by the median of itself and its two neighbours: a single timing that a busy
+    machine inflated (or a lucky one) is dropped, while a monotone sequence stays as it is."""
+    if values.size < 3:
+        return values
+    inner = np.median(np.stack([values[:-2], values[1:-1], values[2:]]), axis=0)
+    return np.concatenate([values[:1], inner, values[-1:]])
+
+
+def monotone(values: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators): along a rank
+    family, a chain with more MACs is not faster."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([float(value), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
+    return np.concatenate([np.full(int(count), mean) for mean, count in blocks])
+
+
 def latency_pricer(choice: LayerChoice, family: Sequence[tuple[int, ...]]) -> Pricer:
     """The measured seconds of the layer at some ranks: ``LATENCY_POINTS`` ranks of ``family`` (its ranks along the
-    rank family, smallest first) are timed, with the layer as it is; the time of any other ranks is interpolated
-    piecewise linearly in MACs between them (clamped at the ends)."""
+    rank family, smallest first) are timed, with the layer as it is; their times, in the order of their MACs, are
+    despiked and made non-decreasing, and the time of any other ranks is interpolated piecewise linearly in MACs
+    between them (clamped at the ends)."""
     spread = np.linspace(0, len(family) - 1, min(LATENCY_POINTS, len(family))).round().astype(int)
     timed = [family[i] for i in sorted(set(spread.tolist()))]
     seconds = choice.seconds([None, *timed])
     now = seconds[0]
     points = sorted((float(choice.cost(ranks).macs), t) for ranks, t in zip(timed, seconds[1:]))
     macs = np.array([m for m, _ in points])
-    times = np.array([t for _, t in points])
+    times = monotone(despiked(np.array([t for _, t in points])))
 
     def price(ranks: tuple[int, ...] | None) -> float:
         return now if ranks is None else float(np.interp(float(choice.cost(ranks).macs), macs, times))
