@@ -181,8 +181,9 @@ class LatencyProfiler:
 
     def seconds(self, layers: Sequence[Sequence[Chain]]) -> list[list[float]]:
         """Seconds of every chain, per layer: the chains of one layer (same spec and input shape) not in the cache
-        are timed in alternation with the layer's dense chain, and cached. A progress bar counts the layers timed
-        until :meth:`close`."""
+        are timed in alternation with the layer's dense chain, and cached as their ratio to it times the dense
+        layer's first cached time (so all the chains of a layer share one reference, and a busy moment that slows a
+        whole round of timings cancels out). A progress bar counts the layers timed until :meth:`close`."""
         missing = [index for index, chains in enumerate(layers)
                    if any(self.key(chain) not in self.cache.entries for chain in chains)]
         if missing and self._bar is None:
@@ -195,7 +196,10 @@ class LatencyProfiler:
             with torch.no_grad():
                 times = self.timer.layers([self.module(chain) for chain in timed], chains[0].input_shape,
                                           self.dtype, self.device)
-            self.cache.entries.update({self.key(chain): float(t) for chain, t in zip(timed, times, strict=True)})
+            # each chain's time relative to the dense layer timed with it, times the layer's one reference time
+            reference = self.cache.entries.setdefault(self.key(dense), float(times[0]))
+            for chain, seconds in zip(timed[1:], times[1:], strict=True):
+                self.cache.entries.setdefault(self.key(chain), float(seconds) / float(times[0]) * reference)
             self._bar.update(1)
         if missing:
             self.cache.save()

@@ -218,3 +218,24 @@ def test_grid_timings_lose_a_spike_and_never_fall_as_macs_grow():
     assert list(monotone(np.array([1.0, 3.0, 2.0, 4.0]))) == [1.0, 2.5, 2.5, 4.0]
     rising = np.array([0.1, 0.2, 0.4, 0.8])
     assert list(monotone(despiked(rising))) == list(rising)
+
+
+class DriftingTimer(Timer):
+    """A clock that runs slower on every call (a machine getting busier): the n-th call's i-th module takes
+    n * (i + 1) seconds."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def layers(self, modules, input_shape, dtype, device):
+        self.n += 1
+        return [float(self.n * (i + 1)) for i in range(len(modules))]
+
+
+def test_chains_are_cached_relative_to_the_dense_layer_timed_with_them(registry, tmp_path):
+    profiler = LatencyProfiler(registry, torch.zeros(1), timer=DriftingTimer(), cache=LatencyCache(tmp_path / "c"))
+    dense = Chain.dense(SPEC, (2, 32, 8, 8))
+    chain = Chain(SPEC, tuple(registry.decompositions.get("tucker2").layout(SPEC, (8, 8))), (2, 32, 8, 8))
+    assert profiler.seconds([[dense]]) == [[1.0]]
+    # timed on the second, twice slower call as [dense 2 s, chain 4 s]: twice the dense layer's cached 1 s
+    assert profiler.seconds([[dense, chain]]) == [[1.0, 2.0]]
