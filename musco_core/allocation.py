@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from torch import nn
@@ -18,8 +19,9 @@ from tqdm.auto import tqdm
 from .components import InputStats, LayerChoice, ModelTotals, RankSelector
 from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
 from . import distributed
-from .errors import CompressionError, MuscoError
+from .errors import CompressionError, ConfigError, MuscoError
 from .factors import chain_cost, layer_layout, widen
+from .latency import Chain, LatencyProfiler, profiler_for, timed_totals
 from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
@@ -45,9 +47,9 @@ class Pending:
 
 
 def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: RunContext,
-                  input_stats: InputStats | None) -> list[LayerChoice]:
+                  input_stats: InputStats | None, profiler: LatencyProfiler | None = None) -> list[LayerChoice]:
     """The layer as a whole-model selector sees it, once per candidate decomposition that can factorize it, priced
-    with the report's own arithmetic."""
+    with the report's own arithmetic (and, given a ``profiler``, with measured times)."""
     _, source, _ = read_layer(module, context.registry, name)
     source.input_stats = input_stats
     group_spec, group_sources = split_groups(source)
@@ -61,8 +63,39 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
                                                      for layout in decomposer.layout(group_spec, ranks)]
             return chain_cost(source.spec, layouts, input_shape)
 
-        choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape))
+        def measure(ranks_list: Sequence[Ranks | None], decomposer=decomposer) -> list[float]:
+            chains = [Chain(source.spec, current if ranks is None else tuple(
+                widen(layout, source.spec.groups) for layout in decomposer.layout(group_spec, ranks)), input_shape)
+                for ranks in ranks_list]
+            return profiler.seconds([chains])[0]
+
+        choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape,
+                                   measure=None if profiler is None or input_shape is None else measure))
     return choices
+
+
+def selector_params(selector: RankSelector, settings: RunSettings) -> Any:
+    """A whole-model selector's run parameters: ``settings.algo_kwargs[name]``, or its defaults."""
+    return settings.algo_kwargs.get(selector.name) or selector.Params()
+
+
+def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: Any) -> None:
+    """A ConfigError when a whole-model selector of the schedule measures latency but there is no example input to
+    time the model on."""
+    if example_input is not None:
+        return
+    for layer in schedule.layers.values():
+        selector = None if layer is None else registry.rank_selectors.get(layer.rank_selection)
+        if selector is not None and selector.scope == "model" and selector.measures_latency(
+                selector_params(selector, schedule.settings)):
+            raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: metric latency times the "
+                              f"model and its layers on the example input: give the compressor an example_input "
+                              f"(--input-shape on the command line)")
+
+
+def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, list[str]]) -> dict[str, nn.Module]:
+    """Every path at which a replacement of the step is to be swapped in."""
+    return {path: entry.new for entry in pending.values() if entry.new is not None for path in paths[id(entry.module)]}
 
 
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
@@ -136,16 +169,28 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and stage(other) == layer.curr_compr_iter]
     input_stats = input_stats_for(members)
+    profiler = None
+    if selector.measures_latency(selector_params(selector, settings)):
+        check_latency_input(schedule, registry, context.example_input)
+        profiler = profiler_for(model, context)
     choices = [choice for other in members
                for choice in layer_choices(other, pending[other].current if other in pending else
                                            model.get_submodule(other), schedule.layers[other], context,
-                                           input_stats.get(other))]
+                                           input_stats.get(other), profiler)]
     if context.evaluate is not None:
         sensitivity = sensitivities(model, choices, schedule, context, input_stats, group)
         choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
     pass_index = layer.curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
     with distributed.agreement(group, f"rank selection {selector.name!r}"):
-        chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
+        try:
+            if profiler is not None:
+                totals = timed_totals(model, context, profiler, totals, state.layer_names,
+                                      {name: entry.current for name, entry in pending.items()},
+                                      pending_replacements(pending, module_paths(model)))
+            chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
+        finally:
+            if profiler is not None:
+                profiler.close()
     if group is None:
         return chosen, record
     plan = distributed.broadcast_json(group, {
@@ -160,7 +205,7 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
                   totals: ModelTotals, pass_index: int, settings: RunSettings
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
-    params = settings.algo_kwargs.get(selector.name) or selector.Params()
+    params = selector_params(selector, settings)
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
                                        settings.rank_multiple)

@@ -15,7 +15,7 @@ handed in as a function by the core.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, NamedTuple
 
 import attrs
@@ -28,7 +28,9 @@ from .errors import UnsupportedLayerError
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
 #: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count; a whole-model
 #: selector may be offered several decompositions per layer and answers with ``Allocation.decompositions``.
-PLUGIN_API_VERSION = (2, 0)
+#: 2.1: a whole-model selector may ask for measured times (:meth:`RankSelector.measures_latency`): the core then
+#: gives :meth:`LayerChoice.seconds` and ``ModelTotals.seconds_*``.
+PLUGIN_API_VERSION = (2, 1)
 
 
 @attrs.frozen
@@ -275,7 +277,8 @@ class LayerChoice:
     layer's geometry, ``current`` its chain of factors as it is now (one factor when not compressed yet) and
     ``input_shape`` its input on the example input (None when unknown). ``sensitivity`` is how much the model's
     loss grows per unit of the layer's relative squared weight error, from a sensitivity pass (1.0 without one).
-    ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`).
+    ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`); ``measure`` its measured times (see
+    :meth:`seconds`), given only to a selector that :meth:`~RankSelector.measures_latency`.
     """
 
     name: str
@@ -286,6 +289,14 @@ class LayerChoice:
     price: Callable[[tuple[int, ...] | None], Cost]
     input_shape: tuple[int, ...] | None = None
     sensitivity: float = 1.0
+    measure: Callable[[Sequence[tuple[int, ...] | None]], list[float]] | None = None
+
+    def seconds(self, ranks: Sequence[tuple[int, ...] | None]) -> list[float]:
+        """Measured seconds of the layer at each of ``ranks`` (None: as it is now) on its input shape, on this
+        machine (from the core's latency cache where measured before)."""
+        if self.measure is None:
+            raise ValueError(f"layer {self.name!r}: no measured times (the selector did not ask for them)")
+        return self.measure(ranks)
 
     def cost(self, ranks: tuple[int, ...] | None = None) -> Cost:
         """The cost of the layer factorized at ``ranks``, or as it is now for None."""
@@ -310,6 +321,15 @@ class ModelTotals:
     macs_original: int | None = None
     macs_now: int | None = None
     scheduled: ModelTotals | None = None
+    #: Measured seconds of the whole model's forward pass on the example input before any compression (estimated
+    #: from layer timings once layers were compressed) and now; only for a selector that measures latency (the
+    #: ``scheduled`` counts: the summed seconds of the scheduled layers).
+    seconds_original: float | None = None
+    seconds_now: float | None = None
+    #: For a selector that measures latency: the measured speed-up of the whole model as it is now with the layers
+    #: named replaced by their chains at ``(decomposition, ranks)`` (None: kept), timed in place, in alternation.
+    speedup_of: Callable[[Mapping[str, tuple[str, tuple[int, ...]] | None]], float] | None = attrs.field(
+        default=None, eq=False)
 
 
 @attrs.frozen
@@ -346,6 +366,12 @@ class RankSelector:
     def unsupported_reason(self, decomposer: Decomposer) -> str | None:
         """Why this selector cannot choose ranks for that decomposition, or None when it can."""
         return None
+
+    def measures_latency(self, params) -> bool:
+        """Whether :meth:`allocate` with these run parameters needs measured times (:meth:`LayerChoice.seconds`,
+        ``ModelTotals.seconds_*``). Timing takes time, so the core measures only when asked; the run then also
+        measures the whole model's speed-up at the end of each step that compresses this selector's layers."""
+        return False
 
     def check_params(self, params, decomposer: Decomposer) -> str | None:
         """What is wrong with these parameters for that decomposition (``"key: problem"``), or None."""

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from . import distributed, io
+from .allocation import check_latency_input
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
 from .errors import ConfigError
@@ -74,8 +75,9 @@ class Compressor:
                     "algo_kwargs": all_algo_kwargs or {}}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
+        check_latency_input(schedule, registry, example_input)
         self._attach(model, start_run(model, schedule, registry, left_out),
-                     RunContext(registry, stats, calibration, evaluate, progress))
+                     RunContext(registry, stats, calibration, evaluate, progress, example_input))
 
     def _attach(self, model: nn.Module, state: RunState, context: RunContext) -> None:
         self.compressed_model = model
@@ -118,8 +120,9 @@ class Compressor:
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, as_model_stats(None, restored, registry, example_input),
                              check_calibration(state.initial_schedule, registry, remaining, calibration_data),
-                             evaluate, progress)
+                             evaluate, progress, example_input)
         check_resumable(restored, state, context, origin)
+        check_latency_input(state.initial_schedule, registry, example_input)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)
         log.info("resumed from %s at step %d of %d", origin, state.next_step, len(state.steps))

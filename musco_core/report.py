@@ -10,7 +10,9 @@ import attrs
 from .engine import LayerResult
 from .schedule import NonNegativeFloat, NonNegativeInt, PositiveInt
 
-REPORT_FORMAT = 1
+#: Version of the report's JSON form. 2 added the budgets' ``measured`` speed-up; reports of format 1 still load.
+REPORT_FORMAT = 2
+READABLE_REPORT_FORMATS = (1, 2)
 
 
 def _ratio(before: int | None, after: int | None) -> float | None:
@@ -20,7 +22,13 @@ def _ratio(before: int | None, after: int | None) -> float | None:
 @attrs.frozen
 class BudgetRecord:
     """What a whole-model rank selector planned for one pass: the whole model's reduction by ``metric`` it aimed
-    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``)."""
+    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``).
+
+    For ``metric: latency``, ``measured`` is the whole model's speed-up since the run began as measured on this
+    machine: at the end of every step that compressed the selector's layers, the model with the step's replacements
+    swapped in was timed in alternation against it with them swapped out, and the ratios multiplied over the steps
+    (None for other metrics, and until the first such step ends).
+    """
 
     selector: str
     pass_index: NonNegativeInt
@@ -29,10 +37,13 @@ class BudgetRecord:
     target: NonNegativeFloat
     planned: NonNegativeFloat
     note: str | None = None
+    measured: NonNegativeFloat | None = None
 
     def describe(self) -> str:
         line = (f"{self.selector} pass {self.pass_index + 1}/{self.n_passes}: target {self.target:.3f}x "
                 f"{self.metric}, planned {self.planned:.3f}x")
+        if self.measured is not None:
+            line += f", measured {self.measured:.3f}x"
         return line + (f" ({self.note})" if self.note else "")
 
 
@@ -79,8 +90,8 @@ class CompressionReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
         """The report back from :meth:`to_dict` output (e.g. a ``report.json`` read with ``json.load``)."""
-        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-            raise ValueError(f"not a musco-core report of format {REPORT_FORMAT}")
+        if not isinstance(data, dict) or data.get("format") not in READABLE_REPORT_FORMATS:
+            raise ValueError(f"not a musco-core report of format {' or '.join(map(str, READABLE_REPORT_FORMATS))}")
         rows = [LayerResult(**{**row, "ranks": tuple(row["ranks"]) if row["ranks"] is not None else None})
                 for row in data["layers"]]
         totals = data["totals"]

@@ -19,18 +19,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .allocation import Pending, allocate_pass
+from .allocation import Pending, allocate_pass, pending_replacements, selector_params
 from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
 from .components import InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
                      usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
 from .registry import Registry
-from .report import CompressionReport
+from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import ModelStats
-from .surgery import FactorizedLayer, by_canonical_name, module_paths, replace_module, tied_parameters
+from .latency import profiler_for
+from .surgery import (FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, swapped,
+                      tied_parameters)
+from .timing import call_model
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +287,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
+    budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -293,6 +297,56 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
              sum(r.applied for r in results), len(results))
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
+
+
+def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],
+                           schedule: ModelSchedule, context: RunContext, budgets: Sequence[BudgetRecord],
+                           group: distributed.Group | None) -> list[BudgetRecord]:
+    """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
+    measures latency and whose layers the step compressed: the model with the step's replacements swapped in, timed
+    in alternation against it with them swapped out (in eval mode; the model is left as it was). In a distributed
+    job rank 0's measurement counts on every rank, so the states stay equal."""
+    registry = context.registry
+    selectors = set()
+    for name, entry in pending.items():
+        selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
+        if selector.scope == "model" and selector.measures_latency(selector_params(selector, schedule.settings)):
+            selectors.add(selector.name)
+    if not selectors:
+        return list(budgets)
+    replacements = pending_replacements(pending, paths)
+    if not replacements:  # the allocation kept every layer: the model is as fast as it was
+        return _multiplied(budgets, selectors, 1.0)
+    originals = {path: model.get_submodule(path) for path in replacements}
+
+    def forward(modules: Mapping[str, nn.Module]) -> Callable[[], Any]:
+        def run() -> Any:
+            for path, module in modules.items():
+                replace_module(model, path, module)
+            return call_model(model, context.example_input)
+        return run
+
+    with distributed.agreement(group, "measuring the step's speed-up"):
+        profiler = profiler_for(model, context)
+        with swapped(model, originals), evaluating(model, *replacements.values()):
+            before, after = profiler.calls([forward(originals), forward(replacements)])
+    speedup = float(distributed.broadcast_json(group, before / after))
+    log.info("compression step: measured whole-model speed-up %.3fx", speedup)
+    return _multiplied(budgets, selectors, speedup)
+
+
+def _multiplied(budgets: Sequence[BudgetRecord], selectors: set[str], speedup: float) -> list[BudgetRecord]:
+    """``budgets`` with ``speedup`` multiplied into the measured speed-up of each selector's latest plan (which
+    starts from its previous plan's, or 1)."""
+    budgets = list(budgets)
+    for selector in sorted(selectors):
+        index = max(i for i, record in enumerate(budgets) if record.selector == selector)
+        record = budgets[index]
+        base = record.measured if record.measured is not None else next(
+            (earlier.measured for earlier in reversed(budgets[:index])
+             if earlier.selector == selector and earlier.measured is not None), 1.0)
+        budgets[index] = attrs.evolve(record, measured=base * speedup)
+    return budgets
 
 
 @attrs.frozen(eq=False)

@@ -25,8 +25,10 @@ from .schedule import (ModelSchedule, NonNegativeInt, PositiveInt, ScheduleCodec
                        plain_data, validation_problems)
 from .stats import ModelStats
 
-#: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed.
-STATE_FORMAT = 2
+#: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed. 3 added the
+#: budgets' ``measured`` speed-up; a state of format 2 (which has none) is read as it is.
+STATE_FORMAT = 3
+RESUMABLE_STATE_FORMATS = (2, 3)
 
 Ranks = tuple[int, ...]
 
@@ -101,13 +103,17 @@ class RunState:
 class RunContext:
     """What a step uses besides the model and the state, and that is not saved with it: the components, the
     model's layer statistics on the example input, the calibration batches of data-aware decompositions, an
-    optional ``evaluate(model) -> loss`` for sensitivity passes, and whether to show progress bars."""
+    optional ``evaluate(model) -> loss`` for sensitivity passes, and whether to show progress bars; the example
+    input and the timer (a :class:`musco_core.latency.Timer`; None: the default) for selectors that measure
+    latency."""
 
     registry: Any
     model_stats: ModelStats
     calibration_data: Any = None
     evaluate: Callable[[nn.Module], float] | None = None
     progress: bool = True
+    example_input: Any = None
+    latency_timer: Any = None
 
 
 @attrs.frozen
@@ -162,8 +168,9 @@ class StateCodec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: $: expected a musco-core run state (a mapping), got {type(data).__name__}")
         found = data.get("format")
-        if found != STATE_FORMAT:
-            raise ConfigError(f"{origin}: $.format: expected {STATE_FORMAT} (a run state of this musco-core), got "
+        if found not in RESUMABLE_STATE_FORMATS:
+            raise ConfigError(f"{origin}: $.format: expected {' or '.join(map(str, RESUMABLE_STATE_FORMATS))} (a run "
+                              f"state this musco-core can resume), got "
                               f"{short_repr(found)}; a state of another version cannot be resumed")
         try:
             document = self.converter.structure(dict(data), _StateDocument)

@@ -3,7 +3,8 @@ makes a module unsafe to replace (computation of its own, hooks, an owner that r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
@@ -202,3 +203,29 @@ def by_canonical_name(entries: Mapping[str, T], model: nn.Module) -> tuple[dict[
         first_key[name] = key
         canonical[name] = value
     return canonical, clashes
+
+
+@contextmanager
+def swapped(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """The model with the modules at these paths replaced, put back afterwards (also on error)."""
+    originals = {path: model.get_submodule(path) for path in replacements}
+    try:
+        for path, new in replacements.items():
+            replace_module(model, path, new)
+        yield model
+    finally:
+        for path, module in originals.items():
+            replace_module(model, path, module)
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """The modules in eval mode (timing must not update BatchNorm statistics), each one's own mode put back after."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -5,6 +5,7 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
     python distributed_worker.py resume OUT            # continues the run in OUT/ckpt to the end
     python distributed_worker.py fail OUT              # after a step, rank 1 fails in calibration, decomposing, and
                                                        # with a model that differs from rank 0's
+    python distributed_worker.py latency OUT           # a latency budget whose layer timings differ between ranks
 
 The run is resume_worker's schedule (tucker2/vbmf, cp3, cp4, svd, whitened_svd on calibration data, a whole-model
 budget over two passes) with a sensitivity pass, each rank feeding its own shard of the calibration and evaluation
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +26,10 @@ import resume_worker as base
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from musco_core import Compressor, MuscoError, distributed
+from musco_core.latency import CACHE_ENV, Timer
 
 SCHEDULE = base.SCHEDULE
 EVAL_BATCHES = 2  # one per rank: the mean of the ranks' losses is the loss over all the data
@@ -81,6 +85,52 @@ def step(compressor: Compressor, state_dir: Path) -> None:
     compressor.save_state(state_dir)
 
 
+LATENCY_SCHEDULE = {
+    "version": 1, "settings": {"ft_every": 8, "algo_kwargs": {"budget": {"reduction": 1.3, "metric": "latency"}}},
+    "layers": {name: {"decomposition": "tucker2", "rank_selection": "budget"} for name in (
+        "layer1.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2")}}
+
+
+class RankClock(Timer):
+    """A deterministic clock that differs between ranks: every leaf module that runs costs 1e-9 s per weight plus a
+    per-call overhead, 1e-6 s on rank 0 and 1e-3 s on other ranks (where a chain of factors looks slower than the
+    dense layer, so the rank alone would keep every layer)."""
+
+    def __init__(self, rank: int) -> None:
+        self.overhead = 1e-6 if rank == 0 else 1e-3
+
+    def layers(self, modules, input_shape, dtype, device):
+        x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
+        return self.calls([lambda module=module: module(x) for module in modules], device)
+
+    def calls(self, calls, device):
+        times = []
+        for call in calls:
+            total = [0.0]
+
+            def count(module, args, output):
+                if not list(module.children()):
+                    total[0] += sum(p.numel() for p in module.parameters(recurse=False)) * 1e-9 + self.overhead
+
+            handle = register_module_forward_hook(count)
+            try:
+                call()
+            finally:
+                handle.remove()
+            times.append(total[0])
+        return times
+
+
+def latency_run(rank: int) -> Compressor:
+    """The latency budget's run on this rank's clock (its own timing cache)."""
+    compressor = Compressor(base.model(), model_compr_kwargs=LATENCY_SCHEDULE, example_input=base.EXAMPLE,
+                            progress=False)
+    compressor.context = attrs.evolve(compressor.context, latency_timer=RankClock(rank))
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
 def weights(compressor: Compressor) -> dict[str, torch.Tensor]:
     """The model's weights now (the keys standardize_model leaves, without changing the model)."""
     return {key: value.detach().clone().contiguous() for key, value in compressor.compressed_model.state_dict().items()}
@@ -92,7 +142,7 @@ def history(compressor: Compressor) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["run", "resume", "fail"])
+    parser.add_argument("scenario", choices=["run", "resume", "fail", "latency"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -105,6 +155,12 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
     rank, world_size = group.rank, group.world_size
     record: dict = {"fingerprints": []}
     state_dir = args.out / "ckpt"
+    if args.scenario == "latency":
+        os.environ[CACHE_ENV] = str(args.out / f"latency-cache-{rank}.json")
+        compressor = latency_run(rank)
+        record.update(ranks=compressor.ranks, budgets=[attrs.asdict(b) for b in compressor.budgets])
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+        return 0
     if args.scenario == "resume":
         compressor = resume(state_dir, rank, world_size)
     else:

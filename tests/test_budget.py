@@ -177,7 +177,7 @@ def test_the_greedy_fill_spends_what_the_lagrangian_leaves():
 
 def test_budget_settings_live_in_algo_kwargs_and_are_checked(tmp_path, registry):
     path = tmp_path / "schedule.yaml"
-    path.write_text("version: 1\nsettings:\n  algo_kwargs:\n    budget: {reduction: 2, metric: latency}\n"
+    path.write_text("version: 1\nsettings:\n  algo_kwargs:\n    budget: {reduction: 2, metric: seconds}\n"
                     "layers:\n  fc: {decomposition: svd, rank_selection: budget, reduction: 2}\n"
                     "  conv: {decomposition: cp3, rank_selection: budget}\n")
     with pytest.raises(ConfigError) as caught:

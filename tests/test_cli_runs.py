@@ -180,7 +180,8 @@ BUDGET = {"version": 1, "settings": {"ft_every": 3},
 
 
 @pytest.mark.parametrize("target, metric, reduction", [("flops:1.5", "flops", 1.5), ("params:1.4:compressed",
-                                                                                       "params", 1.4)])
+                                                                                       "params", 1.4),
+                                                      ("latency:1.8", "latency", 1.8)])
 def test_a_target_on_the_command_line_replaces_the_schedules(project, target, metric, reduction):
     (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
     result = compress("out", "--target", target, config="budget.yaml")
@@ -188,6 +189,7 @@ def test_a_target_on_the_command_line_replaces_the_schedules(project, target, me
     assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in result.output
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["budgets"][0]["target"] == reduction
+    assert (report["budgets"][0]["measured"] is not None) == (metric == "latency")  # timed on this machine
 
 
 @pytest.mark.parametrize("target, message", [("flops", "expected METRIC:REDUCTION"), ("flops:two", "expected METRIC"),

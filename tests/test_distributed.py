@@ -133,6 +133,17 @@ def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
         assert record["untouched"] and record["next_step"] == 1
 
 
+def test_ranks_whose_latency_timings_differ_follow_rank_0s_plan_and_measurement(tmp_path):
+    done = launch("latency", str(tmp_path))
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    first, second = records(tmp_path)
+    assert first["ranks"] == second["ranks"] and first["budgets"] == second["budgets"]
+    assert any(ranks is not None for ranks in first["ranks"].values())
+    assert first["budgets"][0]["measured"] is not None
+    alone = worker.latency_run(rank=1)  # rank 1's clock in one process: it would have kept every layer
+    assert all(ranks is None for ranks in alone.ranks.values())
+
+
 def test_rewrap_without_a_process_group_gives_the_model_and_an_optimizer_over_its_parameters():
     from musco_core.distributed import rewrap
 

@@ -167,7 +167,7 @@ def test_a_huge_declared_factor_allocates_nothing(saved, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("[" * 100_000, r"report.json: not a musco-core report"),
     ('{"format": 1, "layers": 5}', r"report.json: not a musco-core report"),
-    ('{"format": 2}', r"report.json: not a musco-core report"),
+    ('{"format": 3}', r"report.json: not a musco-core report"),
     ("\ud800", r"report.json: "),
 ])
 def test_a_damaged_report_is_one_clear_error(copy, content, message):

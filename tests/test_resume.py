@@ -150,7 +150,7 @@ def edit_state(folder, edit):
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
     (lambda s: s.update(surprise=1), r"unknown keys \['surprise'\]|surprise"),
     (lambda s: s.pop("steps"), r"\$\.steps"),
-    (lambda s: s.update(format=1), r"\$\.format: expected 2"),
+    (lambda s: s.update(format=1), r"\$\.format: expected 2 or 3"),
     (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
     (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
     (lambda s: s["history"].pop(), r"\$\.history: expected one result per layer of the 2 steps taken"),

@@ -8,13 +8,18 @@ layers' measured sensitivities when a sensitivity pass ran) subject to the budge
 the error-per-cost trade-off followed by a greedy fill of what is left of the budget. A layer offered several
 candidate decompositions has the options of all of them in one list, so the same search chooses its decomposition.
 
+With ``metric: latency`` the cost of a rank is the measured time of the layer's factor chain on this machine (the
+core times and caches it, see :mod:`musco_core.latency`): :data:`LATENCY_POINTS` ranks spread evenly along the rank
+family, the extremes included, are timed, and the others interpolated piecewise linearly in MACs between them.
+
 A multi-stage run splits the target geometrically: after pass ``p`` of ``N`` the model is ``reduction ** (p / N)``
 times smaller, so each pass removes the same share.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import attrs
@@ -35,13 +40,15 @@ log = logging.getLogger(__name__)
 @attrs.frozen
 class BudgetParams:
     """Shrink the whole model's ``metric`` (``flops``: MACs of the compressible layers on the example input, as
-    the report counts them; ``params``: every parameter) by the factor ``reduction``, split over the passes; with
-    ``scope: compressed`` count only the layers the schedule compresses."""
+    the report counts them; ``params``: every parameter; ``latency``: the forward pass's time measured here) by the
+    factor ``reduction``, split over the passes; with ``scope: compressed`` count only the layers the schedule
+    compresses."""
 
     #: The factor by which the whole model's ``metric`` shrinks over the run (after all passes).
     reduction: ReductionRate = 2.0
-    #: ``flops``: MACs of the compressible layers on the example input; ``params``: every parameter of the model.
-    metric: Literal["flops", "params"] = "flops"
+    #: ``flops``: MACs of the compressible layers on the example input; ``params``: every parameter of the model;
+    #: ``latency``: the time of the forward pass on the example input, measured on this machine.
+    metric: Literal["flops", "params", "latency"] = "flops"
     #: ``model``: the target counts the whole model (every parameter; the MACs of every compressible layer);
     #: ``compressed``: only the layers the schedule compresses ("30% fewer weights in the layers I named").
     scope: Literal["model", "compressed"] = "model"
@@ -75,6 +82,56 @@ class LayerOptions:
 
 
 _METRIC_INDEX = {"params": 0, "flops": 1}  # in LayerChoice.cost's (weights, MACs)
+#: Ranks timed per layer and candidate decomposition for ``metric: latency``, spread evenly along the rank family
+#: (the smallest and the largest included); the times of the ranks between them are interpolated in MACs.
+LATENCY_POINTS = 10
+
+Pricer = Callable[[tuple[int, ...] | None], float]
+
+
+def metric_pricer(choice: LayerChoice, metric: str) -> Pricer:
+    """The cost of the layer at some ranks (None: as it is) by ``flops`` or ``params``, the core's own counts."""
+    index = _METRIC_INDEX[metric]
+    return lambda ranks: float(choice.cost(ranks)[index])
+
+
+def despiked(values: np.ndarray) -> np.ndarray:
+    """Each inner value replaced by the median of itself and its two neighbours: a single timing that a busy
+    machine inflated (or a lucky one) is dropped, while a monotone sequence stays as it is."""
+    if values.size < 3:
+        return values
+    inner = np.median(np.stack([values[:-2], values[1:-1], values[2:]]), axis=0)
+    return np.concatenate([values[:1], inner, values[-1:]])
+
+
+def monotone(values: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators): along a rank
+    family, a chain with more MACs is not faster."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([float(value), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
+    return np.concatenate([np.full(int(count), mean) for mean, count in blocks])
+
+
+def latency_pricer(choice: LayerChoice, family: Sequence[tuple[int, ...]]) -> Pricer:
+    """The measured seconds of the layer at some ranks: ``LATENCY_POINTS`` ranks of ``family`` (its ranks along the
+    rank family, smallest first) are timed, with the layer as it is; their times, in the order of their MACs, are
+    despiked and made non-decreasing, and the time of any other ranks is interpolated piecewise linearly in MACs
+    between them (clamped at the ends)."""
+    spread = np.linspace(0, len(family) - 1, min(LATENCY_POINTS, len(family))).round().astype(int)
+    timed = [family[i] for i in sorted(set(spread.tolist()))]
+    seconds = choice.seconds([None, *timed])
+    now = seconds[0]
+    points = sorted((float(choice.cost(ranks).macs), t) for ranks, t in zip(timed, seconds[1:]))
+    macs = np.array([m for m, _ in points])
+    times = monotone(despiked(np.array([t for _, t in points])))
+
+    def price(ranks: tuple[int, ...] | None) -> float:
+        return now if ranks is None else float(np.interp(float(choice.cost(ranks).macs), macs, times))
+    return price
 
 
 def _tails(matrix: torch.Tensor) -> np.ndarray:
@@ -87,16 +144,15 @@ def _tails(matrix: torch.Tensor) -> np.ndarray:
 
 
 def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
-                  min_rank_fraction: float = 0.0) -> LayerOptions:
-    """Every distinct rank of the layer along its rank family that would shrink it and is not below its
-    :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``, and the layer as it is."""
+                  min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
+    """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
+    faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``,
+    and the layer as it is; with the function that prices any ranks of the layer by ``metric``."""
     decomposer = choice.decomposer
     spectra = [[_tails(m) for m in decomposer.rank_matrices(source)] for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
     floor = rank_floor(decomposer, choice.sources[0].spec, fraction=min_rank_fraction)
-    index = _METRIC_INDEX[metric]
-    now = choice.cost()
-    ranks_list, costs, seen = [], [], set()
+    ranks_list, seen = [], set()
     for r in range(decomposer.min_rank, max(limits) + 1):
         ranks = round_ranks(decomposer.rank_family(choice.sources[0].spec, r), rank_multiple, limits)
         if ranks in seen or any(rank < lowest for rank, lowest in zip(ranks, floor)):
@@ -105,14 +161,17 @@ def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
         if not choice.shrinks(ranks):
             break  # from here on the layer would not shrink: the engine would keep it as it is
         ranks_list.append(ranks)
-        costs.append(choice.cost(ranks)[index])
-    ranks_list.append(None)
-    costs.append(now[index])
+    price = latency_pricer(choice, ranks_list) if metric == "latency" else metric_pricer(choice, metric)
+    now = price(None)
+    costs = [price(ranks) for ranks in ranks_list]
+    kept = [i for i, cost in enumerate(costs) if cost < now]  # a slower factorization is never worth its damage
+    ranks_list = [ranks_list[i] for i in kept] + [None]
+    costs = [costs[i] for i in kept] + [now]
     order = np.argsort(costs, kind="stable")
     ranks_list = [ranks_list[i] for i in order]
     priced = LayerOptions(ranks_list, np.asarray(costs, dtype=np.float64)[order], np.zeros(0), spectra,
                           choice.sensitivity)
-    return attrs.evolve(priced, damage=np.array([priced.damage_of(ranks) for ranks in ranks_list]))
+    return attrs.evolve(priced, damage=np.array([priced.damage_of(ranks) for ranks in ranks_list])), price
 
 
 def merge_options(candidates: Sequence[LayerOptions]) -> LayerOptions:
@@ -173,22 +232,21 @@ def allocate_ranks(layers: Sequence[LayerOptions], allowed: float) -> list[int]:
         picks[index] = option
 
 
-def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOptions], ranks: list,
-                      left: float, metric: str, rank_multiple: int) -> list:
+def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOptions], prices: Sequence[Pricer],
+                      ranks: list, left: float, rank_multiple: int) -> list:
     """Spends what the rank family's steps leave of the budget by raising single ranks of multi-rank layers
     (e.g. Tucker2's ``r_out`` alone), best damage saved per unit of cost first, while the layer still shrinks."""
-    index = _METRIC_INDEX[metric]
     ranks = list(ranks)
     while True:
         best = None
-        for position, (choice, layer, current) in enumerate(zip(choices, layers, ranks)):
+        for position, (choice, layer, price, current) in enumerate(zip(choices, layers, prices, ranks)):
             if current is None or len(current) < 2:
                 continue
             limits = choice.decomposer.max_ranks(choice.sources[0])
-            cost_current = choice.cost(current)
+            cost_current = price(current)
             for axis in range(len(current)):
                 raised = tuple(min(limits[i], r + rank_multiple) if i == axis else r for i, r in enumerate(current))
-                extra = choice.cost(raised)[index] - cost_current[index]
+                extra = price(raised) - cost_current
                 saved = layer.damage_of(current) - layer.damage_of(raised)
                 if raised != current and choice.shrinks(raised) and 0 < extra <= left and saved > 0 and (
                         best is None or saved / extra > best[0]):
@@ -211,35 +269,48 @@ class Budget(RankSelector):
             return "it has no matrix unfoldings to estimate the error of a rank from; use tucker2, svd or manual"
         return None
 
+    def measures_latency(self, params: BudgetParams) -> bool:
+        return params.metric == "latency"
+
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
                  params: BudgetParams, rank_multiple: int = 1) -> Allocation:
         if params.scope == "compressed":
             totals = totals.scheduled
-        original, now = ((totals.macs_original, totals.macs_now) if params.metric == "flops"
-                         else (totals.params_original, totals.params_now))
+        original, now = {"flops": (totals.macs_original, totals.macs_now),
+                         "params": (totals.params_original, totals.params_now),
+                         "latency": (totals.seconds_original, totals.seconds_now)}[params.metric]
         if original is None or now is None:
-            raise ConfigError("a budget on flops needs the layers' input shapes: give the compressor an "
-                              "example_input (or use metric: params)")
+            raise ConfigError(f"a budget on {params.metric} needs the layers' input shapes: give the compressor an "
+                              f"example_input (or use metric: params)")
         target = params.reduction ** ((pass_index + 1) / n_passes)
         by_layer: dict[str, list[LayerChoice]] = {}
         for choice in layers:  # a layer with several candidate decompositions comes once per candidate
             by_layer.setdefault(choice.name, []).append(choice)
-        candidates = {name: [layer_options(choice, params.metric, rank_multiple, params.min_rank_fraction)
-                             for choice in group] for name, group in by_layer.items()}
+        priced = {name: [layer_options(choice, params.metric, rank_multiple, params.min_rank_fraction)
+                         for choice in group] for name, group in by_layer.items()}
+        candidates = {name: [options for options, _ in group] for name, group in priced.items()}
         merged = [merge_options(options) for options in candidates.values()]
-        fixed = now - sum(float(layer.cost[-1]) for layer in merged)  # what the layers outside the budget hold
-        allowed = original / target - fixed
-        picks = allocate_ranks(merged, allowed)
-        spent = sum(float(layer.cost[i]) for layer, i in zip(merged, picks))
-        chosen = [max(0, layer.candidate[i]) for layer, i in zip(merged, picks)]
-        choices = [by_layer[name][index] for name, index in zip(by_layer, chosen)]
-        ranks = refine_off_family(choices, [candidates[name][index] for name, index in zip(by_layer, chosen)],
-                                  [layer.ranks[i] for layer, i in zip(merged, picks)], allowed - spent,
-                                  params.metric, rank_multiple)
-        index = _METRIC_INDEX[params.metric]
-        planned = original / (fixed + sum(choice.cost(r)[index] for choice, r in zip(choices, ranks)))
+        # what the layers outside the budget hold (a measured model time can fall short of its layers' summed times)
+        fixed = max(0.0, now - sum(float(layer.cost[-1]) for layer in merged))
+
+        def plan(aim: float) -> tuple[list[LayerChoice], list, float]:
+            """The layers' decompositions and ranks for the reduction ``aim`` by the cost model, and its estimate."""
+            allowed = original / aim - fixed
+            picks = allocate_ranks(merged, allowed)
+            spent = sum(float(layer.cost[i]) for layer, i in zip(merged, picks))
+            chosen = [max(0, layer.candidate[i]) for layer, i in zip(merged, picks)]
+            choices = [by_layer[name][index] for name, index in zip(by_layer, chosen)]
+            prices = [priced[name][index][1] for name, index in zip(by_layer, chosen)]
+            ranks = refine_off_family(choices, [candidates[name][index] for name, index in zip(by_layer, chosen)],
+                                      prices, [layer.ranks[i] for layer, i in zip(merged, picks)], allowed - spent,
+                                      rank_multiple)
+            return choices, ranks, original / (fixed + sum(price(r) for price, r in zip(prices, ranks)))
+
+        choices, ranks, planned = plan(target)
         note = None
-        if planned < target / 1.02:
+        if params.metric == "latency" and params.scope == "model" and totals.speedup_of is not None:
+            choices, ranks, planned, note = _calibrated(plan, totals, target, original / now)
+        elif planned < target / 1.02:
             note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks (none below "
                     f"{params.min_rank_fraction:.3g} of its full rank: min_rank_fraction) leave {planned:.3f}x "
                     f"(the layers outside the budget hold {fixed / original:.1%} of the {params.metric})")
@@ -250,6 +321,67 @@ class Budget(RankSelector):
                  target, params.metric, planned, len(by_layer))
         return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, params.metric, target, planned,
                           note, {choice.name: choice.decomposer.name for choice in choices})
+
+
+#: Plans timed in place per pass of a latency budget (see :func:`_calibrated`).
+CALIBRATION_ROUNDS = 4
+
+
+def _calibrated(plan: Callable[[float], tuple[list[LayerChoice], list, float]], totals: ModelTotals, target: float,
+                done: float) -> tuple[list[LayerChoice], list, float, str | None]:
+    """A plan whose whole-model speed-up, measured in place, meets ``target`` where it can, with a note when the
+    fit says it does not (within 2%).
+
+    Layers timed alone do not add up to the model: in place their inputs come cold from the layer before and the
+    rest of the model runs between them. So plans are timed in place (chains with zero weights swapped into the
+    model, in alternation with it as it is): the first at the target, the second with the aim corrected by the
+    shortfall (``aim *= target / measured``), the others where a straight line through all the measurements so far
+    (log speed-up against log aim) meets the target, :data:`CALIBRATION_ROUNDS` in all. One measurement moves by
+    several percent on a busy machine, so the final plan is the fit's, not the luckiest measurement's; ``planned``
+    is the fit's speed-up there (times ``done``, what earlier passes achieved)."""
+    aims: list[float] = []
+    measured: list[float] = []
+    by_plan: dict[tuple, list[float]] = {}
+    aim, fit, saturated = target, (0.0, 1.0), False
+    for _ in range(CALIBRATION_ROUNDS):
+        choices, ranks, _estimate = plan(aim)
+        key = _plan_key(choices, ranks)
+        if aims and key in by_plan and aim > math.exp(max(aims)):
+            saturated = True  # a higher aim gives the same plan: the layers are at their smallest ranks
+            break
+        speedup = done * totals.speedup_of({choice.name: None if r is None else (choice.decomposer.name, tuple(r))
+                                            for choice, r in zip(choices, ranks)})
+        log.info("latency budget: aiming at %.3fx by the layer timings measured %.3fx in place", aim, speedup)
+        aims.append(math.log(aim))
+        measured.append(math.log(speedup))
+        by_plan.setdefault(key, []).append(math.log(speedup))
+        fit = _line(aims, measured)
+        aim = math.exp((math.log(target) - fit[0]) / fit[1])
+    choices, ranks, _estimate = plan(aim)
+    key = _plan_key(choices, ranks)
+    # a plan timed before: the mean of its measurements; a new one: the fit's value
+    planned = math.exp(float(np.mean(by_plan[key])) if key in by_plan else fit[0] + fit[1] * math.log(aim))
+    if abs(planned / target - 1) <= 0.02:
+        return choices, ranks, planned, None
+    if saturated and planned < target:
+        return choices, ranks, planned, (
+            f"the target {target:.3f}x cannot be met: the fastest plan the layers allow (none below "
+            f"min_rank_fraction of its full rank) measured {planned:.3f}x in place")
+    return choices, ranks, planned, (f"the plan timed in place gives {planned:.3f}x (one measurement on this "
+                                     f"machine moves by several percent; too few or too coarse layers to land closer)")
+
+
+def _plan_key(choices: Sequence[LayerChoice], ranks: Sequence) -> tuple:
+    return tuple((choice.name, choice.decomposer.name, r) for choice, r in zip(choices, ranks))
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through the points; with one point (or all at one x), the line
+    of slope 1 through their mean. The slope is kept within [0.25, 4]: a faster plan never measures slower."""
+    x, y = np.asarray(xs), np.asarray(ys)
+    spread = float(np.sum((x - x.mean()) ** 2))
+    slope = 1.0 if spread < 1e-12 else float(np.clip(np.sum((x - x.mean()) * (y - y.mean())) / spread, 0.25, 4.0))
+    return float(y.mean() - slope * x.mean()), slope
 
 
 @hookimpl

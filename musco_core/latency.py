@@ -1,0 +1,306 @@
+"""Measured latency for whole-model budgets on ``metric: latency``: layer chains timed on this machine, cached on disk.
+
+A layer's cost at some ranks is the median time of its factor chain on the layer's input shape (batch included),
+on the device and dtype of the model's weights, at the current ``torch.get_num_threads()``: timed in alternation
+with the dense layer (see :mod:`musco_core.timing`). The time depends on the geometry alone, so the chains are built
+with zero weights, and each time is cached on disk under a key naming the device, dtype, thread count, torch version
+and the geometry (layer spec, factor layouts, input shape): a second run, or another model with the same layer
+shapes, measures nothing.
+
+The cache is one JSON file (:func:`default_cache_path`, or ``$MUSCO_LATENCY_CACHE``), replaced atomically on
+every save; a file that cannot be read, or one of another format, is ignored with one warning.
+
+Whole-model timings are never cached: :func:`timed_totals` times the model against its rest (the compressible
+layers stubbed out) and gives the selector a function that times a plan in place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .components import Factor, FactorLayout, LayerSpec, ModelTotals
+from .engine import factorized_like
+from .errors import ConfigError
+from .factors import layer_layout
+from .state import RunContext
+from .surgery import FactorizedLayer, evaluating, module_paths, swapped
+from .timing import call_model, time_alternated, time_modules_at
+
+log = logging.getLogger(__name__)
+
+#: Version of the cache file's layout; a file of another version is ignored (and replaced on the next save).
+CACHE_FORMAT = 1
+#: Environment variable naming the cache file, replacing :func:`default_cache_path`.
+CACHE_ENV = "MUSCO_LATENCY_CACHE"
+
+
+def default_cache_path() -> Path:
+    """``$MUSCO_LATENCY_CACHE``, else ``$XDG_CACHE_HOME/musco-core/latency.json`` (``~/.cache`` without it)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "musco-core" / "latency.json"
+
+
+class LatencyCache:
+    """Seconds per timing key, read from and written back to one JSON file."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.entries: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("latency cache %s: ignored, it cannot be read (%s); timings are measured again", self.path,
+                        exc)
+            return {}
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(entries, dict) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                for value in entries.values()):
+            log.warning("latency cache %s: ignored, it is not a musco-core latency cache of format %d; timings are "
+                        "measured again", self.path, CACHE_FORMAT)
+            return {}
+        return {str(key): float(value) for key, value in entries.items()}
+
+    def save(self) -> None:
+        """Writes the entries to a temporary file next to the cache and renames it over the cache, so a reader
+        never sees half a file; a cache that cannot be written is reported with a warning, never an error."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.path.parent, prefix=".latency-",
+                                             suffix=".tmp", delete=False) as handle:
+                json.dump({"format": CACHE_FORMAT, "entries": self.entries}, handle, indent=0, sort_keys=True)
+            os.replace(handle.name, self.path)
+        except OSError as exc:
+            log.warning("latency cache %s: not saved (%s)", self.path, exc)
+            try:
+                os.unlink(handle.name)
+            except (OSError, NameError):
+                pass
+
+
+class Timer:
+    """How the profiler measures: layer chains on a random input, and whole-model calls, in alternation. Tests
+    substitute a deterministic one."""
+
+    def layers(self, modules: Sequence[nn.Module], input_shape: Sequence[int], dtype: torch.dtype,
+               device: torch.device) -> list[float]:
+        """Median seconds of each module on a random input of ``input_shape``, timed in alternation."""
+        return time_modules_at(modules, input_shape, dtype=dtype, device=device, warmup=3, min_rounds=15,
+                               min_seconds=0.2)
+
+    def close(self) -> None:
+        """Ends the progress bar and logs how many layers were timed and how many came from the cache."""
+        log.info("latency profiling: %d layer(s) timed, %d from the cache %s", self.timed_layers, self.cached_layers,
+                 self.cache.path)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device) -> list[float]:
+        """Median seconds of each call (whole forward passes), timed in alternation."""
+        return time_alternated(calls, device=device, min_rounds=7, min_seconds=3.0)
+
+
+@attrs.frozen
+class Chain:
+    """A layer geometry to time: the layer's spec, the chain of factor layouts standing for it, its input shape."""
+
+    spec: LayerSpec
+    layouts: tuple[FactorLayout, ...]
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def dense(cls, spec: LayerSpec, input_shape: Sequence[int]) -> Chain:
+        """The uncompressed layer of ``spec``."""
+        return cls(spec, tuple(layer_layout(spec)), tuple(input_shape))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+class LatencyProfiler:
+    """Times layer chains (cached) and whole models on the device and dtype of ``like`` (a weight of the model), at
+    the thread count current when it was made."""
+
+    def __init__(self, registry: Any, like: torch.Tensor, *, timer: Timer | None = None,
+                 cache: LatencyCache | None = None, progress: bool = False) -> None:
+        self.registry = registry
+        self.device, self.dtype = like.device, like.dtype
+        self.threads = torch.get_num_threads()
+        self.timer = timer or Timer()
+        self.cache = cache if cache is not None else LatencyCache()
+        self.progress = progress
+        self._bar: tqdm | None = None
+        self.timed_layers = 0  # layers timed (not all their chains in the cache) since made, for the log
+        self.cached_layers = 0
+        self.environment = {"device": f"{self.device.type}:{_device_name(self.device)}", "dtype": str(self.dtype),
+                            "threads": self.threads, "torch": torch.__version__}
+
+    def key(self, chain: Chain) -> str:
+        """The cache key of a chain's time here: the environment and the geometry, as canonical JSON."""
+        return json.dumps({**self.environment, "spec": attrs.asdict(chain.spec),
+                           "layouts": [attrs.asdict(layout) for layout in chain.layouts],
+                           "input": list(chain.input_shape)}, sort_keys=True)
+
+    def module(self, chain: Chain) -> nn.Module:
+        """The chain as modules with zero weights (time depends on the geometry alone)."""
+        like = torch.empty(0, device=self.device, dtype=self.dtype)
+        factors = [Factor(layout, like.new_zeros(layout.weight_shape),
+                          like.new_zeros(layout.out_channels) if layout.bias else None) for layout in chain.layouts]
+        adapter = self.registry.adapters.get(chain.spec.adapter)
+        return nn.Sequential(*adapter.build(chain.spec, factors, like)).eval()
+
+    def seconds(self, layers: Sequence[Sequence[Chain]]) -> list[list[float]]:
+        """Seconds of every chain, per layer: the chains of one layer (same spec and input shape) not in the cache
+        are timed in alternation with the layer's dense chain, and cached as their ratio to it times the dense
+        layer's first cached time (so all the chains of a layer share one reference, and a busy moment that slows a
+        whole round of timings cancels out). A progress bar counts the layers timed until :meth:`close`."""
+        missing = [index for index, chains in enumerate(layers)
+                   if any(self.key(chain) not in self.cache.entries for chain in chains)]
+        if missing and self._bar is None:
+            self._bar = tqdm(desc="latency profiling", unit="layer", leave=False, file=sys.stderr,
+                             disable=not (self.progress and sys.stderr.isatty()))
+        for index in missing:
+            chains = list(dict.fromkeys(layers[index]))
+            dense = Chain.dense(chains[0].spec, chains[0].input_shape)
+            timed = [dense] + [chain for chain in chains if chain != dense]
+            with torch.no_grad():
+                times = self.timer.layers([self.module(chain) for chain in timed], chains[0].input_shape,
+                                          self.dtype, self.device)
+            # each chain's time relative to the dense layer timed with it, times the layer's one reference time
+            reference = self.cache.entries.setdefault(self.key(dense), float(times[0]))
+            for chain, seconds in zip(timed[1:], times[1:], strict=True):
+                self.cache.entries.setdefault(self.key(chain), float(seconds) / float(times[0]) * reference)
+            self._bar.update(1)
+        if missing:
+            self.cache.save()
+        self.timed_layers += len(missing)
+        self.cached_layers += len(layers) - len(missing)
+        return [[self.cache.entries[self.key(chain)] for chain in chains] for chains in layers]
+
+    def close(self) -> None:
+        """Ends the progress bar and logs how many layers were timed and how many came from the cache."""
+        log.info("latency profiling: %d layer(s) timed, %d from the cache %s", self.timed_layers, self.cached_layers,
+                 self.cache.path)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def calls(self, calls: Sequence[Callable[[], Any]]) -> list[float]:
+        """Seconds of each call (whole forward passes), timed in alternation, never cached."""
+        with torch.no_grad():
+            return self.timer.calls(calls, self.device)
+
+
+def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
+    """The latency profiler of a step: on the device and dtype of the model's first weight, the context's timer."""
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if like is None:
+        raise ConfigError(f"{type(model).__name__} has no floating-point weights to time the layers on")
+    return LatencyProfiler(context.registry, like.detach(), timer=context.latency_timer, progress=context.progress)
+
+
+class _FixedOutput(nn.Module):
+    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.output
+
+
+def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfiler, totals: ModelTotals,
+                 scheduled_layers: Sequence[str], current: Mapping[str, nn.Module],
+                 replacements: Mapping[str, nn.Module]) -> ModelTotals:
+    """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
+
+    The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
+    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
+    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
+    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
+    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
+    the scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as
+    the step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
+
+    ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
+    the model as it is."""
+    paths = module_paths(model)
+    current = {name: current[name] if name in current else model.get_submodule(name)
+               for name in context.model_stats.layers}
+    reached = {name: stats for name, stats in context.model_stats.layers.items()
+               if stats.input_shape is not None and stats.output_shape is not None}
+    layers = []
+    for name, stats in reached.items():
+        layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
+        layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
+                                                                          stats.input_shape)])
+    times = dict(zip(reached, profiler.seconds(layers)))
+    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
+             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
+
+    def whole() -> Any:
+        return call_model(model, context.example_input)
+
+    def rest() -> Any:
+        with swapped(model, stubs):
+            return call_model(model, context.example_input)
+
+    with swapped(model, replacements), evaluating(model):
+        model_seconds, rest_seconds = profiler.calls([whole, rest])
+    alone = sum(chain for _, chain in times.values())
+    in_place = model_seconds - rest_seconds
+    scale = in_place / alone if in_place > 0 and alone > 0 else 1.0
+    now = model_seconds / scale
+    log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
+             "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
+             100 * rest_seconds / model_seconds)
+    original = now + sum(dense - chain for dense, chain in times.values())
+    scheduled = [times[name] for name in scheduled_layers if name in times]
+
+    def speedup_of(plan: Mapping[str, tuple[str, tuple[int, ...]] | None]) -> float:
+        planned = {path: new for name, chosen in plan.items() if chosen is not None
+                   for new in [factorized_like(current[name], name, chosen[0], chosen[1], context.registry)]
+                   for path in paths[id(model.get_submodule(name))]}
+
+        def with_plan() -> Any:
+            with swapped(model, planned):
+                return call_model(model, context.example_input)
+
+        with swapped(model, replacements), evaluating(model, *planned.values()):
+            as_is, planned_seconds = profiler.calls([whole, with_plan])
+        return as_is / planned_seconds
+
+    return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
+                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
+                                               seconds_now=sum(chain for _, chain in scheduled)))

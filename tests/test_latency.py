@@ -1,0 +1,241 @@
+"""Budgets on measured latency: the timing cache, the allocation on measured costs, the measured speed-up in the
+report. Nothing here is timed: a deterministic timer stands in for the clock (seconds from the modules' weights)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from musco_core import Compressor, ConfigError
+from musco_core.components import LayerSpec
+from musco_core.engine import LayerResult
+from musco_core.latency import CACHE_FORMAT, Chain, LatencyCache, LatencyProfiler, Timer, default_cache_path
+from musco_core.report import BudgetRecord, CompressionReport
+from musco_core.run import checked_schedule
+from musco_core.state import STATE_FORMAT, RunState, StateCodec
+from musco_plugins.budget import despiked, monotone
+
+INPUT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _seconds(module: nn.Module) -> float:
+    """The fake clock: 1e-9 s per weight plus 1e-6 s per call of a leaf module (so a chain pays per factor)."""
+    return sum(p.numel() for p in module.parameters(recurse=False)) * 1e-9 + 1e-6
+
+
+class CountingTimer(Timer):
+    """Seconds from the geometry alone (:func:`_seconds` of every leaf module that runs), the same for layers
+    timed alone and for whole-model calls. Counts the layer chains it was asked to time."""
+
+    def __init__(self) -> None:
+        self.layer_modules = 0
+
+    def layers(self, modules, input_shape, dtype, device):
+        self.layer_modules += len(modules)
+        x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
+        return self.calls([lambda module=module: module(x) for module in modules], device)
+
+    def calls(self, calls, device):
+        times = []
+        for call in calls:
+            total = [0.0]
+
+            def count(module, args, output):
+                if not list(module.children()):
+                    total[0] += _seconds(module)
+
+            handle = register_module_forward_hook(count)
+            try:
+                call()
+            finally:
+                handle.remove()
+            times.append(total[0])
+        return times
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+def schedule(decompositions=None, reduction=1.6, **budget):
+    layers = decompositions or {"3": "tucker2", "5": "tucker2", "7": "svd"}
+    return {"version": 1, "settings": {"ft_every": len(layers), "algo_kwargs": {
+        "budget": {"reduction": reduction, "metric": "latency", **budget}}},
+        "layers": {name: {"decomposition": d, "rank_selection": "budget"} for name, d in layers.items()}}
+
+
+def compressor(registry, timer, model=None, document=None):
+    result = Compressor(model or cnn(), example_input=INPUT, model_compr_kwargs=document or schedule(),
+                        registry=registry, progress=False)
+    result.context = attrs.evolve(result.context, latency_timer=timer)
+    return result
+
+
+SPEC = LayerSpec("conv", 64, 32, (3, 3), (1, 1), (1, 1), (1, 1))
+
+
+def chains():
+    return [Chain.dense(SPEC, (2, 32, 8, 8))]
+
+
+def test_a_timing_is_cached_per_device_dtype_threads_and_geometry(registry, tmp_path):
+    path = tmp_path / "cache.json"
+    timer = CountingTimer()
+    weight = torch.zeros(1)
+    first = LatencyProfiler(registry, weight, timer=timer, cache=LatencyCache(path)).seconds([chains()])
+    assert timer.layer_modules == 1 and first[0][0] > 0
+    again = LatencyProfiler(registry, weight, timer=timer, cache=LatencyCache(path)).seconds([chains()])
+    assert again == first and timer.layer_modules == 1  # read back from the file: nothing measured
+    LatencyProfiler(registry, weight.double(), timer=timer, cache=LatencyCache(path)).seconds([chains()])
+    assert timer.layer_modules == 2  # another dtype: measured
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        LatencyProfiler(registry, weight, timer=timer, cache=LatencyCache(path)).seconds([chains()])
+    finally:
+        torch.set_num_threads(threads)
+    assert timer.layer_modules == 3  # another thread count: measured
+    other_input = [Chain.dense(SPEC, (4, 32, 8, 8))]
+    LatencyProfiler(registry, weight, timer=timer, cache=LatencyCache(path)).seconds([other_input])
+    assert timer.layer_modules == 4  # another input shape: measured
+    data = json.loads(path.read_text())
+    assert data["format"] == CACHE_FORMAT and len(data["entries"]) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # written through a temporary file, renamed
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": CACHE_FORMAT + 1, "entries": {}}),
+                                     json.dumps({"format": CACHE_FORMAT, "entries": {"k": "fast"}}), "[1, 2]"])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(registry, tmp_path, caplog, content):
+    path = tmp_path / "cache.json"
+    path.write_text(content)
+    timer = CountingTimer()
+    with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
+        profiler = LatencyProfiler(registry, torch.zeros(1), timer=timer, cache=LatencyCache(path))
+        profiler.seconds([chains()])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0].getMessage() and "ignored" in warnings[0].getMessage()
+    assert timer.layer_modules == 1
+    assert json.loads(path.read_text())["format"] == CACHE_FORMAT  # replaced by a good one
+
+
+def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUSCO_LATENCY_CACHE", str(tmp_path / "mine.json"))
+    assert default_cache_path() == tmp_path / "mine.json"
+    monkeypatch.delenv("MUSCO_LATENCY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_path() == tmp_path / "xdg" / "musco-core" / "latency.json"
+
+
+def test_a_latency_budget_allocates_deterministically_and_a_second_run_measures_nothing(registry):
+    timer = CountingTimer()
+    first = compressor(registry, timer)
+    first.compression_step()
+    measured = timer.layer_modules
+    assert measured > 0
+    second = compressor(registry, timer)
+    second.compression_step()
+    assert timer.layer_modules == measured  # every chain from the cache
+    assert second.ranks == first.ranks and any(r is not None for r in first.ranks.values())
+    record = first.budgets[0]
+    assert record.metric == "latency" and record.target == 1.6
+    assert abs(record.planned / record.target - 1) <= 0.02 or record.note
+    other_weights = cnn()
+    for p in other_weights.parameters():
+        p.data.normal_()
+    third = compressor(registry, timer, model=other_weights)
+    third.compression_step()
+    assert timer.layer_modules == measured  # another model with the same layer shapes: nothing measured
+
+
+def test_the_plan_meets_the_target_on_the_timers_costs_and_the_step_measures_it(registry):
+    timer = CountingTimer()
+    run = compressor(registry, timer, document=schedule(reduction=1.3))
+    run.compression_step()
+    record = run.budgets[0]
+    assert record.note is None and abs(record.planned / 1.3 - 1) <= 0.02
+    # the plan was timed in place with zero weights, the step's result with its own: the fake clock sees the same
+    assert record.measured == pytest.approx(record.planned, rel=1e-9)
+    assert f"measured {record.measured:.3f}x" in run.report().to_table()
+
+
+def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
+    document = schedule({"3": ["tucker2", "svd"], "5": "tucker2", "7": ["svd", "tucker2"]}, reduction=1.3)
+    timer = CountingTimer()
+    runs = [compressor(registry, timer, document=document) for _ in range(2)]
+    for run in runs:
+        run.compression_step()
+    chosen = [{r.name: (r.decomposition, r.ranks) for r in run.history} for run in runs]
+    assert chosen[0] == chosen[1]
+    assert chosen[0]["3"][0] == "tucker2"  # svd cannot factorize a 3x3 conv
+    assert chosen[0]["7"][0] in {"svd", "tucker2"}
+
+
+def test_timing_leaves_the_model_and_its_batchnorm_statistics_as_they_were(registry):
+    model = cnn().train()
+    run = compressor(registry, CountingTimer(), model=model)
+    before = run.compressed_model[1].running_mean.clone()
+    run.compression_step()
+    assert run.compressed_model.training and run.compressed_model[1].training
+    assert torch.equal(run.compressed_model[1].running_mean, before)
+
+
+def test_a_latency_budget_without_an_example_input_is_one_clear_error(registry):
+    with pytest.raises(ConfigError, match=r"algo_kwargs\.budget: metric latency .* example_input"):
+        Compressor(cnn(), model_compr_kwargs=schedule(), registry=registry, progress=False)
+
+
+def test_budget_records_round_trip_with_the_measured_speedup_and_old_files_still_load(registry):
+    record = BudgetRecord("budget", 0, 1, "latency", 1.8, 1.79, None, measured=1.77)
+    row = LayerResult("3", "tucker2", "budget", 0, (8, 8), True, 100, 10, 1000, 100, 0.1)
+    report = CompressionReport([row], 200, 110, 2000, 1100, [record])
+    assert CompressionReport.from_dict(json.loads(report.to_json())) == report
+    old = json.loads(report.to_json())
+    old["format"] = 1
+    del old["budgets"][0]["measured"]
+    assert CompressionReport.from_dict(old).budgets[0] == attrs.evolve(record, measured=None)
+    codec = StateCodec(registry)
+    checked = checked_schedule(cnn(), schedule(), "schedule", registry)
+    state = RunState("run", checked, (("3", "5", "7"),), 100, 1, {}, (row,), (record,))
+    data = codec.unstructure(state)
+    assert data["format"] == STATE_FORMAT
+    assert codec.structure(json.loads(json.dumps(data)), "state").budgets == (record,)
+    data["format"] = 2
+    del data["budgets"][0]["measured"]
+    assert codec.structure(data, "state").budgets == (attrs.evolve(record, measured=None),)
+
+
+def test_grid_timings_lose_a_spike_and_never_fall_as_macs_grow():
+    assert list(despiked(np.array([1.0, 2.0, 9.0, 4.0, 5.0]))) == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert list(monotone(np.array([1.0, 3.0, 2.0, 4.0]))) == [1.0, 2.5, 2.5, 4.0]
+    rising = np.array([0.1, 0.2, 0.4, 0.8])
+    assert list(monotone(despiked(rising))) == list(rising)
+
+
+class DriftingTimer(Timer):
+    """A clock that runs slower on every call (a machine getting busier): the n-th call's i-th module takes
+    n * (i + 1) seconds."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def layers(self, modules, input_shape, dtype, device):
+        self.n += 1
+        return [float(self.n * (i + 1)) for i in range(len(modules))]
+
+
+def test_chains_are_cached_relative_to_the_dense_layer_timed_with_them(registry, tmp_path):
+    profiler = LatencyProfiler(registry, torch.zeros(1), timer=DriftingTimer(), cache=LatencyCache(tmp_path / "c"))
+    dense = Chain.dense(SPEC, (2, 32, 8, 8))
+    chain = Chain(SPEC, tuple(registry.decompositions.get("tucker2").layout(SPEC, (8, 8))), (2, 32, 8, 8))
+    assert profiler.seconds([[dense]]) == [[1.0]]
+    # timed on the second, twice slower call as [dense 2 s, chain 4 s]: twice the dense layer's cached 1 s
+    assert profiler.seconds([[dense, chain]]) == [[1.0, 2.0]]
