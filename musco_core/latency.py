@@ -106,14 +106,6 @@ class Timer:
         return time_modules_at(modules, input_shape, dtype=dtype, device=device, warmup=3, min_rounds=15,
                                min_seconds=0.2)
 
-    def close(self) -> None:
-        """Ends the progress bar and logs how many layers were timed and how many came from the cache."""
-        log.info("latency profiling: %d layer(s) timed, %d from the cache %s", self.timed_layers, self.cached_layers,
-                 self.cache.path)
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
     def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device) -> list[float]:
         """Median seconds of each call (whole forward passes), timed in alternation."""
         return time_alternated(calls, device=device, min_rounds=7, min_seconds=3.0)
