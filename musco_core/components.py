@@ -255,6 +255,14 @@ class Decomposer:
         """One matrix per rank whose singular spectrum tells that rank (used by vbmf)."""
         raise UnsupportedLayerError(f"{self.name} has no matrix unfoldings for spectrum-based rank selection")
 
+    def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
+        """With ``source.input_stats``: per rank, ``tails[k]`` (float64, ``k = 0 ..``), the relative output error
+        ``E ||(W - W_k) x||^2 / E ||W x||^2`` on those statistics of the decomposition with that rank at ``k``
+        (the others kept whole); used by the ``budget`` selector as the damage of a rank when calibration data is
+        given. None when the decomposition has no such estimate (the default): the budget then uses the spectra of
+        :meth:`rank_matrices`."""
+        return None
+
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         """The factor weights, in :meth:`layout` order and shapes, on the weight's device.
 
