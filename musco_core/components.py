@@ -24,11 +24,12 @@ from torch import nn
 
 from .errors import UnsupportedLayerError
 
-#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 0)``.
+#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 1)``.
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
 #: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count; a whole-model
 #: selector may be offered several decompositions per layer and answers with ``Allocation.decompositions``.
-PLUGIN_API_VERSION = (2, 0)
+#: 2.1 added, additively, ``Decomposer.output_errors`` (the budget's data-aware damage).
+PLUGIN_API_VERSION = (2, 1)
 
 
 @attrs.frozen
