@@ -4,8 +4,9 @@ All 36 Linear layers of the encoder are compressed, by ``svd`` and ``whitened_sv
 (``param_reduction`` at ``1 / (1 - fraction)`` on every layer) and with the whole-model ``budget`` selector
 (``metric: params``; by default ``scope: compressed``, so its target ``1 / (1 - fraction)`` counts the Linear
 layers alone; ``--scope model`` converts the fraction of Linear weights into a reduction of the whole model,
-embeddings included). The budget is always given the calibration text, so it allocates ranks by each layer's
-output error on it (data-aware damage), for ``svd`` too; only ``whitened_svd`` fits its factors to it. Each
+embeddings included). The budget is given the calibration text, so it allocates ranks by each layer's output
+error on it (data-aware damage), for ``svd`` too (``budget-weights``: without it, by weight energy); only
+``whitened_svd`` fits its factors to it. Each
 compressed model is compared with the uncompressed one by the cosine similarity of the mean-pooled sentence
 embeddings on held-out English text: standard-library docstring paragraphs, from other modules than the
 calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps`` is given: then each
@@ -41,8 +42,9 @@ from musco_core.finetune import distill  # noqa: E402
 def compress(model, linears, decomposition: str, selection: str, fraction: float, params_total: int,
              linear_weights: int, calibration, seed: int, scope: str) -> Compressor:
     """All ``linears`` by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by budget (the
-    budget always with the calibration data: its damage is then each layer's output error on it). ``budget+sens``
-    adds a sensitivity pass whose loss is one minus the mean embedding cosine on two calibration batches."""
+    budget with the calibration data: its damage is then each layer's output error on it; ``budget-weights``:
+    without, by weight energy unless the decomposition is data-aware). ``budget+sens`` adds a sensitivity pass
+    whose loss is one minus the mean embedding cosine on two calibration batches."""
     evaluate = None
     if selection == "budget+sens":
         probe = calibration[:2]
@@ -60,7 +62,7 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
                      else params_total / (params_total - fraction * linear_weights))
         algo_kwargs = {"budget": {"reduction": reduction, "metric": "params", "scope": scope}}
     schedule = {name: {"decomposition": decomposition, **layer} for name in linears}
-    data_aware = decomposition == "whitened_svd" or selection != "uniform"
+    data_aware = decomposition == "whitened_svd" or selection in ("budget", "budget+sens")
     compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears), seed=seed,
                             all_algo_kwargs=algo_kwargs, progress=False, evaluate=evaluate,
                             calibration_data=calibration if data_aware else None)
@@ -94,8 +96,8 @@ def main() -> None:
                         help="fraction of the encoder's Linear weights removed")
     parser.add_argument("--runs", nargs="+", default=["svd:uniform", "svd:budget", "whitened_svd:uniform",
                                                        "whitened_svd:budget"],
-                        help="decomposition:selection pairs (selection: uniform, budget or budget+sens, the "
-                             "budget with a sensitivity pass)")
+                        help="decomposition:selection pairs (selection: uniform, budget, budget-weights "
+                             "without calibration data for the budget, or budget+sens with a sensitivity pass)")
     parser.add_argument("--scope", choices=["compressed", "model"], default="compressed",
                         help="what the budget's params target counts")
     parser.add_argument("--n-calib", type=int, default=256, help="calibration paragraphs")
