@@ -108,10 +108,9 @@ def main() -> None:
     parser.add_argument("--eval-views", type=int, default=40, help="crops per evaluation photograph")
     parser.add_argument("--decompositions", nargs="+", default=["svd", "whitened_svd"])
     parser.add_argument("--selections", nargs="+", default=["uniform", "budget", "vbmf"],
-                        help="uniform rates, the whole-model budget, the generated vbmf schedule")
-    parser.add_argument("--sensitivity", action="store_true",
-                        help="also run the budget with a sensitivity pass: its loss is the mean squared difference "
-                             "of the logits from the uncompressed model's on the first 32 calibration crops")
+                        help="uniform rates, the whole-model budget, the budget with a sensitivity pass "
+                             "(budget+sens: its loss is the mean squared difference of the logits from the "
+                             "uncompressed model's on the first 32 calibration crops), the generated vbmf schedule")
     parser.add_argument("--min-rank-fraction", type=float, default=None,
                         help="the budget's rank floor (default: the budget's own default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,14 +164,14 @@ def main() -> None:
                                   "param_reduction_rate": rate} for name in names}
                 record(f"{target}x", decomposition, f"uniform (rate {rate:.3f})",
                        *run(model, uniform, example, calibration))
+            whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
+            settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}}
             if "budget" in args.selections:
-                whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
-                settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}}
                 record(f"{target}x", decomposition, "budget (calibration)",
                        *run(model, whole, example, calibration, all_algo_kwargs=settings))
-                if args.sensitivity:
-                    record(f"{target}x", decomposition, "budget (calibration) + sensitivity pass",
-                           *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate))
+            if "budget+sens" in args.selections:
+                record(f"{target}x", decomposition, "budget (calibration) + sensitivity pass",
+                       *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate))
     if "vbmf" in args.selections:
         vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)
         for decomposition in args.decompositions:
