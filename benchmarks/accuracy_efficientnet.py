@@ -3,16 +3,18 @@
 88% of Lite0's MACs are in its 32 dense 1x1 convolutions (expansions, projections and the head); the stem
 (3 channels) and the depthwise convolutions cannot shrink, and the classifier is the output layer. The 1x1
 convolutions are compressed by ``svd`` and ``whitened_svd``, with a uniform rate (``param_reduction``, the rate
-chosen so that the whole model reaches the target) and with the whole-model ``budget`` (``flops``); the schedule
+chosen so that the whole model reaches the target) and with the whole-model ``budget`` (``flops``, given the
+calibration images so that it allocates by the layers' output errors on them, for ``svd`` too); the schedule
 ``generate_model_compr_kwargs(..., "vbmf")`` writes is run too (its reduction is whatever vbmf chooses).
 
 Measure: top-1 agreement with the uncompressed model on held-out images, i.e. how often the compressed model's
 most likely ImageNet class is the uncompressed model's. The images are real photographs that ship in wheels
 (scikit-learn's and scikit-image's sample images, matplotlib's portrait): random crops (a quarter to all of the
-area) and flips of them, resized to 224 x 224. Calibration (``whitened_svd``) uses crops of one set of photographs,
+area) and flips of them, resized to 224 x 224. Calibration (``whitened_svd``, the budget) uses crops of one set of photographs,
 evaluation crops of the others. No fine-tuning.
 
     python benchmarks/accuracy_efficientnet.py [--threads 2] [--targets 1.3 1.5] [--eval-views 40]
+                                               [--decompositions svd whitened_svd] [--selections uniform budget vbmf]
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ def top1(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> torch
 
 def run(model, schedule, example, calibration, **kwargs) -> tuple[Compressor, float]:
     started = time.perf_counter()
-    data_aware = any(entry and entry["decomposition"] == "whitened_svd" for entry in schedule.values())
+    data_aware = any(entry and (entry["decomposition"] == "whitened_svd" or entry.get("rank_selection") == "budget")
+                     for entry in schedule.values())  # a budget allocates by the layers' output errors on it
     compressor = Compressor(model, example_input=example, model_compr_kwargs=schedule,
                             ft_every=sum(entry is not None for entry in schedule.values()), progress=False,
                             calibration_data=calibration if data_aware else None, **kwargs)
@@ -103,6 +106,13 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[1.3, 1.5], help="fewer MACs, whole model")
     parser.add_argument("--calib-views", type=int, default=16, help="crops per calibration photograph")
     parser.add_argument("--eval-views", type=int, default=40, help="crops per evaluation photograph")
+    parser.add_argument("--decompositions", nargs="+", default=["svd", "whitened_svd"])
+    parser.add_argument("--selections", nargs="+", default=["uniform", "budget", "vbmf"],
+                        help="uniform rates, the whole-model budget, the budget with a sensitivity pass "
+                             "(budget+sens: its loss is the mean squared difference of the logits from the "
+                             "uncompressed model's on the first 32 calibration crops), the generated vbmf schedule")
+    parser.add_argument("--min-rank-fraction", type=float, default=None,
+                        help="the budget's rank floor (default: the budget's own default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(setup(args.threads))
@@ -111,6 +121,14 @@ def main() -> None:
     held_out = image_set(EVALUATION_PHOTOS, args.eval_views, args.seed + 1)
     calibration = list(calibration_images.split(16))
     reference = top1(model, held_out)
+    probe = calibration_images[:32]  # calibration crops, never the held-out ones
+    with torch.no_grad():
+        probe_logits = model.eval()(probe)
+
+    def evaluate(candidate: torch.nn.Module) -> float:
+        """The sensitivity pass's loss: how far the logits on calibration crops moved."""
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(candidate.eval()(probe), probe_logits))
     print(f"images: {len(calibration_images)} calibration crops of {len(CALIBRATION_PHOTOS)} photographs, "
           f"{len(held_out)} held-out crops of {len(EVALUATION_PHOTOS)} others; the uncompressed model predicts "
           f"{len(set(reference.tolist()))} distinct classes on them")
@@ -137,21 +155,28 @@ def main() -> None:
                     f"{report.params_ratio:.3f} | {agreement:.1%} | {seconds:.0f} |")
         print(rows[-1], flush=True)
 
+    budget_params = {} if args.min_rank_fraction is None else {"min_rank_fraction": args.min_rank_fraction}
     for target in args.targets:
         rate = pointwise / (total / target - (total - pointwise))  # every scheduled layer's MACs shrink by it
-        for decomposition in ("svd", "whitened_svd"):
-            uniform = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
-                              "param_reduction_rate": rate} for name in names}
-            record(f"{target}x", decomposition, f"uniform (rate {rate:.3f})",
-                   *run(model, uniform, example, calibration))
+        for decomposition in args.decompositions:
+            if "uniform" in args.selections:
+                uniform = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
+                                  "param_reduction_rate": rate} for name in names}
+                record(f"{target}x", decomposition, f"uniform (rate {rate:.3f})",
+                       *run(model, uniform, example, calibration))
             whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
-            record(f"{target}x", decomposition, "budget",
-                   *run(model, whole, example, calibration,
-                        all_algo_kwargs={"budget": {"reduction": target, "metric": "flops"}}))
-    vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)
-    for decomposition in ("svd", "whitened_svd"):
-        schedule = {name: entry and {**entry, "decomposition": decomposition} for name, entry in vbmf.items()}
-        record("-", decomposition, "generated vbmf schedule", *run(model, schedule, example, calibration))
+            settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}}
+            if "budget" in args.selections:
+                record(f"{target}x", decomposition, "budget (calibration)",
+                       *run(model, whole, example, calibration, all_algo_kwargs=settings))
+            if "budget+sens" in args.selections:
+                record(f"{target}x", decomposition, "budget (calibration) + sensitivity pass",
+                       *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate))
+    if "vbmf" in args.selections:
+        vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)
+        for decomposition in args.decompositions:
+            schedule = {name: entry and {**entry, "decomposition": decomposition} for name, entry in vbmf.items()}
+            record("-", decomposition, "generated vbmf schedule", *run(model, schedule, example, calibration))
     print("\n" + "\n".join(rows))
 
 

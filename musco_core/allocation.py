@@ -154,7 +154,9 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     (None keeps a layer as it is), and the plan.
 
     ``pending`` holds the layers the current step compressed before ``name``; ``totals`` are the model's counts
-    with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now.
+    with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now (none
+    without calibration data). With calibration data every member of the pass gets its statistics, whether its
+    decomposition fits to the data or not, so that the selector can price ranks by the layers' output errors.
     In a distributed job every rank runs the selector and rank 0's plan is broadcast, so all ranks follow one plan
     even where floating-point results differ in the last bit between processes.
     """

@@ -24,13 +24,14 @@ from torch import nn
 
 from .errors import UnsupportedLayerError
 
-#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 0)``.
+#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 2)``.
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
 #: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count; a whole-model
 #: selector may be offered several decompositions per layer and answers with ``Allocation.decompositions``.
 #: 2.1: a whole-model selector may ask for measured times (:meth:`RankSelector.measures_latency`): the core then
 #: gives :meth:`LayerChoice.seconds` and ``ModelTotals.seconds_*``.
-PLUGIN_API_VERSION = (2, 1)
+#: 2.2 added, additively, ``Decomposer.output_errors`` (the budget's data-aware damage).
+PLUGIN_API_VERSION = (2, 2)
 
 
 @attrs.frozen
@@ -256,6 +257,14 @@ class Decomposer:
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
         """One matrix per rank whose singular spectrum tells that rank (used by vbmf)."""
         raise UnsupportedLayerError(f"{self.name} has no matrix unfoldings for spectrum-based rank selection")
+
+    def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
+        """With ``source.input_stats``: per rank, ``tails[k]`` (float64, ``k = 0 ..``), the relative output error
+        ``E ||(W - W_k) x||^2 / E ||W x||^2`` on those statistics of the decomposition with that rank at ``k``
+        (the others kept whole); used by the ``budget`` selector as the damage of a rank when calibration data is
+        given. None when the decomposition has no such estimate (the default): the budget then uses the spectra of
+        :meth:`rank_matrices`."""
+        return None
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         """The factor weights, in :meth:`layout` order and shapes, on the weight's device.

@@ -128,7 +128,8 @@ def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequen
 def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
                       ) -> Any:
     """``calibration_data`` checked against the layers ``names`` still to compress: required exactly when one of
-    them uses a data-aware decomposition."""
+    them uses a data-aware decomposition; also used by a whole-model rank selector's passes (see
+    :func:`~musco_core.allocation.allocate_pass`)."""
     needing = needs_input_stats(schedule, registry, names)
     if calibration_data is None:
         if needing:
@@ -137,8 +138,10 @@ def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequen
                               f"a list or DataLoader of input batches")
         return None
     check_reiterable(calibration_data, "calibration_data")
-    if not needing:
-        log.info("calibration_data is not used: no layer of the schedule uses a data-aware decomposition")
+    if not needing and not any(schedule.layers[name] is not None and registry.rank_selectors.get(
+            schedule.layers[name].rank_selection).scope == "model" for name in names):
+        log.info("calibration_data is not used: no layer of the schedule uses a data-aware decomposition or a "
+                 "whole-model rank selector")
     return calibration_data
 
 
@@ -227,9 +230,10 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     step_stats: dict[str, InputStats] = {}
 
     def input_stats_for(layers: Sequence[str]) -> dict[str, InputStats]:
-        """Calibration statistics of the layers that need them, on the model as the step found it, collected once."""
-        missing = [name for name in needs_input_stats(schedule, registry, layers) if name not in step_stats]
-        if missing:
+        """Calibration statistics of ``layers`` (none without calibration data), on the model as the step found it,
+        collected once."""
+        missing = [name for name in layers if name not in step_stats]
+        if missing and context.calibration_data is not None:
             specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
             step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
                                                   group=group))
@@ -237,7 +241,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
 
     sequential = schedule.settings.calibration == "sequential" and bool(needs_input_stats(schedule, registry, names))
     if not sequential:  # sequentially, each layer's statistics are collected when it comes up, then freed
-        input_stats_for(names)
+        input_stats_for(needs_input_stats(schedule, registry, names))
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)

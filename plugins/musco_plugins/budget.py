@@ -1,9 +1,11 @@
 """Whole-model budgets: one target ("half the FLOPs") for the model, ranks allocated across layers to meet it.
 
 The ``budget`` rank selector prices every rank of every layer along the decomposition's rank family (weights
-and MACs, the compression report's own counts) and estimates the damage from the singular spectra of the
-decomposition's unfoldings: the share of squared singular values a rank drops, the exact relative squared error
-of a truncated SVD and an upper bound for Tucker2's HOSVD. It then minimizes the summed damage (weighted by the
+and MACs, the compression report's own counts) and estimates the damage of each rank. With calibration data it is
+the layer's relative output error on that data, from the second moment of its inputs (exact for a truncated SVD,
+per mode exact for Tucker2's HOSVD, whose two modes' errors are added); without, the share of squared singular
+values of the decomposition's unfoldings a rank drops (the exact relative squared weight error of a truncated
+SVD, an upper bound for Tucker2's HOSVD). It then minimizes the summed damage (weighted by the
 layers' measured sensitivities when a sensitivity pass ran) subject to the budget, by a Lagrangian search over
 the error-per-cost trade-off followed by a greedy fill of what is left of the budget. A layer offered several
 candidate decompositions has the options of all of them in one list, so the same search chooses its decomposition.
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
-from musco_core.components import round_ranks
+from musco_core.components import WeightSource, round_ranks
 from musco_core.config import RANK_FLOOR_FRACTION, rank_floor
 from musco_core.errors import ConfigError
 from musco_core.schedule import ReductionRate, UnitFraction
@@ -143,13 +145,26 @@ def _tails(matrix: torch.Tensor) -> np.ndarray:
     return np.clip(1.0 - np.concatenate([[0.0], np.cumsum(energy)]) / total, 0.0, None)
 
 
+def damage_tails(decomposer: Decomposer, source: WeightSource) -> list[np.ndarray]:
+    """Per rank, the damage of keeping ``k``: the relative output error on the calibration data (the
+    decomposition's :meth:`~musco_core.components.Decomposer.output_errors`) when the source has input statistics
+    and the decomposition can tell it, else the share of the squared singular values of its ``rank_matrices`` that
+    rank ``k`` drops (weight-space energy; for ``whitened_svd``, whose matrices are whitened, that is the output
+    error already)."""
+    if source.input_stats is not None:
+        tails = decomposer.output_errors(source)
+        if tails is not None:
+            return [t.to(torch.float64).cpu().numpy() for t in tails]
+    return [_tails(m) for m in decomposer.rank_matrices(source)]
+
+
 def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
                   min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
     """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
     faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``,
     and the layer as it is; with the function that prices any ranks of the layer by ``metric``."""
     decomposer = choice.decomposer
-    spectra = [[_tails(m) for m in decomposer.rank_matrices(source)] for source in choice.sources]
+    spectra = [damage_tails(decomposer, source) for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
     floor = rank_floor(decomposer, choice.sources[0].spec, fraction=min_rank_fraction)
     ranks_list, seen = [], set()

@@ -271,6 +271,121 @@ _BETA_START, _BETA_GROW, _BETA_SHRINK, _BETA_MAX = 2.0, 1.1, 0.5, 4.0
 _STOP_WINDOW = 5
 
 
+def _relative_tails(dropped: Tensor, total: Tensor) -> Tensor:
+    """``tails[k] = sum(dropped[k:]) / total`` for ``k = 0 .. n`` (``tails[n] = 0``), clipped at 0; all zero when
+    ``total`` is not positive (a layer whose outputs are zero on the data loses nothing)."""
+    tails = torch.cat([dropped.flip(0).cumsum(0).flip(0), dropped.new_zeros(1)])
+    if float(total) <= 0:
+        return torch.zeros_like(tails)
+    return (tails / total).clamp_min(0)
+
+
+def _moment(second_moment: Tensor, n_features: int) -> Tensor:
+    _check_matrix(second_moment, "second_moment")
+    if second_moment.shape != (n_features, n_features):
+        raise ValueError(f"second_moment must be {n_features} x {n_features} (the layer's input features), got "
+                         f"{tuple(second_moment.shape)}")
+    c = second_moment.detach().to(torch.float64)
+    return (c + c.T) / 2
+
+
+@torch.no_grad()
+def svd_output_error(matrix: Tensor, second_moment: Tensor) -> Tensor:
+    """``tails[k]``: the relative output error of the rank-``k`` truncated SVD of ``matrix`` (m x n) on inputs with
+    ``C = E[x x^T]``, ``E ||(W - W_k) x||^2 / E ||W x||^2`` (float64, ``k = 0 .. min(m, n)``).
+
+    ``W - W_k = sum_{i>k} s_i u_i v_i^T`` with orthonormal ``u_i``, so the error is exactly
+    ``sum_{i>k} s_i^2 v_i^T C v_i``, over ``trace(W C W^T)``.
+    """
+    _check_matrix(matrix, "matrix")
+    c = _moment(second_moment, matrix.shape[1])
+    w = matrix.detach().to(torch.float64)
+    _, s, vh = torch.linalg.svd(w, full_matrices=False)
+    dropped = s.square() * torch.einsum("if,fg,ig->i", vh, c, vh)
+    return _relative_tails(dropped, torch.einsum("of,fg,og->", w, c, w))
+
+
+def _projected_error(basis: Tensor, metric: Tensor, moment: Tensor | None, block: int) -> Tensor:
+    """``e[k] = trace(P_k A P_k B)`` for ``P_k = (V_{k:} V_{k:}^T) kron I_block``, ``k = 0 .. n``: the error of
+    projecting a space of ``m`` blocks of ``block`` coordinates onto the span of the first ``k`` columns of the
+    orthonormal ``basis`` V (m x n), with ``A = metric`` and ``B = moment`` (the identity when None).
+
+    In the rotated coordinates ``A' = (V kron I)^T A (V kron I)`` (likewise ``B'``) ``e[k]`` is the sum of
+    ``trace(A'_{jl} B'_{lj})`` over the blocks ``j, l >= k``: a suffix sum over both axes, so all ranks cost one
+    rotation.
+    """
+    m, n = basis.shape
+
+    def rotate(matrix: Tensor) -> Tensor:  # (V kron I)^T matrix (V kron I), as (n, block, n, block)
+        return torch.einsum("cj,ckdl,dm->jkml", basis, matrix.reshape(m, block, m, block), basis)
+
+    a = rotate(metric)
+    if moment is None:
+        blocks = torch.diag(torch.einsum("jkjk->j", a))
+    else:
+        blocks = torch.einsum("jkml,mljk->jm", a, rotate(moment))
+    suffix = blocks.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)
+    return torch.cat([suffix.diagonal(), blocks.new_zeros(1)])
+
+
+@torch.no_grad()
+def tucker2_output_error(tensor: Tensor, second_moment: Tensor, outer: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor]:
+    """``(tails_out, tails_in)``: the relative output error of Tucker2's HOSVD of a conv ``tensor``
+    (``cout, cin, *kernel``) truncated on one channel mode at rank ``k``, the other kept whole, on inputs whose
+    features (``cin * kernel_numel``, channel-major) have ``C = E[x x^T]``; the layer computes ``outer @ W x``
+    (``outer``: the factor applied after the tensor, the identity when None; a core inside a chain has one).
+
+    * Output mode, exact: keeping ``U_k`` of the cout unfolding leaves ``(I - U_k U_k^T) W``, whose error is
+      ``trace(Q G Q O)`` for ``G = W C W^T`` and ``O = outer^T outer`` (``sum_{i>k} u_i^T G u_i`` when ``outer``
+      is orthonormal or absent).
+    * Input mode, exact: keeping ``V_k`` of the cin unfolding leaves ``W ((I - V_k V_k^T) kron I)``, whose error
+      is ``trace(Q M Q C)`` for ``M = W^T O W``, summed by :func:`_projected_error` over the kernel blocks.
+
+    Both are divided by ``trace(outer W C W^T outer^T)``. Truncating both modes together (the budget adds the
+    two tails) errs by at most their sum when ``outer`` is orthonormal: ``W - W' = (I - P) W + P W Q`` splits
+    into orthogonal output components and ``||P W Q x|| <= ||W Q x||``. It is an estimate, not a bound, for a
+    non-orthonormal ``outer`` and for HOOI's refined factors (both modes' bases here are HOSVD's).
+    """
+    if tensor.dim() < 2:
+        raise ValueError(f"tensor must have at least 2 dims (cout, cin, *kernel), got {tuple(tensor.shape)}")
+    w = tensor.detach().to(torch.float64)
+    cout, cin = w.shape[:2]
+    block = w[0, 0].numel()
+    c = _moment(second_moment, cin * block)
+    matrix = w.reshape(cout, -1)
+    gram = None
+    if outer is not None:
+        _check_matrix(outer, "outer")
+        if outer.shape[1] != cout:
+            raise ValueError(f"outer must have {cout} columns (the tensor's output channels), got "
+                             f"{tuple(outer.shape)}")
+        o = outer.detach().to(torch.float64)
+        gram = o.T @ o
+    out_moment = matrix @ c @ matrix.T
+    total = torch.trace(out_moment if gram is None else gram @ out_moment)
+    u_out = _gram_eigh(matrix)[1]
+    u_in = _gram_eigh(unfold(w, 1))[1]
+    tails_out = _projected_error(u_out, out_moment, gram, 1)
+    weighted = matrix.T @ matrix if gram is None else matrix.T @ gram @ matrix
+    tails_in = _projected_error(u_in, weighted, c, block)
+    if float(total) <= 0:
+        return torch.zeros_like(tails_out), torch.zeros_like(tails_in)
+    return (tails_out / total).clamp_min(0), (tails_in / total).clamp_min(0)
+
+
+@torch.no_grad()
+def moment_through(matrix: Tensor, second_moment: Tensor, block: int = 1) -> Tensor:
+    """The second moment of ``(matrix kron I_block) x`` for inputs ``x`` with ``E[x x^T] = second_moment``
+    (float64): the statistics of a chain's inner factor, behind a 1x1 factor ``matrix`` (r x cin) applied
+    position by position to ``cin * block`` channel-major features."""
+    _check_matrix(matrix, "matrix")
+    r, cin = matrix.shape
+    c = _moment(second_moment, cin * block).reshape(cin, block, cin, block)
+    m = matrix.detach().to(torch.float64)
+    return torch.einsum("rc,ckdl,sd->rksl", m, c, m).reshape(r * block, r * block)
+
+
 def _khatri_rao(factors: list[Tensor], rank: int, like: Tensor) -> Tensor:
     """Column-wise Khatri-Rao product, (product of the row counts) x rank with the first factor's row index
     slowest; a row of ones when `factors` is empty."""

@@ -45,6 +45,15 @@ class SVD(Decomposer):
             return [factorize.product_core(_matrix(previous[1]), _matrix(previous[0]))]
         return [_matrix(source.weight)]
 
+    def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
+        """Exact, from the SVD of the weight (once factorized, of the product of the factors, which re-compression
+        truncates) and the second moment of the layer's inputs."""
+        if source.input_stats is None:
+            return None
+        previous = source.previous_weights(self.name)
+        matrix = _matrix(previous[1]) @ _matrix(previous[0]) if previous else _matrix(source.weight)
+        return [factorize.svd_output_error(matrix, source.input_stats.second_moment)]
+
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks
         previous = source.previous_weights(self.name)

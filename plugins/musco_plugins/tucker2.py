@@ -16,6 +16,10 @@ import attrs
 from . import factorize
 
 
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
 @attrs.frozen
 class Tucker2Params:
     """HOOI sweeps after the HOSVD initialisation, and the relative fit change that ends them early."""
@@ -56,6 +60,20 @@ class Tucker2(Decomposer):
         previous = source.previous_weights(self.name)
         tensor = previous[1] if previous else source.weight
         return [factorize.unfold(tensor, 0), factorize.unfold(tensor, 1)]
+
+    def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
+        """Per channel mode, the output error of the HOSVD truncated on that mode alone (exact; see
+        :func:`factorize.tucker2_output_error` for what adding the two means). Once factorized, of the core, on
+        the statistics behind the first 1x1 factor and through the last."""
+        if source.input_stats is None:
+            return None
+        moment = source.input_stats.second_moment
+        previous = source.previous_weights(self.name)
+        if not previous:
+            return list(factorize.tucker2_output_error(source.weight, moment))
+        first, core, last = previous
+        inner = factorize.moment_through(_matrix(first), moment, block=core[0, 0].numel())
+        return list(factorize.tucker2_output_error(core, inner, outer=_matrix(last)))
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         previous = source.previous_weights(self.name)
