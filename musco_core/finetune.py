@@ -3,7 +3,8 @@
 :func:`distill` trains a compressed model (the *student*) to reproduce the outputs of the uncompressed one (the
 *teacher*) on unlabelled input batches, such as the calibration data, optionally matching intermediate features
 too. It creates its own optimizer (AdamW), so one call between two :meth:`Compressor.compression_step` calls is
-all the fine-tuning a multi-stage run needs.
+all the fine-tuning a multi-stage run needs. :func:`reestimate_batchnorm` recomputes a compressed model's BatchNorm
+statistics from unlabelled batches, without training.
 """
 from __future__ import annotations
 
@@ -237,6 +238,55 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
             module.training = training
     log.info("distill: %d steps, loss %.4g -> %.4g", steps, losses[0], losses[-1])
     return DistillResult(losses)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = True) -> int:
+    """Recomputes the running mean and variance of every BatchNorm of ``model`` as their average over ``batches``.
+
+    A compressed layer's outputs drift from the uncompressed layer's, and the BatchNorm after it still normalizes
+    with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
+    ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
+    average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
+    (``track_running_stats=False``) are left alone. Every module's training flag and momentum are restored; on an
+    error the statistics are restored too. Returns the number of batches seen.
+    """
+    check_reiterable(batches, "reestimate_batchnorm: batches")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        raise ConfigError(f"reestimate_batchnorm: {type(model).__name__} has no BatchNorm layer with running "
+                          f"statistics to re-estimate")
+    modes = {module: module.training for module in model.modules()}
+    momenta = [norm.momentum for norm in norms]
+    backup = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
+    seen = 0
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="BatchNorm statistics", unit="batch", leave=False, file=sys.stderr,
+                              disable=not (progress and sys.stderr.isatty())):
+                try:
+                    run_model(model, batch)
+                except Exception as exc:  # the user's batch or model: one clear line, the cause chained
+                    raise ConfigError(f"reestimate_batchnorm: the model failed on batch {seen + 1}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                seen += 1
+        if not seen:
+            raise ConfigError("reestimate_batchnorm: batches is empty; nothing to estimate from")
+    except BaseException:
+        for norm, state in zip(norms, backup):
+            norm.load_state_dict(state)
+        raise
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms), seen)
+    return seen
 
 
 def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:

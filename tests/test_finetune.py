@@ -9,7 +9,8 @@ from torch import nn
 
 from models import make_trained_like
 from musco_core import Compressor, ConfigError
-from musco_core.finetune import LR_SCHEDULES, DistillResult, distill, matched_output, relative_mse
+from musco_core.finetune import (LR_SCHEDULES, DistillResult, distill, matched_output, reestimate_batchnorm,
+                                  relative_mse)
 
 
 def mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -297,3 +298,41 @@ def test_the_teacher_and_student_must_differ_and_fit_together():
     with pytest.raises(ConfigError, match="cannot tell which output to match in a object"):
         distill(teacher, compressed(teacher), inputs(), steps=1, progress=False,
                 output=lambda outputs: matched_output(object()))
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+
+
+def test_batchnorm_statistics_become_the_average_over_the_batches():
+    model = bn_net().train()
+    model[0].eval()  # a submodule in another mode keeps it
+    generator = torch.Generator().manual_seed(0)
+    batches = [3 + 2 * torch.randn(10, 3, 6, 6, generator=generator) for _ in range(3)]
+    weights = {key: value.clone() for key, value in model.state_dict().items() if "running" not in key and "tracked" not in key}
+    assert reestimate_batchnorm(model, batches, progress=False) == 3
+    with torch.no_grad():
+        outputs = [model[0](x) for x in batches]
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var((0, 2, 3)) for o in outputs]).mean(0)  # unbiased per batch, averaged
+    assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, expected_var, atol=1e-5)
+    assert model[1].momentum == 0.1 and int(model[1].num_batches_tracked) == 3
+    assert model.training and not model[0].training and model[3].training
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+
+
+def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
+    model = bn_net()
+    before = state(model)
+    with pytest.raises(ConfigError, match="no BatchNorm layer with running statistics"):
+        reestimate_batchnorm(mlp(), inputs(), progress=False)
+    with pytest.raises(ConfigError, match="reestimate_batchnorm: batches: got an iterator"):
+        reestimate_batchnorm(model, iter([torch.randn(2, 3, 6, 6)]), progress=False)
+    with pytest.raises(ConfigError, match="reestimate_batchnorm: batches is empty"):
+        reestimate_batchnorm(model, [], progress=False)
+    with pytest.raises(ConfigError, match="the model failed on batch 2: RuntimeError"):
+        reestimate_batchnorm(model, [torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6)], progress=False)
+    assert same_state(model, before) and model[1].momentum == 0.1
