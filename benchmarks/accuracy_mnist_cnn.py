@@ -79,8 +79,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def pretrained(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    """The trained CNN, from the cache when this seed and epoch count were trained before."""
-    path = OUTPUT / f"mnist_cnn_seed{seed}_epochs{epochs}.safetensors"
+    """The trained CNN, from the cache when these images, seed, epoch count and thread count were trained before
+    (the weights depend on the number of torch threads the training ran with)."""
+    suffix = "" if len(x) == 4000 else f"_images{len(x)}"  # the benchmark's own 4,000, or a selection split
+    path = OUTPUT / f"mnist_cnn_seed{seed}_epochs{epochs}{suffix}_threads{torch.get_num_threads()}.safetensors"
     model = cnn()
     if path.exists():
         load_model(model, str(path))

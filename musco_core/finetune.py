@@ -3,7 +3,8 @@
 :func:`distill` trains a compressed model (the *student*) to reproduce the outputs of the uncompressed one (the
 *teacher*) on unlabelled input batches, such as the calibration data, optionally matching intermediate features
 too. It creates its own optimizer (AdamW), so one call between two :meth:`Compressor.compression_step` calls is
-all the fine-tuning a multi-stage run needs.
+all the fine-tuning a multi-stage run needs. :func:`reestimate_batchnorm` recomputes a compressed model's BatchNorm
+statistics from unlabelled batches, without training.
 """
 from __future__ import annotations
 
@@ -109,8 +110,20 @@ class _FeatureTaps:
             handle.remove()
 
 
+#: The learning-rate schedules :func:`distill` offers: the factor applied to ``lr`` at step ``s`` of ``steps``.
+LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda step, steps: 1.0,
+    "cosine": lambda step, steps: 0.5 * (1 + math.cos(math.pi * step / steps)),
+}
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
-                     temperature: float | None, feature_weight: float) -> list[nn.Parameter]:
+                     temperature: float | None, feature_weight: float, label_weight: float | None,
+                     lr_schedule: str) -> list[nn.Parameter]:
     if teacher is student:
         raise ConfigError("distill: the teacher and the student are the same model; pass the uncompressed model "
                           "as the teacher and a compressed copy as the student")
@@ -123,8 +136,14 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
     if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                                         and temperature > 0):
         problems.append(f"temperature: expected None (MSE) or a positive number, got {short_repr(temperature)}")
-    if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
+    if not _non_negative(feature_weight):
         problems.append(f"feature_weight: expected a non-negative number, got {short_repr(feature_weight)}")
+    if label_weight is not None and not _non_negative(label_weight):
+        problems.append(f"label_weight: expected None (no labels) or a non-negative number, got "
+                        f"{short_repr(label_weight)}")
+    if lr_schedule not in LR_SCHEDULES:
+        problems.append(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got "
+                        f"{short_repr(lr_schedule)}")
     if problems:
         raise ConfigError("distill: " + "; ".join(problems))
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -139,33 +158,43 @@ def _device_indices(parameters: Iterable[nn.Parameter]) -> list[int]:
 
 def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float = 1e-4, *,
             features: Sequence[str] | None = None, feature_weight: float = 1.0, temperature: float | None = None,
-            output: Callable[[Any], torch.Tensor] | None = None, weight_decay: float = 0.0, train_mode: bool = True,
-            seed: int = 0, progress: bool = True) -> DistillResult:
+            label_weight: float | None = None, output: Callable[[Any], torch.Tensor] | None = None,
+            weight_decay: float = 0.0, lr_schedule: str = "constant", train_mode: bool = True, seed: int = 0,
+            progress: bool = True) -> DistillResult:
     """Trains ``student`` for ``steps`` AdamW steps to reproduce ``teacher``'s outputs on ``batches``.
 
     ``batches`` is a list or DataLoader of input batches, called as the calibration data is (``model(batch)``,
     ``model(*batch)``, ``model(**batch)``), on the models' device; it is cycled through until ``steps`` steps
-    are done, one batch per step. No labels are needed.
+    are done, one batch per step. No labels are needed; with ``label_weight`` set, each batch is a pair
+    ``(inputs, labels)`` instead, the inputs called as above.
 
-    The loss of a batch is the output loss plus ``feature_weight`` times the feature losses:
+    The loss of a batch is the output loss plus ``feature_weight`` times the feature losses, plus
+    ``label_weight`` times the label loss:
 
     * **output**: the tensor :func:`matched_output` picks (``logits``, else ``last_hidden_state``, else the first
       tensor), or ``output(outputs)`` when given; :func:`relative_mse` by default, or with a ``temperature`` the
       softened KL divergence of classifiers (:func:`softened_kl`, over the last axis);
     * **features**: for each module name in ``features`` (the same name in both models: a compressed layer keeps
-      its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names.
+      its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names;
+    * **labels** (when ``label_weight`` is a number): the cross-entropy of the student's matched output, its last
+      axis the classes, against the batch's integer labels (shaped as the output without its last axis; -100
+      marks a position to ignore), as in fine-tuning with labels. Hinton's distillation combines it with a
+      ``temperature``.
 
     The teacher runs in eval mode under ``no_grad``. The student is trained in train mode (dropout and
     BatchNorm's batch statistics, as in fine-tuning), or in eval mode with ``train_mode=False`` (no dropout,
     BatchNorm's running statistics kept), with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
-    parameters that require grad. Every module's training flag is restored afterwards, and on any error the
+    parameters that require grad, whose learning rate follows ``lr_schedule``: ``constant``, or ``cosine``
+    (from ``lr`` down to 0 along half a cosine over the ``steps``). Every module's training flag is restored
+    afterwards, and on any error the
     student's parameters and buffers are restored too, so a failed call changes nothing. The run is
     deterministic given ``seed``, which seeds a forked RNG (the caller's random state is untouched). A progress
     bar with the running loss goes to stderr when it is a terminal and ``progress`` is true.
 
     Returns the loss of every step.
     """
-    parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight)
+    parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight, label_weight,
+                                  lr_schedule)
     pick = output or matched_output
     names = list(features or [])
     modes = {module: module.training for module in itertools.chain(teacher.modules(), student.modules())}
@@ -178,6 +207,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
         teacher.eval()
         student.train(train_mode)
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        factor = LR_SCHEDULES[lr_schedule]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, steps))
         devices = _device_indices(itertools.chain(parameters, teacher.parameters()))
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -185,10 +216,12 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
                        disable=not (progress and sys.stderr.isatty()))
             try:
                 for step, batch in enumerate(_cycle(batches, steps)):
-                    loss = _step_loss(teacher, student, batch, pick, temperature, taps, names, feature_weight, step)
+                    loss = _step_loss(teacher, student, batch, pick, temperature, taps, names, feature_weight,
+                                      label_weight, step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    scheduler.step()
                     losses.append(float(loss.detach()))
                     bar.update()
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
@@ -207,6 +240,55 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
     return DistillResult(losses)
 
 
+def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = True) -> int:
+    """Recomputes the running mean and variance of every BatchNorm of ``model`` as their average over ``batches``.
+
+    A compressed layer's outputs drift from the uncompressed layer's, and the BatchNorm after it still normalizes
+    with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
+    ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
+    average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
+    (``track_running_stats=False``) are left alone. Every module's training flag and momentum are restored; on an
+    error the statistics are restored too. Returns the number of batches seen.
+    """
+    check_reiterable(batches, "reestimate_batchnorm: batches")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        raise ConfigError(f"reestimate_batchnorm: {type(model).__name__} has no BatchNorm layer with running "
+                          f"statistics to re-estimate")
+    modes = {module: module.training for module in model.modules()}
+    momenta = [norm.momentum for norm in norms]
+    backup = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
+    seen = 0
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="BatchNorm statistics", unit="batch", leave=False, file=sys.stderr,
+                              disable=not (progress and sys.stderr.isatty())):
+                try:
+                    run_model(model, batch)
+                except Exception as exc:  # the user's batch or model: one clear line, the cause chained
+                    raise ConfigError(f"reestimate_batchnorm: the model failed on batch {seen + 1}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                seen += 1
+        if not seen:
+            raise ConfigError("reestimate_batchnorm: batches is empty; nothing to estimate from")
+    except BaseException:
+        for norm, state in zip(norms, backup):
+            norm.load_state_dict(state)
+        raise
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms), seen)
+    return seen
+
+
 def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
     """``steps`` batches, going through ``batches`` again from the start as often as needed."""
     produced = 0
@@ -222,10 +304,29 @@ def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
             raise ConfigError("distill: batches is empty; nothing to distill on")
 
 
+def _split_labels(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a labelled batch."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)):
+        raise ConfigError(f"distill: label_weight is set, so every batch must be a pair (inputs, labels tensor); "
+                          f"step {step + 1}'s batch is {short_repr(batch)}")
+    return batch[0], batch[1]
+
+
+def _label_loss(prediction: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+    """Cross-entropy of ``prediction`` (classes on the last axis) against integer ``labels``."""
+    if labels.shape != prediction.shape[:-1] or labels.is_floating_point() or labels.is_complex():
+        raise ConfigError(f"distill: step {step + 1}'s labels must be integers of shape "
+                          f"{tuple(prediction.shape[:-1])} (the output's without its last axis, the classes), got "
+                          f"{labels.dtype} of shape {tuple(labels.shape)}")
+    return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), labels.reshape(-1).long())
+
+
 def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor],
                temperature: float | None, taps: list[_FeatureTaps], names: list[str], feature_weight: float,
-               step: int) -> torch.Tensor:
-    """The loss of one batch: output loss plus the weighted mean feature loss."""
+               label_weight: float | None, step: int) -> torch.Tensor:
+    """The loss of one batch: output loss plus the weighted mean feature loss plus the weighted label loss."""
+    if label_weight is not None:
+        batch, labels = _split_labels(batch, step)
     try:
         with torch.no_grad():
             target = pick(run_model(teacher, batch)).detach()
@@ -242,6 +343,8 @@ def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callabl
         loss = relative_mse(prediction, target)
     else:
         loss = softened_kl(prediction, target, temperature)
+    if label_weight is not None:
+        loss = loss + label_weight * _label_loss(prediction, labels, step)
     if names:
         teacher_taps, student_taps = taps
         feature_losses = []

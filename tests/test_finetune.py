@@ -9,7 +9,8 @@ from torch import nn
 
 from models import make_trained_like
 from musco_core import Compressor, ConfigError
-from musco_core.finetune import DistillResult, distill, matched_output, relative_mse
+from musco_core.finetune import (LR_SCHEDULES, DistillResult, distill, matched_output, reestimate_batchnorm,
+                                  relative_mse)
 
 
 def mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -160,6 +161,59 @@ def test_a_classifier_with_a_temperature_matches_the_softened_distribution():
     assert kl(inputs(seed=7)) < before
 
 
+def labelled(seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Input batches with labels the teacher does not predict (random classes)."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    return [(x, torch.randint(0, 6, (len(x),), generator=generator)) for x in inputs(seed=seed)]
+
+
+def label_loss(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    with torch.no_grad():
+        return float(sum(nn.functional.cross_entropy(model(x), y) for x, y in data) / len(data))
+
+
+def test_labels_add_their_cross_entropy_and_a_zero_weight_changes_nothing():
+    teacher = mlp()
+    soft, zero, both = (compressed(teacher) for _ in range(3))
+    data = labelled()
+    plain = distill(teacher, soft, [x for x, _ in data], steps=40, lr=3e-3, temperature=2.0, progress=False)
+    unweighted = distill(teacher, zero, data, steps=40, lr=3e-3, temperature=2.0, label_weight=0.0, progress=False)
+    assert unweighted.losses == plain.losses and same_state(zero, state(soft))
+    mixed = distill(teacher, both, data, steps=40, lr=3e-3, temperature=2.0, label_weight=5.0, progress=False)
+    assert mixed.losses[0] > plain.losses[0]  # the label term is in the loss
+    assert label_loss(both, data) < label_loss(soft, data) - 0.1
+
+
+def test_labels_must_come_in_pairs_of_the_outputs_shape():
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    with pytest.raises(ConfigError, match=r"every batch must be a pair \(inputs, labels tensor\); step 1's batch"):
+        distill(teacher, student, inputs(), steps=2, label_weight=1.0, progress=False)
+    wrong = [(x, torch.zeros(len(x), 2, dtype=torch.long)) for x in inputs()]
+    with pytest.raises(ConfigError, match=r"step 1's labels must be integers of shape \(16,\).*got torch.int64 of "
+                                          r"shape \(16, 2\)"):
+        distill(teacher, student, wrong, steps=2, label_weight=1.0, progress=False)
+    assert same_state(student, before)
+
+
+def test_a_cosine_schedule_decays_the_learning_rate_to_zero():
+    assert [round(LR_SCHEDULES["cosine"](step, 4), 4) for step in range(5)] == [1.0, 0.8536, 0.5, 0.1464, 0.0]
+    assert all(LR_SCHEDULES["constant"](step, 4) == 1.0 for step in range(5))
+    teacher = mlp()
+    constant, cosine, one_step = (compressed(teacher) for _ in range(3))
+    distill(teacher, constant, inputs(), steps=1, lr=1e-2, progress=False)
+    distill(teacher, one_step, inputs(), steps=1, lr=1e-2, lr_schedule="cosine", progress=False)
+    assert same_state(one_step, state(constant))  # the first step takes the full lr
+    two_constant, two_cosine = compressed(teacher), compressed(teacher)
+    runs = [distill(teacher, student, inputs(), steps=2, lr=1e-2, lr_schedule=schedule, progress=False)
+            for student, schedule in ((two_constant, "constant"), (two_cosine, "cosine"))]
+    assert runs[0].losses[0] == runs[1].losses[0]
+    assert not same_state(two_cosine, state(two_constant))  # the second step took half the lr
+    result = distill(teacher, cosine, inputs(), steps=30, lr=1e-2, lr_schedule="cosine", progress=False)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
 def test_a_hugging_face_model_matches_its_last_hidden_state():
     from transformers import BertConfig, BertModel
 
@@ -202,6 +256,8 @@ def test_a_hugging_face_model_matches_its_last_hidden_state():
     ({"lr": -1.0}, "lr: expected a positive number, got -1.0"),
     ({"temperature": 0}, "temperature: expected None (MSE) or a positive number, got 0"),
     ({"feature_weight": float("nan")}, "feature_weight: expected a non-negative number, got nan"),
+    ({"label_weight": -1}, "label_weight: expected None (no labels) or a non-negative number, got -1"),
+    ({"lr_schedule": "linear"}, "lr_schedule: expected one of 'constant', 'cosine', got 'linear'"),
     ({"features": ["0", "nope"]}, "the teacher has no module named 'nope'"),
     ({"batches": iter(inputs())}, "got an iterator"),
     ({"batches": []}, "batches is empty"),
@@ -242,3 +298,41 @@ def test_the_teacher_and_student_must_differ_and_fit_together():
     with pytest.raises(ConfigError, match="cannot tell which output to match in a object"):
         distill(teacher, compressed(teacher), inputs(), steps=1, progress=False,
                 output=lambda outputs: matched_output(object()))
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+
+
+def test_batchnorm_statistics_become_the_average_over_the_batches():
+    model = bn_net().train()
+    model[0].eval()  # a submodule in another mode keeps it
+    generator = torch.Generator().manual_seed(0)
+    batches = [3 + 2 * torch.randn(10, 3, 6, 6, generator=generator) for _ in range(3)]
+    weights = {key: value.clone() for key, value in model.state_dict().items() if "running" not in key and "tracked" not in key}
+    assert reestimate_batchnorm(model, batches, progress=False) == 3
+    with torch.no_grad():
+        outputs = [model[0](x) for x in batches]
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var((0, 2, 3)) for o in outputs]).mean(0)  # unbiased per batch, averaged
+    assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, expected_var, atol=1e-5)
+    assert model[1].momentum == 0.1 and int(model[1].num_batches_tracked) == 3
+    assert model.training and not model[0].training and model[3].training
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+
+
+def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
+    model = bn_net()
+    before = state(model)
+    with pytest.raises(ConfigError, match="no BatchNorm layer with running statistics"):
+        reestimate_batchnorm(mlp(), inputs(), progress=False)
+    with pytest.raises(ConfigError, match="reestimate_batchnorm: batches: got an iterator"):
+        reestimate_batchnorm(model, iter([torch.randn(2, 3, 6, 6)]), progress=False)
+    with pytest.raises(ConfigError, match="reestimate_batchnorm: batches is empty"):
+        reestimate_batchnorm(model, [], progress=False)
+    with pytest.raises(ConfigError, match="the model failed on batch 2: RuntimeError"):
+        reestimate_batchnorm(model, [torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6)], progress=False)
+    assert same_state(model, before) and model[1].momentum == 0.1
