@@ -156,7 +156,9 @@ def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
     musco = Path(sys.executable).parent / "musco"
     args = [str(musco), "compress", "--model", "run_helpers:cnn", "--config", "schedule.yaml", "--input-shape",
             "1,3,8,8", "--out", "out", "--finetune", "run_helpers:slow_from_2", "--quiet"]
-    process = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a pytest started in the background (``&``) ignores SIGINT, and a child inherits that: restore the default
+    process = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = project / "out" / "checkpoints" / "LATEST"
     deadline = time.monotonic() + 120
     while not (latest.exists() and latest.read_text().strip() == "step-0001") and time.monotonic() < deadline:
