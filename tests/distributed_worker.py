@@ -26,10 +26,11 @@ import resume_worker as base
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
 
 from musco_core import Compressor, MuscoError, distributed
-from musco_core.latency import CACHE_ENV, Timer
+from musco_core.latency import CACHE_ENV
+
+from clocks import GeometryClock
 
 SCHEDULE = base.SCHEDULE
 EVAL_BATCHES = 2  # one per rank: the mean of the ranks' losses is the loss over all the data
@@ -91,41 +92,18 @@ LATENCY_SCHEDULE = {
         "layer1.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2")}}
 
 
-class RankClock(Timer):
-    """A deterministic clock that differs between ranks: every leaf module that runs costs 1e-9 s per weight plus a
-    per-call overhead, 1e-6 s on rank 0 and 1e-3 s on other ranks (where a chain of factors looks slower than the
-    dense layer, so the rank alone would keep every layer)."""
-
-    def __init__(self, rank: int) -> None:
-        self.overhead = 1e-6 if rank == 0 else 1e-3
-
-    def layers(self, modules, input_shape, dtype, device):
-        x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
-        return self.calls([lambda module=module: module(x) for module in modules], device)
-
-    def calls(self, calls, device):
-        times = []
-        for call in calls:
-            total = [0.0]
-
-            def count(module, args, output):
-                if not list(module.children()):
-                    total[0] += sum(p.numel() for p in module.parameters(recurse=False)) * 1e-9 + self.overhead
-
-            handle = register_module_forward_hook(count)
-            try:
-                call()
-            finally:
-                handle.remove()
-            times.append(total[0])
-        return times
+def rank_clock(rank: int) -> GeometryClock:
+    """A deterministic clock that differs between ranks: a per-call overhead of 1e-6 s on rank 0 and 1e-3 s on
+    other ranks (where a chain of factors looks slower than the dense layer, so the rank alone would keep every
+    layer)."""
+    return GeometryClock(overhead=1e-6 if rank == 0 else 1e-3)
 
 
 def latency_run(rank: int) -> Compressor:
     """The latency budget's run on this rank's clock (its own timing cache)."""
     compressor = Compressor(base.model(), model_compr_kwargs=LATENCY_SCHEDULE, example_input=base.EXAMPLE,
                             progress=False)
-    compressor.context = attrs.evolve(compressor.context, latency_timer=RankClock(rank))
+    compressor.context = attrs.evolve(compressor.context, latency_timer=rank_clock(rank))
     while not compressor.done:
         compressor.compression_step()
     return compressor

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
 
 from musco_core import Compressor, ConfigError
 from musco_core.components import LayerSpec
@@ -21,42 +20,9 @@ from musco_core.run import checked_schedule
 from musco_core.state import STATE_FORMAT, RunState, StateCodec
 from musco_plugins.budget import despiked, monotone
 
+from clocks import GeometryClock
+
 INPUT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
-def _seconds(module: nn.Module) -> float:
-    """The fake clock: 1e-9 s per weight plus 1e-6 s per call of a leaf module (so a chain pays per factor)."""
-    return sum(p.numel() for p in module.parameters(recurse=False)) * 1e-9 + 1e-6
-
-
-class CountingTimer(Timer):
-    """Seconds from the geometry alone (:func:`_seconds` of every leaf module that runs), the same for layers
-    timed alone and for whole-model calls. Counts the layer chains it was asked to time."""
-
-    def __init__(self) -> None:
-        self.layer_modules = 0
-
-    def layers(self, modules, input_shape, dtype, device):
-        self.layer_modules += len(modules)
-        x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
-        return self.calls([lambda module=module: module(x) for module in modules], device)
-
-    def calls(self, calls, device):
-        times = []
-        for call in calls:
-            total = [0.0]
-
-            def count(module, args, output):
-                if not list(module.children()):
-                    total[0] += _seconds(module)
-
-            handle = register_module_forward_hook(count)
-            try:
-                call()
-            finally:
-                handle.remove()
-            times.append(total[0])
-        return times
 
 
 def cnn() -> nn.Module:
@@ -89,7 +55,7 @@ def chains():
 
 def test_a_timing_is_cached_per_device_dtype_threads_and_geometry(registry, tmp_path):
     path = tmp_path / "cache.json"
-    timer = CountingTimer()
+    timer = GeometryClock()
     weight = torch.zeros(1)
     first = LatencyProfiler(registry, weight, timer=timer, cache=LatencyCache(path)).seconds([chains()])
     assert timer.layer_modules == 1 and first[0][0] > 0
@@ -117,7 +83,7 @@ def test_a_timing_is_cached_per_device_dtype_threads_and_geometry(registry, tmp_
 def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(registry, tmp_path, caplog, content):
     path = tmp_path / "cache.json"
     path.write_text(content)
-    timer = CountingTimer()
+    timer = GeometryClock()
     with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
         profiler = LatencyProfiler(registry, torch.zeros(1), timer=timer, cache=LatencyCache(path))
         profiler.seconds([chains()])
@@ -136,7 +102,7 @@ def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_a_latency_budget_allocates_deterministically_and_a_second_run_measures_nothing(registry):
-    timer = CountingTimer()
+    timer = GeometryClock()
     first = compressor(registry, timer)
     first.compression_step()
     measured = timer.layer_modules
@@ -157,7 +123,7 @@ def test_a_latency_budget_allocates_deterministically_and_a_second_run_measures_
 
 
 def test_the_plan_meets_the_target_on_the_timers_costs_and_the_step_measures_it(registry):
-    timer = CountingTimer()
+    timer = GeometryClock()
     run = compressor(registry, timer, document=schedule(reduction=1.3))
     run.compression_step()
     record = run.budgets[0]
@@ -169,7 +135,7 @@ def test_the_plan_meets_the_target_on_the_timers_costs_and_the_step_measures_it(
 
 def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
     document = schedule({"3": ["tucker2", "svd"], "5": "tucker2", "7": ["svd", "tucker2"]}, reduction=1.3)
-    timer = CountingTimer()
+    timer = GeometryClock()
     runs = [compressor(registry, timer, document=document) for _ in range(2)]
     for run in runs:
         run.compression_step()
@@ -181,7 +147,7 @@ def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
 
 def test_timing_leaves_the_model_and_its_batchnorm_statistics_as_they_were(registry):
     model = cnn().train()
-    run = compressor(registry, CountingTimer(), model=model)
+    run = compressor(registry, GeometryClock(), model=model)
     before = run.compressed_model[1].running_mean.clone()
     run.compression_step()
     assert run.compressed_model.training and run.compressed_model[1].training
