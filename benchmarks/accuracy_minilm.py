@@ -166,7 +166,7 @@ def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, 
                     f"{min(means):.4f} | {max(means):.4f} | {min(float(cos.min()) for _, cos in runs):.4f} |")
     one, multi = ([float(cos.mean()) for _, cos in runs] for runs in outcomes.values())
     diff = [m - o for m, o in zip(multi, one)]
-    rows.append(f"\nmulti-stage minus one-shot, paired by seed: {mean_std(diff, '+') if len(diff) > 1 else diff[0]} "
+    rows.append(f"\nmulti-stage minus one-shot, paired by seed: {mean_std(diff, '+') if len(diff) > 1 else f'{diff[0]:+.4f}'} "
                 f"(multi-stage better on {sum(d > 0 for d in diff)} of {len(diff)} seeds)\n")
     return rows
 
