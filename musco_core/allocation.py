@@ -25,7 +25,7 @@ from .latency import Chain, LatencyProfiler, profiler_for, timed_totals
 from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
-from .surgery import module_paths, replace_module
+from .surgery import module_paths, swapped
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,8 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
                                        f"before this step") from exc
             loss = None
             if new is not None and result.relative_error:
-                try:
-                    for path in paths[id(module)]:
-                        replace_module(model, path, new)
+                with swapped(model, {path: new for path in paths[id(module)]}):
                     loss = float(context.evaluate(model))
-                finally:
-                    for path in paths[id(module)]:
-                        replace_module(model, path, module)
         # whether a probe ran depends on its ranks and weights alone, the same on every rank
         if loss is None:
             continue

@@ -166,6 +166,26 @@ def test_a_sensitivity_pass_protects_the_layer_the_loss_depends_on(registry):
     assert all(isinstance(m, nn.Linear) for m in (model.a, model.b))  # the input model is untouched
 
 
+def test_a_sensitivity_probe_that_fails_puts_the_layer_back(registry):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    calls = []
+
+    def evaluate(candidate):
+        calls.append(1)
+        if len(calls) == 2:  # the first probe, with a layer swapped in
+            raise RuntimeError("the evaluation failed")
+        return 0.0
+
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2")}
+    compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=2, evaluate=evaluate, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}}, progress=False)
+    layers = list(compressor.compressed_model)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        compressor.compression_step()
+    assert list(compressor.compressed_model) == layers  # the probed layer was swapped back out
+    assert compressor.ranks == {"0": None, "2": None}
+
+
 def test_the_greedy_fill_spends_what_the_lagrangian_leaves():
     layers = [LayerOptions([(1,), (2,), (3,), None], np.array([1.0, 2.0, 3.0, 10.0]), np.array([0.5, 0.2, 0.1, 0.0])),
               LayerOptions([(1,), (2,), None], np.array([1.0, 5.0, 10.0]), np.array([0.9, 0.1, 0.0]))]
