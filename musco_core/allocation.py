@@ -16,7 +16,7 @@ import attrs
 from torch import nn
 from tqdm.auto import tqdm
 
-from .components import InputStats, LayerChoice, ModelTotals, RankSelector
+from .components import InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
 from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError
@@ -203,9 +203,12 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
     params = selector_params(selector, settings)
+    first = choices[0].sources[0] if choices else None
+    device = "cpu" if first is None else (first.factors[0].weight if first.factors else first.weight).device
+    rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding)
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
-                                       settings.rank_multiple)
+                                       rounding)
     except Exception as exc:  # a plugin's bug as well as a refusal: the model was not touched
         reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
         raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "

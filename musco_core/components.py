@@ -24,14 +24,16 @@ from torch import nn
 
 from .errors import UnsupportedLayerError
 
-#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (2, 2)``.
+#: Version of the plugin API below; plugins can require ``musco_core.PLUGIN_API_VERSION >= (3, 0)``.
 #: 1.1 added calibration data: ``WeightSource.input_stats`` and ``Decomposer.needs_input_stats``.
 #: 2.0: ``RankSelector.check_layer`` takes the ``range`` of stages still to run instead of their count; a whole-model
 #: selector may be offered several decompositions per layer and answers with ``Allocation.decompositions``.
 #: 2.1: a whole-model selector may ask for measured times (:meth:`RankSelector.measures_latency`): the core then
 #: gives :meth:`LayerChoice.seconds` and ``ModelTotals.seconds_*``.
 #: 2.2 added, additively, ``Decomposer.output_errors`` (the budget's data-aware damage).
-PLUGIN_API_VERSION = (2, 2)
+#: 3.0: :meth:`RankSelector.allocate` gets a :class:`RankRounding` (``rounding``) instead of an int ``rank_multiple``
+#: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` added.
+PLUGIN_API_VERSION = (3, 0)
 
 
 @attrs.frozen
@@ -51,13 +53,51 @@ class Cost(NamedTuple):
         return self.params < other.params and (self.macs is None or other.macs is None or self.macs < other.macs)
 
 
-def round_ranks(ranks: Sequence[int], multiple: int, limits: Sequence[int] | None = None) -> tuple[int, ...]:
+def round_ranks(ranks: Sequence[int], multiple: int, limits: Sequence[int] | None = None, *,
+                max_growth: float | None = None) -> tuple[int, ...]:
     """The one rank-rounding rule: each rank up to a multiple of ``multiple`` (at least one multiple), then clamped
-    to the layer's ``limits`` when given (and to 1). Rounding up never gives a layer less than the rank asked for."""
-    rounded = [max(multiple, -(-rank // multiple) * multiple) for rank in ranks]
+    to the layer's ``limits`` when given (and to 1). Rounding up never gives a layer less than the rank asked for.
+    With ``max_growth``, a rank that rounding up would grow by more than that fraction of it stays as it is."""
+    def up(rank: int) -> int:
+        rounded = max(multiple, -(-rank // multiple) * multiple)
+        return rank if max_growth is not None and rounded - rank > max_growth * rank else rounded
+
+    rounded = [up(rank) for rank in ranks]
     if limits is not None:
         rounded = [min(rank, limit) for rank, limit in zip(rounded, limits, strict=True)]
     return tuple(max(1, rank) for rank in rounded)
+
+
+#: ``settings.rank_multiple: auto``: the multiple that runs fast on each device type. CPU: oneDNN and MKL work in
+#: blocks of 8 and 16 floats; rounding a rank up to a multiple of 8 (by at most a quarter) made factor chains
+#: 5-35% faster in ``channels_last`` (``benchmarks/rank_multiple.py``, docs/benchmarks.md). CUDA: tensor cores
+#: want matrix dimensions in multiples of 8 (NVIDIA's performance guide). Other device types are not rounded.
+HARDWARE_RANK_MULTIPLES = {"cpu": 8, "cuda": 8}
+#: Under ``auto``, a rank is rounded up only where that grows it by at most this fraction: smaller ranks lose
+#: more speed to the extra channels than the multiple gains them.
+AUTO_MAX_GROWTH = 0.25
+
+
+@attrs.frozen
+class RankRounding:
+    """How ranks are rounded before they are clamped to a layer: :func:`round_ranks` with these arguments."""
+
+    multiple: int = 1
+    max_growth: float | None = None
+
+    @classmethod
+    def of(cls, rank_multiple: int | str, device: torch.device, hardware: bool = True) -> RankRounding:
+        """The rounding ``settings.rank_multiple`` means for weights on ``device``: an int rounds every rank up to
+        it; ``"auto"`` rounds ranks up to the device type's :data:`HARDWARE_RANK_MULTIPLES` where that grows them
+        by at most :data:`AUTO_MAX_GROWTH`, unless ``hardware`` is False (ranks the user gave, e.g. ``manual``)."""
+        if rank_multiple != "auto":
+            return cls(int(rank_multiple))
+        if not hardware:
+            return cls()
+        return cls(HARDWARE_RANK_MULTIPLES.get(torch.device(device).type, 1), AUTO_MAX_GROWTH)
+
+    def __call__(self, ranks: Sequence[int], limits: Sequence[int] | None = None) -> tuple[int, ...]:
+        return round_ranks(ranks, self.multiple, limits, max_growth=self.max_growth)
 
 
 @attrs.frozen(eq=False)
@@ -371,6 +411,9 @@ class RankSelector:
     #: ``"layer"``: :meth:`select` chooses each layer's ranks alone. ``"model"``: :meth:`allocate` chooses the
     #: ranks of every layer using this selector together, once per pass over the model.
     scope: ClassVar[str] = "layer"
+    #: Whether ``settings.rank_multiple: auto`` may round this selector's ranks up to the hardware's multiple;
+    #: False for ranks the user gave (``manual``), which an explicit int ``rank_multiple`` still rounds.
+    hardware_rounding: ClassVar[bool] = True
 
     def unsupported_reason(self, decomposer: Decomposer) -> str | None:
         """Why this selector cannot choose ranks for that decomposition, or None when it can."""
@@ -396,12 +439,12 @@ class RankSelector:
         raise NotImplementedError
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
-                 params, rank_multiple: int = 1) -> Allocation:
+                 params, rounding: RankRounding = RankRounding()) -> Allocation:
         """Ranks for every layer of a pass together (whole-model selectors only). A layer whose schedule lists
         several decompositions appears once per candidate (same ``name``): choose one in ``Allocation.decompositions``.
 
-        ``pass_index`` counts the passes from 0 to ``n_passes - 1``; ranks must be multiples of ``rank_multiple``
-        within each layer's :meth:`Decomposer.max_ranks`.
+        ``pass_index`` counts the passes from 0 to ``n_passes - 1``; ranks must be as ``rounding`` leaves them
+        (``rounding(ranks, limits)`` is a fixed point), within each layer's :meth:`Decomposer.max_ranks`.
         """
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import nn
 
-from .components import Decomposer, Factor, InputStats, LayerSpec, WeightSource, round_ranks
+from .components import Decomposer, Factor, InputStats, LayerSpec, RankRounding, WeightSource
 from .errors import CompressionError, UnsupportedLayerError
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
@@ -134,12 +134,14 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         return None, LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, None, False,
                                  params_before, params_before, macs_before, macs_before, note=keep_note,
                                  seconds=time.perf_counter() - started)
+    selector = registry.rank_selectors.get(schedule.rank_selection)
     if ranks is None:
-        selector = registry.rank_selectors.get(schedule.rank_selection)
         ranks = tuple(max(per_group) for per_group in zip(
             *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
-    rounded = round_ranks(ranks, settings.rank_multiple)
-    ranks = round_ranks(rounded, settings.rank_multiple, decomposer.max_ranks(group_sources[0]))
+    like = source.factors[0].weight if source.factors else source.weight
+    rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
+    rounded = rounding(ranks)
+    ranks = rounding(rounded, decomposer.max_ranks(group_sources[0]))
     note = None if ranks == rounded else f"ranks {rounded} clamped to {ranks} (the layer's limits)"
 
     layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
@@ -155,7 +157,6 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
                                   seconds=time.perf_counter() - started)
 
-    like = source.factors[0].weight if source.factors else source.weight
     params = settings.algo_kwargs.get(decomposer.name) or decomposer.Params()
     with torch.no_grad():
         per_group = [decomposer.decompose(s, ranks, params, seed=settings.seed) for s in group_sources]

@@ -53,8 +53,8 @@ StageCount = NewType("StageCount", int)
 Rank = NewType("Rank", tuple)
 #: One :data:`Rank` per compression of a layer (at most :data:`MAX_COMPRESS_ITERS`).
 RankList = NewType("RankList", list)
-#: A positive int of at most :data:`MAX_RANK_MULTIPLE`.
-RankMultiple = NewType("RankMultiple", int)
+#: ``"auto"``, or a positive int of at most :data:`MAX_RANK_MULTIPLE`.
+RankMultiple = NewType("RankMultiple", object)
 
 
 class ValueProblem(ValueError):
@@ -144,9 +144,12 @@ def _rank(value: Any, _type=None) -> tuple[int, ...]:
     return ranks
 
 
-def _rank_multiple(value: Any, _type=None) -> int:
-    if _positive_int(value) > MAX_RANK_MULTIPLE:
-        raise ValueProblem(f"expected a positive int of at most {MAX_RANK_MULTIPLE}, got {short_repr(value)}")
+def _rank_multiple(value: Any, _type=None) -> int | str:
+    if value == "auto":
+        return value
+    if not _is_int(value) or not 0 < value <= MAX_RANK_MULTIPLE:
+        raise ValueProblem(f"expected 'auto' or a positive int of at most {MAX_RANK_MULTIPLE}, got "
+                           f"{short_repr(value)}")
     return value
 
 
@@ -225,8 +228,10 @@ class RunSettings:
     nglobal_compress_iters: StageCount = 1
     scheduler: str = "musco"
     seed: Seed = 0
-    #: Ranks are rounded to a multiple of this (e.g. 8) for hardware efficiency, then clamped to the layer.
-    rank_multiple: RankMultiple = 1
+    #: Ranks are rounded up to a multiple of this int (e.g. 8) for hardware efficiency, then clamped to the layer.
+    #: ``auto``: to the multiple the weights' device type runs fast (8 on CPU and CUDA) where that grows a rank by at
+    #: most a quarter, ranks the user gave (``manual``) excepted; 1 turns rounding off.
+    rank_multiple: RankMultiple = "auto"
     #: How data-aware decompositions calibrate the layers of a step: ``sequential`` compresses them in forward order,
     #: each fitted on the inputs it gets with the layers ahead of it already compressed, to the outputs it had
     #: before (so it also corrects their error); ``independent`` fits each on the inputs the step began with.

@@ -47,7 +47,8 @@ def conv1d_layers(model: nn.Module) -> list[str]:
 
 def schedule(names: list[str], calibration: str = "sequential", **layer) -> dict:
     layer = layer or {"decomposition": "whitened_svd", "rank_selection": "vbmf"}
-    return {"version": 1, "settings": {"ft_every": len(names), "calibration": calibration},
+    # ranks as vbmf chose them (no rounding up to hardware multiples): every layer of the tiny model then shrinks
+    return {"version": 1, "settings": {"ft_every": len(names), "calibration": calibration, "rank_multiple": 1},
             "layers": {name: dict(layer) for name in names}}
 
 

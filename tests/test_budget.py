@@ -149,15 +149,14 @@ def test_a_sensitivity_pass_protects_the_layer_the_loss_depends_on(registry):
         with torch.no_grad():
             return float(torch.nn.functional.mse_loss(candidate(x), reference))
 
-    schedule = {"a": {"decomposition": "svd", "rank_selection": "budget"},
-                "b": {"decomposition": "svd", "rank_selection": "budget"}}
-    settings = {"budget": {"reduction": 2.0, "metric": "params"}}
-    plain = Compressor(model, model_compr_kwargs=schedule, ft_every=2, all_algo_kwargs=settings,
-                       registry=registry, progress=False)
+    schedule = {"version": 1, "settings": {"ft_every": 2, "rank_multiple": 1,  # every rank open to the budget
+                                           "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}}},
+                "layers": {"a": {"decomposition": "svd", "rank_selection": "budget"},
+                           "b": {"decomposition": "svd", "rank_selection": "budget"}}}
+    plain = Compressor(model, model_compr_kwargs=schedule, registry=registry, progress=False)
     plain.compression_step()
     assert plain.ranks["a"] == plain.ranks["b"]
-    aware = Compressor(model, model_compr_kwargs=schedule, ft_every=2, all_algo_kwargs=settings, evaluate=evaluate,
-                       registry=registry, progress=False)
+    aware = Compressor(model, model_compr_kwargs=schedule, evaluate=evaluate, registry=registry, progress=False)
     aware.compression_step()
     assert len(calls) == 3  # the unchanged model, then each layer compressed alone
     assert aware.ranks["a"][0] > plain.ranks["a"][0] > aware.ranks["b"][0]
@@ -333,8 +332,9 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     tokens = torch.randint(0, 5000, (2, 8), generator=torch.Generator().manual_seed(0))
 
     def compress(**target):
-        compressor = Compressor(model, example_input=tokens, model_compr_kwargs=schedule, ft_every=3,
-                                all_algo_kwargs={"budget": {"reduction": 1 / 0.7, **target}}, registry=registry,
+        document = {"version": 1, "layers": schedule, "settings": {
+            "ft_every": 3, "rank_multiple": 1, "algo_kwargs": {"budget": {"reduction": 1 / 0.7, **target}}}}
+        compressor = Compressor(model, example_input=tokens, model_compr_kwargs=document, registry=registry,
                                 progress=False)
         compressor.compression_step()
         return compressor

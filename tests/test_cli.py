@@ -195,6 +195,7 @@ def test_a_generated_budget_schedule_meets_its_target_from_the_command_line(fact
     assert {layer["rank_selection"] for layer in document["layers"].values() if layer} == {"budget"}
     document["settings"]["algo_kwargs"]["budget"]["reduction"] = 1.8
     document["settings"]["ft_every"] = 4
+    document["settings"]["rank_multiple"] = 1  # the tiny model's ranks all open to the budget, to land within 2%
     schedule = factories / "budget.yaml"
     schedule.write_text(yaml.safe_dump(document))
     out = factories / "out"

@@ -34,7 +34,7 @@ def cnn() -> nn.Module:
 
 def schedule(decompositions=None, reduction=1.6, **budget):
     layers = decompositions or {"3": "tucker2", "5": "tucker2", "7": "svd"}
-    return {"version": 1, "settings": {"ft_every": len(layers), "algo_kwargs": {
+    return {"version": 1, "settings": {"ft_every": len(layers), "rank_multiple": 1, "algo_kwargs": {
         "budget": {"reduction": reduction, "metric": "latency", **budget}}},
         "layers": {name: {"decomposition": d, "rank_selection": "budget"} for name, d in layers.items()}}
 

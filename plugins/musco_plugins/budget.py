@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSelector, hookimpl
-from musco_core.components import WeightSource, round_ranks
+from musco_core.components import RankRounding, WeightSource
 from musco_core.config import RANK_FLOOR_FRACTION, rank_floor
 from musco_core.errors import ConfigError
 from musco_core.schedule import ReductionRate, UnitFraction
@@ -158,7 +158,7 @@ def damage_tails(decomposer: Decomposer, source: WeightSource) -> list[np.ndarra
     return [_tails(m) for m in decomposer.rank_matrices(source)]
 
 
-def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
+def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = RankRounding(),
                   min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
     """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
     faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``,
@@ -169,7 +169,7 @@ def layer_options(choice: LayerChoice, metric: str, rank_multiple: int = 1,
     floor = rank_floor(decomposer, choice.sources[0].spec, fraction=min_rank_fraction)
     ranks_list, seen = [], set()
     for r in range(decomposer.min_rank, max(limits) + 1):
-        ranks = round_ranks(decomposer.rank_family(choice.sources[0].spec, r), rank_multiple, limits)
+        ranks = rounding(decomposer.rank_family(choice.sources[0].spec, r), limits)
         if ranks in seen or any(rank < lowest for rank, lowest in zip(ranks, floor)):
             continue
         seen.add(ranks)
@@ -248,7 +248,7 @@ def allocate_ranks(layers: Sequence[LayerOptions], allowed: float) -> list[int]:
 
 
 def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOptions], prices: Sequence[Pricer],
-                      ranks: list, left: float, rank_multiple: int) -> list:
+                      ranks: list, left: float, rounding: RankRounding) -> list:
     """Spends what the rank family's steps leave of the budget by raising single ranks of multi-rank layers
     (e.g. Tucker2's ``r_out`` alone), best damage saved per unit of cost first, while the layer still shrinks."""
     ranks = list(ranks)
@@ -260,7 +260,7 @@ def refine_off_family(choices: Sequence[LayerChoice], layers: Sequence[LayerOpti
             limits = choice.decomposer.max_ranks(choice.sources[0])
             cost_current = price(current)
             for axis in range(len(current)):
-                raised = tuple(min(limits[i], r + rank_multiple) if i == axis else r for i, r in enumerate(current))
+                raised = rounding(tuple(r + 1 if i == axis else r for i, r in enumerate(current)), limits)
                 extra = price(raised) - cost_current
                 saved = layer.damage_of(current) - layer.damage_of(raised)
                 if raised != current and choice.shrinks(raised) and 0 < extra <= left and saved > 0 and (
@@ -288,7 +288,7 @@ class Budget(RankSelector):
         return params.metric == "latency"
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
-                 params: BudgetParams, rank_multiple: int = 1) -> Allocation:
+                 params: BudgetParams, rounding: RankRounding = RankRounding()) -> Allocation:
         if params.scope == "compressed":
             totals = totals.scheduled
         original, now = {"flops": (totals.macs_original, totals.macs_now),
@@ -301,7 +301,7 @@ class Budget(RankSelector):
         by_layer: dict[str, list[LayerChoice]] = {}
         for choice in layers:  # a layer with several candidate decompositions comes once per candidate
             by_layer.setdefault(choice.name, []).append(choice)
-        priced = {name: [layer_options(choice, params.metric, rank_multiple, params.min_rank_fraction)
+        priced = {name: [layer_options(choice, params.metric, rounding, params.min_rank_fraction)
                          for choice in group] for name, group in by_layer.items()}
         candidates = {name: [options for options, _ in group] for name, group in priced.items()}
         merged = [merge_options(options) for options in candidates.values()]
@@ -318,7 +318,7 @@ class Budget(RankSelector):
             prices = [priced[name][index][1] for name, index in zip(by_layer, chosen)]
             ranks = refine_off_family(choices, [candidates[name][index] for name, index in zip(by_layer, chosen)],
                                       prices, [layer.ranks[i] for layer, i in zip(merged, picks)], allowed - spent,
-                                      rank_multiple)
+                                      rounding)
             return choices, ranks, original / (fixed + sum(price(r) for price, r in zip(prices, ranks)))
 
         choices, ranks, planned = plan(target)

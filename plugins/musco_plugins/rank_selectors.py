@@ -27,6 +27,7 @@ class ManualParams:
 class Manual(RankSelector):
     name = "manual"
     Params = ManualParams
+    hardware_rounding = False  # the user's ranks are kept as given unless rank_multiple is an int
 
     def check_params(self, params: ManualParams, decomposer: Decomposer) -> str | None:
         for stage, ranks in enumerate(params.manual_rank):

@@ -205,7 +205,7 @@ schedule_case("manual-rank-of-300000-entries",
 schedule_case("manual-rank-of-2-to-the-40", "version: 1\nlayers: {fc: {decomposition: svd, rank_selection: manual, "
               f"manual_rank: [{2**40}]}}}}\n", '$.layers["fc"].manual_rank[0]: expected ranks of at most 2**31')
 schedule_case("rank-multiple-a-billion", "version: 1\nsettings: {rank_multiple: 1000000000}\n",
-              "$.settings.rank_multiple: expected a positive int of at most 4096")
+              "$.settings.rank_multiple: expected 'auto' or a positive int of at most 4096")
 schedule_case("stage-a-million", "version: 1\nlayers: {fc: {decomposition: svd, rank_selection: vbmf, "
               "curr_compr_iter: 1000000}}\n", '$.layers["fc"].curr_compr_iter: expected at most 64')
 schedule_case("decomposition-list-of-unknowns", "version: 1\nlayers: {fc: {decomposition: [svd, svd, nope], "

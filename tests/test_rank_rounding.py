@@ -1,0 +1,87 @@
+"""``settings.rank_multiple``: ``auto`` (the default) rounds chosen ranks up to the device's fast multiple where
+that is cheap; an int rounds every rank; ``manual`` ranks are the user's."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from musco_core import Compressor, ConfigError, dump_schedule, load_schedule
+from musco_core.components import AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, RankRounding, round_ranks
+
+from models import make_trained_like
+
+
+@pytest.mark.parametrize("rank, expected", [(1, 1), (3, 3), (6, 6), (7, 8), (8, 8), (9, 9), (19, 19), (20, 24),
+                                            (25, 25), (26, 32), (28, 32), (33, 40), (100, 104), (128, 128)])
+def test_auto_rounds_up_to_a_multiple_of_8_only_where_that_adds_at_most_a_quarter(rank, expected):
+    assert RankRounding.of("auto", torch.device("cpu"))((rank,)) == (expected,)
+    assert expected == rank or (expected % 8 == 0 and expected - rank <= AUTO_MAX_GROWTH * rank)
+
+
+def test_rounding_is_a_fixed_point_and_never_exceeds_the_layer():
+    for rounding in (RankRounding.of("auto", torch.device("cpu")), RankRounding(8), RankRounding(1)):
+        for rank in range(1, 300):
+            once = rounding((rank, rank), (64, 300))
+            assert rounding(once, (64, 300)) == once
+            assert once[0] <= 64 and once[1] >= rank
+
+
+def test_the_multiple_comes_from_the_device_type_and_an_int_overrides_it():
+    assert HARDWARE_RANK_MULTIPLES["cpu"] == 8 and HARDWARE_RANK_MULTIPLES["cuda"] == 8
+    assert RankRounding.of("auto", torch.device("cuda", 0)) == RankRounding(8, AUTO_MAX_GROWTH)
+    assert RankRounding.of("auto", torch.device("meta")) == RankRounding(1, AUTO_MAX_GROWTH)  # no table entry
+    assert RankRounding.of(16, torch.device("cpu")) == RankRounding(16)  # every rank, however small
+    assert RankRounding.of(16, torch.device("cpu"))((3,)) == (16,)
+    assert RankRounding.of("auto", torch.device("cpu"), hardware=False) == RankRounding()
+    assert RankRounding.of(8, torch.device("cpu"), hardware=False) == RankRounding(8)
+    assert round_ranks((30,), 8) == (32,) and round_ranks((30,), 8, max_growth=0.0) == (30,)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return make_trained_like(nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                           nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)))
+
+
+def compress(layers: dict, **settings) -> Compressor:
+    document = {"version": 1, "settings": {"ft_every": len(layers), **settings}, "layers": layers}
+    compressor = Compressor(mlp(), example_input=torch.randn(4, 128), model_compr_kwargs=document, progress=False)
+    compressor.compression_step()
+    return compressor
+
+
+def test_selected_ranks_are_rounded_by_default_and_manual_ranks_are_kept():
+    layers = {"0": {"decomposition": "svd", "rank_selection": "param_reduction", "param_reduction_rate": 2.3},
+              "2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [30]}}
+    default = compress(layers)
+    exact = compress(layers, rank_multiple=1)
+    # rate 2.3 of 128 x 128 weights at 256 per rank: 27 (rank_multiple 1), rounded up to 32 by auto
+    assert exact.ranks == {"0": (27,), "2": (30,)}
+    assert default.ranks == {"0": (32,), "2": (30,)}
+    assert compress(layers, rank_multiple=8).ranks == {"0": (32,), "2": (32,)}  # an int rounds manual ranks too
+    assert default.schedule.settings.rank_multiple == "auto"
+
+
+def test_a_budget_offers_only_rounded_ranks_under_auto():
+    layers = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2", "4")}
+    compressor = compress(layers, algo_kwargs={"budget": {"reduction": 2.5, "metric": "params"}})
+    rounding = RankRounding.of("auto", torch.device("cpu"))
+    chosen = [ranks for ranks in compressor.ranks.values() if ranks is not None]
+    assert chosen and all(rounding(ranks, (128,)) == ranks for ranks in chosen)
+    assert any(ranks[0] % 8 == 0 for ranks in chosen)
+
+
+def test_auto_round_trips_through_yaml_and_bad_values_name_the_key(tmp_path):
+    path = tmp_path / "schedule.yaml"
+    path.write_text("version: 1\nsettings: {rank_multiple: auto}\nlayers: {fc: null}\n")
+    schedule = load_schedule(path)
+    assert schedule.settings.rank_multiple == "auto"
+    dump_schedule(schedule, tmp_path / "dumped.yaml")
+    assert "rank_multiple: auto" in (tmp_path / "dumped.yaml").read_text()
+    assert load_schedule(tmp_path / "dumped.yaml") == schedule
+    for bad in ("Auto", "0", "8.0", "true"):
+        path.write_text(f"version: 1\nsettings: {{rank_multiple: {bad}}}\n")
+        with pytest.raises(ConfigError, match=r"schedule.yaml: \$\.settings\.rank_multiple: expected 'auto' or a "
+                                              r"positive int of at most 4096"):
+            load_schedule(path)
