@@ -15,6 +15,7 @@ layers stubbed out) and gives the selector a function that times a plan in place
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,13 +56,14 @@ def default_cache_path() -> Path:
 
 
 class LatencyCache:
-    """Seconds per timing key, read from and written back to one JSON file."""
+    """Seconds per timing key, read from one JSON file when first asked for (a profiler that only times whole
+    models never reads it) and written back to it."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
-        self.entries: dict[str, float] = self._read()
 
-    def _read(self) -> dict[str, float]:
+    @functools.cached_property
+    def entries(self) -> dict[str, float]:
         if not self.path.exists():
             return {}
         try:

@@ -93,6 +93,15 @@ def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(registry, tmp_pa
     assert json.loads(path.read_text())["format"] == CACHE_FORMAT  # replaced by a good one
 
 
+def test_a_profiler_that_only_times_whole_models_never_reads_the_cache(registry, tmp_path, caplog):
+    path = tmp_path / "cache.json"
+    path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
+        profiler = LatencyProfiler(registry, torch.zeros(1), timer=GeometryClock(), cache=LatencyCache(path))
+        profiler.calls([lambda: None, lambda: None])
+    assert not caplog.records and path.read_text() == "{not json"
+
+
 def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSCO_LATENCY_CACHE", str(tmp_path / "mine.json"))
     assert default_cache_path() == tmp_path / "mine.json"
