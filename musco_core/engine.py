@@ -140,9 +140,12 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
             *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
     like = source.factors[0].weight if source.factors else source.weight
     rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
-    rounded = rounding(ranks)
+    chosen, rounded = ranks, rounding(ranks)
     ranks = rounding(rounded, decomposer.max_ranks(group_sources[0]))
-    note = None if ranks == rounded else f"ranks {rounded} clamped to {ranks} (the layer's limits)"
+    notes = [f"ranks {chosen} rounded up to {rounded} (rank_multiple {settings.rank_multiple})"
+             if rounded != chosen and ranks != chosen else None,
+             f"ranks {rounded} clamped to {ranks} (the layer's limits)" if ranks != rounded else None]
+    note = "; ".join(filter(None, notes)) or None
 
     layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
     params_after, macs_after = after = chain_cost(spec, layouts, input_shape)

@@ -61,6 +61,8 @@ def test_selected_ranks_are_rounded_by_default_and_manual_ranks_are_kept():
     assert default.ranks == {"0": (32,), "2": (30,)}
     assert compress(layers, rank_multiple=8).ranks == {"0": (32,), "2": (32,)}  # an int rounds manual ranks too
     assert default.schedule.settings.rank_multiple == "auto"
+    notes = {result.name: result.note for result in default.history}
+    assert notes == {"0": "ranks (27,) rounded up to (32,) (rank_multiple auto)", "2": None}  # the report says so
 
 
 def test_a_budget_offers_only_rounded_ranks_under_auto():

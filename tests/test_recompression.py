@@ -33,7 +33,7 @@ def test_generated_vbmf_schedule_recompresses_every_layer_in_the_second_pass(reg
         assert first.applied and second.applied, (name, first.note, second.note)
         assert all(b < a for a, b in zip(first.ranks, second.ranks)), (name, first.ranks, second.ranks)
         assert second.params_after < second.params_before == first.params_after, name
-        assert second.note is None, (name, second.note)  # no clamping to the layer's limits
+        assert second.note is None or "clamped" not in second.note, (name, second.note)  # not cut to the limits
 
 
 def correlated(n: int, features: int, seed: int) -> torch.Tensor:
