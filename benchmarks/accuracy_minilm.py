@@ -16,7 +16,9 @@ mean-pooled sentence embedding that is evaluated) and measured again. ``--distil
 sentences in all instead (counted by ``count_sentences``): the calibration paragraphs, paragraphs of the modules
 after the held-out ones, and a validation split of whole modules of its own (``--distill-validation``, 100
 sentences), on which ``--distill-lr-grid`` chooses the learning rate; ``--distill-features`` matches every encoder
-layer's output (all token states) too, ``--distill-schedule cosine`` decays the lr. The held-out paragraphs stay
+layer's output (all token states) too, ``--distill-schedule cosine`` decays the lr,
+``--distill-frozen-embeddings`` trains all but the embeddings and ``--distill-mask P`` masks a fraction P of each
+batch's tokens afresh every step (more distinct inputs from the same sentences). The held-out paragraphs stay
 exactly those of the runs without it.
 
 With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` run is instead the multi-stage
@@ -217,7 +219,21 @@ class DistillText:
     validation: list[dict[str, torch.Tensor]]
 
 
-def distill_rows(model, compressed, text: DistillText, held_out, reference, label: str, size: str,
+def masked(steps: list[dict[str, torch.Tensor]], tokenizer, rate: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Each step's batch with ``rate`` of its text tokens (not padding, not special tokens) replaced by the mask
+    token, drawn afresh for every step from ``seed``: new inputs from the same sentences, for teacher and student."""
+    generator = torch.Generator().manual_seed(seed)
+    special = torch.tensor(tokenizer.all_special_ids)
+    out = []
+    for batch in steps:
+        ids = batch["input_ids"]
+        text = batch["attention_mask"].bool() & ~torch.isin(ids, special)
+        hit = text & (torch.rand(ids.shape, generator=generator) < rate)
+        out.append({**batch, "input_ids": ids.masked_fill(hit, tokenizer.mask_token_id)})
+    return out
+
+
+def distill_rows(model, compressed, text: DistillText, held_out, reference, label: str, size: str, tokenizer,
                  args) -> list[str]:
     """Distils a copy of ``compressed`` from ``model`` at each learning rate of ``args.distill_lr_grid`` (or at
     ``args.distill_lr``); a table row for each, the best by the validation cosine marked as chosen."""
@@ -225,14 +241,22 @@ def distill_rows(model, compressed, text: DistillText, held_out, reference, labe
     signal = "embedding" if args.distill_output == "embedding" else "token states"
     if features:
         signal += f" + every encoder layer's output ({len(features)})"
+    if args.distill_frozen_embeddings:
+        signal += ", embeddings frozen"
+    if args.distill_mask:
+        signal += f", {args.distill_mask:.0%} of tokens masked"
     settings = (f"{'eval' if args.distill_eval_mode else 'train'} mode, {signal}, {args.distill_schedule} lr "
                 f"{{lr:g}}, {len(text.train)} batches")
     steps = batch_order(text.train, args.distill_steps, args.seed) if args.distill_text else text.train
+    if args.distill_mask:
+        steps = masked(steps, tokenizer, args.distill_mask, args.seed)
     validation_reference = embed(model, text.validation) if text.validation else None
     outcomes = []
     for lr in args.distill_lr_grid or [args.distill_lr]:
         started = time.perf_counter()
         student = copy.deepcopy(compressed)
+        if args.distill_frozen_embeddings:
+            student.embeddings.requires_grad_(False)
         teacher, trained, names = model, student, features
         if args.distill_output == "embedding":
             teacher, trained, names = MeanPooled(model), MeanPooled(student), [f"model.{n}" for n in features]
@@ -282,6 +306,10 @@ def main() -> None:
     parser.add_argument("--distill-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--distill-features", action="store_true",
                         help="also match the output of every encoder layer (all token states)")
+    parser.add_argument("--distill-frozen-embeddings", action="store_true",
+                        help="train everything but the embeddings (token, position, type and their LayerNorm)")
+    parser.add_argument("--distill-mask", type=float, default=0.0,
+                        help="replace this fraction of each distillation batch's tokens by [MASK], afresh every step")
     parser.add_argument("--distill-output", choices=["tokens", "embedding"], default="tokens",
                         help="match every token state (last_hidden_state) or the mean-pooled sentence embedding")
     parser.add_argument("--stages", type=int, default=0,
@@ -354,7 +382,7 @@ def main() -> None:
             if args.distill_steps:
                 rows.extend(distill_rows(model, compressor.compressed_model, text, held_out, reference,
                                          f"| {fraction:.0%} | {decomposition} | {selection}",
-                                         f"{weights:,} | {1 - weights / linear_weights:.1%}", args))
+                                         f"{weights:,} | {1 - weights / linear_weights:.1%}", tokenizer, args))
 
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
     unrelated = torch.nn.functional.cosine_similarity(reference[order], reference[order.roll(1)], dim=-1)
