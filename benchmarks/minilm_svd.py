@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -58,25 +59,43 @@ def docstring_paragraphs(module_name: str) -> list[str]:
     return paragraphs
 
 
-def split_text(n_calib: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Calibration and held-out paragraphs from disjoint sets of standard-library modules."""
+def module_paragraphs(seed: int) -> Iterator[list[str]]:
+    """The docstring paragraphs of each standard-library module in turn, in an order drawn from ``seed``: at most
+    :data:`MAX_PER_MODULE` a module, a paragraph repeated in a later module left out there."""
     modules = sorted(sys.stdlib_module_names)
     random.Random(seed).shuffle(modules)
-    seen: set[str] = set()  # a paragraph repeated in another module is used once
-    calib: list[str] = []
-    held_out: list[str] = []
+    seen: set[str] = set()
     for name in modules:
-        if len(held_out) >= n_eval:
-            break
         fresh = [p for p in dict.fromkeys(docstring_paragraphs(name)) if p not in seen][:MAX_PER_MODULE]
         seen.update(fresh)
+        yield fresh
+
+
+def split_modules(n_calib: int, n_eval: int, seed: int) -> tuple[list[str], list[str], Iterator[list[str]]]:
+    """Calibration and held-out paragraphs from disjoint sets of standard-library modules, and the paragraphs of
+    each module after them (modules neither draws from, for text disjoint from both)."""
+    modules = module_paragraphs(seed)
+    calib: list[str] = []
+    held_out: list[str] = []
+    for fresh in modules:
         if len(calib) < n_calib:
             calib.extend(fresh[:n_calib - len(calib)])
         else:
             held_out.extend(fresh[:n_eval - len(held_out)])
-    if len(calib) < n_calib or len(held_out) < n_eval:
-        raise SystemExit(f"only {len(calib)} + {len(held_out)} paragraphs found; ask for fewer")
+        if len(held_out) >= n_eval:
+            return calib, held_out, modules
+    raise SystemExit(f"only {len(calib)} + {len(held_out)} paragraphs found; ask for fewer")
+
+
+def split_text(n_calib: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Calibration and held-out paragraphs from disjoint sets of standard-library modules."""
+    calib, held_out, _ = split_modules(n_calib, n_eval, seed)
     return calib, held_out
+
+
+def count_sentences(texts: list[str]) -> int:
+    """Sentences in ``texts``: ends of sentence ('.', '!' or '?' before a space or the end), at least one a text."""
+    return sum(max(1, len(re.findall(r"[.!?](?:\s|$)", text))) for text in texts)
 
 
 def batches(tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:

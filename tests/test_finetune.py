@@ -120,6 +120,33 @@ def test_feature_matching_pulls_the_named_layer_towards_the_teachers():
     assert hidden_error(matched) < 0.5 * min(before, hidden_error(plain))
 
 
+def test_a_feature_module_that_returns_a_tuple_is_matched_on_its_first_element():
+    """As a transformer layer returns ``(hidden_states, ...)`` (a BertLayer does in some transformers versions)."""
+    class Block(nn.Module):
+        def __init__(self, body: nn.Module):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x), x  # the second element is the same in both models: matching it would add 0
+
+    class Net(nn.Module):
+        def __init__(self, layers: nn.Module):
+            super().__init__()
+            self.block, self.head = Block(layers[:2]), layers[2:]
+
+        def forward(self, x):
+            return self.head(self.block(x)[0])
+
+    teacher, student = Net(mlp()), Net(compressed(mlp()))
+    batch = inputs()[0]
+    with torch.no_grad():
+        expected = relative_mse(student(batch), teacher(batch)) + relative_mse(student.block.body(batch),
+                                                                                teacher.block.body(batch))
+    result = distill(teacher, student, inputs(), steps=1, lr=1e-3, features=["block"], progress=False)
+    assert result.losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_outputs_in_tuples_and_mappings_and_a_custom_output():
     class Both(nn.Module):
         def __init__(self, body: nn.Module, as_mapping: bool):
