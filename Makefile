@@ -14,8 +14,10 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e '.[test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./examples/musco-spatial-svd
 
+# One intra-op thread per test process: the suite's models are tiny, and where the cores are shared, OpenMP threads
+# that spin-wait for a busy core made the suite several times slower.
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 .PHONY: docs
 docs: $(BIN)/python
