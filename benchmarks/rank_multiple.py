@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from _setup import setup
+from musco_core.components import round_ranks
 from musco_core.timing import time_modules_at
 
 
@@ -66,14 +67,15 @@ def rank_times(build, c_in: int, c_out: int, shape, channels_last: bool, max_ran
     return times
 
 
-def summarize(times: dict[int, float], multiple: int, min_rank: int, limit: float) -> tuple[int, int, float, float]:
-    """Over ranks >= ``min_rank`` that are not multiples and that rounding up would grow by at most ``limit``
-    (a fraction of the rank): how many, how many got faster, the median and the worst time ratio."""
+def summarize(times: dict[int, float], multiple: int, ranks: range, growth: tuple[float, float]
+              ) -> tuple[int, int, float, float]:
+    """Over the ``ranks`` (not multiples) that rounding up grows by a fraction of the rank within ``growth`` (low
+    exclusive, high inclusive): how many, how many got faster, the median and the worst time ratio."""
     ratios = []
-    for r, seconds in times.items():
-        up = -(-r // multiple) * multiple
-        if r >= min_rank and up != r and (up - r) / r <= limit:
-            ratios.append(times[up] / seconds)
+    for r in ranks:
+        (up,) = round_ranks((r,), multiple)
+        if up != r and growth[0] < (up - r) / r <= growth[1]:
+            ratios.append(times[up] / times[r])
     if not ratios:
         return 0, 0, float("nan"), float("nan")
     return len(ratios), sum(q < 1 for q in ratios), statistics.median(ratios), max(ratios)
@@ -91,21 +93,15 @@ def main() -> None:
     print("| geometry | format | ranks 8-31, up <= 25%: n faster, median, worst | ranks >= 32: n faster, median, "
           "worst | all ranks >= 4, up > 25%: n faster, median, worst |")
     print("|---|---|---|---|---|")
-    pooled: dict[str, list[float]] = {}
+    columns = [(range(8, 32), (0.0, 0.25)), (range(32, args.max_rank + 1), (0.0, 1.0)),
+               (range(4, args.max_rank + 1), (0.25, float("inf")))]
     for name, build, c_in, c_out, shape in GEOMETRIES:
         formats = [False, True] if len(shape) == 4 else [False]
         for channels_last in formats:
             times = rank_times(build, c_in, c_out, shape, channels_last, args.max_rank, m, args.threads)
             cells = []
-            for lo, hi, limit in ((8, 31, 0.25), (32, args.max_rank, 1.0), (4, args.max_rank, None)):
-                sub = {r: s for r, s in times.items() if lo <= r <= hi or (-(-r // m) * m == r)}
-                if limit is None:
-                    ratios = [times[-(-r // m) * m] / s for r, s in times.items()
-                              if r >= lo and (-(-r // m) * m - r) / r > 0.25]
-                    n, faster = len(ratios), sum(q < 1 for q in ratios)
-                    med, worst = (statistics.median(ratios), max(ratios)) if ratios else (float("nan"),) * 2
-                else:
-                    n, faster, med, worst = summarize(sub, m, lo, limit)
+            for ranks, growth in columns:
+                n, faster, med, worst = summarize(times, m, ranks, growth)
                 cells.append(f"{faster}/{n}, {med:.2f}, {worst:.2f}")
             fmt = "channels_last" if channels_last else "default"
             print(f"| {name} | {fmt} | " + " | ".join(cells) + " |", flush=True)
