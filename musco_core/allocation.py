@@ -203,8 +203,7 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
     params = selector_params(selector, settings)
-    first = choices[0].sources[0] if choices else None
-    device = "cpu" if first is None else (first.factors[0].weight if first.factors else first.weight).device
+    device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding)
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,

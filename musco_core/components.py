@@ -32,7 +32,8 @@ from .errors import UnsupportedLayerError
 #: gives :meth:`LayerChoice.seconds` and ``ModelTotals.seconds_*``.
 #: 2.2 added, additively, ``Decomposer.output_errors`` (the budget's data-aware damage).
 #: 3.0: :meth:`RankSelector.allocate` gets a :class:`RankRounding` (``rounding``) instead of an int ``rank_multiple``
-#: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` added.
+#: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` and
+#: ``WeightSource.stored_weight`` added.
 PLUGIN_API_VERSION = (3, 0)
 
 
@@ -241,6 +242,12 @@ class WeightSource:
         if self._dense is None:
             raise ValueError(f"a WeightSource of a {self.spec.describe()} was made without its dense weight")
         return self._dense
+
+    @property
+    def stored_weight(self) -> torch.Tensor:
+        """A weight as the layer stores it now (its first factor once factorized), for its dtype and device, without
+        rebuilding the dense weight."""
+        return self.factors[0].weight if self.factors else self.weight
 
     def previous_weights(self, decomposition: str) -> list[torch.Tensor] | None:
         """The factor weights when the layer was last compressed by ``decomposition``, else None."""

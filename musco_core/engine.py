@@ -94,7 +94,7 @@ def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tup
     adapter, source, bias = read_layer(module, registry, name)
     layouts = [widen(layout, source.spec.groups)
                for layout in registry.decompositions.get(decomposition).layout(one_group(source.spec), ranks)]
-    like = source.factors[0].weight if source.factors else source.weight
+    like = source.stored_weight
     factors = [Factor(layout, like.new_zeros(layout.weight_shape), bias if layout.bias else None)
                for layout in layouts]
     new = FactorizedLayer(source.spec, decomposition, ranks, layouts, adapter.build(source.spec, factors, like))
@@ -138,7 +138,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     if ranks is None:
         ranks = tuple(max(per_group) for per_group in zip(
             *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
-    like = source.factors[0].weight if source.factors else source.weight
+    like = source.stored_weight
     rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
     chosen, rounded = ranks, rounding(ranks)
     ranks = rounding(rounded, decomposer.max_ranks(group_sources[0]))

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from musco_core import Compressor, ConfigError, dump_schedule, load_schedule
-from musco_core.components import AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, RankRounding, round_ranks
+from musco_core.components import (AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, Factor, FactorLayout, LayerSpec,
+                                   RankRounding, WeightSource, round_ranks)
 
 from models import make_trained_like
 
@@ -36,6 +37,18 @@ def test_the_multiple_comes_from_the_device_type_and_an_int_overrides_it():
     assert RankRounding.of("auto", torch.device("cpu"), hardware=False) == RankRounding()
     assert RankRounding.of(8, torch.device("cpu"), hardware=False) == RankRounding(8)
     assert round_ranks((30,), 8) == (32,) and round_ranks((30,), 8, max_growth=0.0) == (30,)
+
+
+def test_the_device_comes_from_the_stored_weight_without_rebuilding_the_dense_one():
+    def dense() -> torch.Tensor:
+        raise AssertionError("the dense weight was rebuilt")
+
+    spec = LayerSpec("linear", 6, 4)
+    first = torch.zeros(3, 4, dtype=torch.float64)
+    factors = [Factor(FactorLayout(4, 3), first), Factor(FactorLayout(3, 6, bias=True), torch.zeros(6, 3))]
+    assert WeightSource(spec, factors=factors, dense=dense).stored_weight is first
+    plain = torch.zeros(6, 4)
+    assert WeightSource(spec, dense=plain).stored_weight is plain
 
 
 def mlp() -> nn.Module:
