@@ -1,5 +1,5 @@
-"""optimize_for_inference: BatchNorm folding and chain merging keep outputs, the result exports, and the
-statistics and compression path start without importing torch._dynamo."""
+"""optimize_for_inference: BatchNorm folding, chain merging and 1x1 convolutions as matrix products keep
+outputs, the result exports, and the statistics and compression path start without importing torch._dynamo."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,8 @@ from torch import nn
 
 from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
-from musco_core.inference import merge_layers, merged_geometry
+import musco_core.inference
+from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry
 from musco_core.timing import fixed_threads, time_alternated, time_modules_at
 
 TOLERANCE = 1e-5  # relative, on the output's norm
@@ -340,6 +341,85 @@ def test_optimized_model_compiles():
     with torch.no_grad():
         compiled = torch.compile(optimized)
         assert relative(compiled(x), model.eval()(x)) < TOLERANCE
+
+
+# --- 1x1 convolutions as matrix products ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_computes_the_convolution_with_its_parameters(bias):
+    conv = nn.Conv2d(6, 5, 1, bias=bias).double()
+    pointwise = PointwiseConv2d.from_conv(conv)
+    assert pointwise.weight is conv.weight and pointwise.bias is conv.bias
+    x = torch.randn(2, 6, 4, 7, dtype=torch.float64)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for inputs in (x, channels_last, x[0], x[:, :, :1, :1]):
+        torch.testing.assert_close(pointwise(inputs), conv(inputs))
+    assert pointwise(channels_last).is_contiguous(memory_format=torch.channels_last)
+    plain = nn.Conv2d(6, 5, 1, bias=bias).double()
+    plain.load_state_dict(pointwise.state_dict())  # same keys and shapes: loads into a stock Conv2d
+    torch.testing.assert_close(plain(x), conv(x))
+
+
+class PointwiseCases(nn.Module):
+    """1x1 convolutions that a matrix product reproduces (one held under two names), and ones it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pointwise = nn.Conv2d(8, 8, 1)
+        self.again = self.pointwise
+        self.no_bias = nn.Conv2d(8, 16, 1, bias=False, padding="same")
+        self.strided = nn.Conv2d(16, 16, 1, stride=2)
+        self.grouped = nn.Conv2d(16, 16, 1, groups=4)
+        self.hooked = nn.Conv2d(16, 16, 1)
+        self.hooked.register_forward_hook(lambda module, inputs, output: output * 2)
+
+    def forward(self, x):
+        x = self.again(torch.relu(self.pointwise(self.stem(x))))
+        return self.hooked(self.grouped(self.strided(self.no_bias(x))))
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_1x1_convolutions_become_matrix_products_where_timed_faster(monkeypatch, faster):
+    """With channels_last chosen, every stock 1x1 convolution the product reproduces is timed once per geometry
+    and replaced when the product is measurably faster; the rest are never candidates."""
+    timed = []
+
+    def fake_timing(modules, input_shape, **options):
+        timed.append((tuple(modules[0].weight.shape), tuple(input_shape)))
+        assert options["channels_last"] and isinstance(modules[1], PointwiseConv2d)
+        return [1.0, 0.5 if faster else 0.99]
+
+    monkeypatch.setattr(musco_core.inference, "_channels_last_is_faster", lambda model, x: True)
+    monkeypatch.setattr(musco_core.inference, "time_modules_at", fake_timing)
+    model = PointwiseCases().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, x, progress=False)
+        assert relative(optimized(x), model(x)) < TOLERANCE
+    assert sorted(timed) == [((8, 8, 1, 1), (2, 8, 6, 6)), ((16, 8, 1, 1), (2, 8, 6, 6))]
+    replaced = {name for name, m in optimized.named_modules(remove_duplicate=False)
+                if isinstance(m, PointwiseConv2d)}
+    assert replaced == ({"pointwise", "again", "no_bias"} if faster else set())
+    assert optimized.pointwise is optimized.again
+    assert optimized.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_model_with_matrix_products_traces_exports_and_compiles():
+    import onnxruntime
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), PointwiseConv2d.from_conv(nn.Conv2d(8, 4, 1)))
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
+        torch.testing.assert_close(torch.compile(model)(x), expected)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    assert [node.op_type for node in program.model_proto.graph.node].count("Conv") == 2  # ONNX Runtime's layout
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(onnx_out, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 # --- timing helpers (the protocol, not the figures) -------------------------------------------------------------
