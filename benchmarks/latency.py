@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from _setup import keep_freed_memory, make_trained_like, resnet50, setup
-from musco_core import (Compressor, FactorizedLayer, ModelStats, default_registry, generate_model_compr_kwargs,
-                        optimize_for_inference, standardize_model)
+from musco_core import (Compressor, FactorizedLayer, ModelStats, PointwiseConv2d, default_registry,
+                        generate_model_compr_kwargs, optimize_for_inference, standardize_model)
 from musco_core.timing import fixed_threads, time_alternated, time_modules
 
 COLUMNS = (f"{'FLOPs x':>8} {'threads':>7} {'batch':>5}  {'backend':<34}{'original ms':>12}{'compressed ms':>14}"
@@ -87,8 +87,10 @@ def eager_rows(original, compressed, x, flops_x, threads, args) -> nn.Module:
     row(flops_x, threads, batch, f"eager, both optimized{layout(original_optimized)}", t_original_optimized,
         t_optimized)
     factorized = sum(isinstance(m, FactorizedLayer) for m in compressed.modules())
+    products = sum(isinstance(m, PointwiseConv2d) for m in optimized.modules())
     print(f"{'':>24}(optimize_for_inference: {seconds:.1f} s; of {factorized} factorized layers "
-          f"{kept_as_chains(optimized)} run as chains, the others as one layer)")
+          f"{kept_as_chains(optimized)} run as chains, the others as one layer; {products} 1x1 convolutions "
+          f"as matrix products)")
     return optimized
 
 
