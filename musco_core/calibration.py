@@ -3,7 +3,8 @@
 A layer computes ``W x`` on the features ``x`` of its input (a Linear layer's input rows, a convolution's
 unfolded patches). A data-aware decomposition needs the second moment ``E[x x^T]`` of those features over the
 user's calibration batches: :func:`collect_input_stats` accumulates it with forward pre-hooks, keeping one
-``F x F`` running sum per layer and never the activations.
+``F x F`` running sum per layer and never the activations. :func:`collect_output_moments` adds, for a
+decomposition that asks, how much each direction of a layer's output moves the model's output.
 """
 from __future__ import annotations
 
@@ -117,13 +118,12 @@ class InputStatsAccumulator:
                           None if self.cross is None else self.cross.div_(self.count))
 
 
-def _run_batch(model: nn.Module, batch: Any) -> None:
+def _run_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def check_reiterable(batches: Any, what: str = "calibration data") -> None:
@@ -296,3 +296,121 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
             n_batches += 1
     n_batches = distributed.sum_moments(group, {name: accumulator}, n_batches)
     return _results({name: accumulator}, n_batches)[name]
+
+
+# --- output statistics: how much a layer's output directions move the model's output ----------------------------
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a model's output (a tensor, or tuples, lists and mappings of them) that
+    depend on parameters."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() and output.requires_grad else []
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in _output_tensors(item)]
+    return []
+
+
+def _output_rows(spec: LayerSpec, gradient: torch.Tensor) -> torch.Tensor:
+    """A layer's output gradient as float64 rows of its ``out_channels`` (one row per token or position)."""
+    if spec.spatial_dims:
+        gradient = gradient.movedim(1 if gradient.dim() == spec.spatial_dims + 2 else 0, -1)
+    return gradient.reshape(-1, spec.out_channels).to(torch.float64)
+
+
+@contextlib.contextmanager
+def _gradient_pass(model: nn.Module, modules: Mapping[str, nn.Module]):
+    """Eval mode with gradients on, the named layers' weights requiring grad so their outputs are in the graph;
+    training flags and ``requires_grad`` restored afterwards. No parameter's ``.grad`` is written."""
+    modes = {module: module.training for module in model.modules()}
+    weights = {id(m.weight): m.weight for m in modules.values() if isinstance(m.weight, nn.Parameter)}
+    flags = {key: weight.requires_grad for key, weight in weights.items()}
+    try:
+        model.eval()
+        for weight in weights.values():
+            weight.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for key, weight in weights.items():
+            weight.requires_grad_(flags[key])
+
+
+def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
+                           seed: int = 0, progress: bool = True, group: distributed.Group | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """``E[g g^T]`` (``out x out``, float64, per row of the layer's output) of each named layer, where ``g`` is the
+    gradient with respect to the layer's output of the model's output projected on a random direction.
+
+    Per batch, one forward and one backward pass: every floating-point tensor of the output is multiplied by
+    Gaussian noise drawn from ``seed`` and summed, so that in expectation ``E[g g^T] = E[J^T J]`` with ``J`` the
+    Jacobian of the model's output with respect to the layer's: the Gauss-Newton metric of a squared error on the
+    output, which a decomposition can weigh the layer's output error with. Runs in eval mode; memory is one
+    ``out x out`` float64 sum per layer plus one batch's backward pass. With a distributed ``group`` the sums
+    are added up over the ranks, as in :func:`collect_input_stats`.
+    """
+    check_reiterable(batches)
+    modules = _modules(model, layers)
+    sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
+    rows = dict.fromkeys(layers, 0)
+    generator = torch.Generator().manual_seed(seed)
+    n_batches = 0
+    with distributed.agreement(group, "output statistics"), _gradient_pass(model, modules):
+        for batch in _bar(batches, "output statistics", progress):
+            outputs: list[tuple[str, torch.Tensor]] = []
+
+            def hook(name: str):
+                def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+                    if isinstance(output, torch.Tensor) and output.requires_grad:
+                        outputs.append((name, output))
+                return record
+
+            handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+            try:
+                tensors = _output_tensors(_run_batch(model, batch))
+                if not tensors:
+                    raise ConfigError(f"output statistics: the model's output on batch {n_batches} holds no "
+                                      f"floating-point tensor that depends on its weights")
+                projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
+                                for tensor in tensors)
+                gradients = torch.autograd.grad(projected, [output for _, output in outputs], allow_unused=True)
+            except MuscoError:
+                raise
+            except Exception as exc:  # the user's batch or model: one clear line, the cause chained
+                raise ConfigError(f"output statistics: the model failed on batch {n_batches}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for (name, _), gradient in zip(outputs, gradients):
+                if gradient is None:
+                    continue
+                g = _output_rows(layers[name], gradient.detach())
+                sums[name] = g.T @ g if sums[name] is None else sums[name].addmm_(g.T, g)
+                rows[name] += g.shape[0]
+            n_batches += 1
+    names = list(layers)
+    counts = distributed.sum_counts(group, [n_batches] + [rows[name] for name in names])
+    if group is not None:
+        for name in names:
+            size = layers[name].out_channels
+            total = sums[name] if sums[name] is not None else torch.zeros(size, size, dtype=torch.float64)
+            sums[name] = distributed.sum_tensor(group, total)
+    if counts[0] == 0:
+        raise ConfigError(f"calibration data is empty: no batch to collect the output statistics of "
+                          f"{', '.join(map(repr, names))}")
+    silent = [name for name, count in zip(names, counts[1:]) if count == 0]
+    if silent:
+        raise ConfigError(f"output statistics: the model's output does not depend on layer(s) "
+                          f"{', '.join(map(repr, silent))} on the {counts[0]} calibration batch(es) (never run, or "
+                          f"their output is not used)")
+    moments = {name: sums[name].div_(count) for name, count in zip(names, counts[1:])}
+    broken = [name for name, moment in moments.items() if not torch.isfinite(moment).all()]
+    if broken:
+        raise ConfigError(f"output statistics: the gradients at layer(s) {', '.join(map(repr, broken))} contain NaN "
+                          f"or Inf")
+    log.info("calibration: output statistics of %d layer(s) from %d batch(es)", len(moments), counts[0])
+    return moments

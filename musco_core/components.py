@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -34,7 +34,8 @@ from .errors import UnsupportedLayerError
 #: 3.0: :meth:`RankSelector.allocate` gets a :class:`RankRounding` (``rounding``) instead of an int ``rank_multiple``
 #: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` and
 #: ``WeightSource.stored_weight`` added.
-PLUGIN_API_VERSION = (3, 0)
+#: 3.1 added, additively, :meth:`Decomposer.needs_output_stats` and ``InputStats.output_moment``.
+PLUGIN_API_VERSION = (3, 1)
 
 
 @attrs.frozen
@@ -110,11 +111,17 @@ class InputStats:
     inputs ``x`` come from a model whose earlier layers were already compressed and ``x_ref`` are the inputs the
     layer had before (sequential calibration): a decomposition then fits ``W x_ref`` from ``x``, so it also
     corrects the error of the layers before it. None means ``x_ref = x``.
+
+    ``output_moment`` (``out x out``), collected only for a decomposer whose :meth:`Decomposer.needs_output_stats`
+    asks for it, is ``E[g g^T]`` of the gradients ``g`` of the model's output, projected on random directions,
+    with respect to the layer's output (the Gauss-Newton metric of the output at that layer): how much each
+    direction of the layer's output moves the model's. None when not collected.
     """
 
     second_moment: torch.Tensor
     count: int
     cross_moment: torch.Tensor | None = None
+    output_moment: torch.Tensor | None = None
 
     @property
     def n_features(self) -> int:
@@ -127,7 +134,11 @@ class InputStats:
         size = self.n_features // groups
         block = slice(g * size, (g + 1) * size)
         cross = None if self.cross_moment is None else self.cross_moment[block, block]
-        return InputStats(self.second_moment[block, block], self.count, cross)
+        output = None
+        if self.output_moment is not None:
+            out_size = self.output_moment.shape[0] // groups
+            output = self.output_moment[g * out_size:(g + 1) * out_size, g * out_size:(g + 1) * out_size]
+        return InputStats(self.second_moment[block, block], self.count, cross, output)
 
 
 @attrs.frozen
@@ -288,6 +299,11 @@ class Decomposer:
         reason = self.unsupported_reason(spec)
         if reason is not None:
             raise UnsupportedLayerError(f"{self.name} cannot decompose a {spec.describe()}: {reason}")
+
+    def needs_output_stats(self, params: Any) -> bool:
+        """True when this data-aware decomposition, with these ``Params``, also uses ``input_stats.output_moment``:
+        the core then runs a backward pass of the model per calibration batch to collect it."""
+        return False
 
     def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
         """The chain of factors produced at these ranks, first layer first."""

@@ -165,6 +165,11 @@ def _all_reduce_sum(group: Group, tensor: torch.Tensor) -> torch.Tensor:
     return buffer.to(tensor.device)
 
 
+def sum_tensor(group: Group, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over the ranks (each rank passes its own, of the same shape and dtype)."""
+    return _all_reduce_sum(group, tensor)
+
+
 def sum_counts(group: Group | None, counts: Sequence[int]) -> list[int]:
     """Integer counts summed over the ranks (as they are without a group)."""
     if group is None:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements, selector_params
-from .calibration import check_reiterable, collect_input_stats, collect_sequential_stats, forward_order
+from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
+                          forward_order)
 from .components import InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
                      usable_decompositions)
@@ -123,6 +124,18 @@ def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequen
     """The layers among ``names`` whose decomposition fits to calibration data."""
     return [name for name in names if schedule.layers[name] is not None and any(
         registry.decompositions.get(candidate).needs_input_stats for candidate in schedule.layers[name].candidates)]
+
+
+def needs_output_stats(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> list[str]:
+    """The layers among ``names`` whose data-aware decomposition, with the schedule's parameters, also weighs its
+    fit by the model's output (:meth:`~musco_core.components.Decomposer.needs_output_stats`)."""
+    def asks(candidate: str) -> bool:
+        decomposer = registry.decompositions.get(candidate)
+        params = schedule.settings.algo_kwargs.get(candidate) or decomposer.Params()
+        return decomposer.needs_input_stats and decomposer.needs_output_stats(params)
+
+    return [name for name in needs_input_stats(schedule, registry, names)
+            if any(asks(candidate) for candidate in schedule.layers[name].candidates)]
 
 
 def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
@@ -228,6 +241,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
     step_stats: dict[str, InputStats] = {}
+    output_moments = _output_moments(model, schedule, names, context, group)
+
+    def with_output(name: str, stats: InputStats | None) -> InputStats | None:
+        """``stats`` with the layer's output moment, where its decomposition asked for one."""
+        if stats is None or name not in output_moments:
+            return stats
+        return attrs.evolve(stats, output_moment=output_moments[name])
 
     def input_stats_for(layers: Sequence[str]) -> dict[str, InputStats]:
         """Calibration statistics of ``layers`` (none without calibration data), on the model as the step found it,
@@ -235,8 +255,9 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         missing = [name for name in layers if name not in step_stats]
         if missing and context.calibration_data is not None:
             specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
-            step_stats.update(collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
-                                                  group=group))
+            collected = collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
+                                            group=group)
+            step_stats.update({name: with_output(name, stats) for name, stats in collected.items()})
         return step_stats
 
     sequential = schedule.settings.calibration == "sequential" and bool(needs_input_stats(schedule, registry, names))
@@ -286,7 +307,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             chosen = {"keep_note": tied_note(tied[name])}
         if sequential and needs_input_stats(schedule, registry, [name]):
             decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
-            stats = _calibrated(model, name, schedule, input_stats_for, pending, paths, context, group)
+            stats = with_output(name, _calibrated(model, name, schedule, input_stats_for, pending, paths, context,
+                                                  group))
         else:
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
@@ -401,6 +423,18 @@ def _decompose(jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunCo
             skeleton=lambda name, result: factorized_like(jobs[name].module, name, result.decomposition,
                                                           result.ranks, registry), loads=loads)
     return {name: Pending(jobs[name].module, new, result) for name, (new, result) in done.items()}
+
+
+def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[str], context: RunContext,
+                    group: distributed.Group | None) -> dict[str, Any]:
+    """The output moments of the step's layers whose decomposition asks for them, on the model as the step found
+    it (empty without calibration data, which :func:`check_calibration` refuses for such layers)."""
+    layers = needs_output_stats(schedule, context.registry, names)
+    if not layers or context.calibration_data is None:
+        return {}
+    specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
+    return collect_output_moments(model, specs, context.calibration_data, seed=schedule.settings.seed,
+                                  progress=context.progress, group=group)
 
 
 def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,

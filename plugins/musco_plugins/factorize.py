@@ -180,9 +180,18 @@ def whitened_target(matrix: Tensor, root: Tensor, cross_moment: Tensor | None = 
     return torch.linalg.solve(root, (w @ cross).T).T
 
 
+def output_weighted(target: Tensor, output_root: Tensor | None) -> Tensor:
+    """``R^T @ target`` for an output moment ``G = R R^T`` (see :func:`whitened_truncated_svd`); ``target`` as it
+    is without one."""
+    if output_root is None:
+        return target
+    return output_root.to(device=target.device, dtype=torch.float64).T @ target
+
+
 @torch.no_grad()
 def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, damping: float = 1e-6,
-                           cross_moment: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           cross_moment: Tensor | None = None, output_moment: Tensor | None = None,
+                           output_damping: float = 0.1) -> tuple[Tensor, Tensor]:
     """The rank-`rank` ``left @ right`` closest to `matrix` (m x n) on inputs with ``E[x x^T] = second_moment``.
 
     Minimises ``E ||(matrix - left @ right) x||^2`` (activation-aware SVD, as in SVD-LLM): with ``S`` from
@@ -191,17 +200,25 @@ def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, dam
     With ``cross_moment = E[x_ref x^T]`` it minimises ``E ||matrix x_ref - left @ right x||^2`` instead (sequential
     calibration: ``x`` are the inputs after the layers ahead were compressed, ``x_ref`` those before), the
     truncation of :func:`whitened_target`; at full rank the product is then the least-squares map from ``x``.
-    Computed in float64; returned in `matrix`'s dtype on its device.
+    With ``output_moment = G`` (``m x m``, how much each output direction matters downstream) and ``R`` from
+    :func:`whitening_factor` (``G = R R^T``, ridge ``output_damping``) it minimises ``E ||R^T (...)||^2``: the
+    truncation of ``R^T`` times the target, with ``left`` mapped back by ``R^-T``; at full rank the product is
+    unchanged. Computed in float64; returned in `matrix`'s dtype on its device.
     """
     rank = _check_rank(rank)
     _check_matrix(matrix, "matrix")
-    for name, moment in (("second_moment", second_moment), ("cross_moment", cross_moment)):
-        if moment is not None and moment.shape != (matrix.shape[1], matrix.shape[1]):
-            raise ValueError(f"{name} must be {matrix.shape[1]} x {matrix.shape[1]} for a matrix of shape "
-                             f"{tuple(matrix.shape)}, got {tuple(moment.shape)}")
+    for name, moment, size in (("second_moment", second_moment, matrix.shape[1]),
+                               ("cross_moment", cross_moment, matrix.shape[1]),
+                               ("output_moment", output_moment, matrix.shape[0])):
+        if moment is not None and moment.shape != (size, size):
+            raise ValueError(f"{name} must be {size} x {size} for a matrix of shape {tuple(matrix.shape)}, got "
+                             f"{tuple(moment.shape)}")
     root = whitening_factor(second_moment.to(matrix.device), damping)
-    left, right = truncated_svd(whitened_target(matrix, root, cross_moment), rank)
+    output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
+    left, right = truncated_svd(output_weighted(whitened_target(matrix, root, cross_moment), output_root), rank)
     right = torch.linalg.solve(root, right, left=False)  # right @ S^-1
+    if output_root is not None:
+        left = torch.linalg.solve(output_root.T, left)  # R^-T @ left
     return left.to(matrix.dtype), right.to(matrix.dtype)
 
 

@@ -15,6 +15,12 @@ moment ``E[x_ref x^T]`` of the inputs the layer had before the step (``x_ref``) 
 ahead of it compressed (``x``); the fit then reproduces ``W x_ref`` from ``x``: it truncates the least-squares map
 ``W C_x C^-1`` instead of ``W``, which refits the second factor in closed form and corrects the error of the
 layers ahead.
+
+With ``output_weighting: true`` (in ``algo_kwargs.whitened_svd``) the error is also weighted on the output side:
+the core collects ``G = E[g g^T]`` of the gradients of the model's output (projected on random directions) with
+respect to the layer's output, and the fit minimises ``E ||R^T (W - W') x||^2`` with ``G = R R^T``, a
+Kronecker-factored (K-FAC) second-order estimate of how much the truncation moves the model's output, instead of
+the layer's. The output directions the rest of the model ignores are then the ones given up.
 """
 from __future__ import annotations
 
@@ -29,11 +35,19 @@ from musco_core.schedule import NonNegativeFloat
 from . import factorize
 
 
+#: Ridge of the output moment, relative to its mean diagonal: the moment is a random-projection estimate, and on
+#: MiniLM ridges of 0.01 to 1 gave the same embedding cosines within 0.002.
+OUTPUT_DAMPING = 0.1
+
+
 @attrs.frozen
 class WhitenedSVDParams:
-    """Ridge added to the input second moment, relative to its mean diagonal, before its Cholesky factor."""
+    """``damping``: ridge added to the input second moment, relative to its mean diagonal, before its Cholesky
+    factor. ``output_weighting``: weigh the fit by how much the layer's output directions move the model's output
+    (one more forward and backward pass of the model per calibration batch and step)."""
 
     damping: NonNegativeFloat = 1e-6
+    output_weighting: bool = False
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -63,6 +77,9 @@ class WhitenedSVD(Decomposer):
             return (previous[0].shape[0],)
         return (min(source.spec.out_channels, source.spec.in_channels * source.spec.kernel_numel),)
 
+    def needs_output_stats(self, params: WhitenedSVDParams) -> bool:
+        return params.output_weighting
+
     def _second_moment(self, source: WeightSource) -> torch.Tensor:
         if source.input_stats is None:
             raise ConfigError(f"{self.name} fits the layer to its inputs and needs their statistics: pass "
@@ -71,22 +88,28 @@ class WhitenedSVD(Decomposer):
         return source.input_stats.second_moment
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        """The whitened target (``W S``, see :func:`factorize.whitened_target`); once factorized at rank ``r``, an
-        ``r x r`` core with its singular values."""
+        """The whitened target (``W S``, see :func:`factorize.whitened_target`, times ``R^T`` with an output moment);
+        once factorized at rank ``r``, an ``r x r`` core with its singular values."""
         root = factorize.whitening_factor(self._second_moment(source))
-        cross = source.input_stats.cross_moment
+        stats = source.input_stats
+        output_root = (None if stats.output_moment is None else
+                       factorize.whitening_factor(stats.output_moment, OUTPUT_DAMPING))
         previous = source.previous_weights(self.name)
         if previous:
             left, right = (_matrix(w).to(torch.float64) for w in (previous[1], previous[0]))
-            return [factorize.product_core(left, factorize.whitened_target(right, root, cross))]
-        return [factorize.whitened_target(_matrix(source.weight), root, cross)]
+            return [factorize.product_core(factorize.output_weighted(left, output_root),
+                                           factorize.whitened_target(right, root, stats.cross_moment))]
+        return [factorize.output_weighted(factorize.whitened_target(_matrix(source.weight), root, stats.cross_moment),
+                                          output_root)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks
-        weight = source.weight
-        left, right = factorize.whitened_truncated_svd(_matrix(weight), self._second_moment(source), rank,
-                                                       damping=params.damping,
-                                                       cross_moment=source.input_stats.cross_moment)
+        weight, second_moment = source.weight, self._second_moment(source)
+        stats = source.input_stats
+        left, right = factorize.whitened_truncated_svd(_matrix(weight), second_moment, rank,
+                                                       damping=params.damping, cross_moment=stats.cross_moment,
+                                                       output_moment=stats.output_moment,
+                                                       output_damping=OUTPUT_DAMPING)
         spec = source.spec
         return [right.reshape(right.shape[0], spec.in_channels, *spec.kernel_size),
                 left.reshape(*left.shape, *(1,) * spec.spatial_dims)]
