@@ -15,6 +15,7 @@ evaluation crops of the others. No fine-tuning.
 
     python benchmarks/accuracy_efficientnet.py [--threads 2] [--targets 1.3 1.5] [--eval-views 40]
                                                [--decompositions svd whitened_svd] [--selections uniform budget vbmf]
+                                               [--output-weighting PROJECTIONS]
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ def main() -> None:
                              "uncompressed model's on the first 32 calibration crops), the generated vbmf schedule")
     parser.add_argument("--min-rank-fraction", type=float, default=None,
                         help="the budget's rank floor (default: the budget's own default)")
+    parser.add_argument("--output-weighting", type=int, default=0, metavar="PROJECTIONS",
+                        help="whitened_svd weighs each layer's fit by how much it moves the logits, estimated from "
+                             "this many random projections per calibration batch (algo_kwargs.whitened_svd."
+                             "output_weighting and output_projections; default 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(setup(args.threads))
@@ -156,21 +161,24 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     budget_params = {} if args.min_rank_fraction is None else {"min_rank_fraction": args.min_rank_fraction}
+    weighting = ({"whitened_svd": {"output_weighting": True, "output_projections": args.output_weighting}}
+                 if args.output_weighting else {})
     for target in args.targets:
         rate = pointwise / (total / target - (total - pointwise))  # every scheduled layer's MACs shrink by it
         for decomposition in args.decompositions:
+            label = decomposition + (" + output weighting" if weighting and decomposition == "whitened_svd" else "")
             if "uniform" in args.selections:
                 uniform = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
                                   "param_reduction_rate": rate} for name in names}
-                record(f"{target}x", decomposition, f"uniform (rate {rate:.3f})",
-                       *run(model, uniform, example, calibration))
+                record(f"{target}x", label, f"uniform (rate {rate:.3f})",
+                       *run(model, uniform, example, calibration, all_algo_kwargs=weighting or None))
             whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
-            settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}}
+            settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}, **weighting}
             if "budget" in args.selections:
-                record(f"{target}x", decomposition, "budget (calibration)",
+                record(f"{target}x", label, "budget (calibration)",
                        *run(model, whole, example, calibration, all_algo_kwargs=settings))
             if "budget+sens" in args.selections:
-                record(f"{target}x", decomposition, "budget (calibration) + sensitivity pass",
+                record(f"{target}x", label, "budget (calibration) + sensitivity pass",
                        *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate))
     if "vbmf" in args.selections:
         vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)

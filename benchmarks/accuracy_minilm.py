@@ -19,7 +19,8 @@ sentences), on which ``--distill-lr-grid`` chooses the learning rate; ``--distil
 layer's output (all token states) too, ``--distill-schedule cosine`` decays the lr,
 ``--distill-frozen-embeddings`` trains all but the embeddings and ``--distill-mask P`` masks a fraction P of each
 batch's tokens afresh every step (more distinct inputs from the same sentences). The held-out paragraphs stay
-exactly those of the runs without it.
+exactly those of the runs without it. ``--output-weighting`` has ``whitened_svd`` weigh each layer's fit by how much
+its output moves the mean-pooled sentence embedding (the encoder is compressed under mean pooling for that).
 
 With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` run is instead the multi-stage
 experiment of ``multistage_vs_oneshot.py`` on MiniLM: **one-shot** (every Linear layer at its final rank at
@@ -59,18 +60,22 @@ from musco_core.finetune import distill  # noqa: E402
 
 
 def compress(model, linears, decomposition: str, selection: str, fraction: float, params_total: int,
-             linear_weights: int, calibration, seed: int, scope: str) -> Compressor:
-    """All ``linears`` by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by budget (the
-    budget with the calibration data: its damage is then each layer's output error on it; ``budget-weights``:
-    without, by weight energy unless the decomposition is data-aware). ``budget+sens`` adds a sensitivity pass
-    whose loss is one minus the mean embedding cosine on two calibration batches."""
+             linear_weights: int, calibration, seed: int, scope: str, output_weighting: bool = False) -> Compressor:
+    """All ``linears`` compressed by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by
+    budget (the budget with the calibration data: its damage is then each layer's output error on it;
+    ``budget-weights``: without, by weight energy unless the decomposition is data-aware). ``budget+sens`` adds a
+    sensitivity pass whose loss is one minus the mean embedding cosine on two calibration batches. With
+    ``output_weighting`` (``whitened_svd``) the compressed model is the encoder with mean pooling on top
+    (:class:`MeanPooled`), so that the fit is weighted by how much each layer moves the sentence embedding (see
+    :func:`encoder`)."""
     evaluate = None
     if selection == "budget+sens":
         probe = calibration[:2]
         reference = embed(model, probe)
 
         def evaluate(candidate):
-            return 1.0 - float(torch.nn.functional.cosine_similarity(embed(candidate, probe), reference).mean())
+            encoder = candidate.model if output_weighting else candidate
+            return 1.0 - float(torch.nn.functional.cosine_similarity(embed(encoder, probe), reference).mean())
 
     if selection == "uniform":
         layer = {"rank_selection": "param_reduction", "param_reduction_rate": 1 / (1 - fraction)}
@@ -80,14 +85,23 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
         reduction = (1 / (1 - fraction) if scope == "compressed"
                      else params_total / (params_total - fraction * linear_weights))
         algo_kwargs = {"budget": {"reduction": reduction, "metric": "params", "scope": scope}}
-    schedule = {name: {"decomposition": decomposition, **layer} for name in linears}
+    prefix = "model." if output_weighting else ""
+    schedule = {prefix + name: {"decomposition": decomposition, **layer} for name in linears}
+    if output_weighting:
+        algo_kwargs = {**(algo_kwargs or {}), "whitened_svd": {"output_weighting": True}}
     data_aware = decomposition == "whitened_svd" or selection in ("budget", "budget+sens")
-    compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears), seed=seed,
-                            all_algo_kwargs=algo_kwargs, progress=False, evaluate=evaluate,
-                            calibration_data=calibration if data_aware else None)
+    compressor = Compressor(MeanPooled(model) if output_weighting else model, model_compr_kwargs=schedule,
+                            ft_every=len(linears), seed=seed, all_algo_kwargs=algo_kwargs, progress=False,
+                            evaluate=evaluate, calibration_data=calibration if data_aware else None)
     while not compressor.done:
         compressor.compression_step()
     return compressor
+
+
+def encoder(compressor: Compressor) -> torch.nn.Module:
+    """The compressed encoder, without the mean pooling that ``--output-weighting`` compresses it under."""
+    model = compressor.compressed_model
+    return model.model if isinstance(model, MeanPooled) else model
 
 
 class MeanPooled(torch.nn.Module):
@@ -317,6 +331,9 @@ def main() -> None:
                              "followed by --distill-steps steps in all (default 0: off)")
     parser.add_argument("--distill-seeds", type=int, nargs="+", default=[0],
                         help="with --stages: the seeds of the calibration batch order, one run of each method each")
+    parser.add_argument("--output-weighting", action="store_true",
+                        help="whitened_svd weighs its fit by how much each layer moves the mean-pooled sentence "
+                             "embedding (algo_kwargs.whitened_svd.output_weighting)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.stages and (args.stages < 2 or args.distill_steps < args.stages
@@ -370,17 +387,18 @@ def main() -> None:
                 continue
             started = time.perf_counter()
             compressor = compress(model, linears, decomposition, selection, fraction, params_total,
-                                  linear_weights, calibration, args.seed, args.scope)
+                                  linear_weights, calibration, args.seed, args.scope, args.output_weighting)
             seconds = time.perf_counter() - started
             kept = {r.name: r for r in compressor.history}
             weights = sum(r.params_after for r in kept.values())
-            cos = cosines(compressor.compressed_model, held_out, reference)
-            label = f"| {fraction:.0%} | {decomposition} | {selection} | {weights:,} | " \
+            cos = cosines(encoder(compressor), held_out, reference)
+            weighted = " + output weighting" if args.output_weighting else ""
+            label = f"| {fraction:.0%} | {decomposition}{weighted} | {selection} | {weights:,} | " \
                     f"{1 - weights / linear_weights:.1%} |"
             rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
             print(rows[-1], flush=True)
             if args.distill_steps:
-                rows.extend(distill_rows(model, compressor.compressed_model, text, held_out, reference,
+                rows.extend(distill_rows(model, encoder(compressor), text, held_out, reference,
                                          f"| {fraction:.0%} | {decomposition} | {selection}",
                                          f"{weights:,} | {1 - weights / linear_weights:.1%}", tokenizer, args))
 

@@ -47,7 +47,7 @@ from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, needs_output_stats,
+from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
                   tied_note)
 from .schedule import ModelSchedule, key_path, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
@@ -678,7 +678,7 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     checked = _blockwise_schedule(model, schedule, registry)
     _check_partition(model, block_names, checked)
     layers = checked.compressed_layers()
-    weighted = needs_output_stats(checked, registry, layers)
+    weighted = list(output_projections(checked, registry, layers))
     if weighted:
         raise ConfigError(f"compress_blockwise: layer(s) {', '.join(map(repr, weighted[:5]))} weigh their fit by the "
                           f"model's output (output_weighting), which needs a backward pass through the whole model; "

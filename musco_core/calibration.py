@@ -340,18 +340,22 @@ def _gradient_pass(model: nn.Module, modules: Mapping[str, nn.Module]):
 
 
 def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
-                           seed: int = 0, progress: bool = True, group: distributed.Group | None = None
-                           ) -> dict[str, torch.Tensor]:
+                           projections: int = 1, seed: int = 0, progress: bool = True,
+                           group: distributed.Group | None = None) -> dict[str, torch.Tensor]:
     """``E[g g^T]`` (``out x out``, float64, per row of the layer's output) of each named layer, where ``g`` is the
     gradient with respect to the layer's output of the model's output projected on a random direction.
 
-    Per batch, one forward and one backward pass: every floating-point tensor of the output is multiplied by
-    Gaussian noise drawn from ``seed`` and summed, so that in expectation ``E[g g^T] = E[J^T J]`` with ``J`` the
-    Jacobian of the model's output with respect to the layer's: the Gauss-Newton metric of a squared error on the
-    output, which a decomposition can weigh the layer's output error with. Runs in eval mode; memory is one
-    ``out x out`` float64 sum per layer plus one batch's backward pass. With a distributed ``group`` the sums
-    are added up over the ranks, as in :func:`collect_input_stats`.
+    Per batch, one forward pass and ``projections`` backward passes: each time every floating-point tensor of the
+    output is multiplied by Gaussian noise drawn from ``seed`` and summed, so that in expectation
+    ``E[g g^T] = E[J^T J]`` with ``J`` the Jacobian of the model's output with respect to the layer's: the
+    Gauss-Newton metric of a squared error on the output, which a decomposition can weigh the layer's output
+    error with. The estimate needs many more projections in all (batch items times ``projections``) than the
+    output has dimensions per item. Runs in eval mode; memory is one ``out x out`` float64 sum per layer plus one
+    batch's backward pass. With a distributed ``group`` the sums are added up over the ranks, as in
+    :func:`collect_input_stats`.
     """
+    if projections < 1:
+        raise ValueError(f"projections must be a positive int, got {projections!r}")
     check_reiterable(batches)
     modules = _modules(model, layers)
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
@@ -374,9 +378,12 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
                 if not tensors:
                     raise ConfigError(f"output statistics: the model's output on batch {n_batches} holds no "
                                       f"floating-point tensor that depends on its weights")
-                projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
-                                for tensor in tensors)
-                gradients = torch.autograd.grad(projected, [output for _, output in outputs], allow_unused=True)
+                draws = []
+                for draw in range(projections):
+                    projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
+                                    for tensor in tensors)
+                    draws.append(torch.autograd.grad(projected, [output for _, output in outputs],
+                                                     allow_unused=True, retain_graph=draw < projections - 1))
             except MuscoError:
                 raise
             except Exception as exc:  # the user's batch or model: one clear line, the cause chained
@@ -385,12 +392,13 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             finally:
                 for handle in handles:
                     handle.remove()
-            for (name, _), gradient in zip(outputs, gradients):
-                if gradient is None:
-                    continue
-                g = _output_rows(layers[name], gradient.detach())
-                sums[name] = g.T @ g if sums[name] is None else sums[name].addmm_(g.T, g)
-                rows[name] += g.shape[0]
+            for gradients in draws:
+                for (name, _), gradient in zip(outputs, gradients):
+                    if gradient is None:
+                        continue
+                    g = _output_rows(layers[name], gradient.detach())
+                    sums[name] = g.T @ g if sums[name] is None else sums[name].addmm_(g.T, g)
+                    rows[name] += g.shape[0]
             n_batches += 1
     names = list(layers)
     counts = distributed.sum_counts(group, [n_batches] + [rows[name] for name in names])

@@ -34,7 +34,7 @@ from .errors import UnsupportedLayerError
 #: 3.0: :meth:`RankSelector.allocate` gets a :class:`RankRounding` (``rounding``) instead of an int ``rank_multiple``
 #: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` and
 #: ``WeightSource.stored_weight`` added.
-#: 3.1 added, additively, :meth:`Decomposer.needs_output_stats` and ``InputStats.output_moment``.
+#: 3.1 added, additively, :meth:`Decomposer.output_projections` and ``InputStats.output_moment``.
 PLUGIN_API_VERSION = (3, 1)
 
 
@@ -112,7 +112,7 @@ class InputStats:
     layer had before (sequential calibration): a decomposition then fits ``W x_ref`` from ``x``, so it also
     corrects the error of the layers before it. None means ``x_ref = x``.
 
-    ``output_moment`` (``out x out``), collected only for a decomposer whose :meth:`Decomposer.needs_output_stats`
+    ``output_moment`` (``out x out``), collected only for a decomposer whose :meth:`Decomposer.output_projections`
     asks for it, is ``E[g g^T]`` of the gradients ``g`` of the model's output, projected on random directions,
     with respect to the layer's output (the Gauss-Newton metric of the output at that layer): how much each
     direction of the layer's output moves the model's. None when not collected.
@@ -300,10 +300,11 @@ class Decomposer:
         if reason is not None:
             raise UnsupportedLayerError(f"{self.name} cannot decompose a {spec.describe()}: {reason}")
 
-    def needs_output_stats(self, params: Any) -> bool:
-        """True when this data-aware decomposition, with these ``Params``, also uses ``input_stats.output_moment``:
-        the core then runs a backward pass of the model per calibration batch to collect it."""
-        return False
+    def output_projections(self, params: Any) -> int:
+        """How many random projections of the model's output per calibration batch this data-aware decomposition,
+        with these ``Params``, wants ``input_stats.output_moment`` estimated from; 0 (the default) when it does not
+        use it. The core then runs one forward pass and that many backward passes of the model per batch."""
+        return 0
 
     def layout(self, spec: LayerSpec, ranks: tuple[int, ...]) -> list[FactorLayout]:
         """The chain of factors produced at these ranks, first layer first."""

@@ -126,16 +126,18 @@ def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequen
         registry.decompositions.get(candidate).needs_input_stats for candidate in schedule.layers[name].candidates)]
 
 
-def needs_output_stats(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> list[str]:
-    """The layers among ``names`` whose data-aware decomposition, with the schedule's parameters, also weighs its
-    fit by the model's output (:meth:`~musco_core.components.Decomposer.needs_output_stats`)."""
-    def asks(candidate: str) -> bool:
+def output_projections(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> dict[str, int]:
+    """``{layer: projections}`` for the layers among ``names`` whose data-aware decomposition, with the schedule's
+    parameters, also weighs its fit by the model's output
+    (:meth:`~musco_core.components.Decomposer.output_projections`): the most any of its candidates asks for."""
+    def asked(candidate: str) -> int:
         decomposer = registry.decompositions.get(candidate)
         params = schedule.settings.algo_kwargs.get(candidate) or decomposer.Params()
-        return decomposer.needs_input_stats and decomposer.needs_output_stats(params)
+        return decomposer.output_projections(params) if decomposer.needs_input_stats else 0
 
-    return [name for name in needs_input_stats(schedule, registry, names)
-            if any(asks(candidate) for candidate in schedule.layers[name].candidates)]
+    wanted = {name: max(asked(candidate) for candidate in schedule.layers[name].candidates)
+              for name in needs_input_stats(schedule, registry, names)}
+    return {name: projections for name, projections in wanted.items() if projections > 0}
 
 
 def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
@@ -429,12 +431,12 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
                     group: distributed.Group | None) -> dict[str, Any]:
     """The output moments of the step's layers whose decomposition asks for them, on the model as the step found
     it (empty without calibration data, which :func:`check_calibration` refuses for such layers)."""
-    layers = needs_output_stats(schedule, context.registry, names)
+    layers = output_projections(schedule, context.registry, names)
     if not layers or context.calibration_data is None:
         return {}
     specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
-    return collect_output_moments(model, specs, context.calibration_data, seed=schedule.settings.seed,
-                                  progress=context.progress, group=group)
+    return collect_output_moments(model, specs, context.calibration_data, projections=max(layers.values()),
+                                  seed=schedule.settings.seed, progress=context.progress, group=group)
 
 
 def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,

@@ -20,27 +20,29 @@ def relative(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_output_moments_estimate_the_jacobian_metric(registry, kind):
+@pytest.mark.parametrize(("kind", "projections"), [("linear", 1), ("linear", 8), ("conv", 1)])
+def test_output_moments_estimate_the_jacobian_metric(registry, kind, projections):
     """For ``y = W2 (W1 x)``, the moment at the first layer's output is ``E[W2^T v v^T W2] = W2^T W2`` and at the
-    model's output the identity; the random-projection estimate over 8,192 rows is within a few percent. The
-    model's training flags and requires_grad are restored and no parameter gets a .grad."""
+    model's output the identity; the random-projection estimate over 8,192 rows and projections is within a few
+    percent. The model's training flags and requires_grad are restored and no parameter gets a .grad."""
     torch.manual_seed(0)
     if kind == "linear":
         model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
-        batches = [torch.randn(1024, 5) for _ in range(8)]
+        batches = [torch.randn(1024 // projections, 5) for _ in range(8)]
     else:
         model = nn.Sequential(nn.Conv2d(5, 4, 3, padding=1), nn.Conv2d(4, 3, 1))
         batches = [torch.randn(16, 5, 8, 8) for _ in range(8)]
     model.train()
     model[1].weight.requires_grad_(False)
-    moments = collect_output_moments(model, specs(registry, model, ["0", "1"]), batches, seed=3, progress=False)
+    moments = collect_output_moments(model, specs(registry, model, ["0", "1"]), batches, projections=projections,
+                                     seed=3, progress=False)
     second = model[1].weight.detach().double().reshape(3, 4)
     assert relative(moments["0"], second.T @ second) < 0.05
     assert relative(moments["1"], torch.eye(3, dtype=torch.float64)) < 0.05
     assert model.training and model[0].training and not model[1].weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
-    again = collect_output_moments(model, specs(registry, model, ["0"]), batches, seed=3, progress=False)
+    again = collect_output_moments(model, specs(registry, model, ["0"]), batches, projections=projections, seed=3,
+                                   progress=False)
     assert torch.equal(again["0"], moments["0"])  # deterministic given the seed
 
 

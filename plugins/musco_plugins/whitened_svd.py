@@ -30,7 +30,7 @@ import torch
 from musco_core import hookimpl
 from musco_core.components import Decomposer, FactorLayout, LayerSpec, WeightSource
 from musco_core.errors import ConfigError
-from musco_core.schedule import NonNegativeFloat
+from musco_core.schedule import NonNegativeFloat, PositiveInt
 
 from . import factorize
 
@@ -43,11 +43,13 @@ OUTPUT_DAMPING = 0.1
 @attrs.frozen
 class WhitenedSVDParams:
     """``damping``: ridge added to the input second moment, relative to its mean diagonal, before its Cholesky
-    factor. ``output_weighting``: weigh the fit by how much the layer's output directions move the model's output
-    (one more forward and backward pass of the model per calibration batch and step)."""
+    factor. ``output_weighting``: weigh the fit by how much the layer's output directions move the model's output,
+    estimated from ``output_projections`` random projections of the output per calibration batch (one more
+    forward pass and that many backward passes of the model per batch and step)."""
 
     damping: NonNegativeFloat = 1e-6
     output_weighting: bool = False
+    output_projections: PositiveInt = 8
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -77,8 +79,8 @@ class WhitenedSVD(Decomposer):
             return (previous[0].shape[0],)
         return (min(source.spec.out_channels, source.spec.in_channels * source.spec.kernel_numel),)
 
-    def needs_output_stats(self, params: WhitenedSVDParams) -> bool:
-        return params.output_weighting
+    def output_projections(self, params: WhitenedSVDParams) -> int:
+        return params.output_projections if params.output_weighting else 0
 
     def _second_moment(self, source: WeightSource) -> torch.Tensor:
         if source.input_stats is None:
