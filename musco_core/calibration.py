@@ -321,10 +321,11 @@ def _output_rows(spec: LayerSpec, gradient: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _gradient_pass(model: nn.Module, modules: Mapping[str, nn.Module]):
-    """Eval mode with gradients on, the named layers' weights requiring grad so their outputs are in the graph;
-    training flags and ``requires_grad`` restored afterwards. No parameter's ``.grad`` is written."""
+    """Eval mode with gradients on, the named layers' parameters (a factorized layer's factors too) requiring grad
+    so their outputs are in the graph; training flags and ``requires_grad`` restored afterwards. No parameter's
+    ``.grad`` is written."""
     modes = {module: module.training for module in model.modules()}
-    weights = {id(m.weight): m.weight for m in modules.values() if isinstance(m.weight, nn.Parameter)}
+    weights = {id(p): p for module in modules.values() for p in module.parameters()}
     flags = {key: weight.requires_grad for key, weight in weights.items()}
     try:
         model.eval()

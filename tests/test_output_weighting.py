@@ -118,6 +118,22 @@ def test_output_weighting_keeps_what_the_next_layers_read(calibration):
     assert errors[True] < 0.2 * errors[False]
 
 
+def test_a_factorized_layer_is_weighted_again_at_the_next_stage():
+    """Multi-stage: the output moments of the second stage are taken on the factorized layers of the first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)).eval()
+    data = schedule(True)
+    data["layers"] = {"0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4, 2],
+                            "force": True}}
+    data["settings"]["nglobal_compress_iters"] = 2
+    compressor = Compressor(model, model_compr_kwargs=data, calibration_data=[torch.randn(32, 8) for _ in range(2)],
+                            progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert [(r.stage, r.ranks, r.applied) for r in compressor.history] == [(0, (4,), True), (1, (2,), True)]
+    assert all(p.requires_grad for p in compressor.compressed_model.parameters())
+
+
 def test_the_setting_round_trips_and_blockwise_refuses_it(registry, tmp_path):
     codec = ScheduleCodec(registry)
     loaded = codec.structure(schedule(True), origin="schedule.yaml")
