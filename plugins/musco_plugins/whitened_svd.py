@@ -42,13 +42,14 @@ OUTPUT_DAMPING = 0.1
 
 @attrs.frozen
 class WhitenedSVDParams:
-    """``damping``: ridge added to the input second moment, relative to its mean diagonal, before its Cholesky
-    factor. ``output_weighting``: weigh the fit by how much the layer's output directions move the model's output,
-    estimated from ``output_projections`` random projections of the output per calibration batch (one more
-    forward pass and that many backward passes of the model per batch and step)."""
+    """Settings of ``whitened_svd`` (``algo_kwargs.whitened_svd``)."""
 
+    #: Ridge added to the input second moment, relative to its mean diagonal, before its Cholesky factor.
     damping: NonNegativeFloat = 1e-6
+    #: Weigh the fit by how much the layer's output directions move the model's output (one more forward pass
+    #: and ``output_projections`` backward passes of the model per calibration batch and step).
     output_weighting: bool = False
+    #: Random projections of the model's output per calibration batch that the output weighting is estimated from.
     output_projections: PositiveInt = 8
 
 
