@@ -399,7 +399,7 @@ def main() -> None:
             print(rows[-1], flush=True)
             if args.distill_steps:
                 rows.extend(distill_rows(model, encoder(compressor), text, held_out, reference,
-                                         f"| {fraction:.0%} | {decomposition} | {selection}",
+                                         f"| {fraction:.0%} | {decomposition}{weighted} | {selection}",
                                          f"{weights:,} | {1 - weights / linear_weights:.1%}", tokenizer, args))
 
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
