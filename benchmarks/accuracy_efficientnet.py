@@ -89,10 +89,27 @@ def top1(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> torch
     return torch.cat([model(images[i:i + batch]).argmax(-1) for i in range(0, len(images), batch)])
 
 
-def run(model, schedule, example, calibration, **kwargs) -> tuple[Compressor, float]:
+class Hellinger(torch.nn.Module):
+    """The classifier's class probabilities as ``sqrt(softmax(logits))``: Gaussian projections of this output give
+    the softmax's Fisher metric ``J^T (diag p - p p^T) J / 4`` of the logits, so ``output_weighting`` weighs each
+    layer by how much it moves the predicted distribution rather than the raw logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=-1).sqrt()
+
+
+def run(model, schedule, example, calibration, hellinger: bool = False, **kwargs) -> tuple[Compressor, float]:
+    """Compresses ``model`` by ``schedule``; with ``hellinger``, under :class:`Hellinger` (the compressed model
+    returned is then the classifier inside)."""
     started = time.perf_counter()
     data_aware = any(entry and (entry["decomposition"] == "whitened_svd" or entry.get("rank_selection") == "budget")
                      for entry in schedule.values())  # a budget allocates by the layers' output errors on it
+    if hellinger:
+        model, schedule = Hellinger(model), {f"model.{name}": entry for name, entry in schedule.items()}
     compressor = Compressor(model, example_input=example, model_compr_kwargs=schedule,
                             ft_every=sum(entry is not None for entry in schedule.values()), progress=False,
                             calibration_data=calibration if data_aware else None, **kwargs)
@@ -118,6 +135,9 @@ def main() -> None:
                         help="whitened_svd weighs each layer's fit by how much it moves the logits, estimated from "
                              "this many random projections per calibration batch (algo_kwargs.whitened_svd."
                              "output_weighting and output_projections; default 0: off)")
+    parser.add_argument("--hellinger", action="store_true",
+                        help="with --output-weighting: compress under sqrt(softmax(logits)), so the weighting is the "
+                             "softmax's Fisher metric instead of a squared error on the logits")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(setup(args.threads))
@@ -132,8 +152,9 @@ def main() -> None:
 
     def evaluate(candidate: torch.nn.Module) -> float:
         """The sensitivity pass's loss: how far the logits on calibration crops moved."""
+        classifier = candidate.model if isinstance(candidate, Hellinger) else candidate
         with torch.no_grad():
-            return float(torch.nn.functional.mse_loss(candidate.eval()(probe), probe_logits))
+            return float(torch.nn.functional.mse_loss(classifier.eval()(probe), probe_logits))
     print(f"images: {len(calibration_images)} calibration crops of {len(CALIBRATION_PHOTOS)} photographs, "
           f"{len(held_out)} held-out crops of {len(EVALUATION_PHOTOS)} others; the uncompressed model predicts "
           f"{len(set(reference.tolist()))} distinct classes on them")
@@ -155,7 +176,9 @@ def main() -> None:
 
     def record(target: str, decomposition: str, selection: str, compressor: Compressor, seconds: float) -> None:
         report = compressor.report()
-        agreement = float((top1(compressor.compressed_model, held_out) == reference).float().mean())
+        compressed = compressor.compressed_model
+        compressed = compressed.model if isinstance(compressed, Hellinger) else compressed
+        agreement = float((top1(compressed, held_out) == reference).float().mean())
         rows.append(f"| {target} | {decomposition} | {selection} | {report.macs_ratio:.3f} | "
                     f"{report.params_ratio:.3f} | {agreement:.1%} | {seconds:.0f} |")
         print(rows[-1], flush=True)
@@ -167,19 +190,22 @@ def main() -> None:
         rate = pointwise / (total / target - (total - pointwise))  # every scheduled layer's MACs shrink by it
         for decomposition in args.decompositions:
             label = decomposition + (" + output weighting" if weighting and decomposition == "whitened_svd" else "")
+            label += " (Hellinger)" if weighting and args.hellinger else ""
+            hellinger = {"hellinger": bool(weighting and args.hellinger)}
             if "uniform" in args.selections:
                 uniform = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
                                   "param_reduction_rate": rate} for name in names}
                 record(f"{target}x", label, f"uniform (rate {rate:.3f})",
-                       *run(model, uniform, example, calibration, all_algo_kwargs=weighting or None))
+                       *run(model, uniform, example, calibration, all_algo_kwargs=weighting or None, **hellinger))
             whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
             settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}, **weighting}
             if "budget" in args.selections:
                 record(f"{target}x", label, "budget (calibration)",
-                       *run(model, whole, example, calibration, all_algo_kwargs=settings))
+                       *run(model, whole, example, calibration, all_algo_kwargs=settings, **hellinger))
             if "budget+sens" in args.selections:
                 record(f"{target}x", label, "budget (calibration) + sensitivity pass",
-                       *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate))
+                       *run(model, whole, example, calibration, all_algo_kwargs=settings, evaluate=evaluate,
+                            **hellinger))
     if "vbmf" in args.selections:
         vbmf = generate_model_compr_kwargs(stats, "vbmf", registry=registry)
         for decomposition in args.decompositions:
