@@ -6,6 +6,8 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
     python distributed_worker.py fail OUT              # after a step, rank 1 fails in calibration, decomposing, and
                                                        # with a model that differs from rank 0's
     python distributed_worker.py latency OUT           # a latency budget whose layer timings differ between ranks
+    python distributed_worker.py moments OUT           # output moments (output weighting) of each rank's shard,
+                                                       # summed over the ranks: OUT/moments-R.safetensors
 
 The run is resume_worker's schedule (tucker2/vbmf, cp3, cp4, svd, whitened_svd on calibration data, a whole-model
 budget over two passes) with a sensitivity pass, each rank feeding its own shard of the calibration and evaluation
@@ -27,7 +29,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from musco_core import Compressor, MuscoError, distributed
+from musco_core import Compressor, MuscoError, default_registry, distributed
+from musco_core.calibration import collect_output_moments
+from musco_core.engine import read_layer
 from musco_core.latency import CACHE_ENV
 
 from clocks import GeometryClock
@@ -99,6 +103,18 @@ def rank_clock(rank: int) -> GeometryClock:
     return GeometryClock(overhead=1e-6 if rank == 0 else 1e-3)
 
 
+MOMENT_LAYERS = ["layer2.0.downsample.0", "fc"]
+
+
+def output_moments(rank: int = 0, world_size: int = 1, group: distributed.Group | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The output moments of two layers on this rank's shard of the calibration batches (2 projections each)."""
+    net = base.model().eval()
+    specs = {name: read_layer(net.get_submodule(name), default_registry(), name)[1].spec for name in MOMENT_LAYERS}
+    return collect_output_moments(net, specs, shard(base.calibration(), rank, world_size), projections=2, seed=5,
+                                  progress=False, group=group)
+
+
 def latency_run(rank: int) -> Compressor:
     """The latency budget's run on this rank's clock (its own timing cache)."""
     compressor = Compressor(base.model(), model_compr_kwargs=LATENCY_SCHEDULE, example_input=base.EXAMPLE,
@@ -120,7 +136,7 @@ def history(compressor: Compressor) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["run", "resume", "fail", "latency"])
+    parser.add_argument("scenario", choices=["run", "resume", "fail", "latency", "moments"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -133,6 +149,9 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
     rank, world_size = group.rank, group.world_size
     record: dict = {"fingerprints": []}
     state_dir = args.out / "ckpt"
+    if args.scenario == "moments":
+        save_file(output_moments(rank, world_size, group), str(args.out / f"moments-{rank}.safetensors"))
+        return 0
     if args.scenario == "latency":
         os.environ[CACHE_ENV] = str(args.out / f"latency-cache-{rank}.json")
         compressor = latency_run(rank)

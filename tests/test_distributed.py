@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from musco_core.distributed import assign
+from musco_core.timing import fixed_threads
 
 HERE = Path(__file__).parent
 #: A hang fails the test instead of blocking the suite (the job itself times its collectives out after 30 s).
@@ -117,6 +118,22 @@ def test_the_distributed_run_is_the_single_process_run_over_all_shards(distribut
     close(final_weights[0], weights[-1])
     assert any(h["decomposition"] == "whitened_svd" and h["applied"] for h in expected_history)
     assert compressor.budgets  # the budget selector ran, with a sensitivity pass over both ranks' data
+
+
+def test_output_moments_are_summed_over_the_ranks_shards(tmp_path):
+    """Each rank draws the projections of its own shard; the moments every rank gets are the row-weighted mean of
+    the shards' moments, as one process computes them shard by shard with the same seed."""
+    processes = launch("moments", str(tmp_path))
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    ranks = [load_file(tmp_path / f"moments-{rank}.safetensors") for rank in range(2)]
+    with fixed_threads(1):  # as the ranks ran
+        shards = [worker.output_moments(rank, 2) for rank in range(2)]
+    batches = [len(worker.shard(worker.base.calibration(), rank, 2)) for rank in range(2)]  # rows per batch alike
+    assert batches == [2, 1]
+    for name in worker.MOMENT_LAYERS:
+        expected = (batches[0] * shards[0][name] + batches[1] * shards[1][name]) / sum(batches)
+        for moments in ranks:
+            torch.testing.assert_close(moments[name], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
