@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
-from .surgery import replace_module
+from .surgery import evaluating, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +157,8 @@ class _Recorded(Exception):
 @contextlib.contextmanager
 def _calibration_pass(model: nn.Module):
     """Eval mode and no_grad for the passes inside, every module's training flag restored afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *, stop_after: int = 0
@@ -324,18 +318,14 @@ def _gradient_pass(model: nn.Module, modules: Mapping[str, nn.Module]):
     """Eval mode with gradients on, the named layers' parameters (a factorized layer's factors too) requiring grad
     so their outputs are in the graph; training flags and ``requires_grad`` restored afterwards. No parameter's
     ``.grad`` is written."""
-    modes = {module: module.training for module in model.modules()}
     weights = {id(p): p for module in modules.values() for p in module.parameters()}
     flags = {key: weight.requires_grad for key, weight in weights.items()}
     try:
-        model.eval()
         for weight in weights.values():
             weight.requires_grad_(True)
-        with torch.enable_grad():
+        with evaluating(model), torch.enable_grad():
             yield
     finally:
-        for module, training in modes.items():
-            module.training = training
         for key, weight in weights.items():
             weight.requires_grad_(flags[key])
 
