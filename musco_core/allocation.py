@@ -74,11 +74,6 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     return choices
 
 
-def selector_params(selector: RankSelector, settings: RunSettings) -> Any:
-    """A whole-model selector's run parameters: ``settings.algo_kwargs[name]``, or its defaults."""
-    return settings.algo_kwargs.get(selector.name) or selector.Params()
-
-
 def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: Any) -> None:
     """A ConfigError when a whole-model selector of the schedule measures latency but there is no example input to
     time the model on."""
@@ -87,7 +82,7 @@ def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: A
     for layer in schedule.layers.values():
         selector = None if layer is None else registry.rank_selectors.get(layer.rank_selection)
         if selector is not None and selector.scope == "model" and selector.measures_latency(
-                selector_params(selector, schedule.settings)):
+                schedule.settings.params_for(selector)):
             raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: metric latency times the "
                               f"model and its layers on the example input: give the compressor an example_input "
                               f"(--input-shape on the command line)")
@@ -167,7 +162,7 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                and stage(other) == layer.curr_compr_iter]
     input_stats = input_stats_for(members)
     profiler = None
-    if selector.measures_latency(selector_params(selector, settings)):
+    if selector.measures_latency(settings.params_for(selector)):
         check_latency_input(schedule, registry, context.example_input)
         profiler = profiler_for(model, context)
     choices = [choice for other in members
@@ -202,7 +197,7 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
                   totals: ModelTotals, pass_index: int, settings: RunSettings
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
-    params = selector_params(selector, settings)
+    params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding)
     try:

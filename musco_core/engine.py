@@ -160,7 +160,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
                                   seconds=time.perf_counter() - started)
 
-    params = settings.algo_kwargs.get(decomposer.name) or decomposer.Params()
+    params = settings.params_for(decomposer)
     with torch.no_grad():
         per_group = [decomposer.decompose(s, ranks, params, seed=settings.seed) for s in group_sources]
         weights = [torch.cat(group_weights) for group_weights in zip(*per_group, strict=True)]

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .allocation import Pending, allocate_pass, pending_replacements, selector_params
+from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
 from .components import InputStats, ModelTotals
@@ -132,8 +132,9 @@ def output_projections(schedule: ModelSchedule, registry: Registry, names: Seque
     (:meth:`~musco_core.components.Decomposer.output_projections`): the most any of its candidates asks for."""
     def asked(candidate: str) -> int:
         decomposer = registry.decompositions.get(candidate)
-        params = schedule.settings.algo_kwargs.get(candidate) or decomposer.Params()
-        return decomposer.output_projections(params) if decomposer.needs_input_stats else 0
+        if not decomposer.needs_input_stats:
+            return 0
+        return decomposer.output_projections(schedule.settings.params_for(decomposer))
 
     wanted = {name: max(asked(candidate) for candidate in schedule.layers[name].candidates)
               for name in needs_input_stats(schedule, registry, names)}
@@ -338,7 +339,7 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
     selectors = set()
     for name, entry in pending.items():
         selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
-        if selector.scope == "model" and selector.measures_latency(selector_params(selector, schedule.settings)):
+        if selector.scope == "model" and selector.measures_latency(schedule.settings.params_for(selector)):
             selectors.add(selector.name)
     if not selectors:
         return list(budgets)

@@ -238,6 +238,10 @@ class RunSettings:
     calibration: Literal["sequential", "independent"] = "sequential"
     algo_kwargs: dict[str, Any] = attrs.field(factory=dict)
 
+    def params_for(self, component: Any) -> Any:
+        """A decomposition's or rank selector's run parameters: ``algo_kwargs[its name]``, or its defaults."""
+        return self.algo_kwargs.get(component.name) or component.Params()
+
 
 @attrs.frozen
 class ModelSchedule:
