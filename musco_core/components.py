@@ -131,14 +131,15 @@ class InputStats:
         """The statistics of group ``g``'s input features (the contiguous ``g``-th of ``groups`` blocks)."""
         if groups < 1 or self.n_features % groups or not 0 <= g < groups:
             raise ValueError(f"group {g} of {groups}: {self.n_features} features do not split into {groups} groups")
-        size = self.n_features // groups
-        block = slice(g * size, (g + 1) * size)
-        cross = None if self.cross_moment is None else self.cross_moment[block, block]
-        output = None
-        if self.output_moment is not None:
-            out_size = self.output_moment.shape[0] // groups
-            output = self.output_moment[g * out_size:(g + 1) * out_size, g * out_size:(g + 1) * out_size]
-        return InputStats(self.second_moment[block, block], self.count, cross, output)
+
+        def block(moment: torch.Tensor | None) -> torch.Tensor | None:
+            """The ``g``-th of ``groups`` diagonal blocks of a moment (input or output features)."""
+            if moment is None:
+                return None
+            size = moment.shape[0] // groups
+            return moment[g * size:(g + 1) * size, g * size:(g + 1) * size]
+
+        return InputStats(block(self.second_moment), self.count, block(self.cross_moment), block(self.output_moment))
 
 
 @attrs.frozen

@@ -434,15 +434,21 @@ class _Chain:
         return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
 
 
+def _put(model: nn.Module, paths: Sequence[str], new: nn.Module) -> nn.Module:
+    """Puts ``new`` at each of ``paths`` (one module however many names hold it); returns the root, which is
+    ``new`` itself where a path is the root's (``""``)."""
+    for path in paths:
+        if path:
+            replace_module(model, path, new)
+        else:
+            model = new
+    return model
+
+
 def _apply_splits(model: nn.Module, splits: dict[_Chain, Split]) -> nn.Module:
     """Puts each chain, run as its split, where the chain is held; returns the root (new if it was a chain)."""
     for chain, split in splits.items():
-        new = chain.build(split)
-        for path in chain.paths:
-            if path:
-                replace_module(model, path, new)
-            else:
-                model = new
+        model = _put(model, chain.paths, chain.build(split))
     return model
 
 
@@ -537,18 +543,12 @@ def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> 
             by_geometry.setdefault(key, []).append(module)
     for (input_shape, _, _, dtype, device), convs in tqdm(
             by_geometry.items(), desc="optimize_for_inference: timing 1x1 convolutions", disable=not progress):
-        conv, product = convs[0], PointwiseConv2d.from_conv(convs[0])
-        times = time_modules_at([conv, product], input_shape, dtype=dtype, device=device, channels_last=True,
-                                warmup=1, min_rounds=3, max_rounds=30, min_seconds=0.1)
+        conv = convs[0]
+        times = time_modules_at([conv, PointwiseConv2d.from_conv(conv)], input_shape, dtype=dtype, device=device,
+                                channels_last=True, warmup=1, min_rounds=3, max_rounds=30, min_seconds=0.1)
         log.debug("optimize_for_inference: 1x1 convolution %s at %s: %.0f us, as a matrix product %.0f us",
                   tuple(conv.weight.shape), input_shape, 1e6 * times[0], 1e6 * times[1])
-        if times[1] >= MEASURABLY_FASTER * times[0]:
-            continue
-        for shared in convs:  # a layer held under two names stays one layer
-            product = PointwiseConv2d.from_conv(shared)
-            for path in paths[id(shared)]:
-                if path:
-                    replace_module(model, path, product)
-                else:
-                    model = product
+        if times[1] < MEASURABLY_FASTER * times[0]:
+            for same in convs:
+                model = _put(model, paths[id(same)], PointwiseConv2d.from_conv(same))
     return model

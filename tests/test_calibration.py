@@ -236,6 +236,11 @@ def test_input_stats_of_a_group():
     moment = torch.arange(36.0, dtype=torch.float64).reshape(6, 6)
     stats = InputStats(moment, 7)
     assert torch.equal(stats.group(1, 3).second_moment, moment[2:4, 2:4]) and stats.group(1, 3).count == 7
+    assert stats.group(1, 3).cross_moment is None and stats.group(1, 3).output_moment is None
+    output = torch.arange(81.0, dtype=torch.float64).reshape(9, 9)  # out channels: 3 per group
+    weighted = InputStats(moment, 7, moment + 1, output).group(1, 3)
+    assert torch.equal(weighted.cross_moment, moment[2:4, 2:4] + 1) and torch.equal(weighted.output_moment,
+                                                                                     output[3:6, 3:6])
     with pytest.raises(ValueError, match="do not split into 4 groups"):
         stats.group(0, 4)
 
