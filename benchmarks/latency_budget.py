@@ -65,7 +65,8 @@ def interpolation_errors(model, x, reduction: float) -> list[tuple[str, tuple, f
     for name in [compressed[int(i)] for i in np.linspace(0, len(compressed) - 1, INTERPOLATION_LAYERS).round()]:
         module = compressor.compressed_model.get_submodule(name)
         choice = layer_choices(name, module, compressor.schedule.layers[name], context, None, profiler)[0]
-        options, price = layer_options(choice, "latency", RankRounding.of(settings.rank_multiple, x.device),
+        options, price = layer_options(choice, "latency",
+                                       RankRounding.of(settings.rank_multiple, x.device, whole_model=True),
                                        settings.algo_kwargs["budget"].min_rank_fraction)
         family = [ranks for ranks in options.ranks if ranks is not None]
         family.sort(key=lambda ranks: choice.cost(ranks).macs)

@@ -199,7 +199,7 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
-    rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding)
+    rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
     try:
         allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
                                        rounding)

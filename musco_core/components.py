@@ -35,7 +35,9 @@ from .errors import UnsupportedLayerError
 #: (``settings.rank_multiple: auto`` rounds ranks by device type); ``RankSelector.hardware_rounding`` and
 #: ``WeightSource.stored_weight`` added.
 #: 3.1 added, additively, :meth:`Decomposer.output_projections` and ``InputStats.output_moment``.
-PLUGIN_API_VERSION = (3, 1)
+#: 3.2 added, additively, ``RankRounding.free_from``: under ``auto`` a whole-model selector's candidates from twice
+#: the multiple up all round to it.
+PLUGIN_API_VERSION = (3, 2)
 
 
 @attrs.frozen
@@ -56,13 +58,15 @@ class Cost(NamedTuple):
 
 
 def round_ranks(ranks: Sequence[int], multiple: int, limits: Sequence[int] | None = None, *,
-                max_growth: float | None = None) -> tuple[int, ...]:
+                max_growth: float | None = None, free_from: int | None = None) -> tuple[int, ...]:
     """The one rank-rounding rule: each rank up to a multiple of ``multiple`` (at least one multiple), then clamped
     to the layer's ``limits`` when given (and to 1). Rounding up never gives a layer less than the rank asked for.
-    With ``max_growth``, a rank that rounding up would grow by more than that fraction of it stays as it is."""
+    With ``max_growth``, a rank that rounding up would grow by more than that fraction of it stays as it is, unless
+    it is at least ``free_from``."""
     def up(rank: int) -> int:
         rounded = max(multiple, -(-rank // multiple) * multiple)
-        return rank if max_growth is not None and rounded - rank > max_growth * rank else rounded
+        bounded = max_growth is not None and (free_from is None or rank < free_from)
+        return rank if bounded and rounded - rank > max_growth * rank else rounded
 
     rounded = [up(rank) for rank in ranks]
     if limits is not None:
@@ -86,20 +90,29 @@ class RankRounding:
 
     multiple: int = 1
     max_growth: float | None = None
+    free_from: int | None = None
 
     @classmethod
-    def of(cls, rank_multiple: int | str, device: torch.device, hardware: bool = True) -> RankRounding:
+    def of(cls, rank_multiple: int | str, device: torch.device, hardware: bool = True,
+           whole_model: bool = False) -> RankRounding:
         """The rounding ``settings.rank_multiple`` means for weights on ``device``: an int rounds every rank up to
         it; ``"auto"`` rounds ranks up to the device type's :data:`HARDWARE_RANK_MULTIPLES` where that grows them
-        by at most :data:`AUTO_MAX_GROWTH`, unless ``hardware`` is False (ranks the user gave, e.g. ``manual``)."""
+        by at most :data:`AUTO_MAX_GROWTH`, unless ``hardware`` is False (ranks the user gave, e.g. ``manual``).
+
+        ``whole_model``: the ranks are the candidates a whole-model selector prices and chooses among to meet its
+        target, so under ``"auto"`` every one from twice the multiple up rounds up however far: a rank just above
+        a multiple runs about as slowly as the next multiple while counting fewer FLOPs, and a budget that could
+        choose it would buy FLOPs that save no time (docs/benchmarks.md, "Rank multiples"). Smaller ranks keep
+        the bounded rule, so that budgets over small layers (tens of channels) still have ranks to land with."""
         if rank_multiple != "auto":
             return cls(int(rank_multiple))
         if not hardware:
             return cls()
-        return cls(HARDWARE_RANK_MULTIPLES.get(torch.device(device).type, 1), AUTO_MAX_GROWTH)
+        multiple = HARDWARE_RANK_MULTIPLES.get(torch.device(device).type, 1)
+        return cls(multiple, AUTO_MAX_GROWTH, 2 * multiple if whole_model else None)
 
     def __call__(self, ranks: Sequence[int], limits: Sequence[int] | None = None) -> tuple[int, ...]:
-        return round_ranks(ranks, self.multiple, limits, max_growth=self.max_growth)
+        return round_ranks(ranks, self.multiple, limits, max_growth=self.max_growth, free_from=self.free_from)
 
 
 @attrs.frozen(eq=False)

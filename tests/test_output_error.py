@@ -194,11 +194,12 @@ def test_a_tucker2_budget_with_calibration_data_meets_its_target_over_two_passes
     model = make_trained_like(nn.Sequential(nn.Conv2d(8, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3),
                                             nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1))).eval()
     batches = [torch.randn(4, 8, 10, 10) for _ in range(2)]
-    schedule = {name: {"decomposition": "tucker2", "rank_selection": "budget"} for name in ("0", "2", "4")}
-    compressor = Compressor(model, example_input=batches[0], model_compr_kwargs=schedule, ft_every=3,
-                            nglobal_compress_iters=2, calibration_data=batches, registry=registry, progress=False,
-                            all_algo_kwargs={"budget": {"reduction": 1.6, "metric": "flops",
-                                                        "min_rank_fraction": 0}})
+    schedule = {"version": 1,  # every rank: multiples of 8 alone are too coarse for 24 channels to land within 5%
+                "layers": {name: {"decomposition": "tucker2", "rank_selection": "budget"} for name in ("0", "2", "4")},
+                "settings": {"ft_every": 3, "nglobal_compress_iters": 2, "rank_multiple": 1, "algo_kwargs": {
+                    "budget": {"reduction": 1.6, "metric": "flops", "min_rank_fraction": 0}}}}
+    compressor = Compressor(model, example_input=batches[0], model_compr_kwargs=schedule, calibration_data=batches,
+                            registry=registry, progress=False)
     while not compressor.done:
         compressor.compression_step()
     report = compressor.report()

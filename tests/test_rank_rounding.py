@@ -78,13 +78,15 @@ def test_selected_ranks_are_rounded_by_default_and_manual_ranks_are_kept():
     assert notes == {"0": "ranks (27,) rounded up to (32,) (rank_multiple auto)", "2": None}  # the report says so
 
 
-def test_a_budget_offers_only_rounded_ranks_under_auto():
+def test_under_auto_a_budget_chooses_among_multiples_from_twice_the_multiple_up():
+    # a rank between multiples runs about as slowly as the next one: a budget never buys FLOPs with it
+    whole_model = RankRounding.of("auto", torch.device("cpu"), whole_model=True)
+    assert [whole_model((rank,), (128,)) for rank in (4, 7, 9, 15, 17, 25)] == [(4,), (8,), (9,), (16,), (24,), (32,)]
+    assert RankRounding.of(1, torch.device("cpu"), whole_model=True) == RankRounding(1)
     layers = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2", "4")}
-    compressor = compress(layers, algo_kwargs={"budget": {"reduction": 2.5, "metric": "params"}})
-    rounding = RankRounding.of("auto", torch.device("cpu"))
-    chosen = [ranks for ranks in compressor.ranks.values() if ranks is not None]
-    assert chosen and all(rounding(ranks, (128,)) == ranks for ranks in chosen)
-    assert any(ranks[0] % 8 == 0 for ranks in chosen)
+    budget = {"budget": {"reduction": 3.3, "metric": "params"}}
+    assert compress(layers, rank_multiple=1, algo_kwargs=budget).ranks == {"0": (17,), "2": (18,), "4": (18,)}
+    assert compress(layers, algo_kwargs=budget).ranks == {"0": (16,), "2": (16,), "4": (16,)}
 
 
 def test_auto_round_trips_through_yaml_and_bad_values_name_the_key(tmp_path):
