@@ -14,7 +14,8 @@ area) and flips of them, resized to 224 x 224. Calibration (``whitened_svd``, th
 evaluation crops of the others. No fine-tuning.
 
     python benchmarks/accuracy_efficientnet.py [--threads 2] [--targets 1.3 1.5] [--eval-views 40]
-                                               [--decompositions svd whitened_svd] [--selections uniform budget vbmf]
+                                               [--decompositions svd whitened_svd]
+                                               [--selections uniform budget budget+sens vbmf groups]
                                                [--output-weighting PROJECTIONS]
 """
 from __future__ import annotations
@@ -128,7 +129,9 @@ def main() -> None:
     parser.add_argument("--selections", nargs="+", default=["uniform", "budget", "vbmf"],
                         help="uniform rates, the whole-model budget, the budget with a sensitivity pass "
                              "(budget+sens: its loss is the mean squared difference of the logits from the "
-                             "uncompressed model's on the first 32 calibration crops), the generated vbmf schedule")
+                             "uncompressed model's on the first 32 calibration crops), the generated vbmf schedule, "
+                             "groups (the uniform rate on the expansions alone, the projections alone, the head "
+                             "alone, then on each 1x1 convolution alone: where the damage comes from)")
     parser.add_argument("--min-rank-fraction", type=float, default=None,
                         help="the budget's rank floor (default: the budget's own default)")
     parser.add_argument("--output-weighting", type=int, default=0, metavar="PROJECTIONS",
@@ -171,16 +174,17 @@ def main() -> None:
           f"{', '.join(n for n, e in budget.items() if e is None and stats.layers[n].spec.groups == 1)} "
           f"and the {sum(s.spec.groups > 1 for s in stats.layers.values())} depthwise convolutions\n")
 
-    rows = ["| target | decomposition | ranks | MACs reduction | params reduction | top-1 agreement | time (s) |",
-            "|---:|---|---|---:|---:|---:|---:|"]
+    rows = ["| target | decomposition | ranks | MACs reduction | params reduction | top-1 agreement | classes predicted "
+            "| time (s) |", "|---:|---|---|---:|---:|---:|---:|---:|"]
 
     def record(target: str, decomposition: str, selection: str, compressor: Compressor, seconds: float) -> None:
         report = compressor.report()
         compressed = compressor.compressed_model
         compressed = compressed.model if isinstance(compressed, Hellinger) else compressed
-        agreement = float((top1(compressed, held_out) == reference).float().mean())
+        predicted = top1(compressed, held_out)
+        agreement = float((predicted == reference).float().mean())
         rows.append(f"| {target} | {decomposition} | {selection} | {report.macs_ratio:.3f} | "
-                    f"{report.params_ratio:.3f} | {agreement:.1%} | {seconds:.0f} |")
+                    f"{report.params_ratio:.3f} | {agreement:.1%} | {len(set(predicted.tolist()))} | {seconds:.0f} |")
         print(rows[-1], flush=True)
 
     budget_params = {} if args.min_rank_fraction is None else {"min_rank_fraction": args.min_rank_fraction}
@@ -197,6 +201,16 @@ def main() -> None:
                                   "param_reduction_rate": rate} for name in names}
                 record(f"{target}x", label, f"uniform (rate {rate:.3f})",
                        *run(model, uniform, example, calibration, all_algo_kwargs=weighting or None, **hellinger))
+            if "groups" in args.selections:
+                kinds = {"expansions": [name for name in names if name.endswith("_expand_conv")],
+                         "projections": [name for name in names if name.endswith("_project_conv")],
+                         "head": [name for name in names if name == "_conv_head"]}
+                singles = [(name, [name]) for name in names if [name] not in kinds.values()]
+                for group, members in [*kinds.items(), *singles]:
+                    alone = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
+                                    "param_reduction_rate": rate} if name in members else None for name in names}
+                    record(f"{target}x", label, f"{group} alone (rate {rate:.3f})",
+                           *run(model, alone, example, calibration, all_algo_kwargs=weighting or None, **hellinger))
             whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
             settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}, **weighting}
             if "budget" in args.selections:
