@@ -161,6 +161,17 @@ def _calibration_pass(model: nn.Module):
         yield
 
 
+@contextlib.contextmanager
+def _model_failure(stage: str, index: int):
+    """An error of the user's batch or model (not one of ours) as one ConfigError naming the batch, cause chained."""
+    try:
+        yield
+    except MuscoError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{stage}: the model failed on batch {index}: {type(exc).__name__}: {exc}") from exc
+
+
 def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *, stop_after: int = 0
             ) -> dict[str, list[torch.Tensor]]:
     """The inputs each module receives when the model runs on ``batch`` (one per call, in order), the modules in the
@@ -179,13 +190,11 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
-        _run_batch(model, batch)
-    except _Recorded:
-        pass
-    except MuscoError:
-        raise
-    except Exception as exc:  # the user's batch or model: one clear line, the cause chained
-        raise ConfigError(f"calibration: the model failed on batch {index}: {type(exc).__name__}: {exc}") from exc
+        with _model_failure("calibration", index):
+            try:
+                _run_batch(model, batch)
+            except _Recorded:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -365,25 +374,20 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
 
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
             try:
-                tensors = _output_tensors(_run_batch(model, batch))
-                if not tensors:
-                    raise ConfigError(f"output statistics: the model's output on batch {n_batches} holds no "
-                                      f"floating-point tensor that depends on its weights")
-                draws = []
-                for draw in range(projections):
-                    projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
-                                    for tensor in tensors)
-                    draws.append(torch.autograd.grad(projected, [output for _, output in outputs],
-                                                     allow_unused=True, retain_graph=draw < projections - 1))
-            except MuscoError:
-                raise
-            except Exception as exc:  # the user's batch or model: one clear line, the cause chained
-                raise ConfigError(f"output statistics: the model failed on batch {n_batches}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                with _model_failure("output statistics", n_batches):
+                    tensors = _output_tensors(_run_batch(model, batch))
             finally:
                 for handle in handles:
                     handle.remove()
-            for gradients in draws:
+            if not tensors:
+                raise ConfigError(f"output statistics: the model's output on batch {n_batches} holds no "
+                                  f"floating-point tensor that depends on its weights")
+            for draw in range(projections):  # each draw added up at once: one draw's gradients held at a time
+                projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
+                                for tensor in tensors)
+                with _model_failure("output statistics", n_batches):
+                    gradients = torch.autograd.grad(projected, [output for _, output in outputs], allow_unused=True,
+                                                    retain_graph=draw < projections - 1)
                 for (name, _), gradient in zip(outputs, gradients):
                     if gradient is None:
                         continue

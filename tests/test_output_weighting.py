@@ -67,6 +67,28 @@ def test_output_moments_of_a_mapping_output_and_clear_errors(registry):
     with pytest.raises(ConfigError, match="model failed on batch 0: RuntimeError"):
         collect_output_moments(model, specs(registry, model, ["used"]), [torch.randn(2, 5)], progress=False)
 
+    class FailsBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no gradient here")
+
+    class BrokenBackward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return FailsBackward.apply(self.used(x))
+
+    broken = BrokenBackward()
+    with pytest.raises(ConfigError, match="output statistics: the model failed on batch 0: RuntimeError: no gradient"):
+        collect_output_moments(broken, specs(registry, broken, ["used"]), [torch.randn(2, 3)] * 2, projections=3,
+                               progress=False)
+
 
 def test_the_output_weighted_fit_is_exact_at_full_rank_and_optimal_in_its_metric():
     generator = torch.Generator().manual_seed(0)
