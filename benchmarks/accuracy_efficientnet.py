@@ -196,21 +196,22 @@ def main() -> None:
             label = decomposition + (" + output weighting" if weighting and decomposition == "whitened_svd" else "")
             label += " (Hellinger)" if weighting and args.hellinger else ""
             hellinger = {"hellinger": bool(weighting and args.hellinger)}
+
+            def at_rate(members: list[str]) -> tuple[Compressor, float]:
+                """``members`` compressed at the uniform rate, the other 1x1 convolutions left as they are."""
+                schedule = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
+                                   "param_reduction_rate": rate} if name in members else None for name in names}
+                return run(model, schedule, example, calibration, all_algo_kwargs=weighting or None, **hellinger)
+
             if "uniform" in args.selections:
-                uniform = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
-                                  "param_reduction_rate": rate} for name in names}
-                record(f"{target}x", label, f"uniform (rate {rate:.3f})",
-                       *run(model, uniform, example, calibration, all_algo_kwargs=weighting or None, **hellinger))
+                record(f"{target}x", label, f"uniform (rate {rate:.3f})", *at_rate(names))
             if "groups" in args.selections:
                 kinds = {"expansions": [name for name in names if name.endswith("_expand_conv")],
                          "projections": [name for name in names if name.endswith("_project_conv")],
                          "head": [name for name in names if name == "_conv_head"]}
                 singles = [(name, [name]) for name in names if [name] not in kinds.values()]
                 for group, members in [*kinds.items(), *singles]:
-                    alone = {name: {"decomposition": decomposition, "rank_selection": "param_reduction",
-                                    "param_reduction_rate": rate} if name in members else None for name in names}
-                    record(f"{target}x", label, f"{group} alone (rate {rate:.3f})",
-                           *run(model, alone, example, calibration, all_algo_kwargs=weighting or None, **hellinger))
+                    record(f"{target}x", label, f"{group} alone (rate {rate:.3f})", *at_rate(members))
             whole = {name: {"decomposition": decomposition, "rank_selection": "budget"} for name in names}
             settings = {"budget": {"reduction": target, "metric": "flops", **budget_params}, **weighting}
             if "budget" in args.selections:
