@@ -6,6 +6,8 @@ and the classifier, ranks allocated by ``budget``). Then, per thread count and b
 
 * eager: the original model as it is, and through ``optimize_for_inference``; the compressed model through
   ``standardize_model`` and through ``optimize_for_inference`` (both optimized at the measured batch size);
+  and a control, a dense ResNet-50 with fewer channels in every layer and about the same FLOPs reduction
+  (optimized too): what removing that many FLOPs buys here without factorizing anything;
 * torch.compile (inductor): the original as it is against the optimized compressed model;
 * ONNX Runtime: both exported with ``torch.onnx.export``, run with the same number of intra-op threads.
 
@@ -14,10 +16,12 @@ is the machine's 1-minute load average when the row was printed (other processes
 
     python benchmarks/latency.py [--reductions 2,3] [--batches 1,32] [--threads 1,2] [--rank-multiples auto,1]
                                  [--backends eager,compile,onnxruntime] [--repeats 20] [--large-repeats 3]
+                                 [--omp-wait-policy passive|active|default]
 
 The whole default run takes about an hour on 2 shared cores; batch-32 rows use ``--large-repeats`` rounds. Idle
-OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) and malloc keeps freed memory (see ``_setup.keep_freed_memory``)
-unless ``--system-malloc``: both settings apply to the original and the compressed models alike.
+OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) unless ``--omp-wait-policy`` says otherwise (see
+``choose_wait_policy``), and malloc keeps freed memory (see ``_setup.keep_freed_memory``) unless
+``--system-malloc``: both settings apply to every model alike.
 """
 from __future__ import annotations
 
@@ -25,13 +29,40 @@ import argparse
 import copy
 import itertools
 import logging
+import math
 import os
+import sys
 import time
 import warnings
 
-# Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on cores shared with other
-# processes, spinning threads made 2-thread runs 5x slower (ResNet-50, batch 1: 1277 ms against 240 ms).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+WAIT_POLICIES = ("passive", "active", "default")
+
+
+def choose_wait_policy(argv: list[str]) -> None:
+    """Sets ``OMP_WAIT_POLICY`` from ``--omp-wait-policy`` before torch loads OpenMP, which reads it only then.
+
+    ``passive`` (the default, unless the environment sets a policy): idle threads sleep. On cores shared with
+    other processes spinning threads made 2-thread runs 5x slower (ResNet-50, batch 1: 1277 ms against 240 ms),
+    but waking a sleeping thread costs each parallel operation tens of microseconds here, which a model of many
+    small layers pays more often. ``default``: OpenMP's own behaviour (libgomp spins a while, then sleeps), what
+    a deployment gets unless it sets a policy; ``active``: idle threads spin.
+    """
+    chosen = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--omp-wait-policy="):
+            chosen = arg.partition("=")[2]
+        elif arg == "--omp-wait-policy" and i + 1 < len(argv):
+            chosen = argv[i + 1]
+    if chosen == "default":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    elif chosen in ("passive", "active"):
+        os.environ["OMP_WAIT_POLICY"] = chosen.upper()
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # argparse reports a wrong value
+
+
+if __name__ == "__main__":
+    choose_wait_policy(sys.argv)
 
 import torch
 from torch import nn
@@ -60,6 +91,20 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
 
 
+def thinner_dense_control(x: torch.Tensor, original_flops: int, flops_x: float) -> tuple[nn.Module, int, float]:
+    """The control: a dense ResNet-50 with fewer channels in every layer (``width`` instead of 64), the width whose
+    FLOPs reduction is closest to ``flops_x``; (model, width, its FLOPs reduction). Nothing is factorized, so its
+    speed-up is what removing that many FLOPs buys on this machine without adding a single layer."""
+    reductions = {}
+    for width in range(64, 7, -1):
+        reductions[width] = original_flops / flops(resnet50(width=width).eval(), x)
+        if reductions[width] >= flops_x:
+            break
+    width = min(reductions, key=lambda w: abs(math.log(reductions[w] / flops_x)))
+    torch.manual_seed(0)
+    return make_trained_like(resnet50(width=width)).eval(), width, reductions[width]
+
+
 def row(flops_x: float, threads: int, batch: int, backend: str, original: float, compressed: float) -> None:
     speed_up = original / compressed
     print(f"{flops_x:>8.2f} {threads:>7} {batch:>5}  {backend:<34}{1e3 * original:>12.1f}{1e3 * compressed:>14.1f}"
@@ -73,19 +118,22 @@ def rounds(batch: int, args) -> dict:
     return {"warmup": 2, "min_rounds": args.repeats, "max_rounds": 4 * args.repeats, "min_seconds": 2.0}
 
 
-def eager_rows(original, compressed, x, flops_x, threads, args) -> nn.Module:
+def eager_rows(original, compressed, control, x, flops_x, threads, args) -> nn.Module:
     started = time.perf_counter()
     optimized = optimize_for_inference(compressed, x, progress=False)
     seconds = time.perf_counter() - started
     original_optimized = optimize_for_inference(original, x, progress=False)
     standardized = standardize_model(copy.deepcopy(compressed)).eval()
-    t_original, t_original_optimized, t_standardized, t_optimized = time_modules(
-        [original, original_optimized, standardized, optimized], x, **rounds(len(x), args))
+    control_model, width, control_x = control
+    control_optimized = optimize_for_inference(control_model, x, progress=False)
+    t_original, t_original_optimized, t_standardized, t_optimized, t_control = time_modules(
+        [original, original_optimized, standardized, optimized, control_optimized], x, **rounds(len(x), args))
     batch = len(x)
     row(flops_x, threads, batch, "eager, standardize_model", t_original, t_standardized)
     row(flops_x, threads, batch, f"eager, optimize_for_inference{layout(optimized)}", t_original, t_optimized)
     row(flops_x, threads, batch, f"eager, both optimized{layout(original_optimized)}", t_original_optimized,
         t_optimized)
+    row(control_x, threads, batch, f"control: dense, width {width}{layout(control_optimized)}", t_original, t_control)
     factorized = sum(isinstance(m, FactorizedLayer) for m in compressed.modules())
     products = sum(isinstance(m, PointwiseConv2d) for m in optimized.modules())
     print(f"{'':>24}(optimize_for_inference: {seconds:.1f} s; of {factorized} factorized layers "
@@ -149,12 +197,16 @@ def main() -> None:
                         help="settings.rank_multiple of the compression, one model per value (e.g. auto,1)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (by default freed memory is kept: see _setup.py)")
+    parser.add_argument("--omp-wait-policy", choices=WAIT_POLICIES,
+                        help="what idle OpenMP threads do (see choose_wait_policy); default: passive, unless "
+                             "OMP_WAIT_POLICY is set")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torch").setLevel(logging.ERROR)
     backends = set(args.backends.split(","))
     kept = not args.system_malloc and keep_freed_memory()
-    print(f"{setup(1)}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; malloc keeps freed memory: {kept}")
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
+    print(f"{setup(1)}; OMP_WAIT_POLICY={policy}; malloc keeps freed memory: {kept}")
     model = make_trained_like(resnet50()).eval()
     x1 = torch.randn(1, 3, 224, 224)
     original_flops = flops(model, x1)
@@ -163,12 +215,14 @@ def main() -> None:
                                                  args.rank_multiples.split(",")):
         compressed = compress(model, x1, reduction, multiple if multiple == "auto" else int(multiple))
         flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
-        print(f"target {reduction}x FLOPs, rank_multiple {multiple}: {flops_x:.3f}x fewer FLOPs")
+        control = thinner_dense_control(x1, original_flops, flops_x)
+        print(f"target {reduction}x FLOPs, rank_multiple {multiple}: {flops_x:.3f}x fewer FLOPs; control: a dense "
+              f"ResNet-50 of width {control[1]} (64 in the original), {control[2]:.3f}x fewer FLOPs")
         for threads in map(int, args.threads.split(",")):
             for batch in map(int, args.batches.split(",")):
                 x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
                 with fixed_threads(threads):
-                    optimized = eager_rows(model, compressed, x, flops_x, threads, args)
+                    optimized = eager_rows(model, compressed, control, x, flops_x, threads, args)
                     if "compile" in backends:
                         compile_row(model, optimized, x, flops_x, threads, args)
                     if "onnxruntime" in backends:
