@@ -3,8 +3,9 @@
 A ResNet-50-shaped model with trained-like weights is compressed on the GPU by the ``budget`` selector (the
 compression pass is timed), then the original and the compressed model (through ``standardize_model`` and
 through ``optimize_for_inference``, each optimized at the measured batch size) are timed in alternation, with a
-device synchronization after every forward pass; a torch.compile row compares the compiled original with the
-compiled optimized model. Without CUDA it prints why and exits with status 0.
+device synchronization after every forward pass, together with the control of ``latency.py`` (a dense
+ResNet-50 thinned to about the same FLOPs, optimized too); a torch.compile row compares the compiled original
+with the compiled optimized model. Without CUDA it prints why and exits with status 0.
 
     python benchmarks/gpu.py [--reductions 2,3] [--batches 1,32] [--dtype float32] [--no-compile]
 """
@@ -17,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from _setup import make_trained_like, resnet50
+from _setup import make_trained_like, resnet50, thinner_dense_control
 from musco_core import Compressor, ModelStats, default_registry, optimize_for_inference, standardize_model
 from musco_core.timing import time_modules
 
@@ -63,27 +64,32 @@ def main() -> None:
         compressed, seconds = compress(model, x1, reduction, device)
         flops_x = original_flops / ModelStats.from_model(standardize_model(copy.deepcopy(compressed)), registry, x1,
                                                          count_flops=True).total_flops
+        control, width, control_x = thinner_dense_control(flops_x)
+        control = control.to(device, dtype)
         print(f"\nbudget {reduction}x FLOPs: compression pass {seconds:.1f} s on the GPU, FLOPs reduced "
-              f"{flops_x:.2f}x\n{header}\n{'-' * len(header)}")
+              f"{flops_x:.2f}x; control: a dense ResNet-50 of width {width}, {control_x:.2f}x fewer FLOPs\n"
+              f"{header}\n{'-' * len(header)}")
         original = copy.deepcopy(model).to(dtype)
         for batch in map(int, args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             rounds = {"warmup": 5, "min_rounds": args.repeats, "min_seconds": 1.0, "device": device}
             standardized = standardize_model(copy.deepcopy(compressed)).to(dtype).eval()
             optimized = optimize_for_inference(copy.deepcopy(compressed).to(dtype), x, inplace=True, progress=False)
-            times = time_modules([original, standardized, optimized], x, **rounds)
-            rows = [("eager, standardize_model", times[0], times[1]),
-                    ("eager, optimize_for_inference", times[0], times[2])]
+            control_optimized = optimize_for_inference(control, x, progress=False)
+            times = time_modules([original, standardized, optimized, control_optimized], x, **rounds)
+            rows = [("eager, standardize_model", flops_x, times[0], times[1]),
+                    ("eager, optimize_for_inference", flops_x, times[0], times[2]),
+                    (f"control: dense, width {width}", control_x, times[0], times[3])]
             if not args.no_compile:
                 compiled = [torch.compile(original), torch.compile(optimized)]
                 with torch.no_grad():
                     for module in compiled:
                         module(x)
-                rows.append(("torch.compile", *time_modules(compiled, x, **rounds)))
-            for label, t_original, t_compressed in rows:
+                rows.append(("torch.compile", flops_x, *time_modules(compiled, x, **rounds)))
+            for label, reduced, t_original, t_compressed in rows:
                 speed_up = t_original / t_compressed
-                print(f"{flops_x:>8.2f} {batch:>5}  {label:<32}{1e3 * t_original:>12.3f}{1e3 * t_compressed:>14.3f}"
-                      f"{speed_up:>9.2f}{speed_up / flops_x:>10.2f}", flush=True)
+                print(f"{reduced:>8.2f} {batch:>5}  {label:<32}{1e3 * t_original:>12.3f}{1e3 * t_compressed:>14.3f}"
+                      f"{speed_up:>9.2f}{speed_up / reduced:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

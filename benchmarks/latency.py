@@ -29,7 +29,6 @@ import argparse
 import copy
 import itertools
 import logging
-import math
 import os
 import sys
 import time
@@ -67,7 +66,7 @@ if __name__ == "__main__":
 import torch
 from torch import nn
 
-from _setup import keep_freed_memory, make_trained_like, resnet50, setup
+from _setup import keep_freed_memory, make_trained_like, resnet50, setup, thinner_dense_control
 from musco_core import (Compressor, FactorizedLayer, ModelStats, PointwiseConv2d, default_registry,
                         generate_model_compr_kwargs, optimize_for_inference, standardize_model)
 from musco_core.timing import fixed_threads, time_alternated, time_modules
@@ -89,20 +88,6 @@ def compress(model: nn.Module, x: torch.Tensor, reduction: float, rank_multiple:
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
     return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
-
-
-def thinner_dense_control(x: torch.Tensor, original_flops: int, flops_x: float) -> tuple[nn.Module, int, float]:
-    """The control: a dense ResNet-50 with fewer channels in every layer (``width`` instead of 64), the width whose
-    FLOPs reduction is closest to ``flops_x``; (model, width, its FLOPs reduction). Nothing is factorized, so its
-    speed-up is what removing that many FLOPs buys on this machine without adding a single layer."""
-    reductions = {}
-    for width in range(64, 7, -1):
-        reductions[width] = original_flops / flops(resnet50(width=width).eval(), x)
-        if reductions[width] >= flops_x:
-            break
-    width = min(reductions, key=lambda w: abs(math.log(reductions[w] / flops_x)))
-    torch.manual_seed(0)
-    return make_trained_like(resnet50(width=width)).eval(), width, reductions[width]
 
 
 def row(flops_x: float, threads: int, batch: int, backend: str, original: float, compressed: float) -> None:
@@ -215,7 +200,7 @@ def main() -> None:
                                                  args.rank_multiples.split(",")):
         compressed = compress(model, x1, reduction, multiple if multiple == "auto" else int(multiple))
         flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
-        control = thinner_dense_control(x1, original_flops, flops_x)
+        control = thinner_dense_control(flops_x)
         print(f"target {reduction}x FLOPs, rank_multiple {multiple}: {flops_x:.3f}x fewer FLOPs; control: a dense "
               f"ResNet-50 of width {control[1]} (64 in the original), {control[2]:.3f}x fewer FLOPs")
         for threads in map(int, args.threads.split(",")):
