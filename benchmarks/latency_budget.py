@@ -69,6 +69,9 @@ def interpolation_errors(model, x, reduction: float) -> list[tuple[str, tuple, f
                                        RankRounding.of(settings.rank_multiple, x.device, whole_model=True),
                                        settings.algo_kwargs["budget"].min_rank_fraction)
         family = [ranks for ranks in options.ranks if ranks is not None]
+        if not family:
+            print(f"    {name:<16} no ranks time faster than the dense layer: skipped", flush=True)
+            continue
         family.sort(key=lambda ranks: choice.cost(ranks).macs)
         probes = [family[int(i)] for i in np.linspace(0, len(family) - 1, 2 * LATENCY_POINTS + 1)[1::4].round()]
         dense = Chain.dense(choice.spec, choice.input_shape)
