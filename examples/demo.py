@@ -115,6 +115,9 @@ def main():
     print("\nlatency (median ms, the three timed in alternation, 2 threads); optimize_for_inference folds BatchNorm,\n"
           "merges factor chains that are not faster than their dense layer and picks the memory format, measured at\n"
           "the batch size shown:")
+    if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE":
+        print("  (idle OpenMP threads sleep, as suits shared cores: every operation then pays a thread wake-up, which\n"
+              "  costs a model this small most; OMP_WAIT_POLICY=ACTIVE make demo shows it on cores of your own)")
     for batch in (1, 64):
         x = test_data[0][:batch]
         optimized = optimize_for_inference(compressor.compressed_model, x, progress=False)
