@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from models import make_trained_like, resnet50  # noqa: E402
 
-__all__ = ["keep_freed_memory", "make_trained_like", "resnet50", "setup", "thinner_dense_control"]
+__all__ = ["flops", "keep_freed_memory", "make_trained_like", "resnet50", "setup", "thinner_dense_control"]
 
 
 def setup(threads: int) -> str:
@@ -42,22 +42,23 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of the model's whole forward pass on ``x`` (``FlopCounterMode``, through ``ModelStats``)."""
+    from musco_core import ModelStats, default_registry
+
+    return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
+
+
 def thinner_dense_control(flops_x: float) -> tuple[torch.nn.Module, int, float]:
     """The control of the latency benchmarks: a dense ResNet-50 with fewer channels in every layer (``width``
     instead of 64), the width whose FLOPs reduction is closest to ``flops_x``; (model on the CPU, width, its
     FLOPs reduction). Nothing is factorized, so its speed-up is what removing that many FLOPs buys on a machine
     without adding a single layer."""
-    from musco_core import ModelStats, default_registry
-
     x = torch.zeros(1, 3, 224, 224)
-
-    def flops(model: torch.nn.Module) -> int:
-        return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
-
-    original_flops = flops(resnet50().eval())
+    original_flops = flops(resnet50().eval(), x)
     reductions = {}
     for width in range(64, 7, -1):
-        reductions[width] = original_flops / flops(resnet50(width=width).eval())
+        reductions[width] = original_flops / flops(resnet50(width=width).eval(), x)
         if reductions[width] >= flops_x:
             break
     width = min(reductions, key=lambda w: abs(math.log(reductions[w] / flops_x)))

@@ -177,8 +177,8 @@ def one_shot_vs_multistage(model, linears, decomposition: str, fraction: float, 
                 kept = [r.name for r in results if not r.applied]
                 if kept:
                     raise SystemExit(f"{method}: layers {kept} were not compressed at step {compressor.curr_iter}")
-                right_after.append(float(cosines(encoder(compressor), held_out, reference).mean()))
                 student = encoder(compressor)
+                right_after.append(float(cosines(student, held_out, reference).mean()))
                 distill(MeanPooled(model), MeanPooled(student), part, len(part), args.distill_lr, features=features,
                         lr_schedule=args.distill_schedule, train_mode=False, seed=seed, progress=False)
             cos = cosines(encoder(compressor), held_out, reference)

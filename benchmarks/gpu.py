@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from _setup import make_trained_like, resnet50, thinner_dense_control
-from musco_core import Compressor, ModelStats, default_registry, optimize_for_inference, standardize_model
+from _setup import flops, make_trained_like, resnet50, thinner_dense_control
+from musco_core import Compressor, optimize_for_inference, standardize_model
 from musco_core.timing import time_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,15 +55,13 @@ def main() -> None:
           f"{torch.backends.cudnn.allow_tf32}, for matmuls {torch.backends.cuda.matmul.allow_tf32}")
     model = make_trained_like(resnet50()).to(device).eval()
     x1 = torch.randn(1, 3, 224, 224, device=device)
-    registry = default_registry()
-    original_flops = ModelStats.from_model(model, registry, x1, count_flops=True).total_flops
+    original_flops = flops(model, x1)
     dtype = DTYPES[args.dtype]
     header = (f"{'FLOPs x':>8} {'batch':>5}  {'model':<32}{'original ms':>12}{'compressed ms':>14}{'speed-up':>9}"
               f"{'/ FLOPs x':>10}")
     for reduction in map(float, args.reductions.split(",")):
         compressed, seconds = compress(model, x1, reduction, device)
-        flops_x = original_flops / ModelStats.from_model(standardize_model(copy.deepcopy(compressed)), registry, x1,
-                                                         count_flops=True).total_flops
+        flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
         control, width, control_x = thinner_dense_control(flops_x)
         control = control.to(device, dtype)
         print(f"\nbudget {reduction}x FLOPs: compression pass {seconds:.1f} s on the GPU, FLOPs reduced "

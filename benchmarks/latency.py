@@ -66,7 +66,7 @@ if __name__ == "__main__":
 import torch
 from torch import nn
 
-from _setup import keep_freed_memory, make_trained_like, resnet50, setup, thinner_dense_control
+from _setup import flops, keep_freed_memory, make_trained_like, resnet50, setup, thinner_dense_control
 from musco_core import (Compressor, FactorizedLayer, ModelStats, PointwiseConv2d, default_registry,
                         generate_model_compr_kwargs, optimize_for_inference, standardize_model)
 from musco_core.timing import fixed_threads, time_alternated, time_modules
@@ -84,10 +84,6 @@ def compress(model: nn.Module, x: torch.Tensor, reduction: float, rank_multiple:
     while not compressor.done:
         compressor.compression_step()
     return compressor.compressed_model.eval()
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    return ModelStats.from_model(model, default_registry(), x, count_flops=True).total_flops
 
 
 def row(flops_x: float, threads: int, batch: int, backend: str, original: float, compressed: float) -> None:
