@@ -193,6 +193,8 @@ def format_problem(exc: BaseException, type_) -> str:
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}"
+    if typing.get_origin(type_) is Literal:
+        return f"expected one of {', '.join(map(str, typing.get_args(type_)))}"
     classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
     if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
         return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
