@@ -178,7 +178,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
             if profiler is not None:
                 totals = timed_totals(model, context, profiler, totals, state.layer_names,
                                       {name: entry.current for name, entry in pending.items()},
-                                      pending_replacements(pending, module_paths(model)))
+                                      pending_replacements(pending, module_paths(model)),
+                                      optimized=selector.times_optimized(settings.params_for(selector)))
             chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
         finally:
             if profiler is not None:

@@ -37,7 +37,8 @@ from .errors import UnsupportedLayerError
 #: 3.1 added, additively, :meth:`Decomposer.output_projections` and ``InputStats.output_moment``.
 #: 3.2 added, additively, ``RankRounding.free_from``: under ``auto`` a whole-model selector's candidates from twice
 #: the multiple up all round to it.
-PLUGIN_API_VERSION = (3, 2)
+#: 3.3 added, additively, :meth:`RankSelector.times_optimized` (latency plans for the deployed form).
+PLUGIN_API_VERSION = (3, 3)
 
 
 @attrs.frozen
@@ -461,6 +462,12 @@ class RankSelector:
         """Whether :meth:`allocate` with these run parameters needs measured times (:meth:`LayerChoice.seconds`,
         ``ModelTotals.seconds_*``). Timing takes time, so the core measures only when asked; the run then also
         measures the whole model's speed-up at the end of each step that compresses this selector's layers."""
+        return False
+
+    def times_optimized(self, params) -> bool:
+        """Whether, for a selector that :meth:`measures_latency`, whole models are timed as
+        :func:`~musco_core.optimize_for_inference` deploys them (BatchNorm folded, chains merged where that saves
+        MACs, the faster memory format) instead of as the run leaves them."""
         return False
 
     def check_params(self, params, decomposer: Decomposer) -> str | None:

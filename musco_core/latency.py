@@ -15,6 +15,7 @@ layers stubbed out) and gives the selector a function that times a plan in place
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -35,6 +36,7 @@ from .components import Factor, FactorLayout, LayerSpec, ModelTotals
 from .engine import factorized_like
 from .errors import ConfigError
 from .factors import layer_layout
+from .inference import optimize_for_inference
 from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
 from .timing import call_model, time_alternated, time_modules_at
@@ -234,9 +236,66 @@ class _FixedOutput(nn.Module):
         return self.output
 
 
+class TimedForm:
+    """The form in which whole models are timed: ``optimized`` false, the model as the run leaves it, run in place;
+    true, as :func:`~musco_core.optimize_for_inference` deploys it: an eval-mode copy with BatchNorm folded and
+    factor chains merged where that saves MACs, timed both in its memory format and in ``channels_last`` (a model
+    with 2-d convolutions), the faster counting, as ``optimize_for_inference`` chooses per model. The choices it
+    times per chain and per 1x1 convolution are left out: they would time every chain of every plan.
+
+    Made from the model as it is to be timed (eval mode, replacements swapped in). An optimized timing holds two
+    copies of the model per variant timed."""
+
+    def __init__(self, model: nn.Module, example_input: Any, optimized: bool) -> None:
+        self.model, self.example_input, self.optimized = model, example_input, optimized
+
+    def seconds(self, profiler: LatencyProfiler, variants: Sequence[Mapping[str, nn.Module]],
+                stubs: Sequence[Mapping[str, nn.Module]] = ()) -> list[float]:
+        """Seconds of each variant of the model (the modules at these paths swapped in, then the variant's
+        ``stubs``, if given: modules standing in for layers, swapped into the optimized copy after folding, except
+        at paths it no longer has, e.g. inside a merged chain), timed in alternation."""
+        stubs = list(stubs) or [{} for _ in variants]
+        if not self.optimized:
+            return profiler.calls([self._in_place({**swaps, **stubbed}) for swaps, stubbed in zip(variants, stubs)])
+        calls, owner = [], []
+        for index, (swaps, stubbed) in enumerate(zip(variants, stubs)):
+            with swapped(self.model, swaps), evaluating(*swaps.values()):
+                deployed = optimize_for_inference(self.model, progress=False)
+            forms = [deployed]
+            if any(isinstance(module, nn.Conv2d) for module in deployed.modules()):
+                forms.append(copy.deepcopy(deployed).to(memory_format=torch.channels_last))
+            for form in forms:
+                calls.append(self._stubbed(form, stubbed))
+                owner.append(index)
+        times = profiler.calls(calls)
+        return [min(t for t, i in zip(times, owner) if i == index) for index in range(len(variants))]
+
+    def _in_place(self, swaps: Mapping[str, nn.Module]) -> Callable[[], Any]:
+        def call() -> Any:
+            with swapped(self.model, swaps):
+                return call_model(self.model, self.example_input)
+        return call
+
+    def _stubbed(self, deployed: nn.Module, stubs: Mapping[str, nn.Module]) -> Callable[[], Any]:
+        present = {path: stub for path, stub in stubs.items() if _has_submodule(deployed, path)}
+
+        def call() -> Any:
+            with swapped(deployed, present):
+                return call_model(deployed, self.example_input)
+        return call
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfiler, totals: ModelTotals,
                  scheduled_layers: Sequence[str], current: Mapping[str, nn.Module],
-                 replacements: Mapping[str, nn.Module]) -> ModelTotals:
+                 replacements: Mapping[str, nn.Module], optimized: bool = False) -> ModelTotals:
     """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
@@ -248,7 +307,8 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     the step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
 
     ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
-    the model as it is."""
+    the model as it is. With ``optimized`` every whole-model timing is of the :class:`TimedForm` that
+    ``optimize_for_inference`` deploys."""
     paths = module_paths(model)
     current = {name: current[name] if name in current else model.get_submodule(name)
                for name in context.model_stats.layers}
@@ -263,15 +323,9 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
              for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
 
-    def whole() -> Any:
-        return call_model(model, context.example_input)
-
-    def rest() -> Any:
-        with swapped(model, stubs):
-            return call_model(model, context.example_input)
-
+    form = TimedForm(model, context.example_input, optimized)
     with swapped(model, replacements), evaluating(model):
-        model_seconds, rest_seconds = profiler.calls([whole, rest])
+        model_seconds, rest_seconds = form.seconds(profiler, [{}, {}], stubs=[{}, stubs])
     alone = sum(chain for _, chain in times.values())
     in_place = model_seconds - rest_seconds
     scale = in_place / alone if in_place > 0 and alone > 0 else 1.0
@@ -287,12 +341,8 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
                    for new in [factorized_like(current[name], name, chosen[0], chosen[1], context.registry)]
                    for path in paths[id(model.get_submodule(name))]}
 
-        def with_plan() -> Any:
-            with swapped(model, planned):
-                return call_model(model, context.example_input)
-
         with swapped(model, replacements), evaluating(model, *planned.values()):
-            as_is, planned_seconds = profiler.calls([whole, with_plan])
+            as_is, planned_seconds = form.seconds(profiler, [{}, planned])
         return as_is / planned_seconds
 
     return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,

@@ -31,10 +31,8 @@ from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import ModelStats
-from .latency import profiler_for
-from .surgery import (FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, swapped,
-                      tied_parameters)
-from .timing import call_model
+from .latency import TimedForm, profiler_for
+from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -333,34 +331,32 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
                            group: distributed.Group | None) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
     measures latency and whose layers the step compressed: the model with the step's replacements swapped in, timed
-    in alternation against it with them swapped out (in eval mode; the model is left as it was). In a distributed
-    job rank 0's measurement counts on every rank, so the states stay equal."""
+    in alternation against it with them swapped out (in eval mode; the model is left as it was), in the form the
+    selector plans for (:class:`~musco_core.latency.TimedForm`). In a distributed job rank 0's measurement counts
+    on every rank, so the states stay equal."""
     registry = context.registry
-    selectors = set()
+    forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
     for name, entry in pending.items():
         selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
         if selector.scope == "model" and selector.measures_latency(schedule.settings.params_for(selector)):
-            selectors.add(selector.name)
-    if not selectors:
+            forms[selector.name] = selector.times_optimized(schedule.settings.params_for(selector))
+    if not forms:
         return list(budgets)
     replacements = pending_replacements(pending, paths)
     if not replacements:  # the allocation kept every layer: the model is as fast as it was
-        return _multiplied(budgets, selectors, 1.0)
-
-    def as_it_was() -> Any:
-        return call_model(model, context.example_input)
-
-    def compressed() -> Any:
-        with swapped(model, replacements):
-            return call_model(model, context.example_input)
-
-    with distributed.agreement(group, "measuring the step's speed-up"):
-        profiler = profiler_for(model, context)
-        with evaluating(model, *replacements.values()):
-            before, after = profiler.calls([as_it_was, compressed])
-    speedup = float(distributed.broadcast_json(group, before / after))
-    log.info("compression step: measured whole-model speed-up %.3fx", speedup)
-    return _multiplied(budgets, selectors, speedup)
+        return _multiplied(budgets, set(forms), 1.0)
+    for optimized in sorted(set(forms.values())):
+        with distributed.agreement(group, "measuring the step's speed-up"):
+            profiler = profiler_for(model, context)
+            with evaluating(model, *replacements.values()):
+                before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
+                                                                                          [{}, replacements])
+        speedup = float(distributed.broadcast_json(group, before / after))
+        log.info("compression step: measured whole-model speed-up %.3fx%s", speedup,
+                 " (as optimize_for_inference deploys it)" if optimized else "")
+        budgets = _multiplied(budgets, {name for name, form_optimized in forms.items() if form_optimized == optimized},
+                              speedup)
+    return list(budgets)
 
 
 def _multiplied(budgets: Sequence[BudgetRecord], selectors: set[str], speedup: float) -> list[BudgetRecord]:

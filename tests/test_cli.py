@@ -191,7 +191,8 @@ def test_a_generated_budget_schedule_meets_its_target_from_the_command_line(fact
     assert result.exit_code == 0, result.output
     document = yaml.safe_load(result.output)
     assert document["settings"]["algo_kwargs"] == {"budget": {"reduction": 2.0, "metric": "flops", "scope": "model",
-                                                                 "min_rank_fraction": 0.0625}}
+                                                                 "min_rank_fraction": 0.0625,
+                                                                 "form": "as_compressed"}}
     assert {layer["rank_selection"] for layer in document["layers"].values() if layer} == {"budget"}
     document["settings"]["algo_kwargs"]["budget"]["reduction"] = 1.8
     document["settings"]["ft_every"] = 4

@@ -214,3 +214,62 @@ def test_chains_are_cached_relative_to_the_dense_layer_timed_with_them(registry,
     assert profiler.seconds([[dense]]) == [[1.0]]
     # timed on the second, twice slower call as [dense 2 s, chain 4 s]: twice the dense layer's cached 1 s
     assert profiler.seconds([[dense, chain]]) == [[1.0, 2.0]]
+
+
+def deployed_runs(registry, **clock):
+    """The same latency budget planned for the model as the run leaves it and as optimize_for_inference deploys it,
+    each on a fresh clock of ``clock``'s costs: ``{form: (compressor, clock)}``."""
+    runs = {}
+    for form in ("as_compressed", "optimized"):
+        timer = GeometryClock(**clock)
+        run = compressor(registry, timer, document=schedule(form=form))
+        run.compression_step()
+        runs[form] = run, timer
+    return runs
+
+
+def test_an_optimized_form_plans_without_the_batchnorms_that_deployment_folds(registry):
+    # BatchNorm costs a third of the model's time here: as the run leaves the model it stays (and the target needs
+    # deeper cuts); folded into the convolution before it, as deployed, it costs nothing
+    runs = deployed_runs(registry, extra={nn.BatchNorm2d: 5e-5})
+    (as_compressed, plain_clock), (optimized, deployed_clock) = runs["as_compressed"], runs["optimized"]
+    assert nn.BatchNorm2d in {kind for kind, _ in plain_clock.ran}
+    assert nn.BatchNorm2d not in {kind for kind, _ in deployed_clock.ran}
+    record = optimized.budgets[0]
+    assert record.note is None and abs(record.planned / 1.6 - 1) <= 0.02
+    assert record.measured == pytest.approx(record.planned, rel=1e-9)  # the step measured the deployed form too
+
+    def weights(run):
+        return sum(p.numel() for p in run.compressed_model.parameters())
+    assert weights(optimized) > weights(as_compressed)
+
+
+def test_an_optimized_form_is_timed_in_channels_last_where_that_is_faster(registry):
+    runs = deployed_runs(registry, channels_last_discount=0.5)
+    assert not any(channels_last for kind, channels_last in runs["as_compressed"][1].ran if kind is nn.Conv2d)
+    assert any(channels_last for kind, channels_last in runs["optimized"][1].ran if kind is nn.Conv2d)
+    assert all(p.is_contiguous() for p in runs["optimized"][0].compressed_model.parameters())
+
+
+def test_timing_the_optimized_form_leaves_the_model_being_compressed_as_it_was(registry):
+    run = compressor(registry, GeometryClock(), model=cnn().train(), document=schedule(form="optimized"))
+    model = run.compressed_model
+    conv, batchnorm = model[0].weight.detach().clone(), model[1].running_mean.clone()
+    run.compression_step()
+    assert run.compressed_model is model and model.training and isinstance(model[1], nn.BatchNorm2d)
+    assert model[1].training  # folding happened in copies: the BatchNorm is still there, in train mode
+    assert torch.equal(model[0].weight, conv) and torch.equal(model[1].running_mean, batchnorm)
+
+
+@pytest.mark.parametrize("budget, problem", [
+    ({"metric": "flops", "form": "optimized"}, r'\$\.settings\.algo_kwargs\["budget"\]: form: optimized .* needs '
+                                              r'metric: latency, not flops'),
+    ({"metric": "latency", "form": "deployed"}, r'\$\.settings\.algo_kwargs\["budget"\]\.form: expected one of '
+                                               r'as_compressed, optimized'),
+])
+def test_a_form_without_timing_or_of_an_unknown_kind_is_one_clear_error(registry, budget, problem):
+    document = schedule()
+    document["settings"]["algo_kwargs"]["budget"] = {"reduction": 1.6, **budget}
+    with pytest.raises(ConfigError, match=problem):
+        Compressor(cnn(), example_input=INPUT, model_compr_kwargs=document, registry=registry, progress=False)
+

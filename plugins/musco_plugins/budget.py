@@ -32,7 +32,7 @@ from musco_core import Allocation, Decomposer, LayerChoice, ModelTotals, RankSel
 from musco_core.components import RankRounding, WeightSource
 from musco_core.config import RANK_FLOOR_FRACTION, rank_floor
 from musco_core.errors import ConfigError
-from musco_core.schedule import ReductionRate, UnitFraction
+from musco_core.schedule import ReductionRate, UnitFraction, ValueProblem
 
 from . import factorize
 
@@ -58,6 +58,16 @@ class BudgetParams:
     #: rank): a target out of reach stops there, and says so, instead of cutting every layer to rank 2. 0 lets the
     #: ranks go down to the decomposition's minimum.
     min_rank_fraction: UnitFraction = RANK_FLOOR_FRACTION
+    #: ``metric: latency`` only: time the model ``as_compressed`` (as the run leaves it), or ``optimized`` (as
+    #: ``optimize_for_inference`` deploys it: BatchNorm folded, chains merged where that saves MACs, the faster
+    #: memory format), so that the target holds for the model you deploy, against the original deployed alike.
+    form: Literal["as_compressed", "optimized"] = attrs.field(default="as_compressed")
+
+    @form.validator
+    def _timed_forms_need_timing(self, attribute: attrs.Attribute, value: str) -> None:
+        if value != "as_compressed" and self.metric != "latency":
+            raise ValueProblem(f"form: {value} is the form in which the model is timed; it needs metric: latency, "
+                               f"not {self.metric}")
 
 
 @attrs.frozen
@@ -286,6 +296,9 @@ class Budget(RankSelector):
 
     def measures_latency(self, params: BudgetParams) -> bool:
         return params.metric == "latency"
+
+    def times_optimized(self, params: BudgetParams) -> bool:
+        return params.metric == "latency" and params.form == "optimized"
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
                  params: BudgetParams, rounding: RankRounding = RankRounding()) -> Allocation:
