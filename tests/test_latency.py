@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from types import SimpleNamespace
 
 import attrs
 import numpy as np
@@ -18,7 +20,7 @@ from musco_core.latency import CACHE_FORMAT, Chain, LatencyCache, LatencyProfile
 from musco_core.report import BudgetRecord, CompressionReport
 from musco_core.run import checked_schedule
 from musco_core.state import STATE_FORMAT, RunState, StateCodec
-from musco_plugins.budget import despiked, monotone
+from musco_plugins.budget import CALIBRATION_ROUNDS, LANDED, _calibrated, _next_aim, despiked, monotone
 
 from clocks import GeometryClock
 
@@ -273,3 +275,32 @@ def test_a_form_without_timing_or_of_an_unknown_kind_is_one_clear_error(registry
     with pytest.raises(ConfigError, match=problem):
         Compressor(cnn(), example_input=INPUT, model_compr_kwargs=document, registry=registry, progress=False)
 
+
+def test_calibration_lands_on_a_target_the_speedup_jumps_across():
+    """A speed-up nearly flat in the aim, then rising steeply, then flat again (as ResNet-50's plans measured when
+    timed optimized at 2 threads): a straight line through the measurements misses the target; the calibration
+    lands within 2% of it."""
+    knots = np.log([[1.0, 1.0], [1.2, 1.2], [1.4, 2.0], [3.0, 2.3]])  # (aim, speed-up)
+    timed = []
+
+    def plan(aim):  # one layer whose rank stands for the aim: every aim its own plan
+        return [SimpleNamespace(name="layer", decomposer=SimpleNamespace(name="svd"))], [(round(1e6 * aim),)], aim
+
+    def speedup_of(chosen):
+        timed.append(math.log(chosen["layer"][1][0] / 1e6))
+        return math.exp(float(np.interp(timed[-1], knots[:, 0], knots[:, 1])))
+
+    choices, ranks, planned, note = _calibrated(plan, SimpleNamespace(speedup_of=speedup_of), 1.8, 1.0)
+    assert note is None and abs(planned / 1.8 - 1) <= LANDED and len(timed) <= CALIBRATION_ROUNDS
+    final = math.log(ranks[0][0] / 1e6)
+    assert abs(math.exp(float(np.interp(final, knots[:, 0], knots[:, 1]))) / 1.8 - 1) <= 0.02
+    intercept, slope = np.polyfit(timed, [float(np.interp(a, knots[:, 0], knots[:, 1])) for a in timed], 1)
+    line = (math.log(1.8) - intercept) / slope
+    assert abs(math.exp(float(np.interp(line, knots[:, 0], knots[:, 1]))) / 1.8 - 1) > 0.02  # the line would miss
+    # noise that makes a higher aim measure slower (ResNet-50 at 2 threads) does not stop the search at one aim:
+    # the next aim lies inside the narrowest bracket
+    aims, measured = np.log([1.8, 1.562, 0.78, 1.504]), np.log([2.074, 2.290, 1.071, 2.157])
+    assert math.log(0.78) < _next_aim(list(aims), list(measured), math.log(1.8)) < math.log(1.504)
+    # without a bracket, the line through the measurements: two points on y = x / 2 meet 1.5x at aim 1.5 ** 2
+    assert _next_aim([0.0, math.log(2.0)], [0.0, math.log(2.0) / 2], math.log(1.5)) == pytest.approx(
+        2 * math.log(1.5))
