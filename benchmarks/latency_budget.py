@@ -16,18 +16,23 @@ Per thread count:
 ``load`` is the machine's 1-minute load average when the row was printed (other processes share the cores).
 
     python benchmarks/latency_budget.py [--model resnet50] [--threads 1,2] [--reduction 1.8] [--repeats 30]
+                                        [--form as_compressed|optimized] [--omp-wait-policy passive|active|default]
+                                        [--no-interpolation]
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP), as in latency.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _omp import WAIT_POLICIES, choose_wait_policy
+
+if __name__ == "__main__":
+    choose_wait_policy(sys.argv)  # before torch loads OpenMP, as in latency.py
 
 import numpy as np
 import torch
@@ -44,10 +49,11 @@ from musco_plugins.budget import LATENCY_POINTS, layer_options
 INTERPOLATION_LAYERS = 5
 
 
-def run(model, x, reduction: float, metric: str):
+def run(model, x, reduction: float, metric: str, form: str = "as_compressed"):
     started = time.perf_counter()
+    budget = {"reduction": reduction, "metric": metric, **({"form": form} if metric == "latency" else {})}
     compressor = Compressor(model, example_input=x, config_type="budget", ft_every=1000, progress=False,
-                            all_algo_kwargs={"budget": {"reduction": reduction, "metric": metric}})
+                            all_algo_kwargs={"budget": budget})
     while not compressor.done:
         compressor.compression_step()
     return compressor, time.perf_counter() - started
@@ -90,13 +96,21 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--reduction", type=float, default=1.8)
     parser.add_argument("--repeats", type=int, default=30, help="timing rounds (at least) of the final comparison")
+    parser.add_argument("--form", choices=["as_compressed", "optimized"], default="as_compressed",
+                        help="the budget's form: plan for the model as the run produces it, or as "
+                             "optimize_for_inference deploys it (then compared with the original optimized too)")
+    parser.add_argument("--omp-wait-policy", choices=WAIT_POLICIES,
+                        help="what idle OpenMP threads do (see _omp.py); default: passive, unless OMP_WAIT_POLICY "
+                             "is set")
+    parser.add_argument("--no-interpolation", action="store_true", help="skip the interpolation check")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     for name in ("musco_core.latency", "musco_core.allocation", "musco_core.run", "musco_plugins.budget"):
         logging.getLogger(name).setLevel(logging.INFO)  # layers timed / cached, calibration rounds, measured
     logging.getLogger("torch").setLevel(logging.ERROR)
     kept = keep_freed_memory()
-    print(f"{setup(1)}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; malloc keeps freed memory: {kept}")
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
+    print(f"{setup(1)}; OMP_WAIT_POLICY={policy}; malloc keeps freed memory: {kept}; form {args.form}")
     if args.model == "efficientnet":
         from efficientnet_lite import pretrained
 
@@ -111,9 +125,9 @@ def main() -> None:
             _, flops_seconds = run(model, x, args.reduction, "flops")
             print(f"run on metric flops (no profiling): {flops_seconds:.1f} s  (load {os.getloadavg()[0]:.1f})",
                   flush=True)
-            compressor, cold = run(model, x, args.reduction, "latency")
+            compressor, cold = run(model, x, args.reduction, "latency", args.form)
             print(f"run on metric latency, cold cache: {cold:.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
-            warm_compressor, warm = run(model, x, args.reduction, "latency")
+            warm_compressor, warm = run(model, x, args.reduction, "latency", args.form)
             print(f"run on metric latency, warm cache: {warm:.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
             record, warm_record = compressor.budgets[-1], warm_compressor.budgets[-1]
             print(f"planned {record.planned:.3f}x, measured in the run {record.measured:.3f}x; warm-cache run: "
@@ -131,6 +145,8 @@ def main() -> None:
                 print(f"  {label:<48} {1e3 * before:8.1f} ms -> {1e3 * after:8.1f} ms  {before / after:6.3f}x  "
                       f"(within 5% of {args.reduction}: {abs(before / after / args.reduction - 1) <= 0.05}; "
                       f"load {os.getloadavg()[0]:.1f})", flush=True)
+            if args.no_interpolation:
+                continue
             print("  interpolation (time / dense layer's time): layer, ranks, interpolated, direct, error", flush=True)
             errors = []
             for name, ranks, interpolated, direct in interpolation_errors(model, x, args.reduction):
