@@ -530,6 +530,16 @@ def _is_pointwise(module: nn.Module) -> bool:
             and module.groups == 1 and module.padding in ((0, 0), "valid", "same"))
 
 
+def pointwise_products(model: nn.Module) -> nn.Module:
+    """``model`` (modified) with every 1x1 convolution a :class:`PointwiseConv2d`; returns the root (new if it was
+    such a convolution). For timing what :func:`optimize_for_inference` can reach without timing each geometry."""
+    paths = module_paths(model)
+    for module in {id(m): m for m in model.modules()}.values():
+        if _is_pointwise(module):
+            model = _put(model, paths[id(module)], PointwiseConv2d.from_conv(module))
+    return model
+
+
 def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> nn.Module:
     """Replaces the 1x1 convolutions that run measurably faster as :class:`PointwiseConv2d` at their input
     shapes (each distinct geometry timed once); returns the root (new if it was such a convolution)."""

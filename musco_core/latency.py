@@ -36,7 +36,7 @@ from .components import Factor, FactorLayout, LayerSpec, ModelTotals
 from .engine import factorized_like
 from .errors import ConfigError
 from .factors import layer_layout
-from .inference import optimize_for_inference
+from .inference import optimize_for_inference, pointwise_products
 from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
 from .timing import call_model, time_alternated, time_modules_at
@@ -239,11 +239,12 @@ class _FixedOutput(nn.Module):
 class TimedForm:
     """The form in which whole models are timed: ``optimized`` false, the model as the run leaves it, run in place;
     true, as :func:`~musco_core.optimize_for_inference` deploys it: an eval-mode copy with BatchNorm folded and
-    factor chains merged where that saves MACs, timed both in its memory format and in ``channels_last`` (a model
-    with 2-d convolutions), the faster counting, as ``optimize_for_inference`` chooses per model. The choices it
-    times per chain and per 1x1 convolution are left out: they would time every chain of every plan.
+    factor chains merged where that saves MACs, timed in its memory format, in ``channels_last`` and (a model with
+    2-d convolutions) in ``channels_last`` with every 1x1 convolution a matrix product, the fastest counting.
+    ``optimize_for_inference`` chooses the memory format per model and the matrix products per geometry; timing
+    each chain's splits and each geometry for every plan would take too long.
 
-    Made from the model as it is to be timed (eval mode, replacements swapped in). An optimized timing holds two
+    Made from the model as it is to be timed (eval mode, replacements swapped in). An optimized timing holds three
     copies of the model per variant timed."""
 
     def __init__(self, model: nn.Module, example_input: Any, optimized: bool) -> None:
@@ -263,7 +264,8 @@ class TimedForm:
                 deployed = optimize_for_inference(self.model, progress=False)
             forms = [deployed]
             if any(isinstance(module, nn.Conv2d) for module in deployed.modules()):
-                forms.append(copy.deepcopy(deployed).to(memory_format=torch.channels_last))
+                channels_last = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
+                forms += [channels_last, pointwise_products(copy.deepcopy(channels_last))]
             for form in forms:
                 calls.append(self._stubbed(form, stubbed))
                 owner.append(index)

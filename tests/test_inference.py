@@ -18,7 +18,7 @@ from torch import nn
 from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
 import musco_core.inference
-from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry
+from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry, pointwise_products
 from musco_core.timing import fixed_threads, time_alternated, time_modules_at
 
 TOLERANCE = 1e-5  # relative, on the output's norm
@@ -403,6 +403,17 @@ def test_1x1_convolutions_become_matrix_products_where_timed_faster(monkeypatch,
     assert replaced == ({"pointwise", "again", "no_bias"} if faster else set())
     assert optimized.pointwise is optimized.again
     assert optimized.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pointwise_products_turns_every_reproducible_1x1_convolution_into_a_matrix_product():
+    model = PointwiseCases().eval()
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        products = pointwise_products(copy.deepcopy(model).to(memory_format=torch.channels_last))
+        assert relative(products(x), expected) < TOLERANCE
+    replaced = {name for name, m in products.named_modules(remove_duplicate=False) if isinstance(m, PointwiseConv2d)}
+    assert replaced == {"pointwise", "again", "no_bias"} and products.pointwise is products.again
 
 
 def test_model_with_matrix_products_traces_exports_and_compiles():
