@@ -322,10 +322,11 @@ def main(debug) -> None:
                    "tensor, split into batches along its first axis.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Inputs per calibration batch.")
-@click.option("--target", "target", metavar="METRIC:REDUCTION[:SCOPE]",
+@click.option("--target", "target", metavar="METRIC:REDUCTION[:SCOPE][:FORM]",
               help="The budget selector's target, replacing the schedule's: e.g. flops:2 (half the MACs), "
                    "params:1.43:compressed (30% fewer weights in the layers the schedule compresses), "
-                   "latency:1.8 (1.8x faster, measured on this machine).")
+                   "latency:1.8 (1.8x faster, measured on this machine), latency:1.8:optimized (1.8x faster "
+                   "once both are deployed through optimize_for_inference).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
 def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, distill_steps, distill_lr, resume,
@@ -410,28 +411,43 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
             click.echo(f"\nsaved to {out_dir}")
 
 
+#: The parts ``--target`` may add after METRIC:REDUCTION, by the budget key they set.
+TARGET_OPTIONS = {"scope": ("model", "compressed"), "form": ("as_compressed", "optimized")}
+
+
 def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
-    """The schedule document with ``--target METRIC:REDUCTION[:SCOPE]`` as the budget selector's target."""
+    """The schedule document with ``--target METRIC:REDUCTION[:SCOPE][:FORM]`` as the budget selector's target:
+    its metric, reduction, scope and form replace the schedule's (an option left out takes its default); the
+    budget's other settings (``min_rank_fraction``) stay as the schedule has them."""
     if target is None:
         return document
     parts = target.split(":")
     try:
-        reduction = float(parts[1]) if len(parts) in (2, 3) else None
+        reduction = float(parts[1]) if len(parts) >= 2 else None
     except ValueError:
         reduction = None
     if reduction is None:
-        raise UsageProblem(f"--target {target!r}: expected METRIC:REDUCTION[:SCOPE], e.g. flops:2 or "
-                           f"params:1.43:compressed")
+        raise UsageProblem(f"--target {target!r}: expected METRIC:REDUCTION[:SCOPE][:FORM], e.g. flops:2, "
+                           f"params:1.43:compressed or latency:1.8:optimized")
+    options: dict[str, str] = {}
+    for part in parts[2:]:
+        key = next((key for key, values in TARGET_OPTIONS.items() if part in values), None)
+        if key is None or key in options:
+            raise UsageProblem(f"--target {target!r}: {part!r} is not a scope ({', '.join(TARGET_OPTIONS['scope'])})"
+                               f" or a form ({', '.join(TARGET_OPTIONS['form'])}), or gives one twice")
+        options[key] = part
     if not isinstance(document, dict) or "version" not in document:
         raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
     layers = document.get("layers") or {}
     if not any(isinstance(layer, dict) and layer.get("rank_selection") == "budget" for layer in layers.values()):
         raise UsageProblem(f"--target sets the budget selector's target, but no layer of {config_path} uses "
                            f"rank_selection: budget")
-    budget = {"metric": parts[0], "reduction": reduction, **({"scope": parts[2]} if len(parts) == 3 else {})}
     settings = dict(document.get("settings") or {})
-    settings["algo_kwargs"] = {**(settings.get("algo_kwargs") or {}), "budget": budget}
-    return {**document, "settings": settings}
+    algo_kwargs = dict(settings.get("algo_kwargs") or {})
+    kept = algo_kwargs.get("budget") if isinstance(algo_kwargs.get("budget"), dict) else {}
+    kept = {key: value for key, value in kept.items() if key not in {"metric", "reduction", *TARGET_OPTIONS}}
+    algo_kwargs["budget"] = {**kept, "metric": parts[0], "reduction": reduction, **options}
+    return {**document, "settings": {**settings, "algo_kwargs": algo_kwargs}}
 
 
 def _check_distill_options(finetune_spec: str | None, steps: int | None, lr: float | None,

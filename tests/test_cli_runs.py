@@ -181,21 +181,30 @@ BUDGET = {"version": 1, "settings": {"ft_every": 3},
                      for name, decomposition in (("2", "tucker2"), ("6", "svd"), ("8", "svd"))}}
 
 
-@pytest.mark.parametrize("target, metric, reduction", [("flops:1.5", "flops", 1.5), ("params:1.4:compressed",
-                                                                                       "params", 1.4),
-                                                      ("latency:1.8", "latency", 1.8)])
-def test_a_target_on_the_command_line_replaces_the_schedules(project, target, metric, reduction):
-    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+@pytest.mark.parametrize("target, budget", [
+    ("flops:1.5", {"metric": "flops", "reduction": 1.5, "scope": "model", "form": "as_compressed"}),
+    ("params:1.4:compressed", {"metric": "params", "reduction": 1.4, "scope": "compressed", "form": "as_compressed"}),
+    ("latency:1.8", {"metric": "latency", "reduction": 1.8, "scope": "model", "form": "as_compressed"}),
+    ("latency:1.8:optimized", {"metric": "latency", "reduction": 1.8, "scope": "model", "form": "optimized"})])
+def test_a_target_on_the_command_line_replaces_the_schedules(project, target, budget):
+    # the schedule's own target (another metric, scope and form) is replaced; its floor is kept
+    schedule = {**BUDGET, "settings": {**BUDGET["settings"], "algo_kwargs": {"budget": {
+        "reduction": 3.0, "metric": "latency", "scope": "compressed", "form": "optimized", "min_rank_fraction": 0.2}}}}
+    (project / "budget.yaml").write_text(yaml.safe_dump(schedule))
     result = compress("out", "--target", target, config="budget.yaml")
     assert result.exit_code == 0, result.output
-    assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in result.output
+    assert f"budget pass 1/1: target {budget['reduction']:.3f}x {budget['metric']}" in result.output
     report = json.loads((project / "out" / "report.json").read_text())
-    assert report["budgets"][0]["target"] == reduction
-    assert (report["budgets"][0]["measured"] is not None) == (metric == "latency")  # timed on this machine
+    assert report["budgets"][0]["target"] == budget["reduction"]
+    assert (report["budgets"][0]["measured"] is not None) == (budget["metric"] == "latency")  # timed here
+    state = yaml.safe_load((project / "out" / "checkpoints" / "step-0001" / "state.yaml").read_text())
+    assert state["initial_schedule"]["settings"]["algo_kwargs"]["budget"] == {**budget, "min_rank_fraction": 0.2}
 
 
 @pytest.mark.parametrize("target, message", [("flops", "expected METRIC:REDUCTION"), ("flops:two", "expected METRIC"),
-                                             ("speed:2", "budget"), ("flops:2:everything", "scope")])
+                                             ("speed:2", "budget"), ("flops:2:everything", "scope"),
+                                             ("latency:2:model:compressed", "gives one twice"),
+                                             ("flops:2:optimized", "needs metric: latency")])
 def test_a_bad_target_is_one_line(project, target, message):
     (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
     result = compress("out", "--target", target, config="budget.yaml")
