@@ -239,6 +239,7 @@ def test_an_optimized_form_plans_without_the_batchnorms_that_deployment_folds(re
     assert nn.BatchNorm2d not in {kind for kind, _ in deployed_clock.ran}
     record = optimized.budgets[0]
     assert record.note is None and abs(record.planned / 1.6 - 1) <= 0.02
+    assert "target 1.600x latency (optimized)" in optimized.report().to_table()  # the report says which form
     assert record.measured == pytest.approx(record.planned, rel=1e-9)  # the step measured the deployed form too
 
     def weights(run):

@@ -345,9 +345,10 @@ class Budget(RankSelector):
         elif planned > target * 1.02:
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
+        metric = f"{params.metric} (optimized)" if self.times_optimized(params) else params.metric
         log.info("budget pass %d/%d: target %.3fx %s, planned %.3fx over %d layers", pass_index + 1, n_passes,
-                 target, params.metric, planned, len(by_layer))
-        return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, params.metric, target, planned,
+                 target, metric, planned, len(by_layer))
+        return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, metric, target, planned,
                           note, {choice.name: choice.decomposer.name for choice in choices})
 
 
