@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timing rounds (at least) of the final comparison")
     parser.add_argument("--form", choices=["as_compressed", "optimized"], default="as_compressed",
                         help="the budget's form: plan for the model as the run produces it, or as "
-                             "optimize_for_inference deploys it (then compared with the original optimized too)")
+                             "optimize_for_inference deploys it (judged by the 'both through "
+                             "optimize_for_inference' row)")
     parser.add_argument("--omp-wait-policy", choices=WAIT_POLICIES,
                         help="what idle OpenMP threads do (see _omp.py); default: passive, unless OMP_WAIT_POLICY "
                              "is set")
