@@ -416,6 +416,25 @@ def test_pointwise_products_turns_every_reproducible_1x1_convolution_into_a_matr
     assert replaced == {"pointwise", "again", "no_bias"} and products.pointwise is products.again
 
 
+@pytest.mark.parametrize("times, chosen", [([1.0, 0.99, 0.5], True), ([1.0, 0.5, 0.99], True),
+                                           ([1.0, 0.99, 0.99], False)])
+def test_channels_last_is_chosen_when_it_wins_alone_or_with_matrix_products(monkeypatch, times, chosen):
+    """channels_last alone can tie with the model's format and still win once its 1x1 convolutions are matrix
+    products (which only it allows): the memory format is chosen on both."""
+    timed = []
+
+    def fake_timing(modules, example_input, **options):
+        timed.append(modules)
+        return times
+
+    monkeypatch.setattr(musco_core.inference, "time_modules", fake_timing)
+    model = PointwiseCases().eval()
+    assert musco_core.inference._channels_last_is_faster(model, torch.randn(2, 3, 6, 6)) is chosen
+    as_is, channels_last, products = timed[0]
+    assert as_is is model and channels_last.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(products.pointwise, PointwiseConv2d) and not isinstance(channels_last.pointwise, PointwiseConv2d)
+
+
 def test_model_with_matrix_products_traces_exports_and_compiles():
     import onnxruntime
 
