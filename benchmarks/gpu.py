@@ -5,35 +5,62 @@ compression pass is timed), then the original and the compressed model (through 
 through ``optimize_for_inference``, each optimized at the measured batch size) are timed in alternation, with a
 device synchronization after every forward pass, together with the control of ``latency.py`` (a dense
 ResNet-50 thinned to about the same FLOPs, optimized too); a torch.compile row compares the compiled original
-with the compiled optimized model. Without CUDA it prints why and exits with status 0.
+with the compiled optimized model. Then, per ``--latency-targets``, a latency budget planned for the deployed form
+(``form: optimized``) at batch 1, judged by both models through ``optimize_for_inference``. Without CUDA it prints
+why and exits with status 0.
 
     python benchmarks/gpu.py [--reductions 2,3] [--batches 1,32] [--dtype float32] [--no-compile]
+                             [--latency-targets 1.8]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from _setup import flops, make_trained_like, resnet50, thinner_dense_control
 from musco_core import Compressor, optimize_for_inference, standardize_model
+from musco_core.latency import CACHE_ENV
 from musco_core.timing import time_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def compress(model: nn.Module, x: torch.Tensor, reduction: float, device: torch.device) -> tuple[nn.Module, float]:
+def compress(model: nn.Module, x: torch.Tensor, budget: dict, device: torch.device) -> tuple[Compressor, float]:
+    """The finished compressor of a ``budget`` run on the GPU, and the run's seconds."""
     torch.cuda.synchronize(device)
     started = time.perf_counter()
     compressor = Compressor(model, example_input=x, config_type="budget", ft_every=1000, progress=False,
-                            all_algo_kwargs={"budget": {"reduction": reduction, "metric": "flops"}})
+                            all_algo_kwargs={"budget": budget})
     while not compressor.done:
         compressor.compression_step()
     torch.cuda.synchronize(device)
-    return compressor.compressed_model.eval(), time.perf_counter() - started
+    return compressor, time.perf_counter() - started
+
+
+def latency_target(model: nn.Module, x: torch.Tensor, target: float, device: torch.device, repeats: int) -> None:
+    """A latency budget planned for the deployed form, with a fresh timing cache: planned, measured by the run, and
+    both models through ``optimize_for_inference`` timed in alternation."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ[CACHE_ENV] = str(Path(folder) / "latency.json")
+        compressor, seconds = compress(model, x, {"reduction": target, "metric": "latency", "form": "optimized"},
+                                       device)
+    record = compressor.budgets[-1]
+    original = optimize_for_inference(model, x, progress=False)
+    compressed = optimize_for_inference(compressor.compressed_model.eval(), x, progress=False)
+    t_original, t_compressed = time_modules([original, compressed], x, warmup=5, min_rounds=repeats,
+                                            min_seconds=2.0, device=device)
+    deployed = t_original / t_compressed
+    print(f"\nlatency target {target}x (form: optimized), batch {x.shape[0]}: run {seconds:.1f} s, planned "
+          f"{record.planned:.3f}x, measured by the run {record.measured:.3f}x; both through optimize_for_inference "
+          f"{1e3 * t_original:.3f} ms -> {1e3 * t_compressed:.3f} ms, {deployed:.3f}x (within 5%: "
+          f"{abs(deployed / target - 1) <= 0.05})" + (f"; note: {record.note}" if record.note else ""), flush=True)
 
 
 def main() -> None:
@@ -44,6 +71,8 @@ def main() -> None:
                         help="dtype the models run in (compression always runs in float32)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--latency-targets", default="1.8",
+                        help="latency budgets (form: optimized) to run at batch 1 after the FLOPs rows; '' for none")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(f"no CUDA device (torch {torch.__version__}, built with CUDA {torch.version.cuda}): nothing to "
@@ -60,7 +89,8 @@ def main() -> None:
     header = (f"{'FLOPs x':>8} {'batch':>5}  {'model':<32}{'original ms':>12}{'compressed ms':>14}{'speed-up':>9}"
               f"{'/ FLOPs x':>10}")
     for reduction in map(float, args.reductions.split(",")):
-        compressed, seconds = compress(model, x1, reduction, device)
+        compressor, seconds = compress(model, x1, {"reduction": reduction, "metric": "flops"}, device)
+        compressed = compressor.compressed_model.eval()
         flops_x = original_flops / flops(standardize_model(copy.deepcopy(compressed)), x1)
         control, width, control_x = thinner_dense_control(flops_x)
         control = control.to(device, dtype)
@@ -88,6 +118,8 @@ def main() -> None:
                 speed_up = t_original / t_compressed
                 print(f"{reduced:>8.2f} {batch:>5}  {label:<32}{1e3 * t_original:>12.3f}{1e3 * t_compressed:>14.3f}"
                       f"{speed_up:>9.2f}{speed_up / reduced:>10.2f}", flush=True)
+    for target in filter(None, args.latency_targets.split(",")):
+        latency_target(model, x1, float(target), device, args.repeats)
 
 
 if __name__ == "__main__":
