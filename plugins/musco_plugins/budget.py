@@ -370,30 +370,43 @@ def _calibrated(plan: Callable[[float], tuple[list[LayerChoice], list, float]], 
     the target, then where a straight line (log speed-up against log aim) meets it until two plans bracket the
     target, then the interpolation between the closest pair that does. The speed-up need not be a straight line
     in the aim: timed as ``optimize_for_inference`` deploys them, ResNet-50's plans at 2 threads measured 1.18x at
-    an aim of 1.13x and 2.02x at 1.45x. ``planned`` is the mean measurement of the final plan when it was timed,
-    else the target it was aimed at (times ``done``, what earlier passes achieved)."""
+    an aim of 1.13x and 2.02x at 1.45x. When no plan landed, the search's next plan is timed too; the plan kept is
+    the one measured closest to the target, and ``planned`` its measurement (the mean of its measurements; times
+    ``done``, what earlier passes achieved, as every measurement here)."""
     aims: list[float] = []
     measured: list[float] = []
-    by_plan: dict[tuple, list[float]] = {}
+    by_plan: dict[tuple, list[float]] = {}  # log speed-ups measured, per plan
+    plans: dict[tuple, tuple[list[LayerChoice], list]] = {}
     aim, saturated = target, False
-    for _ in range(CALIBRATION_ROUNDS):
-        choices, ranks, _estimate = plan(aim)
+
+    def timed(choices: list[LayerChoice], ranks: list) -> float:
         key = _plan_key(choices, ranks)
-        if aims and key in by_plan and aim > math.exp(max(aims)):
-            saturated = True  # a higher aim gives the same plan: the layers are at their smallest ranks
-            break
         speedup = done * totals.speedup_of({choice.name: None if r is None else (choice.decomposer.name, tuple(r))
                                             for choice, r in zip(choices, ranks)})
         log.info("latency budget: aiming at %.3fx by the layer timings measured %.3fx in place", aim, speedup)
+        by_plan.setdefault(key, []).append(math.log(speedup))
+        plans[key] = choices, ranks
+        return speedup
+
+    for _ in range(CALIBRATION_ROUNDS):
+        choices, ranks, _estimate = plan(aim)
+        if aims and _plan_key(choices, ranks) in by_plan and aim > math.exp(max(aims)):
+            saturated = True  # a higher aim gives the same plan: the layers are at their smallest ranks
+            break
+        speedup = timed(choices, ranks)
         aims.append(math.log(aim))
         measured.append(math.log(speedup))
-        by_plan.setdefault(key, []).append(math.log(speedup))
         if abs(speedup / target - 1) <= LANDED:
             break
         aim = math.exp(_next_aim(aims, measured, math.log(target)))
-    choices, ranks, _estimate = plan(aim)
-    key = _plan_key(choices, ranks)
-    planned = math.exp(float(np.mean(by_plan[key]))) if key in by_plan else target
+    else:  # the search's next plan, untimed: timed too, so that the plan kept is one measured
+        choices, ranks, _estimate = plan(aim)
+        if _plan_key(choices, ranks) not in by_plan:
+            timed(choices, ranks)
+    # the plan measured closest to the target (the mean of its measurements)
+    key = min(by_plan, key=lambda k: abs(float(np.mean(by_plan[k])) - math.log(target)))
+    choices, ranks = plans[key]
+    planned = math.exp(float(np.mean(by_plan[key])))
     if abs(planned / target - 1) <= 0.02:
         return choices, ranks, planned, None
     if saturated and planned < target:
