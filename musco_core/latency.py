@@ -15,7 +15,6 @@ layers stubbed out) and gives the selector a function that times a plan in place
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -36,7 +35,7 @@ from .components import Factor, FactorLayout, LayerSpec, ModelTotals
 from .engine import factorized_like
 from .errors import ConfigError
 from .factors import layer_layout
-from .inference import optimize_for_inference, pointwise_products
+from .inference import memory_format_candidates, optimize_for_inference
 from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
 from .timing import call_model, time_alternated, time_modules_at
@@ -244,11 +243,13 @@ class TimedForm:
     ``optimize_for_inference`` chooses the memory format per model and the matrix products per geometry; timing
     each chain's splits and each geometry for every plan would take too long.
 
-    Made from the model as it is to be timed (eval mode, replacements swapped in). An optimized timing holds three
-    copies of the model per variant timed."""
+    Made from the model as it is to be timed (eval mode): each call to :meth:`seconds` must find it so (the
+    caller's replacements swapped in alike), since the optimized copies of the model without swaps are made once
+    and kept. An optimized timing holds up to three copies of the model per variant."""
 
     def __init__(self, model: nn.Module, example_input: Any, optimized: bool) -> None:
         self.model, self.example_input, self.optimized = model, example_input, optimized
+        self._unswapped: list[nn.Module] | None = None  # the optimized copies of the model as it is
 
     def seconds(self, profiler: LatencyProfiler, variants: Sequence[Mapping[str, nn.Module]],
                 stubs: Sequence[Mapping[str, nn.Module]] = ()) -> list[float]:
@@ -260,17 +261,22 @@ class TimedForm:
             return profiler.calls([self._in_place({**swaps, **stubbed}) for swaps, stubbed in zip(variants, stubs)])
         calls, owner = [], []
         for index, (swaps, stubbed) in enumerate(zip(variants, stubs)):
-            with swapped(self.model, swaps), evaluating(*swaps.values()):
-                deployed = optimize_for_inference(self.model, progress=False)
-            forms = [deployed]
-            if any(isinstance(module, nn.Conv2d) for module in deployed.modules()):
-                channels_last = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
-                forms += [channels_last, pointwise_products(copy.deepcopy(channels_last))]
-            for form in forms:
+            for form in self._deployed(swaps):
                 calls.append(self._stubbed(form, stubbed))
                 owner.append(index)
         times = profiler.calls(calls)
         return [min(t for t, i in zip(times, owner) if i == index) for index in range(len(variants))]
+
+    def _deployed(self, swaps: Mapping[str, nn.Module]) -> list[nn.Module]:
+        """The optimized copies of the model with ``swaps`` swapped in, in each memory format worth timing
+        (``optimize_for_inference`` puts the copy in eval mode)."""
+        if not swaps and self._unswapped is not None:
+            return self._unswapped
+        with swapped(self.model, swaps):
+            forms = memory_format_candidates(optimize_for_inference(self.model, progress=False))
+        if not swaps:
+            self._unswapped = forms
+        return forms
 
     def _in_place(self, swaps: Mapping[str, nn.Module]) -> Callable[[], Any]:
         def call() -> Any:

@@ -338,8 +338,8 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
     forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
     for name, entry in pending.items():
         selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
-        if selector.scope == "model" and selector.measures_latency(schedule.settings.params_for(selector)):
-            forms[selector.name] = selector.times_optimized(schedule.settings.params_for(selector))
+        if selector.scope == "model" and selector.measures_latency(params := schedule.settings.params_for(selector)):
+            forms[selector.name] = selector.times_optimized(params)
     if not forms:
         return list(budgets)
     replacements = pending_replacements(pending, paths)
