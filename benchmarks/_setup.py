@@ -4,8 +4,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
 import platform
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from models import make_trained_like, resnet50  # noqa: E402
 
-__all__ = ["flops", "keep_freed_memory", "make_trained_like", "resnet50", "setup", "thinner_dense_control"]
+__all__ = ["flops", "fresh_latency_cache", "keep_freed_memory", "make_trained_like", "resnet50", "setup", "thinner_dense_control"]
 
 
 def setup(threads: int) -> str:
@@ -40,6 +44,24 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+@contextmanager
+def fresh_latency_cache() -> Iterator[Path]:
+    """Points the latency cache at an empty file in a temporary folder (so every layer is timed afresh) and
+    restores ``$MUSCO_LATENCY_CACHE`` as it was when the folder is deleted."""
+    from musco_core.latency import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ[CACHE_ENV] = str(Path(folder) / "latency.json")
+        try:
+            yield Path(os.environ[CACHE_ENV])
+        finally:
+            if before is None:
+                del os.environ[CACHE_ENV]
+            else:
+                os.environ[CACHE_ENV] = before
 
 
 def flops(model: torch.nn.Module, x: torch.Tensor) -> int:

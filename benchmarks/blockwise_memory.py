@@ -172,7 +172,7 @@ def main() -> None:
         n_tensors, worst = compare(folder / "blockwise", folder / "in-memory")
         print(f"the output sets agree: {n_tensors} tensors, largest relative difference {worst:.2e}")
         compressed = os.path.getsize(folder / "blockwise" / "model.safetensors") / 2**20
-        print(f"\n| path | peak RSS MiB | / checkpoint size | wall s |\n|---|---:|---:|---:|")
+        print("\n| path | peak RSS MiB | / checkpoint size | wall s |\n|---|---:|---:|---:|")
         for path, result in results.items():
             peak = result["peaks_mib"]["compressed and saved"]
             print(f"| {path} | {peak:.0f} | {peak / size:.2f} | {result['seconds']:.0f} |")

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from _setup import flops, make_trained_like, resnet50, thinner_dense_control
+from _setup import flops, fresh_latency_cache, make_trained_like, resnet50, thinner_dense_control
 from musco_core import Compressor, optimize_for_inference, standardize_model
-from musco_core.latency import CACHE_ENV
 from musco_core.timing import time_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +43,7 @@ def compress(model: nn.Module, x: torch.Tensor, budget: dict, device: torch.devi
 def latency_target(model: nn.Module, x: torch.Tensor, target: float, device: torch.device, repeats: int) -> None:
     """A latency budget planned for the deployed form, with a fresh timing cache: planned, measured by the run, and
     both models through ``optimize_for_inference`` timed in alternation."""
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ[CACHE_ENV] = str(Path(folder) / "latency.json")
+    with fresh_latency_cache():
         compressor, seconds = compress(model, x, {"reduction": target, "metric": "latency", "form": "optimized"},
                                        device)
     record = compressor.budgets[-1]

@@ -25,9 +25,7 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from _omp import WAIT_POLICIES, choose_wait_policy
 
@@ -37,11 +35,11 @@ if __name__ == "__main__":
 import numpy as np
 import torch
 
-from _setup import keep_freed_memory, make_trained_like, resnet50, setup
+from _setup import fresh_latency_cache, keep_freed_memory, make_trained_like, resnet50, setup
 from musco_core import Compressor, optimize_for_inference
 from musco_core.allocation import layer_choices, profiler_for
 from musco_core.components import RankRounding
-from musco_core.latency import CACHE_ENV, Chain
+from musco_core.latency import Chain
 from musco_core.timing import fixed_threads, time_modules
 from musco_plugins.budget import LATENCY_POINTS, layer_options
 
@@ -120,8 +118,7 @@ def main() -> None:
         model = make_trained_like(resnet50()).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     for threads in map(int, args.threads.split(",")):
-        with tempfile.TemporaryDirectory() as folder, fixed_threads(threads):
-            os.environ[CACHE_ENV] = str(Path(folder) / "latency.json")
+        with fresh_latency_cache(), fixed_threads(threads):
             print(f"\n== {args.model}, {threads} thread(s), batch 1, target {args.reduction}x latency ==", flush=True)
             _, flops_seconds = run(model, x, args.reduction, "flops")
             print(f"run on metric flops (no profiling): {flops_seconds:.1f} s  (load {os.getloadavg()[0]:.1f})",

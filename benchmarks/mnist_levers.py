@@ -139,8 +139,8 @@ def main() -> None:
     base = accuracy(model, x_test, y_test)
     where = "validation" if args.select else "test"
     print(f"uncompressed: {base:.2%} on {len(x_test)} {where} images ({time.perf_counter() - started:.0f} s)")
-    print(f"| lever | MACs reduction | ranks | acc. after compression | after fine-tuning (per seed) | mean | "
-          f"vs uncompressed |\n|---|---:|---|---:|---|---:|---:|")
+    print("| lever | MACs reduction | ranks | acc. after compression | after fine-tuning (per seed) | mean | "
+          "vs uncompressed |\n|---|---:|---|---:|---|---:|---:|")
     for lever in args.levers:
         results = [run(model, lever, x_train, y_train, x_test, y_test, args.target, args.ft_epochs, args.ft_lr,
                        seed) for seed in args.seeds]
