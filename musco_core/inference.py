@@ -51,6 +51,9 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: A factorized chain is kept only when its median time is below this share of the dense layer's; the
 #: rest of the difference is within what a shared machine's noise produces between two medians.
 MEASURABLY_FASTER = 0.97
+#: Model classes whose failure to trace was logged at INFO; later copies log it at DEBUG (a latency budget
+#: with ``form: optimized`` deploys several copies of the same model per step).
+_UNTRACEABLE_REPORTED: set[type] = set()
 #: Chains longer than this are only compared as they are against fully merged (2^(n-1) splits otherwise).
 _MAX_SPLIT_SEARCH = 6
 
@@ -170,8 +173,10 @@ def _batchnorm_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[n
     try:
         graph = torch.fx.Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any failure to trace means: fold where the data flow is certain
-        log.info("optimize_for_inference: the model cannot be traced by torch.fx (%s: %s); folding BatchNorms "
-                 "inside nn.Sequential containers only", type(exc).__name__, exc)
+        level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
+        _UNTRACEABLE_REPORTED.add(type(model))
+        log.log(level, "optimize_for_inference: the %s model cannot be traced by torch.fx (%s: %s); folding "
+                "BatchNorms inside nn.Sequential containers only", type(model).__name__, type(exc).__name__, exc)
         return _sequential_pairs(model, shapes)
     return _traced_pairs(model, graph, shapes)
 

@@ -3,6 +3,7 @@ outputs, the result exports, and the statistics and compression path start witho
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import subprocess
 import sys
@@ -262,6 +263,18 @@ def test_untraceable_model_folds_inside_sequentials_only():
         assert relative(optimized(x), expected) < TOLERANCE
     assert isinstance(optimized.block[1], nn.Identity)
     assert isinstance(optimized.bn, nn.BatchNorm2d)
+
+
+def test_an_untraceable_model_is_reported_at_info_once_per_class(caplog):
+    class UntraceableOnce(Untraceable):  # a class of its own: the once-per-class record is per process
+        pass
+
+    caplog.set_level(logging.DEBUG, logger="musco_core.inference")
+    for _ in range(3):
+        optimize_for_inference(UntraceableOnce(), progress=False)
+    said = [record.levelno for record in caplog.records if "cannot be traced" in record.getMessage()]
+    assert said == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    assert "UntraceableOnce model" in caplog.records[0].getMessage()
 
 
 def test_batchnorm_without_running_statistics_and_a_layer_used_twice_are_left_alone():
