@@ -34,7 +34,8 @@ from scipy import stats as scipy_stats
 from sklearn.datasets import load_digits
 from torch import nn
 
-from musco_core import Compressor, ModelStats, default_registry, standardize_model
+from _setup import flops as count_flops
+from musco_core import Compressor, standardize_model
 from musco_core.finetune import distill
 
 SPLIT_SEED = 0  # the train/test split is the same for every seed
@@ -244,7 +245,7 @@ def run_seed(seed, args, task, plan, example):
             finetune(args.finetune, model, compressor.compressed_model, train_data, part, args.ft_lr, seed)
         report = compressor.report()
         compressed = standardize_model(compressor.compressed_model)
-        flops = ModelStats.from_model(compressed, default_registry(), example, count_flops=True).total_flops
+        flops = count_flops(compressed, example)
         out[method] = Outcome(*evaluate(compressor.compressed_model, test_data), tuple(before_ft),
                               report.macs_ratio, report.params_ratio, flops)
     if (out["one-shot"].macs_ratio, out["one-shot"].flops) != (out["multi-stage"].macs_ratio, out["multi-stage"].flops):
@@ -315,7 +316,7 @@ def main() -> None:
                           for m in METHODS[2:])
               + f" ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    base_flops = ModelStats.from_model(reference, default_registry(), example, count_flops=True).total_flops
+    base_flops = count_flops(reference, example)
     print("\n| method | MACs reduction | FLOPs reduction | params reduction | acc. right after compression "
           "| acc. after fine-tuning (mean ± std) | min | max | test loss (mean ± std) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
