@@ -51,6 +51,7 @@ from .run import (check_calibration, checked_schedule, count_params, needs_input
                   tied_note)
 from .schedule import ModelSchedule, key_path, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
+from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
 
@@ -581,22 +582,31 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
     if run.streams is not None and len(names) > 1:
         names = forward_order(runner, names, _Batches(run.streams.reference))
     replacements: dict[str, nn.Module] = {}
+    results: dict[str, LayerResult] = {}
     for name in names:
         layer = run.schedule.layers[name]
         module = runner.get_submodule(name)
         stats = _layer_stats(run, runner, name, replacements) if name in needing else None
         chosen = {"keep_note": tied_note(run.tied[name])} if name in run.tied and not layer.force else {}
         try:
-            new, result = compress_layer(module, name, layer, run.schedule.settings, run.registry, None,
-                                         input_stats=stats, **chosen)
+            new, results[name] = compress_layer(module, name, layer, run.schedule.settings, run.registry, None,
+                                                input_stats=stats, **chosen)
         except Exception as exc:  # a plugin's bug too: nothing is written, the model is as it was
             reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
             raise CompressionError(f"layer {name!r}: {reason}; nothing was written") from exc
-        run.results.append(result)
         if new is not None:
             replacements[name] = new
-            run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
-            run.params_change += count_params(new) - count_params(module)
+    if run.streams is not None and replacements:  # the block run on its first calibration batch
+        swaps = {name: (runner.get_submodule(name), new) for name, new in replacements.items()}
+        for name, why in unfaithful_swaps(runner, swaps, module_paths(runner),
+                                          _Batches(run.streams.actual)[0]).items():
+            log.warning("layer %r: kept as is: %s", name, why)
+            results[name] = results[name].kept(why)
+            del replacements[name]
+    run.results += results.values()
+    for name, new in replacements.items():
+        run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
+        run.params_change += count_params(new) - count_params(runner.get_submodule(name))
     return replacements
 
 
@@ -663,7 +673,9 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     decompositions) is a list or DataLoader of input batches of the whole model, as for the ``Compressor``; the
     blocks' inputs are kept in memory on CPU (``offload="cpu"``) or in files under ``work_dir`` (``"disk"``),
     where the compressed blocks' shards also go (default: next to ``output``; removed at the end).
-    ``device`` is where the blocks are computed.
+    ``device`` is where the blocks are computed. Each block is run with its replacements swapped in on its input
+    from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a layer the block uses other than by
+    calling it is kept as it is. Without ``calibration_data`` there is no block input, and no such check.
 
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
     (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
@@ -684,8 +696,8 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
                           f"model's output (output_weighting), which needs a backward pass through the whole model; "
                           f"blockwise compression holds one block at a time: use the Compressor or turn it off")
     calibration = check_calibration(checked, registry, layers, calibration_data)
-    if not needs_input_stats(checked, registry, layers):
-        calibration = None
+    if calibration is not None and not needs_input_stats(checked, registry, layers):
+        calibration = [next(iter(calibration))]  # no statistics: one batch, each block's input for its check
     source = Checkpoint(checkpoint) if checkpoint is not None else None
     output = Path(output)
     with io.output_lock(output):

@@ -39,6 +39,11 @@ class LayerResult:
     seconds: NonNegativeFloat = 0.0
     note: str | None = None
 
+    def kept(self, why: str) -> LayerResult:
+        """This result for the layer left as it is after all, ``why`` added to the note."""
+        return attrs.evolve(self, applied=False, params_after=self.params_before, macs_after=self.macs_before,
+                            relative_error=None, note="; ".join(filter(None, [self.note, f"kept as is: {why}"])))
+
 
 def read_layer(module: nn.Module, registry: Registry, name: str):
     """The adapter, weight source and bias of a plain or already factorized layer."""

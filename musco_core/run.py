@@ -33,6 +33,7 @@ from .state import RunContext, RunState
 from .stats import ModelStats
 from .latency import TimedForm, profiler_for
 from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
+from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequen
     check_reiterable(calibration_data, "calibration_data")
     if not needing and not any(schedule.layers[name] is not None and registry.rank_selectors.get(
             schedule.layers[name].rank_selection).scope == "model" for name in names):
-        log.info("calibration_data is not used: no layer of the schedule uses a data-aware decomposition or a "
-                 "whole-model rank selector")
+        log.info("calibration_data gives no statistics: no layer of the schedule uses a data-aware decomposition "
+                 "or a whole-model rank selector (its first batch checks each step's replacements when there is no "
+                 "example input)")
     return calibration_data
 
 
@@ -314,6 +316,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
+    _keep_unfaithful(model, pending, paths, context, group)
     budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
@@ -324,6 +327,27 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
              sum(r.applied for r in results), len(results))
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
+
+
+def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mapping[int, list[str]],
+                     context: RunContext, group: distributed.Group | None) -> None:
+    """Keeps as they are (in ``pending``, with the reason) the layers whose replacement the model would not use as
+    it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on the example input, else on the first
+    calibration batch. In a distributed job rank 0's verdict counts on every rank."""
+    swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
+    probe = context.example_input
+    if probe is None and context.calibration_data is not None:
+        probe = next(iter(context.calibration_data), None)
+    if not swaps or probe is None:
+        if swaps:
+            log.info("compression step: no example input, so the model is not run with the step's replacements "
+                     "swapped in to check that it uses them as it used its layers")
+        return
+    unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
+                                           lambda: unfaithful_swaps(model, swaps, paths, probe))
+    for name, why in unfaithful.items():
+        log.warning("layer %r: kept as is: %s", name, why)
+        pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))
 
 
 def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],

@@ -16,26 +16,38 @@ chain that computes what the layer computes, with fewer weights. Three checks, c
 
 :func:`check_factorized` runs the three and raises a :class:`~musco_core.errors.CompressionError` naming the layer,
 the decomposition and the plugins that registered it and the adapter.
+
+A layer that keeps the contract can still be used by its model in ways a replacement cannot honour: called through
+a plain list the swap does not reach, its type or attributes read by its parent. :func:`unfaithful_swaps` runs the
+whole model with a step's replacements swapped in and finds those layers before the step commits.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapter, LayerSpec, WeightSource
 from .errors import CompressionError
 from .factors import layer_layout
-from .surgery import FactorizedLayer
+from .surgery import FactorizedLayer, evaluating, swapped
+from .timing import call_model
 
 #: (in, out) channels of the miniature layer: small, and unequal so that a transposed factor shows.
 MINIATURE_CHANNELS = (4, 6)
 #: Largest relative output error of an exact chain on the miniature layer (float64 weights; a decomposer that
 #: computes in float32 stays well below it).
 FULL_RANK_TOLERANCE = 1e-5
+
+#: Largest relative difference between the model's output with replacements swapped in and its output with each
+#: replaced layer's output computed by its replacement: the same arithmetic, so only float reordering may differ.
+SWAP_TOLERANCE = 1e-4
 
 _full_rank_verdicts: dict[tuple, str | None] = {}
 
@@ -176,4 +188,111 @@ def _full_rank_verdict(decomposer: Decomposer, adapter: LayerAdapter, spec: Laye
     if not error <= FULL_RANK_TOLERANCE:
         return (f"declares exact_at_max_rank, but at its max ranks {ranks} on a miniature {mini.describe()} of the "
                 f"layer's geometry its output differs from the layer's by relative error {error:.2e}")
+    return None
+
+
+# -- the whole model -------------------------------------------------------------------------------------------
+
+def unfaithful_swaps(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Module]],
+                     paths: Mapping[int, Sequence[str]], example_input: Any) -> dict[str, str]:
+    """The layers of ``swaps`` (name: (layer, replacement)) that the model would not use as it uses the layer, with
+    why; ``paths`` maps a module's id to where it sits in the model.
+
+    The model runs on ``example_input`` (eval mode, no grad, the same random seed) once as it is with each layer's
+    output computed by its replacement from the layer's own input, and once with the replacements swapped in. A
+    model that uses its layers only by calling them gives the same output both times. It does not when it calls a
+    layer through a reference the swap cannot reach, or reads the layer's type, attributes or weights: the
+    replacement is then not used as the layer was, whatever it computes. Each layer is checked alone when the
+    step's replacements fail together; the model is left as it was.
+    """
+    problem = _swap_problem(model, swaps, paths, example_input)
+    if problem is None:
+        return {}
+    if len(swaps) == 1:
+        return dict.fromkeys(swaps, problem)
+    found = {name: why for name, swap in swaps.items()
+             if (why := _swap_problem(model, {name: swap}, paths, example_input)) is not None}
+    rest = {name: swap for name, swap in swaps.items() if name not in found}
+    if rest and (together := _swap_problem(model, rest, paths, example_input)) is not None:
+        found.update(dict.fromkeys(rest, f"{together} (with the step's other replacements swapped in)"))
+    return found
+
+
+def _swap_problem(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Module]],
+                  paths: Mapping[int, Sequence[str]], example_input: Any) -> str | None:
+    """Why the model does not use ``swaps``' replacements as it uses the layers, or None when it does."""
+    replacement_of = {id(layer): new for layer, new in swaps.values()}
+    news = [new for _, new in swaps.values()]
+
+    def replaced_output(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return replacement_of[id(layer)](*args, **kwargs)
+
+    stale_calls: Counter[int] = Counter()
+
+    def count_stale_call(layer: nn.Module, args: tuple) -> None:
+        stale_calls[id(layer)] += 1
+
+    with torch.no_grad(), evaluating(model, *news):
+        with _seeded(model):
+            handles = [layer.register_forward_hook(replaced_output, with_kwargs=True) for layer, _ in swaps.values()]
+            try:
+                expected = call_model(model, example_input)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        handles = [layer.register_forward_pre_hook(count_stale_call) for layer, _ in swaps.values()]
+        try:
+            with _seeded(model), swapped(model, {path: new for layer, new in swaps.values()
+                                                 for path in paths[id(layer)]}):
+                got = call_model(model, example_input)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, the model relies on more than the layer's output
+            return (f"the model fails with the replacement swapped in ({type(exc).__name__}: {exc}): it uses the "
+                    f"layer other than by calling it (reads its attributes or weights)")
+        finally:
+            for handle in handles:
+                handle.remove()
+    if stale_calls:
+        return ("the model still calls the original layer after the swap, through a reference the swap cannot "
+                "reach (a plain list, dict or attribute outside the module tree)")
+    difference = _output_difference(expected, got)
+    if difference is not None:
+        return (f"the model's output changes with the replacement swapped in although the replacement computes the "
+                f"same from the same input ({difference}): the model depends on the layer's type or attributes, "
+                f"not only on its output")
+    return None
+
+
+@contextmanager
+def _seeded(model: nn.Module) -> Iterator[None]:
+    """A fixed random seed for one run of the model, the caller's random state restored after it."""
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        yield
+
+
+def _output_difference(expected: Any, got: Any) -> str | None:
+    """How two outputs of the model differ beyond float reordering (structure, shapes, values), or None."""
+    expected_leaves, got_leaves = tree_leaves(expected), tree_leaves(got)
+    expected_tensors = [leaf for leaf in expected_leaves if isinstance(leaf, torch.Tensor)]
+    got_tensors = [leaf for leaf in got_leaves if isinstance(leaf, torch.Tensor)]
+    if len(expected_tensors) != len(got_tensors):
+        return f"{len(got_tensors)} output tensors instead of {len(expected_tensors)}"
+    for index, (a, b) in enumerate(zip(expected_tensors, got_tensors)):
+        where = f"output tensor {index}" if len(expected_tensors) > 1 else "the output"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{where} is {b.dtype} {tuple(b.shape)} instead of {a.dtype} {tuple(a.shape)}"
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b):
+                return f"{where} has other values"
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        infinite = torch.isinf(a) | torch.isinf(b)
+        if not torch.equal(torch.isnan(a), torch.isnan(b)) or not torch.equal(a[infinite], b[infinite]):
+            return f"{where} has NaN or infinities elsewhere"
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        scale = torch.linalg.vector_norm(a[finite]).clamp_min(torch.finfo(torch.float64).tiny)
+        relative = float(torch.linalg.vector_norm(a[finite] - b[finite]) / scale)
+        if relative > SWAP_TOLERANCE:
+            return f"{where} by {relative:.3g} relative"
     return None

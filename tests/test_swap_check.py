@@ -1,0 +1,180 @@
+"""The whole-model check before a step commits: a layer the model uses other than by calling it (through a plain
+list, by its type or attributes) is kept as it is with the reason, the step's other layers are compressed, and the
+model computes what it computed."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from musco_core import Compressor, FactorizedLayer, compress_blockwise
+from musco_core.io import read_manifest
+from musco_core.surgery import module_paths
+from musco_core.verify import unfaithful_swaps
+
+
+def manual(rank: int) -> dict:
+    return {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [rank]}
+
+
+class Listed(nn.Module):
+    """Calls ``fc1`` through a plain list the swap cannot update."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.order = [self.fc1]
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.order[0](x)))
+
+
+class ReadsAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.other = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.other(self.proj(x)) * self.proj.out_features
+
+
+class BranchesOnType(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.other = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.proj(x)
+        if isinstance(self.proj, nn.Linear):
+            h = torch.relu(h)
+        return self.other(h)
+
+
+class BranchesOnEither(nn.Module):
+    """Each layer swapped alone leaves the branch as it was; both together change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        return torch.relu(h) if isinstance(self.a, nn.Linear) or isinstance(self.b, nn.Linear) else h
+
+
+class Noisy(nn.Module):
+    """Random in eval mode too: the check runs both passes with the same seed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) + torch.randn_like(x))
+
+
+def compress(model: nn.Module, layers: dict, example_input: torch.Tensor | None) -> Compressor:
+    compressor = Compressor(model, example_input=example_input, model_compr_kwargs=layers, ft_every=len(layers),
+                            progress=False)
+    compressor.compression_step()
+    assert compressor.done
+    return compressor
+
+
+@pytest.mark.parametrize(("model_type", "kept", "compressed", "reason"), [
+    (Listed, "fc1", "fc2", "still calls the original layer after the swap"),
+    (ReadsAttribute, "proj", "other", "has no attribute 'out_features'"),
+    (BranchesOnType, "proj", "other", "output changes with the replacement swapped in"),
+])
+def test_a_layer_used_other_than_by_calling_it_is_kept_with_the_reason(model_type, kept, compressed, reason, caplog):
+    torch.manual_seed(0)
+    model = model_type().eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+    caplog.set_level(logging.WARNING, logger="musco_core.run")
+    compressor = compress(model, {kept: manual(4), compressed: manual(4)}, x)
+    result = {r.name: r for r in compressor.history}
+    assert not result[kept].applied and reason in result[kept].note
+    assert result[kept].params_after == result[kept].params_before and result[kept].relative_error is None
+    assert result[compressed].applied
+    out = compressor.compressed_model
+    assert type(out.get_submodule(kept)) is nn.Linear and isinstance(out.get_submodule(compressed), FactorizedLayer)
+    assert any(kept in record.getMessage() and reason in record.getMessage() for record in caplog.records)
+    assert torch.equal(out.get_submodule(kept).weight, model.get_submodule(kept).weight)
+    with torch.no_grad():
+        assert out(x).shape == expected.shape
+
+
+def test_layers_that_fail_only_together_are_both_kept():
+    torch.manual_seed(0)
+    model = BranchesOnEither().eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+    compressor = compress(model, {"a": manual(8), "b": manual(8)}, x)
+    assert [r.applied for r in compressor.history] == [False, False]
+    assert all("with the step's other replacements" in r.note for r in compressor.history)
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.compressed_model(x), expected)
+
+
+def test_a_model_that_only_calls_its_layers_is_compressed_and_random_ops_do_not_count():
+    torch.manual_seed(0)
+    model = Noisy().eval()
+    x = torch.randn(4, 32)
+    compressor = compress(model, {"fc1": manual(4), "fc2": manual(4)}, x)
+    assert all(r.applied for r in compressor.history)
+    swaps = {"fc1": (model.fc1, nn.Linear(32, 32))}
+    before = torch.random.get_rng_state()
+    assert unfaithful_swaps(model, swaps, module_paths(model), x) == {}
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random state is left as it was
+
+
+def test_the_check_runs_on_the_first_calibration_batch_without_an_example_input():
+    torch.manual_seed(0)
+    model = Listed().eval()
+    batches = [torch.randn(4, 32) for _ in range(2)]
+    compressor = Compressor(model, model_compr_kwargs={
+        "version": 1, "layers": {"fc1": {"decomposition": "whitened_svd", "rank_selection": "manual",
+                                         "manual_rank": [4]}}}, calibration_data=batches, progress=False)
+    compressor.compression_step()
+    assert not compressor.history[0].applied and "still calls the original layer" in compressor.history[0].note
+
+
+def test_the_checked_model_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = BranchesOnType().train()
+    x = torch.randn(4, 32)
+    proj = model.proj
+    problems = unfaithful_swaps(model, {"proj": (proj, nn.Sequential(nn.Linear(32, 32)))}, module_paths(model), x)
+    assert "output changes" in problems["proj"]
+    assert model.proj is proj and model.training and model.proj.training
+    assert not proj._forward_hooks and not proj._forward_pre_hooks
+
+
+class ListedStages(nn.Module):
+    """Two blocks; the first calls its ``fc1`` through a plain list."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Listed(), Listed()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_blockwise_compression_keeps_a_layer_its_block_uses_through_a_list(tmp_path):
+    torch.manual_seed(0)
+    model = ListedStages().eval()
+    data = [torch.randn(4, 32) for _ in range(2)]
+    plan = {"version": 1, "settings": {"ft_every": 2},
+            "layers": {"first.fc1": manual(4), "first.fc2": manual(4)}}
+    report = compress_blockwise(model, plan, ["first", "second"], tmp_path / "out", calibration_data=data,
+                                progress=False)
+    result = {r.name: r for r in report.layers}
+    assert not result["first.fc1"].applied and "still calls the original layer" in result["first.fc1"].note
+    assert result["first.fc2"].applied
+    assert set(read_manifest(tmp_path / "out")) == {"first.fc2"}
