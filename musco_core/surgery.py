@@ -109,6 +109,14 @@ def describe_module(name: str, module: nn.Module) -> str:
     return f"{name!r} ({type(module).__qualname__})" if name else f"the model ({type(module).__qualname__})"
 
 
+def _hook_name(hook) -> str:
+    return getattr(hook, "__qualname__", type(hook).__qualname__)
+
+
+#: Forward pre-hooks that recompute a module's weight from other tensors before each call.
+_REPARAMETRIZING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
 def _hook_problems(module: nn.Module) -> list[str]:
     """What the module's own hooks do that a layer built in its place would not."""
     problems = []
@@ -123,11 +131,29 @@ def _hook_problems(module: nn.Module) -> list[str]:
             problems.append("it has spectral_norm (a pre-hook rescales its weight); call "
                             "torch.nn.utils.remove_spectral_norm on it first")
         else:
-            problems.append(f"it has a forward pre-hook ({getattr(hook, '__qualname__', type(hook).__qualname__)})")
+            problems.append(f"it has a forward pre-hook ({_hook_name(hook)})")
     kinds = (("forward hook", module._forward_hooks), ("backward hook", module._backward_hooks),
              ("backward pre-hook", module._backward_pre_hooks))
-    problems += [f"it has a {kind} ({getattr(hook, '__qualname__', type(hook).__qualname__)})"
-                 for kind, hooks in kinds for hook in hooks.values()]
+    problems += [f"it has a {kind} ({_hook_name(hook)})" for kind, hooks in kinds for hook in hooks.values()]
+    return problems
+
+
+def _parameter_problems(module: nn.Module) -> list[str]:
+    """What the module's weight and bias carry besides their values: hooks on the tensors themselves, and a link
+    to whatever sets a weight or bias that is not a Parameter of the module's own (its owner, before each call)."""
+    problems = [f"its {name} has a {kind} ({_hook_name(hook)})" for name, parameter in module._parameters.items()
+                if parameter is not None
+                for kind, hooks in (("gradient hook", parameter._backward_hooks),
+                                    ("post-accumulate-grad hook", parameter._post_accumulate_grad_hooks))
+                for hook in (hooks or {}).values()]
+    reparametrized = parametrize.is_parametrized(module) or any(  # their own reason says where the weight comes from
+        isinstance(hook, _REPARAMETRIZING_HOOKS) for hook in module._forward_pre_hooks.values())
+    unowned = [] if reparametrized else [
+        name for name in ("weight", "bias")
+        if module._parameters.get(name) is None and (name == "weight" or getattr(module, name, None) is not None)]
+    problems += [f"its {name} is not a Parameter of its own (its owner may compute it and set it before each call, "
+                 f"as weight drop and weight standardization do), so a layer built from its value of the moment "
+                 f"would lose that link" for name in unowned]
     return problems
 
 
@@ -140,7 +166,9 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     forward or backward hook can change what the module computes or read its weight (a hook moved to the
     factorized layer would be given a module without ``weight``); pruning, weight_norm, spectral_norm and
     parametrizations recompute the weight from other tensors at each call, which factorizing the weight of the
-    moment would freeze. Remove them, compress, and add them to the new layer where that makes sense.
+    moment would freeze. Remove them, compress, and add them to the new layer where that makes sense. The same
+    holds for hooks on the weight or bias tensors, and for a weight or bias that is not a Parameter of the module
+    (its owner sets it before each call: the factors would be cut off from what it is computed from).
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -158,7 +186,7 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += _hook_problems(module)
+    problems += _hook_problems(module) + _parameter_problems(module)
     return "; ".join(problems) if problems else None
 
 

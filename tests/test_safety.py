@@ -221,11 +221,20 @@ def _instance_forward(layer):
     layer.forward = lambda x: plain(x) + 1  # as accelerate's hooks do
 
 
+def _gradient_hook(layer):
+    layer.weight.register_hook(lambda grad: grad * 0)  # a frozen block or a sparsity mask during fine-tuning
+
+
+def _post_accumulate_grad_hook(layer):
+    layer.bias.register_post_accumulate_grad_hook(lambda parameter: None)  # an optimizer step in backward
+
+
 @pytest.mark.parametrize(("attach", "expected"), [
     (_prune, "pruned"), (_weight_norm, "weight_norm"), (_orthogonal, "weight is parametrized"),
     (_scale_parametrization, "weight is parametrized"), (_forward_hook, "forward hook"),
     (_forward_pre_hook, "forward pre-hook"), (_backward_hook, "backward hook"),
-    (_instance_forward, "the instance's own forward"),
+    (_instance_forward, "the instance's own forward"), (_gradient_hook, "weight has a gradient hook"),
+    (_post_accumulate_grad_hook, "bias has a post-accumulate-grad hook"),
 ])
 def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(registry, attach, expected):
     model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 6))
@@ -240,6 +249,38 @@ def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(
     refused(model, {"0": manual(4)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{expected}')
     with torch.no_grad():
         assert torch.equal(model(x), output)  # the hook or reparametrization still works as before
+
+
+class WritingOwner(nn.Module):
+    """Sets its child's weight or bias from parameters of its own before each call, as AWD-LSTM's WeightDrop and
+    weight standardization do: the child's tensor is a plain attribute, not a Parameter."""
+
+    def __init__(self, written: str):
+        super().__init__()
+        self.written = written
+        self.fc = nn.Linear(8, 8)
+        self.raw = nn.Parameter(getattr(self.fc, written).detach().clone())
+        self.gain = nn.Parameter(torch.tensor(2.0))
+        delattr(self.fc, written)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        setattr(self.fc, self.written, self.raw * self.gain)
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("written", ["weight", "bias"])
+@pytest.mark.parametrize("example", [False, True])
+def test_a_weight_or_bias_set_by_the_owner_is_left_alone_or_refused(registry, written, example):
+    model, x = WritingOwner(written), torch.randn(2, 8)
+    with torch.no_grad():
+        output = model(x)  # sets the child's tensor, as training would
+    stats = ModelStats.from_model(model, registry, x if example else None)
+    assert f"its {written} is not a Parameter of its own" in stats.excluded["fc"] and "fc" not in stats.layers
+    refused(model, {"fc": manual(4)}, rf'\$\.layers\["fc"\]: cannot be compressed: .*{written} is not a Parameter',
+            example_input=x if example else None)
+    with torch.no_grad():
+        assert torch.equal(model(x), output)
 
 
 # --------------------------------------------------------------------------------------------------------------
