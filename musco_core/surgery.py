@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -157,6 +158,23 @@ def _parameter_problems(module: nn.Module) -> list[str]:
     return problems
 
 
+def _padding_problems(module: nn.Module) -> list[str]:
+    """For a convolution, a ``_reversed_padding_repeated_twice`` (what a non-zeros padding mode pads with) other
+    than the one torch's ``_ConvNd.__init__`` derives from ``padding``, which is all the adapter rebuilds from."""
+    if not isinstance(module, _ConvNd):
+        return []
+    if isinstance(module.padding, str):  # "same": an even kernel's odd unit of padding goes after
+        totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]
+        expected = [pad for total in reversed(totals) for pad in (total // 2, total - total // 2)]
+    else:
+        expected = [pad for pad in reversed(module.padding) for _ in range(2)]
+    actual = list(module._reversed_padding_repeated_twice)
+    if actual == expected:
+        return []
+    return [f"its _reversed_padding_repeated_twice is {actual} where its padding {module.padding!r} gives "
+            f"{expected}: it pads other than its padding says, which is all a rebuilt layer would know"]
+
+
 def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     """Why ``module`` may not compute what a stock ``base`` with its weights computes, or None when it does.
 
@@ -168,7 +186,8 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     parametrizations recompute the weight from other tensors at each call, which factorizing the weight of the
     moment would freeze. Remove them, compress, and add them to the new layer where that makes sense. The same
     holds for hooks on the weight or bias tensors, and for a weight or bias that is not a Parameter of the module
-    (its owner sets it before each call: the factors would be cut off from what it is computed from).
+    (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
+    a convolution whose instance pads other than its ``padding`` says.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -186,7 +205,7 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += _hook_problems(module) + _parameter_problems(module)
+    problems += _hook_problems(module) + _parameter_problems(module) + _padding_problems(module)
     return "; ".join(problems) if problems else None
 
 

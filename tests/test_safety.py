@@ -142,6 +142,27 @@ def test_overriding_the_call_machinery_or_the_weight_is_a_computation_of_its_own
     assert expected in registry.unsupported_reason(module)
 
 
+class OneSidedPaddingConv2d(nn.Conv2d):
+    """Pads all on one side through its instance's _reversed_padding_repeated_twice (what non-zeros padding modes
+    pad with), overriding no method."""
+
+    def __init__(self):
+        super().__init__(4, 6, 3, padding=1, padding_mode="replicate")
+        self._reversed_padding_repeated_twice = [0, 2, 0, 2]
+
+
+def test_a_conv_that_pads_other_than_its_padding_says_is_left_alone_or_refused(registry):
+    model, x = nn.Sequential(OneSidedPaddingConv2d()), torch.randn(1, 4, 7, 7)
+    assert registry.adapter_for(model[0]) is None
+    expected = "its _reversed_padding_repeated_twice is [0, 2, 0, 2] where its padding (1, 1) gives [1, 1, 1, 1]"
+    assert expected in registry.unsupported_reason(model[0])
+    assert "0" in ModelStats.from_model(model, registry, x).excluded
+    refused(model, {"0": manual([4, 4], "tucker2")}, r'\$\.layers\["0"\]: cannot be compressed: .*padding',
+            example_input=x)
+    same = nn.Conv2d(4, 6, (2, 4), padding="same", dilation=(1, 3), padding_mode="reflect")  # pads more after
+    assert registry.adapter_for(same).name == "conv"
+
+
 def test_an_adapter_declares_a_subclass_it_reproduces_by_listing_it(registry):
     class TFSameAdapter(ConvAdapter):
         name = "tf_same_conv"
