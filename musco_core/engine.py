@@ -15,7 +15,7 @@ from .errors import CompressionError, UnsupportedLayerError
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
-from .surgery import FactorizedLayer
+from .surgery import FactorizedLayer, why_not_recompressible
 from .verify import check_factorized
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class LayerResult:
 def read_layer(module: nn.Module, registry: Registry, name: str):
     """The adapter, weight source and bias of a plain or already factorized layer."""
     if isinstance(module, FactorizedLayer):
+        if (reason := why_not_recompressible(module)) is not None:
+            raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         adapter = registry.adapters.get(module.spec.adapter)
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)

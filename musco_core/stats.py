@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
-from .surgery import FactorizedLayer, describe_module, owner_read_layers
+from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 
 
 @attrs.frozen
@@ -86,7 +86,8 @@ class ModelStats:
         ``example_input`` is called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping.
 
         A factorized layer counts as the layer it replaced (its original geometry), so statistics of a model
-        that is part-way through a multi-stage run match those of the uncompressed model.
+        that is part-way through a multi-stage run match those of the uncompressed model; one with hooks or
+        parametrizations added since it was built is excluded (see :func:`~musco_core.surgery.why_not_recompressible`).
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
@@ -100,7 +101,10 @@ class ModelStats:
                 continue
             if isinstance(module, FactorizedLayer):
                 factorized.append(name)
-                readable[name] = (module, module.spec)
+                if (reason := why_not_recompressible(module)) is not None:
+                    excluded[name] = reason
+                else:
+                    readable[name] = (module, module.spec)
             elif (match := registry.match(module)) is not None:
                 if match.adapter is None:
                     excluded[name] = match.reason

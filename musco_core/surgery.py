@@ -209,6 +209,22 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     return "; ".join(problems) if problems else None
 
 
+def why_not_recompressible(layer: FactorizedLayer) -> str | None:
+    """Why re-compressing a factorized layer may change what it computes, or None when it may not.
+
+    The layer is rebuilt from its factors' weights, so what was put on it or on a factor since it was built (a
+    hook, pruning or a parametrization added during fine-tuning) would be dropped, as for a plain layer (see
+    :func:`why_not_replaceable`).
+    """
+    problems = _hook_problems(layer)
+    problems += [f"the instance has its own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
+                 if callable(vars(layer).get(attribute))]
+    for index, factor in enumerate(layer):
+        if (reason := why_not_replaceable(factor, type(factor))) is not None:
+            problems.append(f"its factor {index} ({type(factor).__qualname__}): {reason}")
+    return f"re-compressing rebuilds it from its factors' weights, but {'; '.join(problems)}" if problems else None
+
+
 def owner_read_layers(model: nn.Module) -> dict[str, str]:
     """Layers whose owner's forward reads their weights directly (known from the owner's type, see
     :data:`OWNERS_READING_CHILD_WEIGHTS`), by canonical name, with why they cannot be replaced."""

@@ -4,6 +4,7 @@ breaks the contract is refused before it is swapped in. Every refusal leaves the
 from __future__ import annotations
 
 import logging
+import re
 import types
 import warnings
 
@@ -270,6 +271,34 @@ def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(
     refused(model, {"0": manual(4)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{expected}')
     with torch.no_grad():
         assert torch.equal(model(x), output)  # the hook or reparametrization still works as before
+
+
+@pytest.mark.parametrize(("attach", "expected"), [
+    (_forward_hook, "but it has a forward hook"), (_instance_forward, "but the instance has its own forward"),
+    (lambda layer: _forward_hook(layer[1]), "its factor 1 (Linear): it has a forward hook"),
+    (lambda layer: _prune(layer[0]), "its factor 0 (Linear): it is pruned"),
+    (lambda layer: _scale_parametrization(layer[1]), "its factor 1 (ParametrizedLinear): its weight is parametrized"),
+    (lambda layer: _gradient_hook(layer[0]), "its factor 0 (Linear): its weight has a gradient hook"),
+])
+def test_hooks_added_to_a_factorized_layer_between_stages_are_refused(registry, attach, expected):
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6)), torch.randn(2, 16)
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4, 2]}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, nglobal_compress_iters=2,
+                            example_input=x, progress=False)
+    compressor.compression_step()
+    compressed = compressor.compressed_model
+    attach(compressed[0])  # during fine-tuning
+    with torch.no_grad():
+        output = compressed(x)
+    before = snapshot(compressed)
+    with pytest.raises(CompressionError, match=rf"layer '0': re-compressing rebuilds it .*{re.escape(expected)}"):
+        compressor.compression_step()
+    assert_unchanged(compressed, before)
+    with torch.no_grad():
+        assert torch.equal(compressed(x), output)
+    stats = ModelStats.from_model(compressed, registry, x)
+    assert expected in stats.excluded["0"] and "0" not in stats.layers and "0.0" not in stats.layers
+    refused(compressed, {"0": manual(2)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{re.escape(expected)}')
 
 
 class WritingOwner(nn.Module):
