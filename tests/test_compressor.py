@@ -167,6 +167,19 @@ def test_float64_model_stays_float64(registry):
     assert {p.dtype for p in compressor.compressed_model.parameters()} == {torch.float64}
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_a_frozen_weight_or_bias_stays_frozen_at_every_stage(registry, frozen):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    getattr(model[0], frozen).requires_grad_(False)  # e.g. bias-only fine-tuning freezes the weight
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4, 2]}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, nglobal_compress_iters=2, progress=False,
+                            registry=registry)
+    for _ in range(2):
+        compressor.compression_step()
+        trained = {name: p.requires_grad for name, p in compressor.compressed_model[0].named_parameters()}
+        assert trained == {"0.weight": frozen != "weight", "1.weight": frozen != "weight", "1.bias": frozen != "bias"}
+
+
 def test_from_yaml(tmp_path, registry):
     path = tmp_path / "schedule.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "settings": {"ft_every": 3, "nglobal_compress_iters": 2},
