@@ -302,8 +302,8 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
 def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:
     """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing.
 
-    Statistics made elsewhere get the exclusions that can be known without running the model (see
-    :attr:`ModelStats.excluded`) when the model is given.
+    Statistics made elsewhere get the exclusions (see :attr:`ModelStats.excluded`) of the model when it is given,
+    found on the example input when there is one, so that statistics passed in never turn the run-time checks off.
     """
     if stats is None:
         return ModelStats.from_model(model, registry, example_input)
@@ -316,4 +316,5 @@ def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input:
                         f"got {type(stats).__name__}")
     if model is None:
         return given
-    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry).excluded, **given.excluded})
+    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry, example_input).excluded,
+                                         **given.excluded})

@@ -415,6 +415,13 @@ def test_a_weight_read_outside_the_layers_call_is_told_from_a_layer_never_reache
     assert "NoneType" not in message
 
 
+def test_statistics_passed_in_keep_the_checks_on_the_example_input(registry):
+    stats = ModelStats.from_model(FunctionalOwner(), registry)  # made without an input: proj looks like a layer
+    assert "proj" in stats.layers
+    refused(FunctionalOwner(), {"proj": manual(4)}, r'\$\.layers\["proj"\].*outside its own call',
+            model_stats=stats, example_input=torch.randn(2, 8))
+
+
 def test_tied_weights_used_by_their_other_owner_are_not_a_foreign_read(registry):
     class TiedLM(nn.Module):
         def __init__(self):
