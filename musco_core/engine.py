@@ -15,7 +15,7 @@ from .errors import CompressionError, UnsupportedLayerError
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
-from .surgery import FactorizedLayer
+from .surgery import FactorizedLayer, why_not_recompressible
 from .verify import check_factorized
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class LayerResult:
 def read_layer(module: nn.Module, registry: Registry, name: str):
     """The adapter, weight source and bias of a plain or already factorized layer."""
     if isinstance(module, FactorizedLayer):
+        if (reason := why_not_recompressible(module)) is not None:
+            raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         adapter = registry.adapters.get(module.spec.adapter)
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)
@@ -92,6 +94,18 @@ def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: 
     return [decomposer for decomposer in decomposers if decomposer.unsupported_reason(group_spec) is None]
 
 
+def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """Makes the new layer's weights trainable when the old layer's were, and its bias when the old bias was: a
+    frozen weight next to a trainable bias (bias-only fine-tuning) stays so."""
+    def is_bias(name: str) -> bool:
+        return name.rpartition(".")[2] == "bias"
+
+    trained = {kind: any(p.requires_grad for name, p in old.named_parameters() if is_bias(name) == kind)
+               for kind in (False, True)}
+    for name, parameter in new.named_parameters():
+        parameter.requires_grad_(trained[is_bias(name)])
+
+
 def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tuple[int, ...], registry: Registry
                     ) -> FactorizedLayer:
     """The layer :func:`compress_layer` builds for ``module`` with ``decomposition`` at ``ranks``, with zero weights
@@ -104,7 +118,7 @@ def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tup
                for layout in layouts]
     new = FactorizedLayer(source.spec, decomposition, ranks, layouts, adapter.build(source.spec, factors, like))
     new.train(module.training)
-    new.requires_grad_(any(p.requires_grad for p in module.parameters()))
+    _carry_requires_grad(module, new)
     return new
 
 
@@ -185,7 +199,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
         check_factorized(name, module, new, decomposer, registry, input_shape, params)
     new.train(module.training)
-    new.requires_grad_(any(p.requires_grad for p in module.parameters()))
+    _carry_requires_grad(module, new)
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
                           relative_error=error, seconds=time.perf_counter() - started)
     log.info("layer %r: %s ranks %s, weights %d -> %d, relative error %.4f", name, decomposer.name, ranks,

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
-from .surgery import FactorizedLayer, describe_module, owner_read_layers
+from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 
 
 @attrs.frozen
@@ -86,7 +86,8 @@ class ModelStats:
         ``example_input`` is called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping.
 
         A factorized layer counts as the layer it replaced (its original geometry), so statistics of a model
-        that is part-way through a multi-stage run match those of the uncompressed model.
+        that is part-way through a multi-stage run match those of the uncompressed model; one with hooks or
+        parametrizations added since it was built is excluded (see :func:`~musco_core.surgery.why_not_recompressible`).
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
@@ -100,7 +101,10 @@ class ModelStats:
                 continue
             if isinstance(module, FactorizedLayer):
                 factorized.append(name)
-                readable[name] = (module, module.spec)
+                if (reason := why_not_recompressible(module)) is not None:
+                    excluded[name] = reason
+                else:
+                    readable[name] = (module, module.spec)
             elif (match := registry.match(module)) is not None:
                 if match.adapter is None:
                     excluded[name] = match.reason
@@ -298,8 +302,8 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
 def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:
     """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing.
 
-    Statistics made elsewhere get the exclusions that can be known without running the model (see
-    :attr:`ModelStats.excluded`) when the model is given.
+    Statistics made elsewhere get the exclusions (see :attr:`ModelStats.excluded`) of the model when it is given,
+    found on the example input when there is one, so that statistics passed in never turn the run-time checks off.
     """
     if stats is None:
         return ModelStats.from_model(model, registry, example_input)
@@ -312,4 +316,5 @@ def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input:
                         f"got {type(stats).__name__}")
     if model is None:
         return given
-    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry).excluded, **given.excluded})
+    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry, example_input).excluded,
+                                         **given.excluded})

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -109,6 +110,14 @@ def describe_module(name: str, module: nn.Module) -> str:
     return f"{name!r} ({type(module).__qualname__})" if name else f"the model ({type(module).__qualname__})"
 
 
+def _hook_name(hook) -> str:
+    return getattr(hook, "__qualname__", type(hook).__qualname__)
+
+
+#: Forward pre-hooks that recompute a module's weight from other tensors before each call.
+_REPARAMETRIZING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
 def _hook_problems(module: nn.Module) -> list[str]:
     """What the module's own hooks do that a layer built in its place would not."""
     problems = []
@@ -123,12 +132,47 @@ def _hook_problems(module: nn.Module) -> list[str]:
             problems.append("it has spectral_norm (a pre-hook rescales its weight); call "
                             "torch.nn.utils.remove_spectral_norm on it first")
         else:
-            problems.append(f"it has a forward pre-hook ({getattr(hook, '__qualname__', type(hook).__qualname__)})")
+            problems.append(f"it has a forward pre-hook ({_hook_name(hook)})")
     kinds = (("forward hook", module._forward_hooks), ("backward hook", module._backward_hooks),
              ("backward pre-hook", module._backward_pre_hooks))
-    problems += [f"it has a {kind} ({getattr(hook, '__qualname__', type(hook).__qualname__)})"
-                 for kind, hooks in kinds for hook in hooks.values()]
+    problems += [f"it has a {kind} ({_hook_name(hook)})" for kind, hooks in kinds for hook in hooks.values()]
     return problems
+
+
+def _parameter_problems(module: nn.Module) -> list[str]:
+    """What the module's weight and bias carry besides their values: hooks on the tensors themselves, and a link
+    to whatever sets a weight or bias that is not a Parameter of the module's own (its owner, before each call)."""
+    problems = [f"its {name} has a {kind} ({_hook_name(hook)})" for name, parameter in module._parameters.items()
+                if parameter is not None
+                for kind, hooks in (("gradient hook", parameter._backward_hooks),
+                                    ("post-accumulate-grad hook", parameter._post_accumulate_grad_hooks))
+                for hook in (hooks or {}).values()]
+    reparametrized = parametrize.is_parametrized(module) or any(  # their own reason says where the weight comes from
+        isinstance(hook, _REPARAMETRIZING_HOOKS) for hook in module._forward_pre_hooks.values())
+    unowned = [] if reparametrized else [
+        name for name in ("weight", "bias")
+        if module._parameters.get(name) is None and (name == "weight" or getattr(module, name, None) is not None)]
+    problems += [f"its {name} is not a Parameter of its own (its owner may compute it and set it before each call, "
+                 f"as weight drop and weight standardization do), so a layer built from its value of the moment "
+                 f"would lose that link" for name in unowned]
+    return problems
+
+
+def _padding_problems(module: nn.Module) -> list[str]:
+    """For a convolution, a ``_reversed_padding_repeated_twice`` (what a non-zeros padding mode pads with) other
+    than the one torch's ``_ConvNd.__init__`` derives from ``padding``, which is all the adapter rebuilds from."""
+    if not isinstance(module, _ConvNd):
+        return []
+    if isinstance(module.padding, str):  # "same": an even kernel's odd unit of padding goes after
+        totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]
+        expected = [pad for total in reversed(totals) for pad in (total // 2, total - total // 2)]
+    else:
+        expected = [pad for pad in reversed(module.padding) for _ in range(2)]
+    actual = list(module._reversed_padding_repeated_twice)
+    if actual == expected:
+        return []
+    return [f"its _reversed_padding_repeated_twice is {actual} where its padding {module.padding!r} gives "
+            f"{expected}: it pads other than its padding says, which is all a rebuilt layer would know"]
 
 
 def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
@@ -140,7 +184,10 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     forward or backward hook can change what the module computes or read its weight (a hook moved to the
     factorized layer would be given a module without ``weight``); pruning, weight_norm, spectral_norm and
     parametrizations recompute the weight from other tensors at each call, which factorizing the weight of the
-    moment would freeze. Remove them, compress, and add them to the new layer where that makes sense.
+    moment would freeze. Remove them, compress, and add them to the new layer where that makes sense. The same
+    holds for hooks on the weight or bias tensors, and for a weight or bias that is not a Parameter of the module
+    (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
+    a convolution whose instance pads other than its ``padding`` says.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -158,8 +205,24 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += _hook_problems(module)
+    problems += _hook_problems(module) + _parameter_problems(module) + _padding_problems(module)
     return "; ".join(problems) if problems else None
+
+
+def why_not_recompressible(layer: FactorizedLayer) -> str | None:
+    """Why re-compressing a factorized layer may change what it computes, or None when it may not.
+
+    The layer is rebuilt from its factors' weights, so what was put on it or on a factor since it was built (a
+    hook, pruning or a parametrization added during fine-tuning) would be dropped, as for a plain layer (see
+    :func:`why_not_replaceable`).
+    """
+    problems = _hook_problems(layer)
+    problems += [f"the instance has its own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
+                 if callable(vars(layer).get(attribute))]
+    for index, factor in enumerate(layer):
+        if (reason := why_not_replaceable(factor, type(factor))) is not None:
+            problems.append(f"its factor {index} ({type(factor).__qualname__}): {reason}")
+    return f"re-compressing rebuilds it from its factors' weights, but {'; '.join(problems)}" if problems else None
 
 
 def owner_read_layers(model: nn.Module) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import threading
+import warnings
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from flopco import FlopCo
 from torch import nn
 
 from models import make_trained_like, resnet18, resnet50
-from musco_core import (CompressionError, Compressor, FactorizedLayer, MuscoError, Registry, hookimpl,
+from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, MuscoError, Registry, hookimpl,
                         make_plugin_manager, standardize_model)
 from musco_plugins.svd import SVD
 
@@ -133,6 +135,35 @@ def test_inplace_compresses_the_given_model(registry):
     assert compressor.compressed_model is model and isinstance(model[2], FactorizedLayer)
 
 
+def _old_weight_norm(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecated hook-based weight_norm, still in use
+        nn.utils.weight_norm(model[2])  # its weight is a tensor computed from weight_g and weight_v
+
+
+def _lock(model):
+    model.lock = threading.Lock()
+
+
+@pytest.mark.parametrize(("attach", "why"), [
+    (_old_weight_norm, "'2.weight' is a tensor computed from other tensors (not a leaf), which torch cannot "
+                       "deep-copy; the hook-based torch.nn.utils.weight_norm leaves one on its layer: call "
+                       "torch.nn.utils.remove_weight_norm on it"),
+    (_lock, "copy.deepcopy raised TypeError: cannot pickle '_thread.lock' object"),
+])
+def test_a_model_that_cannot_be_copied_is_one_error_saying_what_to_do(registry, attach, why):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    attach(model)
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    with pytest.raises(ConfigError) as info:
+        Compressor(model, model_compr_kwargs=schedule, registry=registry, progress=False)
+    message = str(info.value)
+    assert message.startswith("Sequential cannot be deep-copied (Compressor copies the model unless inplace=True)")
+    assert why in message and message.endswith("or pass inplace=True to compress the model itself")
+    compressor = Compressor(model, model_compr_kwargs=schedule, inplace=True, registry=registry, progress=False)
+    assert compressor.compression_step()[0].applied
+
+
 def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
     compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=2, nglobal_compress_iters=2,
                             example_input=torch.randn(1, 3, 8, 8), registry=registry)
@@ -165,6 +196,19 @@ def test_float64_model_stays_float64(registry):
     compressor = Compressor(model, model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry)
     compressor.compression_step()
     assert {p.dtype for p in compressor.compressed_model.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_a_frozen_weight_or_bias_stays_frozen_at_every_stage(registry, frozen):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    getattr(model[0], frozen).requires_grad_(False)  # e.g. bias-only fine-tuning freezes the weight
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4, 2]}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, nglobal_compress_iters=2, progress=False,
+                            registry=registry)
+    for _ in range(2):
+        compressor.compression_step()
+        trained = {name: p.requires_grad for name, p in compressor.compressed_model[0].named_parameters()}
+        assert trained == {"0.weight": frozen != "weight", "1.weight": frozen != "weight", "1.bias": frozen != "bias"}
 
 
 def test_from_yaml(tmp_path, registry):

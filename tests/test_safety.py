@@ -4,6 +4,7 @@ breaks the contract is refused before it is swapped in. Every refusal leaves the
 from __future__ import annotations
 
 import logging
+import re
 import types
 import warnings
 
@@ -142,6 +143,27 @@ def test_overriding_the_call_machinery_or_the_weight_is_a_computation_of_its_own
     assert expected in registry.unsupported_reason(module)
 
 
+class OneSidedPaddingConv2d(nn.Conv2d):
+    """Pads all on one side through its instance's _reversed_padding_repeated_twice (what non-zeros padding modes
+    pad with), overriding no method."""
+
+    def __init__(self):
+        super().__init__(4, 6, 3, padding=1, padding_mode="replicate")
+        self._reversed_padding_repeated_twice = [0, 2, 0, 2]
+
+
+def test_a_conv_that_pads_other_than_its_padding_says_is_left_alone_or_refused(registry):
+    model, x = nn.Sequential(OneSidedPaddingConv2d()), torch.randn(1, 4, 7, 7)
+    assert registry.adapter_for(model[0]) is None
+    expected = "its _reversed_padding_repeated_twice is [0, 2, 0, 2] where its padding (1, 1) gives [1, 1, 1, 1]"
+    assert expected in registry.unsupported_reason(model[0])
+    assert "0" in ModelStats.from_model(model, registry, x).excluded
+    refused(model, {"0": manual([4, 4], "tucker2")}, r'\$\.layers\["0"\]: cannot be compressed: .*padding',
+            example_input=x)
+    same = nn.Conv2d(4, 6, (2, 4), padding="same", dilation=(1, 3), padding_mode="reflect")  # pads more after
+    assert registry.adapter_for(same).name == "conv"
+
+
 def test_an_adapter_declares_a_subclass_it_reproduces_by_listing_it(registry):
     class TFSameAdapter(ConvAdapter):
         name = "tf_same_conv"
@@ -221,11 +243,20 @@ def _instance_forward(layer):
     layer.forward = lambda x: plain(x) + 1  # as accelerate's hooks do
 
 
+def _gradient_hook(layer):
+    layer.weight.register_hook(lambda grad: grad * 0)  # a frozen block or a sparsity mask during fine-tuning
+
+
+def _post_accumulate_grad_hook(layer):
+    layer.bias.register_post_accumulate_grad_hook(lambda parameter: None)  # an optimizer step in backward
+
+
 @pytest.mark.parametrize(("attach", "expected"), [
     (_prune, "pruned"), (_weight_norm, "weight_norm"), (_orthogonal, "weight is parametrized"),
     (_scale_parametrization, "weight is parametrized"), (_forward_hook, "forward hook"),
     (_forward_pre_hook, "forward pre-hook"), (_backward_hook, "backward hook"),
-    (_instance_forward, "the instance's own forward"),
+    (_instance_forward, "the instance's own forward"), (_gradient_hook, "weight has a gradient hook"),
+    (_post_accumulate_grad_hook, "bias has a post-accumulate-grad hook"),
 ])
 def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(registry, attach, expected):
     model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 6))
@@ -240,6 +271,66 @@ def test_modules_with_hooks_or_reparametrized_weights_are_left_alone_or_refused(
     refused(model, {"0": manual(4)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{expected}')
     with torch.no_grad():
         assert torch.equal(model(x), output)  # the hook or reparametrization still works as before
+
+
+@pytest.mark.parametrize(("attach", "expected"), [
+    (_forward_hook, "but it has a forward hook"), (_instance_forward, "but the instance has its own forward"),
+    (lambda layer: _forward_hook(layer[1]), "its factor 1 (Linear): it has a forward hook"),
+    (lambda layer: _prune(layer[0]), "its factor 0 (Linear): it is pruned"),
+    (lambda layer: _scale_parametrization(layer[1]), "its factor 1 (ParametrizedLinear): its weight is parametrized"),
+    (lambda layer: _gradient_hook(layer[0]), "its factor 0 (Linear): its weight has a gradient hook"),
+])
+def test_hooks_added_to_a_factorized_layer_between_stages_are_refused(registry, attach, expected):
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6)), torch.randn(2, 16)
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4, 2]}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, nglobal_compress_iters=2,
+                            example_input=x, progress=False)
+    compressor.compression_step()
+    compressed = compressor.compressed_model
+    attach(compressed[0])  # during fine-tuning
+    with torch.no_grad():
+        output = compressed(x)
+    before = snapshot(compressed)
+    with pytest.raises(CompressionError, match=rf"layer '0': re-compressing rebuilds it .*{re.escape(expected)}"):
+        compressor.compression_step()
+    assert_unchanged(compressed, before)
+    with torch.no_grad():
+        assert torch.equal(compressed(x), output)
+    stats = ModelStats.from_model(compressed, registry, x)
+    assert expected in stats.excluded["0"] and "0" not in stats.layers and "0.0" not in stats.layers
+    refused(compressed, {"0": manual(2)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{re.escape(expected)}')
+
+
+class WritingOwner(nn.Module):
+    """Sets its child's weight or bias from parameters of its own before each call, as AWD-LSTM's WeightDrop and
+    weight standardization do: the child's tensor is a plain attribute, not a Parameter."""
+
+    def __init__(self, written: str):
+        super().__init__()
+        self.written = written
+        self.fc = nn.Linear(8, 8)
+        self.raw = nn.Parameter(getattr(self.fc, written).detach().clone())
+        self.gain = nn.Parameter(torch.tensor(2.0))
+        delattr(self.fc, written)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        setattr(self.fc, self.written, self.raw * self.gain)
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("written", ["weight", "bias"])
+@pytest.mark.parametrize("example", [False, True])
+def test_a_weight_or_bias_set_by_the_owner_is_left_alone_or_refused(registry, written, example):
+    model, x = WritingOwner(written), torch.randn(2, 8)
+    with torch.no_grad():
+        output = model(x)  # sets the child's tensor, as training would
+    stats = ModelStats.from_model(model, registry, x if example else None)
+    assert f"its {written} is not a Parameter of its own" in stats.excluded["fc"] and "fc" not in stats.layers
+    refused(model, {"fc": manual(4)}, rf'\$\.layers\["fc"\]: cannot be compressed: .*{written} is not a Parameter',
+            example_input=x if example else None)
+    with torch.no_grad():
+        assert torch.equal(model(x), output)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,6 +413,13 @@ def test_a_weight_read_outside_the_layers_call_is_told_from_a_layer_never_reache
     message = refused(aux, {"aux": manual(4)}, r'\$\.layers\["aux"\].*never reaches it',
                       example_input=torch.randn(1, 3, 8, 8))
     assert "NoneType" not in message
+
+
+def test_statistics_passed_in_keep_the_checks_on_the_example_input(registry):
+    stats = ModelStats.from_model(FunctionalOwner(), registry)  # made without an input: proj looks like a layer
+    assert "proj" in stats.layers
+    refused(FunctionalOwner(), {"proj": manual(4)}, r'\$\.layers\["proj"\].*outside its own call',
+            model_stats=stats, example_input=torch.randn(2, 8))
 
 
 def test_tied_weights_used_by_their_other_owner_are_not_a_foreign_read(registry):
