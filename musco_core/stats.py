@@ -125,9 +125,14 @@ class ModelStats:
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
-        """Converts a ``flopco.FlopCo`` object (the original's statistics) for its Conv2d and Linear layers."""
-        layers = {}
+        """Converts a ``flopco.FlopCo`` object (the original's statistics) for its Conv2d and Linear layers; a layer
+        its example input never reached (no shapes recorded) is excluded."""
+        layers, excluded = {}, {}
         for name, info in flopco.ltypes.items():
+            if not flopco.input_shapes.get(name) or not flopco.output_shapes.get(name):
+                excluded[name] = ("FlopCo's example input never reaches it (no shapes recorded), so it cannot be "
+                                  "checked; leave it out or give an example input that reaches it")
+                continue
             input_shape, output_shape = tuple(flopco.input_shapes[name][0]), tuple(flopco.output_shapes[name][0])
             if issubclass(info["type"], nn.Linear):
                 spec = LayerSpec("linear", output_shape[-1], input_shape[-1])
@@ -136,7 +141,7 @@ class ModelStats:
                 spec = LayerSpec("conv", output_shape[1], input_shape[1], kernel, (1,) * len(kernel),
                                  (0,) * len(kernel), (1,) * len(kernel), info.get("groups", 1))
             layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape)
-        return cls(layers)
+        return cls(layers, excluded=excluded)
 
 
 class _LayerWatch(TorchDispatchMode):

@@ -14,8 +14,8 @@ from flopco import FlopCo
 from torch import nn
 
 from models import make_trained_like, resnet18, resnet50
-from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, MuscoError, Registry, hookimpl,
-                        make_plugin_manager, standardize_model)
+from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
+                        hookimpl, make_plugin_manager, standardize_model)
 from musco_plugins.svd import SVD
 
 
@@ -298,3 +298,21 @@ def test_standardize_model_leaves_plain_torch_modules_that_save_load_and_trace(r
     torch.testing.assert_close(traced(x), expected)
     exported = torch.export.export(plain, (x,))
     torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_flopco_statistics_exclude_a_layer_its_example_never_reached(registry):
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.unused = nn.Conv2d(3, 8, 3), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = WithUnused()
+    stats = ModelStats.from_flopco(FlopCo(model, img_size=(1, 3, 8, 8)))
+    assert "never reaches it" in stats.excluded["unused"] and set(stats.layers) == {"conv"}
+    with pytest.raises(ConfigError, match="never reaches it"):
+        Compressor(model, FlopCo(model, img_size=(1, 3, 8, 8)), registry=registry,
+                   model_compr_kwargs={"unused": {"decomposition": "svd", "rank_selection": "manual",
+                                                  "manual_rank": [2]}})
