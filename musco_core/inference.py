@@ -20,6 +20,9 @@ Three rewrites, each exact up to float rounding:
   input shape against the same arithmetic as one matrix product over the channels (:class:`PointwiseConv2d`),
   and replaced where that is measurably faster.
 
+No rewrite touches a layer whose parameters another module shares (tied weights): folding writes the layer's
+weight, which would change the other holder too, and replacing the layer would cut it off from that holder.
+
 The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; module surgery and the
 measured choices are kept apart from it.
 """
@@ -30,7 +33,7 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -144,6 +147,24 @@ def _is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
             and not parametrize.is_parametrized(module))
 
 
+def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+
+
+def _shared_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers that several modules of ``model`` hold (tied weights): folding into one
+    holder would change the others, and replacing it would cut it off from them."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in _own_tensors(module):
+            holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+    return {key for key, count in holders.items() if count > 1}
+
+
+def _holds_shared(module: nn.Module, shared: set[int]) -> bool:
+    return any(id(tensor) in shared for tensor in _own_tensors(module))
+
+
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
     return (_is_stock(module, _BATCHNORMS) and module.track_running_stats and module.running_mean is not None
             and module.running_var is not None)
@@ -169,7 +190,14 @@ def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int,
 
 
 def _batchnorm_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
-    """(layer, BatchNorm) pairs where the BatchNorm reads only that layer's output and both run once."""
+    """(layer, BatchNorm) pairs where the BatchNorm reads only that layer's output, both run once, and neither
+    holds a tensor another module shares."""
+    shared = _shared_tensors(model)
+    return [(layer, batchnorm) for layer, batchnorm in _data_flow_pairs(model, shapes)
+            if not _holds_shared(layer, shared) and not _holds_shared(batchnorm, shared)]
+
+
+def _data_flow_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
     try:
         graph = torch.fx.Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any failure to trace means: fold where the data flow is certain
@@ -377,8 +405,8 @@ def _splits(n: int) -> list[Split]:
 
 def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
     """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one kind
-    or Linear layers, whose layers are not shared with the rest of the model."""
-    paths = module_paths(model)
+    or Linear layers, whose layers are not shared with the rest of the model, nor any of their tensors."""
+    paths, shared = module_paths(model), _shared_tensors(model)
     chains = []
     for module in {id(m): m for m in model.modules()}.values():
         if not (isinstance(module, FactorizedLayer) or type(module) is nn.Sequential) or len(module) < 2:
@@ -386,7 +414,7 @@ def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
         layers = list(module)
         if (len({type(layer) for layer in layers}) == 1
                 and all(_is_stock(layer, (*_CONVS, nn.Linear)) for layer in layers)
-                and all(len(paths[id(layer)]) == 1 for layer in layers)):
+                and all(len(paths[id(layer)]) == 1 and not _holds_shared(layer, shared) for layer in layers)):
             chains.append(_Chain(paths[id(module)], layers, shapes.get(id(module), (None, None))[0],
                                  [shapes.get(id(layer), (None, None))[1] for layer in layers]))
     return chains
@@ -532,10 +560,12 @@ class PointwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _is_pointwise(module: nn.Module) -> bool:
-    """A stock 1x1 ``nn.Conv2d`` that a :class:`PointwiseConv2d` reproduces."""
+def _is_pointwise(module: nn.Module, shared: set[int]) -> bool:
+    """A stock 1x1 ``nn.Conv2d`` that a :class:`PointwiseConv2d` reproduces, holding no tensor another module
+    shares."""
     return (_is_stock(module, (nn.Conv2d,)) and module.kernel_size == (1, 1) and module.stride == (1, 1)
-            and module.groups == 1 and module.padding in ((0, 0), "valid", "same"))
+            and module.groups == 1 and module.padding in ((0, 0), "valid", "same")
+            and not _holds_shared(module, shared))
 
 
 def memory_format_candidates(model: nn.Module) -> list[nn.Module]:
@@ -550,9 +580,9 @@ def memory_format_candidates(model: nn.Module) -> list[nn.Module]:
 def pointwise_products(model: nn.Module) -> nn.Module:
     """``model`` (modified) with every 1x1 convolution a :class:`PointwiseConv2d`; returns the root (new if it was
     such a convolution). For timing what :func:`optimize_for_inference` can reach without timing each geometry."""
-    paths = module_paths(model)
+    paths, shared = module_paths(model), _shared_tensors(model)
     for module in {id(m): m for m in model.modules()}.values():
-        if _is_pointwise(module):
+        if _is_pointwise(module, shared):
             model = _put(model, paths[id(module)], PointwiseConv2d.from_conv(module))
     return model
 
@@ -561,10 +591,10 @@ def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> 
     """Replaces the 1x1 convolutions that run measurably faster as :class:`PointwiseConv2d` at their input
     shapes (each distinct geometry timed once); returns the root (new if it was such a convolution)."""
     shapes = _record_shapes(model, example_input)
-    paths = module_paths(model)
+    paths, shared = module_paths(model), _shared_tensors(model)
     by_geometry: dict[tuple, list[nn.Conv2d]] = {}
     for module in {id(m): m for m in model.modules()}.values():
-        if _is_pointwise(module) and len(shapes.get(id(module), ((),))[0]) == 4:
+        if _is_pointwise(module, shared) and len(shapes.get(id(module), ((),))[0]) == 4:
             key = (shapes[id(module)][0], tuple(module.weight.shape), module.bias is not None,
                    module.weight.dtype, module.weight.device)
             by_geometry.setdefault(key, []).append(module)

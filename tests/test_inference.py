@@ -265,6 +265,37 @@ def test_untraceable_model_folds_inside_sequentials_only():
     assert isinstance(optimized.bn, nn.BatchNorm2d)
 
 
+class Siamese(nn.Module):
+    """Two convolutions sharing one weight, each with its BatchNorm; a Linear whose weight a second one shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.right.weight = self.left.weight
+        self.left_bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+        self.right_bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+        self.encode, self.decode = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.decode.weight = self.encode.weight
+        self.encode_bn = with_trained_statistics(nn.BatchNorm1d(8), 3)
+
+    def forward(self, x):
+        y = (self.left_bn(self.left(x)) + self.right_bn(self.right(x))).mean((2, 3))
+        return self.decode(torch.relu(self.encode_bn(self.encode(y))))
+
+
+def test_layers_sharing_a_parameter_with_another_module_are_left_alone():
+    """Folding writes the layer's weight: the other holder of that weight would change too."""
+    model = Siamese().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            assert relative(optimized(x), expected) < TOLERANCE
+            assert not any(isinstance(m, nn.Identity) for m in optimized.modules())
+            assert optimized.left.weight is optimized.right.weight
+
+
 def test_an_untraceable_model_is_reported_at_info_once_per_class(caplog):
     class UntraceableOnce(Untraceable):  # a class of its own: the once-per-class record is per process
         pass
