@@ -20,8 +20,11 @@ Three rewrites, each exact up to float rounding:
   input shape against the same arithmetic as one matrix product over the channels (:class:`PointwiseConv2d`),
   and replaced where that is measurably faster.
 
-No rewrite touches a layer whose parameters another module shares (tied weights): folding writes the layer's
-weight, which would change the other holder too, and replacing the layer would cut it off from that holder.
+No rewrite touches a module that computes more than its torch class does (the rule of
+:func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), or a layer
+whose parameters another module shares (tied weights): folding writes the layer's weight, which would change the
+other holder too, and replacing the layer would cut it off from that holder. Merged layers are stock torch layers,
+whatever subclass the factors are.
 
 The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; module surgery and the
 measured choices are kept apart from it.
@@ -40,16 +43,16 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .factors import dense_weight
-from .surgery import FactorizedLayer, module_paths, replace_module, standardize_model
+from .surgery import FactorizedLayer, module_paths, replace_module, standardize_model, why_not_replaceable
 from .timing import call_model, fixed_threads, time_modules, time_modules_at
 
 log = logging.getLogger(__name__)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = (*_CONVS, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: A factorized chain is kept only when its median time is below this share of the dense layer's; the
 #: rest of the difference is within what a shared machine's noise produces between two medians.
@@ -139,12 +142,17 @@ def fold_batchnorm(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
 
 # --- BatchNorm folding: which pairs -------------------------------------------------------------------------
 
+def _torch_class(module: nn.Module, types: tuple[type, ...]) -> type | None:
+    """The class of ``types`` that ``module`` is an instance of (the first in its MRO), or None."""
+    return next((klass for klass in type(module).__mro__ if klass in types), None)
+
+
 def _is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
-    """A module of one of ``types`` whose forward is torch's own, with no hooks or parametrizations, so its
-    output is exactly the layer arithmetic its parameters say."""
-    return (isinstance(module, types) and any(type(module).forward is t.forward for t in types)
-            and not module._forward_hooks and not module._forward_pre_hooks
-            and not parametrize.is_parametrized(module))
+    """A module of one of ``types`` that computes just what that torch class computes with its parameters: the
+    rule a layer passes before it is factorized (:func:`~musco_core.surgery.why_not_replaceable`: no computation
+    of its own, such as a ``_conv_forward`` that standardizes the weight, no hooks, no parametrization)."""
+    base = _torch_class(module, types)
+    return base is not None and why_not_replaceable(module, base) is None
 
 
 def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -223,7 +231,7 @@ def _traced_pairs(model: nn.Module, graph: torch.fx.Graph, shapes: dict[int, tup
                 or source.op != "call_module" or len(source.users) != 1):
             continue
         layer = model.get_submodule(source.target)
-        if (_is_stock(layer, (*_CONVS, nn.Linear)) and calls[id(layer)] == 1 and calls[id(batchnorm)] == 1
+        if (_is_stock(layer, _LAYERS) and calls[id(layer)] == 1 and calls[id(batchnorm)] == 1
                 and not {node.target, source.target} & read_directly
                 and _channel_axis_fits(layer, batchnorm, shapes)):
             pairs.append((layer, batchnorm))
@@ -247,7 +255,7 @@ def _sequential_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[
         children = list(container)
         for before, batchnorm in zip(children, children[1:]):
             layer = _last_layer(before)
-            if (_is_foldable_batchnorm(batchnorm) and _is_stock(layer, (*_CONVS, nn.Linear))
+            if (_is_foldable_batchnorm(batchnorm) and _is_stock(layer, _LAYERS)
                     and len(paths[id(layer)]) == 1 and len(paths[id(batchnorm)]) == 1
                     and _channel_axis_fits(layer, batchnorm, shapes)):
                 pairs.append((layer, batchnorm))
@@ -369,16 +377,18 @@ def merged_weights(layers: Sequence[nn.Module], geometry: Geometry) -> tuple[tor
 
 
 def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
-    """A new layer computing ``layers`` in one, with their dtype and device."""
+    """A new stock layer (``nn.Linear`` or ``nn.ConvNd``, whatever subclass the layers are) computing ``layers``
+    in one, with their dtype and device."""
     weight, bias = merged_weights(layers, geometry)
     like = layers[0].weight
     options = {"bias": bias is not None, "device": like.device, "dtype": like.dtype}
     if isinstance(layers[0], nn.Linear):
         merged = nn.Linear(weight.shape[1], weight.shape[0], **options)
     else:
-        merged = type(layers[0])(weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size,
-                                 stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation,
-                                 groups=geometry.groups, padding_mode=geometry.padding_mode, **options)
+        merged = _CONVS[len(geometry.kernel_size) - 1](
+            weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, stride=geometry.stride,
+            padding=geometry.padding, dilation=geometry.dilation, groups=geometry.groups,
+            padding_mode=geometry.padding_mode, **options)
     with torch.no_grad():
         merged.weight.copy_(weight)
         if bias is not None:
@@ -404,16 +414,16 @@ def _splits(n: int) -> list[Split]:
 
 
 def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
-    """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one kind
-    or Linear layers, whose layers are not shared with the rest of the model, nor any of their tensors."""
+    """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one torch
+    class or Linear layers, whose layers are not shared with the rest of the model, nor any of their tensors."""
     paths, shared = module_paths(model), _shared_tensors(model)
     chains = []
     for module in {id(m): m for m in model.modules()}.values():
         if not (isinstance(module, FactorizedLayer) or type(module) is nn.Sequential) or len(module) < 2:
             continue
         layers = list(module)
-        if (len({type(layer) for layer in layers}) == 1
-                and all(_is_stock(layer, (*_CONVS, nn.Linear)) for layer in layers)
+        if (len({_torch_class(layer, _LAYERS) for layer in layers}) == 1
+                and all(_is_stock(layer, _LAYERS) for layer in layers)
                 and all(len(paths[id(layer)]) == 1 and not _holds_shared(layer, shared) for layer in layers)):
             chains.append(_Chain(paths[id(module)], layers, shapes.get(id(module), (None, None))[0],
                                  [shapes.get(id(layer), (None, None))[1] for layer in layers]))

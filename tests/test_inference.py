@@ -203,6 +203,51 @@ def test_a_plain_sequential_chain_is_merged_too():
     assert isinstance(optimized[0], nn.Conv2d)
 
 
+class StandardizedConv2d(nn.Conv2d):
+    """Weight standardization: a subclass whose ``_conv_forward`` computes with another weight than its own."""
+
+    def _conv_forward(self, input, weight, bias):
+        weight = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(input, weight / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5), bias)
+
+
+class Pointwise(nn.Conv2d):
+    """A 1x1 convolution with an __init__ of its own, computing what nn.Conv2d does."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 1, bias=False)
+
+
+class DataDependent(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+def test_conv_subclasses_are_rewritten_only_when_they_compute_what_their_torch_class_does():
+    """A weight-standardizing conv is neither merged, nor folded into, nor made a matrix product; a subclass that
+    only has another __init__ is merged into a stock nn.Conv2d."""
+    standardized = nn.Sequential(StandardizedConv2d(4, 8, 1, bias=False), StandardizedConv2d(8, 4, 3, padding=1))
+    folded_into = DataDependent(StandardizedConv2d(4, 8, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(8), 1))
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Sequential(Pointwise(8), Pointwise(8)))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        for model in (standardized, folded_into, plain):
+            model.eval()
+            for example in (None, x):
+                assert relative(optimize_for_inference(model, example, progress=False)(x), model(x)) < TOLERANCE
+        assert isinstance(optimize_for_inference(standardized, progress=False), nn.Sequential)
+        assert isinstance(optimize_for_inference(folded_into, x, progress=False).body[1], nn.BatchNorm2d)
+        assert type(optimize_for_inference(plain, progress=False)[2]) is nn.Conv2d
+        pointwise = nn.Sequential(StandardizedConv2d(4, 8, 1)).eval().to(memory_format=torch.channels_last)
+        assert type(pointwise_products(pointwise)[0]) is StandardizedConv2d
+
+
 # --- BatchNorm folding: where the data flow is certain ---------------------------------------------------------
 
 class Attributes(nn.Module):
