@@ -21,10 +21,10 @@ Three rewrites, each exact up to float rounding:
   and replaced where that is measurably faster.
 
 No rewrite touches a module that computes more than its torch class does (the rule of
-:func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), or a layer
-whose parameters another module shares (tied weights): folding writes the layer's weight, which would change the
-other holder too, and replacing the layer would cut it off from that holder. Merged layers are stock torch layers,
-whatever subclass the factors are.
+:func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), a container
+with hooks, or a layer whose parameters another module shares (tied weights): folding writes the layer's weight,
+which would change the other holder too, and replacing the layer would cut it off from that holder. Merged layers
+are stock torch layers, whatever subclass the factors are.
 
 The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; module surgery and the
 measured choices are kept apart from it.
@@ -241,7 +241,7 @@ def _traced_pairs(model: nn.Module, graph: torch.fx.Graph, shapes: dict[int, tup
 def _last_layer(module: nn.Module) -> nn.Module | None:
     """The module that produces ``module``'s output when that is certain: itself, or the last layer of a
     stock ``nn.Sequential`` (a factorized layer included)."""
-    while isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module):
+    while _is_stock(module, (nn.Sequential,)) and len(module):
         module = module[-1]
     return module
 
@@ -250,7 +250,7 @@ def _sequential_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[
     paths = module_paths(model)
     pairs = []
     for container in model.modules():
-        if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
+        if not _is_stock(container, (nn.Sequential,)):
             continue
         children = list(container)
         for before, batchnorm in zip(children, children[1:]):
@@ -414,12 +414,12 @@ def _splits(n: int) -> list[Split]:
 
 
 def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
-    """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one torch
-    class or Linear layers, whose layers are not shared with the rest of the model, nor any of their tensors."""
+    """Every distinct stock ``nn.Sequential`` (a factorized layer included; no hooks, which a new container would
+    drop) of two or more stock convolutions of one torch class or Linear layers, whose layers are not shared with the rest of the model, nor any of their tensors."""
     paths, shared = module_paths(model), _shared_tensors(model)
     chains = []
     for module in {id(m): m for m in model.modules()}.values():
-        if not (isinstance(module, FactorizedLayer) or type(module) is nn.Sequential) or len(module) < 2:
+        if not _is_stock(module, (nn.Sequential,)) or len(module) < 2:
             continue
         layers = list(module)
         if (len({_torch_class(layer, _LAYERS) for layer in layers}) == 1

@@ -248,6 +248,25 @@ def test_conv_subclasses_are_rewritten_only_when_they_compute_what_their_torch_c
         assert type(pointwise_products(pointwise)[0]) is StandardizedConv2d
 
 
+def test_hooks_on_a_chain_container_stay_where_they_are():
+    """A hook on a plain Sequential chain or on a factorized layer would be dropped with the container."""
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1)))
+    plain[2].register_forward_hook(lambda module, inputs, output: output * 2)
+    compressed = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                               factorize(nn.Conv2d(16, 16, 3, padding=1), "tucker2", (16, 16)))
+    seen = []
+    compressed[2].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for model in (plain.eval(), compressed.eval()):
+            expected = model(x)
+            for example in (None, x):
+                optimized = optimize_for_inference(model, example, progress=False)
+                seen.clear()
+                assert relative(optimized(x), expected) < TOLERANCE
+    assert len(seen) == 1
+
 # --- BatchNorm folding: where the data flow is certain ---------------------------------------------------------
 
 class Attributes(nn.Module):
