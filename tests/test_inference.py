@@ -441,6 +441,44 @@ def test_measured_optimization_keeps_outputs_and_exports(compressed_resnet, tmp_
     np.testing.assert_allclose(onnx_out, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
+class FlattensWithView(nn.Module):
+    """``x.view(batch, -1)`` after a convolution: no such view of a channels_last tensor exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 5)
+        self.fc = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Video(nn.Module):
+    """A Conv3d (5-d weight) before a Conv2d: Module.to(memory_format=torch.channels_last) refuses the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean(2))
+
+
+@pytest.mark.parametrize("model, x", [(FlattensWithView(), torch.randn(2, 1, 12, 12)),
+                                      (Video(), torch.randn(1, 3, 4, 8, 8))])
+def test_channels_last_forms_that_cannot_be_made_or_run_are_no_candidates(monkeypatch, model, x):
+    monkeypatch.setattr(musco_core.inference, "time_modules", lambda modules, *args, **options: [
+        1.0, *(0.1 for _ in modules[1:])])  # channels_last wins wherever it runs
+    model.eval()
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, x, progress=False)
+        assert relative(optimized(x), model(x)) < TOLERANCE
+    assert optimized.conv.weight.is_contiguous() if isinstance(model, FlattensWithView) else \
+        optimized.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_optimized_model_compiles():
     model = nn.Sequential(factorize(nn.Conv2d(4, 6, 3, padding=1), "tucker2", (3, 3)),
                           with_trained_statistics(nn.BatchNorm2d(6), 8), nn.ReLU())
