@@ -203,6 +203,34 @@ def test_a_plain_sequential_chain_is_merged_too():
     assert isinstance(optimized[0], nn.Conv2d)
 
 
+class SequentialsAsLists(nn.Module):
+    """nn.Sequential containers of convolutions that the forward does not call whole: one indexed, with a
+    non-linearity between its layers, one iterated, keeping an intermediate output."""
+
+    def __init__(self):
+        super().__init__()
+        self.indexed = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+        self.iterated = nn.Sequential(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 8, 1))
+
+    def forward(self, x):
+        x = self.indexed[1](torch.relu(self.indexed[0](x)))
+        for index, layer in enumerate(self.iterated):
+            x = layer(x)
+            if index == 1:
+                skip = x
+        return x + skip
+
+
+def test_a_sequential_the_forward_indexes_or_iterates_is_not_merged():
+    model = SequentialsAsLists().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            assert relative(optimized(x), model(x)) < TOLERANCE
+            assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
+
+
 class StandardizedConv2d(nn.Conv2d):
     """Weight standardization: a subclass whose ``_conv_forward`` computes with another weight than its own."""
 
@@ -318,14 +346,99 @@ def test_traced_model_folds_every_pair_whose_output_is_only_normalized():
     assert isinstance(without_input.fc_bn, nn.BatchNorm1d) and isinstance(with_input.fc_bn, nn.Identity)
 
 
-def test_untraceable_model_folds_inside_sequentials_only():
+def test_untraceable_model_folds_inside_sequentials_only_where_a_pass_confirms_it():
+    """Without a trace, a pair inside an nn.Sequential folds where a pass on the example input shows the container
+    calling it; without an example input nothing shows that the forward does not also read the conv elsewhere."""
     model = Untraceable()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model.eval()(x)
-        optimized = optimize_for_inference(model, progress=False)
-        assert relative(optimized(x), expected) < TOLERANCE
-    assert isinstance(optimized.block[1], nn.Identity)
+        confirmed = optimize_for_inference(model, x, progress=False)
+        unconfirmed = optimize_for_inference(model, progress=False)
+        for optimized in (confirmed, unconfirmed):
+            assert relative(optimized(x), expected) < TOLERANCE
+    assert isinstance(confirmed.block[1], nn.Identity) and isinstance(confirmed.bn, nn.BatchNorm2d)
+    assert isinstance(unconfirmed.block[1], nn.BatchNorm2d) and isinstance(unconfirmed.bn, nn.BatchNorm2d)
+
+
+class SideReads(nn.Module):
+    """Untraceable (data-dependent branch), with a Sequential(conv, bn) whose conv the forward also calls alone,
+    and a Sequential(conv, bn, relu) it runs layer by layer, returning every layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 1))
+        self.features = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 2),
+                                      nn.ReLU())
+
+    def forward(self, x):
+        if x.mean() > 10:
+            x = x / 2
+        y = self.block(x) + self.block[0](x)
+        outputs = []
+        for layer in self.features:
+            y = layer(y)
+            outputs.append(y)
+        return outputs
+
+
+def test_untraceable_model_keeps_pairs_whose_conv_output_is_read_elsewhere():
+    model = SideReads().eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            for got, want in zip(optimized(x), expected, strict=True):
+                assert relative(got, want) < TOLERANCE
+            assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
+
+
+class OptionalSkip(nn.Module):
+    """forward(x, skip=None): a trace gives ``skip`` a proxy, so ``skip is not None`` holds there; called without
+    it, the model also returns the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is not None:
+            return self.bn(y) + skip
+        return self.bn(y), y
+
+
+class TypeBranch(nn.Module):
+    """A trace's proxy is no torch.Tensor: the trace takes the branch where only the BatchNorm reads the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            return self.bn(self.conv(x))
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_trace_that_takes_another_branch_than_the_call_folds_nothing_it_shows_alone():
+    """An optional argument is traced both given and left out (without an example input) or as the example input
+    leaves it; the pass on the example input shows what a trace cannot (here the isinstance branch)."""
+    x = torch.randn(2, 3, 8, 8)
+    optional, branching = OptionalSkip().eval(), TypeBranch().eval()
+    with torch.no_grad():
+        expected = optional(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(optional, example, progress=False)
+            for got, want in zip(optimized(x), expected, strict=True):
+                assert relative(got, want) < TOLERANCE
+            assert isinstance(optimized.bn, nn.BatchNorm2d)
+        optimized = optimize_for_inference(branching, x, progress=False)
+        assert relative(optimized(x), branching(x)) < TOLERANCE
     assert isinstance(optimized.bn, nn.BatchNorm2d)
 
 
@@ -358,6 +471,39 @@ def test_layers_sharing_a_parameter_with_another_module_are_left_alone():
             assert relative(optimized(x), expected) < TOLERANCE
             assert not any(isinstance(m, nn.Identity) for m in optimized.modules())
             assert optimized.left.weight is optimized.right.weight
+
+
+class ParameterNorm(nn.Module):
+    """Reads its conv's parameters through ``.parameters()`` in the forward (a trace sees a constant), and a
+    non-tensor attribute of its BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+        self.head_conv = nn.Conv2d(8, 8, 1)
+        self.head_bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+
+    def forward(self, x):
+        scale = sum(p.abs().sum() for p in self.conv.parameters())
+        y = self.head_bn(self.head_conv(self.bn(self.conv(x)) * scale))
+        return y.flatten(2).mean(-1).reshape(-1, self.head_bn.num_features)
+
+
+def test_parameters_read_outside_their_layer_keep_it_unfolded_and_tracing_leaves_the_model_as_it_was():
+    model = ParameterNorm().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with_input = optimize_for_inference(model, x, progress=False)
+        assert relative(with_input(x), expected) < TOLERANCE
+        assert isinstance(with_input.bn, nn.BatchNorm2d) and isinstance(with_input.head_bn, nn.Identity)
+        # without an example input, the constant in the trace leaves the data flow unknown: nothing folds
+        without_input = optimize_for_inference(model, inplace=True, progress=False)
+        assert without_input is model and relative(model(x), expected) < TOLERANCE
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.head_bn, nn.BatchNorm2d)
+    assert not [name for name in vars(model) if name.startswith("_tensor_constant")]
+    copy.deepcopy(model)  # a non-leaf tensor left on the model by tracing made it impossible to copy
 
 
 def test_an_untraceable_model_is_reported_at_info_once_per_class(caplog):
@@ -477,6 +623,15 @@ def test_channels_last_forms_that_cannot_be_made_or_run_are_no_candidates(monkey
         assert relative(optimized(x), model(x)) < TOLERANCE
     assert optimized.conv.weight.is_contiguous() if isinstance(model, FlattensWithView) else \
         optimized.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_failure_leaves_the_model_as_it_was_also_in_place():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        optimize_for_inference(model, torch.randn(2, 5, 8, 8), inplace=True, progress=False)  # 5 channels: no fit
+    assert model.training and all(m.training for m in model.modules())
+    assert isinstance(model[1], nn.BatchNorm2d) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_optimized_model_compiles():
