@@ -625,6 +625,34 @@ def test_channels_last_forms_that_cannot_be_made_or_run_are_no_candidates(monkey
         optimized.head.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_a_rewrite_that_changes_the_outputs_on_the_example_input_is_dropped_with_a_warning(monkeypatch, caplog):
+    """The check on the example input catches what the data flow missed (here: made to miss), dropping BatchNorm
+    folding first, then every rewrite."""
+    monkeypatch.setattr(musco_core.inference, "_pass_confirms_pair", lambda observed, layer, batchnorm: True)
+    monkeypatch.setattr(musco_core.inference, "_called_whole", lambda trace, container: True)
+    monkeypatch.setattr(musco_core.inference, "_pass_confirms_chain", lambda observed, container: True)
+    caplog.set_level(logging.WARNING, logger="musco_core.inference")
+    x = torch.randn(2, 3, 8, 8)
+    branching = TypeBranch().eval()
+    with torch.no_grad():
+        optimized = optimize_for_inference(branching, x, progress=False)
+        assert relative(optimized(x), branching(x)) < TOLERANCE
+    assert isinstance(optimized.bn, nn.BatchNorm2d)
+    assert [record.getMessage().split(":")[1].strip() for record in caplog.records] == ["BatchNorm folding not applied"]
+    assert "differs from the model in output tensor 0" in caplog.records[0].getMessage()
+
+    caplog.clear()
+    listed = SequentialsAsLists().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        optimized = optimize_for_inference(listed, x, progress=False)
+        assert relative(optimized(x), listed(x)) < TOLERANCE
+    assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
+    (record,) = caplog.records
+    assert "chain merging, channels_last and 1x1 convolutions as matrix products not applied" in record.getMessage()
+    assert "raises TypeError" in record.getMessage()  # a merged Sequential cannot be indexed
+
+
 def test_a_failure_leaves_the_model_as_it_was_also_in_place():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
