@@ -201,9 +201,7 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
         log.warning("optimize_for_inference: no rewrite applied: the model cannot be checked on the example input in "
                     "%s (%s: %s)", dtype, type(exc).__name__, exc)
         return _Plan()
-    dropped = {plan: "BatchNorm folding",  # the same plan without folds replaces this entry
-               attrs.evolve(plan, folds=()): "chain merging, channels_last and 1x1 convolutions as matrix products"}
-    for candidate, what in dropped.items():
+    for candidate in dict.fromkeys([plan, attrs.evolve(plan, folds=())]):
         if candidate == _Plan():
             break
         try:
@@ -213,7 +211,8 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
         if problem is None:
             return candidate
         log.warning("optimize_for_inference: %s not applied: on the example input, the model so optimized %s",
-                    what, problem)
+                    "BatchNorm folding" if candidate.folds else
+                    "chain merging, channels_last and 1x1 convolutions as matrix products", problem)
     return _Plan()
 
 
@@ -309,6 +308,7 @@ def _folded_away(batchnorm: nn.Module) -> nn.Identity:
                            if not name.startswith("_") and name != "training"})
     return identity
 
+
 # --- What the data flow shows: a pass on the example input, torch.fx traces ----------------------------------
 
 def _torch_class(module: nn.Module, types: tuple[type, ...]) -> type | None:
@@ -373,7 +373,7 @@ class _Pass(TorchFunctionMode):
         self.calls: dict[int, list[_Call]] = {}
         self.leaf_calls: list[int] = []
         self.tensor_readers: dict[int, set[int]] = {id(t): set() for m in model.modules() for t in _own_tensors(m)}
-        self._is_leaf = _Tracer().is_leaf_module
+        self._leaves = {id(m) for m in model.modules() if _Tracer().is_leaf_module(m, "")}
         self._stack: list[_Call] = []
         self._outputs: dict[int, list[_Call]] = {}
         self._in_hook = False
@@ -411,8 +411,8 @@ class _Pass(TorchFunctionMode):
                          None if first is None else tuple(first.shape))
             self.calls.setdefault(id(module), []).append(call)
             # the model's own call is no call_module in a trace, whatever its class
-            if self._stack and self._is_leaf(module, "") and not any(self._is_leaf(c.module, "")
-                                                                     for c in self._stack[1:]):
+            if self._stack and id(module) in self._leaves and not any(id(c.module) in self._leaves
+                                                                      for c in self._stack[1:]):
                 self.leaf_calls.append(id(module))
             self._stack.append(call)
         finally:
@@ -545,6 +545,7 @@ def _trace_doubt(model: nn.Module, traces: Sequence[_Traced], observed: _Pass | 
         return "its trace holds tensors computed while tracing, whose data flow it does not show"
     return None
 
+
 # --- BatchNorm folding: which pairs -------------------------------------------------------------------------
 
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
@@ -640,6 +641,7 @@ def _pass_confirms_pair(observed: _Pass, layer: nn.Module, batchnorm: nn.Module)
     (made,), (normalized,) = layer_calls, batchnorm_calls
     return (made in normalized.sources and made.readers <= {id(batchnorm)} and not made.output_kept()
             and observed.reads_only_own(layer) and observed.reads_only_own(batchnorm))
+
 
 # --- Chain merging: arithmetic ------------------------------------------------------------------------------
 
@@ -863,6 +865,7 @@ class _Chain:
     def fewest_macs(self) -> Split:
         """The split with the fewest MACs; at equal MACs the one with fewer layers."""
         return min(self.valid_splits(), key=lambda split: (self.macs(split), len(split)))
+
 
 # --- Measured choices ---------------------------------------------------------------------------------------
 
