@@ -1,57 +1,80 @@
 """``optimize_for_inference``: the fastest plain-PyTorch form of a (compressed) model, for deployment.
 
-Three rewrites, each exact up to float rounding:
+Four rewrites, each exact up to float rounding, made only where the model's data flow shows that they are:
 
 * **BatchNorm folding.** A BatchNorm in eval mode is an affine map per channel; when it reads the output of a
   convolution or Linear layer and nothing else reads that output, it is folded into that layer's weight and
-  bias. The data flow is read from a ``torch.fx`` trace of the model; a model that cannot be traced gets the
-  pairs inside ``nn.Sequential`` containers only. A BatchNorm after a factorized layer folds into its last
-  factor.
+  bias. The data flow is read from a ``torch.fx`` trace of the model and, with an example input, confirmed on a
+  real pass over it (how often each module is called and by which, and in which calls each layer's output and
+  parameters are read). Where the trace cannot show the data flow (the model cannot be traced, or the trace calls
+  other modules than the pass), only pairs inside ``nn.Sequential`` containers fold, and only where a pass on an
+  example input confirms them: without one, none. A BatchNorm after a factorized layer folds into its last factor.
 * **Chain merging.** A factorized layer (or a plain ``nn.Sequential`` of convolutions, as ``standardize_model``
   leaves one) is a chain of linear layers with no non-linearity in between. Any run of consecutive factors
   whose product is one convolution (each spatial axis convolved by at most one of them, and no bias crossing a
-  zero padding) can be replaced by that product. Each chain gets the split into products that runs fastest at
-  the chain's input shape on this machine, measured; a factorization that is not measurably faster than its
-  dense layer is merged back into it. Without an example input the split with the fewest MACs is taken.
+  zero padding) can be replaced by that product. Only chains whose container the model calls whole are merged: as
+  the trace shows it (a factorized layer, which stands for the one layer the model's code calls, also where it
+  cannot), and as the pass confirms it. Each chain gets the split into products that runs fastest at the chain's
+  input shape on this machine, measured; a factorization that is not measurably faster than its dense layer is
+  merged back into it. Without an example input the split with the fewest MACs is taken.
 * **Memory format.** With an example input, the whole model is timed in ``channels_last`` (as it is, and with its
   1x1 convolutions as matrix products) against the format it has, and is put in ``channels_last`` when that is
-  measurably faster.
+  measurably faster. A form that fails to run on the example input (``x.view`` of a ``channels_last`` tensor) is
+  no candidate.
 * **1x1 convolutions as matrix products.** In a ``channels_last`` model, each 1x1 convolution is timed at its
   input shape against the same arithmetic as one matrix product over the channels (:class:`PointwiseConv2d`),
   and replaced where that is measurably faster.
 
-The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; module surgery and the
-measured choices are kept apart from it.
+No rewrite touches a module that computes more than its torch class does (the rule of
+:func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), a container
+with hooks, or a layer whose parameters another module shares (tied weights): folding writes the layer's weight,
+which would change the other holder too, and replacing the layer would cut it off from that holder. Merged layers
+are stock torch layers, whatever subclass the factors are.
+
+With an example input the result is checked: its outputs on that input must equal the eval-mode model's
+(:data:`CHECK_TOLERANCE`); where they do not, it is made again without BatchNorm folding, then without any
+rewrite, with a warning saying what was left out and why.
+
+The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; what the data flow allows,
+the measured choices (a plan of rewrites by module path) and the module surgery that makes them are kept apart.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import logging
 import math
-from collections import Counter
-from collections.abc import Sequence
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .factors import dense_weight
-from .surgery import FactorizedLayer, module_paths, replace_module, standardize_model
-from .timing import call_model, fixed_threads, time_modules, time_modules_at
+from .surgery import (FactorizedLayer, evaluating, module_paths, replace_module, standardize_model,
+                      why_not_replaceable)
+from .timing import call_arguments, call_model, fixed_threads, time_modules, time_modules_at
 
 log = logging.getLogger(__name__)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = (*_CONVS, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: A factorized chain is kept only when its median time is below this share of the dense layer's; the
 #: rest of the difference is within what a shared machine's noise produces between two medians.
 MEASURABLY_FASTER = 0.97
-#: Model classes whose failure to trace was logged at INFO; later copies log it at DEBUG (a latency budget
+#: Largest relative difference (norm of the difference over the norm, per output tensor) between the optimized
+#: model's outputs on the example input and the eval-mode model's, both in float32 (float64 for a float64 model).
+#: Float rounding gives about 4e-7 on a ResNet-50; a wrong data flow gives errors of order one.
+CHECK_TOLERANCE = 1e-5
+#: Model classes whose trace was reported untrusted at INFO; later copies log it at DEBUG (a latency budget
 #: with ``form: optimized`` deploys several copies of the same model per step).
 _UNTRACEABLE_REPORTED: set[type] = set()
 #: Chains longer than this are only compared as they are against fully merged (2^(n-1) splits otherwise).
@@ -65,38 +88,181 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
 
     The result is in eval mode and made of stock torch modules (factorized layers become ``nn.Sequential``
     chains or single layers) and :class:`PointwiseConv2d` (an ``nn.Conv2d`` with the same parameters), so it
-    saves (``state_dict``), traces, exports and compiles like any model. Its structure differs from the
-    input's where layers were merged or BatchNorms folded (a folded BatchNorm becomes ``nn.Identity``), so its
+    saves (``state_dict``), traces, exports and compiles like any model; a factorized layer with hooks of its own
+    is left as it is. Its structure differs from the input's where layers were merged or BatchNorms folded (a
+    folded BatchNorm becomes an ``nn.Identity`` that keeps its plain attributes, such as ``num_features``), so its
     state dict loads into an optimized model, not into the original.
 
-    Folding uses the BatchNorm running statistics, i.e. it reproduces the model in eval mode: a model passed in
-    train mode is optimized as its eval-mode self. The input model is deep-copied first and left untouched,
-    unless ``inplace=True`` (then it is modified and, unless it is itself a factorized layer, returned).
+    Rewrites are made only where the data flow shows them exact (see the module documentation): a trace of the
+    model and, with ``example_input``, a real pass over it. Without an example input the trace is all there is: a
+    model that cannot be traced gets no BatchNorm folded, and a forward that branches on what its input is
+    (``isinstance(x, torch.Tensor)`` is false for the trace's proxies) can show the trace another data flow than
+    its real calls have; an example input settles that. Folding uses the BatchNorm running statistics, i.e. it
+    reproduces the model in eval mode: a model passed in train mode is optimized as its eval-mode self. The input
+    model is deep-copied first and left untouched, unless ``inplace=True``: then it is modified once the rewrites
+    are chosen (a failure before leaves it as it was) and returned, unless it is itself replaced (a factorized
+    layer, for one).
 
     ``example_input`` (called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping)
     is the input the model will be deployed on: each chain's candidate forms, the memory formats and, in
     ``channels_last``, each 1x1 convolution's two forms are timed at its shapes on this machine with ``threads``
-    torch threads (default: the current setting). Without it, chains are merged wherever that saves MACs, and
-    the memory format is left as it is.
+    torch threads (default: the current setting), and the result's outputs on it are checked against the model's:
+    where they differ (:data:`CHECK_TOLERANCE`), BatchNorm folding, then every rewrite, is left out, with a
+    warning. Without it, chains are merged wherever that saves MACs, and the memory format is left as it is.
     """
     if not inplace:
         model = copy.deepcopy(model)
-    model.eval()
-    shapes = _record_shapes(model, example_input) if example_input is not None else {}
-    for layer, batchnorm in _batchnorm_pairs(model, shapes):
-        fold_batchnorm(layer, batchnorm)
-        for path in module_paths(model)[id(batchnorm)]:
-            replace_module(model, path, nn.Identity())
-    chains = _chains(model, shapes)
-    model = _apply_splits(model, {chain: chain.fewest_macs() for chain in chains})
-    if example_input is not None:
-        with fixed_threads(threads):
-            channels_last = _channels_last_is_faster(model, example_input)
-            model = _apply_splits(model, _fastest_splits(chains, channels_last, progress))
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
-                model = _fastest_pointwise(model, example_input, progress)
+    with evaluating(model):
+        plan = _plan(model, example_input, threads, progress)
+    return _apply(model, plan)
+
+
+# --- The plan: rewrites chosen by path, made on the model or on a copy alike ----------------------------------
+
+#: A split of a chain of n layers: the (start, stop) ranges of its runs, covering 0..n in order.
+Split = tuple[tuple[int, int], ...]
+
+
+@attrs.frozen
+class _Plan:
+    """The rewrites chosen for a model, by module path: (layer, BatchNorm) pairs to fold, chain containers with
+    their splits, ``channels_last``, and the 1x1 convolutions to become :class:`PointwiseConv2d` (paths in the
+    model as the earlier rewrites leave it)."""
+
+    folds: tuple[tuple[str, str], ...] = ()
+    splits: tuple[tuple[str, Split], ...] = ()
+    channels_last: bool = False
+    pointwise: tuple[str, ...] = ()
+
+
+def _plan(model: nn.Module, example_input: Any, threads: int | None, progress: bool) -> _Plan:
+    """The rewrites of ``model`` (in eval mode) that its data flow allows; with an example input, the measured
+    choices among them, checked on it."""
+    evidence = _evidence(model, example_input)
+    folds = _folds(model, evidence)
+    chains = _chains(model, evidence)
+    plan = _Plan(folds, tuple((chain.paths[0], chain.fewest_macs()) for chain in chains))
+    if example_input is None:
+        return plan
+    with fixed_threads(threads):
+        channels_last = _channels_last_is_faster(_apply(copy.deepcopy(model), plan), example_input)
+        splits = _fastest_splits(chains, channels_last, progress)
+        plan = _Plan(folds, tuple((chain.paths[0], split) for chain, split in splits.items()), channels_last)
+        if channels_last:
+            pointwise = _fastest_pointwise(_apply(copy.deepcopy(model), plan), example_input, progress)
+            plan = attrs.evolve(plan, pointwise=pointwise)
+    return _checked(model, example_input, plan)
+
+
+def _apply(model: nn.Module, plan: _Plan) -> nn.Module:
+    """``model`` (modified) with the rewrites of ``plan``, in eval mode; returns the root (new where the root
+    itself was a chain or a 1x1 convolution)."""
+    paths = module_paths(model)
+    for layer_path, batchnorm_path in plan.folds:
+        batchnorm = model.get_submodule(batchnorm_path)
+        fold_batchnorm(model.get_submodule(layer_path), batchnorm)
+        _put(model, paths[id(batchnorm)], _folded_away(batchnorm))
+    for path, split in plan.splits:
+        container = model.get_submodule(path)
+        model = _put(model, paths[id(container)], _build(list(container), split))
+    if plan.channels_last:
+        _to_channels_last(model)
+    paths = module_paths(model)
+    for path in plan.pointwise:
+        conv = model.get_submodule(path)
+        model = _put(model, paths[id(conv)], PointwiseConv2d.from_conv(conv))
     return standardize_model(model).eval()
+
+
+def _put(model: nn.Module, paths: Sequence[str], new: nn.Module) -> nn.Module:
+    """Puts ``new`` at each of ``paths`` (one module however many names hold it); returns the root, which is
+    ``new`` itself where a path is the root's (``""``)."""
+    for path in paths:
+        if path:
+            replace_module(model, path, new)
+        else:
+            model = new
+    return model
+
+
+def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
+    """The first of ``plan``, ``plan`` without BatchNorm folding, and no rewrite at all, with which the model's
+    outputs on the example input stay those of ``model`` (every tensor of the output within
+    :data:`CHECK_TOLERANCE`, compared in float32, or float64 for a model with float64 tensors, so that a
+    half-precision model's rounding does not hide a wrong data flow); logs a warning for each plan dropped."""
+    if plan == _Plan():
+        return plan
+    floating = {t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()}
+    dtype = torch.float64 if torch.float64 in floating else torch.float32
+    x = example_input if floating <= {dtype} else _cast(example_input, dtype)
+    try:
+        expected = _outputs(copy.deepcopy(model).to(dtype), x)
+    except Exception as exc:  # noqa: BLE001 - what cannot be checked is not applied
+        log.warning("optimize_for_inference: no rewrite applied: the model cannot be checked on the example input in "
+                    "%s (%s: %s)", dtype, type(exc).__name__, exc)
+        return _Plan()
+    for candidate in dict.fromkeys([plan, attrs.evolve(plan, folds=())]):
+        if candidate == _Plan():
+            break
+        try:
+            problem = _difference(_outputs(_apply(copy.deepcopy(model).to(dtype), candidate), x), expected)
+        except Exception as exc:  # noqa: BLE001 - a rewrite that breaks the model is one not to make
+            problem = f"raises {type(exc).__name__}: {exc}"
+        if problem is None:
+            return candidate
+        log.warning("optimize_for_inference: %s not applied: on the example input, the model so optimized %s",
+                    "BatchNorm folding" if candidate.folds else
+                    "chain merging, channels_last and 1x1 convolutions as matrix products", problem)
+    return _Plan()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, through mappings, lists and tuples, in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (an example input) with its floating-point tensors in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {key: _cast(item, dtype) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cast(item, dtype) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_cast(item, dtype) for item in value)
+    return value
+
+
+def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return list(_tensors(call_model(model, example_input)))
+
+
+def _difference(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> str | None:
+    """How ``got`` differs from ``expected`` beyond float rounding, or None."""
+    if len(got) != len(expected):
+        return f"gives {len(got)} output tensors instead of {len(expected)}"
+    for index, (a, b) in enumerate(zip(got, expected)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return (f"gives output tensor {index} as {a.dtype} {tuple(a.shape)} instead of {b.dtype} "
+                    f"{tuple(b.shape)}")
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b):
+                return f"gives other values in output tensor {index}"
+            continue
+        error, scale = float((a - b).abs().double().norm()), float(b.abs().double().norm())
+        if not error <= CHECK_TOLERANCE * scale:
+            return (f"differs from the model in output tensor {index} by {error / scale if scale else math.inf:.2g} "
+                    f"(relative)")
+    return None
 
 
 # --- BatchNorm folding: arithmetic --------------------------------------------------------------------------
@@ -134,15 +300,253 @@ def fold_batchnorm(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
         layer.bias.copy_(bias)
 
 
-# --- BatchNorm folding: which pairs -------------------------------------------------------------------------
+def _folded_away(batchnorm: nn.Module) -> nn.Identity:
+    """The ``nn.Identity`` that takes a folded BatchNorm's place, with the BatchNorm's plain attributes
+    (``num_features``, ``eps``, ...), which the model's forward may read."""
+    identity = nn.Identity()
+    vars(identity).update({name: value for name, value in vars(batchnorm).items()
+                           if not name.startswith("_") and name != "training"})
+    return identity
+
+
+# --- What the data flow shows: a pass on the example input, torch.fx traces ----------------------------------
+
+def _torch_class(module: nn.Module, types: tuple[type, ...]) -> type | None:
+    """The class of ``types`` that ``module`` is an instance of (the first in its MRO), or None."""
+    return next((klass for klass in type(module).__mro__ if klass in types), None)
+
 
 def _is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
-    """A module of one of ``types`` whose forward is torch's own, with no hooks or parametrizations, so its
-    output is exactly the layer arithmetic its parameters say."""
-    return (isinstance(module, types) and any(type(module).forward is t.forward for t in types)
-            and not module._forward_hooks and not module._forward_pre_hooks
-            and not parametrize.is_parametrized(module))
+    """A module of one of ``types`` that computes just what that torch class computes with its parameters: the
+    rule a layer passes before it is factorized (:func:`~musco_core.surgery.why_not_replaceable`: no computation
+    of its own, such as a ``_conv_forward`` that standardizes the weight, no hooks, no parametrization)."""
+    base = _torch_class(module, types)
+    return base is not None and why_not_replaceable(module, base) is None
 
+
+def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+
+
+def _shared_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers that several modules of ``model`` hold (tied weights): folding into one
+    holder would change the others, and replacing it would cut it off from them."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in _own_tensors(module):
+            holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+    return {key for key, count in holders.items() if count > 1}
+
+
+def _holds_shared(module: nn.Module, shared: set[int]) -> bool:
+    return any(id(tensor) in shared for tensor in _own_tensors(module))
+
+
+@attrs.define(eq=False)
+class _Call:
+    """One call of a module in an observed pass: the call that made it (None for the model's own), the calls whose
+    output is its first input (a layer's and the containers' that returned it as theirs), the shapes, a weak
+    reference to its output, and the ids of the modules in whose calls a torch function read that output."""
+
+    module: nn.Module
+    parent: _Call | None
+    sources: list[_Call]
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None = None
+    output: weakref.ref | None = None
+    readers: set[int] = attrs.Factory(set)
+
+    def output_kept(self) -> bool:
+        """True when its output outlived the pass: returned, stored, or held by another tensor (a view)."""
+        return self.output is not None and self.output() is not None
+
+
+class _Pass(TorchFunctionMode):
+    """A forward pass on the example input, observed through hooks on every module and every torch function
+    called: each module's calls in order (:class:`_Call`), the calls of the modules a trace keeps whole
+    (``leaf_calls``, as ids, leaving out those made inside another such module: see :class:`_Tracer`), and for
+    each parameter and buffer the ids of the modules in whose calls it was read. Only weak references to outputs
+    are kept, so that an output still alive after the pass was kept by the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.calls: dict[int, list[_Call]] = {}
+        self.leaf_calls: list[int] = []
+        self.tensor_readers: dict[int, set[int]] = {id(t): set() for m in model.modules() for t in _own_tensors(m)}
+        self._leaves = {id(m) for m in model.modules() if _Tracer().is_leaf_module(m, "")}
+        self._stack: list[_Call] = []
+        self._outputs: dict[int, list[_Call]] = {}
+        self._in_hook = False
+
+    @property
+    def shapes(self) -> dict[int, tuple]:
+        """{id(module): (input shape, output shape)} of each module's first call (None where not a tensor)."""
+        return {key: (calls[0].input_shape, calls[0].output_shape) for key, calls in self.calls.items()}
+
+    def reads_only_own(self, module: nn.Module) -> bool:
+        """True when the pass read the module's parameters and buffers in its own calls only."""
+        return all(self.tensor_readers.get(id(t), set()) <= {id(module)} for t in _own_tensors(module))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._stack and not self._in_hook:
+            reader = id(self._stack[-1].module)
+            for tensor in _tensors((args, kwargs)):
+                for producer in self._producers(tensor):
+                    producer.readers.add(reader)
+                if id(tensor) in self.tensor_readers:
+                    self.tensor_readers[id(tensor)].add(reader)
+        return func(*args, **kwargs)
+
+    def _producers(self, tensor: torch.Tensor) -> list[_Call]:
+        """The calls that returned ``tensor`` (a container returns its last layer's output as its own)."""
+        return [call for call in self._outputs.get(id(tensor), []) if call.output() is tensor]
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        self._in_hook = True  # the hook's own look at the input is no read by the model
+        try:
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            call = _Call(module, self._stack[-1] if self._stack else None,
+                         [] if first is None else self._producers(first),
+                         None if first is None else tuple(first.shape))
+            self.calls.setdefault(id(module), []).append(call)
+            # the model's own call is no call_module in a trace, whatever its class
+            if self._stack and id(module) in self._leaves and not any(id(c.module) in self._leaves
+                                                                      for c in self._stack[1:]):
+                self.leaf_calls.append(id(module))
+            self._stack.append(call)
+        finally:
+            self._in_hook = False
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._in_hook = True
+        try:
+            call = self._stack.pop()
+            if isinstance(output, torch.Tensor):
+                call.output, call.output_shape = weakref.ref(output), tuple(output.shape)
+                self._outputs[id(output)] = [*self._producers(output), call]
+        finally:
+            self._in_hook = False
+
+
+def _observe(model: nn.Module, example_input: Any) -> _Pass:
+    """One pass of ``model`` on ``example_input``, observed (see :class:`_Pass`)."""
+    observed = _Pass(model)
+    handles = [handle for module in model.modules()
+               for handle in (module.register_forward_pre_hook(observed.before),
+                              module.register_forward_hook(observed.after))]
+    try:
+        with torch.no_grad(), observed:
+            call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observed
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, which also keeps whole (as one ``call_module``) a subclass of a torch layer or BatchNorm
+    that computes just what its torch class does, instead of tracing into its forward."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or _is_stock(m, (*_LAYERS, *_BATCHNORMS))
+
+
+@attrs.frozen
+class _Traced:
+    """A ``torch.fx`` graph of the model: the model's module each ``call_module`` node calls, the module whose
+    forward made that call, and the ids of the modules whose parameters the graph reads directly."""
+
+    graph: torch.fx.Graph
+    modules: dict[torch.fx.Node, nn.Module]
+    callers: dict[torch.fx.Node, nn.Module]
+    read_directly: set[int]
+
+    @classmethod
+    def of(cls, model: nn.Module, graph: torch.fx.Graph) -> _Traced:
+        modules = {node: model.get_submodule(node.target) for node in graph.nodes if node.op == "call_module"}
+        callers = {}
+        for node in modules:  # nn_module_stack: the modules traced through to this call, ending with its own
+            stack = list(node.meta.get("nn_module_stack", {}).values())
+            callers[node] = model.get_submodule(stack[-2][0]) if len(stack) > 1 else model
+        read_directly = {id(model.get_submodule(node.target.rpartition(".")[0]))
+                         for node in graph.nodes if node.op == "get_attr"}
+        return cls(graph, modules, callers, read_directly)
+
+    @property
+    def leaf_calls(self) -> list[int]:
+        return [id(module) for module in self.modules.values()]
+
+
+@attrs.frozen
+class _Evidence:
+    """What the rewrites may rely on: the model's traces where they show its data flow (one per way the model may
+    be called; None where they do not), and a pass on the example input (None without one)."""
+
+    traces: list[_Traced] | None
+    observed: _Pass | None
+
+    @property
+    def shapes(self) -> dict[int, tuple]:
+        return self.observed.shapes if self.observed is not None else {}
+
+
+def _evidence(model: nn.Module, example_input: Any) -> _Evidence:
+    observed = _observe(model, example_input) if example_input is not None else None
+    try:
+        with warnings.catch_warnings():  # fx warns that it cannot assert a concrete argument's value
+            warnings.simplefilter("ignore")
+            # on a copy: tracing runs the forward on proxies, which can leave attributes on the model
+            graphs = [_Tracer().trace(copy.deepcopy(model), concrete)
+                      for concrete in _concrete_arguments(model, example_input)]
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: no trace to rely on
+        doubt = f"{type(exc).__name__}: {exc}"
+    else:
+        traces = [_Traced.of(model, graph) for graph in graphs]
+        doubt = _trace_doubt(model, traces, observed)
+        if doubt is None:
+            return _Evidence(traces, observed)
+    level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
+    _UNTRACEABLE_REPORTED.add(type(model))
+    log.log(level, "optimize_for_inference: the %s model cannot be traced by torch.fx faithfully (%s); %s",
+            type(model).__name__, doubt,
+            "no BatchNorm is folded, and only factorized layers are merged" if observed is None else
+            "BatchNorms fold inside nn.Sequential containers only, and only factorized layers are merged, where the "
+            "pass on the example input confirms the data flow")
+    return _Evidence(None, observed)
+
+
+def _concrete_arguments(model: nn.Module, example_input: Any) -> list[dict[str, Any] | None]:
+    """The ``concrete_args`` to trace the model with, one per way it may be called. A traced argument is a proxy
+    (``skip is not None`` holds for it): an optional argument is left at its default as the example input leaves
+    it; without one, it is traced both given and left at its default, since the model may be called either way."""
+    signature = inspect.signature(model.forward)
+    defaults = {name: parameter.default for name, parameter in signature.parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    if example_input is None:
+        return [None, defaults] if defaults else [None]
+    args, kwargs = call_arguments(example_input)
+    passed = signature.bind(*args, **kwargs).arguments
+    return [{name: value for name, value in defaults.items() if name not in passed} or None]
+
+
+def _trace_doubt(model: nn.Module, traces: Sequence[_Traced], observed: _Pass | None) -> str | None:
+    """Why the traces may not show the model's data flow, or None. With a pass, a trace must call the same modules
+    in the same order (the pass then shows what the trace cannot: which branch of an ``isinstance``, what is read
+    outside a module). Without one, a trace must hold no tensor computed while tracing (a ``_tensor_constant``:
+    computed from parameters, perhaps, which the graph then does not show)."""
+    if observed is not None:
+        if any(trace.leaf_calls != observed.leaf_calls for trace in traces):
+            return "its trace calls other modules, or in another order, than a pass on the example input"
+        return None
+    names = {name for name, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                 model.named_buffers(remove_duplicate=False))}
+    if any(node.op == "get_attr" and node.target not in names for trace in traces for node in trace.graph.nodes):
+        return "its trace holds tensors computed while tracing, whose data flow it does not show"
+    return None
+
+
+# --- BatchNorm folding: which pairs -------------------------------------------------------------------------
 
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
     return (_is_stock(module, _BATCHNORMS) and module.track_running_stats and module.running_mean is not None
@@ -168,80 +572,75 @@ def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int,
     return isinstance(layer, nn.Conv1d) and output is not None and len(output) == 3
 
 
-def _batchnorm_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
-    """(layer, BatchNorm) pairs where the BatchNorm reads only that layer's output and both run once."""
-    try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any failure to trace means: fold where the data flow is certain
-        level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
-        _UNTRACEABLE_REPORTED.add(type(model))
-        log.log(level, "optimize_for_inference: the %s model cannot be traced by torch.fx (%s: %s); folding "
-                "BatchNorms inside nn.Sequential containers only", type(model).__name__, type(exc).__name__, exc)
-        return _sequential_pairs(model, shapes)
-    return _traced_pairs(model, graph, shapes)
+def _folds(model: nn.Module, evidence: _Evidence) -> tuple[tuple[str, str], ...]:
+    """The (layer, BatchNorm) paths where the BatchNorm folds: it reads only that layer's output, each runs once,
+    both are stock and hold no tensor another module shares. The pairs come from the traces (a pair in every one),
+    else from ``nn.Sequential`` containers; the pass on the example input, where there is one, must confirm each."""
+    observed = evidence.observed
+    if evidence.traces is not None:
+        first, *others = (_traced_pairs(trace) for trace in evidence.traces)
+        candidates = [pair for pair in first if all(pair in other for other in others)]
+    elif observed is not None:
+        candidates = _sequential_pairs(model, observed)
+    else:
+        return ()
+    paths, shared, shapes = module_paths(model), _shared_tensors(model), evidence.shapes
+    return tuple((paths[id(layer)][0], paths[id(batchnorm)][0]) for layer, batchnorm in candidates
+                 if _is_foldable_batchnorm(batchnorm) and _is_stock(layer, _LAYERS)
+                 and not _holds_shared(layer, shared) and not _holds_shared(batchnorm, shared)
+                 and _channel_axis_fits(layer, batchnorm, shapes)
+                 and (observed is None or _pass_confirms_pair(observed, layer, batchnorm)))
 
 
-def _traced_pairs(model: nn.Module, graph: torch.fx.Graph, shapes: dict[int, tuple]
-                  ) -> list[tuple[nn.Module, nn.Module]]:
-    calls = Counter(id(model.get_submodule(node.target)) for node in graph.nodes if node.op == "call_module")
-    # a parameter read directly (get_attr) is used outside the module's forward: folding would change that use
-    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+def _traced_pairs(trace: _Traced) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, BatchNorm) pairs where the trace calls each once, the BatchNorm on the layer's output alone, that
+    output goes nowhere else, and no parameter of either is read directly."""
+    calls: dict[int, int] = {}
+    for module in trace.modules.values():
+        calls[id(module)] = calls.get(id(module), 0) + 1
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+    for node, batchnorm in trace.modules.items():
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(source, torch.fx.Node) or source not in trace.modules or len(source.users) != 1:
             continue
-        batchnorm, source = model.get_submodule(node.target), node.args[0]
-        if (not _is_foldable_batchnorm(batchnorm) or not isinstance(source, torch.fx.Node)
-                or source.op != "call_module" or len(source.users) != 1):
-            continue
-        layer = model.get_submodule(source.target)
-        if (_is_stock(layer, (*_CONVS, nn.Linear)) and calls[id(layer)] == 1 and calls[id(batchnorm)] == 1
-                and not {node.target, source.target} & read_directly
-                and _channel_axis_fits(layer, batchnorm, shapes)):
+        layer = trace.modules[source]
+        if calls[id(layer)] == calls[id(batchnorm)] == 1 and not {id(layer), id(batchnorm)} & trace.read_directly:
             pairs.append((layer, batchnorm))
     return pairs
 
 
-def _last_layer(module: nn.Module) -> nn.Module | None:
+def _last_layer(module: nn.Module) -> nn.Module:
     """The module that produces ``module``'s output when that is certain: itself, or the last layer of a
     stock ``nn.Sequential`` (a factorized layer included)."""
-    while isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module):
+    while _is_stock(module, (nn.Sequential,)) and len(module):
         module = module[-1]
     return module
 
 
-def _sequential_pairs(model: nn.Module, shapes: dict[int, tuple]) -> list[tuple[nn.Module, nn.Module]]:
-    paths = module_paths(model)
+def _sequential_pairs(model: nn.Module, observed: _Pass) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, BatchNorm) pairs of consecutive children of a stock ``nn.Sequential`` that the pass shows calling
+    the BatchNorm, once: the container called whole, which passes the child's output to it."""
     pairs = []
     for container in model.modules():
-        if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
+        if not _is_stock(container, (nn.Sequential,)):
             continue
         children = list(container)
         for before, batchnorm in zip(children, children[1:]):
-            layer = _last_layer(before)
-            if (_is_foldable_batchnorm(batchnorm) and _is_stock(layer, (*_CONVS, nn.Linear))
-                    and len(paths[id(layer)]) == 1 and len(paths[id(batchnorm)]) == 1
-                    and _channel_axis_fits(layer, batchnorm, shapes)):
-                pairs.append((layer, batchnorm))
+            calls = observed.calls.get(id(batchnorm), [])
+            if len(calls) == 1 and calls[0].parent is not None and calls[0].parent.module is container:
+                pairs.append((_last_layer(before), batchnorm))
     return pairs
 
 
-def _record_shapes(model: nn.Module, example_input: Any) -> dict[int, tuple]:
-    """{id(module): (input shape, output shape)} of every module's first call on the example input."""
-    shapes: dict[int, tuple] = {}
-
-    def record(module, inputs, output):
-        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            shapes.setdefault(id(module), (tuple(inputs[0].shape), tuple(output.shape)))
-
-    handles = [module.register_forward_hook(record) for module in model.modules()]
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
+def _pass_confirms_pair(observed: _Pass, layer: nn.Module, batchnorm: nn.Module) -> bool:
+    """True when the pass called each once, the BatchNorm on the layer's output, read that output in the
+    BatchNorm's call alone and dropped it after, and read each one's tensors in its own call alone."""
+    layer_calls, batchnorm_calls = observed.calls.get(id(layer), []), observed.calls.get(id(batchnorm), [])
+    if len(layer_calls) != 1 or len(batchnorm_calls) != 1:
+        return False
+    (made,), (normalized,) = layer_calls, batchnorm_calls
+    return (made in normalized.sources and made.readers <= {id(batchnorm)} and not made.output_kept()
+            and observed.reads_only_own(layer) and observed.reads_only_own(batchnorm))
 
 
 # --- Chain merging: arithmetic ------------------------------------------------------------------------------
@@ -341,16 +740,18 @@ def merged_weights(layers: Sequence[nn.Module], geometry: Geometry) -> tuple[tor
 
 
 def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
-    """A new layer computing ``layers`` in one, with their dtype and device."""
+    """A new stock layer (``nn.Linear`` or ``nn.ConvNd``, whatever subclass the layers are) computing ``layers``
+    in one, with their dtype and device."""
     weight, bias = merged_weights(layers, geometry)
     like = layers[0].weight
     options = {"bias": bias is not None, "device": like.device, "dtype": like.dtype}
     if isinstance(layers[0], nn.Linear):
         merged = nn.Linear(weight.shape[1], weight.shape[0], **options)
     else:
-        merged = type(layers[0])(weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size,
-                                 stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation,
-                                 groups=geometry.groups, padding_mode=geometry.padding_mode, **options)
+        merged = _CONVS[len(geometry.kernel_size) - 1](
+            weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, stride=geometry.stride,
+            padding=geometry.padding, dilation=geometry.dilation, groups=geometry.groups,
+            padding_mode=geometry.padding_mode, **options)
     with torch.no_grad():
         merged.weight.copy_(weight)
         if bias is not None:
@@ -358,11 +759,14 @@ def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
     return merged.train(layers[0].training)
 
 
-# --- Chain merging: choosing and applying splits ------------------------------------------------------------
+def _build(layers: Sequence[nn.Module], split: Split) -> nn.Module:
+    """``layers`` run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged)."""
+    parts = [layers[start] if stop - start == 1 else
+             merge_layers(layers[start:stop], merged_geometry(layers[start:stop])) for start, stop in split]
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
 
-#: A split of a chain of n layers: the (start, stop) ranges of its runs, covering 0..n in order.
-Split = tuple[tuple[int, int], ...]
 
+# --- Chain merging: which chains, and their splits ----------------------------------------------------------
 
 def _splits(n: int) -> list[Split]:
     """Every split of n layers into consecutive runs (2^(n-1)); for long chains only unsplit and fully merged."""
@@ -375,21 +779,50 @@ def _splits(n: int) -> list[Split]:
     return result
 
 
-def _chains(model: nn.Module, shapes: dict[int, tuple]) -> list[_Chain]:
-    """Every distinct factorized layer, or plain ``nn.Sequential`` of two or more stock convolutions of one kind
-    or Linear layers, whose layers are not shared with the rest of the model."""
-    paths = module_paths(model)
+def _chains(model: nn.Module, evidence: _Evidence) -> list[_Chain]:
+    """Every stock ``nn.Sequential`` (a factorized layer included) of two or more stock layers of one torch class
+    that the model calls whole, as its traces show (or, where there are none, a factorized layer: it stands for
+    the one layer the model's code calls) and the pass on the example input, where there is one, confirms. Its
+    layers are reachable under one name and hold no tensor another module shares."""
+    paths, shared, shapes = module_paths(model), _shared_tensors(model), evidence.shapes
     chains = []
-    for module in {id(m): m for m in model.modules()}.values():
-        if not (isinstance(module, FactorizedLayer) or type(module) is nn.Sequential) or len(module) < 2:
+    for container in model.modules():
+        if not _is_stock(container, (nn.Sequential,)) or len(container) < 2:
             continue
-        layers = list(module)
-        if (len({type(layer) for layer in layers}) == 1
-                and all(_is_stock(layer, (*_CONVS, nn.Linear)) for layer in layers)
-                and all(len(paths[id(layer)]) == 1 for layer in layers)):
-            chains.append(_Chain(paths[id(module)], layers, shapes.get(id(module), (None, None))[0],
+        layers = list(container)
+        if (len({_torch_class(layer, _LAYERS) for layer in layers}) != 1
+                or not all(_is_stock(layer, _LAYERS) and not _holds_shared(layer, shared)
+                           and len(paths[id(layer)]) == 1 for layer in layers)):
+            continue
+        if evidence.traces is not None:
+            whole = all(_called_whole(trace, container) for trace in evidence.traces)
+        else:
+            whole = isinstance(container, FactorizedLayer)
+        if whole and (evidence.observed is None or _pass_confirms_chain(evidence.observed, container)):
+            chains.append(_Chain(paths[id(container)], layers, shapes.get(id(container), (None, None))[0],
                                  [shapes.get(id(layer), (None, None))[1] for layer in layers]))
     return chains
+
+
+def _called_whole(trace: _Traced, container: nn.Module) -> bool:
+    """True when the trace calls the container's layers, each only from the container's forward (the model calls
+    it whole, never its layers on their own), and reads none of their parameters directly."""
+    layers = {id(layer) for layer in container}
+    nodes = [node for node, module in trace.modules.items() if id(module) in layers]
+    return (bool(nodes) and all(trace.callers[node] is container for node in nodes)
+            and not layers & trace.read_directly)
+
+
+def _pass_confirms_chain(observed: _Pass, container: nn.Module) -> bool:
+    """True when the pass called each layer of the container, only from the container's calls, and read each
+    one's tensors in its own calls only."""
+    for layer in container:
+        calls = observed.calls.get(id(layer), [])
+        if not calls or not all(call.parent is not None and call.parent.module is container for call in calls):
+            return False
+        if not observed.reads_only_own(layer):
+            return False
+    return True
 
 
 @attrs.define(eq=False)
@@ -433,30 +866,6 @@ class _Chain:
         """The split with the fewest MACs; at equal MACs the one with fewer layers."""
         return min(self.valid_splits(), key=lambda split: (self.macs(split), len(split)))
 
-    def build(self, split: Split) -> nn.Module:
-        """The chain run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged)."""
-        parts = [self.layers[start] if stop - start == 1 else
-                 merge_layers(self.layers[start:stop], self.geometry(start, stop)) for start, stop in split]
-        return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
-
-
-def _put(model: nn.Module, paths: Sequence[str], new: nn.Module) -> nn.Module:
-    """Puts ``new`` at each of ``paths`` (one module however many names hold it); returns the root, which is
-    ``new`` itself where a path is the root's (``""``)."""
-    for path in paths:
-        if path:
-            replace_module(model, path, new)
-        else:
-            model = new
-    return model
-
-
-def _apply_splits(model: nn.Module, splits: dict[_Chain, Split]) -> nn.Module:
-    """Puts each chain, run as its split, where the chain is held; returns the root (new if it was a chain)."""
-    for chain, split in splits.items():
-        model = _put(model, chain.paths, chain.build(split))
-    return model
-
 
 # --- Measured choices ---------------------------------------------------------------------------------------
 
@@ -464,15 +873,15 @@ def _channels_last_is_faster(model: nn.Module, example_input: Any) -> bool:
     """True when the model has 2-d convolutions and runs measurably faster in channels_last, as it is or with
     every 1x1 convolution a matrix product (which only channels_last allows, and which can make it win: a
     compressed ResNet-50 at 2 threads ran 41.8 ms as it is, 41.6 ms in channels_last and 38.0 ms so)."""
-    candidates = memory_format_candidates(model)
+    candidates = memory_format_candidates(model, example_input)
     if len(candidates) == 1:
         return False
     device = next(model.parameters()).device
-    as_is, in_channels_last, with_products = time_modules(candidates, example_input, warmup=1, min_rounds=3,
-                                                          min_seconds=1.0, device=device)
-    log.info("optimize_for_inference: whole model %.3f ms as it is, %.3f ms in channels_last, %.3f ms with its 1x1 "
-             "convolutions as matrix products", 1e3 * as_is, 1e3 * in_channels_last, 1e3 * with_products)
-    return min(in_channels_last, with_products) < MEASURABLY_FASTER * as_is
+    as_is, *in_channels_last = time_modules(candidates, example_input, warmup=1, min_rounds=3, min_seconds=1.0,
+                                            device=device)
+    log.info("optimize_for_inference: whole model %.3f ms as it is, %s in channels_last", 1e3 * as_is,
+             " and ".join(f"{1e3 * t:.3f} ms" for t in in_channels_last))
+    return min(in_channels_last) < MEASURABLY_FASTER * as_is
 
 
 def _candidates(chain: _Chain) -> list[Split]:
@@ -493,9 +902,9 @@ def _fastest_splits(chains: Sequence[_Chain], channels_last: bool, progress: boo
             chosen[chain] = chain.fewest_macs()
             continue
         like = chain.layers[0].weight
-        times = time_modules_at([chain.build(split) for split in candidates], chain.input_shape, dtype=like.dtype,
-                                device=like.device, channels_last=channels_last, warmup=1, min_rounds=3,
-                                max_rounds=30, min_seconds=0.1)
+        forms = copy.deepcopy([_build(chain.layers, split) for split in candidates])  # timing may change layouts
+        times = time_modules_at(forms, chain.input_shape, dtype=like.dtype, device=like.device,
+                                channels_last=channels_last, warmup=1, min_rounds=3, max_rounds=30, min_seconds=0.1)
         best = min(range(len(candidates)), key=times.__getitem__)
         dense = ((0, len(chain.layers)),)
         if dense in candidates and times[best] > MEASURABLY_FASTER * times[candidates.index(dense)]:
@@ -532,42 +941,66 @@ class PointwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _is_pointwise(module: nn.Module) -> bool:
-    """A stock 1x1 ``nn.Conv2d`` that a :class:`PointwiseConv2d` reproduces."""
+def _is_pointwise(module: nn.Module, shared: set[int]) -> bool:
+    """A stock 1x1 ``nn.Conv2d`` that a :class:`PointwiseConv2d` reproduces, holding no tensor another module
+    shares."""
     return (_is_stock(module, (nn.Conv2d,)) and module.kernel_size == (1, 1) and module.stride == (1, 1)
-            and module.groups == 1 and module.padding in ((0, 0), "valid", "same"))
+            and module.groups == 1 and module.padding in ((0, 0), "valid", "same")
+            and not _holds_shared(module, shared))
 
 
-def memory_format_candidates(model: nn.Module) -> list[nn.Module]:
-    """``model`` itself, and for a model with 2-d convolutions two copies in ``channels_last``: as it is, and with
-    every 1x1 convolution a matrix product (:func:`pointwise_products`). What the memory-format choice times."""
+def _to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with its 4-d parameters and buffers in ``channels_last``, in place (``Module.to`` refuses a model
+    that also has 5-d ones, such as a Conv3d's weight)."""
+    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+
+
+def memory_format_candidates(model: nn.Module, example_input: Any) -> list[nn.Module]:
+    """``model`` itself, and for a model with 2-d convolutions the copies in ``channels_last`` that run on
+    ``example_input``: as it is, and with every 1x1 convolution a matrix product (:func:`pointwise_products`).
+    What the memory-format choice times; a copy that fails to run (``x.view`` of a ``channels_last`` tensor)
+    is left out."""
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return [model]
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return [model, channels_last, pointwise_products(copy.deepcopy(channels_last))]
+    channels_last = _to_channels_last(copy.deepcopy(model))
+    forms = [channels_last, pointwise_products(copy.deepcopy(channels_last))]
+    return [model, *(form for form in forms if _runs(form, example_input))]
+
+
+def _runs(model: nn.Module, example_input: Any) -> bool:
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    except Exception as exc:  # noqa: BLE001 - a form that does not run is no candidate, whatever the reason
+        log.debug("optimize_for_inference: a channels_last form does not run on the example input (%s: %s)",
+                  type(exc).__name__, exc)
+        return False
+    return True
 
 
 def pointwise_products(model: nn.Module) -> nn.Module:
     """``model`` (modified) with every 1x1 convolution a :class:`PointwiseConv2d`; returns the root (new if it was
     such a convolution). For timing what :func:`optimize_for_inference` can reach without timing each geometry."""
-    paths = module_paths(model)
-    for module in {id(m): m for m in model.modules()}.values():
-        if _is_pointwise(module):
+    paths, shared = module_paths(model), _shared_tensors(model)
+    for module in list(model.modules()):
+        if _is_pointwise(module, shared):
             model = _put(model, paths[id(module)], PointwiseConv2d.from_conv(module))
     return model
 
 
-def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> nn.Module:
-    """Replaces the 1x1 convolutions that run measurably faster as :class:`PointwiseConv2d` at their input
-    shapes (each distinct geometry timed once); returns the root (new if it was such a convolution)."""
-    shapes = _record_shapes(model, example_input)
-    paths = module_paths(model)
+def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> tuple[str, ...]:
+    """The paths of the 1x1 convolutions of ``model`` (in channels_last) that run measurably faster as
+    :class:`PointwiseConv2d` at their input shapes, each distinct geometry timed once."""
+    shapes = _observe(model, example_input).shapes
+    paths, shared = module_paths(model), _shared_tensors(model)
     by_geometry: dict[tuple, list[nn.Conv2d]] = {}
-    for module in {id(m): m for m in model.modules()}.values():
-        if _is_pointwise(module) and len(shapes.get(id(module), ((),))[0]) == 4:
-            key = (shapes[id(module)][0], tuple(module.weight.shape), module.bias is not None,
-                   module.weight.dtype, module.weight.device)
+    for module in model.modules():
+        input_shape = shapes.get(id(module), (None, None))[0]
+        if _is_pointwise(module, shared) and input_shape is not None and len(input_shape) == 4:
+            key = (input_shape, tuple(module.weight.shape), module.bias is not None, module.weight.dtype,
+                   module.weight.device)
             by_geometry.setdefault(key, []).append(module)
+    chosen = []
     for (input_shape, _, _, dtype, device), convs in tqdm(
             by_geometry.items(), desc="optimize_for_inference: timing 1x1 convolutions", disable=not progress):
         conv = convs[0]
@@ -576,6 +1009,5 @@ def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> 
         log.debug("optimize_for_inference: 1x1 convolution %s at %s: %.0f us, as a matrix product %.0f us",
                   tuple(conv.weight.shape), input_shape, 1e6 * times[0], 1e6 * times[1])
         if times[1] < MEASURABLY_FASTER * times[0]:
-            for same in convs:
-                model = _put(model, paths[id(same)], PointwiseConv2d.from_conv(same))
-    return model
+            chosen += [paths[id(same)][0] for same in convs]
+    return tuple(chosen)

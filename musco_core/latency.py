@@ -239,7 +239,8 @@ class TimedForm:
     """The form in which whole models are timed: ``optimized`` false, the model as the run leaves it, run in place;
     true, as :func:`~musco_core.optimize_for_inference` deploys it: an eval-mode copy with BatchNorm folded and
     factor chains merged where that saves MACs, timed in its memory format, in ``channels_last`` and (a model with
-    2-d convolutions) in ``channels_last`` with every 1x1 convolution a matrix product, the fastest counting.
+    2-d convolutions) in ``channels_last`` with every 1x1 convolution a matrix product (those of these forms that
+    run on the example input), the fastest counting.
     ``optimize_for_inference`` chooses the memory format per model and the matrix products per geometry; timing
     each chain's splits and each geometry for every plan would take too long.
 
@@ -273,7 +274,7 @@ class TimedForm:
         if not swaps and self._unswapped is not None:
             return self._unswapped
         with swapped(self.model, swaps):
-            forms = memory_format_candidates(optimize_for_inference(self.model, progress=False))
+            forms = memory_format_candidates(optimize_for_inference(self.model, progress=False), self.example_input)
         if not swaps:
             self._unswapped = forms
         return forms

@@ -92,13 +92,14 @@ def standardize_model(model: nn.Module) -> nn.Module:
     """Turns every factorized layer into a plain ``nn.Sequential`` of stock torch modules, in place.
 
     State-dict keys do not change, so the result saves, loads and traces with stock PyTorch. Returns the
-    model (a new ``nn.Sequential`` when the model itself is a factorized layer).
+    model (a new ``nn.Sequential`` when the model itself is a factorized layer). A factorized layer with hooks of
+    its own is left as it is: a new container would silently drop them.
     """
-    if isinstance(model, FactorizedLayer):
+    if isinstance(model, FactorizedLayer) and not _hook_problems(model):
         return nn.Sequential(*model.children())
     plain: dict[int, nn.Sequential] = {}  # a layer shared by two names stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, FactorizedLayer) and name:
+        if isinstance(module, FactorizedLayer) and name and not _hook_problems(module):
             if id(module) not in plain:
                 plain[id(module)] = nn.Sequential(*module.children()).train(module.training)
             replace_module(model, name, plain[id(module)])

@@ -16,13 +16,20 @@ import torch
 from torch import nn
 
 
+def call_arguments(example_input: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments of a call on ``example_input``: ``(x,)``; ``x`` as positional arguments
+    for a tuple or list; ``x`` as keyword arguments for a mapping (a tokenizer's output)."""
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
     """``model(x)``; ``model(*x)`` for a tuple or list; ``model(**x)`` for a mapping (a tokenizer's output)."""
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
+    args, kwargs = call_arguments(example_input)
+    return model(*args, **kwargs)
 
 
 @contextmanager

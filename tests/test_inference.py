@@ -203,6 +203,98 @@ def test_a_plain_sequential_chain_is_merged_too():
     assert isinstance(optimized[0], nn.Conv2d)
 
 
+class SequentialsAsLists(nn.Module):
+    """nn.Sequential containers of convolutions that the forward does not call whole: one indexed, with a
+    non-linearity between its layers, one iterated, keeping an intermediate output."""
+
+    def __init__(self):
+        super().__init__()
+        self.indexed = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+        self.iterated = nn.Sequential(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 8, 1))
+
+    def forward(self, x):
+        x = self.indexed[1](torch.relu(self.indexed[0](x)))
+        for index, layer in enumerate(self.iterated):
+            x = layer(x)
+            if index == 1:
+                skip = x
+        return x + skip
+
+
+def test_a_sequential_the_forward_indexes_or_iterates_is_not_merged():
+    model = SequentialsAsLists().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            assert relative(optimized(x), model(x)) < TOLERANCE
+            assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """Weight standardization: a subclass whose ``_conv_forward`` computes with another weight than its own."""
+
+    def _conv_forward(self, input, weight, bias):
+        weight = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(input, weight / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5), bias)
+
+
+class Pointwise(nn.Conv2d):
+    """A 1x1 convolution with an __init__ of its own, computing what nn.Conv2d does."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 1, bias=False)
+
+
+class DataDependent(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+def test_conv_subclasses_are_rewritten_only_when_they_compute_what_their_torch_class_does():
+    """A weight-standardizing conv is neither merged, nor folded into, nor made a matrix product; a subclass that
+    only has another __init__ is merged into a stock nn.Conv2d."""
+    standardized = nn.Sequential(StandardizedConv2d(4, 8, 1, bias=False), StandardizedConv2d(8, 4, 3, padding=1))
+    folded_into = DataDependent(StandardizedConv2d(4, 8, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(8), 1))
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Sequential(Pointwise(8), Pointwise(8)))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        for model in (standardized, folded_into, plain):
+            model.eval()
+            for example in (None, x):
+                assert relative(optimize_for_inference(model, example, progress=False)(x), model(x)) < TOLERANCE
+        assert isinstance(optimize_for_inference(standardized, progress=False), nn.Sequential)
+        assert isinstance(optimize_for_inference(folded_into, x, progress=False).body[1], nn.BatchNorm2d)
+        assert type(optimize_for_inference(plain, progress=False)[2]) is nn.Conv2d
+        pointwise = nn.Sequential(StandardizedConv2d(4, 8, 1)).eval().to(memory_format=torch.channels_last)
+        assert type(pointwise_products(pointwise)[0]) is StandardizedConv2d
+
+
+def test_hooks_on_a_chain_container_stay_where_they_are():
+    """A hook on a plain Sequential chain or on a factorized layer would be dropped with the container."""
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1)))
+    plain[2].register_forward_hook(lambda module, inputs, output: output * 2)
+    compressed = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                               factorize(nn.Conv2d(16, 16, 3, padding=1), "tucker2", (16, 16)))
+    seen = []
+    compressed[2].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for model in (plain.eval(), compressed.eval()):
+            expected = model(x)
+            for example in (None, x):
+                optimized = optimize_for_inference(model, example, progress=False)
+                seen.clear()
+                assert relative(optimized(x), expected) < TOLERANCE
+    assert len(seen) == 1
+
 # --- BatchNorm folding: where the data flow is certain ---------------------------------------------------------
 
 class Attributes(nn.Module):
@@ -254,15 +346,164 @@ def test_traced_model_folds_every_pair_whose_output_is_only_normalized():
     assert isinstance(without_input.fc_bn, nn.BatchNorm1d) and isinstance(with_input.fc_bn, nn.Identity)
 
 
-def test_untraceable_model_folds_inside_sequentials_only():
+def test_untraceable_model_folds_inside_sequentials_only_where_a_pass_confirms_it():
+    """Without a trace, a pair inside an nn.Sequential folds where a pass on the example input shows the container
+    calling it; without an example input nothing shows that the forward does not also read the conv elsewhere."""
     model = Untraceable()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model.eval()(x)
-        optimized = optimize_for_inference(model, progress=False)
-        assert relative(optimized(x), expected) < TOLERANCE
-    assert isinstance(optimized.block[1], nn.Identity)
+        confirmed = optimize_for_inference(model, x, progress=False)
+        unconfirmed = optimize_for_inference(model, progress=False)
+        for optimized in (confirmed, unconfirmed):
+            assert relative(optimized(x), expected) < TOLERANCE
+    assert isinstance(confirmed.block[1], nn.Identity) and isinstance(confirmed.bn, nn.BatchNorm2d)
+    assert isinstance(unconfirmed.block[1], nn.BatchNorm2d) and isinstance(unconfirmed.bn, nn.BatchNorm2d)
+
+
+class SideReads(nn.Module):
+    """Untraceable (data-dependent branch), with a Sequential(conv, bn) whose conv the forward also calls alone,
+    and a Sequential(conv, bn, relu) it runs layer by layer, returning every layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 1))
+        self.features = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 2),
+                                      nn.ReLU())
+
+    def forward(self, x):
+        if x.mean() > 10:
+            x = x / 2
+        y = self.block(x) + self.block[0](x)
+        outputs = []
+        for layer in self.features:
+            y = layer(y)
+            outputs.append(y)
+        return outputs
+
+
+def test_untraceable_model_keeps_pairs_whose_conv_output_is_read_elsewhere():
+    model = SideReads().eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            for got, want in zip(optimized(x), expected, strict=True):
+                assert relative(got, want) < TOLERANCE
+            assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
+
+
+class OptionalSkip(nn.Module):
+    """forward(x, skip=None): a trace gives ``skip`` a proxy, so ``skip is not None`` holds there; called without
+    it, the model also returns the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is not None:
+            return self.bn(y) + skip
+        return self.bn(y), y
+
+
+class TypeBranch(nn.Module):
+    """A trace's proxy is no torch.Tensor: the trace takes the branch where only the BatchNorm reads the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            return self.bn(self.conv(x))
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_trace_that_takes_another_branch_than_the_call_folds_nothing_it_shows_alone():
+    """An optional argument is traced both given and left out (without an example input) or as the example input
+    leaves it; the pass on the example input shows what a trace cannot (here the isinstance branch)."""
+    x = torch.randn(2, 3, 8, 8)
+    optional, branching = OptionalSkip().eval(), TypeBranch().eval()
+    with torch.no_grad():
+        expected = optional(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(optional, example, progress=False)
+            for got, want in zip(optimized(x), expected, strict=True):
+                assert relative(got, want) < TOLERANCE
+            assert isinstance(optimized.bn, nn.BatchNorm2d)
+        optimized = optimize_for_inference(branching, x, progress=False)
+        assert relative(optimized(x), branching(x)) < TOLERANCE
     assert isinstance(optimized.bn, nn.BatchNorm2d)
+
+
+class Siamese(nn.Module):
+    """Two convolutions sharing one weight, each with its BatchNorm; a Linear whose weight a second one shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.right.weight = self.left.weight
+        self.left_bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+        self.right_bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+        self.encode, self.decode = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.decode.weight = self.encode.weight
+        self.encode_bn = with_trained_statistics(nn.BatchNorm1d(8), 3)
+
+    def forward(self, x):
+        y = (self.left_bn(self.left(x)) + self.right_bn(self.right(x))).mean((2, 3))
+        return self.decode(torch.relu(self.encode_bn(self.encode(y))))
+
+
+def test_layers_sharing_a_parameter_with_another_module_are_left_alone():
+    """Folding writes the layer's weight: the other holder of that weight would change too."""
+    model = Siamese().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        for example in (None, x):
+            optimized = optimize_for_inference(model, example, progress=False)
+            assert relative(optimized(x), expected) < TOLERANCE
+            assert not any(isinstance(m, nn.Identity) for m in optimized.modules())
+            assert optimized.left.weight is optimized.right.weight
+
+
+class ParameterNorm(nn.Module):
+    """Reads its conv's parameters through ``.parameters()`` in the forward (a trace sees a constant), and a
+    non-tensor attribute of its BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 1)
+        self.head_conv = nn.Conv2d(8, 8, 1)
+        self.head_bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+
+    def forward(self, x):
+        scale = sum(p.abs().sum() for p in self.conv.parameters())
+        y = self.head_bn(self.head_conv(self.bn(self.conv(x)) * scale))
+        return y.flatten(2).mean(-1).reshape(-1, self.head_bn.num_features)
+
+
+def test_parameters_read_outside_their_layer_keep_it_unfolded_and_tracing_leaves_the_model_as_it_was():
+    model = ParameterNorm().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with_input = optimize_for_inference(model, x, progress=False)
+        assert relative(with_input(x), expected) < TOLERANCE
+        assert isinstance(with_input.bn, nn.BatchNorm2d) and isinstance(with_input.head_bn, nn.Identity)
+        # without an example input, the constant in the trace leaves the data flow unknown: nothing folds
+        without_input = optimize_for_inference(model, inplace=True, progress=False)
+        assert without_input is model and relative(model(x), expected) < TOLERANCE
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.head_bn, nn.BatchNorm2d)
+    assert not [name for name in vars(model) if name.startswith("_tensor_constant")]
+    copy.deepcopy(model)  # a non-leaf tensor left on the model by tracing made it impossible to copy
 
 
 def test_an_untraceable_model_is_reported_at_info_once_per_class(caplog):
@@ -344,6 +585,81 @@ def test_measured_optimization_keeps_outputs_and_exports(compressed_resnet, tmp_
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(onnx_out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class FlattensWithView(nn.Module):
+    """``x.view(batch, -1)`` after a convolution: no such view of a channels_last tensor exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 5)
+        self.fc = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Video(nn.Module):
+    """A Conv3d (5-d weight) before a Conv2d: Module.to(memory_format=torch.channels_last) refuses the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean(2))
+
+
+@pytest.mark.parametrize("model, x", [(FlattensWithView(), torch.randn(2, 1, 12, 12)),
+                                      (Video(), torch.randn(1, 3, 4, 8, 8))])
+def test_channels_last_forms_that_cannot_be_made_or_run_are_no_candidates(monkeypatch, model, x):
+    monkeypatch.setattr(musco_core.inference, "time_modules", lambda modules, *args, **options: [
+        1.0, *(0.1 for _ in modules[1:])])  # channels_last wins wherever it runs
+    model.eval()
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, x, progress=False)
+        assert relative(optimized(x), model(x)) < TOLERANCE
+    assert optimized.conv.weight.is_contiguous() if isinstance(model, FlattensWithView) else \
+        optimized.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_rewrite_that_changes_the_outputs_on_the_example_input_is_dropped_with_a_warning(monkeypatch, caplog):
+    """The check on the example input catches what the data flow missed (here: made to miss), dropping BatchNorm
+    folding first, then every rewrite."""
+    monkeypatch.setattr(musco_core.inference, "_pass_confirms_pair", lambda observed, layer, batchnorm: True)
+    monkeypatch.setattr(musco_core.inference, "_called_whole", lambda trace, container: True)
+    monkeypatch.setattr(musco_core.inference, "_pass_confirms_chain", lambda observed, container: True)
+    caplog.set_level(logging.WARNING, logger="musco_core.inference")
+    x = torch.randn(2, 3, 8, 8)
+    branching = TypeBranch().eval()
+    with torch.no_grad():
+        optimized = optimize_for_inference(branching, x, progress=False)
+        assert relative(optimized(x), branching(x)) < TOLERANCE
+    assert isinstance(optimized.bn, nn.BatchNorm2d)
+    assert [record.getMessage().split(":")[1].strip() for record in caplog.records] == ["BatchNorm folding not applied"]
+    assert "differs from the model in output tensor 0" in caplog.records[0].getMessage()
+
+    caplog.clear()
+    listed = SequentialsAsLists().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        optimized = optimize_for_inference(listed, x, progress=False)
+        assert relative(optimized(x), listed(x)) < TOLERANCE
+    assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
+    (record,) = caplog.records
+    assert "chain merging, channels_last and 1x1 convolutions as matrix products not applied" in record.getMessage()
+    assert "raises TypeError" in record.getMessage()  # a merged Sequential cannot be indexed
+
+
+def test_a_failure_leaves_the_model_as_it_was_also_in_place():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        optimize_for_inference(model, torch.randn(2, 5, 8, 8), inplace=True, progress=False)  # 5 channels: no fit
+    assert model.training and all(m.training for m in model.modules())
+    assert isinstance(model[1], nn.BatchNorm2d) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_optimized_model_compiles():
