@@ -150,9 +150,9 @@ def _parameter_problems(module: nn.Module) -> list[str]:
                 for hook in (hooks or {}).values()]
     reparametrized = parametrize.is_parametrized(module) or any(  # their own reason says where the weight comes from
         isinstance(hook, _REPARAMETRIZING_HOOKS) for hook in module._forward_pre_hooks.values())
-    unowned = [] if reparametrized else [
-        name for name in ("weight", "bias")
-        if module._parameters.get(name) is None and (name == "weight" or getattr(module, name, None) is not None)]
+    unowned = [] if reparametrized else [name for name in ("weight", "bias")
+                                         if module._parameters.get(name) is None
+                                         and getattr(module, name, None) is not None]
     problems += [f"its {name} is not a Parameter of its own (its owner may compute it and set it before each call, "
                  f"as weight drop and weight standardization do), so a layer built from its value of the moment "
                  f"would lose that link" for name in unowned]
