@@ -25,6 +25,7 @@ from . import distributed
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 from .surgery import evaluating, replace_module
+from .timing import tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -304,15 +305,8 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
 # --- output statistics: how much a layer's output directions move the model's output ----------------------------
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors in a model's output (a tensor, or tuples, lists and mappings of them) that
-    depend on parameters."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() and output.requires_grad else []
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [tensor for item in output for tensor in _output_tensors(item)]
-    return []
+    """The floating-point tensors in a model's output that depend on parameters."""
+    return [tensor for tensor in tensors_in(output) if tensor.is_floating_point() and tensor.requires_grad]
 
 
 def _output_rows(spec: LayerSpec, gradient: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 from .factors import dense_weight
 from .surgery import (FactorizedLayer, evaluating, module_paths, replace_module, standardize_model,
                       why_not_replaceable)
-from .timing import call_arguments, call_model, fixed_threads, time_modules, time_modules_at
+from .timing import call_arguments, call_model, fixed_threads, tensors_in, time_modules, time_modules_at
+from .verify import output_difference
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
         if candidate == _Plan():
             break
         try:
-            problem = _difference(_outputs(_apply(copy.deepcopy(model).to(dtype), candidate), x), expected)
+            problem = output_difference(expected, _outputs(_apply(copy.deepcopy(model).to(dtype), candidate), x),
+                                            CHECK_TOLERANCE)
         except Exception as exc:  # noqa: BLE001 - a rewrite that breaks the model is one not to make
             problem = f"raises {type(exc).__name__}: {exc}"
         if problem is None:
@@ -214,18 +216,6 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
                     "BatchNorm folding" if candidate.folds else
                     "chain merging, channels_last and 1x1 convolutions as matrix products", problem)
     return _Plan()
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """The tensors in ``value``, through mappings, lists and tuples, in order."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -243,26 +233,7 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
     with torch.no_grad():
-        return list(_tensors(call_model(model, example_input)))
-
-
-def _difference(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> str | None:
-    """How ``got`` differs from ``expected`` beyond float rounding, or None."""
-    if len(got) != len(expected):
-        return f"gives {len(got)} output tensors instead of {len(expected)}"
-    for index, (a, b) in enumerate(zip(got, expected)):
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return (f"gives output tensor {index} as {a.dtype} {tuple(a.shape)} instead of {b.dtype} "
-                    f"{tuple(b.shape)}")
-        if not (a.is_floating_point() or a.is_complex()):
-            if not torch.equal(a, b):
-                return f"gives other values in output tensor {index}"
-            continue
-        error, scale = float((a - b).abs().double().norm()), float(b.abs().double().norm())
-        if not error <= CHECK_TOLERANCE * scale:
-            return (f"differs from the model in output tensor {index} by {error / scale if scale else math.inf:.2g} "
-                    f"(relative)")
-    return None
+        return tensors_in(call_model(model, example_input))
 
 
 # --- BatchNorm folding: arithmetic --------------------------------------------------------------------------
@@ -391,7 +362,7 @@ class _Pass(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._stack and not self._in_hook:
             reader = id(self._stack[-1].module)
-            for tensor in _tensors((args, kwargs)):
+            for tensor in tensors_in((args, kwargs)):
                 for producer in self._producers(tensor):
                     producer.readers.add(reader)
                 if id(tensor) in self.tensor_readers:

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
+from .timing import tensors_in
 
 
 @attrs.frozen
@@ -210,7 +211,7 @@ class _LayerWatch(TorchDispatchMode):
         When there is none, a model that ends in an elementwise function (``log_softmax(fc(x))``) is caught by
         shape: the last layer to run is taken when its output is ``(batch, n)`` and a returned tensor has that shape.
         """
-        returned = _tensors(result)
+        returned = tensors_in(result)
         roots = {id(_root(t)) for t in returned}
         found = {name for name, refs in self.outputs.items()
                  if any((t := ref()) is not None and id(t) in roots for ref in refs)}
@@ -252,15 +253,6 @@ def _describe_input(example_input: Any) -> str:
     return short_repr(example_input)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a model's output: a tensor, or tensors nested in tuples, lists and mappings (ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [tensor for item in value for tensor in _tensors(item)]
-    return []
 
 
 def _root(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,18 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's input or output: a tensor, or tensors nested in tuples, lists and mappings (a
+    Hugging Face ``ModelOutput``), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return []
+
+
 @contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
     """Runs the block with torch's intra-op thread count set to ``threads`` (None: as it is), then restores it."""

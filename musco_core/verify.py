@@ -31,13 +31,12 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapter, LayerSpec, WeightSource
 from .errors import CompressionError
 from .factors import layer_layout
 from .surgery import FactorizedLayer, evaluating, swapped
-from .timing import call_model
+from .timing import call_model, tensors_in
 
 #: (in, out) channels of the miniature layer: small, and unequal so that a transposed factor shows.
 MINIATURE_CHANNELS = (4, 6)
@@ -254,11 +253,11 @@ def _swap_problem(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Modu
     if stale_calls:
         return ("the model still calls the original layer after the swap, through a reference the swap cannot "
                 "reach (a plain list, dict or attribute outside the module tree)")
-    difference = _output_difference(expected, got)
+    difference = output_difference(expected, got, SWAP_TOLERANCE)
     if difference is not None:
-        return (f"the model's output changes with the replacement swapped in although the replacement computes the "
-                f"same from the same input ({difference}): the model depends on the layer's type or attributes, "
-                f"not only on its output")
+        return (f"with the replacement swapped in, the model {difference}, although the replacement computes "
+                f"the same from the same input: the model depends on the layer's type or attributes, not only on "
+                f"its output")
     return None
 
 
@@ -271,28 +270,28 @@ def _seeded(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _output_difference(expected: Any, got: Any) -> str | None:
-    """How two outputs of the model differ beyond float reordering (structure, shapes, values), or None."""
-    expected_leaves, got_leaves = tree_leaves(expected), tree_leaves(got)
-    expected_tensors = [leaf for leaf in expected_leaves if isinstance(leaf, torch.Tensor)]
-    got_tensors = [leaf for leaf in got_leaves if isinstance(leaf, torch.Tensor)]
+def output_difference(expected: Any, got: Any, tolerance: float) -> str | None:
+    """How a model's output ``got`` differs from ``expected`` beyond float rounding (the tensors in them, in
+    order: their number, shapes, dtypes, NaN and infinities, and values within ``tolerance`` relative), or None."""
+    expected_tensors, got_tensors = tensors_in(expected), tensors_in(got)
     if len(expected_tensors) != len(got_tensors):
-        return f"{len(got_tensors)} output tensors instead of {len(expected_tensors)}"
+        return f"gives {len(got_tensors)} output tensors instead of {len(expected_tensors)}"
     for index, (a, b) in enumerate(zip(expected_tensors, got_tensors)):
         where = f"output tensor {index}" if len(expected_tensors) > 1 else "the output"
         if a.shape != b.shape or a.dtype != b.dtype:
-            return f"{where} is {b.dtype} {tuple(b.shape)} instead of {a.dtype} {tuple(a.shape)}"
+            return f"gives {where} as {b.dtype} {tuple(b.shape)} instead of {a.dtype} {tuple(a.shape)}"
         if not (a.is_floating_point() or a.is_complex()):
             if not torch.equal(a, b):
-                return f"{where} has other values"
+                return f"gives other values in {where}"
             continue
-        a, b = a.detach().double(), b.detach().double()
+        a, b = a.detach().to(torch.complex128 if a.is_complex() else torch.float64), b.detach().to(
+            torch.complex128 if b.is_complex() else torch.float64)
         infinite = torch.isinf(a) | torch.isinf(b)
         if not torch.equal(torch.isnan(a), torch.isnan(b)) or not torch.equal(a[infinite], b[infinite]):
-            return f"{where} has NaN or infinities elsewhere"
+            return f"gives NaN or infinities elsewhere in {where}"
         finite = torch.isfinite(a) & torch.isfinite(b)
         scale = torch.linalg.vector_norm(a[finite]).clamp_min(torch.finfo(torch.float64).tiny)
         relative = float(torch.linalg.vector_norm(a[finite] - b[finite]) / scale)
-        if relative > SWAP_TOLERANCE:
-            return f"{where} by {relative:.3g} relative"
+        if relative > tolerance:
+            return f"changes {where} by {relative:.3g} (relative)"
     return None
