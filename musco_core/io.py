@@ -32,9 +32,9 @@ import contextlib
 import copy
 import errno
 import json
+import logging
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -64,6 +64,8 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
 from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "musco.yaml"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
@@ -76,6 +78,12 @@ MANIFEST_FORMAT = 1
 #: Metadata key of the weights file that ties it to its manifest.
 SET_ID_KEY = "musco_set_id"
 STEP_NAME = re.compile(r"step-[0-9]{4,9}(-[0-9a-f]{8})?")
+#: The files of an output set; musco-core wrote such a file when it carries a set id.
+SET_FILES = (WEIGHTS, MANIFEST, REPORT)
+#: Everything musco-core writes inside a step or staging folder; anything else there is the user's.
+OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
+#: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it.
+OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9]+")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -138,16 +146,30 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _written_here(child: Path) -> bool:
+    """Whether ``child`` of a step or staging folder is a file musco-core writes there (or the temporary file of
+    one, left by a killed write)."""
+    temporary = OWN_TEMPORARY.fullmatch(child.name)
+    return (child.name in OWN_FILES or temporary is not None and temporary[1] in OWN_FILES) and (
+        child.is_symlink() or not child.is_dir())
+
+
 def _remove_ours(folder: Path) -> None:
-    """Removes a folder musco-core wrote, its marker last, so that a removal cut short leaves it still marked (and
-    removed by the next save) rather than an unmarked folder nobody may delete."""
+    """Removes a step or staging folder musco-core wrote: the files it writes there, its marker last, so that a
+    removal cut short leaves it still marked (and removed by the next save) rather than an unmarked folder nobody
+    may delete. Anything else in it is the user's: it is kept, and so is the folder, no longer marked."""
+    kept = []
     for child in folder.iterdir():
-        if child.name != MARKER:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        if child.name == MARKER:
+            continue
+        if _written_here(child):
+            child.unlink(missing_ok=True)
+        else:
+            kept.append(child.name)
     (folder / MARKER).unlink(missing_ok=True)
+    if kept:
+        log.info("%s: kept, it holds files musco-core did not write: %s", folder, ", ".join(sorted(kept)))
+        return
     with contextlib.suppress(OSError):
         folder.rmdir()
 

@@ -199,6 +199,19 @@ def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_p
                                                                      "step-0500"]
 
 
+def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplog):
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    (first / "eval.txt").write_text("top-1 71.2%, three GPU-hours of evaluation")
+    compressor.compression_step()
+    with caplog.at_level("INFO", logger="musco_core"):
+        compressor.save_state(tmp_path / "ckpt")
+    assert sorted(p.name for p in first.iterdir()) == ["eval.txt"]  # musco-core's own files and marker are gone
+    assert (first / "eval.txt").read_text() == "top-1 71.2%, three GPU-hours of evaluation"
+    assert f"{first}: kept, it holds files musco-core did not write: eval.txt" in caplog.text
+
+
 def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
     folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
     before = sorted(p.name for p in folder.iterdir())
