@@ -387,6 +387,9 @@ def _finish_commit(directory: Path) -> None:
         for name in files:
             if (staging / name).exists():
                 os.replace(staging / name, directory / name)
+        for name in SET_FILES:  # the previous set's file the new set has none of (a report), never the user's
+            if name not in files and _set_id_of(directory / name) is not None:
+                (directory / name).unlink()
         _fsync_dir(directory)
         _remove_ours(staging)
     journal.unlink(missing_ok=True)
@@ -456,6 +459,21 @@ def save_output_set(directory: str | os.PathLike, layers: Mapping[str, LayerReco
 
 
 # -- loading output sets -----------------------------------------------------------------------------------------
+def _set_id_of(path: Path) -> str | None:
+    """The set id an output set's file carries, which tells that musco-core wrote it; None for any other file."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        if path.name == WEIGHTS:
+            set_id = _header(path)[1].get(SET_ID_KEY)
+        else:
+            data = read_yaml(path) if path.name == MANIFEST else json.loads(read_text_bounded(path, MAX_JSON_BYTES))
+            set_id = data.get("set_id") if isinstance(data, dict) else None
+    except (ConfigError, ValueError, RecursionError):
+        return None
+    return set_id if isinstance(set_id, str) else None
+
+
 def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor shapes and metadata of a safetensors file, from its header alone (nothing is loaded)."""
     try:
@@ -536,16 +554,23 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
 
 
 def read_report(directory: str | os.PathLike) -> CompressionReport:
-    """The :class:`~musco_core.report.CompressionReport` saved in ``directory``."""
+    """The :class:`~musco_core.report.CompressionReport` saved in ``directory``, checked to be the one of the set's
+    manifest (by their set id), so that it never describes other weights."""
     directory = Path(directory)
     if (directory / JOURNAL).exists():
         _finish_commit(directory)
     path = directory / REPORT
     text = read_text_bounded(path, MAX_JSON_BYTES)
     try:
-        return CompressionReport.from_dict(json.loads(text))
+        data = json.loads(text)
+        report = CompressionReport.from_dict(data)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a musco-core report: {short_repr(str(exc))}") from None
+    set_id = _read_manifest(directory)[1]
+    if set_id is not None and data.get("set_id") != set_id:
+        raise ConfigError(f"{path}: is not the report of {directory / MANIFEST} (they come from different saves); "
+                          f"save the model again")
+    return report
 
 
 # -- run states ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from musco_core import ConfigError, MuscoError
-from musco_core.io import LATEST_FILE, STATE_FILE, load_compressed, save_compressed
+from musco_core.io import LATEST_FILE, STATE_FILE, load_compressed, read_report, save_compressed
 
 HERE = Path(__file__).parent
 
@@ -370,6 +370,24 @@ def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_p
     shutil.copy(first / "model.safetensors", second / "model.safetensors")
     with pytest.raises(ConfigError, match="different saves"):
         load_compressed(worker.model(), second)
+
+
+def test_replacing_a_set_removes_the_old_sets_files_the_new_one_lacks(finished_run, tmp_path):
+    out = save_compressed(finished_run, tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    save_compressed(finished_run.compressed_model, out, overwrite=True)  # a bare model's set has no report
+    assert sorted(p.name for p in out.iterdir()) == [".musco-core", "model.safetensors", "musco.yaml", "notes.txt"]
+    with pytest.raises(ConfigError, match="report.json: cannot read"):
+        read_report(out)
+
+
+def test_a_report_of_another_save_is_refused(finished_run, tmp_path):
+    first = save_compressed(finished_run, tmp_path / "first")
+    second = save_compressed(finished_run, tmp_path / "second")
+    shutil.copy(first / "report.json", second / "report.json")
+    with pytest.raises(ConfigError, match=r"second/report.json: is not the report of .*second/musco.yaml \(they come "
+                                          r"from different saves\)"):
+        read_report(second)
 
 
 def test_the_step_function_leaves_model_and_state_untouched_on_failure():
