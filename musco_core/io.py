@@ -13,9 +13,10 @@ A run's states go to a checkpoint folder: ``step-NNNN/`` holds an output set and
 
 Safety rules:
 
-* Every folder musco-core creates carries a marker file (``.musco-core``) naming the run that wrote it. Nothing
-  without that marker is ever deleted, and a folder that holds another run's files (or files musco-core did not
-  write) is refused unless ``overwrite=True``.
+* Every folder musco-core creates carries a marker file (``.musco-core``) naming the run that wrote it, and every
+  file of an output set carries the set's id. Only what musco-core wrote is ever deleted or replaced; a folder that
+  holds another run's files (or files musco-core did not write) is refused unless ``overwrite=True``, and even then
+  a file of the user's where musco-core writes its own is refused (:func:`check_claims`).
 * An output set is replaced as a whole: the new set is written and synced in a staging folder, a journal records
   the commit, then the files are renamed into place. A reader checks that the weights and the manifest carry the
   same set id, so it never uses a mix; a save that fails (disk full) or is killed leaves the old set in place, and
@@ -36,7 +37,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,28 +109,98 @@ def _write_marker(folder: Path, kind: str, run_id: str | None) -> None:
 
 
 def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, overwrite: bool = False) -> Path:
-    """Makes ``folder`` this run's ``kind`` folder (``output`` or ``checkpoints``), creating it if needed.
-
-    A folder that holds another run's files, or files musco-core did not write, is a ConfigError unless
-    ``overwrite``; even then nothing in it that musco-core did not write is removed.
-    """
+    """Makes ``folder`` this run's ``kind`` folder (``output`` or ``checkpoints``), creating it if needed, once
+    :func:`check_claims` allows it (see there)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder}: is a file; expected a folder for the {kind}")
-    marker = _read_marker(folder) if folder.exists() else None
+    check_claims([(folder, kind)], run_id, overwrite=overwrite)
+    marker = _read_marker(folder) if folder.is_dir() else None
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id:
         return folder
-    if not overwrite:
-        if marker is not None:
-            raise ConfigError(f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, "
-                              f"choose another folder, or pass overwrite=True (--overwrite) to replace it")
-        if folder.exists() and any(child.name != LOCK_FILE for child in folder.iterdir()):
-            raise ConfigError(f"{folder}: is not empty and was not written by musco-core; choose another folder, "
-                              f"or pass overwrite=True (--overwrite) to write into it (nothing of yours is deleted)")
+    if marker is not None:
+        log.info("%s: now the %s folder of run %s (it was the %s folder of run %s)", folder, kind, run_id,
+                 marker["kind"], marker.get("run_id"))
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(folder, kind, run_id)
     _fsync_dir(folder.parent)
     return folder
+
+
+def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | None, *,
+                 overwrite: bool = False) -> None:
+    """One ConfigError for every ``(folder, kind)`` the run ``run_id`` may not write into; nothing is written.
+
+    A folder is free when it is missing or empty, this run's, or claimed by a run that saved nothing there
+    (:func:`unused_run_folder`). A folder of another run, or one with files musco-core did not write, is refused
+    unless ``overwrite``. Even then musco-core never replaces a file it did not write: a file of the user's, or a
+    symlink, where musco-core writes its own files is refused, all of them listed in one line.
+    """
+    problems, in_the_way = [], []
+    for folder, kind in claims:
+        folder = Path(folder)
+        problem = _claim_problem(folder, kind, run_id, overwrite)
+        if problem:
+            problems.append(problem)
+        elif folder.is_dir():
+            in_the_way += _in_the_way(folder, kind)
+    if in_the_way:
+        problems.append(f"{', '.join(in_the_way)}: in the way of the files musco-core writes, and not written by it; "
+                        f"it never replaces what it did not write (not even with --overwrite): move them, or choose "
+                        f"another folder")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool) -> str | None:
+    """Why the run ``run_id`` may not make ``folder`` its ``kind`` folder, or None."""
+    if folder.is_symlink() and not folder.exists():
+        return f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; expected a folder for the {kind}"
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return f"{folder}: is a file; expected a folder for the {kind}"
+    marker = _read_marker(folder)
+    if overwrite or marker is not None and (marker["kind"] == kind and marker.get("run_id") == run_id
+                                            or unused_run_folder(folder)):
+        return None
+    if marker is not None:
+        return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
+                f"folder, or pass overwrite=True (--overwrite) to replace what that run wrote")
+    if any(child.name != LOCK_FILE for child in folder.iterdir()):
+        return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
+                f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
+    return None
+
+
+def _in_the_way(folder: Path, kind: str) -> list[str]:
+    """The entries of ``folder`` where musco-core writes its own files in a ``kind`` folder that it did not write:
+    the user's files, and symlinks (which it never writes through)."""
+    marked = _read_marker(folder) is not None
+    found = []
+    for name in (*SET_FILES, MARKER) if kind == "output" else (LATEST_FILE, MARKER):
+        path = folder / name
+        if path.is_symlink():
+            found.append(f"{path} (a symlink)")
+        elif path.exists() and not (_set_id_of(path) is not None if name in SET_FILES else marked):
+            found.append(str(path))
+    return found
+
+
+def unused_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was claimed by a musco-core run that saved nothing in it: it holds only musco-core's
+    bookkeeping (its marker, the lock, staging folders of dead processes, and marked folders that hold nothing
+    themselves), so a new run may take it over and resuming it starts the run over."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir() or _read_marker(folder) is None:
+        return False
+    for child in folder.iterdir():
+        if child.name in (MARKER, LOCK_FILE):
+            continue
+        marker = _read_marker(child) if child.is_dir() and not child.is_symlink() else None
+        if marker is None:
+            return False
+        if not (marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))) and not unused_run_folder(child):
+            return False
+    return True
 
 
 def _pid_alive(pid: Any) -> bool:

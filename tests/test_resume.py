@@ -20,7 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from musco_core import ConfigError, MuscoError
-from musco_core.io import LATEST_FILE, STATE_FILE, load_compressed, read_report, save_compressed
+from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
+                           unused_run_folder)
 
 HERE = Path(__file__).parent
 
@@ -235,6 +236,50 @@ def test_a_folder_with_foreign_files_is_refused_and_kept(tmp_path):
         save_compressed(compressor, folder)
     compressor.save_state(folder, overwrite=True)
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_claimed_by_a_run_that_saved_nothing_is_taken_over(finished_run, tmp_path):
+    """A run killed before its first state leaves only markers (and maybe a dead staging folder): nothing to keep."""
+    folders = ((tmp_path / "out", "output"), (tmp_path / "out" / "checkpoints", "checkpoints"))
+    for folder, kind in folders:
+        claim_folder(folder, kind, "killed-before-its-first-state")
+    staging = tmp_path / "out" / "checkpoints" / ".step-0001.staging-1-0"
+    staging.mkdir()
+    (staging / ".musco-core").write_text("created_by: musco-core\nkind: staging\nrun_id: x\npid: 999999999\n")
+    assert unused_run_folder(tmp_path / "out")
+    for folder, kind in folders:
+        claim_folder(folder, kind, finished_run.state.run_id)
+    finished_run.save_state(tmp_path / "out" / "checkpoints")
+    save_compressed(finished_run, tmp_path / "out")
+    assert worker.resume(tmp_path / "out" / "checkpoints").state.run_id == finished_run.state.run_id
+    assert not unused_run_folder(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind, names", [("output", ["model.safetensors", "musco.yaml", "report.json"]),
+                                         ("checkpoints", ["LATEST"])])
+def test_overwrite_never_replaces_a_file_musco_core_did_not_write(finished_run, tmp_path, kind, names):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text(f"my own {name}")
+    before = output_snapshot(folder)
+    save = save_compressed if kind == "output" else type(finished_run).save_state
+    with pytest.raises(ConfigError) as caught:
+        save(finished_run, folder, overwrite=True)
+    assert str(caught.value) == (f"{', '.join(str(folder / name) for name in names)}: in the way of the files "
+                                 f"musco-core writes, and not written by it; it never replaces what it did not write "
+                                 f"(not even with --overwrite): move them, or choose another folder")
+    assert output_snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == names
+
+
+def test_overwrite_never_writes_through_a_symlink(finished_run, tmp_path):
+    (tmp_path / "elsewhere.safetensors").write_text("the user's")
+    out = save_compressed(finished_run, tmp_path / "out")
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ConfigError, match=r"out/model.safetensors \(a symlink\): in the way"):
+        save_compressed(finished_run, out, overwrite=True)
+    assert (tmp_path / "elsewhere.safetensors").read_text() == "the user's"
 
 
 def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path):
