@@ -340,7 +340,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     """
     from . import distributed
     from .compressor import Compressor
-    from .io import claim_folder, output_lock, save_compressed
+    from .io import check_claims, claim_folder, output_lock, read_marker, save_compressed, unused_run_folder
     from .registry import default_registry
     from .run import checked_schedule
 
@@ -365,30 +365,44 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         registry = default_registry()
         document = _with_target(read_yaml(config_path), target, config_path)
         checkpoints = out_dir / "checkpoints"
+        if checkpoints.is_symlink():
+            raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder of "
+                               f"its own and never writes through a link: remove it, or choose another --out")
+        if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):
+            log.info("%s: the run that began here was stopped before it saved a step; starting it from step 0", out_dir)
+            resume = False
+        if resume:
+            compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                           calibration_data=calibration, registry=registry)
+            codec = ScheduleCodec(registry)
+            if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
+                    compressor.initial_schedule):
+                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
+                                   f"(with --target, if one was given); resume with that schedule, or start a new "
+                                   f"run with --overwrite")
+        else:
+            compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                                                                               registry),
+                                    example_input=example, progress=not quiet, calibration_data=calibration,
+                                    registry=registry)
+        run_id = compressor.state.run_id
+        # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
+        # re-created, as --overwrite would (the checkpoints are the run's own already).
+        adopt = resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: read_marker(out_dir) is None)
+        claims = [(out_dir, "output"), (checkpoints, "checkpoints")]
+        distributed.on_first_rank(group, f"--out {out_dir}",  # before the lock creates OUT or writes into it
+                                  lambda: check_claims(claims, run_id, overwrite=overwrite or adopt))
         with contextlib.ExitStack() as held:
-            def lock() -> None:
-                held.enter_context(output_lock(out_dir))
-
-            distributed.on_first_rank(group, f"--out {out_dir}", lock)
-            if resume:
-                compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                               calibration_data=calibration, registry=registry)
-                codec = ScheduleCodec(registry)
-                if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
-                        compressor.initial_schedule):
-                    raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
-                                       f"(with --target, if one was given); resume with that schedule, or start a new "
-                                       f"run with --overwrite")
-            else:
-                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
-                                                                                   registry),
-                                        example_input=example, progress=not quiet, calibration_data=calibration,
-                                        registry=registry)
-            run_id = compressor.state.run_id
-
             def claim() -> None:
-                claim_folder(out_dir, "output", run_id, overwrite=overwrite)
-                claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
+                held.enter_context(output_lock(out_dir))
+                if adopt:
+                    log.info("%s: re-creating its marker: its checkpoints hold the state of run %s", out_dir, run_id)
+                for folder, kind in claims:
+                    claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
+
+            def save() -> None:
+                with _writing("--out", out_dir):
+                    save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
             try:
@@ -398,14 +412,9 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                         _call_finetune(finetune, finetune_spec, compressor, checkpoints)
                     with _writing("--out", out_dir):
                         compressor.save_state(checkpoints, overwrite=overwrite)
+                distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:
                 raise Interrupted(_resume_hint(checkpoints)) from None
-
-            def save() -> None:
-                with _writing("--out", out_dir):
-                    save_compressed(compressor, out_dir)
-
-            distributed.on_first_rank(group, f"--out {out_dir}", save)
         if group is None or group.first:
             click.echo(compressor.report().to_table())
             click.echo(f"\nsaved to {out_dir}")

@@ -89,7 +89,7 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 # -- markers: which folders musco-core wrote, and for which run --------------------------------------------------
-def _read_marker(folder: Path) -> dict[str, Any] | None:
+def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a folder musco-core wrote, or None (no marker, or one it cannot read: then not ours)."""
     path = folder / MARKER
     try:
@@ -113,7 +113,7 @@ def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, ov
     :func:`check_claims` allows it (see there)."""
     folder = Path(folder)
     check_claims([(folder, kind)], run_id, overwrite=overwrite)
-    marker = _read_marker(folder) if folder.is_dir() else None
+    marker = read_marker(folder) if folder.is_dir() else None
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id:
         return folder
     if marker is not None:
@@ -134,12 +134,15 @@ def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | 
     unless ``overwrite``. Even then musco-core never replaces a file it did not write: a file of the user's, or a
     symlink, where musco-core writes its own files is refused, all of them listed in one line.
     """
-    problems, in_the_way = [], []
+    problems, refused, in_the_way = [], [], []
     for folder, kind in claims:
         folder = Path(folder)
+        if any(folder.is_relative_to(outer) for outer in refused):
+            continue  # inside a folder refused already: one line says it
         problem = _claim_problem(folder, kind, run_id, overwrite)
         if problem:
             problems.append(problem)
+            refused.append(folder)
         elif folder.is_dir():
             in_the_way += _in_the_way(folder, kind)
     if in_the_way:
@@ -158,7 +161,7 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
         return None
     if not folder.is_dir():
         return f"{folder}: is a file; expected a folder for the {kind}"
-    marker = _read_marker(folder)
+    marker = read_marker(folder)
     if overwrite or marker is not None and (marker["kind"] == kind and marker.get("run_id") == run_id
                                             or unused_run_folder(folder)):
         return None
@@ -174,7 +177,7 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
 def _in_the_way(folder: Path, kind: str) -> list[str]:
     """The entries of ``folder`` where musco-core writes its own files in a ``kind`` folder that it did not write:
     the user's files, and symlinks (which it never writes through)."""
-    marked = _read_marker(folder) is not None
+    marked = read_marker(folder) is not None
     found = []
     for name in (*SET_FILES, MARKER) if kind == "output" else (LATEST_FILE, MARKER):
         path = folder / name
@@ -187,15 +190,15 @@ def _in_the_way(folder: Path, kind: str) -> list[str]:
 
 def unused_run_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` was claimed by a musco-core run that saved nothing in it: it holds only musco-core's
-    bookkeeping (its marker, the lock, staging folders of dead processes, and marked folders that hold nothing
-    themselves), so a new run may take it over and resuming it starts the run over."""
+    bookkeeping (its marker, the lock, staging folders of dead processes, empty folders and marked folders that hold
+    nothing themselves), so a new run may take it over and resuming it starts the run over."""
     folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir() or _read_marker(folder) is None:
+    if folder.is_symlink() or not folder.is_dir() or read_marker(folder) is None:
         return False
     for child in folder.iterdir():
-        if child.name in (MARKER, LOCK_FILE):
+        if child.name in (MARKER, LOCK_FILE) or child.is_dir() and not child.is_symlink() and not any(child.iterdir()):
             continue
-        marker = _read_marker(child) if child.is_dir() and not child.is_symlink() else None
+        marker = read_marker(child) if child.is_dir() and not child.is_symlink() else None
         if marker is None:
             return False
         if not (marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))) and not unused_run_folder(child):
@@ -250,7 +253,7 @@ def _remove_dead_staging(folder: Path) -> None:
     for child in folder.iterdir():
         if not child.name.startswith(".") or not child.is_dir() or child.is_symlink():
             continue
-        marker = _read_marker(child)
+        marker = read_marker(child)
         if marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid")):
             _remove_ours(child)
 
@@ -453,7 +456,7 @@ def _finish_commit(directory: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{journal}: an interrupted save left a journal that cannot be read ({exc}); remove it "
                           f"and save again") from None
-    marker = _read_marker(staging) if staging.parent == directory and staging.is_dir() else None
+    marker = read_marker(staging) if staging.parent == directory and staging.is_dir() else None
     if marker is not None and marker["kind"] == "staging":
         for name in files:
             if (staging / name).exists():
@@ -676,7 +679,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     write_text_atomic(directory / LATEST_FILE, name + "\n")
     _fsync_dir(directory)
     for old in directory.iterdir():
-        marker = _read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
+        marker = read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
             _remove_ours(old)
     return target
@@ -684,7 +687,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
 
 def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
     """Whether ``folder`` carries musco-core's marker of ``kind`` for the run ``run_id``."""
-    marker = _read_marker(folder)
+    marker = read_marker(folder)
     return marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id
 
 
@@ -692,7 +695,7 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
     step folder directly inside it that this run wrote."""
     directory = Path(directory)
-    marker = _read_marker(directory) if directory.is_dir() else None
+    marker = read_marker(directory) if directory.is_dir() else None
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
         raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
     latest = directory / LATEST_FILE

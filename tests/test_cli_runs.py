@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,11 @@ HELPERS = textwrap.dedent("""
 
     def fails_at_3(model, step):
         if step == 3:
+            raise RuntimeError("CUDA out of memory")
+        tune(model, step)
+
+    def fails_at_1(model, step):
+        if step == 1:
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
@@ -110,6 +116,91 @@ def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
     assert refused.exit_code == 2 and "not empty and was not written by musco-core" in refused.output
     assert compress("out", "--overwrite").exit_code == 0
     assert (mine / "weights.pt").read_text() == "a week of training"
+
+
+def same_weights(first: Path, second: Path) -> bool:
+    expected, got = weights(first), weights(second)
+    return expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("again", [(), ("--resume",)])
+def test_a_run_stopped_before_its_first_state_can_be_run_again_or_resumed(project, caplog, again):
+    assert compress("whole").exit_code == 0
+    failed = compress("out", finetune="run_helpers:fails_at_1")
+    assert failed.exit_code == 2 and "no step was saved yet; run the command again to start over" in failed.output
+    with caplog.at_level("INFO", logger="musco_core"):
+        result = compress("out", *again)
+    assert result.exit_code == 0, result.output
+    assert same_weights(project / "whole", project / "out")
+    started_over = "out: the run that began here was stopped before it saved a step; starting it from step 0"
+    assert (started_over in caplog.text) == bool(again)
+
+
+def test_overwrite_refuses_the_users_files_where_musco_core_writes_and_writes_nothing(project):
+    mine = project / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    for name in ("model.safetensors", "musco.yaml", "report.json", "checkpoints/LATEST"):
+        (mine / name).write_text(f"my own {name}")
+    before = snapshot(mine)
+    result = compress("mine", "--overwrite")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert ("mine/model.safetensors, mine/musco.yaml, mine/report.json, mine/checkpoints/LATEST: in the way of the "
+            "files musco-core writes, and not written by it; it never replaces what it did not write") in result.output
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "model.safetensors", "musco.yaml", "report.json"]
+
+
+@pytest.mark.parametrize("target", ["precious", "missing"])
+def test_a_checkpoints_symlink_is_refused_even_with_overwrite(project, target):
+    (project / "precious").mkdir()
+    (project / "precious" / "LATEST").write_text("keep")
+    (project / "out").mkdir()
+    (project / "out" / "checkpoints").symlink_to(project / target)
+    result = compress("out", "--overwrite")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "out/checkpoints is a symlink; musco-core keeps its states in a folder of its own" in result.output
+    assert [p.name for p in (project / "out").iterdir()] == ["checkpoints"]
+    assert [p.name for p in (project / "precious").iterdir()] == ["LATEST"]
+
+
+def test_a_refused_run_creates_and_writes_nothing(project):
+    (project / "mine").mkdir()
+    (project / "mine" / "notes.txt").write_text("mine")
+    refused = compress("mine")
+    assert refused.exit_code == 2 and "not empty and was not written by musco-core" in refused.output
+    assert [p.name for p in (project / "mine").iterdir()] == ["notes.txt"]
+    mistyped = compress("typo/deep/out", "--resume")
+    assert mistyped.exit_code == 2 and "nothing to resume" in mistyped.output
+    assert not (project / "typo").exists()
+
+
+def test_a_run_copied_without_its_marker_resumes(project):
+    assert compress("whole").exit_code == 0
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    shutil.copytree(project / "out" / "checkpoints", project / "moved" / "checkpoints")  # cp -r out/* moved/
+    resumed = compress("moved", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "moved")
+    assert compress("moved", "--resume").exit_code == 0  # marked as the run's folder again
+
+
+def test_ctrl_c_while_saving_the_output_says_where_to_resume(project, monkeypatch):
+    import musco_core.io
+
+    assert compress("whole").exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(musco_core.io, "save_compressed", interrupted)
+        result = compress("out")
+    assert result.exit_code == 130, result.output
+    assert result.output == ("musco: error: interrupted; nothing partial was saved: the last complete state is "
+                             "out/checkpoints/step-0004; run the same command with --resume to continue\n")
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
 
 
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
