@@ -374,8 +374,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if resume:
             compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
                                            calibration_data=calibration, registry=registry)
-            codec = ScheduleCodec(registry)
-            if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
+            codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
+            if codec.unstructure(checked_schedule(model, document, str(config_path), registry)) != codec.unstructure(
                     compressor.initial_schedule):
                 raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
                                    f"(with --target, if one was given); resume with that schedule, or start a new "

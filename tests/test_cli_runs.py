@@ -2,6 +2,7 @@
 output, and a failing fine-tuning, Ctrl-C or a finished run can all be continued with --resume."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -54,6 +55,18 @@ HELPERS = textwrap.dedent("""
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
+    class Aliased(nn.Module):  # the second conv is also head_conv, a named handle on a layer inside a Sequential
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head_conv = self.features[2]
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
     def slow_from_2(model, step):
         tune(model, step)
         if step >= 2:
@@ -75,8 +88,8 @@ def project(tmp_path, monkeypatch):
     sys.modules.pop("run_helpers", None)
 
 
-def compress(out, *extra, finetune="run_helpers:tune", config="schedule.yaml"):
-    args = ["compress", "--model", "run_helpers:cnn", "--config", config, "--input-shape", "1,3,8,8", "--out",
+def compress(out, *extra, finetune="run_helpers:tune", config="schedule.yaml", model="run_helpers:cnn"):
+    args = ["compress", "--model", model, "--config", config, "--input-shape", "1,3,8,8", "--out",
             str(out), "--finetune", finetune, "--quiet", *extra]
     return CliRunner().invoke(main, args)
 
@@ -231,6 +244,17 @@ def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
     assert resumed.exit_code == 0, resumed.output
     expected, got = weights(project / "whole"), weights(project / "out")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
+    aliased = {**SCHEDULE, "layers": {"head_conv": SCHEDULE["layers"]["2"], "fc": SCHEDULE["layers"]["6"]}}
+    (project / "aliased.yaml").write_text(yaml.safe_dump(aliased))
+    run = functools.partial(compress, config="aliased.yaml", model="run_helpers:Aliased")
+    assert run("whole").exit_code == 0
+    assert run("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    resumed = run("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
 
 
 def test_a_second_run_on_a_locked_output_gets_one_line(project):
