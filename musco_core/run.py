@@ -42,6 +42,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:
+    """A ConfigError unless ``model`` has the weights the run of ``state`` began with: resumed on others, it would go
+    on from layers it never compressed, and distil from another teacher."""
+    if state.model_fingerprint is None:
+        log.info("%s: records no fingerprint of the model's weights (written before states did): cannot check that "
+                 "the model passed has the weights the run began with", origin)
+    elif distributed.fingerprint(model) != state.model_fingerprint:
+        raise ConfigError(f"{origin}: $.model_fingerprint: the model passed to resume has other weights than the run "
+                          f"began with; resume with the same model and weights (musco compress: the same --model and "
+                          f"--weights; a factory that draws random weights must seed them)")
+
+
 def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
     """The compressions (0-based stage numbers) still to run on each layer, after ``taken`` ones of the run."""
     total = schedule.settings.nglobal_compress_iters
@@ -180,7 +192,7 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
     ``left_out`` records the layers the run leaves out and why."""
     run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
     state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
-                     left_out=dict(left_out or {}))
+                     left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state

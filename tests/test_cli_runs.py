@@ -257,6 +257,23 @@ def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
     assert same_weights(project / "whole", project / "out")
 
 
+def test_resume_without_the_weights_the_run_began_with_is_refused(project):
+    import run_helpers
+
+    with torch.no_grad():
+        trained = {key: (value + 0.1).contiguous() for key, value in run_helpers.cnn().state_dict().items()}
+    save_file(trained, project / "trained.safetensors")
+    assert compress("whole", "--weights", "trained.safetensors").exit_code == 0
+    assert compress("out", "--weights", "trained.safetensors", finetune="run_helpers:fails_at_3").exit_code == 2
+    forgotten = compress("out", "--resume")
+    assert forgotten.exit_code == 2 and forgotten.output.count("\n") == 1, forgotten.output
+    assert "has other weights than the run began with; resume with the same model and weights (musco compress: the " \
+           "same --model and --weights" in forgotten.output
+    resumed = compress("out", "--resume", "--weights", "trained.safetensors")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
+
+
 def test_a_second_run_on_a_locked_output_gets_one_line(project):
     with output_lock(project / "out"):
         result = compress("out")

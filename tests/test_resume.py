@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from musco_core import ConfigError, MuscoError
+from musco_core import Compressor, ConfigError, MuscoError
 from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
                            unused_run_folder)
 
@@ -141,7 +141,7 @@ def edit_state(folder, edit):
     path = folder / (folder / LATEST_FILE).read_text().strip() / STATE_FILE
     state = yaml.safe_load(path.read_text())
     edit(state)
-    path.write_text(yaml.safe_dump(state))
+    path.write_text(yaml.safe_dump(state, sort_keys=False))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -151,7 +151,7 @@ def edit_state(folder, edit):
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
     (lambda s: s.update(surprise=1), r"unknown keys \['surprise'\]|surprise"),
     (lambda s: s.pop("steps"), r"\$\.steps"),
-    (lambda s: s.update(format=1), r"\$\.format: expected 2 or 3"),
+    (lambda s: s.update(format=1), r"\$\.format: expected 2, 3 or 4"),
     (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
     (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
     (lambda s: s["history"].pop(), r"\$\.history: expected one result per layer of the 2 steps taken"),
@@ -166,6 +166,30 @@ def test_a_damaged_state_is_one_clear_error_naming_the_file_and_field(saved, edi
     edit_state(saved, edit)
     with pytest.raises(ConfigError, match=r"state\.yaml: (.|\n)*" + message):
         worker.resume(saved)
+
+
+def other_weights():
+    model = worker.model()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    return model
+
+
+def test_resuming_a_model_with_other_weights_than_the_run_began_with_is_refused(saved):
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: \$\.model_fingerprint: the model passed to resume "
+                                          r"has other weights than the run began with"):
+        Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE, calibration_data=worker.calibration(),
+                          progress=False)
+
+
+def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog):
+    edit_state(saved, lambda s: (s.pop("model_fingerprint"), s.update(format=3)))
+    with caplog.at_level("INFO", logger="musco_core"):
+        resumed = Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE,
+                                    calibration_data=worker.calibration(), progress=False)
+    assert resumed.curr_iter == 2
+    assert "state.yaml: records no fingerprint of the model's weights (written before states did): cannot check" \
+        in caplog.text
 
 
 def test_a_state_whose_model_does_not_match_its_history_is_refused(saved):
