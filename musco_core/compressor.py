@@ -118,12 +118,12 @@ class Compressor:
         registry = registry or default_registry()
         restored, state, origin = io.load_state(model, directory, registry)
         check_same_model(model, state, origin)
+        stats = as_model_stats(None, restored, registry, example_input)
+        check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
-        context = RunContext(registry, as_model_stats(None, restored, registry, example_input),
-                             check_calibration(state.initial_schedule, registry, remaining, calibration_data),
-                             evaluate, progress, example_input)
-        check_resumable(restored, state, context, origin)
+        context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,
+                                                                calibration_data), evaluate, progress, example_input)
         check_latency_input(state.initial_schedule, registry, example_input)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)

@@ -378,7 +378,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, LayerRecord]:
 
 def _read_manifest(directory: Path) -> tuple[dict[str, LayerRecord], str | None]:
     path = directory / MANIFEST
-    data = read_yaml(path)
+    data = read_yaml(path, "a musco-core model manifest")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ConfigError(f"{path}: not a musco-core model manifest of format {MANIFEST_FORMAT}")
     try:
@@ -723,7 +723,7 @@ def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: R
     them against the schedule and the model."""
     step_dir, run_id = latest_state(directory)
     origin = str(step_dir / STATE_FILE)
-    state = StateCodec(registry).structure(read_yaml(step_dir / STATE_FILE), origin)
+    state = StateCodec(registry).structure(read_yaml(step_dir / STATE_FILE, "a musco-core run state"), origin)
     if state.run_id != run_id:
         raise ConfigError(f"{origin}: $.run_id: belongs to another run than {directory}")
     return load_compressed(fresh_model, step_dir, registry), state, origin

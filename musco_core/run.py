@@ -497,10 +497,12 @@ def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) ->
     return len(registry.decompositions.get(decomposition).rank_names)
 
 
-def check_resumable(model: nn.Module, state: RunState, context: RunContext, origin: str) -> None:
+def check_resumable(model: nn.Module, state: RunState, registry: Registry, model_stats: ModelStats, origin: str
+                    ) -> None:
     """A ConfigError listing every way ``state`` does not fit its own schedule and ``model`` (the model restored
-    from the same saved folder), or what keeps its remaining compressions from running on the layers as they are."""
-    registry, schedule = context.registry, state.initial_schedule
+    from the same saved folder, with ``model_stats``), or what keeps its remaining compressions from running on the
+    layers as they are. Nothing else may read the state's plan before this has checked it."""
+    schedule = state.initial_schedule
     problems = []
     try:
         planned = plan_steps(schedule, registry)
@@ -551,6 +553,6 @@ def check_resumable(model: nn.Module, state: RunState, context: RunContext, orig
                             f"{now}")
     if not problems:
         problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule, state.stages_taken()),
-                                      context.model_stats.excluded)
+                                      model_stats.excluded)
     if problems:
         raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))

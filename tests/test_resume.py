@@ -151,6 +151,9 @@ def edit_state(folder, edit):
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
     (lambda s: s.update(surprise=1), r"unknown keys \['surprise'\]|surprise"),
     (lambda s: s.pop("steps"), r"\$\.steps"),
+    (lambda s: s["steps"][0].append("nope"), r"\$\.steps: the saved plan"),
+    (lambda s: s.update(steps="abc"), r"\$\.steps: expected a list, got 'abc'"),
+    (lambda s: s.update(history=None), r"\$\.history: expected a list, got None"),
     (lambda s: s.update(format=1), r"\$\.format: expected 2, 3 or 4"),
     (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
     (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
@@ -190,6 +193,12 @@ def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog)
     assert resumed.curr_iter == 2
     assert "state.yaml: records no fingerprint of the model's weights (written before states did): cannot check" \
         in caplog.text
+
+
+def test_an_empty_state_file_is_one_clear_error(saved):
+    (saved / "step-0002" / STATE_FILE).write_text("")
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: the file is empty; expected a musco-core run state$"):
+        worker.resume(saved)
 
 
 def test_a_state_whose_model_does_not_match_its_history_is_refused(saved):
