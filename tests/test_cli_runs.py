@@ -334,13 +334,26 @@ def test_a_target_on_the_command_line_replaces_the_schedules(project, target, bu
 
 
 @pytest.mark.parametrize("target, message", [("flops", "expected METRIC:REDUCTION"), ("flops:two", "expected METRIC"),
-                                             ("speed:2", "budget"), ("flops:2:everything", "scope"),
+                                             ("speed:2", "metric: expected one of"), ("flops:2:everything", "scope"),
                                              ("latency:2:model:compressed", "gives one twice"),
                                              ("flops:2:optimized", "needs metric: latency")])
 def test_a_bad_target_is_one_line(project, target, message):
     (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
     result = compress("out", "--target", target, config="budget.yaml")
     assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("target, message", [
+    ("flops:nan", "reduction: expected a finite number, got nan"),
+    ("flops:inf", "reduction: expected a finite number, got inf"),
+    ("flops:-2", "reduction: expected a number > 1"), ("flops:1", "reduction: expected a number > 1"),
+    (":2", "metric: expected one of flops, params, latency"), ("FLOPS:2", "metric: expected one of flops, params"),
+    ("flops:2:optimized", "form: optimized is the form in which the model is timed; it needs metric: latency")])
+def test_a_bad_target_value_is_blamed_on_the_option(project, target, message):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    result = compress("out", "--target", target, config="budget.yaml")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"musco: error: --target {target!r}: {message}"), result.output
 
 
 def test_a_target_needs_budget_layers(project):
@@ -377,6 +390,8 @@ def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(p
     (("--distill-steps", "5"), "run_helpers:tune", "--distill-steps set(s) the built-in distillation: add "
                                                    "--finetune distill"),
     ((), "distil", "--finetune 'distil': expected package.module:callable or distill"),
+    (("--distill-lr", "nan"), "distill", "Invalid value for '--distill-lr': nan is not a finite number"),
+    (("--distill-lr", "inf"), "distill", "Invalid value for '--distill-lr': inf is not a finite number"),
 ])
 def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
     result = compress("out", *extra, finetune=finetune)
