@@ -360,8 +360,8 @@ def main(debug) -> None:
               help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
 @click.option("--overwrite", is_flag=True,
-              help="Start a new run in an OUT that holds another run's output (files musco-core did not write are "
-                   "never deleted).")
+              help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
+                   "not write is never replaced or deleted).")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
                    "tensor, split into batches along its first axis.")
