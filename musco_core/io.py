@@ -225,7 +225,7 @@ def _written_here(child: Path) -> bool:
     one, left by a killed write)."""
     temporary = OWN_TEMPORARY.fullmatch(child.name)
     return (child.name in OWN_FILES or temporary is not None and temporary[1] in OWN_FILES) and (
-        child.is_symlink() or not child.is_dir())
+        child.is_file() and not child.is_symlink())
 
 
 def _remove_ours(folder: Path) -> None:
@@ -629,7 +629,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
 
 def read_report(directory: str | os.PathLike) -> CompressionReport:
     """The :class:`~musco_core.report.CompressionReport` saved in ``directory``, checked to be the one of the set's
-    manifest (by their set id), so that it never describes other weights."""
+    manifest there (by their set id), so that it never describes other weights."""
     directory = Path(directory)
     if (directory / JOURNAL).exists():
         _finish_commit(directory)
@@ -640,7 +640,7 @@ def read_report(directory: str | os.PathLike) -> CompressionReport:
         report = CompressionReport.from_dict(data)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a musco-core report: {short_repr(str(exc))}") from None
-    set_id = _read_manifest(directory)[1]
+    set_id = _read_manifest(directory)[1] if (directory / MANIFEST).exists() else None  # a report copied alone
     if set_id is not None and data.get("set_id") != set_id:
         raise ConfigError(f"{path}: is not the report of {directory / MANIFEST} (they come from different saves); "
                           f"save the model again")
