@@ -413,6 +413,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if checkpoints.is_symlink():
             raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder of "
                                f"its own and never writes through a link: remove it, or choose another --out")
+        if resume and not out_dir.is_dir():
+            raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
         if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):
             log.info("%s: the run that began here was stopped before it saved a step; starting it from step 0", out_dir)
             resume = False

@@ -183,7 +183,7 @@ def test_a_refused_run_creates_and_writes_nothing(project):
     assert refused.exit_code == 2 and "not empty and was not written by musco-core" in refused.output
     assert [p.name for p in (project / "mine").iterdir()] == ["notes.txt"]
     mistyped = compress("typo/deep/out", "--resume")
-    assert mistyped.exit_code == 2 and "nothing to resume" in mistyped.output
+    assert mistyped.exit_code == 2 and "--out typo/deep/out: no such folder; nothing to resume" in mistyped.output
     assert not (project / "typo").exists()
 
 
