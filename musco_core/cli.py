@@ -411,8 +411,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         document = _with_target(read_yaml(config_path), target, config_path, registry)
         checkpoints = out_dir / "checkpoints"
         if checkpoints.is_symlink():
-            raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder of "
-                               f"its own and never writes through a link: remove it, or choose another --out")
+            raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
+                               f"of its own and never writes through a link: remove it, or choose another --out")
         if resume and not out_dir.is_dir():
             raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
         if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):

@@ -156,7 +156,8 @@ def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | 
 def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool) -> str | None:
     """Why the run ``run_id`` may not make ``folder`` its ``kind`` folder, or None."""
     if folder.is_symlink() and not folder.exists():
-        return f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; expected a folder for the {kind}"
+        return (f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; expected a folder for the "
+                f"{kind}")
     if not folder.exists():
         return None
     if not folder.is_dir():
