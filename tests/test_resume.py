@@ -315,6 +315,14 @@ def test_overwrite_never_writes_through_a_symlink(finished_run, tmp_path):
     assert (tmp_path / "elsewhere.safetensors").read_text() == "the user's"
 
 
+def test_a_dangling_symlink_as_the_folder_is_one_clear_error(finished_run, tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"out: is a symlink to .*gone, which does not exist; expected a folder for "
+                                          r"the output"):
+        save_compressed(finished_run, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path):
     """The save is killed after writing the weights of a new state; only musco-core's own leftovers go."""
     script = (
