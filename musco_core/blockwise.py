@@ -700,6 +700,7 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         calibration = [next(iter(calibration))]  # no statistics: one batch, each block's input for its check
     source = Checkpoint(checkpoint) if checkpoint is not None else None
     output = Path(output)
+    io.check_claims([(output, "output")], None, overwrite=overwrite)  # before the lock writes into a refused folder
     with io.output_lock(output):
         io.claim_folder(output, "output", None, overwrite=overwrite)
         work = Path(tempfile.mkdtemp(prefix=".musco-blockwise-", dir=work_dir or output.parent))

@@ -17,9 +17,11 @@ import os
 import pickle
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import cattrs
 import click
 import torch
 import yaml
@@ -27,7 +29,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import MuscoError, one_line, short_repr
-from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, read_yaml
+from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, read_yaml, validation_problems
 
 log = logging.getLogger("musco_core")
 
@@ -209,11 +211,47 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageProblem(f"--weights {weights}: refused, not a plain tensor state dict "
                                f"(read with weights_only=True, nothing in it was run): {one_line(reason)}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UsageProblem(f"--weights {weights}: does not fit the model: {_exception_line(exc)}") from None
+        if not isinstance(state, Mapping):
+            raise UsageProblem(f"--weights {weights}: expected a state dict (a mapping of names to tensors), got "
+                               f"{type(state).__name__}")
+        key, value = next(((key, value) for key, value in state.items() if not isinstance(value, torch.Tensor)),
+                          (None, None))
+        if key is not None:
+            raise UsageProblem(f"--weights {weights}: {short_repr(key)} holds {type(value).__name__}, not a tensor; "
+                               f"expected a state dict (a mapping of names to tensors)")
+        misfit = _load_weights(model, state)
+        if misfit:
+            raise UsageProblem(f"--weights {weights}: does not fit --model {short_repr(spec)}: {misfit}")
     return model.eval()
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Loads ``state`` into the model; what does not fit (the shapes that differ, the keys missing and unexpected:
+    the first few of each and how many), or None."""
+    expected = model.state_dict()
+    differ = [key for key, value in state.items()
+              if isinstance(expected.get(key), torch.Tensor) and value.shape != expected[key].shape]
+    try:  # missing and unexpected as torch counts them (a module's load hooks may fill in or rename keys)
+        loaded = model.load_state_dict({key: value for key, value in state.items() if key not in differ}, strict=False)
+    except RuntimeError as exc:
+        return _exception_line(exc)
+    missing = sorted(set(loaded.missing_keys) - set(differ))
+    problems = [_listed(len(differ), "shape differs", "shapes differ",
+                        [f"{key!r} is {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model"
+                         for key in differ]),
+                _listed(len(missing), "key missing", "keys missing", map(repr, missing)),
+                _listed(len(loaded.unexpected_keys), "unexpected key", "unexpected keys",
+                        map(repr, sorted(loaded.unexpected_keys)))]
+    return "; ".join(problem for problem in problems if problem) or None
+
+
+def _listed(count: int, one: str, many: str, items, shown: int = 3) -> str:
+    """``"2 keys missing: 'a', 'b'"``: the first ``shown`` items and how many more; empty for none."""
+    if not count:
+        return ""
+    items = list(items)
+    more = f" and {count - shown} more" if count > shown else ""
+    return f"{count} {one if count == 1 else many}: {', '.join(items[:shown])}{more}"
 
 
 def _input_shape(text: str | None) -> torch.Tensor | None:
@@ -277,6 +315,13 @@ def _setup_logging(quiet: bool) -> None:
                         stream=sys.stderr)
 
 
+def _finite(context: click.Context, parameter: click.Parameter, value: float | None) -> float | None:
+    """A number option's value, refused at parse time when infinite or NaN (click's FloatRange lets them through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
 WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -311,12 +356,12 @@ def main(debug) -> None:
 @click.option("--distill-steps", type=click.IntRange(min=1), default=None,
               help=f"Optimizer steps of --finetune distill after each compression step, one calibration batch "
                    f"each  [default: {DISTILL_STEPS}]")
-@click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
               help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
 @click.option("--overwrite", is_flag=True,
-              help="Start a new run in an OUT that holds another run's output (files musco-core did not write are "
-                   "never deleted).")
+              help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
+                   "not write is never replaced or deleted).")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
                    "tensor, split into batches along its first axis.")
@@ -340,7 +385,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     """
     from . import distributed
     from .compressor import Compressor
-    from .io import claim_folder, output_lock, save_compressed
+    from .io import check_claims, claim_folder, output_lock, read_marker, save_compressed, unused_run_folder
     from .registry import default_registry
     from .run import checked_schedule
 
@@ -363,32 +408,48 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
             calibration = calibration[group.rank::group.world_size]
         registry = default_registry()
-        document = _with_target(read_yaml(config_path), target, config_path)
+        document = _with_target(read_yaml(config_path), target, config_path, registry)
         checkpoints = out_dir / "checkpoints"
+        if checkpoints.is_symlink():
+            raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
+                               f"of its own and never writes through a link: remove it, or choose another --out")
+        if resume and not out_dir.is_dir():
+            raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
+        if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):
+            log.info("%s: the run that began here was stopped before it saved a step; starting it from step 0", out_dir)
+            resume = False
+        if resume:
+            compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                           calibration_data=calibration, registry=registry)
+            codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
+            if codec.unstructure(checked_schedule(model, document, str(config_path), registry)) != codec.unstructure(
+                    compressor.initial_schedule):
+                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
+                                   f"(with --target, if one was given); resume with that schedule, or start a new "
+                                   f"run with --overwrite")
+        else:
+            compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                                                                               registry),
+                                    example_input=example, progress=not quiet, calibration_data=calibration,
+                                    registry=registry)
+        run_id = compressor.state.run_id
+        # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
+        # re-created, as --overwrite would (the checkpoints are the run's own already).
+        adopt = resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: read_marker(out_dir) is None)
+        claims = [(out_dir, "output"), (checkpoints, "checkpoints")]
+        distributed.on_first_rank(group, f"--out {out_dir}",  # before the lock creates OUT or writes into it
+                                  lambda: check_claims(claims, run_id, overwrite=overwrite or adopt))
         with contextlib.ExitStack() as held:
-            def lock() -> None:
-                held.enter_context(output_lock(out_dir))
-
-            distributed.on_first_rank(group, f"--out {out_dir}", lock)
-            if resume:
-                compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                               calibration_data=calibration, registry=registry)
-                codec = ScheduleCodec(registry)
-                if codec.unstructure(codec.structure(document, str(config_path))) != codec.unstructure(
-                        compressor.initial_schedule):
-                    raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
-                                       f"(with --target, if one was given); resume with that schedule, or start a new "
-                                       f"run with --overwrite")
-            else:
-                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
-                                                                                   registry),
-                                        example_input=example, progress=not quiet, calibration_data=calibration,
-                                        registry=registry)
-            run_id = compressor.state.run_id
-
             def claim() -> None:
-                claim_folder(out_dir, "output", run_id, overwrite=overwrite)
-                claim_folder(checkpoints, "checkpoints", run_id, overwrite=overwrite)
+                held.enter_context(output_lock(out_dir))
+                if adopt:
+                    log.info("%s: re-creating its marker: its checkpoints hold the state of run %s", out_dir, run_id)
+                for folder, kind in claims:
+                    claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
+
+            def save() -> None:
+                with _writing("--out", out_dir):
+                    save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
             try:
@@ -398,14 +459,9 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                         _call_finetune(finetune, finetune_spec, compressor, checkpoints)
                     with _writing("--out", out_dir):
                         compressor.save_state(checkpoints, overwrite=overwrite)
+                distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:
                 raise Interrupted(_resume_hint(checkpoints)) from None
-
-            def save() -> None:
-                with _writing("--out", out_dir):
-                    save_compressed(compressor, out_dir)
-
-            distributed.on_first_rank(group, f"--out {out_dir}", save)
         if group is None or group.first:
             click.echo(compressor.report().to_table())
             click.echo(f"\nsaved to {out_dir}")
@@ -415,10 +471,11 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 TARGET_OPTIONS = {"scope": ("model", "compressed"), "form": ("as_compressed", "optimized")}
 
 
-def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
+def _with_target(document: Any, target: str | None, config_path: Path, registry) -> Any:
     """The schedule document with ``--target METRIC:REDUCTION[:SCOPE][:FORM]`` as the budget selector's target:
     its metric, reduction, scope and form replace the schedule's (an option left out takes its default); the
-    budget's other settings (``min_rank_fraction``) stay as the schedule has them."""
+    budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values are checked
+    here, so that a bad one is blamed on --target, not on the schedule."""
     if target is None:
         return document
     parts = target.split(":")
@@ -436,6 +493,14 @@ def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
             raise UsageProblem(f"--target {target!r}: {part!r} is not a scope ({', '.join(TARGET_OPTIONS['scope'])})"
                                f" or a form ({', '.join(TARGET_OPTIONS['form'])}), or gives one twice")
         options[key] = part
+    budget = {"metric": parts[0], "reduction": reduction, **options}
+    selector = registry.rank_selectors.entries.get("budget")
+    try:
+        if selector is not None:
+            ScheduleCodec(registry).converter.structure(budget, selector.component.Params)
+    except (cattrs.BaseValidationError, ValueProblem) as exc:
+        raise UsageProblem("\n".join(f"--target {target!r}: {problem.removeprefix('$').lstrip('.: ')}"
+                                      for problem in validation_problems(exc))) from None
     if not isinstance(document, dict) or "version" not in document:
         raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
     layers = document.get("layers") or {}
@@ -446,7 +511,7 @@ def _with_target(document: Any, target: str | None, config_path: Path) -> Any:
     algo_kwargs = dict(settings.get("algo_kwargs") or {})
     kept = algo_kwargs.get("budget") if isinstance(algo_kwargs.get("budget"), dict) else {}
     kept = {key: value for key, value in kept.items() if key not in {"metric", "reduction", *TARGET_OPTIONS}}
-    algo_kwargs["budget"] = {**kept, "metric": parts[0], "reduction": reduction, **options}
+    algo_kwargs["budget"] = {**kept, **budget}
     return {**document, "settings": {**settings, "algo_kwargs": algo_kwargs}}
 
 

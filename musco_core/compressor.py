@@ -19,7 +19,8 @@ from .engine import LayerResult
 from .errors import ConfigError, one_line
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
-from .run import build_report, check_calibration, check_resumable, checked_schedule, run_step, start_run
+from .run import (build_report, check_calibration, check_resumable, check_same_model, checked_schedule, run_step,
+                  start_run)
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
@@ -127,19 +128,20 @@ class Compressor:
                evaluate: Callable[[nn.Module], float] | None = None) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
-        ``model`` is a fresh, uncompressed instance of the architecture; it is not modified. A resumed run ends
-        with the same ranks and weights as an uninterrupted one with the same schedule and seed (and, for
-        data-aware decompositions, the same ``calibration_data``). Only the compressions still to come are checked
-        against the model, as its layers are now.
+        ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
+        (checked); it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
+        with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
+        compressions still to come are checked against the model, as its layers are now.
         """
         registry = registry or default_registry()
         restored, state, origin = io.load_state(model, directory, registry)
+        check_same_model(model, state, origin)
+        stats = as_model_stats(None, restored, registry, example_input)
+        check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
-        context = RunContext(registry, as_model_stats(None, restored, registry, example_input),
-                             check_calibration(state.initial_schedule, registry, remaining, calibration_data),
-                             evaluate, progress, example_input)
-        check_resumable(restored, state, context, origin)
+        context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,
+                                                                calibration_data), evaluate, progress, example_input)
         check_latency_input(state.initial_schedule, registry, example_input)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)

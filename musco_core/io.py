@@ -13,9 +13,10 @@ A run's states go to a checkpoint folder: ``step-NNNN/`` holds an output set and
 
 Safety rules:
 
-* Every folder musco-core creates carries a marker file (``.musco-core``) naming the run that wrote it. Nothing
-  without that marker is ever deleted, and a folder that holds another run's files (or files musco-core did not
-  write) is refused unless ``overwrite=True``.
+* Every folder musco-core creates carries a marker file (``.musco-core``) naming the run that wrote it, and every
+  file of an output set carries the set's id. Only what musco-core wrote is ever deleted or replaced; a folder that
+  holds another run's files (or files musco-core did not write) is refused unless ``overwrite=True``, and even then
+  a file of the user's where musco-core writes its own is refused (:func:`check_claims`).
 * An output set is replaced as a whole: the new set is written and synced in a staging folder, a journal records
   the commit, then the files are renamed into place. A reader checks that the weights and the manifest carry the
   same set id, so it never uses a mix; a save that fails (disk full) or is killed leaves the old set in place, and
@@ -32,11 +33,11 @@ import contextlib
 import copy
 import errno
 import json
+import logging
 import os
 import re
-import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
 from .state import RunState, StateCodec
 from .surgery import FactorizedLayer, module_paths, replace_module
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "musco.yaml"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
@@ -76,11 +79,17 @@ MANIFEST_FORMAT = 1
 #: Metadata key of the weights file that ties it to its manifest.
 SET_ID_KEY = "musco_set_id"
 STEP_NAME = re.compile(r"step-[0-9]{4,9}(-[0-9a-f]{8})?")
+#: The files of an output set; musco-core wrote such a file when it carries a set id.
+SET_FILES = (WEIGHTS, MANIFEST, REPORT)
+#: Everything musco-core writes inside a step or staging folder; anything else there is the user's.
+OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
+#: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it.
+OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9]+")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 # -- markers: which folders musco-core wrote, and for which run --------------------------------------------------
-def _read_marker(folder: Path) -> dict[str, Any] | None:
+def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a folder musco-core wrote, or None (no marker, or one it cannot read: then not ours)."""
     path = folder / MARKER
     try:
@@ -100,28 +109,102 @@ def _write_marker(folder: Path, kind: str, run_id: str | None) -> None:
 
 
 def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, overwrite: bool = False) -> Path:
-    """Makes ``folder`` this run's ``kind`` folder (``output`` or ``checkpoints``), creating it if needed.
-
-    A folder that holds another run's files, or files musco-core did not write, is a ConfigError unless
-    ``overwrite``; even then nothing in it that musco-core did not write is removed.
-    """
+    """Makes ``folder`` this run's ``kind`` folder (``output`` or ``checkpoints``), creating it if needed, once
+    :func:`check_claims` allows it (see there)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder}: is a file; expected a folder for the {kind}")
-    marker = _read_marker(folder) if folder.exists() else None
+    check_claims([(folder, kind)], run_id, overwrite=overwrite)
+    marker = read_marker(folder) if folder.is_dir() else None
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id:
         return folder
-    if not overwrite:
-        if marker is not None:
-            raise ConfigError(f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, "
-                              f"choose another folder, or pass overwrite=True (--overwrite) to replace it")
-        if folder.exists() and any(child.name != LOCK_FILE for child in folder.iterdir()):
-            raise ConfigError(f"{folder}: is not empty and was not written by musco-core; choose another folder, "
-                              f"or pass overwrite=True (--overwrite) to write into it (nothing of yours is deleted)")
+    if marker is not None:
+        log.info("%s: now the %s folder of run %s (it was the %s folder of run %s)", folder, kind, run_id,
+                 marker["kind"], marker.get("run_id"))
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(folder, kind, run_id)
     _fsync_dir(folder.parent)
     return folder
+
+
+def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | None, *,
+                 overwrite: bool = False) -> None:
+    """One ConfigError for every ``(folder, kind)`` the run ``run_id`` may not write into; nothing is written.
+
+    A folder is free when it is missing or empty, this run's, or claimed by a run that saved nothing there
+    (:func:`unused_run_folder`). A folder of another run, or one with files musco-core did not write, is refused
+    unless ``overwrite``. Even then musco-core never replaces a file it did not write: a file of the user's, or a
+    symlink, where musco-core writes its own files is refused, all of them listed in one line.
+    """
+    problems, refused, in_the_way = [], [], []
+    for folder, kind in claims:
+        folder = Path(folder)
+        if any(folder.is_relative_to(outer) for outer in refused):
+            continue  # inside a folder refused already: one line says it
+        problem = _claim_problem(folder, kind, run_id, overwrite)
+        if problem:
+            problems.append(problem)
+            refused.append(folder)
+        elif folder.is_dir():
+            in_the_way += _in_the_way(folder, kind)
+    if in_the_way:
+        problems.append(f"{', '.join(in_the_way)}: in the way of the files musco-core writes, and not written by it; "
+                        f"it never replaces what it did not write (not even with --overwrite): move them, or choose "
+                        f"another folder")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool) -> str | None:
+    """Why the run ``run_id`` may not make ``folder`` its ``kind`` folder, or None."""
+    if folder.is_symlink() and not folder.exists():
+        return (f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; expected a folder for the "
+                f"{kind}")
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return f"{folder}: is a file; expected a folder for the {kind}"
+    marker = read_marker(folder)
+    if overwrite or marker is not None and (marker["kind"] == kind and marker.get("run_id") == run_id
+                                            or unused_run_folder(folder)):
+        return None
+    if marker is not None:
+        return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
+                f"folder, or pass overwrite=True (--overwrite) to replace what that run wrote")
+    if any(child.name != LOCK_FILE for child in folder.iterdir()):
+        return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
+                f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
+    return None
+
+
+def _in_the_way(folder: Path, kind: str) -> list[str]:
+    """The entries of ``folder`` where musco-core writes its own files in a ``kind`` folder that it did not write:
+    the user's files, and symlinks (which it never writes through)."""
+    marked = read_marker(folder) is not None
+    found = []
+    for name in (*SET_FILES, MARKER) if kind == "output" else (LATEST_FILE, MARKER):
+        path = folder / name
+        if path.is_symlink():
+            found.append(f"{path} (a symlink)")
+        elif path.exists() and not (_set_id_of(path) is not None if name in SET_FILES else marked):
+            found.append(str(path))
+    return found
+
+
+def unused_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was claimed by a musco-core run that saved nothing in it: it holds only musco-core's
+    bookkeeping (its marker, the lock, staging folders of dead processes, empty folders and marked folders that hold
+    nothing themselves), so a new run may take it over and resuming it starts the run over."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir() or read_marker(folder) is None:
+        return False
+    for child in folder.iterdir():
+        if child.name in (MARKER, LOCK_FILE) or child.is_dir() and not child.is_symlink() and not any(child.iterdir()):
+            continue
+        marker = read_marker(child) if child.is_dir() and not child.is_symlink() else None
+        if marker is None:
+            return False
+        if not (marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))) and not unused_run_folder(child):
+            return False
+    return True
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -138,16 +221,30 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _written_here(child: Path) -> bool:
+    """Whether ``child`` of a step or staging folder is a file musco-core writes there (or the temporary file of
+    one, left by a killed write)."""
+    temporary = OWN_TEMPORARY.fullmatch(child.name)
+    return (child.name in OWN_FILES or temporary is not None and temporary[1] in OWN_FILES) and (
+        child.is_file() and not child.is_symlink())
+
+
 def _remove_ours(folder: Path) -> None:
-    """Removes a folder musco-core wrote, its marker last, so that a removal cut short leaves it still marked (and
-    removed by the next save) rather than an unmarked folder nobody may delete."""
+    """Removes a step or staging folder musco-core wrote: the files it writes there, its marker last, so that a
+    removal cut short leaves it still marked (and removed by the next save) rather than an unmarked folder nobody
+    may delete. Anything else in it is the user's: it is kept, and so is the folder, no longer marked."""
+    kept = []
     for child in folder.iterdir():
-        if child.name != MARKER:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        if child.name == MARKER:
+            continue
+        if _written_here(child):
+            child.unlink(missing_ok=True)
+        else:
+            kept.append(child.name)
     (folder / MARKER).unlink(missing_ok=True)
+    if kept:
+        log.info("%s: kept, it holds files musco-core did not write: %s", folder, ", ".join(sorted(kept)))
+        return
     with contextlib.suppress(OSError):
         folder.rmdir()
 
@@ -157,7 +254,7 @@ def _remove_dead_staging(folder: Path) -> None:
     for child in folder.iterdir():
         if not child.name.startswith(".") or not child.is_dir() or child.is_symlink():
             continue
-        marker = _read_marker(child)
+        marker = read_marker(child)
         if marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid")):
             _remove_ours(child)
 
@@ -282,7 +379,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, LayerRecord]:
 
 def _read_manifest(directory: Path) -> tuple[dict[str, LayerRecord], str | None]:
     path = directory / MANIFEST
-    data = read_yaml(path)
+    data = read_yaml(path, "a musco-core model manifest")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ConfigError(f"{path}: not a musco-core model manifest of format {MANIFEST_FORMAT}")
     try:
@@ -360,11 +457,14 @@ def _finish_commit(directory: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{journal}: an interrupted save left a journal that cannot be read ({exc}); remove it "
                           f"and save again") from None
-    marker = _read_marker(staging) if staging.parent == directory and staging.is_dir() else None
+    marker = read_marker(staging) if staging.parent == directory and staging.is_dir() else None
     if marker is not None and marker["kind"] == "staging":
         for name in files:
             if (staging / name).exists():
                 os.replace(staging / name, directory / name)
+        for name in SET_FILES:  # the previous set's file the new set has none of (a report), never the user's
+            if name not in files and _set_id_of(directory / name) is not None:
+                (directory / name).unlink()
         _fsync_dir(directory)
         _remove_ours(staging)
     journal.unlink(missing_ok=True)
@@ -434,6 +534,21 @@ def save_output_set(directory: str | os.PathLike, layers: Mapping[str, LayerReco
 
 
 # -- loading output sets -----------------------------------------------------------------------------------------
+def _set_id_of(path: Path) -> str | None:
+    """The set id an output set's file carries, which tells that musco-core wrote it; None for any other file."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        if path.name == WEIGHTS:
+            set_id = _header(path)[1].get(SET_ID_KEY)
+        else:
+            data = read_yaml(path) if path.name == MANIFEST else json.loads(read_text_bounded(path, MAX_JSON_BYTES))
+            set_id = data.get("set_id") if isinstance(data, dict) else None
+    except (ConfigError, ValueError, RecursionError):
+        return None
+    return set_id if isinstance(set_id, str) else None
+
+
 def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor shapes and metadata of a safetensors file, from its header alone (nothing is loaded)."""
     try:
@@ -514,16 +629,23 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
 
 
 def read_report(directory: str | os.PathLike) -> CompressionReport:
-    """The :class:`~musco_core.report.CompressionReport` saved in ``directory``."""
+    """The :class:`~musco_core.report.CompressionReport` saved in ``directory``, checked to be the one of the set's
+    manifest there (by their set id), so that it never describes other weights."""
     directory = Path(directory)
     if (directory / JOURNAL).exists():
         _finish_commit(directory)
     path = directory / REPORT
     text = read_text_bounded(path, MAX_JSON_BYTES)
     try:
-        return CompressionReport.from_dict(json.loads(text))
+        data = json.loads(text)
+        report = CompressionReport.from_dict(data)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a musco-core report: {short_repr(str(exc))}") from None
+    set_id = _read_manifest(directory)[1] if (directory / MANIFEST).exists() else None  # a report copied alone
+    if set_id is not None and data.get("set_id") != set_id:
+        raise ConfigError(f"{path}: is not the report of {directory / MANIFEST} (they come from different saves); "
+                          f"save the model again")
+    return report
 
 
 # -- run states ------------------------------------------------------------------------------------------------
@@ -558,7 +680,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     write_text_atomic(directory / LATEST_FILE, name + "\n")
     _fsync_dir(directory)
     for old in directory.iterdir():
-        marker = _read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
+        marker = read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
             _remove_ours(old)
     return target
@@ -566,7 +688,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
 
 def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
     """Whether ``folder`` carries musco-core's marker of ``kind`` for the run ``run_id``."""
-    marker = _read_marker(folder)
+    marker = read_marker(folder)
     return marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id
 
 
@@ -574,7 +696,7 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
     step folder directly inside it that this run wrote."""
     directory = Path(directory)
-    marker = _read_marker(directory) if directory.is_dir() else None
+    marker = read_marker(directory) if directory.is_dir() else None
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
         raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
     latest = directory / LATEST_FILE
@@ -602,7 +724,7 @@ def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: R
     them against the schedule and the model."""
     step_dir, run_id = latest_state(directory)
     origin = str(step_dir / STATE_FILE)
-    state = StateCodec(registry).structure(read_yaml(step_dir / STATE_FILE), origin)
+    state = StateCodec(registry).structure(read_yaml(step_dir / STATE_FILE, "a musco-core run state"), origin)
     if state.run_id != run_id:
         raise ConfigError(f"{origin}: $.run_id: belongs to another run than {directory}")
     return load_compressed(fresh_model, step_dir, registry), state, origin

@@ -42,6 +42,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:
+    """A ConfigError unless ``model`` has the weights the run of ``state`` began with: resumed on others, it would go
+    on from layers it never compressed, and distil from another teacher."""
+    if state.model_fingerprint is None:
+        log.info("%s: records no fingerprint of the model's weights (written before states did): cannot check that "
+                 "the model passed has the weights the run began with", origin)
+    elif distributed.fingerprint(model) != state.model_fingerprint:
+        raise ConfigError(f"{origin}: $.model_fingerprint: the model passed to resume has other weights than the run "
+                          f"began with; resume with the same model and weights (musco compress: the same --model and "
+                          f"--weights; a factory that draws random weights must seed them)")
+
+
 def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
     """The compressions (0-based stage numbers) still to run on each layer, after ``taken`` ones of the run."""
     total = schedule.settings.nglobal_compress_iters
@@ -180,7 +192,7 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
     ``left_out`` records the layers the run leaves out and why."""
     run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
     state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
-                     left_out=dict(left_out or {}))
+                     left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state
@@ -485,10 +497,12 @@ def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) ->
     return len(registry.decompositions.get(decomposition).rank_names)
 
 
-def check_resumable(model: nn.Module, state: RunState, context: RunContext, origin: str) -> None:
+def check_resumable(model: nn.Module, state: RunState, registry: Registry, model_stats: ModelStats, origin: str
+                    ) -> None:
     """A ConfigError listing every way ``state`` does not fit its own schedule and ``model`` (the model restored
-    from the same saved folder), or what keeps its remaining compressions from running on the layers as they are."""
-    registry, schedule = context.registry, state.initial_schedule
+    from the same saved folder, with ``model_stats``), or what keeps its remaining compressions from running on the
+    layers as they are. Nothing else may read the state's plan before this has checked it."""
+    schedule = state.initial_schedule
     problems = []
     try:
         planned = plan_steps(schedule, registry)
@@ -539,6 +553,6 @@ def check_resumable(model: nn.Module, state: RunState, context: RunContext, orig
                             f"{now}")
     if not problems:
         problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule, state.stages_taken()),
-                                      context.model_stats.excluded)
+                                      model_stats.excluded)
     if problems:
         raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))

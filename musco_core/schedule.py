@@ -26,13 +26,14 @@ import os
 import re
 import stat
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
 
 import attrs
 import cattrs
 import yaml
+from cattrs.cols import list_structure_factory
 from cattrs.v import format_exception as cattrs_format_exception
 
 from .components import NoParams
@@ -185,6 +186,18 @@ def make_converter() -> cattrs.Converter:
         return converter.structure(value, list[Rank])
 
     converter.register_structure_hook(RankList, rank_list)
+
+    def strict_list(kind: Any) -> Callable[[Any, Any], list]:
+        items = list_structure_factory(kind, converter)
+
+        def structure(value: Any, _type=None) -> list:
+            if not isinstance(value, list):  # a string or a mapping would be iterated into a list
+                raise ValueProblem(f"expected a list, got {short_repr(value)}")
+            return items(value, kind)
+
+        return structure
+
+    converter.register_structure_hook_factory(lambda kind: typing.get_origin(kind) is list, strict_list)
     return converter
 
 
@@ -708,8 +721,9 @@ def read_text_bounded(path: str | os.PathLike, max_bytes: int) -> str:
         raise ConfigError(f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def read_yaml(path: str | os.PathLike) -> Any:
-    """A YAML document through safe, bounded loading; any failure is one ConfigError naming the file.
+def read_yaml(path: str | os.PathLike, expected: str = "a schedule mapping") -> Any:
+    """A YAML document through safe, bounded loading; any failure is one ConfigError naming the file (an empty one
+    says it ``expected`` the document the caller reads).
 
     Files over :data:`MAX_YAML_BYTES`, documents of more than :data:`MAX_YAML_VALUES` values or nested deeper
     than :data:`MAX_YAML_DEPTH` (aliases expanded), recursive aliases and duplicate keys are refused.
@@ -722,7 +736,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except ValueError as exc:  # a scalar the constructor cannot convert, e.g. the date 2024-02-30
         raise ConfigError(f"{path}: not valid YAML: {one_line(str(exc))}") from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty; expected a schedule mapping")
+        raise ConfigError(f"{path}: the file is empty; expected {expected}")
     return data
 
 

@@ -26,9 +26,10 @@ from .schedule import (ModelSchedule, NonNegativeInt, PositiveInt, ScheduleCodec
 from .stats import ModelStats
 
 #: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed. 3 added the
-#: budgets' ``measured`` speed-up; a state of format 2 (which has none) is read as it is.
-STATE_FORMAT = 3
-RESUMABLE_STATE_FORMATS = (2, 3)
+#: budgets' ``measured`` speed-up; a state of format 2 (which has none) is read as it is. 4 added the fingerprint of
+#: the model's weights when the run began; a state without one (format 2 or 3) resumes without that check.
+STATE_FORMAT = 4
+RESUMABLE_STATE_FORMATS = (2, 3, 4)
 
 Ranks = tuple[int, ...]
 
@@ -49,7 +50,9 @@ class RunState:
     next, ``allocated`` the decomposition and ranks a whole-model rank selector chose for layers whose compression
     in the current pass is still to come (None keeps the layer as it is at that pass), ``history`` one :class:`LayerResult` per
     layer compression taken, in order, and ``budgets`` the whole-model selectors' plans. ``params_before`` is the
-    model's parameter count when the run began; ``run_id`` tells this run's files from another run's.
+    model's parameter count when the run began; ``run_id`` tells this run's files from another run's;
+    ``model_fingerprint`` tells the weights the run began with from others (None in a state written before it was
+    recorded), so that a run is never resumed on another model.
     """
 
     run_id: str
@@ -62,6 +65,7 @@ class RunState:
     budgets: tuple[BudgetRecord, ...] = ()
     #: Layers the run leaves out, with why (see :attr:`CompressionReport.left_out`).
     left_out: Mapping[str, str] = attrs.field(factory=dict)
+    model_fingerprint: str | None = None
 
     @property
     def done(self) -> bool:
@@ -130,6 +134,7 @@ class _StateDocument:
     history: list[LayerResult]
     budgets: list[BudgetRecord]
     left_out: dict[str, str] = attrs.field(factory=dict)
+    model_fingerprint: str | None = None
 
 
 class StateCodec:
@@ -161,6 +166,7 @@ class StateCodec:
             "history": plain_data([attrs.asdict(result, recurse=False) for result in state.history]),
             "budgets": [attrs.asdict(record) for record in state.budgets],
             "left_out": dict(state.left_out),
+            "model_fingerprint": state.model_fingerprint,
         }
 
     def structure(self, data: Any, origin: str) -> RunState:
@@ -169,8 +175,8 @@ class StateCodec:
             raise ConfigError(f"{origin}: $: expected a musco-core run state (a mapping), got {type(data).__name__}")
         found = data.get("format")
         if found not in RESUMABLE_STATE_FORMATS:
-            raise ConfigError(f"{origin}: $.format: expected {' or '.join(map(str, RESUMABLE_STATE_FORMATS))} (a run "
-                              f"state this musco-core can resume), got "
+            formats = ", ".join(map(str, RESUMABLE_STATE_FORMATS[:-1])) + f" or {RESUMABLE_STATE_FORMATS[-1]}"
+            raise ConfigError(f"{origin}: $.format: expected {formats} (a run state this musco-core can resume), got "
                               f"{short_repr(found)}; a state of another version cannot be resumed")
         try:
             document = self.converter.structure(dict(data), _StateDocument)
@@ -187,4 +193,5 @@ class StateCodec:
         return RunState(document.run_id, schedule, tuple(tuple(step) for step in document.steps),
                         document.params_before, document.next_step,
                         document.allocated,
-                        tuple(document.history), tuple(document.budgets), document.left_out)
+                        tuple(document.history), tuple(document.budgets), document.left_out,
+                        document.model_fingerprint)

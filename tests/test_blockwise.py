@@ -218,6 +218,16 @@ def test_blocks_must_hold_their_own_weights(tmp_path):
         compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
 
 
+def test_a_refused_output_folder_gets_nothing_written(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with pytest.raises(ConfigError, match="out: is not empty and was not written by musco-core"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
 def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path):
     state = {key: value.contiguous() for key, value in gpt2().state_dict().items()
              if key not in ("lm_head.weight", "transformer.h.1.mlp.c_fc.weight")}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from musco_core.cli import main
 
@@ -184,6 +185,47 @@ def test_a_malicious_pickle_given_as_weights_is_refused_unexecuted(factories):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "refused, not a plain tensor state dict" in result.output
     assert not marker.exists()
+
+
+def weights_that_do_not_fit(folder):
+    import cli_factories
+
+    state = cli_factories.cnn().state_dict()
+    shapes = {**state, "2.weight": torch.zeros(48, 32, 1, 1), "4.weight": torch.zeros(64, 48, 3, 3)}
+    missing = {key: value for key, value in shapes.items() if key not in ("0.bias", "7.bias")}
+    save_file({key: value.contiguous() for key, value in missing.items()}, folder / "missing.safetensors")
+    save_file({**{key: value.contiguous() for key, value in state.items()}, "extra": torch.zeros(1)},
+              folder / "extra.safetensors")
+    torch.save(list(state.values()), folder / "list.pt")
+    torch.save({**state, "epoch": 3}, folder / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.safetensors", "does not fit --model 'cli_factories:cnn': 2 shapes differ: '2.weight' is (48, 32, 1, 1) "
+                            "in the file, (48, 32, 3, 3) in the model, '4.weight' is (64, 48, 3, 3) in the file, "
+                            "(64, 48, 1, 1) in the model; 2 keys missing: '0.bias', '7.bias'"),
+    ("extra.safetensors", "does not fit --model 'cli_factories:cnn': 1 unexpected key: 'extra'"),
+    ("list.pt", "expected a state dict (a mapping of names to tensors), got list"),
+    ("checkpoint.pt", "'epoch' holds int, not a tensor; expected a state dict (a mapping of names to tensors)"),
+])
+def test_weights_that_do_not_fit_name_the_keys_and_shapes(factories, name, message):
+    weights_that_do_not_fit(factories)
+    result = run("compress", "--model", "cli_factories:cnn", "--weights", factories / name, "--config", "s.yaml",
+                 "--out", factories / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == f"musco: error: --weights {factories / name}: {message}\n"
+
+
+def test_a_long_list_of_keys_is_cut_with_a_count(factories):
+    import cli_factories
+
+    save_file({f"layer{i}.weight": torch.zeros(1) for i in range(9)}, factories / "other.safetensors")
+    result = run("compress", "--model", "cli_factories:cnn", "--weights", factories / "other.safetensors",
+                 "--config", "s.yaml", "--out", factories / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    keys = sorted(cli_factories.cnn().state_dict())
+    assert (f"{len(keys)} keys missing: {', '.join(map(repr, keys[:3]))} and {len(keys) - 3} more; 9 unexpected keys: "
+            f"'layer0.weight', 'layer1.weight', 'layer2.weight' and 6 more\n") in result.output
 
 
 def test_a_generated_budget_schedule_meets_its_target_from_the_command_line(factories):

@@ -2,8 +2,10 @@
 output, and a failing fine-tuning, Ctrl-C or a finished run can all be continued with --resume."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +50,23 @@ HELPERS = textwrap.dedent("""
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
+    def fails_at_1(model, step):
+        if step == 1:
+            raise RuntimeError("CUDA out of memory")
+        tune(model, step)
+
+    class Aliased(nn.Module):  # the second conv is also head_conv, a named handle on a layer inside a Sequential
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head_conv = self.features[2]
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
     def slow_from_2(model, step):
         tune(model, step)
         if step >= 2:
@@ -69,8 +88,8 @@ def project(tmp_path, monkeypatch):
     sys.modules.pop("run_helpers", None)
 
 
-def compress(out, *extra, finetune="run_helpers:tune", config="schedule.yaml"):
-    args = ["compress", "--model", "run_helpers:cnn", "--config", config, "--input-shape", "1,3,8,8", "--out",
+def compress(out, *extra, finetune="run_helpers:tune", config="schedule.yaml", model="run_helpers:cnn"):
+    args = ["compress", "--model", model, "--config", config, "--input-shape", "1,3,8,8", "--out",
             str(out), "--finetune", finetune, "--quiet", *extra]
     return CliRunner().invoke(main, args)
 
@@ -112,6 +131,91 @@ def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
     assert (mine / "weights.pt").read_text() == "a week of training"
 
 
+def same_weights(first: Path, second: Path) -> bool:
+    expected, got = weights(first), weights(second)
+    return expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("again", [(), ("--resume",)])
+def test_a_run_stopped_before_its_first_state_can_be_run_again_or_resumed(project, caplog, again):
+    assert compress("whole").exit_code == 0
+    failed = compress("out", finetune="run_helpers:fails_at_1")
+    assert failed.exit_code == 2 and "no step was saved yet; run the command again to start over" in failed.output
+    with caplog.at_level("INFO", logger="musco_core"):
+        result = compress("out", *again)
+    assert result.exit_code == 0, result.output
+    assert same_weights(project / "whole", project / "out")
+    started_over = "out: the run that began here was stopped before it saved a step; starting it from step 0"
+    assert (started_over in caplog.text) == bool(again)
+
+
+def test_overwrite_refuses_the_users_files_where_musco_core_writes_and_writes_nothing(project):
+    mine = project / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    for name in ("model.safetensors", "musco.yaml", "report.json", "checkpoints/LATEST"):
+        (mine / name).write_text(f"my own {name}")
+    before = snapshot(mine)
+    result = compress("mine", "--overwrite")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert ("mine/model.safetensors, mine/musco.yaml, mine/report.json, mine/checkpoints/LATEST: in the way of the "
+            "files musco-core writes, and not written by it; it never replaces what it did not write") in result.output
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "model.safetensors", "musco.yaml", "report.json"]
+
+
+@pytest.mark.parametrize("target", ["precious", "missing"])
+def test_a_checkpoints_symlink_is_refused_even_with_overwrite(project, target):
+    (project / "precious").mkdir()
+    (project / "precious" / "LATEST").write_text("keep")
+    (project / "out").mkdir()
+    (project / "out" / "checkpoints").symlink_to(project / target)
+    result = compress("out", "--overwrite")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "out/checkpoints is a symlink; musco-core keeps its states in a folder of its own" in result.output
+    assert [p.name for p in (project / "out").iterdir()] == ["checkpoints"]
+    assert [p.name for p in (project / "precious").iterdir()] == ["LATEST"]
+
+
+def test_a_refused_run_creates_and_writes_nothing(project):
+    (project / "mine").mkdir()
+    (project / "mine" / "notes.txt").write_text("mine")
+    refused = compress("mine")
+    assert refused.exit_code == 2 and "not empty and was not written by musco-core" in refused.output
+    assert [p.name for p in (project / "mine").iterdir()] == ["notes.txt"]
+    mistyped = compress("typo/deep/out", "--resume")
+    assert mistyped.exit_code == 2 and "--out typo/deep/out: no such folder; nothing to resume" in mistyped.output
+    assert not (project / "typo").exists()
+
+
+def test_a_run_copied_without_its_marker_resumes(project):
+    assert compress("whole").exit_code == 0
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    shutil.copytree(project / "out" / "checkpoints", project / "moved" / "checkpoints")  # cp -r out/* moved/
+    resumed = compress("moved", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "moved")
+    assert compress("moved", "--resume").exit_code == 0  # marked as the run's folder again
+
+
+def test_ctrl_c_while_saving_the_output_says_where_to_resume(project, monkeypatch):
+    import musco_core.io
+
+    assert compress("whole").exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(musco_core.io, "save_compressed", interrupted)
+        result = compress("out")
+    assert result.exit_code == 130, result.output
+    assert result.output == ("musco: error: interrupted; nothing partial was saved: the last complete state is "
+                             "out/checkpoints/step-0004; run the same command with --resume to continue\n")
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
+
+
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
     assert compress("out").exit_code == 0
     first = weights(project / "out")
@@ -140,6 +244,34 @@ def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
     assert resumed.exit_code == 0, resumed.output
     expected, got = weights(project / "whole"), weights(project / "out")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
+    aliased = {**SCHEDULE, "layers": {"head_conv": SCHEDULE["layers"]["2"], "fc": SCHEDULE["layers"]["6"]}}
+    (project / "aliased.yaml").write_text(yaml.safe_dump(aliased))
+    run = functools.partial(compress, config="aliased.yaml", model="run_helpers:Aliased")
+    assert run("whole").exit_code == 0
+    assert run("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    resumed = run("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
+
+
+def test_resume_without_the_weights_the_run_began_with_is_refused(project):
+    import run_helpers
+
+    with torch.no_grad():
+        trained = {key: (value + 0.1).contiguous() for key, value in run_helpers.cnn().state_dict().items()}
+    save_file(trained, project / "trained.safetensors")
+    assert compress("whole", "--weights", "trained.safetensors").exit_code == 0
+    assert compress("out", "--weights", "trained.safetensors", finetune="run_helpers:fails_at_3").exit_code == 2
+    forgotten = compress("out", "--resume")
+    assert forgotten.exit_code == 2 and forgotten.output.count("\n") == 1, forgotten.output
+    assert "has other weights than the run began with; resume with the same model and weights (musco compress: the " \
+           "same --model and --weights" in forgotten.output
+    resumed = compress("out", "--resume", "--weights", "trained.safetensors")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
 
 
 def test_a_second_run_on_a_locked_output_gets_one_line(project):
@@ -202,13 +334,26 @@ def test_a_target_on_the_command_line_replaces_the_schedules(project, target, bu
 
 
 @pytest.mark.parametrize("target, message", [("flops", "expected METRIC:REDUCTION"), ("flops:two", "expected METRIC"),
-                                             ("speed:2", "budget"), ("flops:2:everything", "scope"),
+                                             ("speed:2", "metric: expected one of"), ("flops:2:everything", "scope"),
                                              ("latency:2:model:compressed", "gives one twice"),
                                              ("flops:2:optimized", "needs metric: latency")])
 def test_a_bad_target_is_one_line(project, target, message):
     (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
     result = compress("out", "--target", target, config="budget.yaml")
     assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("target, message", [
+    ("flops:nan", "reduction: expected a finite number, got nan"),
+    ("flops:inf", "reduction: expected a finite number, got inf"),
+    ("flops:-2", "reduction: expected a number > 1"), ("flops:1", "reduction: expected a number > 1"),
+    (":2", "metric: expected one of flops, params, latency"), ("FLOPS:2", "metric: expected one of flops, params"),
+    ("flops:2:optimized", "form: optimized is the form in which the model is timed; it needs metric: latency")])
+def test_a_bad_target_value_is_blamed_on_the_option(project, target, message):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    result = compress("out", "--target", target, config="budget.yaml")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"musco: error: --target {target!r}: {message}"), result.output
 
 
 def test_a_target_needs_budget_layers(project):
@@ -245,6 +390,8 @@ def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(p
     (("--distill-steps", "5"), "run_helpers:tune", "--distill-steps set(s) the built-in distillation: add "
                                                    "--finetune distill"),
     ((), "distil", "--finetune 'distil': expected package.module:callable or distill"),
+    (("--distill-lr", "nan"), "distill", "Invalid value for '--distill-lr': nan is not a finite number"),
+    (("--distill-lr", "inf"), "distill", "Invalid value for '--distill-lr': inf is not a finite number"),
 ])
 def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
     result = compress("out", *extra, finetune=finetune)

@@ -19,8 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from musco_core import ConfigError, MuscoError
-from musco_core.io import LATEST_FILE, STATE_FILE, load_compressed, save_compressed
+from musco_core import Compressor, ConfigError, MuscoError
+from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
+                           unused_run_folder)
 
 HERE = Path(__file__).parent
 
@@ -140,7 +141,7 @@ def edit_state(folder, edit):
     path = folder / (folder / LATEST_FILE).read_text().strip() / STATE_FILE
     state = yaml.safe_load(path.read_text())
     edit(state)
-    path.write_text(yaml.safe_dump(state))
+    path.write_text(yaml.safe_dump(state, sort_keys=False))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -150,7 +151,10 @@ def edit_state(folder, edit):
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
     (lambda s: s.update(surprise=1), r"unknown keys \['surprise'\]|surprise"),
     (lambda s: s.pop("steps"), r"\$\.steps"),
-    (lambda s: s.update(format=1), r"\$\.format: expected 2 or 3"),
+    (lambda s: s["steps"][0].append("nope"), r"\$\.steps: the saved plan"),
+    (lambda s: s.update(steps="abc"), r"\$\.steps: expected a list, got 'abc'"),
+    (lambda s: s.update(history=None), r"\$\.history: expected a list, got None"),
+    (lambda s: s.update(format=1), r"\$\.format: expected 2, 3 or 4"),
     (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
     (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
     (lambda s: s["history"].pop(), r"\$\.history: expected one result per layer of the 2 steps taken"),
@@ -164,6 +168,36 @@ def edit_state(folder, edit):
 def test_a_damaged_state_is_one_clear_error_naming_the_file_and_field(saved, edit, message):
     edit_state(saved, edit)
     with pytest.raises(ConfigError, match=r"state\.yaml: (.|\n)*" + message):
+        worker.resume(saved)
+
+
+def other_weights():
+    model = worker.model()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    return model
+
+
+def test_resuming_a_model_with_other_weights_than_the_run_began_with_is_refused(saved):
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: \$\.model_fingerprint: the model passed to resume "
+                                          r"has other weights than the run began with"):
+        Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE, calibration_data=worker.calibration(),
+                          progress=False)
+
+
+def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog):
+    edit_state(saved, lambda s: (s.pop("model_fingerprint"), s.update(format=3)))
+    with caplog.at_level("INFO", logger="musco_core"):
+        resumed = Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE,
+                                    calibration_data=worker.calibration(), progress=False)
+    assert resumed.curr_iter == 2
+    assert "state.yaml: records no fingerprint of the model's weights (written before states did): cannot check" \
+        in caplog.text
+
+
+def test_an_empty_state_file_is_one_clear_error(saved):
+    (saved / "step-0002" / STATE_FILE).write_text("")
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: the file is empty; expected a musco-core run state$"):
         worker.resume(saved)
 
 
@@ -199,6 +233,19 @@ def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_p
                                                                      "step-0500"]
 
 
+def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplog):
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    (first / "eval.txt").write_text("top-1 71.2%, three GPU-hours of evaluation")
+    compressor.compression_step()
+    with caplog.at_level("INFO", logger="musco_core"):
+        compressor.save_state(tmp_path / "ckpt")
+    assert sorted(p.name for p in first.iterdir()) == ["eval.txt"]  # musco-core's own files and marker are gone
+    assert (first / "eval.txt").read_text() == "top-1 71.2%, three GPU-hours of evaluation"
+    assert f"{first}: kept, it holds files musco-core did not write: eval.txt" in caplog.text
+
+
 def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
     folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
     before = sorted(p.name for p in folder.iterdir())
@@ -222,6 +269,58 @@ def test_a_folder_with_foreign_files_is_refused_and_kept(tmp_path):
         save_compressed(compressor, folder)
     compressor.save_state(folder, overwrite=True)
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_claimed_by_a_run_that_saved_nothing_is_taken_over(finished_run, tmp_path):
+    """A run killed before its first state leaves only markers (and maybe a dead staging folder): nothing to keep."""
+    folders = ((tmp_path / "out", "output"), (tmp_path / "out" / "checkpoints", "checkpoints"))
+    for folder, kind in folders:
+        claim_folder(folder, kind, "killed-before-its-first-state")
+    staging = tmp_path / "out" / "checkpoints" / ".step-0001.staging-1-0"
+    staging.mkdir()
+    (staging / ".musco-core").write_text("created_by: musco-core\nkind: staging\nrun_id: x\npid: 999999999\n")
+    assert unused_run_folder(tmp_path / "out")
+    for folder, kind in folders:
+        claim_folder(folder, kind, finished_run.state.run_id)
+    finished_run.save_state(tmp_path / "out" / "checkpoints")
+    save_compressed(finished_run, tmp_path / "out")
+    assert worker.resume(tmp_path / "out" / "checkpoints").state.run_id == finished_run.state.run_id
+    assert not unused_run_folder(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind, names", [("output", ["model.safetensors", "musco.yaml", "report.json"]),
+                                         ("checkpoints", ["LATEST"])])
+def test_overwrite_never_replaces_a_file_musco_core_did_not_write(finished_run, tmp_path, kind, names):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text(f"my own {name}")
+    before = output_snapshot(folder)
+    save = save_compressed if kind == "output" else type(finished_run).save_state
+    with pytest.raises(ConfigError) as caught:
+        save(finished_run, folder, overwrite=True)
+    assert str(caught.value) == (f"{', '.join(str(folder / name) for name in names)}: in the way of the files "
+                                 f"musco-core writes, and not written by it; it never replaces what it did not write "
+                                 f"(not even with --overwrite): move them, or choose another folder")
+    assert output_snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == names
+
+
+def test_overwrite_never_writes_through_a_symlink(finished_run, tmp_path):
+    (tmp_path / "elsewhere.safetensors").write_text("the user's")
+    out = save_compressed(finished_run, tmp_path / "out")
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ConfigError, match=r"out/model.safetensors \(a symlink\): in the way"):
+        save_compressed(finished_run, out, overwrite=True)
+    assert (tmp_path / "elsewhere.safetensors").read_text() == "the user's"
+
+
+def test_a_dangling_symlink_as_the_folder_is_one_clear_error(finished_run, tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"out: is a symlink to .*gone, which does not exist; expected a folder for "
+                                          r"the output"):
+        save_compressed(finished_run, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "gone").exists()
 
 
 def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path):
@@ -357,6 +456,24 @@ def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_p
     shutil.copy(first / "model.safetensors", second / "model.safetensors")
     with pytest.raises(ConfigError, match="different saves"):
         load_compressed(worker.model(), second)
+
+
+def test_replacing_a_set_removes_the_old_sets_files_the_new_one_lacks(finished_run, tmp_path):
+    out = save_compressed(finished_run, tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    save_compressed(finished_run.compressed_model, out, overwrite=True)  # a bare model's set has no report
+    assert sorted(p.name for p in out.iterdir()) == [".musco-core", "model.safetensors", "musco.yaml", "notes.txt"]
+    with pytest.raises(ConfigError, match="report.json: cannot read"):
+        read_report(out)
+
+
+def test_a_report_of_another_save_is_refused(finished_run, tmp_path):
+    first = save_compressed(finished_run, tmp_path / "first")
+    second = save_compressed(finished_run, tmp_path / "second")
+    shutil.copy(first / "report.json", second / "report.json")
+    with pytest.raises(ConfigError, match=r"second/report.json: is not the report of .*second/musco.yaml \(they come "
+                                          r"from different saves\)"):
+        read_report(second)
 
 
 def test_the_step_function_leaves_model_and_state_untouched_on_failure():
