@@ -2,21 +2,19 @@
 :mod:`musco_core.run`."""
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import distributed, io
 from .allocation import check_latency_input
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
-from .errors import ConfigError, one_line
+from .errors import ConfigError
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
 from .run import (build_report, check_calibration, check_resumable, check_same_model, checked_schedule, run_step,
@@ -24,25 +22,9 @@ from .run import (build_report, check_calibration, check_resumable, check_same_m
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
+from .surgery import deep_copy
 
 log = logging.getLogger(__name__)
-
-
-def _deep_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the model, or one ConfigError that says why it cannot be copied and what to do."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as exc:  # the user's model: one clear line, the cause chained
-        computed = [f"{name}.{attribute}" if name else attribute for name, module in model.named_modules()
-                    for attribute, value in {**vars(module), **module._buffers}.items()
-                    if isinstance(value, torch.Tensor) and not value.is_leaf]
-        why = (f"{', '.join(map(repr, computed[:3]))} {'is a tensor' if len(computed) == 1 else 'are tensors'} "
-               f"computed from other tensors (not a leaf), which torch cannot deep-copy; the hook-based "
-               f"torch.nn.utils.weight_norm leaves one on its layer: call torch.nn.utils.remove_weight_norm on it "
-               f"(or use torch.nn.utils.parametrizations.weight_norm)" if computed
-               else f"copy.deepcopy raised {type(exc).__name__}: {one_line(str(exc))}")
-        raise ConfigError(f"{type(model).__name__} cannot be deep-copied (Compressor copies the model unless "
-                          f"inplace=True): {why}; or pass inplace=True to compress the model itself") from exc
 
 
 class Compressor:
@@ -79,7 +61,8 @@ class Compressor:
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
             raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                               f"before compressing it")
-        model = model if inplace else _deep_copy(model)
+        model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
+                                                  "or pass inplace=True to compress the model itself")
         stats = as_model_stats(model_stats, model, registry, example_input)
         carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
             isinstance(model_compr_kwargs, dict) and "version" in model_compr_kwargs)

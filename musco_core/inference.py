@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .factors import dense_weight
-from .surgery import (FactorizedLayer, evaluating, module_paths, replace_module, standardize_model,
+from .surgery import (FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model,
                       why_not_replaceable)
 from .timing import call_arguments, call_model, fixed_threads, tensors_in, time_modules, time_modules_at
 from .verify import output_difference
@@ -112,7 +112,8 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     warning. Without it, chains are merged wherever that saves MACs, and the memory format is left as it is.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = deep_copy(model, "optimize_for_inference copies the model unless inplace=True",
+                          "or pass inplace=True to optimize the model itself")
     with evaluating(model):
         plan = _plan(model, example_input, threads, progress)
     return _apply(model, plan)

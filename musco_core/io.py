@@ -30,7 +30,6 @@ imported or executed: component names are only looked up among the installed plu
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import json
 import logging
@@ -63,7 +62,7 @@ from .report import CompressionReport
 from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
                        read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import FactorizedLayer, module_paths, replace_module
+from .surgery import FactorizedLayer, deep_copy, module_paths, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -589,7 +588,8 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         raise ConfigError(f"{weights}: is not the weights file of {directory / MANIFEST} (they come from different "
                           f"saves); save the model again")
     renamed = {key: value for key, value in metadata.items() if key in shapes or value in shapes}
-    model = copy.deepcopy(fresh_model)
+    model = deep_copy(fresh_model, "load_compressed copies the fresh model it is given",
+                      "give a model that can be copied")
     paths = module_paths(model)
     modules = dict(model.named_modules())
     replacements = []

@@ -2,11 +2,13 @@
 makes a module unsafe to replace (computation of its own, hooks, an owner that reads its weights, aliases)."""
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
@@ -14,10 +16,12 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .components import FactorLayout, LayerSpec
+from .errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 #: Attributes the stock computation of a layer goes through. A subclass that defines one of them itself computes
 #: something else than the stock class (TensorFlow-style padding in ``forward``, a scaled or masked weight), or
@@ -293,3 +297,20 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def deep_copy(model: M, who: str, instead: str) -> M:
+    """A deep copy of ``model``, or one ConfigError saying why it cannot be copied and what to do: ``who`` says who
+    copies it and when, ``instead`` the way around the copy."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # the user's model: one clear line, the cause chained
+        computed = [f"{name}.{attribute}" if name else attribute for name, module in model.named_modules()
+                    for attribute, value in {**vars(module), **module._buffers}.items()
+                    if isinstance(value, torch.Tensor) and not value.is_leaf]
+        why = (f"{', '.join(map(repr, computed[:3]))} {'is a tensor' if len(computed) == 1 else 'are tensors'} "
+               f"computed from other tensors (not a leaf), which torch cannot deep-copy; the hook-based "
+               f"torch.nn.utils.weight_norm leaves one on its layer: call torch.nn.utils.remove_weight_norm on it "
+               f"(or use torch.nn.utils.parametrizations.weight_norm)" if computed
+               else f"copy.deepcopy raised {type(exc).__name__}: {one_line(str(exc))}")
+        raise ConfigError(f"{type(model).__name__} cannot be deep-copied ({who}): {why}; {instead}") from exc

@@ -15,7 +15,8 @@ from torch import nn
 
 from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
-                        hookimpl, make_plugin_manager, standardize_model)
+                        hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
+from musco_core.io import load_compressed, save_compressed
 from musco_plugins.svd import SVD
 
 
@@ -162,6 +163,21 @@ def test_a_model_that_cannot_be_copied_is_one_error_saying_what_to_do(registry, 
     assert why in message and message.endswith("or pass inplace=True to compress the model itself")
     compressor = Compressor(model, model_compr_kwargs=schedule, inplace=True, registry=registry, progress=False)
     assert compressor.compression_step()[0].applied
+
+
+def test_optimizing_or_loading_into_a_model_that_cannot_be_copied_is_one_error(registry, tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    compressor = Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "manual",
+                                                             "manual_rank": [4]}}, registry=registry, progress=False)
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path / "out")
+    _lock(model)
+    with pytest.raises(ConfigError, match=r"^Sequential cannot be deep-copied \(optimize_for_inference copies the "
+                                          r"model unless inplace=True\): .*or pass inplace=True"):
+        optimize_for_inference(model, progress=False)
+    with pytest.raises(ConfigError, match=r"^Sequential cannot be deep-copied \(load_compressed copies the fresh "
+                                          r"model it is given\)"):
+        load_compressed(model, tmp_path / "out", registry)
 
 
 def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
