@@ -35,39 +35,34 @@ With an example input the result is checked: its outputs on that input must equa
 (:data:`CHECK_TOLERANCE`); where they do not, it is made again without BatchNorm folding, then without any
 rewrite, with a warning saying what was left out and why.
 
-The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; what the data flow allows,
-the measured choices (a plan of rewrites by module path) and the module surgery that makes them are kept apart.
+The arithmetic (composite weights, BatchNorm folding) is plain functions on tensors; what the data flow shows is
+read in :mod:`musco_core.dataflow`; what it allows, the measured choices (a plan of rewrites by module path) and
+the module surgery that makes them are kept apart.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import logging
 import math
-import warnings
-import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence, holds_shared,
+                       is_stock, observe, shared_tensors, torch_class)
 from .factors import dense_weight
-from .surgery import (FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model,
-                      why_not_replaceable)
-from .timing import call_arguments, call_model, fixed_threads, tensors_in, time_modules, time_modules_at
+from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
+from .timing import call_model, fixed_threads, tensors_in, time_modules, time_modules_at
 from .verify import output_difference
 
 log = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LAYERS = (*_CONVS, nn.Linear)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: A factorized chain is kept only when its median time is below this share of the dense layer's; the
 #: rest of the difference is within what a shared machine's noise produces between two medians.
 MEASURABLY_FASTER = 0.97
@@ -75,9 +70,6 @@ MEASURABLY_FASTER = 0.97
 #: model's outputs on the example input and the eval-mode model's, both in float32 (float64 for a float64 model).
 #: Float rounding gives about 4e-7 on a ResNet-50; a wrong data flow gives errors of order one.
 CHECK_TOLERANCE = 1e-5
-#: Model classes whose trace was reported untrusted at INFO; later copies log it at DEBUG (a latency budget
-#: with ``form: optimized`` deploys several copies of the same model per step).
-_UNTRACEABLE_REPORTED: set[type] = set()
 #: Chains longer than this are only compared as they are against fully merged (2^(n-1) splits otherwise).
 _MAX_SPLIT_SEARCH = 6
 
@@ -140,7 +132,7 @@ class _Plan:
 def _plan(model: nn.Module, example_input: Any, threads: int | None, progress: bool) -> _Plan:
     """The rewrites of ``model`` (in eval mode) that its data flow allows; with an example input, the measured
     choices among them, checked on it."""
-    evidence = _evidence(model, example_input)
+    evidence = gather_evidence(model, example_input)
     folds = _folds(model, evidence)
     chains = _chains(model, evidence)
     plan = _Plan(folds, tuple((chain.paths[0], chain.fewest_macs()) for chain in chains))
@@ -281,247 +273,10 @@ def _folded_away(batchnorm: nn.Module) -> nn.Identity:
     return identity
 
 
-# --- What the data flow shows: a pass on the example input, torch.fx traces ----------------------------------
-
-def _torch_class(module: nn.Module, types: tuple[type, ...]) -> type | None:
-    """The class of ``types`` that ``module`` is an instance of (the first in its MRO), or None."""
-    return next((klass for klass in type(module).__mro__ if klass in types), None)
-
-
-def _is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
-    """A module of one of ``types`` that computes just what that torch class computes with its parameters: the
-    rule a layer passes before it is factorized (:func:`~musco_core.surgery.why_not_replaceable`: no computation
-    of its own, such as a ``_conv_forward`` that standardizes the weight, no hooks, no parametrization)."""
-    base = _torch_class(module, types)
-    return base is not None and why_not_replaceable(module, base) is None
-
-
-def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
-
-
-def _shared_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers that several modules of ``model`` hold (tied weights): folding into one
-    holder would change the others, and replacing it would cut it off from them."""
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for tensor in _own_tensors(module):
-            holders[id(tensor)] = holders.get(id(tensor), 0) + 1
-    return {key for key, count in holders.items() if count > 1}
-
-
-def _holds_shared(module: nn.Module, shared: set[int]) -> bool:
-    return any(id(tensor) in shared for tensor in _own_tensors(module))
-
-
-@attrs.define(eq=False)
-class _Call:
-    """One call of a module in an observed pass: the call that made it (None for the model's own), the calls whose
-    output is its first input (a layer's and the containers' that returned it as theirs), the shapes, a weak
-    reference to its output, and the ids of the modules in whose calls a torch function read that output."""
-
-    module: nn.Module
-    parent: _Call | None
-    sources: list[_Call]
-    input_shape: tuple[int, ...] | None
-    output_shape: tuple[int, ...] | None = None
-    output: weakref.ref | None = None
-    readers: set[int] = attrs.Factory(set)
-
-    def output_kept(self) -> bool:
-        """True when its output outlived the pass: returned, stored, or held by another tensor (a view)."""
-        return self.output is not None and self.output() is not None
-
-
-class _Pass(TorchFunctionMode):
-    """A forward pass on the example input, observed through hooks on every module and every torch function
-    called: each module's calls in order (:class:`_Call`), the calls of the modules a trace keeps whole
-    (``leaf_calls``, as ids, leaving out those made inside another such module: see :class:`_Tracer`), and for
-    each parameter and buffer the ids of the modules in whose calls it was read. Only weak references to outputs
-    are kept, so that an output still alive after the pass was kept by the model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.calls: dict[int, list[_Call]] = {}
-        self.leaf_calls: list[int] = []
-        self.tensor_readers: dict[int, set[int]] = {id(t): set() for m in model.modules() for t in _own_tensors(m)}
-        self._leaves = {id(m) for m in model.modules() if _Tracer().is_leaf_module(m, "")}
-        self._stack: list[_Call] = []
-        self._outputs: dict[int, list[_Call]] = {}
-        self._in_hook = False
-
-    @property
-    def shapes(self) -> dict[int, tuple]:
-        """{id(module): (input shape, output shape)} of each module's first call (None where not a tensor)."""
-        return {key: (calls[0].input_shape, calls[0].output_shape) for key, calls in self.calls.items()}
-
-    def reads_only_own(self, module: nn.Module) -> bool:
-        """True when the pass read the module's parameters and buffers in its own calls only."""
-        return all(self.tensor_readers.get(id(t), set()) <= {id(module)} for t in _own_tensors(module))
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self._stack and not self._in_hook:
-            reader = id(self._stack[-1].module)
-            for tensor in tensors_in((args, kwargs)):
-                for producer in self._producers(tensor):
-                    producer.readers.add(reader)
-                if id(tensor) in self.tensor_readers:
-                    self.tensor_readers[id(tensor)].add(reader)
-        return func(*args, **kwargs)
-
-    def _producers(self, tensor: torch.Tensor) -> list[_Call]:
-        """The calls that returned ``tensor`` (a container returns its last layer's output as its own)."""
-        return [call for call in self._outputs.get(id(tensor), []) if call.output() is tensor]
-
-    def before(self, module: nn.Module, args: tuple) -> None:
-        self._in_hook = True  # the hook's own look at the input is no read by the model
-        try:
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            call = _Call(module, self._stack[-1] if self._stack else None,
-                         [] if first is None else self._producers(first),
-                         None if first is None else tuple(first.shape))
-            self.calls.setdefault(id(module), []).append(call)
-            # the model's own call is no call_module in a trace, whatever its class
-            if self._stack and id(module) in self._leaves and not any(id(c.module) in self._leaves
-                                                                      for c in self._stack[1:]):
-                self.leaf_calls.append(id(module))
-            self._stack.append(call)
-        finally:
-            self._in_hook = False
-
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._in_hook = True
-        try:
-            call = self._stack.pop()
-            if isinstance(output, torch.Tensor):
-                call.output, call.output_shape = weakref.ref(output), tuple(output.shape)
-                self._outputs[id(output)] = [*self._producers(output), call]
-        finally:
-            self._in_hook = False
-
-
-def _observe(model: nn.Module, example_input: Any) -> _Pass:
-    """One pass of ``model`` on ``example_input``, observed (see :class:`_Pass`)."""
-    observed = _Pass(model)
-    handles = [handle for module in model.modules()
-               for handle in (module.register_forward_pre_hook(observed.before),
-                              module.register_forward_hook(observed.after))]
-    try:
-        with torch.no_grad(), observed:
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return observed
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, which also keeps whole (as one ``call_module``) a subclass of a torch layer or BatchNorm
-    that computes just what its torch class does, instead of tracing into its forward."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or _is_stock(m, (*_LAYERS, *_BATCHNORMS))
-
-
-@attrs.frozen
-class _Traced:
-    """A ``torch.fx`` graph of the model: the model's module each ``call_module`` node calls, the module whose
-    forward made that call, and the ids of the modules whose parameters the graph reads directly."""
-
-    graph: torch.fx.Graph
-    modules: dict[torch.fx.Node, nn.Module]
-    callers: dict[torch.fx.Node, nn.Module]
-    read_directly: set[int]
-
-    @classmethod
-    def of(cls, model: nn.Module, graph: torch.fx.Graph) -> _Traced:
-        modules = {node: model.get_submodule(node.target) for node in graph.nodes if node.op == "call_module"}
-        callers = {}
-        for node in modules:  # nn_module_stack: the modules traced through to this call, ending with its own
-            stack = list(node.meta.get("nn_module_stack", {}).values())
-            callers[node] = model.get_submodule(stack[-2][0]) if len(stack) > 1 else model
-        read_directly = {id(model.get_submodule(node.target.rpartition(".")[0]))
-                         for node in graph.nodes if node.op == "get_attr"}
-        return cls(graph, modules, callers, read_directly)
-
-    @property
-    def leaf_calls(self) -> list[int]:
-        return [id(module) for module in self.modules.values()]
-
-
-@attrs.frozen
-class _Evidence:
-    """What the rewrites may rely on: the model's traces where they show its data flow (one per way the model may
-    be called; None where they do not), and a pass on the example input (None without one)."""
-
-    traces: list[_Traced] | None
-    observed: _Pass | None
-
-    @property
-    def shapes(self) -> dict[int, tuple]:
-        return self.observed.shapes if self.observed is not None else {}
-
-
-def _evidence(model: nn.Module, example_input: Any) -> _Evidence:
-    observed = _observe(model, example_input) if example_input is not None else None
-    try:
-        with warnings.catch_warnings():  # fx warns that it cannot assert a concrete argument's value
-            warnings.simplefilter("ignore")
-            # on a copy: tracing runs the forward on proxies, which can leave attributes on the model
-            graphs = [_Tracer().trace(copy.deepcopy(model), concrete)
-                      for concrete in _concrete_arguments(model, example_input)]
-    except Exception as exc:  # noqa: BLE001 - any failure to trace means: no trace to rely on
-        doubt = f"{type(exc).__name__}: {exc}"
-    else:
-        traces = [_Traced.of(model, graph) for graph in graphs]
-        doubt = _trace_doubt(model, traces, observed)
-        if doubt is None:
-            return _Evidence(traces, observed)
-    level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
-    _UNTRACEABLE_REPORTED.add(type(model))
-    log.log(level, "optimize_for_inference: the %s model cannot be traced by torch.fx faithfully (%s); %s",
-            type(model).__name__, doubt,
-            "no BatchNorm is folded, and only factorized layers are merged" if observed is None else
-            "BatchNorms fold inside nn.Sequential containers only, and only factorized layers are merged, where the "
-            "pass on the example input confirms the data flow")
-    return _Evidence(None, observed)
-
-
-def _concrete_arguments(model: nn.Module, example_input: Any) -> list[dict[str, Any] | None]:
-    """The ``concrete_args`` to trace the model with, one per way it may be called. A traced argument is a proxy
-    (``skip is not None`` holds for it): an optional argument is left at its default as the example input leaves
-    it; without one, it is traced both given and left at its default, since the model may be called either way."""
-    signature = inspect.signature(model.forward)
-    defaults = {name: parameter.default for name, parameter in signature.parameters.items()
-                if parameter.default is not inspect.Parameter.empty}
-    if example_input is None:
-        return [None, defaults] if defaults else [None]
-    args, kwargs = call_arguments(example_input)
-    passed = signature.bind(*args, **kwargs).arguments
-    return [{name: value for name, value in defaults.items() if name not in passed} or None]
-
-
-def _trace_doubt(model: nn.Module, traces: Sequence[_Traced], observed: _Pass | None) -> str | None:
-    """Why the traces may not show the model's data flow, or None. With a pass, a trace must call the same modules
-    in the same order (the pass then shows what the trace cannot: which branch of an ``isinstance``, what is read
-    outside a module). Without one, a trace must hold no tensor computed while tracing (a ``_tensor_constant``:
-    computed from parameters, perhaps, which the graph then does not show)."""
-    if observed is not None:
-        if any(trace.leaf_calls != observed.leaf_calls for trace in traces):
-            return "its trace calls other modules, or in another order, than a pass on the example input"
-        return None
-    names = {name for name, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                                 model.named_buffers(remove_duplicate=False))}
-    if any(node.op == "get_attr" and node.target not in names for trace in traces for node in trace.graph.nodes):
-        return "its trace holds tensors computed while tracing, whose data flow it does not show"
-    return None
-
-
 # --- BatchNorm folding: which pairs -------------------------------------------------------------------------
 
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
-    return (_is_stock(module, _BATCHNORMS) and module.track_running_stats and module.running_mean is not None
+    return (is_stock(module, BATCHNORMS) and module.track_running_stats and module.running_mean is not None
             and module.running_var is not None)
 
 
@@ -544,7 +299,7 @@ def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int,
     return isinstance(layer, nn.Conv1d) and output is not None and len(output) == 3
 
 
-def _folds(model: nn.Module, evidence: _Evidence) -> tuple[tuple[str, str], ...]:
+def _folds(model: nn.Module, evidence: Evidence) -> tuple[tuple[str, str], ...]:
     """The (layer, BatchNorm) paths where the BatchNorm folds: it reads only that layer's output, each runs once,
     both are stock and hold no tensor another module shares. The pairs come from the traces (a pair in every one),
     else from ``nn.Sequential`` containers; the pass on the example input, where there is one, must confirm each."""
@@ -556,15 +311,15 @@ def _folds(model: nn.Module, evidence: _Evidence) -> tuple[tuple[str, str], ...]
         candidates = _sequential_pairs(model, observed)
     else:
         return ()
-    paths, shared, shapes = module_paths(model), _shared_tensors(model), evidence.shapes
+    paths, shared, shapes = module_paths(model), shared_tensors(model), evidence.shapes
     return tuple((paths[id(layer)][0], paths[id(batchnorm)][0]) for layer, batchnorm in candidates
-                 if _is_foldable_batchnorm(batchnorm) and _is_stock(layer, _LAYERS)
-                 and not _holds_shared(layer, shared) and not _holds_shared(batchnorm, shared)
+                 if _is_foldable_batchnorm(batchnorm) and is_stock(layer, LAYERS)
+                 and not holds_shared(layer, shared) and not holds_shared(batchnorm, shared)
                  and _channel_axis_fits(layer, batchnorm, shapes)
                  and (observed is None or _pass_confirms_pair(observed, layer, batchnorm)))
 
 
-def _traced_pairs(trace: _Traced) -> list[tuple[nn.Module, nn.Module]]:
+def _traced_pairs(trace: Traced) -> list[tuple[nn.Module, nn.Module]]:
     """(layer, BatchNorm) pairs where the trace calls each once, the BatchNorm on the layer's output alone, that
     output goes nowhere else, and no parameter of either is read directly."""
     calls: dict[int, int] = {}
@@ -584,17 +339,17 @@ def _traced_pairs(trace: _Traced) -> list[tuple[nn.Module, nn.Module]]:
 def _last_layer(module: nn.Module) -> nn.Module:
     """The module that produces ``module``'s output when that is certain: itself, or the last layer of a
     stock ``nn.Sequential`` (a factorized layer included)."""
-    while _is_stock(module, (nn.Sequential,)) and len(module):
+    while is_stock(module, (nn.Sequential,)) and len(module):
         module = module[-1]
     return module
 
 
-def _sequential_pairs(model: nn.Module, observed: _Pass) -> list[tuple[nn.Module, nn.Module]]:
+def _sequential_pairs(model: nn.Module, observed: ObservedPass) -> list[tuple[nn.Module, nn.Module]]:
     """(layer, BatchNorm) pairs of consecutive children of a stock ``nn.Sequential`` that the pass shows calling
     the BatchNorm, once: the container called whole, which passes the child's output to it."""
     pairs = []
     for container in model.modules():
-        if not _is_stock(container, (nn.Sequential,)):
+        if not is_stock(container, (nn.Sequential,)):
             continue
         children = list(container)
         for before, batchnorm in zip(children, children[1:]):
@@ -604,7 +359,7 @@ def _sequential_pairs(model: nn.Module, observed: _Pass) -> list[tuple[nn.Module
     return pairs
 
 
-def _pass_confirms_pair(observed: _Pass, layer: nn.Module, batchnorm: nn.Module) -> bool:
+def _pass_confirms_pair(observed: ObservedPass, layer: nn.Module, batchnorm: nn.Module) -> bool:
     """True when the pass called each once, the BatchNorm on the layer's output, read that output in the
     BatchNorm's call alone and dropped it after, and read each one's tensors in its own call alone."""
     layer_calls, batchnorm_calls = observed.calls.get(id(layer), []), observed.calls.get(id(batchnorm), [])
@@ -720,7 +475,7 @@ def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
     if isinstance(layers[0], nn.Linear):
         merged = nn.Linear(weight.shape[1], weight.shape[0], **options)
     else:
-        merged = _CONVS[len(geometry.kernel_size) - 1](
+        merged = CONVS[len(geometry.kernel_size) - 1](
             weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, stride=geometry.stride,
             padding=geometry.padding, dilation=geometry.dilation, groups=geometry.groups,
             padding_mode=geometry.padding_mode, **options)
@@ -751,19 +506,19 @@ def _splits(n: int) -> list[Split]:
     return result
 
 
-def _chains(model: nn.Module, evidence: _Evidence) -> list[_Chain]:
+def _chains(model: nn.Module, evidence: Evidence) -> list[_Chain]:
     """Every stock ``nn.Sequential`` (a factorized layer included) of two or more stock layers of one torch class
     that the model calls whole, as its traces show (or, where there are none, a factorized layer: it stands for
     the one layer the model's code calls) and the pass on the example input, where there is one, confirms. Its
     layers are reachable under one name and hold no tensor another module shares."""
-    paths, shared, shapes = module_paths(model), _shared_tensors(model), evidence.shapes
+    paths, shared, shapes = module_paths(model), shared_tensors(model), evidence.shapes
     chains = []
     for container in model.modules():
-        if not _is_stock(container, (nn.Sequential,)) or len(container) < 2:
+        if not is_stock(container, (nn.Sequential,)) or len(container) < 2:
             continue
         layers = list(container)
-        if (len({_torch_class(layer, _LAYERS) for layer in layers}) != 1
-                or not all(_is_stock(layer, _LAYERS) and not _holds_shared(layer, shared)
+        if (len({torch_class(layer, LAYERS) for layer in layers}) != 1
+                or not all(is_stock(layer, LAYERS) and not holds_shared(layer, shared)
                            and len(paths[id(layer)]) == 1 for layer in layers)):
             continue
         if evidence.traces is not None:
@@ -776,7 +531,7 @@ def _chains(model: nn.Module, evidence: _Evidence) -> list[_Chain]:
     return chains
 
 
-def _called_whole(trace: _Traced, container: nn.Module) -> bool:
+def _called_whole(trace: Traced, container: nn.Module) -> bool:
     """True when the trace calls the container's layers, each only from the container's forward (the model calls
     it whole, never its layers on their own), and reads none of their parameters directly."""
     layers = {id(layer) for layer in container}
@@ -785,7 +540,7 @@ def _called_whole(trace: _Traced, container: nn.Module) -> bool:
             and not layers & trace.read_directly)
 
 
-def _pass_confirms_chain(observed: _Pass, container: nn.Module) -> bool:
+def _pass_confirms_chain(observed: ObservedPass, container: nn.Module) -> bool:
     """True when the pass called each layer of the container, only from the container's calls, and read each
     one's tensors in its own calls only."""
     for layer in container:
@@ -916,9 +671,9 @@ class PointwiseConv2d(nn.Conv2d):
 def _is_pointwise(module: nn.Module, shared: set[int]) -> bool:
     """A stock 1x1 ``nn.Conv2d`` that a :class:`PointwiseConv2d` reproduces, holding no tensor another module
     shares."""
-    return (_is_stock(module, (nn.Conv2d,)) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+    return (is_stock(module, (nn.Conv2d,)) and module.kernel_size == (1, 1) and module.stride == (1, 1)
             and module.groups == 1 and module.padding in ((0, 0), "valid", "same")
-            and not _holds_shared(module, shared))
+            and not holds_shared(module, shared))
 
 
 def _to_channels_last(model: nn.Module) -> nn.Module:
@@ -953,7 +708,7 @@ def _runs(model: nn.Module, example_input: Any) -> bool:
 def pointwise_products(model: nn.Module) -> nn.Module:
     """``model`` (modified) with every 1x1 convolution a :class:`PointwiseConv2d`; returns the root (new if it was
     such a convolution). For timing what :func:`optimize_for_inference` can reach without timing each geometry."""
-    paths, shared = module_paths(model), _shared_tensors(model)
+    paths, shared = module_paths(model), shared_tensors(model)
     for module in list(model.modules()):
         if _is_pointwise(module, shared):
             model = _put(model, paths[id(module)], PointwiseConv2d.from_conv(module))
@@ -963,8 +718,8 @@ def pointwise_products(model: nn.Module) -> nn.Module:
 def _fastest_pointwise(model: nn.Module, example_input: Any, progress: bool) -> tuple[str, ...]:
     """The paths of the 1x1 convolutions of ``model`` (in channels_last) that run measurably faster as
     :class:`PointwiseConv2d` at their input shapes, each distinct geometry timed once."""
-    shapes = _observe(model, example_input).shapes
-    paths, shared = module_paths(model), _shared_tensors(model)
+    shapes = observe(model, example_input).shapes
+    paths, shared = module_paths(model), shared_tensors(model)
     by_geometry: dict[tuple, list[nn.Conv2d]] = {}
     for module in model.modules():
         input_shape = shapes.get(id(module), (None, None))[0]

@@ -510,7 +510,7 @@ def test_an_untraceable_model_is_reported_at_info_once_per_class(caplog):
     class UntraceableOnce(Untraceable):  # a class of its own: the once-per-class record is per process
         pass
 
-    caplog.set_level(logging.DEBUG, logger="musco_core.inference")
+    caplog.set_level(logging.DEBUG, logger="musco_core.dataflow")
     for _ in range(3):
         optimize_for_inference(UntraceableOnce(), progress=False)
     said = [record.levelno for record in caplog.records if "cannot be traced" in record.getMessage()]

@@ -1,0 +1,266 @@
+"""What a model's data flow shows, for rewrites that must be exact (:mod:`musco_core.inference`): a forward pass
+on the example input observed through module hooks and a ``TorchFunctionMode`` (which module called which, who
+read each output and each parameter), and ``torch.fx`` traces, trusted only where they agree with that pass or,
+without one, hold nothing computed while tracing."""
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import logging
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .surgery import why_not_replaceable
+from .timing import call_arguments, call_model, tensors_in
+
+log = logging.getLogger(__name__)
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS = (*CONVS, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Model classes whose trace was reported untrusted at INFO; later copies log it at DEBUG (a latency budget
+#: with ``form: optimized`` deploys several copies of the same model per step).
+_UNTRACEABLE_REPORTED: set[type] = set()
+
+
+def torch_class(module: nn.Module, types: tuple[type, ...]) -> type | None:
+    """The class of ``types`` that ``module`` is an instance of (the first in its MRO), or None."""
+    return next((klass for klass in type(module).__mro__ if klass in types), None)
+
+
+def is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """A module of one of ``types`` that computes just what that torch class computes with its parameters: the
+    rule a layer passes before it is factorized (:func:`~musco_core.surgery.why_not_replaceable`: no computation
+    of its own, such as a ``_conv_forward`` that standardizes the weight, no hooks, no parametrization)."""
+    base = torch_class(module, types)
+    return base is not None and why_not_replaceable(module, base) is None
+
+
+def own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+
+
+def shared_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers that several modules of ``model`` hold (tied weights): folding into one
+    holder would change the others, and replacing it would cut it off from them."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in own_tensors(module):
+            holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+    return {key for key, count in holders.items() if count > 1}
+
+
+def holds_shared(module: nn.Module, shared: set[int]) -> bool:
+    return any(id(tensor) in shared for tensor in own_tensors(module))
+
+
+@attrs.define(eq=False)
+class Call:
+    """One call of a module in an observed pass: the call that made it (None for the model's own), the calls whose
+    output is its first input (a layer's and the containers' that returned it as theirs), the shapes, a weak
+    reference to its output, and the ids of the modules in whose calls a torch function read that output."""
+
+    module: nn.Module
+    parent: Call | None
+    sources: list[Call]
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None = None
+    output: weakref.ref | None = None
+    readers: set[int] = attrs.Factory(set)
+
+    def output_kept(self) -> bool:
+        """True when its output outlived the pass: returned, stored, or held by another tensor (a view)."""
+        return self.output is not None and self.output() is not None
+
+
+class ObservedPass(TorchFunctionMode):
+    """A forward pass on the example input, observed through hooks on every module and every torch function
+    called: each module's calls in order (:class:`Call`), the calls of the modules a trace keeps whole
+    (``leaf_calls``, as ids, leaving out those made inside another such module: see :class:`StockTracer`), and for
+    each parameter and buffer the ids of the modules in whose calls it was read. Only weak references to outputs
+    are kept, so that an output still alive after the pass was kept by the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.calls: dict[int, list[Call]] = {}
+        self.leaf_calls: list[int] = []
+        self.tensor_readers: dict[int, set[int]] = {id(t): set() for m in model.modules() for t in own_tensors(m)}
+        self._leaves = {id(m) for m in model.modules() if StockTracer().is_leaf_module(m, "")}
+        self._stack: list[Call] = []
+        self._outputs: dict[int, list[Call]] = {}
+        self._in_hook = False
+
+    @property
+    def shapes(self) -> dict[int, tuple]:
+        """{id(module): (input shape, output shape)} of each module's first call (None where not a tensor)."""
+        return {key: (calls[0].input_shape, calls[0].output_shape) for key, calls in self.calls.items()}
+
+    def reads_only_own(self, module: nn.Module) -> bool:
+        """True when the pass read the module's parameters and buffers in its own calls only."""
+        return all(self.tensor_readers.get(id(t), set()) <= {id(module)} for t in own_tensors(module))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._stack and not self._in_hook:
+            reader = id(self._stack[-1].module)
+            for tensor in tensors_in((args, kwargs)):
+                for producer in self._producers(tensor):
+                    producer.readers.add(reader)
+                if id(tensor) in self.tensor_readers:
+                    self.tensor_readers[id(tensor)].add(reader)
+        return func(*args, **kwargs)
+
+    def _producers(self, tensor: torch.Tensor) -> list[Call]:
+        """The calls that returned ``tensor`` (a container returns its last layer's output as its own)."""
+        return [call for call in self._outputs.get(id(tensor), []) if call.output() is tensor]
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        self._in_hook = True  # the hook's own look at the input is no read by the model
+        try:
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            call = Call(module, self._stack[-1] if self._stack else None,
+                         [] if first is None else self._producers(first),
+                         None if first is None else tuple(first.shape))
+            self.calls.setdefault(id(module), []).append(call)
+            # the model's own call is no call_module in a trace, whatever its class
+            if self._stack and id(module) in self._leaves and not any(id(c.module) in self._leaves
+                                                                      for c in self._stack[1:]):
+                self.leaf_calls.append(id(module))
+            self._stack.append(call)
+        finally:
+            self._in_hook = False
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._in_hook = True
+        try:
+            call = self._stack.pop()
+            if isinstance(output, torch.Tensor):
+                call.output, call.output_shape = weakref.ref(output), tuple(output.shape)
+                self._outputs[id(output)] = [*self._producers(output), call]
+        finally:
+            self._in_hook = False
+
+
+def observe(model: nn.Module, example_input: Any) -> ObservedPass:
+    """One pass of ``model`` on ``example_input``, observed (see :class:`ObservedPass`)."""
+    observed = ObservedPass(model)
+    handles = [handle for module in model.modules()
+               for handle in (module.register_forward_pre_hook(observed.before),
+                              module.register_forward_hook(observed.after))]
+    try:
+        with torch.no_grad(), observed:
+            call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observed
+
+
+class StockTracer(torch.fx.Tracer):
+    """torch.fx's tracer, which also keeps whole (as one ``call_module``) a subclass of a torch layer or BatchNorm
+    that computes just what its torch class does, instead of tracing into its forward."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or is_stock(m, (*LAYERS, *BATCHNORMS))
+
+
+@attrs.frozen
+class Traced:
+    """A ``torch.fx`` graph of the model: the model's module each ``call_module`` node calls, the module whose
+    forward made that call, and the ids of the modules whose parameters the graph reads directly."""
+
+    graph: torch.fx.Graph
+    modules: dict[torch.fx.Node, nn.Module]
+    callers: dict[torch.fx.Node, nn.Module]
+    read_directly: set[int]
+
+    @classmethod
+    def of(cls, model: nn.Module, graph: torch.fx.Graph) -> Traced:
+        modules = {node: model.get_submodule(node.target) for node in graph.nodes if node.op == "call_module"}
+        callers = {}
+        for node in modules:  # nn_module_stack: the modules traced through to this call, ending with its own
+            stack = list(node.meta.get("nn_module_stack", {}).values())
+            callers[node] = model.get_submodule(stack[-2][0]) if len(stack) > 1 else model
+        read_directly = {id(model.get_submodule(node.target.rpartition(".")[0]))
+                         for node in graph.nodes if node.op == "get_attr"}
+        return cls(graph, modules, callers, read_directly)
+
+    @property
+    def leaf_calls(self) -> list[int]:
+        return [id(module) for module in self.modules.values()]
+
+
+@attrs.frozen
+class Evidence:
+    """What the rewrites may rely on: the model's traces where they show its data flow (one per way the model may
+    be called; None where they do not), and a pass on the example input (None without one)."""
+
+    traces: list[Traced] | None
+    observed: ObservedPass | None
+
+    @property
+    def shapes(self) -> dict[int, tuple]:
+        return self.observed.shapes if self.observed is not None else {}
+
+
+def gather_evidence(model: nn.Module, example_input: Any) -> Evidence:
+    observed = observe(model, example_input) if example_input is not None else None
+    try:
+        with warnings.catch_warnings():  # fx warns that it cannot assert a concrete argument's value
+            warnings.simplefilter("ignore")
+            # on a copy: tracing runs the forward on proxies, which can leave attributes on the model
+            graphs = [StockTracer().trace(copy.deepcopy(model), concrete)
+                      for concrete in _concrete_arguments(model, example_input)]
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: no trace to rely on
+        doubt = f"{type(exc).__name__}: {exc}"
+    else:
+        traces = [Traced.of(model, graph) for graph in graphs]
+        doubt = _trace_doubt(model, traces, observed)
+        if doubt is None:
+            return Evidence(traces, observed)
+    level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
+    _UNTRACEABLE_REPORTED.add(type(model))
+    log.log(level, "optimize_for_inference: the %s model cannot be traced by torch.fx faithfully (%s); %s",
+            type(model).__name__, doubt,
+            "no BatchNorm is folded, and only factorized layers are merged" if observed is None else
+            "BatchNorms fold inside nn.Sequential containers only, and only factorized layers are merged, where the "
+            "pass on the example input confirms the data flow")
+    return Evidence(None, observed)
+
+
+def _concrete_arguments(model: nn.Module, example_input: Any) -> list[dict[str, Any] | None]:
+    """The ``concrete_args`` to trace the model with, one per way it may be called. A traced argument is a proxy
+    (``skip is not None`` holds for it): an optional argument is left at its default as the example input leaves
+    it; without one, it is traced both given and left at its default, since the model may be called either way."""
+    signature = inspect.signature(model.forward)
+    defaults = {name: parameter.default for name, parameter in signature.parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    if example_input is None:
+        return [None, defaults] if defaults else [None]
+    args, kwargs = call_arguments(example_input)
+    passed = signature.bind(*args, **kwargs).arguments
+    return [{name: value for name, value in defaults.items() if name not in passed} or None]
+
+
+def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedPass | None) -> str | None:
+    """Why the traces may not show the model's data flow, or None. With a pass, a trace must call the same modules
+    in the same order (the pass then shows what the trace cannot: which branch of an ``isinstance``, what is read
+    outside a module). Without one, a trace must hold no tensor computed while tracing (a ``_tensor_constant``:
+    computed from parameters, perhaps, which the graph then does not show)."""
+    if observed is not None:
+        if any(trace.leaf_calls != observed.leaf_calls for trace in traces):
+            return "its trace calls other modules, or in another order, than a pass on the example input"
+        return None
+    names = {name for name, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                 model.named_buffers(remove_duplicate=False))}
+    if any(node.op == "get_attr" and node.target not in names for trace in traces for node in trace.graph.nodes):
+        return "its trace holds tensors computed while tracing, whose data flow it does not show"
+    return None
