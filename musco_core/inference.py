@@ -59,7 +59,7 @@ from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced
 from .factors import dense_weight
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
 from .timing import call_model, fixed_threads, tensors_in, time_modules, time_modules_at
-from .verify import output_difference
+from .verify import output_difference, seeded_output
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
     dtype = torch.float64 if torch.float64 in floating else torch.float32
     x = example_input if floating <= {dtype} else _cast(example_input, dtype)
     try:
-        expected = _outputs(copy.deepcopy(model).to(dtype), x)
+        expected = _outputs(model if floating <= {dtype} else copy.deepcopy(model).to(dtype), x)
     except Exception as exc:  # noqa: BLE001 - what cannot be checked is not applied
         log.warning("optimize_for_inference: no rewrite applied: the model cannot be checked on the example input in "
                     "%s (%s: %s)", dtype, type(exc).__name__, exc)
@@ -225,8 +225,7 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
 
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return tensors_in(call_model(model, example_input))
+    return tensors_in(seeded_output(model, example_input))
 
 
 # --- BatchNorm folding: arithmetic --------------------------------------------------------------------------

@@ -164,9 +164,11 @@ def _parameter_problems(module: nn.Module) -> list[str]:
 
 
 def _padding_problems(module: nn.Module) -> list[str]:
-    """For a convolution, a ``_reversed_padding_repeated_twice`` (what a non-zeros padding mode pads with) other
-    than the one torch's ``_ConvNd.__init__`` derives from ``padding``, which is all the adapter rebuilds from."""
-    if not isinstance(module, _ConvNd):
+    """For a convolution with a non-zeros padding mode, a ``_reversed_padding_repeated_twice`` (what it pads with)
+    other than the one torch's ``_ConvNd.__init__`` derives from ``padding``, which is all the adapter rebuilds
+    from. Zero padding reads ``padding`` alone: segmentation code that sets a conv's padding and dilation after
+    construction leaves the attribute stale, harmlessly."""
+    if not isinstance(module, _ConvNd) or module.padding_mode == "zeros":
         return []
     if isinstance(module.padding, str):  # "same": an even kernel's odd unit of padding goes after
         totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]

@@ -834,3 +834,20 @@ def test_statistics_compression_and_optimization_do_not_import_dynamo():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+class NoisyInEval(nn.Module):
+    """Draws noise in eval mode too: the check compares its runs under one seed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.randn(1)
+
+
+def test_a_model_drawing_noise_in_eval_is_still_optimized(caplog):
+    caplog.set_level(logging.WARNING, logger="musco_core.inference")
+    optimized = optimize_for_inference(NoisyInEval().eval(), torch.randn(2, 3, 8, 8), progress=False)
+    assert isinstance(optimized.bn, nn.Identity) and not caplog.records

@@ -162,6 +162,9 @@ def test_a_conv_that_pads_other_than_its_padding_says_is_left_alone_or_refused(r
             example_input=x)
     same = nn.Conv2d(4, 6, (2, 4), padding="same", dilation=(1, 3), padding_mode="reflect")  # pads more after
     assert registry.adapter_for(same).name == "conv"
+    dilated = nn.Conv2d(4, 6, 3, padding=1)
+    dilated.dilation, dilated.padding = (2, 2), (2, 2)  # as segmentation code dilates a backbone: zero padding
+    assert registry.adapter_for(dilated).name == "conv"  # reads padding alone, the stale attribute is harmless
 
 
 def test_an_adapter_declares_a_subclass_it_reproduces_by_listing_it(registry):

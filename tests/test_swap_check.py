@@ -178,3 +178,44 @@ def test_blockwise_compression_keeps_a_layer_its_block_uses_through_a_list(tmp_p
     assert not result["first.fc1"].applied and "still calls the original layer" in result["first.fc1"].note
     assert result["first.fc2"].applied
     assert set(read_manifest(tmp_path / "out")) == {"first.fc2"}
+
+
+class ChangesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        x.sub_(1.0)  # every call moves the caller's tensor
+        return self.fc2(self.fc1(x))
+
+
+class CountsCalls(nn.Module):
+    """Keeps state across calls: two calls on the same input differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc2(self.fc1(x)) * self.calls
+
+
+def test_a_model_that_changes_its_input_is_checked_on_a_copy_of_it():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    before = x.clone()
+    compressor = compress(ChangesItsInput().eval(), {"fc1": manual(4), "fc2": manual(4)}, x)
+    assert all(r.applied for r in compressor.history)
+    assert torch.equal(x, before - 1.0)  # the statistics pass ran on it, and nothing else did
+
+
+def test_a_model_whose_calls_differ_cannot_be_checked_and_is_compressed(caplog):
+    torch.manual_seed(0)
+    caplog.set_level(logging.INFO, logger="musco_core.verify")
+    compressor = compress(CountsCalls().eval(), {"fc1": manual(4), "fc2": manual(4)}, torch.randn(4, 32))
+    assert all(r.applied for r in compressor.history)
+    assert any("cannot tell: two calls of the model on the same input differ" in record.getMessage()
+               for record in caplog.records)
