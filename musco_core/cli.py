@@ -413,35 +413,48 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if checkpoints.is_symlink():
             raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
                                f"of its own and never writes through a link: remove it, or choose another --out")
-        if resume and not out_dir.is_dir():
-            raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
-        if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):
-            log.info("%s: the run that began here was stopped before it saved a step; starting it from step 0", out_dir)
-            resume = False
-        if resume:
-            compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                           calibration_data=calibration, registry=registry)
-            codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
-            if codec.unstructure(checked_schedule(model, document, str(config_path), registry)) != codec.unstructure(
-                    compressor.initial_schedule):
-                raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
-                                   f"(with --target, if one was given); resume with that schedule, or start a new "
-                                   f"run with --overwrite")
-        else:
-            compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
-                                                                               registry),
-                                    example_input=example, progress=not quiet, calibration_data=calibration,
-                                    registry=registry)
-        run_id = compressor.state.run_id
-        # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
-        # re-created, as --overwrite would (the checkpoints are the run's own already).
-        adopt = resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: read_marker(out_dir) is None)
-        claims = [(out_dir, "output"), (checkpoints, "checkpoints")]
-        distributed.on_first_rank(group, f"--out {out_dir}",  # before the lock creates OUT or writes into it
-                                  lambda: check_claims(claims, run_id, overwrite=overwrite or adopt))
         with contextlib.ExitStack() as held:
-            def claim() -> None:
+            if resume and not out_dir.is_dir():
+                raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
+
+            def lock_if_marked() -> bool:
+                """Locks OUT when musco-core marked it, before its state is read: a writer may be committing there."""
+                if read_marker(out_dir) is None:
+                    return False
                 held.enter_context(output_lock(out_dir))
+                return True
+
+            locked = resume and distributed.on_first_rank(group, f"--out {out_dir}", lock_if_marked)
+            if resume and distributed.on_first_rank(group, f"--out {out_dir}", lambda: unused_run_folder(out_dir)):
+                log.info("%s: the run that began here was stopped before it saved a step; starting it from step 0",
+                         out_dir)
+                resume = False
+            if resume:
+                compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
+                                               calibration_data=calibration, registry=registry)
+                codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
+                begun = checked_schedule(model, document, str(config_path), registry)
+                if codec.unstructure(begun) != codec.unstructure(compressor.initial_schedule):
+                    raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
+                                       f"(with --target, if one was given); resume with that schedule, or start a new "
+                                       f"run with --overwrite")
+            else:
+                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                                                                                       registry),
+                                            example_input=example, progress=not quiet,
+                                            calibration_data=calibration, registry=registry)
+            run_id = compressor.state.run_id
+            # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
+            # re-created, as --overwrite would (the checkpoints are the run's own already).
+            adopt = resume and distributed.on_first_rank(group, f"--out {out_dir}",
+                                                         lambda: read_marker(out_dir) is None)
+            claims = [(out_dir, "output"), (checkpoints, "checkpoints")]
+            distributed.on_first_rank(group, f"--out {out_dir}",  # before the lock creates OUT or writes into it
+                                      lambda: check_claims(claims, run_id, overwrite=overwrite or adopt))
+
+            def claim() -> None:
+                if not locked:
+                    held.enter_context(output_lock(out_dir))
                 if adopt:
                     log.info("%s: re-creating its marker: its checkpoints hold the state of run %s", out_dir, run_id)
                 for folder, kind in claims:

@@ -117,10 +117,11 @@ class Compressor:
         compressions still to come are checked against the model, as its layers are now.
         """
         registry = registry or default_registry()
-        restored, state, origin = io.load_state(model, directory, registry)
-        check_same_model(model, state, origin)
-        stats = as_model_stats(None, restored, registry, example_input)
-        check_resumable(restored, state, registry, stats, origin)
+        with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
+            restored, state, origin = io.load_state(model, directory, registry)
+            check_same_model(model, state, origin)
+            stats = as_model_stats(None, restored, registry, example_input)
+            check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,

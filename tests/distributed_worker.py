@@ -136,7 +136,7 @@ def history(compressor: Compressor) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["run", "resume", "fail", "latency", "moments"])
+    parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -157,6 +157,19 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
         compressor = latency_run(rank)
         record.update(ranks=compressor.ranks, budgets=[attrs.asdict(b) for b in compressor.budgets])
         (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+        return 0
+    if args.scenario == "resume_other":  # rank 1 resumes with other weights than the run began with
+        model = base.model()
+        if rank == 1:
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+        try:
+            Compressor.resume(model, state_dir, example_input=base.EXAMPLE, progress=False,
+                              calibration_data=shard(base.calibration(), rank, world_size))
+        except MuscoError as exc:
+            (args.out / f"rank-{rank}.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}),
+                                                        encoding="utf-8")
+            return 3
         return 0
     if args.scenario == "resume":
         compressor = resume(state_dir, rank, world_size)

@@ -282,6 +282,19 @@ def test_a_second_run_on_a_locked_output_gets_one_line(project):
     assert result.output.count("\n") == 1
 
 
+def test_resuming_a_run_another_process_is_writing_is_refused_before_its_state_is_read(project):
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    latest = project / "out" / "checkpoints" / "LATEST"
+    saved = latest.read_bytes()
+    latest.write_text("step-9999")  # as a writer mid-commit may leave it for a moment
+    with output_lock(project / "out"):
+        result = compress("out", "--resume")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"another musco-core process (pid {os.getpid()}) is writing here" in result.output
+    latest.write_bytes(saved)
+    assert compress("out", "--resume").exit_code == 0
+
+
 def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}

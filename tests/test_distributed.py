@@ -150,6 +150,16 @@ def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
         assert record["untouched"] and record["next_step"] == 1
 
 
+def test_a_rank_resuming_with_other_weights_fails_every_rank(tmp_path):
+    started = launch("run", str(tmp_path), "--steps", "1")
+    assert [p.returncode for p in started] == [0, 0], started[0].stderr[-2000:] + started[1].stderr[-2000:]
+    processes = launch("resume_other", str(tmp_path))
+    assert [p.returncode for p in processes] == [3, 3], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    for record in records(tmp_path):
+        assert record["error"].startswith("ConfigError: rank 1 of 2: resuming from ")
+        assert "other weights than the run began with" in record["error"]
+
+
 def test_ranks_whose_latency_timings_differ_follow_rank_0s_plan_and_measurement(tmp_path):
     done = launch("latency", str(tmp_path))
     assert [p.returncode for p in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
