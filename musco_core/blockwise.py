@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import io
-from .calibration import _calibration_pass, _run_batch, collect_input_stats, collect_sequential_stats, forward_order
+from .calibration import _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
@@ -51,6 +51,7 @@ from .run import (check_calibration, checked_schedule, count_params, needs_input
                   tied_note)
 from .schedule import ModelSchedule, key_path, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
+from .timing import call_model
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], de
             for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
                 seen.clear()
                 try:
-                    _run_batch(model, _to(batch, device))
+                    call_model(model, _to(batch, device))
                 except _Reached:
                     pass
                 except MuscoError:

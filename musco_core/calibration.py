@@ -24,23 +24,14 @@ from tqdm.auto import tqdm
 from . import distributed
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
+from .factors import padding_per_axis
 from .surgery import evaluating, replace_module
-from .timing import tensors_in
+from .timing import call_model, tensors_in
 
 log = logging.getLogger(__name__)
 
 #: Feature rows turned into float64 at once: bounds the transient copy to about 128 MiB per layer call.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def _explicit_padding(spec: LayerSpec) -> list[tuple[int, int]]:
-    """(before, after) padding per spatial axis, as torch's conv modules compute it (``same``: extra after)."""
-    if spec.padding == "valid":
-        return [(0, 0)] * spec.spatial_dims
-    if spec.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(spec.dilation, spec.kernel_size)]
-        return [(total // 2, total - total // 2) for total in totals]
-    return [(p, p) for p in spec.padding]
 
 
 def check_geometry(spec: LayerSpec) -> None:
@@ -63,7 +54,7 @@ def input_features(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, spec.in_channels)
     if x.dim() == spec.spatial_dims + 1:  # an unbatched input
         x = x.unsqueeze(0)
-    pads = _explicit_padding(spec)
+    pads = padding_per_axis(spec.padding, spec.kernel_size, spec.dilation)
     if any(before or after for before, after in pads):
         flat = [size for pair in reversed(pads) for size in pair]  # F.pad lists the last axis first
         mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
@@ -117,14 +108,6 @@ class InputStatsAccumulator:
         # in place: an F x F float64 sum can be hundreds of MiB; the accumulator is done with it
         return InputStats(self.total.div_(self.count), self.count,
                           None if self.cross is None else self.cross.div_(self.count))
-
-
-def _run_batch(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def check_reiterable(batches: Any, what: str = "calibration data") -> None:
@@ -193,7 +176,7 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
     try:
         with _model_failure("calibration", index):
             try:
-                _run_batch(model, batch)
+                call_model(model, batch)
             except _Recorded:
                 pass
     finally:
@@ -369,7 +352,7 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
             try:
                 with _model_failure("output statistics", n_batches):
-                    tensors = _output_tensors(_run_batch(model, batch))
+                    tensors = _output_tensors(call_model(model, batch))
             finally:
                 for handle in handles:
                     handle.remove()

@@ -10,6 +10,18 @@ import torch
 from .components import Cost, Factor, FactorLayout, LayerSpec
 
 
+def padding_per_axis(padding: str | Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]
+                     ) -> list[tuple[int, int]]:
+    """(before, after) zero padding per spatial axis of a convolution, as torch computes it: ``'same'`` puts an
+    even kernel's odd unit after."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel_size)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in padding]
+
+
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped conv weight (out, in // groups, *k) expanded to its block-diagonal dense form (out, in, *k)."""
     if groups == 1:

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence, holds_shared,
                        is_stock, observe, shared_tensors, torch_class)
-from .factors import dense_weight
+from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
 from .timing import call_model, fixed_threads, tensors_in, time_modules, time_modules_at
 from .verify import output_difference, seeded_output
@@ -385,12 +385,8 @@ class Geometry:
 
 def _axis_padding(conv: nn.Module, axis: int) -> int | None:
     """Symmetric padding of ``conv`` on ``axis``; None for an asymmetric ``'same'`` (even kernel)."""
-    if conv.padding == "valid":
-        return 0
-    if conv.padding == "same":
-        total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
-        return None if total % 2 else total // 2
-    return conv.padding[axis]
+    before, after = padding_per_axis(conv.padding, conv.kernel_size, conv.dilation)[axis]
+    return before if before == after else None
 
 
 def merged_geometry(layers: Sequence[nn.Module]) -> Geometry | None:

@@ -16,6 +16,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .components import FactorLayout, LayerSpec
+from .factors import padding_per_axis
 from .errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,8 @@ def _padding_problems(module: nn.Module) -> list[str]:
     construction leaves the attribute stale, harmlessly."""
     if not isinstance(module, _ConvNd) or module.padding_mode == "zeros":
         return []
-    if isinstance(module.padding, str):  # "same": an even kernel's odd unit of padding goes after
-        totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]
-        expected = [pad for total in reversed(totals) for pad in (total // 2, total - total // 2)]
-    else:
-        expected = [pad for pad in reversed(module.padding) for _ in range(2)]
+    expected = [pad for pair in reversed(padding_per_axis(module.padding, module.kernel_size, module.dilation))
+                for pad in pair]
     actual = list(module._reversed_padding_repeated_twice)
     if actual == expected:
         return []
