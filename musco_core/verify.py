@@ -204,18 +204,28 @@ def unfaithful_swaps(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.M
     output computed by its replacement from the layer's own input, and once with the replacements swapped in. A
     model that uses its layers only by calling them gives the same output both times. It does not when it calls a
     layer through a reference the swap cannot reach, or reads the layer's type, attributes or weights: the
-    replacement is then not used as the layer was, whatever it computes. Each layer is checked alone when the
-    step's replacements fail together. A model whose output differs between two calls on the same input (state it
-    keeps, randomness not drawn from torch) cannot be checked for the last case, and is not; its kept state
-    advances with the runs. The model is otherwise left as it was.
+    replacement is then not used as the layer was, whatever it computes. When the step's replacements fail
+    together, the layers to blame are found by halving the set. A model whose output differs between two calls on
+    the same input (state it keeps, randomness not drawn from torch) cannot be checked for the last case, and is
+    not; its kept state advances with the runs. The model is otherwise left as it was.
     """
     problem = _swap_problem(model, swaps, paths, example_input)
-    if problem is None:
-        return {}
+    return {} if problem is None else _culprits(model, swaps, paths, example_input, problem)
+
+
+def _culprits(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Module]],
+              paths: Mapping[int, Sequence[str]], example_input: Any, problem: str) -> dict[str, str]:
+    """The layers of ``swaps``, which fail together with ``problem``, to keep so that the others pass together,
+    found by halving (a few passes per culprit however many layers the step has); layers that fail only together
+    are all kept."""
     if len(swaps) == 1:
         return dict.fromkeys(swaps, problem)
-    found = {name: why for name, swap in swaps.items()
-             if (why := _swap_problem(model, {name: swap}, paths, example_input)) is not None}
+    names = list(swaps)
+    found: dict[str, str] = {}
+    for part in (names[:len(names) // 2], names[len(names) // 2:]):
+        half = {name: swaps[name] for name in part}
+        if (why := _swap_problem(model, half, paths, example_input)) is not None:
+            found.update(_culprits(model, half, paths, example_input, why))
     rest = {name: swap for name, swap in swaps.items() if name not in found}
     if rest and (together := _swap_problem(model, rest, paths, example_input)) is not None:
         found.update(dict.fromkeys(rest, f"{together} (with the step's other replacements swapped in)"))

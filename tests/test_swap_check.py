@@ -219,3 +219,32 @@ def test_a_model_whose_calls_differ_cannot_be_checked_and_is_compressed(caplog):
     assert all(r.applied for r in compressor.history)
     assert any("cannot tell: two calls of the model on the same input differ" in record.getMessage()
                for record in caplog.records)
+
+
+class ManyLayers(nn.Module):
+    """32 layers, the 20th also held (and called) through a plain list."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(32))
+        self.listed = [self.layers[19]]
+
+    def forward(self, x):
+        for index, layer in enumerate(self.layers):
+            x = torch.tanh(self.listed[0](x) if index == 19 else layer(x))
+        return x
+
+
+def test_one_culprit_among_many_layers_is_found_in_a_few_passes(monkeypatch):
+    import musco_core.verify
+
+    torch.manual_seed(0)
+    model = ManyLayers().eval()
+    swaps = {f"layers.{i}": (layer, nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 16)))
+             for i, layer in enumerate(model.layers)}
+    checks = []
+    check = musco_core.verify._swap_problem
+    monkeypatch.setattr(musco_core.verify, "_swap_problem", lambda *args: checks.append(1) or check(*args))
+    problems = unfaithful_swaps(model, swaps, module_paths(model), torch.randn(2, 16))
+    assert list(problems) == ["layers.19"] and "still calls the original layer" in problems["layers.19"]
+    assert len(checks) <= 16  # one check per layer would take 34
