@@ -20,6 +20,7 @@ from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
 import musco_core.inference
 from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry, pointwise_products
+from musco_core.timing import tensors_in
 from musco_core.timing import fixed_threads, time_alternated, time_modules_at
 
 TOLERANCE = 1e-5  # relative, on the output's norm
@@ -38,6 +39,19 @@ def factorize(layer: nn.Module, decomposition: str, rank: int | tuple[int, int])
     (result,) = compressor.history
     assert result.applied, result.note
     return compressor.compressed_model[0]
+
+
+def optimized_both_ways(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    """``model`` (put in eval mode) optimized without and with ``x`` as its example input, each checked to give the
+    model's outputs on ``x``."""
+    model.eval()
+    with torch.no_grad():
+        expected = tensors_in(model(x))
+        optimized = [optimize_for_inference(model, example, progress=False) for example in (None, x)]
+        for candidate in optimized:
+            got = tensors_in(candidate(x))
+            assert len(got) == len(expected) and all(relative(a, b) < TOLERANCE for a, b in zip(got, expected))
+    return optimized
 
 
 def with_trained_statistics(batchnorm: nn.modules.batchnorm._BatchNorm, seed: int) -> nn.Module:
@@ -222,13 +236,8 @@ class SequentialsAsLists(nn.Module):
 
 
 def test_a_sequential_the_forward_indexes_or_iterates_is_not_merged():
-    model = SequentialsAsLists().eval()
-    x = torch.randn(2, 8, 6, 6)
-    with torch.no_grad():
-        for example in (None, x):
-            optimized = optimize_for_inference(model, example, progress=False)
-            assert relative(optimized(x), model(x)) < TOLERANCE
-            assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
+    for optimized in optimized_both_ways(SequentialsAsLists(), torch.randn(2, 8, 6, 6)):
+        assert len(optimized.indexed) == 2 and len(optimized.iterated) == 3
 
 
 class StandardizedConv2d(nn.Conv2d):
@@ -383,15 +392,8 @@ class SideReads(nn.Module):
 
 
 def test_untraceable_model_keeps_pairs_whose_conv_output_is_read_elsewhere():
-    model = SideReads().eval()
-    x = torch.randn(2, 4, 6, 6)
-    with torch.no_grad():
-        expected = model(x)
-        for example in (None, x):
-            optimized = optimize_for_inference(model, example, progress=False)
-            for got, want in zip(optimized(x), expected, strict=True):
-                assert relative(got, want) < TOLERANCE
-            assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
+    for optimized in optimized_both_ways(SideReads(), torch.randn(2, 4, 6, 6)):
+        assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
 
 
 class OptionalSkip(nn.Module):
@@ -430,13 +432,9 @@ def test_a_trace_that_takes_another_branch_than_the_call_folds_nothing_it_shows_
     leaves it; the pass on the example input shows what a trace cannot (here the isinstance branch)."""
     x = torch.randn(2, 3, 8, 8)
     optional, branching = OptionalSkip().eval(), TypeBranch().eval()
+    for optimized in optimized_both_ways(optional, x):
+        assert isinstance(optimized.bn, nn.BatchNorm2d)
     with torch.no_grad():
-        expected = optional(x)
-        for example in (None, x):
-            optimized = optimize_for_inference(optional, example, progress=False)
-            for got, want in zip(optimized(x), expected, strict=True):
-                assert relative(got, want) < TOLERANCE
-            assert isinstance(optimized.bn, nn.BatchNorm2d)
         optimized = optimize_for_inference(branching, x, progress=False)
         assert relative(optimized(x), branching(x)) < TOLERANCE
     assert isinstance(optimized.bn, nn.BatchNorm2d)
@@ -462,15 +460,9 @@ class Siamese(nn.Module):
 
 def test_layers_sharing_a_parameter_with_another_module_are_left_alone():
     """Folding writes the layer's weight: the other holder of that weight would change too."""
-    model = Siamese().eval()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        expected = model(x)
-        for example in (None, x):
-            optimized = optimize_for_inference(model, example, progress=False)
-            assert relative(optimized(x), expected) < TOLERANCE
-            assert not any(isinstance(m, nn.Identity) for m in optimized.modules())
-            assert optimized.left.weight is optimized.right.weight
+    for optimized in optimized_both_ways(Siamese(), torch.randn(2, 3, 8, 8)):
+        assert not any(isinstance(m, nn.Identity) for m in optimized.modules())
+        assert optimized.left.weight is optimized.right.weight
 
 
 class ParameterNorm(nn.Module):
