@@ -20,8 +20,7 @@ from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
 import musco_core.inference
 from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry, pointwise_products
-from musco_core.timing import tensors_in
-from musco_core.timing import fixed_threads, time_alternated, time_modules_at
+from musco_core.timing import fixed_threads, tensors_in, time_alternated, time_modules_at
 
 TOLERANCE = 1e-5  # relative, on the output's norm
 
