@@ -84,6 +84,8 @@ SET_FILES = (WEIGHTS, MANIFEST, REPORT)
 OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
 #: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it.
 OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9]+")
+#: The name of a staging folder (:func:`_new_staging`), with the pid of the process writing it.
+STAGING_NAME = re.compile(r"\..+\.staging-([0-9]+)-[0-9a-f]{8}")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -249,12 +251,16 @@ def _remove_ours(folder: Path) -> None:
 
 
 def _remove_dead_staging(folder: Path) -> None:
-    """Removes staging folders of dead musco-core processes directly inside ``folder`` (by their marker only)."""
+    """Removes staging folders of dead musco-core processes directly inside ``folder``: by their name, which only
+    :func:`_new_staging` gives and which holds the writer's pid, since a process killed right after creating one
+    leaves it without its marker (and one killed just before its rename, marked as the state it was to become).
+    Only musco-core's own files go (:func:`_remove_ours`)."""
     for child in folder.iterdir():
-        if not child.name.startswith(".") or not child.is_dir() or child.is_symlink():
+        named = STAGING_NAME.fullmatch(child.name)
+        if named is None or not child.is_dir() or child.is_symlink() or _pid_alive(int(named[1])):
             continue
         marker = read_marker(child)
-        if marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid")):
+        if marker is None or marker["kind"] in ("staging", "state"):
             _remove_ours(child)
 
 

@@ -323,8 +323,12 @@ def test_a_dangling_symlink_as_the_folder_is_one_clear_error(finished_run, tmp_p
     assert not (tmp_path / "gone").exists()
 
 
-def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path):
-    """The save is killed after writing the weights of a new state; only musco-core's own leftovers go."""
+@pytest.mark.parametrize("dies_after", [
+    "save_model",  # the weights of the new state are written
+    "_write_marker",  # the staging folder is marked as the state it is about to become, not yet renamed
+])
+def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path, dies_after):
+    """The save is killed inside a new state's staging folder; only musco-core's own leftovers go."""
     script = (
         "import os, signal, sys\n"
         "import resume_worker as w\n"
@@ -333,11 +337,12 @@ def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_pa
         "c.compression_step()\n"
         "c.save_state(sys.argv[1])\n"
         "c.compression_step()\n"
-        "original = io.save_model\n"
+        f"original = io.{dies_after}\n"
         "def dying(*args, **kwargs):\n"
         "    original(*args, **kwargs)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "io.save_model = dying\n"
+        "    if args[1:2] != ('staging',):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"io.{dies_after} = dying\n"
         "c.save_state(sys.argv[1])\n")
     folder = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -354,6 +359,26 @@ def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_pa
     assert not staging[0].exists()
     assert foreign.exists()
     assert sorted(p.name for p in folder.iterdir()) == [".musco-core", ".step-0002.tmp-4242", "LATEST", "step-0002"]
+
+
+def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
+    """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
+    (which holds the dead writer's pid); only musco-core's files in it go."""
+    compressor = worker.start()
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    unmarked, users = tmp_path / f".step-0002.staging-{dead}-0123abcd", tmp_path / f".mine.staging-{dead}-0123abcd"
+    for folder in (unmarked, users):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+        (folder / f"..musco-core.tmp-{dead}").write_text("created_by: musco-core\n")
+    (users / "notes.txt").write_text("the user's")
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    assert not unmarked.exists()
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
 
 
 # -- output sets are replaced as a whole ------------------------------------------------------------------------
