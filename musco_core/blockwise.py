@@ -51,7 +51,7 @@ from .run import (check_calibration, checked_schedule, count_params, needs_input
                   tied_note)
 from .schedule import ModelSchedule, key_path, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
-from .timing import call_model
+from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -300,14 +300,8 @@ class _Call:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (in tuples, lists and dicts) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _to(item, device) for key, item in value.items()}
-    return value
+    """``value`` with every tensor in it (in tuples, lists and mappings) on ``device``."""
+    return map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def _unreplayable(value: Any, where: str) -> str | None:

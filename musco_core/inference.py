@@ -45,7 +45,7 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -58,7 +58,7 @@ from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced
                        is_stock, observe, shared_tensors, torch_class)
 from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
-from .timing import call_model, fixed_threads, tensors_in, time_modules, time_modules_at
+from .timing import call_model, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
 from .verify import output_difference, seeded_output
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
         return plan
     floating = {t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()}
     dtype = torch.float64 if torch.float64 in floating else torch.float32
-    x = example_input if floating <= {dtype} else _cast(example_input, dtype)
+    x = example_input if floating <= {dtype} else map_tensors(
+        example_input, lambda t: t.to(dtype) if t.is_floating_point() else t)
     try:
         expected = _outputs(model if floating <= {dtype} else copy.deepcopy(model).to(dtype), x)
     except Exception as exc:  # noqa: BLE001 - what cannot be checked is not applied
@@ -209,19 +210,6 @@ def _checked(model: nn.Module, example_input: Any, plan: _Plan) -> _Plan:
                     "BatchNorm folding" if candidate.folds else
                     "chain merging, channels_last and 1x1 convolutions as matrix products", problem)
     return _Plan()
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` (an example input) with its floating-point tensors in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, Mapping):
-        return {key: _cast(item, dtype) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_cast(item, dtype) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_cast(item, dtype) for item in value)
-    return value
 
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:

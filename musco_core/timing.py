@@ -32,6 +32,19 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` (a model's input or output) with ``function`` applied to each tensor in it, through tuples, lists
+    (named tuples kept) and mappings (which become dicts, as a call with ``**`` takes them)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, Mapping):
+        return {key: map_tensors(item, function) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [map_tensors(item, function) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
 def tensors_in(value: Any) -> list[torch.Tensor]:
     """The tensors in a model's input or output: a tensor, or tensors nested in tuples, lists and mappings (a
     Hugging Face ``ModelOutput``), in order."""

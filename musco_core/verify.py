@@ -37,7 +37,7 @@ from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapt
 from .errors import CompressionError
 from .factors import layer_layout
 from .surgery import FactorizedLayer, evaluating, swapped
-from .timing import call_model, tensors_in
+from .timing import call_model, map_tensors, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -291,18 +291,7 @@ def seeded_output(model: nn.Module, example_input: Any) -> Any:
         torch.default_generator.manual_seed(0)
         for device in cuda:
             torch.cuda.default_generators[device].manual_seed(0)
-        return call_model(model, _copied(example_input))
-
-
-def _copied(value: Any) -> Any:
-    """``value`` with each tensor in it (through tuples, lists and mappings) cloned."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, Mapping):
-        return {key: _copied(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copied(item) for item in value) if type(value) in (tuple, list) else value
-    return value
+        return call_model(model, map_tensors(example_input, torch.Tensor.clone))
 
 
 def output_difference(expected: Any, got: Any, tolerance: float) -> str | None:

@@ -4,6 +4,7 @@ model computes what it computed."""
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from musco_core import Compressor, FactorizedLayer, compress_blockwise
 from musco_core.io import read_manifest
 from musco_core.surgery import module_paths
-from musco_core.verify import unfaithful_swaps
+from musco_core.verify import seeded_output, unfaithful_swaps
 
 
 def manual(rank: int) -> dict:
@@ -248,3 +249,22 @@ def test_one_culprit_among_many_layers_is_found_in_a_few_passes(monkeypatch):
     problems = unfaithful_swaps(model, swaps, module_paths(model), torch.randn(2, 16))
     assert list(problems) == ["layers.19"] and "still calls the original layer" in problems["layers.19"]
     assert len(checks) <= 16  # one check per layer would take 34
+
+
+class Pair(NamedTuple):
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+class ChangesItsArguments(nn.Module):
+    def forward(self, pair, extra):
+        pair.left.sub_(1.0)
+        extra["scale"].mul_(2.0)
+        return pair.left + pair.right * extra["scale"]
+
+
+def test_checks_run_on_copies_of_every_tensor_of_the_input_named_tuples_and_mappings_too():
+    pair, extra = Pair(torch.ones(3), torch.ones(3)), {"scale": torch.full((3,), 2.0)}
+    first = seeded_output(ChangesItsArguments(), (pair, extra))
+    assert torch.equal(first, seeded_output(ChangesItsArguments(), (pair, extra)))
+    assert torch.equal(pair.left, torch.ones(3)) and torch.equal(extra["scale"], torch.full((3,), 2.0))
