@@ -44,7 +44,11 @@ def count_params(model: nn.Module) -> int:
 
 def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:
     """A ConfigError unless ``model`` has the weights the run of ``state`` began with: resumed on others, it would go
-    on from layers it never compressed, and distil from another teacher."""
+    on from layers it never compressed, and distil from another teacher. The parameter count the run began with
+    must be the model's too, or every report of the run would state a wrong reduction."""
+    if state.params_before != count_params(model):
+        raise ConfigError(f"{origin}: $.params_before: the run began with {state.params_before:,} parameters, the "
+                          f"model passed to resume has {count_params(model):,}; resume with the same model")
     if state.model_fingerprint is None:
         log.info("%s: records no fingerprint of the model's weights (written before states did): cannot check that "
                  "the model passed has the weights the run began with", origin)

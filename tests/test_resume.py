@@ -185,6 +185,17 @@ def test_resuming_a_model_with_other_weights_than_the_run_began_with_is_refused(
                           progress=False)
 
 
+@pytest.mark.parametrize("fingerprinted", [True, False])
+def test_a_parameter_count_the_model_does_not_have_is_refused(saved, fingerprinted):
+    edit_state(saved, lambda s: (s.update(params_before=10 ** 40),
+                                 None if fingerprinted else (s.pop("model_fingerprint"), s.update(format=3))))
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: \$\.params_before: the run began with "
+                                          r"10,000,000,000,000,000,000,000,000,000,000,000,000,000 parameters, the model "
+                                          r"passed to resume has [0-9,]+; resume with the same model"):
+        Compressor.resume(worker.model(), saved, example_input=worker.EXAMPLE, calibration_data=worker.calibration(),
+                          progress=False)
+
+
 def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog):
     edit_state(saved, lambda s: (s.pop("model_fingerprint"), s.update(format=3)))
     with caplog.at_level("INFO", logger="musco_core"):
