@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -739,14 +740,26 @@ def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: R
 @contextlib.contextmanager
 def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
     """Holds an advisory lock on ``directory`` (created if needed) for one writer; a second gets a ConfigError
-    naming the holder's pid. The lock is released when the holder exits, however it exits."""
+    naming the holder's pid. The lock is released when the holder exits, however it exits. The lock file holds
+    nothing but a pid: a file of that name that holds anything else, or a symlink, is the user's and is refused,
+    never followed or emptied."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
-    with open(path, "a+", encoding="utf-8") as handle:
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {'is a symlink' if path.is_symlink() else exc.strerror or exc}; musco-core "
+                          f"keeps its lock there and never writes through a symlink or over a file of yours: move it, "
+                          f"or choose another --out") from None
+    with os.fdopen(descriptor, "r+", encoding="utf-8", errors="replace") as handle:
         if fcntl is None:  # pragma: no cover - runs are not guarded where there are no advisory locks
             yield directory
             return
+        content = handle.read(33).strip() if stat.S_ISREG(os.fstat(descriptor).st_mode) else None
+        if content is None or len(content) > 32 or content and not content.isdecimal():
+            raise ConfigError(f"{path}: is not musco-core's lock file (which holds only a process id); musco-core "
+                              f"never writes over a file of yours: move it, or choose another --out")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -282,6 +282,31 @@ def test_a_second_run_on_a_locked_output_gets_one_line(project):
     assert result.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("make", ["user file", "symlink", "folder"])
+def test_a_lock_file_of_the_users_is_refused_and_left_as_it_is(project, make):
+    out, mine = project / "out", project / "notes.txt"
+    out.mkdir()
+    mine.write_text("my notes\n")
+    lock = out / ".musco-lock"
+    {"user file": lambda: lock.write_text("my notes\n"), "symlink": lambda: lock.symlink_to(mine),
+     "folder": lock.mkdir}[make]()
+    result = compress("out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "out/.musco-lock: " in result.output and "never writes" in result.output
+    assert mine.read_text() == "my notes\n"
+    assert sorted(path.name for path in out.iterdir()) == [".musco-lock"]
+    assert lock.is_symlink() == (make == "symlink") and lock.is_dir() == (make == "folder")
+    if make == "user file":
+        assert lock.read_text() == "my notes\n"
+
+
+def test_a_lock_file_left_by_a_dead_run_is_taken_over(project):
+    (project / "out").mkdir()
+    (project / "out" / ".musco-lock").write_text("999999999")
+    result = compress("out")
+    assert result.exit_code == 0, result.output
+
+
 def test_resuming_a_run_another_process_is_writing_is_refused_before_its_state_is_read(project):
     assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
     latest = project / "out" / "checkpoints" / "LATEST"
