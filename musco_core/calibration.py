@@ -250,22 +250,25 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
     ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
 
-    Each batch runs twice, up to the layer only when the layer runs once per pass. The model is as it was
+    Each batch is drawn once and runs through both models (so the pairs match under a shuffling DataLoader or
+    random augmentation), up to the layer only when the layer runs once per pass. The model is as it was
     afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
     ``reference_batches``, one per batch, are what the reference pass runs on instead (the inputs a block of the
     model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`). With a distributed
     ``group`` the sums are added up over the ranks' shards, as in :func:`collect_input_stats`.
     """
     check_reiterable(batches)
-    references = batches if reference_batches is None else reference_batches
-    check_reiterable(references, "reference batches")
+    if reference_batches is None:  # each batch drawn once: a shuffling or augmenting loader pairs the same items
+        pairs = ((batch, batch) for batch in batches)
+    else:
+        check_reiterable(reference_batches, "reference batches")
+        pairs = zip(batches, reference_batches, strict=True)
     modules = _modules(model, {name: spec})
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulator = InputStatsAccumulator(spec)
     n_batches, calls = 0, 0
     with distributed.agreement(group, f"input statistics of {name!r}"), _calibration_pass(model):
-        for batch, reference_batch in _bar(zip(batches, references, strict=True), f"calibration of {name}",
-                                           progress):
+        for batch, reference_batch in _bar(pairs, f"calibration of {name}", progress):
             reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])
             try:
                 for path, module in replacements.items():
