@@ -330,8 +330,9 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     ``E[g g^T] = E[J^T J]`` with ``J`` the Jacobian of the model's output with respect to the layer's: the
     Gauss-Newton metric of a squared error on the output, which a decomposition can weigh the layer's output
     error with. The estimate needs many more projections in all (batch items times ``projections``) than the
-    output has dimensions per item. Runs in eval mode; memory is one ``out x out`` float64 sum per layer plus one
-    batch's backward pass. With a distributed ``group`` the sums are added up over the ranks, as in
+    output has dimensions per item. The model runs on with a copy of each layer's output, so an in-place operation
+    after the layer (``ReLU(inplace=True)``) leaves the output the gradient is taken at as the layer gave it. Runs in
+    eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy). With a distributed ``group`` the sums are added up over the ranks, as in
     :func:`collect_input_stats`.
     """
     if projections < 1:
@@ -347,9 +348,11 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             outputs: list[tuple[str, torch.Tensor]] = []
 
             def hook(name: str):
-                def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+                def record(module: nn.Module, inputs: tuple, output: Any) -> Any:
                     if isinstance(output, torch.Tensor) and output.requires_grad:
                         outputs.append((name, output))
+                        return output.clone()  # what follows gets a copy: an in-place op (ReLU) cannot overwrite it
+                    return None
                 return record
 
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
