@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import repeat
 from typing import Any
 
@@ -111,11 +111,14 @@ class InputStatsAccumulator:
 
 
 def check_reiterable(batches: Any, what: str = "calibration data") -> None:
-    """A ConfigError unless ``batches`` can be iterated again (a list or DataLoader, not an iterator)."""
+    """A ConfigError unless ``batches`` can be iterated again (a list or DataLoader, not an iterator).
+
+    Told by type alone: iterating a DataLoader would draw its seed from the caller's random state (and start its
+    workers)."""
     if not isinstance(batches, Iterable) or isinstance(batches, (torch.Tensor, str, bytes, Mapping)):
         raise ConfigError(f"{what}: expected an iterable of input batches (a list or a DataLoader), "
                           f"got {type(batches).__name__}")
-    if iter(batches) is batches:
+    if isinstance(batches, Iterator):
         raise ConfigError(f"{what}: got an iterator ({type(batches).__name__}), which is used up after one pass; "
                           f"pass a list or a DataLoader, which can be iterated at every compression step")
 

@@ -232,6 +232,13 @@ def test_bad_calibration_data_is_one_clear_error(registry):
         collect_input_stats(skips, specs, [torch.randn(2, 4)], progress=False)
 
 
+def test_checking_a_dataloader_leaves_the_callers_random_state_alone():
+    loader = torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2, shuffle=True)
+    before = torch.get_rng_state()
+    calibration.check_reiterable(loader)  # iterating it would draw its base seed from the global generator
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_input_stats_of_a_group():
     moment = torch.arange(36.0, dtype=torch.float64).reshape(6, 6)
     stats = InputStats(moment, 7)
