@@ -193,10 +193,13 @@ def _bar(batches: Iterable[Any], what: str, progress: bool):
                 disable=not (progress and sys.stderr.isatty()))
 
 
+def _empty(what: str, names: Iterable[str]) -> ConfigError:
+    return ConfigError(f"calibration data is empty: no batch to collect the {what} of {', '.join(map(repr, names))}")
+
+
 def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) -> dict[str, InputStats]:
     if n_batches == 0:
-        raise ConfigError(f"calibration data is empty: no batch to collect the input statistics of "
-                          f"{', '.join(map(repr, accumulators))}")
+        raise _empty("input statistics", accumulators)
     silent = [name for name, acc in accumulators.items() if acc.count == 0]
     if silent:
         raise ConfigError(f"calibration: layer(s) {', '.join(map(repr, silent))} never ran on the {n_batches} "
@@ -240,8 +243,12 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
     run there come last, in the given order)."""
     names = list(names)
     modules = {name: model.get_submodule(name) for name in names}
+    try:
+        batch = next(iter(batches))
+    except StopIteration:
+        raise _empty("input statistics", names) from None
     with _calibration_pass(model):
-        order = list(_inputs(model, modules, next(iter(batches)), 0))
+        order = list(_inputs(model, modules, batch, 0))
     return sorted(names, key=lambda name: order.index(name) if name in order else len(order))
 
 
@@ -389,8 +396,7 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             total = sums[name] if sums[name] is not None else torch.zeros(size, size, dtype=torch.float64)
             sums[name] = distributed.sum_tensor(group, total)
     if counts[0] == 0:
-        raise ConfigError(f"calibration data is empty: no batch to collect the output statistics of "
-                          f"{', '.join(map(repr, names))}")
+        raise _empty("output statistics", names)
     silent = [name for name, count in zip(names, counts[1:]) if count == 0]
     if silent:
         raise ConfigError(f"output statistics: the model's output does not depend on layer(s) "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor
+from musco_core import Compressor, ConfigError
 from musco_core.calibration import collect_input_stats, collect_sequential_stats, forward_order, input_features
 from musco_plugins import factorize
 
@@ -124,6 +124,31 @@ def test_sequential_statistics_pair_each_batch_with_itself_under_shuffling_and_a
                                         progress=False)
     ordered = collect_sequential_stats(model, "middle", spec, {"first": replacement}, batches(), progress=False)
     torch.testing.assert_close(shuffled.cross_moment, ordered.cross_moment)  # sums over the same rows
+
+
+class Drained:
+    """Re-iterable calibration data that runs dry once ``drained`` is set."""
+
+    def __init__(self, items):
+        self.items, self.drained = items, False
+
+    def __iter__(self):
+        return iter([] if self.drained else self.items)
+
+
+def test_empty_calibration_data_under_sequential_calibration_is_one_clear_error():
+    schedule = {"version": 1, "settings": {"ft_every": 2, "nglobal_compress_iters": 2},
+                "layers": {"0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [12, 6]},
+                           "2": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [12, 6]}}}
+    with pytest.raises(ConfigError, match="calibration data is empty: no batch to collect the input statistics "
+                                          "of '0', '2'"):
+        Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=[], progress=False).compression_step()
+    data = Drained([torch.randn(16, 32, generator=torch.Generator().manual_seed(4)) for _ in range(2)])
+    compressor = Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=data, progress=False)
+    compressor.compression_step()
+    data.drained = True
+    with pytest.raises(ConfigError, match="calibration data is empty"):
+        compressor.compression_step()
 
 
 def test_sequential_statistics_of_a_convolution_use_its_input_features(registry):
