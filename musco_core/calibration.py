@@ -342,8 +342,8 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     error with. The estimate needs many more projections in all (batch items times ``projections``) than the
     output has dimensions per item. The model runs on with a copy of each layer's output, so an in-place operation
     after the layer (``ReLU(inplace=True)``) leaves the output the gradient is taken at as the layer gave it. Runs in
-    eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy). With a distributed ``group`` the sums are added up over the ranks, as in
-    :func:`collect_input_stats`.
+    eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy).
+    With a distributed ``group`` the sums are added up over the ranks, as in :func:`collect_input_stats`.
     """
     if projections < 1:
         raise ValueError(f"projections must be a positive int, got {projections!r}")
