@@ -9,6 +9,7 @@ decomposition that asks, how much each direction of a layer's output moves the m
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import sys
@@ -168,14 +169,21 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
     """
     seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
 
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple) -> None:
-            seen.setdefault(name, []).append(inputs[0].detach().clone())  # the model may change it in place later
+    def hook(name: str, module: nn.Module):
+        keyword = next(iter(inspect.signature(module.forward).parameters), None)  # ``input`` of Linear and conv
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get(keyword)
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(f"calibration: layer {name!r} was called without an input tensor, as its first "
+                                  f"argument or as {keyword}=")
+            seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
             if stop_after and sum(map(len, seen.values())) >= stop_after:
                 raise _Recorded
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    handles = [module.register_forward_pre_hook(hook(name, module), with_kwargs=True)
+               for name, module in modules.items()]
     try:
         with _model_failure("calibration", index):
             try:
