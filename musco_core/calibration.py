@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 24
 
 
+def forms_features(spec: LayerSpec) -> bool:
+    """Whether input features of a layer of this geometry can be formed (Linear, 1-D or 2-D conv)."""
+    return spec.spatial_dims <= 2
+
+
 def check_geometry(spec: LayerSpec) -> None:
-    """An UnsupportedLayerError unless input features of this geometry can be formed (Linear, 1-D or 2-D conv)."""
-    if spec.spatial_dims > 2:
+    """An UnsupportedLayerError unless input features of this geometry can be formed (:func:`forms_features`)."""
+    if not forms_features(spec):
         raise UnsupportedLayerError(f"input features of a {spec.describe()}: only Linear layers and 1-D or 2-D "
                                     f"convolutions are supported (torch.nn.functional.unfold is 2-D)")
 
