@@ -16,6 +16,7 @@ import attrs
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import forms_features
 from .components import InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
 from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
 from . import distributed
@@ -146,7 +147,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     ``pending`` holds the layers the current step compressed before ``name``; ``totals`` are the model's counts
     with them; ``input_stats_for(names)`` gives calibration statistics of layers on the model as it is now (none
     without calibration data). With calibration data every member of the pass gets its statistics, whether its
-    decomposition fits to the data or not, so that the selector can price ranks by the layers' output errors.
+    decomposition fits to the data or not, so that the selector can price ranks by the layers' output errors; a
+    member whose input features calibration cannot form (a 3-D convolution) is priced by its weights instead.
     In a distributed job every rank runs the selector and rank 0's plan is broadcast, so all ranks follow one plan
     even where floating-point results differ in the last bit between processes.
     """
@@ -160,7 +162,12 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
 
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and stage(other) == layer.curr_compr_iter]
-    input_stats = input_stats_for(members)
+    input_stats = input_stats_for([other for other in members if forms_features(
+        read_layer(model.get_submodule(other), registry, other)[1].spec)])
+    unpriced = [other for other in members if other not in input_stats]
+    if unpriced and context.calibration_data is not None:
+        log.info("%s: layer(s) %s priced by their weights: calibration forms the input features of Linear layers "
+                 "and 1-D or 2-D convolutions only", selector.name, ", ".join(map(repr, unpriced)))
     profiler = None
     if selector.measures_latency(settings.params_for(selector)):
         check_latency_input(schedule, registry, context.example_input)

@@ -9,10 +9,11 @@ decomposition that asks, how much each direction of a layer's output moves the m
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import repeat
 from typing import Any
 
@@ -34,9 +35,14 @@ log = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 24
 
 
+def forms_features(spec: LayerSpec) -> bool:
+    """Whether input features of a layer of this geometry can be formed (Linear, 1-D or 2-D conv)."""
+    return spec.spatial_dims <= 2
+
+
 def check_geometry(spec: LayerSpec) -> None:
-    """An UnsupportedLayerError unless input features of this geometry can be formed (Linear, 1-D or 2-D conv)."""
-    if spec.spatial_dims > 2:
+    """An UnsupportedLayerError unless input features of this geometry can be formed (:func:`forms_features`)."""
+    if not forms_features(spec):
         raise UnsupportedLayerError(f"input features of a {spec.describe()}: only Linear layers and 1-D or 2-D "
                                     f"convolutions are supported (torch.nn.functional.unfold is 2-D)")
 
@@ -111,11 +117,14 @@ class InputStatsAccumulator:
 
 
 def check_reiterable(batches: Any, what: str = "calibration data") -> None:
-    """A ConfigError unless ``batches`` can be iterated again (a list or DataLoader, not an iterator)."""
+    """A ConfigError unless ``batches`` can be iterated again (a list or DataLoader, not an iterator).
+
+    Told by type alone: iterating a DataLoader would draw its seed from the caller's random state (and start its
+    workers)."""
     if not isinstance(batches, Iterable) or isinstance(batches, (torch.Tensor, str, bytes, Mapping)):
         raise ConfigError(f"{what}: expected an iterable of input batches (a list or a DataLoader), "
                           f"got {type(batches).__name__}")
-    if iter(batches) is batches:
+    if isinstance(batches, Iterator):
         raise ConfigError(f"{what}: got an iterator ({type(batches).__name__}), which is used up after one pass; "
                           f"pass a list or a DataLoader, which can be iterated at every compression step")
 
@@ -165,14 +174,21 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
     """
     seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
 
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple) -> None:
-            seen.setdefault(name, []).append(inputs[0].detach().clone())  # the model may change it in place later
+    def hook(name: str, module: nn.Module):
+        keyword = next(iter(inspect.signature(module.forward).parameters), None)  # ``input`` of Linear and conv
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get(keyword)
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(f"calibration: layer {name!r} was called without an input tensor, as its first "
+                                  f"argument or as {keyword}=")
+            seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
             if stop_after and sum(map(len, seen.values())) >= stop_after:
                 raise _Recorded
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    handles = [module.register_forward_pre_hook(hook(name, module), with_kwargs=True)
+               for name, module in modules.items()]
     try:
         with _model_failure("calibration", index):
             try:
@@ -190,10 +206,13 @@ def _bar(batches: Iterable[Any], what: str, progress: bool):
                 disable=not (progress and sys.stderr.isatty()))
 
 
+def _empty(what: str, names: Iterable[str]) -> ConfigError:
+    return ConfigError(f"calibration data is empty: no batch to collect the {what} of {', '.join(map(repr, names))}")
+
+
 def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) -> dict[str, InputStats]:
     if n_batches == 0:
-        raise ConfigError(f"calibration data is empty: no batch to collect the input statistics of "
-                          f"{', '.join(map(repr, accumulators))}")
+        raise _empty("input statistics", accumulators)
     silent = [name for name, acc in accumulators.items() if acc.count == 0]
     if silent:
         raise ConfigError(f"calibration: layer(s) {', '.join(map(repr, silent))} never ran on the {n_batches} "
@@ -237,8 +256,12 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
     run there come last, in the given order)."""
     names = list(names)
     modules = {name: model.get_submodule(name) for name in names}
+    try:
+        batch = next(iter(batches))
+    except StopIteration:
+        raise _empty("input statistics", names) from None
     with _calibration_pass(model):
-        order = list(_inputs(model, modules, next(iter(batches)), 0))
+        order = list(_inputs(model, modules, batch, 0))
     return sorted(names, key=lambda name: order.index(name) if name in order else len(order))
 
 
@@ -250,22 +273,25 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
     ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
 
-    Each batch runs twice, up to the layer only when the layer runs once per pass. The model is as it was
+    Each batch is drawn once and runs through both models (so the pairs match under a shuffling DataLoader or
+    random augmentation), up to the layer only when the layer runs once per pass. The model is as it was
     afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
     ``reference_batches``, one per batch, are what the reference pass runs on instead (the inputs a block of the
     model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`). With a distributed
     ``group`` the sums are added up over the ranks' shards, as in :func:`collect_input_stats`.
     """
     check_reiterable(batches)
-    references = batches if reference_batches is None else reference_batches
-    check_reiterable(references, "reference batches")
+    if reference_batches is None:  # each batch drawn once: a shuffling or augmenting loader pairs the same items
+        pairs = ((batch, batch) for batch in batches)
+    else:
+        check_reiterable(reference_batches, "reference batches")
+        pairs = zip(batches, reference_batches, strict=True)
     modules = _modules(model, {name: spec})
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulator = InputStatsAccumulator(spec)
     n_batches, calls = 0, 0
     with distributed.agreement(group, f"input statistics of {name!r}"), _calibration_pass(model):
-        for batch, reference_batch in _bar(zip(batches, references, strict=True), f"calibration of {name}",
-                                           progress):
+        for batch, reference_batch in _bar(pairs, f"calibration of {name}", progress):
             reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])
             try:
                 for path, module in replacements.items():
@@ -327,9 +353,10 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     ``E[g g^T] = E[J^T J]`` with ``J`` the Jacobian of the model's output with respect to the layer's: the
     Gauss-Newton metric of a squared error on the output, which a decomposition can weigh the layer's output
     error with. The estimate needs many more projections in all (batch items times ``projections``) than the
-    output has dimensions per item. Runs in eval mode; memory is one ``out x out`` float64 sum per layer plus one
-    batch's backward pass. With a distributed ``group`` the sums are added up over the ranks, as in
-    :func:`collect_input_stats`.
+    output has dimensions per item. The model runs on with a copy of each layer's output, so an in-place operation
+    after the layer (``ReLU(inplace=True)``) leaves the output the gradient is taken at as the layer gave it. Runs in
+    eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy).
+    With a distributed ``group`` the sums are added up over the ranks, as in :func:`collect_input_stats`.
     """
     if projections < 1:
         raise ValueError(f"projections must be a positive int, got {projections!r}")
@@ -344,9 +371,11 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             outputs: list[tuple[str, torch.Tensor]] = []
 
             def hook(name: str):
-                def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+                def record(module: nn.Module, inputs: tuple, output: Any) -> Any:
                     if isinstance(output, torch.Tensor) and output.requires_grad:
                         outputs.append((name, output))
+                        return output.clone()  # what follows gets a copy: an in-place op (ReLU) cannot overwrite it
+                    return None
                 return record
 
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
@@ -380,8 +409,7 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
             total = sums[name] if sums[name] is not None else torch.zeros(size, size, dtype=torch.float64)
             sums[name] = distributed.sum_tensor(group, total)
     if counts[0] == 0:
-        raise ConfigError(f"calibration data is empty: no batch to collect the output statistics of "
-                          f"{', '.join(map(repr, names))}")
+        raise _empty("output statistics", names)
     silent = [name for name, count in zip(names, counts[1:]) if count == 0]
     if silent:
         raise ConfigError(f"output statistics: the model's output does not depend on layer(s) "

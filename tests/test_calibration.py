@@ -232,6 +232,40 @@ def test_bad_calibration_data_is_one_clear_error(registry):
         collect_input_stats(skips, specs, [torch.randn(2, 4)], progress=False)
 
 
+class Keyworded(nn.Module):
+    """Calls its first layer with the input as a keyword (``fc(input=x)``), or positionally."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head, self.keyword = nn.Linear(6, 8), nn.Linear(8, 3), keyword
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(input=x) if self.keyword else self.fc(x)))
+
+
+def test_a_layer_called_with_its_input_as_a_keyword_is_calibrated(registry):
+    data = [torch.randn(5, 6) for _ in range(2)]
+    layer = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [2]}
+    schedule = {"version": 1, "settings": {"ft_every": 2}, "layers": {"fc": layer, "head": layer}}
+    stats, weights = [], []
+    for keyword in (True, False):
+        model = Keyworded(keyword)
+        stats.append(collect_input_stats(model, {"fc": spec_of(registry, model.fc)}, data, progress=False)["fc"])
+        compressor = Compressor(model, model_compr_kwargs=schedule, calibration_data=data, progress=False)
+        compressor.compression_step()  # sequential: head's reference and actual inputs come from fc's calls
+        weights.append(compressor.compressed_model.state_dict())
+    assert torch.equal(stats[0].second_moment, stats[1].second_moment) and stats[0].count == stats[1].count
+    assert all(torch.equal(weights[0][key], value) for key, value in weights[1].items())
+
+
+def test_checking_a_dataloader_leaves_the_callers_random_state_alone():
+    loader = torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2, shuffle=True)
+    before = torch.get_rng_state()
+    calibration.check_reiterable(loader)  # iterating it would draw its base seed from the global generator
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_input_stats_of_a_group():
     moment = torch.arange(36.0, dtype=torch.float64).reshape(6, 6)
     stats = InputStats(moment, 7)

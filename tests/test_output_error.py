@@ -206,3 +206,23 @@ def test_a_tucker2_budget_with_calibration_data_meets_its_target_over_two_passes
     assert [b.note for b in report.budgets] == [None, None]
     assert 1.6 <= report.macs_ratio <= 1.6 * 1.05
     assert any(r.stage == 1 and r.applied for r in report.layers)  # the core of a chain was priced and re-compressed
+
+
+def test_layers_whose_input_features_cannot_be_formed_are_priced_by_their_weights(registry, caplog):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv3d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1)).eval()
+
+    x = torch.randn(2, 4, 4, 4, 4)
+    schedule = {"version": 1, "settings": {"ft_every": 2, "algo_kwargs": {"budget": {"reduction": 1.5}}},
+                "layers": {name: {"decomposition": "tucker2", "rank_selection": "budget"} for name in ("0", "2")}}
+    ranks = []
+    for data in (None, [x, x + 1]):
+        compressor = Compressor(make(), example_input=x[:1], model_compr_kwargs=schedule, calibration_data=data,
+                                registry=registry, progress=False)
+        with caplog.at_level("INFO", logger="musco_core.allocation"):
+            ranks.append([result.ranks for result in compressor.compression_step()])
+    assert ranks[0] == ranks[1]
+    assert [r.message for r in caplog.records if "priced by their weights" in r.message] == [
+        "budget: layer(s) '0', '2' priced by their weights: calibration forms the input features of Linear layers "
+        "and 1-D or 2-D convolutions only"]

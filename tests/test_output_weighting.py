@@ -46,6 +46,16 @@ def test_output_moments_estimate_the_jacobian_metric(registry, kind, projections
     assert torch.equal(again["0"], moments["0"])  # deterministic given the seed
 
 
+def test_an_in_place_activation_after_the_layer_does_not_change_its_output_moment(registry):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    in_place = nn.Sequential(plain[0], nn.ReLU(inplace=True), plain[2])
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    moments = [collect_output_moments(model, specs(registry, model, ["0"]), batches, projections=2, seed=0,
+                                      progress=False)["0"] for model in (plain, in_place)]
+    torch.testing.assert_close(moments[1], moments[0], rtol=0, atol=0)
+
+
 def test_output_moments_of_a_mapping_output_and_clear_errors(registry):
     class Dict(nn.Module):
         def __init__(self):

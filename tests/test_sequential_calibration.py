@@ -2,11 +2,13 @@
 fitted on the inputs it gets with the layers ahead already compressed, to the outputs it had before the step."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor
+from musco_core import Compressor, ConfigError
 from musco_core.calibration import collect_input_stats, collect_sequential_stats, forward_order, input_features
 from musco_plugins import factorize
 
@@ -92,6 +94,61 @@ def test_sequential_statistics_pair_the_inputs_before_and_after_the_replacements
     torch.testing.assert_close(stats.cross_moment, (reference.T.double() @ actual.double()) / len(actual))
     assert stats.count == len(actual)
     assert model.first is not replacement  # the model is as it was
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Each item drawn with fresh random noise, as a random augmentation does."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index] + torch.randn(self.items[index].shape)
+
+
+def test_sequential_statistics_pair_each_batch_with_itself_under_shuffling_and_augmentation(registry):
+    torch.manual_seed(0)
+    model = Reordered().eval()
+    spec = registry.adapters.get("linear").read(model.middle)[0]
+    items = torch.cat(batches())
+    loader = torch.utils.data.DataLoader(Augmented(items), batch_size=16, shuffle=True)
+    same = copy.deepcopy(model.first)  # the reference and actual inputs of one batch are then equal
+    stats = collect_sequential_stats(model, "middle", spec, {"first": same}, loader, progress=False)
+    torch.testing.assert_close(stats.cross_moment, stats.second_moment, rtol=0, atol=0)
+    replacement = nn.Linear(8, 16)
+    shuffled = collect_sequential_stats(model, "middle", spec, {"first": replacement},
+                                        torch.utils.data.DataLoader(items, batch_size=16, shuffle=True),
+                                        progress=False)
+    ordered = collect_sequential_stats(model, "middle", spec, {"first": replacement}, batches(), progress=False)
+    torch.testing.assert_close(shuffled.cross_moment, ordered.cross_moment)  # sums over the same rows
+
+
+class Drained:
+    """Re-iterable calibration data that runs dry once ``drained`` is set."""
+
+    def __init__(self, items):
+        self.items, self.drained = items, False
+
+    def __iter__(self):
+        return iter([] if self.drained else self.items)
+
+
+def test_empty_calibration_data_under_sequential_calibration_is_one_clear_error():
+    schedule = {"version": 1, "settings": {"ft_every": 2, "nglobal_compress_iters": 2},
+                "layers": {"0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [12, 6]},
+                           "2": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [12, 6]}}}
+    with pytest.raises(ConfigError, match="calibration data is empty: no batch to collect the input statistics "
+                                          "of '0', '2'"):
+        Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=[], progress=False).compression_step()
+    data = Drained([torch.randn(16, 32, generator=torch.Generator().manual_seed(4)) for _ in range(2)])
+    compressor = Compressor(mlp(), model_compr_kwargs=schedule, calibration_data=data, progress=False)
+    compressor.compression_step()
+    data.drained = True
+    with pytest.raises(ConfigError, match="calibration data is empty"):
+        compressor.compression_step()
 
 
 def test_sequential_statistics_of_a_convolution_use_its_input_features(registry):
