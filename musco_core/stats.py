@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -19,6 +20,12 @@ from .components import LayerSpec
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 from .timing import tensors_in
+
+
+#: Torch's convolution and linear layers (transposed and lazy ones included): one that no adapter handles is
+#: listed in :attr:`ModelStats.excluded` with the reason, as a layer a user would expect compressed. Other modules
+#: (norms, activations, embeddings, containers) are no layers to compress and are passed over.
+LAYER_KINDS = (_ConvNd, nn.Linear, nn.Bilinear)
 
 
 @attrs.frozen
@@ -54,10 +61,10 @@ class ModelStats:
     #: ``torch.utils.flop_counter.FlopCounterMode``; None unless asked for with ``count_flops=True`` (counting slows
     #: the pass down). ``total_macs`` counts the compressible layers without it.
     total_flops: int | None = None
-    #: Layers of a type an adapter lists that must not be replaced, with why, in model order: a subclass or
+    #: Layers that must not be replaced, with why, in model order: of a type an adapter lists, a subclass or
     #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
-    #: example input) a layer the example input never reaches. Generated schedules leave them out; a schedule
-    #: that names one is refused.
+    #: example input) a layer the example input never reaches; and a layer of :data:`LAYER_KINDS` that no adapter
+    #: handles (a ``ConvTranspose2d``). Generated schedules leave them out; a schedule that names one is refused.
     excluded: dict[str, str] = attrs.field(factory=dict)
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
@@ -92,7 +99,8 @@ class ModelStats:
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
-        it and those whose weights other code used outside their own call.
+        it and those whose weights other code used outside their own call, and convolution and linear layers no
+        adapter handles.
         """
         readable = {}
         excluded = owner_read_layers(model)
@@ -111,6 +119,8 @@ class ModelStats:
                     excluded[name] = match.reason
                 else:
                     readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
+            elif isinstance(module, LAYER_KINDS):
+                excluded[name] = registry.unsupported_reason(module)
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         total_flops = output_layers = None
         if example_input is not None:
