@@ -98,7 +98,8 @@ class RankRounding:
            whole_model: bool = False) -> RankRounding:
         """The rounding ``settings.rank_multiple`` means for weights on ``device``: an int rounds every rank up to
         it; ``"auto"`` rounds ranks up to the device type's :data:`HARDWARE_RANK_MULTIPLES` where that grows them
-        by at most :data:`AUTO_MAX_GROWTH`, unless ``hardware`` is False (ranks the user gave, e.g. ``manual``).
+        by at most :data:`AUTO_MAX_GROWTH`, unless ``hardware`` is False (ranks the user gave, e.g. ``manual``, or
+        the largest within a rate, ``param_reduction``).
 
         ``whole_model``: the ranks are the candidates a whole-model selector prices and chooses among to meet its
         target, so under ``"auto"`` every one from twice the multiple up rounds up however far: a rank just above
@@ -451,7 +452,8 @@ class RankSelector:
     #: ranks of every layer using this selector together, once per pass over the model.
     scope: ClassVar[str] = "layer"
     #: Whether ``settings.rank_multiple: auto`` may round this selector's ranks up to the hardware's multiple;
-    #: False for ranks the user gave (``manual``), which an explicit int ``rank_multiple`` still rounds.
+    #: False for ranks the user gave (``manual``) and ranks that are the largest within a rate the user gave
+    #: (``param_reduction``), which rounding up would break; an explicit int ``rank_multiple`` still rounds them.
     hardware_rounding: ClassVar[bool] = True
 
     def unsupported_reason(self, decomposer: Decomposer) -> str | None:

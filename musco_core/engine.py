@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import time
 from collections.abc import Sequence
 
@@ -10,10 +11,10 @@ import attrs
 import torch
 from torch import nn
 
-from .components import Decomposer, Factor, InputStats, LayerSpec, RankRounding, WeightSource
-from .errors import CompressionError, UnsupportedLayerError
+from .components import Decomposer, Factor, FactorLayout, InputStats, LayerSpec, RankRounding, WeightSource
+from .errors import CompressionError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
-from .registry import Registry
+from .registry import Registry, Role
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
 from .surgery import FactorizedLayer, why_not_recompressible
 from .verify import check_factorized
@@ -88,6 +89,53 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
                                      stats.group(g, groups)) for g, block in enumerate(blocks)]
 
 
+def _plugin_component(role: Role, name: str) -> str:
+    """A component with the plugin that supplied it, for errors about a broken contract."""
+    return f"{role.title} {name!r} of plugin {role.entries[name].source.name!r}"
+
+
+def _checked_ranks(ranks: object, decomposer: Decomposer, name: str, selector: str) -> tuple[int, ...]:
+    """``ranks`` from the rank selector described by ``selector`` as ints, once they are one positive int (numpy's
+    too, never a bool) per rank of the decomposition; a CompressionError naming the layer and selector otherwise."""
+    expected = len(decomposer.rank_names)
+
+    def as_rank(rank: object) -> int | None:
+        if isinstance(rank, bool) or isinstance(rank, torch.Tensor) and rank.dtype == torch.bool:
+            return None
+        try:
+            value = operator.index(rank)
+        except TypeError:  # a float, a numpy bool, a string...
+            return None
+        return value if value > 0 else None
+
+    values = [as_rank(rank) for rank in ranks] if isinstance(ranks, (tuple, list)) else None
+    if values is None or len(values) != expected or None in values:
+        raise CompressionError(
+            f"layer {name!r}: {selector} chose ranks {short_repr(ranks)}; {decomposer.name} takes {expected} "
+            f"rank(s) ({', '.join(decomposer.rank_names)}), each a positive int")
+    return tuple(values)
+
+
+def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str, decomposer: str
+                    ) -> list[torch.Tensor]:
+    """The factor weights of one group from the decomposer described by ``decomposer``, once they are what its
+    layouts say: one finite, real floating-point tensor of each layout's shape; a CompressionError otherwise."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != len(layouts):
+        got = f"{len(weights)} factor(s)" if isinstance(weights, (tuple, list)) else short_repr(weights)
+        raise CompressionError(f"layer {name!r}: {decomposer} returned {got}; its layout has {len(layouts)}")
+    for index, (weight, layout) in enumerate(zip(weights, layouts)):
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            what = f"of dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else f"as a {type(weight).__name__}"
+            raise CompressionError(f"layer {name!r}: {decomposer} returned factor {index} {what}; expected a "
+                                   f"real floating-point tensor")
+        if tuple(weight.shape) != layout.weight_shape:
+            raise CompressionError(f"layer {name!r}: {decomposer} returned factor {index} of shape "
+                                   f"{tuple(weight.shape)}, its layout says {layout.weight_shape}")
+        if not torch.isfinite(weight).all():
+            raise CompressionError(f"layer {name!r}: {decomposer} produced non-finite weights")
+    return list(weights)
+
+
 def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:
     """The layer's candidate decompositions that can factorize a group of its geometry, in the schedule's order."""
     decomposers = [registry.decompositions.get(name) for name in layer.candidates]
@@ -154,9 +202,13 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                                  params_before, params_before, macs_before, macs_before, note=keep_note,
                                  seconds=time.perf_counter() - started)
     selector = registry.rank_selectors.get(schedule.rank_selection)
+    chooser = _plugin_component(registry.rank_selectors, selector.name)
     if ranks is None:
-        ranks = tuple(max(per_group) for per_group in zip(
-            *(selector.select(decomposer, s, stage, schedule.rank_params) for s in group_sources)))
+        ranks = tuple(max(per_group) for per_group in zip(*(
+            _checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
+            for s in group_sources)))
+    else:
+        ranks = _checked_ranks(ranks, decomposer, name, chooser)
     like = source.stored_weight
     rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
     chosen, rounded = ranks, rounding(ranks)
@@ -166,7 +218,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
              f"ranks {rounded} clamped to {ranks} (the layer's limits)" if ranks != rounded else None]
     note = "; ".join(filter(None, notes)) or None
 
-    layouts = [widen(layout, spec.groups) for layout in decomposer.layout(group_spec, ranks)]
+    group_layouts = decomposer.layout(group_spec, ranks)
+    layouts = [widen(layout, spec.groups) for layout in group_layouts]
     params_after, macs_after = after = chain_cost(spec, layouts, input_shape)
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
@@ -180,17 +233,12 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                                   seconds=time.perf_counter() - started)
 
     params = settings.params_for(decomposer)
+    maker = _plugin_component(registry.decompositions, decomposer.name)
     with torch.no_grad():
-        per_group = [decomposer.decompose(s, ranks, params, seed=settings.seed) for s in group_sources]
-        weights = [torch.cat(group_weights) for group_weights in zip(*per_group, strict=True)]
-        factors = []
-        for index, (layout, weight) in enumerate(zip(layouts, weights, strict=True)):
-            if tuple(weight.shape) != layout.weight_shape:
-                raise CompressionError(f"layer {name!r}: {decomposer.name} returned factor {index} of shape "
-                                       f"{tuple(weight.shape)}, its layout says {layout.weight_shape}")
-            if not torch.isfinite(weight).all():
-                raise CompressionError(f"layer {name!r}: {decomposer.name} produced non-finite weights")
-            factors.append(Factor(layout, weight.to(like.dtype), bias if layout.bias else None))
+        per_group = [_checked_factors(decomposer.decompose(s, ranks, params, seed=settings.seed), group_layouts,
+                                     name, maker) for s in group_sources]
+        factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)
+                   for layout, group_weights in zip(layouts, zip(*per_group), strict=True)]
         reference = source.weight if source.factors else dense_weight(source.weight, spec.groups)
         reference = reference.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
         approximation = compose_factors(spec, factors).to(reference.dtype)

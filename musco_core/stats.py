@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -19,6 +20,12 @@ from .components import LayerSpec
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 from .timing import tensors_in
+
+
+#: Torch's convolution and linear layers (transposed and lazy ones included): one that no adapter handles is
+#: listed in :attr:`ModelStats.excluded` with the reason, as a layer a user would expect compressed. Other modules
+#: (norms, activations, embeddings, containers) are no layers to compress and are passed over.
+LAYER_KINDS = (_ConvNd, nn.Linear, nn.Bilinear)
 
 
 @attrs.frozen
@@ -54,10 +61,10 @@ class ModelStats:
     #: ``torch.utils.flop_counter.FlopCounterMode``; None unless asked for with ``count_flops=True`` (counting slows
     #: the pass down). ``total_macs`` counts the compressible layers without it.
     total_flops: int | None = None
-    #: Layers of a type an adapter lists that must not be replaced, with why, in model order: a subclass or
+    #: Layers that must not be replaced, with why, in model order: of a type an adapter lists, a subclass or
     #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
-    #: example input) a layer the example input never reaches. Generated schedules leave them out; a schedule
-    #: that names one is refused.
+    #: example input) a layer the example input never reaches; and a layer of :data:`LAYER_KINDS` that no adapter
+    #: handles (a ``ConvTranspose2d``). Generated schedules leave them out; a schedule that names one is refused.
     excluded: dict[str, str] = attrs.field(factory=dict)
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
@@ -92,7 +99,8 @@ class ModelStats:
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
-        it and those whose weights other code used outside their own call.
+        it and those whose weights other code used outside their own call, and convolution and linear layers no
+        adapter handles.
         """
         readable = {}
         excluded = owner_read_layers(model)
@@ -111,6 +119,8 @@ class ModelStats:
                     excluded[name] = match.reason
                 else:
                     readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
+            elif isinstance(module, LAYER_KINDS):
+                excluded[name] = registry.unsupported_reason(module)
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         total_flops = output_layers = None
         if example_input is not None:
@@ -296,22 +306,66 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
     return watch.shapes, total_flops, watch.not_run(), returned
 
 
+#: The geometry a FlopCo object tells of a layer (:meth:`ModelStats.from_flopco` leaves the rest at defaults).
+_FLOPCO_GEOMETRY = ("out_channels", "in_channels", "kernel_size", "groups")
+#: How many differing layers a refusal of statistics names.
+_DIFFERENCES_SHOWN = 3
+
+
 def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input: Any = None) -> ModelStats:
     """Our statistics from whatever the user passed: ModelStats, a FlopCo object, or nothing.
 
-    Statistics made elsewhere get the exclusions (see :attr:`ModelStats.excluded`) of the model when it is given,
-    found on the example input when there is one, so that statistics passed in never turn the run-time checks off.
+    Statistics made elsewhere must describe the model when it is given: a ConfigError names the first layers they
+    have that the model does not, or has with another geometry or (where both know it) other input and output
+    shapes, since the report would state their MACs. Accepted ones get the exclusions (see
+    :attr:`ModelStats.excluded`) of the model, found on the example input when there is one, so that statistics
+    passed in never turn the run-time checks off.
     """
     if stats is None:
         return ModelStats.from_model(model, registry, example_input)
     if isinstance(stats, ModelStats):
-        given = stats
+        given, geometry = stats, tuple(field.name for field in attrs.fields(LayerSpec))
     elif hasattr(stats, "ltypes") and hasattr(stats, "input_shapes"):
-        given = ModelStats.from_flopco(stats)
+        given, geometry = ModelStats.from_flopco(stats), _FLOPCO_GEOMETRY
     else:
         raise TypeError(f"model_stats must be a musco_core.ModelStats or a flopco.FlopCo object, "
                         f"got {type(stats).__name__}")
     if model is None:
         return given
-    return attrs.evolve(given, excluded={**ModelStats.from_model(model, registry, example_input).excluded,
-                                         **given.excluded})
+    own = ModelStats.from_model(model, registry, example_input)
+    differences = _differences(given, own, dict(model.named_modules()), geometry)
+    if differences:
+        more = len(differences) - _DIFFERENCES_SHOWN
+        raise ConfigError("model_stats do not describe the model: "
+                          + "; ".join(differences[:_DIFFERENCES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+                          + "; pass the model's own statistics (ModelStats.from_model(model, registry, "
+                            "example_input)), or none to have them computed")
+    return attrs.evolve(given, excluded={**own.excluded, **given.excluded})
+
+
+def _differences(given: ModelStats, own: ModelStats, modules: Mapping[str, nn.Module], geometry: tuple[str, ...]
+                 ) -> list[str]:
+    """How each layer of ``given`` differs from the model's ``own`` statistics: absent, or the ``geometry`` fields
+    of its spec and its shapes (where both know them) that differ, one line per layer in ``given``'s order."""
+    lines = []
+    for name, theirs in given.layers.items():
+        if name in own.excluded:
+            continue  # the model's own statistics leave it out: it is never compressed
+        ours = own.layers.get(name)
+        if ours is None:
+            lines.append(f"layer {name!r}: " + ("no such module in the model" if name not in modules else
+                                                f"a {type(modules[name]).__qualname__} in the model, which no "
+                                                f"adapter reads"))
+            continue
+        if "adapter" in geometry and theirs.spec.adapter != ours.spec.adapter:  # another kind: that says it all
+            fields = [("adapter", theirs.spec.adapter, ours.spec.adapter)]
+        else:
+            fields = [(field, getattr(theirs.spec, field), getattr(ours.spec, field)) for field in geometry]
+            fields += [(shape, getattr(theirs, shape), getattr(ours, shape))
+                       for shape in ("input_shape", "output_shape")
+                       if getattr(theirs, shape) is not None and getattr(ours, shape) is not None]
+        changed = [f"{field} {value} where the model has {actual}"
+                   for field, value, actual in fields if value != actual]
+        if changed:
+            lines.append(f"layer {name!r}: {', '.join(changed)}")
+    return lines

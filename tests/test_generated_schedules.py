@@ -2,6 +2,7 @@
 with a reason that ``generated_exclusions`` returns."""
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import pytest
@@ -151,3 +152,38 @@ def test_the_report_lists_every_layer_left_out_and_why(tmp_path, registry):
     compressor.save_state(tmp_path / "ckpt")
     assert Compressor.resume(model, tmp_path / "ckpt", example_input=torch.randn(1, 3, 8, 8),
                              registry=registry).report().left_out == left_out
+
+
+class Decoder(nn.Module):
+    """Convolution and linear layers no adapter handles, next to modules that are no layers to compress."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.norm = nn.BatchNorm2d(32)
+        self.up = nn.ConvTranspose2d(32, 32, 3, stride=2, padding=1, output_padding=1)
+        self.pair = nn.Bilinear(32, 32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).permute(0, 3, 1, 2)  # B x 16 x H x W
+        x = self.up(torch.relu(self.norm(self.conv(x)))).mean((2, 3))
+        return self.head(self.pair(x, x))
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_convolution_and_linear_layers_no_adapter_handles_are_left_out_with_the_reason(registry, caplog, example):
+    # a ConvTranspose2d used to be neither compressed nor named in left_out, generated_exclusions or the log
+    model, x = Decoder().eval(), torch.randint(0, 10, (1, 4, 4))
+    compressor = Compressor(model, config_type="vbmf", example_input=x if example else None, progress=False,
+                            registry=registry)
+    left_out = compressor.report().left_out
+    known = ", ".join(registry.adapters.names())
+    assert left_out["up"] == f"no adapter handles ConvTranspose2d; known adapters: {known}"
+    assert left_out["pair"].startswith("no adapter handles Bilinear; ")
+    assert not {"embed", "norm"} & set(left_out) and compressor.lnames == ["conv"]  # head: the output layer
+    with caplog.at_level(logging.INFO, logger="musco_core.config"):
+        exclusions = generated_exclusions(compressor.model_stats, "param_reduction", registry=registry)
+    assert exclusions["up"] == left_out["up"]
+    assert any("'up' left out: no adapter handles ConvTranspose2d" in record.getMessage() for record in caplog.records)

@@ -1,5 +1,5 @@
 """``settings.rank_multiple``: ``auto`` (the default) rounds chosen ranks up to the device's fast multiple where
-that is cheap; an int rounds every rank; ``manual`` ranks are the user's."""
+that is cheap; an int rounds every rank; ``manual`` ranks are the user's, ``param_reduction`` ranks the rate's."""
 from __future__ import annotations
 
 import pytest
@@ -64,18 +64,34 @@ def compress(layers: dict, **settings) -> Compressor:
     return compressor
 
 
-def test_selected_ranks_are_rounded_by_default_and_manual_ranks_are_kept():
+def test_selected_ranks_are_rounded_by_default_and_manual_and_param_reduction_ranks_are_kept():
     layers = {"0": {"decomposition": "svd", "rank_selection": "param_reduction", "param_reduction_rate": 2.3},
-              "2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [30]}}
+              "2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [30]},
+              "4": {"decomposition": "svd", "rank_selection": "vbmf", "vbmf_weakenen_factor": 0.9}}
     default = compress(layers)
     exact = compress(layers, rank_multiple=1)
-    # rate 2.3 of 128 x 128 weights at 256 per rank: 27 (rank_multiple 1), rounded up to 32 by auto
-    assert exact.ranks == {"0": (27,), "2": (30,)}
-    assert default.ranks == {"0": (32,), "2": (30,)}
-    assert compress(layers, rank_multiple=8).ranks == {"0": (32,), "2": (32,)}  # an int rounds manual ranks too
+    # vbmf's 34 rounded up to 40 by auto; param_reduction's 27 (rate 2.3 of 128 x 128 weights at 256 per rank) is
+    # the largest rank within the rate, which rounding up would break, so auto leaves it as manual ranks
+    assert exact.ranks == {"0": (27,), "2": (30,), "4": (34,)}
+    assert default.ranks == {"0": (27,), "2": (30,), "4": (40,)}
+    assert compress(layers, rank_multiple=8).ranks == {"0": (32,), "2": (32,), "4": (40,)}  # an int rounds every rank
     assert default.schedule.settings.rank_multiple == "auto"
     notes = {result.name: result.note for result in default.history}
-    assert notes == {"0": "ranks (27,) rounded up to (32,) (rank_multiple auto)", "2": None}  # the report says so
+    assert notes == {"0": None, "2": None, "4": "ranks (34,) rounded up to (40,) (rank_multiple auto)"}
+
+
+def test_param_reduction_meets_its_rate_under_auto():
+    # auto used to round its ranks up after it solved the rate: 1.89x, 1.78x and 1.47x where 2 was asked
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 128, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128 * 16, 10))
+    layers = {"2": {"decomposition": "tucker2", "rank_selection": "param_reduction", "param_reduction_rate": 2},
+              "4": {"decomposition": "svd", "rank_selection": "param_reduction", "param_reduction_rate": 2}}
+    compressor = Compressor(model, None, layers, example_input=torch.randn(1, 3, 4, 4), nglobal_compress_iters=2,
+                            progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert len(compressor.history) == 4
+    assert all(result.params_before >= 2 * result.params_after for result in compressor.history)
 
 
 def test_under_auto_a_budget_chooses_among_multiples_from_twice_the_multiple_up():

@@ -3,12 +3,14 @@
 breaks the contract is refused before it is swapped in. Every refusal leaves the model as it was."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import types
 import warnings
 
 import attrs
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
@@ -16,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from musco_core import Compressor, ConfigError, ModelStats, hookimpl
-from musco_core.components import FactorLayout, LayerAdapter
+from musco_core.components import FactorLayout, LayerAdapter, RankSelector
 from musco_core.config import generate_model_compr_kwargs
 from musco_core.errors import CompressionError, PluginError
 from musco_core.plugins import make_plugin_manager
@@ -597,6 +599,95 @@ def test_the_layout_contract_checks_channels_and_bias(registry):
     assert "to factors [0, 1]" in layout_problem(spec, [FactorLayout(5, 4, (3, 1), axes=(0, 1)),
                                                         FactorLayout(6, 5, (1, 3), axes=(1,), bias=True)])
     assert layout_problem(spec, [FactorLayout(6, 4, (3, 3), axes=(0, 1), bias=True)]) is None
+
+
+class ReturningSVD(SVD):
+    """An svd whose factors (and a selector whose ranks) the test sets: what a buggy third-party plugin returns."""
+
+    name = "returning_svd"
+    exact_at_max_rank = False  # the miniature check would catch some; the factors' own checks come first
+    returned = None
+
+    def decompose(self, source, ranks, params, seed=0):
+        first, second = super().decompose(source, ranks, params, seed)
+        return self.returned(first, second)
+
+
+class ReturningSelector(RankSelector):
+    name = "returning"
+    returned: object = None
+
+    def select(self, decomposer, source, stage, params):
+        return self.returned
+
+
+def returning_registry() -> Registry:
+    return registry_with(("returning_plugin", plugin(musco_register_decompositions=[ReturningSVD],
+                                                     musco_register_rank_selectors=[ReturningSelector])))
+
+
+@pytest.mark.parametrize(("factors", "problem"), [
+    (lambda a, b: [(a * 10).to(torch.int64), b], "factor 0 of dtype torch.int64"),
+    (lambda a, b: [a, b > 0], "factor 1 of dtype torch.bool"),
+    (lambda a, b: [a.to(torch.complex64) * 1j, b], "factor 0 of dtype torch.complex64"),
+    (lambda a, b: [a.numpy(), b], "factor 0 as a ndarray"),
+    (lambda a, b: [a, b, b], "returned 3 factor(s); its layout has 2"),
+    (lambda a, b: [a], "returned 1 factor(s); its layout has 2")])
+def test_factors_of_another_dtype_or_count_are_refused_naming_the_plugin(monkeypatch, factors, problem):
+    # an int or bool factor of the right shape used to be cast to float and swapped in, a complex one to lose its
+    # imaginary part: a silently wrong model
+    monkeypatch.setattr(ReturningSVD, "returned", staticmethod(factors))
+    model, x = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)), torch.randn(2, 16)
+    message = compress_refused(model, {"2": manual(4, "returning_svd")}, "returning_svd", returning_registry(), x)
+    assert message.startswith("layer '2': decomposition 'returning_svd' of plugin 'returning_plugin' returned ")
+    assert problem in message
+    assert "real floating-point tensor" in message or "factor(s)" in problem
+
+
+def test_half_precision_factors_are_a_floating_point_result_and_kept(monkeypatch):
+    monkeypatch.setattr(ReturningSVD, "returned", staticmethod(lambda a, b: [a.half(), b.half()]))
+    model, x = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)), torch.randn(2, 16)
+    compressor = Compressor(model, model_compr_kwargs={"2": manual(4, "returning_svd")}, example_input=x,
+                            progress=False, registry=returning_registry())
+    assert compressor.compression_step()[0].applied
+    assert compressor.compressed_model[2][0].weight.dtype == torch.float32  # the layer's dtype, as always
+
+
+@pytest.mark.parametrize("ranks", [(0,), (-5,), (True,), (3.5,), (4, 4), (), 6, ("4",)])
+def test_ranks_that_are_not_one_positive_int_per_rank_are_refused_naming_the_selector(monkeypatch, ranks):
+    # (0,), (-5,) and (True,) used to compress the layer at rank 1 with a note that made it look intended
+    monkeypatch.setattr(ReturningSelector, "returned", ranks)
+    model, x = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)), torch.randn(2, 16)
+    message = compress_refused(model, {"2": {"decomposition": "svd", "rank_selection": "returning"}}, "returning",
+                               returning_registry(), x)
+    assert message.startswith(f"layer '2': rank selector 'returning' of plugin 'returning_plugin' chose ranks "
+                              f"{ranks!r}; svd takes 1 rank(s) (rank), each a positive int")
+
+
+@pytest.mark.parametrize("ranks", [(np.int64(3),), [torch.tensor(3)], (3,)])
+def test_integer_like_ranks_become_ints_so_the_report_and_files_can_hold_them(monkeypatch, tmp_path, ranks):
+    # numpy ranks (np.searchsorted, np.argmax) used to be kept as they were, and to_json and save_state then failed
+    monkeypatch.setattr(ReturningSelector, "returned", ranks)
+    model, x = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)), torch.randn(2, 16)
+    compressor = Compressor(model, model_compr_kwargs={"2": {"decomposition": "svd", "rank_selection": "returning"}},
+                            example_input=x, progress=False, registry=returning_registry())
+    result = compressor.compression_step()[0]
+    assert result.applied and result.ranks == (3,) and type(result.ranks[0]) is int
+    assert json.loads(compressor.report().to_json())["layers"][0]["ranks"] == [3]
+    compressor.save_state(tmp_path)
+
+
+def test_whole_model_ranks_are_checked_like_a_selectors(registry):
+    from musco_core.config import validate_model_compr_kwargs
+    from musco_core.engine import compress_layer
+
+    schedule = validate_model_compr_kwargs({"0": {"decomposition": "svd", "rank_selection": "budget"}},
+                                           registry=registry)
+    layer, settings = schedule.layers["0"], schedule.settings
+    with pytest.raises(CompressionError, match=r"layer '0': rank selector 'budget' of plugin '.*' chose ranks "
+                                               r"\(0,\); svd takes 1 rank"):
+        compress_layer(nn.Linear(16, 24), "0", layer, settings, registry, ranks=(0,))
+    assert compress_layer(nn.Linear(16, 24), "0", layer, settings, registry, ranks=(np.int64(4),))[1].ranks == (4,)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Model statistics: exact per-layer counts on the example input, and no side effects on the model."""
 from __future__ import annotations
 
+import pytest
 import torch
 from flopco import FlopCo
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import resnet18
-from musco_core import ModelStats
+from musco_core import Compressor, ConfigError, ModelStats
 
 
 class Mixed(nn.Module):
@@ -79,3 +80,41 @@ def test_flopco_statistics_are_accepted_and_agree(registry):
         assert theirs.layers[name].spec.kernel_size == layer.spec.kernel_size
         assert theirs.layers[name].macs == layer.macs, name
     assert ours.ltypes["layer1.0.conv1"] == {"type": nn.Conv2d, "kernel_size": (3, 3), "groups": 1}
+
+
+def small_net(width: int = 16, kernel: int = 3, stride: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, width, kernel, stride=stride, padding=kernel // 2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+
+SCHEDULE = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 8]]}}
+
+
+@pytest.mark.parametrize(("stats", "differences"), [
+    (lambda reg, x: ModelStats.from_model(small_net(8, 5), reg, x),
+     ["layer '0': out_channels 8 where the model has 16", "kernel_size (5, 5) where the model has (3, 3)"]),
+    (lambda reg, x: ModelStats.from_model(small_net(stride=2), reg, x), ["layer '2': stride (2, 2) where"]),
+    (lambda reg, x: ModelStats.from_model(small_net(), reg, torch.randn(1, 3, 16, 16)),
+     ["layer '0': input_shape (1, 3, 16, 16) where the model has (1, 3, 8, 8)"]),
+    (lambda reg, x: ModelStats.from_model(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), reg),
+     ["layer '0': adapter linear where the model has conv;", "layer '1': a ReLU in the model, which no adapter reads"]),
+    (lambda reg, x: ModelStats.from_model(nn.Sequential(*small_net(), nn.Linear(10, 2)), reg, x),
+     ["layer '7': no such module in the model"]),
+    (lambda reg, x: FlopCo(small_net(8), img_size=(1, 3, 8, 8)), ["layer '2': out_channels 8 where"])])
+def test_statistics_of_another_model_or_input_are_refused_naming_the_layers(registry, stats, differences):
+    # the report used to state their MACs: 5.07x where the model's own gave 6.35x
+    model, x = small_net(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ConfigError, match="model_stats do not describe the model: layer ") as info:
+        Compressor(model, stats(registry, x), SCHEDULE, example_input=x, progress=False, registry=registry)
+    assert all(difference in str(info.value) for difference in differences), str(info.value)
+    assert str(info.value).endswith("or none to have them computed")
+
+
+def test_statistics_of_the_model_itself_are_accepted_with_or_without_an_example_input(registry):
+    model, x = small_net(), torch.randn(1, 3, 8, 8)
+    for stats, example in [(FlopCo(model, img_size=(1, 3, 8, 8)), x), (FlopCo(model, img_size=(1, 3, 8, 8)), None),
+                           (ModelStats.from_model(model, registry, x), x), (ModelStats.from_model(model, registry), x),
+                           (FlopCo(model, img_size=(1, 3, 16, 16)), None)]:  # no example input: no shapes to hold
+        compressor = Compressor(model, stats, SCHEDULE, example_input=example, progress=False, registry=registry)
+        assert compressor.compression_step()[0].applied

@@ -84,6 +84,7 @@ class ParamReduction(RankSelector):
 
     name = "param_reduction"
     Params = ParamReductionParams
+    hardware_rounding = False  # its ranks are the largest within the rate: rounding them up would break it
 
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params: ParamReductionParams
                ) -> tuple[int, ...]:
