@@ -73,8 +73,9 @@ class Compressor:
         if model_compr_kwargs is None:
             model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)
             left_out = generated_exclusions(stats, config_type, registry=registry)
-        settings = {"ft_every": ft_every, "nglobal_compress_iters": nglobal_compress_iters or 1, "seed": seed,
-                    "algo_kwargs": all_algo_kwargs or {}}
+        settings = {"ft_every": ft_every, "seed": seed,  # None is the default; 0, False or [] are checked, and refused
+                    "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
+                    "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
         check_latency_input(schedule, registry, example_input)

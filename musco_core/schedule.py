@@ -311,6 +311,17 @@ def problems_error(problems: list[str]) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
+#: The Compressor's keyword argument of each run setting it takes, where the names differ.
+_KEYWORDS = {"algo_kwargs": "all_algo_kwargs"}
+
+
+def _keyword_problem(problem: str) -> str:
+    """A problem of a setting given as the Compressor's keyword argument, named by that argument, as the user wrote
+    it: ``$.settings.algo_kwargs["svd"].x: ...`` becomes ``Compressor(all_algo_kwargs=...): $["svd"].x: ...``."""
+    return re.sub(r"^\$\.settings\.(\w+)(: )?", lambda match: f"Compressor({_KEYWORDS.get(match[1], match[1])}=...): "
+                  + ("" if match[2] else "$"), problem)
+
+
 class ScheduleCodec:
     """Converts schedules to and from plain data, checking them against the registered components."""
 
@@ -323,7 +334,8 @@ class ScheduleCodec:
                   ) -> ModelSchedule:
         """A schedule from a YAML document or an original ``model_compr_kwargs`` dict.
 
-        ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments).
+        ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments); their
+        problems are named by the argument (``Compressor(ft_every=...): expected a positive int, got 0``).
         """
         schedule, problems = self.structure_partial(data, origin, settings=settings)
         if problems:
@@ -336,6 +348,7 @@ class ScheduleCodec:
         checks against a model can report their problems together with these. Invalid layers are left out;
         invalid settings are replaced by the defaults."""
         problems: list[str] = []
+        arguments: list[str] = []  # problems of the settings given as keyword arguments, named by them
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: $: expected a mapping (a schedule or a {{layer: settings}} dict), "
                               f"got {type(data).__name__}")
@@ -349,12 +362,15 @@ class ScheduleCodec:
             elif version > SCHEMA_VERSION:
                 problems.append(f"$.version: schema version {version} is newer than this musco-core reads "
                                 f"({SCHEMA_VERSION}); upgrade musco-core")
-            raw_settings, raw_layers = data.get("settings") or {}, data.get("layers")
+            # A missing or null section is the default; anything else that is not a mapping is a problem.
+            raw_settings, raw_layers = data.get("settings"), data.get("layers")
+            run_settings = self._structure_settings({} if raw_settings is None else raw_settings, problems)
             if raw_layers is None:
                 raw_layers = {}
         else:
-            raw_settings, raw_layers = settings or {}, data
-        run_settings = self._structure_settings(raw_settings, problems)
+            raw_layers, given = data, []
+            run_settings = self._structure_settings(settings or {}, given)
+            arguments = [_keyword_problem(problem) for problem in given]
         layers = {}
         if not isinstance(raw_layers, Mapping):
             problems.append(f"$.layers: expected a mapping of layer names, got {type(raw_layers).__name__}")
@@ -369,7 +385,7 @@ class ScheduleCodec:
                 if len(problems) == known:
                     layers[name] = layer
         schedule = ModelSchedule(run_settings or RunSettings(), layers, origin=origin)
-        return schedule, [f"{origin}: {problem}" for problem in problems]
+        return schedule, arguments + [f"{origin}: {problem}" for problem in problems]
 
     def _structure(self, value: Any, kind: type, path: str, problems: list[str]):
         try:
@@ -383,7 +399,8 @@ class ScheduleCodec:
             problems.append(f"$.settings: expected a mapping, got {type(raw).__name__}")
             return None
         fields = dict(raw)
-        algo = fields.pop("algo_kwargs", None) or {}
+        algo = fields.pop("algo_kwargs", None)
+        algo = {} if algo is None else algo  # null is the default, as for the other sections
         settings = self._structure(fields, RunSettings, "$.settings", problems)
         scheduler = fields.get("scheduler", RunSettings().scheduler)
         if isinstance(scheduler, str) and scheduler not in self.registry.schedulers.entries:

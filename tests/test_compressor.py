@@ -193,6 +193,20 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
         compressor.compression_step()
 
 
+@pytest.mark.parametrize(("argument", "expected"), [
+    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0"),
+    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False"),
+    ({"all_algo_kwargs": []}, "Compressor(all_algo_kwargs=...): expected a mapping of decomposition names, got []"),
+    ({"all_algo_kwargs": {"svd": {"bogus": 1}}}, "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']"),
+    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0"),
+])
+def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expected):
+    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote."""
+    with pytest.raises(ConfigError) as info:
+        Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, **argument)
+    assert str(info.value) == expected
+
+
 def test_default_config_compresses_nothing_instead_of_crashing(registry):
     """The original raised ZeroDivisionError for Compressor(model, stats)."""
     model = small_cnn()
