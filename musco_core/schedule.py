@@ -50,7 +50,7 @@ ReductionRate = NewType("ReductionRate", float)
 Seed = NewType("Seed", int)
 #: How many times each layer is compressed (``nglobal_compress_iters``).
 StageCount = NewType("StageCount", int)
-#: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
+#: A rank as written in a schedule: a positive int, or a list of 1 to 8 positive ints (Tucker2: ``[r_out, r_in]``).
 Rank = NewType("Rank", tuple)
 #: One :data:`Rank` per compression of a layer (at most :data:`MAX_COMPRESS_ITERS`).
 RankList = NewType("RankList", list)
@@ -132,14 +132,20 @@ def _reduction_rate(value: Any, _type=None) -> float:
 
 #: Largest rank a schedule may name (larger ones exceed every layer; they are refused before any arithmetic).
 MAX_RANK = 2**31
+#: Most ranks one compression of a layer takes: one per ranked mode, 1 for SVD and CP, 2 for Tucker2, the rest left
+#: for plugin decompositions of more modes.
+MAX_RANKS_PER_COMPRESSION = 8
 #: Largest ``rank_multiple``.
 MAX_RANK_MULTIPLE = 4096
 
 
 def _rank(value: Any, _type=None) -> tuple[int, ...]:
-    ranks = tuple(value) if isinstance(value, (list, tuple)) and 0 < len(value) <= 8 else (value,)
+    expected = f"expected a positive int or a list of 1 to {MAX_RANKS_PER_COMPRESSION} positive ints"
+    ranks = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not 0 < len(ranks) <= MAX_RANKS_PER_COMPRESSION:
+        raise ValueProblem(f"{expected}, got a list of {len(ranks)}: {short_repr(value)}")
     if not all(_is_int(rank) and rank > 0 for rank in ranks):
-        raise ValueProblem(f"expected a positive int or a list of positive ints, got {short_repr(value)}")
+        raise ValueProblem(f"{expected}, got {short_repr(value)}")
     if max(ranks) > MAX_RANK:
         raise ValueProblem(f"expected ranks of at most 2**31, got {short_repr(value)}")
     return ranks
@@ -151,6 +157,14 @@ def _rank_multiple(value: Any, _type=None) -> int | str:
     if not _is_int(value) or not 0 < value <= MAX_RANK_MULTIPLE:
         raise ValueProblem(f"expected 'auto' or a positive int of at most {MAX_RANK_MULTIPLE}, got "
                            f"{short_repr(value)}")
+    return value
+
+
+def _literal(value: Any, kind: Any) -> Any:
+    """One of a ``Literal``'s choices, of the same type (``true`` is not ``1``)."""
+    choices = typing.get_args(kind)
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise ValueProblem(f"expected one of {', '.join(map(str, choices))}, got {short_repr(value)}")
     return value
 
 
@@ -178,6 +192,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(ReductionRate, _reduction_rate)
     converter.register_structure_hook(Rank, _rank)
     converter.register_structure_hook(RankMultiple, _rank_multiple)
+    converter.register_structure_hook_func(lambda kind: typing.get_origin(kind) is Literal, _literal)
 
     def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
         if not isinstance(value, list) or len(value) > MAX_COMPRESS_ITERS:
@@ -206,8 +221,6 @@ def format_problem(exc: BaseException, type_) -> str:
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}"
-    if typing.get_origin(type_) is Literal:
-        return f"expected one of {', '.join(map(str, typing.get_args(type_)))}"
     classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
     if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
         return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
