@@ -311,8 +311,8 @@ class BadSchedulers:
 @pytest.mark.parametrize(("scheduler", "expected"), [
     ("skipping", "scheduler 'skipping' of plugin 'bad_schedulers' planned layer '4' in 0 step(s); expected 2, one per "
                  "compression (nglobal_compress_iters: 2); 1 more layer(s) planned wrongly too"),
-    ("repeating", "scheduler 'repeating' of plugin 'bad_schedulers' planned layer '2' in 4 step(s); expected 2, one per "
-                  "compression (nglobal_compress_iters: 2); 2 more layer(s) planned wrongly too"),
+    ("repeating", "scheduler 'repeating' of plugin 'bad_schedulers' planned layer '2' in 4 step(s); expected 2, one "
+                  "per compression (nglobal_compress_iters: 2); 2 more layer(s) planned wrongly too"),
 ])
 def test_a_plan_that_leaves_out_or_repeats_a_layer_is_refused(scheduler, expected):
     """Every scheduled layer is compressed exactly nglobal_compress_iters times, whatever the scheduler plugin plans:
