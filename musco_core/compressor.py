@@ -154,7 +154,8 @@ class Compressor:
 
     @property
     def schedule(self) -> ModelSchedule:
-        """The schedule as it stands, each layer's ``curr_compr_iter`` counting its compressions so far."""
+        """The schedule as it stands, each layer's ``curr_compr_iter`` counting its stages so far (also those that
+        kept it as it was; :attr:`history` says which changed it)."""
         return self.state.schedule
 
     @property

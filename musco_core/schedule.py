@@ -238,6 +238,8 @@ class LayerSchedule:
     decomposition: str | tuple[str, ...]
     rank_selection: str
     rank_params: Any
+    #: Stages the layer went through already, each counted whether it compressed the layer or kept it as it was (as
+    #: the original musco-pytorch counted them): the stage number of its next compression (``manual_rank``'s index).
     curr_compr_iter: int = 0
     #: Apply the decomposition even when it would not make the layer smaller (e.g. to test full rank).
     force: bool = False

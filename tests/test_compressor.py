@@ -207,6 +207,19 @@ def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expec
     assert str(info.value) == expected
 
 
+def test_curr_compr_iter_counts_stages_also_those_that_kept_the_layer(registry):
+    """As in the original, a stage that keeps a layer (vbmf at weakening 0 keeps the full rank, which would not be
+    smaller) still advances curr_compr_iter: it is the stage index, e.g. into manual_rank."""
+    compressor = Compressor(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+                            model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf",
+                                                      "vbmf_weakenen_factor": 0.0}},
+                            nglobal_compress_iters=3, registry=registry, progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert [(r.stage, r.applied) for r in compressor.history] == [(0, False), (1, False), (2, False)]
+    assert compressor.model_compr_kwargs["0"]["curr_compr_iter"] == 3 and compressor.ranks["0"] is None
+
+
 def test_default_config_compresses_nothing_instead_of_crashing(registry):
     """The original raised ZeroDivisionError for Compressor(model, stats)."""
     model = small_cnn()
