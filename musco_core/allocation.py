@@ -26,6 +26,7 @@ from .latency import Chain, LatencyProfiler, profiler_for, timed_totals
 from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
+from .stats import ModelStats
 from .surgery import module_paths, swapped
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,21 @@ def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: A
             raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: metric latency times the "
                               f"model and its layers on the example input: give the compressor an example_input "
                               f"(--input-shape on the command line)")
+
+
+def check_macs_known(schedule: ModelSchedule, registry: Any, stats: ModelStats) -> None:
+    """A ConfigError when a whole-model selector of the schedule counts MACs but the statistics have none (no
+    example input), so that a flops target fails when the compressor is built, not at its first step."""
+    if stats.total_macs is not None:
+        return
+    for layer in schedule.layers.values():
+        selector = None if layer is None else registry.rank_selectors.get(layer.rank_selection)
+        if selector is not None and selector.scope == "model" and selector.counts_macs(
+                schedule.settings.params_for(selector)):
+            raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: with these settings (a "
+                              f"budget's default metric: flops) it counts the layers' MACs, and there is no example "
+                              f"input to count them on: give the compressor an example_input (--input-shape on the "
+                              f"command line) or model_stats with MACs, or a target that counts none (metric: params)")
 
 
 def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, list[str]]) -> dict[str, nn.Module]:

@@ -516,12 +516,15 @@ def _with_target(document: Any, target: str | None, config_path: Path, registry)
                                       for problem in validation_problems(exc))) from None
     if not isinstance(document, dict) or "version" not in document:
         raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
-    layers = document.get("layers") or {}
+    layers, settings = document.get("layers"), document.get("settings")
+    algo_kwargs = settings.get("algo_kwargs") if isinstance(settings, dict) else None
+    if not all(isinstance(section, (dict, type(None))) for section in (layers, settings, algo_kwargs)):
+        return document  # `settings: []` is not an empty mapping to fill: the schedule's own check refuses it
+    layers = layers or {}
     if not any(isinstance(layer, dict) and layer.get("rank_selection") == "budget" for layer in layers.values()):
         raise UsageProblem(f"--target sets the budget selector's target, but no layer of {config_path} uses "
                            f"rank_selection: budget")
-    settings = dict(document.get("settings") or {})
-    algo_kwargs = dict(settings.get("algo_kwargs") or {})
+    settings, algo_kwargs = dict(settings or {}), dict(algo_kwargs or {})
     kept = algo_kwargs.get("budget") if isinstance(algo_kwargs.get("budget"), dict) else {}
     kept = {key: value for key, value in kept.items() if key not in {"metric", "reduction", *TARGET_OPTIONS}}
     algo_kwargs["budget"] = {**kept, **budget}

@@ -38,7 +38,8 @@ from .errors import UnsupportedLayerError
 #: 3.2 added, additively, ``RankRounding.free_from``: under ``auto`` a whole-model selector's candidates from twice
 #: the multiple up all round to it.
 #: 3.3 added, additively, :meth:`RankSelector.times_optimized` (latency plans for the deployed form).
-PLUGIN_API_VERSION = (3, 3)
+#: 3.4 added, additively, :meth:`RankSelector.counts_macs` (a target on MACs is refused without them, at once).
+PLUGIN_API_VERSION = (3, 4)
 
 
 @attrs.frozen
@@ -470,6 +471,12 @@ class RankSelector:
         """Whether, for a selector that :meth:`measures_latency`, whole models are timed as
         :func:`~musco_core.optimize_for_inference` deploys them (BatchNorm folded, chains merged where that saves
         MACs, the faster memory format) instead of as the run leaves them."""
+        return False
+
+    def counts_macs(self, params) -> bool:
+        """Whether :meth:`allocate` with these run parameters needs the MAC counts (``ModelTotals.macs_*``), which
+        only an example input (or statistics with MACs) gives: the Compressor then refuses to start without them,
+        instead of failing at the first step."""
         return False
 
     def check_params(self, params, decomposer: Decomposer) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import distributed, io
-from .allocation import check_latency_input
+from .allocation import check_latency_input, check_macs_known
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
 from .errors import ConfigError
@@ -73,11 +73,13 @@ class Compressor:
         if model_compr_kwargs is None:
             model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)
             left_out = generated_exclusions(stats, config_type, registry=registry)
-        settings = {"ft_every": ft_every, "nglobal_compress_iters": nglobal_compress_iters or 1, "seed": seed,
-                    "algo_kwargs": all_algo_kwargs or {}}
+        settings = {"ft_every": ft_every, "seed": seed,  # None is the default; 0, False or [] are checked, and refused
+                    "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
+                    "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
         check_latency_input(schedule, registry, example_input)
+        check_macs_known(schedule, registry, stats)
         self._attach(model, start_run(model, schedule, registry, left_out),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input))
 
@@ -127,6 +129,7 @@ class Compressor:
         context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,
                                                                 calibration_data), evaluate, progress, example_input)
         check_latency_input(state.initial_schedule, registry, example_input)
+        check_macs_known(state.initial_schedule, registry, stats)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)
         log.info("resumed from %s at step %d of %d", origin, state.next_step, len(state.steps))
@@ -153,7 +156,8 @@ class Compressor:
 
     @property
     def schedule(self) -> ModelSchedule:
-        """The schedule as it stands, each layer's ``curr_compr_iter`` counting its compressions so far."""
+        """The schedule as it stands, each layer's ``curr_compr_iter`` counting its stages so far (also those that
+        kept it as it was; :attr:`history` says which changed it)."""
         return self.state.schedule
 
     @property

@@ -25,7 +25,7 @@ from .calibration import (check_reiterable, collect_input_stats, collect_output_
 from .components import InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
                      usable_decompositions)
-from .errors import CompressionError, ConfigError, MuscoError, PluginError, short_repr
+from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
@@ -178,15 +178,35 @@ def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequen
 
 
 def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, ...], ...]:
-    """The scheduler's plan for the schedule, checked: non-empty steps of known layers, none twice in a step."""
+    """The scheduler's plan for the schedule, checked against the Scheduler contract: non-empty steps of distinct
+    layers of the schedule, each layer in as many steps as it has stages to run, so that none is left out or
+    compressed more often than ``nglobal_compress_iters`` says. A plan that breaks it is a CompressionError naming
+    the scheduler and its plugin."""
     names = schedule.compressed_layers()
-    scheduler = registry.schedulers.get(schedule.settings.scheduler)
-    steps = tuple(tuple(step) for step in scheduler.plan(names, schedule.settings, None))
+    role, name = registry.schedulers, schedule.settings.scheduler
+    scheduler = role.get(name)
+    who = f"scheduler {name!r} of plugin {role.entries[name].source.name!r}"
+    plan = scheduler.plan(names, schedule.settings, None)
+    if not (isinstance(plan, (list, tuple)) and all(isinstance(step, (list, tuple)) for step in plan)):
+        raise CompressionError(f"{who} planned {short_repr(plan)}; expected a list of steps, each a list of layers")
+    steps = tuple(tuple(step) for step in plan)
     known = set(names)
     for index, step in enumerate(steps):
-        if not step or not set(step) <= known or len(set(step)) != len(step):
-            raise PluginError(f"scheduler {scheduler.name!r} planned step {index} as {short_repr(list(step))}; "
-                              f"expected a non-empty list of distinct layers of the schedule")
+        if not step or not all(isinstance(layer, str) and layer in known for layer in step) or (
+                len(set(step)) != len(step)):
+            raise CompressionError(f"{who} planned step {index} as {short_repr(list(step))}; expected a non-empty "
+                                   f"list of distinct layers of the schedule")
+    planned = dict.fromkeys(names, 0)
+    for step in steps:
+        for layer in step:
+            planned[layer] += 1
+    wrong = [(layer, len(stages)) for layer, stages in stages_of(schedule).items() if planned[layer] != len(stages)]
+    if wrong:
+        layer, expected = wrong[0]
+        others = f"; {len(wrong) - 1} more layer(s) planned wrongly too" if len(wrong) > 1 else ""
+        raise CompressionError(f"{who} planned layer {layer!r} in {planned[layer]} step(s); expected {expected}, one "
+                               f"per compression (nglobal_compress_iters: {schedule.settings.nglobal_compress_iters})"
+                               f"{others}")
     return steps
 
 

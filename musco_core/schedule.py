@@ -50,7 +50,7 @@ ReductionRate = NewType("ReductionRate", float)
 Seed = NewType("Seed", int)
 #: How many times each layer is compressed (``nglobal_compress_iters``).
 StageCount = NewType("StageCount", int)
-#: A rank as written in a schedule: a positive int, or a list of positive ints (Tucker2: ``[r_out, r_in]``).
+#: A rank as written in a schedule: a positive int, or a list of 1 to 8 positive ints (Tucker2: ``[r_out, r_in]``).
 Rank = NewType("Rank", tuple)
 #: One :data:`Rank` per compression of a layer (at most :data:`MAX_COMPRESS_ITERS`).
 RankList = NewType("RankList", list)
@@ -132,14 +132,20 @@ def _reduction_rate(value: Any, _type=None) -> float:
 
 #: Largest rank a schedule may name (larger ones exceed every layer; they are refused before any arithmetic).
 MAX_RANK = 2**31
+#: Most ranks one compression of a layer takes: one per ranked mode, 1 for SVD and CP, 2 for Tucker2, the rest left
+#: for plugin decompositions of more modes.
+MAX_RANKS_PER_COMPRESSION = 8
 #: Largest ``rank_multiple``.
 MAX_RANK_MULTIPLE = 4096
 
 
 def _rank(value: Any, _type=None) -> tuple[int, ...]:
-    ranks = tuple(value) if isinstance(value, (list, tuple)) and 0 < len(value) <= 8 else (value,)
+    expected = f"expected a positive int or a list of 1 to {MAX_RANKS_PER_COMPRESSION} positive ints"
+    ranks = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not 0 < len(ranks) <= MAX_RANKS_PER_COMPRESSION:
+        raise ValueProblem(f"{expected}, got a list of {len(ranks)}: {short_repr(value)}")
     if not all(_is_int(rank) and rank > 0 for rank in ranks):
-        raise ValueProblem(f"expected a positive int or a list of positive ints, got {short_repr(value)}")
+        raise ValueProblem(f"{expected}, got {short_repr(value)}")
     if max(ranks) > MAX_RANK:
         raise ValueProblem(f"expected ranks of at most 2**31, got {short_repr(value)}")
     return ranks
@@ -151,6 +157,14 @@ def _rank_multiple(value: Any, _type=None) -> int | str:
     if not _is_int(value) or not 0 < value <= MAX_RANK_MULTIPLE:
         raise ValueProblem(f"expected 'auto' or a positive int of at most {MAX_RANK_MULTIPLE}, got "
                            f"{short_repr(value)}")
+    return value
+
+
+def _literal(value: Any, kind: Any) -> Any:
+    """One of a ``Literal``'s choices, of the same type (``true`` is not ``1``)."""
+    choices = typing.get_args(kind)
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise ValueProblem(f"expected one of {', '.join(map(str, choices))}, got {short_repr(value)}")
     return value
 
 
@@ -178,6 +192,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(ReductionRate, _reduction_rate)
     converter.register_structure_hook(Rank, _rank)
     converter.register_structure_hook(RankMultiple, _rank_multiple)
+    converter.register_structure_hook_func(lambda kind: typing.get_origin(kind) is Literal, _literal)
 
     def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
         if not isinstance(value, list) or len(value) > MAX_COMPRESS_ITERS:
@@ -206,8 +221,6 @@ def format_problem(exc: BaseException, type_) -> str:
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}"
-    if typing.get_origin(type_) is Literal:
-        return f"expected one of {', '.join(map(str, typing.get_args(type_)))}"
     classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
     if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
         return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
@@ -225,6 +238,8 @@ class LayerSchedule:
     decomposition: str | tuple[str, ...]
     rank_selection: str
     rank_params: Any
+    #: Stages the layer went through already, each counted whether it compressed the layer or kept it as it was (as
+    #: the original musco-pytorch counted them): the stage number of its next compression (``manual_rank``'s index).
     curr_compr_iter: int = 0
     #: Apply the decomposition even when it would not make the layer smaller (e.g. to test full rank).
     force: bool = False
@@ -311,6 +326,17 @@ def problems_error(problems: list[str]) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
+#: The Compressor's keyword argument of each run setting it takes, where the names differ.
+_KEYWORDS = {"algo_kwargs": "all_algo_kwargs"}
+
+
+def _keyword_problem(problem: str) -> str:
+    """A problem of a setting given as the Compressor's keyword argument, named by that argument, as the user wrote
+    it: ``$.settings.algo_kwargs["svd"].x: ...`` becomes ``Compressor(all_algo_kwargs=...): $["svd"].x: ...``."""
+    return re.sub(r"^\$\.settings\.(\w+)(: )?", lambda match: f"Compressor({_KEYWORDS.get(match[1], match[1])}=...): "
+                  + ("" if match[2] else "$"), problem)
+
+
 class ScheduleCodec:
     """Converts schedules to and from plain data, checking them against the registered components."""
 
@@ -323,7 +349,8 @@ class ScheduleCodec:
                   ) -> ModelSchedule:
         """A schedule from a YAML document or an original ``model_compr_kwargs`` dict.
 
-        ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments).
+        ``settings`` supplies run settings for the plain-dict form (the Compressor's keyword arguments); their
+        problems are named by the argument (``Compressor(ft_every=...): expected a positive int, got 0``).
         """
         schedule, problems = self.structure_partial(data, origin, settings=settings)
         if problems:
@@ -336,6 +363,7 @@ class ScheduleCodec:
         checks against a model can report their problems together with these. Invalid layers are left out;
         invalid settings are replaced by the defaults."""
         problems: list[str] = []
+        arguments: list[str] = []  # problems of the settings given as keyword arguments, named by them
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: $: expected a mapping (a schedule or a {{layer: settings}} dict), "
                               f"got {type(data).__name__}")
@@ -349,12 +377,15 @@ class ScheduleCodec:
             elif version > SCHEMA_VERSION:
                 problems.append(f"$.version: schema version {version} is newer than this musco-core reads "
                                 f"({SCHEMA_VERSION}); upgrade musco-core")
-            raw_settings, raw_layers = data.get("settings") or {}, data.get("layers")
+            # A missing or null section is the default; anything else that is not a mapping is a problem.
+            raw_settings, raw_layers = data.get("settings"), data.get("layers")
+            run_settings = self._structure_settings({} if raw_settings is None else raw_settings, problems)
             if raw_layers is None:
                 raw_layers = {}
         else:
-            raw_settings, raw_layers = settings or {}, data
-        run_settings = self._structure_settings(raw_settings, problems)
+            raw_layers, given = data, []
+            run_settings = self._structure_settings(settings or {}, given)
+            arguments = [_keyword_problem(problem) for problem in given]
         layers = {}
         if not isinstance(raw_layers, Mapping):
             problems.append(f"$.layers: expected a mapping of layer names, got {type(raw_layers).__name__}")
@@ -369,7 +400,7 @@ class ScheduleCodec:
                 if len(problems) == known:
                     layers[name] = layer
         schedule = ModelSchedule(run_settings or RunSettings(), layers, origin=origin)
-        return schedule, [f"{origin}: {problem}" for problem in problems]
+        return schedule, arguments + [f"{origin}: {problem}" for problem in problems]
 
     def _structure(self, value: Any, kind: type, path: str, problems: list[str]):
         try:
@@ -383,7 +414,8 @@ class ScheduleCodec:
             problems.append(f"$.settings: expected a mapping, got {type(raw).__name__}")
             return None
         fields = dict(raw)
-        algo = fields.pop("algo_kwargs", None) or {}
+        algo = fields.pop("algo_kwargs", None)
+        algo = {} if algo is None else algo  # null is the default, as for the other sections
         settings = self._structure(fields, RunSettings, "$.settings", problems)
         scheduler = fields.get("scheduler", RunSettings().scheduler)
         if isinstance(scheduler, str) and scheduler not in self.registry.schedulers.entries:

@@ -86,7 +86,8 @@ class RunState:
 
     @property
     def schedule(self) -> ModelSchedule:
-        """The schedule as it stands: each layer's ``curr_compr_iter`` counts the compressions taken so far."""
+        """The schedule as it stands: each layer's ``curr_compr_iter`` counts the stages taken so far (also those
+        that kept the layer as it was)."""
         taken = self.stages_taken()
         layers = {name: layer if layer is None else
                   attrs.evolve(layer, curr_compr_iter=layer.curr_compr_iter + taken[name])

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from flopco import FlopCo
 from torch import nn
 
 from musco_core import Compressor, ConfigError, load_schedule
-from musco_core.errors import CompressionError
 from musco_core.io import save_compressed
 from musco_plugins.budget import LayerOptions, allocate_ranks
 
@@ -217,14 +217,24 @@ def test_budget_settings_live_in_algo_kwargs_and_are_checked(tmp_path, registry)
         3.0, "params")
 
 
-def test_a_flops_budget_without_an_example_input_is_a_clear_error(model, registry):
-    compressor = Compressor(model, model_compr_kwargs=budget_schedule(model), ft_every=20, registry=registry,
-                            progress=False)
-    before = {name: value.clone() for name, value in compressor.compressed_model.state_dict().items()}
-    with pytest.raises(CompressionError, match="needs the layers' input shapes: give the compressor an example_input"):
-        compressor.compression_step()
-    after = compressor.compressed_model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+def test_a_flops_budget_without_an_example_input_is_refused_when_the_compressor_is_built(model, registry, tmp_path):
+    """A flops target (the default metric) counts MACs: without an example input to count them on it is a ConfigError
+    at once, not a CompressionError at the first step after the user set up fine-tuning around the run."""
+    with pytest.raises(ConfigError, match=r"^model_compr_kwargs: \$\.settings\.algo_kwargs\.budget: with these "
+                                          r"settings \(a budget's default metric: flops\) it counts the layers' MACs, "
+                                          r"and there is no example input .* example_input \(--input-shape on the "
+                                          r"command line\)"):
+        Compressor(model, model_compr_kwargs=budget_schedule(model), ft_every=20, registry=registry, progress=False)
+    for fine in ({"all_algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}}},  # counts no MACs
+                 {"model_stats": FlopCo(model, img_size=tuple(INPUT.shape))}):  # statistics that have them
+        Compressor(model, model_compr_kwargs=budget_schedule(model), ft_every=20, registry=registry, progress=False,
+                   **fine)
+    straight = Compressor(model, example_input=INPUT, model_compr_kwargs=budget_schedule(model), ft_every=20,
+                          nglobal_compress_iters=2, registry=registry, progress=False)
+    straight.compression_step()
+    straight.save_state(tmp_path)
+    with pytest.raises(ConfigError, match="counts the layers' MACs"):  # resuming it needs the input as much
+        Compressor.resume(model, tmp_path, registry=registry, progress=False)
 
 
 def test_a_resumed_budget_run_keeps_the_allocated_ranks(model, registry, tmp_path):

@@ -381,6 +381,15 @@ def test_a_bad_target_is_one_line(project, target, message):
     assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
 
 
+@pytest.mark.parametrize("section", [{"settings": []}, {"settings": {"algo_kwargs": False}}, {"layers": []}])
+def test_a_target_does_not_fill_a_section_that_is_not_a_mapping(project, section):
+    """`settings: []` is refused as the schedule's error, as without --target, not replaced by the target's mapping."""
+    (project / "budget.yaml").write_text(yaml.safe_dump({**BUDGET, **section}))
+    result = compress("out", "--target", "flops:2", config="budget.yaml")
+    assert result.exit_code != 0 and "expected a mapping" in result.output, result.output
+    assert not (project / "out").exists()
+
+
 @pytest.mark.parametrize("target, message", [
     ("flops:nan", "reduction: expected a finite number, got nan"),
     ("flops:inf", "reduction: expected a finite number, got inf"),

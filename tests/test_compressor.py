@@ -15,7 +15,7 @@ from torch import nn
 
 from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
-                        hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
+                        Scheduler, hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
 from musco_core.io import load_compressed, save_compressed
 from musco_plugins.svd import SVD
 
@@ -193,6 +193,33 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
         compressor.compression_step()
 
 
+@pytest.mark.parametrize(("argument", "expected"), [
+    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0"),
+    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False"),
+    ({"all_algo_kwargs": []}, "Compressor(all_algo_kwargs=...): expected a mapping of decomposition names, got []"),
+    ({"all_algo_kwargs": {"svd": {"bogus": 1}}}, "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']"),
+    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0"),
+])
+def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expected):
+    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote."""
+    with pytest.raises(ConfigError) as info:
+        Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, **argument)
+    assert str(info.value) == expected
+
+
+def test_curr_compr_iter_counts_stages_also_those_that_kept_the_layer(registry):
+    """As in the original, a stage that keeps a layer (vbmf at weakening 0 keeps the full rank, which would not be
+    smaller) still advances curr_compr_iter: it is the stage index, e.g. into manual_rank."""
+    compressor = Compressor(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+                            model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf",
+                                                      "vbmf_weakenen_factor": 0.0}},
+                            nglobal_compress_iters=3, registry=registry, progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert [(r.stage, r.applied) for r in compressor.history] == [(0, False), (1, False), (2, False)]
+    assert compressor.model_compr_kwargs["0"]["curr_compr_iter"] == 3 and compressor.ranks["0"] is None
+
+
 def test_default_config_compresses_nothing_instead_of_crashing(registry):
     """The original raised ZeroDivisionError for Compressor(model, stats)."""
     model = small_cnn()
@@ -268,6 +295,51 @@ def test_a_failing_step_leaves_the_model_as_it_was():
     assert not any(isinstance(m, FactorizedLayer) for m in compressor.compressed_model.modules())
     assert compressor.curr_iter == 0 and not compressor.history
     assert compressor.model_compr_kwargs["2"]["curr_compr_iter"] == 0
+
+
+class SkippingScheduler(Scheduler):
+    """Plans the first layer only: the others would never be compressed."""
+
+    name = "skipping"
+
+    def plan(self, layer_names, settings, params):
+        return [[layer_names[0]]] * settings.nglobal_compress_iters
+
+
+class RepeatingScheduler(Scheduler):
+    """Plans every layer two more times than nglobal_compress_iters says."""
+
+    name = "repeating"
+
+    def plan(self, layer_names, settings, params):
+        return [[name] for name in layer_names] * (settings.nglobal_compress_iters + 2)
+
+
+class BadSchedulers:
+    @hookimpl
+    def musco_register_schedulers(self):
+        return [SkippingScheduler, RepeatingScheduler]
+
+
+@pytest.mark.parametrize(("scheduler", "expected"), [
+    ("skipping", "scheduler 'skipping' of plugin 'bad_schedulers' planned layer '4' in 0 step(s); expected 2, one per "
+                 "compression (nglobal_compress_iters: 2); 1 more layer(s) planned wrongly too"),
+    ("repeating", "scheduler 'repeating' of plugin 'bad_schedulers' planned layer '2' in 4 step(s); expected 2, one "
+                  "per compression (nglobal_compress_iters: 2); 2 more layer(s) planned wrongly too"),
+])
+def test_a_plan_that_leaves_out_or_repeats_a_layer_is_refused(scheduler, expected):
+    """Every scheduled layer is compressed exactly nglobal_compress_iters times, whatever the scheduler plugin plans:
+    a run that ends done with a layer never compressed, or compressed more often than asked, is a wrong model."""
+    registry = Registry.from_plugin_manager(make_plugin_manager(entry_points=False,
+                                                                plugins=[("bad_schedulers", BadSchedulers())]))
+    model = small_cnn()
+    before = copy.deepcopy(model)
+    with pytest.raises(CompressionError) as info:
+        Compressor(model, model_compr_kwargs={"version": 1, "settings": {"scheduler": scheduler,
+                                                                          "nglobal_compress_iters": 2},
+                                              "layers": SMALL_CONFIG}, registry=registry, inplace=True)
+    assert str(info.value) == expected
+    assert_same_state(model, before)
 
 
 def test_a_layer_shared_by_two_names_stays_shared(registry):

@@ -203,13 +203,14 @@ REJECTIONS = [
     # (id, document (dumped to YAML), JSON-path of the problem, text the message must contain)
     ("manual-rank-string",
      _doc("layer2.1.conv2", decomposition="tucker2", rank_selection="manual", manual_rank=[[32, 32], [16, "x"]]),
-     '$.layers["layer2.1.conv2"].manual_rank[1]', "expected a positive int or a list of positive ints"),
+     '$.layers["layer2.1.conv2"].manual_rank[1]', "expected a positive int or a list of 1 to 8 positive ints"),
     ("manual-rank-zero",
      _doc("layer2.1.conv2", decomposition="tucker2", rank_selection="manual", manual_rank=[[32, 0]]),
-     '$.layers["layer2.1.conv2"].manual_rank[0]', "expected a positive int or a list of positive ints, got [32, 0]"),
+     '$.layers["layer2.1.conv2"].manual_rank[0]',
+     "expected a positive int or a list of 1 to 8 positive ints, got [32, 0]"),
     ("manual-rank-negative",
      _doc("fc", decomposition="svd", rank_selection="manual", manual_rank=[8, -3]),
-     '$.layers["fc"].manual_rank[1]', "expected a positive int or a list of positive ints, got -3"),
+     '$.layers["fc"].manual_rank[1]', "expected a positive int or a list of 1 to 8 positive ints, got -3"),
     ("readme-typo-param_reduction",
      _doc("layer1.1.conv2", decomposition="cp4", rank_selection="param_reduction", param_reduction=4),
      '$.layers["layer1.1.conv2"]', "unknown keys ['param_reduction']"),
@@ -240,6 +241,21 @@ REJECTIONS = [
     ("rate-string",
      _doc("fc", decomposition="svd", rank_selection="param_reduction", param_reduction_rate="2"),
      '$.layers["fc"].param_reduction_rate', "expected a finite number, got '2'"),
+    ("manual-rank-nine-ranks",
+     _doc("fc", decomposition="svd", rank_selection="manual", manual_rank=[list(range(1, 10))]),
+     '$.layers["fc"].manual_rank[0]', "expected a positive int or a list of 1 to 8 positive ints, got a list of 9: "),
+    ("settings-list", {"version": 1, "settings": []},
+     "$.settings", "expected a mapping, got list"),
+    ("settings-false", {"version": 1, "settings": False},
+     "$.settings", "expected a mapping, got bool"),
+    ("settings-zero", {"version": 1, "settings": 0},
+     "$.settings", "expected a mapping, got int"),
+    ("algo-list", {"version": 1, "settings": {"algo_kwargs": []}},
+     "$.settings.algo_kwargs", "expected a mapping of decomposition names, got []"),
+    ("algo-false", {"version": 1, "settings": {"algo_kwargs": False}},
+     "$.settings.algo_kwargs", "expected a mapping of decomposition names, got False"),
+    ("calibration-unknown", {"version": 1, "settings": {"calibration": "parallel"}},
+     "$.settings.calibration", "expected one of sequential, independent, got 'parallel'"),
     ("ft_every-bool", {"version": 1, "settings": {"ft_every": True}},
      "$.settings.ft_every", "expected a positive int, got True"),
     ("ft_every-string", {"version": 1, "settings": {"ft_every": "2"}},
@@ -289,6 +305,13 @@ def test_rejection_names_file_path_and_expectation(tmp_path, registry, document,
     assert len(lines) == 1, message  # one problem, one line
     assert lines[0].startswith(f"{path}: {where}: "), message
     assert expectation in lines[0], message
+
+
+def test_a_missing_or_null_section_is_the_default(tmp_path, registry):
+    """Null stands for "not set" (as for a layer); a list, false or 0 where a mapping is due is refused above."""
+    for text in ("version: 1\n", "version: 1\nsettings: null\nlayers: null\n",
+                 "version: 1\nsettings: {algo_kwargs: null}\n"):
+        assert load_schedule(_write(tmp_path, text), registry) == ModelSchedule()
 
 
 def test_unknown_key_message_lists_the_valid_keys(tmp_path, registry):

@@ -46,9 +46,9 @@ TYPE_WORDS: dict[str, tuple[str, str]] = {
     "ReductionRate": ("number > 1", "numbers > 1"),
     "Seed": ("int in [0, 2**63)", "ints in [0, 2**63)"),
     "StageCount": ("int in [1, 64]", "ints in [1, 64]"),
-    "Rank": ("rank (a positive int, or a list of positive ints)",
-             "ranks (each a positive int, or a list of positive ints)"),
-    "RankList": ("list of ranks, one per compression (each a positive int, or a list of positive ints)",
+    "Rank": ("rank (a positive int, or a list of 1 to 8 positive ints)",
+             "ranks (each a positive int, or a list of 1 to 8 positive ints)"),
+    "RankList": ("list of ranks, one per compression (each a positive int, or a list of 1 to 8 positive ints)",
                  "lists of ranks"),
     "RankMultiple": ("int in [1, 4096]", "ints in [1, 4096]"),
 }

@@ -297,6 +297,9 @@ class Budget(RankSelector):
     def measures_latency(self, params: BudgetParams) -> bool:
         return params.metric == "latency"
 
+    def counts_macs(self, params: BudgetParams) -> bool:
+        return params.metric == "flops"
+
     def times_optimized(self, params: BudgetParams) -> bool:
         return params.metric == "latency" and params.form == "optimized"
 
