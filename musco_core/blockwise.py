@@ -17,7 +17,9 @@ in the order the model defines them; its hidden state is its first positional ar
 ``hidden_states``), and the block's output (a tensor, or a tuple whose first item is the tensor) is the next
 block's hidden state; every block gets the same other arguments (attention mask, position ids...) as the first.
 Those are captured on the first block and replayed, so they must be tensors or plain values: a cache object would
-be updated by each call (run Hugging Face models with ``use_cache=False``).
+be updated by each call (run Hugging Face models with ``use_cache=False``). All of it is checked on the first
+calibration batch, in one pass through every block (each block's weights read for its call), before anything is
+compressed: a model that breaks it is a ConfigError naming the blocks.
 """
 from __future__ import annotations
 
@@ -353,52 +355,153 @@ class BlockRunner(nn.Module):
 
 
 class _Reached(Exception):
-    """Ends the capture pass at the first block."""
+    """Ends a pass over the model at the first block."""
 
 
-def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
-             store: Activations, progress: bool) -> tuple[list[_Call], bool]:
-    """Runs the model on each calibration batch up to the first block; stores the block's hidden-state input in
-    ``store`` and returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
-    seen: list[tuple[str, tuple, dict]] = []
+def _misuse(what: str, index: int, hint: str = "") -> ConfigError:
+    """The error of blocks called otherwise than blockwise compression replays them."""
+    return ConfigError(f"blocks: {what} on calibration batch {index}; blockwise compression needs each block run "
+                       f"once per forward pass, in the order the model defines them, on the hidden state the block "
+                       f"before returned and with the first block's other arguments{hint}")
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.append((name, args, kwargs))
-            raise _Reached
-        return record
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True) for name in blocks]
-    calls, keyword = [], None
+def _hooked_pass(model: nn.Module, blocks: Sequence[str], batch: Any, index: int, before: Callable[..., None],
+                 after: Callable[..., None] | None = None) -> None:
+    """Runs the model on ``batch`` with ``before(name, args, kwargs)`` called as each block is entered (it may end
+    the pass by raising _Reached) and ``after(name, output)`` as it returns. A failure of the model is a ConfigError
+    naming the batch."""
+    handles = []
     try:
-        with _calibration_pass(model):
-            for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
-                seen.clear()
-                try:
-                    call_model(model, _to(batch, device))
-                except _Reached:
-                    pass
-                except MuscoError:
-                    raise
-                except Exception as exc:
-                    raise ConfigError(f"calibration: the model failed on batch {index} before block {blocks[0]!r}: "
-                                      f"{type(exc).__name__}: {one_line(str(exc))}") from exc
-                if not seen:
-                    raise ConfigError(f"calibration: batch {index} never reached block {blocks[0]!r}")
-                name, args, kwargs = seen[0]
-                if name != blocks[0]:
-                    raise ConfigError(f"blocks: {name!r} ran before {blocks[0]!r}; blocks are processed in the "
-                                      f"order the model defines them and must run in that order")
-                hidden, call, by_keyword = _split_call(args, kwargs, name)
-                if keyword is not None and by_keyword != keyword:
-                    raise ConfigError(f"block {name!r} got its hidden state positionally on some batches and as a "
-                                      f"keyword on others")
-                keyword = by_keyword
-                store.append(hidden)
-                calls.append(call)
+        for name in blocks:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(
+                lambda module, args, kwargs, name=name: before(name, args, kwargs), with_kwargs=True))
+            if after is not None:
+                handles.append(module.register_forward_hook(
+                    lambda module, args, output, name=name: after(name, output)))
+        call_model(model, batch)
+    except _Reached:
+        pass
+    except MuscoError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"calibration: the model failed on batch {index}: {type(exc).__name__}: "
+                          f"{one_line(str(exc))}") from exc
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int) -> tuple[torch.Tensor, _Call, bool]:
+    """How the model calls its first block on ``batch`` (:func:`_split_call`); the pass ends there."""
+    seen: list[tuple[str, tuple, dict]] = []
+
+    def before(name: str, args: tuple, kwargs: dict) -> None:
+        seen.append((name, args, kwargs))
+        raise _Reached
+
+    _hooked_pass(model, blocks, batch, index, before)
+    if not seen:
+        raise ConfigError(f"calibration: batch {index} never reached block {blocks[0]!r}")
+    name, args, kwargs = seen[0]
+    if name != blocks[0]:
+        raise _misuse(f"{name!r} ran before {blocks[0]!r}", index)
+    return _split_call(args, kwargs, name)
+
+
+def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int,
+                        onload: Callable[[nn.Module], contextlib.AbstractContextManager]
+                        ) -> tuple[torch.Tensor, _Call, bool]:
+    """How the model calls its first block on ``batch``, from a pass through the whole model (each block's weights
+    read for its call with ``onload``, then dropped) that checks what blockwise compression assumes of the blocks:
+    each runs once, in the model's order, on the hidden state the block before returned, with the first block's
+    other arguments, given the same way. Anything else would calibrate blocks on inputs they never get: a
+    ConfigError (:func:`_misuse`)."""
+    ran: list[str] = []
+    first: list[tuple[torch.Tensor, _Call, bool]] = []  # the first block's call
+    returned: list[torch.Tensor] = []  # the hidden state the latest block returned
+    loaded: list[contextlib.AbstractContextManager] = []
+
+    def before(name: str, args: tuple, kwargs: dict) -> None:
+        if name in ran:
+            raise _misuse(f"{name!r} ran twice", index)
+        if name != blocks[len(ran)]:
+            raise _misuse(f"{name!r} ran before {blocks[len(ran)]!r}", index)
+        hidden, call, by_keyword = _split_call(args, kwargs, name)
+        if first:
+            _, first_call, first_keyword = first[0]
+            if by_keyword != first_keyword:
+                how = {True: "as hidden_states=", False: "positionally"}
+                raise _misuse(f"{name!r} got its hidden state {how[by_keyword]}, {blocks[0]!r} "
+                              f"{how[first_keyword]}", index)
+            if not returned or not _same(hidden, returned[-1]):
+                raise _misuse(f"{name!r} did not get the hidden state {ran[-1]!r} returned", index,
+                              "; something changes it between them: name blocks that hold what runs there")
+            where = (_difference(call.args, first_call.args, "positional arguments")
+                     or _difference(call.kwargs, first_call.kwargs, "keyword arguments"))
+            if where:
+                raise _misuse(f"{name!r} is called with other {where} than {blocks[0]!r}", index)
+        else:
+            first.append((hidden, call, by_keyword))
+        ran.append(name)
+        returned.clear()
+        context = onload(model.get_submodule(name))
+        context.__enter__()
+        loaded.append(context)
+
+    def after(name: str, output: Any) -> None:
+        loaded.pop().__exit__(None, None, None)
+        returned[:] = [_hidden_output(output, name)]
+
+    try:
+        _hooked_pass(model, blocks, batch, index, before, after)
+    finally:
+        while loaded:
+            loaded.pop().__exit__(None, None, None)
+    if not ran:
+        raise ConfigError(f"calibration: batch {index} never reached block {blocks[0]!r}")
+    if len(ran) < len(blocks):
+        raise _misuse(f"{blocks[len(ran)]!r} never ran", index)
+    return first[0]
+
+
+def _same(value: torch.Tensor, expected: torch.Tensor) -> bool:
+    return value is expected or (value.shape == expected.shape and value.dtype == expected.dtype
+                                 and value.device == expected.device and torch.equal(value, expected))
+
+
+def _difference(value: Any, expected: Any, where: str) -> str | None:
+    """Where ``value`` (a block's replayed arguments) differs from ``expected`` (the first block's), or None."""
+    if isinstance(value, torch.Tensor) or isinstance(expected, torch.Tensor):
+        both = isinstance(value, torch.Tensor) and isinstance(expected, torch.Tensor)
+        return None if both and _same(value, expected) else where
+    if isinstance(value, (tuple, list)) and isinstance(expected, (tuple, list)) and len(value) == len(expected):
+        return next(filter(None, (_difference(item, other, f"{where}[{i}]")
+                                  for i, (item, other) in enumerate(zip(value, expected)))), None)
+    if isinstance(value, dict) and isinstance(expected, dict) and value.keys() == expected.keys():
+        return next(filter(None, (_difference(value[key], expected[key], f"{where}[{key!r}]") for key in value)),
+                    None)
+    return None if type(value) is type(expected) and value == expected else where
+
+
+def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
+             store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager]
+             ) -> tuple[list[_Call], bool]:
+    """Runs the model on each calibration batch up to the first block (through every block on the first batch, to
+    check how they are called: :func:`_checked_first_call`); stores the block's hidden-state input in ``store`` and
+    returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
+    calls, keyword = [], None
+    with _calibration_pass(model):
+        for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
+            batch = _to(batch, device)
+            hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload) if index == 0
+                                        else _first_call(model, blocks, batch, index))
+            if keyword is not None and by_keyword != keyword:
+                raise ConfigError(f"block {blocks[0]!r} got its hidden state positionally on some batches and as a "
+                                  f"keyword on others")
+            keyword = by_keyword
+            store.append(hidden)
+            calls.append(call)
     return calls, bool(keyword)
 
 
@@ -668,8 +771,10 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     decompositions) is a list or DataLoader of input batches of the whole model, as for the ``Compressor``; the
     blocks' inputs are kept in memory on CPU (``offload="cpu"``) or in files under ``work_dir`` (``"disk"``),
     where the compressed blocks' shards also go (default: next to ``output``; removed at the end).
-    ``device`` is where the blocks are computed. Each block is run with its replacements swapped in on its input
-    from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a layer the block uses other than by
+    ``device`` is where the blocks are computed. On the first calibration batch the whole model runs once, each
+    block's weights read in turn, to check that the blocks are called as they are replayed (see the module's
+    documentation); anything else is a ConfigError before anything is compressed. Each block is run with its
+    replacements swapped in on its input from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a layer the block uses other than by
     calling it is kept as it is. Without ``calibration_data`` there is no block input, and no such check.
 
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
@@ -721,7 +826,9 @@ def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkp
         first = run.new_activations()
         outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
         with _onloaded(outside, names, checkpoint, run.device):
-            run.calls, run.hidden_keyword = _capture(model, blocks, calibration, run.device, first, run.progress)
+            run.calls, run.hidden_keyword = _capture(
+                model, blocks, calibration, run.device, first, run.progress,
+                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device))
         run.streams = _Streams(first, first)
     layers = run.schedule.compressed_layers()
     for index, path in enumerate(_bar(blocks, "blockwise compression", run.progress)):

@@ -121,16 +121,30 @@ def agreement(group: Group | None, what: str) -> Iterator[None]:
                                      f"{one_line(sent['message'], 2000)}") from error
 
 
-def on_first_rank(group: Group | None, what: str, work: Callable[[], Any]) -> Any:
-    """``work()`` run by rank 0 alone (files are written once), the other ranks waiting for it; every rank returns
-    its result, which must be JSON data. A failure on rank 0 is raised on every rank."""
+def on_first_rank(group: Group | None, what: str, work: Callable[[], Any], src: int = 0) -> Any:
+    """``work()`` run by rank ``src`` alone (rank 0 by default: files are written once; or the first rank that holds
+    what the work needs, :func:`first_holding`), the other ranks waiting for it; every rank returns its result,
+    which must be JSON data. A failure on that rank is raised on every rank."""
     if group is None:
         return work()
     result = None
     with agreement(group, what):
-        if group.first:
+        if group.rank == src:
             result = work()
-    return broadcast_json(group, result, src=0)
+    return broadcast_json(group, result, src=src)
+
+
+def first_holding(group: Group | None, holds: bool) -> int | None:
+    """The lowest rank whose ``holds`` is true (each rank passes its own: whether its calibration shard has a
+    batch, say), the same on every rank; None when no rank's is. Work that only a rank holding something can do is
+    then run on that rank on every rank's word, never decided by each rank alone (a rank that skipped a collective
+    the others entered would leave them waiting). Without a group: 0, or None."""
+    if group is None:
+        return 0 if holds else None
+    flag = torch.tensor([group.rank if holds else group.world_size], dtype=torch.int64, device=group.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    found = int(flag.item())
+    return None if found == group.world_size else found
 
 
 # -- moving values ---------------------------------------------------------------------------------------------

@@ -121,18 +121,53 @@ def _non_negative(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+#: The largest factor by which AdamW (default betas) scales ``lr`` in a step: ``1 / (1 - beta1)``, at its first step.
+_ADAMW_STEP_FACTOR = 10.0
+
+
+def _shared_tensor(teacher: nn.Module, student: nn.Module) -> str | None:
+    """The first parameter or buffer of the student that shares memory with one of the teacher's, named in both,
+    or None: training the student would change the teacher."""
+    def tensors(model: nn.Module):
+        return itertools.chain(model.named_parameters(remove_duplicate=False),
+                               model.named_buffers(remove_duplicate=False))
+
+    def key(tensor: torch.Tensor) -> tuple:
+        storage = tensor.untyped_storage()
+        return (tensor.device, storage.data_ptr()) if storage.nbytes() and not tensor.is_meta else (id(tensor),)
+
+    held = {}
+    for name, tensor in tensors(teacher):
+        held.setdefault(key(tensor), name)
+    for name, tensor in tensors(student):
+        if key(tensor) in held:
+            return f"the student's {name!r} is the teacher's {held[key(tensor)]!r}"
+    return None
+
+
 def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
                      temperature: float | None, feature_weight: float, label_weight: float | None,
-                     lr_schedule: str) -> list[nn.Parameter]:
+                     lr_schedule: str, weight_decay: float) -> list[nn.Parameter]:
     if teacher is student:
         raise ConfigError("distill: the teacher and the student are the same model; pass the uncompressed model "
                           "as the teacher and a compressed copy as the student")
+    shared = _shared_tensor(teacher, student)
+    if shared:
+        raise ConfigError(f"distill: {shared} (the same memory): training the student would change the teacher; "
+                          f"give the student its own copy (copy.deepcopy of the modules it takes from the teacher)")
     check_reiterable(batches, "distill: batches")
     problems = []
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps: expected a positive int, got {short_repr(steps)}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         problems.append(f"lr: expected a positive number, got {short_repr(lr)}")
+    elif _non_negative(weight_decay) and lr * max(_ADAMW_STEP_FACTOR, weight_decay) > torch.finfo(torch.float32).max:
+        largest = torch.finfo(torch.float32).max / max(_ADAMW_STEP_FACTOR, weight_decay)
+        problems.append(f"lr: expected a positive number at most {largest:.3g} (AdamW's first step, "
+                        f"{_ADAMW_STEP_FACTOR:g} x lr, and its decay, lr x weight_decay, must be float32 numbers), "
+                        f"got {short_repr(lr)}")
+    if not _non_negative(weight_decay):
+        problems.append(f"weight_decay: expected a non-negative number, got {short_repr(weight_decay)}")
     if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                                         and temperature > 0):
         problems.append(f"temperature: expected None (MSE) or a positive number, got {short_repr(temperature)}")
@@ -186,15 +221,17 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
     BatchNorm's running statistics kept), with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
     parameters that require grad, whose learning rate follows ``lr_schedule``: ``constant``, or ``cosine``
     (from ``lr`` down to 0 along half a cosine over the ``steps``). Every module's training flag is restored
-    afterwards, and on any error the
-    student's parameters and buffers are restored too, so a failed call changes nothing. The run is
+    afterwards, and on any error (a loss that is not finite, or a student left with non-finite weights or
+    outputs by the last step, included) the student's parameters and buffers are restored too, so a failed call
+    changes nothing. A student that shares a parameter or buffer with the teacher is refused, so the teacher is
+    never changed. The run is
     deterministic given ``seed``, which seeds a forked RNG (the caller's random state is untouched). A progress
     bar with the running loss goes to stderr when it is a terminal and ``progress`` is true.
 
     Returns the loss of every step.
     """
     parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight, label_weight,
-                                  lr_schedule)
+                                  lr_schedule, weight_decay)
     pick = output or matched_output
     names = list(features or [])
     modes = {module: module.training for module in itertools.chain(teacher.modules(), student.modules())}
@@ -227,6 +264,7 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
             finally:
                 bar.close()
+            _check_trained(student, batch, pick, label_weight, steps)
     except BaseException:
         with torch.no_grad():
             student.load_state_dict(backup)
@@ -302,6 +340,22 @@ def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
                 return
         if empty:
             raise ConfigError("distill: batches is empty; nothing to distill on")
+
+
+def _check_trained(student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor], label_weight: float | None,
+                   steps: int) -> None:
+    """A ConfigError unless the trained student's parameters and buffers, and its output on the last batch (in eval
+    mode, so nothing changes), are finite: each step's loss is checked before its update, not after the last."""
+    for name, tensor in itertools.chain(student.named_parameters(), student.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"distill: after {steps} step(s) the student's {name!r} is not finite; lower lr")
+    if label_weight is not None:
+        batch = _split_labels(batch, steps - 1)[0]
+    student.eval()
+    with torch.no_grad():
+        output = pick(run_model(student, batch))
+    if not bool(torch.isfinite(output).all()):
+        raise ConfigError(f"distill: after {steps} step(s) the student's output is not finite; lower lr")
 
 
 def _split_labels(batch: Any, step: int) -> tuple[Any, torch.Tensor]:

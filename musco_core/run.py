@@ -319,9 +319,11 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         queued.clear()
 
     order = names
-    if sequential:  # rank 0's order (its shard cannot be empty): the collectives below run in it on every rank
+    if sequential:  # one rank's order (the first whose shard has a batch): the collectives below run in it everywhere
+        holder = distributed.first_holding(group, _first_batch(context.calibration_data) is not None) if group else 0
         order = distributed.on_first_rank(group, "the order of the step's layers",
-                                          lambda: forward_order(model, names, context.calibration_data))
+                                          lambda: forward_order(model, names, context.calibration_data),
+                                          src=holder or 0)  # no rank has a batch: rank 0 reports the empty data
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:
@@ -369,21 +371,30 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
                      context: RunContext, group: distributed.Group | None) -> None:
     """Keeps as they are (in ``pending``, with the reason) the layers whose replacement the model would not use as
     it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on the example input, else on the first
-    calibration batch. In a distributed job rank 0's verdict counts on every rank."""
+    calibration batch. In a distributed job the verdict of the first rank holding such an input counts on every
+    rank (every rank takes part, whether its own shard is empty or not)."""
     swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
+    if not swaps:
+        return
     probe = context.example_input
-    if probe is None and context.calibration_data is not None:
-        probe = next(iter(context.calibration_data), None)
-    if not swaps or probe is None:
-        if swaps:
-            log.info("compression step: no example input, so the model is not run with the step's replacements "
-                     "swapped in to check that it uses them as it used its layers")
+    if probe is None:
+        probe = _first_batch(context.calibration_data)
+    holder = distributed.first_holding(group, probe is not None)
+    if holder is None:
+        log.info("compression step: no example input, so the model is not run with the step's replacements "
+                 "swapped in to check that it uses them as it used its layers")
         return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
-                                           lambda: unfaithful_swaps(model, swaps, paths, probe))
+                                           lambda: unfaithful_swaps(model, swaps, paths, probe), src=holder)
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))
+
+
+def _first_batch(calibration_data: Any) -> Any:
+    """The first batch of the calibration data (this rank's shard in a distributed job), or None when it is empty
+    or absent."""
+    return None if calibration_data is None else next(iter(calibration_data), None)
 
 
 def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],

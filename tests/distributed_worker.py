@@ -8,6 +8,8 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
     python distributed_worker.py latency OUT           # a latency budget whose layer timings differ between ranks
     python distributed_worker.py moments OUT           # output moments (output weighting) of each rank's shard,
                                                        # summed over the ranks: OUT/moments-R.safetensors
+    python distributed_worker.py empty OUT             # runs with one calibration batch, one rank's shard empty
+                                                       # (EMPTY_SHARD_CASES): OUT/empty-CASE-R.safetensors
 
 The run is resume_worker's schedule (tucker2/vbmf, cp3, cp4, svd, whitened_svd on calibration data, a whole-model
 budget over two passes) with a sensitivity pass, each rank feeding its own shard of the calibration and evaluation
@@ -125,6 +127,29 @@ def latency_run(rank: int) -> Compressor:
     return compressor
 
 
+#: Runs whose one calibration batch only one rank holds: (its calibration mode, with an example input, the holder).
+EMPTY_SHARD_CASES = {"rank1_empty_no_example": ("independent", False, 0),
+                     "rank0_empty_sequential": ("sequential", True, 1)}
+
+
+def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor:
+    """Every step of a whitened_svd run of a small MLP whose one calibration batch is rank ``holder``'s alone (all
+    of it in one process): the other rank's shard is empty."""
+    mode, with_example, holder = EMPTY_SHARD_CASES[case]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    batch = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    schedule = {"version": 1, "settings": {"ft_every": 2, "calibration": mode},
+                "layers": {name: {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}
+                           for name in ("0", "2", "4")}}
+    compressor = Compressor(net, model_compr_kwargs=schedule, progress=False,
+                            calibration_data=[batch] if world_size == 1 or rank == holder else [],
+                            example_input=torch.randn(1, 16) if with_example else None)
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
 def weights(compressor: Compressor) -> dict[str, torch.Tensor]:
     """The model's weights now (the keys standardize_model leaves, without changing the model)."""
     return {key: value.detach().clone().contiguous() for key, value in compressor.compressed_model.state_dict().items()}
@@ -136,7 +161,7 @@ def history(compressor: Compressor) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments"])
+    parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments", "empty"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -151,6 +176,11 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
     state_dir = args.out / "ckpt"
     if args.scenario == "moments":
         save_file(output_moments(rank, world_size, group), str(args.out / f"moments-{rank}.safetensors"))
+        return 0
+    if args.scenario == "empty":
+        for case in EMPTY_SHARD_CASES:
+            save_file(weights(empty_shard_run(case, rank, world_size)),
+                      str(args.out / f"empty-{case}-{rank}.safetensors"))
         return 0
     if args.scenario == "latency":
         os.environ[CACHE_ENV] = str(args.out / f"latency-cache-{rank}.json")

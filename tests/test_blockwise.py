@@ -312,3 +312,45 @@ def test_blocks_must_run_in_the_order_the_model_defines_them(tmp_path):
     with pytest.raises(ConfigError, match="blocks: 'first' ran before 'second'"):
         compress_blockwise(KeywordStack(reverse=True), plan, ["first", "second"], tmp_path / "out",
                            calibration_data=keyword_data(), progress=False)
+
+
+class Wired(nn.Module):
+    """Three blocks taking ``(hidden, scale)``, which ``wiring`` has the forward call otherwise than blockwise
+    compression replays them."""
+
+    ORDERS = {"out_of_order": (0, 2, 1), "twice": (0, 1, 1, 2), "skipped": (0, 1)}
+
+    def __init__(self, wiring: str):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        self.h = nn.ModuleList(KeywordStack.Block() for _ in range(3))
+        self.wiring = wiring
+
+    def forward(self, x, scale):
+        hidden = self.embed(x)
+        for i in self.ORDERS.get(self.wiring, (0, 1, 2)):
+            out = self.h[i](hidden, 2 * scale if self.wiring == "other_arguments" and i == 2 else scale)[0]
+            hidden = hidden + out if self.wiring == "residual_outside" and i == 1 else out
+        return hidden
+
+
+@pytest.mark.parametrize("wiring, message", [
+    ("out_of_order", r"'h.2' ran before 'h.1'"),
+    ("twice", r"'h.1' ran twice"),
+    ("skipped", r"'h.2' never ran"),
+    ("residual_outside", r"'h.2' did not get the hidden state 'h.1' returned"),
+    ("other_arguments", r"'h.2' is called with other positional arguments\[0\] than 'h.0'"),
+])
+def test_blocks_called_otherwise_than_they_are_replayed_are_refused_before_anything_is_compressed(
+        tmp_path, wiring, message):
+    """Each block would be calibrated on inputs it never gets (the first block's arguments, the previous block's
+    output): checked on the first batch, in a pass through every block."""
+    torch.manual_seed(0)
+    model = Wired(wiring).eval()
+    plan = schedule([f"h.{i}.up" for i in range(3)], decomposition="whitened_svd", rank_selection="manual",
+                    manual_rank=[5])
+    with pytest.raises(ConfigError, match=f"^blocks: {message} on calibration batch 0; blockwise compression needs"):
+        compress_blockwise(model, plan, r"re:h\.\d", tmp_path / "out", calibration_data=keyword_data(),
+                           progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not any(isinstance(m, FactorizedLayer) for m in model.modules())

@@ -136,6 +136,21 @@ def test_output_moments_are_summed_over_the_ranks_shards(tmp_path):
             torch.testing.assert_close(moments[name], expected, rtol=1e-9, atol=1e-12)
 
 
+def test_a_rank_with_an_empty_shard_takes_part_and_every_rank_ends_with_the_single_process_model(tmp_path):
+    """One calibration batch for two ranks: the swap check on the first calibration batch (no example input) and
+    sequential calibration's layer order are run by the rank that holds it, whichever it is, with every rank taking
+    part (rank 1 used to skip the check and leave rank 0 waiting; rank 0 used to fail on its empty shard)."""
+    processes = launch("empty", str(tmp_path))
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    for case in worker.EMPTY_SHARD_CASES:
+        ranks = [load_file(tmp_path / f"empty-{case}-{rank}.safetensors") for rank in range(2)]
+        assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+        with fixed_threads(1):
+            alone = worker.weights(worker.empty_shard_run(case))
+        assert any(key.endswith("0.1.weight") for key in alone)  # compressed: the factors of a layer
+        close(ranks[0], alone)
+
+
 def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
     processes = launch("fail", str(tmp_path))
     assert [p.returncode for p in processes] == [3, 3], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]

@@ -281,6 +281,8 @@ def test_a_hugging_face_model_matches_its_last_hidden_state():
     ({"steps": 0}, "steps: expected a positive int, got 0"),
     ({"steps": 2.5}, "steps: expected a positive int, got 2.5"),
     ({"lr": -1.0}, "lr: expected a positive number, got -1.0"),
+    ({"lr": 1e39}, "lr: expected a positive number at most 3.4e+37 (AdamW's first step"),
+    ({"weight_decay": float("nan")}, "weight_decay: expected a non-negative number, got nan"),
     ({"temperature": 0}, "temperature: expected None (MSE) or a positive number, got 0"),
     ({"feature_weight": float("nan")}, "feature_weight: expected a non-negative number, got nan"),
     ({"label_weight": -1}, "label_weight: expected None (no labels) or a non-negative number, got -1"),
@@ -310,6 +312,30 @@ def test_a_failure_after_some_steps_restores_the_student():
         distill(teacher, student, batches, steps=6, lr=1e-2, progress=False)
     assert same_state(student, before)
     assert not any(module.training for module in student.modules())
+
+
+def test_a_last_step_that_diverges_is_an_error_and_restores_the_student():
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    with pytest.raises(ConfigError, match=r"^distill: after 1 step\(s\) the student's output is not finite; lower lr"):
+        distill(teacher, student, inputs(), steps=1, lr=1e20, progress=False)  # each loss is finite before its step
+    assert same_state(student, before)
+
+
+def test_a_student_sharing_the_teachers_tensors_is_refused_before_anything_changes():
+    teacher = nn.Sequential(nn.Linear(24, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 6)).eval()
+    student = nn.Sequential(teacher[0], teacher[1], nn.ReLU(), nn.Linear(32, 2), nn.Linear(2, 6))
+    before = state(teacher)
+    with pytest.raises(ConfigError, match="^distill: the student's '0.weight' is the teacher's '0.weight' .*"
+                                          "training the student would change the teacher"):
+        distill(teacher, student, inputs(), steps=3, lr=1e-2, progress=False)
+    assert same_state(teacher, before)
+    view = nn.Sequential(nn.Linear(24, 6))
+    with torch.no_grad():
+        view[0].weight = nn.Parameter(teacher[3].weight.detach()[:, :24])  # a view of the teacher's memory
+    with pytest.raises(ConfigError, match="the student's '0.weight' is the teacher's '3.weight'"):
+        distill(teacher, view, inputs(), steps=1, progress=False)
 
 
 def test_the_teacher_and_student_must_differ_and_fit_together():
