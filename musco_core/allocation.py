@@ -76,33 +76,26 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     return choices
 
 
-def check_latency_input(schedule: ModelSchedule, registry: Any, example_input: Any) -> None:
-    """A ConfigError when a whole-model selector of the schedule measures latency but there is no example input to
-    time the model on."""
-    if example_input is not None:
-        return
+def check_model_inputs(schedule: ModelSchedule, registry: Any, example_input: Any, stats: ModelStats | None = None
+                       ) -> None:
+    """A ConfigError when a whole-model selector of the schedule needs what the compressor was not given: an
+    example input to time the model on (metric latency), or MAC counts, which only an example input or
+    ``stats`` with MACs give (metric flops); so that such a target fails when the compressor is built, not at its
+    first step."""
     for layer in schedule.layers.values():
         selector = None if layer is None else registry.rank_selectors.get(layer.rank_selection)
-        if selector is not None and selector.scope == "model" and selector.measures_latency(
-                schedule.settings.params_for(selector)):
-            raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: metric latency times the "
-                              f"model and its layers on the example input: give the compressor an example_input "
-                              f"(--input-shape on the command line)")
-
-
-def check_macs_known(schedule: ModelSchedule, registry: Any, stats: ModelStats) -> None:
-    """A ConfigError when a whole-model selector of the schedule counts MACs but the statistics have none (no
-    example input), so that a flops target fails when the compressor is built, not at its first step."""
-    if stats.total_macs is not None:
-        return
-    for layer in schedule.layers.values():
-        selector = None if layer is None else registry.rank_selectors.get(layer.rank_selection)
-        if selector is not None and selector.scope == "model" and selector.counts_macs(
-                schedule.settings.params_for(selector)):
-            raise ConfigError(f"{schedule.origin}: $.settings.algo_kwargs.{selector.name}: with these settings (a "
-                              f"budget's default metric: flops) it counts the layers' MACs, and there is no example "
-                              f"input to count them on: give the compressor an example_input (--input-shape on the "
-                              f"command line) or model_stats with MACs, or a target that counts none (metric: params)")
+        if selector is None or selector.scope != "model":
+            continue
+        params, where = schedule.settings.params_for(selector), f"{schedule.origin}: $.settings.algo_kwargs."
+        if example_input is None and selector.measures_latency(params):
+            raise ConfigError(f"{where}{selector.name}: metric latency times the model and its layers on the "
+                              f"example input: give the compressor an example_input (--input-shape on the command "
+                              f"line)")
+        if stats is not None and stats.total_macs is None and selector.counts_macs(params):
+            raise ConfigError(f"{where}{selector.name}: with these settings (a budget's default metric: flops) it "
+                              f"counts the layers' MACs, and there is no example input to count them on: give the "
+                              f"compressor an example_input (--input-shape on the command line) or model_stats with "
+                              f"MACs, or a target that counts none (metric: params)")
 
 
 def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, list[str]]) -> dict[str, nn.Module]:
@@ -186,7 +179,7 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                  "and 1-D or 2-D convolutions only", selector.name, ", ".join(map(repr, unpriced)))
     profiler = None
     if selector.measures_latency(settings.params_for(selector)):
-        check_latency_input(schedule, registry, context.example_input)
+        check_model_inputs(schedule, registry, context.example_input)
         profiler = profiler_for(model, context)
     choices = [choice for other in members
                for choice in layer_choices(other, pending[other].current if other in pending else

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import distributed, io
-from .allocation import check_latency_input, check_macs_known
+from .allocation import check_model_inputs
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
 from .errors import ConfigError
@@ -78,8 +78,7 @@ class Compressor:
                     "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
         calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
-        check_latency_input(schedule, registry, example_input)
-        check_macs_known(schedule, registry, stats)
+        check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input))
 
@@ -128,8 +127,7 @@ class Compressor:
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,
                                                                 calibration_data), evaluate, progress, example_input)
-        check_latency_input(state.initial_schedule, registry, example_input)
-        check_macs_known(state.initial_schedule, registry, stats)
+        check_model_inputs(state.initial_schedule, registry, example_input, stats)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)
         log.info("resumed from %s at step %d of %d", origin, state.next_step, len(state.steps))
