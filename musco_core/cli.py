@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import MuscoError, one_line, short_repr
+from .finetune import lr_problem
 from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, read_yaml, validation_problems
 
 log = logging.getLogger("musco_core")
@@ -322,6 +323,14 @@ def _finite(context: click.Context, parameter: click.Parameter, value: float | N
     return value
 
 
+def _learning_rate(context: click.Context, parameter: click.Parameter, value: float | None) -> float | None:
+    """--distill-lr, refused at parse time unless distill would take it (a number it can step with)."""
+    problem = None if value is None else lr_problem(value)
+    if problem:
+        raise click.BadParameter(problem.removeprefix("lr: "))
+    return value
+
+
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
 WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -356,7 +365,7 @@ def main(debug) -> None:
 @click.option("--distill-steps", type=click.IntRange(min=1), default=None,
               help=f"Optimizer steps of --finetune distill after each compression step, one calibration batch "
                    f"each  [default: {DISTILL_STEPS}]")
-@click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
+@click.option("--distill-lr", type=float, default=None, callback=_learning_rate,
               help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
 @click.option("--overwrite", is_flag=True,

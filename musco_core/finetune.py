@@ -145,6 +145,17 @@ def _shared_tensor(teacher: nn.Module, student: nn.Module) -> str | None:
     return None
 
 
+def lr_problem(lr: Any, weight_decay: float = 0.0) -> str | None:
+    """What is wrong with ``lr`` as :func:`distill`'s learning rate (``"lr: ..."``), or None."""
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        return f"lr: expected a positive number, got {short_repr(lr)}"
+    largest = torch.finfo(torch.float32).max / max(_ADAMW_STEP_FACTOR, weight_decay)
+    if lr > largest:
+        return (f"lr: expected a positive number at most {largest:.3g} (AdamW's first step, {_ADAMW_STEP_FACTOR:g} "
+                f"x lr, and its decay, lr x weight_decay, must be float32 numbers), got {short_repr(lr)}")
+    return None
+
+
 def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
                      temperature: float | None, feature_weight: float, label_weight: float | None,
                      lr_schedule: str, weight_decay: float) -> list[nn.Parameter]:
@@ -159,13 +170,7 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
     problems = []
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps: expected a positive int, got {short_repr(steps)}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        problems.append(f"lr: expected a positive number, got {short_repr(lr)}")
-    elif _non_negative(weight_decay) and lr * max(_ADAMW_STEP_FACTOR, weight_decay) > torch.finfo(torch.float32).max:
-        largest = torch.finfo(torch.float32).max / max(_ADAMW_STEP_FACTOR, weight_decay)
-        problems.append(f"lr: expected a positive number at most {largest:.3g} (AdamW's first step, "
-                        f"{_ADAMW_STEP_FACTOR:g} x lr, and its decay, lr x weight_decay, must be float32 numbers), "
-                        f"got {short_repr(lr)}")
+    problems.append(lr_problem(lr, weight_decay if _non_negative(weight_decay) else 0.0))
     if not _non_negative(weight_decay):
         problems.append(f"weight_decay: expected a non-negative number, got {short_repr(weight_decay)}")
     if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
@@ -179,6 +184,7 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
     if lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got "
                         f"{short_repr(lr_schedule)}")
+    problems = [problem for problem in problems if problem]
     if problems:
         raise ConfigError("distill: " + "; ".join(problems))
     parameters = [p for p in student.parameters() if p.requires_grad]

@@ -437,8 +437,11 @@ def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(p
     (("--distill-steps", "5"), "run_helpers:tune", "--distill-steps set(s) the built-in distillation: add "
                                                    "--finetune distill"),
     ((), "distil", "--finetune 'distil': expected package.module:callable or distill"),
-    (("--distill-lr", "nan"), "distill", "Invalid value for '--distill-lr': nan is not a finite number"),
-    (("--distill-lr", "inf"), "distill", "Invalid value for '--distill-lr': inf is not a finite number"),
+    (("--distill-lr", "nan"), "distill", "Invalid value for '--distill-lr': expected a positive number, got nan"),
+    (("--distill-lr", "inf"), "distill", "Invalid value for '--distill-lr': expected a positive number, got inf"),
+    (("--distill-lr", "0"), "distill", "Invalid value for '--distill-lr': expected a positive number, got 0.0"),
+    (("--distill-lr", "1e39"), "distill", "Invalid value for '--distill-lr': expected a positive number at most "
+                                          "3.4e+37 (AdamW's first step"),
 ])
 def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
     result = compress("out", *extra, finetune=finetune)
