@@ -797,7 +797,11 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
                           f"blockwise compression holds one block at a time: use the Compressor or turn it off")
     calibration = check_calibration(checked, registry, layers, calibration_data)
     if calibration is not None and not needs_input_stats(checked, registry, layers):
-        calibration = [next(iter(calibration))]  # no statistics: one batch, each block's input for its check
+        first = next(iter(calibration), None)  # no statistics: one batch, each block's input for its check
+        if first is None:
+            raise ConfigError("calibration data is empty: no batch to check the blocks' replacements on; pass at "
+                              "least one batch, or none")
+        calibration = [first]
     source = Checkpoint(checkpoint) if checkpoint is not None else None
     output = Path(output)
     io.check_claims([(output, "output")], None, overwrite=overwrite)  # before the lock writes into a refused folder

@@ -210,6 +210,16 @@ def test_what_blockwise_compression_refuses(tmp_path, checkpoint, change, messag
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("decomposition, rank_selection, rank", [("svd", "manual", {"manual_rank": [2]}),
+                                                                  ("whitened_svd", "param_reduction", {})])
+def test_empty_calibration_data_is_one_clear_error(tmp_path, decomposition, rank_selection, rank):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition=decomposition, rank_selection=rank_selection, **rank)
+    with pytest.raises(ConfigError, match="^calibration data is empty: no batch to "):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", calibration_data=[], progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_blocks_must_hold_their_own_weights(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     model[2].weight = model[0].weight
