@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
+from .dataflow import first_input
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 from .timing import tensors_in
@@ -188,7 +189,10 @@ class _LayerWatch(TorchDispatchMode):
         self.calls: list[tuple[str, tuple[int, ...]]] = []  # (layer, output shape) in the order the layers ran
 
     def __enter__(self) -> _LayerWatch:
+        # A layer's call is recorded with its keyword arguments (``self.fc(input=x)``); the stack of running modules
+        # is kept by a hook that also runs when a module raises, which torch calls without them.
         self.handles = [register_module_forward_pre_hook(self._enter_module),
+                        register_module_forward_hook(self._record_call, with_kwargs=True),
                         register_module_forward_hook(self._leave_module, always_call=True)]
         return super().__enter__()
 
@@ -203,6 +207,14 @@ class _LayerWatch(TorchDispatchMode):
         if id(module) in self.names:
             self.running.append(module)
 
+    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        name = self.layers.get(id(module))
+        x = None if name is None else first_input(module, args, kwargs)
+        if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
+            self.shapes.setdefault(name, (tuple(x.shape), tuple(output.shape)))
+            self.calls.append((name, tuple(output.shape)))
+            self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
+
     def _leave_module(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if id(module) not in self.names:
             return
@@ -210,10 +222,6 @@ class _LayerWatch(TorchDispatchMode):
         name = self.layers.get(id(module))
         if name is not None:
             self.called.add(name)
-            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                self.shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
-                self.calls.append((name, tuple(output.shape)))
-                self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
 
     def output_layers(self, result: Any) -> set[str]:
         """The layers whose output tensor the model returned (``result``), as it is or as a view of it.
