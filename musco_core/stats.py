@@ -70,6 +70,20 @@ class ModelStats:
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
     output_layers: tuple[str, ...] | None = None
+    #: The names of :attr:`layers` and :attr:`excluded` together, in model order: how the two interleave (a generated
+    #: schedule lists the layers it leaves out so). Statistics made by hand default to their layers, then the
+    #: excluded ones.
+    order: tuple[str, ...] = attrs.field(kw_only=True)
+
+    @order.default
+    def _layers_then_excluded(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.layers, *self.excluded]))
+
+    @order.validator
+    def _names_every_layer_once(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+        if sorted(value) != sorted({*self.layers, *self.excluded}):
+            raise ValueError(f"ModelStats.order: expected the names of layers and excluded, each once, got "
+                             f"{short_repr(value)}")
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -130,10 +144,10 @@ class ModelStats:
             excluded.update(not_run)
             readable = {name: entry for name, entry in readable.items() if name not in not_run}
             output_layers = tuple(name for name in readable if name in returned)
-        order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+        order = tuple(name for name, _ in model.named_modules() if name in readable or name in excluded)
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
                     for name, (module, spec) in readable.items()}, total_flops,
-                   dict(sorted(excluded.items(), key=lambda item: order[item[0]])), output_layers)
+                   {name: excluded[name] for name in order if name in excluded}, output_layers, order=order)
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -153,7 +167,7 @@ class ModelStats:
                 spec = LayerSpec("conv", output_shape[1], input_shape[1], kernel, (1,) * len(kernel),
                                  (0,) * len(kernel), (1,) * len(kernel), info.get("groups", 1))
             layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape)
-        return cls(layers, excluded=excluded)
+        return cls(layers, excluded=excluded, order=tuple(flopco.ltypes))
 
 
 class _LayerWatch(TorchDispatchMode):
@@ -348,7 +362,11 @@ def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input:
                           + "; ".join(differences[:_DIFFERENCES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
                           + "; pass the model's own statistics (ModelStats.from_model(model, registry, "
                             "example_input)), or none to have them computed")
-    return attrs.evolve(given, excluded={**own.excluded, **given.excluded})
+    position = {name: index for index, name in enumerate(own.order)}
+    order = sorted(dict.fromkeys([*own.excluded, *given.order]), key=lambda name: position.get(name, len(position)))
+    excluded = {**own.excluded, **given.excluded}
+    return attrs.evolve(given, excluded={name: excluded[name] for name in order if name in excluded},
+                        order=tuple(order))
 
 
 def _differences(given: ModelStats, own: ModelStats, modules: Mapping[str, nn.Module], geometry: tuple[str, ...]
