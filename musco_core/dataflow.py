@@ -75,8 +75,9 @@ def holds_shared(module: nn.Module, shared: set[int]) -> bool:
 @attrs.define(eq=False)
 class Call:
     """One call of a module in an observed pass: the call that made it (None for the model's own), the calls whose
-    output is its input (a layer's and the containers' that returned it as theirs; see :func:`first_input`), the shapes, a weak
-    reference to its output, and the ids of the modules in whose calls a torch function read that output."""
+    output is its input (:func:`first_input`; a layer's and the containers' that returned it as theirs), the
+    shapes, a weak reference to its output, and the ids of the modules in whose calls a torch function read that
+    output."""
 
     module: nn.Module
     parent: Call | None
