@@ -109,7 +109,7 @@ def _generate(stats: ModelStats, config_type: str, registry: Registry
     config: dict[str, dict[str, Any] | None] = {}
     reasons: dict[str, str] = {}
     outputs = output_layers(stats) if config_type not in ("none", "template") else {}
-    for name in stats.order:  # in model order, the layers that must not be replaced among the others
+    for name in stats.in_model_order(dict.fromkeys([*stats.layers, *stats.excluded])):
         if name in stats.excluded:
             if config_type != "none":
                 log.info("generate_model_compr_kwargs: layer %r left out: %s", name, stats.excluded[name])

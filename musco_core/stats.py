@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -70,20 +70,19 @@ class ModelStats:
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
     output_layers: tuple[str, ...] | None = None
-    #: The names of :attr:`layers` and :attr:`excluded` together, in model order: how the two interleave (a generated
-    #: schedule lists the layers it leaves out so). Statistics made by hand default to their layers, then the
-    #: excluded ones.
+    #: The names of :attr:`layers` and :attr:`excluded` together, as made, in model order: how the two interleave (a
+    #: generated schedule lists the layers it leaves out so, see :meth:`in_model_order`). Statistics made by hand
+    #: default to their layers, then the excluded ones.
     order: tuple[str, ...] = attrs.field(kw_only=True)
 
     @order.default
     def _layers_then_excluded(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([*self.layers, *self.excluded]))
 
-    @order.validator
-    def _names_every_layer_once(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
-        if sorted(value) != sorted({*self.layers, *self.excluded}):
-            raise ValueError(f"ModelStats.order: expected the names of layers and excluded, each once, got "
-                             f"{short_repr(value)}")
+    def in_model_order(self, names: Iterable[str]) -> list[str]:
+        """``names`` sorted as :attr:`order` has them; those it lacks (statistics edited since) last, as given."""
+        position = {name: index for index, name in enumerate(self.order)}
+        return sorted(names, key=lambda name: position.get(name, len(position)))
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -362,9 +361,8 @@ def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input:
                           + "; ".join(differences[:_DIFFERENCES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
                           + "; pass the model's own statistics (ModelStats.from_model(model, registry, "
                             "example_input)), or none to have them computed")
-    position = {name: index for index, name in enumerate(own.order)}
-    order = sorted(dict.fromkeys([*own.excluded, *given.order]), key=lambda name: position.get(name, len(position)))
     excluded = {**own.excluded, **given.excluded}
+    order = own.in_model_order(given.in_model_order(dict.fromkeys([*given.layers, *excluded])))
     return attrs.evolve(given, excluded={name: excluded[name] for name in order if name in excluded},
                         order=tuple(order))
 
