@@ -14,7 +14,7 @@ from . import distributed, io
 from .allocation import check_model_inputs
 from .config import generate_model_compr_kwargs, generated_exclusions
 from .engine import LayerResult
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
 from .run import (build_report, check_calibration, check_resumable, check_same_model, checked_schedule, run_step,
@@ -27,6 +27,18 @@ from .surgery import deep_copy
 log = logging.getLogger(__name__)
 
 
+def _refuse_run_arguments(arguments: dict[str, tuple[Any, Any, str]]) -> None:
+    """With a full schedule, whose settings apply: one ConfigError naming each argument that the run would ignore,
+    ``{argument: (value, default, setting)}``: any not its default value of its default type (``ft_every=True``
+    is no ``1``)."""
+    problems = [f"Compressor({name}=...): model_compr_kwargs is a full schedule, whose $.settings.{setting} applies: "
+                f"set it there, not as an argument (got {short_repr(value)})"
+                for name, (value, default, setting) in arguments.items()
+                if type(value) is not type(default) or value != default]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
@@ -35,8 +47,9 @@ class Compressor:
     ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
     computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
     The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
-    and ``progress`` is true. With a ``ModelSchedule`` its own settings apply and
-    ``ft_every``, ``nglobal_compress_iters`` and ``all_algo_kwargs`` must be left at their defaults.
+    and ``progress`` is true. With a full schedule (a ``ModelSchedule`` or a dict with ``version``) its own settings
+    apply and ``ft_every``, ``nglobal_compress_iters``, ``all_algo_kwargs`` and ``seed`` must be left at their
+    defaults (``ft_every=True`` is refused, not taken for ``1``).
     ``calibration_data`` (a list or DataLoader of input batches, see :mod:`musco_core.calibration`) is required by
     data-aware decompositions such as ``whitened_svd``: at each step the input statistics of the step's layers
     that use one are collected on the model as it is then.
@@ -66,9 +79,10 @@ class Compressor:
         stats = as_model_stats(model_stats, model, registry, example_input)
         carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
             isinstance(model_compr_kwargs, dict) and "version" in model_compr_kwargs)
-        if carries_settings and (ft_every, nglobal_compress_iters, all_algo_kwargs, seed) != (1, None, None, 0):
-            raise ConfigError("model_compr_kwargs is a full schedule with its own settings: put ft_every, "
-                              "nglobal_compress_iters, all_algo_kwargs and seed there, not in arguments")
+        if carries_settings:
+            _refuse_run_arguments({"ft_every": (ft_every, 1, "ft_every"), "seed": (seed, 0, "seed"),
+                                   "nglobal_compress_iters": (nglobal_compress_iters, None, "nglobal_compress_iters"),
+                                   "all_algo_kwargs": (all_algo_kwargs, None, "algo_kwargs")})
         left_out = {name: reason for name, reason in stats.excluded.items()}
         if model_compr_kwargs is None:
             model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)

@@ -109,13 +109,13 @@ def _generate(stats: ModelStats, config_type: str, registry: Registry
     config: dict[str, dict[str, Any] | None] = {}
     reasons: dict[str, str] = {}
     outputs = output_layers(stats) if config_type not in ("none", "template") else {}
-    if config_type != "none":
-        for name, reason in stats.excluded.items():
-            log.info("generate_model_compr_kwargs: layer %r left out: %s", name, reason)
-            reasons[name] = reason
-    for name, layer in stats.layers.items():
+    for name in stats.in_model_order(dict.fromkeys([*stats.layers, *stats.excluded])):
         if name in stats.excluded:
+            if config_type != "none":
+                log.info("generate_model_compr_kwargs: layer %r left out: %s", name, stats.excluded[name])
+                reasons[name] = stats.excluded[name]
             continue
+        layer = stats.layers[name]
         if config_type == "none":
             config[name] = None
         elif config_type == "template":

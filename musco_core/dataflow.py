@@ -10,7 +10,7 @@ import itertools
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -44,6 +44,16 @@ def is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
     return base is not None and why_not_replaceable(module, base) is None
 
 
+def first_input(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """The input of one call of ``module``: its first positional argument, else the keyword argument named by the
+    first parameter of its forward (``self.fc(input=x)``: ``input`` of torch's layers); None when neither is given."""
+    if args:
+        return args[0]
+    if not kwargs:
+        return None
+    return kwargs.get(next(iter(inspect.signature(module.forward).parameters), ""))
+
+
 def own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
 
@@ -65,8 +75,9 @@ def holds_shared(module: nn.Module, shared: set[int]) -> bool:
 @attrs.define(eq=False)
 class Call:
     """One call of a module in an observed pass: the call that made it (None for the model's own), the calls whose
-    output is its first input (a layer's and the containers' that returned it as theirs), the shapes, a weak
-    reference to its output, and the ids of the modules in whose calls a torch function read that output."""
+    output is its input (:func:`first_input`; a layer's and the containers' that returned it as theirs), the
+    shapes, a weak reference to its output, and the ids of the modules in whose calls a torch function read that
+    output."""
 
     module: nn.Module
     parent: Call | None
@@ -122,10 +133,11 @@ class ObservedPass(TorchFunctionMode):
         """The calls that returned ``tensor`` (a container returns its last layer's output as its own)."""
         return [call for call in self._outputs.get(id(tensor), []) if call.output() is tensor]
 
-    def before(self, module: nn.Module, args: tuple) -> None:
+    def before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._in_hook = True  # the hook's own look at the input is no read by the model
         try:
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            first = first_input(module, args, kwargs)
+            first = first if isinstance(first, torch.Tensor) else None
             call = Call(module, self._stack[-1] if self._stack else None,
                          [] if first is None else self._producers(first),
                          None if first is None else tuple(first.shape))
@@ -153,7 +165,7 @@ def observe(model: nn.Module, example_input: Any) -> ObservedPass:
     """One pass of ``model`` on ``example_input``, observed (see :class:`ObservedPass`)."""
     observed = ObservedPass(model)
     handles = [handle for module in model.modules()
-               for handle in (module.register_forward_pre_hook(observed.before),
+               for handle in (module.register_forward_pre_hook(observed.before, with_kwargs=True),
                               module.register_forward_hook(observed.after))]
     try:
         with torch.no_grad(), observed:

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence, holds_shared,
-                       is_stock, observe, shared_tensors, torch_class)
+from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, first_input, gather_evidence,
+                       holds_shared, is_stock, observe, shared_tensors, torch_class)
 from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
 from .timing import call_model, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
@@ -314,7 +314,7 @@ def _traced_pairs(trace: Traced) -> list[tuple[nn.Module, nn.Module]]:
         calls[id(module)] = calls.get(id(module), 0) + 1
     pairs = []
     for node, batchnorm in trace.modules.items():
-        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        source = first_input(batchnorm, node.args, node.kwargs) if len(node.args) + len(node.kwargs) == 1 else None
         if not isinstance(source, torch.fx.Node) or source not in trace.modules or len(source.users) != 1:
             continue
         layer = trace.modules[source]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
+from .dataflow import first_input
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
 from .timing import tensors_in
@@ -69,6 +70,19 @@ class ModelStats:
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
     output_layers: tuple[str, ...] | None = None
+    #: The names of :attr:`layers` and :attr:`excluded` together, as made, in model order: how the two interleave (a
+    #: generated schedule lists the layers it leaves out so, see :meth:`in_model_order`). Statistics made by hand
+    #: default to their layers, then the excluded ones.
+    order: tuple[str, ...] = attrs.field(kw_only=True)
+
+    @order.default
+    def _layers_then_excluded(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.layers, *self.excluded]))
+
+    def in_model_order(self, names: Iterable[str]) -> list[str]:
+        """``names`` sorted as :attr:`order` has them; those it lacks (statistics edited since) last, as given."""
+        position = {name: index for index, name in enumerate(self.order)}
+        return sorted(names, key=lambda name: position.get(name, len(position)))
 
     @property
     def ltypes(self) -> dict[str, dict[str, Any]]:
@@ -129,10 +143,10 @@ class ModelStats:
             excluded.update(not_run)
             readable = {name: entry for name, entry in readable.items() if name not in not_run}
             output_layers = tuple(name for name in readable if name in returned)
-        order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+        order = tuple(name for name, _ in model.named_modules() if name in readable or name in excluded)
         return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
                     for name, (module, spec) in readable.items()}, total_flops,
-                   dict(sorted(excluded.items(), key=lambda item: order[item[0]])), output_layers)
+                   {name: excluded[name] for name in order if name in excluded}, output_layers, order=order)
 
     @classmethod
     def from_flopco(cls, flopco: Any) -> ModelStats:
@@ -152,7 +166,7 @@ class ModelStats:
                 spec = LayerSpec("conv", output_shape[1], input_shape[1], kernel, (1,) * len(kernel),
                                  (0,) * len(kernel), (1,) * len(kernel), info.get("groups", 1))
             layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape)
-        return cls(layers, excluded=excluded)
+        return cls(layers, excluded=excluded, order=tuple(flopco.ltypes))
 
 
 class _LayerWatch(TorchDispatchMode):
@@ -188,7 +202,10 @@ class _LayerWatch(TorchDispatchMode):
         self.calls: list[tuple[str, tuple[int, ...]]] = []  # (layer, output shape) in the order the layers ran
 
     def __enter__(self) -> _LayerWatch:
+        # A layer's call is recorded with its keyword arguments (``self.fc(input=x)``); the stack of running modules
+        # is kept by a hook that also runs when a module raises, which torch calls without them.
         self.handles = [register_module_forward_pre_hook(self._enter_module),
+                        register_module_forward_hook(self._record_call, with_kwargs=True),
                         register_module_forward_hook(self._leave_module, always_call=True)]
         return super().__enter__()
 
@@ -203,6 +220,14 @@ class _LayerWatch(TorchDispatchMode):
         if id(module) in self.names:
             self.running.append(module)
 
+    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        name = self.layers.get(id(module))
+        x = None if name is None else first_input(module, args, kwargs)
+        if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
+            self.shapes.setdefault(name, (tuple(x.shape), tuple(output.shape)))
+            self.calls.append((name, tuple(output.shape)))
+            self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
+
     def _leave_module(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if id(module) not in self.names:
             return
@@ -210,10 +235,6 @@ class _LayerWatch(TorchDispatchMode):
         name = self.layers.get(id(module))
         if name is not None:
             self.called.add(name)
-            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                self.shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
-                self.calls.append((name, tuple(output.shape)))
-                self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
 
     def output_layers(self, result: Any) -> set[str]:
         """The layers whose output tensor the model returned (``result``), as it is or as a view of it.
@@ -340,7 +361,10 @@ def as_model_stats(stats: Any, model: nn.Module | None, registry, example_input:
                           + "; ".join(differences[:_DIFFERENCES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
                           + "; pass the model's own statistics (ModelStats.from_model(model, registry, "
                             "example_input)), or none to have them computed")
-    return attrs.evolve(given, excluded={**own.excluded, **given.excluded})
+    excluded = {**own.excluded, **given.excluded}
+    order = own.in_model_order(given.in_model_order(dict.fromkeys([*given.layers, *excluded])))
+    return attrs.evolve(given, excluded={name: excluded[name] for name in order if name in excluded},
+                        order=tuple(order))
 
 
 def _differences(given: ModelStats, own: ModelStats, modules: Mapping[str, nn.Module], geometry: tuple[str, ...]

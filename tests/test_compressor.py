@@ -207,6 +207,24 @@ def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expec
     assert str(info.value) == expected
 
 
+@pytest.mark.parametrize(("arguments", "named"), [
+    ({"ft_every": True}, ["ft_every"]),
+    ({"seed": False}, ["seed"]),
+    ({"ft_every": 1.0, "nglobal_compress_iters": False}, ["ft_every", "nglobal_compress_iters"]),
+    ({"all_algo_kwargs": {}}, ["all_algo_kwargs"]),
+])
+def test_run_arguments_beside_a_full_schedule_are_refused_naming_each(registry, arguments, named):
+    """A full schedule's settings apply, so an argument the run would ignore is refused: True is no ft_every=1 and
+    False no seed=0. The defaults, given explicitly, are accepted."""
+    schedule = {"version": 1, "layers": SMALL_CONFIG}
+    with pytest.raises(ConfigError) as info:
+        Compressor(small_cnn(), model_compr_kwargs=schedule, registry=registry, **arguments)
+    lines = str(info.value).splitlines()
+    assert [line.split("=")[0] for line in lines] == [f"Compressor({name}" for name in named]
+    assert all("model_compr_kwargs is a full schedule" in line for line in lines)
+    Compressor(small_cnn(), model_compr_kwargs=schedule, registry=registry, ft_every=1, seed=0, progress=False)
+
+
 def test_curr_compr_iter_counts_stages_also_those_that_kept_the_layer(registry):
     """As in the original, a stage that keeps a layer (vbmf at weakening 0 keeps the full rank, which would not be
     smaller) still advances curr_compr_iter: it is the stage index, e.g. into manual_rank."""

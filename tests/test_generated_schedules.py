@@ -154,6 +154,34 @@ def test_the_report_lists_every_layer_left_out_and_why(tmp_path, registry):
                              registry=registry).report().left_out == left_out
 
 
+class Interleaved(nn.Module):
+    """Layers a generated schedule leaves out for the layer's own sake (stem, head) between layers that must not be
+    replaced (unused: never reached; up: no adapter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.unused = nn.Conv2d(32, 32, 3, padding=1)
+        self.up = nn.ConvTranspose2d(32, 32, 3, padding=1)
+        self.body = nn.Conv2d(32, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.body(self.up(self.stem(x).relu()).relu()).mean((2, 3)))
+
+
+def test_exclusions_are_listed_in_model_order(registry):
+    """Generated exclusions and the report's left_out interleave the layers that must not be replaced with the
+    others as the model holds them, also where given statistics get the model's exclusions added."""
+    model, x = Interleaved().eval(), torch.randn(1, 3, 6, 6)
+    expected = ["stem", "unused", "up", "head"]
+    assert list(generated_exclusions(ModelStats.from_model(model, registry, x), "vbmf", registry=registry)) == expected
+    for given in (None, ModelStats.from_model(model, registry)):  # the latter without the example input
+        compressor = Compressor(model, given, config_type="vbmf", example_input=x, progress=False, registry=registry)
+        assert list(compressor.report().left_out) == expected and compressor.lnames == ["body"]
+        assert compressor.model_stats.order == ("stem", "unused", "up", "body", "head")
+
+
 class Decoder(nn.Module):
     """Convolution and linear layers no adapter handles, next to modules that are no layers to compress."""
 

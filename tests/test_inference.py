@@ -369,6 +369,43 @@ def test_untraceable_model_folds_inside_sequentials_only_where_a_pass_confirms_i
     assert isinstance(unconfirmed.block[1], nn.BatchNorm2d) and isinstance(unconfirmed.bn, nn.BatchNorm2d)
 
 
+class ByKeyword(nn.Module):
+    """Calls its layers as ``layer(input=x)``; with ``branch``, data-dependent control flow torch.fx cannot trace."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.branch = branch
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = with_trained_statistics(nn.BatchNorm2d(8), 2)
+        self.chain = factorize(nn.Conv2d(8, 8, 3, padding=1), "tucker2", (4, 4))
+
+    def forward(self, x):
+        if self.branch and x.sum() > 0:
+            x = x * 2
+        return self.chain(input=self.bn(input=self.conv(input=x)).relu())
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_layers_called_by_keyword_are_seen_like_positional_calls(monkeypatch, traceable):
+    """The BatchNorm given the conv's output as ``input=`` folds where the trace shows the pair (outside an
+    nn.Sequential an untraceable model folds nothing), and the chain is timed at the input it gets as ``input=``."""
+    timed = []
+
+    def fake_timing(modules, input_shape, **options):
+        timed.append(tuple(input_shape))
+        return [1.0] * len(modules)
+
+    monkeypatch.setattr(musco_core.inference, "_channels_last_is_faster", lambda model, x: False)
+    monkeypatch.setattr(musco_core.inference, "time_modules_at", fake_timing)
+    model = ByKeyword(branch=not traceable).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        optimized = optimize_for_inference(model, x, progress=False)
+        assert relative(optimized(x), model(x)) < TOLERANCE
+    assert isinstance(optimized.bn, nn.Identity if traceable else nn.BatchNorm2d)
+    assert timed == [(2, 8, 6, 6)]
+
+
 class SideReads(nn.Module):
     """Untraceable (data-dependent branch), with a Sequential(conv, bn) whose conv the forward also calls alone,
     and a Sequential(conv, bn, relu) it runs layer by layer, returning every layer's output."""

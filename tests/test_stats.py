@@ -57,6 +57,30 @@ def test_whole_forward_flops_are_counted_only_when_asked(registry):
     assert ModelStats.from_model(model, registry, count_flops=True).total_flops is None  # no example input
 
 
+class ByKeyword(nn.Module):
+    """Calls its layers as ``layer(input=x)`` (or positionally, for comparison)."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        self.keyword = keyword
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        call = (lambda layer, value: layer(input=value)) if self.keyword else (lambda layer, value: layer(value))
+        return call(self.fc, call(self.conv, x).relu().mean((2, 3)))
+
+
+def test_layers_called_by_keyword_get_the_statistics_of_positional_calls(registry):
+    """Shapes, MACs and the output layer (which a generated schedule leaves out) do not depend on how the model's
+    code passes a layer its input."""
+    x = torch.randn(2, 8, 6, 6)
+    by_keyword, positional = (ModelStats.from_model(ByKeyword(keyword), registry, x) for keyword in (True, False))
+    assert by_keyword == positional
+    assert by_keyword.layers["conv"].input_shape == (2, 8, 6, 6) and by_keyword.layers["fc"].macs == 2 * 16 * 10
+    assert by_keyword.total_macs == positional.total_macs and by_keyword.output_layers == ("fc",)
+
+
 def test_statistics_leave_the_model_as_it_was(registry):
     model = Mixed().train()
     model.temporal.eval()
