@@ -17,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import forms_features
-from .components import InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
+from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
+from .engine import (LayerResult, _checked_ranks, _plugin_component, compress_layer, read_layer, split_groups,
+                     usable_decompositions)
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError
 from .factors import chain_cost, layer_layout, widen
@@ -196,7 +197,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                       {name: entry.current for name, entry in pending.items()},
                                       pending_replacements(pending, module_paths(model)),
                                       optimized=selector.times_optimized(settings.params_for(selector)))
-            chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
+            chosen, record = _run_selector(selector, _plugin_component(registry.rank_selectors, selector.name),
+                                           choices, members, totals, pass_index, settings)
         finally:
             if profiler is not None:
                 profiler.close()
@@ -210,10 +212,12 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
              for member, value in plan["chosen"].items()}, BudgetRecord(**plan["record"]))
 
 
-def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], members: Sequence[str],
+def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoice], members: Sequence[str],
                   totals: ModelTotals, pass_index: int, settings: RunSettings
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
-    """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
+    """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member, the
+    ranks plain ints (a numpy int from the selector would reach the plan's broadcast and the run state); ``who``
+    names the selector and its plugin."""
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
@@ -224,19 +228,25 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
         reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
         raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "
                                f"this step") from exc
-    offered: dict[str, set[str]] = {}
+    offered: dict[str, dict[str, Decomposer]] = {}
     for choice in choices:
-        offered.setdefault(choice.name, set()).add(choice.decomposer.name)
+        offered.setdefault(choice.name, {})[choice.decomposer.name] = choice.decomposer
     chosen: dict[str, Allocated | None] = {}
     for member in members:
+        candidates = offered.get(member, {})
         ranks = allocation.ranks.get(member, ())
-        decomposition = allocation.decompositions.get(member) or next(iter(sorted(offered.get(member, ()))), None)
-        if ranks == () or ranks is not None and (decomposition not in offered.get(member, ()) or len(
-                offered[member]) > 1 and member not in allocation.decompositions):
+        decomposition = allocation.decompositions.get(member) or next(iter(sorted(candidates)), None)
+        if member not in allocation.ranks or ranks is not None and (decomposition not in candidates or len(
+                candidates) > 1 and member not in allocation.decompositions):
             raise CompressionError(f"rank selection {selector.name!r} allocated no decomposition and ranks among "
-                                   f"{sorted(offered.get(member, ()))} for {member!r}; the model was left as before "
-                                   f"this step")
-        chosen[member] = None if ranks is None else Allocated(decomposition, tuple(ranks))
+                                   f"{sorted(candidates)} for {member!r}; the model was left as before this step")
+        if ranks is None:
+            chosen[member] = None
+            continue
+        try:
+            chosen[member] = Allocated(decomposition, _checked_ranks(ranks, candidates[decomposition], member, who))
+        except CompressionError as exc:
+            raise CompressionError(f"{exc}; the model was left as before this step") from None
     if allocation.note:
         log.warning("%s: %s", selector.name, allocation.note)
     record = BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters, allocation.metric,

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import types
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from flopco import FlopCo
 from torch import nn
 
-from musco_core import Compressor, ConfigError, load_schedule
+from musco_core import CompressionError, Compressor, ConfigError, hookimpl, load_schedule
 from musco_core.io import save_compressed
-from musco_plugins.budget import LayerOptions, allocate_ranks
+from musco_core.plugins import make_plugin_manager
+from musco_core.registry import Registry
+from musco_plugins.budget import Budget, LayerOptions, allocate_ranks
 
 from models import make_trained_like, resnet18
 
@@ -362,3 +366,49 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
     whole = compress(metric="params")
     assert whole.report().budgets[0].note.startswith("the target 1.429x cannot be met")  # the embedding dominates
+
+
+class NumpyBudget(Budget):
+    """A whole-model selector whose ranks come out of numpy (np.searchsorted, say), or, with ``cast``, another
+    kind of number."""
+
+    name = "numpy_budget"
+    cast = staticmethod(np.int64)
+
+    def allocate(self, *args, **kwargs):
+        allocation = super().allocate(*args, **kwargs)
+        return attrs.evolve(allocation, ranks={name: None if ranks is None else tuple(map(self.cast, ranks))
+                                               for name, ranks in allocation.ranks.items()})
+
+
+def numpy_budget_run() -> Compressor:
+    """A pass of three layers over three steps, so that the state between them holds allocated ranks."""
+    plugin = types.ModuleType("numpy_plugin")
+    plugin.musco_register_rank_selectors = hookimpl(lambda: [NumpyBudget])
+    manager = make_plugin_manager(entry_points=False, plugins=[("numpy_plugin", plugin)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    schedule = {"version": 1, "settings": {"ft_every": 1, "algo_kwargs": {"numpy_budget": {"metric": "params"}}},
+                "layers": {name: {"decomposition": "svd", "rank_selection": "numpy_budget"} for name in "024"}}
+    return Compressor(model, model_compr_kwargs=schedule, registry=Registry.from_plugin_manager(manager),
+                      progress=False)
+
+
+def test_whole_model_ranks_from_numpy_become_ints_before_the_state_and_a_broadcast_see_them(tmp_path):
+    # they used to stay numpy ints in the run state (save_state failed in YAML) and in the plan a distributed run
+    # broadcasts as JSON (rank 0 failed, the other ranks waited for it)
+    compressor = numpy_budget_run()
+    compressor.compression_step()
+    assert compressor.state.allocated and all(type(rank) is int for allocation in compressor.state.allocated.values()
+                                              if allocation for rank in allocation.ranks)
+    compressor.save_state(tmp_path)
+
+
+def test_whole_model_ranks_that_are_not_ints_are_refused_naming_the_selector_and_plugin(monkeypatch):
+    monkeypatch.setattr(NumpyBudget, "cast", staticmethod(lambda rank: rank + 0.5))
+    compressor = numpy_budget_run()
+    with pytest.raises(CompressionError, match=r"^layer '\d': rank selector 'numpy_budget' of plugin 'numpy_plugin' "
+                                               r"chose ranks \(\d+\.5,\); svd takes 1 rank\(s\) \(rank\), each a "
+                                               r"positive int; the model was left as before this step$"):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
