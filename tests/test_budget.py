@@ -412,3 +412,34 @@ def test_whole_model_ranks_that_are_not_ints_are_refused_naming_the_selector_and
                                                r"positive int; the model was left as before this step$"):
         compressor.compression_step()
     assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize(("data_aware_fc", "calibration"), [(True, "independent"), (True, "sequential"),
+                                                            (False, "sequential")])
+def test_a_candidate_that_cannot_decompose_the_layer_asks_for_no_calibration(registry, data_aware_fc, calibration):
+    # whitened_svd cannot decompose a Conv3d, so the budget never offers it there; the Conv3d's statistics were
+    # collected all the same (an UnsupportedLayerError at the step), and without a data-aware layer elsewhere the
+    # Compressor asked for calibration data it would not use
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    layers = {"conv": {"decomposition": ["whitened_svd", "tucker2"], "rank_selection": "budget"}}
+    if data_aware_fc:
+        layers["fc"] = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}
+    schedule = {"version": 1, "layers": layers, "settings": {
+        "ft_every": 2, "calibration": calibration, "algo_kwargs": {"budget": {"reduction": 1.02, "metric": "params",
+                                                                             "scope": "compressed"}}}}
+    compressor = Compressor(Conv3dNet(), model_compr_kwargs=schedule, example_input=x[:1], registry=registry,
+                            calibration_data=[x] if data_aware_fc else None, progress=False)
+    results = {result.name: result for result in compressor.compression_step()}
+    assert results["conv"].applied and results["conv"].decomposition == "tucker2"
+    assert not data_aware_fc or results["fc"].applied and results["fc"].decomposition == "whitened_svd"
