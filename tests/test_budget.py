@@ -443,3 +443,27 @@ def test_a_candidate_that_cannot_decompose_the_layer_asks_for_no_calibration(reg
     results = {result.name: result for result in compressor.compression_step()}
     assert results["conv"].applied and results["conv"].decomposition == "tucker2"
     assert not data_aware_fc or results["fc"].applied and results["fc"].decomposition == "whitened_svd"
+
+
+@pytest.mark.parametrize(("losses", "problem"), [
+    ([float("nan")], r"returned nan for the model as it is; expected a finite loss"),
+    ([0.5, float("inf")], r"returned inf with layer '0' compressed at ranks \(8,\); expected a finite loss"),
+    (["low"], r"returned 'low' for the model as it is; expected a finite loss"),
+    ([True], r"returned True for the model as it is; expected a finite loss"),
+    ([None], r"returned None \(no evaluation data\) on every rank: the sensitivity pass needs a loss"),
+    ([0.5, None], r"returned None with layer '0' compressed at ranks \(8,\), and a loss for the model as it is; "
+                  r"return None exactly when this rank's evaluation data is empty")],
+    ids=["nan", "inf", "str", "bool", "none", "none_after_a_loss"])
+def test_a_loss_the_sensitivity_pass_cannot_use_is_refused(registry, losses, problem):
+    # a NaN or infinite loss used to make every sensitivity NaN and the allocation arbitrary, silently; None (a rank
+    # without evaluation data in a distributed job) was a bare TypeError
+    calls = iter(losses + [0.5] * 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    compressor = Compressor(model, model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                       for name in ("0", "2")}, ft_every=2, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}},
+                            evaluate=lambda candidate: next(calls), progress=False)
+    with pytest.raises(ConfigError, match=r"^evaluate\(model\) " + problem):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None}
