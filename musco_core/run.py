@@ -137,9 +137,13 @@ def checked_schedule(model: nn.Module, data: Any, origin: str, registry: Registr
 
 def usable_candidates(model: nn.Module, schedule: ModelSchedule, registry: Registry, name: str) -> list[Decomposer]:
     """The decompositions layer ``name`` lists that can factorize it as it is in ``model`` (a whole-model selector
-    chooses among these alone: a Conv3d listing ``[whitened_svd, tucker2]`` can only get tucker2)."""
+    chooses among these alone: a Conv3d listing ``[whitened_svd, tucker2]`` can only get tucker2). A layer listing
+    one is not read: checking the schedule found that one usable, and a layer keeps its geometry between stages."""
+    layer = schedule.layers[name]
+    if len(layer.candidates) == 1:
+        return [registry.decompositions.get(layer.candidates[0])]
     source = read_layer(model.get_submodule(name), registry, name)[1]
-    return usable_decompositions(registry, schedule.layers[name], split_groups(source)[0])
+    return usable_decompositions(registry, layer, split_groups(source)[0])
 
 
 def needs_input_stats(model: nn.Module, schedule: ModelSchedule, registry: Registry, names: Sequence[str]
