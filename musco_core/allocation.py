@@ -8,6 +8,7 @@ much each layer's compression alone hurts the model.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,10 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import forms_features
-from .components import InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .engine import LayerResult, compress_layer, read_layer, split_groups, usable_decompositions
+from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
+from .engine import (LayerResult, _checked_ranks, _plugin_component, compress_layer, read_layer, split_groups,
+                     usable_decompositions)
 from . import distributed
-from .errors import CompressionError, ConfigError, MuscoError
+from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .factors import chain_cost, layer_layout, widen
 from .latency import Chain, LatencyProfiler, profiler_for, timed_totals
 from .report import BudgetRecord
@@ -103,19 +105,42 @@ def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, lis
     return {path: entry.new for entry in pending.values() if entry.new is not None for path in paths[id(entry.module)]}
 
 
+def _loss(context: RunContext, model: nn.Module, what: str, without_data: bool | None = None) -> float | None:
+    """``evaluate(model)`` checked: a finite loss, or None on a rank whose evaluation data is empty, which it must
+    then be for every model (``without_data``: whether it returned None for the model as it is)."""
+    value = context.evaluate(model)
+    if value is not None:
+        try:
+            loss = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            loss = None
+        if loss is None or not math.isfinite(loss):
+            raise ConfigError(f"evaluate(model) returned {short_repr(value)} {what}; expected a finite loss (a "
+                              f"float), or None on a rank whose evaluation data is empty")
+        value = loss
+    if without_data is not None and without_data != (value is None):
+        raise ConfigError(f"evaluate(model) returned {short_repr(value)} {what}, and "
+                          f"{'None' if without_data else 'a loss'} for the model as it is; return None exactly when "
+                          f"this rank's evaluation data is empty")
+    return value
+
+
 def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: ModelSchedule, context: RunContext,
                   input_stats: Mapping[str, InputStats], group: distributed.Group | None = None) -> dict[str, float]:
     """Loss growth per unit of relative squared weight error of each layer, compressed alone at half its ranks,
     relative to the mean over the layers (floored at 1% of it; 1.0 where nothing was measured).
 
     Each probe is swapped in and back out, also on error, so the model is as it was afterwards. With a distributed
-    ``group`` each rank's ``evaluate`` measures the loss on its own shard and the losses are averaged over the
-    ranks (the loss of all the data when the shards are the same size).
+    ``group`` each rank's ``evaluate`` measures the loss on its own shard (None where the shard is empty) and the
+    losses are averaged over the ranks that have one (the loss of all the data when those shards are the same size).
     """
     paths = module_paths(model)
     with distributed.agreement(group, "sensitivity pass: evaluate"):
-        base = float(context.evaluate(model))
-    base = distributed.mean(group, base)
+        mine = _loss(context, model, "for the model as it is")
+    base = distributed.mean(group, mine)
+    if base is None:
+        raise ConfigError("evaluate(model) returned None (no evaluation data) on every rank: the sensitivity pass "
+                          "needs a loss; give evaluate some data, or leave it out")
     measured: dict[str, float] = {}
     first = list({choice.name: choice for choice in reversed(choices)}.values())[::-1]  # a layer's first candidate
     for choice in tqdm(first, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
@@ -134,11 +159,13 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
             loss = None
             if new is not None and result.relative_error:
                 with swapped(model, {path: new for path in paths[id(module)]}):
-                    loss = float(context.evaluate(model))
+                    loss = _loss(context, model, f"with layer {choice.name!r} compressed at ranks {probe}",
+                                 without_data=mine is None)
         # whether a probe ran depends on its ranks and weights alone, the same on every rank
-        if loss is None:
+        if new is None or not result.relative_error:
             continue
-        measured[choice.name] = max(distributed.mean(group, loss) - base, 0.0) / result.relative_error ** 2
+        loss = distributed.mean(group, loss)
+        measured[choice.name] = max(loss - base, 0.0) / result.relative_error ** 2
         log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, probe)
     mean = sum(measured.values()) / len(measured) if measured else 0.0
     if mean <= 0:
@@ -196,7 +223,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                       {name: entry.current for name, entry in pending.items()},
                                       pending_replacements(pending, module_paths(model)),
                                       optimized=selector.times_optimized(settings.params_for(selector)))
-            chosen, record = _run_selector(selector, choices, members, totals, pass_index, settings)
+            chosen, record = _run_selector(selector, _plugin_component(registry.rank_selectors, selector.name),
+                                           choices, members, totals, pass_index, settings)
         finally:
             if profiler is not None:
                 profiler.close()
@@ -210,10 +238,12 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
              for member, value in plan["chosen"].items()}, BudgetRecord(**plan["record"]))
 
 
-def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], members: Sequence[str],
+def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoice], members: Sequence[str],
                   totals: ModelTotals, pass_index: int, settings: RunSettings
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
-    """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member."""
+    """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member, the
+    ranks plain ints (a numpy int from the selector would reach the plan's broadcast and the run state); ``who``
+    names the selector and its plugin."""
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
@@ -224,19 +254,25 @@ def _run_selector(selector: RankSelector, choices: Sequence[LayerChoice], member
         reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
         raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "
                                f"this step") from exc
-    offered: dict[str, set[str]] = {}
+    offered: dict[str, dict[str, Decomposer]] = {}
     for choice in choices:
-        offered.setdefault(choice.name, set()).add(choice.decomposer.name)
+        offered.setdefault(choice.name, {})[choice.decomposer.name] = choice.decomposer
     chosen: dict[str, Allocated | None] = {}
     for member in members:
+        candidates = offered.get(member, {})
         ranks = allocation.ranks.get(member, ())
-        decomposition = allocation.decompositions.get(member) or next(iter(sorted(offered.get(member, ()))), None)
-        if ranks == () or ranks is not None and (decomposition not in offered.get(member, ()) or len(
-                offered[member]) > 1 and member not in allocation.decompositions):
+        decomposition = allocation.decompositions.get(member) or next(iter(sorted(candidates)), None)
+        if member not in allocation.ranks or ranks is not None and (decomposition not in candidates or len(
+                candidates) > 1 and member not in allocation.decompositions):
             raise CompressionError(f"rank selection {selector.name!r} allocated no decomposition and ranks among "
-                                   f"{sorted(offered.get(member, ()))} for {member!r}; the model was left as before "
-                                   f"this step")
-        chosen[member] = None if ranks is None else Allocated(decomposition, tuple(ranks))
+                                   f"{sorted(candidates)} for {member!r}; the model was left as before this step")
+        if ranks is None:
+            chosen[member] = None
+            continue
+        try:
+            chosen[member] = Allocated(decomposition, _checked_ranks(ranks, candidates[decomposition], member, who))
+        except CompressionError as exc:
+            raise CompressionError(f"{exc}; the model was left as before this step") from None
     if allocation.note:
         log.warning("%s: %s", selector.name, allocation.note)
     record = BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters, allocation.metric,

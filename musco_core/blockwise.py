@@ -676,7 +676,7 @@ def _layer_stats(run: _Run, runner: BlockRunner, name: str, replacements: Mappin
 
 def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:
     """Compresses the schedule's layers ``names`` of the runner's block in forward order; the new layers."""
-    needing = set(needs_input_stats(run.schedule, run.registry, names))
+    needing = set(needs_input_stats(runner, run.schedule, run.registry, names))
     if run.streams is not None and len(names) > 1:
         names = forward_order(runner, names, _Batches(run.streams.reference))
     replacements: dict[str, nn.Module] = {}
@@ -790,13 +790,13 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     checked = _blockwise_schedule(model, schedule, registry)
     _check_partition(model, block_names, checked)
     layers = checked.compressed_layers()
-    weighted = list(output_projections(checked, registry, layers))
+    weighted = list(output_projections(model, checked, registry, layers))
     if weighted:
         raise ConfigError(f"compress_blockwise: layer(s) {', '.join(map(repr, weighted[:5]))} weigh their fit by the "
                           f"model's output (output_weighting), which needs a backward pass through the whole model; "
                           f"blockwise compression holds one block at a time: use the Compressor or turn it off")
-    calibration = check_calibration(checked, registry, layers, calibration_data)
-    if calibration is not None and not needs_input_stats(checked, registry, layers):
+    calibration = check_calibration(model, checked, registry, layers, calibration_data)
+    if calibration is not None and not needs_input_stats(model, checked, registry, layers):
         first = next(iter(calibration), None)  # no statistics: one batch, each block's input for its check
         if first is None:
             raise ConfigError("calibration data is empty: no batch to check the blocks' replacements on; pass at "

@@ -91,7 +91,7 @@ class Compressor:
                     "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
                     "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
-        calibration = check_calibration(schedule, registry, schedule.compressed_layers(), calibration_data)
+        calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
         check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input))
@@ -139,7 +139,7 @@ class Compressor:
             check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
-        context = RunContext(registry, stats, check_calibration(state.initial_schedule, registry, remaining,
+        context = RunContext(registry, stats, check_calibration(restored, state.initial_schedule, registry, remaining,
                                                                 calibration_data), evaluate, progress, example_input)
         check_model_inputs(state.initial_schedule, registry, example_input, stats)
         compressor = cls.__new__(cls)

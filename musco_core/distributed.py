@@ -214,11 +214,13 @@ def sum_moments(group: Group | None, accumulators: Mapping[str, Any], n_batches:
     return counts[0]
 
 
-def mean(group: Group | None, value: float) -> float:
-    """The mean of a float over the ranks (a loss measured on each rank's shard), in float64."""
+def mean(group: Group | None, value: float | None) -> float | None:
+    """The mean of a float over the ranks that have one (a loss measured on each rank's shard, None on a rank whose
+    shard is empty), in float64; None when no rank has one."""
     if group is None:
         return value
-    return float(_all_reduce_sum(group, torch.tensor([value], dtype=torch.float64))[0]) / group.world_size
+    total, count = _all_reduce_sum(group, torch.tensor([value or 0.0, value is not None], dtype=torch.float64))
+    return float(total) / float(count) if count else None
 
 
 # -- replicas --------------------------------------------------------------------------------------------------

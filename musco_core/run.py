@@ -22,7 +22,7 @@ from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
-from .components import InputStats, ModelTotals
+from .components import Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
                      usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
@@ -135,33 +135,46 @@ def checked_schedule(model: nn.Module, data: Any, origin: str, registry: Registr
     return schedule
 
 
-def needs_input_stats(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> list[str]:
-    """The layers among ``names`` whose decomposition fits to calibration data."""
+def usable_candidates(model: nn.Module, schedule: ModelSchedule, registry: Registry, name: str) -> list[Decomposer]:
+    """The decompositions layer ``name`` lists that can factorize it as it is in ``model`` (a whole-model selector
+    chooses among these alone: a Conv3d listing ``[whitened_svd, tucker2]`` can only get tucker2). A layer listing
+    one is not read: checking the schedule found that one usable, and a layer keeps its geometry between stages."""
+    layer = schedule.layers[name]
+    if len(layer.candidates) == 1:
+        return [registry.decompositions.get(layer.candidates[0])]
+    source = read_layer(model.get_submodule(name), registry, name)[1]
+    return usable_decompositions(registry, layer, split_groups(source)[0])
+
+
+def needs_input_stats(model: nn.Module, schedule: ModelSchedule, registry: Registry, names: Sequence[str]
+                      ) -> list[str]:
+    """The layers among ``names`` that a decomposition fitting to calibration data may compress."""
     return [name for name in names if schedule.layers[name] is not None and any(
-        registry.decompositions.get(candidate).needs_input_stats for candidate in schedule.layers[name].candidates)]
+        decomposer.needs_input_stats for decomposer in usable_candidates(model, schedule, registry, name))]
 
 
-def output_projections(schedule: ModelSchedule, registry: Registry, names: Sequence[str]) -> dict[str, int]:
+def output_projections(model: nn.Module, schedule: ModelSchedule, registry: Registry, names: Sequence[str]
+                       ) -> dict[str, int]:
     """``{layer: projections}`` for the layers among ``names`` whose data-aware decomposition, with the schedule's
     parameters, also weighs its fit by the model's output
-    (:meth:`~musco_core.components.Decomposer.output_projections`): the most any of its candidates asks for."""
-    def asked(candidate: str) -> int:
-        decomposer = registry.decompositions.get(candidate)
+    (:meth:`~musco_core.components.Decomposer.output_projections`): the most any of its usable candidates asks
+    for."""
+    def asked(decomposer: Decomposer) -> int:
         if not decomposer.needs_input_stats:
             return 0
         return decomposer.output_projections(schedule.settings.params_for(decomposer))
 
-    wanted = {name: max(asked(candidate) for candidate in schedule.layers[name].candidates)
-              for name in needs_input_stats(schedule, registry, names)}
+    wanted = {name: max(map(asked, usable_candidates(model, schedule, registry, name)))
+              for name in needs_input_stats(model, schedule, registry, names)}
     return {name: projections for name, projections in wanted.items() if projections > 0}
 
 
-def check_calibration(schedule: ModelSchedule, registry: Registry, names: Sequence[str], calibration_data: Any
-                      ) -> Any:
-    """``calibration_data`` checked against the layers ``names`` still to compress: required exactly when one of
-    them uses a data-aware decomposition; also used by a whole-model rank selector's passes (see
-    :func:`~musco_core.allocation.allocate_pass`)."""
-    needing = needs_input_stats(schedule, registry, names)
+def check_calibration(model: nn.Module, schedule: ModelSchedule, registry: Registry, names: Sequence[str],
+                      calibration_data: Any) -> Any:
+    """``calibration_data`` checked against the layers ``names`` of ``model`` still to compress: required exactly
+    when a data-aware decomposition may compress one of them; also used by a whole-model rank selector's passes
+    (see :func:`~musco_core.allocation.allocate_pass`)."""
+    needing = needs_input_stats(model, schedule, registry, names)
     if calibration_data is None:
         if needing:
             raise ConfigError(f"calibration_data: layer(s) {', '.join(map(repr, needing))} use data-aware "
@@ -299,9 +312,10 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             step_stats.update({name: with_output(name, stats) for name, stats in collected.items()})
         return step_stats
 
-    sequential = schedule.settings.calibration == "sequential" and bool(needs_input_stats(schedule, registry, names))
+    needing = needs_input_stats(model, schedule, registry, names)
+    sequential = schedule.settings.calibration == "sequential" and bool(needing)
     if not sequential:  # sequentially, each layer's statistics are collected when it comes up, then freed
-        input_stats_for(needs_input_stats(schedule, registry, names))
+        input_stats_for(needing)
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
@@ -339,14 +353,13 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if name in allocated:
             allocation = allocated.pop(name)
             if allocation is None:
-                group_spec = split_groups(read_layer(module, registry, name)[1])[0]
-                layer = attrs.evolve(layer, decomposition=usable_decompositions(registry, layer, group_spec)[0].name)
+                layer = attrs.evolve(layer, decomposition=usable_candidates(model, schedule, registry, name)[0].name)
                 chosen = {"keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
             else:
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
-        if sequential and needs_input_stats(schedule, registry, [name]):
+        if sequential and name in needing:
             decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
             stats = with_output(name, _calibrated(model, name, schedule, input_stats_for, pending, paths, context,
                                                   group))
@@ -499,7 +512,7 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
                     group: distributed.Group | None) -> dict[str, Any]:
     """The output moments of the step's layers whose decomposition asks for them, on the model as the step found
     it (empty without calibration data, which :func:`check_calibration` refuses for such layers)."""
-    layers = output_projections(schedule, context.registry, names)
+    layers = output_projections(model, schedule, context.registry, names)
     if not layers or context.calibration_data is None:
         return {}
     specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
@@ -518,7 +531,7 @@ def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,
                     for path in paths[id(entry.module)]}
     if not replacements:  # collected now, unless the layer needs none or the allocation collected them
         return input_stats_for([name]).get(name)
-    if not needs_input_stats(schedule, context.registry, [name]):
+    if not needs_input_stats(model, schedule, context.registry, [name]):
         return None
     spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
     return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,

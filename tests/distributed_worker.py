@@ -9,7 +9,8 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
     python distributed_worker.py moments OUT           # output moments (output weighting) of each rank's shard,
                                                        # summed over the ranks: OUT/moments-R.safetensors
     python distributed_worker.py empty OUT             # runs with one calibration batch, one rank's shard empty
-                                                       # (EMPTY_SHARD_CASES): OUT/empty-CASE-R.safetensors
+                                                       # (EMPTY_SHARD_CASES): OUT/empty-CASE-R.safetensors, or
+                                                       # the error (no rank's shard holds it) in OUT/rank-R.json
 
 The run is resume_worker's schedule (tucker2/vbmf, cp3, cp4, svd, whitened_svd on calibration data, a whole-model
 budget over two passes) with a sensitivity pass, each rank feeding its own shard of the calibration and evaluation
@@ -127,24 +128,41 @@ def latency_run(rank: int) -> Compressor:
     return compressor
 
 
-#: Runs whose one calibration batch only one rank holds: (its calibration mode, with an example input, the holder).
-EMPTY_SHARD_CASES = {"rank1_empty_no_example": ("independent", False, 0),
-                     "rank0_empty_sequential": ("sequential", True, 1)}
+#: Runs whose one calibration batch (and evaluation batch) only one rank holds: (its calibration mode, with an
+#: example input, the holder (None: no rank holds it), the rank selection: manual ranks, or a budget with data-aware
+#: damage, a sensitivity pass and output weighting).
+EMPTY_SHARD_CASES = {"rank1_empty_no_example": ("independent", False, 0, "manual"),
+                     "rank0_empty_sequential": ("sequential", True, 1, "manual"),
+                     "rank0_empty_budget": ("independent", False, 1, "budget"),
+                     "rank1_empty_budget_sequential": ("sequential", False, 0, "budget"),
+                     "all_empty_budget": ("independent", False, None, "budget")}
 
 
 def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor:
     """Every step of a whitened_svd run of a small MLP whose one calibration batch is rank ``holder``'s alone (all
-    of it in one process): the other rank's shard is empty."""
-    mode, with_example, holder = EMPTY_SHARD_CASES[case]
+    of it in one process): the other rank's shard is empty, and so is its evaluation data (its ``evaluate`` returns
+    None)."""
+    mode, with_example, holder, selection = EMPTY_SHARD_CASES[case]
+    holds = holder is not None and (world_size == 1 or rank == holder)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    batch = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
-    schedule = {"version": 1, "settings": {"ft_every": 2, "calibration": mode},
-                "layers": {name: {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}
-                           for name in ("0", "2", "4")}}
+    generator = torch.Generator().manual_seed(1)
+    batch, x, y = torch.randn(32, 16, generator=generator), torch.randn(8, 16, generator=generator), \
+        torch.randint(0, 4, (8,), generator=generator)
+    layer = ({"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]} if selection == "manual"
+             else {"decomposition": ["whitened_svd", "svd"], "rank_selection": "budget"})
+    schedule = {"version": 1, "layers": dict.fromkeys(("0", "2", "4"), layer), "settings": {
+        "ft_every": 2, "calibration": mode, "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"},
+                                                            "whitened_svd": {"output_weighting": True}}}}
+
+    def evaluate(model: nn.Module) -> float | None:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x), y)) if holds else None
+
     compressor = Compressor(net, model_compr_kwargs=schedule, progress=False,
-                            calibration_data=[batch] if world_size == 1 or rank == holder else [],
-                            example_input=torch.randn(1, 16) if with_example else None)
+                            calibration_data=[batch] if holds else [],
+                            example_input=torch.randn(1, 16) if with_example else None,
+                            evaluate=evaluate if selection == "budget" else None)
     while not compressor.done:
         compressor.compression_step()
     return compressor
@@ -179,8 +197,12 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
         return 0
     if args.scenario == "empty":
         for case in EMPTY_SHARD_CASES:
-            save_file(weights(empty_shard_run(case, rank, world_size)),
-                      str(args.out / f"empty-{case}-{rank}.safetensors"))
+            try:
+                save_file(weights(empty_shard_run(case, rank, world_size)),
+                          str(args.out / f"empty-{case}-{rank}.safetensors"))
+            except MuscoError as exc:
+                record.setdefault("errors", {})[case] = f"{type(exc).__name__}: {exc}"
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
         return 0
     if args.scenario == "latency":
         os.environ[CACHE_ENV] = str(args.out / f"latency-cache-{rank}.json")

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import types
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from flopco import FlopCo
 from torch import nn
 
-from musco_core import Compressor, ConfigError, load_schedule
+from musco_core import CompressionError, Compressor, ConfigError, hookimpl, load_schedule
 from musco_core.io import save_compressed
-from musco_plugins.budget import LayerOptions, allocate_ranks
+from musco_core.plugins import make_plugin_manager
+from musco_core.registry import Registry
+from musco_plugins.budget import Budget, LayerOptions, allocate_ranks
 
 from models import make_trained_like, resnet18
 
@@ -362,3 +366,104 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
     whole = compress(metric="params")
     assert whole.report().budgets[0].note.startswith("the target 1.429x cannot be met")  # the embedding dominates
+
+
+class NumpyBudget(Budget):
+    """A whole-model selector whose ranks come out of numpy (np.searchsorted, say), or, with ``cast``, another
+    kind of number."""
+
+    name = "numpy_budget"
+    cast = staticmethod(np.int64)
+
+    def allocate(self, *args, **kwargs):
+        allocation = super().allocate(*args, **kwargs)
+        return attrs.evolve(allocation, ranks={name: None if ranks is None else tuple(map(self.cast, ranks))
+                                               for name, ranks in allocation.ranks.items()})
+
+
+def numpy_budget_run() -> Compressor:
+    """A pass of three layers over three steps, so that the state between them holds allocated ranks."""
+    plugin = types.ModuleType("numpy_plugin")
+    plugin.musco_register_rank_selectors = hookimpl(lambda: [NumpyBudget])
+    manager = make_plugin_manager(entry_points=False, plugins=[("numpy_plugin", plugin)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    schedule = {"version": 1, "settings": {"ft_every": 1, "algo_kwargs": {"numpy_budget": {"metric": "params"}}},
+                "layers": {name: {"decomposition": "svd", "rank_selection": "numpy_budget"} for name in "024"}}
+    return Compressor(model, model_compr_kwargs=schedule, registry=Registry.from_plugin_manager(manager),
+                      progress=False)
+
+
+def test_whole_model_ranks_from_numpy_become_ints_before_the_state_and_a_broadcast_see_them(tmp_path):
+    # they used to stay numpy ints in the run state (save_state failed in YAML) and in the plan a distributed run
+    # broadcasts as JSON (rank 0 failed, the other ranks waited for it)
+    compressor = numpy_budget_run()
+    compressor.compression_step()
+    assert compressor.state.allocated and all(type(rank) is int for allocation in compressor.state.allocated.values()
+                                              if allocation for rank in allocation.ranks)
+    compressor.save_state(tmp_path)
+
+
+def test_whole_model_ranks_that_are_not_ints_are_refused_naming_the_selector_and_plugin(monkeypatch):
+    monkeypatch.setattr(NumpyBudget, "cast", staticmethod(lambda rank: rank + 0.5))
+    compressor = numpy_budget_run()
+    with pytest.raises(CompressionError, match=r"^layer '\d': rank selector 'numpy_budget' of plugin 'numpy_plugin' "
+                                               r"chose ranks \(\d+\.5,\); svd takes 1 rank\(s\) \(rank\), each a "
+                                               r"positive int; the model was left as before this step$"):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize(("data_aware_fc", "calibration"), [(True, "independent"), (True, "sequential"),
+                                                            (False, "sequential")])
+def test_a_candidate_that_cannot_decompose_the_layer_asks_for_no_calibration(registry, data_aware_fc, calibration):
+    # whitened_svd cannot decompose a Conv3d, so the budget never offers it there; the Conv3d's statistics were
+    # collected all the same (an UnsupportedLayerError at the step), and without a data-aware layer elsewhere the
+    # Compressor asked for calibration data it would not use
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    layers = {"conv": {"decomposition": ["whitened_svd", "tucker2"], "rank_selection": "budget"}}
+    if data_aware_fc:
+        layers["fc"] = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}
+    schedule = {"version": 1, "layers": layers, "settings": {
+        "ft_every": 2, "calibration": calibration, "algo_kwargs": {"budget": {"reduction": 1.02, "metric": "params",
+                                                                             "scope": "compressed"}}}}
+    compressor = Compressor(Conv3dNet(), model_compr_kwargs=schedule, example_input=x[:1], registry=registry,
+                            calibration_data=[x] if data_aware_fc else None, progress=False)
+    results = {result.name: result for result in compressor.compression_step()}
+    assert results["conv"].applied and results["conv"].decomposition == "tucker2"
+    assert not data_aware_fc or results["fc"].applied and results["fc"].decomposition == "whitened_svd"
+
+
+@pytest.mark.parametrize(("losses", "problem"), [
+    ([float("nan")], r"returned nan for the model as it is; expected a finite loss"),
+    ([0.5, float("inf")], r"returned inf with layer '0' compressed at ranks \(8,\); expected a finite loss"),
+    (["low"], r"returned 'low' for the model as it is; expected a finite loss"),
+    ([True], r"returned True for the model as it is; expected a finite loss"),
+    ([None], r"returned None \(no evaluation data\) on every rank: the sensitivity pass needs a loss"),
+    ([0.5, None], r"returned None with layer '0' compressed at ranks \(8,\), and a loss for the model as it is; "
+                  r"return None exactly when this rank's evaluation data is empty")],
+    ids=["nan", "inf", "str", "bool", "none", "none_after_a_loss"])
+def test_a_loss_the_sensitivity_pass_cannot_use_is_refused(registry, losses, problem):
+    # a NaN or infinite loss used to make every sensitivity NaN and the allocation arbitrary, silently; None (a rank
+    # without evaluation data in a distributed job) was a bare TypeError
+    calls = iter(losses + [0.5] * 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    compressor = Compressor(model, model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                       for name in ("0", "2")}, ft_every=2, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}},
+                            evaluate=lambda candidate: next(calls), progress=False)
+    with pytest.raises(ConfigError, match=r"^evaluate\(model\) " + problem):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from musco_core import MuscoError
 from musco_core.distributed import assign
 from musco_core.timing import fixed_threads
 
@@ -137,12 +138,22 @@ def test_output_moments_are_summed_over_the_ranks_shards(tmp_path):
 
 
 def test_a_rank_with_an_empty_shard_takes_part_and_every_rank_ends_with_the_single_process_model(tmp_path):
-    """One calibration batch for two ranks: the swap check on the first calibration batch (no example input) and
-    sequential calibration's layer order are run by the rank that holds it, whichever it is, with every rank taking
-    part (rank 1 used to skip the check and leave rank 0 waiting; rank 0 used to fail on its empty shard)."""
+    """One calibration batch for two ranks: the swap check on the first calibration batch (no example input),
+    sequential calibration's layer order, a budget's data-aware damage and sensitivity pass (whose ``evaluate``
+    returns None on the rank without data) and output weighting take every rank's part, whichever holds the batch
+    (rank 1 used to skip the check and leave rank 0 waiting; rank 0 used to fail on its empty shard; a rank without
+    evaluation data had no loss to give). With no batch anywhere, every rank raises the one ConfigError of a single
+    process."""
     processes = launch("empty", str(tmp_path))
     assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
-    for case in worker.EMPTY_SHARD_CASES:
+    errors = [record.get("errors", {}) for record in records(tmp_path)]
+    for case, (*_, holder, _) in worker.EMPTY_SHARD_CASES.items():
+        if holder is None:
+            with pytest.raises(MuscoError) as alone:
+                worker.empty_shard_run(case)
+            assert errors[0][case] == errors[1][case] == f"{type(alone.value).__name__}: {alone.value}"
+            assert errors[0][case].startswith("ConfigError: calibration data is empty")
+            continue
         ranks = [load_file(tmp_path / f"empty-{case}-{rank}.safetensors") for rank in range(2)]
         assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
         with fixed_threads(1):
