@@ -9,7 +9,6 @@ decomposition that asks, how much each direction of a layer's output moves the m
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import sys
@@ -27,7 +26,7 @@ from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 from .factors import padding_per_axis
 from .surgery import evaluating, replace_module
-from .timing import call_model, tensors_in
+from .timing import call_model, first_input, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +173,18 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
     """
     seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
 
-    def hook(name: str, module: nn.Module):
-        keyword = next(iter(inspect.signature(module.forward).parameters), None)  # ``input`` of Linear and conv
-
+    def hook(name: str):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs.get(keyword)
+            x = first_input(module, args, kwargs)
             if not isinstance(x, torch.Tensor):
                 raise ConfigError(f"calibration: layer {name!r} was called without an input tensor, as its first "
-                                  f"argument or as {keyword}=")
+                                  f"argument or as the keyword of its forward's first parameter")
             seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
             if stop_after and sum(map(len, seen.values())) >= stop_after:
                 raise _Recorded
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name, module), with_kwargs=True)
+    handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, module in modules.items()]
     try:
         with _model_failure("calibration", index):

@@ -10,7 +10,7 @@ import itertools
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .surgery import why_not_replaceable
-from .timing import call_arguments, call_model, tensors_in
+from .timing import call_arguments, call_model, first_input, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,6 @@ def is_stock(module: nn.Module, types: tuple[type, ...]) -> bool:
     of its own, such as a ``_conv_forward`` that standardizes the weight, no hooks, no parametrization)."""
     base = torch_class(module, types)
     return base is not None and why_not_replaceable(module, base) is None
-
-
-def first_input(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    """The input of one call of ``module``: its first positional argument, else the keyword argument named by the
-    first parameter of its forward (``self.fc(input=x)``: ``input`` of torch's layers); None when neither is given."""
-    if args:
-        return args[0]
-    if not kwargs:
-        return None
-    return kwargs.get(next(iter(inspect.signature(module.forward).parameters), ""))
 
 
 def own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:

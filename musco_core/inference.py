@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, first_input, gather_evidence,
+from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence,
                        holds_shared, is_stock, observe, shared_tensors, torch_class)
 from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
-from .timing import call_model, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
+from .timing import call_model, first_input, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
 from .verify import output_difference, seeded_output
 
 log = logging.getLogger(__name__)

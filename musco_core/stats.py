@@ -17,10 +17,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
-from .dataflow import first_input
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
-from .timing import tensors_in
+from .timing import first_input, tensors_in
 
 
 #: Torch's convolution and linear layers (transposed and lazy ones included): one that no adapter handles is

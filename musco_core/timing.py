@@ -6,6 +6,7 @@ compared. Only ratios between candidates measured together are meaningful.
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,16 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     args, kwargs = call_arguments(example_input)
     return model(*args, **kwargs)
 
+
+
+def first_input(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """The input of one call of ``module``: its first positional argument, else the keyword argument named by the
+    first parameter of its forward (``self.fc(input=x)``: ``input`` of torch's layers); None when neither is given."""
+    if args:
+        return args[0]
+    if not kwargs:
+        return None
+    return kwargs.get(next(iter(inspect.signature(module.forward).parameters), ""))
 
 def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``value`` (a model's input or output) with ``function`` applied to each tensor in it, through tuples, lists
