@@ -361,8 +361,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             chosen = {"keep_note": tied_note(tied[name])}
         if sequential and name in needing:
             decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
-            stats = with_output(name, _calibrated(model, name, schedule, input_stats_for, pending, paths, context,
-                                                  group))
+            stats = with_output(name, _calibrated(model, name, input_stats_for, pending, paths, context, group))
         else:
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
@@ -520,19 +519,17 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
                                   seed=schedule.settings.seed, progress=context.progress, group=group)
 
 
-def _calibrated(model: nn.Module, name: str, schedule: ModelSchedule,
+def _calibrated(model: nn.Module, name: str,
                 input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: Mapping[str, Pending],
                 paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None
                 ) -> InputStats | None:
-    """Sequential calibration: the statistics of ``name``'s inputs with the step's layers compressed so far swapped
-    in, paired with its inputs at the start of the step (plain statistics while none is swapped in; None for a
-    layer that needs none)."""
+    """Sequential calibration of a layer that needs input statistics: those of ``name``'s inputs with the step's
+    layers compressed so far swapped in, paired with its inputs at the start of the step (plain statistics while
+    none is swapped in)."""
     replacements = {path: entry.new for entry in pending.values() if entry.new is not None
                     for path in paths[id(entry.module)]}
-    if not replacements:  # collected now, unless the layer needs none or the allocation collected them
+    if not replacements:  # collected now, unless the allocation collected them
         return input_stats_for([name]).get(name)
-    if not needs_input_stats(model, schedule, context.registry, [name]):
-        return None
     spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
     return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,
                                     progress=context.progress, group=group)
