@@ -325,14 +325,36 @@ def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
 
 
 class _FixedOutput(nn.Module):
-    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
+    """Stands in for a layer when the rest of the model is timed: returns the layer's output for the shape of its
+    input (as the example input called it), computing nothing."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, outputs: Mapping[tuple[int, ...], torch.Tensor]) -> None:
         super().__init__()
-        self.output = output
+        self.outputs = dict(outputs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.output
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.outputs[tuple(x.shape)]
+
+
+def _call_shapes(model: nn.Module, names: Sequence[str], example_input: Any) -> dict[str, dict[tuple, tuple]]:
+    """The output shape per input shape of the calls that ``example_input`` makes to each layer at ``names``, the
+    model run as it is (the caller's swaps and mode)."""
+    shapes: dict[str, dict[tuple, tuple]] = {name: {} for name in names}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes[name].setdefault(tuple(inputs[0].shape), tuple(output.shape))
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 class TimedForm:
@@ -408,7 +430,8 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
-    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
+    compressible layer returning a fixed output (one per input shape the example input calls it at; a scheduled
+    layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time in place; dividing it by the
     layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
     machine, preemption inflates the first more than the medians of the second), and the model's time in layer
     units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
@@ -429,11 +452,19 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
         layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
                                                                           stats.input_shape)])
     times = dict(zip(reached, profiler.seconds(layers)))
-    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
-             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
-
+    layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
     with swapped(model, replacements), evaluating(model):
+        calls = _call_shapes(model, list(reached), context.example_input)
+        for name in scheduled_layers:
+            if len(shapes := calls.get(name, {})) > 1:
+                raise ConfigError(f"metric latency: layer {name!r} is called at {len(shapes)} input shapes on the "
+                                  f"example input ({', '.join(map(str, shapes))}), and a latency budget times each "
+                                  f"scheduled layer at one input shape, so it cannot price it; leave it out of the "
+                                  f"schedule, or use metric flops or params")
+        stubs = {path: _FixedOutput({shape: torch.zeros(output, device=profiler.device, dtype=profiler.dtype)
+                                     for shape, output in calls[name].items()})
+                 for name in reached for path in layer_paths[name]}
         model_seconds, rest_seconds = form.seconds(profiler, [{}, {}], stubs=[{}, stubs])
     alone = sum(chain for _, chain in times.values())
     in_place = model_seconds - rest_seconds

@@ -377,3 +377,32 @@ def test_calibration_lands_on_a_target_the_speedup_jumps_across():
     # without a bracket, the line through the measurements: two points on y = x / 2 meet 1.5x at aim 1.5 ** 2
     assert _next_aim([0.0, math.log(2.0)], [0.0, math.log(2.0) / 2], math.log(1.5)) == pytest.approx(
         2 * math.log(1.5))
+
+
+class Pyramid(nn.Module):
+    """A convolution shared across two scales of its input (an image pyramid): called at two input shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.shared, self.other = (nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                                              nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = self.shared(x), self.shared(nn.functional.avg_pool2d(x, 2))
+        return self.head((self.other(torch.relu(a))[:, :, ::2, ::2] + b).mean((2, 3)))
+
+
+def test_a_scheduled_layer_called_at_several_input_shapes_is_one_clear_error_and_others_are_timed(registry):
+    run = compressor(registry, GeometryClock(), model=Pyramid(), document=schedule({"shared": "tucker2",
+                                                                                    "other": "tucker2"}))
+    with pytest.raises(ConfigError, match=r"metric latency: layer 'shared' is called at 2 input shapes on the example "
+                                          r"input \(\(2, 32, 8, 8\), \(2, 32, 4, 4\)\)"):
+        run.compression_step()
+    assert isinstance(run.compressed_model.shared, nn.Conv2d) and isinstance(run.compressed_model.other, nn.Conv2d)
+    # left out of the schedule, the shared layer still runs at both shapes when the rest of the model is timed
+    run = compressor(registry, GeometryClock(), model=Pyramid(), document=schedule({"other": "tucker2"}, reduction=1.1))
+    run.compression_step()
+    assert run.budgets[0].planned > 1
