@@ -216,6 +216,18 @@ def test_the_plan_meets_the_target_on_the_timers_costs_and_the_step_measures_it(
     assert f"measured {record.measured:.3f}x" in run.report().to_table()
 
 
+def test_the_measured_speedup_covers_the_budgets_layers_alone_as_the_plan_does(registry):
+    # a layer with manual ranks compressed in the same step as the budget's: its speed-up is not the budget's
+    document = schedule({"3": "tucker2", "5": "tucker2"}, reduction=1.3)
+    document["settings"]["ft_every"] = 3
+    document["layers"]["7"] = {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]}
+    run = compressor(registry, GeometryClock(), document=document)
+    run.compression_step()
+    record = run.budgets[0]
+    assert run.ranks["7"] == (8,) and record.note is None
+    assert record.measured == pytest.approx(record.planned, rel=1e-9)
+
+
 def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
     document = schedule({"3": ["tucker2", "svd"], "5": "tucker2", "7": ["svd", "tucker2"]}, reduction=1.3)
     timer = GeometryClock()
