@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from musco_core import Compressor, ConfigError, load_schedule
 from musco_core.io import save_compressed
 from musco_plugins.budget import LayerOptions, allocate_ranks
 
+from clocks import GeometryClock
 from models import make_trained_like, resnet18
 
 INPUT = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -362,3 +364,20 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
     whole = compress(metric="params")
     assert whole.report().budgets[0].note.startswith("the target 1.429x cannot be met")  # the embedding dominates
+
+
+def test_a_latency_budget_whose_factorizations_all_time_slower_says_so(registry):
+    # at 32 x 32 every factor chain pays one call more than its saved weights: none is faster than the layer
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    document = {"version": 1, "settings": {"ft_every": 2, "algo_kwargs": {"budget": {
+        "reduction": 1.5, "metric": "latency", "min_rank_fraction": 0}}},
+        "layers": {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2")}}
+    compressor = Compressor(mlp, example_input=torch.randn(1, 32), model_compr_kwargs=document, registry=registry,
+                            progress=False)
+    compressor.context = attrs.evolve(compressor.context, latency_timer=GeometryClock())
+    compressor.compression_step()
+    assert compressor.ranks == {"0": None, "2": None}
+    note = compressor.budgets[0].note
+    assert "no factorization of these layers" in note and "was measured faster than the layer as it is" in note
+    assert "min_rank_fraction" not in note
