@@ -381,3 +381,15 @@ def test_a_latency_budget_whose_factorizations_all_time_slower_says_so(registry)
     note = compressor.budgets[0].note
     assert "no factorization of these layers" in note and "was measured faster than the layer as it is" in note
     assert "min_rank_fraction" not in note
+
+
+@pytest.mark.parametrize("metric", ["flops", "params", "latency"])
+def test_a_reduction_of_at_most_1_is_refused_without_naming_another_metric(registry, metric):
+    document = {"version": 1, "settings": {"ft_every": 1, "algo_kwargs": {"budget": {"reduction": 0.5,
+                                                                                      "metric": metric}}},
+                "layers": {"0": {"decomposition": "svd", "rank_selection": "budget"}}}
+    with pytest.raises(ConfigError, match=r'\["budget"\]\.reduction: expected a number > 1 \(a reduction factor: 2 '
+                                          r'means half\), got 0\.5') as error:
+        Compressor(nn.Sequential(nn.Linear(8, 8)), example_input=torch.randn(1, 8), model_compr_kwargs=document,
+                   registry=registry, progress=False)
+    assert "parameter count" not in str(error.value)
