@@ -431,12 +431,13 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
     compressible layer returning a fixed output (one per input shape the example input calls it at; a scheduled
-    layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time in place; dividing it by the
-    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
-    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
-    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
-    the scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as
-    the step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
+    layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time
+    in place; dividing it by the layers' summed times alone gives the scale between a long forward pass and short
+    layer calls (on a shared machine, preemption inflates the first more than the medians of the second), and the
+    model's time in layer units. Its time before compression adds, for every layer factorized so far, its dense time
+    minus its chain's; the scheduled layers' seconds are their summed times. ``current`` maps each compressible
+    layer to its module as the step leaves it so far, ``replacements`` the paths where the step's new layers are
+    still to be swapped in.
 
     ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
     the model as it is. With ``optimized`` every whole-model timing is of the :class:`TimedForm` that
