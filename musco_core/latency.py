@@ -7,22 +7,30 @@ with zero weights, and each time is cached on disk under a key naming the device
 and the geometry (layer spec, factor layouts, input shape): a second run, or another model with the same layer
 shapes, measures nothing.
 
-The cache is one JSON file (:func:`default_cache_path`, or ``$MUSCO_LATENCY_CACHE``), replaced atomically on
-every save; a file that cannot be read, or one of another format, is ignored with one warning.
+The cache is one JSON file (:func:`default_cache_path`, or ``$MUSCO_LATENCY_CACHE``; ``off`` there keeps none).
+Each save merges what this process measured into the file as it is then, under a lock (processes profiling into
+one cache keep each other's entries), keeps the :data:`CACHE_MAX_ENTRIES` measured last, and replaces the file
+atomically (a link's target, with its mode). A path that holds anything else than a cache of this format (a
+device, a FIFO, a directory, an unreadable or foreign file, another format) is never written: one warning, and
+the run keeps its timings in memory only.
 
 Whole-model timings are never cached: :func:`timed_totals` times the model against its rest (the compressible
 layers stubbed out) and gives the selector a function that times a plan in place.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import platform
+import stat
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,63 +48,155 @@ from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
 from .timing import call_model, time_alternated, time_modules_at
 
+try:
+    import fcntl
+except ImportError:  # Windows: saves are not serialized
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
-#: Version of the cache file's layout; a file of another version is ignored (and replaced on the next save).
+#: Version of the cache file's layout; a file of another version is ignored and left as it is.
 CACHE_FORMAT = 1
-#: Environment variable naming the cache file, replacing :func:`default_cache_path`.
+#: Environment variable naming the cache file, replacing :func:`default_cache_path`; :data:`CACHE_OFF` there keeps
+#: no cache file.
 CACHE_ENV = "MUSCO_LATENCY_CACHE"
+#: The value of ``$MUSCO_LATENCY_CACHE`` that keeps no cache file: timings live as long as the process.
+CACHE_OFF = "off"
+#: Most entries a cache file keeps; a save drops the least recently measured beyond them (about 650 bytes each).
+CACHE_MAX_ENTRIES = 10_000
+
+_warned: set[tuple[str, str]] = set()  # (cache path, problem) already reported by this process
 
 
-def default_cache_path() -> Path:
-    """``$MUSCO_LATENCY_CACHE``, else ``$XDG_CACHE_HOME/musco-core/latency.json`` (``~/.cache`` without it)."""
+def default_cache_path() -> Path | None:
+    """``$MUSCO_LATENCY_CACHE`` (None where it is ``off``: no cache file), else
+    ``$XDG_CACHE_HOME/musco-core/latency.json`` (``~/.cache`` without it)."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+        return None if os.environ[CACHE_ENV] == CACHE_OFF else Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "musco-core" / "latency.json"
 
 
+class _Unusable(Exception):
+    """The file at the cache path is not one to read or write: not a regular file, unreadable, or not a cache of
+    this format."""
+
+
+def _read_entries(path: Path) -> dict[str, tuple[float, float]]:
+    """``(seconds, measured)`` per key of the cache file at ``path`` ({} where there is none; ``measured`` the Unix
+    time of the measurement, 0 where the file does not say). Only a regular file (or a link to one) is read: a
+    device or a FIFO there is never opened."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise _Unusable("it is not a regular file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _Unusable(f"it cannot be read ({exc})") from exc
+    entries = data.get("entries") if isinstance(data, dict) else None
+    measured = data.get("measured", {}) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(entries, dict) or not all(
+            _is_time(value) for value in entries.values()) or not isinstance(measured, dict):
+        raise _Unusable(f"it is not a musco-core latency cache of format {CACHE_FORMAT} (entries: positive finite "
+                        f"seconds)")
+    return {key: (float(value), float(measured[key]) if _is_time(measured.get(key)) else 0.0)
+            for key, value in entries.items()}
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _warn_once(path: Path, problem: str) -> None:
+    if (str(path), problem) not in _warned:
+        _warned.add((str(path), problem))
+        log.warning("latency cache %s: %s", path, problem)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``<path>.lock`` (none where ``fcntl`` is missing), so that processes
+    saving into one cache take turns."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class LatencyCache:
     """Seconds per timing key, read from one JSON file when first asked for (a profiler that only times whole
-    models never reads it) and written back to it."""
+    models never reads it) and saved back into it; ``path`` None: :func:`default_cache_path`, which may be no
+    file (then the entries live as long as the cache).
+
+    A path that holds something else than a cache of this format (not a regular file, unreadable, another
+    format) is never written: it is reported once, and the timings are measured again and not saved."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
+        self._measured: dict[str, tuple[float, float]] = {}  # entries added here: (seconds, Unix time)
+        self._writable = self.path is not None  # False once the path was found to hold no cache of this format
 
     @functools.cached_property
     def entries(self) -> dict[str, float]:
-        if not self.path.exists():
+        if self.path is None:
             return {}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("latency cache %s: ignored, it cannot be read (%s); timings are measured again", self.path,
-                        exc)
+            return {key: seconds for key, (seconds, _) in _read_entries(self.path).items()}
+        except _Unusable as exc:
+            _warn_once(self.path, self._unusable(exc))
+            self._writable = False
             return {}
-        entries = data.get("entries") if isinstance(data, dict) else None
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(entries, dict) or not all(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-                for value in entries.values()):
-            log.warning("latency cache %s: ignored, it is not a musco-core latency cache of format %d; timings are "
-                        "measured again", self.path, CACHE_FORMAT)
-            return {}
-        return {str(key): float(value) for key, value in entries.items()}
+
+    def add(self, key: str, seconds: float) -> float:
+        """The cached seconds of ``key``, ``seconds`` (measured now) where it has none."""
+        if key not in self.entries:
+            self.entries[key] = seconds
+            self._measured[key] = (seconds, time.time())
+        return self.entries[key]
 
     def save(self) -> None:
-        """Writes the entries to a temporary file next to the cache and renames it over the cache, so a reader
-        never sees half a file; a cache that cannot be written is reported with a warning, never an error."""
+        """Merges the entries measured here into the file as it is now, under a lock (another process may have
+        saved since it was read), keeps the :data:`CACHE_MAX_ENTRIES` measured last, writes them to a temporary
+        file next to the file (the target of a link) with the file's mode, and renames it over the file, so a
+        reader never sees half a file. A cache that cannot be written is reported with a warning, never an
+        error."""
+        if not self._writable or not self._measured:
+            return
+        target = Path(os.path.realpath(self.path))
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.path.parent, prefix=".latency-",
-                                             suffix=".tmp", delete=False) as handle:
-                json.dump({"format": CACHE_FORMAT, "entries": self.entries}, handle, indent=0, sort_keys=True)
-            os.replace(handle.name, self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(target):
+                merged = {**_read_entries(target), **self._measured}
+                kept = sorted(merged.items(), key=lambda item: (-item[1][1], item[0]))[:CACHE_MAX_ENTRIES]
+                mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+                with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w",
+                          encoding="utf-8") as handle:  # created as any new file is (the umask applies)
+                    json.dump({"format": CACHE_FORMAT, "entries": {key: seconds for key, (seconds, _) in kept},
+                               "measured": {key: measured for key, (_, measured) in kept}}, handle, indent=0,
+                              sort_keys=True)
+                if mode is not None:
+                    os.chmod(temporary, mode)
+                os.replace(temporary, target)
+        except _Unusable as exc:
+            _warn_once(self.path, self._unusable(exc))
+            self._writable = False
         except OSError as exc:
-            log.warning("latency cache %s: not saved (%s)", self.path, exc)
-            try:
-                os.unlink(handle.name)
-            except (OSError, NameError):
-                pass
+            log.warning("latency cache %s: not saved, nor will it be by this run (%s)", self.path, exc)
+            self._writable = False
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+    @staticmethod
+    def _unusable(problem: _Unusable) -> str:
+        return (f"ignored and left as it is: {problem}; the layers are timed again and their timings not saved "
+                f"(delete the file, or set ${CACHE_ENV} to another file, or to {CACHE_OFF} for no cache file)")
 
 
 class Timer:
@@ -192,9 +292,9 @@ class LatencyProfiler:
                 times = self.timer.layers([self.module(chain) for chain in timed], chains[0].input_shape,
                                           self.dtype, self.device)
             # each chain's time relative to the dense layer timed with it, times the layer's one reference time
-            reference = self.cache.entries.setdefault(self.key(dense), float(times[0]))
+            reference = self.cache.add(self.key(dense), float(times[0]))
             for chain, seconds in zip(timed[1:], times[1:], strict=True):
-                self.cache.entries.setdefault(self.key(chain), float(seconds) / float(times[0]) * reference)
+                self.cache.add(self.key(chain), float(seconds) / float(times[0]) * reference)
             self._bar.update(1)
         if missing:
             self.cache.save()
@@ -205,7 +305,7 @@ class LatencyProfiler:
     def close(self) -> None:
         """Ends the progress bar and logs how many layers were timed and how many came from the cache."""
         log.info("latency profiling: %d layer(s) timed, %d from the cache %s", self.timed_layers, self.cached_layers,
-                 self.cache.path)
+                 self.cache.path or "in memory")
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -225,14 +325,36 @@ def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
 
 
 class _FixedOutput(nn.Module):
-    """Stands in for a layer when the rest of the model is timed: returns the layer's output, computing nothing."""
+    """Stands in for a layer when the rest of the model is timed: returns the layer's output for the shape of its
+    input (as the example input called it), computing nothing."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, outputs: Mapping[tuple[int, ...], torch.Tensor]) -> None:
         super().__init__()
-        self.output = output
+        self.outputs = dict(outputs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.output
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.outputs[tuple(x.shape)]
+
+
+def _call_shapes(model: nn.Module, names: Sequence[str], example_input: Any) -> dict[str, dict[tuple, tuple]]:
+    """The output shape per input shape of the calls that ``example_input`` makes to each layer at ``names``, the
+    model run as it is (the caller's swaps and mode)."""
+    shapes: dict[str, dict[tuple, tuple]] = {name: {} for name in names}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes[name].setdefault(tuple(inputs[0].shape), tuple(output.shape))
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 class TimedForm:
@@ -308,12 +430,14 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
-    compressible layer returning a fixed output. Their difference is the layers' time in place; dividing it by the
-    layers' summed times alone gives the scale between a long forward pass and short layer calls (on a shared
-    machine, preemption inflates the first more than the medians of the second), and the model's time in layer
-    units. Its time before compression adds, for every layer factorized so far, its dense time minus its chain's;
-    the scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as
-    the step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
+    compressible layer returning a fixed output (one per input shape the example input calls it at; a scheduled
+    layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time
+    in place; dividing it by the layers' summed times alone gives the scale between a long forward pass and short
+    layer calls (on a shared machine, preemption inflates the first more than the medians of the second), and the
+    model's time in layer units. Its time before compression adds, for every layer factorized so far, its dense time
+    minus its chain's; the scheduled layers' seconds are their summed times. ``current`` maps each compressible
+    layer to its module as the step leaves it so far, ``replacements`` the paths where the step's new layers are
+    still to be swapped in.
 
     ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
     the model as it is. With ``optimized`` every whole-model timing is of the :class:`TimedForm` that
@@ -329,11 +453,19 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
         layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
                                                                           stats.input_shape)])
     times = dict(zip(reached, profiler.seconds(layers)))
-    stubs = {path: _FixedOutput(torch.zeros(stats.output_shape, device=profiler.device, dtype=profiler.dtype))
-             for name, stats in reached.items() for path in paths[id(model.get_submodule(name))]}
-
+    layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
     with swapped(model, replacements), evaluating(model):
+        calls = _call_shapes(model, list(reached), context.example_input)
+        for name in scheduled_layers:
+            if len(shapes := calls.get(name, {})) > 1:
+                raise ConfigError(f"metric latency: layer {name!r} is called at {len(shapes)} input shapes on the "
+                                  f"example input ({', '.join(map(str, shapes))}), and a latency budget times each "
+                                  f"scheduled layer at one input shape, so it cannot price it; leave it out of the "
+                                  f"schedule, or use metric flops or params")
+        stubs = {path: _FixedOutput({shape: torch.zeros(output, device=profiler.device, dtype=profiler.dtype)
+                                     for shape, output in calls[name].items()})
+                 for name in reached for path in layer_paths[name]}
         model_seconds, rest_seconds = form.seconds(profiler, [{}, {}], stubs=[{}, stubs])
     alone = sum(chain for _, chain in times.values())
     in_place = model_seconds - rest_seconds

@@ -413,46 +413,46 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
                            schedule: ModelSchedule, context: RunContext, budgets: Sequence[BudgetRecord],
                            group: distributed.Group | None) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
-    measures latency and whose layers the step compressed: the model with the step's replacements swapped in, timed
-    in alternation against it with them swapped out (in eval mode; the model is left as it was), in the form the
-    selector plans for (:class:`~musco_core.latency.TimedForm`). In a distributed job rank 0's measurement counts
-    on every rank, so the states stay equal."""
+    measures latency and whose layers the step compressed: the model as the step found it with the step's
+    replacements of that selector's layers swapped in (only those, as its plan covers only them), timed in
+    alternation against it without them (in eval mode; the model is left as it was), in the form the selector
+    plans for (:class:`~musco_core.latency.TimedForm`). In a distributed job rank 0's measurement counts on every
+    rank, so the states stay equal."""
     registry = context.registry
     forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
+    members: dict[str, dict[str, Pending]] = {}  # selector name: the step's layers it allocated
     for name, entry in pending.items():
         selector = registry.rank_selectors.get(schedule.layers[name].rank_selection)
         if selector.scope == "model" and selector.measures_latency(params := schedule.settings.params_for(selector)):
             forms[selector.name] = selector.times_optimized(params)
-    if not forms:
-        return list(budgets)
-    replacements = pending_replacements(pending, paths)
-    if not replacements:  # the allocation kept every layer: the model is as fast as it was
-        return _multiplied(budgets, set(forms), 1.0)
-    for optimized in sorted(set(forms.values())):
-        with distributed.agreement(group, "measuring the step's speed-up"):
-            profiler = profiler_for(model, context)
-            with evaluating(model, *replacements.values()):
-                before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
-                                                                                          [{}, replacements])
-        speedup = float(distributed.broadcast_json(group, before / after))
-        log.info("compression step: measured whole-model speed-up %.3fx%s", speedup,
-                 " (as optimize_for_inference deploys it)" if optimized else "")
-        budgets = _multiplied(budgets, {name for name, form_optimized in forms.items() if form_optimized == optimized},
-                              speedup)
-    return list(budgets)
+            members.setdefault(selector.name, {})[name] = entry
+    budgets = list(budgets)
+    for selector, optimized in sorted(forms.items()):
+        replacements = pending_replacements(members[selector], paths)
+        speedup = 1.0  # the allocation kept every layer of the selector: the model is as fast as it was
+        if replacements:
+            with distributed.agreement(group, "measuring the step's speed-up"):
+                profiler = profiler_for(model, context)
+                with evaluating(model, *replacements.values()):
+                    before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
+                                                                                              [{}, replacements])
+            speedup = float(distributed.broadcast_json(group, before / after))
+            log.info("compression step: measured whole-model speed-up of the %s layers %.3fx%s", selector, speedup,
+                     " (as optimize_for_inference deploys it)" if optimized else "")
+        budgets = _multiplied(budgets, selector, speedup)
+    return budgets
 
 
-def _multiplied(budgets: Sequence[BudgetRecord], selectors: set[str], speedup: float) -> list[BudgetRecord]:
-    """``budgets`` with ``speedup`` multiplied into the measured speed-up of each selector's latest plan (which
+def _multiplied(budgets: Sequence[BudgetRecord], selector: str, speedup: float) -> list[BudgetRecord]:
+    """``budgets`` with ``speedup`` multiplied into the measured speed-up of the selector's latest plan (which
     starts from its previous plan's, or 1)."""
     budgets = list(budgets)
-    for selector in sorted(selectors):
-        index = max(i for i, record in enumerate(budgets) if record.selector == selector)
-        record = budgets[index]
-        base = record.measured if record.measured is not None else next(
-            (earlier.measured for earlier in reversed(budgets[:index])
-             if earlier.selector == selector and earlier.measured is not None), 1.0)
-        budgets[index] = attrs.evolve(record, measured=base * speedup)
+    index = max(i for i, record in enumerate(budgets) if record.selector == selector)
+    record = budgets[index]
+    base = record.measured if record.measured is not None else next(
+        (earlier.measured for earlier in reversed(budgets[:index])
+         if earlier.selector == selector and earlier.measured is not None), 1.0)
+    budgets[index] = attrs.evolve(record, measured=base * speedup)
     return budgets
 
 

@@ -125,8 +125,7 @@ def _unit_fraction(value: Any, _type=None) -> float:
 def _reduction_rate(value: Any, _type=None) -> float:
     number = _number(value)
     if not number > 1.0:
-        raise ValueProblem(f"expected a number > 1 (the factor by which the parameter count shrinks), "
-                           f"got {short_repr(value)}")
+        raise ValueProblem(f"expected a number > 1 (a reduction factor: 2 means half), got {short_repr(value)}")
     return number
 
 

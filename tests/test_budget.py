@@ -17,6 +17,7 @@ from musco_core.plugins import make_plugin_manager
 from musco_core.registry import Registry
 from musco_plugins.budget import Budget, LayerOptions, allocate_ranks
 
+from clocks import GeometryClock
 from models import make_trained_like, resnet18
 
 INPUT = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -467,3 +468,32 @@ def test_a_loss_the_sensitivity_pass_cannot_use_is_refused(registry, losses, pro
     with pytest.raises(ConfigError, match=r"^evaluate\(model\) " + problem):
         compressor.compression_step()
     assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None}
+
+
+def test_a_latency_budget_whose_factorizations_all_time_slower_says_so(registry):
+    # at 32 x 32 every factor chain pays one call more than its saved weights: none is faster than the layer
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    document = {"version": 1, "settings": {"ft_every": 2, "algo_kwargs": {"budget": {
+        "reduction": 1.5, "metric": "latency", "min_rank_fraction": 0}}},
+        "layers": {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2")}}
+    compressor = Compressor(mlp, example_input=torch.randn(1, 32), model_compr_kwargs=document, registry=registry,
+                            progress=False)
+    compressor.context = attrs.evolve(compressor.context, latency_timer=GeometryClock())
+    compressor.compression_step()
+    assert compressor.ranks == {"0": None, "2": None}
+    note = compressor.budgets[0].note
+    assert "no factorization of these layers" in note and "was measured faster than the layer as it is" in note
+    assert "min_rank_fraction" not in note
+
+
+@pytest.mark.parametrize("metric", ["flops", "params", "latency"])
+def test_a_reduction_of_at_most_1_is_refused_without_naming_another_metric(registry, metric):
+    document = {"version": 1, "settings": {"ft_every": 1, "algo_kwargs": {"budget": {"reduction": 0.5,
+                                                                                      "metric": metric}}},
+                "layers": {"0": {"decomposition": "svd", "rank_selection": "budget"}}}
+    with pytest.raises(ConfigError, match=r'\["budget"\]\.reduction: expected a number > 1 \(a reduction factor: 2 '
+                                          r'means half\), got 0\.5') as error:
+        Compressor(nn.Sequential(nn.Linear(8, 8)), example_input=torch.randn(1, 8), model_compr_kwargs=document,
+                   registry=registry, progress=False)
+    assert "parameter count" not in str(error.value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 from types import SimpleNamespace
 
 import attrs
@@ -16,6 +18,7 @@ from torch import nn
 from musco_core import Compressor, ConfigError
 from musco_core.components import LayerSpec
 from musco_core.engine import LayerResult
+from musco_core import latency
 from musco_core.latency import CACHE_FORMAT, Chain, LatencyCache, LatencyProfiler, Timer, default_cache_path
 from musco_core.report import BudgetRecord, CompressionReport
 from musco_core.run import checked_schedule
@@ -77,22 +80,89 @@ def test_a_timing_is_cached_per_device_dtype_threads_and_geometry(registry, tmp_
     assert timer.layer_modules == 4  # another input shape: measured
     data = json.loads(path.read_text())
     assert data["format"] == CACHE_FORMAT and len(data["entries"]) == 4
-    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # written through a temporary file, renamed
+    # written through a temporary file, renamed; the lock that serializes saves stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "cache.json.lock"]
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": CACHE_FORMAT + 1, "entries": {}}),
-                                     json.dumps({"format": CACHE_FORMAT, "entries": {"k": "fast"}}), "[1, 2]"])
-def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(registry, tmp_path, caplog, content):
-    path = tmp_path / "cache.json"
-    path.write_text(content)
+def profile(registry, path, input_shape=(2, 32, 8, 8)):
+    """Times the dense SPEC at ``input_shape`` into the cache at ``path``; the clock."""
     timer = GeometryClock()
+    LatencyProfiler(registry, torch.zeros(1), timer=timer, cache=LatencyCache(path)).seconds(
+        [[Chain.dense(SPEC, input_shape)]])
+    return timer
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b'{"format": 1, "entries": {"a": 1.0', b"\x89PNG\r\n\x1a\n\x00binary", b"[1, 2]",
+    json.dumps({"my": "settings"}).encode(), json.dumps({"format": CACHE_FORMAT + 1, "entries": {}}).encode(),
+    json.dumps({"format": CACHE_FORMAT, "entries": {"k": "fast"}}).encode(),
+    b'{"format": 1, "entries": {"k": NaN}}', b'{"format": 1, "entries": {"k": Infinity}}',
+    b'{"format": 1, "entries": {"k": 0}}', b'{"format": 1, "entries": {"k": -1e-3}}'])
+def test_a_file_that_is_no_cache_of_this_format_is_ignored_with_one_warning_and_never_written(registry, tmp_path,
+                                                                                             caplog, content):
+    path = tmp_path / "cache.json"
+    path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
-        profiler = LatencyProfiler(registry, torch.zeros(1), timer=timer, cache=LatencyCache(path))
-        profiler.seconds([chains()])
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and str(path) in warnings[0].getMessage() and "ignored" in warnings[0].getMessage()
-    assert timer.layer_modules == 1
-    assert json.loads(path.read_text())["format"] == CACHE_FORMAT  # replaced by a good one
+        first, second = profile(registry, path), profile(registry, path, (4, 32, 8, 8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "left as it is" in warnings[0]
+    assert first.layer_modules == second.layer_modules == 1  # measured, never served from the file
+    assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link to a fifo"])
+def test_a_cache_path_that_is_no_regular_file_is_never_opened_nor_replaced(registry, tmp_path, caplog, kind):
+    special = tmp_path / ("fifo" if "fifo" in kind else "folder")
+    os.mkfifo(special) if "fifo" in kind else special.mkdir()
+    path = tmp_path / "link" if kind.startswith("link") else special
+    if path != special:
+        path.symlink_to(special)
+    with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
+        assert profile(registry, path).layer_modules == 1  # a FIFO without a writer would block a read forever
+    assert "not a regular file" in caplog.text and "left as it is" in caplog.text
+    assert stat.S_ISFIFO(special.stat().st_mode) if "fifo" in kind else special.is_dir()
+    assert path.is_symlink() == kind.startswith("link") and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_cache_off_keeps_no_file(registry, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MUSCO_LATENCY_CACHE", "off")
+    monkeypatch.chdir(tmp_path)
+    cache = LatencyCache()
+    with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
+        LatencyProfiler(registry, torch.zeros(1), timer=GeometryClock(), cache=cache).seconds([chains()])
+    assert cache.path is None and len(cache.entries) == 1 and not caplog.records and not list(tmp_path.iterdir())
+
+
+def test_a_save_through_a_link_writes_its_target_and_keeps_the_mode(registry, tmp_path):
+    shared = tmp_path / "shared" / "latency.json"
+    profile(registry, shared)
+    shared.chmod(0o664)
+    link = tmp_path / "mine.json"
+    link.symlink_to(shared)
+    profile(registry, link, (4, 32, 8, 8))
+    assert link.is_symlink() and len(json.loads(shared.read_text())["entries"]) == 2
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+
+
+def test_caches_saving_into_one_file_keep_each_others_entries(registry, tmp_path):
+    path = tmp_path / "cache.json"
+    caches = [LatencyCache(path), LatencyCache(path)]
+    profilers = [LatencyProfiler(registry, torch.zeros(1), timer=GeometryClock(), cache=cache) for cache in caches]
+    assert [cache.entries for cache in caches] == [{}, {}]  # both read the file before either saved
+    for batch, profiler in zip((2, 4), profilers):
+        profiler.seconds([[Chain.dense(SPEC, (batch, 32, 8, 8))]])
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+def test_a_save_keeps_the_entries_measured_last(registry, tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "CACHE_MAX_ENTRIES", 3)
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"format": CACHE_FORMAT, "entries": {"unstamped": 1.0, "a": 1.0, "b": 1.0, "c": 1.0},
+                                "measured": {"a": 100.0, "b": 300.0, "c": 200.0}}))
+    profile(registry, path)
+    data = json.loads(path.read_text())
+    assert sorted(data["entries"]) == sorted(data["measured"]) and len(data["entries"]) == 3
+    assert {"b", "c"} < set(data["entries"])  # the new entry, and the two measured last before it
 
 
 def test_a_profiler_that_only_times_whole_models_never_reads_the_cache(registry, tmp_path, caplog):
@@ -107,6 +177,8 @@ def test_a_profiler_that_only_times_whole_models_never_reads_the_cache(registry,
 def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSCO_LATENCY_CACHE", str(tmp_path / "mine.json"))
     assert default_cache_path() == tmp_path / "mine.json"
+    monkeypatch.setenv("MUSCO_LATENCY_CACHE", "off")
+    assert default_cache_path() is None
     monkeypatch.delenv("MUSCO_LATENCY_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_path() == tmp_path / "xdg" / "musco-core" / "latency.json"
@@ -142,6 +214,18 @@ def test_the_plan_meets_the_target_on_the_timers_costs_and_the_step_measures_it(
     # the plan was timed in place with zero weights, the step's result with its own: the fake clock sees the same
     assert record.measured == pytest.approx(record.planned, rel=1e-9)
     assert f"measured {record.measured:.3f}x" in run.report().to_table()
+
+
+def test_the_measured_speedup_covers_the_budgets_layers_alone_as_the_plan_does(registry):
+    # a layer with manual ranks compressed in the same step as the budget's: its speed-up is not the budget's
+    document = schedule({"3": "tucker2", "5": "tucker2"}, reduction=1.3)
+    document["settings"]["ft_every"] = 3
+    document["layers"]["7"] = {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]}
+    run = compressor(registry, GeometryClock(), document=document)
+    run.compression_step()
+    record = run.budgets[0]
+    assert run.ranks["7"] == (8,) and record.note is None
+    assert record.measured == pytest.approx(record.planned, rel=1e-9)
 
 
 def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
@@ -305,3 +389,32 @@ def test_calibration_lands_on_a_target_the_speedup_jumps_across():
     # without a bracket, the line through the measurements: two points on y = x / 2 meet 1.5x at aim 1.5 ** 2
     assert _next_aim([0.0, math.log(2.0)], [0.0, math.log(2.0) / 2], math.log(1.5)) == pytest.approx(
         2 * math.log(1.5))
+
+
+class Pyramid(nn.Module):
+    """A convolution shared across two scales of its input (an image pyramid): called at two input shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.shared, self.other = (nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                                              nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = self.shared(x), self.shared(nn.functional.avg_pool2d(x, 2))
+        return self.head((self.other(torch.relu(a))[:, :, ::2, ::2] + b).mean((2, 3)))
+
+
+def test_a_scheduled_layer_called_at_several_input_shapes_is_one_clear_error_and_others_are_timed(registry):
+    run = compressor(registry, GeometryClock(), model=Pyramid(), document=schedule({"shared": "tucker2",
+                                                                                    "other": "tucker2"}))
+    with pytest.raises(ConfigError, match=r"metric latency: layer 'shared' is called at 2 input shapes on the example "
+                                          r"input \(\(2, 32, 8, 8\), \(2, 32, 4, 4\)\)"):
+        run.compression_step()
+    assert isinstance(run.compressed_model.shared, nn.Conv2d) and isinstance(run.compressed_model.other, nn.Conv2d)
+    # left out of the schedule, the shared layer still runs at both shapes when the rest of the model is timed
+    run = compressor(registry, GeometryClock(), model=Pyramid(), document=schedule({"other": "tucker2"}, reduction=1.1))
+    run.compression_step()
+    assert run.budgets[0].planned > 1

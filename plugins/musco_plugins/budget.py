@@ -412,6 +412,10 @@ def _calibrated(plan: Callable[[float], tuple[list[LayerChoice], list, float]], 
     planned = math.exp(float(np.mean(by_plan[key])))
     if abs(planned / target - 1) <= 0.02:
         return choices, ranks, planned, None
+    if planned < target and all(r is None for r in ranks):
+        return choices, ranks, planned, (
+            f"the target {target:.3f}x cannot be met: no factorization of these layers (at the ranks they may take) "
+            f"was measured faster than the layer as it is, so every layer is kept (measured {planned:.3f}x in place)")
     if saturated and planned < target:
         return choices, ranks, planned, (
             f"the target {target:.3f}x cannot be met: the fastest plan the layers allow (none below "
