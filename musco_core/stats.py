@@ -188,6 +188,7 @@ class _LayerWatch(TorchDispatchMode):
         super().__init__()
         self.names = {id(module): name for name, module in model.named_modules()}
         self.layers = {id(module): name for name, module in layers.items()}
+        self.layer_modules = {id(module): module for module in layers.values()}  # once each, also under two names
         self.users: dict[int, list[str]] = {}  # parameter id -> the layers holding it
         for name, module in layers.items():
             if not isinstance(module, FactorizedLayer):
@@ -201,11 +202,13 @@ class _LayerWatch(TorchDispatchMode):
         self.calls: list[tuple[str, tuple[int, ...]]] = []  # (layer, output shape) in the order the layers ran
 
     def __enter__(self) -> _LayerWatch:
-        # A layer's call is recorded with its keyword arguments (``self.fc(input=x)``); the stack of running modules
-        # is kept by a hook that also runs when a module raises, which torch calls without them.
+        # A layer's call is recorded by a hook of its own, with its keyword arguments (``self.fc(input=x)``; torch's
+        # global hooks with keyword arguments leave a flag behind when removed); the stack of running modules is
+        # kept by a hook that also runs when a module raises, which torch calls without them.
         self.handles = [register_module_forward_pre_hook(self._enter_module),
-                        register_module_forward_hook(self._record_call, with_kwargs=True),
-                        register_module_forward_hook(self._leave_module, always_call=True)]
+                        register_module_forward_hook(self._leave_module, always_call=True),
+                        *(module.register_forward_hook(self._record_call, with_kwargs=True)
+                          for module in self.layer_modules.values())]
         return super().__enter__()
 
     def __exit__(self, *exc_info) -> None:

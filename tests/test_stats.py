@@ -142,3 +142,27 @@ def test_statistics_of_the_model_itself_are_accepted_with_or_without_an_example_
                            (FlopCo(model, img_size=(1, 3, 16, 16)), None)]:  # no example input: no shapes to hold
         compressor = Compressor(model, stats, SCHEDULE, example_input=example, progress=False, registry=registry)
         assert compressor.compression_step()[0].applied
+
+
+def test_a_run_leaves_no_global_module_hook_state_behind():
+    # torch.compile warns, and every later module call pays, while any of torch's global hook tables holds an entry
+    from torch.nn.modules import module as torch_module
+    tables = [value for name, value in vars(torch_module).items() if name.startswith("_global_") and
+              isinstance(value, dict)]
+    assert tables and not any(tables)
+
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(32, 64, 3), nn.Linear(64 * 6 * 6, 10)
+
+        def forward(self, x):
+            return self.fc(input=self.conv(input=x).relu().flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8)
+    compressor = Compressor(ByKeyword(), example_input=x, config_type="param_reduction", progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    assert any(ranks is not None for ranks in compressor.ranks.values())
+    assert not any(tables), [table for table in tables if table]
