@@ -376,16 +376,16 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
     swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
     if not swaps:
         return
-    probe = context.example_input
+    probe, input_name = context.example_input, "the example input"
     if probe is None:
-        probe = _first_batch(context.calibration_data)
+        probe, input_name = _first_batch(context.calibration_data), "the first calibration batch"
     holder = distributed.first_holding(group, probe is not None)
     if holder is None:
         log.info("compression step: no example input, so the model is not run with the step's replacements "
                  "swapped in to check that it uses them as it used its layers")
         return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
-                                           lambda: unfaithful_swaps(model, swaps, paths, probe), src=holder)
+                                           lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))

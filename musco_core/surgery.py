@@ -101,7 +101,7 @@ def standardize_model(model: nn.Module) -> nn.Module:
     its own is left as it is: a new container would silently drop them.
     """
     if isinstance(model, FactorizedLayer) and not _hook_problems(model):
-        return nn.Sequential(*model.children())
+        return nn.Sequential(*model.children()).train(model.training)
     plain: dict[int, nn.Sequential] = {}  # a layer shared by two names stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, FactorizedLayer) and name and not _hook_problems(module):
