@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -264,11 +265,13 @@ def tied_note(others: Sequence[str]) -> str:
             f"weights (force: true does it anyway and unties them)")
 
 
+@torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
     """Compresses the layers of the next step; returns the model with them swapped in and the next state.
 
     Every layer of the step is factorized before any is swapped in, so a failure raises with the model as it was
-    (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned.
+    (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned;
+    its new layers have new parameters, so an optimizer built before the step no longer trains them.
     In a distributed job (see :mod:`musco_core.distributed`) every rank calls it on its replica with its own shard
     of the calibration data; the layers are decomposed across the ranks and every rank ends with the same model
     and state, or every rank raises.
