@@ -16,7 +16,7 @@ from .errors import CompressionError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry, Role
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
-from .surgery import FactorizedLayer, why_not_recompressible
+from .surgery import FactorizedLayer, factor_mismatch, why_not_recompressible
 from .verify import check_factorized
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         if (reason := why_not_recompressible(module)) is not None:
             raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         adapter = registry.adapters.get(module.spec.adapter)
+        if (reason := factor_mismatch(module, adapter)) is not None:
+            raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)
         dense = functools.partial(compose_factors, module.spec, factors)

@@ -282,6 +282,11 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     distributed.check_replicas(group, model)
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
+    modules = dict(model.named_modules())
+    if missing := [name for name in names if name not in modules]:
+        raise ConfigError(f"the model ({type(model).__name__}) has no layer {', '.join(map(repr, missing))}, which "
+                          f"this step compresses; step on the model the run compressed so far, with all its layers "
+                          f"(Compressor.compressed_model)")
     step_stats: dict[str, InputStats] = {}
     output_moments = _output_moments(model, schedule, names, context, group)
 
