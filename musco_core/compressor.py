@@ -22,7 +22,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_m
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy
+from .surgery import deep_copy, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class Compressor:
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
     and the model to the next ones, so a failing step changes neither.
+
+    A step replaces layers by new modules with new parameters: build the optimizer anew after each step, or it
+    goes on training the parameters of the layers that are gone and never the new ones. ``compressed_model`` may
+    be set to the model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` for
+    fine-tuning: steps and saves work on the module inside (which keeps the schedule's layer names) and leave the
+    wrapper in place; wrap the model again after each step, as a wrapper built before it tracks the old parameters.
 
     Inside a ``torch.distributed`` job every rank builds its own Compressor over its replica, with its own shard of
     ``calibration_data`` (and an ``evaluate`` on its own shard), and takes the steps together: see
@@ -148,9 +154,13 @@ class Compressor:
         return compressor
 
     def compression_step(self) -> list[LayerResult]:
-        """Compresses the next group of layers. All of them are swapped in together, or none on failure."""
+        """Compresses the next group of layers. All of them are swapped in together, or none on failure.
+
+        The new layers have new parameters: build the optimizer (and a ``DistributedDataParallel`` wrapper) anew
+        after each step. A wrapper in ``compressed_model`` stays; the module inside it is compressed.
+        """
         taken = len(self.state.history)
-        self.compressed_model, self.state = run_step(self.compressed_model, self.state, self.context)
+        _, self.state = run_step(unwrapped(self.compressed_model), self.state, self.context)
         return list(self.state.history[taken:])
 
     def report(self) -> CompressionReport:

@@ -16,7 +16,7 @@ from .errors import CompressionError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry, Role
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
-from .surgery import FactorizedLayer, why_not_recompressible
+from .surgery import FactorizedLayer, factor_mismatch, why_not_recompressible
 from .verify import check_factorized
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,18 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         if (reason := why_not_recompressible(module)) is not None:
             raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         adapter = registry.adapters.get(module.spec.adapter)
+        if (reason := factor_mismatch(module, adapter)) is not None:
+            raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
         bias = next((f.bias for f in factors if f.layout.bias), None)
         dense = functools.partial(compose_factors, module.spec, factors)
         return adapter, WeightSource(module.spec, factors, module.decomposition, dense=dense), bias
     adapter = registry.adapter_for(module)
     if adapter is None:
-        raise UnsupportedLayerError(f"layer {name!r}: {registry.unsupported_reason(module)}")
+        hint = ("; a plain Sequential stands where the run left a factorized layer: was standardize_model called "
+                "already? Call it after the last step only (the layers it makes plain cannot be compressed again)"
+                if type(module) is nn.Sequential else "")
+        raise UnsupportedLayerError(f"layer {name!r}: {registry.unsupported_reason(module)}{hint}")
     spec, weight, bias = adapter.read(module)
     return adapter, WeightSource(spec, dense=weight), bias
 
@@ -142,16 +147,30 @@ def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: 
     return [decomposer for decomposer in decomposers if decomposer.unsupported_reason(group_spec) is None]
 
 
-def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
-    """Makes the new layer's weights trainable when the old layer's were, and its bias when the old bias was: a
-    frozen weight next to a trainable bias (bias-only fine-tuning) stays so."""
+#: The memory format of a (batch of) conv weights of each rank that ``channels_last`` conversions give.
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _carry_training_state(old: nn.Module, new: nn.Module) -> None:
+    """Gives the new layer the old one's mode, trainability and memory format: its weights are trainable when the
+    old layer's were, and its bias when the old bias was (a frozen weight next to a trainable bias, bias-only
+    fine-tuning, stays so); its conv weights are ``channels_last`` when the old layer's were (a model converted with
+    ``model.to(memory_format=torch.channels_last)``)."""
     def is_bias(name: str) -> bool:
         return name.rpartition(".")[2] == "bias"
 
+    def channels_last(tensor: torch.Tensor) -> bool:  # a 1x1 kernel is contiguous in both formats: it cannot tell
+        return (tensor.dim() in CHANNELS_LAST and not tensor.is_contiguous()
+                and tensor.is_contiguous(memory_format=CHANNELS_LAST[tensor.dim()]))
+
+    new.train(old.training)
     trained = {kind: any(p.requires_grad for name, p in old.named_parameters() if is_bias(name) == kind)
                for kind in (False, True)}
+    formats = {p.dim() for p in old.parameters() if channels_last(p)}
     for name, parameter in new.named_parameters():
         parameter.requires_grad_(trained[is_bias(name)])
+        if parameter.dim() in formats:
+            parameter.data = parameter.data.contiguous(memory_format=CHANNELS_LAST[parameter.dim()])
 
 
 def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tuple[int, ...], registry: Registry
@@ -165,8 +184,7 @@ def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tup
     factors = [Factor(layout, like.new_zeros(layout.weight_shape), bias if layout.bias else None)
                for layout in layouts]
     new = FactorizedLayer(source.spec, decomposition, ranks, layouts, adapter.build(source.spec, factors, like))
-    new.train(module.training)
-    _carry_requires_grad(module, new)
+    _carry_training_state(module, new)
     return new
 
 
@@ -246,8 +264,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
         check_factorized(name, module, new, decomposer, registry, input_shape, params)
-    new.train(module.training)
-    _carry_requires_grad(module, new)
+    _carry_training_state(module, new)
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
                           relative_error=error, seconds=time.perf_counter() - started)
     log.info("layer %r: %s ranks %s, weights %d -> %d, relative error %.4f", name, decomposer.name, ranks,

@@ -57,13 +57,13 @@ except ImportError:  # pragma: no cover - not POSIX: no advisory locks
 
 from ._version import __version__
 from .components import Factor, FactorLayout, LayerSpec
-from .errors import ConfigError, MuscoError, short_repr
+from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
 from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
                        read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import FactorizedLayer, deep_copy, module_paths, replace_module
+from .surgery import FactorizedLayer, deep_copy, factor_mismatch, module_paths, replace_module, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,40 @@ def _factorized_layers(model: nn.Module) -> dict[str, FactorizedLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, FactorizedLayer)}
 
 
+def check_saveable(model: nn.Module, registry: Registry, state: RunState | None = None) -> None:
+    """One ConfigError, before anything is written, unless :func:`load_compressed` can rebuild the output set of
+    ``model`` (and, with the run's ``state``, the layers the run compressed are the factorized layers it left).
+
+    Every factorized layer must hold the factors its layouts describe (the modules its adapter builds from them,
+    with their state-dict keys and shapes), and sit inside the model; with ``state``, the model must have each
+    layer the run compressed factorized at the run's ranks: a layer ``standardize_model`` made plain is saved as
+    the weights of a plain layer, which no manifest entry rebuilds.
+    """
+    layers = _factorized_layers(model)
+    compressed = {} if state is None else {name: ranks for name, ranks in state.ranks.items() if ranks is not None}
+    if not layers and (state is None or compressed):
+        raise ConfigError("the model has no factorized layers to save (was standardize_model called already?); "
+                          "save before standardize_model")
+    problems = []
+    if "" in layers:
+        problems.append("the model itself is a factorized layer, which load_compressed cannot rebuild: save a model "
+                        "that holds it")
+    modules = dict(model.named_modules())
+    for name, ranks in compressed.items():
+        module = modules.get(name)
+        if not isinstance(module, FactorizedLayer):
+            now = "no such layer" if module is None else f"a {type(module).__qualname__}"
+            hint = " (was standardize_model called already?)" if type(module) is nn.Sequential else ""
+            problems.append(f"layer {name!r}: the run compressed it to ranks {ranks}, the model has {now} there{hint}")
+        elif module.ranks != ranks:
+            problems.append(f"layer {name!r}: the run compressed it to ranks {ranks}, the model has it at ranks "
+                            f"{module.ranks}")
+    problems += [f"layer {name!r}: {reason}" for name, layer in layers.items() if name
+                 if (reason := factor_mismatch(layer, registry.adapters.get(layer.spec.adapter))) is not None]
+    if problems:
+        raise ConfigError("cannot save a set that would not load back:\n" + "\n".join(problems))
+
+
 def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
     entries = {r.title: r for r in registry.roles}[role].entries
     if name not in entries:
@@ -497,27 +531,31 @@ def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str
     _finish_commit(directory)
 
 
-def _compressor_parts(model_or_compressor: Any) -> tuple[nn.Module, CompressionReport | None, str | None, Any]:
-    """(model, report, run id, registry) of a Compressor (anything with ``compressed_model`` and ``state``) or of
-    a model."""
+def _compressor_parts(model_or_compressor: Any
+                      ) -> tuple[nn.Module, CompressionReport | None, RunState | None, Any]:
+    """(model, report, run state, registry) of a Compressor (anything with ``compressed_model`` and ``state``) or of
+    a model; the model taken out of a ``torch.compile`` or data-parallel wrapper (see
+    :func:`~musco_core.surgery.unwrapped`)."""
     if isinstance(model_or_compressor, nn.Module):
-        return model_or_compressor, None, None, None
-    model = model_or_compressor.compressed_model
-    return model, model_or_compressor.report(), model_or_compressor.state.run_id, model_or_compressor.registry
+        return unwrapped(model_or_compressor), None, None, None
+    model = unwrapped(model_or_compressor.compressed_model)
+    return model, model_or_compressor.report(), model_or_compressor.state, model_or_compressor.registry
 
 
 def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, registry: Registry | None = None, *,
                     overwrite: bool = False) -> Path:
     """Writes a compressed model (or a Compressor's model and report) to ``directory`` as one output set.
 
-    Save before :func:`standardize_model`: the factorized layers carry the structure that loading rebuilds. The
-    set is replaced as a whole (see the module docstring). ``directory`` may already hold an output set of the same
-    run (a Compressor's) or of a bare model (for a model); anything else is refused unless ``overwrite``.
+    Save before :func:`standardize_model`: the factorized layers carry the structure that loading rebuilds. What
+    would not load back is refused before anything is written (:func:`check_saveable`). A model wrapped by
+    ``torch.compile`` or a data-parallel wrapper is saved as the module inside. The set is replaced as a whole (see
+    the module docstring). ``directory`` may already hold an output set of the same run (a Compressor's) or of a
+    bare model (for a model); anything else is refused unless ``overwrite``.
     """
-    model, report, run_id, own_registry = _compressor_parts(model_or_compressor)
+    model, report, state, own_registry = _compressor_parts(model_or_compressor)
     registry = registry or own_registry or default_registry()
-    if report is None and not _factorized_layers(model):
-        raise MuscoError("the model has no factorized layers to save (was standardize_model called already?)")
+    check_saveable(model, registry, state)
+    run_id = None if state is None else state.run_id
     directory = claim_folder(directory, "output", run_id, overwrite=overwrite)
     set_id = uuid.uuid4().hex
     _commit_set(directory, lambda staging: _write_set_files(staging, model, registry, report, set_id), run_id)
@@ -625,6 +663,14 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         new.train(module.training)
         for path in paths[id(module)]:
             replace_module(model, path, new)
+    wrong = [f"{key} is {shapes[stored]} in the file, {tuple(tensor.shape)} in the model"
+             for key, tensor in model.state_dict().items()
+             if (stored := key if key in shapes else renamed.get(key)) in shapes
+             and shapes[stored] != tuple(tensor.shape)]
+    if wrong:
+        more = f"; {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ConfigError(f"{weights}: does not fit the {type(model).__name__} given: {'; '.join(wrong[:3])}{more}; "
+                          f"load into the architecture the model was saved from")
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -662,8 +708,12 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
 
     The step folder is written and synced under a staging name and renamed in whole, and LATEST is replaced
     atomically after it, so a run killed while saving resumes from the previous complete state. Then this run's
-    older states are removed: only folders with this run's marker, never anything else in ``directory``.
+    older states are removed: only folders with this run's marker, never anything else in ``directory``. A state
+    that would not load back is refused before anything is written (:func:`check_saveable`); a wrapped model is
+    saved as the module inside (see :func:`save_compressed`).
     """
+    model = unwrapped(model)
+    check_saveable(model, registry, state)
     directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
     _remove_dead_staging(directory)
     name = f"step-{state.next_step:04d}"

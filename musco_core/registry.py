@@ -169,9 +169,18 @@ class Registry:
         """Why no adapter handles the module, or None when one does."""
         match = self.match(module)
         if match is None:
-            return (f"no adapter handles {type(module).__qualname__}; "
+            return (f"no adapter handles {self._type_name(type(module))}; "
                     f"known adapters: {', '.join(self.adapters.names()) or 'none'}")
         return match.reason
+
+    def _type_name(self, klass: type) -> str:
+        """The class's name, with its module where the name alone reads like a type an adapter handles or an
+        adapter's name (a dynamically quantized ``Linear`` is no ``nn.Linear``)."""
+        handled = {(key if isinstance(key, str) else key.__qualname__).rpartition(".")[2].lower()
+                   for key in self._adapter_by_type}
+        if klass.__name__.lower() in handled | {name.lower() for name in self.adapters.names()}:
+            return f"{klass.__module__}.{klass.__qualname__}"
+        return klass.__qualname__
 
     def provided(self) -> list[Provided]:
         """Every registered component, role by role, for listings such as ``musco plugins``."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -277,11 +278,13 @@ def tied_note(others: Sequence[str]) -> str:
             f"weights (force: true does it anyway and unties them)")
 
 
+@torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
     """Compresses the layers of the next step; returns the model with them swapped in and the next state.
 
     Every layer of the step is factorized before any is swapped in, so a failure raises with the model as it was
-    (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned.
+    (the state is a frozen value, so it is untouched too). On success ``model`` itself is modified and returned;
+    its new layers have new parameters, so an optimizer built before the step no longer trains them.
     In a distributed job (see :mod:`musco_core.distributed`) every rank calls it on its replica with its own shard
     of the calibration data; the layers are decomposed across the ranks and every rank ends with the same model
     and state, or every rank raises.
@@ -292,6 +295,11 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     distributed.check_replicas(group, model)
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
+    modules = dict(model.named_modules())
+    if missing := [name for name in names if name not in modules]:
+        raise ConfigError(f"the model ({type(model).__name__}) has no layer {', '.join(map(repr, missing))}, which "
+                          f"this step compresses; step on the model the run compressed so far, with all its layers "
+                          f"(Compressor.compressed_model)")
     step_stats: dict[str, InputStats] = {}
     output_moments = _output_moments(model, schedule, names, context, group)
 
@@ -388,16 +396,16 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
     swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
     if not swaps:
         return
-    probe = context.example_input
+    probe, input_name = context.example_input, "the example input"
     if probe is None:
-        probe = _first_batch(context.calibration_data)
+        probe, input_name = _first_batch(context.calibration_data), "the first calibration batch"
     holder = distributed.first_holding(group, probe is not None)
     if holder is None:
         log.info("compression step: no example input, so the model is not run with the step's replacements "
                  "swapped in to check that it uses them as it used its layers")
         return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
-                                           lambda: unfaithful_swaps(model, swaps, paths, probe), src=holder)
+                                           lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -15,7 +16,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .components import FactorLayout, LayerSpec
+from .components import Factor, FactorLayout, LayerAdapter, LayerSpec
 from .factors import padding_per_axis
 from .errors import ConfigError, one_line
 
@@ -101,7 +102,7 @@ def standardize_model(model: nn.Module) -> nn.Module:
     its own is left as it is: a new container would silently drop them.
     """
     if isinstance(model, FactorizedLayer) and not _hook_problems(model):
-        return nn.Sequential(*model.children())
+        return nn.Sequential(*model.children()).train(model.training)
     plain: dict[int, nn.Sequential] = {}  # a layer shared by two names stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, FactorizedLayer) and name and not _hook_problems(module):
@@ -109,6 +110,20 @@ def standardize_model(model: nn.Module) -> nn.Module:
                 plain[id(module)] = nn.Sequential(*module.children()).train(module.training)
             replace_module(model, name, plain[id(module)])
     return model
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s ``OptimizedModule``, ``nn.DataParallel`` and
+    ``DistributedDataParallel`` wrappers (through nested ones), or the model itself. Compression steps and saves work
+    on that module: its layer names are the schedule's, without the wrapper's prefix (``_orig_mod.``, ``module.``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile: no wrapper without it
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def describe_module(name: str, module: nn.Module) -> str:
@@ -228,6 +243,34 @@ def why_not_recompressible(layer: FactorizedLayer) -> str | None:
         if (reason := why_not_replaceable(factor, type(factor))) is not None:
             problems.append(f"its factor {index} ({type(factor).__qualname__}): {reason}")
     return f"re-compressing rebuilds it from its factors' weights, but {'; '.join(problems)}" if problems else None
+
+
+def factor_mismatch(layer: FactorizedLayer, adapter: LayerAdapter) -> str | None:
+    """How the factors of ``layer`` differ from the modules ``adapter`` builds from its layouts (their number, their
+    state-dict keys and shapes), or None. Loading rebuilds a saved layer from its layouts and re-compressing costs it
+    by them, so a factor narrowed by hand, pruned or parametrized since the layer was built must not be taken for
+    what its layouts say."""
+    meta = torch.empty(0, device="meta")
+    placeholders = [Factor(layout, meta.new_empty(layout.weight_shape),
+                           meta.new_empty(layout.out_channels) if layout.bias else None) for layout in layer.layouts]
+    built = adapter.build(layer.spec, placeholders, meta)
+    if len(built) != len(layer):
+        return f"it has {len(layer)} factors, its layouts {len(built)} (it was changed after it was built)"
+    for index, (factor, expected) in enumerate(zip(layer, built)):
+        have = {key: tuple(value.shape) for key, value in factor.state_dict().items()}
+        want = {key: tuple(value.shape) for key, value in expected.state_dict().items()}
+        if have == want:
+            continue
+        what = f"its factor {index} ({type(factor).__qualname__})"
+        if (reason := why_not_replaceable(factor, type(factor))) is not None:
+            return f"{what}: {reason}"
+        key = next(key for key in (*want, *have) if have.get(key) != want.get(key))
+        held = f"holds {key} of shape {have[key]}" if key in have else f"holds no {key}"
+        wanted = f"its layout gives {key} of shape {want[key]}" if key in want else f"its layout gives no {key}"
+        return (f"{what} {held} where {wanted}: it was changed after it was built, so its layouts and ranks no "
+                f"longer describe it; put back factors of its layouts' shapes, or build a new FactorizedLayer with "
+                f"layouts that fit")
+    return None
 
 
 def owner_read_layers(model: nn.Module) -> dict[str, str]:

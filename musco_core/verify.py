@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapter, LayerSpec, WeightSource
-from .errors import CompressionError
+from .errors import CompressionError, ConfigError, one_line
 from .factors import layer_layout
 from .surgery import FactorizedLayer, evaluating, swapped
 from .timing import call_model, map_tensors, tensors_in
@@ -196,7 +196,8 @@ def _full_rank_verdict(decomposer: Decomposer, adapter: LayerAdapter, spec: Laye
 # -- the whole model -------------------------------------------------------------------------------------------
 
 def unfaithful_swaps(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Module]],
-                     paths: Mapping[int, Sequence[str]], example_input: Any) -> dict[str, str]:
+                     paths: Mapping[int, Sequence[str]], example_input: Any, input_name: str = "the example input"
+                     ) -> dict[str, str]:
     """The layers of ``swaps`` (name: (layer, replacement)) that the model would not use as it uses the layer, with
     why; ``paths`` maps a module's id to where it sits in the model.
 
@@ -208,8 +209,21 @@ def unfaithful_swaps(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.M
     together, the layers to blame are found by halving the set. A model whose output differs between two calls on
     the same input (state it keeps, randomness not drawn from torch) cannot be checked for the last case, and is
     not; its kept state advances with the runs. The model is otherwise left as it was.
+
+    A model that fails on ``example_input`` as it is, before any replacement (its dtype or device changed since the
+    input was given), is one ConfigError naming the error and ``input_name``.
     """
-    problem = _swap_problem(model, swaps, paths, example_input)
+    try:
+        problem = _swap_problem(model, swaps, paths, example_input)
+    except Exception:
+        with evaluating(model):
+            try:
+                seeded_output(model, example_input)
+            except Exception as exc:  # the user's model and input: one clear error, the cause chained
+                raise ConfigError(f"the model as it is (before any replacement) fails on {input_name}: "
+                                  f"{type(exc).__name__}: {one_line(str(exc))}; give an input it takes (of its dtype "
+                                  f"and device, when it was converted or moved since)") from exc
+        raise
     return {} if problem is None else _culprits(model, swaps, paths, example_input, problem)
 
 

@@ -422,3 +422,69 @@ def test_flopco_statistics_exclude_a_layer_its_example_never_reached(registry):
         Compressor(model, FlopCo(model, img_size=(1, 3, 8, 8)), registry=registry,
                    model_compr_kwargs={"unused": {"decomposition": "svd", "rank_selection": "manual",
                                                   "manual_rank": [2]}})
+
+
+def test_a_wrapped_model_is_stepped_inside_and_a_model_lacking_a_layer_is_one_error(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=1, registry=registry,
+                            example_input=torch.randn(1, 3, 8, 8), progress=False)
+    compressor.compression_step()
+    wrapped = compressor.compressed_model = nn.DataParallel(compressor.compressed_model)  # on CPU: calls the module
+    compressor.compression_step()
+    assert compressor.compressed_model is wrapped and isinstance(wrapped.module[4], FactorizedLayer)
+    compressor.compressed_model = nn.Sequential(*list(wrapped.module.children())[:7])  # the head dropped
+    before = compressor.state
+    with pytest.raises(ConfigError, match=r"^the model \(Sequential\) has no layer '7', which this step compresses"):
+        compressor.compression_step()
+    assert compressor.state is before
+
+
+def test_new_conv_factors_keep_the_channels_last_format_of_the_weights_they_replace(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    compressor.compressed_model.to(memory_format=torch.channels_last)
+    compressor.compression_step()
+    core = compressor.compressed_model[2][1].weight  # 3x3: channels_last tells from contiguous
+    assert core.is_contiguous(memory_format=torch.channels_last) and not core.is_contiguous()
+
+
+def test_a_step_under_inference_mode_builds_parameters_fine_tuning_can_train(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry,
+                            progress=False)
+    with torch.inference_mode():
+        compressor.compression_step()
+    assert not any(p.is_inference() for p in compressor.compressed_model.parameters())
+    compressor.compressed_model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert compressor.compressed_model[2][1].weight.grad is not None
+
+
+def test_a_factor_narrowed_by_hand_is_refused_at_the_next_step_not_costed_from_its_layouts(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    layer = compressor.compressed_model[2]  # tucker2 at (16, 12): 32 -> 12 (1x1), 12 -> 16 (3x3), 16 -> 48 (1x1)
+    layer[0], layer[1] = nn.Conv2d(32, 10, 1, bias=False), nn.Conv2d(10, 16, 3, padding=1, bias=False)
+    before = copy.deepcopy(compressor.compressed_model)
+    with pytest.raises(CompressionError, match=r"layer '2': its factor 0 \(Conv2d\) holds weight of shape \(10, 32, "
+                                               r"1, 1\) where its layout gives weight of shape \(12, 32, 1, 1\)"):
+        compressor.compression_step()
+    assert_same_state(compressor.compressed_model, before)
+
+
+def test_a_step_after_standardize_model_says_so(registry):
+    compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    standardize_model(compressor.compressed_model)
+    with pytest.raises(CompressionError, match=r"no adapter handles Sequential; .*: was standardize_model called "
+                                               r"already\? Call it after the last step only"):
+        compressor.compression_step()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_standardize_model_keeps_the_mode_of_a_factorized_root(registry, training):
+    compressor = Compressor(nn.Sequential(nn.Linear(32, 32)), model_compr_kwargs={"0": SMALL_CONFIG["7"]},
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    plain = standardize_model(compressor.compressed_model[0].train(training))
+    assert type(plain) is nn.Sequential and [m.training for m in plain.modules()] == [training] * 3

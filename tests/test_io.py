@@ -11,6 +11,12 @@ import torch
 import yaml
 
 from models import make_trained_like, resnet18
+from torch import nn
+from torch.nn.utils import parametrizations, prune
+
+from torch import nn
+from torch.nn.utils import parametrizations, prune
+
 from musco_core import Compressor, ConfigError, FactorizedLayer, MuscoError, standardize_model
 from musco_core.io import load_compressed, read_report, save_compressed
 
@@ -116,6 +122,92 @@ def test_nothing_in_the_files_is_executed(tmp_path, compressed):
 def test_saving_needs_factorized_layers(tmp_path, compressed):
     with pytest.raises(MuscoError, match="standardize_model"):
         save_compressed(standardize_model(copy.deepcopy(compressed.compressed_model)), tmp_path)
+
+
+def build_small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+SMALL_SCHEDULE = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[16, 8], [8, 8]]},
+                  "6": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4, 2]}}
+
+
+def small_stepped(registry, **kwargs) -> Compressor:
+    """A compressor over :func:`build_small` after its first step: layer '2' tucker2 at (16, 8), '6' svd at (4,)."""
+    compressor = Compressor(build_small(), model_compr_kwargs=SMALL_SCHEDULE, ft_every=2, registry=registry,
+                            progress=False, example_input=torch.randn(1, 3, 8, 8), **kwargs)
+    compressor.compression_step()
+    return compressor
+
+
+def test_a_compressor_whose_model_was_standardized_saves_nothing(tmp_path, registry):
+    compressor = small_stepped(registry)
+    standardize_model(compressor.compressed_model)  # as a README reader might, before saving
+    with pytest.raises(ConfigError, match=r"no factorized layers to save \(was standardize_model called already\?\)"):
+        save_compressed(compressor, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"was standardize_model called already\?"):
+        compressor.save_state(tmp_path / "ckpt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+def narrow(layer: FactorizedLayer) -> None:
+    """Cuts the rank between the first two factors of a tucker2 layer from 8 to 6 by hand, leaving its layouts."""
+    first, core = layer[0], layer[1]
+    layer[0] = nn.Conv2d(first.in_channels, 6, 1, bias=False)
+    layer[1] = nn.Conv2d(6, core.out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        layer[0].weight.copy_(first.weight[:6])
+        layer[1].weight.copy_(core.weight[:, :6])
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda layer: prune.l1_unstructured(layer[1], "weight", 0.5), r"its factor 1 \(Conv2d\): it is pruned"),
+    (lambda layer: parametrizations.weight_norm(layer[1]),
+     r"its factor 1 \(ParametrizedConv2d\): its weight is parametrized"),
+    (narrow, r"its factor 0 \(Conv2d\) holds weight of shape \(6, 16, 1, 1\) where its layout gives weight of shape "
+             r"\(8, 16, 1, 1\)"),
+], ids=["pruned", "weight_norm", "narrowed"])
+def test_a_factor_changed_since_its_step_saves_nothing(tmp_path, registry, edit, reason):
+    compressor = small_stepped(registry)
+    edit(compressor.compressed_model[2])
+    for save in (lambda: save_compressed(compressor, tmp_path / "out"),
+                 lambda: save_compressed(compressor.compressed_model, tmp_path / "out"),
+                 lambda: compressor.save_state(tmp_path / "ckpt")):
+        with pytest.raises(ConfigError, match=f"would not load back:\nlayer '2': {reason}"):
+            save()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_a_wrapped_model_is_stepped_and_saved_as_the_module_inside(tmp_path, registry, wrap):
+    x = torch.randn(1, 3, 8, 8)
+    compressor = small_stepped(registry, nglobal_compress_iters=2)
+    wrapped = compressor.compressed_model = wrap(compressor.compressed_model)  # for fine-tuning
+    compressor.compression_step()
+    inner = wrapped._orig_mod if isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) else wrapped.module
+    assert compressor.compressed_model is wrapped and inner[2].ranks == (8, 8)
+    save_compressed(compressor, tmp_path / "out")
+    assert set(yaml.safe_load((tmp_path / "out" / "musco.yaml").read_text())["layers"]) == {"2", "6"}
+    assert torch.equal(load_compressed(build_small(), tmp_path / "out").eval()(x), inner.eval()(x))
+    compressor.save_state(tmp_path / "ckpt")
+    resumed = Compressor.resume(build_small(), tmp_path / "ckpt", registry=registry, example_input=x)
+    assert resumed.ranks == compressor.ranks and torch.equal(resumed.compressed_model.eval()(x), inner(x))
+
+
+def test_loading_into_a_model_with_another_head_names_the_tensors_and_shapes(tmp_path, registry):
+    compressor = Compressor(build_small(), model_compr_kwargs={"2": SMALL_SCHEDULE["2"]}, registry=registry,
+                            progress=False)
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path)
+    other = build_small()
+    other[6] = nn.Linear(32, 12)
+    with pytest.raises(ConfigError) as refused:
+        load_compressed(other, tmp_path)
+    assert str(refused.value) == (f"{tmp_path / 'model.safetensors'}: does not fit the Sequential given: 6.weight is "
+                                  f"(10, 32) in the file, (12, 32) in the model; 6.bias is (10,) in the file, (12,) "
+                                  f"in the model; load into the architecture the model was saved from")
 
 
 def test_standardized_model_exports_with_trace_export_and_onnx(compressed):

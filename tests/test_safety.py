@@ -121,6 +121,18 @@ def test_subclasses_with_their_own_computation_are_not_claimed(registry):
     assert registry.unsupported_reason(nn.BatchNorm2d(4)).startswith("no adapter handles BatchNorm2d")
 
 
+def test_a_module_named_like_a_handled_type_is_named_by_its_full_type(registry):
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear},
+                                                       dtype=torch.qint8)
+    assert registry.unsupported_reason(quantized[0]).startswith(
+        "no adapter handles torch.ao.nn.quantized.dynamic.modules.linear.Linear; known adapters: ")
+
+    class Linear(nn.Module):  # a class of the user's, named like an adapter
+        pass
+
+    assert f"handles {__name__}.test_a_module_named_like" in registry.unsupported_reason(Linear())
+
+
 class CallOverride(nn.Linear):
     def __call__(self, x):
         return super().__call__(x) + 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor, FactorizedLayer, compress_blockwise
+from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
 from musco_core.io import read_manifest
 from musco_core.surgery import module_paths
 from musco_core.verify import seeded_output, unfaithful_swaps
@@ -268,3 +268,17 @@ def test_checks_run_on_copies_of_every_tensor_of_the_input_named_tuples_and_mapp
     first = seeded_output(ChangesItsArguments(), (pair, extra))
     assert torch.equal(first, seeded_output(ChangesItsArguments(), (pair, extra)))
     assert torch.equal(pair.left, torch.ones(3)) and torch.equal(extra["scale"], torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("convert", [torch.nn.Module.double, torch.nn.Module.half])
+def test_a_model_that_fails_on_the_example_input_as_it_is_is_one_clear_error(convert):
+    compressor = Compressor(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)),
+                            example_input=torch.randn(2, 32), model_compr_kwargs={"0": manual(8), "2": manual(8)},
+                            progress=False)
+    compressor.compression_step()
+    convert(compressor.compressed_model)  # fine-tuned in another precision; the example input stays float32
+    before, state = dict(compressor.compressed_model.named_modules()), compressor.state
+    with pytest.raises(ConfigError, match=r"^the model as it is \(before any replacement\) fails on the example "
+                                          r"input: RuntimeError: .*; give an input it takes"):
+        compressor.compression_step()
+    assert dict(compressor.compressed_model.named_modules()) == before and compressor.state is state
