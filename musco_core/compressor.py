@@ -55,7 +55,8 @@ class Compressor:
     that use one are collected on the model as it is then.
     ``evaluate(model) -> float`` is an optional loss on a few batches (lower is better) for whole-model rank
     selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured,
-    so layers that hurt the model more get a larger share of the budget (a sensitivity pass).
+    so layers that hurt the model more get a larger share of the budget (a sensitivity pass). In a distributed job
+    a rank whose evaluation data is empty returns None, and the ranks' losses are averaged over the others.
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
     and the model to the next ones, so a failing step changes neither.
@@ -75,7 +76,7 @@ class Compressor:
                  ft_every: int = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
                  seed: int = 0, registry: Registry | None = None, progress: bool = True,
-                 calibration_data: Any = None, evaluate: Callable[[nn.Module], float] | None = None) -> None:
+                 calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
         registry = registry or default_registry()
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
             raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
@@ -129,7 +130,7 @@ class Compressor:
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
                registry: Registry | None = None, progress: bool = True, calibration_data: Any = None,
-               evaluate: Callable[[nn.Module], float] | None = None) -> Compressor:
+               evaluate: Callable[[nn.Module], float | None] | None = None) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with

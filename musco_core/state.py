@@ -115,7 +115,7 @@ class RunContext:
     registry: Any
     model_stats: ModelStats
     calibration_data: Any = None
-    evaluate: Callable[[nn.Module], float] | None = None
+    evaluate: Callable[[nn.Module], float | None] | None = None
     progress: bool = True
     example_input: Any = None
     latency_timer: Any = None
