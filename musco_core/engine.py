@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen
 class LayerResult:
-    """What happened to one layer at one compression: the figures before and after, or why it was kept."""
+    """What happened to one layer at one compression: the figures before and after, or why it was kept.
+
+    ``relative_error`` is that of the new weights against the layer as this compression found it (at a later
+    stage, the earlier stage's factors), not against the original layer."""
 
     name: str
     decomposition: str
@@ -258,10 +261,10 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)
                    for layout, group_weights in zip(layouts, zip(*per_group), strict=True)]
         reference = source.weight if source.factors else dense_weight(source.weight, spec.groups)
-        reference = reference.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
-        approximation = compose_factors(spec, factors).to(reference.dtype)
+        reference = reference.to(torch.float64)  # float64: norms of 1e20 or 1e-30 weights stay finite
+        approximation = compose_factors(spec, factors).to(torch.float64)
         error = float(torch.linalg.vector_norm(approximation - reference)
-                      / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(reference.dtype).tiny))
+                      / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(torch.float64).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
         check_factorized(name, module, new, decomposer, registry, input_shape, params)
     _carry_training_state(module, new)

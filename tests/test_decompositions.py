@@ -82,6 +82,21 @@ def test_error_falls_as_rank_grows(registry, decomposition, layer, ranks):
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-30])
+@pytest.mark.parametrize("decomposition,ranks", [("svd", (4,)), ("tucker2", (6, 4)), ("cp3", (6,)), ("cp4", (6,))])
+def test_the_reported_error_is_the_same_at_any_weight_scale(registry, decomposition, ranks, scale):
+    # a ratio of norms: float32 norms of 1e20 weights overflowed (nan), of 1e-30 ones vanished (0.0)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 12, 1) if decomposition == "svd" else nn.Conv2d(8, 12, 3)
+    error = compress_once(registry, layer, decomposition, ranks)[1].relative_error
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    new, result = compress_once(registry, layer, decomposition, ranks)
+    assert result.relative_error == pytest.approx(error, rel=1e-3)
+    composed = torch.cat([p.detach().double().flatten() for p in new.parameters()])
+    assert torch.isfinite(composed).all() and composed.abs().max() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("decomposition,layer,ranks,shape", [
     ("tucker2", nn.Conv2d(8, 12, 3, padding=1), (6, 4), (1, 8, 6, 6)),

@@ -69,6 +69,22 @@ def test_truncated_svd_eckart_young_and_monotone():
     assert errors[-1] < 1e-10
 
 
+@pytest.mark.parametrize("shape", [(40, 40), (30, 50), (50, 30)])
+def test_truncated_svd_of_float64_is_optimal_down_to_float64_round_off(shape):
+    # singular values from 1 to 1e-14: a Gram matrix would square them and lose everything below about 1e-8
+    m, n = shape
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=_gen(1), dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=_gen(2), dtype=torch.float64))[0]
+    s = torch.logspace(0, -14, k, dtype=torch.float64)
+    matrix = u @ torch.diag(s) @ v.T
+    for rank in (k // 2, k - 5, k - 1):
+        left, right = factorize.truncated_svd(matrix, rank)
+        optimum = float(s[rank:].norm())
+        assert float((left @ right - matrix).norm()) <= 10 * optimum + 1e-15, rank
+    assert torch.allclose(factorize.singular_values(matrix), s, rtol=1e-6, atol=1e-15)
+
+
 def test_truncated_svd_balanced_split():
     a = torch.randn(12, 9, generator=_gen(2), dtype=torch.float64)
     left, right = factorize.truncated_svd(a, 4)
@@ -344,6 +360,17 @@ def test_cp_als_weights_in_first_factor_whatever_the_mode_sizes():
     for f in factors[1:]:
         torch.testing.assert_close(f.norm(dim=0), torch.ones(4, dtype=torch.float64))
     assert err == pytest.approx(_rel(factorize.cp_to_tensor(factors), t), rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-20, 1e-30])
+def test_cp_als_is_scale_invariant(scale):
+    # the factor that carries the scale once had Grams that overflowed or vanished in float32: zero factors
+    tensor = torch.randn(12, 8, 9, generator=_gen(4))
+    factors, error = factorize.cp_als(tensor, 6)
+    scaled, scaled_error = factorize.cp_als(tensor * scale, 6)
+    assert scaled_error == pytest.approx(error, rel=1e-3)
+    rebuilt = factorize.cp_to_tensor([f.double() for f in scaled])
+    assert _rel(rebuilt, (tensor * scale).double()) == pytest.approx(error, rel=1e-3)
 
 
 def test_cp_als_never_nan():

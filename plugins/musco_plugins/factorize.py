@@ -53,9 +53,13 @@ def _gram_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors of ``matrix @ matrix.T`` computed in float64.
 
     For the wide matrices of layer weights this is 5-15x faster than an SVD, and float64 keeps the leading
-    singular subspace and the spectrum accurate far below float32 round-off.
+    singular subspace and the spectrum accurate far below float32 round-off. A float64 matrix gets an SVD: its
+    Gram would keep only half of its digits.
     """
     m = matrix.detach().to(torch.float64)
+    if matrix.dtype == torch.float64:  # the Gram squares the condition number: it would lose half of float64's digits
+        vectors, values, _ = torch.linalg.svd(m, full_matrices=m.shape[0] > m.shape[1])
+        return torch.cat([values.square(), values.new_zeros(m.shape[0] - values.numel())]), vectors
     values, vectors = torch.linalg.eigh(m @ m.T)
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
@@ -66,6 +70,8 @@ def singular_values(matrix: Tensor) -> Tensor:
     _check_matrix(matrix, "matrix")
     smaller = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
     m = smaller.detach().to(torch.float64)
+    if matrix.dtype == torch.float64:  # as in _gram_eigh
+        return torch.linalg.svdvals(m)
     return torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0).sqrt().to(compute_dtype(matrix))
 
 
@@ -258,12 +264,12 @@ def tucker2(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10,
     u_out = _leading_left(unfold(w, 0), r_out)
     u_in = _leading_left(unfold(w, 1), r_in)
     core = torch.einsum("OC...,Oo,Cc->oc...", w, u_out, u_in)
-    norm2 = w.square().sum()
-    tiny = torch.finfo(w.dtype).tiny
+    norm2 = w.double().square().sum()  # float64: squares of 1e20 or 1e-30 weights neither overflow nor vanish
+    tiny = torch.finfo(torch.float64).tiny
 
     def fit_of(c: Tensor) -> float:
         # ||W - recon||^2 = ||W||^2 - ||core||^2 for orthonormal factors.
-        resid = (norm2 - c.square().sum()).clamp_min(0).sqrt() / norm2.sqrt().clamp_min(tiny)
+        resid = (norm2 - c.double().square().sum()).clamp_min(0).sqrt() / norm2.sqrt().clamp_min(tiny)
         return 1.0 - float(resid)
 
     fit = fit_of(core)
@@ -498,6 +504,11 @@ def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-5, 
         raise ValueError(f"tensor of shape {tuple(t.shape)} has non-finite entries (nan or inf)")
     if float(norm_t2) == 0.0:
         return [t.new_zeros(n, rank) for n in t.shape], 0.0
+    # ALS runs on the tensor scaled to unit norm: at 1e20 or 1e-30 the Gram matrices of the factor that carries the
+    # scale would overflow or vanish in float32, and the normal equations give zero factors
+    scale = float(norm_t2.sqrt())
+    t = t / scale
+    norm_t2 = t.double().square().sum()
     tiny = torch.finfo(dtype).tiny
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -558,6 +569,7 @@ def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-5, 
     factors[last] = factors[last] / weights.clamp_min(tiny)
     factors[0] = factors[0] * weights
     rel_error = float((t - cp_to_tensor(factors)).norm() / norm_t2.sqrt())
+    factors[0] = factors[0] * scale
     return factors, rel_error
 
 
