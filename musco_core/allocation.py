@@ -65,7 +65,7 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
         def price(ranks: Ranks | None, decomposer=decomposer):
             layouts = current if ranks is None else [widen(layout, source.spec.groups)
                                                      for layout in decomposer.layout(group_spec, ranks)]
-            return chain_cost(source.spec, layouts, input_shape)
+            return chain_cost(source.spec, layouts, stats.input_calls if stats else None)
 
         def measure(ranks_list: Sequence[Ranks | None], decomposer=decomposer) -> list[float]:
             chains = [Chain(source.spec, current if ranks is None else tuple(

@@ -612,8 +612,8 @@ def config() -> None:
 @INPUT_SHAPE
 @_friendly
 def generate(model_spec, weights, config_type, input_shape) -> None:
-    """Print a default schedule for a model as YAML."""
-    from .config import generate_model_compr_kwargs
+    """Print a default schedule for a model as YAML, with why each layer it leaves out is left out in a comment."""
+    from .config import generate_model_compr_kwargs, generated_exclusions
     from .registry import default_registry
     from .stats import ModelStats
 
@@ -623,13 +623,33 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
     layers = generate_model_compr_kwargs(stats, config_type, registry=registry)
     settings = RunSettings()
     document = {"version": SCHEMA_VERSION,
-                "settings": {"ft_every": settings.ft_every, "nglobal_compress_iters": settings.nglobal_compress_iters},
-                "layers": layers}
+                "settings": {"ft_every": settings.ft_every, "nglobal_compress_iters": settings.nglobal_compress_iters}}
     selector = registry.rank_selectors.entries.get(config_type)
     if selector is not None and selector.component.scope == "model":  # its target, to edit, in one place
         document["settings"]["algo_kwargs"] = {
             config_type: ScheduleCodec.unstructure_params(selector.component.Params())}
-    click.echo(yaml.safe_dump(document, sort_keys=False, default_flow_style=None), nl=False)
+    reasons = generated_exclusions(stats, config_type, registry=registry)
+    click.echo(yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+               + _layers_yaml(layers, reasons, stats.in_model_order(dict.fromkeys([*layers, *reasons]))), nl=False)
+
+
+def _layers_yaml(layers: dict[str, Any], reasons: dict[str, str], order: list[str]) -> str:
+    """A schedule's ``layers:`` as YAML, in ``order``, with why each layer is left out as a comment: on the line of
+    one set to null, or a line of its own for one the schedule does not name (it must not be replaced). YAML
+    readers drop comments: they are for the person who edits the file."""
+    lines = ["layers:" if layers else "layers: {}"]
+    for name in order:
+        why = f"left out: {' '.join(reasons[name].split())}" if name in reasons else None
+        if name not in layers:
+            lines.append(f"  # {yaml.safe_dump(name).splitlines()[0]}: {why}")
+            continue
+        value = layers[name]  # a layer's settings in flow style on its line, as the rest of the file has them
+        entry = yaml.safe_dump({name: value}, sort_keys=False,
+                               default_flow_style=None if isinstance(value, dict) else False).splitlines()
+        if why is not None:
+            entry[-1] += f"  # {why}"
+        lines.extend(f"  {line}" for line in entry)
+    return "\n".join(lines) + "\n"
 
 
 @config.command()

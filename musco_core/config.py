@@ -5,7 +5,10 @@ import logging
 import math
 from typing import Any
 
+import attrs
+
 from .components import Cost, Decomposer, LayerSpec, WeightSource
+from .engine import one_group
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .schedule import ModelSchedule, ScheduleCodec
@@ -23,10 +26,25 @@ def _default_decomposition(layer: LayerStats) -> str:
 
 
 def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params, registry: Registry) -> str | None:
-    """Why the default entry would not shrink this layer (checked from its geometry alone), or None."""
+    """Why the default entry would not shrink this layer (checked from its geometry alone), or None.
+
+    A grouped convolution is decomposed group by group, so it is checked as one of its groups: a depthwise one
+    (one input channel per group) has nothing to shrink."""
     spec = layer.spec
-    if spec.groups != 1:
-        return "grouped convolution"
+    if spec.groups != 1 and spec.in_channels == spec.groups:
+        return (f"depthwise convolution: each of its {spec.groups} groups has one input channel, which no "
+                f"decomposition makes smaller")
+    reason = _group_why_not(one_group(spec), decomposition, rank_selection, params, registry)
+    if reason and spec.groups != 1:
+        group = one_group(spec)
+        return (f"grouped convolution, decomposed group by group: for each of its {spec.groups} groups "
+                f"({group.in_channels} -> {group.out_channels} channels) {reason}")
+    return reason
+
+
+def _group_why_not(spec: LayerSpec, decomposition: str, rank_selection: str, params, registry: Registry
+                   ) -> str | None:
+    """:func:`_why_not` for a layer of one group."""
     decomposer = registry.decompositions.get(decomposition)
     reason = decomposer.unsupported_reason(spec)
     if reason:
@@ -125,7 +143,8 @@ def _generate(stats: ModelStats, config_type: str, registry: Registry
             selector = registry.rank_selectors.get(config_type)
             params = selector.Params()
             reason = (_why_not(layer, decomposition, config_type, params, registry)
-                      or _unsafe_reason(layer, decomposition, registry, outputs.get(name)))
+                      or _unsafe_reason(attrs.evolve(layer, spec=one_group(layer.spec)), decomposition, registry,
+                                        outputs.get(name)))  # a grouped layer's floor is its groups'
             if reason:
                 log.info("generate_model_compr_kwargs: layer %r left uncompressed: %s", name, reason)
                 config[name] = None
@@ -161,7 +180,8 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
     (weakening 0.8); ``param_reduction``: the same decompositions with rate 2; ``budget``: the same decompositions
     with ranks from the whole-model ``budget`` selector (its target goes in ``algo_kwargs``); ``template``:
     placeholders.
-    Layers the default would not shrink (grouped convs, tiny layers, ranks beyond the dimensions) get None, as do
+    Layers the default would not shrink (depthwise convs, tiny layers, ranks beyond the dimensions; a grouped conv
+    is decomposed, and so checked, group by group) get None, as do
     the output layer (see :func:`output_layers`) and layers whose rank would fall below :func:`rank_floor`; layers
     that must not be replaced (``model_stats.excluded``: a computation of their own, hooks, weights read by their
     owner, not reached by the example input) are left out. The reasons are logged and returned by

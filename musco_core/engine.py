@@ -194,9 +194,13 @@ def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tup
 def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settings: RunSettings,
                    registry: Registry, input_shape: Sequence[int] | None = None, *,
                    ranks: tuple[int, ...] | None = None, keep_note: str | None = None,
-                   input_stats: InputStats | None = None
+                   input_stats: InputStats | None = None, calls: Sequence[tuple[Sequence[int], int]] | None = None
                    ) -> tuple[FactorizedLayer | None, LayerResult]:
     """Factorizes ``module`` per ``schedule``; returns the new layer (None when it is kept) and the result.
+
+    ``input_shape`` is the layer's input on the example input (the new layer is checked on it); ``calls`` every
+    input shape it runs at with its number of calls (:attr:`~musco_core.stats.LayerStats.input_calls`), which the
+    result's MACs count, by default one call at ``input_shape``.
 
     ``ranks`` chosen by a whole-model rank selector replace the schedule's per-layer selection; ``keep_note``
     keeps the layer as it is, with that note. ``input_stats`` (the layer's calibration statistics) reach the
@@ -216,7 +220,9 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     decomposer.check(group_spec)
     stage = schedule.curr_compr_iter
     current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
-    params_before, macs_before = before = chain_cost(spec, current_layouts, input_shape)
+    if calls is None and input_shape is not None:
+        calls = ((input_shape, 1),)
+    params_before, macs_before = before = chain_cost(spec, current_layouts, calls)
     if keep_note is not None:
         log.info("layer %r: %s", name, keep_note)
         return None, LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, None, False,
@@ -241,7 +247,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
 
     group_layouts = decomposer.layout(group_spec, ranks)
     layouts = [widen(layout, spec.groups) for layout in group_layouts]
-    params_after, macs_after = after = chain_cost(spec, layouts, input_shape)
+    params_after, macs_after = after = chain_cost(spec, layouts, calls)
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
 

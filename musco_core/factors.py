@@ -94,7 +94,10 @@ def widen(layout: FactorLayout, groups: int) -> FactorLayout:
                         groups=layout.groups * groups)
 
 
-def chain_cost(spec: LayerSpec, layouts: Sequence[FactorLayout], input_shape: Sequence[int] | None) -> Cost:
-    """Weights and MACs (None without an input shape) of a chain of factors standing for a layer of ``spec``."""
-    macs = None if input_shape is None else chain_macs(spec, layouts, input_shape)
+def chain_cost(spec: LayerSpec, layouts: Sequence[FactorLayout],
+               calls: Sequence[tuple[Sequence[int], int]] | None) -> Cost:
+    """Weights and MACs of a chain of factors standing for a layer of ``spec``, the MACs summed over ``calls``: each
+    input shape (batch included) the layer runs at with its number of calls (see
+    :attr:`~musco_core.stats.LayerStats.input_calls`); None when unknown, and then the MACs are too."""
+    macs = None if calls is None else sum(count * chain_macs(spec, layouts, shape) for shape, count in calls)
     return Cost(sum(layout.n_params for layout in layouts), macs)

@@ -52,7 +52,7 @@ class CompressionReport:
     """Every layer compression so far (one row per layer and stage) and the model's totals.
 
     ``params_*`` count every parameter of the model; ``macs_*`` count the compressible layers on the example
-    input (None when no input shapes were known).
+    input, every call of a layer the forward calls more than once (None when no input shapes were known).
     """
 
     layers: list[LayerResult]

@@ -496,7 +496,8 @@ def _decompose(jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunCo
         stats = context.model_stats.layers.get(name)
         try:
             return compress_layer(job.module, name, job.layer, schedule.settings, registry,
-                                  stats.input_shape if stats else None, input_stats=job.input_stats, **job.chosen)
+                                  stats.input_shape if stats else None, input_stats=job.input_stats,
+                                  calls=stats.input_calls if stats else None, **job.chosen)
         except Exception as exc:  # a plugin's bug must not leave the model half-compressed either
             reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
             named = reason if reason.startswith(f"layer {name!r}") else f"layer {name!r}: {reason}"

@@ -35,20 +35,39 @@ class LayerStats:
     name: str
     type: type
     spec: LayerSpec
+    #: The first call's shapes (a layer the forward calls more than once has more in :attr:`calls`).
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
+    #: Every call on the example input as ``(input shape, output shape, number of calls)``, one entry per pair of
+    #: shapes, the first call's first: a module the forward calls more than once (shared by two blocks, run in a
+    #: loop, applied at each level of a feature pyramid) costs its MACs at every call. Defaults to one call at
+    #: :attr:`input_shape` and :attr:`output_shape`.
+    calls: tuple[tuple[tuple[int, ...] | None, tuple[int, ...], int], ...] = attrs.field(kw_only=True)
+
+    @calls.default
+    def _one_call(self) -> tuple[tuple[tuple[int, ...] | None, tuple[int, ...], int], ...]:
+        return () if self.output_shape is None else ((self.input_shape, self.output_shape, 1),)
 
     @property
     def params(self) -> int:
         return self.spec.n_weights + (self.spec.out_channels if self.spec.has_bias else 0)
 
     @property
+    def input_calls(self) -> tuple[tuple[tuple[int, ...], int], ...] | None:
+        """Each input shape the layer runs at with its number of calls, as :func:`~musco_core.factors.chain_cost`
+        counts MACs; None when unknown."""
+        if not self.calls or any(input_shape is None for input_shape, _, _ in self.calls):
+            return None
+        return tuple((input_shape, count) for input_shape, _, count in self.calls)
+
+    @property
     def macs(self) -> int | None:
-        """Multiply-accumulates on the example input: every output value costs one weight row."""
-        if self.output_shape is None:
+        """Multiply-accumulates on the example input, every call counted: every output value costs one weight row."""
+        if not self.calls:
             return None
         channel_axis = -1 if self.spec.spatial_dims == 0 else 1
-        positions = math.prod(self.output_shape) // self.output_shape[channel_axis]
+        positions = sum(count * (math.prod(output_shape) // output_shape[channel_axis])
+                        for _, output_shape, count in self.calls)
         return positions * self.spec.n_weights
 
 
@@ -134,7 +153,7 @@ class ModelStats:
                     readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
             elif isinstance(module, LAYER_KINDS):
                 excluded[name] = registry.unsupported_reason(module)
-        shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        shapes: dict[str, dict[tuple[tuple[int, ...], tuple[int, ...]], int]] = {}
         total_flops = output_layers = None
         if example_input is not None:
             shapes, total_flops, not_run, returned = _run_example(
@@ -143,7 +162,8 @@ class ModelStats:
             readable = {name: entry for name, entry in readable.items() if name not in not_run}
             output_layers = tuple(name for name in readable if name in returned)
         order = tuple(name for name, _ in model.named_modules() if name in readable or name in excluded)
-        return cls({name: LayerStats(name, type(module), spec, *shapes.get(name, (None, None)))
+        return cls({name: LayerStats(name, type(module), spec, *next(iter(shapes.get(name, {})), (None, None)),
+                                     calls=tuple((*pair, count) for pair, count in shapes.get(name, {}).items()))
                     for name, (module, spec) in readable.items()}, total_flops,
                    {name: excluded[name] for name in order if name in excluded}, output_layers, order=order)
 
@@ -157,19 +177,23 @@ class ModelStats:
                 excluded[name] = ("FlopCo's example input never reaches it (no shapes recorded), so it cannot be "
                                   "checked; leave it out or give an example input that reaches it")
                 continue
-            input_shape, output_shape = tuple(flopco.input_shapes[name][0]), tuple(flopco.output_shapes[name][0])
+            calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+            for pair in zip(map(tuple, flopco.input_shapes[name]), map(tuple, flopco.output_shapes[name])):
+                calls[pair] = calls.get(pair, 0) + 1  # FlopCo records every call
+            input_shape, output_shape = next(iter(calls))
             if issubclass(info["type"], nn.Linear):
                 spec = LayerSpec("linear", output_shape[-1], input_shape[-1])
             else:
                 kernel = tuple(info["kernel_size"])
                 spec = LayerSpec("conv", output_shape[1], input_shape[1], kernel, (1,) * len(kernel),
                                  (0,) * len(kernel), (1,) * len(kernel), info.get("groups", 1))
-            layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape)
+            layers[name] = LayerStats(name, info["type"], spec, input_shape, output_shape,
+                                      calls=tuple((*pair, count) for pair, count in calls.items()))
         return cls(layers, excluded=excluded, order=tuple(flopco.ltypes))
 
 
 class _LayerWatch(TorchDispatchMode):
-    """Watches one forward pass: each layer's input and output shape when it is called, and every op that uses a
+    """Watches one forward pass: each layer's input and output shapes at each of its calls, and every op that uses a
     layer's parameters outside the layer's own call (an owner passing them to a fused op, or reading them).
 
     Module hooks are registered globally, not on the modules: torch's fused fast paths (``nn.TransformerEncoderLayer``
@@ -194,7 +218,7 @@ class _LayerWatch(TorchDispatchMode):
             if not isinstance(module, FactorizedLayer):
                 for parameter in module.parameters(recurse=False):
                     self.users.setdefault(id(parameter), []).append(name)
-        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.shapes: dict[str, dict[tuple[tuple[int, ...], tuple[int, ...]], int]] = {}  # (input, output): calls
         self.called: set[str] = set()
         self.foreign: dict[str, str] = {}  # layer -> the module whose code used its parameters
         self.running: list[nn.Module] = []
@@ -226,7 +250,8 @@ class _LayerWatch(TorchDispatchMode):
         name = self.layers.get(id(module))
         x = None if name is None else first_input(module, args, kwargs)
         if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
-            self.shapes.setdefault(name, (tuple(x.shape), tuple(output.shape)))
+            calls, shapes = self.shapes.setdefault(name, {}), (tuple(x.shape), tuple(output.shape))
+            calls[shapes] = calls.get(shapes, 0) + 1
             self.calls.append((name, tuple(output.shape)))
             self.outputs.setdefault(name, []).append(weakref.ref(_root(output)))
 
@@ -313,7 +338,7 @@ def _bounded(text: str, limit: int) -> str:
 
 
 def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_input: Any, count_flops: bool):
-    """One forward pass recording each layer's input/output shape, if asked the FLOPs of the whole pass, why each
+    """One forward pass recording each layer's calls (input/output shapes: count), if asked the FLOPs of the whole pass, why each
     layer that did not run as a layer cannot be replaced, and the layers whose output the model returns."""
     modes = {module: module.training for module in model.modules()}
     try:
@@ -388,8 +413,8 @@ def _differences(given: ModelStats, own: ModelStats, modules: Mapping[str, nn.Mo
         else:
             fields = [(field, getattr(theirs.spec, field), getattr(ours.spec, field)) for field in geometry]
             fields += [(shape, getattr(theirs, shape), getattr(ours, shape))
-                       for shape in ("input_shape", "output_shape")
-                       if getattr(theirs, shape) is not None and getattr(ours, shape) is not None]
+                       for shape in ("input_shape", "output_shape", "calls")
+                       if getattr(theirs, shape) and getattr(ours, shape)]  # where both know them
         changed = [f"{field} {value} where the model has {actual}"
                    for field, value, actual in fields if value != actual]
         if changed:

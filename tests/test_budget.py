@@ -497,3 +497,44 @@ def test_a_reduction_of_at_most_1_is_refused_without_naming_another_metric(regis
         Compressor(nn.Sequential(nn.Linear(8, 8)), example_input=torch.randn(1, 8), model_compr_kwargs=document,
                    registry=registry, progress=False)
     assert "parameter count" not in str(error.value)
+
+
+class SharedLinear(nn.Module):
+    """One Linear under two names, called twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.shared, self.b, self.head = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 256), \
+            nn.Linear(256, 10)
+        self.alias = self.shared
+
+    def forward(self, x):
+        h = torch.relu(self.shared(torch.relu(self.a(x))))
+        return self.head(torch.relu(self.b(torch.relu(self.alias(h)))))
+
+
+def test_a_layer_called_twice_is_priced_and_reported_at_both_calls(registry):
+    # its MACs were counted once: the report said 600,064 -> 288,768 (2.078x) where the model ran 862,208 -> 403,456
+    torch.manual_seed(0)
+    model, x = SharedLinear().eval(), torch.randn(4, 64)
+
+    def macs(net):
+        counted = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: counted.append(o.numel() * mod.in_features))
+                 for m in net.modules() if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            net(x)
+        for hook in hooks:
+            hook.remove()
+        return sum(counted)
+
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ["a", "shared", "b"]}
+    compressor = Compressor(model, example_input=x, model_compr_kwargs=schedule, ft_every=3, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "flops"}}, progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    report = compressor.report()
+    assert (report.macs_before, report.macs_after) == (macs(model), macs(compressor.compressed_model))
+    (row,) = [r for r in report.layers if r.name == "shared"]
+    assert row.macs_before == 2 * 4 * 256 * 256 and row.macs_after == 2 * 4 * sum(row.ranks) * 512
+    assert report.budgets[-1].planned == pytest.approx(report.macs_ratio)

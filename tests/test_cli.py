@@ -34,6 +34,14 @@ FACTORIES = textwrap.dedent("""
 
     def broken():
         raise RuntimeError("broken factory")
+
+    class Unreached(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x).flatten(1))  # self[2] never runs
+
+    def unreached():
+        torch.manual_seed(0)
+        return Unreached(nn.Conv2d(3, 32, 3, padding=1), nn.Linear(32 * 16 * 16, 64), nn.Linear(64, 64))
 """)
 
 
@@ -248,3 +256,25 @@ def test_a_generated_budget_schedule_meets_its_target_from_the_command_line(fact
     assert "budget pass 1/1: target 1.800x flops, planned" in result.output
     report = yaml.safe_load((out / "report.json").read_text())
     assert 1.8 <= report["totals"]["macs_ratio"] <= 1.8 * 1.02
+
+
+def test_a_generated_schedule_says_why_each_layer_it_leaves_out_is_left_out(factories):
+    # the layers left out were a bare `null`, with no reason in the file, on stderr or in the report
+    result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "budget", "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    layers = result.output[result.output.index("layers:"):].splitlines()
+    assert layers[1] == "  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8"
+    assert layers[2].startswith("  '2': {decomposition: tucker2") and "#" not in layers[2]
+    assert layers[4].startswith("  '7': null  # left out: output layer (the model returns its output): truncating")
+    assert yaml.safe_load(result.output)["layers"]["7"] is None
+    result = run("config", "generate", "--model", "cli_factories:unreached", "--type", "vbmf",
+                 "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("""layers:
+  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8
+  '1': null  # left out: output layer (the model returns its output): truncating a classifier's logits costs the \
+most accuracy; name it in the schedule to compress it anyway
+  # '2': left out: the example input never reaches it (its forward did not run), so it cannot be checked; leave it \
+out or give an example input that reaches it
+""")
+    assert list(yaml.safe_load(result.output)["layers"]) == ["0", "1"]  # a layer that must not be replaced is unnamed

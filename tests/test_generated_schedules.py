@@ -215,3 +215,19 @@ def test_convolution_and_linear_layers_no_adapter_handles_are_left_out_with_the_
         exclusions = generated_exclusions(compressor.model_stats, "param_reduction", registry=registry)
     assert exclusions["up"] == left_out["up"]
     assert any("'up' left out: no adapter handles ConvTranspose2d" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["vbmf", "param_reduction", "budget"])
+def test_grouped_convolutions_are_scheduled_group_by_group_and_depthwise_ones_left_out_with_why(registry, kind):
+    # every grouped conv was left out as a bare "grouped convolution", though one of 2 groups shrinks like any conv
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1, groups=2),
+                          nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 64, 3, padding=1, groups=32),
+                          nn.Flatten(), nn.Linear(64 * 16, 10)).eval()
+    stats = ModelStats.from_model(model, registry, torch.randn(1, 3, 4, 4))
+    config, reasons = generate_model_compr_kwargs(stats, kind), generated_exclusions(stats, kind)
+    assert config["1"] is not None and "1" not in reasons
+    assert config["2"] is None and reasons["2"].startswith("depthwise convolution: each of its 64 groups has one "
+                                                           "input channel, which no decomposition makes smaller")
+    assert config["3"] is None and reasons["3"].startswith("grouped convolution, decomposed group by group: for "
+                                                           "each of its 32 groups (2 -> 2 channels) ")

@@ -1,6 +1,7 @@
 """Model statistics: exact per-layer counts on the example input, and no side effects on the model."""
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from flopco import FlopCo
@@ -104,6 +105,38 @@ def test_flopco_statistics_are_accepted_and_agree(registry):
         assert theirs.layers[name].spec.kernel_size == layer.spec.kernel_size
         assert theirs.layers[name].macs == layer.macs, name
     assert ours.ltypes["layer1.0.conv1"] == {"type": nn.Conv2d, "kernel_size": (3, 3), "groups": 1}
+
+
+class Shared(nn.Module):
+    """A conv applied at two resolutions (a feature pyramid's shared head) and a Linear called twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        small = nn.functional.avg_pool2d(x, 2)
+        y = self.head(x).mean((2, 3)) + self.head(small).mean((2, 3))
+        return self.fc(self.fc(y))
+
+
+def test_a_layer_called_more_than_once_costs_its_macs_at_every_call(registry):
+    # only the first call was counted: the report and a flops budget saw 10,400 of the 13,024 MACs the model runs
+    model, x = Shared(), torch.randn(2, 4, 6, 6)
+    stats = ModelStats.from_model(model, registry, x)
+    head = stats.layers["head"]
+    assert head.input_shape == (2, 4, 6, 6)  # the first call's
+    assert head.calls == (((2, 4, 6, 6), (2, 4, 6, 6), 1), ((2, 4, 3, 3), (2, 4, 3, 3), 1))
+    assert head.macs == 2 * (36 + 9) * 4 * 4 * 9
+    assert stats.layers["fc"].calls == (((2, 4), (2, 4), 2),) and stats.layers["fc"].macs == 2 * 2 * 4 * 4
+    assert stats.total_macs == 13024
+    flopco = ModelStats.from_flopco(FlopCo(model, img_size=(2, 4, 6, 6)))
+    assert {name: layer.macs for name, layer in flopco.layers.items()} == {"head": head.macs, "fc": 64}
+    one_call = ModelStats({"fc": attrs.evolve(stats.layers["fc"], calls=(((2, 4), (2, 4), 1),))})
+    with pytest.raises(ConfigError, match="layer 'fc': calls"):  # statistics that miss a call are not the model's
+        Compressor(model, one_call, {"fc": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [2]}},
+                   example_input=x, progress=False, registry=registry)
 
 
 def small_net(width: int = 16, kernel: int = 3, stride: int = 1) -> nn.Module:
