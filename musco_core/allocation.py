@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .calibration import forms_features
 from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .config import output_layers
 from .engine import (LayerResult, _checked_ranks, _plugin_component, compress_layer, read_layer, split_groups,
                      usable_decompositions)
 from . import distributed
@@ -61,7 +60,7 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
     stats = context.model_stats.layers.get(name)
     input_shape = stats.input_shape if stats else None
-    output_layer = name in output_layers(context.model_stats)
+    output_layer = name in (context.model_stats.output_layers or ())  # known with an example input
     choices = []
     for decomposer in usable_decompositions(context.registry, layer, group_spec):
         def price(ranks: Ranks | None, decomposer=decomposer):

@@ -125,7 +125,7 @@ def monotone(values: np.ndarray) -> np.ndarray:
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
             blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
-    return np.concatenate([np.full(int(count), mean) for mean, count in blocks])
+    return np.concatenate([np.full(int(count), mean) for mean, count in blocks]) if blocks else values
 
 
 def latency_pricer(choice: LayerChoice, family: Sequence[tuple[int, ...]]) -> Pricer:
