@@ -60,6 +60,7 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
     stats = context.model_stats.layers.get(name)
     input_shape = stats.input_shape if stats else None
+    output_layer = name in (context.model_stats.output_layers or ())  # known with an example input
     choices = []
     for decomposer in usable_decompositions(context.registry, layer, group_spec):
         def price(ranks: Ranks | None, decomposer=decomposer):
@@ -74,7 +75,8 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
             return profiler.seconds([chains])[0]
 
         choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape,
-                                   measure=None if profiler is None or input_shape is None else measure))
+                                   measure=None if profiler is None or input_shape is None else measure,
+                                   output_layer=output_layer))
     return choices
 
 

@@ -368,7 +368,9 @@ class LayerChoice:
     ``input_shape`` its input on the example input (None when unknown). ``sensitivity`` is how much the model's
     loss grows per unit of the layer's relative squared weight error, from a sensitivity pass (1.0 without one).
     ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`); ``measure`` its measured times (see
-    :meth:`seconds`), given only to a selector that :meth:`~RankSelector.measures_latency`.
+    :meth:`seconds`), given only to a selector that :meth:`~RankSelector.measures_latency`. ``output_layer``: the
+    model returns the layer's output (see :func:`musco_core.config.output_layers`), so its ranks should stay at
+    least its output count (see :func:`musco_core.config.rank_floor`).
     """
 
     name: str
@@ -380,6 +382,7 @@ class LayerChoice:
     input_shape: tuple[int, ...] | None = None
     sensitivity: float = 1.0
     measure: Callable[[Sequence[tuple[int, ...] | None]], list[float]] | None = None
+    output_layer: bool = False
 
     def seconds(self, ranks: Sequence[tuple[int, ...] | None]) -> list[float]:
         """Measured seconds of the layer at each of ``ranks`` (None: as it is now) on its input shape, on this

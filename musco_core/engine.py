@@ -215,19 +215,19 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     if not all(torch.isfinite(w).all() for w in current):
         raise CompressionError(f"layer {name!r} has non-finite weights (NaN or Inf); fix the model or leave the "
                                f"layer out of the schedule")
-    decomposer = registry.decompositions.get(schedule.decomposition)
-    group_spec, group_sources = split_groups(source)
-    decomposer.check(group_spec)
     stage = schedule.curr_compr_iter
     current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
     if calls is None and input_shape is not None:
         calls = ((input_shape, 1),)
     params_before, macs_before = before = chain_cost(spec, current_layouts, calls)
-    if keep_note is not None:
+    if keep_note is not None:  # labelled with the decompositions it lists: none of them was applied
         log.info("layer %r: %s", name, keep_note)
-        return None, LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, None, False,
+        return None, LayerResult(name, "/".join(schedule.candidates), schedule.rank_selection, stage, None, False,
                                  params_before, params_before, macs_before, macs_before, note=keep_note,
                                  seconds=time.perf_counter() - started)
+    decomposer = registry.decompositions.get(schedule.decomposition)
+    group_spec, group_sources = split_groups(source)
+    decomposer.check(group_spec)
     selector = registry.rank_selectors.get(schedule.rank_selection)
     chooser = _plugin_component(registry.rank_selectors, selector.name)
     if ranks is None:

@@ -361,7 +361,6 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if name in allocated:
             allocation = allocated.pop(name)
             if allocation is None:
-                layer = attrs.evolve(layer, decomposition=usable_candidates(model, schedule, registry, name)[0].name)
                 chosen = {"keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
             else:
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
@@ -581,7 +580,8 @@ def check_resumable(model: nn.Module, state: RunState, registry: Registry, model
             problems.append(f"$.history[{index}].name: {result.name!r} is not compressed by the schedule")
             continue
         arity = _arity(registry, layer.candidates, result.decomposition)
-        if arity is None or result.stage != stage[result.name] or (
+        listed = result.ranks is None and result.decomposition == "/".join(layer.candidates)  # kept, none chosen
+        if arity is None and not listed or result.stage != stage[result.name] or (
                 result.ranks is not None and len(result.ranks) != arity):
             problems.append(f"$.history[{index}]: {result.decomposition} stage {result.stage} ranks "
                             f"{result.ranks} does not fit the schedule ({'/'.join(layer.candidates)}, stage "

@@ -538,3 +538,37 @@ def test_a_layer_called_twice_is_priced_and_reported_at_both_calls(registry):
     (row,) = [r for r in report.layers if r.name == "shared"]
     assert row.macs_before == 2 * 4 * 256 * 256 and row.macs_after == 2 * 4 * sum(row.ranks) * 512
     assert report.budgets[-1].planned == pytest.approx(report.macs_ratio)
+
+
+def test_a_kept_layer_with_several_candidates_claims_none_of_them(registry, tmp_path):
+    # it was labelled with its first candidate (tucker2) as if that had been chosen
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 8, 1)).eval()
+    schedule = {name: {"decomposition": ["tucker2", "svd"], "rank_selection": "budget"} for name in ("2", "4")}
+    compressor = Compressor(model, example_input=torch.randn(1, 3, 8, 8), model_compr_kwargs=schedule, ft_every=2,
+                            all_algo_kwargs={"budget": {"reduction": 1.05, "metric": "params", "scope": "compressed"}},
+                            registry=registry, progress=False)
+    compressor.compression_step()
+    (kept,) = [row for row in compressor.report().layers if not row.applied]
+    assert (kept.decomposition, kept.ranks) == ("tucker2/svd", None)
+    assert any(line.split()[1:4] == [kept.name, "tucker2/svd", "kept"] for line in compressor.report().to_table()
+               .splitlines()[1:3])
+    compressor.save_state(tmp_path)  # the label is one the resumed run accepts
+    Compressor.resume(model, tmp_path, registry=registry, progress=False)
+
+
+def test_an_output_layer_keeps_at_least_its_output_count(registry):
+    # the budget cut a 100-class classifier to rank 8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 100),
+                          nn.ReLU(), nn.Linear(100, 128), nn.ReLU(), nn.Linear(128, 48)).eval()
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2", "4", "8")}
+    compressor = Compressor(model, example_input=torch.randn(4, 256), model_compr_kwargs=schedule, ft_every=4,
+                            all_algo_kwargs={"budget": {"reduction": 10.0, "metric": "params"}}, registry=registry,
+                            progress=False)
+    compressor.compression_step()
+    ranks = compressor.ranks
+    assert ranks["4"][0] < 100  # a hidden layer of 100 outputs goes lower
+    assert ranks["8"] is None or ranks["8"][0] >= 48  # the output layer does not (48 ranks would not shrink it)
+    assert "output layer(s) '8'" in compressor.report().budgets[0].note

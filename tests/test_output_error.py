@@ -203,7 +203,7 @@ def test_a_tucker2_budget_with_calibration_data_meets_its_target_over_two_passes
     while not compressor.done:
         compressor.compression_step()
     report = compressor.report()
-    assert [b.note for b in report.budgets] == [None, None]
+    assert all(b.note.startswith("output layer(s) '4' kept") for b in report.budgets)  # nothing else to say
     assert 1.6 <= report.macs_ratio <= 1.6 * 1.05
     assert any(r.stage == 1 and r.applied for r in report.layers)  # the core of a chain was priced and re-compressed
 

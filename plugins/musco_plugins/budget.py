@@ -125,7 +125,7 @@ def monotone(values: np.ndarray) -> np.ndarray:
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
             blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
-    return np.concatenate([np.full(int(count), mean) for mean, count in blocks])
+    return np.concatenate([np.full(int(count), mean) for mean, count in blocks]) if blocks else values
 
 
 def latency_pricer(choice: LayerChoice, family: Sequence[tuple[int, ...]]) -> Pricer:
@@ -171,12 +171,14 @@ def damage_tails(decomposer: Decomposer, source: WeightSource) -> list[np.ndarra
 def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = RankRounding(),
                   min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
     """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
-    faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``,
-    and the layer as it is; with the function that prices any ranks of the layer by ``metric``."""
+    faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``
+    (for an output layer, not below its output count either), and the layer as it is; with the function that prices
+    any ranks of the layer by ``metric``."""
     decomposer = choice.decomposer
     spectra = [damage_tails(decomposer, source) for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
-    floor = rank_floor(decomposer, choice.sources[0].spec, fraction=min_rank_fraction)
+    floor = rank_floor(decomposer, choice.sources[0].spec, output_layer=choice.output_layer,
+                       fraction=min_rank_fraction)
     ranks_list, seen = [], set()
     for r in range(decomposer.min_rank, max(limits) + 1):
         ranks = rounding(decomposer.rank_family(choice.sources[0].spec, r), limits)
@@ -348,11 +350,25 @@ class Budget(RankSelector):
         elif planned > target * 1.02:
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
+        floored = [name for name, group in by_layer.items()
+                   if any(_output_floor_binds(choice, params.min_rank_fraction) for choice in group)]
+        if floored:
+            note = "; ".join(filter(None, [note, (
+                f"output layer(s) {', '.join(map(repr, floored))} kept at ranks no lower than their output count "
+                f"(fewer directions than classes cannot keep them apart), or as they are where no such rank makes "
+                f"them smaller; a manual rank compresses one further")]))
         metric = f"{params.metric} (optimized)" if self.times_optimized(params) else params.metric
         log.info("budget pass %d/%d: target %.3fx %s, planned %.3fx over %d layers", pass_index + 1, n_passes,
                  target, metric, planned, len(by_layer))
         return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, metric, target, planned,
                           note, {choice.name: choice.decomposer.name for choice in choices})
+
+
+def _output_floor_binds(choice: LayerChoice, fraction: float) -> bool:
+    """Whether the layer is an output layer whose output count raises its rank floor."""
+    spec = choice.sources[0].spec
+    return choice.output_layer and (rank_floor(choice.decomposer, spec, output_layer=True, fraction=fraction)
+                                    != rank_floor(choice.decomposer, spec, fraction=fraction))
 
 
 #: Plans timed in place per pass of a latency budget, at most (see :func:`_calibrated`).
