@@ -226,7 +226,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                       pending_replacements(pending, module_paths(model)),
                                       optimized=selector.times_optimized(settings.params_for(selector)))
             chosen, record = _run_selector(selector, _plugin_component(registry.rank_selectors, selector.name),
-                                           choices, members, totals, pass_index, settings)
+                                           choices, members, totals, pass_index, settings,
+                                           uncounted_outside(state, selector.name, layer.curr_compr_iter, pending))
         finally:
             if profiler is not None:
                 profiler.close()
@@ -240,12 +241,32 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
              for member, value in plan["chosen"].items()}, BudgetRecord(**plan["record"]))
 
 
+def uncounted_outside(state: RunState, selector: str, stage: int, pending: Mapping[str, Any]) -> list[str]:
+    """The layers outside ``selector`` that the run compresses after its allocation at ``stage`` and before its
+    next pass (later in the current step, where the step has not reached them, and in the steps after it): the
+    allocation counts them as they are now."""
+    schedule = state.schedule
+    current = state.steps[state.next_step]
+    uncounted = [name for name in current if name not in pending and schedule.layers[name].rank_selection != selector]
+    taken = dict.fromkeys(current, 1)  # compressions of each layer from the current step on
+    for step in state.steps[state.next_step + 1:]:
+        if any(schedule.layers[name].rank_selection == selector
+               and schedule.layers[name].curr_compr_iter + taken.get(name, 0) > stage for name in step):
+            break  # the selector's next pass, whose allocation counts them
+        uncounted += [name for name in step if schedule.layers[name].rank_selection != selector
+                      and name not in uncounted]
+        for name in step:
+            taken[name] = taken.get(name, 0) + 1
+    return uncounted
+
+
 def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoice], members: Sequence[str],
-                  totals: ModelTotals, pass_index: int, settings: RunSettings
+                  totals: ModelTotals, pass_index: int, settings: RunSettings, uncounted: Sequence[str] = ()
                   ) -> tuple[dict[str, Allocated | None], BudgetRecord]:
     """The selector's allocation for a pass, checked: a decomposition and ranks (or None) for every member, the
     ranks plain ints (a numpy int from the selector would reach the plan's broadcast and the run state); ``who``
-    names the selector and its plugin."""
+    names the selector and its plugin; ``uncounted`` the layers outside it that the plan counts as they are now
+    although the run compresses them before the selector's next pass (its note names them)."""
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
@@ -275,8 +296,12 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
             chosen[member] = Allocated(decomposition, _checked_ranks(ranks, candidates[decomposition], member, who))
         except CompressionError as exc:
             raise CompressionError(f"{exc}; the model was left as before this step") from None
-    if allocation.note:
-        log.warning("%s: %s", selector.name, allocation.note)
+    note = "; ".join(filter(None, [allocation.note, uncounted and (
+        f"layer(s) {', '.join(map(repr, uncounted))} outside it are compressed after this plan and counted as they "
+        f"are now: the model can end more reduced than planned (compress them in an earlier step, or under the "
+        f"same selector)")])) or None
+    if note:
+        log.warning("%s: %s", selector.name, note)
     record = BudgetRecord(selector.name, pass_index, settings.nglobal_compress_iters, allocation.metric,
-                          allocation.target, allocation.planned, allocation.note)
+                          allocation.target, allocation.planned, note)
     return chosen, record

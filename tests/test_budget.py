@@ -572,3 +572,33 @@ def test_an_output_layer_keeps_at_least_its_output_count(registry):
     assert ranks["4"][0] < 100  # a hidden layer of 100 outputs goes lower
     assert ranks["8"] is None or ranks["8"][0] >= 48  # the output layer does not (48 ranks would not shrink it)
     assert "output layer(s) '8'" in compressor.report().budgets[0].note
+
+
+def mlp_with_a_manual_layer(order, ft_every, registry):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),
+                          nn.ReLU(), nn.Linear(256, 10)).eval()
+    manual = {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [16]}
+    schedule = {"version": 1, "settings": {"ft_every": ft_every, "algo_kwargs": {"budget": {"reduction": 2.5,
+                                                                                             "metric": "params"}}},
+                "layers": {name: manual if name == "0" else {"decomposition": "svd", "rank_selection": "budget"}
+                           for name in order}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, registry=registry, progress=False)
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
+@pytest.mark.parametrize("order, ft_every, uncounted", [
+    (["0", "2", "4"], 3, False),  # compressed before the allocation, in its step: counted
+    (["2", "4", "0"], 3, True),  # after it, in the same step
+    (["2", "4", "0"], 1, True),  # in a later step
+])
+def test_a_plan_names_the_layers_outside_it_compressed_after_it(registry, order, ft_every, uncounted):
+    # the plan counts them as they are: unnamed, a manual layer last made a 2.5x target end at 7.16x
+    compressor = mlp_with_a_manual_layer(order, ft_every, registry)
+    (record,) = compressor.report().budgets
+    named = "layer(s) '0' outside it are compressed after this plan and counted as they are now" in (record.note
+                                                                                                     or "")
+    assert named == uncounted, record.note
+    assert (compressor.report().params_ratio > record.planned * 1.5) == uncounted
