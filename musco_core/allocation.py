@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from .calibration import forms_features
 from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .engine import (LayerResult, _checked_ranks, _plugin_component, compress_layer, read_layer, split_groups,
-                     usable_decompositions)
+from .engine import LayerResult, checked_ranks, compress_layer, read_layer, split_groups, usable_decompositions
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .factors import chain_cost, layer_layout, widen
@@ -225,7 +224,7 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                       {name: entry.current for name, entry in pending.items()},
                                       pending_replacements(pending, module_paths(model)),
                                       optimized=selector.times_optimized(settings.params_for(selector)))
-            chosen, record = _run_selector(selector, _plugin_component(registry.rank_selectors, selector.name),
+            chosen, record = _run_selector(selector, registry.rank_selectors.describe(selector.name),
                                            choices, members, totals, pass_index, settings,
                                            uncounted_outside(state, selector.name, layer.curr_compr_iter, pending))
         finally:
@@ -293,7 +292,7 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
             chosen[member] = None
             continue
         try:
-            chosen[member] = Allocated(decomposition, _checked_ranks(ranks, candidates[decomposition], member, who))
+            chosen[member] = Allocated(decomposition, checked_ranks(ranks, candidates[decomposition], member, who))
         except CompressionError as exc:
             raise CompressionError(f"{exc}; the model was left as before this step") from None
     note = "; ".join(filter(None, [allocation.note, uncounted and (

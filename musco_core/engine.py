@@ -14,7 +14,7 @@ from torch import nn
 from .components import Decomposer, Factor, FactorLayout, InputStats, LayerSpec, RankRounding, WeightSource
 from .errors import CompressionError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
-from .registry import Registry, Role
+from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
 from .surgery import FactorizedLayer, factor_mismatch, why_not_recompressible
 from .verify import check_factorized
@@ -97,12 +97,7 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
                                      stats.group(g, groups)) for g, block in enumerate(blocks)]
 
 
-def _plugin_component(role: Role, name: str) -> str:
-    """A component with the plugin that supplied it, for errors about a broken contract."""
-    return f"{role.title} {name!r} of plugin {role.entries[name].source.name!r}"
-
-
-def _checked_ranks(ranks: object, decomposer: Decomposer, name: str, selector: str) -> tuple[int, ...]:
+def checked_ranks(ranks: object, decomposer: Decomposer, name: str, selector: str) -> tuple[int, ...]:
     """``ranks`` from the rank selector described by ``selector`` as ints, once they are one positive int (numpy's
     too, never a bool) per rank of the decomposition; a CompressionError naming the layer and selector otherwise."""
     expected = len(decomposer.rank_names)
@@ -229,13 +224,13 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     group_spec, group_sources = split_groups(source)
     decomposer.check(group_spec)
     selector = registry.rank_selectors.get(schedule.rank_selection)
-    chooser = _plugin_component(registry.rank_selectors, selector.name)
+    chooser = registry.rank_selectors.describe(selector.name)
     if ranks is None:
         ranks = tuple(max(per_group) for per_group in zip(*(
-            _checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
+            checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
             for s in group_sources)))
     else:
-        ranks = _checked_ranks(ranks, decomposer, name, chooser)
+        ranks = checked_ranks(ranks, decomposer, name, chooser)
     like = source.stored_weight
     rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
     chosen, rounded = ranks, rounding(ranks)
@@ -260,7 +255,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                                   seconds=time.perf_counter() - started)
 
     params = settings.params_for(decomposer)
-    maker = _plugin_component(registry.decompositions, decomposer.name)
+    maker = registry.decompositions.describe(decomposer.name)
     with torch.no_grad():
         per_group = [_checked_factors(decomposer.decompose(s, ranks, params, seed=settings.seed), group_layouts,
                                      name, maker) for s in group_sources]

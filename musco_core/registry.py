@@ -79,6 +79,10 @@ class Role(Generic[T]):
             return
         self.entries[name] = Provided(self.title, name, component, source)
 
+    def describe(self, name: str) -> str:
+        """The component called ``name`` with the plugin that supplied it, for errors about a broken contract."""
+        return f"{self.title} {name!r} of plugin {self.entries[name].source.name!r}"
+
     def get(self, name: str) -> T:
         """A fresh instance of the component called ``name``."""
         try:

@@ -197,9 +197,8 @@ def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, 
     compressed more often than ``nglobal_compress_iters`` says. A plan that breaks it is a CompressionError naming
     the scheduler and its plugin."""
     names = schedule.compressed_layers()
-    role, name = registry.schedulers, schedule.settings.scheduler
-    scheduler = role.get(name)
-    who = f"scheduler {name!r} of plugin {role.entries[name].source.name!r}"
+    name = schedule.settings.scheduler
+    scheduler, who = registry.schedulers.get(name), registry.schedulers.describe(name)
     plan = scheduler.plan(names, schedule.settings, None)
     if not (isinstance(plan, (list, tuple)) and all(isinstance(step, (list, tuple)) for step in plan)):
         raise CompressionError(f"{who} planned {short_repr(plan)}; expected a list of steps, each a list of layers")
