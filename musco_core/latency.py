@@ -332,29 +332,8 @@ class _FixedOutput(nn.Module):
         super().__init__()
         self.outputs = dict(outputs)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.outputs[tuple(x.shape)]
-
-
-def _call_shapes(model: nn.Module, names: Sequence[str], example_input: Any) -> dict[str, dict[tuple, tuple]]:
-    """The output shape per input shape of the calls that ``example_input`` makes to each layer at ``names``, the
-    model run as it is (the caller's swaps and mode)."""
-    shapes: dict[str, dict[tuple, tuple]] = {name: {} for name in names}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
-            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                shapes[name].setdefault(tuple(inputs[0].shape), tuple(output.shape))
-        return record
-
-    handles = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+        return self.outputs[tuple(input.shape)]
 
 
 class TimedForm:
@@ -455,8 +434,9 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     times = dict(zip(reached, profiler.seconds(layers)))
     layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
+    calls = {name: {input_shape: output_shape for input_shape, output_shape, _ in stats.calls}
+             for name, stats in reached.items()}  # the example input's calls, as the statistics pass saw them
     with swapped(model, replacements), evaluating(model):
-        calls = _call_shapes(model, list(reached), context.example_input)
         for name in scheduled_layers:
             if len(shapes := calls.get(name, {})) > 1:
                 raise ConfigError(f"metric latency: layer {name!r} is called at {len(shapes)} input shapes on the "

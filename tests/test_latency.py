@@ -420,3 +420,25 @@ def test_a_scheduled_layer_called_at_several_input_shapes_is_one_clear_error_and
     run = compressor(registry, GeometryClock(), model=Pyramid(), document=schedule({"other": "tucker2"}, reduction=1.1))
     run.compression_step()
     assert run.budgets[0].planned > 1
+
+
+def test_layers_called_by_keyword_are_stubbed_and_priced_like_positional_calls(registry):
+    # the rest of the model is timed with its layers stubbed out: a stub took its input positionally only
+    class ByKeyword(nn.Module):
+        def __init__(self, layers: nn.Sequential):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(input=x)
+            return x
+
+    plans = []
+    for model in (cnn(), ByKeyword(cnn())):
+        document = schedule({f"{'layers.' if isinstance(model, ByKeyword) else ''}{name}": "tucker2"
+                             for name in ("3", "5")}, reduction=1.3)
+        run = compressor(registry, GeometryClock(), model=model, document=document)
+        run.compression_step()
+        plans.append((list(run.ranks.values()), run.budgets[0].planned))
+    assert plans[0] == plans[1]
