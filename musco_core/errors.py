@@ -1,6 +1,8 @@
-"""Exceptions raised by musco-core; every one of them derives from :class:`MuscoError`."""
+"""Exceptions raised by musco-core; every one of them derives from :class:`MuscoError`. With the helpers their
+messages and checks share."""
 from __future__ import annotations
 
+import math
 import reprlib
 
 _SHORT = reprlib.Repr()
@@ -21,6 +23,11 @@ def short_repr(value: object) -> str:
         text = f"<an int of about {int(value.bit_length() * 0.30103)} digits>" if isinstance(value, int) \
             else f"<a {type(value).__name__}>"
     return text if len(text) <= SHORT_REPR_LIMIT else text[:SHORT_REPR_LIMIT - 3] + "..."
+
+
+def finite_number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float: what a numeric setting or argument must be (a bool is none)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MuscoError(Exception):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import check_reiterable
-from .errors import ConfigError, MuscoError, short_repr
+from .errors import ConfigError, MuscoError, finite_number, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
 
 
 def _non_negative(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return finite_number(value) and value >= 0
 
 
 #: The largest factor by which AdamW (default betas) scales ``lr`` in a step: ``1 / (1 - beta1)``, at its first step.
@@ -147,7 +147,7 @@ def _shared_tensor(teacher: nn.Module, student: nn.Module) -> str | None:
 
 def lr_problem(lr: Any, weight_decay: float = 0.0) -> str | None:
     """What is wrong with ``lr`` as :func:`distill`'s learning rate (``"lr: ..."``), or None."""
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+    if not (finite_number(lr) and lr > 0):
         return f"lr: expected a positive number, got {short_repr(lr)}"
     largest = torch.finfo(torch.float32).max / max(_ADAMW_STEP_FACTOR, weight_decay)
     if lr > largest:

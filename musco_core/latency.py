@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import platform
 import stat
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .components import Factor, FactorLayout, LayerSpec, ModelTotals
 from .engine import factorized_like
-from .errors import ConfigError
+from .errors import ConfigError, finite_number
 from .factors import layer_layout
 from .inference import memory_format_candidates, optimize_for_inference
 from .state import RunContext
@@ -105,7 +104,7 @@ def _read_entries(path: Path) -> dict[str, tuple[float, float]]:
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return finite_number(value) and value > 0
 
 
 def _warn_once(path: Path, problem: str) -> None:

@@ -21,7 +21,6 @@ Bad input raises one :class:`~musco_core.errors.ConfigError` that lists every pr
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import stat
@@ -37,7 +36,7 @@ from cattrs.cols import list_structure_factory
 from cattrs.v import format_exception as cattrs_format_exception
 
 from .components import NoParams
-from .errors import ConfigError, one_line, short_repr
+from .errors import ConfigError, finite_number, one_line, short_repr
 
 SCHEMA_VERSION = 1
 
@@ -67,7 +66,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _number(value: Any) -> float:
-    if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
+    if finite_number(value):
         return float(value)
     raise ValueProblem(f"expected a finite number, got {short_repr(value)}")
 
