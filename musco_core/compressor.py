@@ -66,6 +66,8 @@ class Compressor:
     be set to the model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` for
     fine-tuning: steps and saves work on the module inside (which keeps the schedule's layer names) and leave the
     wrapper in place; wrap the model again after each step, as a wrapper built before it tracks the old parameters.
+    A model given wrapped (to the constructor or :meth:`resume`) is compressed as the module inside, which
+    ``compressed_model`` then is.
 
     Inside a ``torch.distributed`` job every rank builds its own Compressor over its replica, with its own shard of
     ``calibration_data`` (and an ``evaluate`` on its own shard), and takes the steps together: see
@@ -78,6 +80,7 @@ class Compressor:
                  seed: int = 0, registry: Registry | None = None, progress: bool = True,
                  calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
         registry = registry or default_registry()
+        model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
             raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                               f"before compressing it")
@@ -139,6 +142,7 @@ class Compressor:
         compressions still to come are checked against the model, as its layers are now.
         """
         registry = registry or default_registry()
+        model = unwrapped(model)
         with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)

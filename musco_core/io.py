@@ -621,7 +621,9 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     """Rebuilds the factorized layers of a saved model on an uncompressed instance and loads its weights.
 
     Returns a new model; ``fresh_model`` is not modified, so a file that does not fit leaves nothing half-done.
+    A wrapped ``fresh_model`` (``torch.compile``, ``DataParallel``) gives the module inside, as it was saved.
     """
+    fresh_model = unwrapped(fresh_model)
     registry = registry or default_registry()
     directory = Path(directory)
     if (directory / JOURNAL).exists():

@@ -438,6 +438,16 @@ def test_a_wrapped_model_is_stepped_inside_and_a_model_lacking_a_layer_is_one_er
     assert compressor.state is before
 
 
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_a_model_given_wrapped_is_compressed_as_the_module_inside_with_its_layer_names(registry, wrap):
+    model = small_cnn()
+    compressor = Compressor(wrap(model), model_compr_kwargs=SMALL_CONFIG, ft_every=3, registry=registry,
+                            example_input=torch.randn(1, 3, 8, 8), progress=False)
+    compressor.compression_step()
+    assert type(compressor.compressed_model) is nn.Sequential and set(compressor.ranks) == set(SMALL_CONFIG)
+    assert not any(isinstance(module, FactorizedLayer) for module in model.modules())  # a copy was compressed
+
+
 def test_new_conv_factors_keep_the_channels_last_format_of_the_weights_they_replace(registry):
     compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
                             registry=registry, progress=False)

@@ -191,9 +191,11 @@ def test_a_wrapped_model_is_stepped_and_saved_as_the_module_inside(tmp_path, reg
     save_compressed(compressor, tmp_path / "out")
     assert set(yaml.safe_load((tmp_path / "out" / "musco.yaml").read_text())["layers"]) == {"2", "6"}
     assert torch.equal(load_compressed(build_small(), tmp_path / "out").eval()(x), inner.eval()(x))
+    assert torch.equal(load_compressed(wrap(build_small()), tmp_path / "out").eval()(x), inner(x))  # as saved
     compressor.save_state(tmp_path / "ckpt")
-    resumed = Compressor.resume(build_small(), tmp_path / "ckpt", registry=registry, example_input=x)
-    assert resumed.ranks == compressor.ranks and torch.equal(resumed.compressed_model.eval()(x), inner(x))
+    for fresh in (build_small(), wrap(build_small())):
+        resumed = Compressor.resume(fresh, tmp_path / "ckpt", registry=registry, example_input=x)
+        assert resumed.ranks == compressor.ranks and torch.equal(resumed.compressed_model.eval()(x), inner(x))
 
 
 def test_loading_into_a_model_with_another_head_names_the_tensors_and_shapes(tmp_path, registry):
