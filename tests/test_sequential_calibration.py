@@ -35,6 +35,21 @@ def test_without_upstream_error_the_cross_fit_is_the_plain_whitened_fit():
     torch.testing.assert_close(plain[0] @ plain[1], crossed[0] @ crossed[1], rtol=1e-9, atol=1e-9)
 
 
+def test_the_cross_fit_keeps_the_layer_in_input_directions_the_calibration_data_never_excites():
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    span = torch.linalg.qr(torch.randn(8, 4, generator=generator, dtype=torch.float64)).Q  # the inputs' subspace
+    reference = torch.randn(5, 4, generator=generator, dtype=torch.float64) @ span.T  # fewer rows than inputs
+    unseen = torch.linalg.qr(torch.cat([span, torch.randn(8, 4, generator=generator, dtype=torch.float64)], 1)
+                             ).Q[:, 4:]
+    for actual in (reference, reference + 0.3 * torch.randn(5, 4, generator=generator, dtype=torch.float64) @ span.T):
+        second, cross = actual.T @ actual / 5, reference.T @ actual / 5
+        left, right = factorize.whitened_truncated_svd(weight, second, 6, cross_moment=cross)  # full rank
+        torch.testing.assert_close((left @ right) @ unseen, weight @ unseen, rtol=1e-6, atol=1e-6)
+        if actual is reference:  # no upstream error: the layer itself
+            torch.testing.assert_close(left @ right, weight, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_the_cross_fit_minimises_the_error_against_the_reference_outputs(rank):
     generator = torch.Generator().manual_seed(2)

@@ -170,20 +170,30 @@ def whitening_factor(second_moment: Tensor, damping: float = 1e-6) -> Tensor:
     return vectors * values.clamp_min(ridges[-1] * scale).sqrt()
 
 
-def whitened_target(matrix: Tensor, root: Tensor, cross_moment: Tensor | None = None) -> Tensor:
+def whitened_target(matrix: Tensor, root: Tensor, cross_moment: Tensor | None = None,
+                    second_moment: Tensor | None = None) -> Tensor:
     """The matrix whose truncated SVD gives the output-optimal low-rank fit (float64): ``matrix @ S`` for inputs
-    ``x`` with ``E[x x^T] = S S^T``; with ``cross_moment = E[x_ref x^T]``, where the fit must reproduce
-    ``matrix @ x_ref`` from ``x`` (the inputs after the layers ahead were compressed), ``matrix @ C_x @ S^-T``.
+    ``x`` with ``E[x x^T] = C_x`` and ``S S^T = C_x + D`` (``D`` the whitening's ridge, see
+    :func:`whitening_factor`); with ``cross_moment = E[x_ref x^T]`` and ``second_moment = C_x``, where the fit must
+    reproduce ``matrix @ x_ref`` from ``x`` (the inputs after the layers ahead were compressed),
+    ``matrix @ (C_xref,x + D) @ S^-T``.
 
-    Both are ``M S`` for the least-squares map ``M`` from ``x`` to the target outputs (``M = matrix`` without a cross
-    moment, ``matrix @ C_x @ C^-1`` with one), since ``E ||target - L x||^2 = const + ||(M - L) S||_F^2``.
+    Both are ``M S`` for the map ``M`` that minimises ``E ||target - M x||^2 + tr((M - matrix) D (M - matrix)^T)``:
+    ``M = matrix`` without a cross moment; with one, the least-squares map from ``x``, held to ``matrix`` in the
+    directions the calibration inputs do not excite (a ridge towards zero there would drop the layer's weights
+    in them, and at full rank it would not reproduce the layer on other inputs). Where ``x`` is ``x_ref`` it is
+    ``matrix``.
     """
     w = matrix.detach().to(torch.float64)
     root = root.to(device=w.device, dtype=torch.float64)
+    target = w @ root
     if cross_moment is None:
-        return w @ root
-    cross = cross_moment.to(device=w.device, dtype=torch.float64)
-    return torch.linalg.solve(root, (w @ cross).T).T
+        return target
+    if second_moment is None:
+        raise ValueError("a cross_moment needs the second_moment of the same inputs")
+    shift = (cross_moment.to(device=w.device, dtype=torch.float64)
+             - second_moment.to(device=w.device, dtype=torch.float64))
+    return target + torch.linalg.solve(root, (w @ shift).T).T
 
 
 def output_weighted(target: Tensor, output_root: Tensor | None) -> Tensor:
@@ -205,7 +215,8 @@ def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, dam
     ``U_r sqrt(Sigma_r)`` (m x r) and ``sqrt(Sigma_r) V_r^T S^-1`` (r x n). At full rank the product is `matrix`.
     With ``cross_moment = E[x_ref x^T]`` it minimises ``E ||matrix x_ref - left @ right x||^2`` instead (sequential
     calibration: ``x`` are the inputs after the layers ahead were compressed, ``x_ref`` those before), the
-    truncation of :func:`whitened_target`; at full rank the product is then the least-squares map from ``x``.
+    truncation of :func:`whitened_target`; at full rank the product is then the least-squares map from ``x``,
+    held to `matrix` by the ridge where the inputs give no evidence (`matrix` itself where ``x`` is ``x_ref``).
     With ``output_moment = G`` (``m x m``, how much each output direction matters downstream) and ``R`` from
     :func:`whitening_factor` (``G = R R^T``, ridge ``output_damping``) it minimises ``E ||R^T (...)||^2``: the
     truncation of ``R^T`` times the target, with ``left`` mapped back by ``R^-T``; at full rank the product is
@@ -221,7 +232,8 @@ def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, dam
                              f"{tuple(moment.shape)}")
     root = whitening_factor(second_moment.to(matrix.device), damping)
     output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
-    left, right = truncated_svd(output_weighted(whitened_target(matrix, root, cross_moment), output_root), rank)
+    left, right = truncated_svd(output_weighted(whitened_target(matrix, root, cross_moment, second_moment),
+                                                    output_root), rank)
     right = torch.linalg.solve(root, right, left=False)  # right @ S^-1
     if output_root is not None:
         left = torch.linalg.solve(output_root.T, left)  # R^-T @ left

@@ -14,7 +14,8 @@ Under sequential calibration (the default, see ``settings.calibration``) the sta
 moment ``E[x_ref x^T]`` of the inputs the layer had before the step (``x_ref``) and those it gets with the layers
 ahead of it compressed (``x``); the fit then reproduces ``W x_ref`` from ``x``: it truncates the least-squares map
 ``W C_x C^-1`` instead of ``W``, which refits the second factor in closed form and corrects the error of the
-layers ahead.
+layers ahead. Its ridge holds the map to ``W`` (not to zero) in the input directions the calibration data does
+not excite, so that at full rank the layer is reproduced on any input where there was no upstream error.
 
 With ``output_weighting: true`` (in ``algo_kwargs.whitened_svd``) the error is also weighted on the output side:
 the core collects ``G = E[g g^T]`` of the gradients of the model's output (projected on random directions) with
@@ -93,7 +94,8 @@ class WhitenedSVD(Decomposer):
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
         """The whitened target (``W S``, see :func:`factorize.whitened_target`, times ``R^T`` with an output moment);
         once factorized at rank ``r``, an ``r x r`` core with its singular values."""
-        root = factorize.whitening_factor(self._second_moment(source))
+        second_moment = self._second_moment(source)
+        root = factorize.whitening_factor(second_moment)
         stats = source.input_stats
         output_root = (None if stats.output_moment is None else
                        factorize.whitening_factor(stats.output_moment, OUTPUT_DAMPING))
@@ -101,9 +103,10 @@ class WhitenedSVD(Decomposer):
         if previous:
             left, right = (_matrix(w).to(torch.float64) for w in (previous[1], previous[0]))
             return [factorize.product_core(factorize.output_weighted(left, output_root),
-                                           factorize.whitened_target(right, root, stats.cross_moment))]
-        return [factorize.output_weighted(factorize.whitened_target(_matrix(source.weight), root, stats.cross_moment),
-                                          output_root)]
+                                           factorize.whitened_target(right, root, stats.cross_moment,
+                                                                     second_moment))]
+        return [factorize.output_weighted(factorize.whitened_target(_matrix(source.weight), root, stats.cross_moment,
+                                                                    second_moment), output_root)]
 
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks
