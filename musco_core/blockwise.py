@@ -684,7 +684,11 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
     for name in names:
         layer = run.schedule.layers[name]
         module = runner.get_submodule(name)
-        stats = _layer_stats(run, runner, name, replacements) if name in needing else None
+        stats = None
+        if name in needing:
+            if run.sequential:  # a replacement the block cannot take is kept before it is swapped in to calibrate
+                _keep_unfaithful(run, runner, replacements, results)
+            stats = _layer_stats(run, runner, name, replacements)
         chosen = {"keep_note": tied_note(run.tied[name])} if name in run.tied and not layer.force else {}
         try:
             new, results[name] = compress_layer(module, name, layer, run.schedule.settings, run.registry, None,
@@ -694,18 +698,26 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
             raise CompressionError(f"layer {name!r}: {reason}; nothing was written") from exc
         if new is not None:
             replacements[name] = new
-    if run.streams is not None and replacements:  # the block run on its first calibration batch
-        swaps = {name: (runner.get_submodule(name), new) for name, new in replacements.items()}
-        for name, why in unfaithful_swaps(runner, swaps, module_paths(runner),
-                                          _Batches(run.streams.actual)[0]).items():
-            log.warning("layer %r: kept as is: %s", name, why)
-            results[name] = results[name].kept(why)
-            del replacements[name]
+    _keep_unfaithful(run, runner, replacements, results)
     run.results += results.values()
     for name, new in replacements.items():
         run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
         run.params_change += count_params(new) - count_params(runner.get_submodule(name))
     return replacements
+
+
+def _keep_unfaithful(run: _Run, runner: BlockRunner, replacements: dict[str, nn.Module],
+                     results: dict[str, LayerResult]) -> None:
+    """Keeps as they are (taken out of ``replacements``, the reason in ``results``) the layers whose replacement
+    the runner's block does not use as it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on
+    its first calibration input; without calibration data there is no input, and no check."""
+    if run.streams is None or not replacements:
+        return
+    swaps = {name: (runner.get_submodule(name), new) for name, new in replacements.items()}
+    for name, why in unfaithful_swaps(runner, swaps, module_paths(runner), _Batches(run.streams.actual)[0]).items():
+        log.warning("layer %r: kept as is: %s", name, why)
+        results[name] = results[name].kept(why)
+        del replacements[name]
 
 
 @contextlib.contextmanager

@@ -527,12 +527,15 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
 
 
 def _calibrated(model: nn.Module, name: str,
-                input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: Mapping[str, Pending],
+                input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: dict[str, Pending],
                 paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None
                 ) -> InputStats | None:
     """Sequential calibration of a layer that needs input statistics: those of ``name``'s inputs with the step's
     layers compressed so far swapped in, paired with its inputs at the start of the step (plain statistics while
-    none is swapped in)."""
+    none is swapped in). The replacements are checked in the whole model first (:func:`_keep_unfaithful`): one
+    the model does not use as it uses its layer is kept, with the reason, before it is swapped in, so that the
+    layers after it are calibrated as in a step without it (and the model is not run on a swap it cannot take)."""
+    _keep_unfaithful(model, pending, paths, context, group)
     replacements = {path: entry.new for entry in pending.values() if entry.new is not None
                     for path in paths[id(entry.module)]}
     if not replacements:  # collected now, unless the allocation collected them

@@ -231,3 +231,39 @@ def test_sequential_and_independent_agree_on_a_step_with_one_data_aware_layer():
     # the svd layer runs first and is swapped in for the data-aware one only under sequential calibration
     assert torch.equal(results["independent"]["0.0.weight"], results["sequential"]["0.0.weight"])
     assert not torch.equal(results["independent"]["6.0.weight"], results["sequential"]["6.0.weight"])
+
+
+class ReadsWeight(nn.Module):
+    """Reads ``fc2.weight`` in its forward, as T5's ``DenseReluDense`` reads ``wo.weight.dtype``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.out = (nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32),
+                                                  nn.Linear(32, 4))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).to(self.fc2.weight.dtype)
+        return self.out(torch.relu(self.fc3(torch.relu(self.fc2(h)))))
+
+
+def test_a_layer_its_model_reads_the_weight_of_is_kept_and_the_others_fitted_as_in_a_step_without_it():
+    generator = torch.Generator().manual_seed(11)
+    data = [torch.randn(16, 32, generator=generator) for _ in range(2)]
+
+    def step(layers, decomposition="whitened_svd"):
+        torch.manual_seed(0)
+        schedule = {"version": 1, "settings": {"ft_every": 3}, "layers": {
+            name: {"decomposition": decomposition, "rank_selection": "manual", "manual_rank": [6]} for name in layers}}
+        compressor = Compressor(ReadsWeight().eval(), model_compr_kwargs=schedule, calibration_data=data,
+                                progress=False)
+        compressor.compression_step()
+        return compressor
+
+    full, without, plain = step(["fc1", "fc2", "fc3"]), step(["fc1", "fc3"]), step(["fc1", "fc2", "fc3"], "svd")
+    result = {r.name: r for r in full.history}
+    assert [result[name].applied for name in ("fc1", "fc2", "fc3")] == [True, False, True]
+    assert result["fc2"].note == {r.name: r for r in plain.history}["fc2"].note
+    assert "uses the layer other than by calling it" in result["fc2"].note
+    assert [(r.name, r.ranks) for r in without.history] == [("fc1", result["fc1"].ranks), ("fc3", result["fc3"].ranks)]
+    got, expected = full.compressed_model.state_dict(), without.compressed_model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
-from musco_core.io import read_manifest
+from musco_core.io import load_compressed, read_manifest
 from musco_core.surgery import module_paths
 from musco_core.verify import seeded_output, unfaithful_swaps
 
@@ -179,6 +179,49 @@ def test_blockwise_compression_keeps_a_layer_its_block_uses_through_a_list(tmp_p
     assert not result["first.fc1"].applied and "still calls the original layer" in result["first.fc1"].note
     assert result["first.fc2"].applied
     assert set(read_manifest(tmp_path / "out")) == {"first.fc2"}
+
+
+class ReadsWeight(nn.Module):
+    """Reads ``fc2.weight`` in its forward, as T5's ``DenseReluDense`` reads ``wo.weight.dtype``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).to(self.fc2.weight.dtype)
+        return torch.relu(self.fc3(torch.relu(self.fc2(h))))
+
+
+class ReadsWeightStages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = ReadsWeight(), ReadsWeight()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_blockwise_sequential_calibration_keeps_a_layer_its_block_reads_the_weight_of_before_calibrating_on(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(16, 32, generator=generator) for _ in range(2)]
+    whitened = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [6]}
+
+    def blockwise(layers, folder):
+        torch.manual_seed(0)
+        plan = {"version": 1, "settings": {"ft_every": len(layers)}, "layers": dict.fromkeys(layers, whitened)}
+        report = compress_blockwise(ReadsWeightStages().eval(), plan, ["first", "second"], tmp_path / folder,
+                                    calibration_data=data, progress=False)
+        torch.manual_seed(0)
+        return report, load_compressed(ReadsWeightStages(), tmp_path / folder).state_dict()
+
+    (report, got), (_, expected) = (blockwise(["first.fc1", "first.fc2", "first.fc3", "second.fc1"], "all"),
+                                    blockwise(["first.fc1", "first.fc3", "second.fc1"], "without"))
+    result = {r.name: r for r in report.layers}
+    assert [r.applied for r in report.layers] == [True, False, True, True]
+    assert "has no attribute 'weight'" in result["first.fc2"].note
+    assert "uses the layer other than by calling it" in result["first.fc2"].note
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 class ChangesItsInput(nn.Module):
