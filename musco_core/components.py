@@ -442,6 +442,11 @@ class Allocation:
     decompositions: dict[str, str] = attrs.field(factory=dict)
 
 
+#: The keys of a layer's schedule that the core reads itself: a layer-scope rank selector's ``Params`` fields, the
+#: layer's other keys, cannot use them.
+LAYER_SCHEDULE_KEYS = frozenset({"decomposition", "rank_selection", "curr_compr_iter", "force"})
+
+
 class RankSelector:
     """Chooses the ranks of a decomposition for one layer at one stage, or, for a whole-model selector
     (``scope = "model"``), for all the layers that use it at once.

@@ -1,7 +1,8 @@
 """Hook specifications: how a plugin adds components to musco-core.
 
 A plugin is a module (or object) with functions marked ``@musco_core.hookimpl`` whose names are those below.
-Each hook returns a list of component classes; every class declares a unique ``name`` within its role.
+Each hook returns a list of component classes; every class declares a unique ``name`` within its role. A
+marked function of another name (a misspelt hook) is refused as an error of its plugin.
 Third-party packages expose such a module through the ``musco`` entry-point group::
 
     [project.entry-points.musco]

@@ -6,6 +6,7 @@ names) or in ``disabled`` are not loaded at all.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -66,13 +67,26 @@ class MuscoPluginManager(pluggy.PluginManager):
         """Registers one plugin; on failure records it (or raises when ``strict``) and returns False."""
         try:
             self.register(plugin, name=source.name)
-        except Exception as exc:  # a plugin's hooks are validated here: report, do not crash the host
+            self._check_hook_names(plugin)
+        except (Exception, SystemExit) as exc:  # a plugin's hooks are validated here: report, do not crash the host
             if self.get_plugin(source.name) is plugin:  # pluggy < 1.7 leaves a half-registered plugin
                 self.unregister(plugin, name=source.name)
             self.report_failure(source.name, source.distribution, exc, strict=strict)
             return False
         self.sources[source.name] = source
         return True
+
+    def _check_hook_names(self, plugin: object) -> None:
+        """Raises PluginError for a hook implementation of ``plugin`` that no hook specification names (a misspelt
+        hook would otherwise never be called), as pluggy's ``check_pending`` does, ``optionalhook`` ones excepted."""
+        known = sorted(caller.name for caller in self.hook.__dict__.values()
+                       if isinstance(caller, pluggy.HookCaller) and caller.has_spec())
+        for caller in self.get_hookcallers(plugin) or ():
+            if not caller.has_spec() and any(impl.plugin is plugin and not impl.optionalhook
+                                             for impl in caller.get_hookimpls()):
+                close = difflib.get_close_matches(caller.name, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known hooks: {', '.join(known)}"
+                raise PluginError(f"unknown hook {caller.name!r} ({hint})")
 
     def report_failure(self, name: str, distribution: str, exc: BaseException, *, strict: bool) -> None:
         message = one_line(f"{type(exc).__name__}: {exc}")
@@ -123,7 +137,7 @@ def _load_entry_points(manager: MuscoPluginManager, skip: set[str], *, strict: b
             continue
         try:
             plugin = entry_point.load()
-        except Exception as exc:  # a broken third-party import must not break the host
+        except (Exception, SystemExit) as exc:  # a broken third-party import must not break the host
             manager.report_failure(entry_point.name, distribution, exc, strict=strict)
             continue
         version = dist.version if dist is not None else "unknown"

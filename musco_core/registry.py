@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import attrs
 from torch import nn
 
-from .components import Decomposer, LayerAdapter, RankSelector, Scheduler
+from .components import LAYER_SCHEDULE_KEYS, Decomposer, LayerAdapter, RankSelector, Scheduler
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError, short_repr
 from .plugins import MuscoPluginManager, PluginSource, disabled_from_env, make_plugin_manager
 from .surgery import why_not_replaceable
@@ -38,21 +39,29 @@ class Provided:
 
 @attrs.frozen
 class Clash:
-    """A component that was not registered because another plugin had registered its name first."""
+    """A component that was not registered because one registered first claims its name or a module type it lists
+    (see :meth:`Registry.from_plugin_manager`)."""
 
     rejected: Provided
     message: str
 
 
 class Role(Generic[T]):
-    """The components of one role, by name."""
+    """The components of one role, by name.
 
-    def __init__(self, title: str, base: type[T], hook: str) -> None:
+    ``required`` names the methods of ``base`` a component must implement (they raise NotImplementedError there),
+    and ``contract`` returns what else is wrong with a component of this role, or None.
+    """
+
+    def __init__(self, title: str, base: type[T], hook: str, required: tuple[str, ...] = (),
+                 contract: Callable[[type], str | None] | None = None) -> None:
         self.title, self.base, self.hook = title, base, hook
+        self.required, self.contract = required, contract
         self.entries: dict[str, Provided] = {}
 
     def check(self, component: Any, source: PluginSource) -> None:
-        """Raises PluginError unless ``component`` is a class of this role that declares a name."""
+        """Raises PluginError unless ``component`` is a class of this role that declares a name and ``Params`` and
+        keeps the role's contract."""
         if not (isinstance(component, type) and issubclass(component, self.base)):
             raise PluginError(f"plugin {source.name!r} returned {short_repr(component)} from {self.hook}, "
                               f"expected a subclass of {self.base.__qualname__}")
@@ -63,21 +72,20 @@ class Role(Generic[T]):
         if not (isinstance(params, type) and attrs.has(params)):
             raise PluginError(f"plugin {source.name!r}: {component.__qualname__}.Params must be an attrs class "
                               f"(decorate it with @attrs.frozen), got {short_repr(params)}")
+        problem = self.contract(component) if self.contract is not None else None
+        missing = [method for method in self.required if _inherited(component, self.base, method)]
+        if problem is None and missing:
+            problem = f"does not implement {', '.join(missing)} (required of a {self.base.__qualname__})"
+        if problem is not None:
+            raise PluginError(f"plugin {source.name!r}: {self.title} {component.__qualname__} ({name!r}) {problem}")
 
-    def add(self, component: type, source: PluginSource, clashes: list[Clash] | None = None) -> None:
-        """Registers ``component``; a name taken already raises, or is recorded in ``clashes`` when given (the first
-        registration is kept)."""
-        name = component.name
-        if name in self.entries:
-            other = self.entries[name].source
-            error = DuplicateComponentError(
-                f"{self.title} {short_repr(name)} is registered twice: by plugin {other.name!r} ({other.distribution})"
+    def clash(self, name: str, source: PluginSource) -> str | None:
+        """Why a component called ``name`` from ``source`` cannot be added: the name is taken; or None."""
+        if name not in self.entries:
+            return None
+        other = self.entries[name].source
+        return (f"{self.title} {short_repr(name)} is registered twice: by plugin {other.name!r} ({other.distribution})"
                 f" and by plugin {source.name!r} ({source.distribution})")
-            if clashes is None:
-                raise error
-            clashes.append(Clash(Provided(self.title, name, component, source), str(error)))
-            return
-        self.entries[name] = Provided(self.title, name, component, source)
 
     def describe(self, name: str) -> str:
         """The component called ``name`` with the plugin that supplied it, for errors about a broken contract."""
@@ -100,12 +108,16 @@ class Registry:
 
     def __init__(self, manager: MuscoPluginManager) -> None:
         self.manager = manager
-        self.decompositions: Role[Decomposer] = Role("decomposition", Decomposer, "musco_register_decompositions")
-        self.rank_selectors: Role[RankSelector] = Role("rank selector", RankSelector, "musco_register_rank_selectors")
-        self.adapters: Role[LayerAdapter] = Role("layer adapter", LayerAdapter, "musco_register_layer_adapters")
-        self.schedulers: Role[Scheduler] = Role("scheduler", Scheduler, "musco_register_schedulers")
+        self.decompositions: Role[Decomposer] = Role(
+            "decomposition", Decomposer, "musco_register_decompositions",
+            ("unsupported_reason", "layout", "max_ranks", "decompose"), _decomposer_problem)
+        self.rank_selectors: Role[RankSelector] = Role(
+            "rank selector", RankSelector, "musco_register_rank_selectors", contract=_selector_problem)
+        self.adapters: Role[LayerAdapter] = Role(
+            "layer adapter", LayerAdapter, "musco_register_layer_adapters", ("read", "build"), _adapter_problem)
+        self.schedulers: Role[Scheduler] = Role("scheduler", Scheduler, "musco_register_schedulers", ("plan",))
         self._adapter_by_type: dict[type | str, str] = {}  # a class, or a class's "module.qualname"
-        #: Components refused because their name was taken (only with ``from_plugin_manager(keep_clashes=True)``).
+        #: Components refused as clashes (only with ``from_plugin_manager(keep_clashes=True)``).
         self.clashes: list[Clash] = []
 
     @property
@@ -118,8 +130,10 @@ class Registry:
         """Calls each plugin's hooks one plugin at a time, so a failing plugin is skipped (or raised when strict).
 
         Two components of one role with the same name raise :class:`DuplicateComponentError` (which one would a
-        schedule mean?), in any mode; with ``keep_clashes`` the first stays registered and the others are recorded
-        in :attr:`clashes`, for listings that must show everything (``musco plugins``).
+        schedule mean?), in any mode, as do a decomposition and a whole-model rank selector of one name (which one
+        would ``settings.algo_kwargs`` set?) and two adapters listing one module type (which one would handle it?);
+        with ``keep_clashes`` the first registered (plugins in loading order: bundled, in code, entry points) stays
+        and the others are recorded in :attr:`clashes`, for listings that must show everything (``musco plugins``).
         """
         registry = cls(manager)
         clashes = registry.clashes if keep_clashes else None
@@ -134,15 +148,58 @@ class Registry:
                 provided = [(role, component) for role, hook in hooks for component in _as_list(hook(), role)]
                 for role, component in provided:
                     role.check(component, source)
-            except Exception as exc:  # a broken plugin is reported and skipped, the others still load
+            except (Exception, SystemExit) as exc:  # a broken plugin is reported and skipped, the others still load
                 manager.report_failure(plugin_name, source.distribution, exc, strict=strict)
                 continue
             for role, component in provided:
-                role.add(component, source, clashes)
-        for name, provided in registry.adapters.entries.items():
-            for module_type in provided.component.module_types:
-                registry._adapter_by_type.setdefault(module_type, name)
+                registry.add(role, component, source, clashes)
         return registry
+
+    def add(self, role: Role, component: type, source: PluginSource, clashes: list[Clash] | None = None) -> None:
+        """Registers ``component`` unless it clashes with one registered before: its name is taken in its role,
+        ``settings.algo_kwargs`` would key both it and a component of another role, or it is an adapter listing a
+        module type another adapter lists. A clash raises DuplicateComponentError, or is recorded in ``clashes``
+        when given; the first registration is kept."""
+        name = component.name
+        message = role.clash(name, source) or self._settings_clash(role, component, source) or (
+            self._type_clash(component, source) if role is self.adapters else None)
+        if message is not None:
+            if clashes is None:
+                raise DuplicateComponentError(message)
+            clashes.append(Clash(Provided(role.title, name, component, source), message))
+            return
+        role.entries[name] = Provided(role.title, name, component, source)
+        if role is self.adapters:
+            self._adapter_by_type.update(dict.fromkeys(component.module_types, name))
+
+    def _settings_clash(self, role: Role, component: type, source: PluginSource) -> str | None:
+        """A decomposition and a whole-model rank selector of one name: ``settings.algo_kwargs[name]`` would set
+        both (:meth:`musco_core.schedule.RunSettings.params_for`)."""
+        whole_model = "whole-model rank selector"
+        if role is self.decompositions:
+            title, other_title, other = role.title, whole_model, self.rank_selectors.entries.get(component.name)
+            other = other if other is not None and other.component.scope == "model" else None
+        elif role is self.rank_selectors and component.scope == "model":
+            title, other_title, other = whole_model, "decomposition", self.decompositions.entries.get(component.name)
+        else:
+            return None
+        if other is None:
+            return None
+        return (f"{title} {component.name!r} of plugin {source.name!r} ({source.distribution}) has the name of "
+                f"{other_title} {component.name!r} of plugin {other.source.name!r} ({other.source.distribution}): "
+                f"settings.algo_kwargs.{component.name} would set both")
+
+    def _type_clash(self, component: type, source: PluginSource) -> str | None:
+        """An adapter listing a module type (as a class or by its dotted name) that another adapter lists."""
+        claimed = {_dotted(key): name for key, name in self._adapter_by_type.items()}
+        for module_type in component.module_types:
+            other = claimed.get(_dotted(module_type))
+            if other is not None:
+                holder = self.adapters.entries[other].source
+                return (f"layer adapter {component.name!r} of plugin {source.name!r} ({source.distribution}) lists "
+                        f"{_dotted(module_type)}, which layer adapter {other!r} of plugin {holder.name!r} "
+                        f"({holder.distribution}) lists already: which one would handle it?")
+        return None
 
     def match(self, module: nn.Module) -> AdapterMatch | None:
         """The adapter of the closest type in the module's MRO, if it reproduces the module; None when no adapter
@@ -189,6 +246,53 @@ class Registry:
     def provided(self) -> list[Provided]:
         """Every registered component, role by role, for listings such as ``musco plugins``."""
         return [role.entries[name] for role in self.roles for name in role.names()]
+
+
+def _inherited(component: type, base: type, method: str) -> bool:
+    """Whether ``component`` leaves ``base``'s ``method`` as it is (or is no method)."""
+    return not callable(getattr(component, method, None)) or getattr(component, method) is getattr(base, method)
+
+
+def _dotted(module_type: type | str) -> str:
+    """A module type as adapters may list it by name: ``module.qualname``."""
+    return module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def _decomposer_problem(component: type) -> str | None:
+    if component.name == "auto":
+        return "is named 'auto', which a layer's `decomposition` key reads as every decomposition a selector can price"
+    return None
+
+
+def _selector_problem(component: type) -> str | None:
+    """A scope that is neither ``layer`` nor ``model``, the scope's method left out, or a layer-scope selector's
+    ``Params`` field that the layer's schedule keeps for the core (:data:`LAYER_SCHEDULE_KEYS`)."""
+    scope = getattr(component, "scope", None)
+    if scope not in ("layer", "model"):
+        return f"has scope {short_repr(scope)}; expected 'layer' or 'model'"
+    method = "select" if scope == "layer" else "allocate"
+    if _inherited(component, RankSelector, method):
+        return f"does not implement {method} (required of a {scope}-scope RankSelector)"
+    reserved = sorted(field.name for field in attrs.fields(component.Params) if field.name in LAYER_SCHEDULE_KEYS)
+    if scope == "layer" and reserved:
+        return (f"has Params fields {reserved}: these keys of a layer's schedule are the core's "
+                f"({', '.join(sorted(LAYER_SCHEDULE_KEYS))}); rename them")
+    return None
+
+
+def _adapter_problem(component: type) -> str | None:
+    module_types = component.module_types
+    if not (isinstance(module_types, tuple) and module_types and all(
+            (isinstance(t, type) and issubclass(t, nn.Module)) or (isinstance(t, str) and _is_dotted_name(t))
+            for t in module_types)):
+        return (f"has module_types {short_repr(module_types)}; expected a non-empty tuple of nn.Module classes or "
+                f"dotted class names ('package.module.Class'), e.g. (nn.Linear,)")
+    return None
+
+
+def _is_dotted_name(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) > 1 and all(part and not any(c.isspace() for c in part) for part in parts)
 
 
 def _as_list(returned: Any, role: Role) -> list:

@@ -202,7 +202,8 @@ def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, 
     plan = scheduler.plan(names, schedule.settings, None)
     if not (isinstance(plan, (list, tuple)) and all(isinstance(step, (list, tuple)) for step in plan)):
         raise CompressionError(f"{who} planned {short_repr(plan)}; expected a list of steps, each a list of layers")
-    steps = tuple(tuple(step) for step in plan)
+    # A str subclass (numpy's str_) as a plain str, the layer name saved states and reports write.
+    steps = tuple(tuple(str.__str__(layer) if isinstance(layer, str) else layer for layer in step) for step in plan)
     known = set(names)
     for index, step in enumerate(steps):
         if not step or not all(isinstance(layer, str) and layer in known for layer in step) or (

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 import types
 
+import attrs
+import numpy as np
 import pytest
 from torch import nn
 
-from musco_core import hookimpl
-from musco_core.components import Decomposer, LayerAdapter, RankSelector, Scheduler
+from musco_core import Compressor, hookimpl
+from musco_core.components import Decomposer, LayerAdapter, NoParams, RankSelector, Scheduler
 from musco_core.errors import DuplicateComponentError, MuscoError, PluginError, UnknownComponentError
 from musco_core.plugins import (BUNDLED_PLUGINS, DISABLE_ENV, ENTRY_POINT_GROUP, MuscoPluginManager,
                                 PluginFailure, PluginSource, make_plugin_manager)
 from musco_core.registry import Registry, default_registry, forget_shared_registries
+from musco_plugins.adapters import ConvAdapter
+from musco_plugins.schedulers import MuscoScheduler
+from musco_plugins.svd import SVD
 
 BUNDLED = {
     "decompositions": ["cp3", "cp4", "svd", "tucker2", "whitened_svd"],
@@ -45,11 +51,11 @@ def registry_with(*plugins: tuple[str, object], strict: bool = False) -> Registr
     return Registry.from_plugin_manager(manager, strict=strict)
 
 
-class FakeDecomposer(Decomposer):
+class FakeDecomposer(SVD):
     name = "fake"
 
 
-class FakeSvd(Decomposer):
+class FakeSvd(SVD):
     name = "svd"
 
 
@@ -141,7 +147,7 @@ def test_adapter_for_walks_the_mro(registry, module, expected):
 
 
 def test_plugin_adapter_for_a_subclass_takes_precedence_over_the_base_adapter():
-    class MyConvAdapter(LayerAdapter):
+    class MyConvAdapter(ConvAdapter):
         name = "my_conv"
         module_types = (MyConv2d,)
 
@@ -177,7 +183,10 @@ def test_temporary_object_plugin_with_several_hooks():
     class FakeSelector(RankSelector):
         name = "fake_selector"
 
-    class FakeScheduler(Scheduler):
+        def select(self, decomposer, source, stage, params):
+            return decomposer.max_ranks(source)
+
+    class FakeScheduler(MuscoScheduler):
         name = "fake_scheduler"
 
     class Plugin:
@@ -202,7 +211,7 @@ def test_hook_returning_none_contributes_nothing():
 
 
 def test_same_name_in_different_roles_is_allowed():
-    class SvdScheduler(Scheduler):
+    class SvdScheduler(MuscoScheduler):
         name = "svd"
 
     reg = registry_with(("sched", make_plugin(musco_register_schedulers=lambda: [SvdScheduler])))
@@ -292,7 +301,7 @@ def _raising_hook():
 
 
 def test_raising_hook_is_skipped_when_not_strict():
-    class AlsoProvided(Scheduler):
+    class AlsoProvided(MuscoScheduler):
         name = "also_provided"
 
     plugin = make_plugin(musco_register_decompositions=_raising_hook,
@@ -438,14 +447,11 @@ def test_plugin_name_clash_is_reported():
 
 GOOD_PLUGIN = '''
 from musco_core import hookimpl
-from musco_core.components import Decomposer
+from musco_plugins.svd import SVD
 
 
-class FakeIdentity(Decomposer):
+class FakeIdentity(SVD):
     name = "fake_identity"
-
-    def layout(self, spec, ranks):
-        raise NotImplementedError
 
 
 @hookimpl
@@ -559,9 +565,9 @@ def test_entry_points_can_be_switched_off(installed_plugins):
 def test_entry_point_duplicating_a_bundled_name(installed_plugins, tmp_path):
     _fake_distribution(tmp_path, "dup_musco_plugin", "dup-musco-plugin", "2.0", "dup", '''
         from musco_core import hookimpl
-        from musco_core.components import Decomposer
+        from musco_plugins.svd import SVD
 
-        class OtherSvd(Decomposer):
+        class OtherSvd(SVD):
             name = "svd"
 
         @hookimpl
@@ -614,6 +620,243 @@ def test_registries_from_the_same_manager_are_independent():
     manager = make_plugin_manager(entry_points=False)
     first, second = Registry.from_plugin_manager(manager), Registry.from_plugin_manager(manager)
     assert first.decompositions is not second.decompositions
-    first.decompositions.add(FakeDecomposer, manager.sources["musco_plugins.svd"])
+    first.add(first.decompositions, FakeDecomposer, manager.sources["musco_plugins.svd"])
     assert "fake" in first.decompositions.names()
     assert "fake" not in second.decompositions.names()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 11. component contracts, checked at registration
+
+
+@attrs.frozen
+class ForceParams:
+    force: bool = False
+    curr_compr_iter: int = 0
+
+
+class ForceSelector(RankSelector):
+    name = "forcing"
+    Params = ForceParams
+
+    def select(self, decomposer, source, stage, params):
+        return decomposer.max_ranks(source)
+
+
+class AutoSvd(SVD):
+    name = "auto"
+
+
+class NoMaxRanks(SVD):
+    name = "no_max_ranks"
+    max_ranks = Decomposer.max_ranks
+
+
+class NoDecompose(SVD):
+    name = "no_decompose"
+    decompose = Decomposer.decompose
+
+
+class NoSelect(RankSelector):
+    name = "no_select"
+
+
+class NoAllocate(RankSelector):
+    name = "no_allocate"
+    scope = "model"
+
+
+class MisScoped(ForceSelector):
+    name = "mis_scoped"
+    scope = "Model"
+
+
+class NoPlan(Scheduler):
+    name = "no_plan"
+
+
+class NoBuild(ConvAdapter):
+    name = "no_build"
+    module_types = (MyConv2d,)
+    build = LayerAdapter.build
+
+
+@pytest.mark.parametrize(("hook", "component", "expected"), [
+    ("musco_register_decompositions", AutoSvd, "decomposition AutoSvd ('auto') is named 'auto'"),
+    ("musco_register_rank_selectors", ForceSelector,
+     "rank selector ForceSelector ('forcing') has Params fields ['curr_compr_iter', 'force']: these keys of a layer's "
+     "schedule are the core's"),
+    ("musco_register_decompositions", NoMaxRanks,
+     "decomposition NoMaxRanks ('no_max_ranks') does not implement max_ranks (required of a Decomposer)"),
+    ("musco_register_decompositions", NoDecompose, "NoDecompose ('no_decompose') does not implement decompose"),
+    ("musco_register_rank_selectors", NoSelect, "NoSelect ('no_select') does not implement select (required of a "
+                                                "layer-scope RankSelector)"),
+    ("musco_register_rank_selectors", NoAllocate, "NoAllocate ('no_allocate') does not implement allocate"),
+    ("musco_register_rank_selectors", MisScoped, "MisScoped ('mis_scoped') has scope 'Model'; expected 'layer' or "
+                                                 "'model'"),
+    ("musco_register_schedulers", NoPlan, "scheduler NoPlan ('no_plan') does not implement plan (required of a "
+                                          "Scheduler)"),
+    ("musco_register_layer_adapters", NoBuild, "layer adapter NoBuild ('no_build') does not implement build"),
+])
+def test_a_component_breaking_its_contract_is_a_failure_of_its_plugin(hook, component, expected):
+    """A name the schedule reserves, or a required method left to the base's NotImplementedError, would fail (or
+    silently mean something else) only when a schedule uses the component: its plugin is refused at loading."""
+    reg = registry_with(("contract_plugin", make_plugin(**{hook: lambda: [component]})))
+    assert [failure.name for failure in reg.manager.failures] == ["contract_plugin"]
+    assert expected in reg.manager.failures[0].error
+    assert component.name not in {provided.name for provided in reg.provided()}
+    assert reg.decompositions.names() == BUNDLED["decompositions"]
+    with pytest.raises(PluginError, match=r"'contract_plugin'.*" + re.escape(expected)):
+        registry_with(("contract_plugin", make_plugin(**{hook: lambda: [component]})), strict=True)
+
+
+@pytest.mark.parametrize("module_types", [
+    nn.Bilinear, "torch.nn.modules.linear.Bilinear", ("Bilinear",), (), (int,), (nn.Bilinear, 3), [nn.Bilinear]])
+def test_adapter_module_types_must_be_a_tuple_of_module_classes_or_dotted_names(module_types):
+    """A bare class once broke every registry with a raw TypeError; a bare string would be read letter by letter."""
+    adapter = type("BilinearAdapter", (ConvAdapter,), {"name": "bilinear", "module_types": module_types})
+    reg = registry_with(("bad_types", make_plugin(musco_register_layer_adapters=lambda: [adapter])))
+    assert [failure.name for failure in reg.manager.failures] == ["bad_types"]
+    assert "expected a non-empty tuple of nn.Module classes or dotted class names" in reg.manager.failures[0].error
+    assert reg.adapters.names() == BUNDLED["adapters"]
+    assert reg.adapter_for(nn.Linear(2, 3)).name == "linear"
+
+
+def test_adapter_module_types_may_name_classes():
+    adapter = type("DottedAdapter", (ConvAdapter,), {"name": "dotted", "module_types": (
+        f"{MyConv2d.__module__}.{MyConv2d.__qualname__}",)})
+    reg = registry_with(("dotted_types", make_plugin(musco_register_layer_adapters=lambda: [adapter])))
+    assert not reg.manager.failures
+    assert reg.adapter_for(MyConv2d(3, 4, 3)).name == "dotted"
+
+
+class MyConv1dAdapter(ConvAdapter):
+    name = "my_conv1d"
+    module_types = (nn.Conv1d,)
+
+
+class MyConvAdapterA(ConvAdapter):
+    name = "my_conv_a"
+    module_types = (MyConv2d,)
+
+
+class MyConvAdapterB(ConvAdapter):
+    name = "my_conv_b"
+    module_types = (f"{MyConv2d.__module__}.{MyConv2d.__qualname__}",)
+
+
+class MyConv3dAdapter(ConvAdapter):
+    name = "my_conv3d"
+    module_types = ("torch.nn.modules.conv.Conv3d",)
+
+
+@pytest.mark.parametrize(("plugins", "expected"), [
+    ([("conv1d_plugin", [MyConv1dAdapter])],
+     "layer adapter 'my_conv1d' of plugin 'conv1d_plugin' (<registered in code>) lists torch.nn.modules.conv.Conv1d, "
+     "which layer adapter 'conv' of plugin 'musco_plugins.adapters' (musco-core) lists already"),
+    ([("conv3d_plugin", [MyConv3dAdapter])],  # a class and its dotted name are one type
+     "layer adapter 'my_conv3d' of plugin 'conv3d_plugin' (<registered in code>) lists torch.nn.modules.conv.Conv3d, "
+     "which layer adapter 'conv' of plugin 'musco_plugins.adapters' (musco-core) lists already"),
+    ([("plugin_a", [MyConvAdapterA]), ("plugin_b", [MyConvAdapterB])],
+     f"layer adapter 'my_conv_b' of plugin 'plugin_b' (<registered in code>) lists {MyConvAdapterB.module_types[0]}, "
+     f"which layer adapter 'my_conv_a' of plugin 'plugin_a' (<registered in code>) lists already"),
+])
+def test_a_module_type_listed_by_two_adapters_is_a_clash(plugins, expected):
+    """Which adapter handles a type two list would depend on loading order, silently: a clash, like a duplicate
+    name; listings keep the first registered adapter and record the other."""
+    plugin_objects = [(name, make_plugin(musco_register_layer_adapters=lambda classes=classes: classes))
+                      for name, classes in plugins]
+    with pytest.raises(DuplicateComponentError) as info:
+        registry_with(*plugin_objects)
+    assert str(info.value).startswith(expected)
+    kept = Registry.from_plugin_manager(make_plugin_manager(entry_points=False, plugins=plugin_objects),
+                                        keep_clashes=True)
+    assert [clash.message for clash in kept.clashes] == [str(info.value)]
+    rejected = kept.clashes[0].rejected.name
+    assert rejected not in kept.adapters.names()
+    assert kept.adapter_for(nn.Conv1d(2, 2, 1)).name == "conv"
+    assert kept.adapter_for(nn.Conv3d(2, 2, 1)).name == "conv"
+    assert kept.adapter_for(MyConv2d(2, 2, 1)).name == ("my_conv_a" if rejected == "my_conv_b" else "conv")
+
+
+def test_a_decomposition_named_as_a_whole_model_selector_is_a_clash():
+    """settings.algo_kwargs.<name> sets a decomposition's or a whole-model selector's Params: the decomposition
+    'budget' was handed the budget selector's."""
+    budget_svd = type("BudgetSvd", (SVD,), {"name": "budget"})
+    plugin = make_plugin(musco_register_decompositions=lambda: [budget_svd])
+    with pytest.raises(DuplicateComponentError, match=re.escape(
+            "decomposition 'budget' of plugin 'budget_svd' (<registered in code>) has the name of whole-model rank "
+            "selector 'budget' of plugin 'musco_plugins.budget' (musco-core): settings.algo_kwargs.budget would set "
+            "both")):
+        registry_with(("budget_svd", plugin))
+    layer_selector = type("Svd", (ForceSelector,), {"name": "svd", "Params": NoParams})  # no settings: no clash
+    reg = registry_with(("svd_selector", make_plugin(musco_register_rank_selectors=lambda: [layer_selector])))
+    assert reg.rank_selectors.entries["svd"].component is layer_selector
+
+
+def _exits_with_usage():
+    raise SystemExit(2)  # argparse reading the host's sys.argv
+
+
+def test_a_hook_raising_system_exit_is_a_failure_of_its_plugin():
+    reg = registry_with(("exiting", make_plugin(musco_register_decompositions=_exits_with_usage)),
+                        ("good", make_plugin(musco_register_decompositions=lambda: [FakeDecomposer])))
+    assert reg.manager.failures == [PluginFailure("exiting", "<registered in code>", "SystemExit: 2")]
+    assert "fake" in reg.decompositions.names()
+
+
+def test_an_entry_point_raising_system_exit_at_import_is_skipped(installed_plugins, tmp_path):
+    _fake_distribution(tmp_path, "exiting_musco_plugin", "exiting-musco-plugin", "0.1", "exiting", '''
+        import argparse
+        argparse.ArgumentParser().parse_args(["--unknown"])
+    ''')
+    importlib.invalidate_caches()
+    try:
+        manager = make_plugin_manager()
+        assert ("exiting", "exiting-musco-plugin", "SystemExit: 2") in {
+            (failure.name, failure.distribution, failure.error) for failure in manager.failures}
+        assert "fake_identity" in Registry.from_plugin_manager(manager).decompositions.names()
+        with pytest.raises(PluginError, match="'exiting' from exiting-musco-plugin failed: SystemExit: 2"):
+            make_plugin_manager(strict=True, disabled=["broken"])
+    finally:
+        sys.modules.pop("exiting_musco_plugin", None)
+
+
+def test_a_misspelt_hook_is_a_failure_of_its_plugin():
+    """pluggy keeps an implementation of an unknown hook and never calls it: the plugin loaded with nothing."""
+    plugin = make_plugin(musco_register_decomposition=lambda: [FakeDecomposer])
+    reg = registry_with(("typo", plugin))
+    expected = ("PluginError: unknown hook 'musco_register_decomposition' "
+                "(did you mean 'musco_register_decompositions'?)")
+    assert reg.manager.failures == [PluginFailure("typo", "<registered in code>", expected)]
+    assert "typo" not in reg.manager.sources
+    with pytest.raises(PluginError, match=re.escape(f"plugin 'typo' from <registered in code> failed: {expected}")):
+        registry_with(("typo", plugin), strict=True)
+
+
+def test_an_optional_hook_of_another_version_is_allowed():
+    plugin = types.ModuleType("optional")
+    plugin.musco_register_quantizers = hookimpl(optionalhook=True)(lambda: [])
+    plugin.musco_register_decompositions = hookimpl(lambda: [FakeDecomposer])
+    reg = registry_with(("optional", plugin))
+    assert not reg.manager.failures
+    assert "fake" in reg.decompositions.names()
+
+
+class NumpyNames(MuscoScheduler):
+    name = "numpy_names"
+
+    def plan(self, layer_names, settings, params):
+        return [[np.str_(name) for name in step] for step in super().plan(layer_names, settings, params)]
+
+
+def test_a_plan_of_numpy_strings_is_saved_as_plain_names(tmp_path):
+    """numpy's str_ passed the plan's checks, then broke save_state with a raw yaml RepresenterError."""
+    reg = registry_with(("numpy_names", make_plugin(musco_register_schedulers=lambda: [NumpyNames])))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    compressor = Compressor(model, model_compr_kwargs={
+        "version": 1, "settings": {"scheduler": "numpy_names"},
+        "layers": {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}}, registry=reg)
+    assert all(type(layer) is str for step in compressor.state.steps for layer in step)
+    compressor.save_state(tmp_path)
+    assert (tmp_path / "LATEST").exists()
