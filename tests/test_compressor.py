@@ -194,14 +194,21 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
 
 
 @pytest.mark.parametrize(("argument", "expected"), [
-    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0"),
-    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False"),
+    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0; pass 1 "
+                                    "to compress each layer once (the original's 0)"),
+    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False; "
+                                        "pass 1 to compress each layer once (the original's 0)"),
     ({"all_algo_kwargs": []}, "Compressor(all_algo_kwargs=...): expected a mapping of decomposition names, got []"),
-    ({"all_algo_kwargs": {"svd": {"bogus": 1}}}, "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']"),
-    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0"),
+    ({"all_algo_kwargs": {"svd": {"bogus": 1}}},
+     "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']; it takes no settings"),
+    ({"all_algo_kwargs": {"cp3": {"n_iter_max": 5000, "init": "random"}}},
+     "Compressor(all_algo_kwargs=...): $[\"cp3\"]: unknown keys ['init']; expected ['n_iter_max', 'tol']"),
+    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0; pass None to compress every layer "
+                      "in one step (the original's 0)"),
 ])
 def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expected):
-    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote."""
+    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote, with what to
+    pass where the original took 0 for the default, and an unknown algo_kwargs key with the keys accepted."""
     with pytest.raises(ConfigError) as info:
         Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, **argument)
     assert str(info.value) == expected
