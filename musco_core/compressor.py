@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 from torch import nn
 
 from . import distributed, io
@@ -22,28 +23,57 @@ from .run import (build_report, check_calibration, check_resumable, check_same_m
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, unwrapped
+from .surgery import deep_copy, layer_aliases, unwrapped
 
 log = logging.getLogger(__name__)
 
 
-def _refuse_run_arguments(arguments: dict[str, tuple[Any, Any, str]]) -> None:
-    """With a full schedule, whose settings apply: one ConfigError naming each argument that the run would ignore,
-    ``{argument: (value, default, setting)}``: any not its default value of its default type (``ft_every=True``
-    is no ``1``)."""
+def _refuse_run_arguments(arguments: dict[str, tuple[Any, Any, str]], config_type: Any) -> None:
+    """With a full schedule, whose settings and layers apply: one ConfigError naming each argument that the run
+    would ignore, ``{argument: (value, default, setting)}``: any not its default value of its default type
+    (``ft_every=True`` is no ``1``), and a ``config_type`` other than ``none``."""
     problems = [f"Compressor({name}=...): model_compr_kwargs is a full schedule, whose $.settings.{setting} applies: "
                 f"set it there, not as an argument (got {short_repr(value)})"
                 for name, (value, default, setting) in arguments.items()
                 if type(value) is not type(default) or value != default]
+    if config_type != "none":
+        problems.append(f"Compressor(config_type=...): model_compr_kwargs is a full schedule, whose $.layers apply: "
+                        f"leave config_type at 'none' (it fills in the layers of an original {{layer: settings}} "
+                        f"dict), or write the generated layers into the schedule (got {short_repr(config_type)})")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_type: str, registry: Registry
+                     ) -> tuple[Any, dict[str, str]]:
+    """The original's ``model_compr_kwargs`` for a ``{layer: settings or None}`` dict (or None): every layer generated
+    for ``config_type``, updated with ``given`` (its entry for a module replaces the generated one, None leaving the
+    layer out), in model order as the original's ``model_stats`` listed them, so steps take the layers in that order
+    whatever order the dict has; and ``{layer: why it is left out}`` for the layers the dict does not name. Anything
+    but a mapping is returned as it is, for the schedule check to refuse."""
+    if given is not None and not isinstance(given, Mapping):
+        return given, dict(stats.excluded)
+    aliases = layer_aliases(model)
+    named = {aliases.get(name, name) for name in given or {}}
+    if given is None or config_type != "none":
+        generated = generate_model_compr_kwargs(stats, config_type, registry=registry)
+        reasons = generated_exclusions(stats, config_type, registry=registry)
+    else:
+        generated, reasons = {}, dict(stats.excluded)
+    layers = {**{name: layer for name, layer in generated.items() if name not in named}, **(given or {})}
+    position = {name: index for index, name in
+                enumerate(stats.in_model_order(dict.fromkeys(aliases.get(name, name) for name in layers)))}
+    ordered = dict(sorted(layers.items(), key=lambda item: position[aliases.get(item[0], item[0])]))
+    return ordered, {name: reason for name, reason in reasons.items() if name not in named}
 
 
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
     ``model_compr_kwargs`` is the original ``{layer: settings or None}`` dict (never modified) or a
-    :class:`ModelSchedule`; when omitted it is generated from ``model_stats`` with ``config_type``.
+    :class:`ModelSchedule`. As in the original, the dict updates the layers generated from ``model_stats`` with
+    ``config_type`` (none by default), and the layers are compressed in model order whatever order the dict lists
+    them in; ``ft_every=None`` compresses them all in one step.
     ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
     computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
     The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
@@ -75,7 +105,7 @@ class Compressor:
     """
 
     def __init__(self, model: nn.Module, model_stats: Any = None, model_compr_kwargs: Any = None,
-                 ft_every: int = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
+                 ft_every: int | None = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
                  seed: int = 0, registry: Registry | None = None, progress: bool = True,
                  calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
@@ -88,19 +118,22 @@ class Compressor:
                                                   "or pass inplace=True to compress the model itself")
         stats = as_model_stats(model_stats, model, registry, example_input)
         carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
-            isinstance(model_compr_kwargs, dict) and "version" in model_compr_kwargs)
+            isinstance(model_compr_kwargs, Mapping) and "version" in model_compr_kwargs)
         if carries_settings:
             _refuse_run_arguments({"ft_every": (ft_every, 1, "ft_every"), "seed": (seed, 0, "seed"),
                                    "nglobal_compress_iters": (nglobal_compress_iters, None, "nglobal_compress_iters"),
-                                   "all_algo_kwargs": (all_algo_kwargs, None, "algo_kwargs")})
-        left_out = {name: reason for name, reason in stats.excluded.items()}
-        if model_compr_kwargs is None:
-            model_compr_kwargs = generate_model_compr_kwargs(stats, config_type, registry=registry)
-            left_out = generated_exclusions(stats, config_type, registry=registry)
-        settings = {"ft_every": ft_every, "seed": seed,  # None is the default; 0, False or [] are checked, and refused
+                                   "all_algo_kwargs": (all_algo_kwargs, None, "algo_kwargs")}, config_type)
+            left_out = dict(stats.excluded)
+        else:
+            model_compr_kwargs, left_out = _original_layers(model, stats, model_compr_kwargs, config_type, registry)
+        # None is the default (ft_every's: every layer in one step, set below); 0, False or [] are checked, and refused
+        settings = {"ft_every": 1 if ft_every is None else ft_every, "seed": seed,
                     "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
                     "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
         schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
+        if ft_every is None:
+            schedule = attrs.evolve(schedule, settings=attrs.evolve(
+                schedule.settings, ft_every=max(1, len(schedule.compressed_layers()))))
         calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
         check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out),

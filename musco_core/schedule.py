@@ -218,7 +218,9 @@ def format_problem(exc: BaseException, type_) -> str:
     if isinstance(exc, ValueProblem):
         return str(exc)
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}"
+        accepted = sorted(field.name for field in attrs.fields(exc.cl))
+        return (f"unknown keys {short_repr(sorted(exc.extra_fields, key=str))}; "
+                + (f"expected {accepted}" if accepted else "it takes no settings"))
     classes = [kind for kind in (type_, *typing.get_args(type_)) if isinstance(kind, type) and attrs.has(kind)]
     if isinstance(exc, (AttributeError, TypeError)) and classes:  # not a mapping where fields were due
         return f"expected a mapping of {', '.join(field.name for field in attrs.fields(classes[0]))}"
@@ -326,13 +328,18 @@ def problems_error(problems: list[str]) -> ConfigError:
 
 #: The Compressor's keyword argument of each run setting it takes, where the names differ.
 _KEYWORDS = {"algo_kwargs": "all_algo_kwargs"}
+#: What to pass instead, for the Compressor's keyword arguments whose 0 the original took (for the default).
+_KEYWORD_HINTS = {"ft_every": "pass None to compress every layer in one step (the original's 0)",
+                  "nglobal_compress_iters": "pass 1 to compress each layer once (the original's 0)"}
 
 
 def _keyword_problem(problem: str) -> str:
     """A problem of a setting given as the Compressor's keyword argument, named by that argument, as the user wrote
     it: ``$.settings.algo_kwargs["svd"].x: ...`` becomes ``Compressor(all_algo_kwargs=...): $["svd"].x: ...``."""
+    setting = re.match(r"^\$\.settings\.(\w+): ", problem)
+    hint = _KEYWORD_HINTS.get(setting[1]) if setting else None
     return re.sub(r"^\$\.settings\.(\w+)(: )?", lambda match: f"Compressor({_KEYWORDS.get(match[1], match[1])}=...): "
-                  + ("" if match[2] else "$"), problem)
+                  + ("" if match[2] else "$"), problem) + (f"; {hint}" if hint else "")
 
 
 class ScheduleCodec:

@@ -194,14 +194,21 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
 
 
 @pytest.mark.parametrize(("argument", "expected"), [
-    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0"),
-    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False"),
+    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0; pass 1 "
+                                    "to compress each layer once (the original's 0)"),
+    ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False; "
+                                        "pass 1 to compress each layer once (the original's 0)"),
     ({"all_algo_kwargs": []}, "Compressor(all_algo_kwargs=...): expected a mapping of decomposition names, got []"),
-    ({"all_algo_kwargs": {"svd": {"bogus": 1}}}, "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']"),
-    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0"),
+    ({"all_algo_kwargs": {"svd": {"bogus": 1}}},
+     "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']; it takes no settings"),
+    ({"all_algo_kwargs": {"cp3": {"n_iter_max": 5000, "init": "random"}}},
+     "Compressor(all_algo_kwargs=...): $[\"cp3\"]: unknown keys ['init']; expected ['n_iter_max', 'tol']"),
+    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0; pass None to compress every layer "
+                      "in one step (the original's 0)"),
 ])
 def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expected):
-    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote."""
+    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote, with what to
+    pass where the original took 0 for the default, and an unknown algo_kwargs key with the keys accepted."""
     with pytest.raises(ConfigError) as info:
         Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, **argument)
     assert str(info.value) == expected
@@ -212,10 +219,13 @@ def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expec
     ({"seed": False}, ["seed"]),
     ({"ft_every": 1.0, "nglobal_compress_iters": False}, ["ft_every", "nglobal_compress_iters"]),
     ({"all_algo_kwargs": {}}, ["all_algo_kwargs"]),
+    ({"config_type": "vbmf"}, ["config_type"]),
+    ({"ft_every": None, "config_type": "param_reduction"}, ["ft_every", "config_type"]),
 ])
 def test_run_arguments_beside_a_full_schedule_are_refused_naming_each(registry, arguments, named):
-    """A full schedule's settings apply, so an argument the run would ignore is refused: True is no ft_every=1 and
-    False no seed=0. The defaults, given explicitly, are accepted."""
+    """A full schedule's settings and layers apply, so an argument the run would ignore is refused: True is no
+    ft_every=1 and False no seed=0, and a config_type would not fill in its layers. The defaults, given explicitly,
+    are accepted."""
     schedule = {"version": 1, "layers": SMALL_CONFIG}
     with pytest.raises(ConfigError) as info:
         Compressor(small_cnn(), model_compr_kwargs=schedule, registry=registry, **arguments)
@@ -223,6 +233,41 @@ def test_run_arguments_beside_a_full_schedule_are_refused_naming_each(registry, 
     assert [line.split("=")[0] for line in lines] == [f"Compressor({name}" for name in named]
     assert all("model_compr_kwargs is a full schedule" in line for line in lines)
     Compressor(small_cnn(), model_compr_kwargs=schedule, registry=registry, ft_every=1, seed=0, progress=False)
+
+
+def test_config_type_fills_in_the_layers_an_original_dict_leaves_out(registry):
+    """As in the original, the dict updates the layers generated for config_type: a layer it names takes its
+    settings (None leaves it out), the others keep the generated ones, and the generated layers left out keep their
+    reasons unless the dict names them."""
+    x = torch.randn(1, 3, 8, 8)
+    compressor = Compressor(small_cnn(), None, {"7": SMALL_CONFIG["7"], "2": SMALL_CONFIG["2"]},
+                            config_type="param_reduction", example_input=x, registry=registry, progress=False)
+    assert compressor.lnames == ["2", "4", "7"]
+    assert [compressor.schedule.layers[name].rank_selection for name in compressor.lnames] == [
+        "manual", "param_reduction", "manual"]
+    assert list(compressor.state.left_out) == ["0"]  # the output layer "7" is named, so compressed
+    compressor = Compressor(small_cnn(), None, {"4": None, "2": SMALL_CONFIG["2"]}, config_type="param_reduction",
+                            example_input=x, registry=registry, progress=False)
+    assert compressor.lnames == ["2"] and list(compressor.state.left_out) == ["0", "7"]
+
+
+def test_an_original_dict_is_compressed_in_model_order_a_full_schedule_in_its_own(registry):
+    """The original compressed the layers in model order whatever order its dict listed them in (as the original
+    README's example, deepest first); a versioned schedule keeps its own order."""
+    reverse = dict(reversed(SMALL_CONFIG.items()))
+    compressor = Compressor(small_cnn(), None, reverse, nglobal_compress_iters=2, registry=registry, progress=False)
+    assert compressor.lnames == ["2", "4", "7"] and list(compressor.model_compr_kwargs) == ["2", "4", "7"]
+    assert compressor.state.steps == (("2",), ("4",), ("7",), ("2",), ("4",), ("7",))
+    compressor = Compressor(small_cnn(), None, {"version": 1, "layers": reverse}, registry=registry, progress=False)
+    assert compressor.lnames == ["7", "4", "2"]
+
+
+def test_ft_every_none_compresses_every_layer_in_one_step(registry):
+    """The original's ft_every=None: all layers in one step (len(lnames))."""
+    compressor = Compressor(small_cnn(), None, SMALL_CONFIG, ft_every=None, nglobal_compress_iters=2,
+                            registry=registry, progress=False)
+    assert compressor.ft_every == 3 and compressor.niters == 2
+    assert compressor.state.steps == (("2", "4", "7"), ("2", "4", "7"))
 
 
 def test_curr_compr_iter_counts_stages_also_those_that_kept_the_layer(registry):
