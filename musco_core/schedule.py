@@ -35,7 +35,7 @@ import yaml
 from cattrs.cols import list_structure_factory
 from cattrs.v import format_exception as cattrs_format_exception
 
-from .components import NoParams
+from .components import LAYER_SCHEDULE_KEYS, NoParams
 from .errors import ConfigError, finite_number, one_line, short_repr
 
 SCHEMA_VERSION = 1
@@ -484,7 +484,7 @@ class ScheduleCodec:
             where = (f"; whole-model selector {selection!r} takes its settings from "
                      f"$.settings.algo_kwargs.{selection}" if selector_class.scope == "model" else "")
             problems.append(f"{path}: unknown keys {short_repr(unknown)} for rank_selection {selection!r}; "
-                            f"expected {sorted(own) + ['curr_compr_iter', 'decomposition', 'force', 'rank_selection']}"
+                            f"expected {sorted(own) + sorted(LAYER_SCHEDULE_KEYS)}"
                             + where)
             return None
         params = self._structure(fields, layer_params_class, path, problems)
