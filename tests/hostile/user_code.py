@@ -41,9 +41,9 @@ SCHEDULE = ("version: 1\nlayers:\n  '2': {decomposition: tucker2, rank_selection
 #: A plugin whose decomposition takes the bundled ``svd``'s name.
 CLASHING_PLUGIN = textwrap.dedent('''
     from musco_core import hookimpl
-    from musco_core.components import Decomposer
+    from musco_plugins.svd import SVD
 
-    class OtherSvd(Decomposer):
+    class OtherSvd(SVD):  # a working decomposition, under a name the bundled one has
         name = "svd"
 
     @hookimpl
