@@ -166,7 +166,7 @@ def _full_rank_verdict(decomposer: Decomposer, adapter: LayerAdapter, spec: Laye
         stats = InputStats(features.T @ features / features.shape[0], features.shape[0])
     ranks: tuple[int, ...] = ()
     try:
-        source = WeightSource(mini, dense=weight, input_stats=stats)
+        source = WeightSource(mini, dense=weight.clone(), input_stats=stats)  # the reference, whatever it does
         ranks = tuple(decomposer.max_ranks(source))
         layouts = decomposer.layout(mini, ranks)
         with torch.no_grad():

@@ -1,19 +1,26 @@
-"""The whole-model check before a step commits: a layer the model uses other than by calling it (through a plain
-list, by its type or attributes) is kept as it is with the reason, the step's other layers are compressed, and the
-model computes what it computed."""
+"""The checks before a step commits: the whole-model check (a layer the model uses other than by calling it, through
+a plain list, by its type or attributes, is kept as it is with the reason, the step's other layers are compressed,
+and the model computes what it computed), and the checks of the plugins on each layer (an adapter that does not
+reproduce the layer it claims, or builds in another dtype or device, and a decomposer that writes to its input are
+refused naming the plugin, the model left as it was)."""
 from __future__ import annotations
 
 import logging
+import types
 from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise, hookimpl
+from musco_core.errors import CompressionError
 from musco_core.io import read_manifest
+from musco_core.plugins import make_plugin_manager
+from musco_core.registry import Registry
 from musco_core.surgery import module_paths
 from musco_core.verify import seeded_output, unfaithful_swaps
+from musco_plugins.svd import SVD
 
 
 def manual(rank: int) -> dict:
@@ -282,3 +289,46 @@ def test_a_model_that_fails_on_the_example_input_as_it_is_is_one_clear_error(con
                                           r"input: RuntimeError: .*; give an input it takes"):
         compressor.compression_step()
     assert dict(compressor.compressed_model.named_modules()) == before and compressor.state is state
+
+
+# -- the plugins' contract on each layer -----------------------------------------------------------------------
+
+def registry_with(plugin_name: str, **hooks: list[type]) -> Registry:
+    module = types.ModuleType(plugin_name)
+    for hook_name, components in hooks.items():
+        setattr(module, hook_name, hookimpl(lambda components=components: components))
+    return Registry.from_plugin_manager(make_plugin_manager(entry_points=False, plugins=[(plugin_name, module)]))
+
+
+def refused_step(model: nn.Module, layers: dict, registry: Registry, x: torch.Tensor, match: str) -> None:
+    """The step on ``model`` (compressed in place) is one CompressionError matching ``match``; the model, its
+    weights and its output are as they were."""
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    compressor = Compressor(model, model_compr_kwargs=layers, example_input=x, inplace=True, progress=False,
+                            registry=registry)
+    with pytest.raises(CompressionError, match=match):
+        compressor.compression_step()
+    assert not any(isinstance(module, FactorizedLayer) for module in model.modules())
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+class ScalingSVD(SVD):
+    """Normalizes the weight it is given in place (the layer's own storage when not protected)."""
+
+    name = "scaling_svd"
+
+    def decompose(self, source, ranks, params, seed=0):
+        source.weight.div_(source.weight.norm())
+        return super().decompose(source, ranks, params, seed)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(16, 16), nn.Conv2d(16, 16, 1, groups=2)])
+def test_a_decomposer_that_changes_its_input_is_refused_and_the_model_kept(layer):
+    registry = registry_with("scaling_plugin", musco_register_decompositions=[ScalingSVD])
+    x = torch.randn(2, 16) if isinstance(layer, nn.Linear) else torch.randn(1, 16, 5, 5)
+    refused_step(nn.Sequential(layer), {"0": {**manual(2), "decomposition": "scaling_svd"}}, registry, x,
+                 r"^layer '0': decomposition 'scaling_svd' of plugin 'scaling_plugin' changed source.weight in place")
