@@ -300,7 +300,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(torch.float64).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
-        check_factorized(name, module, new, decomposer, registry, input_shape, params)
+        read = source.factors or [Factor(layer_layout(spec)[0], source.weight, bias)]
+        check_factorized(name, module, new, read, decomposer, registry, input_shape, params)
     _carry_training_state(module, new)
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
                           relative_error=error, seconds=time.perf_counter() - started)

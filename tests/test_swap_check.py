@@ -20,6 +20,7 @@ from musco_core.plugins import make_plugin_manager
 from musco_core.registry import Registry
 from musco_core.surgery import module_paths
 from musco_core.verify import seeded_output, unfaithful_swaps
+from musco_plugins.adapters import LinearAdapter
 from musco_plugins.svd import SVD
 
 
@@ -314,6 +315,53 @@ def refused_step(model: nn.Module, layers: dict, registry: Registry, x: torch.Te
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+class Doubled(nn.Linear):
+    """A Linear with a computation of its own, which the adapter below claims but reads as a plain Linear."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class DoubledAdapter(LinearAdapter):
+    name = "doubled_linear"
+    module_types = (Doubled,)
+
+
+def test_an_adapter_whose_read_misses_the_modules_computation_is_refused_naming_its_plugin():
+    registry = registry_with("doubling_plugin", musco_register_layer_adapters=[DoubledAdapter])
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Doubled(32, 32)), torch.randn(4, 16)
+    refused_step(model, {"2": {**manual(32), "force": True}}, registry, x,  # full rank: the chain is exact
+                 r"^layer '2': layer adapter 'doubled_linear' of plugin 'doubling_plugin' does not reproduce the "
+                 r"layer: rebuilt from what it read, it changes the output by 0.5 \(relative\) on a random probe")
+
+
+class OwnLinear(nn.Linear):
+    pass
+
+
+class OwnDtypeAdapter(LinearAdapter):
+    """Builds its modules in float64 or on the meta device, whatever the layer's dtype and device."""
+
+    name = "own_dtype_linear"
+    module_types = (OwnLinear,)
+    made: dict = {}
+
+    def build(self, spec, factors, like):
+        return [nn.Linear(f.layout.in_channels, f.layout.out_channels, bias=f.bias is not None, **self.made)
+                for f in factors]
+
+
+@pytest.mark.parametrize(("made", "got"), [({"dtype": torch.float64}, "dtype torch.float64 on cpu"),
+                                           ({"device": "meta"}, "dtype torch.float32 on meta")])
+def test_an_adapter_that_builds_in_another_dtype_or_device_is_refused_naming_its_plugin(monkeypatch, made, got):
+    monkeypatch.setattr(OwnDtypeAdapter, "made", made)
+    registry = registry_with("dtype_plugin", musco_register_layer_adapters=[OwnDtypeAdapter])
+    model, x = nn.Sequential(OwnLinear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
+    refused_step(model, {"0": manual(4)}, registry, x,
+                 rf"^layer '0': layer adapter 'own_dtype_linear' of plugin 'dtype_plugin' built the factors with "
+                 rf"parameter '0.weight' of {got}, the layer's weights are torch.float32 on cpu")
 
 
 class ScalingSVD(SVD):
