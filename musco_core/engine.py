@@ -5,7 +5,7 @@ import functools
 import logging
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -139,6 +139,33 @@ def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str
     return list(weights)
 
 
+def _given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | None]]:
+    """A copy of ``source`` for a decomposer, sharing no storage with the layer (its dense weight copied when first
+    asked), and a function that names the first of the copy's tensors that differs from ``source``'s, or None: a
+    decomposer that writes to its input changes neither the model nor the reference of the reported error, and is
+    caught."""
+    factors = None if source.factors is None else [
+        attrs.evolve(f, weight=f.weight.clone(), bias=None if f.bias is None else f.bias.clone())
+        for f in source.factors]
+    dense: list[torch.Tensor] = []
+
+    def weight() -> torch.Tensor:
+        dense.append(source.weight.clone())
+        return dense[0]
+
+    def changed() -> str | None:
+        pairs = [("source.weight", source.weight, copy) for copy in dense]
+        for index, (original, copy) in enumerate(zip(source.factors or (), factors or ())):
+            pairs.append((f"source.factors[{index}].weight", original.weight, copy.weight))
+            if original.bias is not None:
+                pairs.append((f"source.factors[{index}].bias", original.bias, copy.bias))
+        return next((what for what, original, copy in pairs
+                     if (original.shape, original.dtype) != (copy.shape, copy.dtype)
+                     or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
+
+    return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats), changed
+
+
 def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:
     """The layer's candidate decompositions that can factorize a group of its geometry, in the schedule's order."""
     decomposers = [registry.decompositions.get(name) for name in layer.candidates]
@@ -257,8 +284,14 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     params = settings.params_for(decomposer)
     maker = registry.decompositions.describe(decomposer.name)
     with torch.no_grad():
-        per_group = [_checked_factors(decomposer.decompose(s, ranks, params, seed=settings.seed), group_layouts,
-                                     name, maker) for s in group_sources]
+        per_group = []
+        for group_source in group_sources:
+            given, changed = _given_copy(group_source)
+            weights = decomposer.decompose(given, ranks, params, seed=settings.seed)
+            if (what := changed()) is not None:
+                raise CompressionError(f"layer {name!r}: {maker} changed {what} in place; a decomposer must leave "
+                                       f"its input as it is (the layer's weights, the reference of the error)")
+            per_group.append(_checked_factors(weights, group_layouts, name, maker))
         factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)
                    for layout, group_weights in zip(layouts, zip(*per_group), strict=True)]
         reference = source.weight if source.factors else dense_weight(source.weight, spec.groups)
@@ -267,7 +300,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         error = float(torch.linalg.vector_norm(approximation - reference)
                       / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(torch.float64).tiny))
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
-        check_factorized(name, module, new, decomposer, registry, input_shape, params)
+        read = source.factors or [Factor(layer_layout(spec)[0], source.weight, bias)]
+        check_factorized(name, module, new, read, decomposer, registry, input_shape, params)
     _carry_training_state(module, new)
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
                           relative_error=error, seconds=time.perf_counter() - started)

@@ -1,7 +1,11 @@
 """The plugin contract, enforced before a factorized layer replaces a layer.
 
 A decomposition's factor layout, its factor weights and the adapter that builds modules from them must give a
-chain that computes what the layer computes, with fewer weights. Three checks, cheapest first:
+chain that computes what the layer computes, with fewer weights. First the adapter, on which every figure rests:
+:func:`adapter_problem` checks that it rebuilds the layer as it read it into modules that compute what the layer
+computes, on a random probe input of the layer's dtype and device (a ``read`` that misses the module's own
+computation would otherwise give a chain, and a reported error, for another layer), and that it built the new
+layer in the layer's dtype and device. Then three checks of the chain, cheapest first:
 
 * :func:`layout_problem`: the layouts chain the layer's channels, every spatial axis is owned (its stride, padding
   and dilation applied) by exactly one factor, a factor convolves only an axis it owns and with the layer's kernel
@@ -14,8 +18,8 @@ chain that computes what the layer computes, with fewer weights. Three checks, c
   adapter, geometry and parameters for the process. Decompositions that are not exact at their largest rank by
   design (CP at the largest rank that does not grow the layer) do not declare it and are not checked.
 
-:func:`check_factorized` runs the three and raises a :class:`~musco_core.errors.CompressionError` naming the layer,
-the decomposition and the plugins that registered it and the adapter.
+:func:`check_factorized` runs them all and raises a :class:`~musco_core.errors.CompressionError` naming the layer
+and the adapter, or the decomposition, with the plugins that registered them.
 
 A layer that keeps the contract can still be used by its model in ways a replacement cannot honour: called through
 a plain list the swap does not reach, its type or attributes read by its parent. :func:`unfaithful_swaps` runs the
@@ -54,17 +58,27 @@ SWAP_TOLERANCE = 1e-4
 _full_rank_verdicts: dict[tuple, str | None] = {}
 
 
-def check_factorized(name: str, original: nn.Module, new: FactorizedLayer, decomposer: Decomposer, registry,
-                     input_shape: Sequence[int] | None = None, params: Any = None) -> None:
+def check_factorized(name: str, original: nn.Module, new: FactorizedLayer, read: Sequence[Factor],
+                     decomposer: Decomposer, registry, input_shape: Sequence[int] | None = None,
+                     params: Any = None) -> None:
     """Raises CompressionError unless ``new`` keeps the contract as a replacement of ``original``.
 
-    ``input_shape`` is the layer's input on the example input (batch included), None when unknown; ``params``
-    the decomposer's parameters of this run (its defaults when None).
+    ``read`` is the layer as its adapter read it: one factor of the layer's own layout (its weight and bias), or
+    the factors of a factorized layer. ``input_shape`` is the layer's input on the example input (batch included),
+    None when unknown; ``params`` the decomposer's parameters of this run (its defaults when None).
     """
     spec = new.spec
     adapter = registry.adapters.get(spec.adapter)
     params = decomposer.Params() if params is None else params
-    problem = (layout_problem(spec, new.layouts) or output_shape_problem(original, new, input_shape)
+    like = read[0].weight
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(_probe_shape(spec, input_shape), generator=generator, dtype=torch.float64).to(like)
+    with torch.no_grad():
+        expected = original(probe)
+    problem = adapter_problem(adapter, spec, read, new, probe, expected)
+    if problem is not None:
+        raise CompressionError(f"layer {name!r}: {registry.adapters.describe(spec.adapter)} {problem}")
+    problem = (layout_problem(spec, new.layouts) or output_shape_problem(new, probe, expected)
                or full_rank_problem(decomposer, adapter, spec, params))
     if problem is not None:
         made_by = registry.decompositions.entries[decomposer.name].source
@@ -73,6 +87,37 @@ def check_factorized(name: str, original: nn.Module, new: FactorizedLayer, decom
             f"layer {name!r}: the {decomposer.name} chain (decomposition {decomposer.name!r} of plugin "
             f"{made_by.name!r} ({made_by.distribution}), built by layer adapter {spec.adapter!r} of plugin "
             f"{built_by.name!r}) {problem}")
+
+
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference between two computations of one layer's output in ``dtype`` by other kernels
+    (another order of summation): a few units of rounding of the dtype, and no less than float32 allows."""
+    return max(SWAP_TOLERANCE, 4 * torch.finfo(dtype).eps)
+
+
+def adapter_problem(adapter: LayerAdapter, spec: LayerSpec, read: Sequence[Factor], new: FactorizedLayer,
+                    probe: torch.Tensor, expected: Any) -> str | None:
+    """How ``adapter`` breaks its contract on a layer of ``spec`` that it read as ``read`` and whose output on
+    ``probe`` is ``expected``, or None: ``new``, which it built, has weights of another dtype or device than the
+    layer's, or the modules it builds for the layer as it read it compute something else than the layer."""
+    like = read[0].weight
+    for parameter_name, parameter in new.named_parameters():
+        if (parameter.dtype, parameter.device) != (like.dtype, like.device):
+            return (f"built the factors with parameter {parameter_name!r} of dtype {parameter.dtype} on "
+                    f"{parameter.device}, the layer's weights are {like.dtype} on {like.device}: its build() must "
+                    f"give its modules the dtype and device of its argument like")
+    try:
+        with torch.no_grad():
+            got = nn.Sequential(*adapter.build(spec, read, like))(probe)
+    except Exception as exc:  # a plugin's bug: reported as a broken contract, not raised from deep inside
+        return f"fails to rebuild the layer from what it read: {type(exc).__name__}: {one_line(str(exc))}"
+    difference = output_difference(expected, got, rounding_tolerance(like.dtype))
+    if difference is not None:
+        return (f"does not reproduce the layer: rebuilt from what it read, it {difference} on "
+                f"a random probe input of shape {tuple(probe.shape)}; its read() must give the weights with which "
+                f"its build() computes what the module computes (a subclass with a computation of its own needs "
+                f"an adapter that reads it so)")
+    return None
 
 
 def layout_problem(spec: LayerSpec, layouts: Sequence[FactorLayout]) -> str | None:
@@ -121,19 +166,17 @@ def _probe_shape(spec: LayerSpec, input_shape: Sequence[int] | None) -> tuple[in
                                   zip(spec.kernel_size, spec.stride, padding, spec.dilation, strict=True))
 
 
-def output_shape_problem(original: nn.Module, new: FactorizedLayer, input_shape: Sequence[int] | None
-                         ) -> str | None:
-    """How ``new``'s output shape differs from ``original``'s on a probe of the layer's input shape, or None."""
-    like = next(new.parameters())
-    probe = torch.zeros(_probe_shape(new.spec, input_shape), dtype=like.dtype, device=like.device)
+def output_shape_problem(new: FactorizedLayer, probe: torch.Tensor, expected: Any) -> str | None:
+    """How ``new``'s output shape on ``probe`` differs from the layer's, whose output there is ``expected``, or
+    None."""
     with torch.no_grad():
-        expected = tuple(original(probe).shape)
         try:
             got = tuple(new(probe).shape)
         except Exception as exc:  # a plugin's modules that do not even chain
             return f"fails on a probe input of shape {tuple(probe.shape)}: {type(exc).__name__}: {exc}"
-    if got != expected:
-        return f"gives output shape {got} on a probe input of shape {tuple(probe.shape)}, the layer {expected}"
+    if got != tuple(expected.shape):
+        return (f"gives output shape {got} on a probe input of shape {tuple(probe.shape)}, the layer "
+                f"{tuple(expected.shape)}")
     return None
 
 
@@ -166,7 +209,7 @@ def _full_rank_verdict(decomposer: Decomposer, adapter: LayerAdapter, spec: Laye
         stats = InputStats(features.T @ features / features.shape[0], features.shape[0])
     ranks: tuple[int, ...] = ()
     try:
-        source = WeightSource(mini, dense=weight, input_stats=stats)
+        source = WeightSource(mini, dense=weight.clone(), input_stats=stats)  # the reference, whatever it does
         ranks = tuple(decomposer.max_ranks(source))
         layouts = decomposer.layout(mini, ranks)
         with torch.no_grad():

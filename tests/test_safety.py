@@ -541,8 +541,9 @@ def test_an_adapter_that_loses_the_geometry_is_caught_by_the_output_shape_probe(
 
     reg = registry_with(("sloppy_adapter", plugin(musco_register_layer_adapters=[NoPaddingAdapter])))
     model, x = nn.Sequential(MyConv(6, 12, 3, padding=1)), torch.randn(1, 6, 6, 6)
-    message = compress_refused(model, {"0": manual([6, 6], "tucker2")}, r"output shape \(1, 12, 4, 4\)", reg, x)
-    assert "(1, 12, 6, 6)" in message and "adapter 'no_padding' of plugin 'sloppy_adapter'" in message
+    message = compress_refused(model, {"0": manual([6, 6], "tucker2")}, r"\(1, 12, 4, 4\) instead of .*\(1, 12, 6, 6\)",
+                               reg, x)
+    assert "adapter 'no_padding' of plugin 'sloppy_adapter' does not reproduce the layer" in message
 
 
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])

@@ -1,19 +1,27 @@
-"""The whole-model check before a step commits: a layer the model uses other than by calling it (through a plain
-list, by its type or attributes) is kept as it is with the reason, the step's other layers are compressed, and the
-model computes what it computed."""
+"""The checks before a step commits: the whole-model check (a layer the model uses other than by calling it, through
+a plain list, by its type or attributes, is kept as it is with the reason, the step's other layers are compressed,
+and the model computes what it computed), and the checks of the plugins on each layer (an adapter that does not
+reproduce the layer it claims, or builds in another dtype or device, and a decomposer that writes to its input are
+refused naming the plugin, the model left as it was)."""
 from __future__ import annotations
 
 import logging
+import types
 from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise, hookimpl
+from musco_core.errors import CompressionError
 from musco_core.io import load_compressed, read_manifest
+from musco_core.plugins import make_plugin_manager
+from musco_core.registry import Registry
 from musco_core.surgery import module_paths
 from musco_core.verify import seeded_output, unfaithful_swaps
+from musco_plugins.adapters import LinearAdapter
+from musco_plugins.svd import SVD
 
 
 def manual(rank: int) -> dict:
@@ -325,3 +333,93 @@ def test_a_model_that_fails_on_the_example_input_as_it_is_is_one_clear_error(con
                                           r"input: RuntimeError: .*; give an input it takes"):
         compressor.compression_step()
     assert dict(compressor.compressed_model.named_modules()) == before and compressor.state is state
+
+
+# -- the plugins' contract on each layer -----------------------------------------------------------------------
+
+def registry_with(plugin_name: str, **hooks: list[type]) -> Registry:
+    module = types.ModuleType(plugin_name)
+    for hook_name, components in hooks.items():
+        setattr(module, hook_name, hookimpl(lambda components=components: components))
+    return Registry.from_plugin_manager(make_plugin_manager(entry_points=False, plugins=[(plugin_name, module)]))
+
+
+def refused_step(model: nn.Module, layers: dict, registry: Registry, x: torch.Tensor, match: str) -> None:
+    """The step on ``model`` (compressed in place) is one CompressionError matching ``match``; the model, its
+    weights and its output are as they were."""
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    compressor = Compressor(model, model_compr_kwargs=layers, example_input=x, inplace=True, progress=False,
+                            registry=registry)
+    with pytest.raises(CompressionError, match=match):
+        compressor.compression_step()
+    assert not any(isinstance(module, FactorizedLayer) for module in model.modules())
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+class Doubled(nn.Linear):
+    """A Linear with a computation of its own, which the adapter below claims but reads as a plain Linear."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class DoubledAdapter(LinearAdapter):
+    name = "doubled_linear"
+    module_types = (Doubled,)
+
+
+def test_an_adapter_whose_read_misses_the_modules_computation_is_refused_naming_its_plugin():
+    registry = registry_with("doubling_plugin", musco_register_layer_adapters=[DoubledAdapter])
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Doubled(32, 32)), torch.randn(4, 16)
+    refused_step(model, {"2": {**manual(32), "force": True}}, registry, x,  # full rank: the chain is exact
+                 r"^layer '2': layer adapter 'doubled_linear' of plugin 'doubling_plugin' does not reproduce the "
+                 r"layer: rebuilt from what it read, it changes the output by 0.5 \(relative\) on a random probe")
+
+
+class OwnLinear(nn.Linear):
+    pass
+
+
+class OwnDtypeAdapter(LinearAdapter):
+    """Builds its modules in float64 or on the meta device, whatever the layer's dtype and device."""
+
+    name = "own_dtype_linear"
+    module_types = (OwnLinear,)
+    made: dict = {}
+
+    def build(self, spec, factors, like):
+        return [nn.Linear(f.layout.in_channels, f.layout.out_channels, bias=f.bias is not None, **self.made)
+                for f in factors]
+
+
+@pytest.mark.parametrize(("made", "got"), [({"dtype": torch.float64}, "dtype torch.float64 on cpu"),
+                                           ({"device": "meta"}, "dtype torch.float32 on meta")])
+def test_an_adapter_that_builds_in_another_dtype_or_device_is_refused_naming_its_plugin(monkeypatch, made, got):
+    monkeypatch.setattr(OwnDtypeAdapter, "made", made)
+    registry = registry_with("dtype_plugin", musco_register_layer_adapters=[OwnDtypeAdapter])
+    model, x = nn.Sequential(OwnLinear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
+    refused_step(model, {"0": manual(4)}, registry, x,
+                 rf"^layer '0': layer adapter 'own_dtype_linear' of plugin 'dtype_plugin' built the factors with "
+                 rf"parameter '0.weight' of {got}, the layer's weights are torch.float32 on cpu")
+
+
+class ScalingSVD(SVD):
+    """Normalizes the weight it is given in place (the layer's own storage when not protected)."""
+
+    name = "scaling_svd"
+
+    def decompose(self, source, ranks, params, seed=0):
+        source.weight.div_(source.weight.norm())
+        return super().decompose(source, ranks, params, seed)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(16, 16), nn.Conv2d(16, 16, 1, groups=2)])
+def test_a_decomposer_that_changes_its_input_is_refused_and_the_model_kept(layer):
+    registry = registry_with("scaling_plugin", musco_register_decompositions=[ScalingSVD])
+    x = torch.randn(2, 16) if isinstance(layer, nn.Linear) else torch.randn(1, 16, 5, 5)
+    refused_step(nn.Sequential(layer), {"0": {**manual(2), "decomposition": "scaling_svd"}}, registry, x,
+                 r"^layer '0': decomposition 'scaling_svd' of plugin 'scaling_plugin' changed source.weight in place")
