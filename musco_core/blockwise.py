@@ -50,7 +50,7 @@ from .errors import CompressionError, ConfigError, MuscoError, one_line, short_r
 from .registry import Registry, default_registry
 from .report import CompressionReport
 from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
-                  tied_note)
+                  tied_note, without_autocast)
 from .schedule import ModelSchedule, key_path, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
@@ -766,6 +766,7 @@ def _release(streams: _Streams) -> None:
         streams.reference.release()
 
 
+@without_autocast
 def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[str], output: str | os.PathLike, *,
                        checkpoint: str | os.PathLike | None = None, calibration_data: Any = None,
                        registry: Registry | None = None, offload: str = "cpu", work_dir: str | os.PathLike | None = None,
@@ -792,7 +793,8 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
     (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
     counts parameters only (there is no example pass, so no MACs). ``model`` is not modified, and ``output``
-    gets the new set as a whole or, on any failure, nothing.
+    gets the new set as a whole or, on any failure, nothing. A caller's ``torch.autocast`` is off inside, as in
+    :func:`~musco_core.run.run_step`.
     """
     registry = registry or default_registry()
     if offload not in OFFLOAD_MODES:

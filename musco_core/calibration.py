@@ -386,8 +386,8 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
                 raise ConfigError(f"output statistics: the model's output on batch {n_batches} holds no "
                                   f"floating-point tensor that depends on its weights")
             for draw in range(projections):  # each draw added up at once: one draw's gradients held at a time
-                projected = sum((tensor * torch.randn(tensor.shape, generator=generator).to(tensor)).sum()
-                                for tensor in tensors)
+                projected = sum((tensor * torch.randn(tensor.shape, generator=generator, dtype=torch.float32
+                                                      ).to(tensor)).sum() for tensor in tensors)
                 with _model_failure("output statistics", n_batches):
                     gradients = torch.autograd.grad(projected, [output for _, output in outputs], allow_unused=True,
                                                     retain_graph=draw < projections - 1)

@@ -255,8 +255,10 @@ def _listed(count: int, one: str, many: str, items, shown: int = 3) -> str:
     return f"{count} {one if count == 1 else many}: {', '.join(items[:shown])}{more}"
 
 
-def _input_shape(text: str | None) -> torch.Tensor | None:
-    """A seeded random example input of the shape ``N,C,H,W`` (any number of axes), bounded in size."""
+def _input_shape(text: str | None, model: nn.Module) -> torch.Tensor | None:
+    """A seeded random example input of the shape ``N,C,H,W`` (any number of axes), bounded in size, drawn in
+    float32 and given the dtype and device of the model's first floating-point parameter (float32 on CPU without
+    one), so that a float64 or bfloat16 model runs on it."""
     if text is None:
         return None
     expected = f"--input-shape {short_repr(text)}: expected comma-separated positive ints, e.g. 1,3,224,224"
@@ -271,13 +273,16 @@ def _input_shape(text: str | None) -> torch.Tensor | None:
     if math.prod(min(size, MAX_EXAMPLE_ELEMENTS + 1) for size in shape) > MAX_EXAMPLE_ELEMENTS:
         raise UsageProblem(f"--input-shape {short_repr(text)}: more than {MAX_EXAMPLE_ELEMENTS:,} elements "
                            f"(MAX_EXAMPLE_ELEMENTS, {MAX_EXAMPLE_ELEMENTS * 4 // 2**20} MiB of float32)")
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    return example if like is None else example.to(dtype=like.dtype, device=like.device)
 
 
 def _model_and_example(model_spec: str, weights: Path | None, input_shape: str | None
                        ) -> tuple[nn.Module, torch.Tensor | None]:
     """The user's model and example input, checked to fit each other by one forward pass (the user's code)."""
-    model, example = _load_model(model_spec, weights), _input_shape(input_shape)
+    model = _load_model(model_spec, weights)
+    example = _input_shape(input_shape, model)
     if example is not None:
         def forward():
             with torch.no_grad():
@@ -337,7 +342,8 @@ WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False,
                        help="Weights to load first: .safetensors, or a state dict read with "
                             "torch.load(weights_only=True).")
 INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
-                           help="Shape of a random example input, for MAC counts and the no-growth check.")
+                           help="Shape of a random example input, for MAC counts and the no-growth check; it "
+                                "takes the dtype and device of the model's first floating-point parameter.")
 
 
 @click.group(cls=MuscoGroup, name="musco")

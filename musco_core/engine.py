@@ -16,7 +16,7 @@ from .errors import CompressionError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
-from .surgery import FactorizedLayer, factor_mismatch, why_not_recompressible
+from .surgery import FactorizedLayer, carry_training_state, factor_mismatch, why_not_recompressible
 from .verify import check_factorized
 
 log = logging.getLogger(__name__)
@@ -172,32 +172,6 @@ def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: 
     return [decomposer for decomposer in decomposers if decomposer.unsupported_reason(group_spec) is None]
 
 
-#: The memory format of a (batch of) conv weights of each rank that ``channels_last`` conversions give.
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def _carry_training_state(old: nn.Module, new: nn.Module) -> None:
-    """Gives the new layer the old one's mode, trainability and memory format: its weights are trainable when the
-    old layer's were, and its bias when the old bias was (a frozen weight next to a trainable bias, bias-only
-    fine-tuning, stays so); its conv weights are ``channels_last`` when the old layer's were (a model converted with
-    ``model.to(memory_format=torch.channels_last)``)."""
-    def is_bias(name: str) -> bool:
-        return name.rpartition(".")[2] == "bias"
-
-    def channels_last(tensor: torch.Tensor) -> bool:  # a 1x1 kernel is contiguous in both formats: it cannot tell
-        return (tensor.dim() in CHANNELS_LAST and not tensor.is_contiguous()
-                and tensor.is_contiguous(memory_format=CHANNELS_LAST[tensor.dim()]))
-
-    new.train(old.training)
-    trained = {kind: any(p.requires_grad for name, p in old.named_parameters() if is_bias(name) == kind)
-               for kind in (False, True)}
-    formats = {p.dim() for p in old.parameters() if channels_last(p)}
-    for name, parameter in new.named_parameters():
-        parameter.requires_grad_(trained[is_bias(name)])
-        if parameter.dim() in formats:
-            parameter.data = parameter.data.contiguous(memory_format=CHANNELS_LAST[parameter.dim()])
-
-
 def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tuple[int, ...], registry: Registry
                     ) -> FactorizedLayer:
     """The layer :func:`compress_layer` builds for ``module`` with ``decomposition`` at ``ranks``, with zero weights
@@ -209,7 +183,7 @@ def factorized_like(module: nn.Module, name: str, decomposition: str, ranks: tup
     factors = [Factor(layout, like.new_zeros(layout.weight_shape), bias if layout.bias else None)
                for layout in layouts]
     new = FactorizedLayer(source.spec, decomposition, ranks, layouts, adapter.build(source.spec, factors, like))
-    _carry_training_state(module, new)
+    carry_training_state(module, new)
     return new
 
 
@@ -302,7 +276,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         new = FactorizedLayer(spec, decomposer.name, ranks, layouts, adapter.build(spec, factors, like))
         read = source.factors or [Factor(layer_layout(spec)[0], source.weight, bias)]
         check_factorized(name, module, new, read, decomposer, registry, input_shape, params)
-    _carry_training_state(module, new)
+    carry_training_state(module, new)
     result = attrs.evolve(result, applied=True, params_after=params_after, macs_after=macs_after,
                           relative_error=error, seconds=time.perf_counter() - started)
     log.info("layer %r: %s ranks %s, weights %d -> %d, relative error %.4f", name, decomposer.name, ranks,

@@ -187,16 +187,26 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
     problems = [problem for problem in problems if problem]
     if problems:
         raise ConfigError("distill: " + "; ".join(problems))
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    if not parameters:
+    if torch.is_inference_mode_enabled():
+        raise ConfigError("distill: called under torch.inference_mode(): no gradient is recorded there and tensors "
+                          "made there cannot be trained; call it outside inference_mode (torch.no_grad() is fine)")
+    named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("distill: the student has no parameter that requires grad; nothing to train")
-    return parameters
+    half = [name for name, p in named if p.dtype == torch.float16]
+    if half:
+        more = f" and {len(half) - 1} more parameter(s) are" if len(half) > 1 else " is"
+        raise ConfigError(f"distill: the student's {half[0]!r}{more} float16: AdamW's state underflows in float16 "
+                          f"(its eps, 1e-8, is 0 there), so the updates would be NaN at any lr; distill a float32 or "
+                          f"bfloat16 student (student.float()), then convert it (.half())")
+    return [p for _, p in named]
 
 
 def _device_indices(parameters: Iterable[nn.Parameter]) -> list[int]:
     return sorted({p.device.index or 0 for p in parameters if p.device.type == "cuda"})
 
 
+@torch.enable_grad()  # called under the caller's no_grad (an evaluation helper), it must still train
 def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float = 1e-4, *,
             features: Sequence[str] | None = None, feature_weight: float = 1.0, temperature: float | None = None,
             label_weight: float | None = None, output: Callable[[Any], torch.Tensor] | None = None,
@@ -222,17 +232,19 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
       marks a position to ignore), as in fine-tuning with labels. Hinton's distillation combines it with a
       ``temperature``.
 
-    The teacher runs in eval mode under ``no_grad``. The student is trained in train mode (dropout and
-    BatchNorm's batch statistics, as in fine-tuning), or in eval mode with ``train_mode=False`` (no dropout,
-    BatchNorm's running statistics kept), with a new ``torch.optim.AdamW(lr, weight_decay)`` over its
-    parameters that require grad, whose learning rate follows ``lr_schedule``: ``constant``, or ``cosine``
-    (from ``lr`` down to 0 along half a cosine over the ``steps``). Every module's training flag is restored
-    afterwards, and on any error (a loss that is not finite, or a student left with non-finite weights or
-    outputs by the last step, included) the student's parameters and buffers are restored too, so a failed call
-    changes nothing. A student that shares a parameter or buffer with the teacher is refused, so the teacher is
-    never changed. The run is
-    deterministic given ``seed``, which seeds a forked RNG (the caller's random state is untouched). A progress
-    bar with the running loss goes to stderr when it is a terminal and ``progress`` is true.
+    The teacher runs in eval mode under ``no_grad``. The student is trained (with grad enabled, whatever the
+    caller's grad mode; under ``torch.inference_mode`` it is a ConfigError), in float32 or bfloat16: a float16
+    student is refused (AdamW's state underflows in float16), distill it in float32 and convert it afterwards. It
+    is trained in train mode (dropout and BatchNorm's batch statistics, as in fine-tuning), or in eval mode with
+    ``train_mode=False`` (no dropout, BatchNorm's running statistics kept), with a new
+    ``torch.optim.AdamW(lr, weight_decay)`` over its parameters that require grad, whose learning rate follows
+    ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` down to 0 along half a cosine over the ``steps``).
+    Every module's training flag is restored afterwards, and on any error (a loss that is not finite, or a student
+    left with non-finite weights or outputs by the last step, included) the student's parameters and buffers are
+    restored too, so a failed call changes nothing. A student that shares a parameter or buffer with the teacher
+    is refused, so the teacher is never changed. The run is deterministic given ``seed``, which seeds a forked RNG
+    (the caller's random state is untouched). A progress bar with the running loss goes to stderr when it is a
+    terminal and ``progress`` is true.
 
     Returns the loss of every step.
     """

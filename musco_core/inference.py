@@ -52,6 +52,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
 from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence,
@@ -451,14 +452,16 @@ def merged_weights(layers: Sequence[nn.Module], geometry: Geometry) -> tuple[tor
 
 def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
     """A new stock layer (``nn.Linear`` or ``nn.ConvNd``, whatever subclass the layers are) computing ``layers``
-    in one, with their dtype and device."""
+    in one, with their dtype and device; built without a random init (``skip_init``), so the caller's RNG is not
+    drawn from."""
     weight, bias = merged_weights(layers, geometry)
     like = layers[0].weight
     options = {"bias": bias is not None, "device": like.device, "dtype": like.dtype}
     if isinstance(layers[0], nn.Linear):
-        merged = nn.Linear(weight.shape[1], weight.shape[0], **options)
+        merged = skip_init(nn.Linear, weight.shape[1], weight.shape[0], **options)
     else:
-        merged = CONVS[len(geometry.kernel_size) - 1](
+        merged = skip_init(
+            CONVS[len(geometry.kernel_size) - 1],
             weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, stride=geometry.stride,
             padding=geometry.padding, dilation=geometry.dilation, groups=geometry.groups,
             padding_mode=geometry.padding_mode, **options)

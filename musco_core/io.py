@@ -63,7 +63,8 @@ from .report import CompressionReport
 from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
                        read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import FactorizedLayer, deep_copy, factor_mismatch, module_paths, replace_module, unwrapped
+from .surgery import (FactorizedLayer, carry_training_state, deep_copy, factor_mismatch, module_paths,
+                      replace_module, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +623,8 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
 
     Returns a new model; ``fresh_model`` is not modified, so a file that does not fit leaves nothing half-done.
     A wrapped ``fresh_model`` (``torch.compile``, ``DataParallel``) gives the module inside, as it was saved.
+    Each rebuilt layer takes the fresh layer's mode, trainability and memory format, as the run gave them (a
+    frozen layer's factors stay frozen).
     """
     fresh_model = unwrapped(fresh_model)
     registry = registry or default_registry()
@@ -662,7 +665,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         replacements.append((module, FactorizedLayer(spec, record.decomposition, record.ranks, record.factors,
                                                      adapter.build(spec, placeholders, weight))))
     for module, new in replacements:
-        new.train(module.training)
+        carry_training_state(module, new)
         for path in paths[id(module)]:
             replace_module(model, path, new)
     wrong = [f"{key} is {shapes[stored]} in the file, {tuple(tensor.shape)} in the model"

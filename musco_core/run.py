@@ -12,7 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import torch
@@ -37,6 +37,15 @@ from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_path
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def without_autocast(function: F) -> F:
+    """``function`` run with the caller's ``torch.autocast`` off on CPU and CUDA: a step called inside a
+    mixed-precision loop would otherwise compute its statistics, factors and checks in bfloat16 or float16; the
+    result must be the same wherever the step is called (a resumed run, the command line, have no autocast)."""
+    return torch.autocast("cpu", enabled=False)(torch.autocast("cuda", enabled=False)(function))
 
 
 def count_params(model: nn.Module) -> int:
@@ -279,6 +288,7 @@ def tied_note(others: Sequence[str]) -> str:
 
 
 @torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
+@without_autocast
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
     """Compresses the layers of the next step; returns the model with them swapped in and the next state.
 
@@ -287,7 +297,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     its new layers have new parameters, so an optimizer built before the step no longer trains them.
     In a distributed job (see :mod:`musco_core.distributed`) every rank calls it on its replica with its own shard
     of the calibration data; the layers are decomposed across the ranks and every rank ends with the same model
-    and state, or every rank raises.
+    and state, or every rank raises. A caller's ``torch.autocast`` is off inside (:func:`without_autocast`).
     """
     if state.done:
         raise MuscoError(f"compression is done: all {len(state.steps)} steps were taken")

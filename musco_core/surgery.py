@@ -58,6 +58,32 @@ class FactorizedLayer(nn.Sequential):
         return f"decomposition={self.decomposition!r}, ranks={self.ranks}"
 
 
+#: The memory format of a (batch of) conv weights of each rank that ``channels_last`` conversions give.
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def carry_training_state(old: nn.Module, new: nn.Module) -> None:
+    """Gives the new layer the old one's mode, trainability and memory format: its weights are trainable when the
+    old layer's were, and its bias when the old bias was (a frozen weight next to a trainable bias, bias-only
+    fine-tuning, stays so); its conv weights are ``channels_last`` when the old layer's were (a model converted with
+    ``model.to(memory_format=torch.channels_last)``)."""
+    def is_bias(name: str) -> bool:
+        return name.rpartition(".")[2] == "bias"
+
+    def channels_last(tensor: torch.Tensor) -> bool:  # a 1x1 kernel is contiguous in both formats: it cannot tell
+        return (tensor.dim() in CHANNELS_LAST and not tensor.is_contiguous()
+                and tensor.is_contiguous(memory_format=CHANNELS_LAST[tensor.dim()]))
+
+    new.train(old.training)
+    trained = {kind: any(p.requires_grad for name, p in old.named_parameters() if is_bias(name) == kind)
+               for kind in (False, True)}
+    formats = {p.dim() for p in old.parameters() if channels_last(p)}
+    for name, parameter in new.named_parameters():
+        parameter.requires_grad_(trained[is_bias(name)])
+        if parameter.dim() in formats:
+            parameter.data = parameter.data.contiguous(memory_format=CHANNELS_LAST[parameter.dim()])
+
+
 def module_paths(model: nn.Module) -> dict[int, list[str]]:
     """Every name under which each module is reachable (a shared module has several)."""
     paths: dict[int, list[str]] = {}

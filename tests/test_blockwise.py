@@ -176,6 +176,20 @@ def test_a_user_named_partition_of_a_convolutional_network(tmp_path):
     assert not any(isinstance(m, FactorizedLayer) for m in model.modules())
 
 
+def test_blockwise_compression_inside_the_callers_autocast_computes_as_outside_it(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    generator = torch.Generator().manual_seed(2)
+    data = [torch.randn(2, 3, 8, 8, generator=generator) for _ in range(3)]
+    plan = schedule(["stage_a.conv1", "stage_b.conv1"], decomposition="whitened_svd", rank_selection="manual",
+                    manual_rank=[6])
+    expected = in_memory(model, plan, data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compress_blockwise(model, plan, ["stage_a", "stage_b", "stage_c"], tmp_path / "out", calibration_data=data,
+                           progress=False)
+    assert_same_weights(expected.compressed_model, load_compressed(Net(), tmp_path / "out"))
+
+
 def test_blocks_are_named_exactly_or_by_patterns_in_the_models_order():
     model = meta_gpt2()
     assert resolve_blocks(model, ["transformer.h.2", r"re:transformer\.h\.[01]"]) == \

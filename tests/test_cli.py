@@ -13,7 +13,9 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from musco_core import FactorizedLayer
 from musco_core.cli import main
+from musco_core.io import load_compressed
 
 FACTORIES = textwrap.dedent("""
     import torch
@@ -28,6 +30,12 @@ FACTORIES = textwrap.dedent("""
 
     def finetune(model, step):
         STEPS.append(step)
+
+    def cnn_float64():
+        return cnn().double()
+
+    def cnn_bfloat16():
+        return cnn().bfloat16()
 
     def not_a_model():
         return 42
@@ -107,10 +115,22 @@ def test_compress_with_weights_loads_them_first(factories):
     result = run("compress", "--model", "cli_factories:cnn", "--weights", weights, "--config", schedule,
                  "--out", factories / "out", "--quiet")
     assert result.exit_code == 0, result.output
-    from musco_core.io import load_compressed
     loaded = load_compressed(cli_factories.cnn(), factories / "out").eval()
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory, dtype", [("cnn_float64", torch.float64), ("cnn_bfloat16", torch.bfloat16)])
+def test_the_random_example_input_takes_the_models_dtype(factories, factory, dtype):
+    schedule = factories / "schedule.yaml"
+    schedule.write_text(yaml.safe_dump({"version": 1, "settings": {"rank_multiple": 1}, "layers": {
+        "2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[16, 16]]}}}))
+    result = run("compress", "--model", f"cli_factories:{factory}", "--config", schedule, "--input-shape",
+                 "1,3,8,8", "--out", factories / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    import cli_factories
+    loaded = load_compressed(getattr(cli_factories, factory)(), factories / "out")
+    assert {p.dtype for p in loaded.parameters()} == {dtype} and isinstance(loaded[2], FactorizedLayer)
 
 
 def test_plugins_lists_components_with_their_distribution():

@@ -513,6 +513,31 @@ def test_a_step_under_inference_mode_builds_parameters_fine_tuning_can_train(reg
     assert compressor.compressed_model[2][1].weight.grad is not None
 
 
+def test_a_step_inside_the_callers_autocast_computes_as_outside_it(registry):
+    """A step called from a mixed-precision loop: its calibration passes, factors and reported errors are those
+    of the step outside autocast (not bfloat16 ones), and a full-rank tucker2 still reproduces its layer."""
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    schedule = {"version": 1, "settings": {"rank_multiple": 1, "ft_every": 3}, "layers": {
+        "0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [8]},
+        "2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[48, 32]], "force": True},
+        "7": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [12]}}}
+
+    def step(autocast: bool):
+        compressor = Compressor(model, model_compr_kwargs=schedule, example_input=data[0], calibration_data=data,
+                                registry=registry, progress=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return compressor.compression_step(), compressor.compressed_model
+
+    (plain, expected), (mixed, got) = step(False), step(True)
+    assert [r.relative_error for r in mixed] == [r.relative_error for r in plain]
+    assert all(torch.equal(value, got.state_dict()[key]) for key, value in expected.state_dict().items())
+    assert mixed[1].relative_error < 1e-5
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.allclose(got[2](x), model[2](x), atol=1e-5)
+
+
 def test_a_factor_narrowed_by_hand_is_refused_at_the_next_step_not_costed_from_its_layouts(registry):
     compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
                             registry=registry, progress=False)

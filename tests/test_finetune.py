@@ -323,6 +323,31 @@ def test_a_last_step_that_diverges_is_an_error_and_restores_the_student():
     assert same_state(student, before)
 
 
+def test_under_the_callers_no_grad_the_student_trains_and_under_inference_mode_it_is_one_clear_error():
+    teacher = mlp()
+    expected, student = compressed(teacher), compressed(teacher)
+    losses = distill(teacher, expected, inputs(), steps=3, lr=1e-3, progress=False).losses
+    with torch.no_grad():  # e.g. from the caller's evaluation helper
+        assert distill(teacher, student, inputs(), steps=3, lr=1e-3, progress=False).losses == losses
+    assert same_state(student, state(expected))
+    before = state(student)
+    with torch.inference_mode(), pytest.raises(ConfigError, match=r"^distill: called under torch.inference_mode\(\)"):
+        distill(teacher, student, inputs(), steps=3, progress=False)
+    assert same_state(student, before)
+
+
+def test_a_float16_student_is_refused_up_front_naming_why_and_what_to_do():
+    teacher = mlp().half()
+    student = compressed(mlp()).half()
+    before = state(student)
+    with pytest.raises(ConfigError, match=r"^distill: the student's '0.0.weight' and 7 more parameter\(s\) are "
+                                          r"float16: AdamW's state underflows .* distill a float32 or bfloat16 "):
+        distill(teacher, student, [x.half() for x in inputs()], steps=3, progress=False)
+    assert same_state(student, before)
+    student = compressed(mlp()).bfloat16()  # bfloat16 has float32's range: it trains
+    distill(teacher.bfloat16(), student, [x.bfloat16() for x in inputs()], steps=2, lr=1e-3, progress=False)
+
+
 def test_a_student_sharing_the_teachers_tensors_is_refused_before_anything_changes():
     teacher = nn.Sequential(nn.Linear(24, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 6)).eval()
     student = nn.Sequential(teacher[0], teacher[1], nn.ReLU(), nn.Linear(32, 2), nn.Linear(2, 6))

@@ -204,6 +204,17 @@ def test_without_an_example_input_the_split_with_fewest_macs_is_taken():
     assert isinstance(optimized[4], nn.Sequential) and [f.weight.shape for f in optimized[4]] == [(8, 64), (64, 8)]
 
 
+def test_merging_layers_draws_nothing_from_the_callers_rng():
+    """The merged Conv2d and Linear are built without a random init: the caller's random stream goes on as if
+    optimize_for_inference had not run."""
+    model = nn.Sequential(factorize(nn.Conv2d(16, 16, 3, padding=1), "tucker2", (16, 16)), nn.Flatten(),
+                          factorize(nn.Linear(16 * 25, 16), "svd", 16))
+    state = torch.get_rng_state()
+    optimized = optimize_for_inference(model, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert type(optimized[0]) is nn.Conv2d and type(optimized[2]) is nn.Linear
+
+
 def test_a_plain_sequential_chain_is_merged_too():
     """What standardize_model leaves (an nn.Sequential of factor convs) merges like a factorized layer."""
     chain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False),

@@ -212,6 +212,29 @@ def test_loading_into_a_model_with_another_head_names_the_tensors_and_shapes(tmp
                                   f"in the model; load into the architecture the model was saved from")
 
 
+def test_loaded_layers_are_frozen_and_laid_out_as_the_run_left_them(tmp_path, registry):
+    """A frozen backbone stays frozen after save and load (as in the uninterrupted run), a frozen weight next to a
+    trainable bias too, and conv factors of a channels_last model stay channels_last."""
+    def frozen() -> nn.Module:
+        model = build_small().to(memory_format=torch.channels_last)
+        model[2].weight.requires_grad_(False)
+        model[6].requires_grad_(False)
+        return model
+
+    compressor = Compressor(frozen(), model_compr_kwargs=SMALL_SCHEDULE, ft_every=2, registry=registry,
+                            progress=False)
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path)
+    loaded = load_compressed(frozen(), tmp_path)
+
+    def layout(model: nn.Module) -> dict[str, tuple[bool, bool]]:
+        return {name: (p.requires_grad, p.is_contiguous()) for name, p in model.named_parameters()}
+
+    assert layout(loaded) == layout(compressor.compressed_model)
+    assert not layout(loaded)["2.1.weight"][0] and layout(loaded)["2.2.bias"][0] and not layout(loaded)["6.1.bias"][0]
+    assert not layout(loaded)["2.1.weight"][1]  # the 3x3 core, channels_last
+
+
 def test_standardized_model_exports_with_trace_export_and_onnx(compressed):
     import onnxruntime
 

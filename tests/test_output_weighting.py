@@ -56,6 +56,23 @@ def test_an_in_place_activation_after_the_layer_does_not_change_its_output_momen
     torch.testing.assert_close(moments[1], moments[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_output_moments_do_not_depend_on_the_default_dtype(registry, default):
+    """The same float32 model, data and seed give the same moments whatever torch.get_default_dtype() is (a user
+    who loads an LLM in bfloat16 may set it): the projections are drawn in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    expected = collect_output_moments(model, specs(registry, model, ["0"]), batches, seed=0, progress=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = collect_output_moments(model, specs(registry, model, ["0"]), batches, seed=0, progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got["0"], expected["0"])
+
+
 def test_output_moments_of_a_mapping_output_and_clear_errors(registry):
     class Dict(nn.Module):
         def __init__(self):
