@@ -21,7 +21,8 @@ Safety rules:
   the commit, then the files are renamed into place. A reader checks that the weights and the manifest carry the
   same set id, so it never uses a mix; a save that fails (disk full) or is killed leaves the old set in place, and
   the next save or load finishes an interrupted commit and removes dead staging folders.
-* A state folder is written under a staging name and renamed in whole; ``LATEST`` is replaced atomically after it.
+* A state folder is written under a staging name and renamed in whole; ``LATEST`` is replaced atomically after it
+  (a run killed in between resumes from its newest complete state folder).
 
 Loading reads YAML safely (bounded, see :func:`musco_core.schedule.read_yaml`) and tensors with safetensors; every
 declared shape is checked against the safetensors header before anything is allocated; nothing named in a file is
@@ -84,8 +85,11 @@ STEP_NAME = re.compile(r"step-[0-9]{4,9}(-[0-9a-f]{8})?")
 SET_FILES = (WEIGHTS, MANIFEST, REPORT)
 #: Everything musco-core writes inside a step or staging folder; anything else there is the user's.
 OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
-#: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it.
-OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9]+")
+#: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it, with
+#: the pid of the process writing it.
+OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})")
+#: The files musco-core writes with :func:`~musco_core.schedule.write_text_atomic` in an output or checkpoint folder.
+ATOMIC_FILES = (MARKER, JOURNAL, LATEST_FILE)
 #: The name of a staging folder (:func:`_new_staging`), with the pid of the process writing it.
 STAGING_NAME = re.compile(r"\..+\.staging-([0-9]+)-[0-9a-f]{8}")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -117,6 +121,8 @@ def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, ov
     folder = Path(folder)
     check_claims([(folder, kind)], run_id, overwrite=overwrite)
     marker = read_marker(folder) if folder.is_dir() else None
+    if folder.is_dir():
+        _remove_dead_temporaries(folder)
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id:
         return folder
     if marker is not None:
@@ -124,6 +130,7 @@ def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, ov
                  marker["kind"], marker.get("run_id"))
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(folder, kind, run_id)
+    _fsync_dir(folder)
     _fsync_dir(folder.parent)
     return folder
 
@@ -166,16 +173,14 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
     if not folder.is_dir():
         return f"{folder}: is a file; expected a folder for the {kind}"
     marker = read_marker(folder)
-    if overwrite or marker is not None and (marker["kind"] == kind and marker.get("run_id") == run_id
-                                            or unused_run_folder(folder)):
+    if overwrite or marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or (
+            unused_run_folder(folder)):
         return None
     if marker is not None:
         return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
                 f"folder, or pass overwrite=True (--overwrite) to replace what that run wrote")
-    if any(child.name != LOCK_FILE for child in folder.iterdir()):
-        return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
-                f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
-    return None
+    return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
+            f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
 
 
 def _in_the_way(folder: Path, kind: str) -> list[str]:
@@ -193,21 +198,40 @@ def _in_the_way(folder: Path, kind: str) -> list[str]:
 
 
 def unused_run_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` was claimed by a musco-core run that saved nothing in it: it holds only musco-core's
-    bookkeeping (its marker, the lock, staging folders of dead processes, empty folders and marked folders that hold
-    nothing themselves), so a new run may take it over and resuming it starts the run over."""
+    """Whether ``folder`` was claimed by a musco-core run that saved nothing in it, so a new run may take it over and
+    resuming it starts the run over: it holds only musco-core's bookkeeping, that is the lock and the temporary files
+    of dead processes (:func:`_dead_temporary`), and, where it carries a marker, its marker, staging folders of dead
+    processes and folders that hold nothing else themselves. A folder without a marker (or an empty one) is unused
+    when it holds nothing but the lock and dead temporary files: a run killed before it wrote its marker."""
     folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir() or read_marker(folder) is None:
+    if folder.is_symlink() or not folder.is_dir():
         return False
+    marked = read_marker(folder) is not None
     for child in folder.iterdir():
-        if child.name in (MARKER, LOCK_FILE) or child.is_dir() and not child.is_symlink() and not any(child.iterdir()):
+        if child.name == LOCK_FILE or _dead_temporary(child) or marked and child.name == MARKER:
             continue
-        marker = read_marker(child) if child.is_dir() and not child.is_symlink() else None
-        if marker is None:
+        if not marked or child.is_symlink() or not child.is_dir():
             return False
-        if not (marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))) and not unused_run_folder(child):
+        marker = read_marker(child)
+        if not (marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))
+                or unused_run_folder(child)):
             return False
     return True
+
+
+def _dead_temporary(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of a marker, journal or LATEST that a killed process left: that exact
+    name (:data:`OWN_TEMPORARY` of one of :data:`ATOMIC_FILES`), a regular file, and the pid in it no longer runs."""
+    named = OWN_TEMPORARY.fullmatch(path.name)
+    return (named is not None and named[1] in ATOMIC_FILES and path.is_file() and not path.is_symlink()
+            and not _pid_alive(int(named[2])))
+
+
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Removes the temporary files killed processes left directly inside ``folder`` (:func:`_dead_temporary`)."""
+    for child in folder.iterdir():
+        if _dead_temporary(child):
+            child.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -217,7 +241,7 @@ def _pid_alive(pid: Any) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a number no pid can be
         return False
     except PermissionError:
         return True
@@ -282,9 +306,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
+    """Creates a marked staging folder; removed again if its marker cannot be written (a full disk)."""
     staging = parent / f".{prefix}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    _write_marker(staging, "staging", run_id)
+    try:
+        _write_marker(staging, "staging", run_id)
+    except BaseException:
+        _remove_ours(staging)
+        raise
     return staging
 
 
@@ -730,7 +759,6 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
         _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
         write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
                                                                sort_keys=False, default_flow_style=None))
-        _fsync_file(staging / STATE_FILE)
         _write_marker(staging, "state", state.run_id)
         _fsync_dir(staging)
         os.replace(staging, target)
@@ -741,11 +769,22 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     _fsync_dir(directory)
     write_text_atomic(directory / LATEST_FILE, name + "\n")
     _fsync_dir(directory)
-    for old in directory.iterdir():
+    for old in list(directory.iterdir()):
         marker = read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
-            _remove_ours(old)
+            _remove_state(old)
     return target
+
+
+def _remove_state(folder: Path) -> None:
+    """Removes an older state folder. One that holds only musco-core's files is first renamed to a staging name of
+    this process, so that a removal cut short leaves a dead staging folder, which the next save removes, and never
+    an unmarked step folder; one that holds files of the user's is emptied of musco-core's files where it is."""
+    if all(_written_here(child) for child in folder.iterdir()):
+        renamed = folder.with_name(f".{folder.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, renamed)
+        folder = renamed
+    _remove_ours(folder)
 
 
 def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
@@ -756,12 +795,16 @@ def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
 
 def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
-    step folder directly inside it that this run wrote."""
+    step folder directly inside it that this run wrote. Where ``LATEST`` is missing, or names a step folder that is
+    missing, (a run killed after it renamed a state into place, before it wrote ``LATEST``), the newest complete
+    state of the run (:func:`_newest_state`)."""
     directory = Path(directory)
     marker = read_marker(directory) if directory.is_dir() else None
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
         raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
     latest = directory / LATEST_FILE
+    if not latest.exists() and not latest.is_symlink():
+        return _newest_state(directory, marker["run_id"], f"{latest}: missing"), marker["run_id"]
     try:
         if latest.is_symlink() or not latest.is_file() or latest.stat().st_size > 64:
             raise ConfigError(f"{latest}: expected a small file naming a step folder; nothing to resume")
@@ -774,9 +817,30 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
         raise ConfigError(f"{latest}: names {short_repr(name)}; expected a step folder directly inside "
                           f"{directory}, such as step-0003")
     step_dir = directory / name
+    if not step_dir.exists() and not step_dir.is_symlink():
+        return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, which is missing"), marker["run_id"]
     if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
         raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
     return step_dir, marker["run_id"]
+
+
+def _newest_state(directory: Path, run_id: str, why: str) -> Path:
+    """The newest complete state of the run ``run_id`` in ``directory``, for a ``LATEST`` that is missing (``why``).
+
+    save_state writes a state's files and syncs them in its staging folder, then marks it as a state, then renames
+    it to its step name: a complete state is a folder of a step name (not a symlink) with this run's state marker
+    and the state file, weights and manifest (which an older state being removed may lack). The newest is the one
+    of the highest step; of one step saved twice, the one whose state file was written last.
+    """
+    found = [child for child in directory.iterdir()
+             if STEP_NAME.fullmatch(child.name) and not child.is_symlink() and _ours(child, "state", run_id)
+             and all((child / name).is_file() for name in (STATE_FILE, WEIGHTS, MANIFEST))]
+    if not found:
+        raise ConfigError(f"{why}, and {directory} holds no complete state of its run; nothing to resume")
+    newest = max(found, key=lambda child: (int(child.name.split("-")[1]), (child / STATE_FILE).stat().st_mtime_ns,
+                                           child.name))
+    log.info("%s; resuming from the newest complete state, %s", why, newest)
+    return newest
 
 
 def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry

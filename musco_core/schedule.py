@@ -793,10 +793,15 @@ def dump_schedule(schedule: ModelSchedule, path: str | os.PathLike, registry=Non
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    """Writes ``text`` to ``path`` so that a crash, or a power loss, leaves either the old file or the new one, never
+    half of one: the temporary file is synced before it is renamed over ``path`` (a caller that needs the rename
+    itself to survive a power loss syncs the folder after)."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

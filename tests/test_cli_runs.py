@@ -448,3 +448,86 @@ def test_distillation_options_misused_are_one_line(project, extra, finetune, mes
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert message in result.output
     assert not (project / "out").exists()
+
+
+def dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)
+
+
+@pytest.mark.parametrize("left", ["lock", "marker being written", "checkpoints marker being written"])
+def test_a_run_killed_before_its_markers_starts_over_with_resume(project, left):
+    """Killed after it locked OUT, before (or while) it wrote the markers: only the lock and the temporary file of a
+    dead process are left, which is musco-core's bookkeeping: --resume starts the run over."""
+    assert compress("whole").exit_code == 0
+    out = project / "out"
+    out.mkdir()
+    (out / ".musco-lock").write_text("999999999")
+    tmp = f"..musco-core.tmp-{dead_pid()}"
+    if left == "marker being written":
+        (out / tmp).write_text("created_by: musco-core\n")
+    elif left == "checkpoints marker being written":
+        (out / ".musco-core").write_text("created_by: musco-core\nkind: output\nrun_id: killed\npid: 999999999\n")
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / tmp).write_text("created_by: musco-core\n")
+    result = compress("out", "--resume")
+    assert result.exit_code == 0, result.output
+    assert same_weights(project / "whole", out)
+    assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
+
+
+def test_temporary_files_that_are_not_musco_cores_keep_the_folder_refused(project):
+    """Only musco-core's exact temporary names with the pid of a dead process are its bookkeeping."""
+    out = project / "out"
+    out.mkdir()
+    look_alikes = [f"..musco-core.tmp-{os.getpid()}", f".notes.txt.tmp-{dead_pid()}"]  # a live writer; not ours
+    for name in look_alikes:
+        (out / name).write_text("created_by: musco-core\n")
+        for again in ((), ("--resume",)):
+            assert compress("out", *again).exit_code == 2
+        assert sorted(p.name for p in out.iterdir()) == [name]
+        (out / name).unlink()
+
+
+def test_a_run_killed_before_its_first_latest_resumes_from_its_state(project, monkeypatch):
+    """Killed after the first state folder was renamed into place, before LATEST was written."""
+    import musco_core.io as io
+
+    assert compress("whole").exit_code == 0
+    original = io.write_text_atomic
+
+    def killed_at_latest(path, text):
+        if path.name == "LATEST":
+            raise KeyboardInterrupt
+        original(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "write_text_atomic", killed_at_latest)
+        killed = compress("out")
+    assert killed.exit_code == 130 and "the last complete state is out/checkpoints/step-0001" in killed.output
+    assert sorted(p.name for p in (project / "out" / "checkpoints").iterdir()) == [".musco-core", "step-0001"]
+    assert "holds the output of another musco-core run; resume that run" in compress("out").output
+    result = compress("out", "--resume")
+    assert result.exit_code == 0, result.output
+    assert same_weights(project / "whole", project / "out")
+    assert sorted(p.name for p in (project / "out" / "checkpoints").iterdir()) == [".musco-core", "LATEST",
+                                                                                 "step-0004"]
+
+
+def test_a_run_killed_between_latest_and_removing_the_old_state_resumes(project, monkeypatch):
+    import musco_core.io as io
+
+    assert compress("whole").exit_code == 0
+
+    def killed(folder):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "_remove_state", killed)
+        assert compress("out").exit_code == 130
+    checkpoints = project / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".musco-core", "LATEST", "step-0001", "step-0002"]
+    result = compress("out", "--resume")
+    assert result.exit_code == 0, result.output
+    assert same_weights(project / "whole", project / "out")
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".musco-core", "LATEST", "step-0004"]

@@ -526,3 +526,104 @@ def test_the_step_function_leaves_model_and_state_untouched_on_failure():
     assert compressor.state is state and state.next_step == 1 and len(state.history) == 3
     after = compressor.compressed_model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- a killed save leaves nothing that blocks or stays ------------------------------------------------------------
+def dead_pid():
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)
+
+
+@pytest.mark.parametrize("latest", [None, "step-0007"])
+def test_a_missing_latest_resumes_from_the_newest_complete_state(saved, latest):
+    """Killed after a state was renamed into place, before LATEST named it: the newest complete state of the run is
+    found by its name, marker and files; a state being removed (its files gone, its marker last) is not complete."""
+    (saved / LATEST_FILE).unlink()
+    if latest:
+        (saved / LATEST_FILE).write_text(latest + "\n")
+    (saved / "step-0001").mkdir()
+    shutil.copy(saved / "step-0002" / ".musco-core", saved / "step-0001")
+    removing = saved / "step-0003"
+    removing.mkdir()
+    shutil.copy(saved / "step-0002" / ".musco-core", removing)
+    shutil.copy(saved / "step-0002" / "model.safetensors", removing)
+    assert worker.resume(saved).curr_iter == 2
+
+
+def test_a_missing_latest_without_a_complete_state_is_one_clear_error(saved):
+    (saved / LATEST_FILE).unlink()
+    (saved / "step-0002" / STATE_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"ckpt/LATEST: missing, and .*ckpt holds no complete state of its run; "
+                                          r"nothing to resume$"):
+        worker.resume(saved)
+
+
+def test_a_failing_staging_marker_leaves_no_staging_folder(tmp_path, monkeypatch):
+    import musco_core.io as io
+
+    compressor = worker.start()
+    compressor.save_state(tmp_path / "ckpt")
+    save_compressed(compressor, tmp_path / "out")
+    original = io._write_marker
+
+    def full_disk(folder, kind, run_id):
+        if kind == "staging":
+            raise OSError(28, "No space left on device")
+        original(folder, kind, run_id)
+
+    monkeypatch.setattr(io, "_write_marker", full_disk)
+    for save in (lambda: compressor.save_state(tmp_path / "ckpt"), lambda: save_compressed(compressor, tmp_path / "out")):
+        with pytest.raises(OSError, match="No space left"):
+            save()
+    assert [p.name for folder in ("ckpt", "out") for p in (tmp_path / folder).iterdir() if ".staging-" in p.name] == []
+
+
+def test_the_next_save_removes_temporary_files_of_dead_processes_only(tmp_path):
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.save_state(folder)
+    dead = dead_pid()
+    left = [folder / f".LATEST.tmp-{dead}", folder / f"..musco-core.tmp-{dead}"]
+    kept = [folder / ".LATEST.tmp-1", folder / f".notes.txt.tmp-{dead}", folder / f".LATEST.tmp-0{dead}"]  # pid 1 runs
+    for path in left + kept:
+        path.write_text("step-0000\n")
+    compressor.save_state(folder)
+    assert not any(path.exists() for path in left)
+    assert all(path.exists() for path in kept)
+
+
+def test_removing_an_old_state_cut_short_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Killed while an old state was removed: it was renamed to a staging name of the (dead) process first, so the
+    next save removes what is left of it, and no empty step folder stays."""
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.save_state(folder)
+    compressor.compression_step()
+    dead = dead_pid()
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "getpid", lambda: dead)  # the save's process, killed in it
+        patch.setattr(Path, "rmdir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            compressor.save_state(folder)
+    assert not (folder / "step-0000").exists()
+    compressor.compression_step()
+    compressor.save_state(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", "step-0002"]
+
+
+def test_write_text_atomic_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave an empty LATEST, journal or marker."""
+    from musco_core.schedule import write_text_atomic
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", os.stat(src).st_ino)),
+                                                         replace(src, dst))[1])
+    write_text_atomic(tmp_path / LATEST_FILE, "step-0001\n")
+    inode = (tmp_path / LATEST_FILE).stat().st_ino
+    assert events == [("fsync", inode), ("replace", inode)]
+    assert (tmp_path / LATEST_FILE).read_text() == "step-0001\n"
