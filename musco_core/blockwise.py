@@ -33,6 +33,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -818,15 +819,16 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         calibration = [first]
     source = Checkpoint(checkpoint) if checkpoint is not None else None
     output = Path(output)
-    io.check_claims([(output, "output")], None, overwrite=overwrite)  # before the lock writes into a refused folder
+    run_id = uuid.uuid4().hex  # each call is a run of its own: the output of another is refused without overwrite
+    io.check_claims([(output, "output")], run_id, overwrite=overwrite)  # before the lock writes into a refused folder
     with io.output_lock(output):
-        io.claim_folder(output, "output", None, overwrite=overwrite)
+        io.claim_folder(output, "output", run_id, overwrite=overwrite)
         work = Path(tempfile.mkdtemp(prefix=".musco-blockwise-", dir=work_dir or output.parent))
         try:
             run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
             report, write_weights = _blockwise(model, block_names, calibration, source, run)
             io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
-                               overwrite=overwrite)
+                               run_id=run_id, overwrite=overwrite)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     log.info("blockwise compression: %d of %d layers compressed, %d -> %d weights, written to %s",

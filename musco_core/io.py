@@ -594,16 +594,18 @@ def save_compressed(model_or_compressor: Any, directory: str | os.PathLike, regi
 
 def save_output_set(directory: str | os.PathLike, layers: Mapping[str, LayerRecord],
                     write_weights: Callable[[Path, dict[str, str]], None], *, registry: Registry | None = None,
-                    report: CompressionReport | None = None, overwrite: bool = False) -> Path:
+                    report: CompressionReport | None = None, run_id: str | None = None,
+                    overwrite: bool = False) -> Path:
     """Writes an output set whose model is never whole in memory (:mod:`musco_core.blockwise`): the manifest
     records the factorized ``layers`` (``{name: LayerRecord}``), and ``write_weights(path, metadata)`` must write
     the whole state dict as a safetensors file at ``path`` with ``metadata`` in its header. The set is committed
-    as a whole, like :func:`save_compressed`'s, and ``directory`` is claimed the same way (a bare model's set).
+    as a whole, like :func:`save_compressed`'s, and ``directory`` is claimed the same way, for the run ``run_id``.
     """
     registry = registry or default_registry()
-    directory = claim_folder(directory, "output", None, overwrite=overwrite)
+    directory = claim_folder(directory, "output", run_id, overwrite=overwrite)
     set_id = uuid.uuid4().hex
-    _commit_set(directory, lambda staging: _write_set(staging, layers, write_weights, registry, report, set_id), None)
+    _commit_set(directory, lambda staging: _write_set(staging, layers, write_weights, registry, report, set_id),
+                run_id)
     return directory
 
 

@@ -252,6 +252,20 @@ def test_a_refused_output_folder_gets_nothing_written(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
+def test_a_second_run_into_the_output_of_another_is_refused_unless_overwrite(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    compress_blockwise(model, schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2]),
+                       ["0", "2"], tmp_path / "out", progress=False)
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    other = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[3])
+    with pytest.raises(ConfigError, match="out: holds the output of another musco-core run"):
+        compress_blockwise(model, other, ["0", "2"], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    compress_blockwise(model, other, ["0", "2"], tmp_path / "out", progress=False, overwrite=True)
+    loaded = load_compressed(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), tmp_path / "out")
+    assert loaded[0].ranks == (3,)
+
+
 def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path):
     state = {key: value.contiguous() for key, value in gpt2().state_dict().items()
              if key not in ("lm_head.weight", "transformer.h.1.mlp.c_fc.weight")}
