@@ -410,8 +410,9 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
         probe, input_name = _first_batch(context.calibration_data), "the first calibration batch"
     holder = distributed.first_holding(group, probe is not None)
     if holder is None:
-        log.info("compression step: no example input, so the model is not run with the step's replacements "
-                 "swapped in to check that it uses them as it used its layers")
+        log.warning("compression step: the replacements are not checked in the whole model (no example input or "
+                    "calibration data to run it on): a layer the model uses other than by calling it (a branch on "
+                    "its type, a read of its weight) would not be kept; pass example_input to check")
         return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
                                            lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)

@@ -153,6 +153,16 @@ def test_the_check_runs_on_the_first_calibration_batch_without_an_example_input(
     assert not compressor.history[0].applied and "still calls the original layer" in compressor.history[0].note
 
 
+def test_a_step_with_nothing_to_run_the_check_on_says_so_in_a_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="musco_core.run")
+    compressor = Compressor(BranchesOnType().eval(), model_compr_kwargs={
+        "proj": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}, progress=False)
+    compressor.compression_step()
+    assert compressor.history[0].applied  # unchecked: nothing tells the branch on its type
+    assert any("replacements are not checked in the whole model" in record.getMessage()
+               for record in caplog.records if record.levelno == logging.WARNING)
+
+
 def test_the_checked_model_is_left_as_it_was():
     torch.manual_seed(0)
     model = BranchesOnType().train()
