@@ -303,17 +303,23 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
     with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
     ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
     average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
-    (``track_running_stats=False``) are left alone. Every module's training flag and momentum are restored; on an
-    error the statistics are restored too. Returns the number of batches seen.
+    (``track_running_stats=False``) are left alone. A BatchNorm the batches never reach (a head that runs only in
+    training, say) has nothing to average: its statistics are kept as they were, and a warning names it. Every
+    module's training flag and momentum are restored; on an error the statistics are restored too. Returns the
+    number of batches seen.
     """
     check_reiterable(batches, "reestimate_batchnorm: batches")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    named = {m: name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = list(named)
     if not norms:
         raise ConfigError(f"reestimate_batchnorm: {type(model).__name__} has no BatchNorm layer with running "
                           f"statistics to re-estimate")
     modes = {module: module.training for module in model.modules()}
     momenta = [norm.momentum for norm in norms]
     backup = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
+    reached: set[nn.Module] = set()
+    hooks = [norm.register_forward_hook(lambda module, inputs, output: reached.add(module)) for norm in norms]
     seen = 0
     try:
         model.eval()
@@ -337,11 +343,19 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
             norm.load_state_dict(state)
         raise
     finally:
+        for hook in hooks:
+            hook.remove()
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         for module, training in modes.items():
             module.training = training
-    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms), seen)
+    unreached = [(norm, state) for norm, state in zip(norms, backup) if norm not in reached]
+    for norm, state in unreached:
+        norm.load_state_dict(state)
+    if unreached:
+        log.warning("reestimate_batchnorm: the batches never reached %s; kept their statistics as they were",
+                    ", ".join(repr(named[norm]) for norm, _ in unreached))
+    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms) - len(unreached), seen)
     return seen
 
 

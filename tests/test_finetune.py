@@ -402,6 +402,31 @@ def test_batchnorm_statistics_become_the_average_over_the_batches():
     assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
 
 
+def test_a_batchnorm_the_batches_never_reach_keeps_its_statistics_and_is_named_in_a_warning(caplog):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+            self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=0.3))  # runs in training only
+
+        def forward(self, x):
+            y = self.body(x)
+            return (y, self.aux(y)) if self.training else y
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    aux = model.aux[1]
+    aux.running_mean.fill_(3.0)  # trained statistics
+    aux.running_var.fill_(5.0)
+    aux.num_batches_tracked.fill_(1000)
+    before = state(aux)
+    with caplog.at_level("WARNING", logger="musco_core.finetune"):
+        assert reestimate_batchnorm(model, [torch.randn(4, 3, 8, 8) for _ in range(3)], progress=False) == 3
+    assert same_state(aux, before) and aux.momentum == 0.3
+    assert int(model.body[1].num_batches_tracked) == 3
+    assert "never reached 'aux.1'; kept their statistics" in caplog.text and "body" not in caplog.text
+
+
 def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
     model = bn_net()
     before = state(model)
