@@ -221,7 +221,28 @@ def test_labels_must_come_in_pairs_of_the_outputs_shape():
     with pytest.raises(ConfigError, match=r"step 1's labels must be integers of shape \(16,\).*got torch.int64 of "
                                           r"shape \(16, 2\)"):
         distill(teacher, student, wrong, steps=2, label_weight=1.0, progress=False)
+    out_of_range = labelled()
+    out_of_range[2][1][5] = 6  # of 6 classes, at step 3
+    with pytest.raises(ConfigError, match=r"step 3's labels must be class indices 0\.\.5 \(the output's last axis\) "
+                                          r"or -100 \(ignored\), got 6"):
+        distill(teacher, student, out_of_range, steps=4, lr=1e-2, label_weight=1.0, progress=False)
     assert same_state(student, before)
+
+
+def test_a_batch_whose_labels_are_all_ignored_adds_no_label_loss_and_partly_ignored_ones_average_the_rest():
+    teacher = mlp()
+    data = labelled()
+    ignored = [(x, torch.full_like(y, -100)) for x, y in data]
+    plain = distill(teacher, compressed(teacher), [x for x, _ in data], steps=4, lr=1e-3, progress=False)
+    unlabelled = distill(teacher, compressed(teacher), ignored, steps=4, lr=1e-3, label_weight=1.0, progress=False)
+    assert unlabelled.losses == pytest.approx(plain.losses)
+    half = [(x, torch.where(torch.arange(len(y)) % 2 == 0, y, -100)) for x, y in data]
+    student = compressed(teacher)
+    first = distill(teacher, copy.deepcopy(student), half[:1], steps=1, label_weight=1.0, progress=False).losses[0]
+    with torch.no_grad():
+        x, y = half[0]
+        expected = relative_mse(student(x), teacher(x)) + nn.functional.cross_entropy(student(x)[::2], y[::2])
+    assert first == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_a_cosine_schedule_decays_the_learning_rate_to_zero():
