@@ -39,7 +39,7 @@ from .errors import UnsupportedLayerError
 #: the multiple up all round to it.
 #: 3.3 added, additively, :meth:`RankSelector.times_optimized` (latency plans for the deployed form).
 #: 3.4 added, additively, :meth:`RankSelector.counts_macs` (a target on MACs is refused without them, at once).
-PLUGIN_API_VERSION = (3, 4)
+PLUGIN_API_VERSION = (3, 5)
 
 
 @attrs.frozen
@@ -499,6 +499,11 @@ class RankSelector:
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params) -> tuple[int, ...]:
         """Ranks for compressing ``source`` for the ``stage``-th time (0-based)."""
         raise NotImplementedError
+
+    def shortfall(self, decomposer: Decomposer, source: WeightSource, ranks: tuple[int, ...], params) -> str | None:
+        """How ``ranks``, as :meth:`select` chose them for ``source``, miss what ``params`` ask (a rate no rank of
+        the decomposition reaches), or None: the layer is still compressed, and this goes into its result's note."""
+        return None
 
     def allocate(self, layers: Sequence[LayerChoice], totals: ModelTotals, pass_index: int, n_passes: int,
                  params, rounding: RankRounding = RankRounding()) -> Allocation:

@@ -226,17 +226,26 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     decomposer.check(group_spec)
     selector = registry.rank_selectors.get(schedule.rank_selection)
     chooser = registry.rank_selectors.describe(selector.name)
+    shortfall = None
     if ranks is None:
         ranks = tuple(max(per_group) for per_group in zip(*(
             checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
             for s in group_sources)))
+        shortfall = next(filter(None, (selector.shortfall(decomposer, s, ranks, schedule.rank_params)
+                                       for s in group_sources)), None)
+        if shortfall is not None and not isinstance(shortfall, str):
+            raise CompressionError(f"layer {name!r}: {chooser} gave the shortfall {short_repr(shortfall)}; "
+                                   f"expected None or a string")
+        if shortfall:
+            log.warning("layer %r: %s", name, shortfall)
     else:
         ranks = checked_ranks(ranks, decomposer, name, chooser)
     like = source.stored_weight
     rounding = RankRounding.of(settings.rank_multiple, like.device, selector.hardware_rounding)
     chosen, rounded = ranks, rounding(ranks)
     ranks = rounding(rounded, decomposer.max_ranks(group_sources[0]))
-    notes = [f"ranks {chosen} rounded up to {rounded} (rank_multiple {settings.rank_multiple})"
+    notes = [shortfall,
+             f"ranks {chosen} rounded up to {rounded} (rank_multiple {settings.rank_multiple})"
              if rounded != chosen and ranks != chosen else None,
              f"ranks {rounded} clamped to {ranks} (the layer's limits)" if ranks != rounded else None]
     note = "; ".join(filter(None, notes)) or None

@@ -26,6 +26,9 @@ from .errors import ConfigError, MuscoError, finite_number, short_repr
 
 log = logging.getLogger(__name__)
 
+#: The label of a position the label loss ignores, as in torch's ``cross_entropy``.
+IGNORED_LABEL = -100
+
 #: The output fields matched by default when a model returns a mapping (a Hugging Face ``ModelOutput``), in order.
 OUTPUT_KEYS = ("logits", "last_hidden_state")
 
@@ -229,7 +232,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
       its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names;
     * **labels** (when ``label_weight`` is a number): the cross-entropy of the student's matched output, its last
       axis the classes, against the batch's integer labels (shaped as the output without its last axis; -100
-      marks a position to ignore), as in fine-tuning with labels. Hinton's distillation combines it with a
+      marks a position to ignore, and a batch with every position ignored adds no label loss), as in fine-tuning
+      with labels. Hinton's distillation combines it with a
       ``temperature``.
 
     The teacher runs in eval mode under ``no_grad``. The student is trained (with grad enabled, whatever the
@@ -303,17 +307,23 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
     with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
     ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
     average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
-    (``track_running_stats=False``) are left alone. Every module's training flag and momentum are restored; on an
-    error the statistics are restored too. Returns the number of batches seen.
+    (``track_running_stats=False``) are left alone. A BatchNorm the batches never reach (a head that runs only in
+    training, say) has nothing to average: its statistics are kept as they were, and a warning names it. Every
+    module's training flag and momentum are restored; on an error the statistics are restored too. Returns the
+    number of batches seen.
     """
     check_reiterable(batches, "reestimate_batchnorm: batches")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    named = {m: name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = list(named)
     if not norms:
         raise ConfigError(f"reestimate_batchnorm: {type(model).__name__} has no BatchNorm layer with running "
                           f"statistics to re-estimate")
     modes = {module: module.training for module in model.modules()}
     momenta = [norm.momentum for norm in norms]
     backup = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
+    reached: set[nn.Module] = set()
+    hooks = [norm.register_forward_hook(lambda module, inputs, output: reached.add(module)) for norm in norms]
     seen = 0
     try:
         model.eval()
@@ -337,11 +347,19 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
             norm.load_state_dict(state)
         raise
     finally:
+        for hook in hooks:
+            hook.remove()
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         for module, training in modes.items():
             module.training = training
-    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms), seen)
+    unreached = [(norm, state) for norm, state in zip(norms, backup) if norm not in reached]
+    for norm, state in unreached:
+        norm.load_state_dict(state)
+    if unreached:
+        log.warning("reestimate_batchnorm: the batches never reached %s; kept their statistics as they were",
+                    ", ".join(repr(named[norm]) for norm, _ in unreached))
+    log.info("reestimate_batchnorm: %d BatchNorm layers from %d batches", len(norms) - len(unreached), seen)
     return seen
 
 
@@ -385,12 +403,21 @@ def _split_labels(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
 
 
 def _label_loss(prediction: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
-    """Cross-entropy of ``prediction`` (classes on the last axis) against integer ``labels``."""
+    """Cross-entropy of ``prediction`` (classes on the last axis) against integer ``labels``, averaged over the
+    positions not ignored (-100); 0 when every position is ignored, so such a batch trains on its outputs alone."""
     if labels.shape != prediction.shape[:-1] or labels.is_floating_point() or labels.is_complex():
         raise ConfigError(f"distill: step {step + 1}'s labels must be integers of shape "
                           f"{tuple(prediction.shape[:-1])} (the output's without its last axis, the classes), got "
                           f"{labels.dtype} of shape {tuple(labels.shape)}")
-    return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), labels.reshape(-1).long())
+    classes = prediction.shape[-1]
+    labels = labels.reshape(-1).long()
+    counted = labels != IGNORED_LABEL
+    bad = labels[counted & ((labels < 0) | (labels >= classes))]
+    if bad.numel():
+        raise ConfigError(f"distill: step {step + 1}'s labels must be class indices 0..{classes - 1} (the output's "
+                          f"last axis) or {IGNORED_LABEL} (ignored), got {int(bad[0])}")
+    total = F.cross_entropy(prediction.reshape(-1, classes), labels, ignore_index=IGNORED_LABEL, reduction="sum")
+    return total / counted.sum().clamp_min(1)
 
 
 def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor],

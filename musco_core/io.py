@@ -507,6 +507,9 @@ def _write_set(folder: Path, layers: Mapping[str, LayerRecord], write_weights: C
         raise OSError(int(code[1]) if code else errno.EIO, f"cannot write {folder / WEIGHTS}: {exc}") from None
     (folder / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None),
                                    encoding="utf-8")
+    # safetensors creates its file 0600 whatever the umask: give it the manifest's mode (0666 less the umask, read
+    # from a file rather than by os.umask, which would change it for every thread while it is read)
+    os.chmod(folder / WEIGHTS, stat.S_IMODE((folder / MANIFEST).stat().st_mode))
     names = [WEIGHTS, MANIFEST]
     if report is not None:
         (folder / REPORT).write_text(json.dumps({**report.to_dict(), "set_id": set_id}, indent=2), encoding="utf-8")

@@ -784,11 +784,16 @@ def load_schedule(path: str | os.PathLike, registry=None) -> ModelSchedule:
     return ScheduleCodec(registry or default_registry()).structure(read_yaml(path), str(path))
 
 
-def dump_schedule(schedule: ModelSchedule, path: str | os.PathLike, registry=None) -> None:
-    """Writes a schedule as YAML, atomically (a temporary file renamed over the target)."""
+def dump_schedule(schedule: ModelSchedule | Mapping[str, Any], path: str | os.PathLike, registry=None) -> None:
+    """Writes a schedule as YAML, atomically (a temporary file renamed over the target). A schedule document or an
+    original ``{layer: settings}`` dict (its settings the defaults) is checked first, as the Compressor checks it,
+    so that only a schedule that loads is written."""
     from .registry import default_registry
 
-    data = ScheduleCodec(registry or default_registry()).unstructure(schedule)
+    codec = ScheduleCodec(registry or default_registry())
+    if not isinstance(schedule, ModelSchedule):
+        schedule = codec.structure(schedule, "schedule")
+    data = codec.unstructure(schedule)
     write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
 
 

@@ -27,9 +27,12 @@ from .stats import ModelStats
 
 #: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed. 3 added the
 #: budgets' ``measured`` speed-up; a state of format 2 (which has none) is read as it is. 4 added the fingerprint of
-#: the model's weights when the run began; a state without one (format 2 or 3) resumes without that check.
+#: the model's weights when the run began, which a state of format 4 must have; a state without one (format 2 or 3)
+#: resumes without that check, and a run resumed from one is saved in format 3 again (it has no fingerprint to record).
 STATE_FORMAT = 4
 RESUMABLE_STATE_FORMATS = (2, 3, 4)
+#: The newest format without the fingerprint.
+UNFINGERPRINTED_STATE_FORMAT = 3
 
 Ranks = tuple[int, ...]
 
@@ -155,7 +158,7 @@ class StateCodec:
 
     def unstructure(self, state: RunState) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT,
+            "format": STATE_FORMAT if state.model_fingerprint is not None else UNFINGERPRINTED_STATE_FORMAT,
             "run_id": state.run_id,
             "next_step": state.next_step,
             "params_before": state.params_before,
@@ -188,6 +191,10 @@ class StateCodec:
             problems.append("$.run_id: expected a non-empty string")
         if any(not step for step in document.steps):
             problems.append("$.steps: expected non-empty lists of layer names")
+        if found > UNFINGERPRINTED_STATE_FORMAT and document.model_fingerprint is None:
+            got = "null" if "model_fingerprint" in data else "nothing"
+            problems.append(f"$.model_fingerprint: expected the hash of the model's weights the run began with (a "
+                            f"string), which a state of format {found} records, got {got}")
         if problems:
             raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
         schedule = self.schedules.structure(document.initial_schedule, f"{origin}: $.initial_schedule")

@@ -221,7 +221,28 @@ def test_labels_must_come_in_pairs_of_the_outputs_shape():
     with pytest.raises(ConfigError, match=r"step 1's labels must be integers of shape \(16,\).*got torch.int64 of "
                                           r"shape \(16, 2\)"):
         distill(teacher, student, wrong, steps=2, label_weight=1.0, progress=False)
+    out_of_range = labelled()
+    out_of_range[2][1][5] = 6  # of 6 classes, at step 3
+    with pytest.raises(ConfigError, match=r"step 3's labels must be class indices 0\.\.5 \(the output's last axis\) "
+                                          r"or -100 \(ignored\), got 6"):
+        distill(teacher, student, out_of_range, steps=4, lr=1e-2, label_weight=1.0, progress=False)
     assert same_state(student, before)
+
+
+def test_a_batch_whose_labels_are_all_ignored_adds_no_label_loss_and_partly_ignored_ones_average_the_rest():
+    teacher = mlp()
+    data = labelled()
+    ignored = [(x, torch.full_like(y, -100)) for x, y in data]
+    plain = distill(teacher, compressed(teacher), [x for x, _ in data], steps=4, lr=1e-3, progress=False)
+    unlabelled = distill(teacher, compressed(teacher), ignored, steps=4, lr=1e-3, label_weight=1.0, progress=False)
+    assert unlabelled.losses == pytest.approx(plain.losses)
+    half = [(x, torch.where(torch.arange(len(y)) % 2 == 0, y, -100)) for x, y in data]
+    student = compressed(teacher)
+    first = distill(teacher, copy.deepcopy(student), half[:1], steps=1, label_weight=1.0, progress=False).losses[0]
+    with torch.no_grad():
+        x, y = half[0]
+        expected = relative_mse(student(x), teacher(x)) + nn.functional.cross_entropy(student(x)[::2], y[::2])
+    assert first == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_a_cosine_schedule_decays_the_learning_rate_to_zero():
@@ -400,6 +421,31 @@ def test_batchnorm_statistics_become_the_average_over_the_batches():
     assert model[1].momentum == 0.1 and int(model[1].num_batches_tracked) == 3
     assert model.training and not model[0].training and model[3].training
     assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+
+
+def test_a_batchnorm_the_batches_never_reach_keeps_its_statistics_and_is_named_in_a_warning(caplog):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+            self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=0.3))  # runs in training only
+
+        def forward(self, x):
+            y = self.body(x)
+            return (y, self.aux(y)) if self.training else y
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    aux = model.aux[1]
+    aux.running_mean.fill_(3.0)  # trained statistics
+    aux.running_var.fill_(5.0)
+    aux.num_batches_tracked.fill_(1000)
+    before = state(aux)
+    with caplog.at_level("WARNING", logger="musco_core.finetune"):
+        assert reestimate_batchnorm(model, [torch.randn(4, 3, 8, 8) for _ in range(3)], progress=False) == 3
+    assert same_state(aux, before) and aux.momentum == 0.3
+    assert int(model.body[1].num_batches_tracked) == 3
+    assert "never reached 'aux.1'; kept their statistics" in caplog.text and "body" not in caplog.text
 
 
 def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():

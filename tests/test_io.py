@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -56,6 +58,22 @@ def test_save_then_load_gives_identical_outputs(tmp_path, compressed):
     assert all(torch.equal(before[k], fresh.state_dict()[k]) for k in before), "the fresh model was modified"
     standardize_model(loaded)
     assert torch.equal(loaded(x), compressed.compressed_model(x))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_the_weights_file_gets_the_mode_of_the_other_files(tmp_path, compressed, umask, mode):
+    # safetensors wrote it 0600 whatever the umask: a folder shared with a group had a manifest others could read
+    # and weights they could not
+    old = os.umask(umask)
+    try:
+        save_compressed(compressed, tmp_path / "out")
+        step = compressed.save_state(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "out" / name for name in ("model.safetensors", "musco.yaml", "report.json")]
+    files += [step / name for name in ("model.safetensors", "state.yaml")]
+    assert {file.name: stat.S_IMODE(file.stat().st_mode) for file in files} == dict.fromkeys(
+        ["model.safetensors", "musco.yaml", "report.json", "state.yaml"], mode)
 
 
 def test_manifest_records_ranks_versions_and_a_valid_schedule(tmp_path, compressed, registry):

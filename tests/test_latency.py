@@ -267,7 +267,7 @@ def test_budget_records_round_trip_with_the_measured_speedup_and_old_files_still
     assert CompressionReport.from_dict(old).budgets[0] == attrs.evolve(record, measured=None)
     codec = StateCodec(registry)
     checked = checked_schedule(cnn(), schedule(), "schedule", registry)
-    state = RunState("run", checked, (("3", "5", "7"),), 100, 1, {}, (row,), (record,))
+    state = RunState("run", checked, (("3", "5", "7"),), 100, 1, {}, (row,), (record,), model_fingerprint="f" * 64)
     data = codec.unstructure(state)
     assert data["format"] == STATE_FORMAT
     assert codec.structure(json.loads(json.dumps(data)), "state").budgets == (record,)

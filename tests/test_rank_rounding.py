@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor, ConfigError, dump_schedule, load_schedule
+from musco_core import CompressionError, Compressor, ConfigError, dump_schedule, load_schedule
 from musco_core.components import (AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, Factor, FactorLayout, LayerSpec,
                                    RankRounding, WeightSource, round_ranks)
 
@@ -92,6 +92,37 @@ def test_param_reduction_meets_its_rate_under_auto():
         compressor.compression_step()
     assert len(compressor.history) == 4
     assert all(result.params_before >= 2 * result.params_after for result in compressor.history)
+
+
+def test_param_reduction_says_so_where_the_smallest_ranks_miss_its_rate(caplog):
+    # the rank floor (tucker2's 8) used to give 2.14x at stage 2 where 4x was asked, with no note
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv1d(64, 64, 3, padding=1, groups=4))
+    layers = {"2": {"decomposition": "tucker2", "rank_selection": "param_reduction", "param_reduction_rate": 4},
+              "4": {"decomposition": "tucker2", "rank_selection": "param_reduction", "param_reduction_rate": 2}}
+    compressor = Compressor(model, None, layers, nglobal_compress_iters=2, progress=False)
+    with caplog.at_level("WARNING", logger="musco_core.engine"):
+        while not compressor.done:
+            compressor.compression_step()
+    results = {(result.name, result.stage): result for result in compressor.history}
+    assert results["2", 0].note is None and results["2", 0].params_before >= 4 * results["2", 0].params_after
+    late = results["2", 1]
+    assert late.applied and late.ranks == (12, 8) and (late.params_before, late.params_after) == (4036, 1888)
+    assert late.note == "param_reduction_rate 4 cannot be met: the smallest ranks tucker2 allows (12, 8) give 2.14x"
+    grouped = results["4", 0]  # per group of 16 channels: (8, 8) keep 448 of 768 weights
+    assert grouped.applied and grouped.note == ("param_reduction_rate 2 cannot be met: the smallest ranks tucker2 "
+                                                "allows (8, 8) give 1.71x")
+    assert f"layer '2': {late.note}" in caplog.text and f"layer '4': {grouped.note}" in caplog.text
+
+
+def test_a_shortfall_that_is_not_a_string_is_refused_naming_the_selector(monkeypatch):
+    from musco_plugins.rank_selectors import ParamReduction
+    monkeypatch.setattr(ParamReduction, "shortfall", lambda self, decomposer, source, ranks, params: 2.14)
+    layers = {"0": {"decomposition": "svd", "rank_selection": "param_reduction"}}
+    with pytest.raises(CompressionError, match=r"layer '0': rank selector 'param_reduction' of plugin '.*' gave "
+                                               r"the shortfall 2\.14; expected None or a string"):
+        compress(layers)
 
 
 def test_under_auto_a_budget_chooses_among_multiples_from_twice_the_multiple_up():

@@ -146,6 +146,10 @@ def edit_state(folder, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(next_step=10 ** 9), r"\$\.next_step: expected at most 6"),
+    # a format-4 state without its fingerprint used to resume any model of the same parameter count, unchecked
+    (lambda s: s.pop("model_fingerprint"), r"\$\.model_fingerprint: expected the hash of the model's weights the run "
+                                           r"began with \(a string\), which a state of format 4 records, got nothing"),
+    (lambda s: s.update(model_fingerprint=None), r"\$\.model_fingerprint: expected .* format 4 records, got null"),
     (lambda s: s.update(next_step=-1), r"\$\.next_step: expected a non-negative int"),
     (lambda s: s.update(next_step="2"), r"\$\.next_step: expected a non-negative int"),
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),
@@ -204,6 +208,11 @@ def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog)
     assert resumed.curr_iter == 2
     assert "state.yaml: records no fingerprint of the model's weights (written before states did): cannot check" \
         in caplog.text
+    # saved again, it has no fingerprint to record: format 3 again, which resumes as before
+    again = resumed.save_state(saved)
+    assert yaml.safe_load((again / STATE_FILE).read_text())["format"] == 3
+    assert Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE,
+                             calibration_data=worker.calibration(), progress=False).curr_iter == 2
 
 
 def test_an_empty_state_file_is_one_clear_error(saved):

@@ -91,6 +91,25 @@ def test_yaml_round_trip(tmp_path, codec, registry):
     assert again.read_text(encoding="utf-8") == text
 
 
+def test_a_document_or_plain_dict_is_checked_then_written_as_its_schedule(tmp_path, codec, registry):
+    # both used to fail with a raw AttributeError, though a plain dict is accepted wherever a schedule is
+    path = tmp_path / "s.yaml"
+    document = copy.deepcopy(FULL_DOCUMENT)
+    dump_schedule(document, path, registry)
+    assert load_schedule(path, registry) == codec.structure(FULL_DOCUMENT) and document == FULL_DOCUMENT
+    plain = copy.deepcopy(FULL_DOCUMENT["layers"])
+    dump_schedule(plain, path, registry)
+    assert load_schedule(path, registry) == codec.structure(FULL_DOCUMENT["layers"])  # with the default settings
+    path.write_text("kept")
+    with pytest.raises(ConfigError, match=r'^schedule: \$\.layers\["fc"\]\.decomposition: expected one of .*got '
+                                          r"'nope'"):
+        dump_schedule({"fc": {"decomposition": "nope", "rank_selection": "vbmf"}}, path, registry)
+    with pytest.raises(ConfigError, match=r"^schedule: \$: expected a mapping \(a schedule or a \{layer: settings\} "
+                                          r"dict\), got list"):
+        dump_schedule(["fc"], path, registry)
+    assert path.read_text() == "kept"
+
+
 def test_round_trip_keeps_stage_and_force(tmp_path, codec, registry):
     schedule = codec.structure({"version": 1, "layers": {
         "a": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[32, 32], [16, 16]],

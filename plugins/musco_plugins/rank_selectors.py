@@ -101,6 +101,16 @@ class ParamReduction(RankSelector):
             low, high = (middle, high) if fits(middle) else (low, middle)
         return decomposer.rank_family(source.spec, max(low, decomposer.min_rank))
 
+    def shortfall(self, decomposer: Decomposer, source: WeightSource, ranks: tuple[int, ...],
+                  params: ParamReductionParams) -> str | None:
+        """Where even the smallest ranks the decomposition allows (its ``min_rank``) keep more weights than the
+        rate allows, the reduction they give instead."""
+        before, after = _current_weight_count(source), decomposer.count_params(source.spec, ranks)
+        if after * params.param_reduction_rate <= before:
+            return None
+        return (f"param_reduction_rate {params.param_reduction_rate:g} cannot be met: the smallest ranks "
+                f"{decomposer.name} allows ({', '.join(map(str, ranks))}) give {before / after:.2f}x")
+
 
 @attrs.frozen
 class VBMFParams:
