@@ -274,6 +274,26 @@ def test_resume_without_the_weights_the_run_began_with_is_refused(project):
     assert same_weights(project / "whole", project / "out")
 
 
+def test_resume_with_another_input_shape_or_none_is_refused(project):
+    assert compress("whole").exit_code == 0
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    base = ["compress", "--model", "run_helpers:cnn", "--config", "schedule.yaml", "--out", "out", "--finetune",
+            "run_helpers:tune", "--quiet", "--resume"]
+    for shape, given in [(["--input-shape", "1,3,16,16"], "example input float32 (1, 3, 16, 16)"),
+                         ([], "no example input")]:
+        refused = CliRunner().invoke(main, base + shape)
+        assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+        assert refused.output.startswith("musco: error: out/checkpoints/step-0002/state.yaml: $.example_input: the run "
+                                         f"began with example input float32 (1, 3, 8, 8), the resume was given {given}; "
+                                         ), refused.output
+        assert refused.output.endswith("resume with the same example input (musco compress: the same --input-shape)\n")
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
+    assert json.loads((project / "out" / "report.json").read_text())["totals"] == \
+        json.loads((project / "whole" / "report.json").read_text())["totals"]
+
+
 def test_a_second_run_on_a_locked_output_gets_one_line(project):
     with output_lock(project / "out"):
         result = compress("out")
