@@ -418,6 +418,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         model, example = _model_and_example(model_spec, weights, input_shape)
         calibration = _calibration_batches(calibration_path, calibration_batch_size)
         if finetune_spec == DISTILL:
+            _check_distill_inputs(model, calibration, calibration_path)
             finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
                                   progress=not quiet)
         if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
@@ -557,6 +558,28 @@ def _check_distill_options(finetune_spec: str | None, steps: int | None, lr: flo
         raise UsageProblem("--finetune distill trains on the --calibration inputs: give --calibration FILE")
 
 
+def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: Path) -> None:
+    """``--finetune distill``'s inputs checked before step 1, not after it: finite, and the model as loaded runs on
+    the first batch to a finite output."""
+    from .finetune import matched_output
+
+    bad = sum(int((~torch.isfinite(batch)).sum()) for batch in batches)
+    if bad:
+        raise UsageProblem(f"--calibration {path}: {bad:,} of its {sum(b.numel() for b in batches):,} values are not "
+                           f"finite (NaN or inf); distillation needs finite model inputs")
+    first = batches[0]
+    try:
+        with torch.no_grad():
+            output = matched_output(model(first))
+    except Exception as exc:  # noqa: BLE001 - the model's forward is the user's code
+        raise UsageProblem(f"--calibration {path}: --model cannot run on its first batch "
+                           f"({str(first.dtype).removeprefix('torch.')} {tuple(first.shape)}): "
+                           f"{_exception_line(exc)}") from exc
+    if not bool(torch.isfinite(output).all()):
+        raise UsageProblem(f"--calibration {path}: the output of --model on its first batch is not finite; "
+                           f"distillation needs finite outputs to reproduce")
+
+
 def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: float, progress: bool):
     """``finetune(model, step)`` for ``--finetune distill``: :func:`~musco_core.finetune.distill` from the model as
     loaded. The student trains in eval mode (no dropout, BatchNorm statistics kept: a few hundred calibration inputs
@@ -592,8 +615,8 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
         if spec == DISTILL and not isinstance(exc, MuscoError):
             raise  # not the user's code: a bug in musco-core
-        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
-                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from exc
+        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
+                           f"{_resume_hint(checkpoints)}") from exc
 
 
 class Interrupted(UsageProblem):

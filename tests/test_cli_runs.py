@@ -50,6 +50,10 @@ HELPERS = textwrap.dedent("""
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
+    def fails_verbosely(model, step):
+        raise ValueError("Given groups=1, weight of size [16, 3, 3, 3], expected input[2, 5, 8, 8] to have 3 channels, "
+                         "but got 5 channels instead; check the data loader of the fine-tuning set")
+
     def fails_at_1(model, step):
         if step == 1:
             raise RuntimeError("CUDA out of memory")
@@ -238,12 +242,21 @@ def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
     failed = compress("out", finetune="run_helpers:fails_at_3")
     assert failed.exit_code == 2
     assert failed.output.count("\n") == 1 and "Traceback" not in failed.output
-    assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: 'CUDA out of memory'" in failed.output
+    assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: CUDA out of memory;" in failed.output
     assert "step-0002; run the same command with --resume" in failed.output
     resumed = compress("out", "--resume")
     assert resumed.exit_code == 0, resumed.output
     expected, got = weights(project / "whole"), weights(project / "out")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_finetune_error_is_quoted_whole_on_one_line(project):
+    failed = compress("out", finetune="run_helpers:fails_verbosely")
+    assert failed.exit_code == 2 and failed.output.count("\n") == 1, failed.output
+    assert failed.output.startswith(
+        "musco: error: --finetune run_helpers:fails_verbosely failed after step 1: ValueError: Given groups=1, weight of "
+        "size [16, 3, 3, 3], expected input[2, 5, 8, 8] to have 3 channels, but got 5 channels instead; check the data "
+        "loader of the fine-tuning set; no step was saved yet"), failed.output
 
 
 def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
@@ -467,6 +480,24 @@ def test_distillation_options_misused_are_one_line(project, extra, finetune, mes
     result = compress("out", *extra, finetune=finetune)
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert message in result.output
+    assert not (project / "out").exists()
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (torch.randn(20, 3, 8, 8, dtype=torch.float64), "--model cannot run on its first batch (float64 (8, 3, 8, 8)): "
+                                                    "RuntimeError: Input type (double) and bias type (float) should be "
+                                                    "the same\n"),
+    (torch.randn(20, 5, 8, 8), "--model cannot run on its first batch (float32 (8, 5, 8, 8)): RuntimeError: Given "
+                               "groups=1, weight of size [16, 3, 3, 3], expected input[8, 5, 8, 8] to have 3 channels, "
+                               "but got 5 channels instead\n"),
+    (torch.randn(20, 3, 8, 8).index_fill_(0, torch.tensor([19]), float("nan")),
+     "192 of its 3,840 values are not finite (NaN or inf); distillation needs finite model inputs\n")])
+def test_distill_calibration_the_model_cannot_run_is_refused_before_step_1(project, inputs, message):
+    save_file({"inputs": inputs}, project / "calibration.safetensors")
+    result = compress("out", "--calibration", "calibration.safetensors", "--calibration-batch-size", "8",
+                      "--distill-steps", "2", finetune="distill")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == f"musco: error: --calibration calibration.safetensors: {message}"
     assert not (project / "out").exists()
 
 
