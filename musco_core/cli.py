@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -204,14 +205,18 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
 
         _regular_file("--weights", weights)
         try:
-            if weights.suffix == ".safetensors":
+            if weights.suffix.lower() == ".safetensors" or _looks_like_safetensors(weights):
                 state = load_file(str(weights))
             else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                with warnings.catch_warnings():  # the refusal is one line: no pickle-protocol warning before it
+                    warnings.simplefilter("ignore")
+                    state = torch.load(weights, map_location="cpu", weights_only=True)
+        except SafetensorError as exc:
+            raise UsageProblem(f"--weights {weights}: not a valid safetensors file: {_exception_line(exc)}") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
             raise UsageProblem(f"--weights {weights}: refused, not a plain tensor state dict "
-                               f"(read with weights_only=True, nothing in it was run): {one_line(reason)}") from None
+                               f"(read with weights_only=True, nothing in it was run): {_torch_load_reason(exc)}"
+                               ) from None
         if not isinstance(state, Mapping):
             raise UsageProblem(f"--weights {weights}: expected a state dict (a mapping of names to tensors), got "
                                f"{type(state).__name__}")
@@ -224,6 +229,29 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
         if misfit:
             raise UsageProblem(f"--weights {weights}: does not fit --model {short_repr(spec)}: {misfit}")
     return model.eval()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether the file begins as a safetensors file does, whatever its name: an 8-byte little-endian header length
+    that fits the file, then the header's JSON object. torch.save's zip and pickle files never do."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+#: Where torch.load's weights_only refusal states its reason, after its advice to load the file unsafely.
+WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line, without torch's advice to load it with
+    weights_only=False or to allowlist its classes (both run what the file names)."""
+    text = str(exc)
+    if WEIGHTS_ONLY_REASON in text:
+        reason = text.split(WEIGHTS_ONLY_REASON, 1)[1].split("Check the documentation", 1)[0]
+        return one_line(" ".join(reason.split()).split(". Please use", 1)[0].rstrip("."))
+    first = text.splitlines()[0] if text.strip() else ""
+    return type(exc).__name__ if "weights_only" in first or not first else one_line(first)
 
 
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
@@ -339,8 +367,8 @@ def _learning_rate(context: click.Context, parameter: click.Parameter, value: fl
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
 WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                       help="Weights to load first: .safetensors, or a state dict read with "
-                            "torch.load(weights_only=True).")
+                       help="Weights to load first: a safetensors file (told by its header, whatever its name), "
+                            "or a state dict read with torch.load(weights_only=True).")
 INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
                            help="Shape of a random example input, for MAC counts and the no-growth check; it "
                                 "takes the dtype and device of the model's first floating-point parameter.")
