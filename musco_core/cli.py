@@ -452,7 +452,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
             calibration = calibration[group.rank::group.world_size]
         registry = default_registry()
-        document = _with_target(read_yaml(config_path), target, config_path, registry)
+        document = _with_target(read_yaml(config_path), target, config_path, registry, example is not None)
         checkpoints = out_dir / "checkpoints"
         if checkpoints.is_symlink():
             raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
@@ -528,11 +528,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 TARGET_OPTIONS = {"scope": ("model", "compressed"), "form": ("as_compressed", "optimized")}
 
 
-def _with_target(document: Any, target: str | None, config_path: Path, registry) -> Any:
+def _with_target(document: Any, target: str | None, config_path: Path, registry, has_example: bool) -> Any:
     """The schedule document with ``--target METRIC:REDUCTION[:SCOPE][:FORM]`` as the budget selector's target:
     its metric, reduction, scope and form replace the schedule's (an option left out takes its default); the
-    budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values are checked
-    here, so that a bad one is blamed on --target, not on the schedule."""
+    budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values, and the
+    example input its metric needs (``has_example``: --input-shape given), are checked here, so that a bad one is
+    blamed on --target, not on the schedule."""
     if target is None:
         return document
     parts = target.split(":")
@@ -553,11 +554,18 @@ def _with_target(document: Any, target: str | None, config_path: Path, registry)
     budget = {"metric": parts[0], "reduction": reduction, **options}
     selector = registry.rank_selectors.entries.get("budget")
     try:
-        if selector is not None:
-            ScheduleCodec(registry).converter.structure(budget, selector.component.Params)
+        params = None if selector is None else ScheduleCodec(registry).converter.structure(
+            budget, selector.component.Params)
     except (cattrs.BaseValidationError, ValueProblem) as exc:
         raise UsageProblem("\n".join(f"--target {target!r}: {problem.removeprefix('$').lstrip('.: ')}"
                                       for problem in validation_problems(exc))) from None
+    if params is not None and not has_example:
+        component = selector.component()
+        needs = ("counts the layers' MACs" if component.counts_macs(params) else
+                 "times the model" if component.measures_latency(params) else None)
+        if needs:
+            raise UsageProblem(f"--target {target!r}: needs --input-shape: metric {parts[0]} {needs} on an example "
+                               f"input of that shape")
     if not isinstance(document, dict) or "version" not in document:
         raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
     layers, settings = document.get("layers"), document.get("settings")

@@ -436,6 +436,18 @@ def test_a_bad_target_value_is_blamed_on_the_option(project, target, message):
     assert result.output.startswith(f"musco: error: --target {target!r}: {message}"), result.output
 
 
+@pytest.mark.parametrize("target, needs", [("flops:2", "metric flops counts the layers' MACs"),
+                                           ("latency:1.5", "metric latency times the model")])
+def test_a_target_that_needs_an_example_input_is_blamed_on_the_option(project, target, needs):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    base = ["compress", "--model", "run_helpers:cnn", "--config", "budget.yaml", "--out", "out", "--quiet"]
+    result = CliRunner().invoke(main, [*base, "--target", target])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"musco: error: --target {target!r}: needs --input-shape: {needs} on an example input of " \
+                            f"that shape\n"
+    assert CliRunner().invoke(main, [*base, "--target", "params:2"]).exit_code == 0
+
+
 def test_a_target_needs_budget_layers(project):
     result = compress("out", "--target", "flops:2")
     assert result.exit_code == 2 and "no layer of schedule.yaml uses rank_selection: budget" in result.output
