@@ -101,6 +101,8 @@ class MuscoGroup(click.Group):
 def _one_line_usage_errors():
     try:
         yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a group without a command: click prints its help (not an error to squash into one line)
     except click.UsageError as exc:
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         raise UsageProblem(one_line(exc.format_message()) + where) from None
@@ -364,9 +366,19 @@ def _learning_rate(context: click.Context, parameter: click.Parameter, value: fl
     return value
 
 
+class NonEmptyPath(click.Path):
+    """A path argument or option that refuses an empty value, which ``Path`` reads as the current directory: ``--out
+    ""`` (an unset shell variable) would write there."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("an empty path; give a file or folder name (. for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
-WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+WEIGHTS = click.option("--weights", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
                        help="Weights to load first: a safetensors file (told by its header, whatever its name), "
                             "or a state dict read with torch.load(weights_only=True).")
 INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
@@ -388,9 +400,9 @@ def main(debug) -> None:
 @main.command()
 @MODEL
 @WEIGHTS
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="YAML schedule.")
+@click.option("--config", "config_path", required=True, type=NonEmptyPath(path_type=Path), help="YAML schedule.")
 @INPUT_SHAPE
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
 @click.option("--finetune", "finetune_spec", metavar="distill|PKG.MODULE:FUNCTION",
               help="After every compression step: 'distill' trains the compressed model to reproduce the "
@@ -405,7 +417,7 @@ def main(debug) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
                    "not write is never replaced or deleted).")
-@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--calibration", "calibration_path", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
                    "tensor, split into batches along its first axis.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -718,7 +730,7 @@ def _layers_yaml(layers: dict[str, Any], reasons: dict[str, str], order: list[st
 
 
 @config.command()
-@click.argument("schedule", type=click.Path(path_type=Path))
+@click.argument("schedule", type=NonEmptyPath(path_type=Path))
 @click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY",
               help="Also check the layer names and kinds against this model.")
 @_friendly
@@ -737,7 +749,7 @@ def validate(schedule, model_spec) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=NonEmptyPath(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_friendly
 def report(directory, as_json) -> None:

@@ -160,6 +160,33 @@ def test_bad_arguments_give_one_line_and_exit_code_2(factories, args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args", [[], ["config"]])
+def test_a_group_without_a_command_prints_its_help(args):
+    result = run(*args)
+    assert result.exit_code == 2  # as click exits for a group without a command
+    assert result.output.startswith(f"Usage: {' '.join(['musco', *args])} [OPTIONS] COMMAND [ARGS]...\n"), result.output
+    assert "\nCommands:\n" in result.output
+    unknown = run(*args, "nope")
+    assert unknown.exit_code == 2 and unknown.output.count("\n") == 1
+    assert unknown.output.startswith("musco: error: No such command 'nope'.")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["compress", "--model", "cli_factories:cnn", "--config", "s.yaml", "--out", ""], "--out"),
+    (["compress", "--model", "cli_factories:cnn", "--config", "", "--out", "o"], "--config"),
+    (["compress", "--model", "cli_factories:cnn", "--config", "s.yaml", "--out", "o", "--weights", ""], "--weights"),
+    (["config", "validate", ""], "SCHEDULE"), (["report", ""], "DIRECTORY")])
+def test_an_empty_path_is_refused(factories, monkeypatch, args, option):
+    monkeypatch.chdir(factories)
+    (factories / "s.yaml").write_text("version: 1\nlayers: {}\n")
+    before = sorted(factories.iterdir())
+    result = run(*args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"musco: error: Invalid value for '{option}': an empty path; give a file or folder "
+                                    f"name (. for the current directory)"), result.output
+    assert sorted(factories.iterdir()) == before
+
+
 def test_an_invalid_schedule_is_reported_with_its_path(factories):
     schedule = factories / "bad.yaml"
     schedule.write_text("version: 1\nlayers:\n  '2': {decomposition: tucker2, rank_selection: vbmf, "
