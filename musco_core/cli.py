@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class MuscoGroup(click.Group):
 def _one_line_usage_errors():
     try:
         yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a group without a command: click prints its help (not an error to squash into one line)
     except click.UsageError as exc:
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         raise UsageProblem(one_line(exc.format_message()) + where) from None
@@ -204,14 +207,18 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
 
         _regular_file("--weights", weights)
         try:
-            if weights.suffix == ".safetensors":
+            if weights.suffix.lower() == ".safetensors" or _looks_like_safetensors(weights):
                 state = load_file(str(weights))
             else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                with warnings.catch_warnings():  # the refusal is one line: no pickle-protocol warning before it
+                    warnings.simplefilter("ignore")
+                    state = torch.load(weights, map_location="cpu", weights_only=True)
+        except SafetensorError as exc:
+            raise UsageProblem(f"--weights {weights}: not a valid safetensors file: {_exception_line(exc)}") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
             raise UsageProblem(f"--weights {weights}: refused, not a plain tensor state dict "
-                               f"(read with weights_only=True, nothing in it was run): {one_line(reason)}") from None
+                               f"(read with weights_only=True, nothing in it was run): {_torch_load_reason(exc)}"
+                               ) from None
         if not isinstance(state, Mapping):
             raise UsageProblem(f"--weights {weights}: expected a state dict (a mapping of names to tensors), got "
                                f"{type(state).__name__}")
@@ -224,6 +231,29 @@ def _load_model(spec: str, weights: Path | None) -> nn.Module:
         if misfit:
             raise UsageProblem(f"--weights {weights}: does not fit --model {short_repr(spec)}: {misfit}")
     return model.eval()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether the file begins as a safetensors file does, whatever its name: an 8-byte little-endian header length
+    that fits the file, then the header's JSON object. torch.save's zip and pickle files never do."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+#: Where torch.load's weights_only refusal states its reason, after its advice to load the file unsafely.
+WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line, without torch's advice to load it with
+    weights_only=False or to allowlist its classes (both run what the file names)."""
+    text = str(exc)
+    if WEIGHTS_ONLY_REASON in text:
+        reason = text.split(WEIGHTS_ONLY_REASON, 1)[1].split("Check the documentation", 1)[0]
+        return one_line(" ".join(reason.split()).split(". Please use", 1)[0].rstrip("."))
+    first = text.splitlines()[0] if text.strip() else ""
+    return type(exc).__name__ if "weights_only" in first or not first else one_line(first)
 
 
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
@@ -336,11 +366,21 @@ def _learning_rate(context: click.Context, parameter: click.Parameter, value: fl
     return value
 
 
+class NonEmptyPath(click.Path):
+    """A path argument or option that refuses an empty value, which ``Path`` reads as the current directory: ``--out
+    ""`` (an unset shell variable) would write there."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("an empty path; give a file or folder name (. for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 MODEL = click.option("--model", "model_spec", required=True, metavar="PKG.MODULE:FACTORY",
                      help="A callable that returns the uncompressed torch.nn.Module.")
-WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                       help="Weights to load first: .safetensors, or a state dict read with "
-                            "torch.load(weights_only=True).")
+WEIGHTS = click.option("--weights", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
+                       help="Weights to load first: a safetensors file (told by its header, whatever its name), "
+                            "or a state dict read with torch.load(weights_only=True).")
 INPUT_SHAPE = click.option("--input-shape", metavar="N,C,H,W",
                            help="Shape of a random example input, for MAC counts and the no-growth check; it "
                                 "takes the dtype and device of the model's first floating-point parameter.")
@@ -360,9 +400,9 @@ def main(debug) -> None:
 @main.command()
 @MODEL
 @WEIGHTS
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="YAML schedule.")
+@click.option("--config", "config_path", required=True, type=NonEmptyPath(path_type=Path), help="YAML schedule.")
 @INPUT_SHAPE
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
 @click.option("--finetune", "finetune_spec", metavar="distill|PKG.MODULE:FUNCTION",
               help="After every compression step: 'distill' trains the compressed model to reproduce the "
@@ -377,7 +417,7 @@ def main(debug) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
                    "not write is never replaced or deleted).")
-@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--calibration", "calibration_path", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
                    "tensor, split into batches along its first axis.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -418,12 +458,13 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         model, example = _model_and_example(model_spec, weights, input_shape)
         calibration = _calibration_batches(calibration_path, calibration_batch_size)
         if finetune_spec == DISTILL:
+            _check_distill_inputs(model, calibration, calibration_path)
             finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
                                   progress=not quiet)
         if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
             calibration = calibration[group.rank::group.world_size]
         registry = default_registry()
-        document = _with_target(read_yaml(config_path), target, config_path, registry)
+        document = _with_target(read_yaml(config_path), target, config_path, registry, example is not None)
         checkpoints = out_dir / "checkpoints"
         if checkpoints.is_symlink():
             raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
@@ -499,11 +540,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 TARGET_OPTIONS = {"scope": ("model", "compressed"), "form": ("as_compressed", "optimized")}
 
 
-def _with_target(document: Any, target: str | None, config_path: Path, registry) -> Any:
+def _with_target(document: Any, target: str | None, config_path: Path, registry, has_example: bool) -> Any:
     """The schedule document with ``--target METRIC:REDUCTION[:SCOPE][:FORM]`` as the budget selector's target:
     its metric, reduction, scope and form replace the schedule's (an option left out takes its default); the
-    budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values are checked
-    here, so that a bad one is blamed on --target, not on the schedule."""
+    budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values, and the
+    example input its metric needs (``has_example``: --input-shape given), are checked here, so that a bad one is
+    blamed on --target, not on the schedule."""
     if target is None:
         return document
     parts = target.split(":")
@@ -524,11 +566,18 @@ def _with_target(document: Any, target: str | None, config_path: Path, registry)
     budget = {"metric": parts[0], "reduction": reduction, **options}
     selector = registry.rank_selectors.entries.get("budget")
     try:
-        if selector is not None:
-            ScheduleCodec(registry).converter.structure(budget, selector.component.Params)
+        params = None if selector is None else ScheduleCodec(registry).converter.structure(
+            budget, selector.component.Params)
     except (cattrs.BaseValidationError, ValueProblem) as exc:
         raise UsageProblem("\n".join(f"--target {target!r}: {problem.removeprefix('$').lstrip('.: ')}"
                                       for problem in validation_problems(exc))) from None
+    if params is not None and not has_example:
+        component = selector.component()
+        needs = ("counts the layers' MACs" if component.counts_macs(params) else
+                 "times the model" if component.measures_latency(params) else None)
+        if needs:
+            raise UsageProblem(f"--target {target!r}: needs --input-shape: metric {parts[0]} {needs} on an example "
+                               f"input of that shape")
     if not isinstance(document, dict) or "version" not in document:
         raise UsageProblem(f"--target: {config_path} must be a schedule with a version key to take a target")
     layers, settings = document.get("layers"), document.get("settings")
@@ -555,6 +604,28 @@ def _check_distill_options(finetune_spec: str | None, steps: int | None, lr: flo
             raise UsageProblem(f"{' and '.join(given)} set(s) the built-in distillation: add --finetune distill")
     elif calibration_path is None:
         raise UsageProblem("--finetune distill trains on the --calibration inputs: give --calibration FILE")
+
+
+def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: Path) -> None:
+    """``--finetune distill``'s inputs checked before step 1, not after it: finite, and the model as loaded runs on
+    the first batch to a finite output."""
+    from .finetune import matched_output
+
+    bad = sum(int((~torch.isfinite(batch)).sum()) for batch in batches)
+    if bad:
+        raise UsageProblem(f"--calibration {path}: {bad:,} of its {sum(b.numel() for b in batches):,} values are not "
+                           f"finite (NaN or inf); distillation needs finite model inputs")
+    first = batches[0]
+    try:
+        with torch.no_grad():
+            output = matched_output(model(first))
+    except Exception as exc:  # noqa: BLE001 - the model's forward is the user's code
+        raise UsageProblem(f"--calibration {path}: --model cannot run on its first batch "
+                           f"({str(first.dtype).removeprefix('torch.')} {tuple(first.shape)}): "
+                           f"{_exception_line(exc)}") from exc
+    if not bool(torch.isfinite(output).all()):
+        raise UsageProblem(f"--calibration {path}: the output of --model on its first batch is not finite; "
+                           f"distillation needs finite outputs to reproduce")
 
 
 def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: float, progress: bool):
@@ -592,8 +663,8 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
         if spec == DISTILL and not isinstance(exc, MuscoError):
             raise  # not the user's code: a bug in musco-core
-        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {type(exc).__name__}: "
-                           f"{short_repr(str(exc))}; {_resume_hint(checkpoints)}") from exc
+        raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
+                           f"{_resume_hint(checkpoints)}") from exc
 
 
 class Interrupted(UsageProblem):
@@ -659,7 +730,7 @@ def _layers_yaml(layers: dict[str, Any], reasons: dict[str, str], order: list[st
 
 
 @config.command()
-@click.argument("schedule", type=click.Path(path_type=Path))
+@click.argument("schedule", type=NonEmptyPath(path_type=Path))
 @click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY",
               help="Also check the layer names and kinds against this model.")
 @_friendly
@@ -678,7 +749,7 @@ def validate(schedule, model_spec) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=NonEmptyPath(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_friendly
 def report(directory, as_json) -> None:

@@ -18,8 +18,8 @@ from .engine import LayerResult
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
-from .run import (build_report, check_calibration, check_resumable, check_same_model, checked_schedule, run_step,
-                  start_run)
+from .run import (build_report, check_calibration, check_resumable, check_same_example, check_same_model,
+                  checked_schedule, run_step, start_run)
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
@@ -136,7 +136,7 @@ class Compressor:
                 schedule.settings, ft_every=max(1, len(schedule.compressed_layers()))))
         calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
         check_model_inputs(schedule, registry, example_input, stats)
-        self._attach(model, start_run(model, schedule, registry, left_out),
+        self._attach(model, start_run(model, schedule, registry, left_out, example_input),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input))
 
     def _attach(self, model: nn.Module, state: RunState, context: RunContext) -> None:
@@ -172,13 +172,16 @@ class Compressor:
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
         (checked); it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
-        compressions still to come are checked against the model, as its layers are now.
+        compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
+        the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
+        added to the run's.
         """
         registry = registry or default_registry()
         model = unwrapped(model)
         with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)
+            check_same_example(state, example_input, origin)
             stats = as_model_stats(None, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()

@@ -68,6 +68,41 @@ def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:
                           f"--weights; a factory that draws random weights must seed them)")
 
 
+#: :func:`describe_example` of no example input.
+NO_EXAMPLE = "none"
+
+
+def describe_example(example_input: Any) -> str:
+    """The dtypes and shapes of an example input, which its MAC counts depend on: ``float32 (1, 3, 8, 8)``, tuples
+    and mappings of them, other values by a short repr; :data:`NO_EXAMPLE` for None."""
+    if example_input is None:
+        return NO_EXAMPLE
+    if isinstance(example_input, torch.Tensor):
+        return f"{str(example_input.dtype).removeprefix('torch.')} {tuple(example_input.shape)}"
+    if isinstance(example_input, Mapping):
+        return "{" + ", ".join(f"{key}: {describe_example(value)}" for key, value in example_input.items()) + "}"
+    if isinstance(example_input, (tuple, list)):
+        return "(" + ", ".join(describe_example(value) for value in example_input) + ")"
+    return short_repr(example_input)
+
+
+def check_same_example(state: RunState, example_input: Any, origin: str) -> None:
+    """A ConfigError unless ``example_input`` has the dtypes and shapes of the one the run of ``state`` began with
+    (or both are None): the report adds the MACs of the layers compressed before and after the resume, and a
+    whole-model target counts or times them, so all must be counted on the same input."""
+    if state.example_input is None:
+        log.info("%s: records no example input (written before states did): cannot check that the example input "
+                 "passed is the one the run began with", origin)
+        return
+    given = describe_example(example_input)
+    if given != state.example_input:
+        began = "no example input" if state.example_input == NO_EXAMPLE else f"example input {state.example_input}"
+        now = "no example input" if example_input is None else f"example input {given}"
+        raise ConfigError(f"{origin}: $.example_input: the run began with {began}, the resume was given {now}; the "
+                          f"report and the budget would count MACs on both: resume with the same example input "
+                          f"(musco compress: the same --input-shape)")
+
+
 def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
     """The compressions (0-based stage numbers) still to run on each layer, after ``taken`` ones of the run."""
     total = schedule.settings.nglobal_compress_iters
@@ -234,12 +269,13 @@ def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, 
 
 
 def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
-              left_out: Mapping[str, str] | None = None) -> RunState:
+              left_out: Mapping[str, str] | None = None, example_input: Any = None) -> RunState:
     """The state of a new run of ``schedule`` (already checked against ``model``) before its first step;
-    ``left_out`` records the layers the run leaves out and why."""
+    ``left_out`` records the layers the run leaves out and why, and ``example_input`` is described for resumes."""
     run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
     state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
-                     left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model))
+                     left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model),
+                     example_input=describe_example(example_input))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state

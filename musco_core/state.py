@@ -27,10 +27,12 @@ from .stats import ModelStats
 
 #: Version of the state's YAML form; 1 was musco-core 0.1's ``state.yaml``, which cannot be resumed. 3 added the
 #: budgets' ``measured`` speed-up; a state of format 2 (which has none) is read as it is. 4 added the fingerprint of
-#: the model's weights when the run began, which a state of format 4 must have; a state without one (format 2 or 3)
-#: resumes without that check, and a run resumed from one is saved in format 3 again (it has no fingerprint to record).
-STATE_FORMAT = 4
-RESUMABLE_STATE_FORMATS = (2, 3, 4)
+#: the model's weights when the run began, which a state of format 4 or later must have; a state without one (format
+#: 2 or 3) resumes without that check, and a run resumed from one is saved in format 3 again (it has no fingerprint to
+#: record). 5 added the example input's dtypes and shapes; a state without them (format 2 to 4) resumes without that
+#: check.
+STATE_FORMAT = 5
+RESUMABLE_STATE_FORMATS = (2, 3, 4, 5)
 #: The newest format without the fingerprint.
 UNFINGERPRINTED_STATE_FORMAT = 3
 
@@ -55,7 +57,9 @@ class RunState:
     layer compression taken, in order, and ``budgets`` the whole-model selectors' plans. ``params_before`` is the
     model's parameter count when the run began; ``run_id`` tells this run's files from another run's;
     ``model_fingerprint`` tells the weights the run began with from others (None in a state written before it was
-    recorded), so that a run is never resumed on another model.
+    recorded), so that a run is never resumed on another model; ``example_input`` describes the dtypes and shapes of
+    the example input the run began with (:func:`musco_core.run.describe_example`, ``"none"`` without one; None in a
+    state written before it was recorded), so that a report never adds up MACs counted on two inputs.
     """
 
     run_id: str
@@ -69,6 +73,7 @@ class RunState:
     #: Layers the run leaves out, with why (see :attr:`CompressionReport.left_out`).
     left_out: Mapping[str, str] = attrs.field(factory=dict)
     model_fingerprint: str | None = None
+    example_input: str | None = None
 
     @property
     def done(self) -> bool:
@@ -139,6 +144,7 @@ class _StateDocument:
     budgets: list[BudgetRecord]
     left_out: dict[str, str] = attrs.field(factory=dict)
     model_fingerprint: str | None = None
+    example_input: str | None = None
 
 
 class StateCodec:
@@ -171,6 +177,7 @@ class StateCodec:
             "budgets": [attrs.asdict(record) for record in state.budgets],
             "left_out": dict(state.left_out),
             "model_fingerprint": state.model_fingerprint,
+            "example_input": state.example_input,
         }
 
     def structure(self, data: Any, origin: str) -> RunState:
@@ -202,4 +209,4 @@ class StateCodec:
                         document.params_before, document.next_step,
                         document.allocated,
                         tuple(document.history), tuple(document.budgets), document.left_out,
-                        document.model_fingerprint)
+                        document.model_fingerprint, document.example_input)

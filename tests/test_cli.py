@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,33 @@ def test_bad_arguments_give_one_line_and_exit_code_2(factories, args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args", [[], ["config"]])
+def test_a_group_without_a_command_prints_its_help(args):
+    result = run(*args)
+    assert result.exit_code == 2  # as click exits for a group without a command
+    assert result.output.startswith(f"Usage: {' '.join(['musco', *args])} [OPTIONS] COMMAND [ARGS]...\n"), result.output
+    assert "\nCommands:\n" in result.output
+    unknown = run(*args, "nope")
+    assert unknown.exit_code == 2 and unknown.output.count("\n") == 1
+    assert unknown.output.startswith("musco: error: No such command 'nope'.")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["compress", "--model", "cli_factories:cnn", "--config", "s.yaml", "--out", ""], "--out"),
+    (["compress", "--model", "cli_factories:cnn", "--config", "", "--out", "o"], "--config"),
+    (["compress", "--model", "cli_factories:cnn", "--config", "s.yaml", "--out", "o", "--weights", ""], "--weights"),
+    (["config", "validate", ""], "SCHEDULE"), (["report", ""], "DIRECTORY")])
+def test_an_empty_path_is_refused(factories, monkeypatch, args, option):
+    monkeypatch.chdir(factories)
+    (factories / "s.yaml").write_text("version: 1\nlayers: {}\n")
+    before = sorted(factories.iterdir())
+    result = run(*args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"musco: error: Invalid value for '{option}': an empty path; give a file or folder "
+                                    f"name (. for the current directory)"), result.output
+    assert sorted(factories.iterdir()) == before
+
+
 def test_an_invalid_schedule_is_reported_with_its_path(factories):
     schedule = factories / "bad.yaml"
     schedule.write_text("version: 1\nlayers:\n  '2': {decomposition: tucker2, rank_selection: vbmf, "
@@ -213,6 +241,32 @@ def test_a_malicious_pickle_given_as_weights_is_refused_unexecuted(factories):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "refused, not a plain tensor state dict" in result.output
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.SAFETENSORS", "model.st", "weights"])
+def test_safetensors_weights_are_told_by_their_header_not_their_name(factories, name):
+    import cli_factories
+
+    save_file({key: value + 1 for key, value in cli_factories.cnn().state_dict().items()}, factories / name)
+    result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "none", "--weights", factories / name)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_refused_pickle_is_one_line_without_torchs_advice_to_load_it_unsafely(factories):
+    import cli_factories
+
+    torch.save({"0.weight": torch.nn.ReLU()}, factories / "module.pt")
+    with (factories / "plain.pkl").open("wb") as file:  # protocol 4: torch warns that it was not written by torch.save
+        pickle.dump(dict(cli_factories.cnn().state_dict()), file, protocol=4)
+    refused = "refused, not a plain tensor state dict (read with weights_only=True, nothing in it was run)"
+    for name, reason in [("module.pt", "Unsupported global: GLOBAL torch.nn.modules.activation.ReLU was not an "
+                                       "allowed global by default"),
+                         ("plain.pkl", "Unsupported operand 149")]:
+        result = subprocess.run([sys.executable, "-m", "musco_core.cli", "config", "generate", "--model",
+                                 "cli_factories:cnn", "--type", "none", "--weights", name], cwd=factories,
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr == f"musco: error: --weights {name}: {refused}: {reason}\n"
 
 
 def weights_that_do_not_fit(folder):

@@ -50,6 +50,10 @@ HELPERS = textwrap.dedent("""
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
+    def fails_verbosely(model, step):
+        raise ValueError("Given groups=1, weight of size [16, 3, 3, 3], expected input[2, 5, 8, 8] to have 3 channels, "
+                         "but got 5 channels instead; check the data loader of the fine-tuning set")
+
     def fails_at_1(model, step):
         if step == 1:
             raise RuntimeError("CUDA out of memory")
@@ -238,12 +242,21 @@ def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
     failed = compress("out", finetune="run_helpers:fails_at_3")
     assert failed.exit_code == 2
     assert failed.output.count("\n") == 1 and "Traceback" not in failed.output
-    assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: 'CUDA out of memory'" in failed.output
+    assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: CUDA out of memory;" in failed.output
     assert "step-0002; run the same command with --resume" in failed.output
     resumed = compress("out", "--resume")
     assert resumed.exit_code == 0, resumed.output
     expected, got = weights(project / "whole"), weights(project / "out")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_finetune_error_is_quoted_whole_on_one_line(project):
+    failed = compress("out", finetune="run_helpers:fails_verbosely")
+    assert failed.exit_code == 2 and failed.output.count("\n") == 1, failed.output
+    assert failed.output.startswith(
+        "musco: error: --finetune run_helpers:fails_verbosely failed after step 1: ValueError: Given groups=1, weight of "
+        "size [16, 3, 3, 3], expected input[2, 5, 8, 8] to have 3 channels, but got 5 channels instead; check the data "
+        "loader of the fine-tuning set; no step was saved yet"), failed.output
 
 
 def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
@@ -272,6 +285,26 @@ def test_resume_without_the_weights_the_run_began_with_is_refused(project):
     resumed = compress("out", "--resume", "--weights", "trained.safetensors")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "out")
+
+
+def test_resume_with_another_input_shape_or_none_is_refused(project):
+    assert compress("whole").exit_code == 0
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    base = ["compress", "--model", "run_helpers:cnn", "--config", "schedule.yaml", "--out", "out", "--finetune",
+            "run_helpers:tune", "--quiet", "--resume"]
+    for shape, given in [(["--input-shape", "1,3,16,16"], "example input float32 (1, 3, 16, 16)"),
+                         ([], "no example input")]:
+        refused = CliRunner().invoke(main, base + shape)
+        assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+        assert refused.output.startswith("musco: error: out/checkpoints/step-0002/state.yaml: $.example_input: the run "
+                                         f"began with example input float32 (1, 3, 8, 8), the resume was given {given}; "
+                                         ), refused.output
+        assert refused.output.endswith("resume with the same example input (musco compress: the same --input-shape)\n")
+    resumed = compress("out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(project / "whole", project / "out")
+    assert json.loads((project / "out" / "report.json").read_text())["totals"] == \
+        json.loads((project / "whole" / "report.json").read_text())["totals"]
 
 
 def test_a_second_run_on_a_locked_output_gets_one_line(project):
@@ -403,6 +436,18 @@ def test_a_bad_target_value_is_blamed_on_the_option(project, target, message):
     assert result.output.startswith(f"musco: error: --target {target!r}: {message}"), result.output
 
 
+@pytest.mark.parametrize("target, needs", [("flops:2", "metric flops counts the layers' MACs"),
+                                           ("latency:1.5", "metric latency times the model")])
+def test_a_target_that_needs_an_example_input_is_blamed_on_the_option(project, target, needs):
+    (project / "budget.yaml").write_text(yaml.safe_dump(BUDGET))
+    base = ["compress", "--model", "run_helpers:cnn", "--config", "budget.yaml", "--out", "out", "--quiet"]
+    result = CliRunner().invoke(main, [*base, "--target", target])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"musco: error: --target {target!r}: needs --input-shape: {needs} on an example input of " \
+                            f"that shape\n"
+    assert CliRunner().invoke(main, [*base, "--target", "params:2"]).exit_code == 0
+
+
 def test_a_target_needs_budget_layers(project):
     result = compress("out", "--target", "flops:2")
     assert result.exit_code == 2 and "no layer of schedule.yaml uses rank_selection: budget" in result.output
@@ -447,6 +492,24 @@ def test_distillation_options_misused_are_one_line(project, extra, finetune, mes
     result = compress("out", *extra, finetune=finetune)
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert message in result.output
+    assert not (project / "out").exists()
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (torch.randn(20, 3, 8, 8, dtype=torch.float64), "--model cannot run on its first batch (float64 (8, 3, 8, 8)): "
+                                                    "RuntimeError: Input type (double) and bias type (float) should be "
+                                                    "the same\n"),
+    (torch.randn(20, 5, 8, 8), "--model cannot run on its first batch (float32 (8, 5, 8, 8)): RuntimeError: Given "
+                               "groups=1, weight of size [16, 3, 3, 3], expected input[8, 5, 8, 8] to have 3 channels, "
+                               "but got 5 channels instead\n"),
+    (torch.randn(20, 3, 8, 8).index_fill_(0, torch.tensor([19]), float("nan")),
+     "192 of its 3,840 values are not finite (NaN or inf); distillation needs finite model inputs\n")])
+def test_distill_calibration_the_model_cannot_run_is_refused_before_step_1(project, inputs, message):
+    save_file({"inputs": inputs}, project / "calibration.safetensors")
+    result = compress("out", "--calibration", "calibration.safetensors", "--calibration-batch-size", "8",
+                      "--distill-steps", "2", finetune="distill")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == f"musco: error: --calibration calibration.safetensors: {message}"
     assert not (project / "out").exists()
 
 

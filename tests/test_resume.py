@@ -158,7 +158,7 @@ def edit_state(folder, edit):
     (lambda s: s["steps"][0].append("nope"), r"\$\.steps: the saved plan"),
     (lambda s: s.update(steps="abc"), r"\$\.steps: expected a list, got 'abc'"),
     (lambda s: s.update(history=None), r"\$\.history: expected a list, got None"),
-    (lambda s: s.update(format=1), r"\$\.format: expected 2, 3 or 4"),
+    (lambda s: s.update(format=1), r"\$\.format: expected 2, 3, 4 or 5"),
     (lambda s: s["history"][0].update(stage=-3), r"\$\.history\[0\]\.stage: expected a non-negative int"),
     (lambda s: s["history"][0].update(ranks=[0]), r"\$\.history\[0\]\.ranks"),
     (lambda s: s["history"].pop(), r"\$\.history: expected one result per layer of the 2 steps taken"),
@@ -213,6 +213,46 @@ def test_a_state_written_before_the_fingerprint_resumes_unchecked(saved, caplog)
     assert yaml.safe_load((again / STATE_FILE).read_text())["format"] == 3
     assert Compressor.resume(other_weights(), saved, example_input=worker.EXAMPLE,
                              calibration_data=worker.calibration(), progress=False).curr_iter == 2
+
+
+@pytest.mark.parametrize("example, given", [(torch.zeros(1, 3, 16, 16), "example input float32 (1, 3, 16, 16)"),
+                                            (None, "no example input")])
+def test_resuming_on_another_example_input_is_refused(saved, example, given):
+    with pytest.raises(ConfigError, match=r"step-0002/state.yaml: \$\.example_input: the run began with example input "
+                                          r"float32 \(1, 3, 32, 32\), the resume was given " + given.replace("(", r"\(")
+                                          .replace(")", r"\)") + r"; the report and the budget would count MACs on "
+                                          r"both: resume with the same example input \(musco compress: the same "
+                                          r"--input-shape\)$"):
+        Compressor.resume(worker.model(), saved, example_input=example, calibration_data=worker.calibration(),
+                          progress=False)
+
+
+def test_a_state_written_before_the_example_input_resumes_unchecked(saved, caplog):
+    edit_state(saved, lambda s: (s.pop("example_input"), s.update(format=4)))
+    with caplog.at_level("INFO", logger="musco_core"):
+        resumed = worker.resume(saved)
+    assert resumed.curr_iter == 2
+    assert "state.yaml: records no example input (written before states did): cannot check" in caplog.text
+
+
+def test_a_run_without_an_example_input_resumes_without_one_and_counts_no_macs(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]},
+                "2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [2]}}
+    compressor = Compressor(model(), model_compr_kwargs=schedule, progress=False)
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    with pytest.raises(ConfigError, match=r"the run began with no example input, the resume was given example input "
+                                          r"float32 \(1, 8\)"):
+        Compressor.resume(model(), tmp_path, example_input=torch.zeros(1, 8), progress=False)
+    resumed = Compressor.resume(model(), tmp_path, progress=False)
+    resumed.compression_step()
+    report = resumed.report()
+    assert resumed.done and report.macs_before is None and report.macs_after is None
+    assert [(row.macs_before, row.macs_after) for row in report.layers] == [(None, None), (None, None)]
 
 
 def test_an_empty_state_file_is_one_clear_error(saved):
