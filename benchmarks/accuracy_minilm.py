@@ -74,14 +74,12 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
     ``output_weighting`` (``whitened_svd``) the compressed model is the encoder with mean pooling on top
     (:class:`MeanPooled`), so that the fit is weighted by how much each layer moves the sentence embedding (see
     :func:`encoder`)."""
-    evaluate = None
-    if selection == "budget+sens":
-        probe = calibration[:2]
-        reference = embed(model, probe)
+    probe = calibration[:2]
+    reference = embed(model, probe) if selection == "budget+sens" else None
 
-        def evaluate(candidate):
-            encoder = candidate.model if output_weighting else candidate
-            return 1.0 - float(torch.nn.functional.cosine_similarity(embed(encoder, probe), reference).mean())
+    def sensitivity(candidate):
+        encoder = candidate.model if output_weighting else candidate
+        return 1.0 - float(torch.nn.functional.cosine_similarity(embed(encoder, probe), reference).mean())
 
     if selection == "uniform":
         layer = {"rank_selection": "param_reduction", "param_reduction_rate": 1 / (1 - fraction)}
@@ -98,7 +96,8 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
     data_aware = decomposition == "whitened_svd" or selection in ("budget", "budget+sens")
     compressor = Compressor(MeanPooled(model) if output_weighting else model, model_compr_kwargs=schedule,
                             ft_every=len(linears), seed=seed, all_algo_kwargs=algo_kwargs, progress=False,
-                            evaluate=evaluate, calibration_data=calibration if data_aware else None)
+                            evaluate=sensitivity if selection == "budget+sens" else None,
+                            calibration_data=calibration if data_aware else None)
     while not compressor.done:
         compressor.compression_step()
     return compressor

@@ -4,7 +4,6 @@ passed in is never changed."""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import textwrap

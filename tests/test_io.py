@@ -16,9 +16,6 @@ from models import make_trained_like, resnet18
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
-from torch import nn
-from torch.nn.utils import parametrizations, prune
-
 from musco_core import Compressor, ConfigError, FactorizedLayer, MuscoError, standardize_model
 from musco_core.io import load_compressed, read_report, save_compressed
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from musco_core import Compressor, ConfigError, ModelStats, hookimpl
-from musco_core.components import FactorLayout, LayerAdapter, RankSelector
+from musco_core.components import FactorLayout, RankSelector
 from musco_core.config import generate_model_compr_kwargs
 from musco_core.errors import CompressionError, PluginError
 from musco_core.plugins import make_plugin_manager
