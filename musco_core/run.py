@@ -31,7 +31,7 @@ from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
-from .stats import ModelStats
+from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import TimedForm, profiler_for
 from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
 from .verify import unfaithful_swaps
@@ -68,24 +68,6 @@ def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:
                           f"--weights; a factory that draws random weights must seed them)")
 
 
-#: :func:`describe_example` of no example input.
-NO_EXAMPLE = "none"
-
-
-def describe_example(example_input: Any) -> str:
-    """The dtypes and shapes of an example input, which its MAC counts depend on: ``float32 (1, 3, 8, 8)``, tuples
-    and mappings of them, other values by a short repr; :data:`NO_EXAMPLE` for None."""
-    if example_input is None:
-        return NO_EXAMPLE
-    if isinstance(example_input, torch.Tensor):
-        return f"{str(example_input.dtype).removeprefix('torch.')} {tuple(example_input.shape)}"
-    if isinstance(example_input, Mapping):
-        return "{" + ", ".join(f"{key}: {describe_example(value)}" for key, value in example_input.items()) + "}"
-    if isinstance(example_input, (tuple, list)):
-        return "(" + ", ".join(describe_example(value) for value in example_input) + ")"
-    return short_repr(example_input)
-
-
 def check_same_example(state: RunState, example_input: Any, origin: str) -> None:
     """A ConfigError unless ``example_input`` has the dtypes and shapes of the one the run of ``state`` began with
     (or both are None): the report adds the MACs of the layers compressed before and after the resume, and a
@@ -94,7 +76,7 @@ def check_same_example(state: RunState, example_input: Any, origin: str) -> None
         log.info("%s: records no example input (written before states did): cannot check that the example input "
                  "passed is the one the run began with", origin)
         return
-    given = describe_example(example_input)
+    given = describe_input(example_input)
     if given != state.example_input:
         began = "no example input" if state.example_input == NO_EXAMPLE else f"example input {state.example_input}"
         now = "no example input" if example_input is None else f"example input {given}"
@@ -275,7 +257,7 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
     run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
     state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
                      left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model),
-                     example_input=describe_example(example_input))
+                     example_input=describe_input(example_input))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state

@@ -58,7 +58,7 @@ class RunState:
     model's parameter count when the run began; ``run_id`` tells this run's files from another run's;
     ``model_fingerprint`` tells the weights the run began with from others (None in a state written before it was
     recorded), so that a run is never resumed on another model; ``example_input`` describes the dtypes and shapes of
-    the example input the run began with (:func:`musco_core.run.describe_example`, ``"none"`` without one; None in a
+    the example input the run began with (:func:`musco_core.stats.describe_input`, ``"none"`` without one; None in a
     state written before it was recorded), so that a report never adds up MACs counted on two inputs.
     """
 

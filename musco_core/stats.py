@@ -300,17 +300,22 @@ class _LayerWatch(TorchDispatchMode):
         return reasons
 
 
-def _describe_input(example_input: Any) -> str:
-    """The shapes of an example input (tensors by shape, other values by a short repr); unbounded, see callers."""
+#: :func:`describe_input` of no example input.
+NO_EXAMPLE = "none"
+
+
+def describe_input(example_input: Any) -> str:
+    """The dtypes and shapes of an example input, which MAC counts depend on: ``float32 (1, 3, 8, 8)``, tuples and
+    mappings of them, other values by a short repr; :data:`NO_EXAMPLE` for None. Unbounded, see callers."""
+    if example_input is None:
+        return NO_EXAMPLE
     if isinstance(example_input, torch.Tensor):
-        return f"shape {tuple(example_input.shape)}"
+        return f"{str(example_input.dtype).removeprefix('torch.')} {tuple(example_input.shape)}"
     if isinstance(example_input, Mapping):
-        return "{" + ", ".join(f"{key}: {_describe_input(value)}" for key, value in example_input.items()) + "}"
+        return "{" + ", ".join(f"{key}: {describe_input(value)}" for key, value in example_input.items()) + "}"
     if isinstance(example_input, (tuple, list)):
-        return "(" + ", ".join(_describe_input(value) for value in example_input) + ")"
+        return "(" + ", ".join(describe_input(value) for value in example_input) + ")"
     return short_repr(example_input)
-
-
 
 
 def _root(tensor: torch.Tensor) -> torch.Tensor:
@@ -327,7 +332,7 @@ def _call_model(model: nn.Module, example_input: Any) -> Any:
             return model(*example_input)
         return model(example_input)
     except Exception as exc:  # the user's model or input: one clear line, the cause chained
-        described, message = _describe_input(example_input), str(exc).strip()
+        described, message = describe_input(example_input), str(exc).strip()
         first_line = message.splitlines()[0] if message else ""
         raise ConfigError(f"example input of {_bounded(described, 200)}: the model's forward raised "
                           f"{type(exc).__name__}: {_bounded(first_line, 300)}") from exc

@@ -146,10 +146,10 @@ def edit_state(folder, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(next_step=10 ** 9), r"\$\.next_step: expected at most 6"),
-    # a format-4 state without its fingerprint used to resume any model of the same parameter count, unchecked
+    # a format-4 or -5 state without its fingerprint used to resume any model of its parameter count, unchecked
     (lambda s: s.pop("model_fingerprint"), r"\$\.model_fingerprint: expected the hash of the model's weights the run "
-                                           r"began with \(a string\), which a state of format 4 records, got nothing"),
-    (lambda s: s.update(model_fingerprint=None), r"\$\.model_fingerprint: expected .* format 4 records, got null"),
+                                           r"began with \(a string\), which a state of format 5 records, got nothing"),
+    (lambda s: s.update(model_fingerprint=None), r"\$\.model_fingerprint: expected .* format 5 records, got null"),
     (lambda s: s.update(next_step=-1), r"\$\.next_step: expected a non-negative int"),
     (lambda s: s.update(next_step="2"), r"\$\.next_step: expected a non-negative int"),
     (lambda s: s.update(params_before=0), r"\$\.params_before: expected a positive int"),

@@ -769,8 +769,8 @@ def test_a_schedule_naming_both_names_of_one_module_is_refused():
 
 def test_an_example_input_the_model_cannot_run_is_one_line(registry):
     model = AuxHead()
-    message = refused(model, {"fc": manual(2)}, r"example input of shape \(1, 5\): the model's forward raised "
+    message = refused(model, {"fc": manual(2)}, r"example input of float32 \(1, 5\): the model's forward raised "
                                                 r"RuntimeError", example_input=torch.randn(1, 5))
     assert "\n" not in message
-    with pytest.raises(ConfigError, match=r"\{input: shape \(2, 3\)\}.*TypeError"):
+    with pytest.raises(ConfigError, match=r"\{input: float32 \(2, 3\)\}.*TypeError"):
         ModelStats.from_model(model, registry, {"input": torch.randn(2, 3)})
