@@ -610,6 +610,7 @@ def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: P
     """``--finetune distill``'s inputs checked before step 1, not after it: finite, and the model as loaded runs on
     the first batch to a finite output."""
     from .finetune import matched_output
+    from .stats import describe_input
 
     bad = sum(int((~torch.isfinite(batch)).sum()) for batch in batches)
     if bad:
@@ -621,7 +622,7 @@ def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: P
             output = matched_output(model(first))
     except Exception as exc:  # noqa: BLE001 - the model's forward is the user's code
         raise UsageProblem(f"--calibration {path}: --model cannot run on its first batch "
-                           f"({str(first.dtype).removeprefix('torch.')} {tuple(first.shape)}): "
+                           f"({describe_input(first)}): "
                            f"{_exception_line(exc)}") from exc
     if not bool(torch.isfinite(output).all()):
         raise UsageProblem(f"--calibration {path}: the output of --model on its first batch is not finite; "
