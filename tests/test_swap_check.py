@@ -174,12 +174,12 @@ def test_the_checked_model_is_left_as_it_was():
     assert not proj._forward_hooks and not proj._forward_pre_hooks
 
 
-class ListedStages(nn.Module):
-    """Two blocks; the first calls its ``fc1`` through a plain list."""
+class TwoBlocks(nn.Module):
+    """Two blocks of one type, ``first`` then ``second``, for blockwise compression."""
 
-    def __init__(self):
+    def __init__(self, block: type[nn.Module]):
         super().__init__()
-        self.first, self.second = Listed(), Listed()
+        self.first, self.second = block(), block()
 
     def forward(self, x):
         return self.second(self.first(x))
@@ -187,7 +187,7 @@ class ListedStages(nn.Module):
 
 def test_blockwise_compression_keeps_a_layer_its_block_uses_through_a_list(tmp_path):
     torch.manual_seed(0)
-    model = ListedStages().eval()
+    model = TwoBlocks(Listed).eval()  # the first calls its fc1 through a plain list
     data = [torch.randn(4, 32) for _ in range(2)]
     plan = {"version": 1, "settings": {"ft_every": 2},
             "layers": {"first.fc1": manual(4), "first.fc2": manual(4)}}
@@ -211,15 +211,6 @@ class ReadsWeight(nn.Module):
         return torch.relu(self.fc3(torch.relu(self.fc2(h))))
 
 
-class ReadsWeightStages(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = ReadsWeight(), ReadsWeight()
-
-    def forward(self, x):
-        return self.second(self.first(x))
-
-
 def test_blockwise_sequential_calibration_keeps_a_layer_its_block_reads_the_weight_of_before_calibrating_on(tmp_path):
     generator = torch.Generator().manual_seed(3)
     data = [torch.randn(16, 32, generator=generator) for _ in range(2)]
@@ -228,10 +219,10 @@ def test_blockwise_sequential_calibration_keeps_a_layer_its_block_reads_the_weig
     def blockwise(layers, folder):
         torch.manual_seed(0)
         plan = {"version": 1, "settings": {"ft_every": len(layers)}, "layers": dict.fromkeys(layers, whitened)}
-        report = compress_blockwise(ReadsWeightStages().eval(), plan, ["first", "second"], tmp_path / folder,
+        report = compress_blockwise(TwoBlocks(ReadsWeight).eval(), plan, ["first", "second"], tmp_path / folder,
                                     calibration_data=data, progress=False)
         torch.manual_seed(0)
-        return report, load_compressed(ReadsWeightStages(), tmp_path / folder).state_dict()
+        return report, load_compressed(TwoBlocks(ReadsWeight), tmp_path / folder).state_dict()
 
     (report, got), (_, expected) = (blockwise(["first.fc1", "first.fc2", "first.fc3", "second.fc1"], "all"),
                                     blockwise(["first.fc1", "first.fc3", "second.fc1"], "without"))
