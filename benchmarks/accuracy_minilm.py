@@ -20,8 +20,10 @@ layer's output (all token states) too, ``--distill-schedule cosine`` decays the 
 ``--distill-frozen-embeddings`` trains all but the embeddings and ``--distill-mask P`` masks a fraction P of each
 batch's tokens afresh every step (more distinct inputs from the same sentences). The held-out paragraphs stay
 exactly those of the runs without it. ``--calib-text N`` calibrates on N paragraphs instead: the ``--n-calib``
-ones, then paragraphs of the modules after the held-out ones (the held-out paragraphs are unchanged: their hash is
-printed to check); ``--distill-text`` then draws from the modules after those. ``--output-weighting`` has
+ones, then paragraphs of the modules after the held-out ones, then of the standard library's submodules (not those
+of the held-out packages) and of numpy, scipy, scikit-learn and torch (about 17,000 paragraphs after the held-out
+ones in all; the held-out paragraphs are unchanged and the calibration text depends on the installed versions:
+both hashes are printed to check); ``--distill-text`` then draws from the modules after those. ``--output-weighting`` has
 ``whitened_svd`` weigh each layer's fit by how much its output moves the mean-pooled sentence embedding (the encoder
 is compressed under mean pooling for that).
 
@@ -217,7 +219,7 @@ def more_calibration(calib_text: list[str], later_modules, paragraphs: int) -> l
     from modules of its own)."""
     more = list(itertools.islice(itertools.chain.from_iterable(later_modules), paragraphs - len(calib_text)))
     if len(calib_text) + len(more) < paragraphs:
-        raise SystemExit(f"--calib-text {paragraphs}: the standard library's docstrings ran out")
+        raise SystemExit(f"--calib-text {paragraphs}: the docstrings ran out")
     return calib_text + more
 
 
@@ -243,7 +245,7 @@ def distillation_text(calib_text: list[str], later_modules, sentences: int,
         train.append(paragraph)
         budget -= count_sentences([paragraph])
     else:
-        raise SystemExit(f"--distill-text {sentences}: the standard library's docstrings ran out")
+        raise SystemExit(f"--distill-text {sentences}: the docstrings ran out")
     return train, validation
 
 
@@ -382,9 +384,10 @@ def main() -> None:
     if args.calib_text:
         calib_text = more_calibration(calib_text, later_modules, args.calib_text)
     calibration, held_out = batches(tokenizer, calib_text), batches(tokenizer, eval_text)
-    held_out_hash = hashlib.sha256("\n".join(eval_text).encode()).hexdigest()[:12]
+    held_out_hash, calib_hash = (hashlib.sha256("\n".join(text).encode()).hexdigest()[:12]
+                                 for text in (eval_text, calib_text))
     print(f"text: {len(calib_text)} calibration paragraphs ({tokens(calibration)} tokens, about "
-          f"{count_sentences(calib_text)} sentences), {len(eval_text)} held-out "
+          f"{count_sentences(calib_text)} sentences, sha256 {calib_hash}), {len(eval_text)} held-out "
           f"paragraphs from other standard-library modules (sha256 {held_out_hash}; Python "
           f"{sys.version.split()[0]})")
     text = DistillText(calibration, [])

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import itertools
 import random
 import re
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -27,25 +29,25 @@ from transformers.utils import logging as hf_logging
 from _setup import setup
 from musco_core import Compressor
 
+#: Installed packages whose docstrings extend the calibration text after the standard library's (their source
+#: files, parsed, never imported); which versions are installed changes that text, so the scripts print its hash.
+MORE_PACKAGES = ("numpy", "scipy", "sklearn", "torch")
 MAX_PER_MODULE = 20  # paragraphs taken from one module, so a few large modules do not make up the whole text
 BATCH_SIZE = 32
 MAX_LENGTH = 128
 
 
-def docstring_paragraphs(module_name: str) -> list[str]:
-    """Prose paragraphs of the docstrings in a standard-library module's source, parsed, never imported.
+def source_paragraphs(path: str) -> list[str]:
+    """Prose paragraphs of the docstrings in a Python source file, parsed, never imported.
 
     ``ast.get_docstring`` cleans the indentation as ``inspect.getdoc`` does; parsing rather than importing keeps
     modules with import-time side effects (``antigravity``, ``this``) harmless and the order deterministic.
     """
     try:
-        spec = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not (spec.origin or "").endswith(".py"):
-        return []  # built into the interpreter or an extension module: no source
-    with open(spec.origin, encoding="utf-8") as source:
-        tree = ast.parse(source.read())
+        with open(path, encoding="utf-8") as source:
+            tree = ast.parse(source.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []  # a file of another Python version's syntax, or not UTF-8: no text from it
     paragraphs = []
     nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
                                                          ast.AsyncFunctionDef)))
@@ -59,31 +61,85 @@ def docstring_paragraphs(module_name: str) -> list[str]:
     return paragraphs
 
 
-def module_paragraphs(seed: int) -> Iterator[list[str]]:
-    """The docstring paragraphs of each standard-library module in turn, in an order drawn from ``seed``: at most
-    :data:`MAX_PER_MODULE` a module, a paragraph repeated in a later module left out there."""
+def _top_level_spec(name: str):
+    """The import spec of a top-level module or package, found without importing it (None where there is none)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def docstring_paragraphs(module_name: str) -> list[str]:
+    """Prose paragraphs of the docstrings in a top-level module's source (a package's ``__init__.py``)."""
+    spec = _top_level_spec(module_name)
+    if spec is None or not (spec.origin or "").endswith(".py"):
+        return []  # built into the interpreter or an extension module: no source
+    return source_paragraphs(spec.origin)
+
+
+def package_sources(package: str) -> list[str]:
+    """The source files of a package's submodules (``__init__.py`` of the package itself and test folders left
+    out), found on disk: a package's submodules are never imported, and neither is the package."""
+    spec = _top_level_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files = []
+    for location in spec.submodule_search_locations:
+        root = Path(location)
+        files.extend(str(path) for path in root.rglob("*.py")
+                     if path != root / "__init__.py"
+                     and not {"test", "tests", "testing"} & set(path.relative_to(root).parts[:-1]))
+    return sorted(files)
+
+
+def _fresh(paragraphs: list[str], seen: set[str]) -> list[str]:
+    """At most :data:`MAX_PER_MODULE` paragraphs not seen before (added to ``seen``), repeats within left out."""
+    fresh = [p for p in dict.fromkeys(paragraphs) if p not in seen][:MAX_PER_MODULE]
+    seen.update(fresh)
+    return fresh
+
+
+def module_paragraphs(seed: int, seen: set[str]) -> Iterator[tuple[str, list[str]]]:
+    """Each standard-library module's name and docstring paragraphs in turn, in an order drawn from ``seed``: at
+    most :data:`MAX_PER_MODULE` a module, a paragraph in ``seen`` (which grows as they are drawn) left out."""
     modules = sorted(sys.stdlib_module_names)
     random.Random(seed).shuffle(modules)
-    seen: set[str] = set()
     for name in modules:
-        fresh = [p for p in dict.fromkeys(docstring_paragraphs(name)) if p not in seen][:MAX_PER_MODULE]
-        seen.update(fresh)
-        yield fresh
+        yield name, _fresh(docstring_paragraphs(name), seen)
+
+
+def more_sources(seed: int, seen: set[str], excluded: set[str]) -> Iterator[list[str]]:
+    """Paragraphs of the standard library's submodules (packages in ``excluded`` left out), then of the installed
+    scientific packages of :data:`MORE_PACKAGES`, one source file at a time in an order drawn from ``seed``: at
+    most :data:`MAX_PER_MODULE` a file, none in ``seen``."""
+    stdlib = sorted(name for name in sys.stdlib_module_names if name not in excluded)
+    for packages in (stdlib, MORE_PACKAGES):
+        files = [path for package in packages for path in package_sources(package)]
+        if packages is MORE_PACKAGES:
+            files += [_top_level_spec(name).origin for name in MORE_PACKAGES if _top_level_spec(name)]
+        random.Random(seed).shuffle(files)
+        for path in files:
+            yield _fresh(source_paragraphs(path), seen)
 
 
 def split_modules(n_calib: int, n_eval: int, seed: int) -> tuple[list[str], list[str], Iterator[list[str]]]:
     """Calibration and held-out paragraphs from disjoint sets of standard-library modules, and the paragraphs of
-    each module after them (modules neither draws from, for text disjoint from both)."""
-    modules = module_paragraphs(seed)
+    each module after them (modules neither draws from, for text disjoint from both): the remaining top-level
+    modules, then :func:`more_sources` (the held-out packages' submodules left out)."""
+    seen: set[str] = set()
+    modules = module_paragraphs(seed, seen)
     calib: list[str] = []
     held_out: list[str] = []
-    for fresh in modules:
+    held_out_modules: set[str] = set()
+    for name, fresh in modules:
         if len(calib) < n_calib:
             calib.extend(fresh[:n_calib - len(calib)])
         else:
             held_out.extend(fresh[:n_eval - len(held_out)])
+            held_out_modules.add(name)
         if len(held_out) >= n_eval:
-            return calib, held_out, modules
+            later = (fresh for _, fresh in modules)
+            return calib, held_out, itertools.chain(later, more_sources(seed, seen, held_out_modules))
     raise SystemExit(f"only {len(calib)} + {len(held_out)} paragraphs found; ask for fewer")
 
 
