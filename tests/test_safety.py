@@ -350,6 +350,40 @@ def test_a_weight_or_bias_set_by_the_owner_is_left_alone_or_refused(registry, wr
         assert torch.equal(model(x), output)
 
 
+def _sliced_linear_in() -> nn.Module:
+    layer = nn.Linear(8, 6)
+    layer.weight = nn.Parameter(torch.randn(6, 10))
+    return layer
+
+
+def _sliced_linear_out() -> nn.Module:
+    layer = nn.Linear(8, 6)
+    layer.weight, layer.bias = nn.Parameter(torch.randn(5, 8)), nn.Parameter(torch.randn(5))
+    return layer
+
+
+def _sliced_conv_kernel() -> nn.Module:
+    layer = nn.Conv2d(4, 8, 3)
+    layer.weight = nn.Parameter(torch.randn(8, 4, 1, 3))
+    return layer
+
+
+@pytest.mark.parametrize(("make", "x", "expected"), [
+    (_sliced_linear_in, torch.randn(2, 10), "its weight has shape (6, 10) where its attributes, a linear 8->6"),
+    (_sliced_linear_out, torch.randn(2, 8), "its weight has shape (5, 8)"),
+    (_sliced_conv_kernel, torch.randn(1, 4, 6, 6), "its weight has shape (8, 4, 1, 3)")])
+def test_a_layer_whose_weights_were_sliced_without_its_attributes_is_left_alone_or_refused(registry, make, x,
+                                                                                            expected):
+    """Channel pruning that slices a layer's weight but not its attributes leaves a layer torch still runs (it
+    computes with the tensors alone); its chain would be built, and its weights counted, for the geometry the
+    attributes give (48 weights reported for a weight of 60, and the step failing with the plugin to blame)."""
+    model = nn.Sequential(make(), nn.Flatten())
+    stats = ModelStats.from_model(model, registry, x)
+    assert expected in stats.excluded["0"] and "0" not in stats.layers
+    refused(model, {"0": manual(2)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{re.escape(expected)}',
+            example_input=x)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. layers read by their owner, not called
 
