@@ -165,21 +165,24 @@ def _hook_name(hook) -> str:
 _REPARAMETRIZING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
+def _pre_hook_problem(hook) -> str:
+    """What a forward pre-hook does that a layer built in its place would not, and how to remove the torch ones
+    that recompute the weight."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return ("it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and weight_mask before "
+                "each call); call torch.nn.utils.prune.remove on it first")
+    if isinstance(hook, WeightNorm):
+        return ("it has weight_norm (a pre-hook recomputes its weight from weight_g and weight_v); call "
+                "torch.nn.utils.remove_weight_norm on it first")
+    if isinstance(hook, SpectralNorm):
+        return ("it has spectral_norm (a pre-hook rescales its weight); call torch.nn.utils.remove_spectral_norm on "
+                "it first")
+    return f"it has a forward pre-hook ({_hook_name(hook)})"
+
+
 def _hook_problems(module: nn.Module) -> list[str]:
     """What the module's own hooks do that a layer built in its place would not."""
-    problems = []
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            problems.append("it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and "
-                            "weight_mask before each call); call torch.nn.utils.prune.remove on it first")
-        elif isinstance(hook, WeightNorm):
-            problems.append("it has weight_norm (a pre-hook recomputes its weight from weight_g and weight_v); "
-                            "call torch.nn.utils.remove_weight_norm on it first")
-        elif isinstance(hook, SpectralNorm):
-            problems.append("it has spectral_norm (a pre-hook rescales its weight); call "
-                            "torch.nn.utils.remove_spectral_norm on it first")
-        else:
-            problems.append(f"it has a forward pre-hook ({_hook_name(hook)})")
+    problems = [_pre_hook_problem(hook) for hook in module._forward_pre_hooks.values()]
     kinds = (("forward hook", module._forward_hooks), ("backward hook", module._backward_hooks),
              ("backward pre-hook", module._backward_pre_hooks))
     problems += [f"it has a {kind} ({_hook_name(hook)})" for kind, hooks in kinds for hook in hooks.values()]
@@ -374,12 +377,16 @@ def deep_copy(model: M, who: str, instead: str) -> M:
     try:
         return copy.deepcopy(model)
     except Exception as exc:  # the user's model: one clear line, the cause chained
-        computed = [f"{name}.{attribute}" if name else attribute for name, module in model.named_modules()
+        computed = [(name, module, attribute) for name, module in model.named_modules()
                     for attribute, value in {**vars(module), **module._buffers}.items()
                     if isinstance(value, torch.Tensor) and not value.is_leaf]
-        why = (f"{', '.join(map(repr, computed[:3]))} {'is a tensor' if len(computed) == 1 else 'are tensors'} "
-               f"computed from other tensors (not a leaf), which torch cannot deep-copy; the hook-based "
-               f"torch.nn.utils.weight_norm leaves one on its layer: call torch.nn.utils.remove_weight_norm on it "
-               f"(or use torch.nn.utils.parametrizations.weight_norm)" if computed
+        holders = {name: module for name, module, _ in computed}
+        causes = [f"{describe_module(name, module)}: {_pre_hook_problem(hook)}" for name, module in holders.items()
+                  for hook in module._forward_pre_hooks.values() if isinstance(hook, _REPARAMETRIZING_HOOKS)]
+        cause = "; ".join(causes) or ("a forward pre-hook computes it before each call, as the hook-based "
+                                      "torch.nn.utils.weight_norm and torch.nn.utils.prune do: remove it")
+        names = [f"{name}.{attribute}" if name else attribute for name, _, attribute in computed]
+        why = (f"{', '.join(map(repr, names[:3]))} {'is a tensor' if len(names) == 1 else 'are tensors'} computed "
+               f"from other tensors (not a leaf), which torch cannot deep-copy; {cause}" if computed
                else f"copy.deepcopy raised {type(exc).__name__}: {one_line(str(exc))}")
         raise ConfigError(f"{type(model).__name__} cannot be deep-copied ({who}): {why}; {instead}") from exc
