@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -189,6 +190,21 @@ def _hook_problems(module: nn.Module) -> list[str]:
     return problems
 
 
+#: torch's registries of the hooks that run on every module, by the function that registers each kind.
+_GLOBAL_HOOKS = (("register_module_forward_pre_hook", module_hooks._global_forward_pre_hooks),
+                 ("register_module_forward_hook", module_hooks._global_forward_hooks),
+                 ("register_module_full_backward_pre_hook", module_hooks._global_backward_pre_hooks),
+                 ("register_module_full_backward_hook", module_hooks._global_backward_hooks))
+
+
+def _global_hook_problems() -> list[str]:
+    """The hooks registered for every module, which would also run on each factor of a chain (a hook that scales
+    every Linear's output would scale each Linear factor's, changing what the chain computes)."""
+    return [f"a hook for every module is registered ({_hook_name(hook)}, by torch.nn.modules.module.{register}), "
+            f"which would also run on each factor of its chain; remove it while compressing"
+            for register, hooks in _GLOBAL_HOOKS for hook in hooks.values()]
+
+
 def _parameter_problems(module: nn.Module) -> list[str]:
     """What the module's weight and bias carry besides their values: hooks on the tensors themselves, and a link
     to whatever sets a weight or bias that is not a Parameter of the module's own (its owner, before each call)."""
@@ -236,7 +252,9 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     moment would freeze. Remove them, compress, and add them to the new layer where that makes sense. The same
     holds for hooks on the weight or bias tensors, and for a weight or bias that is not a Parameter of the module
     (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
-    a convolution whose instance pads other than its ``padding`` says.
+    a convolution whose instance pads other than its ``padding`` says. Nor may any module be replaced while hooks
+    for every module are registered (``torch.nn.modules.module.register_module_forward_hook`` and kin): they would
+    run on each factor of the chain as well.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -254,7 +272,8 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += _hook_problems(module) + _parameter_problems(module) + _padding_problems(module)
+    problems += (_hook_problems(module) + _global_hook_problems() + _parameter_problems(module)
+                 + _padding_problems(module))
     return "; ".join(problems) if problems else None
 
 
@@ -265,6 +284,8 @@ def why_not_recompressible(layer: FactorizedLayer) -> str | None:
     hook, pruning or a parametrization added during fine-tuning) would be dropped, as for a plain layer (see
     :func:`why_not_replaceable`).
     """
+    if global_hooks := _global_hook_problems():  # not repeated for each factor below
+        return f"re-compressing it builds a new chain, but {'; '.join(global_hooks)}"
     problems = _hook_problems(layer)
     problems += [f"the instance has its own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
                  if callable(vars(layer).get(attribute))]

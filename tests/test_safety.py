@@ -318,6 +318,40 @@ def test_hooks_added_to_a_factorized_layer_between_stages_are_refused(registry, 
     refused(compressed, {"0": manual(2)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{re.escape(expected)}')
 
 
+def _doubling_hook(module, *args):
+    """A hook for every module that doubles what each Linear gives (output) or takes (pre-hook, gradients)."""
+    if isinstance(module, nn.Linear):
+        return tuple(2 * t for t in args[-1]) if isinstance(args[-1], tuple) else 2 * args[-1]
+    return None
+
+
+@pytest.mark.parametrize("register", [
+    "register_module_forward_hook", "register_module_forward_pre_hook", "register_module_full_backward_hook",
+    "register_module_full_backward_pre_hook"])
+def test_hooks_for_every_module_leave_every_layer_alone(registry, register):
+    """A hook for every module runs on each factor of a chain too: with one doubling each Linear's output, svd at
+    full rank changed the model's output by 0.59 (relative), or, in a process whose cached miniature verdict was
+    still missing, failed with the svd plugin blamed for not being exact."""
+    model, x = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 6)), torch.randn(2, 12)
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [12, 12], "force": True}}
+    compressor = Compressor(model, model_compr_kwargs=schedule, nglobal_compress_iters=2, example_input=x,
+                            progress=False)
+    compressor.compression_step()
+    expected = f"a hook for every module is registered (_doubling_hook, by torch.nn.modules.module.{register})"
+    handle = getattr(torch.nn.modules.module, register)(_doubling_hook)
+    try:
+        assert expected in registry.unsupported_reason(model[0])
+        stats = ModelStats.from_model(model, registry, x)
+        assert expected in stats.excluded["0"] and "0" not in stats.layers
+        refused(model, {"0": manual(4)}, rf'\$\.layers\["0"\]: cannot be compressed: .*{re.escape(expected)}')
+        before = snapshot(compressor.compressed_model)  # registered during fine-tuning, before the second stage
+        with pytest.raises(CompressionError, match=rf"layer '0': re-compressing it .*{re.escape(expected)}"):
+            compressor.compression_step()
+        assert_unchanged(compressor.compressed_model, before)
+    finally:
+        handle.remove()
+
+
 class WritingOwner(nn.Module):
     """Sets its child's weight or bias from parameters of its own before each call, as AWD-LSTM's WeightDrop and
     weight standardization do: the child's tensor is a plain attribute, not a Parameter."""
