@@ -264,12 +264,17 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
                         f"on it first")
     else:
         mro = type(module).__mro__
-        defined = [f"{klass.__qualname__}.{attribute}" for klass in mro[:mro.index(base)]
+
+        def named(klass: type) -> str:  # torch.ao.nn.qat's Linear is no nn.Linear: the full name tells them apart
+            same = klass is not base and klass.__qualname__ == base.__qualname__
+            return f"{klass.__module__}.{klass.__qualname__}" if same else klass.__qualname__
+
+        defined = [f"{named(klass)}.{attribute}" for klass in mro[:mro.index(base)]
                    for attribute in COMPUTATION_ATTRIBUTES if attribute in vars(klass)]
         defined += [f"the instance's own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
                     if attribute in vars(module) and callable(vars(module)[attribute])]
         if defined:
-            problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
+            problems.append(f"{named(type(module))} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
     problems += (_hook_problems(module) + _global_hook_problems() + _parameter_problems(module)

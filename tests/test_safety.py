@@ -132,6 +132,11 @@ def test_a_module_named_like_a_handled_type_is_named_by_its_full_type(registry):
 
     assert f"handles {__name__}.test_a_module_named_like" in registry.unsupported_reason(Linear())
 
+    # a subclass with a computation of its own, named like its base: the reason read "Linear defines Linear.forward"
+    qat = torch.ao.nn.qat.Linear(4, 4, qconfig=torch.ao.quantization.get_default_qat_qconfig("fbgemm"))
+    assert ("but torch.ao.nn.qat.modules.linear.Linear defines torch.ao.nn.qat.modules.linear.Linear.forward, so it "
+            "may compute something else") in registry.unsupported_reason(qat)
+
 
 class CallOverride(nn.Linear):
     def __call__(self, x):
