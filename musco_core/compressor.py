@@ -2,6 +2,7 @@
 :mod:`musco_core.run`."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -67,6 +68,23 @@ def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_typ
     return ordered, {name: reason for name, reason in reasons.items() if name not in named}
 
 
+def _check_materialized(model: nn.Module) -> None:
+    """One ConfigError when the model's weights hold no values yet: lazy parameters (shapes unknown until a
+    forward pass), or tensors on the ``meta`` device (shapes alone, as a model built under ``torch.device('meta')``
+    has before its weights are loaded)."""
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
+                          f"before compressing it")
+    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
+    if meta:
+        raise ConfigError(f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
+                          f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}), which hold no values "
+                          f"to decompose: load its weights first (model.to_empty(device=...) then load_state_dict, "
+                          f"or load_state_dict(..., assign=True)), or compress it with compress_blockwise and a "
+                          f"checkpoint")
+
+
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
@@ -111,9 +129,7 @@ class Compressor:
                  calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
         registry = registry or default_registry()
         model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-            raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
-                              f"before compressing it")
+        _check_materialized(model)
         model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
                                                   "or pass inplace=True to compress the model itself")
         stats = as_model_stats(model_stats, model, registry, example_input)
@@ -178,6 +194,7 @@ class Compressor:
         """
         registry = registry or default_registry()
         model = unwrapped(model)
+        _check_materialized(model)
         with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)

@@ -215,10 +215,30 @@ class Registry:
             for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
                 if key in self._adapter_by_type:
                     name = self._adapter_by_type[key]
-                    reason = why_not_replaceable(module, klass)
+                    reason = why_not_replaceable(module, klass) or self._weight_problem(name, module)
                     if reason is not None:
                         reason = f"the {name} adapter rebuilds a stock {klass.__qualname__}, but {reason}"
                     return AdapterMatch(name if reason is None else None, reason)
+        return None
+
+    def _weight_problem(self, adapter: str, module: nn.Module) -> str | None:
+        """What in the weight and bias the adapter reads keeps them from being factorized as the layer's, or None:
+        a dtype other than a real floating point one (torch runs complex layers, whose imaginary part the
+        decompositions would drop), or shapes other than those of the geometry the adapter reads from the module's
+        attributes. Torch computes with the tensors alone, so a layer whose weight was replaced by one of another
+        shape (channel pruning that slices weights but not ``in_features``) still runs, but its chain would be
+        built, and its weights counted, for the geometry its attributes give."""
+        spec, weight, bias = self.adapters.get(adapter).read(module)
+        for what, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and not tensor.is_floating_point():
+                return f"its {what} is {tensor.dtype}: the decompositions factorize real floating-point weights"
+        expected = {"weight": spec.weight_shape, "bias": (spec.out_channels,) if spec.has_bias else None}
+        for what, tensor in (("weight", weight), ("bias", bias)):
+            shape = None if tensor is None else tuple(tensor.shape)
+            if shape != expected[what]:
+                return (f"its {what} has shape {shape} where its attributes, a {spec.describe()}, give "
+                        f"{expected[what]} (its weights were replaced after it was built): make its channel or "
+                        f"feature counts, kernel size and groups describe its weights")
         return None
 
     def adapter_for(self, module: nn.Module) -> LayerAdapter | None:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -165,25 +166,43 @@ def _hook_name(hook) -> str:
 _REPARAMETRIZING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
+def _pre_hook_problem(hook) -> str:
+    """What a forward pre-hook does that a layer built in its place would not, and how to remove the torch ones
+    that recompute the weight."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return ("it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and weight_mask before "
+                "each call); call torch.nn.utils.prune.remove on it first")
+    if isinstance(hook, WeightNorm):
+        return ("it has weight_norm (a pre-hook recomputes its weight from weight_g and weight_v); call "
+                "torch.nn.utils.remove_weight_norm on it first")
+    if isinstance(hook, SpectralNorm):
+        return ("it has spectral_norm (a pre-hook rescales its weight); call torch.nn.utils.remove_spectral_norm on "
+                "it first")
+    return f"it has a forward pre-hook ({_hook_name(hook)})"
+
+
 def _hook_problems(module: nn.Module) -> list[str]:
     """What the module's own hooks do that a layer built in its place would not."""
-    problems = []
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            problems.append("it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and "
-                            "weight_mask before each call); call torch.nn.utils.prune.remove on it first")
-        elif isinstance(hook, WeightNorm):
-            problems.append("it has weight_norm (a pre-hook recomputes its weight from weight_g and weight_v); "
-                            "call torch.nn.utils.remove_weight_norm on it first")
-        elif isinstance(hook, SpectralNorm):
-            problems.append("it has spectral_norm (a pre-hook rescales its weight); call "
-                            "torch.nn.utils.remove_spectral_norm on it first")
-        else:
-            problems.append(f"it has a forward pre-hook ({_hook_name(hook)})")
+    problems = [_pre_hook_problem(hook) for hook in module._forward_pre_hooks.values()]
     kinds = (("forward hook", module._forward_hooks), ("backward hook", module._backward_hooks),
              ("backward pre-hook", module._backward_pre_hooks))
     problems += [f"it has a {kind} ({_hook_name(hook)})" for kind, hooks in kinds for hook in hooks.values()]
     return problems
+
+
+#: torch's registries of the hooks that run on every module, by the function that registers each kind.
+_GLOBAL_HOOKS = (("register_module_forward_pre_hook", module_hooks._global_forward_pre_hooks),
+                 ("register_module_forward_hook", module_hooks._global_forward_hooks),
+                 ("register_module_full_backward_pre_hook", module_hooks._global_backward_pre_hooks),
+                 ("register_module_full_backward_hook", module_hooks._global_backward_hooks))
+
+
+def _global_hook_problems() -> list[str]:
+    """The hooks registered for every module, which would also run on each factor of a chain (a hook that scales
+    every Linear's output would scale each Linear factor's, changing what the chain computes)."""
+    return [f"a hook for every module is registered ({_hook_name(hook)}, by torch.nn.modules.module.{register}), "
+            f"which would also run on each factor of its chain; remove it while compressing"
+            for register, hooks in _GLOBAL_HOOKS for hook in hooks.values()]
 
 
 def _parameter_problems(module: nn.Module) -> list[str]:
@@ -233,7 +252,9 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     moment would freeze. Remove them, compress, and add them to the new layer where that makes sense. The same
     holds for hooks on the weight or bias tensors, and for a weight or bias that is not a Parameter of the module
     (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
-    a convolution whose instance pads other than its ``padding`` says.
+    a convolution whose instance pads other than its ``padding`` says. Nor may any module be replaced while hooks
+    for every module are registered (``torch.nn.modules.module.register_module_forward_hook`` and kin): they would
+    run on each factor of the chain as well.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -243,15 +264,21 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
                         f"on it first")
     else:
         mro = type(module).__mro__
-        defined = [f"{klass.__qualname__}.{attribute}" for klass in mro[:mro.index(base)]
+
+        def named(klass: type) -> str:  # torch.ao.nn.qat's Linear is no nn.Linear: the full name tells them apart
+            same = klass is not base and klass.__qualname__ == base.__qualname__
+            return f"{klass.__module__}.{klass.__qualname__}" if same else klass.__qualname__
+
+        defined = [f"{named(klass)}.{attribute}" for klass in mro[:mro.index(base)]
                    for attribute in COMPUTATION_ATTRIBUTES if attribute in vars(klass)]
         defined += [f"the instance's own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
                     if attribute in vars(module) and callable(vars(module)[attribute])]
         if defined:
-            problems.append(f"{type(module).__qualname__} defines {', '.join(defined)}, so it may compute something "
+            problems.append(f"{named(type(module))} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += _hook_problems(module) + _parameter_problems(module) + _padding_problems(module)
+    problems += (_hook_problems(module) + _global_hook_problems() + _parameter_problems(module)
+                 + _padding_problems(module))
     return "; ".join(problems) if problems else None
 
 
@@ -262,6 +289,8 @@ def why_not_recompressible(layer: FactorizedLayer) -> str | None:
     hook, pruning or a parametrization added during fine-tuning) would be dropped, as for a plain layer (see
     :func:`why_not_replaceable`).
     """
+    if global_hooks := _global_hook_problems():  # not repeated for each factor below
+        return f"re-compressing it builds a new chain, but {'; '.join(global_hooks)}"
     problems = _hook_problems(layer)
     problems += [f"the instance has its own {attribute}" for attribute in COMPUTATION_ATTRIBUTES
                  if callable(vars(layer).get(attribute))]
@@ -374,12 +403,16 @@ def deep_copy(model: M, who: str, instead: str) -> M:
     try:
         return copy.deepcopy(model)
     except Exception as exc:  # the user's model: one clear line, the cause chained
-        computed = [f"{name}.{attribute}" if name else attribute for name, module in model.named_modules()
+        computed = [(name, module, attribute) for name, module in model.named_modules()
                     for attribute, value in {**vars(module), **module._buffers}.items()
                     if isinstance(value, torch.Tensor) and not value.is_leaf]
-        why = (f"{', '.join(map(repr, computed[:3]))} {'is a tensor' if len(computed) == 1 else 'are tensors'} "
-               f"computed from other tensors (not a leaf), which torch cannot deep-copy; the hook-based "
-               f"torch.nn.utils.weight_norm leaves one on its layer: call torch.nn.utils.remove_weight_norm on it "
-               f"(or use torch.nn.utils.parametrizations.weight_norm)" if computed
+        holders = {name: module for name, module, _ in computed}
+        causes = [f"{describe_module(name, module)}: {_pre_hook_problem(hook)}" for name, module in holders.items()
+                  for hook in module._forward_pre_hooks.values() if isinstance(hook, _REPARAMETRIZING_HOOKS)]
+        cause = "; ".join(causes) or ("a forward pre-hook computes it before each call, as the hook-based "
+                                      "torch.nn.utils.weight_norm and torch.nn.utils.prune do: remove it")
+        names = [f"{name}.{attribute}" if name else attribute for name, _, attribute in computed]
+        why = (f"{', '.join(map(repr, names[:3]))} {'is a tensor' if len(names) == 1 else 'are tensors'} computed "
+               f"from other tensors (not a leaf), which torch cannot deep-copy; {cause}" if computed
                else f"copy.deepcopy raised {type(exc).__name__}: {one_line(str(exc))}")
         raise ConfigError(f"{type(model).__name__} cannot be deep-copied ({who}): {why}; {instead}") from exc

@@ -12,6 +12,7 @@ import torch
 import yaml
 from flopco import FlopCo
 from torch import nn
+from torch.nn.utils import prune
 
 from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
@@ -142,14 +143,22 @@ def _old_weight_norm(model):
         nn.utils.weight_norm(model[2])  # its weight is a tensor computed from weight_g and weight_v
 
 
+def _prune(model):
+    prune.l1_unstructured(model[2], "weight", 0.5)  # its weight is weight_orig * weight_mask until a forward pass
+
+
 def _lock(model):
     model.lock = threading.Lock()
 
 
 @pytest.mark.parametrize(("attach", "why"), [
     (_old_weight_norm, "'2.weight' is a tensor computed from other tensors (not a leaf), which torch cannot "
-                       "deep-copy; the hook-based torch.nn.utils.weight_norm leaves one on its layer: call "
-                       "torch.nn.utils.remove_weight_norm on it"),
+                       "deep-copy; '2' (Linear): it has weight_norm (a pre-hook recomputes its weight from weight_g "
+                       "and weight_v); call torch.nn.utils.remove_weight_norm on it first"),
+    # the message named weight_norm and remove_weight_norm for a pruned layer too
+    (_prune, "'2.weight' is a tensor computed from other tensors (not a leaf), which torch cannot deep-copy; '2' "
+             "(Linear): it is pruned (torch.nn.utils.prune recomputes its weight from weight_orig and weight_mask "
+             "before each call); call torch.nn.utils.prune.remove on it first"),
     (_lock, "copy.deepcopy raised TypeError: cannot pickle '_thread.lock' object"),
 ])
 def test_a_model_that_cannot_be_copied_is_one_error_saying_what_to_do(registry, attach, why):

@@ -96,3 +96,17 @@ def test_a_lazy_model_is_a_clear_error(registry):
     with pytest.raises(ConfigError, match="uninitialized .lazy. parameters; run one forward pass"):
         Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf"}},
                    registry=registry)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_model_on_the_meta_device_is_a_clear_error(registry, tmp_path, example):
+    """Built under torch.device('meta'), its weights not loaded yet: they hold no values, and the run failed with a
+    raw NotImplementedError ('Cannot copy out of meta tensor') from deep inside; resuming on one did the same."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).to("meta")
+    x = torch.randn(2, 8, device="meta") if example else None
+    with pytest.raises(ConfigError, match=r"Sequential has 4 parameter\(s\) or buffer\(s\) on the meta device "
+                                          r"\('0\.weight', '0\.bias', '2\.weight', \.\.\.\).*load its weights"):
+        Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf"}},
+                   registry=registry, example_input=x)
+    with pytest.raises(ConfigError, match="on the meta device"):
+        Compressor.resume(model, tmp_path, registry=registry, example_input=x)
