@@ -683,7 +683,7 @@ def memory_format_candidates(model: nn.Module, example_input: Any) -> list[nn.Mo
 def _runs(model: nn.Module, example_input: Any) -> bool:
     try:
         with torch.no_grad():
-            call_model(model, example_input)
+            call_model(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
     except Exception as exc:  # noqa: BLE001 - a form that does not run is no candidate, whatever the reason
         log.debug("optimize_for_inference: a channels_last form does not run on the example input (%s: %s)",
                   type(exc).__name__, exc)

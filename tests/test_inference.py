@@ -579,6 +579,30 @@ def test_input_model_is_untouched_unless_inplace():
     assert isinstance(model[1], nn.Identity) and not model.training
 
 
+
+class ScalesItsInput(nn.Module):
+    """Scales its input in place (as a forward that normalizes with ``x.mul_``): each call records the norm it got."""
+
+    seen: list[float] = []  # on the class, so that the copies optimize_for_inference makes record here too
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 9)
+
+    def forward(self, x):
+        ScalesItsInput.seen.append(float(x.norm()))
+        return self.bn(self.conv(x.mul_(0.5)))
+
+
+def test_every_call_on_the_example_input_gets_it_as_the_caller_passed_it():
+    # observing, timing and checking called the model on the caller's tensor itself: it came back scaled to 0
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    ScalesItsInput.seen.clear()
+    optimize_for_inference(ScalesItsInput(), x, progress=False)
+    assert torch.equal(x, before)
+    assert len(ScalesItsInput.seen) > 3 and set(ScalesItsInput.seen) == {float(before.norm())}
+
 # --- the measured path and deployment ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
