@@ -9,6 +9,7 @@ Four rewrites, each exact up to float rounding, made only where the model's data
   parameters are read). Where the trace cannot show the data flow (the model cannot be traced, or the trace calls
   other modules than the pass), only pairs inside ``nn.Sequential`` containers fold, and only where a pass on an
   example input confirms them: without one, none. A BatchNorm after a factorized layer folds into its last factor.
+  A fold whose weights would overflow the layer's dtype (float16) is left out.
 * **Chain merging.** A factorized layer (or a plain ``nn.Sequential`` of convolutions, as ``standardize_model``
   leaves one) is a chain of linear layers with no non-linearity in between. Any run of consecutive factors
   whose product is one convolution (each spatial axis convolved by at most one of them, and no bias crossing a
@@ -268,6 +269,16 @@ def _is_foldable_batchnorm(module: nn.Module) -> bool:
             and module.running_var is not None)
 
 
+def _fold_fits_dtype(layer: nn.Module, batchnorm: nn.Module) -> bool:
+    """True when the folded weight and bias are finite in the layer's dtype: a float16 weight times a large
+    BatchNorm scale can overflow where the model, which scales the layer's smaller output, does not (and the
+    check, in float32, would not see it)."""
+    if layer.weight.is_meta:
+        return True
+    weight, bias = folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm))
+    return all(bool(tensor.to(layer.weight.dtype).isfinite().all()) for tensor in (weight, bias))
+
+
 def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:
     """True when the BatchNorm normalizes the layer's output channels.
 
@@ -289,8 +300,9 @@ def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int,
 
 def _folds(model: nn.Module, evidence: Evidence) -> tuple[tuple[str, str], ...]:
     """The (layer, BatchNorm) paths where the BatchNorm folds: it reads only that layer's output, each runs once,
-    both are stock and hold no tensor another module shares. The pairs come from the traces (a pair in every one),
-    else from ``nn.Sequential`` containers; the pass on the example input, where there is one, must confirm each."""
+    both are stock and hold no tensor another module shares, and the folded weights fit the layer's dtype. The
+    pairs come from the traces (a pair in every one), else from ``nn.Sequential`` containers; the pass on the
+    example input, where there is one, must confirm each."""
     observed = evidence.observed
     if evidence.traces is not None:
         first, *others = (_traced_pairs(trace) for trace in evidence.traces)
@@ -303,7 +315,7 @@ def _folds(model: nn.Module, evidence: Evidence) -> tuple[tuple[str, str], ...]:
     return tuple((paths[id(layer)][0], paths[id(batchnorm)][0]) for layer, batchnorm in candidates
                  if _is_foldable_batchnorm(batchnorm) and is_stock(layer, LAYERS)
                  and not holds_shared(layer, shared) and not holds_shared(batchnorm, shared)
-                 and _channel_axis_fits(layer, batchnorm, shapes)
+                 and _channel_axis_fits(layer, batchnorm, shapes) and _fold_fits_dtype(layer, batchnorm)
                  and (observed is None or _pass_confirms_pair(observed, layer, batchnorm)))
 
 

@@ -569,6 +569,24 @@ def test_batchnorm_without_running_statistics_and_a_layer_used_twice_are_left_al
     assert all(isinstance(m, nn.BatchNorm2d) for m in (optimized[1], optimized[3]))
 
 
+@pytest.mark.parametrize("example", [False, True])
+def test_a_fold_whose_weights_overflow_the_layers_dtype_is_left_out(example):
+    # the float16 conv weight 1.0 times the BatchNorm's scale 1000 / sqrt(1e-4 + 1e-5) = 95346 is inf in float16,
+    # while the model scales the conv's small output (343 at most here); the float32 check does not see it
+    conv, batchnorm = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        batchnorm.running_var.fill_(1e-4)
+        batchnorm.weight.fill_(1000.0)
+    model = nn.Sequential(conv, batchnorm).half().eval()
+    x = torch.full((1, 4, 6, 6), 1e-4).half()
+    with torch.no_grad():
+        expected = model(x)
+        optimized = optimize_for_inference(model, x if example else None, progress=False)
+        assert expected.isfinite().all() and relative(optimized(x).float(), expected.float()) < 1e-3
+    assert isinstance(optimized[1], nn.BatchNorm2d)
+
+
 def test_input_model_is_untouched_unless_inplace():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
