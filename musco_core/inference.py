@@ -61,7 +61,7 @@ from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced
 from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
 from .timing import call_model, first_input, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
-from .verify import output_difference, seeded_output
+from .verify import output_difference, random_state_kept, seeded_output
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     reproduces the model in eval mode: a model passed in train mode is optimized as its eval-mode self. The input
     model is deep-copied first and left untouched, unless ``inplace=True``: then it is modified once the rewrites
     are chosen (a failure before leaves it as it was) and returned, unless it is itself replaced (a factorized
-    layer, for one).
+    layer, for one). The example input and torch's random state are left as they were, also for a model that
+    changes its input in place or draws noise.
 
     ``example_input`` (called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping)
     is the input the model will be deployed on: each chain's candidate forms, the memory formats and, in
@@ -108,7 +109,7 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     if not inplace:
         model = deep_copy(model, "optimize_for_inference copies the model unless inplace=True",
                           "or pass inplace=True to optimize the model itself")
-    with evaluating(model):
+    with evaluating(model), random_state_kept(model):  # the model is called many times, and may draw noise
         plan = _plan(model, example_input, threads, progress)
     return _apply(model, plan)
 

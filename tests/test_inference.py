@@ -928,7 +928,10 @@ class NoisyInEval(nn.Module):
         return self.bn(self.conv(x)) + torch.randn(1)
 
 
-def test_a_model_drawing_noise_in_eval_is_still_optimized(caplog):
+def test_a_model_drawing_noise_in_eval_is_still_optimized_and_the_callers_rng_is_left_alone(caplog):
     caplog.set_level(logging.WARNING, logger="musco_core.inference")
-    optimized = optimize_for_inference(NoisyInEval().eval(), torch.randn(2, 3, 8, 8), progress=False)
+    model, x = NoisyInEval().eval(), torch.randn(2, 3, 8, 8)
+    state = torch.get_rng_state()
+    optimized = optimize_for_inference(model, x, progress=False)
     assert isinstance(optimized.bn, nn.Identity) and not caplog.records
+    assert torch.equal(torch.get_rng_state(), state)  # the observing and timing calls drew from it
