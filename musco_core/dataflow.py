@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .stats import call_example
 from .surgery import why_not_replaceable
-from .timing import call_arguments, call_model, first_input, map_tensors, tensors_in
+from .timing import call_arguments, first_input, map_tensors, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def observe(model: nn.Module, example_input: Any) -> ObservedPass:
                               module.register_forward_hook(observed.after))]
     try:
         with torch.no_grad(), observed:
-            call_model(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
+            call_example(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
     finally:
         for handle in handles:
             handle.remove()

@@ -18,6 +18,7 @@ from torch import nn
 
 from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
+from musco_core.errors import ConfigError
 import musco_core.inference
 from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry, pointwise_products
 from musco_core.timing import fixed_threads, tensors_in, time_alternated, time_modules_at
@@ -732,6 +733,13 @@ def test_a_rewrite_that_changes_the_outputs_on_the_example_input_is_dropped_with
     (record,) = caplog.records
     assert "chain merging, channels_last and 1x1 convolutions as matrix products not applied" in record.getMessage()
     assert "raises TypeError" in record.getMessage()  # a merged Sequential cannot be indexed
+
+
+def test_an_example_input_the_model_cannot_take_gets_one_clear_error():
+    # was the forward's raw RuntimeError, raised from inside the observing hooks
+    with pytest.raises(ConfigError, match=r"example input of float32 \(1, 4, 8, 8\): the model's forward raised "
+                                          r"RuntimeError: .*3 channels"):
+        optimize_for_inference(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 4, 8, 8), progress=False)
 
 
 def test_a_failure_leaves_the_model_as_it_was_also_in_place():
