@@ -745,7 +745,7 @@ def test_an_example_input_the_model_cannot_take_gets_one_clear_error():
 def test_a_failure_leaves_the_model_as_it_was_also_in_place():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError):
         optimize_for_inference(model, torch.randn(2, 5, 8, 8), inplace=True, progress=False)  # 5 channels: no fit
     assert model.training and all(m.training for m in model.modules())
     assert isinstance(model[1], nn.BatchNorm2d) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
