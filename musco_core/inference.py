@@ -28,9 +28,9 @@ Four rewrites, each exact up to float rounding, made only where the model's data
 
 No rewrite touches a module that computes more than its torch class does (the rule of
 :func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), a container
-with hooks, or a layer whose parameters another module shares (tied weights): folding writes the layer's weight,
-which would change the other holder too, and replacing the layer would cut it off from that holder. Merged layers
-are stock torch layers, whatever subclass the factors are.
+with hooks, or a layer whose parameters another module shares (tied weights): folding or replacing the layer
+would cut it off from that holder. Folding gives the layer new parameters rather than writing the old ones, which
+other Parameters can view. Merged layers are stock torch layers, whatever subclass the factors are.
 
 With an example input the result is checked: its outputs on that input must equal the eval-mode model's
 (:data:`CHECK_TOLERANCE`); where they do not, it is made again without BatchNorm folding, then without any
@@ -244,14 +244,14 @@ def folded_weights(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch
 @torch.no_grad()
 def fold_batchnorm(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
                    batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
-    """Folds ``batchnorm`` (eval mode, running statistics) into the layer that feeds it, in place; the layer
-    gains a bias if it had none. The caller removes the BatchNorm."""
+    """Folds ``batchnorm`` (eval mode, running statistics) into the layer that feeds it: the layer gets a new
+    weight and bias (it gains a bias if it had none), since a write into the old ones would also reach any other
+    Parameter over their memory (a view). The caller removes the BatchNorm."""
     weight, bias = folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm))
-    layer.weight.copy_(weight)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(bias.to(layer.weight), requires_grad=layer.weight.requires_grad)
-    else:
-        layer.bias.copy_(bias)
+    old_weight, old_bias = layer.weight, layer.bias
+    layer.weight = nn.Parameter(weight.to(old_weight), requires_grad=old_weight.requires_grad)
+    layer.bias = nn.Parameter(bias.to(old_weight), requires_grad=(old_weight if old_bias is None
+                                                                   else old_bias).requires_grad)
 
 
 def _folded_away(batchnorm: nn.Module) -> nn.Identity:
