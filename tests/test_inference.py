@@ -444,6 +444,31 @@ def test_untraceable_model_keeps_pairs_whose_conv_output_is_read_elsewhere():
         assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
 
 
+class KeepsFeatures(nn.Module):
+    """Keeps the conv's output on the module for whoever reads it after the call (a feature extractor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 12)
+
+    def forward(self, x):
+        self.features = self.conv(x)
+        return self.bn(self.features)
+
+
+def test_a_conv_output_the_forward_keeps_on_the_model_is_not_folded(caplog):
+    # the trace shows the BatchNorm as the only reader: without an example input the pair folded, and
+    # model.features held the normalized tensor (3.6 relative off the conv's output)
+    caplog.set_level(logging.INFO, logger="musco_core.dataflow")
+    model, x = KeepsFeatures().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        for optimized in optimized_both_ways(model, x):
+            optimized(x)
+            assert isinstance(optimized.bn, nn.BatchNorm2d) and relative(optimized.features, model.features) < TOLERANCE
+    assert "keeps values on the model (features)" in caplog.text
+
+
 class OptionalSkip(nn.Module):
     """forward(x, skip=None): a trace gives ``skip`` a proxy, so ``skip is not None`` holds there; called without
     it, the model also returns the conv's output."""
