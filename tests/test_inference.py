@@ -637,6 +637,22 @@ def test_a_fold_whose_weights_overflow_the_layers_dtype_is_left_out(example):
     assert isinstance(optimized[1], nn.BatchNorm2d)
 
 
+def test_global_module_hooks_without_an_example_input_leave_the_model_as_it_is(caplog):
+    # a global hook runs on every module call: folding took the BatchNorm's call away, outputs 0.49 off (relative)
+    model, x = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 13)), \
+        torch.randn(2, 4, 6, 6)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output + 1 if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else output)
+    try:
+        with torch.no_grad():
+            expected = model.eval()(x)
+            optimized = optimize_for_inference(model, progress=False)
+            assert relative(optimized(x), expected) < TOLERANCE
+    finally:
+        handle.remove()
+    assert isinstance(optimized[1], nn.BatchNorm2d) and "global module forward hooks" in caplog.text
+
+
 def test_input_model_is_untouched_unless_inplace():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
