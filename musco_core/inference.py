@@ -53,7 +53,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_hooks
+from torch.nn.modules import module as torch_module
 from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
@@ -136,7 +136,7 @@ class _Plan:
 def _plan(model: nn.Module, example_input: Any, threads: int | None, progress: bool) -> _Plan:
     """The rewrites of ``model`` (in eval mode) that its data flow allows; with an example input, the measured
     choices among them, checked on it."""
-    if example_input is None and (module_hooks._global_forward_pre_hooks or module_hooks._global_forward_hooks):
+    if example_input is None and (torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
         log.warning("optimize_for_inference: no rewrite made: global module forward hooks are registered "
                     "(torch.nn.modules.module.register_module_forward_hook), which run on every module call, so "
                     "folding or merging changes what they see and return; without an example input that cannot be "
