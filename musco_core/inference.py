@@ -277,14 +277,16 @@ def _is_foldable_batchnorm(module: nn.Module) -> bool:
             and module.running_var is not None)
 
 
+def _fits_dtype(like: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """True when ``tensors`` (None skipped) are finite in ``like``'s dtype (on the meta device: taken as true)."""
+    return like.is_meta or all(bool(t.to(like.dtype).isfinite().all()) for t in tensors if t is not None)
+
+
 def _fold_fits_dtype(layer: nn.Module, batchnorm: nn.Module) -> bool:
     """True when the folded weight and bias are finite in the layer's dtype: a float16 weight times a large
     BatchNorm scale can overflow where the model, which scales the layer's smaller output, does not (and the
     check, in float32, would not see it)."""
-    if layer.weight.is_meta:
-        return True
-    weight, bias = folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm))
-    return all(bool(tensor.to(layer.weight.dtype).isfinite().all()) for tensor in (weight, bias))
+    return _fits_dtype(layer.weight, *folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm)))
 
 
 def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:
@@ -493,9 +495,15 @@ def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
 
 
 def _build(layers: Sequence[nn.Module], split: Split) -> nn.Module:
-    """``layers`` run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged)."""
-    parts = [layers[start] if stop - start == 1 else
-             merge_layers(layers[start:stop], merged_geometry(layers[start:stop])) for start, stop in split]
+    """``layers`` run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged). A run
+    whose merged weights are not finite in its dtype stays as it is: a float16 product can overflow where the
+    chain, which scales smaller values one factor at a time, does not (and the check, in float32, would not see
+    it)."""
+    parts: list[nn.Module] = []
+    for start, stop in split:
+        run = layers[start:stop]
+        merged = run[0] if len(run) == 1 else merge_layers(run, merged_geometry(run))
+        parts += [merged] if _fits_dtype(merged.weight, merged.weight, merged.bias) else run
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
 
 

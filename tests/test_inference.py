@@ -637,6 +637,23 @@ def test_a_fold_whose_weights_overflow_the_layers_dtype_is_left_out(example):
     assert isinstance(optimized[1], nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("example", [False, True])
+def test_a_merge_whose_weights_overflow_the_layers_dtype_is_left_out(example):
+    # the product of two float16 convs, 2 channels x 300 x 300 = 180000, is inf in float16, while the chain's own
+    # output is finite; the float32 check does not see it
+    chain = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 3, padding=1, bias=False))
+    with torch.no_grad():
+        chain[0].weight.fill_(300.0)
+        chain[1].weight.fill_(300.0)
+    model = nn.Sequential(chain).half().eval()
+    x = torch.full((1, 2, 6, 6), 1e-3).half()
+    with torch.no_grad():
+        expected = model(x)
+        optimized = optimize_for_inference(model, x if example else None, progress=False)
+        assert expected.isfinite().all() and relative(optimized(x).float(), expected.float()) < 1e-3
+    assert len(optimized[0]) == 2
+
+
 def test_global_module_hooks_without_an_example_input_leave_the_model_as_it_is(caplog):
     # a global hook runs on every module call: folding took the BatchNorm's call away, outputs 0.49 off (relative)
     model, x = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 13)), \
