@@ -17,9 +17,11 @@ import attrs
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
+from .stats import call_example
 from .surgery import why_not_replaceable
-from .timing import call_arguments, call_model, first_input, tensors_in
+from .timing import call_arguments, first_input, map_tensors, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def observe(model: nn.Module, example_input: Any) -> ObservedPass:
                               module.register_forward_hook(observed.after))]
     try:
         with torch.no_grad(), observed:
-            call_model(model, example_input)
+            call_example(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
     finally:
         for handle in handles:
             handle.remove()
@@ -218,14 +220,15 @@ def gather_evidence(model: nn.Module, example_input: Any) -> Evidence:
     try:
         with warnings.catch_warnings():  # fx warns that it cannot assert a concrete argument's value
             warnings.simplefilter("ignore")
-            # on a copy: tracing runs the forward on proxies, which can leave attributes on the model
-            graphs = [StockTracer().trace(copy.deepcopy(model), concrete)
-                      for concrete in _concrete_arguments(model, example_input)]
+            # on copies: tracing runs the forward on proxies, which can leave attributes on the model
+            concretes = _concrete_arguments(model, example_input)
+            copies = [copy.deepcopy(model) for _ in concretes]
+            graphs = [StockTracer().trace(traced, concrete) for traced, concrete in zip(copies, concretes)]
     except Exception as exc:  # noqa: BLE001 - any failure to trace means: no trace to rely on
         doubt = f"{type(exc).__name__}: {exc}"
     else:
         traces = [Traced.of(model, graph) for graph in graphs]
-        doubt = _trace_doubt(model, traces, observed)
+        doubt = _trace_doubt(model, traces, observed, copies)
         if doubt is None:
             return Evidence(traces, observed)
     level = logging.DEBUG if type(model) in _UNTRACEABLE_REPORTED else logging.INFO
@@ -252,11 +255,14 @@ def _concrete_arguments(model: nn.Module, example_input: Any) -> list[dict[str, 
     return [{name: value for name, value in defaults.items() if name not in passed} or None]
 
 
-def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedPass | None) -> str | None:
+def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedPass | None,
+                 traced_copies: Sequence[nn.Module]) -> str | None:
     """Why the traces may not show the model's data flow, or None. With a pass, a trace must call the same modules
     in the same order (the pass then shows what the trace cannot: which branch of an ``isinstance``, what is read
-    outside a module). Without one, a trace must hold no tensor computed while tracing (a ``_tensor_constant``:
-    computed from parameters, perhaps, which the graph then does not show)."""
+    outside a module, what is kept after it). Without one, a trace must hold no tensor computed while tracing (a
+    ``_tensor_constant``: computed from parameters, perhaps, which the graph then does not show), and the forward
+    must have kept no traced value on the model (``self.features = y``: the graph shows no reader of it, though
+    whoever reads the attribute after the call is one)."""
     if observed is not None:
         if any(trace.leaf_calls != observed.leaf_calls for trace in traces):
             return "its trace calls other modules, or in another order, than a pass on the example input"
@@ -265,4 +271,10 @@ def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedP
                                                  model.named_buffers(remove_duplicate=False))}
     if any(node.op == "get_attr" and node.target not in names for trace in traces for node in trace.graph.nodes):
         return "its trace holds tensors computed while tracing, whose data flow it does not show"
+    kept = [f"{name}.{attribute}" if name else attribute for traced in traced_copies
+            for name, module in traced.named_modules() for attribute, value in vars(module).items()
+            if any(isinstance(leaf, torch.fx.Proxy) for leaf in tree_leaves(value))]
+    if kept:
+        shown = ", ".join(list(dict.fromkeys(kept))[:3])
+        return f"its forward keeps values on the model ({shown}), whose readers the trace does not show"
     return None

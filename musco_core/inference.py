@@ -9,6 +9,7 @@ Four rewrites, each exact up to float rounding, made only where the model's data
   parameters are read). Where the trace cannot show the data flow (the model cannot be traced, or the trace calls
   other modules than the pass), only pairs inside ``nn.Sequential`` containers fold, and only where a pass on an
   example input confirms them: without one, none. A BatchNorm after a factorized layer folds into its last factor.
+  A fold whose weights would overflow the layer's dtype (float16) is left out.
 * **Chain merging.** A factorized layer (or a plain ``nn.Sequential`` of convolutions, as ``standardize_model``
   leaves one) is a chain of linear layers with no non-linearity in between. Any run of consecutive factors
   whose product is one convolution (each spatial axis convolved by at most one of them, and no bias crossing a
@@ -27,9 +28,9 @@ Four rewrites, each exact up to float rounding, made only where the model's data
 
 No rewrite touches a module that computes more than its torch class does (the rule of
 :func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), a container
-with hooks, or a layer whose parameters another module shares (tied weights): folding writes the layer's weight,
-which would change the other holder too, and replacing the layer would cut it off from that holder. Merged layers
-are stock torch layers, whatever subclass the factors are.
+with hooks, or a layer whose parameters another module shares (tied weights): folding or replacing the layer
+would cut it off from that holder. Folding gives the layer new parameters rather than writing the old ones, which
+other Parameters can view. Merged layers are stock torch layers, whatever subclass the factors are.
 
 With an example input the result is checked: its outputs on that input must equal the eval-mode model's
 (:data:`CHECK_TOLERANCE`); where they do not, it is made again without BatchNorm folding, then without any
@@ -52,6 +53,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
@@ -60,7 +62,7 @@ from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced
 from .factors import dense_weight, padding_per_axis
 from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
 from .timing import call_model, first_input, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
-from .verify import output_difference, seeded_output
+from .verify import output_difference, random_state_kept, seeded_output
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     reproduces the model in eval mode: a model passed in train mode is optimized as its eval-mode self. The input
     model is deep-copied first and left untouched, unless ``inplace=True``: then it is modified once the rewrites
     are chosen (a failure before leaves it as it was) and returned, unless it is itself replaced (a factorized
-    layer, for one).
+    layer, for one). The example input and torch's random state are left as they were, also for a model that
+    changes its input in place or draws noise.
 
     ``example_input`` (called as ``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping)
     is the input the model will be deployed on: each chain's candidate forms, the memory formats and, in
@@ -107,7 +110,7 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     if not inplace:
         model = deep_copy(model, "optimize_for_inference copies the model unless inplace=True",
                           "or pass inplace=True to optimize the model itself")
-    with evaluating(model):
+    with evaluating(model), random_state_kept(model):  # the model is called many times, and may draw noise
         plan = _plan(model, example_input, threads, progress)
     return _apply(model, plan)
 
@@ -133,6 +136,12 @@ class _Plan:
 def _plan(model: nn.Module, example_input: Any, threads: int | None, progress: bool) -> _Plan:
     """The rewrites of ``model`` (in eval mode) that its data flow allows; with an example input, the measured
     choices among them, checked on it."""
+    if example_input is None and (torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
+        log.warning("optimize_for_inference: no rewrite made: global module forward hooks are registered "
+                    "(torch.nn.modules.module.register_module_forward_hook), which run on every module call, so "
+                    "folding or merging changes what they see and return; without an example input that cannot be "
+                    "checked: pass one, or remove the hooks")
+        return _Plan()
     evidence = gather_evidence(model, example_input)
     folds = _folds(model, evidence)
     chains = _chains(model, evidence)
@@ -242,14 +251,14 @@ def folded_weights(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch
 @torch.no_grad()
 def fold_batchnorm(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
                    batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
-    """Folds ``batchnorm`` (eval mode, running statistics) into the layer that feeds it, in place; the layer
-    gains a bias if it had none. The caller removes the BatchNorm."""
+    """Folds ``batchnorm`` (eval mode, running statistics) into the layer that feeds it: the layer gets a new
+    weight and bias (it gains a bias if it had none), since a write into the old ones would also reach any other
+    Parameter over their memory (a view). The caller removes the BatchNorm."""
     weight, bias = folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm))
-    layer.weight.copy_(weight)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(bias.to(layer.weight), requires_grad=layer.weight.requires_grad)
-    else:
-        layer.bias.copy_(bias)
+    old_weight, old_bias = layer.weight, layer.bias
+    layer.weight = nn.Parameter(weight.to(old_weight), requires_grad=old_weight.requires_grad)
+    layer.bias = nn.Parameter(bias.to(old_weight), requires_grad=(old_weight if old_bias is None
+                                                                   else old_bias).requires_grad)
 
 
 def _folded_away(batchnorm: nn.Module) -> nn.Identity:
@@ -266,6 +275,18 @@ def _folded_away(batchnorm: nn.Module) -> nn.Identity:
 def _is_foldable_batchnorm(module: nn.Module) -> bool:
     return (is_stock(module, BATCHNORMS) and module.track_running_stats and module.running_mean is not None
             and module.running_var is not None)
+
+
+def _fits_dtype(like: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """True when ``tensors`` (None skipped) are finite in ``like``'s dtype (on the meta device: taken as true)."""
+    return like.is_meta or all(bool(t.to(like.dtype).isfinite().all()) for t in tensors if t is not None)
+
+
+def _fold_fits_dtype(layer: nn.Module, batchnorm: nn.Module) -> bool:
+    """True when the folded weight and bias are finite in the layer's dtype: a float16 weight times a large
+    BatchNorm scale can overflow where the model, which scales the layer's smaller output, does not (and the
+    check, in float32, would not see it)."""
+    return _fits_dtype(layer.weight, *folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm)))
 
 
 def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:
@@ -289,8 +310,9 @@ def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int,
 
 def _folds(model: nn.Module, evidence: Evidence) -> tuple[tuple[str, str], ...]:
     """The (layer, BatchNorm) paths where the BatchNorm folds: it reads only that layer's output, each runs once,
-    both are stock and hold no tensor another module shares. The pairs come from the traces (a pair in every one),
-    else from ``nn.Sequential`` containers; the pass on the example input, where there is one, must confirm each."""
+    both are stock and hold no tensor another module shares, and the folded weights fit the layer's dtype. The
+    pairs come from the traces (a pair in every one), else from ``nn.Sequential`` containers; the pass on the
+    example input, where there is one, must confirm each."""
     observed = evidence.observed
     if evidence.traces is not None:
         first, *others = (_traced_pairs(trace) for trace in evidence.traces)
@@ -303,7 +325,7 @@ def _folds(model: nn.Module, evidence: Evidence) -> tuple[tuple[str, str], ...]:
     return tuple((paths[id(layer)][0], paths[id(batchnorm)][0]) for layer, batchnorm in candidates
                  if _is_foldable_batchnorm(batchnorm) and is_stock(layer, LAYERS)
                  and not holds_shared(layer, shared) and not holds_shared(batchnorm, shared)
-                 and _channel_axis_fits(layer, batchnorm, shapes)
+                 and _channel_axis_fits(layer, batchnorm, shapes) and _fold_fits_dtype(layer, batchnorm)
                  and (observed is None or _pass_confirms_pair(observed, layer, batchnorm)))
 
 
@@ -473,9 +495,15 @@ def merge_layers(layers: Sequence[nn.Module], geometry: Geometry) -> nn.Module:
 
 
 def _build(layers: Sequence[nn.Module], split: Split) -> nn.Module:
-    """``layers`` run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged)."""
-    parts = [layers[start] if stop - start == 1 else
-             merge_layers(layers[start:stop], merged_geometry(layers[start:stop])) for start, stop in split]
+    """``layers`` run as ``split``: one layer, or an ``nn.Sequential`` of layers (new ones where merged). A run
+    whose merged weights are not finite in its dtype stays as it is: a float16 product can overflow where the
+    chain, which scales smaller values one factor at a time, does not (and the check, in float32, would not see
+    it)."""
+    parts: list[nn.Module] = []
+    for start, stop in split:
+        run = layers[start:stop]
+        merged = run[0] if len(run) == 1 else merge_layers(run, merged_geometry(run))
+        parts += [merged] if _fits_dtype(merged.weight, merged.weight, merged.bias) else run
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts).eval()
 
 
@@ -683,7 +711,7 @@ def memory_format_candidates(model: nn.Module, example_input: Any) -> list[nn.Mo
 def _runs(model: nn.Module, example_input: Any) -> bool:
     try:
         with torch.no_grad():
-            call_model(model, example_input)
+            call_model(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
     except Exception as exc:  # noqa: BLE001 - a form that does not run is no candidate, whatever the reason
         log.debug("optimize_for_inference: a channels_last form does not run on the example input (%s: %s)",
                   type(exc).__name__, exc)

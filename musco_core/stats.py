@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
 from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
-from .timing import first_input, tensors_in
+from .timing import call_model, first_input, tensors_in
 
 
 #: Torch's convolution and linear layers (transposed and lazy ones included): one that no adapter handles is
@@ -323,14 +323,11 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor._base is None else tensor._base
 
 
-def _call_model(model: nn.Module, example_input: Any) -> Any:
-    """``model`` on the example input; a ConfigError in one line when the model's forward raises."""
+def call_example(model: nn.Module, example_input: Any) -> Any:
+    """``model`` on the example input (:func:`~musco_core.timing.call_model`); a ConfigError in one line when the
+    model's forward raises."""
     try:
-        if isinstance(example_input, Mapping):  # keyword inputs, e.g. a tokenizer's output
-            return model(**example_input)
-        if isinstance(example_input, (tuple, list)):
-            return model(*example_input)
-        return model(example_input)
+        return call_model(model, example_input)
     except Exception as exc:  # the user's model or input: one clear line, the cause chained
         described, message = describe_input(example_input), str(exc).strip()
         first_line = message.splitlines()[0] if message else ""
@@ -350,7 +347,7 @@ def _run_example(model: nn.Module, modules: Mapping[str, nn.Module], example_inp
         model.eval()
         counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with torch.no_grad(), counter, _LayerWatch(model, modules) as watch:
-            result = _call_model(model, example_input)
+            result = call_example(model, example_input)
             returned = watch.output_layers(result)
     finally:
         for module, training in modes.items():

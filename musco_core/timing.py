@@ -119,17 +119,25 @@ def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_
     return [statistics.median(s) for s in samples]
 
 
-def time_modules(modules: Sequence[nn.Module], example_input: Any, **options: Any) -> list[float]:
-    """Median seconds of one forward pass of each module on ``example_input``, timed in alternation under
-    ``torch.no_grad`` (options as :func:`time_alternated`)."""
+def _forwards(modules: Sequence[nn.Module], example_input: Any, copied: bool) -> list[Callable[[], Any]]:
+    """A call of each module on ``example_input`` under ``torch.no_grad``; on a fresh copy of it each time where
+    ``copied``."""
 
     def forward(module: nn.Module) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad():
-                return call_model(module, example_input)
+                return call_model(module, map_tensors(example_input, torch.Tensor.clone) if copied else example_input)
         return run
 
-    return time_alternated([forward(m) for m in modules], **options)
+    return [forward(m) for m in modules]
+
+
+def time_modules(modules: Sequence[nn.Module], example_input: Any, **options: Any) -> list[float]:
+    """Median seconds of one forward pass of each module on ``example_input``, timed in alternation under
+    ``torch.no_grad`` (options as :func:`time_alternated`). Each call gets a fresh copy of the input (timed
+    alike for every module): a model may change its input in place, which would change the caller's tensor and,
+    call after call, what the next call gets."""
+    return time_alternated(_forwards(modules, example_input, copied=True), **options)
 
 
 def time_modules_at(modules: Sequence[nn.Module], input_shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
@@ -144,4 +152,4 @@ def time_modules_at(modules: Sequence[nn.Module], input_shape: Sequence[int], *,
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
         modules = [module.to(memory_format=torch.channels_last) for module in modules]
-    return time_modules(modules, x, device=device, **options)
+    return time_alternated(_forwards(modules, x, copied=False), device=device, **options)  # x is its own

@@ -30,7 +30,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -338,13 +339,21 @@ def _swap_problem(model: nn.Module, swaps: Mapping[str, tuple[nn.Module, nn.Modu
     return None
 
 
+@contextmanager
+def random_state_kept(model: nn.Module) -> Iterator[list[int]]:
+    """Runs the block with torch's random generators of the CPU and of the model's CUDA devices (their indices
+    given) put back as they were after it: calls of a model that draws randomness leave the caller's alone."""
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers())
+                   if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        yield cuda
+
+
 def seeded_output(model: nn.Module, example_input: Any) -> Any:
     """The model's output on a copy of ``example_input`` (a model may change its input in place), without grad and
     with torch's random generators of the model's devices seeded, the caller's random state restored after: two
     calls give the same output unless the model keeps state across calls or draws randomness elsewhere."""
-    cuda = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers())
-                   if t.device.type == "cuda"})
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+    with torch.no_grad(), random_state_kept(model) as cuda:
         torch.default_generator.manual_seed(0)
         for device in cuda:
             torch.cuda.default_generators[device].manual_seed(0)

@@ -18,6 +18,7 @@ from torch import nn
 
 from models import make_trained_like, resnet18
 from musco_core import Compressor, FactorizedLayer, optimize_for_inference
+from musco_core.errors import ConfigError
 import musco_core.inference
 from musco_core.inference import PointwiseConv2d, merge_layers, merged_geometry, pointwise_products
 from musco_core.timing import fixed_threads, tensors_in, time_alternated, time_modules_at
@@ -443,6 +444,31 @@ def test_untraceable_model_keeps_pairs_whose_conv_output_is_read_elsewhere():
         assert isinstance(optimized.block[1], nn.BatchNorm2d) and isinstance(optimized.features[1], nn.BatchNorm2d)
 
 
+class KeepsFeatures(nn.Module):
+    """Keeps the conv's output on the module for whoever reads it after the call (a feature extractor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 12)
+
+    def forward(self, x):
+        self.features = self.conv(x)
+        return self.bn(self.features)
+
+
+def test_a_conv_output_the_forward_keeps_on_the_model_is_not_folded(caplog):
+    # the trace shows the BatchNorm as the only reader: without an example input the pair folded, and
+    # model.features held the normalized tensor (3.6 relative off the conv's output)
+    caplog.set_level(logging.INFO, logger="musco_core.dataflow")
+    model, x = KeepsFeatures().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        for optimized in optimized_both_ways(model, x):
+            optimized(x)
+            assert isinstance(optimized.bn, nn.BatchNorm2d) and relative(optimized.features, model.features) < TOLERANCE
+    assert "keeps values on the model (features)" in caplog.text
+
+
 class OptionalSkip(nn.Module):
     """forward(x, skip=None): a trace gives ``skip`` a proxy, so ``skip is not None`` holds there; called without
     it, the model also returns the conv's output."""
@@ -512,6 +538,30 @@ def test_layers_sharing_a_parameter_with_another_module_are_left_alone():
         assert optimized.left.weight is optimized.right.weight
 
 
+class ViewTied(nn.Module):
+    """A Linear whose weight is another Parameter over the memory of the conv's weight (a view of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), with_trained_statistics(nn.BatchNorm2d(4), 11)
+        self.fc = nn.Linear(4, 4)
+        self.fc.weight = nn.Parameter(self.conv.weight.view(4, 4))
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_folding_in_place_leaves_a_parameter_over_the_same_memory_alone(example):
+    # the fold wrote the conv's weight in place, which rewrote the Linear's too: outputs off by 0.8 (relative);
+    # the check, on a deep copy (which does not share the memory), passed
+    model, x = ViewTied().eval(), torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        optimized = optimize_for_inference(model, x if example else None, inplace=True, progress=False)
+        assert isinstance(optimized.bn, nn.Identity) and relative(optimized(x), expected) < TOLERANCE
+
+
 class ParameterNorm(nn.Module):
     """Reads its conv's parameters through ``.parameters()`` in the forward (a trace sees a constant), and a
     non-tensor attribute of its BatchNorm."""
@@ -569,6 +619,57 @@ def test_batchnorm_without_running_statistics_and_a_layer_used_twice_are_left_al
     assert all(isinstance(m, nn.BatchNorm2d) for m in (optimized[1], optimized[3]))
 
 
+@pytest.mark.parametrize("example", [False, True])
+def test_a_fold_whose_weights_overflow_the_layers_dtype_is_left_out(example):
+    # the float16 conv weight 1.0 times the BatchNorm's scale 1000 / sqrt(1e-4 + 1e-5) = 95346 is inf in float16,
+    # while the model scales the conv's small output (343 at most here); the float32 check does not see it
+    conv, batchnorm = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        batchnorm.running_var.fill_(1e-4)
+        batchnorm.weight.fill_(1000.0)
+    model = nn.Sequential(conv, batchnorm).half().eval()
+    x = torch.full((1, 4, 6, 6), 1e-4).half()
+    with torch.no_grad():
+        expected = model(x)
+        optimized = optimize_for_inference(model, x if example else None, progress=False)
+        assert expected.isfinite().all() and relative(optimized(x).float(), expected.float()) < 1e-3
+    assert isinstance(optimized[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_merge_whose_weights_overflow_the_layers_dtype_is_left_out(example):
+    # the product of two float16 convs, 2 channels x 300 x 300 = 180000, is inf in float16, while the chain's own
+    # output is finite; the float32 check does not see it
+    chain = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 3, padding=1, bias=False))
+    with torch.no_grad():
+        chain[0].weight.fill_(300.0)
+        chain[1].weight.fill_(300.0)
+    model = nn.Sequential(chain).half().eval()
+    x = torch.full((1, 2, 6, 6), 1e-3).half()
+    with torch.no_grad():
+        expected = model(x)
+        optimized = optimize_for_inference(model, x if example else None, progress=False)
+        assert expected.isfinite().all() and relative(optimized(x).float(), expected.float()) < 1e-3
+    assert len(optimized[0]) == 2
+
+
+def test_global_module_hooks_without_an_example_input_leave_the_model_as_it_is(caplog):
+    # a global hook runs on every module call: folding took the BatchNorm's call away, outputs 0.49 off (relative)
+    model, x = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 13)), \
+        torch.randn(2, 4, 6, 6)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output + 1 if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else output)
+    try:
+        with torch.no_grad():
+            expected = model.eval()(x)
+            optimized = optimize_for_inference(model, progress=False)
+            assert relative(optimized(x), expected) < TOLERANCE
+    finally:
+        handle.remove()
+    assert isinstance(optimized[1], nn.BatchNorm2d) and "global module forward hooks" in caplog.text
+
+
 def test_input_model_is_untouched_unless_inplace():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
@@ -578,6 +679,30 @@ def test_input_model_is_untouched_unless_inplace():
     assert optimize_for_inference(model, inplace=True, progress=False) is model
     assert isinstance(model[1], nn.Identity) and not model.training
 
+
+
+class ScalesItsInput(nn.Module):
+    """Scales its input in place (as a forward that normalizes with ``x.mul_``): each call records the norm it got."""
+
+    seen: list[float] = []  # on the class, so that the copies optimize_for_inference makes record here too
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 9)
+
+    def forward(self, x):
+        ScalesItsInput.seen.append(float(x.norm()))
+        return self.bn(self.conv(x.mul_(0.5)))
+
+
+def test_every_call_on_the_example_input_gets_it_as_the_caller_passed_it():
+    # observing, timing and checking called the model on the caller's tensor itself: it came back scaled to 0
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    ScalesItsInput.seen.clear()
+    optimize_for_inference(ScalesItsInput(), x, progress=False)
+    assert torch.equal(x, before)
+    assert len(ScalesItsInput.seen) > 3 and set(ScalesItsInput.seen) == {float(before.norm())}
 
 # --- the measured path and deployment ----------------------------------------------------------------------------
 
@@ -692,10 +817,17 @@ def test_a_rewrite_that_changes_the_outputs_on_the_example_input_is_dropped_with
     assert "raises TypeError" in record.getMessage()  # a merged Sequential cannot be indexed
 
 
+def test_an_example_input_the_model_cannot_take_gets_one_clear_error():
+    # was the forward's raw RuntimeError, raised from inside the observing hooks
+    with pytest.raises(ConfigError, match=r"example input of float32 \(1, 4, 8, 8\): the model's forward raised "
+                                          r"RuntimeError: .*3 channels"):
+        optimize_for_inference(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 4, 8, 8), progress=False)
+
+
 def test_a_failure_leaves_the_model_as_it_was_also_in_place():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError):
         optimize_for_inference(model, torch.randn(2, 5, 8, 8), inplace=True, progress=False)  # 5 channels: no fit
     assert model.training and all(m.training for m in model.modules())
     assert isinstance(model[1], nn.BatchNorm2d) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -886,7 +1018,10 @@ class NoisyInEval(nn.Module):
         return self.bn(self.conv(x)) + torch.randn(1)
 
 
-def test_a_model_drawing_noise_in_eval_is_still_optimized(caplog):
+def test_a_model_drawing_noise_in_eval_is_still_optimized_and_the_callers_rng_is_left_alone(caplog):
     caplog.set_level(logging.WARNING, logger="musco_core.inference")
-    optimized = optimize_for_inference(NoisyInEval().eval(), torch.randn(2, 3, 8, 8), progress=False)
+    model, x = NoisyInEval().eval(), torch.randn(2, 3, 8, 8)
+    state = torch.get_rng_state()
+    optimized = optimize_for_inference(model, x, progress=False)
     assert isinstance(optimized.bn, nn.Identity) and not caplog.records
+    assert torch.equal(torch.get_rng_state(), state)  # the observing and timing calls drew from it
