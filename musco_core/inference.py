@@ -53,14 +53,14 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
 from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence,
                        holds_shared, is_stock, observe, shared_tensors, torch_class)
 from .factors import dense_weight, padding_per_axis
-from .surgery import FactorizedLayer, deep_copy, evaluating, module_paths, replace_module, standardize_model
+from .surgery import (FactorizedLayer, deep_copy, evaluating, global_hooks, module_paths, replace_module,
+                      standardize_model)
 from .timing import call_model, first_input, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
 from .verify import output_difference, random_state_kept, seeded_output
 
@@ -136,11 +136,10 @@ class _Plan:
 def _plan(model: nn.Module, example_input: Any, threads: int | None, progress: bool) -> _Plan:
     """The rewrites of ``model`` (in eval mode) that its data flow allows; with an example input, the measured
     choices among them, checked on it."""
-    if example_input is None and (torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks):
-        log.warning("optimize_for_inference: no rewrite made: global module forward hooks are registered "
-                    "(torch.nn.modules.module.register_module_forward_hook), which run on every module call, so "
-                    "folding or merging changes what they see and return; without an example input that cannot be "
-                    "checked: pass one, or remove the hooks")
+    if hooks := global_hooks():  # no module passes is_stock while they are registered
+        log.warning("optimize_for_inference: no rewrite made: hooks for every module are registered (%s); they run on "
+                    "every module call, so folding or merging would change what they see and return: remove them "
+                    "first", "; ".join(hooks))
         return _Plan()
     evidence = gather_evidence(model, example_input)
     folds = _folds(model, evidence)

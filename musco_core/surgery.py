@@ -197,12 +197,19 @@ _GLOBAL_HOOKS = (("register_module_forward_pre_hook", module_hooks._global_forwa
                  ("register_module_full_backward_hook", module_hooks._global_backward_hooks))
 
 
+def global_hooks() -> list[str]:
+    """The hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` and kin),
+    each named with the function that registered it: they run on every module call, so a rewrite that changes
+    which modules run (a factor chain for a layer, a fold, a merge) changes what they see and do."""
+    return [f"{_hook_name(hook)}, by torch.nn.modules.module.{register}"
+            for register, hooks in _GLOBAL_HOOKS for hook in hooks.values()]
+
+
 def _global_hook_problems() -> list[str]:
     """The hooks registered for every module, which would also run on each factor of a chain (a hook that scales
     every Linear's output would scale each Linear factor's, changing what the chain computes)."""
-    return [f"a hook for every module is registered ({_hook_name(hook)}, by torch.nn.modules.module.{register}), "
-            f"which would also run on each factor of its chain; remove it while compressing"
-            for register, hooks in _GLOBAL_HOOKS for hook in hooks.values()]
+    return [f"a hook for every module is registered ({hook}), which would also run on each factor of its chain; "
+            f"remove it while compressing" for hook in global_hooks()]
 
 
 def _parameter_problems(module: nn.Module) -> list[str]:

@@ -654,7 +654,8 @@ def test_a_merge_whose_weights_overflow_the_layers_dtype_is_left_out(example):
     assert len(optimized[0]) == 2
 
 
-def test_global_module_hooks_without_an_example_input_leave_the_model_as_it_is(caplog):
+@pytest.mark.parametrize("with_example", [False, True])
+def test_global_module_hooks_leave_the_model_as_it_is(caplog, with_example):
     # a global hook runs on every module call: folding took the BatchNorm's call away, outputs 0.49 off (relative)
     model, x = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), with_trained_statistics(nn.BatchNorm2d(4), 13)), \
         torch.randn(2, 4, 6, 6)
@@ -663,11 +664,11 @@ def test_global_module_hooks_without_an_example_input_leave_the_model_as_it_is(c
     try:
         with torch.no_grad():
             expected = model.eval()(x)
-            optimized = optimize_for_inference(model, progress=False)
+            optimized = optimize_for_inference(model, x if with_example else None, progress=False)
             assert relative(optimized(x), expected) < TOLERANCE
     finally:
         handle.remove()
-    assert isinstance(optimized[1], nn.BatchNorm2d) and "global module forward hooks" in caplog.text
+    assert isinstance(optimized[1], nn.BatchNorm2d) and "hooks for every module are registered" in caplog.text
 
 
 def test_input_model_is_untouched_unless_inplace():
