@@ -139,11 +139,11 @@ def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str
     return list(weights)
 
 
-def _given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | None]]:
-    """A copy of ``source`` for a decomposer, sharing no storage with the layer (its dense weight copied when first
-    asked), and a function that names the first of the copy's tensors that differs from ``source``'s, or None: a
-    decomposer that writes to its input changes neither the model nor the reference of the reported error, and is
-    caught."""
+def given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | None]]:
+    """A copy of ``source`` for a plugin (a decomposer or a rank selector), sharing no storage with the layer (its
+    dense weight copied when first asked), and a function that names the first of the copy's tensors that differs
+    from ``source``'s, or None: a plugin that writes to its input changes neither the model nor what is decomposed
+    after it nor the reference of the reported error, and is caught (see :func:`refuse_changed`)."""
     factors = None if source.factors is None else [
         attrs.evolve(f, weight=f.weight.clone(), bias=None if f.bias is None else f.bias.clone())
         for f in source.factors]
@@ -164,6 +164,14 @@ def _given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | 
                      or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
 
     return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats), changed
+
+
+def refuse_changed(changed: Callable[[], str | None], name: str, who: str, role: str) -> None:
+    """A CompressionError naming the layer and the plugin ``who`` (a ``role``) when ``changed`` (from
+    :func:`given_copy`) finds that it wrote to its copy of the layer's weights."""
+    if (what := changed()) is not None:
+        raise CompressionError(f"layer {name!r}: {who} changed {what} in place; a {role} must leave its input as it "
+                               f"is (the layer's weights, which the decomposition fits and the error is measured on)")
 
 
 def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:
@@ -228,11 +236,14 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     chooser = registry.rank_selectors.describe(selector.name)
     shortfall = None
     if ranks is None:
+        given = [given_copy(s) for s in group_sources]
         ranks = tuple(max(per_group) for per_group in zip(*(
             checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
-            for s in group_sources)))
+            for s, _ in given)))
         shortfall = next(filter(None, (selector.shortfall(decomposer, s, ranks, schedule.rank_params)
-                                       for s in group_sources)), None)
+                                       for s, _ in given)), None)
+        for _, changed in given:
+            refuse_changed(changed, name, chooser, "rank selector")
         if shortfall is not None and not isinstance(shortfall, str):
             raise CompressionError(f"layer {name!r}: {chooser} gave the shortfall {short_repr(shortfall)}; "
                                    f"expected None or a string")
@@ -269,11 +280,9 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     with torch.no_grad():
         per_group = []
         for group_source in group_sources:
-            given, changed = _given_copy(group_source)
+            given, changed = given_copy(group_source)
             weights = decomposer.decompose(given, ranks, params, seed=settings.seed)
-            if (what := changed()) is not None:
-                raise CompressionError(f"layer {name!r}: {maker} changed {what} in place; a decomposer must leave "
-                                       f"its input as it is (the layer's weights, the reference of the error)")
+            refuse_changed(changed, name, maker, "decomposer")
             per_group.append(_checked_factors(weights, group_layouts, name, maker))
         factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)
                    for layout, group_weights in zip(layouts, zip(*per_group), strict=True)]

@@ -24,8 +24,8 @@ from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
 from .components import Decomposer, InputStats, ModelTotals
-from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
-                     usable_decompositions)
+from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
+                     split_groups, usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
@@ -133,7 +133,9 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
                             f"halve at most {max(1, limit.bit_length())} times; lower nglobal_compress_iters")
             continue
         selector = registry.rank_selectors.get(layer.rank_selection)
-        reason = selector.check_layer(layer.rank_params, decomposer, group_sources[0], remaining)
+        given, changed = given_copy(group_sources[0])
+        reason = selector.check_layer(layer.rank_params, decomposer, given, remaining)
+        refuse_changed(changed, name, registry.rank_selectors.describe(selector.name), "rank selector")
         if reason:
             problems.append(f"{path}: {reason}")
     return problems
