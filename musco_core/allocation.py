@@ -270,7 +270,8 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
-    given = [[given_copy(source) for source in choice.sources] for choice in choices]
+    given = [[given_copy(source, settings.params_for(choice.decomposer)) for source in choice.sources]
+             for choice in choices]
     try:
         allocation = selector.allocate([attrs.evolve(choice, sources=tuple(copy for copy, _ in copies))
                                         for choice, copies in zip(choices, given)],

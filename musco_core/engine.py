@@ -139,9 +139,9 @@ def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str
     return list(weights)
 
 
-def given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | None]]:
-    """A copy of ``source`` for a plugin (a decomposer or a rank selector), sharing no storage with the layer (its
-    dense weight copied when first asked), and a function that names the first of the copy's tensors that differs
+def given_copy(source: WeightSource, params: object) -> tuple[WeightSource, Callable[[], str | None]]:
+    """A copy of ``source`` for a plugin (a decomposer or a rank selector), with the ``params`` the run decomposes
+    it with, sharing no storage with the layer (its dense weight copied when first asked), and a function that names the first of the copy's tensors that differs
     from ``source``'s, or None: a plugin that writes to its input changes neither the model nor what is decomposed
     after it nor the reference of the reported error, and is caught (see :func:`refuse_changed`)."""
     factors = None if source.factors is None else [
@@ -163,7 +163,8 @@ def given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | N
                      if (original.shape, original.dtype) != (copy.shape, copy.dtype)
                      or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
 
-    return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats), changed
+    return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats,
+                        params=params), changed
 
 
 def refuse_changed(changed: Callable[[], str | None], name: str, who: str, role: str) -> None:
@@ -235,8 +236,9 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     selector = registry.rank_selectors.get(schedule.rank_selection)
     chooser = registry.rank_selectors.describe(selector.name)
     shortfall = None
+    params = settings.params_for(decomposer)
     if ranks is None:
-        given = [given_copy(s) for s in group_sources]
+        given = [given_copy(s, params) for s in group_sources]
         ranks = tuple(max(per_group) for per_group in zip(*(
             checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
             for s, _ in given)))
@@ -275,12 +277,11 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
                                   seconds=time.perf_counter() - started)
 
-    params = settings.params_for(decomposer)
     maker = registry.decompositions.describe(decomposer.name)
     with torch.no_grad():
         per_group = []
         for group_source in group_sources:
-            given, changed = given_copy(group_source)
+            given, changed = given_copy(group_source, params)
             weights = decomposer.decompose(given, ranks, params, seed=settings.seed)
             refuse_changed(changed, name, maker, "decomposer")
             per_group.append(_checked_factors(weights, group_layouts, name, maker))

@@ -133,7 +133,7 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
                             f"halve at most {max(1, limit.bit_length())} times; lower nglobal_compress_iters")
             continue
         selector = registry.rank_selectors.get(layer.rank_selection)
-        given, changed = given_copy(group_sources[0])
+        given, changed = given_copy(group_sources[0], schedule.settings.params_for(decomposer))
         reason = selector.check_layer(layer.rank_params, decomposer, given, remaining)
         refuse_changed(changed, name, registry.rank_selectors.describe(selector.name), "rank selector")
         if reason:
