@@ -44,9 +44,11 @@ class LayerResult:
     note: str | None = None
 
     def kept(self, why: str) -> LayerResult:
-        """This result for the layer left as it is after all, ``why`` added to the note."""
-        return attrs.evolve(self, applied=False, params_after=self.params_before, macs_after=self.macs_before,
-                            relative_error=None, note="; ".join(filter(None, [self.note, f"kept as is: {why}"])))
+        """This result for the layer left as it is after all, ``why`` added to the note: no ranks (those refused
+        are not the layer's) and its counts as they were."""
+        return attrs.evolve(self, ranks=None, applied=False, params_after=self.params_before,
+                            macs_after=self.macs_before, relative_error=None,
+                            note="; ".join(filter(None, [self.note, f"kept as is: {why}"])))
 
 
 def read_layer(module: nn.Module, registry: Registry, name: str):
@@ -270,12 +272,11 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                          params_before, params_before, macs_before, macs_before, note=note)
 
     if not after.smaller_than(before) and not schedule.force:
-        reason = (f"kept as is: {schedule.decomposition} at ranks {ranks} would not be smaller "
+        reason = (f"{schedule.decomposition} at ranks {ranks} would not be smaller "
                   f"({params_after} vs {params_before} weights"
                   + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else ")"))
-        log.info("layer %r: %s", name, reason)
-        return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
-                                  seconds=time.perf_counter() - started)
+        log.info("layer %r: kept as is: %s", name, reason)
+        return None, attrs.evolve(result.kept(reason), seconds=time.perf_counter() - started)
 
     maker = registry.decompositions.describe(decomposer.name)
     with torch.no_grad():
