@@ -165,8 +165,9 @@ class Compressor:
 
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
-               registry: Registry | None = None, progress: bool = True, calibration_data: Any = None,
-               evaluate: Callable[[nn.Module], float | None] | None = None) -> Compressor:
+               model_stats: Any = None, registry: Registry | None = None, progress: bool = True,
+               calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None
+               ) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
@@ -174,7 +175,9 @@ class Compressor:
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
         compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
-        added to the run's.
+        added to the run's. A run that counted its MACs from ``model_stats`` without an example input needs the
+        same ``model_stats`` again (a run that counted MACs is not resumed without them, nor one that counted none
+        with them).
         """
         registry = registry or default_registry()
         model = unwrapped(model)
@@ -182,7 +185,7 @@ class Compressor:
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
-            stats = as_model_stats(None, restored, registry, example_input)
+            stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin)
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]

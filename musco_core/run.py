@@ -621,6 +621,15 @@ def check_resumable(model: nn.Module, state: RunState, registry: Registry, model
                             f"{result.ranks} does not fit the schedule ({'/'.join(layer.candidates)}, stage "
                             f"{stage[result.name]})")
         stage[result.name] += 1
+    counted = next((index for index, result in enumerate(state.history) if (result.macs_before is None) != (
+        getattr(model_stats.layers.get(result.name), "macs", None) is None)), None)
+    if counted is not None:
+        result = state.history[counted]
+        problems.append(
+            f"$.history[{counted}].macs_before: the run counted layer {result.name!r} at {result.macs_before} MACs "
+            f"and the statistics of the resume at {getattr(model_stats.layers.get(result.name), 'macs', None)}: "
+            f"the report and a budget would count MACs for some steps only; resume with the model_stats (or the "
+            f"example_input) the run began with")
     for name, allocation in state.allocated.items():
         layer = schedule.layers.get(name)
         if layer is None or registry.rank_selectors.get(layer.rank_selection).scope != "model":

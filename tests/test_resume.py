@@ -19,9 +19,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from musco_core import Compressor, ConfigError, MuscoError
+from musco_core import Compressor, ConfigError, ModelStats, MuscoError
 from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
                            unused_run_folder)
+from musco_core.registry import default_registry
 
 HERE = Path(__file__).parent
 
@@ -253,6 +254,29 @@ def test_a_run_without_an_example_input_resumes_without_one_and_counts_no_macs(t
     report = resumed.report()
     assert resumed.done and report.macs_before is None and report.macs_after is None
     assert [(row.macs_before, row.macs_after) for row in report.layers] == [(None, None), (None, None)]
+
+
+def test_a_run_that_counted_macs_from_model_stats_resumes_with_them_and_not_without(tmp_path):
+    # resumed without them, the run's MACs were lost: the report's totals went None and the next row had None
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+
+    stats = ModelStats.from_model(model(), default_registry(), torch.randn(4, 32))
+    schedule = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]} for name in "02"}
+    compressor = Compressor(model(), stats, schedule, progress=False)
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    with pytest.raises(ConfigError, match=r"step-0001/state.yaml: \$\.history\[0\]\.macs_before: the run counted "
+                                          r"layer '0' at 4096 MACs and the statistics of the resume at None: .* "
+                                          r"resume with the model_stats \(or the example_input\) the run began with"):
+        Compressor.resume(model(), tmp_path, progress=False)
+    resumed = Compressor.resume(model(), tmp_path, model_stats=stats, progress=False)
+    resumed.compression_step()
+    compressor.compression_step()
+    assert ([(row.macs_before, row.macs_after) for row in resumed.report().layers]
+            == [(row.macs_before, row.macs_after) for row in compressor.report().layers] == [(4096, 1024)] * 2)
+    assert (resumed.report().macs_before, resumed.report().macs_after) == (8192, 2048)
 
 
 def test_an_empty_state_file_is_one_clear_error(saved):
