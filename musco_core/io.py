@@ -64,8 +64,8 @@ from .report import CompressionReport
 from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
                        read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import (FactorizedLayer, carry_training_state, deep_copy, factor_mismatch, module_paths,
-                      replace_module, unwrapped)
+from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
+                      module_paths, replace_module, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -702,6 +702,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         carry_training_state(module, new)
         for path in paths[id(module)]:
             replace_module(model, path, new)
+    clear_broken_ties(model)
     wrong = [f"{key} is {shapes[stored]} in the file, {tuple(tensor.shape)} in the model"
              for key, tensor in model.state_dict().items()
              if (stored := key if key in shapes else renamed.get(key)) in shapes

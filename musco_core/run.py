@@ -33,7 +33,8 @@ from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, pla
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import TimedForm, profiler_for
-from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
+from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, module_paths, replace_module,
+                      tied_parameters)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if entry.new is not None:
             for path in paths[id(entry.module)]:
                 replace_module(model, path, entry.new)
+    clear_broken_ties(model)
     results = tuple(pending[name].result for name in names)  # in the plan's order, whatever order they ran in
     log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
              sum(r.applied for r in results), len(results))
