@@ -187,6 +187,8 @@ class Compressor:
             check_same_example(state, example_input, origin)
             stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin)
+        distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",
+                                  lambda: io.tidy_checkpoints(directory))
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, stats, check_calibration(restored, state.initial_schedule, registry, remaining,

@@ -775,11 +775,30 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     _fsync_dir(directory)
     write_text_atomic(directory / LATEST_FILE, name + "\n")
     _fsync_dir(directory)
-    for old in list(directory.iterdir()):
-        marker = read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
-        if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
-            _remove_state(old)
+    _remove_older_states(directory, target, state.run_id, overwrite)
     return target
+
+
+def _remove_older_states(directory: Path, keep: Path, run_id: str, overwrite: bool = False) -> None:
+    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but
+    ``keep``: only folders with musco-core's state marker, never anything else."""
+    for old in list(directory.iterdir()):
+        marker = read_marker(old) if old != keep and old.is_dir() and not old.is_symlink() else None
+        if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == run_id):
+            _remove_state(old)
+
+
+def tidy_checkpoints(directory: str | os.PathLike) -> None:
+    """Removes what a save killed before its end left in a checkpoint folder, once a resume has read its newest
+    state: the run's older states (a save removes them after ``LATEST`` names the new one, so a final save killed
+    in between left one for good) and staging folders of dead musco-core processes. A folder that cannot be
+    tidied (read-only, say) is left as it is, with a warning."""
+    step_dir, run_id = latest_state(directory)
+    try:
+        _remove_dead_staging(step_dir.parent)
+        _remove_older_states(step_dir.parent, step_dir, run_id)
+    except OSError as exc:
+        log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
 
 
 def _remove_state(folder: Path) -> None:

@@ -445,6 +445,34 @@ def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == [".musco-core", ".step-0002.tmp-4242", "LATEST", "step-0002"]
 
 
+def test_a_final_save_killed_before_it_removed_the_previous_state_is_tidied_by_the_resume(tmp_path):
+    """Killed after LATEST named the final state, before the older one was removed: no save comes after it, so that
+    state stayed for good; the resume, which reads the final state, removes it (the user's files stay)."""
+    script = (
+        "import os, signal, sys, torch\n"
+        "import musco_core.io as io\n"
+        "from musco_core import Compressor\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))\n"
+        "layers = {n: {'decomposition': 'svd', 'rank_selection': 'manual', 'manual_rank': [4]} for n in '02'}\n"
+        "c = Compressor(model, model_compr_kwargs=layers, progress=False)\n"
+        "c.compression_step()\n"
+        "c.save_state(sys.argv[1])\n"
+        "c.compression_step()\n"
+        "io._remove_state = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.save_state(sys.argv[1])\n")
+    folder = tmp_path / "ckpt"
+    process = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    (folder / "notes.txt").write_text("the user's")
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0002" and (folder / "step-0001").exists()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    assert Compressor.resume(model, folder, progress=False).done
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", "notes.txt", "step-0002"]
+    assert Compressor.resume(model, folder, progress=False).done
+
+
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
     """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
     (which holds the dead writer's pid); only musco-core's files in it go."""
