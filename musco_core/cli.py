@@ -110,11 +110,14 @@ def _one_line_usage_errors():
 
 def _friendly(command):
     """Turns every failure of a command into one line: exit code 2 for bad input (library errors, files, the
-    user's code), 1 for a bug in musco-core. With ``musco --debug`` the traceback is printed first."""
+    user's code), 1 for a bug in musco-core, 130 for Ctrl-C (click's own ``Aborted!`` would exit 1). With
+    ``musco --debug`` the traceback is printed first."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("") from None
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as exc:
@@ -674,7 +677,7 @@ class Interrupted(UsageProblem):
     exit_code = 130
 
     def format_message(self) -> str:
-        return f"interrupted; nothing partial was saved: {self.message}"
+        return "interrupted; nothing partial was saved" + (f": {self.message}" if self.message else "")
 
 
 @main.group(cls=MuscoGroup)

@@ -67,6 +67,23 @@ def run(*args):
     return CliRunner().invoke(main, list(map(str, args)))
 
 
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("where", "args"), [
+    ("musco_core.stats.ModelStats.from_model", ["config", "generate", "--model", "cli_factories:cnn", "--type", "vbmf"]),
+    ("musco_core.cli.read_yaml", ["config", "validate", "{tmp}/schedule.yaml"]),
+    ("musco_core.io.read_report", ["report", "{tmp}"]),
+])
+def test_ctrl_c_in_any_command_exits_130_as_compress_does(factories, monkeypatch, where, args):
+    # these used to end in click's "Aborted!" with exit code 1
+    (factories / "schedule.yaml").write_text("version: 1\n")
+    monkeypatch.setattr(where, interrupted)
+    result = run(*(arg.format(tmp=factories) for arg in args))
+    assert (result.exit_code, result.output) == (130, "musco: error: interrupted; nothing partial was saved\n")
+
+
 def test_generate_validate_compress_report(factories):
     schedule = factories / "schedule.yaml"
     result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "param_reduction",
