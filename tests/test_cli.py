@@ -177,6 +177,17 @@ def test_bad_arguments_give_one_line_and_exit_code_2(factories, args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(("factory", "size"), [("cnn", "512 MiB of float32"), ("cnn_float64", "1024 MiB of float64"),
+                                             ("cnn_bfloat16", "256 MiB of bfloat16")])
+def test_the_input_size_limit_is_told_in_the_dtype_the_input_gets(factories, factory, size):
+    # it said float32 whatever the model's dtype, which the example input takes
+    result = run("config", "generate", "--model", f"cli_factories:{factory}", "--type", "vbmf",
+                 "--input-shape", "1,4,65536,65536")
+    assert result.exit_code == 2
+    assert result.output == (f"musco: error: --input-shape '1,4,65536,65536': more than 134,217,728 elements "
+                             f"(MAX_EXAMPLE_ELEMENTS, {size})\n")
+
+
 @pytest.mark.parametrize("args", [[], ["config"]])
 def test_a_group_without_a_command_prints_its_help(args):
     result = run(*args)
