@@ -35,7 +35,7 @@ from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, 
 
 log = logging.getLogger("musco_core")
 
-#: Largest random example input (``--input-shape``): 2**27 values, 512 MiB in float32 (in the model's dtype, which it takes).
+#: Largest random example input (``--input-shape``): 2**27 values, 512 MiB in float32 (it takes the model's dtype).
 MAX_EXAMPLE_ELEMENTS = 2**27
 #: Most axes of the example input (a video batch has 5).
 MAX_EXAMPLE_AXES = 16

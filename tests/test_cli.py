@@ -72,7 +72,8 @@ def interrupted(*args, **kwargs):
 
 
 @pytest.mark.parametrize(("where", "args"), [
-    ("musco_core.stats.ModelStats.from_model", ["config", "generate", "--model", "cli_factories:cnn", "--type", "vbmf"]),
+    ("musco_core.stats.ModelStats.from_model",
+     ["config", "generate", "--model", "cli_factories:cnn", "--type", "vbmf"]),
     ("musco_core.cli.read_yaml", ["config", "validate", "{tmp}/schedule.yaml"]),
     ("musco_core.io.read_report", ["report", "{tmp}"]),
 ])
