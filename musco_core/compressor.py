@@ -148,10 +148,14 @@ class Compressor:
     def from_yaml(cls, model: nn.Module, path: str | os.PathLike, model_stats: Any = None, **kwargs: Any
                   ) -> Compressor:
         """A compressor for a YAML schedule file (see :mod:`musco_core.schedule`); every problem of the file, on
-        its own and against the model, is reported in one ConfigError naming the file."""
+        its own and against the model, is reported in one ConfigError naming the file. A file holding an original
+        ``{layer: settings}`` dict (no ``version``) is then taken as the constructor takes that dict: its layers in
+        model order, the run settings from the arguments."""
         registry = kwargs.pop("registry", None) or default_registry()
-        schedule = checked_schedule(model, read_yaml(path), str(path), registry)
-        return cls(model, model_stats, schedule, registry=registry, **kwargs)
+        data = read_yaml(path)
+        schedule = checked_schedule(model, data, str(path), registry)
+        original = isinstance(data, Mapping) and "version" not in data
+        return cls(model, model_stats, data if original else schedule, registry=registry, **kwargs)
 
     def save_state(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Saves what :meth:`resume` needs to continue after the current step in ``directory/step-NNNN``;
