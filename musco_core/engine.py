@@ -143,9 +143,10 @@ def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str
 
 def given_copy(source: WeightSource, params: object) -> tuple[WeightSource, Callable[[], str | None]]:
     """A copy of ``source`` for a plugin (a decomposer or a rank selector), with the ``params`` the run decomposes
-    it with, sharing no storage with the layer (its dense weight copied when first asked), and a function that names the first of the copy's tensors that differs
-    from ``source``'s, or None: a plugin that writes to its input changes neither the model nor what is decomposed
-    after it nor the reference of the reported error, and is caught (see :func:`refuse_changed`)."""
+    it with, sharing no storage with the layer (its dense weight copied when first asked), and a function that
+    names the first of the copy's tensors that differs from ``source``'s, or None: a plugin that writes to its
+    input changes neither the model nor what is decomposed after it nor the reference of the reported error, and
+    is caught (see :func:`refuse_changed`)."""
     factors = None if source.factors is None else [
         attrs.evolve(f, weight=f.weight.clone(), bias=None if f.bias is None else f.bias.clone())
         for f in source.factors]
