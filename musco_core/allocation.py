@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .calibration import forms_features
 from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .engine import LayerResult, checked_ranks, compress_layer, read_layer, split_groups, usable_decompositions
+from .engine import (LayerResult, checked_ranks, compress_layer, given_copy, read_layer, refuse_changed, split_groups,
+                     usable_decompositions)
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .factors import chain_cost, layer_layout, widen
@@ -269,9 +270,15 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
     params = settings.params_for(selector)
     device = choices[0].sources[0].stored_weight.device if choices else "cpu"
     rounding = RankRounding.of(settings.rank_multiple, device, selector.hardware_rounding, whole_model=True)
+    given = [[given_copy(source, settings.params_for(choice.decomposer)) for source in choice.sources]
+             for choice in choices]
     try:
-        allocation = selector.allocate(choices, totals, pass_index, settings.nglobal_compress_iters, params,
-                                       rounding)
+        allocation = selector.allocate([attrs.evolve(choice, sources=tuple(copy for copy, _ in copies))
+                                        for choice, copies in zip(choices, given)],
+                                       totals, pass_index, settings.nglobal_compress_iters, params, rounding)
+        for choice, copies in zip(choices, given):
+            for _, changed in copies:
+                refuse_changed(changed, choice.name, who, "rank selector")
     except Exception as exc:  # a plugin's bug as well as a refusal: the model was not touched
         reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
         raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "

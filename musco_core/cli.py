@@ -35,7 +35,7 @@ from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, 
 
 log = logging.getLogger("musco_core")
 
-#: Largest random example input (``--input-shape``): 2**27 float32 values, 512 MiB.
+#: Largest random example input (``--input-shape``): 2**27 values, 512 MiB in float32 (it takes the model's dtype).
 MAX_EXAMPLE_ELEMENTS = 2**27
 #: Most axes of the example input (a video batch has 5).
 MAX_EXAMPLE_AXES = 16
@@ -110,11 +110,14 @@ def _one_line_usage_errors():
 
 def _friendly(command):
     """Turns every failure of a command into one line: exit code 2 for bad input (library errors, files, the
-    user's code), 1 for a bug in musco-core. With ``musco --debug`` the traceback is printed first."""
+    user's code), 1 for a bug in musco-core, 130 for Ctrl-C (click's own ``Aborted!`` would exit 1). With
+    ``musco --debug`` the traceback is printed first."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("") from None
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as exc:
@@ -300,10 +303,12 @@ def _input_shape(text: str | None, model: nn.Module) -> torch.Tensor | None:
         raise UsageProblem(expected)
     if len(shape) > MAX_EXAMPLE_AXES:
         raise UsageProblem(f"--input-shape {short_repr(text)}: {len(shape)} axes, more than {MAX_EXAMPLE_AXES}")
-    if math.prod(min(size, MAX_EXAMPLE_ELEMENTS + 1) for size in shape) > MAX_EXAMPLE_ELEMENTS:
-        raise UsageProblem(f"--input-shape {short_repr(text)}: more than {MAX_EXAMPLE_ELEMENTS:,} elements "
-                           f"(MAX_EXAMPLE_ELEMENTS, {MAX_EXAMPLE_ELEMENTS * 4 // 2**20} MiB of float32)")
     like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if math.prod(min(size, MAX_EXAMPLE_ELEMENTS + 1) for size in shape) > MAX_EXAMPLE_ELEMENTS:
+        dtype = torch.float32 if like is None else like.dtype  # the example input's, as the model's
+        raise UsageProblem(f"--input-shape {short_repr(text)}: more than {MAX_EXAMPLE_ELEMENTS:,} elements "
+                           f"(MAX_EXAMPLE_ELEMENTS, {MAX_EXAMPLE_ELEMENTS * dtype.itemsize // 2**20} MiB of "
+                           f"{str(dtype).removeprefix('torch.')})")
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     return example if like is None else example.to(dtype=like.dtype, device=like.device)
 
@@ -674,7 +679,7 @@ class Interrupted(UsageProblem):
     exit_code = 130
 
     def format_message(self) -> str:
-        return f"interrupted; nothing partial was saved: {self.message}"
+        return "interrupted; nothing partial was saved" + (f": {self.message}" if self.message else "")
 
 
 @main.group(cls=MuscoGroup)

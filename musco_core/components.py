@@ -39,7 +39,10 @@ from .errors import UnsupportedLayerError
 #: the multiple up all round to it.
 #: 3.3 added, additively, :meth:`RankSelector.times_optimized` (latency plans for the deployed form).
 #: 3.4 added, additively, :meth:`RankSelector.counts_macs` (a target on MACs is refused without them, at once).
-PLUGIN_API_VERSION = (3, 5)
+#: 3.5 added, additively, :meth:`RankSelector.shortfall`.
+#: 3.6 added, additively, ``WeightSource.params``: the decomposition's ``Params`` of the run, so that the spectra a
+#: selector prices (:meth:`Decomposer.rank_matrices`, :meth:`Decomposer.output_errors`) are of the fit delivered.
+PLUGIN_API_VERSION = (3, 6)
 
 
 @attrs.frozen
@@ -255,6 +258,9 @@ class WeightSource:
     that computes it when first asked (the core passes one, as rebuilding it costs time and memory).
     ``input_stats`` holds the second moment of the layer's input features on the calibration data (see
     :mod:`musco_core.calibration`), for a decomposer that sets ``needs_input_stats``; it is None otherwise.
+    ``params`` are the decomposition's ``Params`` as the run decomposes with them, on the sources the core gives
+    plugins, so that :meth:`Decomposer.rank_matrices` and :meth:`Decomposer.output_errors` describe the fit
+    :meth:`Decomposer.decompose` delivers; None elsewhere (the decomposition's defaults apply).
     """
 
     spec: LayerSpec
@@ -262,6 +268,7 @@ class WeightSource:
     previous: str | None = None
     _dense: torch.Tensor | Callable[[], torch.Tensor] | None = attrs.field(default=None, alias="dense")
     input_stats: InputStats | None = None
+    params: Any = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -336,7 +343,8 @@ class Decomposer:
         return (r,) * len(self.rank_names)
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        """One matrix per rank whose singular spectrum tells that rank (used by vbmf)."""
+        """One matrix per rank whose singular spectrum tells that rank (used by vbmf), of the fit :meth:`decompose`
+        delivers with ``source.params``."""
         raise UnsupportedLayerError(f"{self.name} has no matrix unfoldings for spectrum-based rank selection")
 
     def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:

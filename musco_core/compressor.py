@@ -164,10 +164,14 @@ class Compressor:
     def from_yaml(cls, model: nn.Module, path: str | os.PathLike, model_stats: Any = None, **kwargs: Any
                   ) -> Compressor:
         """A compressor for a YAML schedule file (see :mod:`musco_core.schedule`); every problem of the file, on
-        its own and against the model, is reported in one ConfigError naming the file."""
+        its own and against the model, is reported in one ConfigError naming the file. A file holding an original
+        ``{layer: settings}`` dict (no ``version``) is then taken as the constructor takes that dict: its layers in
+        model order, the run settings from the arguments."""
         registry = kwargs.pop("registry", None) or default_registry()
-        schedule = checked_schedule(model, read_yaml(path), str(path), registry)
-        return cls(model, model_stats, schedule, registry=registry, **kwargs)
+        data = read_yaml(path)
+        schedule = checked_schedule(model, data, str(path), registry)
+        original = isinstance(data, Mapping) and "version" not in data
+        return cls(model, model_stats, data if original else schedule, registry=registry, **kwargs)
 
     def save_state(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Saves what :meth:`resume` needs to continue after the current step in ``directory/step-NNNN``;
@@ -181,8 +185,9 @@ class Compressor:
 
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
-               registry: Registry | None = None, progress: bool = True, calibration_data: Any = None,
-               evaluate: Callable[[nn.Module], float | None] | None = None) -> Compressor:
+               model_stats: Any = None, registry: Registry | None = None, progress: bool = True,
+               calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None
+               ) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
@@ -190,7 +195,9 @@ class Compressor:
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
         compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
-        added to the run's.
+        added to the run's. A run that counted its MACs from ``model_stats`` without an example input needs the
+        same ``model_stats`` again (a run that counted MACs is not resumed without them, nor one that counted none
+        with them).
         """
         registry = registry or default_registry()
         model = unwrapped(model)
@@ -199,8 +206,10 @@ class Compressor:
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
-            stats = as_model_stats(None, restored, registry, example_input)
+            stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin)
+        distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",
+                                  lambda: io.tidy_checkpoints(directory))
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, stats, check_calibration(restored, state.initial_schedule, registry, remaining,

@@ -44,9 +44,11 @@ class LayerResult:
     note: str | None = None
 
     def kept(self, why: str) -> LayerResult:
-        """This result for the layer left as it is after all, ``why`` added to the note."""
-        return attrs.evolve(self, applied=False, params_after=self.params_before, macs_after=self.macs_before,
-                            relative_error=None, note="; ".join(filter(None, [self.note, f"kept as is: {why}"])))
+        """This result for the layer left as it is after all, ``why`` added to the note: no ranks (those refused
+        are not the layer's) and its counts as they were."""
+        return attrs.evolve(self, ranks=None, applied=False, params_after=self.params_before,
+                            macs_after=self.macs_before, relative_error=None,
+                            note="; ".join(filter(None, [self.note, f"kept as is: {why}"])))
 
 
 def read_layer(module: nn.Module, registry: Registry, name: str):
@@ -139,11 +141,12 @@ def _checked_factors(weights: object, layouts: Sequence[FactorLayout], name: str
     return list(weights)
 
 
-def _given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | None]]:
-    """A copy of ``source`` for a decomposer, sharing no storage with the layer (its dense weight copied when first
-    asked), and a function that names the first of the copy's tensors that differs from ``source``'s, or None: a
-    decomposer that writes to its input changes neither the model nor the reference of the reported error, and is
-    caught."""
+def given_copy(source: WeightSource, params: object) -> tuple[WeightSource, Callable[[], str | None]]:
+    """A copy of ``source`` for a plugin (a decomposer or a rank selector), with the ``params`` the run decomposes
+    it with, sharing no storage with the layer (its dense weight copied when first asked), and a function that
+    names the first of the copy's tensors that differs from ``source``'s, or None: a plugin that writes to its
+    input changes neither the model nor what is decomposed after it nor the reference of the reported error, and
+    is caught (see :func:`refuse_changed`)."""
     factors = None if source.factors is None else [
         attrs.evolve(f, weight=f.weight.clone(), bias=None if f.bias is None else f.bias.clone())
         for f in source.factors]
@@ -163,7 +166,16 @@ def _given_copy(source: WeightSource) -> tuple[WeightSource, Callable[[], str | 
                      if (original.shape, original.dtype) != (copy.shape, copy.dtype)
                      or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
 
-    return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats), changed
+    return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats,
+                        params=params), changed
+
+
+def refuse_changed(changed: Callable[[], str | None], name: str, who: str, role: str) -> None:
+    """A CompressionError naming the layer and the plugin ``who`` (a ``role``) when ``changed`` (from
+    :func:`given_copy`) finds that it wrote to its copy of the layer's weights."""
+    if (what := changed()) is not None:
+        raise CompressionError(f"layer {name!r}: {who} changed {what} in place; a {role} must leave its input as it "
+                               f"is (the layer's weights, which the decomposition fits and the error is measured on)")
 
 
 def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:
@@ -227,12 +239,16 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     selector = registry.rank_selectors.get(schedule.rank_selection)
     chooser = registry.rank_selectors.describe(selector.name)
     shortfall = None
+    params = settings.params_for(decomposer)
     if ranks is None:
+        given = [given_copy(s, params) for s in group_sources]
         ranks = tuple(max(per_group) for per_group in zip(*(
             checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
-            for s in group_sources)))
+            for s, _ in given)))
         shortfall = next(filter(None, (selector.shortfall(decomposer, s, ranks, schedule.rank_params)
-                                       for s in group_sources)), None)
+                                       for s, _ in given)), None)
+        for _, changed in given:
+            refuse_changed(changed, name, chooser, "rank selector")
         if shortfall is not None and not isinstance(shortfall, str):
             raise CompressionError(f"layer {name!r}: {chooser} gave the shortfall {short_repr(shortfall)}; "
                                    f"expected None or a string")
@@ -257,23 +273,19 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
                          params_before, params_before, macs_before, macs_before, note=note)
 
     if not after.smaller_than(before) and not schedule.force:
-        reason = (f"kept as is: {schedule.decomposition} at ranks {ranks} would not be smaller "
+        reason = (f"{schedule.decomposition} at ranks {ranks} would not be smaller "
                   f"({params_after} vs {params_before} weights"
                   + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else ")"))
-        log.info("layer %r: %s", name, reason)
-        return None, attrs.evolve(result, note="; ".join(filter(None, [note, reason])),
-                                  seconds=time.perf_counter() - started)
+        log.info("layer %r: kept as is: %s", name, reason)
+        return None, attrs.evolve(result.kept(reason), seconds=time.perf_counter() - started)
 
-    params = settings.params_for(decomposer)
     maker = registry.decompositions.describe(decomposer.name)
     with torch.no_grad():
         per_group = []
         for group_source in group_sources:
-            given, changed = _given_copy(group_source)
+            given, changed = given_copy(group_source, params)
             weights = decomposer.decompose(given, ranks, params, seed=settings.seed)
-            if (what := changed()) is not None:
-                raise CompressionError(f"layer {name!r}: {maker} changed {what} in place; a decomposer must leave "
-                                       f"its input as it is (the layer's weights, the reference of the error)")
+            refuse_changed(changed, name, maker, "decomposer")
             per_group.append(_checked_factors(weights, group_layouts, name, maker))
         factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)
                    for layout, group_weights in zip(layouts, zip(*per_group), strict=True)]

@@ -61,11 +61,11 @@ from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, make_converter, plain_data,
-                       read_text_bounded, read_yaml, validation_problems, write_text_atomic)
+from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, fsync_dir, make_converter,
+                       plain_data, read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import (FactorizedLayer, carry_training_state, deep_copy, factor_mismatch, module_paths,
-                      replace_module, unwrapped)
+from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
+                      module_paths, replace_module, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, ov
                  marker["kind"], marker.get("run_id"))
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(folder, kind, run_id)
-    _fsync_dir(folder)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder)
+    fsync_dir(folder.parent)
     return folder
 
 
@@ -294,15 +294,6 @@ def _remove_dead_staging(folder: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
@@ -516,7 +507,7 @@ def _write_set(folder: Path, layers: Mapping[str, LayerRecord], write_weights: C
         names.append(REPORT)
     for name in names:
         _fsync_file(folder / name)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return names
 
 
@@ -538,7 +529,7 @@ def _finish_commit(directory: Path) -> None:
         for name in SET_FILES:  # the previous set's file the new set has none of (a report), never the user's
             if name not in files and _set_id_of(directory / name) is not None:
                 (directory / name).unlink()
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _remove_ours(staging)
     journal.unlink(missing_ok=True)
 
@@ -557,7 +548,7 @@ def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str
     try:
         files = write(staging)
         write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         _remove_ours(staging)
         raise
@@ -702,6 +693,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         carry_training_state(module, new)
         for path in paths[id(module)]:
             replace_module(model, path, new)
+    clear_broken_ties(model)
     wrong = [f"{key} is {shapes[stored]} in the file, {tuple(tensor.shape)} in the model"
              for key, tensor in model.state_dict().items()
              if (stored := key if key in shapes else renamed.get(key)) in shapes
@@ -765,20 +757,39 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
         write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
                                                                sort_keys=False, default_flow_style=None))
         _write_marker(staging, "state", state.run_id)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.replace(staging, target)
     except BaseException:
         if staging.exists():
             _remove_ours(staging)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     write_text_atomic(directory / LATEST_FILE, name + "\n")
-    _fsync_dir(directory)
-    for old in list(directory.iterdir()):
-        marker = read_marker(old) if old != target and old.is_dir() and not old.is_symlink() else None
-        if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == state.run_id):
-            _remove_state(old)
+    fsync_dir(directory)
+    _remove_older_states(directory, target, state.run_id, overwrite)
     return target
+
+
+def _remove_older_states(directory: Path, keep: Path, run_id: str, overwrite: bool = False) -> None:
+    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but
+    ``keep``: only folders with musco-core's state marker, never anything else."""
+    for old in list(directory.iterdir()):
+        marker = read_marker(old) if old != keep and old.is_dir() and not old.is_symlink() else None
+        if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == run_id):
+            _remove_state(old)
+
+
+def tidy_checkpoints(directory: str | os.PathLike) -> None:
+    """Removes what a save killed before its end left in a checkpoint folder, once a resume has read its newest
+    state: the run's older states (a save removes them after ``LATEST`` names the new one, so a final save killed
+    in between left one for good) and staging folders of dead musco-core processes. A folder that cannot be
+    tidied (read-only, say) is left as it is, with a warning."""
+    step_dir, run_id = latest_state(directory)
+    try:
+        _remove_dead_staging(step_dir.parent)
+        _remove_older_states(step_dir.parent, step_dir, run_id)
+    except OSError as exc:
+        log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
 
 
 def _remove_state(folder: Path) -> None:

@@ -24,8 +24,8 @@ from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
 from .components import Decomposer, InputStats, ModelTotals
-from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
-                     usable_decompositions)
+from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
+                     split_groups, usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
@@ -33,7 +33,8 @@ from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, pla
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import TimedForm, profiler_for
-from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
+from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, module_paths, replace_module,
+                      tied_parameters)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
                             f"halve at most {max(1, limit.bit_length())} times; lower nglobal_compress_iters")
             continue
         selector = registry.rank_selectors.get(layer.rank_selection)
-        reason = selector.check_layer(layer.rank_params, decomposer, group_sources[0], remaining)
+        given, changed = given_copy(group_sources[0], schedule.settings.params_for(decomposer))
+        reason = selector.check_layer(layer.rank_params, decomposer, given, remaining)
+        refuse_changed(changed, name, registry.rank_selectors.describe(selector.name), "rank selector")
         if reason:
             problems.append(f"{path}: {reason}")
     return problems
@@ -407,6 +410,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if entry.new is not None:
             for path in paths[id(entry.module)]:
                 replace_module(model, path, entry.new)
+    clear_broken_ties(model)
     results = tuple(pending[name].result for name in names)  # in the plan's order, whatever order they ran in
     log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
              sum(r.applied for r in results), len(results))
@@ -619,6 +623,15 @@ def check_resumable(model: nn.Module, state: RunState, registry: Registry, model
                             f"{result.ranks} does not fit the schedule ({'/'.join(layer.candidates)}, stage "
                             f"{stage[result.name]})")
         stage[result.name] += 1
+    counted = next((index for index, result in enumerate(state.history) if (result.macs_before is None) != (
+        getattr(model_stats.layers.get(result.name), "macs", None) is None)), None)
+    if counted is not None:
+        result = state.history[counted]
+        problems.append(
+            f"$.history[{counted}].macs_before: the run counted layer {result.name!r} at {result.macs_before} MACs "
+            f"and the statistics of the resume at {getattr(model_stats.layers.get(result.name), 'macs', None)}: "
+            f"the report and a budget would count MACs for some steps only; resume with the model_stats (or the "
+            f"example_input) the run began with")
     for name, allocation in state.allocated.items():
         layer = schedule.layers.get(name)
         if layer is None or registry.rank_selectors.get(layer.rank_selection).scope != "model":

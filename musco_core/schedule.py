@@ -21,6 +21,7 @@ Bad input raises one :class:`~musco_core.errors.ConfigError` that lists every pr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -795,12 +796,23 @@ def dump_schedule(schedule: ModelSchedule | Mapping[str, Any], path: str | os.Pa
         schedule = codec.structure(schedule, "schedule")
     data = codec.unstructure(schedule)
     write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Syncs the folder ``path``, so that a rename inside it survives a power loss."""
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` so that a crash, or a power loss, leaves either the old file or the new one, never
     half of one: the temporary file is synced before it is renamed over ``path`` (a caller that needs the rename
-    itself to survive a power loss syncs the folder after)."""
+    itself to survive a power loss syncs the folder after, with :func:`fsync_dir`)."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "w", encoding="utf-8") as handle:

@@ -114,6 +114,20 @@ def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[st
     return tied
 
 
+def clear_broken_ties(model: nn.Module) -> None:
+    """Sets ``config.tie_word_embeddings`` to False in each transformers model inside ``model`` whose output
+    embeddings are now a factorized layer (a tied output layer factorized with ``force: true``, which unties it).
+    Left True, the model's ``tie_weights()`` (also run by ``resize_token_embeddings``) hangs the embedding's matrix
+    on the factorized layer as a stray ``weight``, and a save then drops the embedding as that tensor's duplicate."""
+    for module in model.modules():
+        config, output_embeddings = getattr(module, "config", None), getattr(module, "get_output_embeddings", None)
+        if (getattr(config, "tie_word_embeddings", None) is True and callable(output_embeddings)
+                and isinstance(output_embeddings(), FactorizedLayer)):
+            config.tie_word_embeddings = False
+            log.info("%s: config.tie_word_embeddings set to False: its output embeddings are factorized, no longer "
+                     "tied to the input embeddings", type(module).__name__)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Puts ``new`` at the dotted path ``name`` (not the root)."""
     parent_name, _, child = name.rpartition(".")

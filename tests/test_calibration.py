@@ -19,6 +19,7 @@ from musco_core.io import load_compressed, save_compressed
 from musco_core.schedule import LayerSchedule, RunSettings
 from musco_plugins import factorize
 from musco_plugins.rank_selectors import ManualParams, VBMFParams
+from musco_plugins.whitened_svd import WhitenedSVDParams
 
 
 def spec_of(registry, module):
@@ -389,6 +390,32 @@ def test_vbmf_reads_the_whitened_spectrum(registry):
     plain, _ = compress(registry, layer, "svd", None, selection="vbmf")
     assert new.ranks[0] < plain.ranks[0]
 
+
+@pytest.mark.parametrize("damping", [1e-3, 0.1, 1.0])
+def test_rank_selection_prices_the_whitened_fit_that_is_delivered(registry, monkeypatch, damping):
+    # rank_matrices whitened with a ridge of 1e-6 whatever the run's damping (0.1 by default): on a 48x64 layer
+    # with graded inputs it priced rank 16 at 0.5% of the whitened energy for a fit that gives up 4.3%
+    selector = type(registry.rank_selectors.get("vbmf"))
+    spectra = []
+
+    def spying(self, decomposer, source, stage, params):
+        spectra.append(torch.linalg.svdvals(decomposer.rank_matrices(source)[0]))
+        return select(self, decomposer, source, stage, params)
+
+    select = selector.select
+    monkeypatch.setattr(selector, "select", spying)
+    layer = nn.Linear(64, 48).double()
+    x = torch.randn(2048, 64, dtype=torch.float64) * torch.logspace(0, -4, 64, dtype=torch.float64)
+    stats = stats_of(registry, layer, x)
+    settings = RunSettings(algo_kwargs={"whitened_svd": WhitenedSVDParams(damping=damping)})
+    new, result = compress_layer(layer, "layer", LayerSchedule("whitened_svd", "vbmf", VBMFParams(), 0, True),
+                                 settings, registry, input_stats=stats)
+    (spectrum,) = spectra
+    rank = result.ranks[0]
+    root = factorize.whitening_factor(stats.second_moment, damping)
+    weight, delivered = layer.weight.detach(), (new[1].weight @ new[0].weight).detach()
+    given_up = float(((weight - delivered) @ root).norm() ** 2 / (weight @ root).norm() ** 2)
+    assert given_up == pytest.approx(float((spectrum[rank:] ** 2).sum() / (spectrum ** 2).sum()), rel=1e-6)
 
 def test_grouped_conv_uses_each_groups_statistics(registry):
     """Each group's factors come from that group's block of the statistics: compare with per-group layers."""

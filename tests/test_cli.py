@@ -67,6 +67,24 @@ def run(*args):
     return CliRunner().invoke(main, list(map(str, args)))
 
 
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("where", "args"), [
+    ("musco_core.stats.ModelStats.from_model",
+     ["config", "generate", "--model", "cli_factories:cnn", "--type", "vbmf"]),
+    ("musco_core.cli.read_yaml", ["config", "validate", "{tmp}/schedule.yaml"]),
+    ("musco_core.io.read_report", ["report", "{tmp}"]),
+])
+def test_ctrl_c_in_any_command_exits_130_as_compress_does(factories, monkeypatch, where, args):
+    # these used to end in click's "Aborted!" with exit code 1
+    (factories / "schedule.yaml").write_text("version: 1\n")
+    monkeypatch.setattr(where, interrupted)
+    result = run(*(arg.format(tmp=factories) for arg in args))
+    assert (result.exit_code, result.output) == (130, "musco: error: interrupted; nothing partial was saved\n")
+
+
 def test_generate_validate_compress_report(factories):
     schedule = factories / "schedule.yaml"
     result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "param_reduction",
@@ -158,6 +176,17 @@ def test_bad_arguments_give_one_line_and_exit_code_2(factories, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("factory", "size"), [("cnn", "512 MiB of float32"), ("cnn_float64", "1024 MiB of float64"),
+                                             ("cnn_bfloat16", "256 MiB of bfloat16")])
+def test_the_input_size_limit_is_told_in_the_dtype_the_input_gets(factories, factory, size):
+    # it said float32 whatever the model's dtype, which the example input takes
+    result = run("config", "generate", "--model", f"cli_factories:{factory}", "--type", "vbmf",
+                 "--input-shape", "1,4,65536,65536")
+    assert result.exit_code == 2
+    assert result.output == (f"musco: error: --input-shape '1,4,65536,65536': more than 134,217,728 elements "
+                             f"(MAX_EXAMPLE_ELEMENTS, {size})\n")
 
 
 @pytest.mark.parametrize("args", [[], ["config"]])

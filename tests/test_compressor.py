@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import threading
 import warnings
 
@@ -269,6 +270,18 @@ def test_an_original_dict_is_compressed_in_model_order_a_full_schedule_in_its_ow
     assert compressor.state.steps == (("2",), ("4",), ("7",), ("2",), ("4",), ("7",))
     compressor = Compressor(small_cnn(), None, {"version": 1, "layers": reverse}, registry=registry, progress=False)
     assert compressor.lnames == ["7", "4", "2"]
+
+
+def test_an_original_dict_in_a_yaml_file_is_taken_as_the_constructor_takes_it(tmp_path, registry):
+    # from_yaml kept the file's order (7, 4, 2) and refused ft_every= beside it, as for a versioned schedule
+    path = tmp_path / "original.yaml"
+    path.write_text(yaml.safe_dump(dict(reversed(SMALL_CONFIG.items())), sort_keys=False))
+    compressor = Compressor.from_yaml(small_cnn(), path, ft_every=None, registry=registry, progress=False)
+    assert compressor.lnames == ["2", "4", "7"] and compressor.state.steps == (("2", "4", "7"),)
+    path.write_text(yaml.safe_dump({"7": {**SMALL_CONFIG["7"], "rank_selection": "nope"}}))
+    bad = rf"^{re.escape(str(path))}: \$\.layers\[\"7\"\]\.rank_selection: expected one of"
+    with pytest.raises(ConfigError, match=bad):
+        Compressor.from_yaml(small_cnn(), path, registry=registry)
 
 
 def test_ft_every_none_compresses_every_layer_in_one_step(registry):

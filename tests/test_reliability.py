@@ -1,6 +1,7 @@
 """Nothing lost: resume after a kill, determinism, and odd models handled with a clear error or a logged skip."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def test_non_finite_weights_are_a_clear_error_that_changes_nothing(registry, bad
     with pytest.raises(CompressionError, match=r"layer '0'.*non-finite"):
         compressor.compression_step()
     assert type(compressor.compressed_model[0]) is nn.Conv2d
+
+
+def test_a_layer_that_would_not_get_smaller_is_reported_at_its_dense_form(registry):
+    # the report's row used to carry the refused ranks ([12], in JSON too) as if the layer had them
+    compressor = Compressor(small(nn.Linear(16, 16)), model_compr_kwargs={
+        "0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [12]}}, registry=registry)
+    (result,) = compressor.compression_step()
+    row = json.loads(compressor.report().to_json())["layers"][0]
+    assert (row["applied"], row["ranks"], row["params_after"], row["relative_error"]) == (False, None, 256, None)
+    assert result.ranks is None and compressor.ranks == {"0": None}
+    assert "svd at ranks (12,) would not be smaller (384 vs 256 weights" in result.note
 
 
 def test_zero_weights_are_kept_with_a_reason(registry):

@@ -19,9 +19,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from musco_core import Compressor, ConfigError, MuscoError
+from musco_core import Compressor, ConfigError, ModelStats, MuscoError
 from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
                            unused_run_folder)
+from musco_core.registry import default_registry
 
 HERE = Path(__file__).parent
 
@@ -255,6 +256,29 @@ def test_a_run_without_an_example_input_resumes_without_one_and_counts_no_macs(t
     assert [(row.macs_before, row.macs_after) for row in report.layers] == [(None, None), (None, None)]
 
 
+def test_a_run_that_counted_macs_from_model_stats_resumes_with_them_and_not_without(tmp_path):
+    # resumed without them, the run's MACs were lost: the report's totals went None and the next row had None
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+
+    stats = ModelStats.from_model(model(), default_registry(), torch.randn(4, 32))
+    schedule = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]} for name in "02"}
+    compressor = Compressor(model(), stats, schedule, progress=False)
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    with pytest.raises(ConfigError, match=r"step-0001/state.yaml: \$\.history\[0\]\.macs_before: the run counted "
+                                          r"layer '0' at 4096 MACs and the statistics of the resume at None: .* "
+                                          r"resume with the model_stats \(or the example_input\) the run began with"):
+        Compressor.resume(model(), tmp_path, progress=False)
+    resumed = Compressor.resume(model(), tmp_path, model_stats=stats, progress=False)
+    resumed.compression_step()
+    compressor.compression_step()
+    assert ([(row.macs_before, row.macs_after) for row in resumed.report().layers]
+            == [(row.macs_before, row.macs_after) for row in compressor.report().layers] == [(4096, 1024)] * 2)
+    assert (resumed.report().macs_before, resumed.report().macs_after) == (8192, 2048)
+
+
 def test_an_empty_state_file_is_one_clear_error(saved):
     (saved / "step-0002" / STATE_FILE).write_text("")
     with pytest.raises(ConfigError, match=r"step-0002/state.yaml: the file is empty; expected a musco-core run state$"):
@@ -419,6 +443,34 @@ def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_pa
     assert not staging[0].exists()
     assert foreign.exists()
     assert sorted(p.name for p in folder.iterdir()) == [".musco-core", ".step-0002.tmp-4242", "LATEST", "step-0002"]
+
+
+def test_a_final_save_killed_before_it_removed_the_previous_state_is_tidied_by_the_resume(tmp_path):
+    """Killed after LATEST named the final state, before the older one was removed: no save comes after it, so that
+    state stayed for good; the resume, which reads the final state, removes it (the user's files stay)."""
+    script = (
+        "import os, signal, sys, torch\n"
+        "import musco_core.io as io\n"
+        "from musco_core import Compressor\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))\n"
+        "layers = {n: {'decomposition': 'svd', 'rank_selection': 'manual', 'manual_rank': [4]} for n in '02'}\n"
+        "c = Compressor(model, model_compr_kwargs=layers, progress=False)\n"
+        "c.compression_step()\n"
+        "c.save_state(sys.argv[1])\n"
+        "c.compression_step()\n"
+        "io._remove_state = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.save_state(sys.argv[1])\n")
+    folder = tmp_path / "ckpt"
+    process = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    (folder / "notes.txt").write_text("the user's")
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0002" and (folder / "step-0001").exists()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    assert Compressor.resume(model, folder, progress=False).done
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", "notes.txt", "step-0002"]
+    assert Compressor.resume(model, folder, progress=False).done
 
 
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):

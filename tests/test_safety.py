@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from musco_core import Compressor, ConfigError, ModelStats, hookimpl
-from musco_core.components import FactorLayout, RankSelector
+from musco_core.components import Allocation, FactorLayout, RankSelector
 from musco_core.config import generate_model_compr_kwargs
 from musco_core.errors import CompressionError, PluginError
 from musco_core.plugins import make_plugin_manager
@@ -789,6 +789,61 @@ def test_whole_model_ranks_are_checked_like_a_selectors(registry):
                                                r"\(0,\); svd takes 1 rank"):
         compress_layer(nn.Linear(16, 24), "0", layer, settings, registry, ranks=(0,))
     assert compress_layer(nn.Linear(16, 24), "0", layer, settings, registry, ranks=(np.int64(4),))[1].ranks == (4,)
+
+
+class WritingSelector(RankSelector):
+    """Writes to the weights it is given (the layer's own storage when not protected) in the method ``writes``."""
+
+    name = "writing"
+    writes = "select"
+
+    def write(self, source, method):
+        if method == self.writes:
+            (source.factors[0].weight if source.factors else source.weight).mul_(2.0)
+
+    def check_layer(self, params, decomposer, source, stages):
+        self.write(source, "check_layer")
+
+    def select(self, decomposer, source, stage, params):
+        self.write(source, "select")
+        return (2,)
+
+    def shortfall(self, decomposer, source, ranks, params):
+        self.write(source, "shortfall")
+
+
+class WritingBudget(WritingSelector):
+    name = "writing_budget"
+    scope = "model"
+    writes = "allocate"
+
+    def allocate(self, layers, totals, pass_index, n_passes, params, rounding=None):
+        for layer in layers:
+            self.write(layer.sources[0], "allocate")
+        return Allocation({layer.name: (2,) for layer in layers}, "params", 2.0, 2.0)
+
+
+@pytest.mark.parametrize(("selection", "writes"), [("writing", "select"), ("writing", "shortfall"),
+                                                   ("writing", "check_layer"), ("writing_budget", "allocate")])
+@pytest.mark.parametrize("layer", [nn.Linear(16, 16), nn.Conv2d(16, 16, 1, groups=2)])
+def test_a_rank_selector_that_changes_its_input_is_refused_and_the_model_kept(monkeypatch, layer, selection,
+                                                                               writes):
+    # a selector's source used to share the layer's storage: one that normalized it in place had the layer
+    # decomposed from the changed weights (a rank-2 chain of a doubled weight: 1.24x the layer's norm), unnoticed
+    monkeypatch.setattr(WritingSelector, "writes", writes)
+    registry = registry_with(("writing_plugin", plugin(musco_register_rank_selectors=[WritingSelector,
+                                                                                      WritingBudget])))
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 16) if isinstance(layer, nn.Linear) else torch.randn(1, 16, 5, 5)
+    before = snapshot(model)
+    message = (rf"layer '0': rank selector '{selection}' of plugin 'writing_plugin' changed "
+               rf"source.(weight|factors\[0\].weight) in place; a rank selector must leave its input as it is")
+    with pytest.raises(CompressionError, match=message):
+        compressor = Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": selection}},
+                                example_input=x, inplace=True, progress=False, registry=registry)
+        compressor.compression_step()
+    assert_unchanged(model, before)
+
 
 
 # --------------------------------------------------------------------------------------------------------------

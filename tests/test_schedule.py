@@ -3,6 +3,7 @@
 import copy
 import os
 import re
+import stat
 
 import pytest
 import yaml
@@ -89,6 +90,16 @@ def test_yaml_round_trip(tmp_path, codec, registry):
     again = tmp_path / "again.yaml"
     dump_schedule(loaded, again, registry)
     assert again.read_text(encoding="utf-8") == text
+
+
+def test_dump_schedule_syncs_the_folder_after_the_rename(tmp_path, monkeypatch, registry):
+    """The rename of the file into place survives a power loss only once its folder is synced (it was not)."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        ("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", "file")), replace(src, dst))[1])
+    dump_schedule({"0": {"decomposition": "svd", "rank_selection": "vbmf"}}, tmp_path / "schedule.yaml", registry)
+    assert events == [("fsync", "file"), ("replace", "file"), ("fsync", "folder")]
 
 
 def test_a_document_or_plain_dict_is_checked_then_written_as_its_schedule(tmp_path, codec, registry):

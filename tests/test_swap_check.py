@@ -108,6 +108,7 @@ def test_a_layer_used_other_than_by_calling_it_is_kept_with_the_reason(model_typ
     result = {r.name: r for r in compressor.history}
     assert not result[kept].applied and reason in result[kept].note
     assert result[kept].params_after == result[kept].params_before and result[kept].relative_error is None
+    assert result[kept].ranks is None  # the refused ranks used to stay, as if the layer had them
     assert result[compressed].applied
     out = compressor.compressed_model
     assert type(out.get_submodule(kept)) is nn.Linear and isinstance(out.get_submodule(compressed), FactorizedLayer)

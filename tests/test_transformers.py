@@ -180,6 +180,24 @@ def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
     assert torch.equal(loaded.generate(prompt, **greedy), untied.generate(prompt, **greedy))
 
 
+def test_a_forced_untie_clears_the_tie_flag_so_tie_weights_does_not_hang_the_embedding_on_the_factors(tmp_path):
+    # config.tie_word_embeddings stayed True: tie_weights() (resize_token_embeddings runs it too) then set
+    # lm_head.weight = wte.weight on the factorized layer, and the saved set lost transformer.wte.weight
+    model = tiny_gpt2(head=True)
+    forced = compress(model, ["lm_head"], model_compr_kwargs=schedule(["lm_head"], rank_selection="manual",
+                                                                       manual_rank=[8], force=True))
+    untied = forced.compressed_model.eval()
+    assert untied.config.tie_word_embeddings is False and model.config.tie_word_embeddings is True
+    untied.tie_weights()
+    assert [key for key in untied.state_dict() if key.startswith("lm_head")] == ["lm_head.0.weight", "lm_head.1.weight"]
+    save_compressed(forced, tmp_path)
+    loaded = load_compressed(GPT2LMHeadModel(model.config).eval(), tmp_path)  # built tied, as from the original
+    assert loaded.config.tie_word_embeddings is False
+    loaded.tie_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**tokens()).logits, untied(**tokens()).logits, rtol=0, atol=0)
+
+
 def test_whitened_svd_calibrates_on_tokenizer_style_batches():
     model = tiny_bert()
     names = weight_layers(model)[:6]  # the first encoder layer

@@ -95,9 +95,10 @@ class WhitenedSVD(Decomposer):
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
         """The whitened target (``W S``, see :func:`factorize.whitened_target`, times ``R^T`` with an output moment);
-        once factorized at rank ``r``, an ``r x r`` core with its singular values."""
+        once factorized at rank ``r``, an ``r x r`` core with its singular values. ``S`` has the ridge
+        ``source.params.damping``, as :meth:`decompose` fits with: the spectrum is that of the fit delivered."""
         second_moment = self._second_moment(source)
-        root = factorize.whitening_factor(second_moment)
+        root = factorize.whitening_factor(second_moment, (source.params or WhitenedSVDParams()).damping)
         stats = source.input_stats
         output_root = (None if stats.output_moment is None else
                        factorize.whitening_factor(stats.output_moment, OUTPUT_DAMPING))
