@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from .stats import call_example
 from .surgery import why_not_replaceable
-from .timing import call_arguments, first_input, map_tensors, tensors_in
+from .timing import call_arguments, first_input, fresh_copy, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def observe(model: nn.Module, example_input: Any) -> ObservedPass:
                               module.register_forward_hook(observed.after))]
     try:
         with torch.no_grad(), observed:
-            call_example(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
+            call_example(model, fresh_copy(example_input))
     finally:
         for handle in handles:
             handle.remove()

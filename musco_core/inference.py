@@ -61,7 +61,8 @@ from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced
 from .factors import dense_weight, padding_per_axis
 from .surgery import (FactorizedLayer, deep_copy, evaluating, global_hooks, module_paths, replace_module,
                       standardize_model)
-from .timing import call_model, first_input, fixed_threads, map_tensors, tensors_in, time_modules, time_modules_at
+from .timing import (call_model, first_input, fixed_threads, fresh_copy, map_tensors, tensors_in, time_modules,
+                     time_modules_at)
 from .verify import output_difference, random_state_kept, seeded_output
 
 log = logging.getLogger(__name__)
@@ -710,7 +711,7 @@ def memory_format_candidates(model: nn.Module, example_input: Any) -> list[nn.Mo
 def _runs(model: nn.Module, example_input: Any) -> bool:
     try:
         with torch.no_grad():
-            call_model(model, map_tensors(example_input, torch.Tensor.clone))  # it may change its input in place
+            call_model(model, fresh_copy(example_input))
     except Exception as exc:  # noqa: BLE001 - a form that does not run is no candidate, whatever the reason
         log.debug("optimize_for_inference: a channels_last form does not run on the example input (%s: %s)",
                   type(exc).__name__, exc)

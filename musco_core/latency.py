@@ -45,7 +45,7 @@ from .factors import layer_layout
 from .inference import memory_format_candidates, optimize_for_inference
 from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
-from .timing import call_model, time_alternated, time_modules_at
+from .timing import call_model, fresh_copy, time_alternated, time_modules_at
 
 try:
     import fcntl
@@ -382,7 +382,7 @@ class TimedForm:
     def _in_place(self, swaps: Mapping[str, nn.Module]) -> Callable[[], Any]:
         def call() -> Any:
             with swapped(self.model, swaps):
-                return call_model(self.model, self.example_input)
+                return call_model(self.model, fresh_copy(self.example_input))
         return call
 
     def _stubbed(self, deployed: nn.Module, stubs: Mapping[str, nn.Module]) -> Callable[[], Any]:
@@ -390,7 +390,7 @@ class TimedForm:
 
         def call() -> Any:
             with swapped(deployed, present):
-                return call_model(deployed, self.example_input)
+                return call_model(deployed, fresh_copy(self.example_input))
         return call
 
 

@@ -56,6 +56,12 @@ def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) ->
     return value
 
 
+def fresh_copy(example_input: Any) -> Any:
+    """``example_input`` with each tensor cloned, for one call of a model: a forward that changes its input in place
+    (``x.mul_(0.5)``) would otherwise change the caller's tensor and, call after call, what the next call gets."""
+    return map_tensors(example_input, torch.Tensor.clone)
+
+
 def tensors_in(value: Any) -> list[torch.Tensor]:
     """The tensors in a model's input or output: a tensor, or tensors nested in tuples, lists and mappings (a
     Hugging Face ``ModelOutput``), in order."""
@@ -126,7 +132,7 @@ def _forwards(modules: Sequence[nn.Module], example_input: Any, copied: bool) ->
     def forward(module: nn.Module) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad():
-                return call_model(module, map_tensors(example_input, torch.Tensor.clone) if copied else example_input)
+                return call_model(module, fresh_copy(example_input) if copied else example_input)
         return run
 
     return [forward(m) for m in modules]

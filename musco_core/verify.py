@@ -42,7 +42,7 @@ from .components import Decomposer, Factor, FactorLayout, InputStats, LayerAdapt
 from .errors import CompressionError, ConfigError, one_line
 from .factors import layer_layout
 from .surgery import FactorizedLayer, evaluating, swapped
-from .timing import call_model, map_tensors, tensors_in
+from .timing import call_model, fresh_copy, tensors_in
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def seeded_output(model: nn.Module, example_input: Any) -> Any:
         torch.default_generator.manual_seed(0)
         for device in cuda:
             torch.cuda.default_generators[device].manual_seed(0)
-        return call_model(model, map_tensors(example_input, torch.Tensor.clone))
+        return call_model(model, fresh_copy(example_input))
 
 
 def output_difference(expected: Any, got: Any, tolerance: float) -> str | None:

@@ -442,3 +442,27 @@ def test_layers_called_by_keyword_are_stubbed_and_priced_like_positional_calls(r
         run.compression_step()
         plans.append((list(run.ranks.values()), run.budgets[0].planned))
     assert plans[0] == plans[1]
+
+
+class CallingTimer(Timer):
+    """Calls each whole-model call three times instead of timing it."""
+
+    def calls(self, calls, device):
+        return [float(sum(call() is not None for _ in range(3))) for call in calls]
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_whole_model_timings_leave_the_example_input_as_the_caller_passed_it(optimized, tmp_path):
+    class HalvesItsInput(nn.Module):  # a forward that changes its input in place: timings compounded it to 0
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.mul_(0.5))
+
+    model, x = HalvesItsInput().eval(), torch.ones(2, 4)
+    profiler = LatencyProfiler(None, model.fc.weight, timer=CallingTimer(),
+                               cache=LatencyCache(tmp_path / "cache.json"))
+    latency.TimedForm(model, x, optimized).seconds(profiler, [{}])
+    assert torch.equal(x, torch.ones(2, 4))
