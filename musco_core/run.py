@@ -23,17 +23,19 @@ from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
-from .components import Decomposer, InputStats, ModelTotals
+from .components import Cost, Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, read_layer, split_groups,
                      usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
+from .factors import chain_cost
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import TimedForm, profiler_for
-from .surgery import FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters
+from .surgery import (FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters,
+                      unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -263,17 +265,39 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
     return state
 
 
+def layer_costs(model: nn.Module, state: RunState, model_stats: ModelStats) -> dict[str, tuple[Cost, Cost]]:
+    """Each layer of the statistics and of the schedule: its parameters (bias included) and MACs on the example
+    input (None when unknown) when the run began and now. For a layer the run compressed, its first row's before
+    and its last row's after; for any other, as it is in ``model`` (one factorized before the run began, in a model
+    compressed earlier, counts as its factors, not as the layer they replaced, which is how the statistics see it)."""
+    first: dict[str, LayerResult] = {}
+    last: dict[str, LayerResult] = {}
+    for result in state.history:
+        first.setdefault(result.name, result)
+        last[result.name] = result
+    costs: dict[str, tuple[Cost, Cost]] = {}
+    for name in dict.fromkeys([*model_stats.layers, *state.layer_names, *last]):
+        module = model.get_submodule(name)
+        params = count_params(module)
+        if name in last:  # the rows count weights; the bias is the same before and after
+            costs[name] = (Cost(params - last[name].params_after + first[name].params_before, first[name].macs_before),
+                           Cost(params, last[name].macs_after))
+            continue
+        stats = model_stats.layers.get(name)
+        now = Cost(params, None if stats is None else chain_cost(module.spec, module.layouts, stats.input_calls).macs
+                   if isinstance(module, FactorizedLayer) else stats.macs)
+        costs[name] = (now, now)
+    return costs
+
+
 def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> CompressionReport:
-    """What the run did so far: one row per layer compression, and the model's totals now."""
-    macs_before = model_stats.total_macs
-    macs_after = None
-    if macs_before is not None:
-        current = {s.name: s.macs for s in model_stats.layers.values()}
-        current.update({r.name: r.macs_after for r in state.history})
-        if None in current.values():  # a compressed layer the statistics do not count: totals unknown
-            macs_before = None
-        else:
-            macs_after = sum(current.values())
+    """What the run did so far: one row per layer compression, and the model's totals now (MACs: those of
+    :func:`layer_costs`, as the run began and now). ``model`` may be wrapped for fine-tuning (see
+    :func:`~musco_core.surgery.unwrapped`)."""
+    macs = [(before.macs, after.macs) for before, after in layer_costs(unwrapped(model), state, model_stats).values()]
+    macs_before = macs_after = None
+    if not any(value is None for pair in macs for value in pair):  # else a layer is not counted: unknown
+        macs_before, macs_after = sum(before for before, _ in macs), sum(after for _, after in macs)
     return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
                              list(state.budgets), dict(state.left_out))
 
@@ -285,15 +309,15 @@ def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Map
     saved_params = sum(count_params(p.module) - count_params(p.new) for p in pending.values() if p.new is not None)
     saved_macs = sum(p.result.macs_before - p.result.macs_after for p in pending.values()
                      if p.result.macs_before is not None)
-    stats = [context.model_stats.layers.get(name) for name in state.layer_names]
-    macs = {name: (stats.macs if stats else None) for name, stats in zip(state.layer_names, stats)}
-    macs.update({result.name: result.macs_after for result in state.history})
+    costs = layer_costs(model, state, context.model_stats)
+    began = [costs[name][0] for name in state.layer_names]
+    macs = {name: costs[name][1].macs for name in state.layer_names}
     macs.update({name: entry.result.macs_after for name, entry in pending.items()})
     scheduled = ModelTotals(
-        sum(layer.params for layer in stats if layer),
+        sum(cost.params for cost in began),
         sum(count_params(pending[name].current if name in pending else model.get_submodule(name))
             for name in state.layer_names),
-        None if any(layer is None or layer.macs is None for layer in stats) else sum(layer.macs for layer in stats),
+        None if any(cost.macs is None for cost in began) else sum(cost.macs for cost in began),
         None if any(value is None for value in macs.values()) else sum(macs.values()))
     return ModelTotals(report.params_before, report.params_after - saved_params, report.macs_before,
                        None if report.macs_after is None else report.macs_after - saved_macs, scheduled)

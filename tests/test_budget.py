@@ -12,7 +12,7 @@ from flopco import FlopCo
 from torch import nn
 
 from musco_core import CompressionError, Compressor, ConfigError, hookimpl, load_schedule
-from musco_core.io import save_compressed
+from musco_core.io import load_compressed, save_compressed
 from musco_core.plugins import make_plugin_manager
 from musco_core.registry import Registry
 from musco_plugins.budget import Budget, LayerOptions, allocate_ranks
@@ -58,6 +58,32 @@ def test_the_whole_model_meets_its_target_within_two_percent(model, registry, me
     assert (record.metric, record.target, record.note) == (metric, reduction, None)
     assert record.planned == pytest.approx(achieved)
     assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in report.to_table()
+
+
+def test_a_budget_on_a_model_compressed_before_counts_its_factors_as_they_are(registry, tmp_path):
+    # the earlier run's factors were counted at the dense layers' MACs (1,386,496 for a model that runs 346,112):
+    # the budget planned 1.053x and the model came out 1.252x smaller, cut four times deeper than asked
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32 * 64, 10))
+    x = torch.randn(1, 3, 8, 8)
+    tucker2 = {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 8]]}
+    first = Compressor(net, model_compr_kwargs={"2": tucker2, "4": tucker2}, example_input=x, ft_every=2,
+                       registry=registry, progress=False)
+    first.compression_step()
+    save_compressed(first, tmp_path)
+    svd = {"decomposition": "svd", "rank_selection": "budget"}
+    second = Compressor(load_compressed(net, tmp_path, registry), model_compr_kwargs={"6": svd, "8": svd},
+                        example_input=x, ft_every=2, all_algo_kwargs={"budget": {"reduction": 1.05}},
+                        registry=registry, progress=False)
+    second.compression_step()
+    report = second.report()
+    assert report.macs_before == sum(first.report().layers[i].macs_after for i in (0, 1)) + 64 * 32 * 27 + 2 * (
+        64 * 32 * 32) + 64 * 32 * 10
+    (record,) = report.budgets
+    assert record.note is None and record.planned == pytest.approx(report.macs_ratio)
+    assert 1.05 <= report.macs_ratio <= 1.05 * 1.02
 
 
 def test_ranks_go_where_they_cost_least_damage(model, registry):
