@@ -329,6 +329,16 @@ def tied_note(others: Sequence[str]) -> str:
             f"weights (force: true does it anyway and unties them)")
 
 
+def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
+    """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
+    stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
+    less what only the layer held."""
+    held = {id(model.get_parameter(other)) for other in others}
+    freed = sum(p.numel() for p in entry.module.parameters() if id(p) not in held)
+    return (f"forced although its weights are tied to {', '.join(others)}, which stay: the model gained "
+            f"{count_params(entry.new) - freed:,} parameters")
+
+
 @torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
 @without_autocast
 def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn.Module, RunState]:
@@ -426,6 +436,10 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
     _keep_unfaithful(model, pending, paths, context, group)
+    for name, entry in pending.items():
+        if name in tied and entry.new is not None:
+            note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry, tied[name])]))
+            pending[name] = attrs.evolve(entry, result=attrs.evolve(entry.result, note=note))
     budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:

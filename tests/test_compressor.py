@@ -503,6 +503,32 @@ def test_a_new_run_on_a_compressed_model_counts_its_earlier_factors_as_they_are(
     assert second.report().params_before == n_params(loaded) and second.report().params_after == n_params(wrapped)
 
 
+class TiedHead(nn.Module):
+    """A language model's output layer sharing the embedding's matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(100, 16)
+        self.head = nn.Linear(16, 100, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens))
+
+
+def test_a_forced_layer_with_tied_weights_says_the_model_grew(registry):
+    # its row said 1,600 -> 464 weights and nothing more, while the model grew from 1,600 to 2,064 parameters
+    model = TiedHead()
+    compressor = Compressor(model, model_compr_kwargs={"head": {"decomposition": "svd", "rank_selection": "manual",
+                                                                "manual_rank": [4], "force": True}},
+                            example_input=torch.randint(0, 100, (2, 5)), registry=registry, progress=False)
+    (row,) = compressor.compression_step()
+    assert (row.applied, row.params_before, row.params_after) == (True, 1600, 4 * (16 + 100))
+    assert n_params(compressor.compressed_model) - n_params(model) == 464
+    assert row.note == "forced although its weights are tied to embedding.weight, which stay: the model gained 464 " \
+                       "parameters"
+
+
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
 def test_a_model_given_wrapped_is_compressed_as_the_module_inside_with_its_layer_names(registry, wrap):
     model = small_cnn()
