@@ -128,7 +128,11 @@ def _count(value: int | None) -> str:
 
 
 def _times(ratio: float | None) -> str:
-    return "" if ratio is None else f" ({ratio:.2f}x smaller)"
+    """The reduction in words: a model that grew (a forced layer whose weights stay tied) is larger, not "0.80x
+    smaller"."""
+    if ratio is None:
+        return ""
+    return f" ({ratio:.2f}x smaller)" if ratio >= 1 else f" ({1 / ratio:.2f}x larger)"
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
