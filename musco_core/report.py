@@ -22,7 +22,8 @@ def _ratio(before: int | None, after: int | None) -> float | None:
 @attrs.frozen
 class BudgetRecord:
     """What a whole-model rank selector planned for one pass: the whole model's reduction by ``metric`` it aimed
-    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``).
+    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``); the
+    scheduled layers' only where ``metric`` says so (the bundled budget's ``params (compressed layers)``).
 
     For ``metric: latency``, ``measured`` is the whole model's speed-up since the run began as measured on this
     machine: at the end of every step that compressed the selector's layers, the model with the step's replacements

@@ -390,6 +390,8 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     scoped = compress(metric="params", scope="compressed")
     after = sum(p.numel() for name in schedule for p in scoped.compressed_model.get_submodule(name).parameters())
     assert 1 / 0.7 <= linear_params / after <= 1 / 0.7 * 1.02
+    # the plan counts the scheduled layers only: next to the whole model's totals it read as the model's
+    assert "budget pass 1/1: target 1.429x params (compressed layers), planned" in scoped.report().to_table()
     flops = compress(metric="flops", scope="compressed")
     assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
     whole = compress(metric="params")
