@@ -27,8 +27,9 @@ class BudgetRecord:
 
     For ``metric: latency``, ``measured`` is the whole model's speed-up since the run began as measured on this
     machine: at the end of every step that compressed the selector's layers, the model with the step's replacements
-    swapped in was timed in alternation against it with them swapped out, and the ratios multiplied over the steps
-    (None for other metrics, and until the first such step ends).
+    swapped in was timed in alternation against it with them swapped out (the first such step: against the model as
+    the run began, the layers earlier steps factorized swapped back to dense ones), and the ratios multiplied over
+    the steps (None for other metrics, and until the first such step ends).
     """
 
     selector: str

@@ -33,7 +33,7 @@ from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
-from .latency import TimedForm, profiler_for
+from .latency import Chain, TimedForm, profiler_for
 from .surgery import (FactorizedLayer, by_canonical_name, evaluating, module_paths, replace_module, tied_parameters,
                       unwrapped)
 from .verify import unfaithful_swaps
@@ -440,7 +440,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if name in tied and entry.new is not None:
             note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry, tied[name])]))
             pending[name] = attrs.evolve(entry, result=attrs.evolve(entry.result, note=note))
-    budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
+    budgets = _with_measured_speedup(model, pending, paths, state, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -484,15 +484,18 @@ def _first_batch(calibration_data: Any) -> Any:
 
 
 def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],
-                           schedule: ModelSchedule, context: RunContext, budgets: Sequence[BudgetRecord],
+                           state: RunState, context: RunContext, budgets: Sequence[BudgetRecord],
                            group: distributed.Group | None) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
     measures latency and whose layers the step compressed: the model as the step found it with the step's
     replacements of that selector's layers swapped in (only those, as its plan covers only them), timed in
     alternation against it without them (in eval mode; the model is left as it was), in the form the selector
-    plans for (:class:`~musco_core.latency.TimedForm`). In a distributed job rank 0's measurement counts on every
-    rank, so the states stay equal."""
-    registry = context.registry
+    plans for (:class:`~musco_core.latency.TimedForm`). A selector's first measurement also times the model as the
+    run began (every layer the steps before factorized swapped back to a dense layer), as its plan counts the
+    speed-up since then: a manual layer compressed in an earlier step made the plan say 1.294x and the measurement
+    1.127x for a model 1.304x faster. In a distributed job rank 0's measurement counts on every rank, so the states
+    stay equal."""
+    registry, schedule = context.registry, state.schedule
     forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
     members: dict[str, dict[str, Pending]] = {}  # selector name: the step's layers it allocated
     for name, entry in pending.items():
@@ -501,20 +504,33 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
             forms[selector.name] = selector.times_optimized(params)
             members.setdefault(selector.name, {})[name] = entry
     budgets = list(budgets)
+    factorized = list(dict.fromkeys(result.name for result in state.history if result.applied))
     for selector, optimized in sorted(forms.items()):
         replacements = pending_replacements(members[selector], paths)
-        speedup = 1.0  # the allocation kept every layer of the selector: the model is as fast as it was
-        if replacements:
+        since_run_began = _measured_so_far(budgets, selector) is None and bool(factorized)
+        speedup = 1.0  # the allocation kept every layer of the selector, and the run compressed none before
+        if since_run_began or replacements:
             with distributed.agreement(group, "measuring the step's speed-up"):
                 profiler = profiler_for(model, context)
-                with evaluating(model, *replacements.values()):
+                began = {}  # the run's earlier layers as dense layers of their geometry (zero weights)
+                for name in factorized if since_run_began else ():
+                    module = model.get_submodule(name)
+                    began.update(dict.fromkeys(paths[id(module)], profiler.module(Chain.dense(module.spec, ()))))
+                with evaluating(model, *replacements.values(), *began.values()):
                     before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
-                                                                                              [{}, replacements])
+                                                                                              [began, replacements])
             speedup = float(distributed.broadcast_json(group, before / after))
-            log.info("compression step: measured whole-model speed-up of the %s layers %.3fx%s", selector, speedup,
+            log.info("compression step: measured whole-model speed-up of the %s layers %.3fx%s%s", selector,
+                     speedup, " since the run began" if since_run_began else "",
                      " (as optimize_for_inference deploys it)" if optimized else "")
         budgets = _multiplied(budgets, selector, speedup)
     return budgets
+
+
+def _measured_so_far(budgets: Sequence[BudgetRecord], selector: str) -> float | None:
+    """The selector's measured speed-up so far: its latest plan's, else its previous plan's (None: not measured)."""
+    return next((record.measured for record in reversed(budgets)
+                 if record.selector == selector and record.measured is not None), None)
 
 
 def _multiplied(budgets: Sequence[BudgetRecord], selector: str, speedup: float) -> list[BudgetRecord]:
@@ -522,11 +538,8 @@ def _multiplied(budgets: Sequence[BudgetRecord], selector: str, speedup: float) 
     starts from its previous plan's, or 1)."""
     budgets = list(budgets)
     index = max(i for i, record in enumerate(budgets) if record.selector == selector)
-    record = budgets[index]
-    base = record.measured if record.measured is not None else next(
-        (earlier.measured for earlier in reversed(budgets[:index])
-         if earlier.selector == selector and earlier.measured is not None), 1.0)
-    budgets[index] = attrs.evolve(record, measured=base * speedup)
+    base = _measured_so_far(budgets, selector)
+    budgets[index] = attrs.evolve(budgets[index], measured=(1.0 if base is None else base) * speedup)
     return budgets
 
 

@@ -229,6 +229,28 @@ def test_the_measured_speedup_covers_the_budgets_layers_alone_as_the_plan_does(r
     assert record.measured == pytest.approx(record.planned, rel=1e-9)
 
 
+def test_the_measured_speedup_counts_the_layers_compressed_before_the_plan_as_the_plan_does(registry):
+    # a layer with manual ranks compressed in an earlier step counts in the plan (the model's speed-up since the
+    # run began) and was left out of the measurement: planned 1.294x, measured 1.127x, for a model 1.304x faster
+    document = schedule({"5": "tucker2", "7": "svd"}, reduction=1.3)
+    document["settings"]["ft_every"] = 1
+    document["layers"] = {"3": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 8]]},
+                          **document["layers"]}
+    timer = GeometryClock()
+    model = cnn()
+    run = compressor(registry, timer, model=model, document=document)
+    while not run.done:
+        run.compression_step()
+
+    def seconds(network):
+        return timer.calls([lambda: network.eval()(INPUT)], None)[0]
+
+    (record,) = run.budgets
+    assert run.ranks["3"] == (8, 8) and record.note is None
+    assert record.measured == pytest.approx(seconds(model) / seconds(run.compressed_model), rel=1e-9)
+    assert record.measured == pytest.approx(record.planned, rel=0.02)
+
+
 def test_each_layer_chooses_its_decomposition_on_measured_costs(registry):
     document = schedule({"3": ["tucker2", "svd"], "5": "tucker2", "7": ["svd", "tucker2"]}, reduction=1.3)
     timer = GeometryClock()
