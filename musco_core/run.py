@@ -267,7 +267,7 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
 
 def layer_costs(model: nn.Module, state: RunState, model_stats: ModelStats) -> dict[str, tuple[Cost, Cost]]:
     """Each layer of the statistics and of the schedule: its parameters (bias included) and MACs on the example
-    input (None when unknown) when the run began and now. For a layer the run compressed, its first row's before
+    input (each None when unknown) when the run began and now. For a layer the run compressed, its first row's before
     and its last row's after; for any other, as it is in ``model`` (one factorized before the run began, in a model
     compressed earlier, counts as its factors, not as the layer they replaced, which is how the statistics see it)."""
     first: dict[str, LayerResult] = {}
@@ -276,12 +276,13 @@ def layer_costs(model: nn.Module, state: RunState, model_stats: ModelStats) -> d
         first.setdefault(result.name, result)
         last[result.name] = result
     costs: dict[str, tuple[Cost, Cost]] = {}
+    modules = dict(model.named_modules())  # a layer the model lacks (edited by hand) has no parameter count
     for name in dict.fromkeys([*model_stats.layers, *state.layer_names, *last]):
-        module = model.get_submodule(name)
-        params = count_params(module)
+        module = modules.get(name)
+        params = None if module is None else count_params(module)
         if name in last:  # the rows count weights; the bias is the same before and after
-            costs[name] = (Cost(params - last[name].params_after + first[name].params_before, first[name].macs_before),
-                           Cost(params, last[name].macs_after))
+            began = None if params is None else params - last[name].params_after + first[name].params_before
+            costs[name] = (Cost(began, first[name].macs_before), Cost(params, last[name].macs_after))
             continue
         stats = model_stats.layers.get(name)
         now = Cost(params, None if stats is None else chain_cost(module.spec, module.layouts, stats.input_calls).macs

@@ -481,6 +481,7 @@ def test_a_wrapped_model_is_stepped_inside_and_a_model_lacking_a_layer_is_one_er
     with pytest.raises(ConfigError, match=r"^the model \(Sequential\) has no layer '7', which this step compresses"):
         compressor.compression_step()
     assert compressor.state is before
+    assert compressor.report().params_after == n_params(compressor.compressed_model)  # reported as it is
 
 
 def test_a_new_run_on_a_compressed_model_counts_its_earlier_factors_as_they_are(registry, tmp_path):
