@@ -221,9 +221,11 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     with distributed.agreement(group, f"rank selection {selector.name!r}"):
         try:
             if profiler is not None:
+                factorized = {result.name for result in state.history if result.applied} | {
+                    name for name, entry in pending.items() if entry.new is not None}
                 totals = timed_totals(model, context, profiler, totals, state.layer_names,
                                       {name: entry.current for name, entry in pending.items()},
-                                      pending_replacements(pending, module_paths(model)),
+                                      pending_replacements(pending, module_paths(model)), factorized,
                                       optimized=selector.times_optimized(settings.params_for(selector)))
             chosen, record = _run_selector(selector, registry.rank_selectors.describe(selector.name),
                                            choices, members, totals, pass_index, settings,

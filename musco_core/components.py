@@ -410,7 +410,8 @@ class LayerChoice:
 
 @attrs.frozen
 class ModelTotals:
-    """Counts of the whole model, before any compression and now, as the compression report counts them.
+    """Counts of the whole model when the run began (a model compressed before it counts as it was then) and now,
+    as the compression report counts them.
 
     ``params_*`` count every parameter of the model; ``macs_*`` the layers an adapter can read, on the example
     input (None without one). ``scheduled`` holds the same counts over the layers the schedule compresses only
@@ -422,8 +423,8 @@ class ModelTotals:
     macs_original: int | None = None
     macs_now: int | None = None
     scheduled: ModelTotals | None = None
-    #: Measured seconds of the whole model's forward pass on the example input before any compression (estimated
-    #: from layer timings once layers were compressed) and now; only for a selector that measures latency (the
+    #: Measured seconds of the whole model's forward pass on the example input when the run began (estimated
+    #: from layer timings once the run compressed layers) and now; only for a selector that measures latency (the
     #: ``scheduled`` counts: the summed seconds of the scheduled layers).
     seconds_original: float | None = None
     seconds_now: float | None = None

@@ -63,11 +63,13 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 
 
 def chain_macs(spec: LayerSpec, layouts: Sequence[FactorLayout], input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of a chain of factors on an input of ``input_shape`` (batch included)."""
+    """Multiply-accumulates of a chain of factors on an input of ``input_shape`` (batch included; a convolution's
+    input may also be unbatched, ``(C, H, W)``, as torch accepts it: then the batch is 1)."""
     if spec.spatial_dims == 0:
         positions = math.prod(input_shape[:-1])
         return positions * sum(f.n_params for f in layouts)
-    batch, spatial = input_shape[0], list(input_shape[-spec.spatial_dims:])
+    batch = math.prod(input_shape[:-(spec.spatial_dims + 1)])  # () for an unbatched input
+    spatial = list(input_shape[-spec.spatial_dims:])
     total = 0
     for factor in layouts:
         for axis in factor.axes:

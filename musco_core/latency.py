@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -404,7 +404,8 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
 
 def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfiler, totals: ModelTotals,
                  scheduled_layers: Sequence[str], current: Mapping[str, nn.Module],
-                 replacements: Mapping[str, nn.Module], optimized: bool = False) -> ModelTotals:
+                 replacements: Mapping[str, nn.Module], factorized: Collection[str],
+                 optimized: bool = False) -> ModelTotals:
     """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
@@ -412,7 +413,8 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time
     in place; dividing it by the layers' summed times alone gives the scale between a long forward pass and short
     layer calls (on a shared machine, preemption inflates the first more than the medians of the second), and the
-    model's time in layer units. Its time before compression adds, for every layer factorized so far, its dense time
+    model's time in layer units. Its time when the run began adds, for every layer the run ``factorized`` so far
+    (the step's replacements included; not those a model compressed before the run came with), its dense time
     minus its chain's; the scheduled layers' seconds are their summed times. ``current`` maps each compressible
     layer to its module as the step leaves it so far, ``replacements`` the paths where the step's new layers are
     still to be swapped in.
@@ -453,7 +455,7 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
              "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
              100 * rest_seconds / model_seconds)
-    original = now + sum(dense - chain for dense, chain in times.values())
+    original = now + sum(dense - chain for name, (dense, chain) in times.items() if name in factorized)
     scheduled = [times[name] for name in scheduled_layers if name in times]
 
     def speedup_of(plan: Mapping[str, tuple[str, tuple[int, ...]] | None]) -> float:

@@ -22,12 +22,14 @@ def _ratio(before: int | None, after: int | None) -> float | None:
 @attrs.frozen
 class BudgetRecord:
     """What a whole-model rank selector planned for one pass: the whole model's reduction by ``metric`` it aimed
-    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``).
+    at after the pass (``target``, cumulative over the passes) and the one its ranks give (``planned``); the
+    scheduled layers' only where ``metric`` says so (the bundled budget's ``params (compressed layers)``).
 
     For ``metric: latency``, ``measured`` is the whole model's speed-up since the run began as measured on this
     machine: at the end of every step that compressed the selector's layers, the model with the step's replacements
-    swapped in was timed in alternation against it with them swapped out, and the ratios multiplied over the steps
-    (None for other metrics, and until the first such step ends).
+    swapped in was timed in alternation against it with them swapped out (the first such step: against the model as
+    the run began, the layers earlier steps factorized swapped back to dense ones), and the ratios multiplied over
+    the steps (None for other metrics, and until the first such step ends).
     """
 
     selector: str
@@ -128,7 +130,11 @@ def _count(value: int | None) -> str:
 
 
 def _times(ratio: float | None) -> str:
-    return "" if ratio is None else f" ({ratio:.2f}x smaller)"
+    """The reduction in words: a model that grew (a forced layer whose weights stay tied) is larger, not "0.80x
+    smaller"."""
+    if ratio is None:
+        return ""
+    return f" ({ratio:.2f}x smaller)" if ratio >= 1 else f" ({1 / ratio:.2f}x larger)"
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:

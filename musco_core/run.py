@@ -23,18 +23,19 @@ from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
                           forward_order)
-from .components import Decomposer, InputStats, ModelTotals
+from .components import Cost, Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
                      split_groups, usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
+from .factors import chain_cost
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
-from .latency import TimedForm, profiler_for
+from .latency import Chain, TimedForm, profiler_for
 from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, module_paths, replace_module,
-                      tied_parameters)
+                      tied_parameters, unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -266,17 +267,40 @@ def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
     return state
 
 
+def layer_costs(model: nn.Module, state: RunState, model_stats: ModelStats) -> dict[str, tuple[Cost, Cost]]:
+    """Each layer of the statistics and of the schedule: its parameters (bias included) and MACs on the example
+    input (each None when unknown) when the run began and now. For a layer the run compressed, its first row's before
+    and its last row's after; for any other, as it is in ``model`` (one factorized before the run began, in a model
+    compressed earlier, counts as its factors, not as the layer they replaced, which is how the statistics see it)."""
+    first: dict[str, LayerResult] = {}
+    last: dict[str, LayerResult] = {}
+    for result in state.history:
+        first.setdefault(result.name, result)
+        last[result.name] = result
+    costs: dict[str, tuple[Cost, Cost]] = {}
+    modules = dict(model.named_modules())  # a layer the model lacks (edited by hand) has no parameter count
+    for name in dict.fromkeys([*model_stats.layers, *state.layer_names, *last]):
+        module = modules.get(name)
+        params = None if module is None else count_params(module)
+        if name in last:  # the rows count weights; the bias is the same before and after
+            began = None if params is None else params - last[name].params_after + first[name].params_before
+            costs[name] = (Cost(began, first[name].macs_before), Cost(params, last[name].macs_after))
+            continue
+        stats = model_stats.layers.get(name)
+        now = Cost(params, None if stats is None else chain_cost(module.spec, module.layouts, stats.input_calls).macs
+                   if isinstance(module, FactorizedLayer) else stats.macs)
+        costs[name] = (now, now)
+    return costs
+
+
 def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> CompressionReport:
-    """What the run did so far: one row per layer compression, and the model's totals now."""
-    macs_before = model_stats.total_macs
-    macs_after = None
-    if macs_before is not None:
-        current = {s.name: s.macs for s in model_stats.layers.values()}
-        current.update({r.name: r.macs_after for r in state.history})
-        if None in current.values():  # a compressed layer the statistics do not count: totals unknown
-            macs_before = None
-        else:
-            macs_after = sum(current.values())
+    """What the run did so far: one row per layer compression, and the model's totals now (MACs: those of
+    :func:`layer_costs`, as the run began and now). ``model`` may be wrapped for fine-tuning (see
+    :func:`~musco_core.surgery.unwrapped`)."""
+    macs = [(before.macs, after.macs) for before, after in layer_costs(unwrapped(model), state, model_stats).values()]
+    macs_before = macs_after = None
+    if not any(value is None for pair in macs for value in pair):  # else a layer is not counted: unknown
+        macs_before, macs_after = sum(before for before, _ in macs), sum(after for _, after in macs)
     return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
                              list(state.budgets), dict(state.left_out))
 
@@ -288,15 +312,15 @@ def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Map
     saved_params = sum(count_params(p.module) - count_params(p.new) for p in pending.values() if p.new is not None)
     saved_macs = sum(p.result.macs_before - p.result.macs_after for p in pending.values()
                      if p.result.macs_before is not None)
-    stats = [context.model_stats.layers.get(name) for name in state.layer_names]
-    macs = {name: (stats.macs if stats else None) for name, stats in zip(state.layer_names, stats)}
-    macs.update({result.name: result.macs_after for result in state.history})
+    costs = layer_costs(model, state, context.model_stats)
+    began = [costs[name][0] for name in state.layer_names]
+    macs = {name: costs[name][1].macs for name in state.layer_names}
     macs.update({name: entry.result.macs_after for name, entry in pending.items()})
     scheduled = ModelTotals(
-        sum(layer.params for layer in stats if layer),
+        sum(cost.params for cost in began),
         sum(count_params(pending[name].current if name in pending else model.get_submodule(name))
             for name in state.layer_names),
-        None if any(layer is None or layer.macs is None for layer in stats) else sum(layer.macs for layer in stats),
+        None if any(cost.macs is None for cost in began) else sum(cost.macs for cost in began),
         None if any(value is None for value in macs.values()) else sum(macs.values()))
     return ModelTotals(report.params_before, report.params_after - saved_params, report.macs_before,
                        None if report.macs_after is None else report.macs_after - saved_macs, scheduled)
@@ -306,6 +330,16 @@ def tied_note(others: Sequence[str]) -> str:
     """Why a layer whose weights are tied to the parameters ``others`` (of other modules) is kept as it is."""
     return (f"kept as is: its weights are tied to {', '.join(others)}, which stay, so factorizing it would add "
             f"weights (force: true does it anyway and unties them)")
+
+
+def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
+    """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
+    stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
+    less what only the layer held."""
+    held = {id(model.get_parameter(other)) for other in others}
+    freed = sum(p.numel() for p in entry.module.parameters() if id(p) not in held)
+    return (f"forced although its weights are tied to {', '.join(others)}, which stay: the model gained "
+            f"{count_params(entry.new) - freed:,} parameters")
 
 
 @torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
@@ -405,7 +439,11 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
     _keep_unfaithful(model, pending, paths, context, group)
-    budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
+    for name, entry in pending.items():
+        if name in tied and entry.new is not None:
+            note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry, tied[name])]))
+            pending[name] = attrs.evolve(entry, result=attrs.evolve(entry.result, note=note))
+    budgets = _with_measured_speedup(model, pending, paths, state, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -450,15 +488,18 @@ def _first_batch(calibration_data: Any) -> Any:
 
 
 def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],
-                           schedule: ModelSchedule, context: RunContext, budgets: Sequence[BudgetRecord],
+                           state: RunState, context: RunContext, budgets: Sequence[BudgetRecord],
                            group: distributed.Group | None) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
     measures latency and whose layers the step compressed: the model as the step found it with the step's
     replacements of that selector's layers swapped in (only those, as its plan covers only them), timed in
     alternation against it without them (in eval mode; the model is left as it was), in the form the selector
-    plans for (:class:`~musco_core.latency.TimedForm`). In a distributed job rank 0's measurement counts on every
-    rank, so the states stay equal."""
-    registry = context.registry
+    plans for (:class:`~musco_core.latency.TimedForm`). A selector's first measurement also times the model as the
+    run began (every layer the steps before factorized swapped back to a dense layer), as its plan counts the
+    speed-up since then: a manual layer compressed in an earlier step made the plan say 1.294x and the measurement
+    1.127x for a model 1.304x faster. In a distributed job rank 0's measurement counts on every rank, so the states
+    stay equal."""
+    registry, schedule = context.registry, state.schedule
     forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
     members: dict[str, dict[str, Pending]] = {}  # selector name: the step's layers it allocated
     for name, entry in pending.items():
@@ -467,20 +508,33 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
             forms[selector.name] = selector.times_optimized(params)
             members.setdefault(selector.name, {})[name] = entry
     budgets = list(budgets)
+    factorized = list(dict.fromkeys(result.name for result in state.history if result.applied))
     for selector, optimized in sorted(forms.items()):
         replacements = pending_replacements(members[selector], paths)
-        speedup = 1.0  # the allocation kept every layer of the selector: the model is as fast as it was
-        if replacements:
+        since_run_began = _measured_so_far(budgets, selector) is None and bool(factorized)
+        speedup = 1.0  # the allocation kept every layer of the selector, and the run compressed none before
+        if since_run_began or replacements:
             with distributed.agreement(group, "measuring the step's speed-up"):
                 profiler = profiler_for(model, context)
-                with evaluating(model, *replacements.values()):
+                began = {}  # the run's earlier layers as dense layers of their geometry (zero weights)
+                for name in factorized if since_run_began else ():
+                    module = model.get_submodule(name)
+                    began.update(dict.fromkeys(paths[id(module)], profiler.module(Chain.dense(module.spec, ()))))
+                with evaluating(model, *replacements.values(), *began.values()):
                     before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
-                                                                                              [{}, replacements])
+                                                                                              [began, replacements])
             speedup = float(distributed.broadcast_json(group, before / after))
-            log.info("compression step: measured whole-model speed-up of the %s layers %.3fx%s", selector, speedup,
+            log.info("compression step: measured whole-model speed-up of the %s layers %.3fx%s%s", selector,
+                     speedup, " since the run began" if since_run_began else "",
                      " (as optimize_for_inference deploys it)" if optimized else "")
         budgets = _multiplied(budgets, selector, speedup)
     return budgets
+
+
+def _measured_so_far(budgets: Sequence[BudgetRecord], selector: str) -> float | None:
+    """The selector's measured speed-up so far: its latest plan's, else its previous plan's (None: not measured)."""
+    return next((record.measured for record in reversed(budgets)
+                 if record.selector == selector and record.measured is not None), None)
 
 
 def _multiplied(budgets: Sequence[BudgetRecord], selector: str, speedup: float) -> list[BudgetRecord]:
@@ -488,11 +542,8 @@ def _multiplied(budgets: Sequence[BudgetRecord], selector: str, speedup: float) 
     starts from its previous plan's, or 1)."""
     budgets = list(budgets)
     index = max(i for i, record in enumerate(budgets) if record.selector == selector)
-    record = budgets[index]
-    base = record.measured if record.measured is not None else next(
-        (earlier.measured for earlier in reversed(budgets[:index])
-         if earlier.selector == selector and earlier.measured is not None), 1.0)
-    budgets[index] = attrs.evolve(record, measured=base * speedup)
+    base = _measured_so_far(budgets, selector)
+    budgets[index] = attrs.evolve(budgets[index], measured=(1.0 if base is None else base) * speedup)
     return budgets
 
 

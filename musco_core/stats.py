@@ -65,7 +65,7 @@ class LayerStats:
         """Multiply-accumulates on the example input, every call counted: every output value costs one weight row."""
         if not self.calls:
             return None
-        channel_axis = -1 if self.spec.spatial_dims == 0 else 1
+        channel_axis = -(self.spec.spatial_dims + 1)  # also where a conv's output is unbatched, (C, H, W)
         positions = sum(count * (math.prod(output_shape) // output_shape[channel_axis])
                         for _, output_shape, count in self.calls)
         return positions * self.spec.n_weights

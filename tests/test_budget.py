@@ -12,7 +12,7 @@ from flopco import FlopCo
 from torch import nn
 
 from musco_core import CompressionError, Compressor, ConfigError, hookimpl, load_schedule
-from musco_core.io import save_compressed
+from musco_core.io import load_compressed, save_compressed
 from musco_core.plugins import make_plugin_manager
 from musco_core.registry import Registry
 from musco_plugins.budget import Budget, LayerOptions, allocate_ranks
@@ -58,6 +58,51 @@ def test_the_whole_model_meets_its_target_within_two_percent(model, registry, me
     assert (record.metric, record.target, record.note) == (metric, reduction, None)
     assert record.planned == pytest.approx(achieved)
     assert f"budget pass 1/1: target {reduction:.3f}x {metric}" in report.to_table()
+
+
+def compressed_before(registry, folder, ranks=(8, 8)):
+    """A CNN whose layers '2' and '4' an earlier run factorized at tucker2 ``ranks``, loaded from ``folder``; that
+    run's report."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32 * 64, 10))
+    tucker2 = {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [list(ranks)]}
+    first = Compressor(net, model_compr_kwargs={"2": tucker2, "4": tucker2}, example_input=torch.randn(1, 3, 8, 8),
+                       ft_every=2, registry=registry, progress=False)
+    first.compression_step()
+    save_compressed(first, folder)
+    return load_compressed(net, folder, registry), first.report()
+
+
+def test_a_budget_on_a_model_compressed_before_counts_its_factors_as_they_are(registry, tmp_path):
+    # the earlier run's factors were counted at the dense layers' MACs (1,386,496 for a model that runs 346,112):
+    # the budget planned 1.053x and the model came out 1.252x smaller, cut four times deeper than asked
+    loaded, earlier = compressed_before(registry, tmp_path)
+    svd = {"decomposition": "svd", "rank_selection": "budget"}
+    second = Compressor(loaded, model_compr_kwargs={"6": svd, "8": svd}, example_input=torch.randn(1, 3, 8, 8),
+                        ft_every=2, all_algo_kwargs={"budget": {"reduction": 1.05}}, registry=registry, progress=False)
+    second.compression_step()
+    report = second.report()
+    assert report.macs_before == sum(row.macs_after for row in earlier.layers) + 64 * 32 * 27 + 2 * (
+        64 * 32 * 32) + 64 * 32 * 10
+    (record,) = report.budgets
+    assert record.note is None and record.planned == pytest.approx(report.macs_ratio)
+    assert 1.05 <= report.macs_ratio <= 1.05 * 1.02
+
+
+def test_a_scoped_budget_recompressing_earlier_factors_counts_them_as_they_are(registry, tmp_path):
+    # their parameters were counted as the dense layers': 'planned 1.370x' and both layers kept, for 1.000x
+    loaded, _ = compressed_before(registry, tmp_path, (24, 24))
+    budget = {"decomposition": "tucker2", "rank_selection": "budget"}
+    second = Compressor(loaded, model_compr_kwargs={"2": budget, "4": budget}, example_input=torch.randn(1, 3, 8, 8),
+                        ft_every=2, all_algo_kwargs={"budget": {"reduction": 1.3, "metric": "params",
+                                                                "scope": "compressed", "min_rank_fraction": 0}},
+                        registry=registry, progress=False)
+    second.compression_step()
+    counts = [sum(p.numel() for name in ("2", "4") for p in model.get_submodule(name).parameters())
+              for model in (loaded, second.compressed_model)]
+    assert second.budgets[0].planned == pytest.approx(counts[0] / counts[1]) and counts[0] / counts[1] > 1.2
 
 
 def test_ranks_go_where_they_cost_least_damage(model, registry):
@@ -364,6 +409,8 @@ def test_a_target_scoped_to_the_compressed_layers_counts_only_them(registry):
     scoped = compress(metric="params", scope="compressed")
     after = sum(p.numel() for name in schedule for p in scoped.compressed_model.get_submodule(name).parameters())
     assert 1 / 0.7 <= linear_params / after <= 1 / 0.7 * 1.02
+    # the plan counts the scheduled layers only: next to the whole model's totals it read as the model's
+    assert "budget pass 1/1: target 1.429x params (compressed layers), planned" in scoped.report().to_table()
     flops = compress(metric="flops", scope="compressed")
     assert 1 / 0.7 <= flops.report().macs_ratio <= 1 / 0.7 * 1.02  # every compressible layer is in the schedule
     whole = compress(metric="params")

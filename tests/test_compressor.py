@@ -503,6 +503,54 @@ def test_a_wrapped_model_is_stepped_inside_and_a_model_lacking_a_layer_is_one_er
     with pytest.raises(ConfigError, match=r"^the model \(Sequential\) has no layer '7', which this step compresses"):
         compressor.compression_step()
     assert compressor.state is before
+    assert compressor.report().params_after == n_params(compressor.compressed_model)  # reported as it is
+
+
+def test_a_new_run_on_a_compressed_model_counts_its_earlier_factors_as_they_are(registry, tmp_path):
+    # the layers factorized by an earlier run were counted at the MACs of the dense layers they replaced: the
+    # report said 991,744 -> 965,888 MACs for a model that runs 291,328 -> 265,472
+    x = torch.randn(1, 3, 8, 8)
+    first = Compressor(small_cnn(), model_compr_kwargs={"2": SMALL_CONFIG["2"]}, example_input=x, registry=registry,
+                       progress=False)
+    first.compression_step()
+    save_compressed(first, tmp_path / "out")
+    loaded = load_compressed(small_cnn(), tmp_path / "out", registry)
+    second = Compressor(loaded, model_compr_kwargs={"4": SMALL_CONFIG["4"]}, example_input=x, registry=registry,
+                        progress=False)
+    wrapped = second.compressed_model = nn.DataParallel(second.compressed_model)  # the report reads the module inside
+    row = second.compression_step()[0]
+    earlier = first.report().layers[0].macs_after
+    stem = 64 * 32 * 27
+    assert (second.report().macs_before, second.report().macs_after) == (
+        stem + earlier + row.macs_before + 40 * 64, stem + earlier + row.macs_after + 40 * 64)
+    assert second.report().params_before == n_params(loaded) and second.report().params_after == n_params(wrapped)
+
+
+class TiedHead(nn.Module):
+    """A language model's output layer sharing the embedding's matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(100, 16)
+        self.head = nn.Linear(16, 100, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens))
+
+
+def test_a_forced_layer_with_tied_weights_says_the_model_grew(registry):
+    # its row said 1,600 -> 464 weights and nothing more, while the model grew from 1,600 to 2,064 parameters
+    model = TiedHead()
+    compressor = Compressor(model, model_compr_kwargs={"head": {"decomposition": "svd", "rank_selection": "manual",
+                                                                "manual_rank": [4], "force": True}},
+                            example_input=torch.randint(0, 100, (2, 5)), registry=registry, progress=False)
+    (row,) = compressor.compression_step()
+    assert (row.applied, row.params_before, row.params_after) == (True, 1600, 4 * (16 + 100))
+    assert n_params(compressor.compressed_model) - n_params(model) == 464
+    assert row.note == "forced although its weights are tied to embedding.weight, which stay: the model gained 464 " \
+                       "parameters"
+    assert "parameters: 1,600 -> 2,064 (1.29x larger)" in compressor.report().to_table()  # not "0.78x smaller"
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])

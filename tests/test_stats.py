@@ -48,6 +48,22 @@ def test_per_layer_macs_match_torch_flop_counter_and_respect_the_batch(registry)
     assert stats.total_flops > 2 * stats.total_macs  # the functional linear is in the total only
 
 
+def test_a_conv_on_an_unbatched_input_counts_its_macs_once(registry):
+    # torch runs a conv on (C, H, W): its channels were taken for the batch, and the report said 18,874,368 MACs
+    # for a layer that runs 589,824 (its row) and 3,547,136 for a model that runs 892,928 (the totals)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(16, 8, 8)
+    stats = ModelStats.from_model(model, registry, x)
+    assert {name: layer.macs for name, layer in stats.layers.items()} == {"0": 64 * 32 * 16 * 9, "2": 64 * 32 * 32 * 9}
+    compressor = Compressor(model, stats, {"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                 "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
+    row = compressor.compression_step()[0]
+    assert (row.macs_before, row.macs_after) == (64 * 32 * 32 * 9, 64 * (32 * 8 + 8 * 8 * 9 + 8 * 32))
+    report = compressor.report()
+    assert (report.macs_before, report.macs_after) == (stats.layers["0"].macs + row.macs_before,
+                                                       stats.layers["0"].macs + row.macs_after)
+
+
 def test_whole_forward_flops_are_counted_only_when_asked(registry):
     """FlopCounterMode's first use imports torch._dynamo (seconds): the default pass counts layer MACs only."""
     model, x = Mixed(), torch.randn(3, 8, 6, 6)

@@ -357,7 +357,10 @@ class Budget(RankSelector):
                 f"output layer(s) {', '.join(map(repr, floored))} kept at ranks no lower than their output count "
                 f"(fewer directions than classes cannot keep them apart), or as they are where no such rank makes "
                 f"them smaller; a manual rank compresses one further")]))
-        metric = f"{params.metric} (optimized)" if self.times_optimized(params) else params.metric
+        # the record says what it counts: next to the whole model's totals, a scoped plan reads as the model's
+        qualifiers = [*(["optimized"] if self.times_optimized(params) else []),
+                      *(["compressed layers"] if params.scope == "compressed" else [])]
+        metric = params.metric + (f" ({', '.join(qualifiers)})" if qualifiers else "")
         log.info("budget pass %d/%d: target %.3fx %s, planned %.3fx over %d layers", pass_index + 1, n_passes,
                  target, metric, planned, len(by_layer))
         return Allocation({choice.name: r for choice, r in zip(choices, ranks)}, metric, target, planned,
