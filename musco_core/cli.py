@@ -452,12 +452,13 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
+    if finetune_spec == DISTILL and distributed.launched_for_several():  # before the group: a rank refusing
+        # inside it would leave the others failing to connect to it (exit 1 instead of this error)
+        raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "
+                           "--finetune callable that wraps the model in DistributedDataParallel "
+                           "(musco_core.distributed.rewrap) so the replicas stay equal")
     _setup_logging(quiet)
     with distributed.process_group_from_env() as group:  # launched by torchrun: every rank computes, rank 0 writes
-        if group is not None and finetune_spec == DISTILL:
-            raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "
-                               "--finetune callable that wraps the model in DistributedDataParallel "
-                               "(musco_core.distributed.rewrap) so the replicas stay equal")
         finetune = (_import_callable(finetune_spec, "--finetune")
                     if finetune_spec and finetune_spec != DISTILL else None)
         model, example = _model_and_example(model_spec, weights, input_shape)

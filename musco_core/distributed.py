@@ -65,12 +65,18 @@ def current() -> Group | None:
 
 
 @contextlib.contextmanager
+def launched_for_several() -> bool:
+    """Whether this process is one of a ``torchrun`` job of two or more processes (``WORLD_SIZE`` > 1), known before
+    any process group is initialized: a refusal made then reaches every rank without a collective."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterator[Group | None]:
     """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
     torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more
     processes and none is initialized yet, and destroyed on leaving (a gloo group left to the interpreter's exit
     aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective."""
-    started = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    started = not dist.is_initialized() and launched_for_several()
     if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -255,6 +255,28 @@ def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tm
     assert rows[0] == rows[1]
 
 
+def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monkeypatch):
+    """Refused inside the group, one rank's exit left another failing to connect to it (exit 1, a gloo error):
+    with WORLD_SIZE=2 and no rendezvous address, the refusal must come without trying to make the group."""
+    from click.testing import CliRunner
+
+    from musco_core.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for variable in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    (tmp_path / "calibration.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_model:make", "--config",
+                                       str(tmp_path / "schedule.yaml"), "--calibration",
+                                       str(tmp_path / "calibration.safetensors"), "--finetune", "distill", "--quiet",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "--finetune distill runs in one process" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_musco_compress_refuses_distillation_under_torchrun(tmp_path):
     """``--finetune distill`` trains each rank on its own shard, which would leave replicas that differ."""
     from safetensors.torch import save_file
