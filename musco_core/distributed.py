@@ -64,13 +64,13 @@ def current() -> Group | None:
     return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
-@contextlib.contextmanager
 def launched_for_several() -> bool:
     """Whether this process is one of a ``torchrun`` job of two or more processes (``WORLD_SIZE`` > 1), known before
     any process group is initialized: a refusal made then reaches every rank without a collective."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+@contextlib.contextmanager
 def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterator[Group | None]:
     """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
     torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more

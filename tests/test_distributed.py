@@ -260,9 +260,13 @@ def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monke
     with WORLD_SIZE=2 and no rendezvous address, the refusal must come without trying to make the group."""
     from click.testing import CliRunner
 
+    from musco_core import distributed
     from musco_core.cli import main
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.launched_for_several() is False
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched_for_several() is True
     monkeypatch.setenv("RANK", "0")
     for variable in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
