@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "product_core", "singular_values", "unfold",
            "tucker2", "cp_als", "cp_to_tensor", "evbmf_rank", "whitening_factor", "whitened_target",
-           "whitened_truncated_svd"]
+           "whitened_truncated_svd", "whitened_output_error"]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -238,6 +238,31 @@ def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, dam
     if output_root is not None:
         left = torch.linalg.solve(output_root.T, left)  # R^-T @ left
     return left.to(matrix.dtype), right.to(matrix.dtype)
+
+
+@torch.no_grad()
+def whitened_output_error(matrix: Tensor, second_moment: Tensor, damping: float = 1e-6,
+                          cross_moment: Tensor | None = None, output_moment: Tensor | None = None,
+                          output_damping: float = 0.1) -> Tensor:
+    """``tails[k]``: the relative output error on inputs with ``C = E[x x^T]`` (undamped) of the rank-``k`` fit of
+    :func:`whitened_truncated_svd` with the same arguments, ``E ||R^T (M - M_k) x||^2 / E ||R^T M x||^2``
+    (float64, ``k = 0 .. min(m, n)``; ``M`` the map it truncates, `matrix` without a cross moment, ``R`` the
+    output root, the identity without an output moment).
+
+    The spectrum of the damped target ``R^T M S`` prices the damped objective instead: its ridge weighs the
+    directions the data never takes, so it priced a rank whose fit errs by 0.05% on the data at 5.7%. With
+    ``R^T M S = sum_i s_i u_i v_i^T`` and orthonormal ``u_i``, rank ``k`` errs by exactly
+    ``sum_{i>k} s_i^2 a_i^T C a_i`` for ``a_i = S^-T v_i``, and all ``i`` add up to ``trace(R^T M C M^T R)``.
+    """
+    _check_matrix(matrix, "matrix")
+    c = _moment(second_moment, matrix.shape[1]).to(matrix.device)
+    root = whitening_factor(c, damping)
+    output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
+    target = output_weighted(whitened_target(matrix, root, cross_moment, c), output_root)
+    _, s, vh = torch.linalg.svd(target, full_matrices=False)
+    directions = torch.linalg.solve(root.T, vh.T)  # a_i = S^-T v_i, as columns
+    dropped = s.square() * torch.einsum("fi,fg,gi->i", directions, c, directions)
+    return _relative_tails(dropped, dropped.sum())
 
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:

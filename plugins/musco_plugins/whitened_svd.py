@@ -111,6 +111,17 @@ class WhitenedSVD(Decomposer):
         return [factorize.output_weighted(factorize.whitened_target(_matrix(source.weight), root, stats.cross_moment,
                                                                     second_moment), output_root)]
 
+    def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
+        """Exact, on the input statistics (undamped) of the fit :meth:`decompose` delivers at each rank (once
+        factorized, of the dense product it truncates again); weighted by the output moment where there is one."""
+        if source.input_stats is None:
+            return None
+        stats = source.input_stats
+        return [factorize.whitened_output_error(_matrix(source.weight), stats.second_moment,
+                                                (source.params or WhitenedSVDParams()).damping,
+                                                cross_moment=stats.cross_moment, output_moment=stats.output_moment,
+                                                output_damping=OUTPUT_DAMPING)]
+
     def decompose(self, source: WeightSource, ranks: tuple[int, ...], params, seed: int = 0) -> list[torch.Tensor]:
         (rank,) = ranks
         weight, second_moment = source.weight, self._second_moment(source)
