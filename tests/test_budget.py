@@ -116,6 +116,27 @@ def test_an_unreachable_target_stops_at_the_rank_floor(registry, fraction, fc1_r
     assert "cannot be met" in record.note and "min_rank_fraction" in record.note
 
 
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_target_just_out_of_reach_is_reported_as_missed(registry, metric):
+    # 1.5% beyond what the smallest ranks give, the plan fell short with no note (the note waited for 2%)
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                                          nn.Linear(64, 10))).eval()
+
+    def compress(reduction):
+        compressor = Compressor(mlp, example_input=torch.randn(2, 256), ft_every=2, registry=registry,
+                                model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                    for name in ("0", "2")},
+                                all_algo_kwargs={"budget": {"reduction": reduction, "metric": metric}}, progress=False)
+        compressor.compression_step()
+        return compressor.report().budgets[0]
+
+    reach = compress(100.0).planned
+    record = compress(reach * 1.015)
+    assert record.planned == pytest.approx(reach)
+    assert record.note.startswith(f"the target {reach * 1.015:.3f}x cannot be met"), record.note
+
+
 def test_ranks_are_rounded_to_the_requested_multiple(model, registry):
     def budget(rank_multiple):
         compressor = Compressor(model, example_input=INPUT, model_compr_kwargs={
