@@ -116,6 +116,23 @@ def test_an_unreachable_target_stops_at_the_rank_floor(registry, fraction, fc1_r
     assert "cannot be met" in record.note and "min_rank_fraction" in record.note
 
 
+def test_out_of_reach_a_tucker2_layer_widening_its_channels_goes_down_to_its_floor(registry):
+    # the rank family's smallest member, (32, 8) here (r_out = 0.8 * out / in * r_in), was the lowest the budget
+    # tried: it reported 2.04x as what the smallest ranks allow, where (8, 8) gives 7.25x
+    torch.manual_seed(0)
+    model = make_trained_like(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 64, 3), nn.ReLU(),
+                                            nn.Conv2d(64, 4, 1))).eval()
+    compressor = Compressor(model, example_input=torch.randn(1, 3, 8, 8), registry=registry, progress=False,
+                            model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "budget"}},
+                            all_algo_kwargs={"budget": {"reduction": 1000.0, "metric": "params",
+                                                        "scope": "compressed"}})
+    compressor.compression_step()
+    assert compressor.ranks == {"2": (8, 8)}  # tucker2's minimum rank, above 1/16 of 64 and of 16
+    (record,) = compressor.report().budgets
+    assert record.planned == pytest.approx((16 * 64 * 9 + 64) / (16 * 8 + 8 * 8 * 9 + 8 * 64 + 64))
+    assert "cannot be met" in record.note
+
+
 @pytest.mark.parametrize("metric", ["params", "flops"])
 def test_a_target_just_out_of_reach_is_reported_as_missed(registry, metric):
     # 1.5% beyond what the smallest ranks give, the plan fell short with no note (the note waited for 2%)

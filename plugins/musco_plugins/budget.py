@@ -170,18 +170,21 @@ def damage_tails(decomposer: Decomposer, source: WeightSource) -> list[np.ndarra
 
 def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = RankRounding(),
                   min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
-    """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
-    faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``
-    (for an output layer, not below its output count either), and the layer as it is; with the function that prices
-    any ranks of the layer by ``metric``."""
+    """Every distinct rank of the layer along its rank family, each rank raised to its
+    :func:`~musco_core.config.rank_floor` at ``min_rank_fraction`` (for an output layer, its output count too),
+    that would shrink it (and, for ``latency``, run faster than it does now), and the layer as it is; with the
+    function that prices any ranks of the layer by ``metric``."""
     decomposer = choice.decomposer
     spectra = [damage_tails(decomposer, source) for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
     floor = rank_floor(decomposer, choice.sources[0].spec, output_layer=choice.output_layer,
                        fraction=min_rank_fraction)
     ranks_list, seen = [], set()
-    for r in range(decomposer.min_rank, max(limits) + 1):
-        ranks = rounding(decomposer.rank_family(choice.sources[0].spec, r), limits)
+    for r in range(1, max(limits) + 1):
+        # each rank raised to its floor: the family's smallest member can sit far above it (tucker2's r_out is
+        # 0.8 * out / in times r_in), and a target out of reach is to get the smallest ranks allowed
+        family = decomposer.rank_family(choice.sources[0].spec, r)
+        ranks = rounding(tuple(max(rank, lowest) for rank, lowest in zip(family, floor)), limits)
         if ranks in seen or any(rank < lowest for rank, lowest in zip(ranks, floor)):
             continue
         seen.add(ranks)
