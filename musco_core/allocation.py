@@ -28,7 +28,7 @@ from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .stats import ModelStats
-from .surgery import module_paths, swapped
+from .surgery import module_paths, swapped, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,9 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
 
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and stage(other) == layer.curr_compr_iter]
+    # the step keeps a layer whose weights are tied to another module's (unless forced): counted as it is, not planned
+    tied = [other for other in tied_parameters(model, members) if not schedule.layers[other].force]
+    members = [other for other in members if other not in tied]
     input_stats = input_stats_for([other for other in members if forms_features(
         read_layer(model.get_submodule(other), registry, other)[1].spec)])
     unpriced = [other for other in members if other not in input_stats]
@@ -230,6 +233,7 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
         finally:
             if profiler is not None:
                 profiler.close()
+    chosen.update(dict.fromkeys(tied))
     if group is None:
         return chosen, record
     plan = distributed.broadcast_json(group, {

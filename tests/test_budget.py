@@ -613,6 +613,38 @@ def test_an_output_layer_keeps_at_least_its_output_count(registry):
     assert "output layer(s) '8'" in compressor.report().budgets[0].note
 
 
+class TiedPair(nn.Module):
+    """Four hidden Linear layers, the first two sharing one weight matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(128, 128) for _ in range(4))
+        self.head = nn.Linear(128, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        for layer in (self.a, self.b, self.c, self.d):
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_member_tied_to_another_module_is_planned_as_kept(registry, metric):
+    # the step keeps it (its weight stays with b) but the plan counted it compressed: planned 2.13x, the model 1.58x
+    torch.manual_seed(0)
+    model = make_trained_like(TiedPair()).eval()
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                for name in "acd"},
+                            all_algo_kwargs={"budget": {"reduction": 1.6, "metric": metric}})
+    compressor.compression_step()
+    report = compressor.report()
+    assert compressor.ranks["a"] is None and "tied to b.weight" in compressor.history[0].note
+    achieved = report.params_ratio if metric == "params" else report.macs_ratio
+    assert report.budgets[0].planned == pytest.approx(achieved)
+    assert achieved >= 1.6
+
+
 def mlp_with_a_manual_layer(order, ft_every, registry):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),

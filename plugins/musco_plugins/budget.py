@@ -233,7 +233,7 @@ def allocate_ranks(layers: Sequence[LayerOptions], allowed: float) -> list[int]:
     cheapest = [0] * len(layers)
     if _spent(layers, cheapest) > allowed:
         return cheapest
-    scale = max(float(layer.cost[-1]) for layer in layers) or 1.0
+    scale = max((float(layer.cost[-1]) for layer in layers), default=0.0) or 1.0
     low, high = 0.0, 1.0 / scale
     while _spent(layers, _pick(layers, high)) > allowed:  # ends: a high enough price picks the cheapest options
         low, high = high, high * 4.0
