@@ -401,7 +401,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
-    _keep_unfaithful(model, pending, paths, context, group)
+    budgets = _with_kept_after_plan(state, budgets, _keep_unfaithful(model, pending, paths, context, group))
     budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
@@ -415,14 +415,14 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
 
 
 def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mapping[int, list[str]],
-                     context: RunContext, group: distributed.Group | None) -> None:
+                     context: RunContext, group: distributed.Group | None) -> list[str]:
     """Keeps as they are (in ``pending``, with the reason) the layers whose replacement the model would not use as
     it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on the example input, else on the first
     calibration batch. In a distributed job the verdict of the first rank holding such an input counts on every
-    rank (every rank takes part, whether its own shard is empty or not)."""
+    rank (every rank takes part, whether its own shard is empty or not). Returns the names of the layers it kept."""
     swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
     if not swaps:
-        return
+        return []
     probe, input_name = context.example_input, "the example input"
     if probe is None:
         probe, input_name = _first_batch(context.calibration_data), "the first calibration batch"
@@ -431,12 +431,31 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
         log.warning("compression step: the replacements are not checked in the whole model (no example input or "
                     "calibration data to run it on): a layer the model uses other than by calling it (a branch on "
                     "its type, a read of its weight) would not be kept; pass example_input to check")
-        return
+        return []
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
                                            lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))
+    return list(unfaithful)
+
+
+def _with_kept_after_plan(state: RunState, budgets: Sequence[BudgetRecord], kept: Sequence[str]
+                          ) -> list[BudgetRecord]:
+    """``budgets`` with a note on each plan of a whole-model selector that counted one of the ``kept`` layers (kept
+    after their factorization, by the whole-model check) compressed: its ``planned`` figure is then not what the
+    model reaches."""
+    schedule, budgets = state.schedule, list(budgets)
+    for index, record in enumerate(budgets):
+        names = [name for name in kept if schedule.layers[name].rank_selection == record.selector
+                 and schedule.layers[name].curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
+                 == record.pass_index]
+        if names:
+            note = (f"layer(s) {', '.join(map(repr, names))} it planned to compress were kept after the plan (see "
+                    f"their rows): the model ends less reduced than planned")
+            log.warning("%s: %s", record.selector, note)
+            budgets[index] = attrs.evolve(record, note="; ".join(filter(None, [record.note, note])))
+    return budgets
 
 
 def _first_batch(calibration_data: Any) -> Any:

@@ -645,6 +645,34 @@ def test_a_member_tied_to_another_module_is_planned_as_kept(registry, metric):
     assert achieved >= 1.6
 
 
+class BranchOnType(nn.Module):
+    """Three hidden Linear layers; the forward treats ``c`` differently once it is no longer an nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d = (nn.Linear(128, 128) for _ in range(3))
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.c(x)) * (1.0 if isinstance(self.c, nn.Linear) else 0.5)
+        return self.head(torch.relu(self.d(x)))
+
+
+def test_a_plan_says_so_when_a_layer_it_counted_is_kept_after_its_factorization(registry):
+    # the whole-model check keeps 'c'; the budget line still said 'planned 2.136x' while the model was 1.58x
+    torch.manual_seed(0)
+    model = make_trained_like(BranchOnType()).eval()
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                for name in "acd"},
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}})
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert compressor.report().params_ratio < record.planned / 1.2
+    assert "layer(s) 'c' it planned to compress were kept after the plan" in record.note
+
+
 def mlp_with_a_manual_layer(order, ft_every, registry):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),
