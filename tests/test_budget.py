@@ -91,6 +91,25 @@ def test_a_budget_is_split_geometrically_over_the_passes(model, registry, ft_eve
     assert all(count == 2 for count in np.unique([r.name for r in compressor.history], return_counts=True)[1])
 
 
+@pytest.mark.parametrize("order", ["024", "204"])
+def test_layers_the_schedule_starts_at_different_stages_share_one_pass(registry, order):
+    # a layer at curr_compr_iter 1 among layers at 0 was a pass of its own, aimed at the whole target: cut to its
+    # floor (rank 16), two plans for pass 1/1, and the model at 2.26x for 2x
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                          nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))).eval()
+    layers = {name: {"decomposition": "svd", "rank_selection": "budget", "curr_compr_iter": int(name == "2")}
+              for name in order}
+    document = {"version": 1, "layers": layers, "settings": {
+        "ft_every": 3, "rank_multiple": 1, "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}}}}
+    compressor = Compressor(mlp, model_compr_kwargs=document, registry=registry, progress=False)
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert record.pass_index == 0 and record.planned == pytest.approx(compressor.report().params_ratio)
+    assert 2.0 <= record.planned <= 2.0 * 1.02
+    assert compressor.ranks["2"][0] > 16
+
+
 def test_an_unreachable_target_compresses_all_it_can_and_says_why(model, registry):
     compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": 50.0}})
     (record,) = compressor.report().budgets
