@@ -707,6 +707,22 @@ def mlp_with_a_manual_layer(order, ft_every, registry):
     return compressor
 
 
+def test_a_target_the_layers_outside_the_budget_already_pass_keeps_every_layer_and_says_why(registry):
+    # the note blamed coarse ranks ('the next larger rank of every layer would exceed it') with every layer kept
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))).eval()
+    layers = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]},
+              **{name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("2", "4")}}
+    compressor = Compressor(mlp, model_compr_kwargs=layers, ft_every=3, registry=registry, progress=False,
+                            all_algo_kwargs={"budget": {"reduction": 1.5, "metric": "params"}})
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert compressor.ranks["2"] is None and compressor.ranks["4"] is None
+    assert record.note == (f"overshoots the target 1.500x: the model is {record.planned:.3f}x smaller already (the "
+                           f"layers outside the budget, earlier passes), so every layer is kept as it is")
+
+
 @pytest.mark.parametrize("order, ft_every, uncounted", [
     (["0", "2", "4"], 3, False),  # compressed before the allocation, in its step: counted
     (["2", "4", "0"], 3, True),  # after it, in the same step

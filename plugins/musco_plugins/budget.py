@@ -350,6 +350,9 @@ class Budget(RankSelector):
             note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks (none below "
                     f"{params.min_rank_fraction:.3g} of its full rank: min_rank_fraction) leave {planned:.3f}x "
                     f"(the layers outside the budget hold {fixed / original:.1%} of the {params.metric})")
+        elif planned > target * 1.02 and all(r is None for r in ranks):
+            note = (f"overshoots the target {target:.3f}x: the model is {original / now:.3f}x smaller already (the "
+                    f"layers outside the budget, earlier passes), so every layer is kept as it is")
         elif planned > target * 1.02:
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
