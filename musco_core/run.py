@@ -355,6 +355,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
+    planned: list[str] = []  # the step's layers a whole-model plan counts as compressed
     pending: dict[str, Pending] = {}
     queued: dict[str, _Job] = {}
     loads = [0.0] * group.world_size if group else None  # each rank's decomposition work in this step
@@ -392,6 +393,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                 chosen = {"keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
             else:
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
+                planned.append(name)
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
         if sequential and name in needing:
@@ -401,7 +403,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
     decompose_queued()
-    budgets = _with_kept_after_plan(state, budgets, _keep_unfaithful(model, pending, paths, context, group))
+    _keep_unfaithful(model, pending, paths, context, group)
     budgets = _with_measured_speedup(model, pending, paths, schedule, context, budgets, group)
     for entry in pending.values():
         if entry.new is not None:
@@ -410,19 +412,20 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     results = tuple(pending[name].result for name in names)  # in the plan's order, whatever order they ran in
     log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
              sum(r.applied for r in results), len(results))
+    budgets = _with_kept_after_plan(state, budgets, [name for name in planned if pending[name].new is None])
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
 
 
 def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mapping[int, list[str]],
-                     context: RunContext, group: distributed.Group | None) -> list[str]:
+                     context: RunContext, group: distributed.Group | None) -> None:
     """Keeps as they are (in ``pending``, with the reason) the layers whose replacement the model would not use as
     it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on the example input, else on the first
     calibration batch. In a distributed job the verdict of the first rank holding such an input counts on every
-    rank (every rank takes part, whether its own shard is empty or not). Returns the names of the layers it kept."""
+    rank (every rank takes part, whether its own shard is empty or not)."""
     swaps = {name: (entry.module, entry.new) for name, entry in pending.items() if entry.new is not None}
     if not swaps:
-        return []
+        return
     probe, input_name = context.example_input, "the example input"
     if probe is None:
         probe, input_name = _first_batch(context.calibration_data), "the first calibration batch"
@@ -431,20 +434,19 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
         log.warning("compression step: the replacements are not checked in the whole model (no example input or "
                     "calibration data to run it on): a layer the model uses other than by calling it (a branch on "
                     "its type, a read of its weight) would not be kept; pass example_input to check")
-        return []
+        return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
                                            lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))
-    return list(unfaithful)
 
 
 def _with_kept_after_plan(state: RunState, budgets: Sequence[BudgetRecord], kept: Sequence[str]
                           ) -> list[BudgetRecord]:
-    """``budgets`` with a note on each plan of a whole-model selector that counted one of the ``kept`` layers (kept
-    after their factorization, by the whole-model check) compressed: its ``planned`` figure is then not what the
-    model reaches."""
+    """``budgets`` with a note on each plan of a whole-model selector that counted one of the ``kept`` layers
+    compressed (the step kept it after its factorization: the whole-model check, say): its ``planned`` figure is
+    then not what the model reaches."""
     schedule, budgets = state.schedule, list(budgets)
     for index, record in enumerate(budgets):
         names = [name for name in kept if schedule.layers[name].rank_selection == record.selector
