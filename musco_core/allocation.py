@@ -1,6 +1,7 @@
 """Whole-model rank allocation: a rank selector of scope ``"model"`` chooses the ranks of every layer of a pass at once.
 
-A pass holds every layer that uses the selector at the same stage. When a step reaches the first of them, the
+A pass holds every layer that uses the selector at the same compression of the run (its first, second...,
+whatever stage the schedule started the layer at). When a step reaches the first of them, the
 selector sees them all together, on the model as it is then (with the step's earlier replacements counted), and
 fixes their ranks until each is compressed. With an ``evaluate`` function a sensitivity pass first measures how
 much each layer's compression alone hurts the model.
@@ -29,7 +30,7 @@ from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .stats import ModelStats
-from .surgery import module_paths, swapped
+from .surgery import module_paths, swapped, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,18 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     registry, settings = context.registry, schedule.settings
     selector = registry.rank_selectors.get(layer.rank_selection)
 
-    def stage(other: str) -> int:  # a layer compressed earlier in this step is one stage on
-        return schedule.layers[other].curr_compr_iter + (other in pending)
+    def pass_of(other: str) -> int:
+        """The layer's compressions in this run so far (one more when the step compressed it already): a pass holds
+        the layers at the same count, whatever stage (``curr_compr_iter``) the schedule started each at."""
+        return (schedule.layers[other].curr_compr_iter + (other in pending)
+                - state.initial_schedule.layers[other].curr_compr_iter)
 
+    pass_index = pass_of(name)
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
-               and stage(other) == layer.curr_compr_iter]
+               and pass_of(other) == pass_index]
+    # the step keeps a layer whose weights are tied to another module's (unless forced): counted as it is, not planned
+    tied = [other for other in tied_parameters(model, members) if not schedule.layers[other].force]
+    members = [other for other in members if other not in tied]
     input_stats = input_stats_for([other for other in members if forms_features(
         read_layer(model.get_submodule(other), registry, other)[1].spec)])
     unpriced = [other for other in members if other not in input_stats]
@@ -217,7 +225,6 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     if context.evaluate is not None:
         sensitivity = sensitivities(model, choices, schedule, context, input_stats, group)
         choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]
-    pass_index = layer.curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
     with distributed.agreement(group, f"rank selection {selector.name!r}"):
         try:
             if profiler is not None:
@@ -229,10 +236,11 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
                                       optimized=selector.times_optimized(settings.params_for(selector)))
             chosen, record = _run_selector(selector, registry.rank_selectors.describe(selector.name),
                                            choices, members, totals, pass_index, settings,
-                                           uncounted_outside(state, selector.name, layer.curr_compr_iter, pending))
+                                           uncounted_outside(state, selector.name, pass_index, pending))
         finally:
             if profiler is not None:
                 profiler.close()
+    chosen.update(dict.fromkeys(tied))
     if group is None:
         return chosen, record
     plan = distributed.broadcast_json(group, {
@@ -243,17 +251,18 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
              for member, value in plan["chosen"].items()}, BudgetRecord(**plan["record"]))
 
 
-def uncounted_outside(state: RunState, selector: str, stage: int, pending: Mapping[str, Any]) -> list[str]:
-    """The layers outside ``selector`` that the run compresses after its allocation at ``stage`` and before its
-    next pass (later in the current step, where the step has not reached them, and in the steps after it): the
-    allocation counts them as they are now."""
-    schedule = state.schedule
+def uncounted_outside(state: RunState, selector: str, pass_index: int, pending: Mapping[str, Any]) -> list[str]:
+    """The layers outside ``selector`` that the run compresses after its allocation of pass ``pass_index`` and
+    before its next pass (later in the current step, where the step has not reached them, and in the steps after
+    it): the allocation counts them as they are now."""
+    schedule, initial = state.schedule, state.initial_schedule.layers
     current = state.steps[state.next_step]
     uncounted = [name for name in current if name not in pending and schedule.layers[name].rank_selection != selector]
     taken = dict.fromkeys(current, 1)  # compressions of each layer from the current step on
     for step in state.steps[state.next_step + 1:]:
         if any(schedule.layers[name].rank_selection == selector
-               and schedule.layers[name].curr_compr_iter + taken.get(name, 0) > stage for name in step):
+               and schedule.layers[name].curr_compr_iter + taken.get(name, 0) - initial[name].curr_compr_iter
+               > pass_index for name in step):
             break  # the selector's next pass, whose allocation counts them
         uncounted += [name for name in step if schedule.layers[name].rank_selection != selector
                       and name not in uncounted]

@@ -392,6 +392,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     paths = module_paths(model)
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
+    planned: list[str] = []  # the step's layers a whole-model plan counts as compressed
     pending: dict[str, Pending] = {}
     queued: dict[str, _Job] = {}
     loads = [0.0] * group.world_size if group else None  # each rank's decomposition work in this step
@@ -429,6 +430,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                 chosen = {"keep_note": f"kept as is: the {layer.rank_selection} allocation leaves it at this pass"}
             else:
                 layer, chosen = attrs.evolve(layer, decomposition=allocation.decomposition), {"ranks": allocation.ranks}
+                planned.append(name)
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
         if sequential and name in needing:
@@ -452,6 +454,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     results = tuple(pending[name].result for name in names)  # in the plan's order, whatever order they ran in
     log.info("compression step %d/%d: %d of %d layers compressed", state.next_step + 1, len(state.steps),
              sum(r.applied for r in results), len(results))
+    budgets = _with_kept_after_plan(state, budgets, [name for name in planned if pending[name].new is None])
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
 
@@ -479,6 +482,24 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
     for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         pending[name] = Pending(pending[name].module, None, pending[name].result.kept(why))
+
+
+def _with_kept_after_plan(state: RunState, budgets: Sequence[BudgetRecord], kept: Sequence[str]
+                          ) -> list[BudgetRecord]:
+    """``budgets`` with a note on each plan of a whole-model selector that counted one of the ``kept`` layers
+    compressed (the step kept it after its factorization: the whole-model check, say): its ``planned`` figure is
+    then not what the model reaches."""
+    schedule, budgets = state.schedule, list(budgets)
+    for index, record in enumerate(budgets):
+        names = [name for name in kept if schedule.layers[name].rank_selection == record.selector
+                 and schedule.layers[name].curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
+                 == record.pass_index]
+        if names:
+            note = (f"layer(s) {', '.join(map(repr, names))} it planned to compress were kept after the plan (see "
+                    f"their rows): the model ends less reduced than planned")
+            log.warning("%s: %s", record.selector, note)
+            budgets[index] = attrs.evolve(record, note="; ".join(filter(None, [record.note, note])))
+    return budgets
 
 
 def _first_batch(calibration_data: Any) -> Any:

@@ -136,6 +136,25 @@ def test_a_budget_is_split_geometrically_over_the_passes(model, registry, ft_eve
     assert all(count == 2 for count in np.unique([r.name for r in compressor.history], return_counts=True)[1])
 
 
+@pytest.mark.parametrize("order", ["024", "204"])
+def test_layers_the_schedule_starts_at_different_stages_share_one_pass(registry, order):
+    # a layer at curr_compr_iter 1 among layers at 0 was a pass of its own, aimed at the whole target: cut to its
+    # floor (rank 16), two plans for pass 1/1, and the model at 2.26x for 2x
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                          nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))).eval()
+    layers = {name: {"decomposition": "svd", "rank_selection": "budget", "curr_compr_iter": int(name == "2")}
+              for name in order}
+    document = {"version": 1, "layers": layers, "settings": {
+        "ft_every": 3, "rank_multiple": 1, "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}}}}
+    compressor = Compressor(mlp, model_compr_kwargs=document, registry=registry, progress=False)
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert record.pass_index == 0 and record.planned == pytest.approx(compressor.report().params_ratio)
+    assert 2.0 <= record.planned <= 2.0 * 1.02
+    assert compressor.ranks["2"][0] > 16
+
+
 def test_an_unreachable_target_compresses_all_it_can_and_says_why(model, registry):
     compressor = run(model, registry, budget_schedule(model), all_algo_kwargs={"budget": {"reduction": 50.0}})
     (record,) = compressor.report().budgets
@@ -159,6 +178,44 @@ def test_an_unreachable_target_stops_at_the_rank_floor(registry, fraction, fc1_r
     assert {result.name: result.ranks for result in compressor.history} == {"0": (fc1_rank,), "2": (fc2_rank,)}
     (record,) = compressor.report().budgets
     assert "cannot be met" in record.note and "min_rank_fraction" in record.note
+
+
+def test_out_of_reach_a_tucker2_layer_widening_its_channels_goes_down_to_its_floor(registry):
+    # the rank family's smallest member, (32, 8) here (r_out = 0.8 * out / in * r_in), was the lowest the budget
+    # tried: it reported 2.04x as what the smallest ranks allow, where (8, 8) gives 7.25x
+    torch.manual_seed(0)
+    model = make_trained_like(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 64, 3), nn.ReLU(),
+                                            nn.Conv2d(64, 4, 1))).eval()
+    compressor = Compressor(model, example_input=torch.randn(1, 3, 8, 8), registry=registry, progress=False,
+                            model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "budget"}},
+                            all_algo_kwargs={"budget": {"reduction": 1000.0, "metric": "params",
+                                                        "scope": "compressed"}})
+    compressor.compression_step()
+    assert compressor.ranks == {"2": (8, 8)}  # tucker2's minimum rank, above 1/16 of 64 and of 16
+    (record,) = compressor.report().budgets
+    assert record.planned == pytest.approx((16 * 64 * 9 + 64) / (16 * 8 + 8 * 8 * 9 + 8 * 64 + 64))
+    assert "cannot be met" in record.note
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_target_just_out_of_reach_is_reported_as_missed(registry, metric):
+    # 1.5% beyond what the smallest ranks give, the plan fell short with no note (the note waited for 2%)
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                                          nn.Linear(64, 10))).eval()
+
+    def compress(reduction):
+        compressor = Compressor(mlp, example_input=torch.randn(2, 256), ft_every=2, registry=registry,
+                                model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                    for name in ("0", "2")},
+                                all_algo_kwargs={"budget": {"reduction": reduction, "metric": metric}}, progress=False)
+        compressor.compression_step()
+        return compressor.report().budgets[0]
+
+    reach = compress(100.0).planned
+    record = compress(reach * 1.015)
+    assert record.planned == pytest.approx(reach)
+    assert record.note.startswith(f"the target {reach * 1.015:.3f}x cannot be met"), record.note
 
 
 def test_ranks_are_rounded_to_the_requested_multiple(model, registry):
@@ -622,6 +679,66 @@ def test_an_output_layer_keeps_at_least_its_output_count(registry):
     assert "output layer(s) '8'" in compressor.report().budgets[0].note
 
 
+class TiedPair(nn.Module):
+    """Four hidden Linear layers, the first two sharing one weight matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(128, 128) for _ in range(4))
+        self.head = nn.Linear(128, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        for layer in (self.a, self.b, self.c, self.d):
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_member_tied_to_another_module_is_planned_as_kept(registry, metric):
+    # the step keeps it (its weight stays with b) but the plan counted it compressed: planned 2.13x, the model 1.58x
+    torch.manual_seed(0)
+    model = make_trained_like(TiedPair()).eval()
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                for name in "acd"},
+                            all_algo_kwargs={"budget": {"reduction": 1.6, "metric": metric}})
+    compressor.compression_step()
+    report = compressor.report()
+    assert compressor.ranks["a"] is None and "tied to b.weight" in compressor.history[0].note
+    achieved = report.params_ratio if metric == "params" else report.macs_ratio
+    assert report.budgets[0].planned == pytest.approx(achieved)
+    assert achieved >= 1.6
+
+
+class BranchOnType(nn.Module):
+    """Three hidden Linear layers; the forward treats ``c`` differently once it is no longer an nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d = (nn.Linear(128, 128) for _ in range(3))
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.c(x)) * (1.0 if isinstance(self.c, nn.Linear) else 0.5)
+        return self.head(torch.relu(self.d(x)))
+
+
+def test_a_plan_says_so_when_a_layer_it_counted_is_kept_after_its_factorization(registry):
+    # the whole-model check keeps 'c'; the budget line still said 'planned 2.136x' while the model was 1.58x
+    torch.manual_seed(0)
+    model = make_trained_like(BranchOnType()).eval()
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs={name: {"decomposition": "svd", "rank_selection": "budget"}
+                                                for name in "acd"},
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}})
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert compressor.report().params_ratio < record.planned / 1.2
+    assert "layer(s) 'c' it planned to compress were kept after the plan" in record.note
+
+
 def mlp_with_a_manual_layer(order, ft_every, registry):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),
@@ -635,6 +752,22 @@ def mlp_with_a_manual_layer(order, ft_every, registry):
     while not compressor.done:
         compressor.compression_step()
     return compressor
+
+
+def test_a_target_the_layers_outside_the_budget_already_pass_keeps_every_layer_and_says_why(registry):
+    # the note blamed coarse ranks ('the next larger rank of every layer would exceed it') with every layer kept
+    torch.manual_seed(0)
+    mlp = make_trained_like(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))).eval()
+    layers = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]},
+              **{name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("2", "4")}}
+    compressor = Compressor(mlp, model_compr_kwargs=layers, ft_every=3, registry=registry, progress=False,
+                            all_algo_kwargs={"budget": {"reduction": 1.5, "metric": "params"}})
+    compressor.compression_step()
+    (record,) = compressor.report().budgets
+    assert compressor.ranks["2"] is None and compressor.ranks["4"] is None
+    assert record.note == (f"overshoots the target 1.500x: the model is {record.planned:.3f}x smaller already (the "
+                           f"layers outside the budget, earlier passes), so every layer is kept as it is")
 
 
 @pytest.mark.parametrize("order, ft_every, uncounted", [

@@ -187,18 +187,21 @@ def group_energy(decomposer: Decomposer, source: WeightSource) -> float:
 
 def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = RankRounding(),
                   min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
-    """Every distinct rank of the layer along its rank family that would shrink it (and, for ``latency``, run
-    faster than it does now) and is not below its :func:`~musco_core.config.rank_floor` at ``min_rank_fraction``
-    (for an output layer, not below its output count either), and the layer as it is; with the function that prices
-    any ranks of the layer by ``metric``."""
+    """Every distinct rank of the layer along its rank family, each rank raised to its
+    :func:`~musco_core.config.rank_floor` at ``min_rank_fraction`` (for an output layer, its output count too),
+    that would shrink it (and, for ``latency``, run faster than it does now), and the layer as it is; with the
+    function that prices any ranks of the layer by ``metric``."""
     decomposer = choice.decomposer
     spectra = [damage_tails(decomposer, source) for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
     floor = rank_floor(decomposer, choice.sources[0].spec, output_layer=choice.output_layer,
                        fraction=min_rank_fraction)
     ranks_list, seen = [], set()
-    for r in range(decomposer.min_rank, max(limits) + 1):
-        ranks = rounding(decomposer.rank_family(choice.sources[0].spec, r), limits)
+    for r in range(1, max(limits) + 1):
+        # each rank raised to its floor: the family's smallest member can sit far above it (tucker2's r_out is
+        # 0.8 * out / in times r_in), and a target out of reach is to get the smallest ranks allowed
+        family = decomposer.rank_family(choice.sources[0].spec, r)
+        ranks = rounding(tuple(max(rank, lowest) for rank, lowest in zip(family, floor)), limits)
         if ranks in seen or any(rank < lowest for rank, lowest in zip(ranks, floor)):
             continue
         seen.add(ranks)
@@ -249,7 +252,7 @@ def allocate_ranks(layers: Sequence[LayerOptions], allowed: float) -> list[int]:
     cheapest = [0] * len(layers)
     if _spent(layers, cheapest) > allowed:
         return cheapest
-    scale = max(float(layer.cost[-1]) for layer in layers) or 1.0
+    scale = max((float(layer.cost[-1]) for layer in layers), default=0.0) or 1.0
     low, high = 0.0, 1.0 / scale
     while _spent(layers, _pick(layers, high)) > allowed:  # ends: a high enough price picks the cheapest options
         low, high = high, high * 4.0
@@ -362,10 +365,13 @@ class Budget(RankSelector):
         note = None
         if params.metric == "latency" and params.scope == "model" and totals.speedup_of is not None:
             choices, ranks, planned, note = _calibrated(plan, totals, target, original / now)
-        elif planned < target / 1.02:
+        elif planned < target * (1 - 1e-9):  # the cost model is exact: a plan short by any share misses it
             note = (f"the target {target:.3f}x cannot be met: these layers at their smallest ranks (none below "
                     f"{params.min_rank_fraction:.3g} of its full rank: min_rank_fraction) leave {planned:.3f}x "
                     f"(the layers outside the budget hold {fixed / original:.1%} of the {params.metric})")
+        elif planned > target * 1.02 and all(r is None for r in ranks):
+            note = (f"overshoots the target {target:.3f}x: the model is {original / now:.3f}x smaller already (the "
+                    f"layers outside the budget, earlier passes), so every layer is kept as it is")
         elif planned > target * 1.02:
             note = (f"overshoots the target {target:.3f}x: the next larger rank of every layer would exceed it "
                     f"(too few or too coarse layers to land closer)")
