@@ -317,6 +317,21 @@ def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_p
                                                                      "step-0500"]
 
 
+def test_pruning_old_states_keeps_the_users_copies_of_a_state(tmp_path):
+    """A state the user copied next to it to keep it (cp -r step-0001 backup) carries musco-core's marker too; a state
+    is only ever saved under a step name, so the copy under another name is the user's and stays as it is."""
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    copies = [shutil.copytree(first, tmp_path / "ckpt" / name) for name in ("backup", "step-0001-good")]
+    before = [output_snapshot(copy) for copy in copies]
+    compressor.compression_step()
+    compressor.save_state(tmp_path / "ckpt")
+    assert [output_snapshot(copy) for copy in copies] == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".musco-core", "LATEST", "backup",
+                                                                     "step-0001-good", "step-0002"]
+
+
 def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplog):
     compressor = worker.start()
     compressor.compression_step()
