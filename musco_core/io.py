@@ -38,7 +38,7 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -766,16 +766,16 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     fsync_dir(directory)
     write_text_atomic(directory / LATEST_FILE, name + "\n")
     fsync_dir(directory)
-    _remove_older_states(directory, target, state.run_id, overwrite)
+    _remove_older_states(directory, {target}, state.run_id, overwrite)
     return target
 
 
-def _remove_older_states(directory: Path, keep: Path, run_id: str, overwrite: bool = False) -> None:
-    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but
+def _remove_older_states(directory: Path, keep: Collection[Path], run_id: str, overwrite: bool = False) -> None:
+    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but those in
     ``keep``: only folders of a step name (the only name a state is saved under) with musco-core's state marker,
     never anything else: a copy the user made of a state under another name (a backup) carries the marker too."""
     for old in list(directory.iterdir()):
-        marker = (read_marker(old) if old != keep and STEP_NAME.fullmatch(old.name) and old.is_dir()
+        marker = (read_marker(old) if old not in keep and STEP_NAME.fullmatch(old.name) and old.is_dir()
                   and not old.is_symlink() else None)
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == run_id):
             _remove_state(old)
@@ -784,12 +784,14 @@ def _remove_older_states(directory: Path, keep: Path, run_id: str, overwrite: bo
 def tidy_checkpoints(directory: str | os.PathLike) -> None:
     """Removes what a save killed before its end left in a checkpoint folder, once a resume has read its newest
     state: the run's older states (a save removes them after ``LATEST`` names the new one, so a final save killed
-    in between left one for good) and staging folders of dead musco-core processes. A folder that cannot be
-    tidied (read-only, say) is left as it is, with a warning."""
+    in between left one for good) and staging folders of dead musco-core processes. A complete state newer than
+    that one (saved meanwhile by another process resuming the folder) is kept. A folder that cannot be tidied
+    (read-only, say) is left as it is, with a warning."""
     step_dir, run_id = latest_state(directory)
     try:
         _remove_dead_staging(step_dir.parent)
-        _remove_older_states(step_dir.parent, step_dir, run_id)
+        newer = {state for state in _complete_states(step_dir.parent, run_id) if _age(state) > _age(step_dir)}
+        _remove_older_states(step_dir.parent, {step_dir, *newer}, run_id)
     except OSError as exc:
         log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
 
@@ -813,9 +815,10 @@ def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
 
 def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
-    step folder directly inside it that this run wrote. Where ``LATEST`` is missing, or names a step folder that is
-    missing, (a run killed after it renamed a state into place, before it wrote ``LATEST``), the newest complete
-    state of the run (:func:`_newest_state`)."""
+    step folder directly inside it that this run wrote. Where ``LATEST`` is missing, names a step folder that is
+    missing, or names an older state than one whose state file was written after ``LATEST`` (a run killed after it
+    renamed a state into place, before it wrote ``LATEST``), the newest complete state of the run
+    (:func:`_newest_state`)."""
     directory = Path(directory)
     marker = read_marker(directory) if directory.is_dir() else None
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
@@ -839,6 +842,12 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
         return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, which is missing"), marker["run_id"]
     if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
         raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
+    written = latest.stat().st_mtime_ns
+    if (step_dir / STATE_FILE).is_file() and any(
+            (state / STATE_FILE).stat().st_mtime_ns > written and _age(state) > _age(step_dir)
+            for state in _complete_states(directory, marker["run_id"])):
+        return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, and a newer state was saved "
+                                                          f"after it"), marker["run_id"]
     return step_dir, marker["run_id"]
 
 
@@ -850,15 +859,25 @@ def _newest_state(directory: Path, run_id: str, why: str) -> Path:
     and the state file, weights and manifest (which an older state being removed may lack). The newest is the one
     of the highest step; of one step saved twice, the one whose state file was written last.
     """
-    found = [child for child in directory.iterdir()
-             if STEP_NAME.fullmatch(child.name) and not child.is_symlink() and _ours(child, "state", run_id)
-             and all((child / name).is_file() for name in (STATE_FILE, WEIGHTS, MANIFEST))]
+    found = _complete_states(directory, run_id)
     if not found:
         raise ConfigError(f"{why}, and {directory} holds no complete state of its run; nothing to resume")
-    newest = max(found, key=lambda child: (int(child.name.split("-")[1]), (child / STATE_FILE).stat().st_mtime_ns,
-                                           child.name))
+    newest = max(found, key=_age)
     log.info("%s; resuming from the newest complete state, %s", why, newest)
     return newest
+
+
+def _complete_states(directory: Path, run_id: str) -> list[Path]:
+    """The complete states of the run ``run_id`` in ``directory`` (see :func:`_newest_state`)."""
+    return [child for child in directory.iterdir()
+            if STEP_NAME.fullmatch(child.name) and not child.is_symlink() and _ours(child, "state", run_id)
+            and all((child / name).is_file() for name in (STATE_FILE, WEIGHTS, MANIFEST))]
+
+
+def _age(state: Path) -> tuple[int, int, str]:
+    """Orders a run's complete states, oldest first: by step, then (one step saved twice) by when the state file was
+    written."""
+    return int(state.name.split("-")[1]), (state / STATE_FILE).stat().st_mtime_ns, state.name
 
 
 def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry

@@ -488,6 +488,49 @@ def test_a_final_save_killed_before_it_removed_the_previous_state_is_tidied_by_t
     assert Compressor.resume(model, folder, progress=False).done
 
 
+def test_a_save_killed_before_latest_named_its_state_resumes_from_that_state_and_keeps_it(tmp_path, monkeypatch):
+    """Killed after step-0002 was renamed into place, before LATEST (still naming step-0001) named it: the resume
+    continues from step-0002, the newest complete state, and its tidying removes step-0001, never step-0002."""
+    import musco_core.io as io
+
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    compressor.save_state(folder)
+    compressor.compression_step()
+    written = io.write_text_atomic
+
+    def killed(path, text):
+        if path.name == LATEST_FILE:
+            raise KeyboardInterrupt
+        written(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "write_text_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            compressor.save_state(folder)
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0001" and (folder / "step-0002").is_dir()
+    assert worker.resume(folder).curr_iter == 2
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", "step-0002"]
+
+
+def test_resuming_an_older_state_latest_names_keeps_the_newer_ones(tmp_path):
+    """LATEST pointed back at an older state after the newer one was saved (a user going back a step): the resume
+    continues from the state LATEST names, and its tidying never removes the newer state."""
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    first = compressor.save_state(folder)
+    kept = shutil.copytree(first, tmp_path / "kept")
+    compressor.compression_step()
+    second = compressor.save_state(folder)
+    before = output_snapshot(second)
+    shutil.copytree(kept, first)
+    (folder / LATEST_FILE).write_text("step-0001\n")
+    assert worker.resume(folder).curr_iter == 1
+    assert output_snapshot(second) == before
+
+
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
     """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
     (which holds the dead writer's pid); only musco-core's files in it go."""
