@@ -86,8 +86,9 @@ SET_FILES = (WEIGHTS, MANIFEST, REPORT)
 #: Everything musco-core writes inside a step or staging folder; anything else there is the user's.
 OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
 #: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it, with
-#: the pid of the process writing it.
-OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})")
+#: the pid of the process writing it and, since it is a new file each time, a random suffix (older versions wrote
+#: none).
+OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})(?:-[0-9a-f]{8})?")
 #: The files musco-core writes with :func:`~musco_core.schedule.write_text_atomic` in an output or checkpoint folder.
 ATOMIC_FILES = (MARKER, JOURNAL, LATEST_FILE)
 #: The name of a staging folder (:func:`_new_staging`), with the pid of the process writing it.

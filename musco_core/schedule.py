@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import typing
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
@@ -812,10 +813,13 @@ def fsync_dir(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` so that a crash, or a power loss, leaves either the old file or the new one, never
     half of one: the temporary file is synced before it is renamed over ``path`` (a caller that needs the rename
-    itself to survive a power loss syncs the folder after, with :func:`fsync_dir`)."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    itself to survive a power loss syncs the folder after, with :func:`fsync_dir`). The temporary file is a new one
+    of a name no other holds (the pid and a random suffix): an entry of that name already there (a file of the
+    user's, a symlink) is never written through, truncated or removed."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with open(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -742,7 +742,8 @@ def test_the_next_save_removes_temporary_files_of_dead_processes_only(tmp_path):
     folder = tmp_path / "ckpt"
     compressor.save_state(folder)
     dead = dead_pid()
-    left = [folder / f".LATEST.tmp-{dead}", folder / f"..musco-core.tmp-{dead}"]
+    left = [folder / f".LATEST.tmp-{dead}", folder / f"..musco-core.tmp-{dead}",
+            folder / f".LATEST.tmp-{dead}-0123abcd"]
     kept = [folder / ".LATEST.tmp-1", folder / f".notes.txt.tmp-{dead}", folder / f".LATEST.tmp-0{dead}"]  # pid 1 runs
     for path in left + kept:
         path.write_text("step-0000\n")
@@ -786,3 +787,20 @@ def test_write_text_atomic_syncs_the_file_before_renaming_it(tmp_path, monkeypat
     inode = (tmp_path / LATEST_FILE).stat().st_ino
     assert events == [("fsync", inode), ("replace", inode)]
     assert (tmp_path / LATEST_FILE).read_text() == "step-0001\n"
+
+
+def test_write_text_atomic_never_writes_through_or_removes_what_holds_its_temporary_name(tmp_path):
+    """A symlink to a file of the user's, or a file of the user's, named as write_text_atomic once named its
+    temporary file (.NAME.tmp-PID): the write goes to a new file of its own, and both are left as they are."""
+    from musco_core.schedule import write_text_atomic
+
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("my thesis")
+    (tmp_path / f".LATEST.tmp-{os.getpid()}").symlink_to(thesis)
+    (tmp_path / f".schedule.yaml.tmp-{os.getpid()}").write_text("my notes")
+    write_text_atomic(tmp_path / LATEST_FILE, "step-0001\n")
+    write_text_atomic(tmp_path / "schedule.yaml", "version: 1\n")
+    assert thesis.read_text() == "my thesis" and not (tmp_path / LATEST_FILE).is_symlink()
+    assert (tmp_path / f".schedule.yaml.tmp-{os.getpid()}").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f".LATEST.tmp-{os.getpid()}", f".schedule.yaml.tmp-{os.getpid()}", LATEST_FILE, "schedule.yaml", "thesis.txt"])
