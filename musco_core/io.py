@@ -747,27 +747,31 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     model = unwrapped(model)
     check_saveable(model, registry, state)
     directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
-    _remove_dead_staging(directory)
-    name = f"step-{state.next_step:04d}"
-    if (directory / name).exists():  # saved again after the same step: a new folder, so LATEST always has one
-        name = f"{name}-{uuid.uuid4().hex[:8]}"
-    target = directory / name
-    staging = _new_staging(directory, name, state.run_id)
-    try:
-        _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
-        write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
-                                                               sort_keys=False, default_flow_style=None))
-        _write_marker(staging, "state", state.run_id)
-        fsync_dir(staging)
-        os.replace(staging, target)
-    except BaseException:
-        if staging.exists():
-            _remove_ours(staging)
-        raise
-    fsync_dir(directory)
-    write_text_atomic(directory / LATEST_FILE, name + "\n")
-    fsync_dir(directory)
-    _remove_older_states(directory, {target}, state.run_id, overwrite)
+    with _saving_states(directory) as alone:
+        if not alone:
+            raise ConfigError(f"{directory}: another process is saving a state here (two processes continuing one "
+                              f"run?); each of them would remove the other's newest state: run one at a time")
+        _remove_dead_staging(directory)
+        name = f"step-{state.next_step:04d}"
+        if (directory / name).exists():  # saved again after the same step: a new folder, so LATEST always has one
+            name = f"{name}-{uuid.uuid4().hex[:8]}"
+        target = directory / name
+        staging = _new_staging(directory, name, state.run_id)
+        try:
+            _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
+            write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
+                                                                   sort_keys=False, default_flow_style=None))
+            _write_marker(staging, "state", state.run_id)
+            fsync_dir(staging)
+            os.replace(staging, target)
+        except BaseException:
+            if staging.exists():
+                _remove_ours(staging)
+            raise
+        fsync_dir(directory)
+        write_text_atomic(directory / LATEST_FILE, name + "\n")
+        fsync_dir(directory)
+        _remove_older_states(directory, {target}, state.run_id, overwrite)
     return target
 
 
@@ -786,15 +790,40 @@ def tidy_checkpoints(directory: str | os.PathLike) -> None:
     """Removes what a save killed before its end left in a checkpoint folder, once a resume has read its newest
     state: the run's older states (a save removes them after ``LATEST`` names the new one, so a final save killed
     in between left one for good) and staging folders of dead musco-core processes. A complete state newer than
-    that one (saved meanwhile by another process resuming the folder) is kept. A folder that cannot be tidied
-    (read-only, say) is left as it is, with a warning."""
-    step_dir, run_id = latest_state(directory)
+    that one (saved meanwhile by another process resuming the folder) is kept, and nothing is removed while another
+    process saves a state there. A folder that cannot be tidied (read-only, say) is left as it is, with a
+    warning."""
+    with _saving_states(Path(directory)) as alone:
+        if not alone:
+            log.info("%s: another process is saving a state here; its older states are left to it", directory)
+            return
+        step_dir, run_id = latest_state(directory)
+        try:
+            _remove_dead_staging(step_dir.parent)
+            newer = {state for state in _complete_states(step_dir.parent, run_id) if _age(state) > _age(step_dir)}
+            _remove_older_states(step_dir.parent, {step_dir, *newer}, run_id)
+        except OSError as exc:
+            log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
+
+
+@contextlib.contextmanager
+def _saving_states(directory: Path) -> Iterator[bool]:
+    """Holds an advisory lock on the checkpoint folder itself (no file is added to it) while a state is saved and
+    older states are removed; yields False, holding nothing, where another process holds it: two processes saving
+    states of one run into one folder at once would each remove the other's newest state, and leave none."""
+    if fcntl is None:  # pragma: no cover - not POSIX: no advisory locks
+        yield True
+        return
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        _remove_dead_staging(step_dir.parent)
-        newer = {state for state in _complete_states(step_dir.parent, run_id) if _age(state) > _age(step_dir)}
-        _remove_older_states(step_dir.parent, {step_dir, *newer}, run_id)
-    except OSError as exc:
-        log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        yield alone
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _remove_state(folder: Path) -> None:

@@ -531,6 +531,34 @@ def test_resuming_an_older_state_latest_names_keeps_the_newer_ones(tmp_path):
     assert output_snapshot(second) == before
 
 
+def test_two_processes_saving_states_into_one_folder_at_once_never_leave_it_without_one(tmp_path, monkeypatch):
+    """Two processes continue one run from one folder (the API takes no lock) and save the same step at once: each
+    would remove the other's new state, leaving LATEST naming a missing folder and no state at all. The second save
+    is refused while the first holds the folder, and the first's state stays."""
+    import musco_core.io as io
+
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    compressor.save_state(folder)
+    first, second = worker.resume(folder), worker.resume(folder)
+    first.compression_step()
+    second.compression_step()
+    remove, refused = io._remove_older_states, []
+
+    def meanwhile(*args, **kwargs):  # the second process saves as the first begins to remove its older states
+        with pytest.raises(ConfigError, match="ckpt: another process is saving a state here") as caught:
+            second.save_state(folder)
+        refused.append(caught.value)
+        remove(*args, **kwargs)
+
+    monkeypatch.setattr(io, "_remove_older_states", meanwhile)
+    kept = first.save_state(folder)
+    monkeypatch.setattr(io, "_remove_older_states", remove)
+    assert refused and sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", kept.name]
+    assert worker.resume(folder).curr_iter == 2
+
+
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
     """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
     (which holds the dead writer's pid); only musco-core's files in it go."""
