@@ -778,12 +778,16 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
 def _remove_older_states(directory: Path, keep: Collection[Path], run_id: str, overwrite: bool = False) -> None:
     """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but those in
     ``keep``: only folders of a step name (the only name a state is saved under) with musco-core's state marker,
-    never anything else: a copy the user made of a state under another name (a backup) carries the marker too."""
+    never anything else: a copy the user made of a state under another name (a backup) carries the marker too. One
+    that cannot be removed (the user made it read-only) is left as it is, with a warning: the new state is saved."""
     for old in list(directory.iterdir()):
         marker = (read_marker(old) if old not in keep and STEP_NAME.fullmatch(old.name) and old.is_dir()
                   and not old.is_symlink() else None)
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == run_id):
-            _remove_state(old)
+            try:
+                _remove_state(old)
+            except OSError as exc:
+                log.warning("%s: an older state, left as it is: cannot remove it (%s)", old, exc.strerror or exc)
 
 
 def tidy_checkpoints(directory: str | os.PathLike) -> None:

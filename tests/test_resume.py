@@ -345,6 +345,30 @@ def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplo
     assert f"{first}: kept, it holds files musco-core did not write: eval.txt" in caplog.text
 
 
+def test_an_old_state_that_cannot_be_removed_is_kept_with_a_warning_and_the_save_succeeds(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """An old state the user made read-only cannot be renamed (rename(2) of a folder without write permission is
+    EACCES; simulated, as the tests may run as root): the new state and LATEST are written, so the save succeeds and
+    the old state stays, with a warning, rather than a PermissionError for a save that was made."""
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    before = output_snapshot(first)
+    rename = os.rename
+
+    def protected(source, target):
+        if Path(source) == first:
+            raise PermissionError(13, "Permission denied", str(source))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", protected)
+    compressor.compression_step()
+    with caplog.at_level("WARNING", logger="musco_core"):
+        assert compressor.save_state(tmp_path / "ckpt").name == "step-0002"
+    assert f"{first}: an older state, left as it is: cannot remove it (Permission denied)" in caplog.text
+    assert output_snapshot(first) == before and worker.resume(tmp_path / "ckpt").curr_iter == 2
+
+
 def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
     folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
     before = sorted(p.name for p in folder.iterdir())
