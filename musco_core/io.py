@@ -753,7 +753,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
                               f"run?); each of them would remove the other's newest state: run one at a time")
         _remove_dead_staging(directory)
         name = f"step-{state.next_step:04d}"
-        if (directory / name).exists():  # saved again after the same step: a new folder, so LATEST always has one
+        if os.path.lexists(directory / name):  # saved again after the same step, or a name of the user's (a link)
             name = f"{name}-{uuid.uuid4().hex[:8]}"
         target = directory / name
         staging = _new_staging(directory, name, state.run_id)

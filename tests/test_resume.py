@@ -369,6 +369,19 @@ def test_an_old_state_that_cannot_be_removed_is_kept_with_a_warning_and_the_save
     assert output_snapshot(first) == before and worker.resume(tmp_path / "ckpt").curr_iter == 2
 
 
+def test_a_dangling_symlink_named_like_the_next_state_is_kept_and_the_state_saved_beside_it(tmp_path):
+    """ckpt/step-0001 a symlink of the user's to a folder since moved away: the state was renamed over it and every
+    save failed with NotADirectoryError; a taken name, a link too, gets a suffix."""
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.save_state(folder)
+    (folder / "step-0001").symlink_to(tmp_path / "moved-away")
+    compressor.compression_step()
+    assert compressor.save_state(folder).name.startswith("step-0001-")
+    assert os.readlink(folder / "step-0001") == str(tmp_path / "moved-away")
+    assert worker.resume(folder).curr_iter == 1
+
+
 def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
     folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
     before = sorted(p.name for p in folder.iterdir())
