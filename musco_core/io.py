@@ -825,6 +825,8 @@ def _saving_states(directory: Path) -> Iterator[bool]:
             alone = True
         except BlockingIOError:
             alone = False
+        except OSError:  # a file system without locks on folders (NFS locks need a file open for writing): unguarded
+            alone = True
         yield alone
     finally:
         os.close(descriptor)  # releases the lock

@@ -596,6 +596,22 @@ def test_two_processes_saving_states_into_one_folder_at_once_never_leave_it_with
     assert worker.resume(folder).curr_iter == 2
 
 
+def test_states_are_saved_where_folders_cannot_be_locked(tmp_path, monkeypatch):
+    """NFS emulates flock with locks that need a file open for writing, which a folder never is (EBADF): the states
+    are saved unguarded there, not refused."""
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    compressor = worker.start()
+    compressor.save_state(tmp_path / "ckpt")
+    compressor.compression_step()
+    assert compressor.save_state(tmp_path / "ckpt").name == "step-0001"
+    assert worker.resume(tmp_path / "ckpt").curr_iter == 1
+
+
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
     """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
     (which holds the dead writer's pid); only musco-core's files in it go."""
