@@ -297,6 +297,30 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+@contextlib.contextmanager
+def _folder_lock(directory: Path, *, wait: bool = False) -> Iterator[bool]:
+    """Holds an advisory lock on the folder itself (no file is added to it) while musco-core changes what it wrote
+    there: a state saved and older states removed, an output set committed. Yields False, holding nothing, where
+    another process holds it (or, with ``wait``, waits for it): two processes saving states of one run into one
+    folder at once would each remove the other's newest state, and a reader finishing a commit (its journal) while
+    the writer does would fail the writer's save."""
+    if fcntl is None:  # pragma: no cover - not POSIX: no advisory locks
+        yield True
+        return
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            alone = True
+        except BlockingIOError:
+            alone = False
+        except OSError:  # a file system without locks on folders (NFS locks need a file open for writing): unguarded
+            alone = True
+        yield alone
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
     """Creates a marked staging folder; removed again if its marker cannot be written (a full disk)."""
     staging = parent / f".{prefix}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -542,18 +566,31 @@ def _recover(directory: Path) -> None:
     _remove_dead_staging(directory)
 
 
+def _finish_pending(directory: Path) -> None:
+    """Finishes a commit an interrupted save left in ``directory`` before it is read; one a live writer is finishing
+    is waited for, not done twice."""
+    if (directory / JOURNAL).exists():
+        with _folder_lock(directory, wait=True):
+            if (directory / JOURNAL).exists():
+                _finish_commit(directory)
+
+
 def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str | None) -> None:
     """Writes a new output set with ``write(staging)`` and swaps it in as a whole (see the module docstring)."""
-    _recover(directory)
-    staging = _new_staging(directory, "set", run_id)
-    try:
-        files = write(staging)
-        write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
-        fsync_dir(directory)
-    except BaseException:
-        _remove_ours(staging)
-        raise
-    _finish_commit(directory)
+    with _folder_lock(directory) as alone:
+        if not alone:
+            raise ConfigError(f"{directory}: another process is saving a model here; run one at a time, or save to "
+                              f"another folder")
+        _recover(directory)
+        staging = _new_staging(directory, "set", run_id)
+        try:
+            files = write(staging)
+            write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
+            fsync_dir(directory)
+        except BaseException:
+            _remove_ours(staging)
+            raise
+        _finish_commit(directory)
 
 
 def _compressor_parts(model_or_compressor: Any
@@ -655,8 +692,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     fresh_model = unwrapped(fresh_model)
     registry = registry or default_registry()
     directory = Path(directory)
-    if (directory / JOURNAL).exists():
-        _finish_commit(directory)
+    _finish_pending(directory)
     records, set_id = _read_manifest(directory)
     weights = directory / WEIGHTS
     shapes, metadata = _header(weights)
@@ -717,8 +753,7 @@ def read_report(directory: str | os.PathLike) -> CompressionReport:
     """The :class:`~musco_core.report.CompressionReport` saved in ``directory``, checked to be the one of the set's
     manifest there (by their set id), so that it never describes other weights."""
     directory = Path(directory)
-    if (directory / JOURNAL).exists():
-        _finish_commit(directory)
+    _finish_pending(directory)
     path = directory / REPORT
     text = read_text_bounded(path, MAX_JSON_BYTES)
     try:
@@ -747,7 +782,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     model = unwrapped(model)
     check_saveable(model, registry, state)
     directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
-    with _saving_states(directory) as alone:
+    with _folder_lock(directory) as alone:
         if not alone:
             raise ConfigError(f"{directory}: another process is saving a state here (two processes continuing one "
                               f"run?); each of them would remove the other's newest state: run one at a time")
@@ -797,7 +832,7 @@ def tidy_checkpoints(directory: str | os.PathLike) -> None:
     that one (saved meanwhile by another process resuming the folder) is kept, and nothing is removed while another
     process saves a state there. A folder that cannot be tidied (read-only, say) is left as it is, with a
     warning."""
-    with _saving_states(Path(directory)) as alone:
+    with _folder_lock(Path(directory)) as alone:
         if not alone:
             log.info("%s: another process is saving a state here; its older states are left to it", directory)
             return
@@ -808,28 +843,6 @@ def tidy_checkpoints(directory: str | os.PathLike) -> None:
             _remove_older_states(step_dir.parent, {step_dir, *newer}, run_id)
         except OSError as exc:
             log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
-
-
-@contextlib.contextmanager
-def _saving_states(directory: Path) -> Iterator[bool]:
-    """Holds an advisory lock on the checkpoint folder itself (no file is added to it) while a state is saved and
-    older states are removed; yields False, holding nothing, where another process holds it: two processes saving
-    states of one run into one folder at once would each remove the other's newest state, and leave none."""
-    if fcntl is None:  # pragma: no cover - not POSIX: no advisory locks
-        yield True
-        return
-    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
-        except BlockingIOError:
-            alone = False
-        except OSError:  # a file system without locks on folders (NFS locks need a file open for writing): unguarded
-            alone = True
-        yield alone
-    finally:
-        os.close(descriptor)  # releases the lock
 
 
 def _remove_state(folder: Path) -> None:

@@ -726,6 +726,54 @@ def test_an_interrupted_commit_is_finished_by_the_next_reader(finished_run, tmp_
     assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
 
 
+def test_a_reader_during_a_commit_waits_for_the_writer_to_finish_it(finished_run, tmp_path, monkeypatch):
+    """Another process loads the output while a save commits its set: it finished the commit from the journal itself,
+    and the writer, reading its journal again, failed a save that was made ('an interrupted save left a journal that
+    cannot be read ... remove it'). The reader now waits for the writer, then reads the new set."""
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    worker.fine_tune(finished_run.compressed_model, 99)
+    reading = tmp_path / "reading"
+    script = ("import sys, time, pathlib, torch, resume_worker as w\n"
+              "from musco_core.io import load_compressed\n"
+              "out, reading = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+              "while not (out / '.musco-commit').exists(): time.sleep(0.001)\n"
+              "reading.write_text('')\n"
+              "loaded = load_compressed(w.model(), out)\n"
+              "torch.save(loaded.state_dict(), sys.argv[3])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    reader = subprocess.Popen([sys.executable, "-c", script, str(out), str(reading), str(tmp_path / "read.pt")],
+                              env=env)
+    finish = io._finish_commit
+
+    def while_the_reader_reads(directory):
+        deadline = time.monotonic() + 120
+        while not reading.exists() and reader.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # the reader is on the journal now
+        finish(directory)
+
+    monkeypatch.setattr(io, "_finish_commit", while_the_reader_reads)
+    save_compressed(finished_run, out)
+    assert reader.wait(timeout=300) == 0
+    read = torch.load(tmp_path / "read.pt")
+    expected = finished_run.compressed_model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in read.items())
+
+
+def test_a_save_while_another_process_commits_into_the_folder_is_one_error(finished_run, tmp_path):
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    before = output_snapshot(out)
+    with io._folder_lock(out) as alone:  # held as another process's save holds it
+        assert alone
+        with pytest.raises(ConfigError, match=r"out: another process is saving a model here; run one at a time"):
+            save_compressed(finished_run, out)
+    assert output_snapshot(out) == before and [p.name for p in out.iterdir() if ".staging-" in p.name] == []
+
+
 def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_path):
     first = save_compressed(finished_run, tmp_path / "first")
     second = save_compressed(finished_run, tmp_path / "second")
