@@ -394,6 +394,24 @@ def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(unint
     assert worker.resume(folder).state.run_id == fresh.state.run_id
 
 
+def test_a_runs_checkpoint_folder_is_never_made_its_output_folder_nor_the_reverse(tmp_path):
+    """save_compressed into the run's own checkpoint folder was refused as 'the checkpoints of another musco-core
+    run; resume that run', and with overwrite=True re-marked it as an output folder: its states no longer resumed."""
+    compressor = worker.start()
+    compressor.compression_step()
+    compressor.save_state(tmp_path / "ckpt")
+    save_compressed(compressor, tmp_path / "out")
+    before = {name: output_snapshot(tmp_path / name) for name in ("ckpt", "out")}
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"ckpt: holds the checkpoints of this run, not its output; choose "
+                                              r"another folder for the output"):
+            save_compressed(compressor, tmp_path / "ckpt", overwrite=overwrite)
+        with pytest.raises(ConfigError, match=r"out: holds the output of this run, not its checkpoints"):
+            compressor.save_state(tmp_path / "out", overwrite=overwrite)
+    assert {name: output_snapshot(tmp_path / name) for name in ("ckpt", "out")} == before
+    assert worker.resume(tmp_path / "ckpt").curr_iter == 1
+
+
 def test_a_folder_with_foreign_files_is_refused_and_kept(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
