@@ -825,7 +825,7 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     try:
         with open(descriptor, "w", encoding="utf-8") as handle:
             if mode is not None:
-                os.fchmod(handle.fileno(), mode)
+                os.chmod(temporary, mode)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
