@@ -551,7 +551,8 @@ def _finish_commit(directory: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{journal}: an interrupted save left a journal that cannot be read ({exc}); remove it "
                           f"and save again") from None
-    marker = read_marker(staging) if staging.parent == directory and staging.is_dir() else None
+    marker = (read_marker(staging) if staging.parent == directory and staging.is_dir() and not staging.is_symlink()
+              else None)  # a link is never ours: nothing is moved out of, or removed from, where it points
     if marker is not None and marker["kind"] == "staging":
         for name in files:
             if (staging / name).exists():

@@ -792,6 +792,26 @@ def test_a_save_while_another_process_commits_into_the_folder_is_one_error(finis
     assert output_snapshot(out) == before and [p.name for p in out.iterdir() if ".staging-" in p.name] == []
 
 
+def test_a_journal_naming_a_symlink_never_moves_or_removes_files_where_it_points(finished_run, tmp_path):
+    """The staging folder a killed commit's journal names is now a link to a folder of the user's (with a marker
+    copied into it): finishing the commit moved the user's files out of it and removed the rest."""
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    before_out = output_snapshot(out)
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "model.safetensors").write_bytes(b"the user's weights")
+    (users / ".musco-core").write_text("created_by: musco-core\nkind: staging\nrun_id: null\npid: 1\n")
+    before = output_snapshot(users)
+    (out / ".set.staging-999999-0123abcd").symlink_to(users)
+    (out / io.JOURNAL).write_text(json.dumps({"staging": ".set.staging-999999-0123abcd",
+                                              "files": ["model.safetensors"]}))
+    load_compressed(worker.model(), out)
+    assert output_snapshot(users) == before and output_snapshot(out) == before_out
+    assert (out / ".set.staging-999999-0123abcd").is_symlink()
+
+
 def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_path):
     first = save_compressed(finished_run, tmp_path / "first")
     second = save_compressed(finished_run, tmp_path / "second")
