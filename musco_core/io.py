@@ -38,7 +38,7 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,9 @@ SET_FILES = (WEIGHTS, MANIFEST, REPORT)
 #: Everything musco-core writes inside a step or staging folder; anything else there is the user's.
 OWN_FILES = (*SET_FILES, STATE_FILE, MARKER)
 #: The temporary name :func:`~musco_core.schedule.write_text_atomic` writes a file under before renaming it, with
-#: the pid of the process writing it.
-OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})")
+#: the pid of the process writing it and, since it is a new file each time, a random suffix (older versions wrote
+#: none).
+OWN_TEMPORARY = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})(?:-[0-9a-f]{8})?")
 #: The files musco-core writes with :func:`~musco_core.schedule.write_text_atomic` in an output or checkpoint folder.
 ATOMIC_FILES = (MARKER, JOURNAL, LATEST_FILE)
 #: The name of a staging folder (:func:`_new_staging`), with the pid of the process writing it.
@@ -141,8 +142,9 @@ def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | 
 
     A folder is free when it is missing or empty, this run's, or claimed by a run that saved nothing there
     (:func:`unused_run_folder`). A folder of another run, or one with files musco-core did not write, is refused
-    unless ``overwrite``. Even then musco-core never replaces a file it did not write: a file of the user's, or a
-    symlink, where musco-core writes its own files is refused, all of them listed in one line.
+    unless ``overwrite``; one of this run's other kind (its checkpoints for its output) is refused even then. Even
+    then musco-core never replaces a file it did not write: a file of the user's, or a symlink, where musco-core
+    writes its own files is refused, all of them listed in one line.
     """
     problems, refused, in_the_way = [], [], []
     for folder, kind in claims:
@@ -173,8 +175,12 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
     if not folder.is_dir():
         return f"{folder}: is a file; expected a folder for the {kind}"
     marker = read_marker(folder)
-    if overwrite or marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or (
-            unused_run_folder(folder)):
+    if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or unused_run_folder(folder):
+        return None
+    if marker is not None and marker.get("run_id") == run_id:  # its other kind: a new marker would orphan what is there
+        return (f"{folder}: holds the {marker['kind']} of this run, not its {kind}; choose another folder for the "
+                f"{kind} (not even overwrite=True writes one kind over the other)")
+    if overwrite:
         return None
     if marker is not None:
         return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
@@ -294,6 +300,30 @@ def _remove_dead_staging(folder: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: Path, *, wait: bool = False) -> Iterator[bool]:
+    """Holds an advisory lock on the folder itself (no file is added to it) while musco-core changes what it wrote
+    there: a state saved and older states removed, an output set committed. Yields False, holding nothing, where
+    another process holds it (or, with ``wait``, waits for it): two processes saving states of one run into one
+    folder at once would each remove the other's newest state, and a reader finishing a commit (its journal) while
+    the writer does would fail the writer's save."""
+    if fcntl is None:  # pragma: no cover - not POSIX: no advisory locks
+        yield True
+        return
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            alone = True
+        except BlockingIOError:
+            alone = False
+        except OSError:  # a file system without locks on folders (NFS locks need a file open for writing): unguarded
+            alone = True
+        yield alone
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
@@ -521,7 +551,8 @@ def _finish_commit(directory: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{journal}: an interrupted save left a journal that cannot be read ({exc}); remove it "
                           f"and save again") from None
-    marker = read_marker(staging) if staging.parent == directory and staging.is_dir() else None
+    marker = (read_marker(staging) if staging.parent == directory and staging.is_dir() and not staging.is_symlink()
+              else None)  # a link is never ours: nothing is moved out of, or removed from, where it points
     if marker is not None and marker["kind"] == "staging":
         for name in files:
             if (staging / name).exists():
@@ -541,18 +572,31 @@ def _recover(directory: Path) -> None:
     _remove_dead_staging(directory)
 
 
+def _finish_pending(directory: Path) -> None:
+    """Finishes a commit an interrupted save left in ``directory`` before it is read; one a live writer is finishing
+    is waited for, not done twice."""
+    if (directory / JOURNAL).exists():
+        with _folder_lock(directory, wait=True):
+            if (directory / JOURNAL).exists():
+                _finish_commit(directory)
+
+
 def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str | None) -> None:
     """Writes a new output set with ``write(staging)`` and swaps it in as a whole (see the module docstring)."""
-    _recover(directory)
-    staging = _new_staging(directory, "set", run_id)
-    try:
-        files = write(staging)
-        write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
-        fsync_dir(directory)
-    except BaseException:
-        _remove_ours(staging)
-        raise
-    _finish_commit(directory)
+    with _folder_lock(directory) as alone:
+        if not alone:
+            raise ConfigError(f"{directory}: another process is saving a model here; run one at a time, or save to "
+                              f"another folder")
+        _recover(directory)
+        staging = _new_staging(directory, "set", run_id)
+        try:
+            files = write(staging)
+            write_text_atomic(directory / JOURNAL, json.dumps({"staging": staging.name, "files": files}))
+            fsync_dir(directory)
+        except BaseException:
+            _remove_ours(staging)
+            raise
+        _finish_commit(directory)
 
 
 def _compressor_parts(model_or_compressor: Any
@@ -654,8 +698,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     fresh_model = unwrapped(fresh_model)
     registry = registry or default_registry()
     directory = Path(directory)
-    if (directory / JOURNAL).exists():
-        _finish_commit(directory)
+    _finish_pending(directory)
     records, set_id = _read_manifest(directory)
     weights = directory / WEIGHTS
     shapes, metadata = _header(weights)
@@ -716,8 +759,7 @@ def read_report(directory: str | os.PathLike) -> CompressionReport:
     """The :class:`~musco_core.report.CompressionReport` saved in ``directory``, checked to be the one of the set's
     manifest there (by their set id), so that it never describes other weights."""
     directory = Path(directory)
-    if (directory / JOURNAL).exists():
-        _finish_commit(directory)
+    _finish_pending(directory)
     path = directory / REPORT
     text = read_text_bounded(path, MAX_JSON_BYTES)
     try:
@@ -746,50 +788,67 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     model = unwrapped(model)
     check_saveable(model, registry, state)
     directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
-    _remove_dead_staging(directory)
-    name = f"step-{state.next_step:04d}"
-    if (directory / name).exists():  # saved again after the same step: a new folder, so LATEST always has one
-        name = f"{name}-{uuid.uuid4().hex[:8]}"
-    target = directory / name
-    staging = _new_staging(directory, name, state.run_id)
-    try:
-        _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
-        write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
-                                                               sort_keys=False, default_flow_style=None))
-        _write_marker(staging, "state", state.run_id)
-        fsync_dir(staging)
-        os.replace(staging, target)
-    except BaseException:
-        if staging.exists():
-            _remove_ours(staging)
-        raise
-    fsync_dir(directory)
-    write_text_atomic(directory / LATEST_FILE, name + "\n")
-    fsync_dir(directory)
-    _remove_older_states(directory, target, state.run_id, overwrite)
+    with _folder_lock(directory) as alone:
+        if not alone:
+            raise ConfigError(f"{directory}: another process is saving a state here (two processes continuing one "
+                              f"run?); each of them would remove the other's newest state: run one at a time")
+        _remove_dead_staging(directory)
+        name = f"step-{state.next_step:04d}"
+        if os.path.lexists(directory / name):  # saved again after the same step, or a name of the user's (a link)
+            name = f"{name}-{uuid.uuid4().hex[:8]}"
+        target = directory / name
+        staging = _new_staging(directory, name, state.run_id)
+        try:
+            _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
+            write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
+                                                                   sort_keys=False, default_flow_style=None))
+            _write_marker(staging, "state", state.run_id)
+            fsync_dir(staging)
+            os.replace(staging, target)
+        except BaseException:
+            if staging.exists():
+                _remove_ours(staging)
+            raise
+        fsync_dir(directory)
+        write_text_atomic(directory / LATEST_FILE, name + "\n")
+        fsync_dir(directory)
+        _remove_older_states(directory, {target}, state.run_id, overwrite)
     return target
 
 
-def _remove_older_states(directory: Path, keep: Path, run_id: str, overwrite: bool = False) -> None:
-    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but
-    ``keep``: only folders with musco-core's state marker, never anything else."""
+def _remove_older_states(directory: Path, keep: Collection[Path], run_id: str, overwrite: bool = False) -> None:
+    """Removes the state folders of the run ``run_id`` (of any run with ``overwrite``) in ``directory`` but those in
+    ``keep``: only folders of a step name (the only name a state is saved under) with musco-core's state marker,
+    never anything else: a copy the user made of a state under another name (a backup) carries the marker too. One
+    that cannot be removed (the user made it read-only) is left as it is, with a warning: the new state is saved."""
     for old in list(directory.iterdir()):
-        marker = read_marker(old) if old != keep and old.is_dir() and not old.is_symlink() else None
+        marker = (read_marker(old) if old not in keep and STEP_NAME.fullmatch(old.name) and old.is_dir()
+                  and not old.is_symlink() else None)
         if marker is not None and marker["kind"] == "state" and (overwrite or marker.get("run_id") == run_id):
-            _remove_state(old)
+            try:
+                _remove_state(old)
+            except OSError as exc:
+                log.warning("%s: an older state, left as it is: cannot remove it (%s)", old, exc.strerror or exc)
 
 
 def tidy_checkpoints(directory: str | os.PathLike) -> None:
     """Removes what a save killed before its end left in a checkpoint folder, once a resume has read its newest
     state: the run's older states (a save removes them after ``LATEST`` names the new one, so a final save killed
-    in between left one for good) and staging folders of dead musco-core processes. A folder that cannot be
-    tidied (read-only, say) is left as it is, with a warning."""
-    step_dir, run_id = latest_state(directory)
-    try:
-        _remove_dead_staging(step_dir.parent)
-        _remove_older_states(step_dir.parent, step_dir, run_id)
-    except OSError as exc:
-        log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
+    in between left one for good) and staging folders of dead musco-core processes. A complete state newer than
+    that one (saved meanwhile by another process resuming the folder) is kept, and nothing is removed while another
+    process saves a state there. A folder that cannot be tidied (read-only, say) is left as it is, with a
+    warning."""
+    with _folder_lock(Path(directory)) as alone:
+        if not alone:
+            log.info("%s: another process is saving a state here; its older states are left to it", directory)
+            return
+        step_dir, run_id = latest_state(directory)
+        try:
+            _remove_dead_staging(step_dir.parent)
+            newer = {state for state in _complete_states(step_dir.parent, run_id) if _age(state) > _age(step_dir)}
+            _remove_older_states(step_dir.parent, {step_dir, *newer}, run_id)
+        except OSError as exc:
+            log.warning("%s: could not remove the older states of the run: %s", directory, exc.strerror or exc)
 
 
 def _remove_state(folder: Path) -> None:
@@ -811,9 +870,10 @@ def _ours(folder: Path, kind: str, run_id: str | None) -> bool:
 
 def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     """The newest complete state folder of a checkpoint folder and the run id, checked: ``LATEST`` must name a
-    step folder directly inside it that this run wrote. Where ``LATEST`` is missing, or names a step folder that is
-    missing, (a run killed after it renamed a state into place, before it wrote ``LATEST``), the newest complete
-    state of the run (:func:`_newest_state`)."""
+    step folder directly inside it that this run wrote. Where ``LATEST`` is missing, names a step folder that is
+    missing, or names an older state than one whose state file was written after ``LATEST`` (a run killed after it
+    renamed a state into place, before it wrote ``LATEST``), the newest complete state of the run
+    (:func:`_newest_state`)."""
     directory = Path(directory)
     marker = read_marker(directory) if directory.is_dir() else None
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
@@ -837,6 +897,12 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
         return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, which is missing"), marker["run_id"]
     if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
         raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
+    written = latest.stat().st_mtime_ns
+    if (step_dir / STATE_FILE).is_file() and any(
+            (state / STATE_FILE).stat().st_mtime_ns > written and _age(state) > _age(step_dir)
+            for state in _complete_states(directory, marker["run_id"])):
+        return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, and a newer state was saved "
+                                                          f"after it"), marker["run_id"]
     return step_dir, marker["run_id"]
 
 
@@ -848,15 +914,25 @@ def _newest_state(directory: Path, run_id: str, why: str) -> Path:
     and the state file, weights and manifest (which an older state being removed may lack). The newest is the one
     of the highest step; of one step saved twice, the one whose state file was written last.
     """
-    found = [child for child in directory.iterdir()
-             if STEP_NAME.fullmatch(child.name) and not child.is_symlink() and _ours(child, "state", run_id)
-             and all((child / name).is_file() for name in (STATE_FILE, WEIGHTS, MANIFEST))]
+    found = _complete_states(directory, run_id)
     if not found:
         raise ConfigError(f"{why}, and {directory} holds no complete state of its run; nothing to resume")
-    newest = max(found, key=lambda child: (int(child.name.split("-")[1]), (child / STATE_FILE).stat().st_mtime_ns,
-                                           child.name))
+    newest = max(found, key=_age)
     log.info("%s; resuming from the newest complete state, %s", why, newest)
     return newest
+
+
+def _complete_states(directory: Path, run_id: str) -> list[Path]:
+    """The complete states of the run ``run_id`` in ``directory`` (see :func:`_newest_state`)."""
+    return [child for child in directory.iterdir()
+            if STEP_NAME.fullmatch(child.name) and not child.is_symlink() and _ours(child, "state", run_id)
+            and all((child / name).is_file() for name in (STATE_FILE, WEIGHTS, MANIFEST))]
+
+
+def _age(state: Path) -> tuple[int, int, str]:
+    """Orders a run's complete states, oldest first: by step, then (one step saved twice) by when the state file was
+    written."""
+    return int(state.name.split("-")[1]), (state / STATE_FILE).stat().st_mtime_ns, state.name
 
 
 def load_state(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry

@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import typing
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
@@ -788,15 +789,18 @@ def load_schedule(path: str | os.PathLike, registry=None) -> ModelSchedule:
 def dump_schedule(schedule: ModelSchedule | Mapping[str, Any], path: str | os.PathLike, registry=None) -> None:
     """Writes a schedule as YAML, atomically (a temporary file renamed over the target). A schedule document or an
     original ``{layer: settings}`` dict (its settings the defaults) is checked first, as the Compressor checks it,
-    so that only a schedule that loads is written."""
+    so that only a schedule that loads is written. A ``path`` that is a symlink stays one (the file it points to is
+    replaced), and a file replaced keeps its mode."""
     from .registry import default_registry
 
     codec = ScheduleCodec(registry or default_registry())
     if not isinstance(schedule, ModelSchedule):
         schedule = codec.structure(schedule, "schedule")
     data = codec.unstructure(schedule)
-    write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
-    fsync_dir(Path(path).parent)
+    target = Path(os.path.realpath(path))
+    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else None
+    write_text_atomic(target, yaml.safe_dump(data, sort_keys=False, default_flow_style=None), mode)
+    fsync_dir(target.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -809,13 +813,19 @@ def fsync_dir(path: Path) -> None:
             os.close(descriptor)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     """Writes ``text`` to ``path`` so that a crash, or a power loss, leaves either the old file or the new one, never
     half of one: the temporary file is synced before it is renamed over ``path`` (a caller that needs the rename
-    itself to survive a power loss syncs the folder after, with :func:`fsync_dir`)."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    itself to survive a power loss syncs the folder after, with :func:`fsync_dir`). The temporary file is a new one
+    of a name no other holds (the pid and a random suffix): an entry of that name already there (a file of the
+    user's, a symlink) is never written through, truncated or removed. ``mode``: the file's mode (None: that of a
+    new file under the umask)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            if mode is not None:
+                os.chmod(temporary, mode)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -317,6 +317,21 @@ def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_p
                                                                      "step-0500"]
 
 
+def test_pruning_old_states_keeps_the_users_copies_of_a_state(tmp_path):
+    """A state the user copied next to it to keep it (cp -r step-0001 backup) carries musco-core's marker too; a state
+    is only ever saved under a step name, so the copy under another name is the user's and stays as it is."""
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    copies = [shutil.copytree(first, tmp_path / "ckpt" / name) for name in ("backup", "step-0001-good")]
+    before = [output_snapshot(copy) for copy in copies]
+    compressor.compression_step()
+    compressor.save_state(tmp_path / "ckpt")
+    assert [output_snapshot(copy) for copy in copies] == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".musco-core", "LATEST", "backup",
+                                                                     "step-0001-good", "step-0002"]
+
+
 def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplog):
     compressor = worker.start()
     compressor.compression_step()
@@ -330,6 +345,43 @@ def test_pruning_an_old_state_keeps_the_files_the_user_put_in_it(tmp_path, caplo
     assert f"{first}: kept, it holds files musco-core did not write: eval.txt" in caplog.text
 
 
+def test_an_old_state_that_cannot_be_removed_is_kept_with_a_warning_and_the_save_succeeds(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """An old state the user made read-only cannot be renamed (rename(2) of a folder without write permission is
+    EACCES; simulated, as the tests may run as root): the new state and LATEST are written, so the save succeeds and
+    the old state stays, with a warning, rather than a PermissionError for a save that was made."""
+    compressor = worker.start()
+    compressor.compression_step()
+    first = compressor.save_state(tmp_path / "ckpt")
+    before = output_snapshot(first)
+    rename = os.rename
+
+    def protected(source, target):
+        if Path(source) == first:
+            raise PermissionError(13, "Permission denied", str(source))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", protected)
+    compressor.compression_step()
+    with caplog.at_level("WARNING", logger="musco_core"):
+        assert compressor.save_state(tmp_path / "ckpt").name == "step-0002"
+    assert f"{first}: an older state, left as it is: cannot remove it (Permission denied)" in caplog.text
+    assert output_snapshot(first) == before and worker.resume(tmp_path / "ckpt").curr_iter == 2
+
+
+def test_a_dangling_symlink_named_like_the_next_state_is_kept_and_the_state_saved_beside_it(tmp_path):
+    """ckpt/step-0001 a symlink of the user's to a folder since moved away: the state was renamed over it and every
+    save failed with NotADirectoryError; a taken name, a link too, gets a suffix."""
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.save_state(folder)
+    (folder / "step-0001").symlink_to(tmp_path / "moved-away")
+    compressor.compression_step()
+    assert compressor.save_state(folder).name.startswith("step-0001-")
+    assert os.readlink(folder / "step-0001") == str(tmp_path / "moved-away")
+    assert worker.resume(folder).curr_iter == 1
+
+
 def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(uninterrupted, tmp_path):
     folder = shutil.copytree(uninterrupted[1][1], tmp_path / "ckpt")
     before = sorted(p.name for p in folder.iterdir())
@@ -340,6 +392,24 @@ def test_a_new_run_refuses_another_runs_checkpoint_folder_unless_overwrite(unint
     fresh.save_state(folder, overwrite=True)
     assert (folder / LATEST_FILE).read_text().strip() == "step-0000"
     assert worker.resume(folder).state.run_id == fresh.state.run_id
+
+
+def test_a_runs_checkpoint_folder_is_never_made_its_output_folder_nor_the_reverse(tmp_path):
+    """save_compressed into the run's own checkpoint folder was refused as 'the checkpoints of another musco-core
+    run; resume that run', and with overwrite=True re-marked it as an output folder: its states no longer resumed."""
+    compressor = worker.start()
+    compressor.compression_step()
+    compressor.save_state(tmp_path / "ckpt")
+    save_compressed(compressor, tmp_path / "out")
+    before = {name: output_snapshot(tmp_path / name) for name in ("ckpt", "out")}
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"ckpt: holds the checkpoints of this run, not its output; choose "
+                                              r"another folder for the output"):
+            save_compressed(compressor, tmp_path / "ckpt", overwrite=overwrite)
+        with pytest.raises(ConfigError, match=r"out: holds the output of this run, not its checkpoints"):
+            compressor.save_state(tmp_path / "out", overwrite=overwrite)
+    assert {name: output_snapshot(tmp_path / name) for name in ("ckpt", "out")} == before
+    assert worker.resume(tmp_path / "ckpt").curr_iter == 1
 
 
 def test_a_folder_with_foreign_files_is_refused_and_kept(tmp_path):
@@ -473,6 +543,93 @@ def test_a_final_save_killed_before_it_removed_the_previous_state_is_tidied_by_t
     assert Compressor.resume(model, folder, progress=False).done
 
 
+def test_a_save_killed_before_latest_named_its_state_resumes_from_that_state_and_keeps_it(tmp_path, monkeypatch):
+    """Killed after step-0002 was renamed into place, before LATEST (still naming step-0001) named it: the resume
+    continues from step-0002, the newest complete state, and its tidying removes step-0001, never step-0002."""
+    import musco_core.io as io
+
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    compressor.save_state(folder)
+    compressor.compression_step()
+    written = io.write_text_atomic
+
+    def killed(path, text):
+        if path.name == LATEST_FILE:
+            raise KeyboardInterrupt
+        written(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "write_text_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            compressor.save_state(folder)
+    assert (folder / LATEST_FILE).read_text().strip() == "step-0001" and (folder / "step-0002").is_dir()
+    assert worker.resume(folder).curr_iter == 2
+    assert sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", "step-0002"]
+
+
+def test_resuming_an_older_state_latest_names_keeps_the_newer_ones(tmp_path):
+    """LATEST pointed back at an older state after the newer one was saved (a user going back a step): the resume
+    continues from the state LATEST names, and its tidying never removes the newer state."""
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    first = compressor.save_state(folder)
+    kept = shutil.copytree(first, tmp_path / "kept")
+    compressor.compression_step()
+    second = compressor.save_state(folder)
+    before = output_snapshot(second)
+    shutil.copytree(kept, first)
+    (folder / LATEST_FILE).write_text("step-0001\n")
+    assert worker.resume(folder).curr_iter == 1
+    assert output_snapshot(second) == before
+
+
+def test_two_processes_saving_states_into_one_folder_at_once_never_leave_it_without_one(tmp_path, monkeypatch):
+    """Two processes continue one run from one folder (the API takes no lock) and save the same step at once: each
+    would remove the other's new state, leaving LATEST naming a missing folder and no state at all. The second save
+    is refused while the first holds the folder, and the first's state stays."""
+    import musco_core.io as io
+
+    compressor = worker.start()
+    folder = tmp_path / "ckpt"
+    compressor.compression_step()
+    compressor.save_state(folder)
+    first, second = worker.resume(folder), worker.resume(folder)
+    first.compression_step()
+    second.compression_step()
+    remove, refused = io._remove_older_states, []
+
+    def meanwhile(*args, **kwargs):  # the second process saves as the first begins to remove its older states
+        with pytest.raises(ConfigError, match="ckpt: another process is saving a state here") as caught:
+            second.save_state(folder)
+        refused.append(caught.value)
+        remove(*args, **kwargs)
+
+    monkeypatch.setattr(io, "_remove_older_states", meanwhile)
+    kept = first.save_state(folder)
+    monkeypatch.setattr(io, "_remove_older_states", remove)
+    assert refused and sorted(p.name for p in folder.iterdir()) == [".musco-core", "LATEST", kept.name]
+    assert worker.resume(folder).curr_iter == 2
+
+
+def test_states_are_saved_where_folders_cannot_be_locked(tmp_path, monkeypatch):
+    """NFS emulates flock with locks that need a file open for writing, which a folder never is (EBADF): the states
+    are saved unguarded there, not refused."""
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    compressor = worker.start()
+    compressor.save_state(tmp_path / "ckpt")
+    compressor.compression_step()
+    assert compressor.save_state(tmp_path / "ckpt").name == "step-0001"
+    assert worker.resume(tmp_path / "ckpt").curr_iter == 1
+
+
 def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(tmp_path):
     """mkdir, then the marker: a process killed in between leaves a staging folder without one, known by its name
     (which holds the dead writer's pid); only musco-core's files in it go."""
@@ -587,6 +744,74 @@ def test_an_interrupted_commit_is_finished_by_the_next_reader(finished_run, tmp_
     assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
 
 
+def test_a_reader_during_a_commit_waits_for_the_writer_to_finish_it(finished_run, tmp_path, monkeypatch):
+    """Another process loads the output while a save commits its set: it finished the commit from the journal itself,
+    and the writer, reading its journal again, failed a save that was made ('an interrupted save left a journal that
+    cannot be read ... remove it'). The reader now waits for the writer, then reads the new set."""
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    worker.fine_tune(finished_run.compressed_model, 99)
+    reading = tmp_path / "reading"
+    script = ("import sys, time, pathlib, torch, resume_worker as w\n"
+              "from musco_core.io import load_compressed\n"
+              "out, reading = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+              "while not (out / '.musco-commit').exists(): time.sleep(0.001)\n"
+              "reading.write_text('')\n"
+              "loaded = load_compressed(w.model(), out)\n"
+              "torch.save(loaded.state_dict(), sys.argv[3])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    reader = subprocess.Popen([sys.executable, "-c", script, str(out), str(reading), str(tmp_path / "read.pt")],
+                              env=env)
+    finish = io._finish_commit
+
+    def while_the_reader_reads(directory):
+        deadline = time.monotonic() + 120
+        while not reading.exists() and reader.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # the reader is on the journal now
+        finish(directory)
+
+    monkeypatch.setattr(io, "_finish_commit", while_the_reader_reads)
+    save_compressed(finished_run, out)
+    assert reader.wait(timeout=300) == 0
+    read = torch.load(tmp_path / "read.pt")
+    expected = finished_run.compressed_model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in read.items())
+
+
+def test_a_save_while_another_process_commits_into_the_folder_is_one_error(finished_run, tmp_path):
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    before = output_snapshot(out)
+    with io._folder_lock(out) as alone:  # held as another process's save holds it
+        assert alone
+        with pytest.raises(ConfigError, match=r"out: another process is saving a model here; run one at a time"):
+            save_compressed(finished_run, out)
+    assert output_snapshot(out) == before and [p.name for p in out.iterdir() if ".staging-" in p.name] == []
+
+
+def test_a_journal_naming_a_symlink_never_moves_or_removes_files_where_it_points(finished_run, tmp_path):
+    """The staging folder a killed commit's journal names is now a link to a folder of the user's (with a marker
+    copied into it): finishing the commit moved the user's files out of it and removed the rest."""
+    import musco_core.io as io
+
+    out = save_compressed(finished_run, tmp_path / "out")
+    before_out = output_snapshot(out)
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "model.safetensors").write_bytes(b"the user's weights")
+    (users / ".musco-core").write_text("created_by: musco-core\nkind: staging\nrun_id: null\npid: 1\n")
+    before = output_snapshot(users)
+    (out / ".set.staging-999999-0123abcd").symlink_to(users)
+    (out / io.JOURNAL).write_text(json.dumps({"staging": ".set.staging-999999-0123abcd",
+                                              "files": ["model.safetensors"]}))
+    load_compressed(worker.model(), out)
+    assert output_snapshot(users) == before and output_snapshot(out) == before_out
+    assert (out / ".set.staging-999999-0123abcd").is_symlink()
+
+
 def test_weights_and_manifest_of_different_saves_are_refused(finished_run, tmp_path):
     first = save_compressed(finished_run, tmp_path / "first")
     second = save_compressed(finished_run, tmp_path / "second")
@@ -684,7 +909,8 @@ def test_the_next_save_removes_temporary_files_of_dead_processes_only(tmp_path):
     folder = tmp_path / "ckpt"
     compressor.save_state(folder)
     dead = dead_pid()
-    left = [folder / f".LATEST.tmp-{dead}", folder / f"..musco-core.tmp-{dead}"]
+    left = [folder / f".LATEST.tmp-{dead}", folder / f"..musco-core.tmp-{dead}",
+            folder / f".LATEST.tmp-{dead}-0123abcd"]
     kept = [folder / ".LATEST.tmp-1", folder / f".notes.txt.tmp-{dead}", folder / f".LATEST.tmp-0{dead}"]  # pid 1 runs
     for path in left + kept:
         path.write_text("step-0000\n")
@@ -728,3 +954,20 @@ def test_write_text_atomic_syncs_the_file_before_renaming_it(tmp_path, monkeypat
     inode = (tmp_path / LATEST_FILE).stat().st_ino
     assert events == [("fsync", inode), ("replace", inode)]
     assert (tmp_path / LATEST_FILE).read_text() == "step-0001\n"
+
+
+def test_write_text_atomic_never_writes_through_or_removes_what_holds_its_temporary_name(tmp_path):
+    """A symlink to a file of the user's, or a file of the user's, named as write_text_atomic once named its
+    temporary file (.NAME.tmp-PID): the write goes to a new file of its own, and both are left as they are."""
+    from musco_core.schedule import write_text_atomic
+
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("my thesis")
+    (tmp_path / f".LATEST.tmp-{os.getpid()}").symlink_to(thesis)
+    (tmp_path / f".schedule.yaml.tmp-{os.getpid()}").write_text("my notes")
+    write_text_atomic(tmp_path / LATEST_FILE, "step-0001\n")
+    write_text_atomic(tmp_path / "schedule.yaml", "version: 1\n")
+    assert thesis.read_text() == "my thesis" and not (tmp_path / LATEST_FILE).is_symlink()
+    assert (tmp_path / f".schedule.yaml.tmp-{os.getpid()}").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f".LATEST.tmp-{os.getpid()}", f".schedule.yaml.tmp-{os.getpid()}", LATEST_FILE, "schedule.yaml", "thesis.txt"])

@@ -102,6 +102,23 @@ def test_dump_schedule_syncs_the_folder_after_the_rename(tmp_path, monkeypatch, 
     assert events == [("fsync", "file"), ("replace", "file"), ("fsync", "folder")]
 
 
+def test_dump_schedule_keeps_the_users_symlink_and_the_files_mode(tmp_path, registry):
+    """configs/current.yaml a link to experiments/exp3.yaml, kept private (0600): the link was replaced by a new
+    file (the link gone, exp3.yaml stale) of mode 0644; now the file the link points to is replaced, mode kept."""
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "configs").mkdir()
+    target = tmp_path / "experiments" / "exp3.yaml"
+    target.write_text("old\n")
+    os.chmod(target, 0o600)
+    link = tmp_path / "configs" / "current.yaml"
+    link.symlink_to(os.path.join("..", "experiments", "exp3.yaml"))
+    dump_schedule({"0": {"decomposition": "svd", "rank_selection": "vbmf"}}, link, registry)
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "experiments", "exp3.yaml")
+    assert load_schedule(target, registry).layers["0"].decomposition == "svd"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "experiments").iterdir()) == ["exp3.yaml"]
+
+
 def test_a_document_or_plain_dict_is_checked_then_written_as_its_schedule(tmp_path, codec, registry):
     # both used to fail with a raw AttributeError, though a plain dict is accepted wherever a schedule is
     path = tmp_path / "s.yaml"
