@@ -302,7 +302,9 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
                                   f"before compressing the layers ahead of it and {len(actual)} after")
             for x, x_ref in zip(actual, reference):
                 accumulator.update(x, x_ref)
-            calls = calls or len(reference)  # from the second batch on, a pass stops once the layer has run
+            # from the second batch on, a pass stops once the layer has run, where it ran once: a layer called
+            # more often may be called a different number of times per batch (a cell looped over its length)
+            calls = 1 if len(reference) == 1 and n_batches == 0 else calls
             n_batches += 1
     n_batches = distributed.sum_moments(group, {name: accumulator}, n_batches)
     return _results({name: accumulator}, n_batches)[name]

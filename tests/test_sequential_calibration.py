@@ -267,3 +267,25 @@ def test_a_layer_its_model_reads_the_weight_of_is_kept_and_the_others_fitted_as_
     assert [(r.name, r.ranks) for r in without.history] == [("fc1", result["fc1"].ranks), ("fc3", result["fc3"].ranks)]
     got, expected = full.compressed_model.state_dict(), without.compressed_model.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+def test_a_layer_called_a_different_number_of_times_per_batch_gets_every_call(registry):
+    # a cell looped over each batch's sequence length: the passes stopped after as many calls as the first batch
+    # made, so a later, longer batch lost its later steps from the statistics without a word
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.cell = nn.Linear(4, 6), nn.Linear(6, 6)
+
+        def forward(self, x):  # (batch, steps, 4)
+            state = torch.zeros(x.shape[0], 6)
+            for step in range(x.shape[1]):
+                state = torch.tanh(self.cell(state + self.first(x[:, step])))
+            return state
+
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    data = [torch.randn(3, 2, 4), torch.randn(3, 5, 4)]
+    stats = collect_sequential_stats(model, "cell", registry.adapters.get("linear").read(model.cell)[0],
+                                     {"first": nn.Linear(4, 6)}, data, progress=False)
+    assert stats.count == 3 * 2 + 3 * 5
