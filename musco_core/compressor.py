@@ -217,7 +217,7 @@ class Compressor:
         check_model_inputs(state.initial_schedule, registry, example_input, stats)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)
-        log.info("resumed from %s at step %d of %d", origin, state.next_step, len(state.steps))
+        log.info("resumed from %s after step %d of %d", origin, state.next_step, len(state.steps))
         return compressor
 
     def compression_step(self) -> list[LayerResult]:
