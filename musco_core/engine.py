@@ -156,26 +156,47 @@ def given_copy(source: WeightSource, params: object) -> tuple[WeightSource, Call
         dense.append(source.weight.clone())
         return dense[0]
 
+    moments = _moments_fingerprint(source.input_stats)
+
     def changed() -> str | None:
         pairs = [("source.weight", source.weight, copy) for copy in dense]
         for index, (original, copy) in enumerate(zip(source.factors or (), factors or ())):
             pairs.append((f"source.factors[{index}].weight", original.weight, copy.weight))
             if original.bias is not None:
                 pairs.append((f"source.factors[{index}].bias", original.bias, copy.bias))
-        return next((what for what, original, copy in pairs
-                     if (original.shape, original.dtype) != (copy.shape, copy.dtype)
-                     or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
+        weights = next((what for what, original, copy in pairs
+                        if (original.shape, original.dtype) != (copy.shape, copy.dtype)
+                        or not torch.allclose(original, copy, rtol=0.0, atol=0.0, equal_nan=True)), None)
+        now = _moments_fingerprint(source.input_stats)
+        return weights or next((f"source.input_stats.{field}" for field in moments
+                                if now.get(field) != moments[field]), None)
 
     return WeightSource(source.spec, factors, source.previous, dense=weight, input_stats=source.input_stats,
                         params=params), changed
 
 
+def _moments_fingerprint(stats: InputStats | None) -> dict[str, tuple]:
+    """A fingerprint of each moment in ``stats``: the statistics are not copied for plugins (each is ``F x F`` and
+    shared by every plugin that reads the layer), so a plugin that writes to them is caught by these reductions,
+    computed without a copy: shape, sum, norm and two strided sums (a write that keeps all five is contrived)."""
+    if stats is None:
+        return {}
+    moments = {field: getattr(stats, field) for field in ("second_moment", "cross_moment", "output_moment")}
+    def reductions(moment: torch.Tensor) -> tuple:  # hex: exact, and NaN equals NaN
+        flat = moment.reshape(-1)
+        values = (moment.sum(), torch.linalg.vector_norm(moment), flat[::3].sum(), flat[1::7].sum())
+        return (tuple(moment.shape), *(float(value).hex() for value in values))
+
+    return {field: reductions(moment) for field, moment in moments.items() if moment is not None}
+
+
 def refuse_changed(changed: Callable[[], str | None], name: str, who: str, role: str) -> None:
     """A CompressionError naming the layer and the plugin ``who`` (a ``role``) when ``changed`` (from
-    :func:`given_copy`) finds that it wrote to its copy of the layer's weights."""
+    :func:`given_copy`) finds that it wrote to its copy of the layer's weights, or to their statistics."""
     if (what := changed()) is not None:
         raise CompressionError(f"layer {name!r}: {who} changed {what} in place; a {role} must leave its input as it "
-                               f"is (the layer's weights, which the decomposition fits and the error is measured on)")
+                               f"is (the layer's weights and their statistics, which the decomposition fits and the "
+                               f"error is measured on)")
 
 
 def usable_decompositions(registry: Registry, layer: LayerSchedule, group_spec: LayerSpec) -> list[Decomposer]:

@@ -846,6 +846,32 @@ def test_a_rank_selector_that_changes_its_input_is_refused_and_the_model_kept(mo
 
 
 
+class StatsWritingSelector(RankSelector):
+    """Scales the layer's input statistics it is given (shared, not copied: each is F x F)."""
+
+    name = "stats_writing"
+
+    def select(self, decomposer, source, stage, params):
+        source.input_stats.second_moment.mul_(2.0)
+        return (2,)
+
+
+def test_a_rank_selector_that_changes_the_layers_statistics_is_refused_and_the_model_kept():
+    # the statistics reach every plugin of the layer uncopied: a selector that rescaled them changed the whitening
+    # the decomposition then used, unnoticed
+    registry = registry_with(("stats_plugin", plugin(musco_register_rank_selectors=[StatsWritingSelector])))
+    model, data = nn.Sequential(nn.Linear(16, 16)), [torch.randn(8, 16) for _ in range(2)]
+    before = snapshot(model)
+    with pytest.raises(CompressionError, match=r"layer '0': rank selector 'stats_writing' of plugin 'stats_plugin' "
+                                               r"changed source.input_stats.second_moment in place"):
+        compressor = Compressor(model, model_compr_kwargs={"0": {"decomposition": "whitened_svd",
+                                                                 "rank_selection": "stats_writing"}},
+                                calibration_data=data, example_input=data[0], inplace=True, progress=False,
+                                registry=registry)
+        compressor.compression_step()
+    assert_unchanged(model, before)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. Params must be an attrs class
 
