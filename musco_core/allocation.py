@@ -196,11 +196,12 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     registry, settings = context.registry, schedule.settings
     selector = registry.rank_selectors.get(layer.rank_selection)
 
+    taken = state.stages_taken()
+
     def pass_of(other: str) -> int:
         """The layer's compressions in this run so far (one more when the step compressed it already): a pass holds
         the layers at the same count, whatever stage (``curr_compr_iter``) the schedule started each at."""
-        return (schedule.layers[other].curr_compr_iter + (other in pending)
-                - state.initial_schedule.layers[other].curr_compr_iter)
+        return taken[other] + (other in pending)
 
     pass_index = pass_of(name)
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
@@ -255,19 +256,18 @@ def uncounted_outside(state: RunState, selector: str, pass_index: int, pending: 
     """The layers outside ``selector`` that the run compresses after its allocation of pass ``pass_index`` and
     before its next pass (later in the current step, where the step has not reached them, and in the steps after
     it): the allocation counts them as they are now."""
-    schedule, initial = state.schedule, state.initial_schedule.layers
+    schedule, taken = state.schedule, state.stages_taken()
     current = state.steps[state.next_step]
     uncounted = [name for name in current if name not in pending and schedule.layers[name].rank_selection != selector]
-    taken = dict.fromkeys(current, 1)  # compressions of each layer from the current step on
+    from_now = dict.fromkeys(current, 1)  # compressions of each layer from the current step on
     for step in state.steps[state.next_step + 1:]:
         if any(schedule.layers[name].rank_selection == selector
-               and schedule.layers[name].curr_compr_iter + taken.get(name, 0) - initial[name].curr_compr_iter
-               > pass_index for name in step):
+               and taken[name] + from_now.get(name, 0) > pass_index for name in step):
             break  # the selector's next pass, whose allocation counts them
         uncounted += [name for name in step if schedule.layers[name].rank_selection != selector
                       and name not in uncounted]
         for name in step:
-            taken[name] = taken.get(name, 0) + 1
+            from_now[name] = from_now.get(name, 0) + 1
     return uncounted
 
 

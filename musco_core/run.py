@@ -489,11 +489,10 @@ def _with_kept_after_plan(state: RunState, budgets: Sequence[BudgetRecord], kept
     """``budgets`` with a note on each plan of a whole-model selector that counted one of the ``kept`` layers
     compressed (the step kept it after its factorization: the whole-model check, say): its ``planned`` figure is
     then not what the model reaches."""
-    schedule, budgets = state.schedule, list(budgets)
+    schedule, taken, budgets = state.schedule, state.stages_taken(), list(budgets)
     for index, record in enumerate(budgets):
         names = [name for name in kept if schedule.layers[name].rank_selection == record.selector
-                 and schedule.layers[name].curr_compr_iter - state.initial_schedule.layers[name].curr_compr_iter
-                 == record.pass_index]
+                 and taken[name] == record.pass_index]
         if names:
             note = (f"layer(s) {', '.join(map(repr, names))} it planned to compress were kept after the plan (see "
                     f"their rows): the model ends less reduced than planned")
