@@ -182,6 +182,7 @@ def _moments_fingerprint(stats: InputStats | None) -> dict[str, tuple]:
     if stats is None:
         return {}
     moments = {field: getattr(stats, field) for field in ("second_moment", "cross_moment", "output_moment")}
+
     def reductions(moment: torch.Tensor) -> tuple:  # hex: exact, and NaN equals NaN
         flat = moment.reshape(-1)
         values = (moment.sum(), torch.linalg.vector_norm(moment), flat[::3].sum(), flat[1::7].sum())
