@@ -204,6 +204,15 @@ def output_weighted(target: Tensor, output_root: Tensor | None) -> Tensor:
     return output_root.to(device=target.device, dtype=torch.float64).T @ target
 
 
+def _fit_target(matrix: Tensor, second_moment: Tensor, damping: float, cross_moment: Tensor | None,
+                output_moment: Tensor | None, output_damping: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What :func:`whitened_truncated_svd` truncates, ``R^T M S`` (see :func:`whitened_target` and
+    :func:`output_weighted`), with ``S`` and ``R`` (None without an output moment)."""
+    root = whitening_factor(second_moment.to(matrix.device), damping)
+    output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
+    return output_weighted(whitened_target(matrix, root, cross_moment, second_moment), output_root), root, output_root
+
+
 @torch.no_grad()
 def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, damping: float = 1e-6,
                            cross_moment: Tensor | None = None, output_moment: Tensor | None = None,
@@ -230,10 +239,9 @@ def whitened_truncated_svd(matrix: Tensor, second_moment: Tensor, rank: int, dam
         if moment is not None and moment.shape != (size, size):
             raise ValueError(f"{name} must be {size} x {size} for a matrix of shape {tuple(matrix.shape)}, got "
                              f"{tuple(moment.shape)}")
-    root = whitening_factor(second_moment.to(matrix.device), damping)
-    output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
-    left, right = truncated_svd(output_weighted(whitened_target(matrix, root, cross_moment, second_moment),
-                                                    output_root), rank)
+    target, root, output_root = _fit_target(matrix, second_moment, damping, cross_moment, output_moment,
+                                            output_damping)
+    left, right = truncated_svd(target, rank)
     right = torch.linalg.solve(root, right, left=False)  # right @ S^-1
     if output_root is not None:
         left = torch.linalg.solve(output_root.T, left)  # R^-T @ left
@@ -256,9 +264,7 @@ def whitened_output_error(matrix: Tensor, second_moment: Tensor, damping: float 
     """
     _check_matrix(matrix, "matrix")
     c = _moment(second_moment, matrix.shape[1]).to(matrix.device)
-    root = whitening_factor(c, damping)
-    output_root = None if output_moment is None else whitening_factor(output_moment.to(matrix.device), output_damping)
-    target = output_weighted(whitened_target(matrix, root, cross_moment, c), output_root)
+    target, root, _ = _fit_target(matrix, c, damping, cross_moment, output_moment, output_damping)
     _, s, vh = torch.linalg.svd(target, full_matrices=False)
     directions = torch.linalg.solve(root.T, vh.T)  # a_i = S^-T v_i, as columns
     dropped = s.square() * torch.einsum("fi,fg,gi->i", directions, c, directions)
