@@ -56,6 +56,11 @@ class WhitenedSVDParams:
     output_projections: PositiveInt = 8
 
 
+def _damping(source: WeightSource) -> float:
+    """The ridge :meth:`WhitenedSVD.decompose` fits with: the run's (``source.params``), else the default."""
+    return (source.params or WhitenedSVDParams()).damping
+
+
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
@@ -98,7 +103,7 @@ class WhitenedSVD(Decomposer):
         once factorized at rank ``r``, an ``r x r`` core with its singular values. ``S`` has the ridge
         ``source.params.damping``, as :meth:`decompose` fits with: the spectrum is that of the fit delivered."""
         second_moment = self._second_moment(source)
-        root = factorize.whitening_factor(second_moment, (source.params or WhitenedSVDParams()).damping)
+        root = factorize.whitening_factor(second_moment, _damping(source))
         stats = source.input_stats
         output_root = (None if stats.output_moment is None else
                        factorize.whitening_factor(stats.output_moment, OUTPUT_DAMPING))
@@ -118,7 +123,7 @@ class WhitenedSVD(Decomposer):
             return None
         stats = source.input_stats
         return [factorize.whitened_output_error(_matrix(source.weight), stats.second_moment,
-                                                (source.params or WhitenedSVDParams()).damping,
+                                                _damping(source),
                                                 cross_moment=stats.cross_moment, output_moment=stats.output_moment,
                                                 output_damping=OUTPUT_DAMPING)]
 
