@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -618,6 +619,70 @@ def _rest_entries(model: nn.Module, blocks: Sequence[str], names: Mapping[int, l
     return entries, aliases
 
 
+# -- the work folder --------------------------------------------------------------------------------------------
+#: The name a run's work folder (shards and offloaded activations) starts with, and the kind its marker names.
+WORK_PREFIX = ".musco-blockwise-"
+WORK_KIND = "blockwise-work"
+#: What a run writes in its work folder: its shards and its folders of offloaded activations (of raw files).
+_SHARD = re.compile(r"block-[0-9]{5}\.safetensors")
+_ACTIVATIONS = re.compile(r"activations-[0-9]+")
+_ACTIVATION = re.compile(r"[0-9]+\.bin")
+
+
+def _remove_stale_work(parent: Path) -> None:
+    """Removes the work folders in ``parent`` that killed runs left (a run removes its own as it ends, however it
+    fails, but not when it is killed), which can hold as much as the compressed model: only those marked as one
+    (:data:`WORK_KIND`) by a process of this host that no longer runs and whose lock is free, and in them only what
+    a run writes there (anything else is kept, with the folder). Each removal is logged."""
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    for folder in sorted(parent.glob(WORK_PREFIX + "*")):
+        marker = io.read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+        if (marker is None or marker["kind"] != WORK_KIND or marker.get("host") != host
+                or io._pid_alive(marker.get("pid"))):
+            continue
+        with io._folder_lock(folder) as alone:
+            if alone:
+                _remove_work(folder, marker.get("pid"))
+
+
+def _remove_work(folder: Path, pid: Any) -> None:
+    """Removes a dead run's work folder (:func:`_remove_stale_work`), its marker last; logs what went."""
+    removed, size, kept = 0, 0, []
+    for child in folder.iterdir():
+        if child.name == io.MARKER:
+            continue
+        if child.is_symlink():
+            files = None
+        elif _SHARD.fullmatch(child.name) and child.is_file() or io._dead_temporary(child):
+            files = [child]
+        elif _ACTIVATIONS.fullmatch(child.name) and child.is_dir():
+            files = list(child.iterdir())
+            if not all(_ACTIVATION.fullmatch(f.name) and f.is_file() and not f.is_symlink() for f in files):
+                files = None
+        else:
+            files = None
+        if files is None:
+            kept.append(child.name)
+            continue
+        for file in files:
+            size += file.stat().st_size
+            file.unlink()
+        removed += len(files)
+        if child.is_dir():
+            child.rmdir()
+    if kept:
+        log.warning("%s: work folder of a killed blockwise run (pid %s): removed %d file(s) of %.1f MiB; kept the "
+                    "folder, it holds files musco-core did not write: %s", folder, pid, removed, size / 2**20,
+                    ", ".join(sorted(kept)))
+        return
+    (folder / io.MARKER).unlink()
+    folder.rmdir()
+    log.info("%s: removed the work folder of a killed blockwise run (pid %s): %d file(s), %.1f MiB", folder, pid,
+             removed, size / 2**20)
+
+
 # -- the blockwise pass -----------------------------------------------------------------------------------------
 @attrs.define
 class _Streams:
@@ -823,12 +888,16 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     io.check_claims([(output, "output")], run_id, overwrite=overwrite)  # before the lock writes into a refused folder
     with io.output_lock(output):
         io.claim_folder(output, "output", run_id, overwrite=overwrite)
-        work = Path(tempfile.mkdtemp(prefix=".musco-blockwise-", dir=work_dir or output.parent))
+        parent = Path(work_dir or output.parent)
+        _remove_stale_work(parent)
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
         try:
-            run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
-            report, write_weights = _blockwise(model, block_names, calibration, source, run)
-            io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
-                               run_id=run_id, overwrite=overwrite)
+            io._write_marker(work, WORK_KIND, run_id)
+            with io._folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
+                run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
+                report, write_weights = _blockwise(model, block_names, calibration, source, run)
+                io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
+                                   run_id=run_id, overwrite=overwrite)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     log.info("blockwise compression: %d of %d layers compressed, %d -> %d weights, written to %s",

@@ -2,6 +2,8 @@
 safetensors checkpoint, gives the output set a one-step in-memory run with sequential calibration gives."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -392,3 +394,42 @@ def test_blocks_called_otherwise_than_they_are_replayed_are_refused_before_anyth
                            progress=False)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not any(isinstance(m, FactorizedLayer) for m in model.modules())
+
+
+def test_work_folders_of_killed_runs_are_removed_and_nothing_else(tmp_path, caplog):
+    """A killed run leaves its work folder (shards, activations: up to the compressed model's size); the next run
+    with the same work folder parent removes those of dead processes on this host, only what a run writes there."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+
+    def work_folder(name: str, pid: int | None, host: str = socket.gethostname(), extra: str | None = None):
+        folder = tmp_path / f".musco-blockwise-{name}"
+        (folder / "activations-1").mkdir(parents=True)
+        (folder / "activations-1" / "0.bin").write_bytes(b"\0" * 64)
+        (folder / "block-00000.safetensors").write_bytes(b"\0" * 64)
+        if pid is not None:
+            (folder / ".musco-core").write_text(f"created_by: musco-core\nkind: blockwise-work\nrun_id: x\npid: {pid}\n"
+                                                f"host: {host}\n")
+        if extra:
+            (folder / extra).write_text("mine")
+        return folder
+
+    stale = work_folder("stale", dead_pid)
+    with_mine = work_folder("mine", dead_pid, extra="notes.txt")
+    live = work_folder("live", os.getpid())
+    elsewhere = work_folder("elsewhere", dead_pid, host="another-host")
+    unmarked = work_folder("unmarked", None)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with caplog.at_level("INFO", logger="musco_core.blockwise"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", work_dir=tmp_path, progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in with_mine.iterdir()) == [".musco-core", "notes.txt"]
+    assert all((folder / "activations-1" / "0.bin").exists() and (folder / "block-00000.safetensors").exists()
+               for folder in (live, elsewhere, unmarked))
+    assert f"{stale}: removed the work folder of a killed blockwise run (pid {dead_pid}): 2 file(s)" in caplog.text
+    assert f"{with_mine}: work folder of a killed blockwise run (pid {dead_pid}): removed 2 file(s)" in caplog.text
