@@ -412,13 +412,14 @@ def _first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int)
 
 
 def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int,
-                        onload: Callable[[nn.Module], contextlib.AbstractContextManager]
+                        onload: Callable[[nn.Module], contextlib.AbstractContextManager], watch: _Watch
                         ) -> tuple[torch.Tensor, _Call, bool]:
     """How the model calls its first block on ``batch``, from a pass through the whole model (each block's weights
     read for its call with ``onload``, then dropped) that checks what blockwise compression assumes of the blocks:
     each runs once, in the model's order, on the hidden state the block before returned, with the first block's
     other arguments, given the same way. Anything else would calibrate blocks on inputs they never get: a
-    ConfigError (:func:`_misuse`)."""
+    ConfigError (:func:`_misuse`). ``watch.running`` names the block running (its weights read), for
+    :func:`_watching`."""
     ran: list[str] = []
     first: list[tuple[torch.Tensor, _Call, bool]] = []  # the first block's call
     returned: list[torch.Tensor] = []  # the hidden state the latest block returned
@@ -447,12 +448,14 @@ def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, ind
             first.append((hidden, call, by_keyword))
         ran.append(name)
         returned.clear()
+        watch.running = name
         context = onload(model.get_submodule(name))
         context.__enter__()
         loaded.append(context)
 
     def after(name: str, output: Any) -> None:
         loaded.pop().__exit__(None, None, None)
+        watch.running = None
         returned[:] = [_hidden_output(output, name)]
 
     try:
@@ -486,9 +489,48 @@ def _difference(value: Any, expected: Any, where: str) -> str | None:
     return None if type(value) is type(expected) and value == expected else where
 
 
+@attrs.define
+class _Watch:
+    """The block running in the capture's pass, and the scheduled layers the model reads an attribute of (a weight,
+    a buffer, a submodule) while their block is not running: ``{layer: attribute}``."""
+
+    running: str | None = None
+    read: dict[str, str] = attrs.field(factory=dict)
+
+
+@contextlib.contextmanager
+def _watching(model: nn.Module, layers: Sequence[str], blocks: Sequence[str]) -> Iterator[_Watch]:
+    """Inside, a read of an attribute that ``nn.Module`` holds (parameters, buffers, submodules) of one of ``layers``
+    outside its block's run is recorded in the yielded watch. The model uses such a layer outside its block (a head
+    reading a block's weight): blockwise compression, which checks the replacements on the block alone, would
+    replace a layer the model needs as it is; the in-memory path keeps it (:func:`~musco_core.verify.unfaithful_swaps`).
+    Each layer's class is swapped for a subclass that records, and put back on exit."""
+    watch = _Watch()
+    classes = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        if id(module) in classes:
+            continue
+        base, block = type(module), _owner(name, blocks)
+
+        def __getattr__(self, attribute, base=base, name=name, block=block):
+            if watch.running != block:
+                watch.read.setdefault(name, attribute)
+            return base.__getattr__(self, attribute)
+
+        classes[id(module)] = (module, base)
+        module.__class__ = type(base.__name__, (base,), {"__getattr__": __getattr__, "__module__": base.__module__,
+                                                         "__qualname__": base.__qualname__})
+    try:
+        yield watch
+    finally:
+        for module, base in classes.values():
+            module.__class__ = base
+
+
 def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
-             store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager]
-             ) -> tuple[list[_Call], bool]:
+             store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager],
+             watch: _Watch) -> tuple[list[_Call], bool]:
     """Runs the model on each calibration batch up to the first block (through every block on the first batch, to
     check how they are called: :func:`_checked_first_call`); stores the block's hidden-state input in ``store`` and
     returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
@@ -496,8 +538,8 @@ def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], de
     with _calibration_pass(model):
         for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
             batch = _to(batch, device)
-            hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload) if index == 0
-                                        else _first_call(model, blocks, batch, index))
+            hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload, watch)
+                                        if index == 0 else _first_call(model, blocks, batch, index))
             if keyword is not None and by_keyword != keyword:
                 raise ConfigError(f"block {blocks[0]!r} got its hidden state positionally on some batches and as a "
                                   f"keyword on others")
@@ -717,6 +759,7 @@ class _Run:
     entries: list[TensorEntry] = attrs.field(factory=list)
     aliases: dict[str, str] = attrs.field(factory=dict)
     generation: int = 0
+    read_outside: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -774,13 +817,19 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
 
 def _keep_unfaithful(run: _Run, runner: BlockRunner, replacements: dict[str, nn.Module],
                      results: dict[str, LayerResult]) -> None:
-    """Keeps as they are (taken out of ``replacements``, the reason in ``results``) the layers whose replacement
-    the runner's block does not use as it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on
-    its first calibration input; without calibration data there is no input, and no check."""
+    """Keeps as they are (taken out of ``replacements``, the reason in ``results``) the layers the model reads
+    outside their block (:func:`_watching`) and those whose replacement the runner's block does not use as it uses
+    the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on its first calibration input; without
+    calibration data there is no input, and no check."""
     if run.streams is None or not replacements:
         return
     swaps = {name: (runner.get_submodule(name), new) for name, new in replacements.items()}
-    for name, why in unfaithful_swaps(runner, swaps, module_paths(runner), _Batches(run.streams.actual)[0]).items():
+    unfaithful = {name: run.read_outside[name] for name in replacements if name in run.read_outside}
+    for name in unfaithful:
+        del swaps[name]
+    if swaps:
+        unfaithful |= unfaithful_swaps(runner, swaps, module_paths(runner), _Batches(run.streams.actual)[0])
+    for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         results[name] = results[name].kept(why)
         del replacements[name]
@@ -853,8 +902,10 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     ``device`` is where the blocks are computed. On the first calibration batch the whole model runs once, each
     block's weights read in turn, to check that the blocks are called as they are replayed (see the module's
     documentation); anything else is a ConfigError before anything is compressed. Each block is run with its
-    replacements swapped in on its input from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a layer the block uses other than by
-    calling it is kept as it is. Without ``calibration_data`` there is no block input, and no such check.
+    replacements swapped in on its input from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a
+    layer the block uses other than by calling it is kept as it is, and so is one whose weights (or other module
+    attributes) the model reads outside its block in that first pass. Without ``calibration_data`` there is no
+    block input, and no such check.
 
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
     (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
@@ -914,10 +965,13 @@ def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkp
     if calibration is not None:
         first = run.new_activations()
         outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
-        with _onloaded(outside, names, checkpoint, run.device):
+        with _onloaded(outside, names, checkpoint, run.device), \
+                _watching(model, run.schedule.compressed_layers(), blocks) as watch:
             run.calls, run.hidden_keyword = _capture(
                 model, blocks, calibration, run.device, first, run.progress,
-                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device))
+                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch)
+        run.read_outside = {name: f"the model reads its {attribute!r} outside its block {_owner(name, blocks)!r}: it "
+                                  f"uses the layer other than by calling it" for name, attribute in watch.read.items()}
         run.streams = _Streams(first, first)
     layers = run.schedule.compressed_layers()
     for index, path in enumerate(_bar(blocks, "blockwise compression", run.progress)):

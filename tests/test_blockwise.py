@@ -433,3 +433,42 @@ def test_work_folders_of_killed_runs_are_removed_and_nothing_else(tmp_path, capl
                for folder in (live, elsewhere, unmarked))
     assert f"{stale}: removed the work folder of a killed blockwise run (pid {dead_pid}): 2 file(s)" in caplog.text
     assert f"{with_mine}: work folder of a killed blockwise run (pid {dead_pid}): removed 2 file(s)" in caplog.text
+
+
+class ReadsABlocksWeight(nn.Module):
+    """Its head reads the first block's ``up.weight``, outside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        self.h = nn.ModuleList(KeywordStack.Block() for _ in range(2))
+
+    def forward(self, x, scale):
+        hidden = self.embed(x)
+        for block in self.h:
+            hidden = block(hidden, scale)[0]
+        return hidden @ self.h[0].up.weight.T
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_a_layer_the_model_reads_outside_its_block_is_kept_as_in_memory(tmp_path, on_meta):
+    """The check of a block's replacements runs the block alone: it cannot see the head reading a weight of it, and
+    the output set's model failed (no attribute 'weight'). The capture's first pass sees the read: the layer is kept
+    with the reason, and the rest is fitted as in memory."""
+    torch.manual_seed(0)
+    model = ReadsABlocksWeight().eval()
+    save_model(model, str(tmp_path / "model.safetensors"))
+    plan = schedule([f"h.{i}.{layer}" for i in range(2) for layer in ("up", "down")], decomposition="whitened_svd",
+                    rank_selection="manual", manual_rank=[5])
+    expected = in_memory(model, plan, keyword_data())
+    if on_meta:
+        with torch.device("meta"):
+            model = ReadsABlocksWeight()
+    report = compress_blockwise(model, plan, r"re:h\.\d", tmp_path / "out", calibration_data=keyword_data(),
+                                checkpoint=tmp_path / "model.safetensors" if on_meta else None, progress=False)
+    assert [(r.name, r.applied) for r in report.layers] == [(r.name, r.applied) for r in expected.history]
+    assert not report.layers[0].applied and "reads its 'weight' outside its block 'h.0'" in report.layers[0].note
+    loaded = load_compressed(ReadsABlocksWeight(), tmp_path / "out")
+    assert_same_weights(expected.compressed_model, loaded)
+    loaded(*keyword_data()[0])
+    assert type(model.h[0].up) is nn.Linear  # the watch is gone
