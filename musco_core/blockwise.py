@@ -53,7 +53,7 @@ from .registry import Registry, default_registry
 from .report import CompressionReport
 from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
                   tied_note, without_autocast)
-from .schedule import ModelSchedule, key_path, read_yaml
+from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
@@ -150,14 +150,22 @@ def _blockwise_schedule(model: nn.Module, schedule: Any, registry: Registry) -> 
 
 # -- reading weights lazily -------------------------------------------------------------------------------------
 class Checkpoint:
-    """The tensors of a safetensors checkpoint (one file, or a folder of ``*.safetensors`` files), read a few
-    at a time; only the headers are read up front."""
+    """The tensors of a safetensors checkpoint (one file, a sharded checkpoint's index ``*.safetensors.index.json``,
+    or a folder of ``*.safetensors`` files, or of the shards its one index names), read a few at a time; only the
+    headers are read up front."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        indexes = sorted(path.glob(INDEX_PATTERN)) if path.is_dir() else [path] if path.match(INDEX_PATTERN) else []
+        if len(indexes) > 1:
+            raise ConfigError(f"checkpoint {path}: holds {len(indexes)} index files "
+                              f"({', '.join(index.name for index in indexes)}); pass the one to read")
+        weight_map = _weight_map(indexes[0]) if indexes else {}
+        files = ([indexes[0].parent / name for name in sorted(set(weight_map.values()))] if indexes else
+                 sorted(path.glob("*.safetensors")) if path.is_dir() else [path])
         if not files or not files[0].is_file():
-            raise ConfigError(f"checkpoint {path}: expected a safetensors file or a folder of *.safetensors files")
+            raise ConfigError(f"checkpoint {path}: expected a safetensors file, a folder of *.safetensors files or "
+                              f"a sharded checkpoint's index")
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
@@ -168,6 +176,9 @@ class Checkpoint:
                                           f"{self.files[key].name} and {file.name}")
                     self.files[key] = file
                     self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        for key, name in weight_map.items():
+            if self.files.get(key) != indexes[0].parent / name:
+                raise ConfigError(f"checkpoint {indexes[0]}: $.weight_map[{key!r}]: {name} holds no such tensor")
 
     @staticmethod
     @contextlib.contextmanager
@@ -176,7 +187,8 @@ class Checkpoint:
             with safe_open(str(file), "pt") as handle:
                 yield handle
         except (OSError, SafetensorError) as exc:
-            raise ConfigError(f"checkpoint {file}: cannot read: {one_line(str(exc))}") from None
+            raise ConfigError(f"checkpoint {file}: cannot read it as safetensors: {one_line(str(exc))} (musco-core "
+                              f"never unpickles a .bin or .pt file: save it with safetensors)") from None
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors ``keys``, each file opened once and closed again (its pages leave the process)."""
@@ -187,6 +199,52 @@ class Checkpoint:
                 for key in group:
                     found[key] = handle.get_tensor(key)
         return found
+
+
+#: The name of a sharded safetensors checkpoint's index (Hugging Face's ``model.safetensors.index.json``).
+INDEX_PATTERN = "*.safetensors.index.json"
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: ``{tensor: shard file name}``, the shards beside it."""
+    try:
+        data = json.loads(read_text_bounded(index, MAX_JSON_BYTES))
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint {index}: is not JSON: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(name, str) and name.endswith(".safetensors") and name == Path(name).name
+            for key, name in weight_map.items()):
+        raise ConfigError(f"checkpoint {index}: $.weight_map: expected {{tensor name: file name of a .safetensors "
+                          f"shard beside the index}}")
+    return weight_map
+
+
+def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoint: Checkpoint | None) -> None:
+    """One ConfigError naming every tensor the model holds on the meta device that the checkpoint lacks or holds
+    with another shape, and every tensor of the checkpoint the model has no place for (a checkpoint of another
+    architecture, such as one with more blocks, would otherwise be read in part): checked from the headers before
+    anything runs, as ``load_state_dict`` checks a whole state dict."""
+    tensors = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)))
+    problems = []
+    for tensor_names in names.values():
+        if tensors[tensor_names[0]].is_meta:
+            try:
+                _checkpoint_key(tensors[tensor_names[0]], tensor_names, checkpoint)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                if checkpoint is None:
+                    break  # one line says it
+    if checkpoint is not None:
+        extra = sorted(set(checkpoint.files) - set(tensors))
+        if extra:
+            problems.append(f"checkpoint: {len(extra)} tensor(s) that {type(model).__name__} has no parameter or "
+                            f"buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
+                            f"expected the checkpoint of this architecture, keyed as its state_dict()")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ConfigError("\n".join(shown))
 
 
 def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
@@ -934,6 +992,7 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
                               "least one batch, or none")
         calibration = [first]
     source = Checkpoint(checkpoint) if checkpoint is not None else None
+    _check_checkpoint(model, _tensor_names(model), source)
     output = Path(output)
     run_id = uuid.uuid4().hex  # each call is a run of its own: the output of another is refused without overwrite
     io.check_claims([(output, "output")], run_id, overwrite=overwrite)  # before the lock writes into a refused folder

@@ -11,7 +11,7 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core import CompressionError, Compressor, ConfigError, FactorizedLayer, compress_blockwise
 from musco_core.blockwise import TensorEntry, resolve_blocks, unique_entries, write_safetensors
 from musco_core.io import load_compressed, read_manifest, read_report
 
@@ -268,16 +268,81 @@ def test_a_second_run_into_the_output_of_another_is_refused_unless_overwrite(tmp
     assert loaded[0].ranks == (3,)
 
 
-def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path):
-    state = {key: value.contiguous() for key, value in gpt2().state_dict().items()
-             if key not in ("lm_head.weight", "transformer.h.1.mlp.c_fc.weight")}
-    save_file(state, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(ConfigError, match="checkpoint: no tensor 'transformer.h.1.mlp.c_fc.weight'"):
+def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path, checkpoint, monkeypatch):
+    import musco_core.blockwise
+
+    real = musco_core.blockwise.compress_layer
+
+    def failing(module, name, *args, **kwargs):
+        if name == "transformer.h.1.mlp.c_fc":
+            raise RuntimeError("out of memory")
+        return real(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(musco_core.blockwise, "compress_layer", failing)
+    with pytest.raises(CompressionError, match="layer 'transformer.h.1.mlp.c_fc': RuntimeError: out of memory; "
+                                               "nothing was written"):
         compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
-                           checkpoint=tmp_path / "partial.safetensors", calibration_data=token_batches(),
-                           progress=False)
+                           checkpoint=checkpoint, calibration_data=token_batches(), progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".musco-core", ".musco-lock"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.safetensors", "out"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_architecture_is_one_error_before_anything_runs(tmp_path):
+    """Missing and mis-shaped tensors were found only when their block came (hours in, for a large model), and
+    tensors the model has no place for were ignored: a checkpoint of four blocks gave a three-block model, silently."""
+    state = {key: value.contiguous() for key, value in gpt2(n_layer=4).state_dict().items()
+             if key not in ("lm_head.weight", "transformer.h.2.mlp.c_fc.weight")}
+    state["transformer.h.1.mlp.c_proj.bias"] = torch.zeros(5)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    before = (tmp_path / "other.safetensors").read_bytes()
+    with pytest.raises(ConfigError) as error:
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "other.safetensors", calibration_data=token_batches(), progress=False)
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"checkpoint {tmp_path / 'other.safetensors'}: 'transformer.h.1.mlp.c_proj.bias' has shape "
+                        f"(5,), the model's (32,)")
+    assert lines[1].startswith("checkpoint: no tensor 'transformer.h.2.mlp.c_fc.weight'")
+    assert lines[2].startswith("checkpoint: 12 tensor(s) that GPT2LMHeadModel has no parameter or buffer for: "
+                               "'transformer.h.3.attn.c_attn.bias', ")
+    assert len(lines) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
+    assert (tmp_path / "other.safetensors").read_bytes() == before
+
+
+def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path):
+    """A Hugging Face sharded checkpoint: the index, or its folder, reads the shards it names (and no stray file
+    beside them); a path to the index was 'cannot read: header too large'."""
+    import json
+
+    model, data = gpt2(), token_batches(2)
+    state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    keys = sorted(state)
+    shards = {key: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, key in enumerate(keys)}
+    (tmp_path / "ckpt").mkdir()
+    for name in set(shards.values()):
+        save_file({key: state[key] for key in keys if shards[key] == name}, str(tmp_path / "ckpt" / name))
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    save_file({"stray": torch.zeros(1)}, str(tmp_path / "ckpt" / "consolidated.safetensors"))
+    plan = schedule([name for name in conv1d_layers(model) if name.endswith("mlp.c_fc")])
+    expected = in_memory(model, plan, data).compressed_model
+    for i, source in enumerate([tmp_path / "ckpt" / "model.safetensors.index.json", tmp_path / "ckpt"]):
+        compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / f"out{i}", checkpoint=source, calibration_data=data,
+                           progress=False)
+        assert_same_weights(expected, load_compressed(gpt2(), tmp_path / f"out{i}"))
+    shards.pop(keys[0])
+    shards["transformer.h.9.ln_1.weight"] = "model-00001-of-00002.safetensors"
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json: \$.weight_map\['transformer.h.9.ln_1.weight'"
+                                          r"\]: model-00001-of-00002.safetensors holds no such tensor"):
+        compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / "out9", checkpoint=tmp_path / "ckpt",
+                           calibration_data=data, progress=False)
+
+
+def test_a_pickled_checkpoint_is_refused_unread(tmp_path):
+    torch.save(gpt2().state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="pytorch_model.bin: cannot read it as safetensors: .*never unpickles"):
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "pytorch_model.bin", calibration_data=token_batches(), progress=False)
 
 
 def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
