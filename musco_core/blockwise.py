@@ -62,10 +62,13 @@ log = logging.getLogger(__name__)
 
 #: Where activations are kept between blocks.
 OFFLOAD_MODES = ("cpu", "disk")
-#: safetensors' names of the dtypes it stores.
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+#: safetensors' names of the dtypes it stores (those of this torch: the unsigned and fnuz ones are newer than 2.1).
+SAFETENSORS_DTYPES = {getattr(torch, dtype): name for dtype, name in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"), ("uint16", "U16"), ("uint32", "U32"),
+    ("uint64", "U64")) if hasattr(torch, dtype)}
 #: The values a block's replayed arguments may hold (besides tensors and tuples, lists and dicts of them).
 PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
