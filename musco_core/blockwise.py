@@ -575,9 +575,10 @@ def _watching(model: nn.Module, layers: Sequence[str], blocks: Sequence[str]) ->
         base, block = type(module), _owner(name, blocks)
 
         def __getattr__(self, attribute, base=base, name=name, block=block):
+            value = base.__getattr__(self, attribute)  # a missing attribute (hasattr) is missing after a swap too
             if watch.running != block:
                 watch.read.setdefault(name, attribute)
-            return base.__getattr__(self, attribute)
+            return value
 
         classes[id(module)] = (module, base)
         module.__class__ = type(base.__name__, (base,), {"__getattr__": __getattr__, "__module__": base.__module__,

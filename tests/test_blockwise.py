@@ -508,7 +508,8 @@ def test_work_folders_of_killed_runs_are_removed_and_nothing_else(tmp_path, capl
 
 
 class ReadsABlocksWeight(nn.Module):
-    """Its head reads the first block's ``up.weight``, outside the block."""
+    """Its head reads the first block's ``up.weight``, outside the block (and asks the second's ``up`` for an
+    attribute neither it nor its replacement has, which changes nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -519,6 +520,7 @@ class ReadsABlocksWeight(nn.Module):
         hidden = self.embed(x)
         for block in self.h:
             hidden = block(hidden, scale)[0]
+        assert not hasattr(self.h[1].up, "quantization_state")
         return hidden @ self.h[0].up.weight.T
 
 
@@ -540,6 +542,7 @@ def test_a_layer_the_model_reads_outside_its_block_is_kept_as_in_memory(tmp_path
                                 checkpoint=tmp_path / "model.safetensors" if on_meta else None, progress=False)
     assert [(r.name, r.applied) for r in report.layers] == [(r.name, r.applied) for r in expected.history]
     assert not report.layers[0].applied and "reads its 'weight' outside its block 'h.0'" in report.layers[0].note
+    assert report.layers[2].applied
     loaded = load_compressed(ReadsABlocksWeight(), tmp_path / "out")
     assert_same_weights(expected.compressed_model, loaded)
     loaded(*keyword_data()[0])
