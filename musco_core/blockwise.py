@@ -978,6 +978,9 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     registry = registry or default_registry()
     if offload not in OFFLOAD_MODES:
         raise ConfigError(f"offload: expected one of {', '.join(OFFLOAD_MODES)}, got {short_repr(offload)}")
+    if work_dir is not None and not Path(work_dir).is_dir():
+        raise ConfigError(f"work_dir {work_dir}: {'is not a folder' if Path(work_dir).exists() else 'does not exist'}; "
+                          f"expected the folder where the shards and activations go")
     device = torch.device(device)
     block_names = resolve_blocks(model, blocks)
     checked = _blockwise_schedule(model, schedule, registry)

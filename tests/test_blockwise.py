@@ -244,6 +244,16 @@ def test_blocks_must_hold_their_own_weights(tmp_path):
         compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("work_dir, problem", [("missing", "does not exist"), ("file", "is not a folder")])
+def test_a_work_dir_that_is_no_folder_is_one_clear_error(tmp_path, work_dir, problem):
+    (tmp_path / "file").write_text("mine")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with pytest.raises(ConfigError, match=f"^work_dir {tmp_path / work_dir}: {problem}; expected the folder"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", work_dir=tmp_path / work_dir, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_a_refused_output_folder_gets_nothing_written(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
