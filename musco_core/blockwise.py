@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from .registry import Registry, default_registry
 from .report import CompressionReport
 from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
                   tied_note, without_autocast)
-from .schedule import ModelSchedule, key_path, read_yaml
+from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
@@ -61,10 +62,13 @@ log = logging.getLogger(__name__)
 
 #: Where activations are kept between blocks.
 OFFLOAD_MODES = ("cpu", "disk")
-#: safetensors' names of the dtypes it stores.
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+#: safetensors' names of the dtypes it stores (those of this torch: the unsigned and fnuz ones are newer than 2.1).
+SAFETENSORS_DTYPES = {getattr(torch, dtype): name for dtype, name in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"), ("uint16", "U16"), ("uint32", "U32"),
+    ("uint64", "U64")) if hasattr(torch, dtype)}
 #: The values a block's replayed arguments may hold (besides tensors and tuples, lists and dicts of them).
 PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -149,14 +153,22 @@ def _blockwise_schedule(model: nn.Module, schedule: Any, registry: Registry) -> 
 
 # -- reading weights lazily -------------------------------------------------------------------------------------
 class Checkpoint:
-    """The tensors of a safetensors checkpoint (one file, or a folder of ``*.safetensors`` files), read a few
-    at a time; only the headers are read up front."""
+    """The tensors of a safetensors checkpoint (one file, a sharded checkpoint's index ``*.safetensors.index.json``,
+    or a folder of ``*.safetensors`` files, or of the shards its one index names), read a few at a time; only the
+    headers are read up front."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        indexes = sorted(path.glob(INDEX_PATTERN)) if path.is_dir() else [path] if path.match(INDEX_PATTERN) else []
+        if len(indexes) > 1:
+            raise ConfigError(f"checkpoint {path}: holds {len(indexes)} index files "
+                              f"({', '.join(index.name for index in indexes)}); pass the one to read")
+        weight_map = _weight_map(indexes[0]) if indexes else {}
+        files = ([indexes[0].parent / name for name in sorted(set(weight_map.values()))] if indexes else
+                 sorted(path.glob("*.safetensors")) if path.is_dir() else [path])
         if not files or not files[0].is_file():
-            raise ConfigError(f"checkpoint {path}: expected a safetensors file or a folder of *.safetensors files")
+            raise ConfigError(f"checkpoint {path}: expected a safetensors file, a folder of *.safetensors files or "
+                              f"a sharded checkpoint's index")
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
@@ -167,6 +179,9 @@ class Checkpoint:
                                           f"{self.files[key].name} and {file.name}")
                     self.files[key] = file
                     self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        for key, name in weight_map.items():
+            if self.files.get(key) != indexes[0].parent / name:
+                raise ConfigError(f"checkpoint {indexes[0]}: $.weight_map[{key!r}]: {name} holds no such tensor")
 
     @staticmethod
     @contextlib.contextmanager
@@ -175,7 +190,8 @@ class Checkpoint:
             with safe_open(str(file), "pt") as handle:
                 yield handle
         except (OSError, SafetensorError) as exc:
-            raise ConfigError(f"checkpoint {file}: cannot read: {one_line(str(exc))}") from None
+            raise ConfigError(f"checkpoint {file}: cannot read it as safetensors: {one_line(str(exc))} (musco-core "
+                              f"never unpickles a .bin or .pt file: save it with safetensors)") from None
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors ``keys``, each file opened once and closed again (its pages leave the process)."""
@@ -186,6 +202,52 @@ class Checkpoint:
                 for key in group:
                     found[key] = handle.get_tensor(key)
         return found
+
+
+#: The name of a sharded safetensors checkpoint's index (Hugging Face's ``model.safetensors.index.json``).
+INDEX_PATTERN = "*.safetensors.index.json"
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: ``{tensor: shard file name}``, the shards beside it."""
+    try:
+        data = json.loads(read_text_bounded(index, MAX_JSON_BYTES))
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint {index}: is not JSON: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(name, str) and name.endswith(".safetensors") and name == Path(name).name
+            for key, name in weight_map.items()):
+        raise ConfigError(f"checkpoint {index}: $.weight_map: expected {{tensor name: file name of a .safetensors "
+                          f"shard beside the index}}")
+    return weight_map
+
+
+def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoint: Checkpoint | None) -> None:
+    """One ConfigError naming every tensor the model holds on the meta device that the checkpoint lacks or holds
+    with another shape, and every tensor of the checkpoint the model has no place for (a checkpoint of another
+    architecture, such as one with more blocks, would otherwise be read in part): checked from the headers before
+    anything runs, as ``load_state_dict`` checks a whole state dict."""
+    tensors = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)))
+    problems = []
+    for tensor_names in names.values():
+        if tensors[tensor_names[0]].is_meta:
+            try:
+                _checkpoint_key(tensors[tensor_names[0]], tensor_names, checkpoint)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                if checkpoint is None:
+                    break  # one line says it
+    if checkpoint is not None:
+        extra = sorted(set(checkpoint.files) - set(tensors))
+        if extra:
+            problems.append(f"checkpoint: {len(extra)} tensor(s) that {type(model).__name__} has no parameter or "
+                            f"buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
+                            f"expected the checkpoint of this architecture, keyed as its state_dict()")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ConfigError("\n".join(shown))
 
 
 def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
@@ -411,13 +473,14 @@ def _first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int)
 
 
 def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, index: int,
-                        onload: Callable[[nn.Module], contextlib.AbstractContextManager]
+                        onload: Callable[[nn.Module], contextlib.AbstractContextManager], watch: _Watch
                         ) -> tuple[torch.Tensor, _Call, bool]:
     """How the model calls its first block on ``batch``, from a pass through the whole model (each block's weights
     read for its call with ``onload``, then dropped) that checks what blockwise compression assumes of the blocks:
     each runs once, in the model's order, on the hidden state the block before returned, with the first block's
     other arguments, given the same way. Anything else would calibrate blocks on inputs they never get: a
-    ConfigError (:func:`_misuse`)."""
+    ConfigError (:func:`_misuse`). ``watch.running`` names the block running (its weights read), for
+    :func:`_watching`."""
     ran: list[str] = []
     first: list[tuple[torch.Tensor, _Call, bool]] = []  # the first block's call
     returned: list[torch.Tensor] = []  # the hidden state the latest block returned
@@ -446,12 +509,14 @@ def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, ind
             first.append((hidden, call, by_keyword))
         ran.append(name)
         returned.clear()
+        watch.running = name
         context = onload(model.get_submodule(name))
         context.__enter__()
         loaded.append(context)
 
     def after(name: str, output: Any) -> None:
         loaded.pop().__exit__(None, None, None)
+        watch.running = None
         returned[:] = [_hidden_output(output, name)]
 
     try:
@@ -485,9 +550,49 @@ def _difference(value: Any, expected: Any, where: str) -> str | None:
     return None if type(value) is type(expected) and value == expected else where
 
 
+@attrs.define
+class _Watch:
+    """The block running in the capture's pass, and the scheduled layers the model reads an attribute of (a weight,
+    a buffer, a submodule) while their block is not running: ``{layer: attribute}``."""
+
+    running: str | None = None
+    read: dict[str, str] = attrs.field(factory=dict)
+
+
+@contextlib.contextmanager
+def _watching(model: nn.Module, layers: Sequence[str], blocks: Sequence[str]) -> Iterator[_Watch]:
+    """Inside, a read of an attribute that ``nn.Module`` holds (parameters, buffers, submodules) of one of ``layers``
+    outside its block's run is recorded in the yielded watch. The model uses such a layer outside its block (a head
+    reading a block's weight): blockwise compression, which checks the replacements on the block alone, would
+    replace a layer the model needs as it is; the in-memory path keeps it (:func:`~musco_core.verify.unfaithful_swaps`).
+    Each layer's class is swapped for a subclass that records, and put back on exit."""
+    watch = _Watch()
+    classes = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        if id(module) in classes:
+            continue
+        base, block = type(module), _owner(name, blocks)
+
+        def __getattr__(self, attribute, base=base, name=name, block=block):
+            value = base.__getattr__(self, attribute)  # a missing attribute (hasattr) is missing after a swap too
+            if watch.running != block:
+                watch.read.setdefault(name, attribute)
+            return value
+
+        classes[id(module)] = (module, base)
+        module.__class__ = type(base.__name__, (base,), {"__getattr__": __getattr__, "__module__": base.__module__,
+                                                         "__qualname__": base.__qualname__})
+    try:
+        yield watch
+    finally:
+        for module, base in classes.values():
+            module.__class__ = base
+
+
 def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
-             store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager]
-             ) -> tuple[list[_Call], bool]:
+             store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager],
+             watch: _Watch) -> tuple[list[_Call], bool]:
     """Runs the model on each calibration batch up to the first block (through every block on the first batch, to
     check how they are called: :func:`_checked_first_call`); stores the block's hidden-state input in ``store`` and
     returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
@@ -495,8 +600,8 @@ def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], de
     with _calibration_pass(model):
         for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
             batch = _to(batch, device)
-            hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload) if index == 0
-                                        else _first_call(model, blocks, batch, index))
+            hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload, watch)
+                                        if index == 0 else _first_call(model, blocks, batch, index))
             if keyword is not None and by_keyword != keyword:
                 raise ConfigError(f"block {blocks[0]!r} got its hidden state positionally on some batches and as a "
                                   f"keyword on others")
@@ -618,6 +723,70 @@ def _rest_entries(model: nn.Module, blocks: Sequence[str], names: Mapping[int, l
     return entries, aliases
 
 
+# -- the work folder --------------------------------------------------------------------------------------------
+#: The name a run's work folder (shards and offloaded activations) starts with, and the kind its marker names.
+WORK_PREFIX = ".musco-blockwise-"
+WORK_KIND = "blockwise-work"
+#: What a run writes in its work folder: its shards and its folders of offloaded activations (of raw files).
+_SHARD = re.compile(r"block-[0-9]{5}\.safetensors")
+_ACTIVATIONS = re.compile(r"activations-[0-9]+")
+_ACTIVATION = re.compile(r"[0-9]+\.bin")
+
+
+def _remove_stale_work(parent: Path) -> None:
+    """Removes the work folders in ``parent`` that killed runs left (a run removes its own as it ends, however it
+    fails, but not when it is killed), which can hold as much as the compressed model: only those marked as one
+    (:data:`WORK_KIND`) by a process of this host that no longer runs and whose lock is free, and in them only what
+    a run writes there (anything else is kept, with the folder). Each removal is logged."""
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    for folder in sorted(parent.glob(WORK_PREFIX + "*")):
+        marker = io.read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+        if (marker is None or marker["kind"] != WORK_KIND or marker.get("host") != host
+                or io._pid_alive(marker.get("pid"))):
+            continue
+        with io._folder_lock(folder) as alone:
+            if alone:
+                _remove_work(folder, marker.get("pid"))
+
+
+def _remove_work(folder: Path, pid: Any) -> None:
+    """Removes a dead run's work folder (:func:`_remove_stale_work`), its marker last; logs what went."""
+    removed, size, kept = 0, 0, []
+    for child in folder.iterdir():
+        if child.name == io.MARKER:
+            continue
+        if child.is_symlink():
+            files = None
+        elif _SHARD.fullmatch(child.name) and child.is_file() or io._dead_temporary(child):
+            files = [child]
+        elif _ACTIVATIONS.fullmatch(child.name) and child.is_dir():
+            files = list(child.iterdir())
+            if not all(_ACTIVATION.fullmatch(f.name) and f.is_file() and not f.is_symlink() for f in files):
+                files = None
+        else:
+            files = None
+        if files is None:
+            kept.append(child.name)
+            continue
+        for file in files:
+            size += file.stat().st_size
+            file.unlink()
+        removed += len(files)
+        if child.is_dir():
+            child.rmdir()
+    if kept:
+        log.warning("%s: work folder of a killed blockwise run (pid %s): removed %d file(s) of %.1f MiB; kept the "
+                    "folder, it holds files musco-core did not write: %s", folder, pid, removed, size / 2**20,
+                    ", ".join(sorted(kept)))
+        return
+    (folder / io.MARKER).unlink()
+    folder.rmdir()
+    log.info("%s: removed the work folder of a killed blockwise run (pid %s): %d file(s), %.1f MiB", folder, pid,
+             removed, size / 2**20)
+
+
 # -- the blockwise pass -----------------------------------------------------------------------------------------
 @attrs.define
 class _Streams:
@@ -652,6 +821,7 @@ class _Run:
     entries: list[TensorEntry] = attrs.field(factory=list)
     aliases: dict[str, str] = attrs.field(factory=dict)
     generation: int = 0
+    read_outside: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -709,13 +879,19 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
 
 def _keep_unfaithful(run: _Run, runner: BlockRunner, replacements: dict[str, nn.Module],
                      results: dict[str, LayerResult]) -> None:
-    """Keeps as they are (taken out of ``replacements``, the reason in ``results``) the layers whose replacement
-    the runner's block does not use as it uses the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on
-    its first calibration input; without calibration data there is no input, and no check."""
+    """Keeps as they are (taken out of ``replacements``, the reason in ``results``) the layers the model reads
+    outside their block (:func:`_watching`) and those whose replacement the runner's block does not use as it uses
+    the layer (:func:`~musco_core.verify.unfaithful_swaps`), run on its first calibration input; without
+    calibration data there is no input, and no check."""
     if run.streams is None or not replacements:
         return
     swaps = {name: (runner.get_submodule(name), new) for name, new in replacements.items()}
-    for name, why in unfaithful_swaps(runner, swaps, module_paths(runner), _Batches(run.streams.actual)[0]).items():
+    unfaithful = {name: run.read_outside[name] for name in replacements if name in run.read_outside}
+    for name in unfaithful:
+        del swaps[name]
+    if swaps:
+        unfaithful |= unfaithful_swaps(runner, swaps, module_paths(runner), _Batches(run.streams.actual)[0])
+    for name, why in unfaithful.items():
         log.warning("layer %r: kept as is: %s", name, why)
         results[name] = results[name].kept(why)
         del replacements[name]
@@ -788,8 +964,10 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     ``device`` is where the blocks are computed. On the first calibration batch the whole model runs once, each
     block's weights read in turn, to check that the blocks are called as they are replayed (see the module's
     documentation); anything else is a ConfigError before anything is compressed. Each block is run with its
-    replacements swapped in on its input from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a layer the block uses other than by
-    calling it is kept as it is. Without ``calibration_data`` there is no block input, and no such check.
+    replacements swapped in on its input from the first batch (:func:`~musco_core.verify.unfaithful_swaps`): a
+    layer the block uses other than by calling it is kept as it is, and so is one whose weights (or other module
+    attributes) the model reads outside its block in that first pass. Without ``calibration_data`` there is no
+    block input, and no such check.
 
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
     (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
@@ -800,6 +978,9 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
     registry = registry or default_registry()
     if offload not in OFFLOAD_MODES:
         raise ConfigError(f"offload: expected one of {', '.join(OFFLOAD_MODES)}, got {short_repr(offload)}")
+    if work_dir is not None and not Path(work_dir).is_dir():
+        raise ConfigError(f"work_dir {work_dir}: {'is not a folder' if Path(work_dir).exists() else 'does not exist'}; "
+                          f"expected the folder where the shards and activations go")
     device = torch.device(device)
     block_names = resolve_blocks(model, blocks)
     checked = _blockwise_schedule(model, schedule, registry)
@@ -818,17 +999,22 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
                               "least one batch, or none")
         calibration = [first]
     source = Checkpoint(checkpoint) if checkpoint is not None else None
+    _check_checkpoint(model, _tensor_names(model), source)
     output = Path(output)
     run_id = uuid.uuid4().hex  # each call is a run of its own: the output of another is refused without overwrite
     io.check_claims([(output, "output")], run_id, overwrite=overwrite)  # before the lock writes into a refused folder
     with io.output_lock(output):
         io.claim_folder(output, "output", run_id, overwrite=overwrite)
-        work = Path(tempfile.mkdtemp(prefix=".musco-blockwise-", dir=work_dir or output.parent))
+        parent = Path(work_dir or output.parent)
+        _remove_stale_work(parent)
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
         try:
-            run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
-            report, write_weights = _blockwise(model, block_names, calibration, source, run)
-            io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
-                               run_id=run_id, overwrite=overwrite)
+            io._write_marker(work, WORK_KIND, run_id)
+            with io._folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
+                run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
+                report, write_weights = _blockwise(model, block_names, calibration, source, run)
+                io.save_output_set(output, run.records, write_weights, registry=registry, report=report,
+                                   run_id=run_id, overwrite=overwrite)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     log.info("blockwise compression: %d of %d layers compressed, %d -> %d weights, written to %s",
@@ -845,10 +1031,13 @@ def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkp
     if calibration is not None:
         first = run.new_activations()
         outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
-        with _onloaded(outside, names, checkpoint, run.device):
+        with _onloaded(outside, names, checkpoint, run.device), \
+                _watching(model, run.schedule.compressed_layers(), blocks) as watch:
             run.calls, run.hidden_keyword = _capture(
                 model, blocks, calibration, run.device, first, run.progress,
-                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device))
+                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch)
+        run.read_outside = {name: f"the model reads its {attribute!r} outside its block {_owner(name, blocks)!r}: it "
+                                  f"uses the layer other than by calling it" for name, attribute in watch.read.items()}
         run.streams = _Streams(first, first)
     layers = run.schedule.compressed_layers()
     for index, path in enumerate(_bar(blocks, "blockwise compression", run.progress)):

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -113,7 +114,8 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _write_marker(folder: Path, kind: str, run_id: str | None) -> None:
     write_text_atomic(folder / MARKER, yaml.safe_dump({"created_by": "musco-core", "kind": kind, "run_id": run_id,
-                                                       "pid": os.getpid()}, sort_keys=False))
+                                                       "pid": os.getpid(), "host": socket.gethostname()},
+                                                      sort_keys=False))
 
 
 def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, overwrite: bool = False) -> Path:

@@ -2,6 +2,8 @@
 safetensors checkpoint, gives the output set a one-step in-memory run with sequential calibration gives."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -9,7 +11,7 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core import CompressionError, Compressor, ConfigError, FactorizedLayer, compress_blockwise
 from musco_core.blockwise import TensorEntry, resolve_blocks, unique_entries, write_safetensors
 from musco_core.io import load_compressed, read_manifest, read_report
 
@@ -242,6 +244,16 @@ def test_blocks_must_hold_their_own_weights(tmp_path):
         compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("work_dir, problem", [("missing", "does not exist"), ("file", "is not a folder")])
+def test_a_work_dir_that_is_no_folder_is_one_clear_error(tmp_path, work_dir, problem):
+    (tmp_path / "file").write_text("mine")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with pytest.raises(ConfigError, match=f"^work_dir {tmp_path / work_dir}: {problem}; expected the folder"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", work_dir=tmp_path / work_dir, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_a_refused_output_folder_gets_nothing_written(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -266,23 +278,93 @@ def test_a_second_run_into_the_output_of_another_is_refused_unless_overwrite(tmp
     assert loaded[0].ranks == (3,)
 
 
-def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path):
-    state = {key: value.contiguous() for key, value in gpt2().state_dict().items()
-             if key not in ("lm_head.weight", "transformer.h.1.mlp.c_fc.weight")}
-    save_file(state, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(ConfigError, match="checkpoint: no tensor 'transformer.h.1.mlp.c_fc.weight'"):
+def test_a_failure_writes_nothing_and_leaves_no_work_files(tmp_path, checkpoint, monkeypatch):
+    import musco_core.blockwise
+
+    real = musco_core.blockwise.compress_layer
+
+    def failing(module, name, *args, **kwargs):
+        if name == "transformer.h.1.mlp.c_fc":
+            raise RuntimeError("out of memory")
+        return real(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(musco_core.blockwise, "compress_layer", failing)
+    with pytest.raises(CompressionError, match="layer 'transformer.h.1.mlp.c_fc': RuntimeError: out of memory; "
+                                               "nothing was written"):
         compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
-                           checkpoint=tmp_path / "partial.safetensors", calibration_data=token_batches(),
-                           progress=False)
+                           checkpoint=checkpoint, calibration_data=token_batches(), progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".musco-core", ".musco-lock"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.safetensors", "out"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_architecture_is_one_error_before_anything_runs(tmp_path):
+    """Missing and mis-shaped tensors were found only when their block came (hours in, for a large model), and
+    tensors the model has no place for were ignored: a checkpoint of four blocks gave a three-block model, silently."""
+    state = {key: value.contiguous() for key, value in gpt2(n_layer=4).state_dict().items()
+             if key not in ("lm_head.weight", "transformer.h.2.mlp.c_fc.weight")}
+    state["transformer.h.1.mlp.c_proj.bias"] = torch.zeros(5)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    before = (tmp_path / "other.safetensors").read_bytes()
+    with pytest.raises(ConfigError) as error:
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "other.safetensors", calibration_data=token_batches(), progress=False)
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"checkpoint {tmp_path / 'other.safetensors'}: 'transformer.h.1.mlp.c_proj.bias' has shape "
+                        f"(5,), the model's (32,)")
+    assert lines[1].startswith("checkpoint: no tensor 'transformer.h.2.mlp.c_fc.weight'")
+    assert lines[2].startswith("checkpoint: 12 tensor(s) that GPT2LMHeadModel has no parameter or buffer for: "
+                               "'transformer.h.3.attn.c_attn.bias', ")
+    assert len(lines) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
+    assert (tmp_path / "other.safetensors").read_bytes() == before
+
+
+def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path):
+    """A Hugging Face sharded checkpoint: the index, or its folder, reads the shards it names (and no stray file
+    beside them); a path to the index was 'cannot read: header too large'."""
+    import json
+
+    model, data = gpt2(), token_batches(2)
+    state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    keys = sorted(state)
+    shards = {key: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, key in enumerate(keys)}
+    (tmp_path / "ckpt").mkdir()
+    for name in set(shards.values()):
+        save_file({key: state[key] for key in keys if shards[key] == name}, str(tmp_path / "ckpt" / name))
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    save_file({"stray": torch.zeros(1)}, str(tmp_path / "ckpt" / "consolidated.safetensors"))
+    plan = schedule([name for name in conv1d_layers(model) if name.endswith("mlp.c_fc")])
+    expected = in_memory(model, plan, data).compressed_model
+    for i, source in enumerate([tmp_path / "ckpt" / "model.safetensors.index.json", tmp_path / "ckpt"]):
+        compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / f"out{i}", checkpoint=source, calibration_data=data,
+                           progress=False)
+        assert_same_weights(expected, load_compressed(gpt2(), tmp_path / f"out{i}"))
+    shards.pop(keys[0])
+    shards["transformer.h.9.ln_1.weight"] = "model-00001-of-00002.safetensors"
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json: \$.weight_map\['transformer.h.9.ln_1.weight'"
+                                          r"\]: model-00001-of-00002.safetensors holds no such tensor"):
+        compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / "out9", checkpoint=tmp_path / "ckpt",
+                           calibration_data=data, progress=False)
+
+
+def test_a_pickled_checkpoint_is_refused_unread(tmp_path):
+    torch.save(gpt2().state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="pytorch_model.bin: cannot read it as safetensors: .*never unpickles"):
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "pytorch_model.bin", calibration_data=token_batches(), progress=False)
 
 
 def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
     generator = torch.Generator().manual_seed(3)
     source = {"a": torch.randn(3, 4, generator=generator, dtype=torch.float64),
               "b": torch.randn(5, generator=generator).to(torch.bfloat16), "c": torch.tensor([True, False, True]),
-              "d": torch.arange(6, dtype=torch.int32).reshape(2, 3), "e": torch.tensor(2.5)}
+              "d": torch.arange(6, dtype=torch.int32).reshape(2, 3), "e": torch.tensor(2.5),
+              # every dtype safetensors stores (a float8 scale was "safetensors cannot store dtype", after the run)
+              "f": torch.randn(4, generator=generator).to(torch.float8_e4m3fn),
+              "g": torch.randn(4, generator=generator).to(torch.float8_e5m2),
+              "h": torch.randn(2, generator=generator, dtype=torch.complex64),
+              "i": torch.arange(3).to(torch.uint16), "j": torch.arange(3).to(torch.uint32)}
     save_file(source, str(tmp_path / "source.safetensors"))
     entries = [TensorEntry("x." + key, value.dtype, tuple(value.shape), tmp_path / "source.safetensors", key)
                for key, value in source.items()]
@@ -291,7 +373,9 @@ def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
         assert handle.metadata() == {"note": "yes"}
         for key, value in source.items():
-            assert torch.equal(handle.get_tensor("x." + key), value)
+            read = handle.get_tensor("x." + key)
+            assert read.dtype == value.dtype and torch.equal(read.reshape(-1).view(torch.uint8),
+                                                      value.reshape(-1).view(torch.uint8)), key
         assert torch.equal(handle.get_tensor("weight"), torch.eye(2))
 
 
@@ -392,3 +476,84 @@ def test_blocks_called_otherwise_than_they_are_replayed_are_refused_before_anyth
                            progress=False)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not any(isinstance(m, FactorizedLayer) for m in model.modules())
+
+
+def test_work_folders_of_killed_runs_are_removed_and_nothing_else(tmp_path, caplog):
+    """A killed run leaves its work folder (shards, activations: up to the compressed model's size); the next run
+    with the same work folder parent removes those of dead processes on this host, only what a run writes there."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+
+    def work_folder(name: str, pid: int | None, host: str = socket.gethostname(), extra: str | None = None):
+        folder = tmp_path / f".musco-blockwise-{name}"
+        (folder / "activations-1").mkdir(parents=True)
+        (folder / "activations-1" / "0.bin").write_bytes(b"\0" * 64)
+        (folder / "block-00000.safetensors").write_bytes(b"\0" * 64)
+        if pid is not None:
+            (folder / ".musco-core").write_text(f"created_by: musco-core\nkind: blockwise-work\nrun_id: x\npid: {pid}\n"
+                                                f"host: {host}\n")
+        if extra:
+            (folder / extra).write_text("mine")
+        return folder
+
+    stale = work_folder("stale", dead_pid)
+    with_mine = work_folder("mine", dead_pid, extra="notes.txt")
+    live = work_folder("live", os.getpid())
+    elsewhere = work_folder("elsewhere", dead_pid, host="another-host")
+    unmarked = work_folder("unmarked", None)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    plan = schedule(["0"], decomposition="svd", rank_selection="manual", manual_rank=[2])
+    with caplog.at_level("INFO", logger="musco_core.blockwise"):
+        compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", work_dir=tmp_path, progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in with_mine.iterdir()) == [".musco-core", "notes.txt"]
+    assert all((folder / "activations-1" / "0.bin").exists() and (folder / "block-00000.safetensors").exists()
+               for folder in (live, elsewhere, unmarked))
+    assert f"{stale}: removed the work folder of a killed blockwise run (pid {dead_pid}): 2 file(s)" in caplog.text
+    assert f"{with_mine}: work folder of a killed blockwise run (pid {dead_pid}): removed 2 file(s)" in caplog.text
+
+
+class ReadsABlocksWeight(nn.Module):
+    """Its head reads the first block's ``up.weight``, outside the block (and asks the second's ``up`` for an
+    attribute neither it nor its replacement has, which changes nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        self.h = nn.ModuleList(KeywordStack.Block() for _ in range(2))
+
+    def forward(self, x, scale):
+        hidden = self.embed(x)
+        for block in self.h:
+            hidden = block(hidden, scale)[0]
+        assert not hasattr(self.h[1].up, "quantization_state")
+        return hidden @ self.h[0].up.weight.T
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_a_layer_the_model_reads_outside_its_block_is_kept_as_in_memory(tmp_path, on_meta):
+    """The check of a block's replacements runs the block alone: it cannot see the head reading a weight of it, and
+    the output set's model failed (no attribute 'weight'). The capture's first pass sees the read: the layer is kept
+    with the reason, and the rest is fitted as in memory."""
+    torch.manual_seed(0)
+    model = ReadsABlocksWeight().eval()
+    save_model(model, str(tmp_path / "model.safetensors"))
+    plan = schedule([f"h.{i}.{layer}" for i in range(2) for layer in ("up", "down")], decomposition="whitened_svd",
+                    rank_selection="manual", manual_rank=[5])
+    expected = in_memory(model, plan, keyword_data())
+    if on_meta:
+        with torch.device("meta"):
+            model = ReadsABlocksWeight()
+    report = compress_blockwise(model, plan, r"re:h\.\d", tmp_path / "out", calibration_data=keyword_data(),
+                                checkpoint=tmp_path / "model.safetensors" if on_meta else None, progress=False)
+    assert [(r.name, r.applied) for r in report.layers] == [(r.name, r.applied) for r in expected.history]
+    assert not report.layers[0].applied and "reads its 'weight' outside its block 'h.0'" in report.layers[0].note
+    assert report.layers[2].applied
+    loaded = load_compressed(ReadsABlocksWeight(), tmp_path / "out")
+    assert_same_weights(expected.compressed_model, loaded)
+    loaded(*keyword_data()[0])
+    assert type(model.h[0].up) is nn.Linear  # the watch is gone
