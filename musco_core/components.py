@@ -378,7 +378,9 @@ class LayerChoice:
     ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`); ``measure`` its measured times (see
     :meth:`seconds`), given only to a selector that :meth:`~RankSelector.measures_latency`. ``output_layer``: the
     model returns the layer's output (see :func:`musco_core.config.output_layers`), so its ranks should stay at
-    least its output count (see :func:`musco_core.config.rank_floor`).
+    least its output count (see :func:`musco_core.config.rank_floor`). ``tied_params``: how many of its weights are
+    tensors other modules hold too (tied weights, a layer with ``force: true``): they stay in the model when it is
+    factorized, so the model's parameter count loses only the rest.
     """
 
     name: str
@@ -391,6 +393,7 @@ class LayerChoice:
     sensitivity: float = 1.0
     measure: Callable[[Sequence[tuple[int, ...] | None]], list[float]] | None = None
     output_layer: bool = False
+    tied_params: int = 0
 
     def seconds(self, ranks: Sequence[tuple[int, ...] | None]) -> list[float]:
         """Measured seconds of the layer at each of ``ranks`` (None: as it is now) on its input shape, on this

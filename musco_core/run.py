@@ -34,8 +34,8 @@ from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, pla
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
-from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, module_paths, replace_module,
-                      tied_parameters, unwrapped)
+from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, held_elsewhere, module_paths,
+                      replace_module, tied_parameters, unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -336,8 +336,7 @@ def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
     """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
     stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
     less what only the layer held."""
-    held = {id(model.get_parameter(other)) for other in others}
-    freed = sum(p.numel() for p in entry.module.parameters() if id(p) not in held)
+    freed = count_params(entry.module) - held_elsewhere(model, entry.module, others)
     return (f"forced although its weights are tied to {', '.join(others)}, which stay: the model gained "
             f"{count_params(entry.new) - freed:,} parameters")
 

@@ -114,6 +114,13 @@ def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[st
     return tied
 
 
+def held_elsewhere(model: nn.Module, module: nn.Module, others: Sequence[str]) -> int:
+    """How many weights of ``module`` are the very parameters ``others`` of other modules (see
+    :func:`tied_parameters`): they stay in the model, and in its parameter count, when ``module`` is replaced."""
+    held = {id(model.get_parameter(other)) for other in others}
+    return sum(p.numel() for p in module.parameters() if id(p) in held)
+
+
 def clear_broken_ties(model: nn.Module) -> None:
     """Sets ``config.tie_word_embeddings`` to False in each transformers model inside ``model`` whose output
     embeddings are now a factorized layer (a tied output layer factorized with ``force: true``, which unties it).
