@@ -63,22 +63,28 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
     stats = context.model_stats.layers.get(name)
     input_shape = stats.input_shape if stats else None
+    calls = stats.input_calls if stats else None
     output_layer = name in (context.model_stats.output_layers or ())  # known with an example input
     choices = []
     for decomposer in usable_decompositions(context.registry, layer, group_spec):
         def price(ranks: Ranks | None, decomposer=decomposer):
             layouts = current if ranks is None else [widen(layout, source.spec.groups)
                                                      for layout in decomposer.layout(group_spec, ranks)]
-            return chain_cost(source.spec, layouts, stats.input_calls if stats else None)
+            return chain_cost(source.spec, layouts, calls)
 
         def measure(ranks_list: Sequence[Ranks | None], decomposer=decomposer) -> list[float]:
-            chains = [Chain(source.spec, current if ranks is None else tuple(
-                widen(layout, source.spec.groups) for layout in decomposer.layout(group_spec, ranks)), input_shape)
-                for ranks in ranks_list]
-            return profiler.seconds([chains])[0]
+            """The chains' seconds at every call of the layer on the example input (a module that two blocks share
+            runs, and costs, twice), each input shape timed."""
+            layouts = [current if ranks is None else tuple(widen(layout, source.spec.groups)
+                                                           for layout in decomposer.layout(group_spec, ranks))
+                       for ranks in ranks_list]
+            per_shape = profiler.seconds([[Chain(source.spec, chain, tuple(shape)) for chain in layouts]
+                                          for shape, _ in calls])
+            return [sum(count * seconds[i] for (_, count), seconds in zip(calls, per_shape))
+                    for i in range(len(ranks_list))]
 
         choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape,
-                                   measure=None if profiler is None or input_shape is None else measure,
+                                   measure=None if profiler is None or not calls else measure,
                                    output_layer=output_layer, tied_params=tied_params))
     return choices
 
