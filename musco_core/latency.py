@@ -412,13 +412,14 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     compressible layer returning a fixed output (one per input shape the example input calls it at). Their
     difference is the layers' time in place; dividing it by the layers' summed times alone (each layer's at every
     call: a module the forward calls twice, or at two input shapes, is timed at each shape and counted per call;
-    counted once, a scheduled layer called twice was planned at 1.51x of the scheduled layers' time for 1.39x) gives the scale between a long forward pass and short
-    layer calls (on a shared machine, preemption inflates the first more than the medians of the second), and the
-    model's time in layer units. Its time when the run began adds, for every layer the run ``factorized`` so far
-    (the step's replacements included; not those a model compressed before the run came with), its dense time
-    minus its chain's; the scheduled layers' seconds are their summed times. ``current`` maps each compressible
-    layer to its module as the step leaves it so far, ``replacements`` the paths where the step's new layers are
-    still to be swapped in.
+    counted once, a scheduled layer called twice was planned at 1.51x of the scheduled layers' time for 1.39x)
+    gives the scale between a long forward pass and short layer calls (on a shared machine, preemption inflates the
+    first more than the medians of the second), and the model's time in layer units. Its time when the run began
+    adds, for every layer the run ``factorized`` so far (the step's replacements included), its time as the run
+    began (its dense layer's, or the chain of a model compressed before the run: timed as a dense layer, such a
+    chain re-compressed by the run made the plan say 1.294x since the run began for 1.156x) minus its chain's; the
+    scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as the
+    step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
 
     ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
     the model as it is. With ``optimized`` every whole-model timing is of the :class:`TimedForm` that
@@ -428,13 +429,15 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
                for name in context.model_stats.layers}
     reached = {name: stats for name, stats in context.model_stats.layers.items()
                if stats.input_shape is not None and stats.output_shape is not None}
-    layers, owners = [], []  # the dense layer and its chain now at each input shape, and whose calls they are
+    layers, owners = [], []  # the layer as the run began and now at each input shape, and whose calls they are
     for name, stats in reached.items():
         layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
+        began = context.began_factorized.get(name, layer_layout(stats.spec))
         for shape, count in stats.input_calls or ((stats.input_shape, 1),):
-            layers.append([Chain.dense(stats.spec, shape), Chain(stats.spec, tuple(layouts), tuple(shape))])
+            layers.append([Chain(stats.spec, tuple(began), tuple(shape)), Chain(stats.spec, tuple(layouts),
+                                                                                tuple(shape))])
             owners.append((name, count))
-    times: dict[str, tuple[float, float]] = {}  # per layer, dense and now, summed over its calls
+    times: dict[str, tuple[float, float]] = {}  # per layer, as the run began and now, summed over its calls
     for (name, count), (dense, chain) in zip(owners, profiler.seconds(layers)):
         summed = times.get(name, (0.0, 0.0))
         times[name] = (summed[0] + count * dense, summed[1] + count * chain)

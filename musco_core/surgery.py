@@ -59,6 +59,11 @@ class FactorizedLayer(nn.Sequential):
         return f"decomposition={self.decomposition!r}, ranks={self.ranks}"
 
 
+def factor_layouts(model: nn.Module) -> dict[str, tuple[FactorLayout, ...]]:
+    """The factor layouts of every factorized layer of ``model``, by name."""
+    return {name: module.layouts for name, module in model.named_modules() if isinstance(module, FactorizedLayer)}
+
+
 #: The memory format of a (batch of) conv weights of each rank that ``channels_last`` conversions give.
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
