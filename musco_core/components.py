@@ -42,7 +42,8 @@ from .errors import UnsupportedLayerError
 #: 3.5 added, additively, :meth:`RankSelector.shortfall`.
 #: 3.6 added, additively, ``WeightSource.params``: the decomposition's ``Params`` of the run, so that the spectra a
 #: selector prices (:meth:`Decomposer.rank_matrices`, :meth:`Decomposer.output_errors`) are of the fit delivered.
-PLUGIN_API_VERSION = (3, 6)
+#: 3.7 added, additively, ``LayerChoice.tied_params``: weights of a forced tied layer that stay in the model.
+PLUGIN_API_VERSION = (3, 7)
 
 
 @attrs.frozen
