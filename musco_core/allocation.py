@@ -30,7 +30,7 @@ from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .stats import ModelStats
-from .surgery import module_paths, swapped, tied_parameters
+from .surgery import held_elsewhere, module_paths, swapped, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +52,40 @@ class Pending:
 
 
 def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: RunContext,
-                  input_stats: InputStats | None, profiler: LatencyProfiler | None = None) -> list[LayerChoice]:
+                  input_stats: InputStats | None, profiler: LatencyProfiler | None = None, tied_params: int = 0
+                  ) -> list[LayerChoice]:
     """The layer as a whole-model selector sees it, once per candidate decomposition that can factorize it, priced
-    with the report's own arithmetic (and, given a ``profiler``, with measured times)."""
+    with the report's own arithmetic (and, given a ``profiler``, with measured times); ``tied_params`` of its
+    weights stay in the model when it is factorized (tied to other modules')."""
     _, source, _ = read_layer(module, context.registry, name)
     source.input_stats = input_stats
     group_spec, group_sources = split_groups(source)
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))
     stats = context.model_stats.layers.get(name)
     input_shape = stats.input_shape if stats else None
+    calls = stats.input_calls if stats else None
     output_layer = name in (context.model_stats.output_layers or ())  # known with an example input
     choices = []
     for decomposer in usable_decompositions(context.registry, layer, group_spec):
         def price(ranks: Ranks | None, decomposer=decomposer):
             layouts = current if ranks is None else [widen(layout, source.spec.groups)
                                                      for layout in decomposer.layout(group_spec, ranks)]
-            return chain_cost(source.spec, layouts, stats.input_calls if stats else None)
+            return chain_cost(source.spec, layouts, calls)
 
         def measure(ranks_list: Sequence[Ranks | None], decomposer=decomposer) -> list[float]:
-            chains = [Chain(source.spec, current if ranks is None else tuple(
-                widen(layout, source.spec.groups) for layout in decomposer.layout(group_spec, ranks)), input_shape)
-                for ranks in ranks_list]
-            return profiler.seconds([chains])[0]
+            """The chains' seconds at every call of the layer on the example input (a module that two blocks share
+            runs, and costs, twice), each input shape timed."""
+            layouts = [current if ranks is None else tuple(widen(layout, source.spec.groups)
+                                                           for layout in decomposer.layout(group_spec, ranks))
+                       for ranks in ranks_list]
+            per_shape = profiler.seconds([[Chain(source.spec, chain, tuple(shape)) for chain in layouts]
+                                          for shape, _ in calls])
+            return [sum(count * seconds[i] for (_, count), seconds in zip(calls, per_shape))
+                    for i in range(len(ranks_list))]
 
         choices.append(LayerChoice(name, decomposer, source.spec, tuple(group_sources), current, price, input_shape,
-                                   measure=None if profiler is None or input_shape is None else measure,
-                                   output_layer=output_layer))
+                                   measure=None if profiler is None or not calls else measure,
+                                   output_layer=output_layer, tied_params=tied_params))
     return choices
 
 
@@ -207,7 +215,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and pass_of(other) == pass_index]
     # the step keeps a layer whose weights are tied to another module's (unless forced): counted as it is, not planned
-    tied = [other for other in tied_parameters(model, members) if not schedule.layers[other].force]
+    tied_to = tied_parameters(model, members)
+    tied = [other for other in tied_to if not schedule.layers[other].force]
     members = [other for other in members if other not in tied]
     input_stats = input_stats_for([other for other in members if forms_features(
         read_layer(model.get_submodule(other), registry, other)[1].spec)])
@@ -222,7 +231,8 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     choices = [choice for other in members
                for choice in layer_choices(other, pending[other].current if other in pending else
                                            model.get_submodule(other), schedule.layers[other], context,
-                                           input_stats.get(other), profiler)]
+                                           input_stats.get(other), profiler, held_elsewhere(
+                                               model, model.get_submodule(other), tied_to.get(other, ())))]
     if context.evaluate is not None:
         sensitivity = sensitivities(model, choices, schedule, context, input_stats, group)
         choices = [attrs.evolve(choice, sensitivity=sensitivity[choice.name]) for choice in choices]

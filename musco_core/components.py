@@ -42,7 +42,8 @@ from .errors import UnsupportedLayerError
 #: 3.5 added, additively, :meth:`RankSelector.shortfall`.
 #: 3.6 added, additively, ``WeightSource.params``: the decomposition's ``Params`` of the run, so that the spectra a
 #: selector prices (:meth:`Decomposer.rank_matrices`, :meth:`Decomposer.output_errors`) are of the fit delivered.
-PLUGIN_API_VERSION = (3, 6)
+#: 3.7 added, additively, ``LayerChoice.tied_params``: weights of a forced tied layer that stay in the model.
+PLUGIN_API_VERSION = (3, 7)
 
 
 @attrs.frozen
@@ -378,7 +379,9 @@ class LayerChoice:
     ``price`` is the core's cost arithmetic for this layer (see :meth:`cost`); ``measure`` its measured times (see
     :meth:`seconds`), given only to a selector that :meth:`~RankSelector.measures_latency`. ``output_layer``: the
     model returns the layer's output (see :func:`musco_core.config.output_layers`), so its ranks should stay at
-    least its output count (see :func:`musco_core.config.rank_floor`).
+    least its output count (see :func:`musco_core.config.rank_floor`). ``tied_params``: how many of its weights are
+    tensors other modules hold too (tied weights, a layer with ``force: true``): they stay in the model when it is
+    factorized, so the model's parameter count loses only the rest.
     """
 
     name: str
@@ -391,6 +394,7 @@ class LayerChoice:
     sensitivity: float = 1.0
     measure: Callable[[Sequence[tuple[int, ...] | None]], list[float]] | None = None
     output_layer: bool = False
+    tied_params: int = 0
 
     def seconds(self, ranks: Sequence[tuple[int, ...] | None]) -> list[float]:
         """Measured seconds of the layer at each of ``ranks`` (None: as it is now) on its input shape, on this

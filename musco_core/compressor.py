@@ -24,7 +24,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, layer_aliases, unwrapped
+from .surgery import deep_copy, factor_layouts, layer_aliases, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class Compressor:
         calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
         check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out, example_input),
-                     RunContext(registry, stats, calibration, evaluate, progress, example_input))
+                     RunContext(registry, stats, calibration, evaluate, progress, example_input,
+                                began_factorized=factor_layouts(model)))
 
     def _attach(self, model: nn.Module, state: RunState, context: RunContext) -> None:
         self.compressed_model = model
@@ -213,7 +214,8 @@ class Compressor:
         remaining = [name for name, stages in state.stages_taken().items()
                      if stages < state.initial_schedule.settings.nglobal_compress_iters]
         context = RunContext(registry, stats, check_calibration(restored, state.initial_schedule, registry, remaining,
-                                                                calibration_data), evaluate, progress, example_input)
+                                                                calibration_data), evaluate, progress, example_input,
+                             began_factorized=factor_layouts(model))  # the model as the run began
         check_model_inputs(state.initial_schedule, registry, example_input, stats)
         compressor = cls.__new__(cls)
         compressor._attach(restored, state, context)

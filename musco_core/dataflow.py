@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .stats import call_example
-from .surgery import why_not_replaceable
+from .surgery import memory_neighbours, why_not_replaceable
 from .timing import call_arguments, first_input, fresh_copy, tensors_in
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,11 @@ def own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def shared_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers that several modules of ``model`` hold (tied weights): folding into one
-    holder would change the others, and replacing it would cut it off from them."""
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for tensor in own_tensors(module):
-            holders[id(tensor)] = holders.get(id(tensor), 0) + 1
-    return {key for key, count in holders.items() if count > 1}
+    """ids of the parameters and buffers that several modules of ``model`` hold, or whose memory another's overlaps
+    (tied weights, also as distinct Parameters over one storage, see :func:`~musco_core.surgery.memory_neighbours`):
+    folding into one holder would change the others, and replacing it would cut it off from them."""
+    tensors = [tensor for module in model.modules() for tensor in own_tensors(module)]
+    return {id(tensor) for tensor, others in zip(tensors, memory_neighbours(tensors)) if others}
 
 
 def holds_shared(module: nn.Module, shared: set[int]) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .components import Decomposer, Factor, FactorLayout, InputStats, LayerSpec, RankRounding, WeightSource
 from .errors import CompressionError, UnsupportedLayerError, short_repr
-from .factors import chain_cost, compose_factors, dense_weight, layer_layout, widen
+from .factors import chain_cost, compose_factors, dense_weight, fewer_macs_at_any_input, layer_layout, widen
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
 from .surgery import FactorizedLayer, carry_training_state, factor_mismatch, why_not_recompressible
@@ -291,13 +291,20 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     group_layouts = decomposer.layout(group_spec, ranks)
     layouts = [widen(layout, spec.groups) for layout in group_layouts]
     params_after, macs_after = after = chain_cost(spec, layouts, calls)
+    # without an input shape the MACs are compared at every input size where that is bounded, else not at all
+    fewer_macs = True if macs_after is not None else fewer_macs_at_any_input(spec, layouts, current_layouts)
+    if fewer_macs is None:
+        note = "; ".join(filter(None, [note, "only its weights were compared, not its MACs: with no example input "
+                                             "to count them on, a small input can make a factor ahead of a "
+                                             "convolution with less padding than its kernel reaches cost more"]))
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
 
-    if not after.smaller_than(before) and not schedule.force:
+    if not (after.smaller_than(before) and fewer_macs is not False) and not schedule.force:
         reason = (f"{schedule.decomposition} at ranks {ranks} would not be smaller "
                   f"({params_after} vs {params_before} weights"
-                  + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else ")"))
+                  + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else
+                     ", and more MACs at some input sizes)" if fewer_macs is False else ")"))
         log.info("layer %r: kept as is: %s", name, reason)
         return None, attrs.evolve(result.kept(reason), seconds=time.perf_counter() - started)
 

@@ -409,15 +409,17 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     """``totals`` with measured seconds, in the units of the layers' chain times (timed alone, cached).
 
     The model as the step leaves it so far is timed in alternation with its *rest*: the same model with every
-    compressible layer returning a fixed output (one per input shape the example input calls it at; a scheduled
-    layer called at several is a ConfigError, as its chains are timed at one). Their difference is the layers' time
-    in place; dividing it by the layers' summed times alone gives the scale between a long forward pass and short
-    layer calls (on a shared machine, preemption inflates the first more than the medians of the second), and the
-    model's time in layer units. Its time when the run began adds, for every layer the run ``factorized`` so far
-    (the step's replacements included; not those a model compressed before the run came with), its dense time
-    minus its chain's; the scheduled layers' seconds are their summed times. ``current`` maps each compressible
-    layer to its module as the step leaves it so far, ``replacements`` the paths where the step's new layers are
-    still to be swapped in.
+    compressible layer returning a fixed output (one per input shape the example input calls it at). Their
+    difference is the layers' time in place; dividing it by the layers' summed times alone (each layer's at every
+    call: a module the forward calls twice, or at two input shapes, is timed at each shape and counted per call;
+    counted once, a scheduled layer called twice was planned at 1.51x of the scheduled layers' time for 1.39x)
+    gives the scale between a long forward pass and short layer calls (on a shared machine, preemption inflates the
+    first more than the medians of the second), and the model's time in layer units. Its time when the run began
+    adds, for every layer the run ``factorized`` so far (the step's replacements included), its time as the run
+    began (its dense layer's, or the chain of a model compressed before the run: timed as a dense layer, such a
+    chain re-compressed by the run made the plan say 1.294x since the run began for 1.156x) minus its chain's; the
+    scheduled layers' seconds are their summed times. ``current`` maps each compressible layer to its module as the
+    step leaves it so far, ``replacements`` the paths where the step's new layers are still to be swapped in.
 
     ``speedup_of`` times a plan in place: its chains, with zero weights, swapped into the model, in alternation with
     the model as it is. With ``optimized`` every whole-model timing is of the :class:`TimedForm` that
@@ -427,23 +429,23 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
                for name in context.model_stats.layers}
     reached = {name: stats for name, stats in context.model_stats.layers.items()
                if stats.input_shape is not None and stats.output_shape is not None}
-    layers = []
+    layers, owners = [], []  # the layer as the run began and now at each input shape, and whose calls they are
     for name, stats in reached.items():
         layouts = current[name].layouts if isinstance(current[name], FactorizedLayer) else layer_layout(stats.spec)
-        layers.append([Chain.dense(stats.spec, stats.input_shape), Chain(stats.spec, tuple(layouts),
-                                                                          stats.input_shape)])
-    times = dict(zip(reached, profiler.seconds(layers)))
+        began = context.began_factorized.get(name, layer_layout(stats.spec))
+        for shape, count in stats.input_calls or ((stats.input_shape, 1),):
+            layers.append([Chain(stats.spec, tuple(began), tuple(shape)), Chain(stats.spec, tuple(layouts),
+                                                                                tuple(shape))])
+            owners.append((name, count))
+    times: dict[str, tuple[float, float]] = {}  # per layer, as the run began and now, summed over its calls
+    for (name, count), (dense, chain) in zip(owners, profiler.seconds(layers)):
+        summed = times.get(name, (0.0, 0.0))
+        times[name] = (summed[0] + count * dense, summed[1] + count * chain)
     layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
     calls = {name: {input_shape: output_shape for input_shape, output_shape, _ in stats.calls}
              for name, stats in reached.items()}  # the example input's calls, as the statistics pass saw them
     with swapped(model, replacements), evaluating(model):
-        for name in scheduled_layers:
-            if len(shapes := calls.get(name, {})) > 1:
-                raise ConfigError(f"metric latency: layer {name!r} is called at {len(shapes)} input shapes on the "
-                                  f"example input ({', '.join(map(str, shapes))}), and a latency budget times each "
-                                  f"scheduled layer at one input shape, so it cannot price it; leave it out of the "
-                                  f"schedule, or use metric flops or params")
         stubs = {path: _FixedOutput({shape: torch.zeros(output, device=profiler.device, dtype=profiler.dtype)
                                      for shape, output in calls[name].items()})
                  for name in reached for path in layer_paths[name]}

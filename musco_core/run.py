@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -27,15 +27,15 @@ from .components import Cost, Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
                      split_groups, usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
-from .factors import chain_cost
+from .factors import chain_cost, layer_layout
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
 from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
-from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, module_paths, replace_module,
-                      tied_parameters, unwrapped)
+from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, held_elsewhere, module_paths,
+                      replace_module, tied_parameters, unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -336,8 +336,7 @@ def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
     """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
     stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
     less what only the layer held."""
-    held = {id(model.get_parameter(other)) for other in others}
-    freed = sum(p.numel() for p in entry.module.parameters() if id(p) not in held)
+    freed = count_params(entry.module) - held_elsewhere(model, entry.module, others)
     return (f"forced although its weights are tied to {', '.join(others)}, which stay: the model gained "
             f"{count_params(entry.new) - freed:,} parameters")
 
@@ -393,6 +392,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     tied = tied_parameters(model, names)
     allocated, budgets = dict(state.allocated), list(state.budgets)
     planned: list[str] = []  # the step's layers a whole-model plan counts as compressed
+    counted: dict[str, set[str]] = {}  # per whole-model selector, the step's layers compressed before its last plan
     pending: dict[str, Pending] = {}
     queued: dict[str, _Job] = {}
     loads = [0.0] * group.world_size if group else None  # each rank's decomposition work in this step
@@ -421,6 +421,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             decompose_queued()  # the allocation counts the step's earlier replacements
             ranks, record = allocate_pass(model, name, state, context, pending,
                                           _totals(model, state, context, pending), input_stats_for, group=group)
+            counted[record.selector] = set(pending)
             allocated.update(ranks)
             budgets.append(record)
         chosen: dict[str, Any] = {}
@@ -445,7 +446,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if name in tied and entry.new is not None:
             note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry, tied[name])]))
             pending[name] = attrs.evolve(entry, result=attrs.evolve(entry.result, note=note))
-    budgets = _with_measured_speedup(model, pending, paths, state, context, budgets, group)
+    budgets = _with_measured_speedup(model, pending, paths, state, context, budgets, counted, group)
     for entry in pending.values():
         if entry.new is not None:
             for path in paths[id(entry.module)]:
@@ -509,16 +510,19 @@ def _first_batch(calibration_data: Any) -> Any:
 
 def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], paths: Mapping[int, list[str]],
                            state: RunState, context: RunContext, budgets: Sequence[BudgetRecord],
-                           group: distributed.Group | None) -> list[BudgetRecord]:
+                           counted: Mapping[str, Collection[str]], group: distributed.Group | None
+                           ) -> list[BudgetRecord]:
     """``budgets`` with the measured speed-up of the step multiplied into the latest plan of every selector that
     measures latency and whose layers the step compressed: the model as the step found it with the step's
-    replacements of that selector's layers swapped in (only those, as its plan covers only them), timed in
-    alternation against it without them (in eval mode; the model is left as it was), in the form the selector
-    plans for (:class:`~musco_core.latency.TimedForm`). A selector's first measurement also times the model as the
-    run began (every layer the steps before factorized swapped back to a dense layer), as its plan counts the
-    speed-up since then: a manual layer compressed in an earlier step made the plan say 1.294x and the measurement
-    1.127x for a model 1.304x faster. In a distributed job rank 0's measurement counts on every rank, so the states
-    stay equal."""
+    replacements that the selector's plan covers swapped in (its own layers', and those of the layers ``counted``
+    compressed before its plan in the step: left out, a manual layer there made the plan say 1.294x and the
+    measurement 1.108x for a model 1.304x faster), timed in alternation against it without them (in eval mode; the
+    model is left as it was), in the form the selector plans for (:class:`~musco_core.latency.TimedForm`). A
+    selector's first measurement also times the model as the run began (every layer the steps before factorized
+    swapped back to its form then: a dense layer, or the chain of a model compressed before the run), as its plan
+    counts the speed-up since then: a manual layer compressed in an earlier step made the plan say 1.294x and the
+    measurement 1.127x for a model 1.304x faster. In a distributed job rank 0's measurement counts on every rank,
+    so the states stay equal."""
     registry, schedule = context.registry, state.schedule
     forms: dict[str, bool] = {}  # selector name: whether it times the optimized form
     members: dict[str, dict[str, Pending]] = {}  # selector name: the step's layers it allocated
@@ -530,16 +534,19 @@ def _with_measured_speedup(model: nn.Module, pending: Mapping[str, Pending], pat
     budgets = list(budgets)
     factorized = list(dict.fromkeys(result.name for result in state.history if result.applied))
     for selector, optimized in sorted(forms.items()):
-        replacements = pending_replacements(members[selector], paths)
+        replacements = pending_replacements({**{name: pending[name] for name in counted.get(selector, ())},
+                                             **members[selector]}, paths)
         since_run_began = _measured_so_far(budgets, selector) is None and bool(factorized)
         speedup = 1.0  # the allocation kept every layer of the selector, and the run compressed none before
         if since_run_began or replacements:
             with distributed.agreement(group, "measuring the step's speed-up"):
                 profiler = profiler_for(model, context)
-                began = {}  # the run's earlier layers as dense layers of their geometry (zero weights)
+                began = {}  # the run's earlier layers as the run began (zero weights): dense, or an earlier run's chain
                 for name in factorized if since_run_began else ():
                     module = model.get_submodule(name)
-                    began.update(dict.fromkeys(paths[id(module)], profiler.module(Chain.dense(module.spec, ()))))
+                    layouts = context.began_factorized.get(name, layer_layout(module.spec))
+                    began.update(dict.fromkeys(paths[id(module)], profiler.module(Chain(module.spec, tuple(layouts),
+                                                                                        ()))))
                 with evaluating(model, *replacements.values(), *began.values()):
                     before, after = TimedForm(model, context.example_input, optimized).seconds(profiler,
                                                                                               [began, replacements])

@@ -118,7 +118,8 @@ class RunContext:
     model's layer statistics on the example input, the calibration batches of data-aware decompositions, an
     optional ``evaluate(model) -> loss`` for sensitivity passes, and whether to show progress bars; the example
     input and the timer (a :class:`musco_core.latency.Timer`; None: the default) for selectors that measure
-    latency."""
+    latency; ``began_factorized``, the factor layouts of the layers that were factor chains when the run began (a
+    model compressed before it), as which a latency budget times them "as the run began"."""
 
     registry: Any
     model_stats: ModelStats
@@ -127,6 +128,7 @@ class RunContext:
     progress: bool = True
     example_input: Any = None
     latency_timer: Any = None
+    began_factorized: Mapping[str, tuple] = attrs.field(factory=dict)
 
 
 @attrs.frozen

@@ -59,6 +59,11 @@ class FactorizedLayer(nn.Sequential):
         return f"decomposition={self.decomposition!r}, ranks={self.ranks}"
 
 
+def factor_layouts(model: nn.Module) -> dict[str, tuple[FactorLayout, ...]]:
+    """The factor layouts of every factorized layer of ``model``, by name."""
+    return {name: module.layouts for name, module in model.named_modules() if isinstance(module, FactorizedLayer)}
+
+
 #: The memory format of a (batch of) conv weights of each rank that ``channels_last`` conversions give.
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -93,25 +98,64 @@ def module_paths(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
+def _memory_span(tensor: torch.Tensor) -> tuple[tuple, int, int]:
+    """Where a tensor's elements lie: its storage (device and address) and the bytes from its first element to past
+    its last; a tensor without memory of its own (meta, empty) is a storage by itself."""
+    storage = tensor.untyped_storage() if not tensor.is_meta and tensor.numel() else None
+    if storage is None or not storage.nbytes():
+        return (id(tensor),), 0, 1
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    extent = 1 + sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride()))
+    return (tensor.device, storage.data_ptr()), first, first + extent * size
+
+
+def memory_neighbours(tensors: Sequence[torch.Tensor]) -> list[set[int]]:
+    """For each tensor, the indices of the *others* whose memory overlaps its own: the same tensor listed twice, or
+    distinct tensors (two Parameters made from one tensor, overlapping views of it) over the same bytes, which an
+    optimizer step on one changes in the other. Views of disjoint parts of one storage do not overlap."""
+    by_storage: dict[tuple, list[tuple[int, int, int]]] = {}
+    for index, tensor in enumerate(tensors):
+        key, first, end = _memory_span(tensor)
+        by_storage.setdefault(key, []).append((first, end, index))
+    neighbours: list[set[int]] = [set() for _ in tensors]
+    for spans in by_storage.values():
+        active: list[tuple[int, int, int]] = []
+        for first, end, index in sorted(spans):
+            active = [span for span in active if span[1] > first]
+            for _, _, other in active:
+                neighbours[index].add(other)
+                neighbours[other].add(index)
+            active.append((first, end, index))
+    return neighbours
+
+
 def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
-    """For each layer named, the parameters of *other* modules that are the same tensor as one of its own.
+    """For each layer named, the parameters of *other* modules whose memory is one of its own's (see
+    :func:`memory_neighbours`): the same tensor, or another Parameter over the same storage.
 
     A tied weight (a language model's output layer sharing the input embedding's matrix) stays in the model when
-    the layer is factorized, so compressing that layer adds weights instead of removing them.
+    the layer is factorized, so compressing that layer adds weights instead of removing them; and training no
+    longer couples the two.
     """
     paths = module_paths(model)
-    names_of: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(parameter), []).append(name)
+    entries = list(model.named_parameters(remove_duplicate=False))
+    neighbours = memory_neighbours([parameter for _, parameter in entries])
     tied = {}
     for name in names:
-        module = model.get_submodule(name)
-        own = tuple(f"{path}." for path in paths[id(module)])
-        others = [other for parameter in module.parameters() for other in names_of[id(parameter)]
-                  if not other.startswith(own)]
+        own = tuple(f"{path}." for path in paths[id(model.get_submodule(name))])
+        others = [entries[j][0] for i, (mine, _) in enumerate(entries) if mine.startswith(own)
+                  for j in sorted(neighbours[i]) if not entries[j][0].startswith(own)]
         if others:
-            tied[name] = others
+            tied[name] = list(dict.fromkeys(others))
     return tied
+
+
+def held_elsewhere(model: nn.Module, module: nn.Module, others: Sequence[str]) -> int:
+    """How many weights of ``module`` are the very parameters ``others`` of other modules (see
+    :func:`tied_parameters`): they stay in the model, and in its parameter count, when ``module`` is replaced."""
+    held = {id(model.get_parameter(other)) for other in others}
+    return sum(p.numel() for p in module.parameters() if id(p) in held)
 
 
 def clear_broken_ties(model: nn.Module) -> None:
@@ -422,7 +466,7 @@ def deep_copy(model: M, who: str, instead: str) -> M:
     """A deep copy of ``model``, or one ConfigError saying why it cannot be copied and what to do: ``who`` says who
     copies it and when, ``instead`` the way around the copy."""
     try:
-        return copy.deepcopy(model)
+        copied = copy.deepcopy(model)
     except Exception as exc:  # the user's model: one clear line, the cause chained
         computed = [(name, module, attribute) for name, module in model.named_modules()
                     for attribute, value in {**vars(module), **module._buffers}.items()
@@ -437,3 +481,22 @@ def deep_copy(model: M, who: str, instead: str) -> M:
                f"from other tensors (not a leaf), which torch cannot deep-copy; {cause}" if computed
                else f"copy.deepcopy raised {type(exc).__name__}: {one_line(str(exc))}")
         raise ConfigError(f"{type(model).__name__} cannot be deep-copied ({who}): {why}; {instead}") from exc
+    _share_storage_alike(model, copied)
+    return copied
+
+
+def _share_storage_alike(model: nn.Module, copied: nn.Module) -> None:
+    """Gives the copy's parameters and buffers the storage sharing of the model's: ``copy.deepcopy`` clones each
+    Parameter's data on its own, so two Parameters over one tensor's memory (tied in training: a step on one
+    changes the other) came out independent, and the copy no longer looked tied to :func:`tied_parameters`."""
+    def tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+    entries, copies = tensors(model), dict(tensors(copied))
+    storages: dict[tuple, torch.UntypedStorage] = {}
+    for (name, tensor), others in zip(entries, memory_neighbours([tensor for _, tensor in entries])):
+        if name not in copies or all(entries[j][1] is tensor for j in others):
+            continue  # shares no memory with another tensor (deepcopy keeps one tensor held twice as one)
+        storage = storages.setdefault(_memory_span(tensor)[0], tensor.untyped_storage().clone())
+        with torch.no_grad():
+            copies[name].set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())

@@ -711,6 +711,25 @@ def test_a_member_tied_to_another_module_is_planned_as_kept(registry, metric):
     assert achieved >= 1.6
 
 
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_forced_tied_member_is_planned_with_its_shared_weight_staying(registry, metric):
+    # priced by its factors alone, the forced 'a' was planned at 1.69x params where the model ended 1.09x smaller
+    torch.manual_seed(0)
+    model = make_trained_like(TiedPair()).eval()
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in "acd"}
+    schedule["a"]["force"] = True
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs=schedule, all_algo_kwargs={"budget": {"reduction": 1.6,
+                                                                                     "metric": metric}})
+    compressor.compression_step()
+    report = compressor.report()
+    achieved = report.params_ratio if metric == "params" else report.macs_ratio
+    assert report.budgets[0].planned == pytest.approx(achieved)
+    assert achieved >= 1.6
+    # its factors only add weights, but they still save MACs: force still factorizes it for a MACs target
+    assert (compressor.ranks["a"] is None) == (metric == "params")
+
+
 class BranchOnType(nn.Module):
     """Three hidden Linear layers; the forward treats ``c`` differently once it is no longer an nn.Linear."""
 

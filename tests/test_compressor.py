@@ -19,6 +19,7 @@ from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
                         Scheduler, hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
 from musco_core.io import load_compressed, save_compressed
+from musco_core.surgery import tied_parameters
 from musco_plugins.svd import SVD
 
 
@@ -551,6 +552,43 @@ def test_a_forced_layer_with_tied_weights_says_the_model_grew(registry):
     assert row.note == "forced although its weights are tied to embedding.weight, which stay: the model gained 464 " \
                        "parameters"
     assert "parameters: 1,600 -> 2,064 (1.29x larger)" in compressor.report().to_table()  # not "0.78x smaller"
+
+
+class SharedStorage(nn.Module):
+    """Two Linear layers whose weights are distinct Parameters over one tensor's memory (tied in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        weight = torch.randn(32, 32)
+        self.a.weight, self.b.weight = nn.Parameter(weight), nn.Parameter(weight)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_parameters_over_one_storage_are_tied_weights(registry, inplace):
+    # not the same Parameter object, so 'a' was factorized (and the copy untied them): b's training no longer
+    # moved a's weights, silently
+    model = SharedStorage()
+    schedule = {name: {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]} for name in "ac"}
+    compressor = Compressor(model, model_compr_kwargs=schedule, ft_every=2, registry=registry, progress=False,
+                            inplace=inplace)
+    copied = compressor.compressed_model
+    assert copied.a.weight.untyped_storage().data_ptr() == copied.b.weight.untyped_storage().data_ptr()
+    row = compressor.compression_step()[0]
+    assert row.ranks is None and row.note.startswith("kept as is: its weights are tied to b.weight")
+    assert not inplace or copied is model
+
+
+def test_views_of_disjoint_parts_of_one_tensor_are_not_tied():
+    halves = torch.randn(64, 32)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model[0].weight, model[1].weight = nn.Parameter(halves[:32]), nn.Parameter(halves[32:])
+    assert tied_parameters(model, ["0", "1"]) == {}
+    model[1].weight = nn.Parameter(halves[16:48])  # overlaps the first
+    assert tied_parameters(model, ["0", "1"]) == {"0": ["1.weight"], "1": ["0.weight"]}
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])

@@ -1,6 +1,8 @@
 """Geometry: grouped and depthwise convolutions, rank rounding, and property tests over random layers."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from musco_core import Compressor, ConfigError, UnsupportedLayerError
-from musco_core.engine import compress_layer
+from musco_core.engine import compress_layer, read_layer, split_groups
+from musco_core.factors import chain_macs, fewer_macs_at_any_input, layer_layout, widen
 from musco_core.schedule import LayerSchedule, RunSettings
 from musco_plugins.rank_selectors import ManualParams
 
@@ -119,6 +122,38 @@ def test_any_conv_geometry(registry, case, data):
         assert out.shape == expected.shape and out.dtype == torch.float64
         if decomposition == "svd" and rank >= min(per_group_out, per_group_in):
             assert relative(out, expected) < 1e-9
+
+
+def test_without_an_input_shape_a_chain_with_more_macs_at_some_input_size_is_kept(registry):
+    # compared by weights alone, tucker2 (56, 56) of a stride-2 3x3 conv was applied: 35,392 weights for 36,864,
+    # and 2.95M MACs for 2.36M on a 16x16 input
+    layer = nn.Conv2d(64, 64, 3, stride=2, padding=1)
+    new, result = compress(registry, layer, "tucker2", (56, 56), force=False)
+    assert new is None and result.note.endswith("(35392 vs 36864 weights, and more MACs at some input sizes)")
+    new, result = compress(registry, layer, "tucker2", (24, 24), force=False)  # fewer at every input size
+    assert new is not None and result.note is None
+    new, result = compress(registry, nn.Conv2d(64, 64, 3), "tucker2", (24, 24), force=False)  # unpadded
+    assert new is not None and result.note.startswith("only its weights were compared, not its MACs")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(conv_layers(), st.integers(1, 4), st.integers(1, 4))
+def test_fewer_macs_at_any_input_holds_at_every_input_size(registry, case, r_out, r_in):
+    layer, _ = case
+    spec = read_layer(layer, registry, "layer")[1].spec
+    current = layer_layout(spec)
+    per_group = (min(r_out, layer.out_channels // layer.groups), min(r_in, layer.in_channels // layer.groups))
+    layouts = [widen(layout, spec.groups) for layout in registry.decompositions.get("tucker2").layout(
+        split_groups(read_layer(layer, registry, "layer")[1])[0], per_group)]
+    """Sound: a chain said to run fewer MACs at any input size does at each (the bounds are suprema: a chain
+    that merely ties at one may be refused)."""
+    verdict = fewer_macs_at_any_input(spec, layouts, current)
+    reach = [d * (k - 1) + 1 for d, k in zip(spec.dilation, spec.kernel_size)]
+    sizes = itertools.product(*([*range(r, r + 12), r + 255] for r in reach))
+    fewer = [chain_macs(spec, layouts, (1, spec.in_channels, *size)) < chain_macs(spec, current, (1, spec.in_channels,
+                                                                                               *size))
+             for size in sizes]
+    assert all(fewer) if verdict else verdict is not None or spec.padding != "same"
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)

@@ -165,6 +165,17 @@ def test_the_whitened_svd_damage_is_the_output_error_of_its_delivered_factors(re
     assert damage_tails(whitened, source)[0][6] < 0.01
 
 
+def test_the_whitened_output_error_refuses_a_cross_moment():
+    # with one it priced against the refit map, not the layer: rank 16 of 16 at 0, where the fit missed the
+    # layer's output on the reference inputs by 3.4%
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 24, generator=generator, dtype=torch.float64)
+    x = torch.randn(256, 24, generator=generator, dtype=torch.float64)
+    moment = x.T @ x / len(x)
+    with pytest.raises(ValueError, match="cross_moment"):
+        factorize.whitened_output_error(weight, moment, 0.1, cross_moment=moment)
+
+
 def test_the_damage_of_a_grouped_layer_weighs_its_groups_by_their_output_energy(registry):
     """Group 0's inputs are 100x larger and its weights have output rank 4: tucker2 at (4, 8) loses nothing of its
     output and about a third of group 1's, under 1e-3 of the layer's (the plain mean of the groups said about 0.19)."""

@@ -106,10 +106,13 @@ LATENCY_POINTS = 10
 Pricer = Callable[[tuple[int, ...] | None], float]
 
 
-def metric_pricer(choice: LayerChoice, metric: str) -> Pricer:
-    """The cost of the layer at some ranks (None: as it is) by ``flops`` or ``params``, the core's own counts."""
+def metric_pricer(choice: LayerChoice, metric: str, scope: str = "model") -> Pricer:
+    """The cost of the layer at some ranks (None: as it is) by ``flops`` or ``params``, the core's own counts; for
+    the whole model's ``params``, a factorization's weights plus the layer's tied weights, which stay in the model
+    (a forced tied layer priced by its factors alone was planned at 1.69x where the model ended 1.09x smaller)."""
     index = _METRIC_INDEX[metric]
-    return lambda ranks: float(choice.cost(ranks)[index])
+    staying = choice.tied_params if metric == "params" and scope == "model" else 0
+    return lambda ranks: float(choice.cost(ranks)[index]) + (0 if ranks is None else staying)
 
 
 def despiked(values: np.ndarray) -> np.ndarray:
@@ -186,11 +189,11 @@ def group_energy(decomposer: Decomposer, source: WeightSource) -> float:
 
 
 def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = RankRounding(),
-                  min_rank_fraction: float = 0.0) -> tuple[LayerOptions, Pricer]:
+                  min_rank_fraction: float = 0.0, scope: str = "model") -> tuple[LayerOptions, Pricer]:
     """Every distinct rank of the layer along its rank family, each rank raised to its
     :func:`~musco_core.config.rank_floor` at ``min_rank_fraction`` (for an output layer, its output count too),
     that would shrink it (and, for ``latency``, run faster than it does now), and the layer as it is; with the
-    function that prices any ranks of the layer by ``metric``."""
+    function that prices any ranks of the layer by ``metric`` (over ``scope``, see :func:`metric_pricer`)."""
     decomposer = choice.decomposer
     spectra = [damage_tails(decomposer, source) for source in choice.sources]
     limits = decomposer.max_ranks(choice.sources[0])
@@ -208,7 +211,7 @@ def layer_options(choice: LayerChoice, metric: str, rounding: RankRounding = Ran
         if not choice.shrinks(ranks):
             break  # from here on the layer would not shrink: the engine would keep it as it is
         ranks_list.append(ranks)
-    price = latency_pricer(choice, ranks_list) if metric == "latency" else metric_pricer(choice, metric)
+    price = latency_pricer(choice, ranks_list) if metric == "latency" else metric_pricer(choice, metric, scope)
     now = price(None)
     costs = [price(ranks) for ranks in ranks_list]
     kept = [i for i, cost in enumerate(costs) if cost < now]  # a slower factorization is never worth its damage
@@ -341,7 +344,7 @@ class Budget(RankSelector):
         by_layer: dict[str, list[LayerChoice]] = {}
         for choice in layers:  # a layer with several candidate decompositions comes once per candidate
             by_layer.setdefault(choice.name, []).append(choice)
-        priced = {name: [layer_options(choice, params.metric, rounding, params.min_rank_fraction)
+        priced = {name: [layer_options(choice, params.metric, rounding, params.min_rank_fraction, params.scope)
                          for choice in group] for name, group in by_layer.items()}
         candidates = {name: [options for options, _ in group] for name, group in priced.items()}
         merged = [merge_options(options) for options in candidates.values()]

@@ -118,7 +118,9 @@ class WhitenedSVD(Decomposer):
 
     def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:
         """Exact, on the input statistics (undamped) of the fit :meth:`decompose` delivers at each rank (once
-        factorized, of the dense product it truncates again); weighted by the output moment where there is one."""
+        factorized, of the dense product it truncates again); weighted by the output moment where there is one.
+        Statistics with a cross moment (sequential calibration) are refused (see
+        :func:`factorize.whitened_output_error`)."""
         if source.input_stats is None:
             return None
         stats = source.input_stats
