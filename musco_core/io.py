@@ -716,10 +716,11 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         if name not in modules or not name:
             raise ConfigError(f"{where}: no layer of that name in {type(model).__name__}")
         module = modules[name]
-        adapter = registry.adapter_for(module)
+        adapter = registry.adapter_for(module, loading=True)
         if adapter is None:
             raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
-                              f"{type(module).__name__} cannot be rebuilt: {registry.unsupported_reason(module)}")
+                              f"{type(module).__name__} cannot be rebuilt: "
+                              f"{registry.unsupported_reason(module, loading=True)}")
         if adapter.name != record.spec.adapter:
             raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
                               f"{type(module).__name__}")

@@ -261,7 +261,7 @@ def _padding_problems(module: nn.Module) -> list[str]:
             f"{expected}: it pads other than its padding says, which is all a rebuilt layer would know"]
 
 
-def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
+def why_not_replaceable(module: nn.Module, base: type[nn.Module], *, loading: bool = False) -> str | None:
     """Why ``module`` may not compute what a stock ``base`` with its weights computes, or None when it does.
 
     ``base`` is a class in the module's MRO. The module's class and every class between it and ``base`` must
@@ -275,7 +275,8 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
     a convolution whose instance pads other than its ``padding`` says. Nor may any module be replaced while hooks
     for every module are registered (``torch.nn.modules.module.register_module_forward_hook`` and kin): they would
-    run on each factor of the chain as well.
+    run on each factor of the chain as well; except ``loading`` a saved model, which rebuilds the chain that was
+    compressed without them: they then run on it as they would had they been registered after the load.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -298,7 +299,7 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{named(type(module))} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += (_hook_problems(module) + _global_hook_problems() + _parameter_problems(module)
+    problems += (_hook_problems(module) + ([] if loading else _global_hook_problems()) + _parameter_problems(module)
                  + _padding_problems(module))
     return "; ".join(problems) if problems else None
 
