@@ -3,6 +3,7 @@ makes a module unsafe to replace (computation of its own, hooks, an owner that r
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -165,6 +166,17 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def on_meta(model: nn.Module) -> str | None:
+    """``"Model has 2 parameter(s) or buffer(s) on the meta device ('0.weight', '0.bias')"``, or None when it has
+    none: a model built under ``torch.device('meta')`` has shapes but no values until its weights are loaded."""
+    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
+    if not meta:
+        return None
+    return (f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
+            f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''})")
 
 
 def describe_module(name: str, module: nn.Module) -> str:

@@ -825,6 +825,37 @@ def test_an_example_input_the_model_cannot_take_gets_one_clear_error():
         optimize_for_inference(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 4, 8, 8), progress=False)
 
 
+def _meta_friendly(device: str = "cpu") -> nn.Module:
+    """A factorized conv, a BatchNorm after it, a classifier: on ``device`` (``meta``: shapes without values)."""
+    torch.manual_seed(0)
+    return nn.Sequential(factorize(nn.Conv2d(3, 8, 3, padding=1), "tucker2", (4, 2)), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).to(device)
+
+
+@pytest.mark.parametrize("on_meta", ["model", "input"])
+def test_an_example_input_beside_meta_tensors_is_one_clear_error(caplog, on_meta):
+    """Nothing to time or check: the comparison failed on meta and was logged as 'the model so optimized raises',
+    and the model came back with no rewrite."""
+    model = _meta_friendly("meta" if on_meta == "model" else "cpu")
+    x = torch.randn(1, 3, 6, 6, device="meta" if on_meta == "input" else "cpu")
+    caplog.clear()
+    with pytest.raises(ConfigError, match=r"optimize_for_inference: .*on the meta device.*example_input=None"):
+        optimize_for_inference(model, x, progress=False)
+    assert not caplog.records
+
+
+def test_the_state_dict_loads_into_the_architecture_optimized_on_meta_without_an_example_input():
+    """What the documentation promises: without an example input the form follows from the structure."""
+    model = _meta_friendly()
+    with_trained_statistics(model[1], 3)
+    optimized = optimize_for_inference(model, progress=False)
+    skeleton = optimize_for_inference(_meta_friendly("meta"), progress=False)
+    assert isinstance(skeleton[1], nn.Identity)  # folded, and merged alike
+    skeleton.load_state_dict(optimized.state_dict(), assign=True)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(skeleton(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_failure_leaves_the_model_as_it_was_also_in_place():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), with_trained_statistics(nn.BatchNorm2d(4), 7)).train()
     state = copy.deepcopy(model.state_dict())
