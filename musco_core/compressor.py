@@ -87,7 +87,8 @@ class Compressor:
     ``model_compr_kwargs`` is the original ``{layer: settings or None}`` dict (never modified) or a
     :class:`ModelSchedule`. As in the original, the dict updates the layers generated from ``model_stats`` with
     ``config_type`` (none by default), and the layers are compressed in model order whatever order the dict lists
-    them in; ``ft_every=None`` compresses them all in one step.
+    them in; ``ft_every=None`` (or 0, as in the original) compresses them all in one step, and
+    ``nglobal_compress_iters=None`` (or 0) compresses each layer once.
     ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
     computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
     The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
@@ -138,7 +139,10 @@ class Compressor:
             left_out = dict(stats.excluded)
         else:
             model_compr_kwargs, left_out = _original_layers(model, stats, model_compr_kwargs, config_type, registry)
-        # None is the default (ft_every's: every layer in one step, set below); 0, False or [] are checked, and refused
+        # None is the default (ft_every's: every layer in one step, set below), and so is 0, as in the original
+        # (which took any false value for it); False or [] are checked, and refused
+        ft_every, nglobal_compress_iters = (None if type(value) is int and value == 0 else value
+                                            for value in (ft_every, nglobal_compress_iters))
         settings = {"ft_every": 1 if ft_every is None else ft_every, "seed": seed,
                     "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
                     "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}

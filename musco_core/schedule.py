@@ -330,9 +330,10 @@ def problems_error(problems: list[str]) -> ConfigError:
 
 #: The Compressor's keyword argument of each run setting it takes, where the names differ.
 _KEYWORDS = {"algo_kwargs": "all_algo_kwargs"}
-#: What to pass instead, for the Compressor's keyword arguments whose 0 the original took (for the default).
-_KEYWORD_HINTS = {"ft_every": "pass None to compress every layer in one step (the original's 0)",
-                  "nglobal_compress_iters": "pass 1 to compress each layer once (the original's 0)"}
+#: What to pass instead, for the Compressor's keyword arguments whose false values the original took for the
+#: default (0 and None are taken for it here too).
+_KEYWORD_HINTS = {"ft_every": "pass None or 0 to compress every layer in one step",
+                  "nglobal_compress_iters": "pass 1, None or 0 to compress each layer once"}
 
 
 def _keyword_problem(problem: str) -> str:
