@@ -13,7 +13,7 @@ from torch import nn
 
 from . import distributed, io
 from .allocation import check_model_inputs
-from .config import generate_model_compr_kwargs, generated_exclusions
+from .config import generated_layers
 from .engine import LayerResult
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
@@ -56,8 +56,7 @@ def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_typ
     aliases = layer_aliases(model)
     named = {aliases.get(name, name) for name in given or {}}
     if given is None or config_type != "none":
-        generated = generate_model_compr_kwargs(stats, config_type, registry=registry)
-        reasons = generated_exclusions(stats, config_type, registry=registry)
+        generated, reasons = generated_layers(stats, config_type, registry=registry)
     else:
         generated, reasons = {}, dict(stats.excluded)
     layers = {**{name: layer for name, layer in generated.items() if name not in named}, **(given or {})}

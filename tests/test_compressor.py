@@ -203,6 +203,15 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
         compressor.compression_step()
 
 
+def test_a_generated_schedule_is_generated_once(registry, caplog):
+    """The Compressor generated it twice (the layers, then the reasons), logging each left-out layer twice."""
+    with caplog.at_level("INFO", logger="musco_core.config"):
+        compressor = Compressor(small_cnn(), config_type="vbmf", example_input=torch.randn(1, 3, 8, 8),
+                                registry=registry, progress=False)
+    left_out = [record.getMessage() for record in caplog.records if "left uncompressed" in record.getMessage()]
+    assert len(left_out) == len(set(left_out)) == 2 and compressor.lnames == ["2", "4"]  # the first conv, the output
+
+
 def test_zero_ft_every_and_nglobal_compress_iters_mean_what_they_meant_in_the_original(registry):
     """The original took them (any false value) for its defaults: every layer in one step, each compressed once;
     they were refused ('expected a positive int, got 0')."""
