@@ -306,8 +306,11 @@ def _fits_dtype(like: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
 def _fold_fits_dtype(layer: nn.Module, batchnorm: nn.Module) -> bool:
     """True when the folded weight and bias are finite in the layer's dtype: a float16 weight times a large
     BatchNorm scale can overflow where the model, which scales the layer's smaller output, does not (and the
-    check, in float32, would not see it)."""
-    return _fits_dtype(layer.weight, *folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm)))
+    check, in float32, would not see it). Told from each output channel's largest weight, whose folded value is the
+    channel's largest (rounding keeps the order), so the whole folded weight is made once, when it is applied."""
+    weight = layer.weight.detach()
+    largest = weight.abs().flatten(1).amax(1) if weight.numel() else weight.new_zeros(weight.shape[0])
+    return _fits_dtype(layer.weight, *folded_weights(largest[:, None], layer.bias, *batchnorm_affine(batchnorm)))
 
 
 def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:
