@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import logging
 import math
 import os
@@ -265,18 +266,52 @@ def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | 
     expected = model.state_dict()
     differ = [key for key, value in state.items()
               if isinstance(expected.get(key), torch.Tensor) and value.shape != expected[key].shape]
+    unfilled = _fill_meta(model, {key: value for key, value in state.items() if key not in differ})
     try:  # missing and unexpected as torch counts them (a module's load hooks may fill in or rename keys)
         loaded = model.load_state_dict({key: value for key, value in state.items() if key not in differ}, strict=False)
     except RuntimeError as exc:
         return _exception_line(exc)
     missing = sorted(set(loaded.missing_keys) - set(differ))
+    unfilled = [name for name in unfilled if name not in missing and name not in differ]
     problems = [_listed(len(differ), "shape differs", "shapes differ",
                         [f"{key!r} is {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model"
                          for key in differ]),
                 _listed(len(missing), "key missing", "keys missing", map(repr, missing)),
                 _listed(len(loaded.unexpected_keys), "unexpected key", "unexpected keys",
-                        map(repr, sorted(loaded.unexpected_keys)))]
+                        map(repr, sorted(loaded.unexpected_keys))),
+                _listed(len(unfilled), "tensor on the meta device that the file does not hold (a buffer that is "
+                        "not saved must be built on a real device)", "tensors on the meta device that the file does "
+                        "not hold (buffers that are not saved must be built on a real device)", map(repr, unfilled))]
     return "; ".join(problem for problem in problems if problem) or None
+
+
+def _fill_meta(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Gives each parameter and buffer that the factory built on the ``meta`` device its value from ``state``, as a
+    new CPU tensor of its own dtype (what ``load_state_dict`` copies into a real tensor; a copy into a meta tensor
+    does nothing), put in every module that holds it, so tied weights stay tied. Returns the names of those
+    ``state`` holds no value for, which stay on meta."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for prefix, owner in model.named_modules(remove_duplicate=False):
+        for attribute, tensor in itertools.chain(owner.named_parameters(recurse=False, remove_duplicate=False),
+                                                 owner.named_buffers(recurse=False, remove_duplicate=False)):
+            if tensor.is_meta:
+                tensors[id(tensor)] = tensor
+                holders.setdefault(id(tensor), []).append((owner, attribute))
+                names.setdefault(id(tensor), []).append(f"{prefix}.{attribute}" if prefix else attribute)
+    unfilled = []
+    for key, tensor in tensors.items():
+        value = next((state[name] for name in names[key] if name in state), None)
+        if value is None:
+            unfilled.append(names[key][0])
+            continue
+        value = value.to(dtype=tensor.dtype, copy=True)  # never a view of the file's tensors, which may share memory
+        if isinstance(tensor, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+        for owner, attribute in holders[key]:
+            setattr(owner, attribute, value)
+    return unfilled
 
 
 def _listed(count: int, one: str, many: str, items, shown: int = 3) -> str:

@@ -2,7 +2,6 @@
 :mod:`musco_core.run`."""
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -14,7 +13,7 @@ from torch import nn
 
 from . import distributed, io
 from .allocation import check_model_inputs
-from .config import generate_model_compr_kwargs, generated_exclusions
+from .config import generated_layers
 from .engine import LayerResult
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
@@ -24,7 +23,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, factor_layouts, layer_aliases, unwrapped
+from .surgery import deep_copy, factor_layouts, layer_aliases, on_meta, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,7 @@ def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_typ
     aliases = layer_aliases(model)
     named = {aliases.get(name, name) for name in given or {}}
     if given is None or config_type != "none":
-        generated = generate_model_compr_kwargs(stats, config_type, registry=registry)
-        reasons = generated_exclusions(stats, config_type, registry=registry)
+        generated, reasons = generated_layers(stats, config_type, registry=registry)
     else:
         generated, reasons = {}, dict(stats.excluded)
     layers = {**{name: layer for name, layer in generated.items() if name not in named}, **(given or {})}
@@ -75,11 +73,8 @@ def _check_materialized(model: nn.Module) -> None:
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                           f"before compressing it")
-    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-            if tensor.is_meta]
-    if meta:
-        raise ConfigError(f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
-                          f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}), which hold no values "
+    if meta := on_meta(model):
+        raise ConfigError(f"{meta}, which hold no values "
                           f"to decompose: load its weights first (model.to_empty(device=...) then load_state_dict, "
                           f"or load_state_dict(..., assign=True)), or compress it with compress_blockwise and a "
                           f"checkpoint")
@@ -91,7 +86,8 @@ class Compressor:
     ``model_compr_kwargs`` is the original ``{layer: settings or None}`` dict (never modified) or a
     :class:`ModelSchedule`. As in the original, the dict updates the layers generated from ``model_stats`` with
     ``config_type`` (none by default), and the layers are compressed in model order whatever order the dict lists
-    them in; ``ft_every=None`` compresses them all in one step.
+    them in; ``ft_every=None`` (or 0, as in the original) compresses them all in one step, and
+    ``nglobal_compress_iters=None`` (or 0) compresses each layer once.
     ``model_stats`` may be a ``flopco.FlopCo`` object or :class:`ModelStats`; when omitted the statistics are
     computed from ``example_input`` (or, without it, from the model's layers alone, with no MAC counts).
     The input model is deep-copied unless ``inplace=True``. A progress bar goes to stderr when it is a terminal
@@ -142,7 +138,10 @@ class Compressor:
             left_out = dict(stats.excluded)
         else:
             model_compr_kwargs, left_out = _original_layers(model, stats, model_compr_kwargs, config_type, registry)
-        # None is the default (ft_every's: every layer in one step, set below); 0, False or [] are checked, and refused
+        # None is the default (ft_every's: every layer in one step, set below), and so is 0, as in the original
+        # (which took any false value for it); False or [] are checked, and refused
+        ft_every, nglobal_compress_iters = (None if type(value) is int and value == 0 else value
+                                            for value in (ft_every, nglobal_compress_iters))
         settings = {"ft_every": 1 if ft_every is None else ft_every, "seed": seed,
                     "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
                     "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}

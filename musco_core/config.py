@@ -164,12 +164,19 @@ def _model_stats(model_stats: Any, config_type: str, registry: Registry | None) 
     return stats, registry
 
 
+def generated_layers(model_stats: Any, config_type: str, *, registry: Registry | None = None
+                     ) -> tuple[dict[str, dict[str, Any] | None], dict[str, str]]:
+    """What :func:`generate_model_compr_kwargs` and :func:`generated_exclusions` return, from one generation (each
+    reason logged once)."""
+    stats, registry = _model_stats(model_stats, config_type, registry)
+    return _generate(stats, config_type, registry)
+
+
 def generated_exclusions(model_stats: Any, config_type: str, *, registry: Registry | None = None
                          ) -> dict[str, str]:
     """``{layer: reason}`` for every layer that :func:`generate_model_compr_kwargs` leaves out (sets to None) for
     ``config_type``, in model order; empty for ``none`` and ``template``, which compress nothing by design."""
-    stats, registry = _model_stats(model_stats, config_type, registry)
-    return _generate(stats, config_type, registry)[1]
+    return generated_layers(model_stats, config_type, registry=registry)[1]
 
 
 def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, registry: Registry | None = None
@@ -187,8 +194,7 @@ def generate_model_compr_kwargs(model_stats: Any, config_type: str = "none", *, 
     owner, not reached by the example input) are left out. The reasons are logged and returned by
     :func:`generated_exclusions`.
     """
-    stats, registry = _model_stats(model_stats, config_type, registry)
-    return _generate(stats, config_type, registry)[0]
+    return generated_layers(model_stats, config_type, registry=registry)[0]
 
 
 def validate_model_compr_kwargs(model_compr_kwargs: Any, *, registry: Registry | None = None,

@@ -58,8 +58,9 @@ from tqdm.auto import tqdm
 
 from .dataflow import (BATCHNORMS, CONVS, LAYERS, Evidence, ObservedPass, Traced, gather_evidence,
                        holds_shared, is_stock, observe, shared_tensors, torch_class)
+from .errors import ConfigError
 from .factors import dense_weight, padding_per_axis
-from .surgery import (FactorizedLayer, deep_copy, evaluating, global_hooks, module_paths, replace_module,
+from .surgery import (FactorizedLayer, deep_copy, evaluating, global_hooks, module_paths, on_meta, replace_module,
                       standardize_model)
 from .timing import (call_model, first_input, fixed_threads, fresh_copy, map_tensors, tensors_in, time_modules,
                      time_modules_at)
@@ -88,7 +89,13 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     saves (``state_dict``), traces, exports and compiles like any model; a factorized layer with hooks of its own
     is left as it is. Its structure differs from the input's where layers were merged or BatchNorms folded (a
     folded BatchNorm becomes an ``nn.Identity`` that keeps its plain attributes, such as ``num_features``), so its
-    state dict loads into an optimized model, not into the original.
+    state dict loads only into a model optimized to the same form (the same folds and chain splits), never into the
+    original. Without an example input the form follows from the model's structure (and, for a fold into a
+    float16 layer, whether its weights fit): the same architecture optimized without one, also built on the
+    ``meta`` device, takes the state dict (``load_state_dict(..., assign=True)``). With one, splits and formats
+    are timed on this machine and may come out otherwise in another call: keep the optimized model itself
+    (``torch.export``), or save the compressed model and optimize it where it is deployed. A model or example
+    input on the ``meta`` device is refused with an example input: there is nothing to time or check.
 
     Rewrites are made only where the data flow shows them exact (see the module documentation): a trace of the
     model and, with ``example_input``, a real pass over it. Without an example input the trace is all there is: a
@@ -108,12 +115,26 @@ def optimize_for_inference(model: nn.Module, example_input: Any = None, *, inpla
     where they differ (:data:`CHECK_TOLERANCE`), BatchNorm folding, then every rewrite, is left out, with a
     warning. Without it, chains are merged wherever that saves MACs, and the memory format is left as it is.
     """
+    if example_input is not None:
+        _check_values(model, example_input)
     if not inplace:
         model = deep_copy(model, "optimize_for_inference copies the model unless inplace=True",
                           "or pass inplace=True to optimize the model itself")
     with evaluating(model), random_state_kept(model):  # the model is called many times, and may draw noise
         plan = _plan(model, example_input, threads, progress)
     return _apply(model, plan)
+
+
+def _check_values(model: nn.Module, example_input: Any) -> None:
+    """One ConfigError where the model or the example input is on the meta device: shapes without values give
+    nothing to time the candidate forms on, nor to check the result's outputs with (the check failed and was
+    reported as the optimized model raising)."""
+    problem = on_meta(model) or ("the example input is on the meta device"
+                                 if any(t.is_meta for t in tensors_in(example_input)) else None)
+    if problem:
+        raise ConfigError(f"optimize_for_inference: {problem}: without values there is nothing to time the forms "
+                          f"on or to check the result with; load the weights first, or pass example_input=None to "
+                          f"choose from the model's structure alone (the fewest MACs)")
 
 
 # --- The plan: rewrites chosen by path, made on the model or on a copy alike ----------------------------------
@@ -285,8 +306,11 @@ def _fits_dtype(like: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
 def _fold_fits_dtype(layer: nn.Module, batchnorm: nn.Module) -> bool:
     """True when the folded weight and bias are finite in the layer's dtype: a float16 weight times a large
     BatchNorm scale can overflow where the model, which scales the layer's smaller output, does not (and the
-    check, in float32, would not see it)."""
-    return _fits_dtype(layer.weight, *folded_weights(layer.weight, layer.bias, *batchnorm_affine(batchnorm)))
+    check, in float32, would not see it). Told from each output channel's largest weight, whose folded value is the
+    channel's largest (rounding keeps the order), so the whole folded weight is made once, when it is applied."""
+    weight = layer.weight.detach()
+    largest = weight.abs().flatten(1).amax(1) if weight.numel() else weight.new_zeros(weight.shape[0])
+    return _fits_dtype(layer.weight, *folded_weights(largest[:, None], layer.bias, *batchnorm_affine(batchnorm)))
 
 
 def _channel_axis_fits(layer: nn.Module, batchnorm: nn.Module, shapes: dict[int, tuple]) -> bool:

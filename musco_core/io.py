@@ -52,18 +52,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no advisory locks
-    fcntl = None
-
 from ._version import __version__
 from .components import Factor, FactorLayout, LayerSpec
 from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, fsync_dir, make_converter,
-                       plain_data, read_text_bounded, read_yaml, validation_problems, write_text_atomic)
+from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem, advisory_lock, fsync_dir,
+                       make_converter, plain_data, read_text_bounded, read_yaml, validation_problems,
+                       write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
                       module_paths, replace_module, unwrapped)
@@ -310,22 +306,14 @@ def _folder_lock(directory: Path, *, wait: bool = False) -> Iterator[bool]:
     there: a state saved and older states removed, an output set committed. Yields False, holding nothing, where
     another process holds it (or, with ``wait``, waits for it): two processes saving states of one run into one
     folder at once would each remove the other's newest state, and a reader finishing a commit (its journal) while
-    the writer does would fail the writer's save."""
-    if fcntl is None:  # pragma: no cover - not POSIX: no advisory locks
-        yield True
-        return
+    the writer does would fail the writer's save. Unguarded where folders cannot be locked (see
+    :func:`~musco_core.schedule.advisory_lock`: NFS locks need a file open for writing)."""
     descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            alone = True
-        except BlockingIOError:
-            alone = False
-        except OSError:  # a file system without locks on folders (NFS locks need a file open for writing): unguarded
-            alone = True
-        yield alone
+        with advisory_lock(descriptor, wait=wait) as alone:
+            yield alone
     finally:
-        os.close(descriptor)  # releases the lock
+        os.close(descriptor)
 
 
 def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
@@ -718,10 +706,11 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         if name not in modules or not name:
             raise ConfigError(f"{where}: no layer of that name in {type(model).__name__}")
         module = modules[name]
-        adapter = registry.adapter_for(module)
+        adapter = registry.adapter_for(module, loading=True)
         if adapter is None:
             raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
-                              f"{type(module).__name__} cannot be rebuilt: {registry.unsupported_reason(module)}")
+                              f"{type(module).__name__} cannot be rebuilt: "
+                              f"{registry.unsupported_reason(module, loading=True)}")
         if adapter.name != record.spec.adapter:
             raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
                               f"{type(module).__name__}")
@@ -966,25 +955,18 @@ def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
                           f"keeps its lock there and never writes through a symlink or over a file of yours: move it, "
                           f"or choose another --out") from None
     with os.fdopen(descriptor, "r+", encoding="utf-8", errors="replace") as handle:
-        if fcntl is None:  # pragma: no cover - runs are not guarded where there are no advisory locks
-            yield directory
-            return
         content = handle.read(33).strip() if stat.S_ISREG(os.fstat(descriptor).st_mode) else None
         if content is None or len(content) > 32 or content and not content.isdecimal():
             raise ConfigError(f"{path}: is not musco-core's lock file (which holds only a process id); musco-core "
                               f"never writes over a file of yours: move it, or choose another --out")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        with advisory_lock(handle.fileno()) as alone:  # unguarded where there are no advisory locks
+            if not alone:
+                handle.seek(0)
+                holder = handle.read(32).strip() or "unknown"
+                raise ConfigError(f"{directory}: another musco-core process (pid {holder}) is writing here; wait for "
+                                  f"it to finish or choose another --out")
             handle.seek(0)
-            holder = handle.read(32).strip() or "unknown"
-            raise ConfigError(f"{directory}: another musco-core process (pid {holder}) is writing here; wait for it "
-                              f"to finish or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
             yield directory
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

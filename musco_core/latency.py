@@ -43,14 +43,10 @@ from .engine import factorized_like
 from .errors import ConfigError, finite_number
 from .factors import layer_layout
 from .inference import memory_format_candidates, optimize_for_inference
+from .schedule import advisory_lock
 from .state import RunContext
 from .surgery import FactorizedLayer, evaluating, module_paths, swapped
 from .timing import call_model, fresh_copy, time_alternated, time_modules_at
-
-try:
-    import fcntl
-except ImportError:  # Windows: saves are not serialized
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +111,11 @@ def _warn_once(path: Path, problem: str) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Holds an exclusive advisory lock on ``<path>.lock`` (none where ``fcntl`` is missing), so that processes
-    saving into one cache take turns."""
-    if fcntl is None:
+    """Holds an exclusive advisory lock on ``<path>.lock``, waiting for it, so that processes saving into one cache
+    take turns (unguarded where there are no advisory locks: :func:`~musco_core.schedule.advisory_lock`)."""
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock, \
+            advisory_lock(lock.fileno(), wait=True):
         yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class LatencyCache:

@@ -201,7 +201,7 @@ class Registry:
                         f"({holder.distribution}) lists already: which one would handle it?")
         return None
 
-    def match(self, module: nn.Module) -> AdapterMatch | None:
+    def match(self, module: nn.Module, *, loading: bool = False) -> AdapterMatch | None:
         """The adapter of the closest type in the module's MRO, if it reproduces the module; None when no adapter
         lists a type of the module (a norm, an activation, a container).
 
@@ -209,13 +209,13 @@ class Registry:
         of the attributes the stock computation goes through (``forward``, ``_conv_forward``, the call machinery,
         ``weight``/``bias`` properties). Listing a subclass declares that the adapter reproduces it. A module
         with hooks, pruning, weight norm or parametrizations of its own is never handled: replacing it would
-        drop them (see :func:`musco_core.surgery.why_not_replaceable`).
+        drop them (see :func:`musco_core.surgery.why_not_replaceable`, and there ``loading``).
         """
         for klass in type(module).__mro__:
             for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
                 if key in self._adapter_by_type:
                     name = self._adapter_by_type[key]
-                    reason = why_not_replaceable(module, klass) or self._weight_problem(name, module)
+                    reason = why_not_replaceable(module, klass, loading=loading) or self._weight_problem(name, module)
                     if reason is not None:
                         reason = f"the {name} adapter rebuilds a stock {klass.__qualname__}, but {reason}"
                     return AdapterMatch(name if reason is None else None, reason)
@@ -241,14 +241,14 @@ class Registry:
                         f"feature counts, kernel size and groups describe its weights")
         return None
 
-    def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
+    def adapter_for(self, module: nn.Module, *, loading: bool = False) -> LayerAdapter | None:
         """A fresh instance of the adapter that reproduces the module, or None (see :meth:`unsupported_reason`)."""
-        match = self.match(module)
+        match = self.match(module, loading=loading)
         return None if match is None or match.adapter is None else self.adapters.get(match.adapter)
 
-    def unsupported_reason(self, module: nn.Module) -> str | None:
+    def unsupported_reason(self, module: nn.Module, *, loading: bool = False) -> str | None:
         """Why no adapter handles the module, or None when one does."""
-        match = self.match(module)
+        match = self.match(module, loading=loading)
         if match is None:
             return (f"no adapter handles {self._type_name(type(module))}; "
                     f"known adapters: {', '.join(self.adapters.names()) or 'none'}")

@@ -37,6 +37,11 @@ import yaml
 from cattrs.cols import list_structure_factory
 from cattrs.v import format_exception as cattrs_format_exception
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no advisory locks
+    fcntl = None
+
 from .components import LAYER_SCHEDULE_KEYS, NoParams
 from .errors import ConfigError, finite_number, one_line, short_repr
 
@@ -330,9 +335,10 @@ def problems_error(problems: list[str]) -> ConfigError:
 
 #: The Compressor's keyword argument of each run setting it takes, where the names differ.
 _KEYWORDS = {"algo_kwargs": "all_algo_kwargs"}
-#: What to pass instead, for the Compressor's keyword arguments whose 0 the original took (for the default).
-_KEYWORD_HINTS = {"ft_every": "pass None to compress every layer in one step (the original's 0)",
-                  "nglobal_compress_iters": "pass 1 to compress each layer once (the original's 0)"}
+#: What to pass instead, for the Compressor's keyword arguments whose false values the original took for the
+#: default (0 and None are taken for it here too).
+_KEYWORD_HINTS = {"ft_every": "pass None or 0 to compress every layer in one step",
+                  "nglobal_compress_iters": "pass 1, None or 0 to compress each layer once"}
 
 
 def _keyword_problem(problem: str) -> str:
@@ -801,6 +807,30 @@ def dump_schedule(schedule: ModelSchedule | Mapping[str, Any], path: str | os.Pa
     mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else None
     write_text_atomic(target, yaml.safe_dump(data, sort_keys=False, default_flow_style=None), mode)
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def advisory_lock(descriptor: int, *, wait: bool = False) -> typing.Iterator[bool]:
+    """Holds an exclusive advisory lock (``flock``) on the open file or folder ``descriptor`` inside, released on
+    exit however it exits. Yields True while held; False, holding nothing, where another process holds it (with
+    ``wait``, waits for it instead); and True, unguarded, where there are no advisory locks: not POSIX (no
+    ``fcntl``), or a file system that has none (NFS without a lock manager fails ``flock`` with ENOLCK), where
+    refusing to work would be worse than working without a guard."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield True
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        yield False
+        return
+    except OSError:
+        yield True
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def fsync_dir(path: Path) -> None:

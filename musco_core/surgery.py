@@ -3,6 +3,7 @@ makes a module unsafe to replace (computation of its own, hooks, an owner that r
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -211,6 +212,17 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+def on_meta(model: nn.Module) -> str | None:
+    """``"Model has 2 parameter(s) or buffer(s) on the meta device ('0.weight', '0.bias')"``, or None when it has
+    none: a model built under ``torch.device('meta')`` has shapes but no values until its weights are loaded."""
+    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
+    if not meta:
+        return None
+    return (f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
+            f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''})")
+
+
 def describe_module(name: str, module: nn.Module) -> str:
     """``'name' (Type)``, or ``the model (Type)`` for the root."""
     return f"{name!r} ({type(module).__qualname__})" if name else f"the model ({type(module).__qualname__})"
@@ -305,7 +317,7 @@ def _padding_problems(module: nn.Module) -> list[str]:
             f"{expected}: it pads other than its padding says, which is all a rebuilt layer would know"]
 
 
-def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
+def why_not_replaceable(module: nn.Module, base: type[nn.Module], *, loading: bool = False) -> str | None:
     """Why ``module`` may not compute what a stock ``base`` with its weights computes, or None when it does.
 
     ``base`` is a class in the module's MRO. The module's class and every class between it and ``base`` must
@@ -319,7 +331,8 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
     (its owner sets it before each call: the factors would be cut off from what it is computed from), and for
     a convolution whose instance pads other than its ``padding`` says. Nor may any module be replaced while hooks
     for every module are registered (``torch.nn.modules.module.register_module_forward_hook`` and kin): they would
-    run on each factor of the chain as well.
+    run on each factor of the chain as well; except ``loading`` a saved model, which rebuilds the chain that was
+    compressed without them: they then run on it as they would had they been registered after the load.
     """
     problems = []
     if parametrize.is_parametrized(module):  # its generated class also defines the parametrized attributes
@@ -342,7 +355,7 @@ def why_not_replaceable(module: nn.Module, base: type[nn.Module]) -> str | None:
             problems.append(f"{named(type(module))} defines {', '.join(defined)}, so it may compute something "
                             f"else (list the class in an adapter's module_types if it computes exactly what "
                             f"{base.__qualname__} does)")
-    problems += (_hook_problems(module) + _global_hook_problems() + _parameter_problems(module)
+    problems += (_hook_problems(module) + ([] if loading else _global_hook_problems()) + _parameter_problems(module)
                  + _padding_problems(module))
     return "; ".join(problems) if problems else None
 

@@ -96,19 +96,22 @@ def _synchronize(device: torch.device | None) -> None:
 
 def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_rounds: int = 5,
                     max_rounds: int = 50, min_seconds: float = 0.2, threads: int | None = None,
-                    device: torch.device | None = None) -> list[float]:
+                    device: torch.device | None = None, prepare: Callable[[], Any] | None = None) -> list[float]:
     """Median seconds per call of each callable, measured in alternation.
 
     Each callable runs ``warmup`` times first (lazy initialisation, caches, oneDNN primitive creation). Then
     rounds call every callable once, starting at a different one each round so none always runs right after
     another; rounds go on until ``min_rounds`` are done and ``min_seconds`` have passed, or ``max_rounds``.
-    ``device`` set to a CUDA device synchronizes around every call, so the time is the kernel time.
+    ``device`` set to a CUDA device synchronizes around every call, so the time is the kernel time. ``prepare``,
+    where given, runs before every call, untimed (a fresh copy of the input the call takes).
     """
     if not calls:
         return []
+    prepare = prepare or (lambda: None)
     with fixed_threads(threads):
         for call in calls:
             for _ in range(warmup):
+                prepare()
                 call()
         _synchronize(device)
         samples: list[list[float]] = [[] for _ in calls]
@@ -116,6 +119,8 @@ def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_
         for round_ in range(max_rounds):
             for offset in range(len(calls)):
                 index = (round_ + offset) % len(calls)
+                prepare()
+                _synchronize(device)
                 begin = time.perf_counter()
                 calls[index]()
                 _synchronize(device)
@@ -125,14 +130,13 @@ def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_
     return [statistics.median(s) for s in samples]
 
 
-def _forwards(modules: Sequence[nn.Module], example_input: Any, copied: bool) -> list[Callable[[], Any]]:
-    """A call of each module on ``example_input`` under ``torch.no_grad``; on a fresh copy of it each time where
-    ``copied``."""
+def _forwards(modules: Sequence[nn.Module], inputs: Callable[[], Any]) -> list[Callable[[], Any]]:
+    """A call of each module on ``inputs()`` under ``torch.no_grad``."""
 
     def forward(module: nn.Module) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad():
-                return call_model(module, fresh_copy(example_input) if copied else example_input)
+                return call_model(module, inputs())
         return run
 
     return [forward(m) for m in modules]
@@ -140,10 +144,15 @@ def _forwards(modules: Sequence[nn.Module], example_input: Any, copied: bool) ->
 
 def time_modules(modules: Sequence[nn.Module], example_input: Any, **options: Any) -> list[float]:
     """Median seconds of one forward pass of each module on ``example_input``, timed in alternation under
-    ``torch.no_grad`` (options as :func:`time_alternated`). Each call gets a fresh copy of the input (timed
-    alike for every module): a model may change its input in place, which would change the caller's tensor and,
-    call after call, what the next call gets."""
-    return time_alternated(_forwards(modules, example_input, copied=True), **options)
+    ``torch.no_grad`` (options as :func:`time_alternated`). Each call gets a fresh copy of the input, made before
+    its time starts: a model may change its input in place, which would change the caller's tensor and, call
+    after call, what the next call gets."""
+    fresh = [example_input]
+
+    def prepare() -> None:
+        fresh[0] = fresh_copy(example_input)
+
+    return time_alternated(_forwards(modules, lambda: fresh[0]), prepare=prepare, **options)
 
 
 def time_modules_at(modules: Sequence[nn.Module], input_shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
@@ -158,4 +167,4 @@ def time_modules_at(modules: Sequence[nn.Module], input_shape: Sequence[int], *,
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
         modules = [module.to(memory_format=torch.channels_last) for module in modules]
-    return time_alternated(_forwards(modules, x, copied=False), device=device, **options)  # x is its own
+    return time_alternated(_forwards(modules, lambda: x), device=device, **options)  # x is its own

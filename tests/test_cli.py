@@ -32,6 +32,22 @@ FACTORIES = textwrap.dedent("""
     def finetune(model, step):
         STEPS.append(step)
 
+    def cnn_meta():
+        with torch.device("meta"):
+            return cnn()
+
+    class Shifted(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Linear(8, 8))
+            self.register_buffer("shift", torch.ones(8), persistent=False)
+
+        def forward(self, x):
+            return self[0](x) + self.shift
+
+    def shifted_meta():
+        with torch.device("meta"):
+            return Shifted()
+
     def cnn_float64():
         return cnn().double()
 
@@ -137,6 +153,35 @@ def test_compress_with_weights_loads_them_first(factories):
     loaded = load_compressed(cli_factories.cnn(), factories / "out").eval()
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_load_into_a_model_the_factory_builds_on_meta(factories):
+    """A copy into a meta tensor does nothing (torch only warns): the run stopped with 'has 8 parameter(s) or
+    buffer(s) on the meta device'. The file's values now become the tensors, in the model's dtype."""
+    import cli_factories
+    model = cli_factories.cnn()
+    save_file({key: 2 * value for key, value in model.state_dict().items()}, factories / "weights.safetensors")
+    schedule = factories / "schedule.yaml"
+    schedule.write_text(yaml.safe_dump({"version": 1, "layers": {
+        "7": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [40], "force": True}}}))
+    result = run("compress", "--model", "cli_factories:cnn_meta", "--weights", factories / "weights.safetensors",
+                 "--config", schedule, "--input-shape", "1,3,8,8", "--out", factories / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    loaded = load_compressed(cli_factories.cnn(), factories / "out").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_buffer_on_meta_that_the_weights_do_not_hold_is_named(factories):
+    save_file({"0.weight": torch.ones(8, 8), "0.bias": torch.zeros(8)}, factories / "weights.safetensors")
+    (factories / "schedule.yaml").write_text("version: 1\n")
+    result = run("compress", "--model", "cli_factories:shifted_meta", "--weights", factories / "weights.safetensors",
+                 "--config", factories / "schedule.yaml", "--out", factories / "out")
+    assert result.exit_code == 2 and "1 tensor on the meta device that the file does not hold" in result.output
+    assert "'shift'" in result.output and not (factories / "out").exists()
 
 
 @pytest.mark.parametrize("factory, dtype", [("cnn_float64", torch.float64), ("cnn_bfloat16", torch.bfloat16)])

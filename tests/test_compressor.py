@@ -204,22 +204,44 @@ def test_steps_cycle_and_compress_each_layer_nglobal_times(registry):
         compressor.compression_step()
 
 
+def test_a_generated_schedule_is_generated_once(registry, caplog):
+    """The Compressor generated it twice (the layers, then the reasons), logging each left-out layer twice."""
+    with caplog.at_level("INFO", logger="musco_core.config"):
+        compressor = Compressor(small_cnn(), config_type="vbmf", example_input=torch.randn(1, 3, 8, 8),
+                                registry=registry, progress=False)
+    left_out = [record.getMessage() for record in caplog.records if "left uncompressed" in record.getMessage()]
+    assert len(left_out) == len(set(left_out)) == 2 and compressor.lnames == ["2", "4"]  # the first conv, the output
+
+
+def test_zero_ft_every_and_nglobal_compress_iters_mean_what_they_meant_in_the_original(registry):
+    """The original took them (any false value) for its defaults: every layer in one step, each compressed once;
+    they were refused ('expected a positive int, got 0')."""
+    def steps(**arguments):
+        compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, progress=False,
+                                **arguments)
+        return compressor.initial_schedule.settings, compressor.state.steps
+
+    assert steps(ft_every=0) == steps(ft_every=None) and steps(ft_every=0)[0].ft_every == 3
+    assert steps(nglobal_compress_iters=0) == steps() and steps(nglobal_compress_iters=0)[0].nglobal_compress_iters == 1
+    assert steps(ft_every=0, nglobal_compress_iters=0) == steps(ft_every=None, nglobal_compress_iters=1)
+
+
 @pytest.mark.parametrize(("argument", "expected"), [
-    ({"nglobal_compress_iters": 0}, "Compressor(nglobal_compress_iters=...): expected a positive int, got 0; pass 1 "
-                                    "to compress each layer once (the original's 0)"),
+    ({"nglobal_compress_iters": -1}, "Compressor(nglobal_compress_iters=...): expected a positive int, got -1; pass "
+                                     "1, None or 0 to compress each layer once"),
     ({"nglobal_compress_iters": False}, "Compressor(nglobal_compress_iters=...): expected a positive int, got False; "
-                                        "pass 1 to compress each layer once (the original's 0)"),
+                                        "pass 1, None or 0 to compress each layer once"),
     ({"all_algo_kwargs": []}, "Compressor(all_algo_kwargs=...): expected a mapping of decomposition names, got []"),
     ({"all_algo_kwargs": {"svd": {"bogus": 1}}},
      "Compressor(all_algo_kwargs=...): $[\"svd\"]: unknown keys ['bogus']; it takes no settings"),
     ({"all_algo_kwargs": {"cp3": {"n_iter_max": 5000, "init": "random"}}},
      "Compressor(all_algo_kwargs=...): $[\"cp3\"]: unknown keys ['init']; expected ['n_iter_max', 'tol']"),
-    ({"ft_every": 0}, "Compressor(ft_every=...): expected a positive int, got 0; pass None to compress every layer "
-                      "in one step (the original's 0)"),
+    ({"ft_every": False}, "Compressor(ft_every=...): expected a positive int, got False; pass None or 0 to compress "
+                          "every layer in one step"),
 ])
 def test_a_bad_keyword_argument_is_one_error_naming_it(registry, argument, expected):
-    """0, False or [] are not the default (None): each is refused, named by the argument the user wrote, with what to
-    pass where the original took 0 for the default, and an unknown algo_kwargs key with the keys accepted."""
+    """False or [] are not the default (None, or the original's 0): each is refused, named by the argument the user
+    wrote, with what to pass for the default, and an unknown algo_kwargs key with the keys accepted."""
     with pytest.raises(ConfigError) as info:
         Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, registry=registry, **argument)
     assert str(info.value) == expected

@@ -265,3 +265,51 @@ def test_standardized_model_exports_with_trace_export_and_onnx(compressed):
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(onnx_out, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# --- the advisory lock every writer takes -----------------------------------------------------------------------
+
+def test_advisory_lock_is_exclusive_released_on_exit_and_waits_where_asked(tmp_path):
+    from musco_core.schedule import advisory_lock
+
+    path = tmp_path / "lock"
+    path.touch()
+    first, second = os.open(path, os.O_RDWR), os.open(path, os.O_RDWR)  # two open files: as two processes
+    try:
+        with advisory_lock(first) as held:
+            with advisory_lock(second) as other:
+                assert (held, other) == (True, False)
+        with advisory_lock(second, wait=True) as other:
+            assert other
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+def _no_locks(*args):
+    import errno
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+@pytest.mark.parametrize("writer", ["saving folder", "run output", "latency cache"])
+def test_every_writer_runs_unguarded_where_the_file_system_has_no_locks(tmp_path, monkeypatch, writer):
+    """NFS without a lock manager fails flock with ENOLCK. Saving an output set ran unguarded there, as documented,
+    but `musco compress` failed with 'OSError: [Errno 37] No locks available' and the latency cache was never
+    saved: three lock helpers, now one (schedule.advisory_lock)."""
+    import fcntl
+
+    from musco_core import io
+    from musco_core.latency import LatencyCache
+
+    monkeypatch.setattr(fcntl, "flock", _no_locks)
+    if writer == "saving folder":
+        with io._folder_lock(tmp_path) as alone:
+            assert alone
+    elif writer == "run output":
+        with io.output_lock(tmp_path / "out"):
+            assert (tmp_path / "out" / ".musco-lock").read_text() == str(os.getpid())
+    else:
+        cache = LatencyCache(tmp_path / "cache.json")
+        cache.add("key", 0.5)
+        cache.save()
+        assert LatencyCache(tmp_path / "cache.json").entries == {"key": 0.5}

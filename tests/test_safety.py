@@ -372,6 +372,28 @@ def test_hooks_for_every_module_leave_every_layer_alone(registry, register):
         handle.remove()
 
 
+@pytest.mark.parametrize("register", ["register_module_forward_hook", "register_module_forward_pre_hook"])
+def test_hooks_for_every_module_do_not_keep_a_saved_model_from_loading(registry, tmp_path, register):
+    """Loading rebuilds the chain that was compressed without them, which they then run on as they would had they
+    been registered after the load: the load was refused ("remove it while compressing")."""
+    from musco_core.io import load_compressed, save_compressed
+
+    model, x = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 6)), torch.randn(2, 12)
+    compressor = Compressor(model, model_compr_kwargs={"0": manual(4)}, example_input=x, registry=registry,
+                            progress=False)
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path / "out", registry)
+    expected = load_compressed(model, tmp_path / "out", registry)
+    handle = getattr(torch.nn.modules.module, register)(_doubling_hook)
+    try:
+        loaded = load_compressed(model, tmp_path / "out", registry)
+        torch.testing.assert_close(loaded(x), expected(x))  # the hook runs on both alike
+        assert type(loaded[0]).__name__ == "FactorizedLayer"
+        refused(model, {"0": manual(4)}, r"a hook for every module is registered")  # compressing still refuses
+    finally:
+        handle.remove()
+
+
 class WritingOwner(nn.Module):
     """Sets its child's weight or bias from parameters of its own before each call, as AWD-LSTM's WeightDrop and
     weight standardization do: the child's tensor is a plain attribute, not a Parameter."""
