@@ -191,7 +191,8 @@ class Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
-        (checked); it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
+        (checked), or, for a run that began on a compressed model, that model as :func:`~musco_core.io.load_compressed`
+        gives it; it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
         compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be

@@ -279,6 +279,42 @@ def test_a_run_that_counted_macs_from_model_stats_resumes_with_them_and_not_with
     assert (resumed.report().macs_before, resumed.report().macs_after) == (8192, 2048)
 
 
+def test_a_run_begun_on_a_compressed_model_resumes_from_that_model(tmp_path):
+    # its states held the earlier run's factorized layer, which no adapter could rebuild on the model it began with:
+    # "the file has a conv layer, the model's FactorizedLayer cannot be rebuilt"
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(16 * 8 * 8, 10))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    first = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                          "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
+    first.compression_step()
+    save_compressed(first, tmp_path / "first")
+    schedule = {"0": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 2]]},
+                "5": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    whole = Compressor(load_compressed(model(), tmp_path / "first"), model_compr_kwargs=schedule, example_input=x,
+                       ft_every=1, progress=False)
+    whole.compression_step()
+    whole.save_state(tmp_path / "ckpt")
+    resumed = Compressor.resume(load_compressed(model(), tmp_path / "first"), tmp_path / "ckpt", example_input=x,
+                                progress=False)
+    for run in (whole, resumed):
+        run.compression_step()
+    assert resumed.done and resumed.ranks == whole.ranks
+    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
+    other = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                          "manual_rank": [[4, 4]]}}, example_input=x, progress=False)
+    other.compression_step()
+    save_compressed(other, tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"layer '2': the file has it as tucker2 \(8, 8\), the model as tucker2 "
+                                          r"\(4, 4\)"):
+        Compressor.resume(load_compressed(model(), tmp_path / "other"), tmp_path / "ckpt", example_input=x,
+                          progress=False)
+
+
 def test_an_empty_state_file_is_one_clear_error(saved):
     (saved / "step-0002" / STATE_FILE).write_text("")
     with pytest.raises(ConfigError, match=r"step-0002/state.yaml: the file is empty; expected a musco-core run state$"):
