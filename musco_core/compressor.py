@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 
 from . import distributed, io
@@ -24,7 +25,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, layer_aliases, unwrapped
+from .surgery import deep_copy, describe_module, layer_aliases, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,27 @@ def _check_materialized(model: nn.Module) -> None:
                           f"checkpoint")
 
 
+def _check_plain(model: nn.Module) -> None:
+    """One ConfigError for a model whose layers no step can replace or whose state no run can save: a TorchScript
+    module (``torch.jit.script`` or ``trace``: its compiled code calls its own layers, and no layer of it is read as
+    a Conv or Linear, so a run would silently compress nothing), or quantized modules (state entries that are not
+    plain tensors, such as ``torch.ao.quantization.quantize_dynamic``'s packed parameters)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(f"the model is a TorchScript {type(model).__name__} (torch.jit.script or trace), whose "
+                          f"compiled code calls its own layers, which cannot be replaced: compress the Python "
+                          f"nn.Module, then script or trace the result")
+    modules = dict(model.named_modules())
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or value.is_quantized:
+            owner = key.rpartition(".")[0]
+            while owner not in modules:  # the root's name, "", is always there
+                owner = owner.rpartition(".")[0]
+            raise ConfigError(f"{describe_module(owner, modules[owner])} holds quantized state: its entry {key!r} is a "
+                              f"{'quantized tensor' if isinstance(value, torch.Tensor) else type(value).__name__}, "
+                              f"not a plain tensor, which no run can decompose or save; compress the float model, "
+                              f"then quantize it")
+
+
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
@@ -130,6 +152,7 @@ class Compressor:
         registry = registry or default_registry()
         model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
         _check_materialized(model)
+        _check_plain(model)
         model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
                                                   "or pass inplace=True to compress the model itself")
         stats = as_model_stats(model_stats, model, registry, example_input)
@@ -202,6 +225,7 @@ class Compressor:
         registry = registry or default_registry()
         model = unwrapped(model)
         _check_materialized(model)
+        _check_plain(model)
         with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,37 @@ def test_a_lazy_model_is_a_clear_error(registry):
     with pytest.raises(ConfigError, match="uninitialized .lazy. parameters; run one forward pass"):
         Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf"}},
                    registry=registry)
+
+
+def _scripted(model, x):
+    return torch.jit.script(model)
+
+
+def _traced(model, x):
+    return torch.jit.trace(model, x)
+
+
+@pytest.mark.parametrize("compile_", [_scripted, _traced])
+def test_a_torchscript_model_is_a_clear_error(registry, tmp_path, compile_):
+    """Its layers are TorchScript modules, which no adapter reads: a run on it compressed nothing, silently."""
+    x = torch.randn(2, 8)
+    model = compile_(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    with pytest.raises(ConfigError, match=r"TorchScript .*compress the Python nn\.Module, then script or trace"):
+        Compressor(model, config_type="param_reduction", registry=registry, example_input=x)
+    with pytest.raises(ConfigError, match="TorchScript"):
+        Compressor.resume(model, tmp_path, registry=registry, example_input=x)
+
+
+def test_a_quantized_model_is_a_clear_error(registry):
+    """quantize_dynamic's packed parameters are no plain tensors: the run failed with a raw AttributeError
+    ('torch.dtype' object has no attribute 'detach') while fingerprinting the model."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated, still in use
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ConfigError, match=r"'3\._packed_params' \(LinearPackedParams\) holds quantized state.*"
+                                          r"compress the float model, then quantize it"):
+        Compressor(model, config_type="param_reduction", registry=registry, example_input=torch.randn(1, 3, 8, 8))
 
 
 @pytest.mark.parametrize("example", [False, True])
