@@ -242,6 +242,21 @@ def test_a_complex_chain_is_not_merged(layer):
         assert relative(optimized(x), model(x)) < TOLERANCE
 
 
+def test_a_model_holding_torchscript_is_optimized_as_without_an_example_input():
+    """A TorchScript module takes no hooks: with an example input, optimize_for_inference failed with a raw
+    RuntimeError ('register_forward_pre_hook is not supported on ScriptModules'). A pass would not see what it
+    reads either, so the rewrites are those made without one (a factorized layer still merges), then checked."""
+    scripted = torch.jit.script(nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), scripted, factorize(nn.Conv2d(8, 8, 1), "svd", 8),
+                          nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = optimize_for_inference(model, x, progress=False)
+    assert isinstance(optimized[1], nn.BatchNorm2d) and isinstance(optimized[2], torch.jit.ScriptModule)
+    assert isinstance(optimized[3], nn.Conv2d)
+    with torch.no_grad():
+        assert relative(optimized(x), model(x)) < TOLERANCE
+
+
 class SequentialsAsLists(nn.Module):
     """nn.Sequential containers of convolutions that the forward does not call whole: one indexed, with a
     non-linearity between its layers, one iterated, keeping an intermediate output."""
