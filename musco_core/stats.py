@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
-from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
+from .surgery import FactorizedLayer, describe_module, owner_read_layers, unwrapped, why_not_recompressible
 from .timing import call_model, first_input, tensors_in
 
 
@@ -133,7 +133,12 @@ class ModelStats:
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
         it and those whose weights other code used outside their own call, and convolution and linear layers no
         adapter handles.
+
+        A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is read as the
+        module inside, whose layer names the Compressor's schedule and steps use (no ``_orig_mod.`` or
+        ``module.`` prefix).
         """
+        model = unwrapped(model)
         readable = {}
         excluded = owner_read_layers(model)
         factorized: list[str] = []
