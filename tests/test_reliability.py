@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from musco_core import CompressionError, Compressor, ConfigError
+from musco_core import CompressionError, Compressor, ConfigError, ModelStats
 
 HERE = Path(__file__).parent
 
@@ -128,6 +128,20 @@ def test_a_torchscript_model_is_a_clear_error(registry, tmp_path, compile_):
         Compressor(model, config_type="param_reduction", registry=registry, example_input=x)
     with pytest.raises(ConfigError, match="TorchScript"):
         Compressor.resume(model, tmp_path, registry=registry, example_input=x)
+
+
+def test_torchscript_layers_inside_a_model_are_left_out_with_the_reason(registry):
+    """Scripted or traced layers are no Conv2d an adapter reads: they were left out of statistics and generated
+    schedules without a word."""
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())), nn.Conv2d(8, 8, 3),
+                          torch.jit.trace(nn.Conv2d(8, 8, 1), torch.randn(1, 8, 4, 4)))
+    stats = ModelStats.from_model(model, registry, x)
+    assert list(stats.layers) == ["1"] and list(stats.excluded) == ["0.0", "2"]
+    assert stats.excluded["2"].startswith("it is a TorchScript Conv2d (torch.jit.script or trace)")
+    with pytest.raises(ConfigError, match=r'\$\.layers\["0\.0"\]: cannot be compressed: it is a TorchScript Conv2d'):
+        Compressor(model, model_compr_kwargs={"0.0": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                      "manual_rank": [[8, 3]]}}, registry=registry)
 
 
 def test_a_quantized_model_is_a_clear_error(registry):
