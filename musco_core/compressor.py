@@ -89,12 +89,18 @@ def _check_materialized(model: nn.Module) -> None:
 def _check_plain(model: nn.Module) -> None:
     """One ConfigError for a model whose layers no step can replace or whose state no run can save: a TorchScript
     module (``torch.jit.script`` or ``trace``: its compiled code calls its own layers, and no layer of it is read as
-    a Conv or Linear, so a run would silently compress nothing), or quantized modules (state entries that are not
+    a Conv or Linear, so a run would silently compress nothing), a graph of ATen operators (``torch.export``: no
+    layers either, and its ``eval()`` raises), or quantized modules (state entries that are not
     plain tensors, such as ``torch.ao.quantization.quantize_dynamic``'s packed parameters)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(f"the model is a TorchScript {type(model).__name__} (torch.jit.script or trace), whose "
                           f"compiled code calls its own layers, which cannot be replaced: compress the Python "
                           f"nn.Module, then script or trace the result")
+    if isinstance(model, torch.fx.GraphModule) and any(isinstance(node.target, torch._ops.OpOverload)
+                                                       for node in model.graph.nodes):
+        raise ConfigError("the model is a graph of ATen operators (as torch.export's ExportedProgram.module() gives), "
+                          "which computes with its weights directly and calls no layer that could be replaced: "
+                          "compress the nn.Module, then export the result")
     modules = dict(model.named_modules())
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor) or value.is_quantized:

@@ -130,6 +130,18 @@ def test_a_torchscript_model_is_a_clear_error(registry, tmp_path, compile_):
         Compressor.resume(model, tmp_path, registry=registry, example_input=x)
 
 
+@pytest.mark.parametrize("example", [False, True])
+def test_an_exported_program_module_is_a_clear_error(registry, example):
+    """torch.export's module() computes with its weights in ATen operators and has no layer to replace: a run on it
+    compressed nothing without an example input, and failed with a raw NotImplementedError ('Calling eval() is not
+    supported yet') with one."""
+    x = torch.randn(2, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    exported = torch.export.export(model, (x,)).module()
+    with pytest.raises(ConfigError, match=r"graph of ATen operators .*compress the nn\.Module, then export"):
+        Compressor(exported, config_type="param_reduction", registry=registry, example_input=x if example else None)
+
+
 def test_torchscript_layers_inside_a_model_are_left_out_with_the_reason(registry):
     """Scripted or traced layers are no Conv2d an adapter reads: they were left out of statistics and generated
     schedules without a word."""
