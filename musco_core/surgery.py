@@ -38,6 +38,8 @@ OWNERS_READING_CHILD_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward(..., self.out_proj.weight, ...)
     nn.TransformerEncoderLayer: ("linear1", "linear2"),  # the eval fast path, torch._transformer_encoder_layer_fwd
 }
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13: F.linear_cross_entropy(input, self.linear.weight, ...)
+    OWNERS_READING_CHILD_WEIGHTS[nn.LinearCrossEntropyLoss] = ("linear",)
 
 
 class FactorizedLayer(nn.Sequential):
