@@ -2,7 +2,6 @@
 :mod:`musco_core.run`."""
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, describe_module, layer_aliases, unwrapped
+from .surgery import deep_copy, describe_module, layer_aliases, meta_tensors, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,7 @@ def _check_materialized(model: nn.Module) -> None:
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                           f"before compressing it")
-    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-            if tensor.is_meta]
-    if meta:
+    if meta := meta_tensors(model):
         raise ConfigError(f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
                           f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}), which hold no values "
                           f"to decompose: load its weights first (model.to_empty(device=...) then load_state_dict, "

@@ -3,6 +3,7 @@ makes a module unsafe to replace (computation of its own, hooks, an owner that r
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -153,6 +154,13 @@ def standardize_model(model: nn.Module) -> nn.Module:
                 plain[id(module)] = nn.Sequential(*module.children()).train(module.training)
             replace_module(model, name, plain[id(module)])
     return model
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """The names of the model's parameters and buffers on the ``meta`` device: shapes alone, no values (a model
+    built under ``torch.device('meta')`` before its weights are loaded)."""
+    return [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -94,6 +94,17 @@ def test_loading_into_a_different_architecture_is_a_clear_error(tmp_path, compre
         load_compressed(other, tmp_path)
 
 
+def test_loading_into_a_model_on_the_meta_device_is_a_clear_error(tmp_path, compressed):
+    """Copying the weights into meta tensors does nothing: the model came back without them, silently, and
+    failed only when called ('Tensor on device meta is not on the expected device cpu!')."""
+    save_compressed(compressed, tmp_path)
+    with torch.device("meta"):
+        fresh = resnet18(num_classes=10, width=16)
+    with pytest.raises(ConfigError, match=r"ResNet has \d+ parameter\(s\) or buffer\(s\) on the meta device "
+                                          r"\('conv1\.weight', .*cannot copy the weights of .*to_empty"):
+        load_compressed(fresh, tmp_path)
+
+
 def test_a_weights_file_that_does_not_fit_is_a_clear_error(tmp_path, compressed):
     save_compressed(compressed, tmp_path)
     manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
