@@ -87,8 +87,8 @@ def _check_plain(model: nn.Module) -> None:
     """One ConfigError for a model whose layers no step can replace or whose state no run can save: a TorchScript
     module (``torch.jit.script`` or ``trace``: its compiled code calls its own layers, and no layer of it is read as
     a Conv or Linear, so a run would silently compress nothing), a graph of ATen operators (``torch.export``: no
-    layers either, and its ``eval()`` raises), or quantized modules (state entries that are not
-    plain tensors, such as ``torch.ao.quantization.quantize_dynamic``'s packed parameters)."""
+    layers either, and its ``eval()`` raises), or state entries that are not plain tensors (quantized modules, such
+    as ``torch.ao.quantization.quantize_dynamic``'s packed parameters, or a module's ``get_extra_state``)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(f"the model is a TorchScript {type(model).__name__} (torch.jit.script or trace), whose "
                           f"compiled code calls its own layers, which cannot be replaced: compress the Python "
@@ -100,15 +100,18 @@ def _check_plain(model: nn.Module) -> None:
                           "compress the nn.Module, then export the result")
     modules = dict(model.named_modules())
     for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor) or value.is_quantized:
-            owner = key.rpartition(".")[0]
-            while owner not in modules:  # the root's name, "", is always there
-                owner = owner.rpartition(".")[0]
-            raise ConfigError(f"{describe_module(owner, modules[owner])} holds quantized state: its entry {key!r} is a "
-                              f"{'quantized tensor' if isinstance(value, torch.Tensor) else type(value).__name__}, "
-                              f"not a plain tensor, which no run can decompose or save; compress the float model, "
-                              f"then quantize it")
-
+        if isinstance(value, torch.Tensor) and not value.is_quantized:
+            continue
+        owner = key.rpartition(".")[0]
+        while owner not in modules:  # the root's name, "", is always there
+            owner = owner.rpartition(".")[0]
+        kind = "a quantized tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        if key.rpartition(".")[2] == "_extra_state":  # what the module's get_extra_state returns
+            what, instead = "extra state", "remove its get_extra_state while compressing, or keep that state apart"
+        else:
+            what, instead = "quantized state", "compress the float model, then quantize it"
+        raise ConfigError(f"{describe_module(owner, modules[owner])} holds {what}: its state entry {key!r} is {kind}, "
+                          f"not a plain tensor, which a run can neither fingerprint nor save; {instead}")
 
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.

@@ -168,6 +168,24 @@ def test_a_quantized_model_is_a_clear_error(registry):
         Compressor(model, config_type="param_reduction", registry=registry, example_input=torch.randn(1, 3, 8, 8))
 
 
+class ExtraState(nn.Linear):
+    def get_extra_state(self):
+        return {"scale": 1.0}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_that_is_no_tensor_is_a_clear_error(registry):
+    """A dict from get_extra_state: the run failed with a raw AttributeError ('dict' object has no attribute
+    'detach') while fingerprinting the model."""
+    model = nn.Sequential(ExtraState(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match=r"'0' \(ExtraState\) holds extra state: its state entry '0\._extra_state' "
+                                          r"is a dict, not a plain tensor"):
+        Compressor(model, model_compr_kwargs={"2": {"decomposition": "svd", "rank_selection": "manual",
+                                                    "manual_rank": [4]}}, registry=registry)
+
+
 @pytest.mark.parametrize("example", [False, True])
 def test_a_model_on_the_meta_device_is_a_clear_error(registry, tmp_path, example):
     """Built under torch.device('meta'), its weights not loaded yet: they hold no values, and the run failed with a
