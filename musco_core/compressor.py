@@ -24,7 +24,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, describe_module, layer_aliases, meta_tensors, unwrapped
+from .surgery import deep_copy, layer_aliases, meta_tensors, state_problem, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,8 @@ def _check_plain(model: nn.Module) -> None:
         raise ConfigError("the model is a graph of ATen operators (as torch.export's ExportedProgram.module() gives), "
                           "which computes with its weights directly and calls no layer that could be replaced: "
                           "compress the nn.Module, then export the result")
-    modules = dict(model.named_modules())
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor) and not value.is_quantized:
-            continue
-        owner = key.rpartition(".")[0]
-        while owner not in modules:  # the root's name, "", is always there
-            owner = owner.rpartition(".")[0]
-        kind = "a quantized tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-        if key.rpartition(".")[2] == "_extra_state":  # what the module's get_extra_state returns
-            what, instead = "extra state", "remove its get_extra_state while compressing, or keep that state apart"
-        else:
-            what, instead = "quantized state", "compress the float model, then quantize it"
-        raise ConfigError(f"{describe_module(owner, modules[owner])} holds {what}: its state entry {key!r} is {kind}, "
-                          f"not a plain tensor, which a run can neither fingerprint nor save; {instead}")
+    if (problem := state_problem(model)) is not None:
+        raise ConfigError(problem)
 
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.

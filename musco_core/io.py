@@ -65,7 +65,7 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        plain_data, read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      meta_tensors, module_paths, replace_module, unwrapped)
+                      meta_tensors, module_paths, replace_module, state_problem, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +465,7 @@ def check_saveable(model: nn.Module, registry: Registry, state: RunState | None 
     if not layers and (state is None or compressed):
         raise ConfigError("the model has no factorized layers to save (was standardize_model called already?); "
                           "save before standardize_model")
-    problems = []
+    problems = [problem] if (problem := state_problem(model)) is not None else []
     if "" in layers:
         problems.append("the model itself is a factorized layer, which load_compressed cannot rebuild: save a model "
                         "that holds it")

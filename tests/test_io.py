@@ -168,6 +168,25 @@ def small_stepped(registry, **kwargs) -> Compressor:
     return compressor
 
 
+class Tagged(nn.Conv2d):
+    def get_extra_state(self):
+        return {"scale": 1.0}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_that_is_no_tensor_saves_nothing(tmp_path, registry):
+    """A dict from get_extra_state made save_compressed fail with a raw AttributeError ('dict' object has no
+    attribute 'device') while writing; now it is refused, with the module, before anything is written."""
+    model = small_stepped(registry).compressed_model
+    model[0] = Tagged(3, 16, 3, padding=1)
+    with pytest.raises(ConfigError, match=r"'0' \(Tagged\) holds extra state: its state entry '0\._extra_state' "
+                                          r"is a dict, not a plain tensor"):
+        save_compressed(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_compressor_whose_model_was_standardized_saves_nothing(tmp_path, registry):
     compressor = small_stepped(registry)
     standardize_model(compressor.compressed_model)  # as a README reader might, before saving
