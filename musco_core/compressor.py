@@ -101,6 +101,7 @@ def _check_plain(model: nn.Module) -> None:
     if (problem := state_problem(model)) is not None:
         raise ConfigError(problem)
 
+
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
