@@ -24,7 +24,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, layer_aliases, meta_tensors, state_problem, unwrapped
+from .surgery import deep_copy, layer_aliases, on_meta, state_problem, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ def _check_materialized(model: nn.Module) -> None:
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has uninitialized (lazy) parameters; run one forward pass "
                           f"before compressing it")
-    if meta := meta_tensors(model):
-        raise ConfigError(f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
-                          f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}), which hold no values "
+    if meta := on_meta(model):
+        raise ConfigError(f"{meta}, which hold no values "
                           f"to decompose: load its weights first (model.to_empty(device=...) then load_state_dict, "
                           f"or load_state_dict(..., assign=True)), or compress it with compress_blockwise and a "
                           f"checkpoint")

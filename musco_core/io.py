@@ -65,7 +65,7 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        plain_data, read_text_bounded, read_yaml, validation_problems, write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      meta_tensors, module_paths, replace_module, state_problem, unwrapped)
+                      module_paths, on_meta, replace_module, state_problem, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -697,11 +697,9 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     weights into its tensors, which hold no values there, so it would come back without them.
     """
     fresh_model = unwrapped(fresh_model)
-    if meta := meta_tensors(fresh_model):
-        raise ConfigError(f"{type(fresh_model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
-                          f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}), into which "
-                          f"load_compressed cannot copy the weights of {directory}: give a model on a real device "
-                          f"(model.to_empty(device='cpu'))")
+    if meta := on_meta(fresh_model):
+        raise ConfigError(f"{meta}, into which load_compressed cannot copy the weights of {directory}: give a model "
+                          f"on a real device (model.to_empty(device='cpu'))")
     registry = registry or default_registry()
     directory = Path(directory)
     _finish_pending(directory)

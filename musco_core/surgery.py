@@ -156,13 +156,6 @@ def standardize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def meta_tensors(model: nn.Module) -> list[str]:
-    """The names of the model's parameters and buffers on the ``meta`` device: shapes alone, no values (a model
-    built under ``torch.device('meta')`` before its weights are loaded)."""
-    return [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-            if tensor.is_meta]
-
-
 def state_problem(model: nn.Module) -> str | None:
     """The first entry of the model's state dict that is not a plain tensor, said with its module, or None: a
     quantized module's (``quantize_dynamic``'s packed parameters, a quantized weight) or what a module's
@@ -197,6 +190,17 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def on_meta(model: nn.Module) -> str | None:
+    """``"Model has 2 parameter(s) or buffer(s) on the meta device ('0.weight', '0.bias')"``, or None when it has
+    none: a model built under ``torch.device('meta')`` has shapes but no values until its weights are loaded."""
+    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
+    if not meta:
+        return None
+    return (f"{type(model).__name__} has {len(meta)} parameter(s) or buffer(s) on the meta device "
+            f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''})")
 
 
 def describe_module(name: str, module: nn.Module) -> str:
