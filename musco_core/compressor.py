@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 
 from . import distributed, io
@@ -23,7 +24,7 @@ from .run import (build_report, check_calibration, check_resumable, check_same_e
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunState
 from .stats import ModelStats, as_model_stats
-from .surgery import deep_copy, factor_layouts, layer_aliases, on_meta, unwrapped
+from .surgery import deep_copy, factor_layouts, layer_aliases, on_meta, state_problem, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,25 @@ def _check_materialized(model: nn.Module) -> None:
                           f"checkpoint")
 
 
+def _check_plain(model: nn.Module) -> None:
+    """One ConfigError for a model whose layers no step can replace or whose state no run can save: a TorchScript
+    module (``torch.jit.script`` or ``trace``: its compiled code calls its own layers, and no layer of it is read as
+    a Conv or Linear, so a run would silently compress nothing), a graph of ATen operators (``torch.export``: no
+    layers either, and its ``eval()`` raises), or state entries that are not plain tensors (quantized modules, such
+    as ``torch.ao.quantization.quantize_dynamic``'s packed parameters, or a module's ``get_extra_state``)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(f"the model is a TorchScript {type(model).__name__} (torch.jit.script or trace), whose "
+                          f"compiled code calls its own layers, which cannot be replaced: compress the Python "
+                          f"nn.Module, then script or trace the result")
+    if isinstance(model, torch.fx.GraphModule) and any(isinstance(node.target, torch._ops.OpOverload)
+                                                       for node in model.graph.nodes):
+        raise ConfigError("the model is a graph of ATen operators (as torch.export's ExportedProgram.module() gives), "
+                          "which computes with its weights directly and calls no layer that could be replaced: "
+                          "compress the nn.Module, then export the result")
+    if (problem := state_problem(model)) is not None:
+        raise ConfigError(problem)
+
+
 class Compressor:
     """Multi-stage compression: call :meth:`compression_step` until :attr:`done`, fine-tuning in between.
 
@@ -126,6 +146,7 @@ class Compressor:
         registry = registry or default_registry()
         model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
         _check_materialized(model)
+        _check_plain(model)
         model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
                                                   "or pass inplace=True to compress the model itself")
         stats = as_model_stats(model_stats, model, registry, example_input)
@@ -203,6 +224,7 @@ class Compressor:
         registry = registry or default_registry()
         model = unwrapped(model)
         _check_materialized(model)
+        _check_plain(model)
         with distributed.agreement(distributed.current(), f"resuming from {directory}"):  # all ranks, or none
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)

@@ -151,10 +151,17 @@ class ObservedPass(TorchFunctionMode):
             self._in_hook = False
 
 
+def scripted_modules(model: nn.Module) -> list[str]:
+    """The names of the TorchScript modules (``torch.jit.script`` or ``trace``) in ``model``, the root as ``''``:
+    they take no hooks of their own, and their compiled code runs no torch function a mode can observe."""
+    return [name for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)]
+
+
 def observe(model: nn.Module, example_input: Any) -> ObservedPass:
-    """One pass of ``model`` on ``example_input``, observed (see :class:`ObservedPass`)."""
+    """One pass of ``model`` on ``example_input``, observed (see :class:`ObservedPass`); TorchScript modules are
+    not (their calls, and what they read, are missing from it)."""
     observed = ObservedPass(model)
-    handles = [handle for module in model.modules()
+    handles = [handle for module in model.modules() if not isinstance(module, torch.jit.ScriptModule)
                for handle in (module.register_forward_pre_hook(observed.before, with_kwargs=True),
                               module.register_forward_hook(observed.after))]
     try:
@@ -214,7 +221,16 @@ class Evidence:
 
 
 def gather_evidence(model: nn.Module, example_input: Any) -> Evidence:
-    observed = observe(model, example_input) if example_input is not None else None
+    """The model's traces and pass. A pass over TorchScript modules would not show what they read (a layer's output
+    read by one, beside the BatchNorm that folds into the layer), so a model holding one has none: its rewrites
+    are those made without an example input, then checked on it."""
+    observed = None
+    if example_input is not None:
+        if scripted := scripted_modules(model):
+            log.info("optimize_for_inference: %s TorchScript, whose reads a pass cannot observe: rewrites are chosen "
+                     "as without an example input", ", ".join(repr(name) if name else "the model" for name in scripted))
+        else:
+            observed = observe(model, example_input)
     try:
         with warnings.catch_warnings():  # fx warns that it cannot assert a concrete argument's value
             warnings.simplefilter("ignore")

@@ -548,7 +548,8 @@ def _chains(model: nn.Module, evidence: Evidence) -> list[_Chain]:
     """Every stock ``nn.Sequential`` (a factorized layer included) of two or more stock layers of one torch class
     that the model calls whole, as its traces show (or, where there are none, a factorized layer: it stands for
     the one layer the model's code calls) and the pass on the example input, where there is one, confirms. Its
-    layers are reachable under one name and hold no tensor another module shares."""
+    layers are reachable under one name, hold no tensor another module shares, and have real floating-point
+    weights (:func:`merged_weights` multiplies in float64: a complex chain's imaginary parts would be dropped)."""
     paths, shared, shapes = module_paths(model), shared_tensors(model), evidence.shapes
     chains = []
     for container in model.modules():
@@ -557,7 +558,7 @@ def _chains(model: nn.Module, evidence: Evidence) -> list[_Chain]:
         layers = list(container)
         if (len({torch_class(layer, LAYERS) for layer in layers}) != 1
                 or not all(is_stock(layer, LAYERS) and not holds_shared(layer, shared)
-                           and len(paths[id(layer)]) == 1 for layer in layers)):
+                           and layer.weight.is_floating_point() and len(paths[id(layer)]) == 1 for layer in layers)):
             continue
         if evidence.traces is not None:
             whole = all(_called_whole(trace, container) for trace in evidence.traces)

@@ -62,7 +62,7 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      module_paths, replace_module, unwrapped)
+                      module_paths, on_meta, replace_module, state_problem, unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def check_saveable(model: nn.Module, registry: Registry, state: RunState | None 
     if not layers and (state is None or compressed):
         raise ConfigError("the model has no factorized layers to save (was standardize_model called already?); "
                           "save before standardize_model")
-    problems = []
+    problems = [problem] if (problem := state_problem(model)) is not None else []
     if "" in layers:
         problems.append("the model itself is a factorized layer, which load_compressed cannot rebuild: save a model "
                         "that holds it")
@@ -684,9 +684,13 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
     Returns a new model; ``fresh_model`` is not modified, so a file that does not fit leaves nothing half-done.
     A wrapped ``fresh_model`` (``torch.compile``, ``DataParallel``) gives the module inside, as it was saved.
     Each rebuilt layer takes the fresh layer's mode, trainability and memory format, as the run gave them (a
-    frozen layer's factors stay frozen).
+    frozen layer's factors stay frozen). A ``fresh_model`` on the ``meta`` device is refused: loading copies the
+    weights into its tensors, which hold no values there, so it would come back without them.
     """
     fresh_model = unwrapped(fresh_model)
+    if meta := on_meta(fresh_model):
+        raise ConfigError(f"{meta}, into which load_compressed cannot copy the weights of {directory}: give a model "
+                          f"on a real device (model.to_empty(device='cpu'))")
     registry = registry or default_registry()
     directory = Path(directory)
     _finish_pending(directory)

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .components import LayerSpec
 from .errors import ConfigError, short_repr
-from .surgery import FactorizedLayer, describe_module, owner_read_layers, why_not_recompressible
+from .surgery import FactorizedLayer, describe_module, owner_read_layers, unwrapped, why_not_recompressible
 from .timing import call_model, first_input, tensors_in
 
 
@@ -26,6 +26,9 @@ from .timing import call_model, first_input, tensors_in
 #: listed in :attr:`ModelStats.excluded` with the reason, as a layer a user would expect compressed. Other modules
 #: (norms, activations, embeddings, containers) are no layers to compress and are passed over.
 LAYER_KINDS = (_ConvNd, nn.Linear, nn.Bilinear)
+#: The names of torch's layer classes of :data:`LAYER_KINDS`: what a scripted layer's ``original_name`` is.
+_LAYER_KIND_NAMES = frozenset(name for name, klass in vars(nn).items()
+                              if isinstance(klass, type) and issubclass(klass, LAYER_KINDS))
 
 
 @attrs.frozen
@@ -82,8 +85,9 @@ class ModelStats:
     total_flops: int | None = None
     #: Layers that must not be replaced, with why, in model order: of a type an adapter lists, a subclass or
     #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
-    #: example input) a layer the example input never reaches; and a layer of :data:`LAYER_KINDS` that no adapter
-    #: handles (a ``ConvTranspose2d``). Generated schedules leave them out; a schedule that names one is refused.
+    #: example input) a layer the example input never reaches; a layer of :data:`LAYER_KINDS` that no adapter
+    #: handles (a ``ConvTranspose2d``), or that is TorchScript. Generated schedules leave them out; a schedule that
+    #: names one is refused.
     excluded: dict[str, str] = attrs.field(factory=dict)
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
@@ -133,7 +137,12 @@ class ModelStats:
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
         it and those whose weights other code used outside their own call, and convolution and linear layers no
         adapter handles.
+
+        A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is read as the
+        module inside, whose layer names the Compressor's schedule and steps use (no ``_orig_mod.`` or
+        ``module.`` prefix).
         """
+        model = unwrapped(model)
         readable = {}
         excluded = owner_read_layers(model)
         factorized: list[str] = []
@@ -153,6 +162,10 @@ class ModelStats:
                     readable[name] = (module, registry.adapters.get(match.adapter).read(module)[0])
             elif isinstance(module, LAYER_KINDS):
                 excluded[name] = registry.unsupported_reason(module)
+            elif isinstance(module, torch.jit.ScriptModule) and module.original_name in _LAYER_KIND_NAMES:
+                excluded[name] = (f"it is a TorchScript {module.original_name} (torch.jit.script or trace): "
+                                  f"compiled code, which no adapter reads; compress the Python module, then script "
+                                  f"or trace it")
         shapes: dict[str, dict[tuple[tuple[int, ...], tuple[int, ...]], int]] = {}
         total_flops = output_layers = None
         if example_input is not None:

@@ -39,6 +39,8 @@ OWNERS_READING_CHILD_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward(..., self.out_proj.weight, ...)
     nn.TransformerEncoderLayer: ("linear1", "linear2"),  # the eval fast path, torch._transformer_encoder_layer_fwd
 }
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13: F.linear_cross_entropy(input, self.linear.weight, ...)
+    OWNERS_READING_CHILD_WEIGHTS[nn.LinearCrossEntropyLoss] = ("linear",)
 
 
 class FactorizedLayer(nn.Sequential):
@@ -196,6 +198,28 @@ def standardize_model(model: nn.Module) -> nn.Module:
                 plain[id(module)] = nn.Sequential(*module.children()).train(module.training)
             replace_module(model, name, plain[id(module)])
     return model
+
+
+def state_problem(model: nn.Module) -> str | None:
+    """The first entry of the model's state dict that is not a plain tensor, said with its module, or None: a
+    quantized module's (``quantize_dynamic``'s packed parameters, a quantized weight) or what a module's
+    ``get_extra_state`` returns. A run fingerprints the model's state, and safetensors files hold plain tensors
+    only."""
+    modules = dict(model.named_modules())
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and not value.is_quantized:
+            continue
+        owner = key.rpartition(".")[0]
+        while owner not in modules:  # the root's name, "", is always there
+            owner = owner.rpartition(".")[0]
+        kind = "a quantized tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        if key.rpartition(".")[2] == "_extra_state":
+            what, instead = "extra state", "remove its get_extra_state while compressing, or keep that state apart"
+        else:
+            what, instead = "quantized state", "compress the float model, then quantize it"
+        return (f"{describe_module(owner, modules[owner])} holds {what}: its state entry {key!r} is {kind}, not a "
+                f"plain tensor, which a run can neither fingerprint nor save in a safetensors file; {instead}")
+    return None
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

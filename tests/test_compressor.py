@@ -623,6 +623,18 @@ def test_a_model_given_wrapped_is_compressed_as_the_module_inside_with_its_layer
     assert not any(isinstance(module, FactorizedLayer) for module in model.modules())  # a copy was compressed
 
 
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_statistics_of_a_wrapped_model_name_the_layers_inside(registry, wrap):
+    """Read with the wrapper's prefix ('_orig_mod.0'), they were refused by a Compressor on the same wrapped model
+    ('model_stats do not describe the model'), which compresses the module inside."""
+    model, x = wrap(small_cnn()), torch.randn(1, 3, 8, 8)
+    stats = ModelStats.from_model(model, registry, x)
+    assert set(stats.layers) == set(ModelStats.from_model(small_cnn(), registry, x).layers)
+    compressor = Compressor(model, stats, config_type="param_reduction", registry=registry, example_input=x,
+                            progress=False)
+    assert compressor.lnames and set(compressor.lnames) <= set(stats.layers)
+
+
 def test_new_conv_factors_keep_the_channels_last_format_of_the_weights_they_replace(registry):
     compressor = Compressor(small_cnn(), model_compr_kwargs=SMALL_CONFIG, ft_every=3, nglobal_compress_iters=2,
                             registry=registry, progress=False)

@@ -94,6 +94,17 @@ def test_loading_into_a_different_architecture_is_a_clear_error(tmp_path, compre
         load_compressed(other, tmp_path)
 
 
+def test_loading_into_a_model_on_the_meta_device_is_a_clear_error(tmp_path, compressed):
+    """Copying the weights into meta tensors does nothing: the model came back without them, silently, and
+    failed only when called ('Tensor on device meta is not on the expected device cpu!')."""
+    save_compressed(compressed, tmp_path)
+    with torch.device("meta"):
+        fresh = resnet18(num_classes=10, width=16)
+    with pytest.raises(ConfigError, match=r"ResNet has \d+ parameter\(s\) or buffer\(s\) on the meta device "
+                                          r"\('conv1\.weight', .*cannot copy the weights of .*to_empty"):
+        load_compressed(fresh, tmp_path)
+
+
 def test_a_weights_file_that_does_not_fit_is_a_clear_error(tmp_path, compressed):
     save_compressed(compressed, tmp_path)
     manifest = yaml.safe_load((tmp_path / "musco.yaml").read_text())
@@ -155,6 +166,25 @@ def small_stepped(registry, **kwargs) -> Compressor:
                             progress=False, example_input=torch.randn(1, 3, 8, 8), **kwargs)
     compressor.compression_step()
     return compressor
+
+
+class Tagged(nn.Conv2d):
+    def get_extra_state(self):
+        return {"scale": 1.0}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_that_is_no_tensor_saves_nothing(tmp_path, registry):
+    """A dict from get_extra_state made save_compressed fail with a raw AttributeError ('dict' object has no
+    attribute 'device') while writing; now it is refused, with the module, before anything is written."""
+    model = small_stepped(registry).compressed_model
+    model[0] = Tagged(3, 16, 3, padding=1)
+    with pytest.raises(ConfigError, match=r"'0' \(Tagged\) holds extra state: its state entry '0\._extra_state' "
+                                          r"is a dict, not a plain tensor"):
+        save_compressed(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_compressor_whose_model_was_standardized_saves_nothing(tmp_path, registry):

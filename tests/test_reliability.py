@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from musco_core import CompressionError, Compressor, ConfigError
+from musco_core import CompressionError, Compressor, ConfigError, ModelStats
 
 HERE = Path(__file__).parent
 
@@ -108,6 +109,81 @@ def test_a_lazy_model_is_a_clear_error(registry):
     with pytest.raises(ConfigError, match="uninitialized .lazy. parameters; run one forward pass"):
         Compressor(model, model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "vbmf"}},
                    registry=registry)
+
+
+def _scripted(model, x):
+    return torch.jit.script(model)
+
+
+def _traced(model, x):
+    return torch.jit.trace(model, x)
+
+
+@pytest.mark.parametrize("compile_", [_scripted, _traced])
+def test_a_torchscript_model_is_a_clear_error(registry, tmp_path, compile_):
+    """Its layers are TorchScript modules, which no adapter reads: a run on it compressed nothing, silently."""
+    x = torch.randn(2, 8)
+    model = compile_(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    with pytest.raises(ConfigError, match=r"TorchScript .*compress the Python nn\.Module, then script or trace"):
+        Compressor(model, config_type="param_reduction", registry=registry, example_input=x)
+    with pytest.raises(ConfigError, match="TorchScript"):
+        Compressor.resume(model, tmp_path, registry=registry, example_input=x)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_an_exported_program_module_is_a_clear_error(registry, example):
+    """torch.export's module() computes with its weights in ATen operators and has no layer to replace: a run on it
+    compressed nothing without an example input, and failed with a raw NotImplementedError ('Calling eval() is not
+    supported yet') with one."""
+    x = torch.randn(2, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    exported = torch.export.export(model, (x,)).module()
+    with pytest.raises(ConfigError, match=r"graph of ATen operators .*compress the nn\.Module, then export"):
+        Compressor(exported, config_type="param_reduction", registry=registry, example_input=x if example else None)
+
+
+def test_torchscript_layers_inside_a_model_are_left_out_with_the_reason(registry):
+    """Scripted or traced layers are no Conv2d an adapter reads: they were left out of statistics and generated
+    schedules without a word."""
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())), nn.Conv2d(8, 8, 3),
+                          torch.jit.trace(nn.Conv2d(8, 8, 1), torch.randn(1, 8, 4, 4)))
+    stats = ModelStats.from_model(model, registry, x)
+    assert list(stats.layers) == ["1"] and list(stats.excluded) == ["0.0", "2"]
+    assert stats.excluded["2"].startswith("it is a TorchScript Conv2d (torch.jit.script or trace)")
+    with pytest.raises(ConfigError, match=r'\$\.layers\["0\.0"\]: cannot be compressed: it is a TorchScript Conv2d'):
+        Compressor(model, model_compr_kwargs={"0.0": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                      "manual_rank": [[8, 3]]}}, registry=registry)
+
+
+def test_a_quantized_model_is_a_clear_error(registry):
+    """quantize_dynamic's packed parameters are no plain tensors: the run failed with a raw AttributeError
+    ('torch.dtype' object has no attribute 'detach') while fingerprinting the model."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated, still in use
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ConfigError, match=r"'3\._packed_params' \(LinearPackedParams\) holds quantized state.*"
+                                          r"compress the float model, then quantize it"):
+        Compressor(model, config_type="param_reduction", registry=registry, example_input=torch.randn(1, 3, 8, 8))
+
+
+class ExtraState(nn.Linear):
+    def get_extra_state(self):
+        return {"scale": 1.0}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_that_is_no_tensor_is_a_clear_error(registry):
+    """A dict from get_extra_state: the run failed with a raw AttributeError ('dict' object has no attribute
+    'detach') while fingerprinting the model."""
+    model = nn.Sequential(ExtraState(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match=r"'0' \(ExtraState\) holds extra state: its state entry '0\._extra_state' "
+                                          r"is a dict, not a plain tensor"):
+        Compressor(model, model_compr_kwargs={"2": {"decomposition": "svd", "rank_selection": "manual",
+                                                    "manual_rank": [4]}}, registry=registry)
 
 
 @pytest.mark.parametrize("example", [False, True])

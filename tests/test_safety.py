@@ -504,6 +504,26 @@ def test_transformer_encoder_layer_linears_are_refused_in_eval(registry, example
     assert "layers.0.linear2" in message
 
 
+class FusedLossHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.loss = nn.LinearCrossEntropyLoss(32, 40)
+
+    def forward(self, x, target):
+        return self.loss(torch.relu(self.body(x)), target)
+
+
+@pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="torch < 2.13")
+def test_linear_cross_entropy_loss_linear_is_refused_by_its_owner(registry):
+    """It passes self.linear.weight to F.linear_cross_entropy: without an example input to show that, its Linear
+    was factorized and the model then failed ('FactorizedLayer' object has no attribute 'weight')."""
+    model = FusedLossHead()
+    stats = ModelStats.from_model(model, registry)
+    assert "'loss' (LinearCrossEntropyLoss) reads its weight directly" in stats.excluded["loss.linear"]
+    refused(model, {"loss.linear": manual(8)}, r"loss\.linear.*'loss' \(LinearCrossEntropyLoss\) reads its weight")
+
+
 class FunctionalOwner(nn.Module):
     """Reads its child's weight in its own forward (as fused or custom code does) instead of calling the child."""
 
