@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from musco_core import Compressor, FactorizedLayer, standardize_model
@@ -212,19 +212,35 @@ def tiny_bert_mlm():
     return BertForMaskedLM(tiny_bert().config).eval()
 
 
-@pytest.mark.parametrize("build, head", [(tiny_bart, "lm_head"), (tiny_bert_mlm, "cls.predictions.decoder")],
-                         ids=["bart", "bert-mlm"])
+def tiny_bert2bert():
+    """An encoder-decoder whose tied head lies in an inner transformers model (the decoder, a BertLMHeadModel)."""
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
+
+    decoder = BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True, "add_cross_attention": True})
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(tiny_bert().config, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    return EncoderDecoderModel(config).eval()
+
+
+@pytest.mark.skipif(not hasattr(PreTrainedModel, "get_expanded_tied_weights_keys"),
+                    reason="transformers 4 ties by config.tie_word_embeddings alone, which musco-core sets to False")
+@pytest.mark.parametrize("build, head", [(tiny_bart, "lm_head"), (tiny_bert_mlm, "cls.predictions.decoder"),
+                                         (tiny_bert2bert, "decoder.cls.predictions.decoder")],
+                         ids=["bart", "bert-mlm", "bert2bert"])
 def test_a_forced_untie_keeps_the_models_other_ties_in_a_model_built_from_the_saved_config(tmp_path, build, head):
     # BART's encoder and decoder embeddings are model.shared under the same config.tie_word_embeddings as its head:
     # setting the flag to False built them apart from the saved config, and the weights, which hold that tensor
-    # once, did not load (missing model.decoder.embed_tokens.weight). BERT's MLM decoder ties its bias too.
+    # once, did not load (missing model.decoder.embed_tokens.weight). BERT's MLM decoder ties its bias too; the
+    # expanded mapping that tie_weights(recompute_mapping=False) reads kept the head in an outer model's.
     from transformers import AutoConfig
 
     model = build()
-    inputs = {**tokens(), **({"decoder_input_ids": tokens(seed=2)["input_ids"][:, :5]} if build is tiny_bart else {})}
+    seq2seq = build is not tiny_bert_mlm
+    inputs = {**tokens(), **({"decoder_input_ids": tokens(seed=2)["input_ids"][:, :5]} if seq2seq else {})}
     forced = compress(model, [head], model_compr_kwargs=schedule([head], rank_selection="manual", manual_rank=[8],
                                                                   force=True), example_input=inputs)
     untied = forced.compressed_model.eval()
+    untied.tie_weights(recompute_mapping=False)
     untied.tie_weights()
     assert not {f"{head}.weight", f"{head}.bias"} & set(untied.state_dict())  # nothing hung on the factors
     save_compressed(forced, tmp_path)
