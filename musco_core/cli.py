@@ -262,20 +262,33 @@ def _torch_load_reason(exc: BaseException) -> str:
 
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
     """Loads ``state`` into the model; what does not fit (the shapes that differ, the keys missing and unexpected:
-    the first few of each and how many), or None."""
-    expected = model.state_dict()
+    the first few of each and how many), or None.
+
+    A tensor the model holds under several keys (a language model's head tied to its embedding) is loaded from any
+    of them: Hugging Face's ``save_pretrained`` and safetensors' ``save_model`` write it once. Two of its keys
+    holding different values in the file do not fit: the model cannot hold both, and loading would keep one."""
+    expected = model.state_dict(keep_vars=True)
     differ = [key for key, value in state.items()
               if isinstance(expected.get(key), torch.Tensor) and value.shape != expected[key].shape]
+    keys_of: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        keys_of.setdefault(id(tensor), []).append(key)
+    held = [[key for key in keys if key in state and key not in differ] for keys in keys_of.values() if len(keys) > 1]
+    conflicts = [f"{keys[0]!r} and {key!r} are one tensor in the model, different values in the file"
+                 for keys in held for key in keys[1:] if not torch.equal(state[keys[0]], state[key])]
     unfilled = _fill_meta(model, {key: value for key, value in state.items() if key not in differ})
     try:  # missing and unexpected as torch counts them (a module's load hooks may fill in or rename keys)
         loaded = model.load_state_dict({key: value for key, value in state.items() if key not in differ}, strict=False)
     except RuntimeError as exc:
         return _exception_line(exc)
-    missing = sorted(set(loaded.missing_keys) - set(differ))
+    tied_in_file = {key for keys in keys_of.values() if len(keys) > 1 and any(key in state and key not in differ
+                                                                               for key in keys) for key in keys}
+    missing = sorted(set(loaded.missing_keys) - set(differ) - tied_in_file)
     unfilled = [name for name in unfilled if name not in missing and name not in differ]
     problems = [_listed(len(differ), "shape differs", "shapes differ",
                         [f"{key!r} is {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model"
                          for key in differ]),
+                _listed(len(conflicts), "tied tensor differs", "tied tensors differ", conflicts),
                 _listed(len(missing), "key missing", "keys missing", map(repr, missing)),
                 _listed(len(loaded.unexpected_keys), "unexpected key", "unexpected keys",
                         map(repr, sorted(loaded.unexpected_keys))),

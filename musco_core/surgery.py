@@ -162,11 +162,30 @@ def held_elsewhere(model: nn.Module, module: nn.Module, others: Sequence[str]) -
 
 
 def clear_broken_ties(model: nn.Module) -> None:
-    """Sets ``config.tie_word_embeddings`` to False in each transformers model inside ``model`` whose output
-    embeddings are now a factorized layer (a tied output layer factorized with ``force: true``, which unties it).
-    Left True, the model's ``tie_weights()`` (also run by ``resize_token_embeddings``) hangs the embedding's matrix
-    on the factorized layer as a stray ``weight``, and a save then drops the embedding as that tensor's duplicate."""
+    """Stops each transformers model inside ``model`` from tying a weight to a factorized layer (a tied layer, such as
+    a language model's head, factorized with ``force: true``, which unties it). Left alone, the model's
+    ``tie_weights()`` (also run by ``resize_token_embeddings``) hangs the embedding's matrix on the factorized layer
+    as a stray ``weight``, and a save then drops the embedding as that tensor's duplicate.
+
+    With transformers 5 the ties that name a factorized layer leave the model's tie mappings (``_tied_weights_keys``
+    and the expanded ``all_tied_weights_keys``, an outer model's holding its inner ones') and
+    ``config.tie_word_embeddings`` stays True: that flag also governs the model's other ties (BART's encoder and
+    decoder embeddings are ``model.shared``), which a model built from the saved configuration would otherwise lack,
+    so the saved weights, which hold such a tensor once, would not load into it. Without those mappings
+    (transformers 4) the flag is set to False where the output embeddings are factorized."""
     for module in model.modules():
+        if callable(getattr(module, "get_expanded_tied_weights_keys", None)):  # transformers 5: ties are mapped
+            factorized = tuple(f"{path}." for path, child in module.named_modules(remove_duplicate=False)
+                               if isinstance(child, FactorizedLayer))  # its weight, and a tied bias (BERT's MLM head)
+            for attribute in ("_tied_weights_keys", "all_tied_weights_keys") if factorized else ():
+                mapping = getattr(module, attribute, None) or {}
+                kept = {key: value for key, value in mapping.items()
+                        if not key.startswith(factorized) and not value.startswith(factorized)}
+                if kept != mapping:
+                    setattr(module, attribute, kept)
+                    log.info("%s: %s left its %s: factorized, no longer tied", type(module).__name__,
+                             ", ".join(sorted(set(mapping) - set(kept))), attribute)
+            continue
         config, output_embeddings = getattr(module, "config", None), getattr(module, "get_output_embeddings", None)
         if (getattr(config, "tie_word_embeddings", None) is True and callable(output_embeddings)
                 and isinstance(output_embeddings(), FactorizedLayer)):

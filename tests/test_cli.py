@@ -67,6 +67,19 @@ FACTORIES = textwrap.dedent("""
     def unreached():
         torch.manual_seed(0)
         return Unreached(nn.Conv2d(3, 32, 3, padding=1), nn.Linear(32 * 16 * 16, 64), nn.Linear(64, 64))
+
+    class Tied(nn.Module):  # a language model whose head shares its embedding's matrix
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body, self.head = nn.Embedding(40, 16), nn.Linear(16, 16), nn.Linear(16, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.embed(x))))
+
+    def tied():
+        torch.manual_seed(0)
+        return Tied()
 """)
 
 
@@ -370,6 +383,37 @@ def test_weights_that_do_not_fit_name_the_keys_and_shapes(factories, name, messa
                  "--out", factories / "out")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output == f"musco: error: --weights {factories / name}: {message}\n"
+
+
+def test_weights_of_a_tied_tensor_load_from_one_key_but_not_from_two_values(factories):
+    # save_pretrained and safetensors' save_model write a tied tensor once: 'head.weight' was reported missing,
+    # so no Hugging Face checkpoint of a model with a tied head could be given as --weights
+    import cli_factories
+    from safetensors.torch import save_model
+
+    trained = cli_factories.tied()
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.mul_(2)
+    save_model(trained, factories / "once.safetensors")
+    schedule = factories / "schedule.yaml"
+    schedule.write_text(yaml.safe_dump({"version": 1, "layers": {
+        "body": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [8]}}}))
+    result = run("compress", "--model", "cli_factories:tied", "--weights", factories / "once.safetensors",
+                 "--config", schedule, "--out", factories / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    loaded = load_compressed(cli_factories.tied(), factories / "out")
+    assert torch.equal(loaded.embed.weight, trained.embed.weight) and loaded.head.weight is loaded.embed.weight
+
+    # two values for one tensor: loading would silently keep the last
+    state = {key: value.detach().clone() for key, value in trained.state_dict().items()}
+    state["head.weight"] += 1
+    save_file(state, factories / "twice.safetensors")
+    result = run("compress", "--model", "cli_factories:tied", "--weights", factories / "twice.safetensors",
+                 "--config", schedule, "--out", factories / "out2")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.endswith(": 1 tied tensor differs: 'embed.weight' and 'head.weight' are one tensor in the "
+                                  "model, different values in the file\n"), result.output
 
 
 def test_a_long_list_of_keys_is_cut_with_a_count(factories):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from musco_core import Compressor, FactorizedLayer, standardize_model
@@ -180,22 +180,79 @@ def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
     assert torch.equal(loaded.generate(prompt, **greedy), untied.generate(prompt, **greedy))
 
 
-def test_a_forced_untie_clears_the_tie_flag_so_tie_weights_does_not_hang_the_embedding_on_the_factors(tmp_path):
-    # config.tie_word_embeddings stayed True: tie_weights() (resize_token_embeddings runs it too) then set
-    # lm_head.weight = wte.weight on the factorized layer, and the saved set lost transformer.wte.weight
+def test_a_forced_untie_keeps_tie_weights_from_hanging_the_embedding_on_the_factors(tmp_path):
+    # left tied, tie_weights() (resize_token_embeddings runs it too) set lm_head.weight = wte.weight on the
+    # factorized layer, and the saved set lost transformer.wte.weight
     model = tiny_gpt2(head=True)
     forced = compress(model, ["lm_head"], model_compr_kwargs=schedule(["lm_head"], rank_selection="manual",
                                                                        manual_rank=[8], force=True))
     untied = forced.compressed_model.eval()
-    assert untied.config.tie_word_embeddings is False and model.config.tie_word_embeddings is True
     untied.tie_weights()
     assert [key for key in untied.state_dict() if key.startswith("lm_head")] == ["lm_head.0.weight", "lm_head.1.weight"]
     save_compressed(forced, tmp_path)
     loaded = load_compressed(GPT2LMHeadModel(model.config).eval(), tmp_path)  # built tied, as from the original
-    assert loaded.config.tie_word_embeddings is False
     loaded.tie_weights()
+    assert [key for key in loaded.state_dict() if key.startswith("lm_head")] == ["lm_head.0.weight", "lm_head.1.weight"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**tokens()).logits, untied(**tokens()).logits, rtol=0, atol=0)
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).eval()
+
+
+def tiny_bert_mlm():
+    from transformers import BertForMaskedLM
+
+    return BertForMaskedLM(tiny_bert().config).eval()
+
+
+def tiny_bert2bert():
+    """An encoder-decoder whose tied head lies in an inner transformers model (the decoder, a BertLMHeadModel)."""
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
+
+    decoder = BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True, "add_cross_attention": True})
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(tiny_bert().config, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    return EncoderDecoderModel(config).eval()
+
+
+@pytest.mark.skipif(not hasattr(PreTrainedModel, "get_expanded_tied_weights_keys"),
+                    reason="transformers 4 ties by config.tie_word_embeddings alone, which musco-core sets to False")
+@pytest.mark.parametrize("build, head", [(tiny_bart, "lm_head"), (tiny_bert_mlm, "cls.predictions.decoder"),
+                                         (tiny_bert2bert, "decoder.cls.predictions.decoder")],
+                         ids=["bart", "bert-mlm", "bert2bert"])
+def test_a_forced_untie_keeps_the_models_other_ties_in_a_model_built_from_the_saved_config(tmp_path, build, head):
+    # BART's encoder and decoder embeddings are model.shared under the same config.tie_word_embeddings as its head:
+    # setting the flag to False built them apart from the saved config, and the weights, which hold that tensor
+    # once, did not load (missing model.decoder.embed_tokens.weight). BERT's MLM decoder ties its bias too; the
+    # expanded mapping that tie_weights(recompute_mapping=False) reads kept the head in an outer model's.
+    from transformers import AutoConfig
+
+    model = build()
+    seq2seq = build is not tiny_bert_mlm
+    inputs = {**tokens(), **({"decoder_input_ids": tokens(seed=2)["input_ids"][:, :5]} if seq2seq else {})}
+    forced = compress(model, [head], model_compr_kwargs=schedule([head], rank_selection="manual", manual_rank=[8],
+                                                                  force=True), example_input=inputs)
+    untied = forced.compressed_model.eval()
+    untied.tie_weights(recompute_mapping=False)
+    untied.tie_weights()
+    assert not {f"{head}.weight", f"{head}.bias"} & set(untied.state_dict())  # nothing hung on the factors
+    save_compressed(forced, tmp_path)
+    standardize_model(untied).save_pretrained(tmp_path)
+    loaded = load_compressed(type(model)(AutoConfig.from_pretrained(tmp_path)), tmp_path).eval()
+    loaded.tie_weights()
+    assert not {f"{head}.weight", f"{head}.bias"} & set(loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, untied(**inputs).logits, rtol=0, atol=0)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in untied.parameters())
+    if build is tiny_bart:
+        assert loaded.model.encoder.embed_tokens.weight is loaded.model.shared.weight
 
 
 def test_whitened_svd_calibrates_on_tokenizer_style_batches():
