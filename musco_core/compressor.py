@@ -193,7 +193,8 @@ class Compressor:
         ``model`` is a fresh, uncompressed instance of the architecture with the weights the run began with
         (checked); it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
-        compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
+        compressions still to come are checked against the model, as its layers are now (their ranks, as the run
+        checked them, against the layers as the run began: ``model``). ``example_input`` must have
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
         added to the run's. A run that counted its MACs from ``model_stats`` without an example input needs the
         same ``model_stats`` again (a run that counted MACs is not resumed without them, nor one that counted none
@@ -207,7 +208,7 @@ class Compressor:
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
             stats = as_model_stats(model_stats, restored, registry, example_input)
-            check_resumable(restored, state, registry, stats, origin)
+            check_resumable(restored, state, registry, stats, origin, began=model)
         distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",
                                   lambda: io.tidy_checkpoints(directory))
         remaining = [name for name, stages in state.stages_taken().items()
