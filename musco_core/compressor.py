@@ -102,8 +102,9 @@ class Compressor:
     data-aware decompositions such as ``whitened_svd``: at each step the input statistics of the step's layers
     that use one are collected on the model as it is then.
     ``evaluate(model) -> float`` is an optional loss on a few batches (lower is better) for whole-model rank
-    selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured,
-    so layers that hurt the model more get a larger share of the budget (a sensitivity pass). In a distributed job
+    selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured
+    (in eval mode, each module's mode put back after), so layers that hurt the model more get a larger share of the
+    budget (a sensitivity pass). In a distributed job
     a rank whose evaluation data is empty returns None, and the ranks' losses are averaged over the others.
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
