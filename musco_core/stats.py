@@ -66,7 +66,9 @@ class LayerStats:
         if not self.calls:
             return None
         channel_axis = -(self.spec.spatial_dims + 1)  # also where a conv's output is unbatched, (C, H, W)
-        positions = sum(count * (math.prod(output_shape) // output_shape[channel_axis])
+        # the output's size without its channel axis: not its numel divided by the channel count, which may be 0
+        positions = sum(count * math.prod(output_shape[:len(output_shape) + channel_axis])
+                        * math.prod(output_shape[len(output_shape) + channel_axis + 1:])
                         for _, output_shape, count in self.calls)
         return positions * self.spec.n_weights
 

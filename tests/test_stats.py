@@ -64,6 +64,16 @@ def test_a_conv_on_an_unbatched_input_counts_its_macs_once(registry):
                                                        stats.layers["0"].macs + row.macs_after)
 
 
+def test_a_layer_without_outputs_counts_no_macs(registry):
+    """Found by fuzzing: a zero-width Linear layer (torch runs it) made every report raise ZeroDivisionError, as
+    its output positions were its output's numel divided by its 0 channels."""
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 8), nn.Linear(8, 2))
+    x = torch.randn(2, 4)
+    stats = ModelStats.from_model(model, registry, x)
+    assert {name: layer.macs for name, layer in stats.layers.items()} == {"0": 0, "1": 0, "2": 2 * 8 * 2}
+    assert Compressor(model, stats, example_input=x, config_type="vbmf", progress=False).report().macs_before == 32
+
+
 def test_whole_forward_flops_are_counted_only_when_asked(registry):
     """FlopCounterMode's first use imports torch._dynamo (seconds): the default pass counts layer MACs only."""
     model, x = Mixed(), torch.randn(3, 8, 6, 6)
