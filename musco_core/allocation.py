@@ -30,7 +30,7 @@ from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .stats import ModelStats
-from .surgery import held_elsewhere, module_paths, swapped, tied_parameters
+from .surgery import evaluating, held_elsewhere, module_paths, swapped, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,11 @@ def pending_replacements(pending: Mapping[str, Pending], paths: Mapping[int, lis
 
 def _loss(context: RunContext, model: nn.Module, what: str, without_data: bool | None = None) -> float | None:
     """``evaluate(model)`` checked: a finite loss, or None on a rank whose evaluation data is empty, which it must
-    then be for every model (``without_data``: whether it returned None for the model as it is)."""
-    value = context.evaluate(model)
+    then be for every model (``without_data``: whether it returned None for the model as it is). It runs in eval
+    mode, each module's own mode put back after: in train mode its forward passes updated BatchNorm statistics, with
+    probes swapped in, and an ``evaluate`` that calls ``model.eval()`` left the model in eval mode for fine-tuning."""
+    with evaluating(model):
+        value = context.evaluate(model)
     if value is not None:
         try:
             loss = None if isinstance(value, bool) else float(value)

@@ -506,7 +506,8 @@ class RankSelector:
 
     def check_layer(self, params, decomposer: Decomposer, source: WeightSource, stages: range) -> str | None:
         """Why these parameters cannot serve the compressions ``stages`` (0-based, those still to run) of this layer
-        as it is now (one group of it), or None. A resumed run asks only about the stages it has left."""
+        as the run began (one group of it; a later stage clamps ranks above the layer's current ones), or None. A
+        resumed run asks only about the stages it has left."""
         return None
 
     def select(self, decomposer: Decomposer, source: WeightSource, stage: int, params) -> tuple[int, ...]:

@@ -118,8 +118,9 @@ class Compressor:
     data-aware decompositions such as ``whitened_svd``: at each step the input statistics of the step's layers
     that use one are collected on the model as it is then.
     ``evaluate(model) -> float`` is an optional loss on a few batches (lower is better) for whole-model rank
-    selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured,
-    so layers that hurt the model more get a larger share of the budget (a sensitivity pass). In a distributed job
+    selectors: before each of their passes every layer is compressed alone at half its ranks and the loss measured
+    (in eval mode, each module's mode put back after), so layers that hurt the model more get a larger share of the
+    budget (a sensitivity pass). In a distributed job
     a rank whose evaluation data is empty returns None, and the ranks' losses are averaged over the others.
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
@@ -215,7 +216,8 @@ class Compressor:
         (checked), or, for a run that began on a compressed model, that model as :func:`~musco_core.io.load_compressed`
         gives it; it is not modified. A resumed run ends with the same ranks and weights as an uninterrupted one
         with the same schedule and seed (and, for data-aware decompositions, the same ``calibration_data``). Only the
-        compressions still to come are checked against the model, as its layers are now. ``example_input`` must have
+        compressions still to come are checked against the model, as its layers are now (their ranks, as the run
+        checked them, against the layers as the run began: ``model``). ``example_input`` must have
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
         added to the run's. A run that counted its MACs from ``model_stats`` without an example input needs the
         same ``model_stats`` again (a run that counted MACs is not resumed without them, nor one that counted none
@@ -230,7 +232,7 @@ class Compressor:
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
             stats = as_model_stats(model_stats, restored, registry, example_input)
-            check_resumable(restored, state, registry, stats, origin)
+            check_resumable(restored, state, registry, stats, origin, began=model)
         distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",
                                   lambda: io.tidy_checkpoints(directory))
         remaining = [name for name, stages in state.stages_taken().items()

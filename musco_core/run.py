@@ -100,9 +100,12 @@ def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -
 
 
 def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Registry,
-                      stages: Mapping[str, range], excluded: Mapping[str, str]) -> list[str]:
+                      stages: Mapping[str, range], excluded: Mapping[str, str], began: nn.Module | None = None
+                      ) -> list[str]:
     """What keeps the schedule's compressions ``stages`` from running on the model as it is now, one line each.
-    ``excluded`` holds the layers that must not be replaced, with why (:attr:`ModelStats.excluded`)."""
+    ``excluded`` holds the layers that must not be replaced, with why (:attr:`ModelStats.excluded`). ``began``, the
+    model as the run began (when resuming), is what the ranks are checked against, as the run checked them then: a
+    later stage clamps ranks above the layer's current ones, so a resumed run must not refuse them."""
     problems = []
     modules = dict(model.named_modules())
     for name, remaining in stages.items():
@@ -119,6 +122,8 @@ def schedule_problems(model: nn.Module, schedule: ModelSchedule, registry: Regis
         try:
             _, source, _ = read_layer(modules[name], registry, name)
             group_spec, group_sources = split_groups(source)
+            if began is not None:
+                group_spec, group_sources = split_groups(read_layer(began.get_submodule(name), registry, name)[1])
         except MuscoError as exc:
             problems.append(f"{path}: {exc}")
             continue
@@ -664,11 +669,12 @@ def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) ->
     return len(registry.decompositions.get(decomposition).rank_names)
 
 
-def check_resumable(model: nn.Module, state: RunState, registry: Registry, model_stats: ModelStats, origin: str
-                    ) -> None:
+def check_resumable(model: nn.Module, state: RunState, registry: Registry, model_stats: ModelStats, origin: str,
+                    began: nn.Module | None = None) -> None:
     """A ConfigError listing every way ``state`` does not fit its own schedule and ``model`` (the model restored
     from the same saved folder, with ``model_stats``), or what keeps its remaining compressions from running on the
-    layers as they are. Nothing else may read the state's plan before this has checked it."""
+    layers as they are (their ranks checked against ``began``, the model as the run began, where given: see
+    :func:`schedule_problems`). Nothing else may read the state's plan before this has checked it."""
     schedule = state.initial_schedule
     problems = []
     try:
@@ -730,6 +736,6 @@ def check_resumable(model: nn.Module, state: RunState, registry: Registry, model
                             f"{now}")
     if not problems:
         problems += schedule_problems(model, state.schedule, registry, stages_of(state.schedule, state.stages_taken()),
-                                      model_stats.excluded)
+                                      model_stats.excluded, began)
     if problems:
         raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))

@@ -69,7 +69,9 @@ class LayerStats:
         if not self.calls:
             return None
         channel_axis = -(self.spec.spatial_dims + 1)  # also where a conv's output is unbatched, (C, H, W)
-        positions = sum(count * (math.prod(output_shape) // output_shape[channel_axis])
+        # the output's size without its channel axis: not its numel divided by the channel count, which may be 0
+        positions = sum(count * math.prod(output_shape[:len(output_shape) + channel_axis])
+                        * math.prod(output_shape[len(output_shape) + channel_axis + 1:])
                         for _, output_shape, count in self.calls)
         return positions * self.spec.n_weights
 
@@ -85,9 +87,9 @@ class ModelStats:
     total_flops: int | None = None
     #: Layers that must not be replaced, with why, in model order: of a type an adapter lists, a subclass or
     #: instance with a computation of its own, hooks, weights that their owner reads directly, or (with an
-    #: example input) a layer the example input never reaches; a layer of :data:`LAYER_KINDS` that no adapter
-    #: handles (a ``ConvTranspose2d``), or that is TorchScript. Generated schedules leave them out; a schedule that
-    #: names one is refused.
+    #: example input) a layer the example input never reaches or gives an empty output; a layer of
+    #: :data:`LAYER_KINDS` that no adapter handles (a ``ConvTranspose2d``), or that is TorchScript. Generated
+    #: schedules leave them out; a schedule that names one is refused.
     excluded: dict[str, str] = attrs.field(factory=dict)
     #: The layers whose output the model returns on the example input, as it is or as a view of it (a classifier's
     #: logits, a language model's head), in model order; None when unknown (no example input, FlopCo statistics).
@@ -135,8 +137,8 @@ class ModelStats:
         The forward pass runs in eval mode under ``no_grad`` and restores every module's mode afterwards, so
         BatchNorm statistics and the model's own hooks are untouched. Layers that must not be replaced go to
         :attr:`excluded` with the reason, among them (with an example input) those whose forward did not run on
-        it and those whose weights other code used outside their own call, and convolution and linear layers no
-        adapter handles.
+        it or gave an empty output (an empty batch), and those whose weights other code used outside their own call,
+        and convolution and linear layers no adapter handles.
 
         A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is read as the
         module inside, whose layer names the Compressor's schedule and steps use (no ``_orig_mod.`` or
@@ -172,7 +174,13 @@ class ModelStats:
             shapes, total_flops, not_run, returned = _run_example(
                 model, {name: m for name, (m, _) in readable.items()}, example_input, count_flops)
             excluded.update(not_run)
-            readable = {name: entry for name, entry in readable.items() if name not in not_run}
+            for name, calls in shapes.items():
+                if name in readable and all(0 in output for _, output in calls):  # an empty batch, say: 0 MACs
+                    excluded[name] = (f"its output on the example input has no values (shape {next(iter(calls))[1]}): "
+                                      f"it runs no multiply-accumulates there that a factorization could reduce, so "
+                                      f"every step would keep it; give an example input with at least one item, or "
+                                      f"leave it out")
+            readable = {name: entry for name, entry in readable.items() if name not in excluded}
             output_layers = tuple(name for name in readable if name in returned)
         order = tuple(name for name, _ in model.named_modules() if name in readable or name in excluded)
         return cls({name: LayerStats(name, type(module), spec, *next(iter(shapes.get(name, {})), (None, None)),

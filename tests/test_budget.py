@@ -296,6 +296,33 @@ def test_a_sensitivity_probe_that_fails_puts_the_layer_back(registry):
     assert compressor.ranks == {"0": None, "2": None}
 
 
+@pytest.mark.parametrize("calls_eval", [False, True], ids=["evaluate-as-is", "evaluate-calls-eval"])
+def test_the_sensitivity_pass_leaves_batchnorm_statistics_and_train_mode_as_they_were(registry, calls_eval):
+    """Found by fuzzing: evaluate ran on the model in its train mode, so the probes' forward passes moved the
+    BatchNorm running statistics of the model the run returns; an evaluate that calls model.eval(), as the docs show,
+    left it in eval mode for fine-tuning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 16, 4)).train()
+    x = torch.randn(2, 8, 4, 4)
+
+    def evaluate(candidate):
+        if calls_eval:
+            candidate.eval()
+        with torch.no_grad():
+            return float(candidate(x).square().mean())
+
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    compressor = Compressor(model, example_input=x, config_type="budget", evaluate=evaluate, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 1.5}}, progress=False)
+    compressor.compression_step()
+    assert any(result.applied for result in compressor.history)
+    buffers = dict(compressor.compressed_model.named_buffers())
+    assert all(torch.equal(buffers[name], buffer) for name, buffer in statistics.items())
+    assert all(module.training for module in compressor.compressed_model.modules())
+
+
 def test_the_greedy_fill_spends_what_the_lagrangian_leaves():
     layers = [LayerOptions([(1,), (2,), (3,), None], np.array([1.0, 2.0, 3.0, 10.0]), np.array([0.5, 0.2, 0.1, 0.0])),
               LayerOptions([(1,), (2,), None], np.array([1.0, 5.0, 10.0]), np.array([0.9, 0.1, 0.0]))]

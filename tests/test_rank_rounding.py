@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from musco_core import CompressionError, Compressor, ConfigError, dump_schedule, load_schedule
+from musco_core import CompressionError, Compressor, ConfigError, default_registry, dump_schedule, load_schedule
 from musco_core.components import (AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, Factor, FactorLayout, LayerSpec,
                                    RankRounding, WeightSource, round_ranks)
+from musco_core.engine import compress_layer
+from musco_core.schedule import LayerSchedule, RunSettings
+from musco_plugins.rank_selectors import ParamReductionParams
 
 from models import make_trained_like
 
@@ -114,6 +117,16 @@ def test_param_reduction_says_so_where_the_smallest_ranks_miss_its_rate(caplog):
     assert grouped.applied and grouped.note == ("param_reduction_rate 2 cannot be met: the smallest ranks tucker2 "
                                                 "allows (8, 8) give 1.71x")
     assert f"layer '2': {late.note}" in caplog.text and f"layer '4': {grouped.note}" in caplog.text
+
+
+def test_param_reduction_prices_the_ranks_a_layer_below_the_minimum_rank_gets():
+    """A 3 -> 4 conv gets tucker2 at (4, 3), its full ranks: the note priced (8, 8), which it cannot have, at 0.17x
+    where the forced chain gives 0.81x (found by fuzzing)."""
+    schedule = LayerSchedule("tucker2", "param_reduction", ParamReductionParams(2.0), 0, True)
+    _, result = compress_layer(nn.Conv2d(3, 4, 3), "conv", schedule, RunSettings(), default_registry(), (1, 3, 8, 8))
+    assert result.applied and result.ranks == (4, 3) and (result.params_before, result.params_after) == (108, 133)
+    assert result.note.startswith("param_reduction_rate 2 cannot be met: the smallest ranks tucker2 allows (4, 3) "
+                                  "give 0.81x;")
 
 
 def test_a_shortfall_that_is_not_a_string_is_refused_naming_the_selector(monkeypatch):

@@ -338,6 +338,29 @@ def test_resuming_checks_only_the_stages_still_to_come(uninterrupted, tmp_path):
     assert resumed.ranks["layer3.0.conv1"] == (24,)
 
 
+@pytest.mark.parametrize("manual_rank", [[1, 2], [1, 1, 1]], ids=["rank-above-the-last", "more-stages-than-halvings"])
+def test_resuming_checks_ranks_against_the_layer_as_the_run_began(tmp_path, manual_rank):
+    """A later stage clamps ranks above the factorized layer's, with a note: the run checked them against the
+    layer as it began, and a resume refused them against the layer shrunk by stage 0 (found by fuzzing)."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1))
+
+    x = torch.randn(1, 4, 5, 5)
+    config = {"2": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": manual_rank}}
+    whole = Compressor(build(), model_compr_kwargs=config, nglobal_compress_iters=len(manual_rank), example_input=x,
+                       progress=False)
+    whole.compression_step()
+    whole.save_state(tmp_path)
+    while not whole.done:
+        whole.compression_step()
+    resumed = Compressor.resume(build(), tmp_path, example_input=x, progress=False)
+    while not resumed.done:
+        resumed.compression_step()
+    assert comparable(resumed.history) == comparable(whole.history)
+    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
+
+
 # -- never delete or overwrite what musco-core did not write -------------------------------------------------
 def test_pruning_old_states_never_touches_folders_musco_core_did_not_write(tmp_path):
     compressor = worker.start()

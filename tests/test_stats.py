@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import resnet18
-from musco_core import Compressor, ConfigError, ModelStats
+from musco_core import Compressor, ConfigError, LayerSpec, LayerStats, ModelStats
 
 
 class Mixed(nn.Module):
@@ -62,6 +62,28 @@ def test_a_conv_on_an_unbatched_input_counts_its_macs_once(registry):
     report = compressor.report()
     assert (report.macs_before, report.macs_after) == (stats.layers["0"].macs + row.macs_before,
                                                        stats.layers["0"].macs + row.macs_after)
+
+
+def test_a_layer_without_outputs_counts_no_macs():
+    """Found by fuzzing: a zero-width Linear layer (torch runs it) made every report raise ZeroDivisionError, as
+    its output positions were its output's numel divided by its 0 channels."""
+    assert LayerStats("fc", nn.Linear, LayerSpec("linear", 0, 4), (2, 4), (2, 0)).macs == 0
+    assert LayerStats("fc", nn.Linear, LayerSpec("linear", 8, 4), (2, 3, 4), (2, 3, 8)).macs == 2 * 3 * 8 * 4
+
+
+@pytest.mark.parametrize("x", [torch.randn(0, 16), torch.randn(2, 0, 16)], ids=["empty-batch", "empty-sequence"])
+def test_layers_whose_output_on_the_example_input_is_empty_are_left_out_with_the_reason(registry, x):
+    """Found by fuzzing: on an empty batch every layer ran 0 MACs, so every step kept every layer ('would not be
+    smaller (480 vs 1024 weights, 0 vs 0 MACs)'); a zero-width layer made every report raise ZeroDivisionError."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 0), nn.Linear(0, 4))
+    stats = ModelStats.from_model(model, registry, x)
+    assert not stats.layers and all("has no values" in reason for reason in stats.excluded.values())
+    assert Compressor(model, example_input=x, config_type="param_reduction", progress=False).report().left_out == \
+        stats.excluded
+    schedule = {"0": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    with pytest.raises(ConfigError, match=r'\$\.layers\["0"\]: cannot be compressed: its output on the example input '
+                                          r'has no values'):
+        Compressor(model, example_input=x, model_compr_kwargs=schedule, progress=False)
 
 
 def test_whole_forward_flops_are_counted_only_when_asked(registry):

@@ -103,8 +103,10 @@ class ParamReduction(RankSelector):
 
     def shortfall(self, decomposer: Decomposer, source: WeightSource, ranks: tuple[int, ...],
                   params: ParamReductionParams) -> str | None:
-        """Where even the smallest ranks the decomposition allows (its ``min_rank``) keep more weights than the
-        rate allows, the reduction they give instead."""
+        """Where even the smallest ranks the decomposition allows (its ``min_rank``, at most the layer's
+        ``max_ranks``, to which the core clamps them) keep more weights than the rate allows, the reduction they give
+        instead."""
+        ranks = tuple(min(rank, limit) for rank, limit in zip(ranks, decomposer.max_ranks(source), strict=True))
         before, after = _current_weight_count(source), decomposer.count_params(source.spec, ranks)
         if after * params.param_reduction_rate <= before:
             return None
