@@ -316,7 +316,8 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
     A compressed layer's outputs drift from the uncompressed layer's, and the BatchNorm after it still normalizes
     with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
     ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
-    average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
+    average over the pass (``momentum=None``); no weight changes. A batch that makes any statistic NaN or inf (a
+    non-finite input) is a ConfigError naming it and the layer. BatchNorm layers without running statistics
     (``track_running_stats=False``) are left alone. A BatchNorm the batches never reach (a head that runs only in
     training, say) has nothing to average: its statistics are kept as they were, and a warning names it. Every
     module's training flag and momentum are restored; on an error the statistics are restored too. Returns the
@@ -350,6 +351,12 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
                     raise ConfigError(f"reestimate_batchnorm: the model failed on batch {seen + 1}: "
                                       f"{type(exc).__name__}: {exc}") from exc
                 seen += 1
+                broken = next((named[norm] for norm in norms if norm in reached and not all(
+                    bool(torch.isfinite(stat).all()) for stat in (norm.running_mean, norm.running_var))), None)
+                if broken is not None:  # one NaN pixel would leave the model's every output NaN
+                    raise ConfigError(f"reestimate_batchnorm: batch {seen} made the running statistics of "
+                                      f"{broken!r} not finite (NaN or inf): check that batch and the layers "
+                                      f"before it; the statistics are kept as they were")
         if not seen:
             raise ConfigError("reestimate_batchnorm: batches is empty; nothing to estimate from")
     except BaseException:

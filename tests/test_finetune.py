@@ -521,4 +521,8 @@ def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
         reestimate_batchnorm(model, [], progress=False)
     with pytest.raises(ConfigError, match="the model failed on batch 2: RuntimeError"):
         reestimate_batchnorm(model, [torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6)], progress=False)
+    one_nan = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    one_nan[1][0, 0, 0, 0] = float("nan")  # would leave every output of the model NaN
+    with pytest.raises(ConfigError, match=r"batch 2 made the running statistics of '1' not finite \(NaN or inf\)"):
+        reestimate_batchnorm(model, one_nan, progress=False)
     assert same_state(model, before) and model[1].momentum == 0.1
