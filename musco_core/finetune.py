@@ -382,17 +382,21 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
 
 def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
     """``steps`` batches, going through ``batches`` again from the start as often as needed."""
-    produced = 0
+    produced = passes = 0
     while produced < steps:
         empty = True
+        passes += 1
         for batch in batches:
             empty = False
             yield batch
             produced += 1
             if produced == steps:
                 return
-        if empty:
+        if empty and passes == 1:
             raise ConfigError("distill: batches is empty; nothing to distill on")
+        if empty:  # a reiterable in type only (a generator behind __iter__, a stream read once)
+            raise ConfigError(f"distill: batches gave {produced} batch(es), then none when iterated again for "
+                              f"steps={steps}: it must give its batches at every pass, as a list or a DataLoader does")
 
 
 def _check_trained(student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor], label_weight: float | None,

@@ -386,6 +386,23 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(kwargs, message):
     assert same_state(student, before)
 
 
+def test_batches_that_give_nothing_the_second_time_are_not_called_empty():
+    class Once:  # iterable, not an iterator, yet used up after one pass (a stream read once)
+        def __init__(self, items):
+            self.items = iter(items)
+
+        def __iter__(self):
+            return self.items
+
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    with pytest.raises(ConfigError, match=r"^distill: batches gave 2 batch\(es\), then none when iterated again for "
+                                          r"steps=5: it must give its batches at every pass"):
+        distill(teacher, student, Once(inputs(2)), steps=5, lr=1e-2, progress=False)
+    assert same_state(student, before)
+
+
 def test_a_failure_after_some_steps_restores_the_student():
     teacher = mlp()
     student = compressed(teacher)
