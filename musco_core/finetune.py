@@ -163,7 +163,7 @@ def lr_problem(lr: Any, weight_decay: float = 0.0) -> str | None:
 
 def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
                      temperature: float | None, feature_weight: float, label_weight: float | None,
-                     lr_schedule: str, weight_decay: float, seed: int) -> list[nn.Parameter]:
+                     lr_schedule: str, weight_decay: float, seed: int, features: Any) -> list[nn.Parameter]:
     if teacher is student:
         raise ConfigError("distill: the teacher and the student are the same model; pass the uncompressed model "
                           "as the teacher and a compressed copy as the student")
@@ -188,6 +188,10 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
                         f"{short_repr(label_weight)}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
         problems.append(f"seed: expected an int (as torch.manual_seed takes), got {short_repr(seed)}")
+    if features is not None and (isinstance(features, str) or not isinstance(features, Sequence)
+                                 or not all(isinstance(name, str) for name in features)):
+        one = f" ([{features!r}] for one)" if isinstance(features, str) else ""  # a str is a sequence of names
+        problems.append(f"features: expected a list of module names{one}, got {short_repr(features)}")
     if lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got "
                         f"{short_repr(lr_schedule)}")
@@ -259,7 +263,7 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
     Returns the loss of every step.
     """
     parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight, label_weight,
-                                  lr_schedule, weight_decay, seed)
+                                  lr_schedule, weight_decay, seed, features)
     pick = output or matched_output
     names = list(features or [])
     modes = {module: module.training for module in itertools.chain(teacher.modules(), student.modules())}

@@ -371,6 +371,9 @@ def test_a_hugging_face_model_matches_its_last_hidden_state():
     ({"seed": "0"}, "seed: expected an int (as torch.manual_seed takes), got '0'"),
     ({"seed": 2 ** 64}, "seed: expected an int (as torch.manual_seed takes), got 18446744073709551616"),
     ({"features": ["0", "nope"]}, "the teacher has no module named 'nope'"),
+    ({"features": "10"}, "features: expected a list of module names (['10'] for one), got '10'"),  # not '1', '0'
+    ({"features": [0]}, "features: expected a list of module names, got [0]"),
+    ({"features": (name for name in ["0"])}, "features: expected a list of module names, got <generator"),
     ({"batches": iter(inputs())}, "got an iterator"),
     ({"batches": []}, "batches is empty"),
     ({"batches": [torch.randn(4, 5)]}, "the models failed on step 1's batch: RuntimeError"),
