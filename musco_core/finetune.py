@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -92,7 +93,8 @@ def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 
 class _FeatureTaps:
-    """Forward hooks that keep the latest output of the named modules of one model."""
+    """Forward hooks that keep the output of every call of the named modules of one model, in order (a shared
+    module runs more than once per forward)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], role: str) -> None:
         modules = dict(model.named_modules())
@@ -100,12 +102,12 @@ class _FeatureTaps:
         if missing:
             raise ConfigError(f"distill: features: the {role} has no module named "
                               f"{', '.join(map(repr, missing))}")
-        self.values: dict[str, torch.Tensor] = {}
+        self.values: dict[str, list[torch.Tensor]] = {}
         self.handles = [modules[name].register_forward_hook(self._keep(name)) for name in names]
 
     def _keep(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            self.values[name] = matched_output(output)
+            self.values.setdefault(name, []).append(matched_output(output))
         return hook
 
     def remove(self) -> None:
@@ -161,7 +163,7 @@ def lr_problem(lr: Any, weight_decay: float = 0.0) -> str | None:
 
 def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr: float,
                      temperature: float | None, feature_weight: float, label_weight: float | None,
-                     lr_schedule: str, weight_decay: float) -> list[nn.Parameter]:
+                     lr_schedule: str, weight_decay: float, seed: int, features: Any) -> list[nn.Parameter]:
     if teacher is student:
         raise ConfigError("distill: the teacher and the student are the same model; pass the uncompressed model "
                           "as the teacher and a compressed copy as the student")
@@ -184,6 +186,12 @@ def _check_arguments(teacher: nn.Module, student: nn.Module, batches: Any, steps
     if label_weight is not None and not _non_negative(label_weight):
         problems.append(f"label_weight: expected None (no labels) or a non-negative number, got "
                         f"{short_repr(label_weight)}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
+        problems.append(f"seed: expected an int (as torch.manual_seed takes), got {short_repr(seed)}")
+    if features is not None and (isinstance(features, str) or not isinstance(features, Sequence)
+                                 or not all(isinstance(name, str) for name in features)):
+        one = f" ([{features!r}] for one)" if isinstance(features, str) else ""  # a str is a sequence of names
+        problems.append(f"features: expected a list of module names{one}, got {short_repr(features)}")
     if lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got "
                         f"{short_repr(lr_schedule)}")
@@ -229,7 +237,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
       tensor), or ``output(outputs)`` when given; :func:`relative_mse` by default, or with a ``temperature`` the
       softened KL divergence of classifiers (:func:`softened_kl`, over the last axis);
     * **features**: for each module name in ``features`` (the same name in both models: a compressed layer keeps
-      its path), :func:`relative_mse` between the two models' outputs of that module, averaged over the names;
+      its path), :func:`relative_mse` between the two models' outputs of that module (of each call, averaged, for
+      a module called more than once per forward), averaged over the names;
     * **labels** (when ``label_weight`` is a number): the cross-entropy of the student's matched output, its last
       axis the classes, against the batch's integer labels (shaped as the output without its last axis; -100
       marks a position to ignore, and a batch with every position ignored adds no label loss), as in fine-tuning
@@ -243,7 +252,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
     ``train_mode=False`` (no dropout, BatchNorm's running statistics kept), with a new
     ``torch.optim.AdamW(lr, weight_decay)`` over its parameters that require grad, whose learning rate follows
     ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` down to 0 along half a cosine over the ``steps``).
-    Every module's training flag is restored afterwards, and on any error (a loss that is not finite, or a student
+    Every module's training flag, and the parameters' ``.grad``, are restored afterwards, and on any error (a
+    teacher's output or feature that is not finite, a loss that is not finite, or a student
     left with non-finite weights or outputs by the last step, included) the student's parameters and buffers are
     restored too, so a failed call changes nothing. A student that shares a parameter or buffer with the teacher
     is refused, so the teacher is never changed. The run is deterministic given ``seed``, which seeds a forked RNG
@@ -253,16 +263,18 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
     Returns the loss of every step.
     """
     parameters = _check_arguments(teacher, student, batches, steps, lr, temperature, feature_weight, label_weight,
-                                  lr_schedule, weight_decay)
+                                  lr_schedule, weight_decay, seed, features)
     pick = output or matched_output
     names = list(features or [])
     modes = {module: module.training for module in itertools.chain(teacher.modules(), student.modules())}
     backup = {key: value.detach().clone() for key, value in student.state_dict(keep_vars=True).items()}
+    grads = [p.grad for p in parameters]  # the caller's; distill's own last gradients are not left behind
     taps: list[_FeatureTaps] = []
     losses: list[float] = []
     try:
-        if names:
-            taps = [_FeatureTaps(teacher, names, "teacher"), _FeatureTaps(student, names, "student")]
+        if names:  # one at a time, so that a name the student lacks leaves no hook on the teacher
+            for model, role in ((teacher, "teacher"), (student, "student")):
+                taps.append(_FeatureTaps(model, names, role))
         teacher.eval()
         student.train(train_mode)
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
@@ -296,6 +308,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Any, steps: int, lr
             tap.remove()
         for module, training in modes.items():
             module.training = training
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad
     log.info("distill: %d steps, loss %.4g -> %.4g", steps, losses[0], losses[-1])
     return DistillResult(losses)
 
@@ -306,7 +320,8 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
     A compressed layer's outputs drift from the uncompressed layer's, and the BatchNorm after it still normalizes
     with the old statistics. One pass over unlabelled batches (called as :func:`distill` calls them), under
     ``no_grad`` with only the BatchNorm layers in train mode (dropout stays off), replaces them by the plain
-    average over the pass (``momentum=None``); no weight changes. BatchNorm layers without running statistics
+    average over the pass (``momentum=None``); no weight changes. A batch that makes any statistic NaN or inf (a
+    non-finite input) is a ConfigError naming it and the layer. BatchNorm layers without running statistics
     (``track_running_stats=False``) are left alone. A BatchNorm the batches never reach (a head that runs only in
     training, say) has nothing to average: its statistics are kept as they were, and a warning names it. Every
     module's training flag and momentum are restored; on an error the statistics are restored too. Returns the
@@ -340,6 +355,12 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
                     raise ConfigError(f"reestimate_batchnorm: the model failed on batch {seen + 1}: "
                                       f"{type(exc).__name__}: {exc}") from exc
                 seen += 1
+                broken = next((named[norm] for norm in norms if norm in reached and not all(
+                    bool(torch.isfinite(stat).all()) for stat in (norm.running_mean, norm.running_var))), None)
+                if broken is not None:  # one NaN pixel would leave the model's every output NaN
+                    raise ConfigError(f"reestimate_batchnorm: batch {seen} made the running statistics of "
+                                      f"{broken!r} not finite (NaN or inf): check that batch and the layers "
+                                      f"before it; the statistics are kept as they were")
         if not seen:
             raise ConfigError("reestimate_batchnorm: batches is empty; nothing to estimate from")
     except BaseException:
@@ -365,17 +386,21 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, *, progress: bool = Tru
 
 def _cycle(batches: Iterable[Any], steps: int) -> Iterable[Any]:
     """``steps`` batches, going through ``batches`` again from the start as often as needed."""
-    produced = 0
+    produced = passes = 0
     while produced < steps:
         empty = True
+        passes += 1
         for batch in batches:
             empty = False
             yield batch
             produced += 1
             if produced == steps:
                 return
-        if empty:
+        if empty and passes == 1:
             raise ConfigError("distill: batches is empty; nothing to distill on")
+        if empty:  # a reiterable in type only (a generator behind __iter__, a stream read once)
+            raise ConfigError(f"distill: batches gave {produced} batch(es), then none when iterated again for "
+                              f"steps={steps}: it must give its batches at every pass, as a list or a DataLoader does")
 
 
 def _check_trained(student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor], label_weight: float | None,
@@ -420,6 +445,13 @@ def _label_loss(prediction: torch.Tensor, labels: torch.Tensor, step: int) -> to
     return total / counted.sum().clamp_min(1)
 
 
+def _check_teacher_finite(value: torch.Tensor, what: str, step: int) -> None:
+    """A ConfigError naming the batch when the teacher's ``what`` is not finite: no lr can fix that."""
+    if not bool(torch.isfinite(value).all()):
+        raise ConfigError(f"distill: the teacher's {what} on step {step + 1}'s batch is not finite (NaN or inf); "
+                          f"distillation needs finite targets: check that batch and the teacher")
+
+
 def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callable[[Any], torch.Tensor],
                temperature: float | None, taps: list[_FeatureTaps], names: list[str], feature_weight: float,
                label_weight: float | None, step: int) -> torch.Tensor:
@@ -435,6 +467,7 @@ def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callabl
     except Exception as exc:  # the user's batch or model: one clear line, the cause chained
         raise ConfigError(f"distill: the models failed on step {step + 1}'s batch: {type(exc).__name__}: {exc}") \
             from exc
+    _check_teacher_finite(target, "output", step)
     if prediction.shape != target.shape:
         raise ConfigError(f"distill: the student's output has shape {tuple(prediction.shape)}, the teacher's "
                           f"{tuple(target.shape)}; they must match")
@@ -448,13 +481,20 @@ def _step_loss(teacher: nn.Module, student: nn.Module, batch: Any, pick: Callabl
         teacher_taps, student_taps = taps
         feature_losses = []
         for name in names:
-            if name not in teacher_taps.values or name not in student_taps.values:
+            expected, got = teacher_taps.values.get(name, []), student_taps.values.get(name, [])
+            if not expected or not got:
                 raise ConfigError(f"distill: features: module {name!r} did not run on step {step + 1}'s batch")
-            expected, got = teacher_taps.values[name].detach(), student_taps.values[name]
-            if expected.shape != got.shape:
-                raise ConfigError(f"distill: features: {name!r} has shape {tuple(got.shape)} in the student, "
-                                  f"{tuple(expected.shape)} in the teacher")
-            feature_losses.append(relative_mse(got, expected))
+            if len(expected) != len(got):
+                raise ConfigError(f"distill: features: module {name!r} ran {len(got)} time(s) in the student, "
+                                  f"{len(expected)} in the teacher on step {step + 1}'s batch")
+            calls = []
+            for call, (teacher_value, student_value) in enumerate(zip(expected, got)):
+                if teacher_value.shape != student_value.shape:
+                    raise ConfigError(f"distill: features: {name!r} has shape {tuple(student_value.shape)} in the "
+                                      f"student, {tuple(teacher_value.shape)} in the teacher")
+                _check_teacher_finite(teacher_value, f"feature {name!r} (call {call + 1})", step)
+                calls.append(relative_mse(student_value, teacher_value.detach()))
+            feature_losses.append(torch.stack(calls).mean())  # a module called n times: its n calls alike
         loss = loss + feature_weight * torch.stack(feature_losses).mean()
         teacher_taps.values.clear()
         student_taps.values.clear()

@@ -147,6 +147,65 @@ def test_a_feature_module_that_returns_a_tuple_is_matched_on_its_first_element()
     assert result.losses[0] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_a_feature_module_called_twice_is_matched_on_both_calls():
+    """A shared layer (ALBERT's, say) runs more than once per forward: each call's output is matched, averaged."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(x)))
+
+    torch.manual_seed(0)
+    teacher = Twice().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.shared.weight.add_(0.3 * torch.randn(8, 8))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        first = relative_mse(student.shared(x), teacher.shared(x))
+        second = relative_mse(student.shared(torch.relu(student.shared(x))),
+                              teacher.shared(torch.relu(teacher.shared(x))))
+        expected = relative_mse(student(x), teacher(x)) + (first + second) / 2
+    result = distill(teacher, student, [x], steps=1, features=["shared"], progress=False)
+    assert result.losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_feature_name_the_student_lacks_leaves_no_hook_on_the_teacher():
+    teacher = mlp()
+    with pytest.raises(ConfigError, match="the student has no module named '3'"):
+        distill(teacher, nn.Sequential(nn.Linear(24, 6)), inputs(), steps=1, features=["3"], progress=False)
+    assert not any(module._forward_hooks for module in teacher.modules())
+    compressed(teacher)  # a hook left on a layer would stop its compression
+
+
+def test_a_batch_the_teachers_output_is_not_finite_on_is_named_not_blamed_on_the_lr():
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    batches = [*inputs(2), torch.full((16, 24), float("inf"))]
+    with pytest.raises(ConfigError, match=r"^distill: the teacher's output on step 3's batch is not finite"):
+        distill(teacher, student, batches, steps=3, lr=1e-3, progress=False)
+    with pytest.raises(ConfigError, match=r"^distill: the teacher's feature '1' \(call 1\) on step 3's batch is not"):
+        distill(teacher, student, batches, steps=3, lr=1e-3, features=["1"], output=lambda out: out.nan_to_num(),
+                progress=False)
+    assert same_state(student, before)
+
+
+def test_the_callers_gradients_are_left_as_they_were():
+    teacher = mlp()
+    student = compressed(teacher)
+    distill(teacher, student, inputs(), steps=2, lr=1e-3, progress=False)
+    assert all(p.grad is None for p in student.parameters())  # not the last step's
+    mine = [torch.full_like(p, 7.0) for p in student.parameters()]
+    for p, grad in zip(student.parameters(), mine):
+        p.grad = grad
+    with pytest.raises(ConfigError, match="step 2's batch"):
+        distill(teacher, student, [inputs(1)[0], torch.randn(16, 5)], steps=2, lr=1e-3, progress=False)
+    assert all(p.grad is grad for p, grad in zip(student.parameters(), mine))
+
+
 def test_outputs_in_tuples_and_mappings_and_a_custom_output():
     class Both(nn.Module):
         def __init__(self, body: nn.Module, as_mapping: bool):
@@ -308,7 +367,13 @@ def test_a_hugging_face_model_matches_its_last_hidden_state():
     ({"feature_weight": float("nan")}, "feature_weight: expected a non-negative number, got nan"),
     ({"label_weight": -1}, "label_weight: expected None (no labels) or a non-negative number, got -1"),
     ({"lr_schedule": "linear"}, "lr_schedule: expected one of 'constant', 'cosine', got 'linear'"),
+    ({"seed": 1.5}, "seed: expected an int (as torch.manual_seed takes), got 1.5"),
+    ({"seed": "0"}, "seed: expected an int (as torch.manual_seed takes), got '0'"),
+    ({"seed": 2 ** 64}, "seed: expected an int (as torch.manual_seed takes), got 18446744073709551616"),
     ({"features": ["0", "nope"]}, "the teacher has no module named 'nope'"),
+    ({"features": "10"}, "features: expected a list of module names (['10'] for one), got '10'"),  # not '1', '0'
+    ({"features": [0]}, "features: expected a list of module names, got [0]"),
+    ({"features": (name for name in ["0"])}, "features: expected a list of module names, got <generator"),
     ({"batches": iter(inputs())}, "got an iterator"),
     ({"batches": []}, "batches is empty"),
     ({"batches": [torch.randn(4, 5)]}, "the models failed on step 1's batch: RuntimeError"),
@@ -321,6 +386,23 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(kwargs, message):
     with pytest.raises(ConfigError, match="^distill: ") as info:
         distill(teacher, student, progress=False, **arguments)
     assert message in str(info.value)
+    assert same_state(student, before)
+
+
+def test_batches_that_give_nothing_the_second_time_are_not_called_empty():
+    class Once:  # iterable, not an iterator, yet used up after one pass (a stream read once)
+        def __init__(self, items):
+            self.items = iter(items)
+
+        def __iter__(self):
+            return self.items
+
+    teacher = mlp()
+    student = compressed(teacher)
+    before = state(student)
+    with pytest.raises(ConfigError, match=r"^distill: batches gave 2 batch\(es\), then none when iterated again for "
+                                          r"steps=5: it must give its batches at every pass"):
+        distill(teacher, student, Once(inputs(2)), steps=5, lr=1e-2, progress=False)
     assert same_state(student, before)
 
 
@@ -459,4 +541,8 @@ def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
         reestimate_batchnorm(model, [], progress=False)
     with pytest.raises(ConfigError, match="the model failed on batch 2: RuntimeError"):
         reestimate_batchnorm(model, [torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6)], progress=False)
+    one_nan = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    one_nan[1][0, 0, 0, 0] = float("nan")  # would leave every output of the model NaN
+    with pytest.raises(ConfigError, match=r"batch 2 made the running statistics of '1' not finite \(NaN or inf\)"):
+        reestimate_batchnorm(model, one_nan, progress=False)
     assert same_state(model, before) and model[1].momentum == 0.1
