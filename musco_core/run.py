@@ -481,7 +481,8 @@ def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mappi
     if holder is None:
         log.warning("compression step: the replacements are not checked in the whole model (no example input or "
                     "calibration data to run it on): a layer the model uses other than by calling it (a branch on "
-                    "its type, a read of its weight) would not be kept; pass example_input to check")
+                    "its type, a read of its weight) would not be kept; give an example input (example_input, or "
+                    "--input-shape) or calibration data (calibration_data, --calibration) to check")
         return
     unfaithful = distributed.on_first_rank(group, "checking the step's replacements in the whole model",
                                            lambda: unfaithful_swaps(model, swaps, paths, probe, input_name), src=holder)
