@@ -35,7 +35,7 @@ from .state import RunContext, RunState
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
 from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, held_elsewhere, module_paths,
-                      replace_module, tied_parameters, unwrapped)
+                      replace_module, tied_by_config, tied_parameters, unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -337,6 +337,14 @@ def tied_note(others: Sequence[str]) -> str:
             f"weights (force: true does it anyway and unties them)")
 
 
+def config_tie_note(owner: str) -> str:
+    """Why a tied layer is kept even with ``force: true``: ``owner``, a transformers 4 model, ties it by its
+    ``config.tie_word_embeddings`` (see :func:`~musco_core.surgery.tied_by_config`)."""
+    return (f"kept as is although forced: {owner} ties it to its input embeddings by config.tie_word_embeddings "
+            f"(transformers 4), which must stay True (its forward may read it: T5 scales its output by it), so "
+            f"tie_weights() would tie it again; transformers 5 can untie it")
+
+
 def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
     """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
     stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
@@ -439,6 +447,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                 planned.append(name)
         if name in tied and not layer.force:
             chosen = {"keep_note": tied_note(tied[name])}
+        elif name in tied and (owner := tied_by_config(model, module)):
+            chosen = {"keep_note": config_tie_note(owner)}
         if sequential and name in needing:
             decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
             stats = with_output(name, _calibrated(model, name, input_stats_for, pending, paths, context, group))

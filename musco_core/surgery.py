@@ -161,18 +161,36 @@ def held_elsewhere(model: nn.Module, module: nn.Module, others: Sequence[str]) -
     return sum(p.numel() for p in module.parameters() if id(p) in held)
 
 
+def tied_by_config(model: nn.Module, layer: nn.Module) -> str | None:
+    """The name (and class) of the transformers 4 model inside ``model`` whose output embeddings ``layer`` is,
+    tied to its input embeddings by ``config.tie_word_embeddings`` alone, or None. Such a tie cannot be broken:
+    with the flag left True, ``tie_weights()`` hangs the embedding's matrix on a factorized layer; and the flag
+    cannot be cleared, since models read it in their forward too (T5 scales its decoder's output by
+    ``d_model ** -0.5`` only while it is True). transformers 5 maps ties by name (see :func:`clear_broken_ties`)."""
+    for path, module in model.named_modules():
+        if callable(getattr(module, "get_expanded_tied_weights_keys", None)):  # transformers 5: ties are mapped
+            continue
+        config, output_embeddings = getattr(module, "config", None), getattr(module, "get_output_embeddings", None)
+        if (getattr(config, "tie_word_embeddings", None) is True and callable(output_embeddings)
+                and output_embeddings() is layer):
+            return f"{path or 'the model'} ({type(module).__name__})"
+    return None
+
+
 def clear_broken_ties(model: nn.Module) -> None:
-    """Stops each transformers model inside ``model`` from tying a weight to a factorized layer (a tied layer, such as
-    a language model's head, factorized with ``force: true``, which unties it). Left alone, the model's
+    """Stops each transformers 5 model inside ``model`` from tying a weight to a factorized layer (a tied layer, such
+    as a language model's head, factorized with ``force: true``, which unties it). Left alone, the model's
     ``tie_weights()`` (also run by ``resize_token_embeddings``) hangs the embedding's matrix on the factorized layer
     as a stray ``weight``, and a save then drops the embedding as that tensor's duplicate.
 
-    With transformers 5 the ties that name a factorized layer leave the model's tie mappings (``_tied_weights_keys``
-    and the expanded ``all_tied_weights_keys``, an outer model's holding its inner ones') and
-    ``config.tie_word_embeddings`` stays True: that flag also governs the model's other ties (BART's encoder and
-    decoder embeddings are ``model.shared``), which a model built from the saved configuration would otherwise lack,
-    so the saved weights, which hold such a tensor once, would not load into it. Without those mappings
-    (transformers 4) the flag is set to False where the output embeddings are factorized."""
+    The ties that name a factorized layer leave the model's tie mappings (``_tied_weights_keys`` and the expanded
+    ``all_tied_weights_keys``, an outer model's holding its inner ones') and ``config.tie_word_embeddings`` stays
+    True: that flag also governs the model's other ties (BART's encoder and decoder embeddings are
+    ``model.shared``), which a model built from the saved configuration would otherwise lack, so the saved weights,
+    which hold such a tensor once, would not load into it, and models read it in their forward too (T5 scales its
+    output by it). transformers 4 has no such mappings: a compression step keeps a layer it ties
+    (:func:`tied_by_config`); one that ``load_compressed`` rebuilds factorized (saved under transformers 5) is
+    left so, with a warning, its outputs unchanged."""
     for module in model.modules():
         if callable(getattr(module, "get_expanded_tied_weights_keys", None)):  # transformers 5: ties are mapped
             factorized = tuple(f"{path}." for path, child in module.named_modules(remove_duplicate=False)
@@ -185,13 +203,11 @@ def clear_broken_ties(model: nn.Module) -> None:
                     setattr(module, attribute, kept)
                     log.info("%s: %s left its %s: factorized, no longer tied", type(module).__name__,
                              ", ".join(sorted(set(mapping) - set(kept))), attribute)
-            continue
-        config, output_embeddings = getattr(module, "config", None), getattr(module, "get_output_embeddings", None)
-        if (getattr(config, "tie_word_embeddings", None) is True and callable(output_embeddings)
-                and isinstance(output_embeddings(), FactorizedLayer)):
-            config.tie_word_embeddings = False
-            log.info("%s: config.tie_word_embeddings set to False: its output embeddings are factorized, no longer "
-                     "tied to the input embeddings", type(module).__name__)
+    for name, layer in model.named_modules():
+        if isinstance(layer, FactorizedLayer) and (owner := tied_by_config(model, layer)):
+            log.warning("%s: factorized, but %s ties it to its input embeddings by config.tie_word_embeddings "
+                        "(transformers 4): its tie_weights() would hang the embedding's matrix on it as a stray "
+                        "weight", name, owner)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -31,8 +31,18 @@ def gpt2(**overrides) -> GPT2LMHeadModel:
 
 
 def meta_gpt2(**overrides) -> GPT2LMHeadModel:
+    """The architecture on the meta device, but for the buffers a checkpoint does not hold, which must be real:
+    transformers 4's GPT-2 keeps its causal mask in such buffers (``attn.bias``, ``attn.masked_bias``)."""
     with torch.device("meta"):
-        return GPT2LMHeadModel(gpt2_config(**overrides))
+        model = GPT2LMHeadModel(gpt2_config(**overrides))
+    unsaved = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    if unsaved:
+        with torch.random.fork_rng():
+            real = dict(GPT2LMHeadModel(gpt2_config(**overrides)).named_buffers())
+        for name in unsaved:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = real[name]
+    return model
 
 
 def token_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:

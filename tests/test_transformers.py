@@ -19,6 +19,8 @@ from musco_core import Compressor, FactorizedLayer, standardize_model
 from musco_core.io import load_compressed, save_compressed
 
 VOCAB = 50
+#: transformers 5 maps ties by name, which a forced untie edits; transformers 4 ties by config.tie_word_embeddings
+TIES_MAPPED = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
 
 
 def tiny_bert() -> BertModel:
@@ -165,6 +167,11 @@ def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
 
     forced = compress(model, ["lm_head"], model_compr_kwargs=schedule(["lm_head"], rank_selection="manual",
                                                                        manual_rank=[8], force=True))
+    if not TIES_MAPPED:  # the flag, which must stay True, would tie it again
+        assert not forced.history[0].applied
+        assert "config.tie_word_embeddings (transformers 4)" in forced.history[0].note
+        assert forced.compressed_model.lm_head.weight is forced.compressed_model.transformer.wte.weight
+        return
     assert forced.history[0].applied
     untied = forced.compressed_model  # the embedding stays: the model grew by the factors' weights
     assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in model.parameters()) + 8 * (32 + VOCAB)
@@ -180,6 +187,7 @@ def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
     assert torch.equal(loaded.generate(prompt, **greedy), untied.generate(prompt, **greedy))
 
 
+@pytest.mark.skipif(not TIES_MAPPED, reason="transformers 4 keeps a layer it ties by config.tie_word_embeddings")
 def test_a_forced_untie_keeps_tie_weights_from_hanging_the_embedding_on_the_factors(tmp_path):
     # left tied, tie_weights() (resize_token_embeddings runs it too) set lm_head.weight = wte.weight on the
     # factorized layer, and the saved set lost transformer.wte.weight
@@ -222,8 +230,6 @@ def tiny_bert2bert():
     return EncoderDecoderModel(config).eval()
 
 
-@pytest.mark.skipif(not hasattr(PreTrainedModel, "get_expanded_tied_weights_keys"),
-                    reason="transformers 4 ties by config.tie_word_embeddings alone, which musco-core sets to False")
 @pytest.mark.parametrize("build, head", [(tiny_bart, "lm_head"), (tiny_bert_mlm, "cls.predictions.decoder"),
                                          (tiny_bert2bert, "decoder.cls.predictions.decoder")],
                          ids=["bart", "bert-mlm", "bert2bert"])
@@ -239,6 +245,10 @@ def test_a_forced_untie_keeps_the_models_other_ties_in_a_model_built_from_the_sa
     inputs = {**tokens(), **({"decoder_input_ids": tokens(seed=2)["input_ids"][:, :5]} if seq2seq else {})}
     forced = compress(model, [head], model_compr_kwargs=schedule([head], rank_selection="manual", manual_rank=[8],
                                                                   force=True), example_input=inputs)
+    if not TIES_MAPPED:  # the flag, which must stay True, would tie it again
+        assert not forced.history[0].applied
+        assert "config.tie_word_embeddings (transformers 4)" in forced.history[0].note
+        return
     untied = forced.compressed_model.eval()
     untied.tie_weights(recompute_mapping=False)
     untied.tie_weights()
@@ -253,6 +263,50 @@ def test_a_forced_untie_keeps_the_models_other_ties_in_a_model_built_from_the_sa
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in untied.parameters())
     if build is tiny_bart:
         assert loaded.model.encoder.embed_tokens.weight is loaded.model.shared.weight
+
+
+def tiny_t5(**config):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, decoder_start_token_id=0, **config)).eval().double()
+
+
+def t5_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**tokens(), decoder_input_ids=tokens(seed=2)["input_ids"][:, :5]).logits
+
+
+FULL_RANK_HEAD = schedule(["lm_head"], rank_selection="manual", manual_rank=[32], force=True)  # d_model 32
+
+
+def test_forcing_t5s_tied_head_at_full_rank_keeps_its_logits():
+    # T5 (transformers 4) scales its decoder's output by d_model ** -0.5 only while config.tie_word_embeddings is
+    # True: the forced untie set it to False, and the logits came out sqrt(32) = 5.66 times too large
+    model = tiny_t5()
+    forced = compress(model, ["lm_head"], model_compr_kwargs=FULL_RANK_HEAD,
+                      example_input={**tokens(), "decoder_input_ids": tokens(seed=2)["input_ids"][:, :5]})
+    compressed, result = forced.compressed_model, forced.history[0]
+    assert compressed.config.tie_word_embeddings
+    if TIES_MAPPED:
+        assert result.applied and isinstance(compressed.lm_head, FactorizedLayer)
+    else:  # the flag, which must stay True, would tie it again
+        assert not result.applied and "config.tie_word_embeddings (transformers 4)" in result.note
+        assert compressed.lm_head.weight is compressed.shared.weight
+    torch.testing.assert_close(t5_logits(compressed), t5_logits(model), rtol=1e-9, atol=1e-9)
+
+
+def test_a_t5_head_factorized_elsewhere_loads_with_its_logits(tmp_path, caplog):
+    # factorized where it was not tied (as under transformers 5), then loaded onto a T5 that ties it: under
+    # transformers 4 loading set config.tie_word_embeddings to False, which scales the logits by sqrt(32)
+    model = tiny_t5()
+    untied = tiny_t5(tie_word_embeddings=False)
+    untied.load_state_dict(model.state_dict())
+    save_compressed(compress(untied, ["lm_head"], model_compr_kwargs=FULL_RANK_HEAD), tmp_path)
+    loaded = load_compressed(tiny_t5(), tmp_path)
+    assert isinstance(loaded.lm_head, FactorizedLayer) and loaded.config.tie_word_embeddings
+    torch.testing.assert_close(t5_logits(loaded), t5_logits(model), rtol=1e-9, atol=1e-9)
+    assert TIES_MAPPED or "would hang the embedding's matrix on it" in caplog.text
 
 
 def test_whitened_svd_calibrates_on_tokenizer_style_batches():
@@ -304,13 +358,18 @@ def embed(sentence_transformer) -> torch.Tensor:
 
 
 def test_assigning_auto_model_does_not_replace_the_sentence_transformers_encoder(tmp_path):
-    """The documented pitfall, checked on the installed sentence-transformers: ``auto_model`` is a read-only view
-    of ``model``; nn.Module registers the assigned model as a new submodule that forward never calls."""
+    """The documented pitfall, checked on the installed sentence-transformers: from version 6 ``auto_model`` is a
+    read-only view of ``model``; nn.Module registers the assigned model as a new submodule that forward never calls.
+    Before, ``auto_model`` was the encoder itself."""
     st = tiny_sentence_transformer(tmp_path)
     names = encoder_linears(st[0].auto_model)
     compressed = compress(st[0].auto_model, names, model_compr_kwargs=schedule(names)).compressed_model
     before, n_params = embed(st), sum(p.numel() for p in st.parameters())
     st[0].auto_model = compressed
+    if not isinstance(getattr(type(st[0]), "auto_model", None), property):  # before 6: auto_model is the encoder
+        assert not torch.allclose(embed(st), before)
+        assert sum(p.numel() for p in st.parameters()) < n_params
+        return
     assert torch.equal(embed(st), before)  # silently ignored
     assert sum(p.numel() for p in st.parameters()) > n_params  # and the compressed copy rides along unused
     del st[0]._modules["auto_model"]
