@@ -34,6 +34,7 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from . import errors
 from .errors import CompressionError, MuscoError, one_line
@@ -230,27 +231,55 @@ def mean(group: Group | None, value: float | None) -> float | None:
 
 
 # -- replicas --------------------------------------------------------------------------------------------------
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    value = tensor.detach().cpu().contiguous()
+    digest.update(f"{value.dtype}:{tuple(value.shape)};".encode())
+    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def fingerprint(model: nn.Module) -> str:
     """A SHA-256 of the model's state_dict (names, dtypes, shapes and bytes): equal exactly when bitwise equal."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{name}:".encode())
+        _hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 
-def check_replicas(group: Group | None, model: nn.Module) -> None:
-    """A ConfigError on every rank unless every rank's model is bitwise rank 0's: the step decomposes each layer on
-    one rank and gives its factors to all, so replicas that differ would be silently mixed."""
+def input_fingerprint(value: Any) -> str:
+    """A SHA-256 of an example input: its structure, its tensors' dtypes, shapes and bytes, its plain scalars, and
+    the type of anything else."""
+    leaves, spec = tree_flatten(value)
+    digest = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            _hash_tensor(digest, leaf)
+        else:
+            plain = isinstance(leaf, (bool, int, float, str, type(None)))
+            digest.update(f"{repr(leaf) if plain else type(leaf).__qualname__};".encode())
+    return digest.hexdigest()
+
+
+def check_replicas(group: Group | None, model: nn.Module, agreed: Mapping[str, Any] | None = None) -> None:
+    """A ConfigError on every rank unless every rank's model is bitwise rank 0's, and so is each value of
+    ``agreed`` (JSON data, by what it is: the schedule, the example input's fingerprint...): the step decomposes each
+    layer on one rank and gives its factors to all, so replicas that differ would be silently mixed, and ranks that
+    plan other work would leave each other waiting in collectives that do not match."""
     if group is None:
         return
-    reference = broadcast_json(group, fingerprint(model) if group.first else None, src=0)
+    mine = {"model": fingerprint(model)}
+    for what, value in (agreed or {}).items():
+        mine[what] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    reference = broadcast_json(group, mine if group.first else None, src=0)
     with agreement(group, "checking the replicas"):
-        if fingerprint(model) != reference:
+        if mine["model"] != reference["model"]:
             raise errors.ConfigError("this rank's model differs from rank 0's; every rank must hold the same "
                                      "weights when a compression step starts (load the same checkpoint, or fine-tune "
                                      "with DistributedDataParallel, which keeps them equal)")
+        if differing := [what for what in mine if mine[what] != reference.get(what)]:
+            raise errors.ConfigError(f"this rank's {' and '.join(differing)} differ from rank 0's; every rank must "
+                                     f"call the same step of the same run, with the same example input and plugins, "
+                                     f"each with or without calibration data and evaluate as every other")
 
 
 # -- sharing the decompositions of a step ----------------------------------------------------------------------
