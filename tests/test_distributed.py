@@ -271,6 +271,50 @@ def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tm
     assert rows[0] == rows[1]
 
 
+def test_musco_compress_with_a_file_one_rank_cannot_read_fails_every_rank_in_one_line(tmp_path):
+    """The model's file is missing on rank 1 alone: every rank exits 2 with rank 1's error (rank 0 used to fail on
+    the dropped connection, exit 1, "a bug in musco-core"), and nothing is written."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL + """
+
+def make_where_readable():
+    import os
+    if os.environ["RANK"] == "1":
+        open("weights-rank-1.bin", "rb")
+    return make()
+""", encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    save_file({"x": torch.randn(8, 3, 8, 8)}, str(tmp_path / "calibration.safetensors"))
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", "compress", "--model",
+                                "cli_model:make_where_readable", "--config", "schedule.yaml", "--calibration",
+                                "calibration.safetensors", "--input-shape", "1,3,8,8", "--quiet", "--out", "out"],
+                       cwd=tmp_path)
+    for process in processes:
+        assert process.returncode == 2, process.stderr[-2000:]
+        assert process.stderr.startswith("musco: error: rank 1 of 2: preparing the run: "), process.stderr[-2000:]
+        assert "weights-rank-1.bin" in process.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_musco_compress_resumed_with_another_schedule_on_one_rank_fails_every_rank_in_one_line(tmp_path):
+    """Rank 1 resumes with another --config: every rank exits 2 with rank 1's error (rank 0 used to go on alone
+    and fail on the dropped connection, exit 1)."""
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL, encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE.replace("whitened_svd", "tucker2"), encoding="utf-8")
+    (tmp_path / "other.yaml").write_text(CLI_SCHEDULE.replace("whitened_svd", "cp3"), encoding="utf-8")
+    run = ("import os, sys; from musco_core.cli import main; other = os.environ['RANK'] == '1' and '--resume' in "
+           "sys.argv; main([a.replace('schedule.yaml', 'other.yaml') if other else a for a in sys.argv[1:]])")
+    args = [sys.executable, "-c", run, "compress", "--model", "cli_model:make", "--config", "schedule.yaml",
+            "--input-shape", "1,3,8,8", "--quiet", "--out", "out"]
+    started = launch(command=args, cwd=tmp_path)
+    assert [p.returncode for p in started] == [0, 0], started[0].stderr[-2000:] + started[1].stderr[-2000:]
+    for process in launch(command=[*args, "--resume"], cwd=tmp_path):
+        assert process.returncode == 2, process.stderr[-2000:]
+        assert process.stderr.startswith("musco: error: rank 1 of 2: the schedule to resume: --config other.yaml: "
+                                         "is not the schedule the run in out began with"), process.stderr[-2000:]
+
+
 def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monkeypatch):
     """Refused inside the group, one rank's exit left another failing to connect to it (exit 1, a gloo error):
     with WORLD_SIZE=2 and no rendezvous address, the refusal must come without trying to make the group."""
