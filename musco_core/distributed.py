@@ -91,6 +91,19 @@ def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterato
             dist.destroy_process_group()
 
 
+def _collective(group: Group, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``operation(*args, **kwargs)``, a collective; its failure (a peer that died, or did not answer within the
+    process group's timeout) as one CompressionError saying so, not the backend's RuntimeError, which the CLI would
+    report as a bug in musco-core."""
+    try:
+        operation(*args, **kwargs)
+    except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistError) subclasses
+        raise CompressionError(f"rank {group.rank} of {group.world_size}: {operation.__name__} with the other ranks "
+                               f"failed: another rank stopped (killed, out of memory, or an error outside "
+                               f"musco-core: see its log) or did not answer within the process group's timeout: "
+                               f"{one_line(str(exc), 500)}") from exc
+
+
 # -- agreeing on success ---------------------------------------------------------------------------------------
 def _error_class(name: str) -> type[MuscoError]:
     kind = getattr(errors, name, None)
@@ -115,7 +128,7 @@ def agreement(group: Group | None, what: str) -> Iterator[None]:
         error = exc
     flag = torch.tensor([group.rank if error is not None else group.world_size], dtype=torch.int64,
                         device=group.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    _collective(group, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
     failed = int(flag.item())
     if failed == group.world_size:
         return
@@ -149,7 +162,7 @@ def first_holding(group: Group | None, holds: bool) -> int | None:
     if group is None:
         return 0 if holds else None
     flag = torch.tensor([group.rank if holds else group.world_size], dtype=torch.int64, device=group.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    _collective(group, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
     found = int(flag.item())
     return None if found == group.world_size else found
 
@@ -162,10 +175,10 @@ def broadcast_json(group: Group | None, value: Any, src: int = 0) -> Any:
         return value
     payload = json.dumps(value).encode("utf-8") if group.rank == src else b""
     size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
-    dist.broadcast(size, src=src)
+    _collective(group, dist.broadcast, size, src=src)
     buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device) if group.rank == src
               else torch.empty(int(size.item()), dtype=torch.uint8, device=group.device))
-    dist.broadcast(buffer, src=src)
+    _collective(group, dist.broadcast, buffer, src=src)
     return json.loads(buffer.cpu().numpy().tobytes().decode("utf-8"))
 
 
@@ -174,7 +187,7 @@ def broadcast_tensors(group: Group, tensors: Iterable[torch.Tensor], src: int) -
     for tensor in tensors:
         direct = tensor.device == group.device and tensor.is_contiguous()
         buffer = tensor.detach() if direct else tensor.detach().to(group.device).contiguous()
-        dist.broadcast(buffer, src=src)
+        _collective(group, dist.broadcast, buffer, src=src)
         if not direct:
             with torch.no_grad():
                 tensor.copy_(buffer)
@@ -182,7 +195,7 @@ def broadcast_tensors(group: Group, tensors: Iterable[torch.Tensor], src: int) -
 
 def _all_reduce_sum(group: Group, tensor: torch.Tensor) -> torch.Tensor:
     buffer = tensor.to(group.device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    _collective(group, dist.all_reduce, buffer, op=dist.ReduceOp.SUM)
     return buffer.to(tensor.device)
 
 

@@ -10,6 +10,8 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
                                                        # summed over the ranks: OUT/moments-R.safetensors
     python distributed_worker.py disagree OUT          # rank 1 differs from rank 0 in one thing (DISAGREEMENTS)
                                                        # when a step starts: the errors in OUT/rank-R.json
+    python distributed_worker.py killed OUT            # rank 1 dies while decomposing: rank 0's error in
+                                                       # OUT/rank-0.json
     python distributed_worker.py empty OUT             # runs with one calibration batch, one rank's shard empty
                                                        # (EMPTY_SHARD_CASES): OUT/empty-CASE-R.safetensors, or
                                                        # the error (no rank's shard holds it) in OUT/rank-R.json
@@ -209,7 +211,7 @@ def history(compressor: Compressor) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments", "empty",
-                                             "disagree"])
+                                             "disagree", "killed"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -224,6 +226,16 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
     state_dir = args.out / "ckpt"
     if args.scenario == "moments":
         save_file(output_moments(rank, world_size, group), str(args.out / f"moments-{rank}.safetensors"))
+        return 0
+    if args.scenario == "killed":
+        if rank == 1:
+            import musco_core.run
+            musco_core.run.compress_layer = lambda *args, **kwargs: os._exit(9)
+        try:
+            disagreeing_step("none", rank)  # one layer for each rank
+        except MuscoError as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
         return 0
     if args.scenario == "disagree":
         for case in DISAGREEMENTS:

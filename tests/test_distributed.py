@@ -192,6 +192,16 @@ def test_ranks_that_disagree_on_the_run_are_refused_before_any_work(tmp_path):
                 (case, error)
 
 
+def test_a_rank_that_dies_mid_step_fails_the_others_with_one_clear_error(tmp_path):
+    """Rank 1 is killed while decomposing: rank 0 raises a CompressionError saying another rank stopped (it used to
+    raise gloo's RuntimeError, which the CLI reported as a bug in musco-core)."""
+    processes = launch("killed", str(tmp_path))
+    assert [p.returncode for p in processes] == [0, 9], processes[0].stderr[-2000:]
+    error = json.loads((tmp_path / "rank-0.json").read_text(encoding="utf-8"))["error"]
+    assert error.startswith("CompressionError: rank 0 of 2: all_reduce with the other ranks failed: another rank "
+                            "stopped (killed, out of memory, or an error outside musco-core: see its log)"), error
+
+
 def test_a_rank_resuming_with_other_weights_fails_every_rank(tmp_path):
     started = launch("run", str(tmp_path), "--steps", "1")
     assert [p.returncode for p in started] == [0, 0], started[0].stderr[-2000:] + started[1].stderr[-2000:]
