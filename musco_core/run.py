@@ -356,7 +356,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     if state.done:
         raise MuscoError(f"compression is done: all {len(state.steps)} steps were taken")
     group = distributed.current()
-    distributed.check_replicas(group, model, _agreed(state, context))
+    distributed.check_replicas(group, model, _agreed(state, context) if group else None)
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
     modules = dict(model.named_modules())
