@@ -34,7 +34,6 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from . import errors
 from .errors import CompressionError, MuscoError, one_line
@@ -244,38 +243,19 @@ def mean(group: Group | None, value: float | None) -> float | None:
 
 
 # -- replicas --------------------------------------------------------------------------------------------------
-def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
-    value = tensor.detach().cpu().contiguous()
-    digest.update(f"{value.dtype}:{tuple(value.shape)};".encode())
-    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def fingerprint(model: nn.Module) -> str:
     """A SHA-256 of the model's state_dict (names, dtypes, shapes and bytes): equal exactly when bitwise equal."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:".encode())
-        _hash_tensor(digest, tensor)
-    return digest.hexdigest()
-
-
-def input_fingerprint(value: Any) -> str:
-    """A SHA-256 of an example input: its structure, its tensors' dtypes, shapes and bytes, its plain scalars, and
-    the type of anything else."""
-    leaves, spec = tree_flatten(value)
-    digest = hashlib.sha256(str(spec).encode())
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            _hash_tensor(digest, leaf)
-        else:
-            plain = isinstance(leaf, (bool, int, float, str, type(None)))
-            digest.update(f"{repr(leaf) if plain else type(leaf).__qualname__};".encode())
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def check_replicas(group: Group | None, model: nn.Module, agreed: Mapping[str, Any] | None = None) -> None:
     """A ConfigError on every rank unless every rank's model is bitwise rank 0's, and so is each value of
-    ``agreed`` (JSON data, by what it is: the schedule, the example input's fingerprint...): the step decomposes each
+    ``agreed`` (JSON data, by what it is: the schedule, the example input's shapes...): the step decomposes each
     layer on one rank and gives its factors to all, so replicas that differ would be silently mixed, and ranks that
     plan other work would leave each other waiting in collectives that do not match."""
     if group is None:

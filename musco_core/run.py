@@ -462,7 +462,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
 
 def _agreed(state: RunState, context: RunContext) -> dict[str, Any]:
     """What every rank of a distributed job must share when a step starts, besides the weights: the run (its
-    schedule, plan and progress; not its history, which holds timings), the example input, the registry's
+    schedule, plan and progress; not its history, which holds timings), the example input's shapes, the registry's
     components, and whether calibration data and ``evaluate`` are given (a rank without them would skip the
     collectives of the others)."""
     run = StateCodec(context.registry).unstructure(state)
@@ -470,7 +470,7 @@ def _agreed(state: RunState, context: RunContext) -> dict[str, Any]:
                                       f"{entry.component.__module__}.{entry.component.__qualname__}"]
                                for name, entry in role.entries.items()} for role in context.registry.roles}
     return {"schedule or run state": {key: value for key, value in run.items() if key not in ("history", "budgets")},
-            "example input": distributed.input_fingerprint(context.example_input),
+            "example input": describe_input(context.example_input),  # its values only rank 0's timings use
             "plugins": components,
             "calibration data or evaluate (given or not)": [context.calibration_data is not None,
                                                             context.evaluate is not None]}

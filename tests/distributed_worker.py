@@ -173,7 +173,7 @@ def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor
 
 
 #: What rank 1 passes other than rank 0, case by case: each must be refused on every rank when the step starts.
-DISAGREEMENTS = {"schedule or run state": "a manual rank of 3, not 4", "example input": "other values",
+DISAGREEMENTS = {"schedule or run state": "a manual rank of 3, not 4", "example input": "another shape",
                  "plugins": "without musco_plugins.cp", "calibration data or evaluate (given or not)": "no evaluate",
                  "arguments": "a schedule that only rank 1 refuses"}
 
@@ -188,7 +188,7 @@ def disagreeing_step(case: str, rank: int) -> None:
     schedule = {"version": 1, "settings": {"ft_every": 2},
                 "layers": dict.fromkeys(("0", "2"), {"decomposition": "svd", "rank_selection": "manual",
                                                      "manual_rank": ranks})}
-    example = torch.full((1, 16), 2.0 if other and case == "example input" else 1.0)
+    example = torch.ones(2 if other and case == "example input" else 1, 16)
     if other and case == "plugins":
         os.environ["MUSCO_DISABLE_PLUGINS"] = "musco_plugins.cp"
     try:
