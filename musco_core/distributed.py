@@ -75,13 +75,19 @@ def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterato
     """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
     torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more
     processes and none is initialized yet, and destroyed on leaving (a gloo group left to the interpreter's exit
-    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective."""
+    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective. An
+    environment that cannot make the group (no ``MASTER_ADDR``) is a ConfigError."""
     started = not dist.is_initialized() and launched_for_several()
     if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        try:
+            dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        except (ValueError, RuntimeError) as exc:  # the environment's, not ours: a missing variable, a bad address
+            raise errors.ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a torch.distributed job, but "
+                                     f"its {backend} process group could not be initialized: {one_line(str(exc), 500)}"
+                                     f"; launch with torchrun, which sets RANK, MASTER_ADDR and MASTER_PORT") from exc
         log.info("process group initialized: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     try:
         yield current()

@@ -352,6 +352,26 @@ def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
+def test_musco_compress_with_world_size_but_no_rendezvous_address_is_one_clear_error(tmp_path, monkeypatch):
+    """WORLD_SIZE=2 without MASTER_ADDR (not launched by torchrun) was 'musco: internal error: ValueError: ... (a bug
+    in musco-core)', exit 1."""
+    from click.testing import CliRunner
+
+    from musco_core.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for variable in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_model:make", "--config",
+                                       str(tmp_path / "schedule.yaml"), "--quiet", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "WORLD_SIZE=2 asks for a torch.distributed job, but its gloo process group could not be initialized: " \
+        in result.output and "MASTER_ADDR" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_musco_compress_refuses_distillation_under_torchrun(tmp_path):
     """``--finetune distill`` trains each rank on its own shard, which would leave replicas that differ."""
     from safetensors.torch import save_file
