@@ -30,7 +30,7 @@ import yaml
 from safetensors import SafetensorError
 from torch import nn
 
-from .errors import MuscoError, one_line, short_repr
+from .errors import ConfigError, MuscoError, one_line, short_repr
 from .finetune import lr_problem
 from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, read_yaml, validation_problems
 
@@ -507,25 +507,27 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                            "(musco_core.distributed.rewrap) so the replicas stay equal")
     _setup_logging(quiet)
     with distributed.process_group_from_env() as group:  # launched by torchrun: every rank computes, rank 0 writes
-        finetune = (_import_callable(finetune_spec, "--finetune")
-                    if finetune_spec and finetune_spec != DISTILL else None)
-        model, example = _model_and_example(model_spec, weights, input_shape)
-        calibration = _calibration_batches(calibration_path, calibration_batch_size)
-        if finetune_spec == DISTILL:
-            _check_distill_inputs(model, calibration, calibration_path)
-            finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
-                                  progress=not quiet)
-        if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
-            calibration = calibration[group.rank::group.world_size]
-        registry = default_registry()
-        document = _with_target(read_yaml(config_path), target, config_path, registry, example is not None)
-        checkpoints = out_dir / "checkpoints"
-        if checkpoints.is_symlink():
-            raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a folder "
-                               f"of its own and never writes through a link: remove it, or choose another --out")
-        with contextlib.ExitStack() as held:
+        with _on_every_rank(group, "preparing the run"):  # each rank reads its own files
+            finetune = (_import_callable(finetune_spec, "--finetune")
+                        if finetune_spec and finetune_spec != DISTILL else None)
+            model, example = _model_and_example(model_spec, weights, input_shape)
+            calibration = _calibration_batches(calibration_path, calibration_batch_size)
+            if finetune_spec == DISTILL:
+                _check_distill_inputs(model, calibration, calibration_path)
+                finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
+                                      progress=not quiet)
+            if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
+                calibration = calibration[group.rank::group.world_size]
+            registry = default_registry()
+            document = _with_target(read_yaml(config_path), target, config_path, registry, example is not None)
+            checkpoints = out_dir / "checkpoints"
+            if checkpoints.is_symlink():
+                raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a "
+                                   f"folder of its own and never writes through a link: remove it, or choose another "
+                                   f"--out")
             if resume and not out_dir.is_dir():
                 raise UsageProblem(f"--out {out_dir}: no such folder; nothing to resume")
+        with contextlib.ExitStack() as held:
 
             def lock_if_marked() -> bool:
                 """Locks OUT when musco-core marked it, before its state is read: a writer may be committing there."""
@@ -543,11 +545,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
                                                calibration_data=calibration, registry=registry)
                 codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
-                begun = checked_schedule(model, document, str(config_path), registry)
-                if codec.unstructure(begun) != codec.unstructure(compressor.initial_schedule):
-                    raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began with "
-                                       f"(with --target, if one was given); resume with that schedule, or start a new "
-                                       f"run with --overwrite")
+                with _on_every_rank(group, "the schedule to resume"):
+                    begun = checked_schedule(model, document, str(config_path), registry)
+                    if codec.unstructure(begun) != codec.unstructure(compressor.initial_schedule):
+                        raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began "
+                                           f"with (with --target, if one was given); resume with that schedule, or "
+                                           f"start a new run with --overwrite")
             else:
                 compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
                                                                                        registry),
@@ -588,6 +591,22 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
         if group is None or group.first:
             click.echo(compressor.report().to_table())
             click.echo(f"\nsaved to {out_dir}")
+
+
+@contextlib.contextmanager
+def _on_every_rank(group, what: str):
+    """The body's failure on any rank of a torchrun job raised on every rank, naming that rank and ``what``
+    (:func:`musco_core.distributed.agreement`), a UsageProblem as a ConfigError: a rank refusing alone left the
+    others failing on a dropped connection, reported as a bug in musco-core. The body must run no collective."""
+    from . import distributed
+
+    with distributed.agreement(group, what):
+        try:
+            yield
+        except UsageProblem as exc:
+            if group is None:
+                raise
+            raise ConfigError(exc.format_message()) from exc
 
 
 #: The parts ``--target`` may add after METRIC:REDUCTION, by the budget key they set.

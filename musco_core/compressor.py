@@ -144,35 +144,39 @@ class Compressor:
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
                  seed: int = 0, registry: Registry | None = None, progress: bool = True,
                  calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
-        registry = registry or default_registry()
-        model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
-        _check_materialized(model)
-        _check_plain(model)
-        model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
-                                                  "or pass inplace=True to compress the model itself")
-        stats = as_model_stats(model_stats, model, registry, example_input)
-        carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
-            isinstance(model_compr_kwargs, Mapping) and "version" in model_compr_kwargs)
-        if carries_settings:
-            _refuse_run_arguments({"ft_every": (ft_every, 1, "ft_every"), "seed": (seed, 0, "seed"),
-                                   "nglobal_compress_iters": (nglobal_compress_iters, None, "nglobal_compress_iters"),
-                                   "all_algo_kwargs": (all_algo_kwargs, None, "algo_kwargs")}, config_type)
-            left_out = dict(stats.excluded)
-        else:
-            model_compr_kwargs, left_out = _original_layers(model, stats, model_compr_kwargs, config_type, registry)
-        # None is the default (ft_every's: every layer in one step, set below), and so is 0, as in the original
-        # (which took any false value for it); False or [] are checked, and refused
-        ft_every, nglobal_compress_iters = (None if type(value) is int and value == 0 else value
-                                            for value in (ft_every, nglobal_compress_iters))
-        settings = {"ft_every": 1 if ft_every is None else ft_every, "seed": seed,
-                    "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
-                    "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
-        schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
-        if ft_every is None:
-            schedule = attrs.evolve(schedule, settings=attrs.evolve(
-                schedule.settings, ft_every=max(1, len(schedule.compressed_layers()))))
-        calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
-        check_model_inputs(schedule, registry, example_input, stats)
+        # checked on every rank before the first collective (start_run's): a rank refusing alone would leave the
+        # others failing on a dropped connection
+        with distributed.agreement(distributed.current(), "checking the Compressor's arguments"):
+            registry = registry or default_registry()
+            model = unwrapped(model)  # the schedule names the layers of the module inside, as steps and saves do
+            _check_materialized(model)
+            _check_plain(model)
+            model = model if inplace else deep_copy(model, "Compressor copies the model unless inplace=True",
+                                                      "or pass inplace=True to compress the model itself")
+            stats = as_model_stats(model_stats, model, registry, example_input)
+            carries_settings = isinstance(model_compr_kwargs, ModelSchedule) or (
+                isinstance(model_compr_kwargs, Mapping) and "version" in model_compr_kwargs)
+            if carries_settings:
+                _refuse_run_arguments({"ft_every": (ft_every, 1, "ft_every"), "seed": (seed, 0, "seed"),
+                                       "nglobal_compress_iters": (nglobal_compress_iters, None,
+                                                                  "nglobal_compress_iters"),
+                                       "all_algo_kwargs": (all_algo_kwargs, None, "algo_kwargs")}, config_type)
+                left_out = dict(stats.excluded)
+            else:
+                model_compr_kwargs, left_out = _original_layers(model, stats, model_compr_kwargs, config_type, registry)
+            # None is the default (ft_every's: every layer in one step, set below), and so is 0, as in the original
+            # (which took any false value for it); False or [] are checked, and refused
+            ft_every, nglobal_compress_iters = (None if type(value) is int and value == 0 else value
+                                                for value in (ft_every, nglobal_compress_iters))
+            settings = {"ft_every": 1 if ft_every is None else ft_every, "seed": seed,
+                        "nglobal_compress_iters": 1 if nglobal_compress_iters is None else nglobal_compress_iters,
+                        "algo_kwargs": {} if all_algo_kwargs is None else all_algo_kwargs}
+            schedule = checked_schedule(model, model_compr_kwargs, "model_compr_kwargs", registry, settings, stats)
+            if ft_every is None:
+                schedule = attrs.evolve(schedule, settings=attrs.evolve(
+                    schedule.settings, ft_every=max(1, len(schedule.compressed_layers()))))
+            calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
+            check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out, example_input),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input,
                                 began_factorized=factor_layouts(model)))

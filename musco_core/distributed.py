@@ -75,19 +75,38 @@ def process_group_from_env(timeout: datetime.timedelta | None = None) -> Iterato
     """The default process group of a ``torchrun`` job (None for a single process), initialized from the variables
     torchrun sets (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when they ask for two or more
     processes and none is initialized yet, and destroyed on leaving (a gloo group left to the interpreter's exit
-    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective."""
+    aborts the process): NCCL when CUDA is available, gloo otherwise. ``timeout`` bounds every collective. An
+    environment that cannot make the group (no ``MASTER_ADDR``) is a ConfigError."""
     started = not dist.is_initialized() and launched_for_several()
     if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        try:
+            dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        except (ValueError, RuntimeError) as exc:  # the environment's, not ours: a missing variable, a bad address
+            raise errors.ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a torch.distributed job, but "
+                                     f"its {backend} process group could not be initialized: {one_line(str(exc), 500)}"
+                                     f"; launch with torchrun, which sets RANK, MASTER_ADDR and MASTER_PORT") from exc
         log.info("process group initialized: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     try:
         yield current()
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _collective(group: Group, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``operation(*args, **kwargs)``, a collective; its failure (a peer that died, or did not answer within the
+    process group's timeout) as one CompressionError saying so, not the backend's RuntimeError, which the CLI would
+    report as a bug in musco-core."""
+    try:
+        operation(*args, **kwargs)
+    except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistError) subclasses
+        raise CompressionError(f"rank {group.rank} of {group.world_size}: {operation.__name__} with the other ranks "
+                               f"failed: another rank stopped (killed, out of memory, or an error outside "
+                               f"musco-core: see its log) or did not answer within the process group's timeout: "
+                               f"{one_line(str(exc), 500)}") from exc
 
 
 # -- agreeing on success ---------------------------------------------------------------------------------------
@@ -114,7 +133,7 @@ def agreement(group: Group | None, what: str) -> Iterator[None]:
         error = exc
     flag = torch.tensor([group.rank if error is not None else group.world_size], dtype=torch.int64,
                         device=group.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    _collective(group, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
     failed = int(flag.item())
     if failed == group.world_size:
         return
@@ -148,7 +167,7 @@ def first_holding(group: Group | None, holds: bool) -> int | None:
     if group is None:
         return 0 if holds else None
     flag = torch.tensor([group.rank if holds else group.world_size], dtype=torch.int64, device=group.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    _collective(group, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
     found = int(flag.item())
     return None if found == group.world_size else found
 
@@ -161,10 +180,10 @@ def broadcast_json(group: Group | None, value: Any, src: int = 0) -> Any:
         return value
     payload = json.dumps(value).encode("utf-8") if group.rank == src else b""
     size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
-    dist.broadcast(size, src=src)
+    _collective(group, dist.broadcast, size, src=src)
     buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device) if group.rank == src
               else torch.empty(int(size.item()), dtype=torch.uint8, device=group.device))
-    dist.broadcast(buffer, src=src)
+    _collective(group, dist.broadcast, buffer, src=src)
     return json.loads(buffer.cpu().numpy().tobytes().decode("utf-8"))
 
 
@@ -173,7 +192,7 @@ def broadcast_tensors(group: Group, tensors: Iterable[torch.Tensor], src: int) -
     for tensor in tensors:
         direct = tensor.device == group.device and tensor.is_contiguous()
         buffer = tensor.detach() if direct else tensor.detach().to(group.device).contiguous()
-        dist.broadcast(buffer, src=src)
+        _collective(group, dist.broadcast, buffer, src=src)
         if not direct:
             with torch.no_grad():
                 tensor.copy_(buffer)
@@ -181,7 +200,7 @@ def broadcast_tensors(group: Group, tensors: Iterable[torch.Tensor], src: int) -
 
 def _all_reduce_sum(group: Group, tensor: torch.Tensor) -> torch.Tensor:
     buffer = tensor.to(group.device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    _collective(group, dist.all_reduce, buffer, op=dist.ReduceOp.SUM)
     return buffer.to(tensor.device)
 
 
@@ -240,17 +259,26 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_replicas(group: Group | None, model: nn.Module) -> None:
-    """A ConfigError on every rank unless every rank's model is bitwise rank 0's: the step decomposes each layer on
-    one rank and gives its factors to all, so replicas that differ would be silently mixed."""
+def check_replicas(group: Group | None, model: nn.Module, agreed: Mapping[str, Any] | None = None) -> None:
+    """A ConfigError on every rank unless every rank's model is bitwise rank 0's, and so is each value of
+    ``agreed`` (JSON data, by what it is: the schedule, the example input's shapes...): the step decomposes each
+    layer on one rank and gives its factors to all, so replicas that differ would be silently mixed, and ranks that
+    plan other work would leave each other waiting in collectives that do not match."""
     if group is None:
         return
-    reference = broadcast_json(group, fingerprint(model) if group.first else None, src=0)
+    mine = {"model": fingerprint(model)}
+    for what, value in (agreed or {}).items():
+        mine[what] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    reference = broadcast_json(group, mine if group.first else None, src=0)
     with agreement(group, "checking the replicas"):
-        if fingerprint(model) != reference:
+        if mine["model"] != reference["model"]:
             raise errors.ConfigError("this rank's model differs from rank 0's; every rank must hold the same "
                                      "weights when a compression step starts (load the same checkpoint, or fine-tune "
                                      "with DistributedDataParallel, which keeps them equal)")
+        if differing := [what for what in mine if mine[what] != reference.get(what)]:
+            raise errors.ConfigError(f"this rank's {' and '.join(differing)} differ from rank 0's; every rank must "
+                                     f"call the same step of the same run, with the same example input and plugins, "
+                                     f"each with or without calibration data and evaluate as every other")
 
 
 # -- sharing the decompositions of a step ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .factors import chain_cost, layer_layout
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
-from .state import RunContext, RunState
+from .state import RunContext, RunState, StateCodec
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
 from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, held_elsewhere, module_paths,
@@ -369,7 +369,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     if state.done:
         raise MuscoError(f"compression is done: all {len(state.steps)} steps were taken")
     group = distributed.current()
-    distributed.check_replicas(group, model)
+    distributed.check_replicas(group, model, _agreed(state, context) if group else None)
     schedule, registry = state.schedule, context.registry
     names = state.steps[state.next_step]
     modules = dict(model.named_modules())
@@ -473,6 +473,22 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     budgets = _with_kept_after_plan(state, budgets, [name for name in planned if pending[name].new is None])
     return model, attrs.evolve(state, next_step=state.next_step + 1, allocated=allocated,
                                history=state.history + results, budgets=tuple(budgets))
+
+
+def _agreed(state: RunState, context: RunContext) -> dict[str, Any]:
+    """What every rank of a distributed job must share when a step starts, besides the weights: the run (its
+    schedule, plan and progress; not its history, which holds timings), the example input's shapes, the registry's
+    components, and whether calibration data and ``evaluate`` are given (a rank without them would skip the
+    collectives of the others)."""
+    run = StateCodec(context.registry).unstructure(state)
+    components = {role.title: {name: [entry.source.name, entry.source.version,
+                                      f"{entry.component.__module__}.{entry.component.__qualname__}"]
+                               for name, entry in role.entries.items()} for role in context.registry.roles}
+    return {"schedule or run state": {key: value for key, value in run.items() if key not in ("history", "budgets")},
+            "example input": describe_input(context.example_input),  # its values only rank 0's timings use
+            "plugins": components,
+            "calibration data or evaluate (given or not)": [context.calibration_data is not None,
+                                                            context.evaluate is not None]}
 
 
 def _keep_unfaithful(model: nn.Module, pending: dict[str, Pending], paths: Mapping[int, list[str]],

@@ -8,6 +8,10 @@ and MASTER_PORT, as torchrun sets them). Also imported by the test for the singl
     python distributed_worker.py latency OUT           # a latency budget whose layer timings differ between ranks
     python distributed_worker.py moments OUT           # output moments (output weighting) of each rank's shard,
                                                        # summed over the ranks: OUT/moments-R.safetensors
+    python distributed_worker.py disagree OUT          # rank 1 differs from rank 0 in one thing (DISAGREEMENTS)
+                                                       # when a step starts: the errors in OUT/rank-R.json
+    python distributed_worker.py killed OUT            # rank 1 dies while decomposing: rank 0's error in
+                                                       # OUT/rank-0.json
     python distributed_worker.py empty OUT             # runs with one calibration batch, one rank's shard empty
                                                        # (EMPTY_SHARD_CASES): OUT/empty-CASE-R.safetensors, or
                                                        # the error (no rank's shard holds it) in OUT/rank-R.json
@@ -168,6 +172,33 @@ def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor
     return compressor
 
 
+#: What rank 1 passes other than rank 0, case by case: each must be refused on every rank when the step starts.
+DISAGREEMENTS = {"schedule or run state": "a manual rank of 3, not 4", "example input": "another shape",
+                 "plugins": "without musco_plugins.cp", "calibration data or evaluate (given or not)": "no evaluate",
+                 "arguments": "a schedule that only rank 1 refuses"}
+
+
+def disagreeing_step(case: str, rank: int) -> None:
+    """The first step of an svd run of a small MLP, rank 1 passing something other than rank 0 (``case``); with
+    ``case`` "arguments", a schedule that only rank 1 refuses (rank 8 where svd can use 4 at most)."""
+    other = rank == 1
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ranks = [8 if other and case == "arguments" else 3 if other and case == "schedule or run state" else 4]
+    schedule = {"version": 1, "settings": {"ft_every": 2},
+                "layers": dict.fromkeys(("0", "2"), {"decomposition": "svd", "rank_selection": "manual",
+                                                     "manual_rank": ranks})}
+    example = torch.ones(2 if other and case == "example input" else 1, 16)
+    if other and case == "plugins":
+        os.environ["MUSCO_DISABLE_PLUGINS"] = "musco_plugins.cp"
+    try:
+        evaluate = None if other and case.startswith("calibration") else (lambda model: 0.0)
+        Compressor(net, model_compr_kwargs=schedule, example_input=example, progress=False, evaluate=evaluate,
+                   registry=default_registry()).compression_step()
+    finally:
+        os.environ.pop("MUSCO_DISABLE_PLUGINS", None)
+
+
 def weights(compressor: Compressor) -> dict[str, torch.Tensor]:
     """The model's weights now (the keys standardize_model leaves, without changing the model)."""
     return {key: value.detach().clone().contiguous() for key, value in compressor.compressed_model.state_dict().items()}
@@ -179,7 +210,8 @@ def history(compressor: Compressor) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments", "empty"])
+    parser.add_argument("scenario", choices=["run", "resume", "resume_other", "fail", "latency", "moments", "empty",
+                                             "disagree", "killed"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
@@ -194,6 +226,24 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
     state_dir = args.out / "ckpt"
     if args.scenario == "moments":
         save_file(output_moments(rank, world_size, group), str(args.out / f"moments-{rank}.safetensors"))
+        return 0
+    if args.scenario == "killed":
+        if rank == 1:
+            import musco_core.run
+            musco_core.run.compress_layer = lambda *args, **kwargs: os._exit(9)
+        try:
+            disagreeing_step("none", rank)  # one layer for each rank
+        except MuscoError as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+        return 0
+    if args.scenario == "disagree":
+        for case in DISAGREEMENTS:
+            try:
+                disagreeing_step(case, rank)
+            except MuscoError as exc:
+                record.setdefault("errors", {})[case] = f"{type(exc).__name__}: {exc}"
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
         return 0
     if args.scenario == "empty":
         for case in EMPTY_SHARD_CASES:

@@ -176,6 +176,33 @@ def test_a_rank_that_fails_fails_every_rank_with_models_untouched(tmp_path):
         assert record["untouched"] and record["next_step"] == 1
 
 
+def test_ranks_that_disagree_on_the_run_are_refused_before_any_work(tmp_path):
+    """A schedule that only rank 1 refuses is refused on every rank by the Compressor. Rank 1 with another
+    schedule, example input shape, plugins or no evaluate: refused on every rank when the step starts (another
+    schedule used to mix rank 1's ranks into rank 0's model silently; another plan of steps left the ranks waiting
+    in collectives that did not match until the timeout)."""
+    processes = launch("disagree", str(tmp_path))
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    for record in records(tmp_path):
+        assert record["errors"].keys() == worker.DISAGREEMENTS.keys()
+        refused = record["errors"].pop("arguments")  # rank 0 used to fail on the dropped connection, exit 1
+        assert refused.startswith("ConfigError: rank 1 of 2: checking the Compressor's arguments: model_compr_kwargs: ")
+        assert "manual_rank[0]: [8] exceeds what svd can use" in refused
+        for case, error in record["errors"].items():
+            head = "ConfigError: rank 1 of 2: checking the replicas: this rank's "
+            assert error.startswith(head) and case in error[len(head):error.index(" differ from rank 0's")], error
+
+
+def test_a_rank_that_dies_mid_step_fails_the_others_with_one_clear_error(tmp_path):
+    """Rank 1 is killed while decomposing: rank 0 raises a CompressionError saying another rank stopped (it used to
+    raise gloo's RuntimeError, which the CLI reported as a bug in musco-core)."""
+    processes = launch("killed", str(tmp_path))
+    assert [p.returncode for p in processes] == [0, 9], processes[0].stderr[-2000:]
+    error = json.loads((tmp_path / "rank-0.json").read_text(encoding="utf-8"))["error"]
+    assert error.startswith("CompressionError: rank 0 of 2: all_reduce with the other ranks failed: another rank "
+                            "stopped (killed, out of memory, or an error outside musco-core: see its log)"), error
+
+
 def test_a_rank_resuming_with_other_weights_fails_every_rank(tmp_path):
     started = launch("run", str(tmp_path), "--steps", "1")
     assert [p.returncode for p in started] == [0, 0], started[0].stderr[-2000:] + started[1].stderr[-2000:]
@@ -255,6 +282,50 @@ def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tm
     assert rows[0] == rows[1]
 
 
+def test_musco_compress_with_a_file_one_rank_cannot_read_fails_every_rank_in_one_line(tmp_path):
+    """The model's file is missing on rank 1 alone: every rank exits 2 with rank 1's error (rank 0 used to fail on
+    the dropped connection, exit 1, "a bug in musco-core"), and nothing is written."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL + """
+
+def make_where_readable():
+    import os
+    if os.environ["RANK"] == "1":
+        open("weights-rank-1.bin", "rb")
+    return make()
+""", encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    save_file({"x": torch.randn(8, 3, 8, 8)}, str(tmp_path / "calibration.safetensors"))
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", "compress", "--model",
+                                "cli_model:make_where_readable", "--config", "schedule.yaml", "--calibration",
+                                "calibration.safetensors", "--input-shape", "1,3,8,8", "--quiet", "--out", "out"],
+                       cwd=tmp_path)
+    for process in processes:
+        assert process.returncode == 2, process.stderr[-2000:]
+        assert process.stderr.startswith("musco: error: rank 1 of 2: preparing the run: "), process.stderr[-2000:]
+        assert "weights-rank-1.bin" in process.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_musco_compress_resumed_with_another_schedule_on_one_rank_fails_every_rank_in_one_line(tmp_path):
+    """Rank 1 resumes with another --config: every rank exits 2 with rank 1's error (rank 0 used to go on alone
+    and fail on the dropped connection, exit 1)."""
+    (tmp_path / "cli_model.py").write_text(CLI_MODEL, encoding="utf-8")
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE.replace("whitened_svd", "tucker2"), encoding="utf-8")
+    (tmp_path / "other.yaml").write_text(CLI_SCHEDULE.replace("whitened_svd", "cp3"), encoding="utf-8")
+    run = ("import os, sys; from musco_core.cli import main; other = os.environ['RANK'] == '1' and '--resume' in "
+           "sys.argv; main([a.replace('schedule.yaml', 'other.yaml') if other else a for a in sys.argv[1:]])")
+    args = [sys.executable, "-c", run, "compress", "--model", "cli_model:make", "--config", "schedule.yaml",
+            "--input-shape", "1,3,8,8", "--quiet", "--out", "out"]
+    started = launch(command=args, cwd=tmp_path)
+    assert [p.returncode for p in started] == [0, 0], started[0].stderr[-2000:] + started[1].stderr[-2000:]
+    for process in launch(command=[*args, "--resume"], cwd=tmp_path):
+        assert process.returncode == 2, process.stderr[-2000:]
+        assert process.stderr.startswith("musco: error: rank 1 of 2: the schedule to resume: --config other.yaml: "
+                                         "is not the schedule the run in out began with"), process.stderr[-2000:]
+
+
 def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monkeypatch):
     """Refused inside the group, one rank's exit left another failing to connect to it (exit 1, a gloo error):
     with WORLD_SIZE=2 and no rendezvous address, the refusal must come without trying to make the group."""
@@ -278,6 +349,26 @@ def test_the_distillation_refusal_comes_before_any_process_group(tmp_path, monke
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "--finetune distill runs in one process" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_musco_compress_with_world_size_but_no_rendezvous_address_is_one_clear_error(tmp_path, monkeypatch):
+    """WORLD_SIZE=2 without MASTER_ADDR (not launched by torchrun) was 'musco: internal error: ValueError: ... (a bug
+    in musco-core)', exit 1."""
+    from click.testing import CliRunner
+
+    from musco_core.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for variable in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "schedule.yaml").write_text(CLI_SCHEDULE, encoding="utf-8")
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_model:make", "--config",
+                                       str(tmp_path / "schedule.yaml"), "--quiet", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "WORLD_SIZE=2 asks for a torch.distributed job, but its gloo process group could not be initialized: " \
+        in result.output and "MASTER_ADDR" in result.output
     assert not (tmp_path / "out").exists()
 
 
