@@ -34,9 +34,13 @@ def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params,
     decomposition."""
     spec = layer.spec
     if spec.groups != 1 and spec.in_channels == spec.groups:
+        # cp4 at rank 1 keeps 1 + kh + kw + (outputs per group) weights of each group's kh x kw kernels
+        separable = spec.spatial_dims == 2 and (1 + sum(spec.kernel_size) + spec.out_channels // spec.groups
+                                                < spec.kernel_numel * spec.out_channels // spec.groups)
         return (f"depthwise convolution: each of its {spec.groups} groups has one input channel, which "
-                f"{decomposition} cannot make smaller (a factorization of each kernel, such as cp4, may: name the "
-                f"layer in the schedule to try one)")
+                f"{decomposition} cannot make smaller"
+                + (" (cp4, which factorizes each kernel, may: name the layer in the schedule to try it)"
+                   if separable else ""))
     reason = _group_why_not(one_group(spec), decomposition, rank_selection, params, registry)
     if reason and spec.groups != 1:
         group = one_group(spec)

@@ -237,11 +237,12 @@ def test_a_depthwise_convolutions_reason_is_true_cp4_shrinks_its_kernels(registr
     # the reason said "which no decomposition makes smaller", yet cp4 at rank 1 shrinks each 5x5 kernel to its
     # separable part: EfficientNet-Lite0's block-4 depthwise conv went from 6,000 to 2,880 weights, applied unforced
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 5, padding=2, groups=16), nn.Flatten(),
-                          nn.Linear(16 * 8 * 8, 10)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 5, padding=2, groups=16),
+                          nn.Conv2d(16, 16, 1, groups=16), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
     x = torch.randn(1, 3, 8, 8)
-    reason = generated_exclusions(ModelStats.from_model(model, registry, x), "vbmf")["1"]
-    assert "no decomposition" not in reason and "tucker2 cannot make smaller" in reason
+    reasons = generated_exclusions(ModelStats.from_model(model, registry, x), "vbmf")
+    assert "no decomposition" not in reasons["1"] and "tucker2 cannot make smaller (cp4" in reasons["1"]
+    assert reasons["2"].endswith("which svd cannot make smaller")  # a 1x1 kernel has nothing to factorize
     compressor = Compressor(model, model_compr_kwargs={"1": {"decomposition": "cp4", "rank_selection": "manual",
                                                              "manual_rank": [1]}}, example_input=x, progress=False)
     (result,) = compressor.compression_step()
