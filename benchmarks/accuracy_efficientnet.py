@@ -1,7 +1,7 @@
 """Accuracy on a real pretrained CNN: EfficientNet-Lite0 (ImageNet) at 1.3x and 1.5x fewer MACs.
 
 88% of Lite0's MACs are in its 32 dense 1x1 convolutions (expansions, projections and the head); the stem
-(3 channels) and the depthwise convolutions cannot shrink, and the classifier is the output layer. The 1x1
+(3 channels) and the depthwise convolutions are beyond svd and tucker2, and the classifier is the output layer. The 1x1
 convolutions are compressed by ``svd`` and ``whitened_svd``, with a uniform rate (``param_reduction``, the rate
 chosen so that the whole model reaches the target) and with the whole-model ``budget`` (``flops``, given the
 calibration images so that it allocates by the layers' output errors on them, for ``svd`` too); the schedule

@@ -29,11 +29,18 @@ def _why_not(layer: LayerStats, decomposition: str, rank_selection: str, params,
     """Why the default entry would not shrink this layer (checked from its geometry alone), or None.
 
     A grouped convolution is decomposed group by group, so it is checked as one of its groups: a depthwise one
-    (one input channel per group) has nothing to shrink."""
+    (one input channel per group) has no channels for the default decomposition to shrink. Its kernels may still
+    factorize (cp4 at rank 1 takes a 5x5 one from 25 weights to 12), so the reason names the default, not every
+    decomposition."""
     spec = layer.spec
     if spec.groups != 1 and spec.in_channels == spec.groups:
-        return (f"depthwise convolution: each of its {spec.groups} groups has one input channel, which no "
-                f"decomposition makes smaller")
+        # cp4 at rank 1 keeps 1 + kh + kw + (outputs per group) weights of each group's kh x kw kernels
+        separable = spec.spatial_dims == 2 and (1 + sum(spec.kernel_size) + spec.out_channels // spec.groups
+                                                < spec.kernel_numel * spec.out_channels // spec.groups)
+        return (f"depthwise convolution: each of its {spec.groups} groups has one input channel, which "
+                f"{decomposition} cannot make smaller"
+                + (" (cp4, which factorizes each kernel, may: name the layer in the schedule to try it)"
+                   if separable else ""))
     reason = _group_why_not(one_group(spec), decomposition, rank_selection, params, registry)
     if reason and spec.groups != 1:
         group = one_group(spec)

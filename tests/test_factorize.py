@@ -225,6 +225,15 @@ def test_cp_als_recovers_exact_rank(shape):
     assert err == pytest.approx(_rel(factorize.cp_to_tensor(factors), t), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 9), (1, 1, 25), (1, 9)])
+def test_cp_als_exact_at_its_rank_to_float_rounding(shape):
+    # the normal equations' ridge (10 eps) shrank every solution by 1.2e-6: a depthwise kernel's rank-1 CP (one
+    # group of EfficientNet-Lite0's depthwise convs) erred by 1.14e-6, and the 16 such layers moved its logits 1.9e-5
+    t = torch.randn(*shape, generator=_gen(40))
+    factors, err = factorize.cp_als(t, 1)
+    assert err < 3e-7 and _rel(factorize.cp_to_tensor(factors), t) < 3e-7
+
+
 def test_cp_als_returned_error_is_honest():
     t = torch.randn(10, 8, 6, generator=_gen(15))
     factors, err = factorize.cp_als(t, 3, n_iter_max=7)
