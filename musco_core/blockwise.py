@@ -744,9 +744,9 @@ def _remove_stale_work(parent: Path) -> None:
     for folder in sorted(parent.glob(WORK_PREFIX + "*")):
         marker = io.read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
         if (marker is None or marker["kind"] != WORK_KIND or marker.get("host") != host
-                or io._pid_alive(marker.get("pid"))):
+                or io.pid_alive(marker.get("pid"))):
             continue
-        with io._folder_lock(folder) as alone:
+        with io.folder_lock(folder) as alone:
             if alone:
                 _remove_work(folder, marker.get("pid"))
 
@@ -759,7 +759,7 @@ def _remove_work(folder: Path, pid: Any) -> None:
             continue
         if child.is_symlink():
             files = None
-        elif _SHARD.fullmatch(child.name) and child.is_file() or io._dead_temporary(child):
+        elif _SHARD.fullmatch(child.name) and child.is_file() or io.dead_temporary(child):
             files = [child]
         elif _ACTIVATIONS.fullmatch(child.name) and child.is_dir():
             files = list(child.iterdir())
@@ -1009,8 +1009,8 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         _remove_stale_work(parent)
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
         try:
-            io._write_marker(work, WORK_KIND, run_id)
-            with io._folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
+            io.write_marker(work, WORK_KIND, run_id)
+            with io.folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
                 run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
                 report, write_weights = _blockwise(model, block_names, calibration, source, run)
                 io.save_output_set(output, run.records, write_weights, registry=registry, report=report,

@@ -538,7 +538,7 @@ def test_a_dangling_symlink_as_the_folder_is_one_clear_error(finished_run, tmp_p
 
 @pytest.mark.parametrize("dies_after", [
     "save_model",  # the weights of the new state are written
-    "_write_marker",  # the staging folder is marked as the state it is about to become, not yet renamed
+    "write_marker",  # the staging folder is marked as the state it is about to become, not yet renamed
 ])
 def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path, dies_after):
     """The save is killed inside a new state's staging folder; only musco-core's own leftovers go."""
@@ -844,7 +844,7 @@ def test_a_save_while_another_process_commits_into_the_folder_is_one_error(finis
 
     out = save_compressed(finished_run, tmp_path / "out")
     before = output_snapshot(out)
-    with io._folder_lock(out) as alone:  # held as another process's save holds it
+    with io.folder_lock(out) as alone:  # held as another process's save holds it
         assert alone
         with pytest.raises(ConfigError, match=r"out: another process is saving a model here; run one at a time"):
             save_compressed(finished_run, out)
@@ -949,14 +949,14 @@ def test_a_failing_staging_marker_leaves_no_staging_folder(tmp_path, monkeypatch
     compressor = worker.start()
     compressor.save_state(tmp_path / "ckpt")
     save_compressed(compressor, tmp_path / "out")
-    original = io._write_marker
+    original = io.write_marker
 
     def full_disk(folder, kind, run_id):
         if kind == "staging":
             raise OSError(28, "No space left on device")
         original(folder, kind, run_id)
 
-    monkeypatch.setattr(io, "_write_marker", full_disk)
+    monkeypatch.setattr(io, "write_marker", full_disk)
     for save in (lambda: compressor.save_state(tmp_path / "ckpt"), lambda: save_compressed(compressor, tmp_path / "out")):
         with pytest.raises(OSError, match="No space left"):
             save()
