@@ -684,7 +684,8 @@ def _check_shapes(directory: Path, name: str, record: LayerRecord, aliases: list
 def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry | None = None
                     ) -> nn.Module:
     """Rebuilds the factorized layers of a saved model on an uncompressed instance and loads its weights. A layer the
-    instance has factorized already as the file has it (a run that began on a compressed model) is loaded as it is.
+    instance has factorized already (a run that began on a compressed model) is loaded as it is where the file has
+    it so, and rebuilt as the file has it where the run compressed it again; one of another geometry is refused.
 
     Returns a new model; ``fresh_model`` is not modified, so a file that does not fit leaves nothing half-done.
     A wrapped ``fresh_model`` (``torch.compile``, ``DataParallel``) gives the module inside, as it was saved.
@@ -717,22 +718,22 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
             raise ConfigError(f"{where}: no layer of that name in {type(model).__name__}")
         module = modules[name]
         if isinstance(module, FactorizedLayer):  # an earlier run's result, in a model that began compressed
-            if (module.spec, module.decomposition, module.ranks, module.layouts) != (
+            if (module.spec, module.decomposition, module.ranks, module.layouts) == (
                     record.spec, record.decomposition, tuple(record.ranks), tuple(record.factors)):
-                raise ConfigError(f"{where}: the file has it as {record.decomposition} {tuple(record.ranks)}, the "
-                                  f"model as {module.decomposition} {module.ranks}; load into the architecture the "
-                                  f"model was saved from (that layer dense, or factorized as in the file)")
-            _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
-            continue  # the weights are loaded into it below
-        adapter = registry.adapter_for(module, loading=True)
-        if adapter is None:
-            raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
-                              f"{type(module).__name__} cannot be rebuilt: "
-                              f"{registry.unsupported_reason(module, loading=True)}")
-        if adapter.name != record.spec.adapter:
-            raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
-                              f"{type(module).__name__}")
-        spec, weight, _ = adapter.read(module)
+                _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
+                continue  # the weights are loaded into it below
+            # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
+            adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
+        else:
+            adapter = registry.adapter_for(module, loading=True)
+            if adapter is None:
+                raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
+                                  f"{type(module).__name__} cannot be rebuilt: "
+                                  f"{registry.unsupported_reason(module, loading=True)}")
+            if adapter.name != record.spec.adapter:
+                raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
+                                  f"{type(module).__name__}")
+            spec, weight, _ = adapter.read(module)
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
         _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)

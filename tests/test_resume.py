@@ -309,10 +309,40 @@ def test_a_run_begun_on_a_compressed_model_resumes_from_that_model(tmp_path):
                                                           "manual_rank": [[4, 4]]}}, example_input=x, progress=False)
     other.compression_step()
     save_compressed(other, tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"layer '2': the file has it as tucker2 \(8, 8\), the model as tucker2 "
-                                          r"\(4, 4\)"):
+    # the state's layer '2' is rebuilt as the state has it (8, 8): the model is not the one the run began with
+    with pytest.raises(ConfigError, match=r"params_before: the run began with 11,546 parameters, the model passed to "
+                                          r"resume has 10,986"):
         Compressor.resume(load_compressed(model(), tmp_path / "other"), tmp_path / "ckpt", example_input=x,
                           progress=False)
+
+
+def test_a_run_begun_on_a_compressed_model_resumes_after_compressing_its_factorized_layer_again(tmp_path):
+    # the state holds layer '2' at tucker2 (4, 4), the model the run began with at (8, 8): resume refused with
+    # "layer '2': the file has it as tucker2 (4, 4), the model as tucker2 (8, 8)"
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(16 * 8 * 8, 10))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    first = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                          "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
+    first.compression_step()
+    save_compressed(first, tmp_path / "first")
+    schedule = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[4, 4]]},
+                "5": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    whole = Compressor(load_compressed(model(), tmp_path / "first"), model_compr_kwargs=schedule, example_input=x,
+                       ft_every=1, progress=False)
+    whole.compression_step()
+    whole.save_state(tmp_path / "ckpt")
+    resumed = Compressor.resume(load_compressed(model(), tmp_path / "first"), tmp_path / "ckpt", example_input=x,
+                                progress=False)
+    assert resumed.compressed_model[2].ranks == (4, 4)
+    for run in (whole, resumed):
+        run.compression_step()
+    assert resumed.done and resumed.ranks == whole.ranks == {"2": (4, 4), "5": (4,)}
+    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
 
 
 def test_an_empty_state_file_is_one_clear_error(saved):
