@@ -169,6 +169,7 @@ class Checkpoint:
         if not files or not files[0].is_file():
             raise ConfigError(f"checkpoint {path}: expected a safetensors file, a folder of *.safetensors files or "
                               f"a sharded checkpoint's index")
+        self.path = path  # as given: what its errors name
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
@@ -242,8 +243,8 @@ def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoi
     if checkpoint is not None:
         extra = sorted(set(checkpoint.files) - set(tensors))
         if extra:
-            problems.append(f"checkpoint: {len(extra)} tensor(s) that {type(model).__name__} has no parameter or "
-                            f"buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
+            problems.append(f"checkpoint {checkpoint.path}: {len(extra)} tensor(s) that {type(model).__name__} has "
+                            f"no parameter or buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
                             f"expected the checkpoint of this architecture, keyed as its state_dict()")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
@@ -294,8 +295,8 @@ def _checkpoint_key(tensor: torch.Tensor, names: Sequence[str], checkpoint: Chec
         raise ConfigError(f"{names[0]!r} is on the meta device and no checkpoint was given to read it from")
     key = next((name for name in names if name in checkpoint.files), None)
     if key is None:
-        raise ConfigError(f"checkpoint: no tensor {names[0]!r} (a buffer that is not saved must be built on a real "
-                          f"device, not on meta)")
+        raise ConfigError(f"checkpoint {checkpoint.path}: no tensor {names[0]!r} (a buffer that is not saved must be "
+                          f"built on a real device, not on meta)")
     if checkpoint.shapes[key] != tuple(tensor.shape):
         raise ConfigError(f"checkpoint {checkpoint.files[key]}: {key!r} has shape {checkpoint.shapes[key]}, the "
                           f"model's {tuple(tensor.shape)}")

@@ -321,9 +321,10 @@ def test_a_checkpoint_that_does_not_fit_the_architecture_is_one_error_before_any
     lines = str(error.value).splitlines()
     assert lines[0] == (f"checkpoint {tmp_path / 'other.safetensors'}: 'transformer.h.1.mlp.c_proj.bias' has shape "
                         f"(5,), the model's (32,)")
-    assert lines[1].startswith("checkpoint: no tensor 'transformer.h.2.mlp.c_fc.weight'")
-    assert lines[2].startswith("checkpoint: 12 tensor(s) that GPT2LMHeadModel has no parameter or buffer for: "
-                               "'transformer.h.3.attn.c_attn.bias', ")
+    assert lines[1].startswith(f"checkpoint {tmp_path / 'other.safetensors'}: no tensor "
+                               f"'transformer.h.2.mlp.c_fc.weight'")
+    assert lines[2].startswith(f"checkpoint {tmp_path / 'other.safetensors'}: 12 tensor(s) that GPT2LMHeadModel has "
+                               f"no parameter or buffer for: 'transformer.h.3.attn.c_attn.bias', ")
     assert len(lines) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
     assert (tmp_path / "other.safetensors").read_bytes() == before
