@@ -874,7 +874,9 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
     run.results += results.values()
     for name, new in replacements.items():
         run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
-        run.params_change += count_params(new) - count_params(runner.get_submodule(name))
+    before = count_params(runner)  # the block's, counted as the model counts them: a weight still tied stays
+    with _swapped(runner, replacements):
+        run.params_change += count_params(runner) - before
     return replacements
 
 
