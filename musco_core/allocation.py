@@ -30,7 +30,7 @@ from .report import BudgetRecord
 from .schedule import LayerSchedule, ModelSchedule, RunSettings
 from .state import Allocated, RunContext, RunState
 from .stats import ModelStats
-from .surgery import evaluating, held_elsewhere, module_paths, swapped, tied_parameters
+from .surgery import evaluating, held_elsewhere, module_paths, swapped, tied_by_config, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,11 @@ def allocate_pass(model: nn.Module, name: str, state: RunState, context: RunCont
     pass_index = pass_of(name)
     members = [other for other in state.layer_names if schedule.layers[other].rank_selection == selector.name
                and pass_of(other) == pass_index]
-    # the step keeps a layer whose weights are tied to another module's (unless forced): counted as it is, not planned
+    # the step keeps a layer whose weights are tied to another module's (unless forced, and even then one that a
+    # transformers 4 model ties by its config, see run_step): counted as it is, not planned
     tied_to = tied_parameters(model, members)
-    tied = [other for other in tied_to if not schedule.layers[other].force]
+    tied = [other for other in tied_to if not schedule.layers[other].force
+            or tied_by_config(model, model.get_submodule(other))]
     members = [other for other in members if other not in tied]
     input_stats = input_stats_for([other for other in members if forms_features(
         read_layer(model.get_submodule(other), registry, other)[1].spec)])

@@ -169,6 +169,7 @@ class Checkpoint:
         if not files or not files[0].is_file():
             raise ConfigError(f"checkpoint {path}: expected a safetensors file, a folder of *.safetensors files or "
                               f"a sharded checkpoint's index")
+        self.path = path  # as given: what its errors name
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
@@ -242,8 +243,8 @@ def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoi
     if checkpoint is not None:
         extra = sorted(set(checkpoint.files) - set(tensors))
         if extra:
-            problems.append(f"checkpoint: {len(extra)} tensor(s) that {type(model).__name__} has no parameter or "
-                            f"buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
+            problems.append(f"checkpoint {checkpoint.path}: {len(extra)} tensor(s) that {type(model).__name__} has "
+                            f"no parameter or buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
                             f"expected the checkpoint of this architecture, keyed as its state_dict()")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
@@ -294,8 +295,8 @@ def _checkpoint_key(tensor: torch.Tensor, names: Sequence[str], checkpoint: Chec
         raise ConfigError(f"{names[0]!r} is on the meta device and no checkpoint was given to read it from")
     key = next((name for name in names if name in checkpoint.files), None)
     if key is None:
-        raise ConfigError(f"checkpoint: no tensor {names[0]!r} (a buffer that is not saved must be built on a real "
-                          f"device, not on meta)")
+        raise ConfigError(f"checkpoint {checkpoint.path}: no tensor {names[0]!r} (a buffer that is not saved must be "
+                          f"built on a real device, not on meta)")
     if checkpoint.shapes[key] != tuple(tensor.shape):
         raise ConfigError(f"checkpoint {checkpoint.files[key]}: {key!r} has shape {checkpoint.shapes[key]}, the "
                           f"model's {tuple(tensor.shape)}")
@@ -744,9 +745,9 @@ def _remove_stale_work(parent: Path) -> None:
     for folder in sorted(parent.glob(WORK_PREFIX + "*")):
         marker = io.read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
         if (marker is None or marker["kind"] != WORK_KIND or marker.get("host") != host
-                or io._pid_alive(marker.get("pid"))):
+                or io.pid_alive(marker.get("pid"))):
             continue
-        with io._folder_lock(folder) as alone:
+        with io.folder_lock(folder) as alone:
             if alone:
                 _remove_work(folder, marker.get("pid"))
 
@@ -759,7 +760,7 @@ def _remove_work(folder: Path, pid: Any) -> None:
             continue
         if child.is_symlink():
             files = None
-        elif _SHARD.fullmatch(child.name) and child.is_file() or io._dead_temporary(child):
+        elif _SHARD.fullmatch(child.name) and child.is_file() or io.dead_temporary(child):
             files = [child]
         elif _ACTIVATIONS.fullmatch(child.name) and child.is_dir():
             files = list(child.iterdir())
@@ -873,7 +874,9 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
     run.results += results.values()
     for name, new in replacements.items():
         run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))
-        run.params_change += count_params(new) - count_params(runner.get_submodule(name))
+    before = count_params(runner)  # the block's, counted as the model counts them: a weight still tied stays
+    with _swapped(runner, replacements):
+        run.params_change += count_params(runner) - before
     return replacements
 
 
@@ -1009,8 +1012,8 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         _remove_stale_work(parent)
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
         try:
-            io._write_marker(work, WORK_KIND, run_id)
-            with io._folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
+            io.write_marker(work, WORK_KIND, run_id)
+            with io.folder_lock(work):  # held while the run lives: a later run never removes a live run's folder
                 run = _Run(checked, registry, device, work, offload, progress, tied_parameters(model, layers))
                 report, write_weights = _blockwise(model, block_names, calibration, source, run)
                 io.save_output_set(output, run.records, write_weights, registry=registry, report=report,

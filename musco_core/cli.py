@@ -404,13 +404,6 @@ def _setup_logging(quiet: bool) -> None:
                         stream=sys.stderr)
 
 
-def _finite(context: click.Context, parameter: click.Parameter, value: float | None) -> float | None:
-    """A number option's value, refused at parse time when infinite or NaN (click's FloatRange lets them through)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
-
-
 def _learning_rate(context: click.Context, parameter: click.Parameter, value: float | None) -> float | None:
     """--distill-lr, refused at parse time unless distill would take it (a number it can step with)."""
     problem = None if value is None else lr_problem(value)

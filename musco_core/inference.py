@@ -29,8 +29,9 @@ Four rewrites, each exact up to float rounding, made only where the model's data
 No rewrite touches a module that computes more than its torch class does (the rule of
 :func:`~musco_core.surgery.why_not_replaceable`: a computation of its own, hooks, a parametrization), a container
 with hooks, or a layer whose parameters another module shares (tied weights, also another Parameter over the same
-memory, such as a view of it): folding or replacing the layer would cut it off from that holder. Folding gives the layer new parameters rather than writing the old ones, which
-other Parameters can view. Merged layers are stock torch layers, whatever subclass the factors are.
+memory, such as a view of it): folding or replacing the layer would cut it off from that holder. Folding gives the
+layer new parameters rather than writing the old ones, which other Parameters can view. Merged layers are stock
+torch layers, whatever subclass the factors are.
 
 With an example input the result is checked: its outputs on that input must equal the eval-mode model's
 (:data:`CHECK_TOLERANCE`); where they do not, it is made again without BatchNorm folding, then without any

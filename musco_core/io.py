@@ -108,7 +108,9 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data
 
 
-def _write_marker(folder: Path, kind: str, run_id: str | None) -> None:
+def write_marker(folder: Path, kind: str, run_id: str | None) -> None:
+    """Marks ``folder`` as musco-core's ``kind`` folder of the run ``run_id``, written by this process on this host
+    (:func:`read_marker` reads it back; the pid and host let a later run tell a killed writer's folder)."""
     write_text_atomic(folder / MARKER, yaml.safe_dump({"created_by": "musco-core", "kind": kind, "run_id": run_id,
                                                        "pid": os.getpid(), "host": socket.gethostname()},
                                                       sort_keys=False))
@@ -128,7 +130,7 @@ def claim_folder(folder: str | os.PathLike, kind: str, run_id: str | None, *, ov
         log.info("%s: now the %s folder of run %s (it was the %s folder of run %s)", folder, kind, run_id,
                  marker["kind"], marker.get("run_id"))
     folder.mkdir(parents=True, exist_ok=True)
-    _write_marker(folder, kind, run_id)
+    write_marker(folder, kind, run_id)
     fsync_dir(folder)
     fsync_dir(folder.parent)
     return folder
@@ -204,7 +206,7 @@ def _in_the_way(folder: Path, kind: str) -> list[str]:
 def unused_run_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` was claimed by a musco-core run that saved nothing in it, so a new run may take it over and
     resuming it starts the run over: it holds only musco-core's bookkeeping, that is the lock and the temporary files
-    of dead processes (:func:`_dead_temporary`), and, where it carries a marker, its marker, staging folders of dead
+    of dead processes (:func:`dead_temporary`), and, where it carries a marker, its marker, staging folders of dead
     processes and folders that hold nothing else themselves. A folder without a marker (or an empty one) is unused
     when it holds nothing but the lock and dead temporary files: a run killed before it wrote its marker."""
     folder = Path(folder)
@@ -212,33 +214,35 @@ def unused_run_folder(folder: str | os.PathLike) -> bool:
         return False
     marked = read_marker(folder) is not None
     for child in folder.iterdir():
-        if child.name == LOCK_FILE or _dead_temporary(child) or marked and child.name == MARKER:
+        if child.name == LOCK_FILE or dead_temporary(child) or marked and child.name == MARKER:
             continue
         if not marked or child.is_symlink() or not child.is_dir():
             return False
         marker = read_marker(child)
-        if not (marker is not None and marker["kind"] == "staging" and not _pid_alive(marker.get("pid"))
+        if not (marker is not None and marker["kind"] == "staging" and not pid_alive(marker.get("pid"))
                 or unused_run_folder(child)):
             return False
     return True
 
 
-def _dead_temporary(path: Path) -> bool:
+def dead_temporary(path: Path) -> bool:
     """Whether ``path`` is the temporary file of a marker, journal or LATEST that a killed process left: that exact
     name (:data:`OWN_TEMPORARY` of one of :data:`ATOMIC_FILES`), a regular file, and the pid in it no longer runs."""
     named = OWN_TEMPORARY.fullmatch(path.name)
     return (named is not None and named[1] in ATOMIC_FILES and path.is_file() and not path.is_symlink()
-            and not _pid_alive(int(named[2])))
+            and not pid_alive(int(named[2])))
 
 
 def _remove_dead_temporaries(folder: Path) -> None:
-    """Removes the temporary files killed processes left directly inside ``folder`` (:func:`_dead_temporary`)."""
+    """Removes the temporary files killed processes left directly inside ``folder`` (:func:`dead_temporary`)."""
     for child in folder.iterdir():
-        if _dead_temporary(child):
+        if dead_temporary(child):
             child.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` (as a marker or a temporary file's name holds it) is a process running on this host; an
+    invalid pid is not. A process of another user counts as running."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():
@@ -287,7 +291,7 @@ def _remove_dead_staging(folder: Path) -> None:
     Only musco-core's own files go (:func:`_remove_ours`)."""
     for child in folder.iterdir():
         named = STAGING_NAME.fullmatch(child.name)
-        if named is None or not child.is_dir() or child.is_symlink() or _pid_alive(int(named[1])):
+        if named is None or not child.is_dir() or child.is_symlink() or pid_alive(int(named[1])):
             continue
         marker = read_marker(child)
         if marker is None or marker["kind"] in ("staging", "state"):
@@ -301,12 +305,13 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _folder_lock(directory: Path, *, wait: bool = False) -> Iterator[bool]:
+def folder_lock(directory: Path, *, wait: bool = False) -> Iterator[bool]:
     """Holds an advisory lock on the folder itself (no file is added to it) while musco-core changes what it wrote
-    there: a state saved and older states removed, an output set committed. Yields False, holding nothing, where
-    another process holds it (or, with ``wait``, waits for it): two processes saving states of one run into one
-    folder at once would each remove the other's newest state, and a reader finishing a commit (its journal) while
-    the writer does would fail the writer's save. Unguarded where folders cannot be locked (see
+    there: a state saved and older states removed, an output set committed; and on a blockwise run's work folder
+    while the run lives, so that no later run removes it (:mod:`musco_core.blockwise`). Yields False, holding
+    nothing, where another process holds it (or, with ``wait``, waits for it): two processes saving states of one
+    run into one folder at once would each remove the other's newest state, and a reader finishing a commit (its
+    journal) while the writer does would fail the writer's save. Unguarded where folders cannot be locked (see
     :func:`~musco_core.schedule.advisory_lock`: NFS locks need a file open for writing)."""
     descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -321,7 +326,7 @@ def _new_staging(parent: Path, prefix: str, run_id: str | None) -> Path:
     staging = parent / f".{prefix}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_marker(staging, "staging", run_id)
+        write_marker(staging, "staging", run_id)
     except BaseException:
         _remove_ours(staging)
         raise
@@ -566,14 +571,14 @@ def _finish_pending(directory: Path) -> None:
     """Finishes a commit an interrupted save left in ``directory`` before it is read; one a live writer is finishing
     is waited for, not done twice."""
     if (directory / JOURNAL).exists():
-        with _folder_lock(directory, wait=True):
+        with folder_lock(directory, wait=True):
             if (directory / JOURNAL).exists():
                 _finish_commit(directory)
 
 
 def _commit_set(directory: Path, write: Callable[[Path], list[str]], run_id: str | None) -> None:
     """Writes a new output set with ``write(staging)`` and swaps it in as a whole (see the module docstring)."""
-    with _folder_lock(directory) as alone:
+    with folder_lock(directory) as alone:
         if not alone:
             raise ConfigError(f"{directory}: another process is saving a model here; run one at a time, or save to "
                               f"another folder")
@@ -679,7 +684,8 @@ def _check_shapes(directory: Path, name: str, record: LayerRecord, aliases: list
 def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry | None = None
                     ) -> nn.Module:
     """Rebuilds the factorized layers of a saved model on an uncompressed instance and loads its weights. A layer the
-    instance has factorized already as the file has it (a run that began on a compressed model) is loaded as it is.
+    instance has factorized already (a run that began on a compressed model) is loaded as it is where the file has
+    it so, and rebuilt as the file has it where the run compressed it again; one of another geometry is refused.
 
     Returns a new model; ``fresh_model`` is not modified, so a file that does not fit leaves nothing half-done.
     A wrapped ``fresh_model`` (``torch.compile``, ``DataParallel``) gives the module inside, as it was saved.
@@ -712,22 +718,22 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
             raise ConfigError(f"{where}: no layer of that name in {type(model).__name__}")
         module = modules[name]
         if isinstance(module, FactorizedLayer):  # an earlier run's result, in a model that began compressed
-            if (module.spec, module.decomposition, module.ranks, module.layouts) != (
+            if (module.spec, module.decomposition, module.ranks, module.layouts) == (
                     record.spec, record.decomposition, tuple(record.ranks), tuple(record.factors)):
-                raise ConfigError(f"{where}: the file has it as {record.decomposition} {tuple(record.ranks)}, the "
-                                  f"model as {module.decomposition} {module.ranks}; load into the architecture the "
-                                  f"model was saved from (that layer dense, or factorized as in the file)")
-            _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
-            continue  # the weights are loaded into it below
-        adapter = registry.adapter_for(module, loading=True)
-        if adapter is None:
-            raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
-                              f"{type(module).__name__} cannot be rebuilt: "
-                              f"{registry.unsupported_reason(module, loading=True)}")
-        if adapter.name != record.spec.adapter:
-            raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
-                              f"{type(module).__name__}")
-        spec, weight, _ = adapter.read(module)
+                _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
+                continue  # the weights are loaded into it below
+            # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
+            adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
+        else:
+            adapter = registry.adapter_for(module, loading=True)
+            if adapter is None:
+                raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "
+                                  f"{type(module).__name__} cannot be rebuilt: "
+                                  f"{registry.unsupported_reason(module, loading=True)}")
+            if adapter.name != record.spec.adapter:
+                raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model a "
+                                  f"{type(module).__name__}")
+            spec, weight, _ = adapter.read(module)
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
         _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
@@ -792,7 +798,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
     model = unwrapped(model)
     check_saveable(model, registry, state)
     directory = claim_folder(directory, "checkpoints", state.run_id, overwrite=overwrite)
-    with _folder_lock(directory) as alone:
+    with folder_lock(directory) as alone:
         if not alone:
             raise ConfigError(f"{directory}: another process is saving a state here (two processes continuing one "
                               f"run?); each of them would remove the other's newest state: run one at a time")
@@ -806,7 +812,7 @@ def save_state(model: nn.Module, state: RunState, directory: str | os.PathLike, 
             _write_set_files(staging, model, registry, report, uuid.uuid4().hex)
             write_text_atomic(staging / STATE_FILE, yaml.safe_dump(StateCodec(registry).unstructure(state),
                                                                    sort_keys=False, default_flow_style=None))
-            _write_marker(staging, "state", state.run_id)
+            write_marker(staging, "state", state.run_id)
             fsync_dir(staging)
             os.replace(staging, target)
         except BaseException:
@@ -842,7 +848,7 @@ def tidy_checkpoints(directory: str | os.PathLike) -> None:
     that one (saved meanwhile by another process resuming the folder) is kept, and nothing is removed while another
     process saves a state there. A folder that cannot be tidied (read-only, say) is left as it is, with a
     warning."""
-    with _folder_lock(Path(directory)) as alone:
+    with folder_lock(Path(directory)) as alone:
         if not alone:
             log.info("%s: another process is saving a state here; its older states are left to it", directory)
             return

@@ -254,6 +254,26 @@ def test_blocks_must_hold_their_own_weights(tmp_path):
         compress_blockwise(model, plan, ["0", "2"], tmp_path / "out", progress=False)
 
 
+def test_a_forced_layer_tied_inside_its_block_counts_the_weight_that_stays(tmp_path):
+    # the report counted the shared weight as gone with the forced layer: 8384 -> 5312 parameters, the saved model
+    # holds 9408 (the factors are added, the weight stays with the other layer)
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), nn.ReLU(),
+                            nn.Linear(64, 64))
+        net[0][2].weight = net[0][0].weight
+        return net
+
+    plan = schedule(["0.0"], decomposition="svd", rank_selection="manual", manual_rank=[8])
+    plan["layers"]["0.0"]["force"] = True
+    report = compress_blockwise(model(), plan, ["0"], tmp_path / "out", calibration_data=[torch.randn(4, 64)],
+                                progress=False)
+    loaded = load_compressed(model(), tmp_path / "out")
+    assert isinstance(loaded[0][0], FactorizedLayer)
+    assert (report.params_before, report.params_after) == (8384, sum(p.numel() for p in loaded.parameters()))
+    assert report.params_after == 9408
+
+
 @pytest.mark.parametrize("work_dir, problem", [("missing", "does not exist"), ("file", "is not a folder")])
 def test_a_work_dir_that_is_no_folder_is_one_clear_error(tmp_path, work_dir, problem):
     (tmp_path / "file").write_text("mine")
@@ -321,9 +341,10 @@ def test_a_checkpoint_that_does_not_fit_the_architecture_is_one_error_before_any
     lines = str(error.value).splitlines()
     assert lines[0] == (f"checkpoint {tmp_path / 'other.safetensors'}: 'transformer.h.1.mlp.c_proj.bias' has shape "
                         f"(5,), the model's (32,)")
-    assert lines[1].startswith("checkpoint: no tensor 'transformer.h.2.mlp.c_fc.weight'")
-    assert lines[2].startswith("checkpoint: 12 tensor(s) that GPT2LMHeadModel has no parameter or buffer for: "
-                               "'transformer.h.3.attn.c_attn.bias', ")
+    assert lines[1].startswith(f"checkpoint {tmp_path / 'other.safetensors'}: no tensor "
+                               f"'transformer.h.2.mlp.c_fc.weight'")
+    assert lines[2].startswith(f"checkpoint {tmp_path / 'other.safetensors'}: 12 tensor(s) that GPT2LMHeadModel has "
+                               f"no parameter or buffer for: 'transformer.h.3.attn.c_attn.bias', ")
     assert len(lines) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
     assert (tmp_path / "other.safetensors").read_bytes() == before

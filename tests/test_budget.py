@@ -757,6 +757,32 @@ def test_a_forced_tied_member_is_planned_with_its_shared_weight_staying(registry
     assert (compressor.ranks["a"] is None) == (metric == "params")
 
 
+class ConfigTiedPair(TiedPair):
+    """``a`` tied as a transformers 4 model ties its head: by ``config.tie_word_embeddings``, with no tie mapping."""
+
+    config = types.SimpleNamespace(tie_word_embeddings=True)
+
+    def get_output_embeddings(self):
+        return self.a
+
+
+def test_a_forced_member_that_a_config_ties_is_planned_as_kept(registry):
+    # the step keeps it even forced (transformers 4 would tie it again), but the plan counted it compressed:
+    # planned 1.675x MACs, the model ended 1.387x
+    torch.manual_seed(0)
+    model = make_trained_like(ConfigTiedPair()).eval()
+    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in "acd"}
+    schedule["a"]["force"] = True
+    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
+                            model_compr_kwargs=schedule, all_algo_kwargs={"budget": {"reduction": 1.6,
+                                                                                     "metric": "flops"}})
+    compressor.compression_step()
+    report = compressor.report()
+    assert compressor.ranks["a"] is None and "config.tie_word_embeddings" in compressor.state.history[0].note
+    assert report.budgets[0].planned == pytest.approx(report.macs_ratio)
+    assert report.macs_ratio >= 1.6
+
+
 class BranchOnType(nn.Module):
     """Three hidden Linear layers; the forward treats ``c`` differently once it is no longer an nn.Linear."""
 

@@ -333,7 +333,7 @@ def test_every_writer_runs_unguarded_where_the_file_system_has_no_locks(tmp_path
 
     monkeypatch.setattr(fcntl, "flock", _no_locks)
     if writer == "saving folder":
-        with io._folder_lock(tmp_path) as alone:
+        with io.folder_lock(tmp_path) as alone:
             assert alone
     elif writer == "run output":
         with io.output_lock(tmp_path / "out"):

@@ -309,10 +309,40 @@ def test_a_run_begun_on_a_compressed_model_resumes_from_that_model(tmp_path):
                                                           "manual_rank": [[4, 4]]}}, example_input=x, progress=False)
     other.compression_step()
     save_compressed(other, tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"layer '2': the file has it as tucker2 \(8, 8\), the model as tucker2 "
-                                          r"\(4, 4\)"):
+    # the state's layer '2' is rebuilt as the state has it (8, 8): the model is not the one the run began with
+    with pytest.raises(ConfigError, match=r"params_before: the run began with 11,546 parameters, the model passed to "
+                                          r"resume has 10,986"):
         Compressor.resume(load_compressed(model(), tmp_path / "other"), tmp_path / "ckpt", example_input=x,
                           progress=False)
+
+
+def test_a_run_begun_on_a_compressed_model_resumes_after_compressing_its_factorized_layer_again(tmp_path):
+    # the state holds layer '2' at tucker2 (4, 4), the model the run began with at (8, 8): resume refused with
+    # "layer '2': the file has it as tucker2 (4, 4), the model as tucker2 (8, 8)"
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(16 * 8 * 8, 10))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    first = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                          "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
+    first.compression_step()
+    save_compressed(first, tmp_path / "first")
+    schedule = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[4, 4]]},
+                "5": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
+    whole = Compressor(load_compressed(model(), tmp_path / "first"), model_compr_kwargs=schedule, example_input=x,
+                       ft_every=1, progress=False)
+    whole.compression_step()
+    whole.save_state(tmp_path / "ckpt")
+    resumed = Compressor.resume(load_compressed(model(), tmp_path / "first"), tmp_path / "ckpt", example_input=x,
+                                progress=False)
+    assert resumed.compressed_model[2].ranks == (4, 4)
+    for run in (whole, resumed):
+        run.compression_step()
+    assert resumed.done and resumed.ranks == whole.ranks == {"2": (4, 4), "5": (4,)}
+    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
 
 
 def test_an_empty_state_file_is_one_clear_error(saved):
@@ -538,7 +568,7 @@ def test_a_dangling_symlink_as_the_folder_is_one_clear_error(finished_run, tmp_p
 
 @pytest.mark.parametrize("dies_after", [
     "save_model",  # the weights of the new state are written
-    "_write_marker",  # the staging folder is marked as the state it is about to become, not yet renamed
+    "write_marker",  # the staging folder is marked as the state it is about to become, not yet renamed
 ])
 def test_a_killed_save_leaves_a_staging_folder_that_the_next_save_removes(tmp_path, dies_after):
     """The save is killed inside a new state's staging folder; only musco-core's own leftovers go."""
@@ -844,7 +874,7 @@ def test_a_save_while_another_process_commits_into_the_folder_is_one_error(finis
 
     out = save_compressed(finished_run, tmp_path / "out")
     before = output_snapshot(out)
-    with io._folder_lock(out) as alone:  # held as another process's save holds it
+    with io.folder_lock(out) as alone:  # held as another process's save holds it
         assert alone
         with pytest.raises(ConfigError, match=r"out: another process is saving a model here; run one at a time"):
             save_compressed(finished_run, out)
@@ -949,14 +979,14 @@ def test_a_failing_staging_marker_leaves_no_staging_folder(tmp_path, monkeypatch
     compressor = worker.start()
     compressor.save_state(tmp_path / "ckpt")
     save_compressed(compressor, tmp_path / "out")
-    original = io._write_marker
+    original = io.write_marker
 
     def full_disk(folder, kind, run_id):
         if kind == "staging":
             raise OSError(28, "No space left on device")
         original(folder, kind, run_id)
 
-    monkeypatch.setattr(io, "_write_marker", full_disk)
+    monkeypatch.setattr(io, "write_marker", full_disk)
     for save in (lambda: compressor.save_state(tmp_path / "ckpt"), lambda: save_compressed(compressor, tmp_path / "out")):
         with pytest.raises(OSError, match="No space left"):
             save()
