@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import struct
 import sys
 import tempfile
@@ -741,10 +740,9 @@ def _remove_stale_work(parent: Path) -> None:
     a run writes there (anything else is kept, with the folder). Each removal is logged."""
     if not parent.is_dir():
         return
-    host = socket.gethostname()
     for folder in sorted(parent.glob(WORK_PREFIX + "*")):
         marker = io.read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
-        if (marker is None or marker["kind"] != WORK_KIND or marker.get("host") != host
+        if (marker is None or marker["kind"] != WORK_KIND or "host" not in marker or not io.written_here(marker)
                 or io.pid_alive(marker.get("pid"))):
             continue
         with io.folder_lock(folder) as alone:

@@ -108,6 +108,13 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data
 
 
+def written_here(marker: Mapping[str, Any]) -> bool:
+    """Whether a marker was written on this host (one written before markers named their host counts as this
+    host's): its pid means something only here, and on a folder several hosts share (NFS) another host's live
+    writer would look dead to :func:`pid_alive`."""
+    return marker.get("host", socket.gethostname()) == socket.gethostname()
+
+
 def write_marker(folder: Path, kind: str, run_id: str | None) -> None:
     """Marks ``folder`` as musco-core's ``kind`` folder of the run ``run_id``, written by this process on this host
     (:func:`read_marker` reads it back; the pid and host let a later run tell a killed writer's folder)."""
@@ -219,8 +226,8 @@ def unused_run_folder(folder: str | os.PathLike) -> bool:
         if not marked or child.is_symlink() or not child.is_dir():
             return False
         marker = read_marker(child)
-        if not (marker is not None and marker["kind"] == "staging" and not pid_alive(marker.get("pid"))
-                or unused_run_folder(child)):
+        if not (marker is not None and marker["kind"] == "staging" and written_here(marker)
+                and not pid_alive(marker.get("pid")) or unused_run_folder(child)):
             return False
     return True
 
@@ -288,13 +295,14 @@ def _remove_dead_staging(folder: Path) -> None:
     """Removes staging folders of dead musco-core processes directly inside ``folder``: by their name, which only
     :func:`_new_staging` gives and which holds the writer's pid, since a process killed right after creating one
     leaves it without its marker (and one killed just before its rename, marked as the state it was to become).
-    Only musco-core's own files go (:func:`_remove_ours`)."""
+    One whose marker names another host is kept: that pid is not this host's. Only musco-core's own files go
+    (:func:`_remove_ours`)."""
     for child in folder.iterdir():
         named = STAGING_NAME.fullmatch(child.name)
         if named is None or not child.is_dir() or child.is_symlink() or pid_alive(int(named[1])):
             continue
         marker = read_marker(child)
-        if marker is None or marker["kind"] in ("staging", "state"):
+        if marker is None or marker["kind"] in ("staging", "state") and written_here(marker):
             _remove_ours(child)
 
 

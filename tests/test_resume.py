@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from musco_core import Compressor, ConfigError, ModelStats, MuscoError
-from musco_core.io import (LATEST_FILE, STATE_FILE, claim_folder, load_compressed, read_report, save_compressed,
-                           unused_run_folder)
+from musco_core.io import (LATEST_FILE, MARKER, STATE_FILE, claim_folder, load_compressed, read_report,
+                           save_compressed, unused_run_folder)
 from musco_core.registry import default_registry
 
 HERE = Path(__file__).parent
@@ -738,6 +739,26 @@ def test_a_staging_folder_killed_before_its_marker_is_removed_by_the_next_save(t
     assert not unmarked.exists()
     assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
 
+
+
+def test_a_staging_folder_another_host_marked_is_kept_whatever_its_pid(tmp_path):
+    """On a checkpoint folder several hosts share (NFS), another host's live writer has a pid this host may not run:
+    its staging folder was removed as a dead process's."""
+    compressor = worker.start()
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    elsewhere, here = (tmp_path / f".step-0002.staging-{dead}-0123abc{tag}" for tag in "de")
+    for folder, host in ((elsewhere, "another-host"), (here, socket.gethostname())):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+        (folder / MARKER).write_text(yaml.safe_dump({"created_by": "musco-core", "kind": "staging", "run_id": None,
+                                                     "pid": int(dead), "host": host}))
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    assert not here.exists()
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted([MARKER, "model.safetensors"])
 
 # -- output sets are replaced as a whole ------------------------------------------------------------------------
 def output_snapshot(folder):
