@@ -62,7 +62,7 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        write_text_atomic)
 from .state import RunState, StateCodec
 from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      module_paths, on_meta, replace_module, state_problem, unwrapped)
+                      module_paths, on_meta, replace_module, state_problem, unwrapped, why_not_replaceable)
 
 log = logging.getLogger(__name__)
 
@@ -732,6 +732,10 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
                 continue  # the weights are loaded into it below
             # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
             adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
+            why = why_not_replaceable(module, FactorizedLayer, loading=True)
+            if adapter is None or why is not None:  # a hook of its own would be dropped with it
+                raise ConfigError(f"{where}: the model's factorized layer cannot be rebuilt as the file has it: "
+                                  f"{why or f'no adapter {module.spec.adapter!r} is installed'}")
         else:
             adapter = registry.adapter_for(module, loading=True)
             if adapter is None:

@@ -345,6 +345,11 @@ def test_a_run_begun_on_a_compressed_model_resumes_after_compressing_its_factori
     assert resumed.done and resumed.ranks == whole.ranks == {"2": (4, 4), "5": (4,)}
     assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
 
+    hooked = load_compressed(model(), tmp_path / "first")
+    hooked[2].register_forward_hook(lambda module, inputs, output: output * 2)  # rebuilt, it would be dropped
+    with pytest.raises(ConfigError, match=r"layer '2': the model's factorized layer cannot be rebuilt as the file "
+                                          r"has it: .*hook"):
+        load_compressed(hooked, tmp_path / "ckpt" / "step-0001")
 
 def test_an_empty_state_file_is_one_clear_error(saved):
     (saved / "step-0002" / STATE_FILE).write_text("")
