@@ -227,7 +227,9 @@ def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoi
     """One ConfigError naming every tensor the model holds on the meta device that the checkpoint lacks or holds
     with another shape, and every tensor of the checkpoint the model has no place for (a checkpoint of another
     architecture, such as one with more blocks, would otherwise be read in part): checked from the headers before
-    anything runs, as ``load_state_dict`` checks a whole state dict."""
+    anything runs, as ``load_state_dict`` checks a whole state dict. A tensor the model holds under several names
+    (a tied head) that the checkpoint holds under two of them with different values is one too: only one would be
+    read."""
     tensors = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
                                    model.named_buffers(remove_duplicate=False)))
     problems = []
@@ -239,12 +241,19 @@ def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoi
                 problems.append(str(exc))
                 if checkpoint is None:
                     break  # one line says it
+                continue
+            stored = [name for name in tensor_names if name in checkpoint.files]
+            values = checkpoint.read(stored) if len(stored) > 1 else {}
+            problems += [f"checkpoint {checkpoint.path}: {stored[0]!r} and {name!r} are one tensor in the model, "
+                         f"different values in the checkpoint" for name in stored[1:]
+                         if values and not torch.equal(values[stored[0]], values[name])]
     if checkpoint is not None:
         extra = sorted(set(checkpoint.files) - set(tensors))
         if extra:
+            listed = ", ".join(map(repr, extra[:5])) + (", ..." if len(extra) > 5 else "")
             problems.append(f"checkpoint {checkpoint.path}: {len(extra)} tensor(s) that {type(model).__name__} has "
-                            f"no parameter or buffer for: {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}; "
-                            f"expected the checkpoint of this architecture, keyed as its state_dict()")
+                            f"no parameter or buffer for: {listed}; expected the checkpoint of this architecture, "
+                            f"keyed as its state_dict()")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ConfigError("\n".join(shown))
@@ -947,9 +956,9 @@ def _release(streams: _Streams) -> None:
 @without_autocast
 def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[str], output: str | os.PathLike, *,
                        checkpoint: str | os.PathLike | None = None, calibration_data: Any = None,
-                       registry: Registry | None = None, offload: str = "cpu", work_dir: str | os.PathLike | None = None,
-                       device: str | torch.device = "cpu", progress: bool = True,
-                       overwrite: bool = False) -> CompressionReport:
+                       registry: Registry | None = None, offload: str = "cpu",
+                       work_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                       progress: bool = True, overwrite: bool = False) -> CompressionReport:
     """Compresses every layer of ``schedule`` once, one block of the model at a time, and writes the result to
     ``output`` as an output set (:func:`musco_core.io.load_compressed` loads it on a fresh model).
 

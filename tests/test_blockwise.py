@@ -350,6 +350,22 @@ def test_a_checkpoint_that_does_not_fit_the_architecture_is_one_error_before_any
     assert (tmp_path / "other.safetensors").read_bytes() == before
 
 
+def test_a_tied_tensor_with_two_values_in_the_checkpoint_is_one_error(tmp_path):
+    """GPT-2's head is its embedding: a checkpoint holding both names with different values had one read silently
+    (which one, by the order names were listed); both with one value, or one name alone, load."""
+    state = {key: value.contiguous() for key, value in gpt2().state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1
+    save_file(state, str(tmp_path / "two.safetensors"))
+    with pytest.raises(ConfigError, match=r"two.safetensors: 'transformer.wte.weight' and 'lm_head.weight' are one "
+                                          r"tensor in the model, different values in the checkpoint"):
+        compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())), BLOCKS, tmp_path / "out",
+                           checkpoint=tmp_path / "two.safetensors", calibration_data=token_batches(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.safetensors"]
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(state, str(tmp_path / "same.safetensors"))
+    compress_blockwise(meta_gpt2(), schedule(conv1d_layers(gpt2())[:1]), BLOCKS, tmp_path / "out",
+                       checkpoint=tmp_path / "same.safetensors", calibration_data=token_batches(), progress=False)
+
 def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path):
     """A Hugging Face sharded checkpoint: the index, or its folder, reads the shards it names (and no stray file
     beside them); a path to the index was 'cannot read: header too large'."""
