@@ -428,9 +428,9 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
                                                                                 tuple(shape))])
             owners.append((name, count))
     times: dict[str, tuple[float, float]] = {}  # per layer, as the run began and now, summed over its calls
-    for (name, count), (dense, chain) in zip(owners, profiler.seconds(layers)):
+    for (name, count), (at_start, chain) in zip(owners, profiler.seconds(layers)):
         summed = times.get(name, (0.0, 0.0))
-        times[name] = (summed[0] + count * dense, summed[1] + count * chain)
+        times[name] = (summed[0] + count * at_start, summed[1] + count * chain)
     layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
     calls = {name: {input_shape: output_shape for input_shape, output_shape, _ in stats.calls}
@@ -447,7 +447,7 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
              "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
              100 * rest_seconds / model_seconds)
-    original = now + sum(dense - chain for name, (dense, chain) in times.items() if name in factorized)
+    original = now + sum(at_start - chain for name, (at_start, chain) in times.items() if name in factorized)
     scheduled = [times[name] for name in scheduled_layers if name in times]
 
     def speedup_of(plan: Mapping[str, tuple[str, tuple[int, ...]] | None]) -> float:
@@ -459,6 +459,7 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
             as_is, planned_seconds = form.seconds(profiler, [{}, planned])
         return as_is / planned_seconds
 
+    scheduled_totals = attrs.evolve(totals.scheduled, seconds_original=sum(at_start for at_start, _ in scheduled),
+                                    seconds_now=sum(chain for _, chain in scheduled))
     return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
-                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
-                                               seconds_now=sum(chain for _, chain in scheduled)))
+                        scheduled=scheduled_totals)
