@@ -115,10 +115,12 @@ MOMENT_LAYERS = ["layer2.0.downsample.0", "fc"]
 
 def output_moments(rank: int = 0, world_size: int = 1, group: distributed.Group | None = None
                    ) -> dict[str, torch.Tensor]:
-    """The output moments of two layers on this rank's shard of the calibration batches (2 projections each)."""
+    """The output moments of two layers on this rank's shard of the calibration batches (2 projections each),
+    drawn from the rank's seed (in one process, the seed the rank draws from in the job)."""
     net = base.model().eval()
     specs = {name: read_layer(net.get_submodule(name), default_registry(), name)[1].spec for name in MOMENT_LAYERS}
-    return collect_output_moments(net, specs, shard(base.calibration(), rank, world_size), projections=2, seed=5,
+    return collect_output_moments(net, specs, shard(base.calibration(), rank, world_size), projections=2,
+                                  seed=5 if group is not None else distributed.rank_seed(5, rank),
                                   progress=False, group=group)
 
 
