@@ -51,7 +51,7 @@ from .errors import CompressionError, ConfigError, MuscoError, one_line, short_r
 from .registry import Registry, default_registry
 from .report import CompressionReport
 from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
-                  tied_note, without_autocast)
+                  tied_note, untied_note, without_autocast)
 from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
@@ -878,6 +878,9 @@ def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dic
         if new is not None:
             replacements[name] = new
     _keep_unfaithful(run, runner, replacements, results)
+    for name in replacements.keys() & run.tied.keys():  # forced: its row notes the tie, as the in-memory run's
+        note = untied_note(runner, runner.get_submodule(name), replacements[name], run.tied[name])
+        results[name] = attrs.evolve(results[name], note="; ".join(filter(None, [results[name].note, note])))
     run.results += results.values()
     for name, new in replacements.items():
         run.records[name] = io.LayerRecord(new.decomposition, new.ranks, new.spec, list(new.layouts))

@@ -355,7 +355,8 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     output has dimensions per item. The model runs on with a copy of each layer's output, so an in-place operation
     after the layer (``ReLU(inplace=True)``) leaves the output the gradient is taken at as the layer gave it. Runs in
     eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy).
-    With a distributed ``group`` the sums are added up over the ranks, as in :func:`collect_input_stats`.
+    With a distributed ``group`` the sums are added up over the ranks, as in :func:`collect_input_stats`; each rank
+    draws its noise from its own seed (:func:`~musco_core.distributed.rank_seed`, ``seed`` on rank 0).
     """
     if projections < 1:
         raise ValueError(f"projections must be a positive int, got {projections!r}")
@@ -363,7 +364,7 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     modules = _modules(model, layers)
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
     rows = dict.fromkeys(layers, 0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(distributed.rank_seed(seed, group.rank if group is not None else 0))
     n_batches = 0
     with distributed.agreement(group, "output statistics"), _gradient_pass(model, modules):
         for batch in _bar(batches, "output statistics", progress):

@@ -216,6 +216,15 @@ def sum_counts(group: Group | None, counts: Sequence[int]) -> list[int]:
     return [int(v) for v in _all_reduce_sum(group, torch.tensor(list(counts), dtype=torch.int64)).tolist()]
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random draws in a job seeded with ``seed``: ``seed`` itself on rank 0 (so a
+    one-process run is unchanged), a distinct one derived from both on every other rank, so that the ranks' draws
+    are independent instead of each repeating rank 0's on its own shard; below 2**63, as every seed of a run."""
+    if rank == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
 def sum_moments(group: Group | None, accumulators: Mapping[str, Any], n_batches: int) -> int:
     """Adds up the running float64 sums and row counts of
     :class:`~musco_core.calibration.InputStatsAccumulator` objects (the same layers, in the same order, on every

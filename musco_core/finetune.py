@@ -79,8 +79,15 @@ def matched_output(outputs: Any) -> torch.Tensor:
 
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``mean((student - teacher)^2) / mean(teacher^2)``: the squared error relative to the teacher's scale, so
-    outputs and features of any magnitude weigh alike (0 is a perfect match, 1 is as far as predicting zeros)."""
-    return F.mse_loss(student, teacher) / teacher.square().mean().clamp_min(torch.finfo(teacher.dtype).tiny)
+    outputs and features of any magnitude weigh alike (0 is a perfect match, 1 is as far as predicting zeros).
+
+    A teacher that is exactly zero throughout (a feature a ReLU zeroes for a whole batch) has no scale: the error
+    is then relative to the student's scale, taken as a constant as the teacher's is, so the term is 1 (0 where the
+    student is zero too) and its gradient pulls the student towards zero as a relative error does, weighing as
+    much as any other term. (Divided by float32's smallest normal, 1e-38, it was inf or swamped every other.)"""
+    scale, own = teacher.square().mean(), student.detach().square().mean()
+    scale = torch.where(scale > 0, scale, torch.where(own > 0, own, torch.ones_like(own)))
+    return F.mse_loss(student, teacher) / scale
 
 
 def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

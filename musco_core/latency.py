@@ -198,9 +198,11 @@ class Timer:
         return time_modules_at(modules, input_shape, dtype=dtype, device=device, warmup=3, min_rounds=15,
                                min_seconds=0.2)
 
-    def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device) -> list[float]:
-        """Median seconds of each call (whole forward passes), timed in alternation."""
-        return time_alternated(calls, device=device, min_rounds=7, min_seconds=3.0)
+    def calls(self, calls: Sequence[Callable[[], Any]], device: torch.device,
+              prepare: Callable[[int], Any]) -> list[float]:
+        """Median seconds of each call (whole forward passes), timed in alternation; ``prepare(index)`` runs,
+        untimed, before every call of ``calls[index]`` (see :func:`~musco_core.timing.time_alternated`)."""
+        return time_alternated(calls, device=device, min_rounds=7, min_seconds=3.0, prepare=prepare)
 
 
 @attrs.frozen
@@ -299,10 +301,11 @@ class LatencyProfiler:
             self._bar.close()
             self._bar = None
 
-    def calls(self, calls: Sequence[Callable[[], Any]]) -> list[float]:
-        """Seconds of each call (whole forward passes), timed in alternation, never cached."""
+    def calls(self, calls: Sequence[Callable[[], Any]], prepare: Callable[[int], Any]) -> list[float]:
+        """Seconds of each call (whole forward passes), timed in alternation, ``prepare(index)`` untimed before
+        every call of ``calls[index]``; never cached."""
         with torch.no_grad():
-            return self.timer.calls(calls, self.device)
+            return self.timer.calls(calls, self.device, prepare)
 
 
 def profiler_for(model: nn.Module, context: RunContext) -> LatencyProfiler:
@@ -349,13 +352,14 @@ class TimedForm:
         at paths it no longer has, e.g. inside a merged chain), timed in alternation."""
         stubs = list(stubs) or [{} for _ in variants]
         if not self.optimized:
-            return profiler.calls([self._in_place({**swaps, **stubbed}) for swaps, stubbed in zip(variants, stubs)])
-        calls, owner = [], []
+            return self._timed(profiler, [(self.model, {**swaps, **stubbed})
+                                          for swaps, stubbed in zip(variants, stubs)])
+        runs, owner = [], []
         for index, (swaps, stubbed) in enumerate(zip(variants, stubs)):
             for form in self._deployed(swaps):
-                calls.append(self._stubbed(form, stubbed))
+                runs.append((form, {path: stub for path, stub in stubbed.items() if _has_submodule(form, path)}))
                 owner.append(index)
-        times = profiler.calls(calls)
+        times = self._timed(profiler, runs)
         return [min(t for t, i in zip(times, owner) if i == index) for index in range(len(variants))]
 
     def _deployed(self, swaps: Mapping[str, nn.Module]) -> list[nn.Module]:
@@ -369,19 +373,25 @@ class TimedForm:
             self._unswapped = forms
         return forms
 
-    def _in_place(self, swaps: Mapping[str, nn.Module]) -> Callable[[], Any]:
-        def call() -> Any:
-            with swapped(self.model, swaps):
-                return call_model(self.model, fresh_copy(self.example_input))
-        return call
+    def _timed(self, profiler: LatencyProfiler, runs: Sequence[tuple[nn.Module, Mapping[str, nn.Module]]]
+               ) -> list[float]:
+        """Seconds of a forward pass of each model with its modules swapped in, timed in alternation. Before each
+        call, untimed, the previous call's swaps are put back, the call's made and the example input copied afresh
+        (a forward may change its input in place); timed with the forward, they inflated both times of a
+        difference or ratio alike. All put back afterwards, also on error."""
+        undo, given = contextlib.ExitStack(), [None]
 
-    def _stubbed(self, deployed: nn.Module, stubs: Mapping[str, nn.Module]) -> Callable[[], Any]:
-        present = {path: stub for path, stub in stubs.items() if _has_submodule(deployed, path)}
+        def prepare(index: int) -> None:
+            undo.close()
+            model, swaps = runs[index]
+            undo.enter_context(swapped(model, swaps))
+            given[0] = fresh_copy(self.example_input)
 
-        def call() -> Any:
-            with swapped(deployed, present):
-                return call_model(deployed, fresh_copy(self.example_input))
-        return call
+        def forward(model: nn.Module) -> Callable[[], Any]:
+            return lambda: call_model(model, given[0])
+
+        with undo:
+            return profiler.calls([forward(model) for model, _ in runs], prepare)
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:
@@ -428,9 +438,9 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
                                                                                 tuple(shape))])
             owners.append((name, count))
     times: dict[str, tuple[float, float]] = {}  # per layer, as the run began and now, summed over its calls
-    for (name, count), (dense, chain) in zip(owners, profiler.seconds(layers)):
+    for (name, count), (at_start, chain) in zip(owners, profiler.seconds(layers)):
         summed = times.get(name, (0.0, 0.0))
-        times[name] = (summed[0] + count * dense, summed[1] + count * chain)
+        times[name] = (summed[0] + count * at_start, summed[1] + count * chain)
     layer_paths = {name: paths[id(model.get_submodule(name))] for name in reached}
     form = TimedForm(model, context.example_input, optimized)
     calls = {name: {input_shape: output_shape for input_shape, output_shape, _ in stats.calls}
@@ -447,7 +457,7 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
     log.info("latency: the model takes %.2f ms, of which its compressible layers %.2f ms in place and %.2f ms "
              "timed alone; the rest %.1f%%", 1e3 * model_seconds, 1e3 * in_place, 1e3 * alone,
              100 * rest_seconds / model_seconds)
-    original = now + sum(dense - chain for name, (dense, chain) in times.items() if name in factorized)
+    original = now + sum(at_start - chain for name, (at_start, chain) in times.items() if name in factorized)
     scheduled = [times[name] for name in scheduled_layers if name in times]
 
     def speedup_of(plan: Mapping[str, tuple[str, tuple[int, ...]] | None]) -> float:
@@ -459,6 +469,7 @@ def timed_totals(model: nn.Module, context: RunContext, profiler: LatencyProfile
             as_is, planned_seconds = form.seconds(profiler, [{}, planned])
         return as_is / planned_seconds
 
+    scheduled_totals = attrs.evolve(totals.scheduled, seconds_original=sum(at_start for at_start, _ in scheduled),
+                                    seconds_now=sum(chain for _, chain in scheduled))
     return attrs.evolve(totals, seconds_original=original, seconds_now=now, speedup_of=speedup_of,
-                        scheduled=attrs.evolve(totals.scheduled, seconds_original=sum(dense for dense, _ in scheduled),
-                                               seconds_now=sum(chain for _, chain in scheduled)))
+                        scheduled=scheduled_totals)

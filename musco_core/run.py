@@ -345,13 +345,13 @@ def config_tie_note(owner: str) -> str:
             f"tie_weights() would tie it again; transformers 5 can untie it")
 
 
-def untied_note(model: nn.Module, entry: Pending, others: Sequence[str]) -> str:
-    """What factorizing a layer whose weights are tied to the parameters ``others`` did (``force: true``): they
-    stay, so its row's fewer weights are not the model's; the model's parameters grow by what the factors add
-    less what only the layer held."""
-    freed = count_params(entry.module) - held_elsewhere(model, entry.module, others)
+def untied_note(model: nn.Module, module: nn.Module, new: nn.Module, others: Sequence[str]) -> str:
+    """What factorizing ``module`` into ``new``, its weights tied to the parameters ``others``, did (``force:
+    true``): they stay, so its row's fewer weights are not the model's; the model's parameters grow by what the
+    factors add less what only the layer held."""
+    freed = count_params(module) - held_elsewhere(model, module, others)
     return (f"forced although its weights are tied to {', '.join(others)}, which stay: the model gained "
-            f"{count_params(entry.new) - freed:,} parameters")
+            f"{count_params(new) - freed:,} parameters")
 
 
 @torch.inference_mode(False)  # called under inference_mode, it would build factors that fine-tuning cannot train
@@ -459,7 +459,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     _keep_unfaithful(model, pending, paths, context, group)
     for name, entry in pending.items():
         if name in tied and entry.new is not None:
-            note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry, tied[name])]))
+            note = "; ".join(filter(None, [entry.result.note, untied_note(model, entry.module, entry.new, tied[name])]))
             pending[name] = attrs.evolve(entry, result=attrs.evolve(entry.result, note=note))
     budgets = _with_measured_speedup(model, pending, paths, state, context, budgets, counted, group)
     for entry in pending.values():

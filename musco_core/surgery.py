@@ -569,6 +569,9 @@ def _share_storage_alike(model: nn.Module, copied: nn.Module) -> None:
     for (name, tensor), others in zip(entries, memory_neighbours([tensor for _, tensor in entries])):
         if name not in copies or all(entries[j][1] is tensor for j in others):
             continue  # shares no memory with another tensor (deepcopy keeps one tensor held twice as one)
-        storage = storages.setdefault(_memory_span(tensor)[0], tensor.untyped_storage().clone())
+        key = _memory_span(tensor)[0]
+        if key not in storages:  # one copy per storage: setdefault cloned it for every tensor over it
+            storages[key] = tensor.untyped_storage().clone()
+        storage = storages[key]
         with torch.no_grad():
             copies[name].set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())

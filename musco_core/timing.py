@@ -96,22 +96,23 @@ def _synchronize(device: torch.device | None) -> None:
 
 def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_rounds: int = 5,
                     max_rounds: int = 50, min_seconds: float = 0.2, threads: int | None = None,
-                    device: torch.device | None = None, prepare: Callable[[], Any] | None = None) -> list[float]:
+                    device: torch.device | None = None, prepare: Callable[[int], Any] | None = None) -> list[float]:
     """Median seconds per call of each callable, measured in alternation.
 
     Each callable runs ``warmup`` times first (lazy initialisation, caches, oneDNN primitive creation). Then
     rounds call every callable once, starting at a different one each round so none always runs right after
     another; rounds go on until ``min_rounds`` are done and ``min_seconds`` have passed, or ``max_rounds``.
     ``device`` set to a CUDA device synchronizes around every call, so the time is the kernel time. ``prepare``,
-    where given, runs before every call, untimed (a fresh copy of the input the call takes).
+    where given, runs before every call with the call's index, untimed (a fresh copy of the input the call takes,
+    modules swapped in for it).
     """
     if not calls:
         return []
-    prepare = prepare or (lambda: None)
+    prepare = prepare or (lambda index: None)
     with fixed_threads(threads):
-        for call in calls:
+        for index, call in enumerate(calls):
             for _ in range(warmup):
-                prepare()
+                prepare(index)
                 call()
         _synchronize(device)
         samples: list[list[float]] = [[] for _ in calls]
@@ -119,7 +120,7 @@ def time_alternated(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, min_
         for round_ in range(max_rounds):
             for offset in range(len(calls)):
                 index = (round_ + offset) % len(calls)
-                prepare()
+                prepare(index)
                 _synchronize(device)
                 begin = time.perf_counter()
                 calls[index]()
@@ -149,7 +150,7 @@ def time_modules(modules: Sequence[nn.Module], example_input: Any, **options: An
     after call, what the next call gets."""
     fresh = [example_input]
 
-    def prepare() -> None:
+    def prepare(index: int) -> None:
         fresh[0] = fresh_copy(example_input)
 
     return time_alternated(_forwards(modules, lambda: fresh[0]), prepare=prepare, **options)

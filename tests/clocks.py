@@ -27,12 +27,13 @@ class GeometryClock(Timer):
         x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
         return self._times([lambda module=module: module(x) for module in modules])
 
-    def calls(self, calls, device):
-        return self._times(calls, record=True)
+    def calls(self, calls, device, prepare=lambda index: None):
+        return self._times(calls, record=True, prepare=prepare)
 
-    def _times(self, calls, record=False):
+    def _times(self, calls, record=False, prepare=lambda index: None):
         times = []
-        for call in calls:
+        for index, call in enumerate(calls):
+            prepare(index)
             total = [0.0]
 
             def count(module, args, output):

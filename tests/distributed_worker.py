@@ -115,10 +115,12 @@ MOMENT_LAYERS = ["layer2.0.downsample.0", "fc"]
 
 def output_moments(rank: int = 0, world_size: int = 1, group: distributed.Group | None = None
                    ) -> dict[str, torch.Tensor]:
-    """The output moments of two layers on this rank's shard of the calibration batches (2 projections each)."""
+    """The output moments of two layers on this rank's shard of the calibration batches (2 projections each),
+    drawn from the rank's seed (in one process, the seed the rank draws from in the job)."""
     net = base.model().eval()
     specs = {name: read_layer(net.get_submodule(name), default_registry(), name)[1].spec for name in MOMENT_LAYERS}
-    return collect_output_moments(net, specs, shard(base.calibration(), rank, world_size), projections=2, seed=5,
+    return collect_output_moments(net, specs, shard(base.calibration(), rank, world_size), projections=2,
+                                  seed=5 if group is not None else distributed.rank_seed(5, rank),
                                   progress=False, group=group)
 
 
@@ -145,7 +147,7 @@ EMPTY_SHARD_CASES = {"rank1_empty_no_example": ("independent", False, 0, "manual
 def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor:
     """Every step of a whitened_svd run of a small MLP whose one calibration batch is rank ``holder``'s alone (all
     of it in one process): the other rank's shard is empty, and so is its evaluation data (its ``evaluate`` returns
-    None)."""
+    None). In one process the run is seeded as the holder draws output weighting's projections in the job."""
     mode, with_example, holder, selection = EMPTY_SHARD_CASES[case]
     holds = holder is not None and (world_size == 1 or rank == holder)
     torch.manual_seed(0)
@@ -156,8 +158,8 @@ def empty_shard_run(case: str, rank: int = 0, world_size: int = 1) -> Compressor
     layer = ({"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]} if selection == "manual"
              else {"decomposition": ["whitened_svd", "svd"], "rank_selection": "budget"})
     schedule = {"version": 1, "layers": dict.fromkeys(("0", "2", "4"), layer), "settings": {
-        "ft_every": 2, "calibration": mode, "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"},
-                                                            "whitened_svd": {"output_weighting": True}}}}
+        "ft_every": 2, "calibration": mode, "seed": distributed.rank_seed(0, holder or 0) if world_size == 1 else 0,
+        "algo_kwargs": {"budget": {"reduction": 2.0, "metric": "params"}, "whitened_svd": {"output_weighting": True}}}}
 
     def evaluate(model: nn.Module) -> float | None:
         with torch.no_grad():

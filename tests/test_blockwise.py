@@ -272,6 +272,10 @@ def test_a_forced_layer_tied_inside_its_block_counts_the_weight_that_stays(tmp_p
     assert isinstance(loaded[0][0], FactorizedLayer)
     assert (report.params_before, report.params_after) == (8384, sum(p.numel() for p in loaded.parameters()))
     assert report.params_after == 9408
+    # the in-memory run's note (the blockwise row had none): 9408 - 8384 = 1024
+    (row,) = [row for row in report.layers if row.name == "0.0"]
+    assert row.note == "forced although its weights are tied to 0.2.weight, which stay: the model gained 1,024 " \
+                       "parameters"
 
 
 @pytest.mark.parametrize("work_dir, problem", [("missing", "does not exist"), ("file", "is not a folder")])

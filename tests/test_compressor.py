@@ -19,7 +19,7 @@ from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
                         Scheduler, hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
 from musco_core.io import load_compressed, save_compressed
-from musco_core.surgery import tied_parameters
+from musco_core.surgery import deep_copy, tied_parameters
 from musco_plugins.svd import SVD
 
 
@@ -602,6 +602,21 @@ def test_parameters_over_one_storage_are_tied_weights(registry, inplace):
     row = compressor.compression_step()[0]
     assert row.ranks is None and row.note.startswith("kept as is: its weights are tied to b.weight")
     assert not inplace or copied is model
+
+
+def test_a_copy_clones_a_shared_storage_once(monkeypatch):
+    """Four Parameters over one tensor's memory: its storage was cloned once per Parameter and all but one thrown
+    away (4 copies of the memory made for 1 kept)."""
+    model = nn.Module()
+    weight = torch.randn(8, 8)
+    for index in range(4):
+        setattr(model, f"w{index}", nn.Parameter(weight))
+    clones, clone = [], torch.UntypedStorage.clone
+    monkeypatch.setattr(torch.UntypedStorage, "clone", lambda self, *args, **kwargs: clones.append(1) or clone(
+        self, *args, **kwargs))
+    copied = deep_copy(model, "a test", "")
+    assert len(clones) == 1
+    assert len({p.untyped_storage().data_ptr() for p in copied.parameters()} - {weight.data_ptr()}) == 1
 
 
 def test_views_of_disjoint_parts_of_one_tensor_are_not_tied():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -546,3 +547,21 @@ def test_batchnorm_reestimation_refuses_bad_input_and_restores_the_statistics():
     with pytest.raises(ConfigError, match=r"batch 2 made the running statistics of '1' not finite \(NaN or inf\)"):
         reestimate_batchnorm(model, one_nan, progress=False)
     assert same_state(model, before) and model[1].momentum == 0.1
+
+
+def test_a_teacher_that_is_zero_over_the_batch_is_measured_against_the_students_scale():
+    """Divided by float32's smallest normal, a zero teacher made the term 8.5e35 for a student at 0.1 and inf at 10
+    (distill: "the loss is not finite; lower lr"): now 1, its gradient pulling the student towards zero."""
+    student = torch.full((4,), 10.0, requires_grad=True)
+    loss = relative_mse(student, torch.zeros(4))
+    loss.backward()
+    assert float(loss) == 1.0 and torch.allclose(student.grad, torch.full((4,), 0.05))  # 2 s / (n mean(s^2))
+    assert float(relative_mse(torch.zeros(4), torch.zeros(4))) == 0.0
+    assert float(relative_mse(torch.full((4,), 3.0), torch.full((4,), 2.0))) == 0.25  # a teacher's scale unchanged
+    torch.manual_seed(0)
+    teacher, student = (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(2))
+    with torch.no_grad():
+        teacher[0].bias.fill_(-100.0)  # the ReLU's output is zero over the batch
+        student[0].bias.fill_(10.0)
+    result = distill(teacher, student, [torch.randn(8, 4)], steps=2, lr=1e-4, features=["1"], progress=False)
+    assert all(math.isfinite(loss) for loss in result.losses)

@@ -171,7 +171,7 @@ def test_a_profiler_that_only_times_whole_models_never_reads_the_cache(registry,
     path.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="musco_core.latency"):
         profiler = LatencyProfiler(registry, torch.zeros(1), timer=GeometryClock(), cache=LatencyCache(path))
-        profiler.calls([lambda: None, lambda: None])
+        profiler.calls([lambda: None, lambda: None], lambda index: None)
     assert not caplog.records and path.read_text() == "{not json"
 
 
@@ -534,8 +534,8 @@ def test_layers_called_by_keyword_are_stubbed_and_priced_like_positional_calls(r
 class CallingTimer(Timer):
     """Calls each whole-model call three times instead of timing it."""
 
-    def calls(self, calls, device):
-        return [float(sum(call() is not None for _ in range(3))) for call in calls]
+    def calls(self, calls, device, prepare):
+        return [float(sum(prepare(index) or call() is not None for _ in range(3))) for index, call in enumerate(calls)]
 
 
 @pytest.mark.parametrize("optimized", [False, True])
@@ -553,3 +553,41 @@ def test_whole_model_timings_leave_the_example_input_as_the_caller_passed_it(opt
                                cache=LatencyCache(tmp_path / "cache.json"))
     latency.TimedForm(model, x, optimized).seconds(profiler, [{}])
     assert torch.equal(x, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_whole_model_timings_time_the_forward_alone(optimized, monkeypatch, tmp_path):
+    """The input's fresh copy and the swaps of modules in and out were timed with each forward pass. A fake clock:
+    a copy costs 1 s, a module swapped in or out 0.5 s, the forward 0.25 s (0.5 s with the slower module in): the
+    timings were [1.25, 2.5]."""
+    import musco_core.surgery as surgery
+    import musco_core.timing as timing
+
+    now = [0.0]
+
+    class Slow(nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.fc = seconds, nn.Linear(3, 3)
+
+        def forward(self, x):
+            now[0] += self.seconds
+            return self.fc(x)
+
+    def costly(function, seconds):
+        def run(*args):
+            now[0] += seconds
+            return function(*args)
+        return run
+
+    model = nn.Sequential(Slow(0.25)).eval()
+    profiler = LatencyProfiler(None, model[0].fc.weight, timer=Timer(), cache=LatencyCache(tmp_path / "cache.json"))
+    form = latency.TimedForm(model, torch.ones(2, 3), optimized)
+    form.seconds(profiler, [{}])  # the optimized copy of the model as it is made once, before the fake clock
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(latency, "fresh_copy", costly(latency.fresh_copy, 1.0))
+    monkeypatch.setattr(surgery, "replace_module", costly(surgery.replace_module, 0.5))
+    slower = {"0": Slow(0.5)}
+    variants = [{}, {}] if optimized else [{}, slower]
+    assert form.seconds(profiler, variants, stubs=[{}, slower] if optimized else ()) == [0.25, 0.5]
+    assert type(model[0]) is Slow and model[0].seconds == 0.25  # put back
