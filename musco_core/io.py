@@ -149,9 +149,10 @@ def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | 
 
     A folder is free when it is missing or empty, this run's, or claimed by a run that saved nothing there
     (:func:`unused_run_folder`). A folder of another run, or one with files musco-core did not write, is refused
-    unless ``overwrite``; one of this run's other kind (its checkpoints for its output) is refused even then. Even
-    then musco-core never replaces a file it did not write: a file of the user's, or a symlink, where musco-core
-    writes its own files is refused, all of them listed in one line.
+    unless ``overwrite``; one of another kind (a run's checkpoints or one of its states for an output) is refused even
+    then: a new marker would orphan what is there, the run's last state. Even then musco-core never replaces a file
+    it did not write: a file of the user's, or a symlink, where musco-core writes its own files is refused, all of
+    them listed in one line.
     """
     problems, refused, in_the_way = [], [], []
     for folder, kind in claims:
@@ -184,9 +185,11 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
     marker = read_marker(folder)
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or unused_run_folder(folder):
         return None
-    if marker is not None and marker.get("run_id") == run_id:  # its other kind: a new marker would orphan what is there
-        return (f"{folder}: holds the {marker['kind']} of this run, not its {kind}; choose another folder for the "
-                f"{kind} (not even overwrite=True writes one kind over the other)")
+    if marker is not None and marker["kind"] != kind:  # a new marker would orphan what is there (a run's last state)
+        whose = "this run" if marker.get("run_id") == run_id else "another musco-core run"
+        return (f"{folder}: holds the {marker['kind']} of {whose}, not {'its' if whose == 'this run' else 'an'} "
+                f"{kind}; choose another folder for the {kind} (not even overwrite=True writes one kind over the "
+                f"other)")
     if overwrite:
         return None
     if marker is not None:

@@ -125,6 +125,19 @@ def test_overwrite_starts_a_new_run_and_keeps_what_musco_core_did_not_write(proj
                                                                                  "step-0004"]
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/step-0002"])
+def test_overwrite_never_makes_another_runs_checkpoints_or_state_an_output(project, inside):
+    """--overwrite replaces another run's output: --out pointed into a run's checkpoints once turned its last
+    state into the new run's output (model.safetensors replaced under the old state.yaml), so it no longer resumed."""
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    before = snapshot(project / "out")
+    refused = compress(f"out/{inside}", "--overwrite", config="schedule.yaml")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert "of another musco-core run, not an output" in refused.output, refused.output
+    assert snapshot(project / "out") == before
+    assert compress("out", "--resume").exit_code == 0
+
+
 def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
     mine = project / "out" / "checkpoints" / "step-0500"
     mine.mkdir(parents=True)
