@@ -186,15 +186,17 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or unused_run_folder(folder):
         return None
     if marker is not None and marker["kind"] != kind:  # a new marker would orphan what is there (a run's last state)
-        whose = "this run" if marker.get("run_id") == run_id else "another musco-core run"
-        return (f"{folder}: holds the {marker['kind']} of {whose}, not {'its' if whose == 'this run' else 'an'} "
-                f"{kind}; choose another folder for the {kind} (not even overwrite=True writes one kind over the "
-                f"other)")
+        whose, theirs = ("this run", "its") if marker.get("run_id") == run_id else ("another musco-core run", "a run's")
+        return (f"{folder}: holds the {marker['kind']} of {whose}, not {theirs} {kind}; choose another folder for "
+                f"the {kind} (not even overwrite=True writes one kind over the other)")
     if overwrite:
         return None
     if marker is not None:
         return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
                 f"folder, or pass overwrite=True (--overwrite) to replace what that run wrote")
+    if folder.is_symlink():  # empty or not: its target is not a folder the user named
+        return (f"{folder}: is a symlink to {os.readlink(folder)}; choose another folder, or pass overwrite=True "
+                f"(--overwrite) to write into the folder it points to (nothing of yours is replaced or deleted)")
     return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
             f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
 

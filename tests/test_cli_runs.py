@@ -133,9 +133,17 @@ def test_overwrite_never_makes_another_runs_checkpoints_or_state_an_output(proje
     before = snapshot(project / "out")
     refused = compress(f"out/{inside}", "--overwrite", config="schedule.yaml")
     assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
-    assert "of another musco-core run, not an output" in refused.output, refused.output
+    assert "of another musco-core run, not a run's output" in refused.output, refused.output
     assert snapshot(project / "out") == before
     assert compress("out", "--resume").exit_code == 0
+
+
+def test_an_out_symlink_to_an_empty_folder_is_refused_as_a_symlink_not_as_a_full_folder(project):
+    (project / "empty").mkdir()
+    (project / "link").symlink_to("empty")
+    refused = compress("link")
+    assert refused.exit_code == 2 and "link: is a symlink to empty; choose another folder, or pass" in refused.output
+    assert compress("link", "--overwrite").exit_code == 0 and (project / "empty" / "model.safetensors").is_file()
 
 
 def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
