@@ -148,13 +148,14 @@ def _library_message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _writing(option: str, target: Path):
-    """Reports a failed write (disk full, file too large, no permission) as one line naming the output."""
+def _writing(option: str, target: Path, checkpoints: Path):
+    """Reports a failed write (disk full, file too large, no permission) as one line naming the output and where
+    the run can resume from (the states saved before stay complete)."""
     try:
         yield
     except (OSError, SafetensorError) as exc:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
-        raise UsageProblem(f"{option} {target}: cannot write: {reason}") from exc
+        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints)}") from exc
 
 
 def _call_user_code(option: str, spec: str, function, *args):
@@ -567,7 +568,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
 
             def save() -> None:
-                with _writing("--out", out_dir):
+                with _writing("--out", out_dir, checkpoints):
                     save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
@@ -576,7 +577,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     compressor.compression_step()
                     if finetune is not None:
                         _call_finetune(finetune, finetune_spec, compressor, checkpoints)
-                    with _writing("--out", out_dir):
+                    with _writing("--out", out_dir, checkpoints):
                         compressor.save_state(checkpoints, overwrite=overwrite)
                 distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:

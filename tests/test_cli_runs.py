@@ -241,6 +241,29 @@ def test_ctrl_c_while_saving_the_output_says_where_to_resume(project, monkeypatc
     assert same_weights(project / "whole", project / "out")
 
 
+def test_a_full_disk_says_where_to_resume(project, monkeypatch):
+    """A disk that fills at step 3 after hours of steps: the one line said only "cannot write", not that step 2 is
+    complete and --resume continues from it."""
+    from musco_core.compressor import Compressor
+
+    assert compress("whole").exit_code == 0
+    save_state = Compressor.save_state
+
+    def full_at_3(self, *args, **kwargs):
+        if self.curr_iter == 3:
+            raise OSError(28, os.strerror(28))
+        return save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compressor, "save_state", full_at_3)
+    full = compress("out")
+    assert full.exit_code == 2 and full.output == (
+        "musco: error: --out out: cannot write: No space left on device; the last complete state is "
+        "out/checkpoints/step-0002; run the same command with --resume to continue\n"), full.output
+    monkeypatch.setattr(Compressor, "save_state", save_state)
+    assert compress("out", "--resume").exit_code == 0
+    assert same_weights(project / "whole", project / "out")
+
+
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
     assert compress("out").exit_code == 0
     first = weights(project / "out")
