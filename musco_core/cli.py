@@ -494,6 +494,10 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
+    if calibration_path is None and click.get_current_context().get_parameter_source(
+            "calibration_batch_size") is not click.core.ParameterSource.DEFAULT:  # else silently without effect
+        raise UsageProblem("--calibration-batch-size splits the --calibration inputs into batches: give "
+                           "--calibration FILE")
     if finetune_spec == DISTILL and distributed.launched_for_several():  # before the group: a rank refusing
         # inside it would leave the others failing to connect to it (exit 1 instead of this error)
         raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "

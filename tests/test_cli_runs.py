@@ -531,6 +531,8 @@ def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(p
     (("--distill-lr", "0"), "distill", "Invalid value for '--distill-lr': expected a positive number, got 0.0"),
     (("--distill-lr", "1e39"), "distill", "Invalid value for '--distill-lr': expected a positive number at most "
                                           "3.4e+37 (AdamW's first step"),
+    (("--calibration-batch-size", "8"), "run_helpers:tune", "--calibration-batch-size splits the --calibration "
+                                                            "inputs into batches: give --calibration FILE"),
 ])
 def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
     result = compress("out", *extra, finetune=finetune)
