@@ -264,6 +264,16 @@ def test_a_full_disk_says_where_to_resume(project, monkeypatch):
     assert same_weights(project / "whole", project / "out")
 
 
+def test_data_aware_layers_without_calibration_name_the_option(project):
+    """The library's "pass calibration_data" alone did not tell a command-line user which option gives it."""
+    data_aware = {**SCHEDULE, "layers": {"6": {"decomposition": "whitened_svd", "rank_selection": "manual",
+                                               "manual_rank": [8, 4]}}}
+    (project / "data_aware.yaml").write_text(yaml.safe_dump(data_aware))
+    result = compress("out", config="data_aware.yaml")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.endswith("(musco compress: --calibration FILE)\n"), result.output
+
+
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
     assert compress("out").exit_code == 0
     first = weights(project / "out")
