@@ -283,6 +283,20 @@ def test_an_invalid_schedule_is_reported_with_its_path(factories):
     assert f'{schedule}: $.layers["2"].vbmf_weakenen_factor: expected a number in [0, 1], got 3' in result.output
 
 
+@pytest.mark.parametrize("name, text", [
+    ("musco.yaml", "format: 1\nmusco_core_version: 0.1.0\nlayers: {}\nschedule: {version: 1}\n"),
+    ("report.json", '{"format": 2, "layers": [], "totals": {}}'),
+    ("state.yaml", "format: 5\nrun_id: ab12\nnext_step: 2\n")])
+def test_a_file_musco_core_wrote_given_as_a_schedule_is_one_line(factories, name, text):
+    """An output's musco.yaml given as --config was read as an original {layer: settings} dict: a line per key,
+    each blaming a "layer" named format, layers or set_id."""
+    (factories / name).write_text(text)
+    result = run("config", "validate", factories / name)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"{factories / name}: $.format: a file musco-core writes (a manifest, report or run state), not a " \
+           f"schedule" in result.output
+
+
 def test_the_installed_console_script_runs(factories):
     musco = Path(sys.executable).with_name("musco")
     env = {**os.environ, "PYTHONPATH": str(factories)}
