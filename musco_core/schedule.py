@@ -396,8 +396,9 @@ class ScheduleCodec:
             if raw_layers is None:
                 raw_layers = {}
         elif _is_int(data.get("format")):  # no layer's settings are an int: an output's musco.yaml, report, state
-            raise ConfigError(f"{origin}: $.format: a file musco-core writes (a manifest, report or run state), not a "
-                              f"schedule; expected a schedule (version, settings, layers) or a {{layer: settings}} dict")
+            raise ConfigError(f"{origin}: $.format: a file musco-core writes (a manifest, report or run state), not "
+                              f"a schedule; expected a schedule (version, settings, layers) or a {{layer: settings}} "
+                              f"dict")
         else:
             raw_layers, given = data, []
             run_settings = self._structure_settings(settings or {}, given)
