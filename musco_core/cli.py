@@ -724,9 +724,12 @@ def _resume_hint(checkpoints: Path) -> str:
 
 
 def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
-    """Runs the user's fine-tuning; its failure is one line that says where the run can resume from."""
+    """Runs the user's fine-tuning, which trains the model it is given in place; its failure is one line that says
+    where the run can resume from. A returned module with parameters, none of them the model's (a trained copy), is
+    refused: ignoring it would save the untrained model as if fine-tuned."""
+    model = compressor.compressed_model
     try:
-        finetune(compressor.compressed_model, compressor.curr_iter)
+        returned = finetune(model, compressor.curr_iter)
     except KeyboardInterrupt:
         raise
     except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
@@ -737,6 +740,12 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
             raise  # not the user's code: a bug in musco-core
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
                            f"{_resume_hint(checkpoints)}") from exc
+    held = {id(parameter) for parameter in model.parameters()}
+    returned_ids = {id(parameter) for parameter in returned.parameters()} if isinstance(returned, nn.Module) else ()
+    if returned_ids and held.isdisjoint(returned_ids):  # a loss module it returns, with no parameters, is fine
+        raise UsageProblem(f"--finetune {spec} returned a {type(returned).__name__} that holds none of the parameters "
+                           f"of the model it was given, after step {compressor.curr_iter}; train that model in place "
+                           f"(what the function returns is not used); {_resume_hint(checkpoints)}")
 
 
 class Interrupted(UsageProblem):

@@ -71,6 +71,20 @@ HELPERS = textwrap.dedent("""
         def forward(self, x):
             return self.fc(self.features(x))
 
+    def trains_a_copy(model, step):
+        import copy
+        trained = copy.deepcopy(model)
+        tune(trained, step)
+        return trained
+
+    def returns_the_model(model, step):
+        tune(model, step)
+        return torch.nn.Sequential(model)  # a wrapper of the model itself is fine
+
+    def returns_a_loss(model, step):
+        tune(model, step)
+        return torch.nn.MSELoss()  # a module without parameters too
+
     def slow_from_2(model, step):
         tune(model, step)
         if step >= 2:
@@ -272,6 +286,20 @@ def test_data_aware_layers_without_calibration_name_the_option(project):
     result = compress("out", config="data_aware.yaml")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.endswith("(musco compress: --calibration FILE)\n"), result.output
+
+
+def test_a_finetune_that_returns_a_trained_copy_is_refused_not_ignored(project):
+    """The model a --finetune callable returns was ignored: one that trained a copy and returned it left the
+    compressed model untrained, and the run saved it as if fine-tuned."""
+    refused = compress("out", finetune="run_helpers:trains_a_copy")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert refused.output.startswith("musco: error: --finetune run_helpers:trains_a_copy returned a Sequential that "
+                                     "holds none of the parameters of the model it was given, after step 1;"), \
+        refused.output
+    assert compress("whole").exit_code == 0
+    assert compress("wrapped", finetune="run_helpers:returns_the_model").exit_code == 0
+    assert same_weights(project / "whole", project / "wrapped")
+    assert compress("loss", finetune="run_helpers:returns_a_loss").exit_code == 0
 
 
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
