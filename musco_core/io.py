@@ -923,6 +923,11 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     if not step_dir.exists() and not step_dir.is_symlink():
         return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, which is missing"), marker["run_id"]
     if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
+        if not step_dir.is_symlink() and (read_marker(step_dir) or {}).get("kind") == "state" and not \
+                _complete_states(directory, marker["run_id"]):  # an overwrite stopped before its first state
+            raise ConfigError(f"{step_dir}: a state of the run that {directory} held before; the run begun there "
+                              f"with overwrite=True saved no state yet: nothing to resume; run it again with "
+                              f"overwrite=True (--overwrite)")
         raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
     written = latest.stat().st_mtime_ns
     if (step_dir / STATE_FILE).is_file() and any(

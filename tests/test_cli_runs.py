@@ -302,6 +302,21 @@ def test_a_finetune_that_returns_a_trained_copy_is_refused_not_ignored(project):
     assert compress("loss", finetune="run_helpers:returns_a_loss").exit_code == 0
 
 
+def test_resuming_an_overwrite_stopped_before_its_first_state_says_to_start_it_again(project):
+    """--resume after an --overwrite run stopped before its first step said only "step-0004: not a state saved by
+    the run of out/checkpoints": the state is the replaced run's, and the new run saved none."""
+    assert compress("out").exit_code == 0
+    stopped = compress("out", "--overwrite", finetune="run_helpers:fails_at_1")
+    assert stopped.exit_code == 2 and "no step was saved yet; run the command again" in stopped.output
+    refused = compress("out", "--resume")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert refused.output.startswith("musco: error: out/checkpoints/step-0004: a state of the run that out/checkpoints"
+                                     " held before; the run begun there with overwrite=True saved no state yet: "
+                                     "nothing to resume; run it again with overwrite=True (--overwrite)"), \
+        refused.output
+    assert compress("out", "--overwrite").exit_code == 0
+
+
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
     assert compress("out").exit_code == 0
     first = weights(project / "out")
