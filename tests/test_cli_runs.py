@@ -430,6 +430,25 @@ def test_a_lock_file_of_the_users_is_refused_and_left_as_it_is(project, make):
         assert lock.read_text() == "my notes\n"
 
 
+def test_a_lock_file_that_cannot_be_created_is_not_blamed_on_a_file_of_the_users(project, monkeypatch):
+    """On a read-only disk the lock's error said "never writes through a symlink or over a file of yours: move it"
+    though nothing was there to move."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".musco-lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = compress("out")
+    assert result.exit_code == 2 and result.output == (
+        "musco: error: out/.musco-lock: cannot create musco-core's lock file: Read-only file system; choose another "
+        "--out\n"), result.output
+
+
 def test_a_lock_file_left_by_a_dead_run_is_taken_over(project):
     (project / "out").mkdir()
     (project / "out" / ".musco-lock").write_text("999999999")
