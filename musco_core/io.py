@@ -992,9 +992,10 @@ def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
-        if not path.is_symlink() and not path.exists():  # nothing in the way: a read-only or full disk, a permission
-            raise ConfigError(f"{path}: cannot create musco-core's lock file: {exc.strerror or exc}; choose another "
-                              f"--out") from None
+        if not path.is_symlink() and (path.is_file() or not path.exists()):  # nothing in the way: a read-only or
+            # full disk, a permission (a file of the user's of that name is refused below, by what it holds)
+            raise ConfigError(f"{path}: cannot open or create musco-core's lock file: {exc.strerror or exc}; choose "
+                              f"another --out") from None
         raise ConfigError(f"{path}: {'is a symlink' if path.is_symlink() else exc.strerror or exc}; musco-core "
                           f"keeps its lock there and never writes through a symlink or over a file of yours: move it, "
                           f"or choose another --out") from None

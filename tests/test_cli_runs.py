@@ -445,8 +445,8 @@ def test_a_lock_file_that_cannot_be_created_is_not_blamed_on_a_file_of_the_users
     monkeypatch.setattr(os, "open", read_only)
     result = compress("out")
     assert result.exit_code == 2 and result.output == (
-        "musco: error: out/.musco-lock: cannot create musco-core's lock file: Read-only file system; choose another "
-        "--out\n"), result.output
+        "musco: error: out/.musco-lock: cannot open or create musco-core's lock file: Read-only file system; choose "
+        "another --out\n"), result.output
 
 
 def test_a_lock_file_left_by_a_dead_run_is_taken_over(project):
