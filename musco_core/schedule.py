@@ -200,10 +200,10 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook_func(lambda kind: typing.get_origin(kind) is Literal, _literal)
 
     def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
-        if not isinstance(value, list) or len(value) > MAX_COMPRESS_ITERS:
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_COMPRESS_ITERS:  # a tuple: the original's
             raise ValueProblem(f"expected a list of at most {MAX_COMPRESS_ITERS} ranks, one per compression, got "
                                f"{short_repr(value)}")
-        return converter.structure(value, list[Rank])
+        return converter.structure(list(value), list[Rank])
 
     converter.register_structure_hook(RankList, rank_list)
 
@@ -696,6 +696,10 @@ class _StrictConstructor(yaml.constructor.SafeConstructor):
 
 
 _StrictConstructor.add_constructor("tag:yaml.org,2002:int", _StrictConstructor.construct_yaml_int)
+# The original musco-pytorch's configs were written with yaml.dump, which tags its tuple ranks (tucker2's (r_out,
+# r_in)) !!python/tuple: a plain tuple of the sequence, nothing imported or run. No other python tag is read.
+_StrictConstructor.add_constructor("tag:yaml.org,2002:python/tuple",
+                                   lambda constructor, node: tuple(constructor.construct_sequence(node, deep=True)))
 
 
 def bounded_loader(events: type) -> type:

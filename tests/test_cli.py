@@ -297,6 +297,18 @@ def test_a_file_musco_core_wrote_given_as_a_schedule_is_one_line(factories, name
            f"schedule" in result.output
 
 
+def test_an_original_config_written_by_yaml_dump_with_tuple_ranks_is_read(factories):
+    """The original's tucker2 ranks are (r_out, r_in) tuples, which yaml.dump writes as !!python/tuple: such a file
+    was refused as "not valid YAML"; the tag builds a plain tuple (nothing is imported or run)."""
+    original = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [(16, 8)],
+                      "param_reduction_rate": None, "vbmf_weakenen_factor": None, "curr_compr_iter": 0},
+                "4": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": ((8,),)}, "7": None}
+    (factories / "dumped.yaml").write_text(yaml.dump(original))
+    assert "!!python/tuple" in (factories / "dumped.yaml").read_text()
+    result = run("config", "validate", factories / "dumped.yaml", "--model", "cli_factories:cnn")
+    assert result.exit_code == 0 and "valid, 2 layer(s)" in result.output, result.output
+
+
 def test_the_installed_console_script_runs(factories):
     musco = Path(sys.executable).with_name("musco")
     env = {**os.environ, "PYTHONPATH": str(factories)}
