@@ -903,6 +903,8 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     (:func:`_newest_state`)."""
     directory = Path(directory)
     marker = read_marker(directory) if directory.is_dir() else None
+    if not directory.exists() and not directory.is_symlink():
+        raise ConfigError(f"{directory}: no such folder; nothing to resume")
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
         raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
     latest = directory / LATEST_FILE

@@ -317,6 +317,14 @@ def test_resuming_an_overwrite_stopped_before_its_first_state_says_to_start_it_a
     assert compress("out", "--overwrite").exit_code == 0
 
 
+def test_resume_without_a_checkpoints_folder_says_it_is_missing(project):
+    assert compress("out").exit_code == 0
+    shutil.rmtree(project / "out" / "checkpoints")  # deleted to save space
+    result = compress("out", "--resume")
+    assert result.exit_code == 2 and result.output == ("musco: error: out/checkpoints: no such folder; nothing to "
+                                                       "resume\n"), result.output
+
+
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
     assert compress("out").exit_code == 0
     first = weights(project / "out")
