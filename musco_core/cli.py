@@ -776,8 +776,9 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
     from .stats import ModelStats
 
     registry = default_registry()
-    model, example = _model_and_example(model_spec, weights, input_shape)
-    stats = ModelStats.from_model(model, registry, example)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the schedule: what the user's code prints goes aside
+        model, example = _model_and_example(model_spec, weights, input_shape)
+        stats = ModelStats.from_model(model, registry, example)
     layers = generate_model_compr_kwargs(stats, config_type, registry=registry)
     settings = RunSettings()
     document = {"version": SCHEMA_VERSION,

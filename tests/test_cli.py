@@ -54,6 +54,10 @@ FACTORIES = textwrap.dedent("""
     def cnn_bfloat16():
         return cnn().bfloat16()
 
+    def noisy():
+        print("building the model")  # research code often prints
+        return cnn()
+
     def not_a_model():
         return 42
 
@@ -307,6 +311,15 @@ def test_an_original_config_written_by_yaml_dump_with_tuple_ranks_is_read(factor
     assert "!!python/tuple" in (factories / "dumped.yaml").read_text()
     result = run("config", "validate", factories / "dumped.yaml", "--model", "cli_factories:cnn")
     assert result.exit_code == 0 and "valid, 2 layer(s)" in result.output, result.output
+
+
+def test_what_the_users_code_prints_stays_out_of_a_generated_schedule(factories):
+    """`musco config generate ... > schedule.yaml` with a factory that prints wrote its line into the schedule,
+    which then was not valid YAML."""
+    result = run("config", "generate", "--model", "cli_factories:noisy", "--type", "param_reduction",
+                 "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["version"] == 1 and "building the model" in result.stderr
 
 
 def test_the_installed_console_script_runs(factories):
