@@ -409,8 +409,9 @@ class ScheduleCodec:
         else:
             for name, raw in raw_layers.items():
                 path = key_path("$.layers", str(name))
-                if not isinstance(name, str):
-                    problems.append(f"{path}: expected a layer name (a string), got {short_repr(name)}")
+                if not isinstance(name, str):  # nn.Sequential's layers are named 0, 1, ...: YAML reads those as ints
+                    quote = f"; quote it, '{name}'" if _is_int(name) else ""
+                    problems.append(f"{path}: expected a layer name (a string), got {short_repr(name)}{quote}")
                     continue
                 known = len(problems)
                 layer = self._structure_layer(raw, path, problems)
