@@ -148,13 +148,14 @@ def _library_message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _writing(option: str, target: Path):
-    """Reports a failed write (disk full, file too large, no permission) as one line naming the output."""
+def _writing(option: str, target: Path, checkpoints: Path):
+    """Reports a failed write (disk full, file too large, no permission) as one line naming the output and where
+    the run can resume from (the states saved before stay complete)."""
     try:
         yield
     except (OSError, SafetensorError) as exc:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
-        raise UsageProblem(f"{option} {target}: cannot write: {reason}") from exc
+        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints)}") from exc
 
 
 def _call_user_code(option: str, spec: str, function, *args):
@@ -493,6 +494,10 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
     _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
+    if calibration_path is None and click.get_current_context().get_parameter_source(
+            "calibration_batch_size") is not click.core.ParameterSource.DEFAULT:  # else silently without effect
+        raise UsageProblem("--calibration-batch-size splits the --calibration inputs into batches: give "
+                           "--calibration FILE")
     if finetune_spec == DISTILL and distributed.launched_for_several():  # before the group: a rank refusing
         # inside it would leave the others failing to connect to it (exit 1 instead of this error)
         raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "
@@ -567,7 +572,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
 
             def save() -> None:
-                with _writing("--out", out_dir):
+                with _writing("--out", out_dir, checkpoints):
                     save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
@@ -576,7 +581,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     compressor.compression_step()
                     if finetune is not None:
                         _call_finetune(finetune, finetune_spec, compressor, checkpoints)
-                    with _writing("--out", out_dir):
+                    with _writing("--out", out_dir, checkpoints):
                         compressor.save_state(checkpoints, overwrite=overwrite)
                 distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:
@@ -719,9 +724,12 @@ def _resume_hint(checkpoints: Path) -> str:
 
 
 def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
-    """Runs the user's fine-tuning; its failure is one line that says where the run can resume from."""
+    """Runs the user's fine-tuning, which trains the model it is given in place; its failure is one line that says
+    where the run can resume from. A returned module with parameters, none of them the model's (a trained copy), is
+    refused: ignoring it would save the untrained model as if fine-tuned."""
+    model = compressor.compressed_model
     try:
-        finetune(compressor.compressed_model, compressor.curr_iter)
+        returned = finetune(model, compressor.curr_iter)
     except KeyboardInterrupt:
         raise
     except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
@@ -732,6 +740,12 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
             raise  # not the user's code: a bug in musco-core
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
                            f"{_resume_hint(checkpoints)}") from exc
+    held = {id(parameter) for parameter in model.parameters()}
+    returned_ids = {id(parameter) for parameter in returned.parameters()} if isinstance(returned, nn.Module) else ()
+    if returned_ids and held.isdisjoint(returned_ids):  # a loss module it returns, with no parameters, is fine
+        raise UsageProblem(f"--finetune {spec} returned a {type(returned).__name__} that holds none of the parameters "
+                           f"of the model it was given, after step {compressor.curr_iter}; train that model in place "
+                           f"(what the function returns is not used); {_resume_hint(checkpoints)}")
 
 
 class Interrupted(UsageProblem):
@@ -762,8 +776,9 @@ def generate(model_spec, weights, config_type, input_shape) -> None:
     from .stats import ModelStats
 
     registry = default_registry()
-    model, example = _model_and_example(model_spec, weights, input_shape)
-    stats = ModelStats.from_model(model, registry, example)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the schedule: what the user's code prints goes aside
+        model, example = _model_and_example(model_spec, weights, input_shape)
+        stats = ModelStats.from_model(model, registry, example)
     layers = generate_model_compr_kwargs(stats, config_type, registry=registry)
     settings = RunSettings()
     document = {"version": SCHEMA_VERSION,

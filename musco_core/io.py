@@ -149,9 +149,10 @@ def check_claims(claims: Sequence[tuple[str | os.PathLike, str]], run_id: str | 
 
     A folder is free when it is missing or empty, this run's, or claimed by a run that saved nothing there
     (:func:`unused_run_folder`). A folder of another run, or one with files musco-core did not write, is refused
-    unless ``overwrite``; one of this run's other kind (its checkpoints for its output) is refused even then. Even
-    then musco-core never replaces a file it did not write: a file of the user's, or a symlink, where musco-core
-    writes its own files is refused, all of them listed in one line.
+    unless ``overwrite``; one of another kind (a run's checkpoints or one of its states for an output) is refused even
+    then: a new marker would orphan what is there, the run's last state. Even then musco-core never replaces a file
+    it did not write: a file of the user's, or a symlink, where musco-core writes its own files is refused, all of
+    them listed in one line.
     """
     problems, refused, in_the_way = [], [], []
     for folder, kind in claims:
@@ -184,14 +185,18 @@ def _claim_problem(folder: Path, kind: str, run_id: str | None, overwrite: bool)
     marker = read_marker(folder)
     if marker is not None and marker["kind"] == kind and marker.get("run_id") == run_id or unused_run_folder(folder):
         return None
-    if marker is not None and marker.get("run_id") == run_id:  # its other kind: a new marker would orphan what is there
-        return (f"{folder}: holds the {marker['kind']} of this run, not its {kind}; choose another folder for the "
-                f"{kind} (not even overwrite=True writes one kind over the other)")
+    if marker is not None and marker["kind"] != kind:  # a new marker would orphan what is there (a run's last state)
+        whose, theirs = ("this run", "its") if marker.get("run_id") == run_id else ("another musco-core run", "a run's")
+        return (f"{folder}: holds the {marker['kind']} of {whose}, not {theirs} {kind}; choose another folder for "
+                f"the {kind} (not even overwrite=True writes one kind over the other)")
     if overwrite:
         return None
     if marker is not None:
         return (f"{folder}: holds the {marker['kind']} of another musco-core run; resume that run, choose another "
                 f"folder, or pass overwrite=True (--overwrite) to replace what that run wrote")
+    if folder.is_symlink():  # empty or not: its target is not a folder the user named
+        return (f"{folder}: is a symlink to {os.readlink(folder)}; choose another folder, or pass overwrite=True "
+                f"(--overwrite) to write into the folder it points to (nothing of yours is replaced or deleted)")
     return (f"{folder}: is not empty and was not written by musco-core; choose another folder, or pass "
             f"overwrite=True (--overwrite) to write into it (nothing of yours is replaced or deleted)")
 
@@ -898,6 +903,8 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     (:func:`_newest_state`)."""
     directory = Path(directory)
     marker = read_marker(directory) if directory.is_dir() else None
+    if not directory.exists() and not directory.is_symlink():
+        raise ConfigError(f"{directory}: no such folder; nothing to resume")
     if marker is None or marker["kind"] != "checkpoints" or not isinstance(marker.get("run_id"), str):
         raise ConfigError(f"{directory}: not a musco-core checkpoint folder (no {MARKER} marker); nothing to resume")
     latest = directory / LATEST_FILE
@@ -918,6 +925,11 @@ def latest_state(directory: str | os.PathLike) -> tuple[Path, str]:
     if not step_dir.exists() and not step_dir.is_symlink():
         return _newest_state(directory, marker["run_id"], f"{latest}: names {name}, which is missing"), marker["run_id"]
     if step_dir.is_symlink() or not _ours(step_dir, "state", marker["run_id"]):
+        if not step_dir.is_symlink() and (read_marker(step_dir) or {}).get("kind") == "state" and not \
+                _complete_states(directory, marker["run_id"]):  # an overwrite stopped before its first state
+            raise ConfigError(f"{step_dir}: a state of the run that {directory} held before; the run begun there "
+                              f"with overwrite=True saved no state yet: nothing to resume; run it again with "
+                              f"overwrite=True (--overwrite)")
         raise ConfigError(f"{step_dir}: not a state saved by the run of {directory}; nothing to resume")
     written = latest.stat().st_mtime_ns
     if (step_dir / STATE_FILE).is_file() and any(
@@ -982,6 +994,10 @@ def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
+        if not path.is_symlink() and (path.is_file() or not path.exists()):  # nothing in the way: a read-only or
+            # full disk, a permission (a file of the user's of that name is refused below, by what it holds)
+            raise ConfigError(f"{path}: cannot open or create musco-core's lock file: {exc.strerror or exc}; choose "
+                              f"another --out") from None
         raise ConfigError(f"{path}: {'is a symlink' if path.is_symlink() else exc.strerror or exc}; musco-core "
                           f"keeps its lock there and never writes through a symlink or over a file of yours: move it, "
                           f"or choose another --out") from None

@@ -215,7 +215,7 @@ def check_calibration(model: nn.Module, schedule: ModelSchedule, registry: Regis
         if needing:
             raise ConfigError(f"calibration_data: layer(s) {', '.join(map(repr, needing))} use data-aware "
                               f"decompositions that need the layers' input statistics; pass calibration_data, "
-                              f"a list or DataLoader of input batches")
+                              f"a list or DataLoader of input batches (musco compress: --calibration FILE)")
         return None
     check_reiterable(calibration_data, "calibration_data")
     if not needing and not any(schedule.layers[name] is not None and registry.rank_selectors.get(

@@ -200,10 +200,10 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook_func(lambda kind: typing.get_origin(kind) is Literal, _literal)
 
     def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
-        if not isinstance(value, list) or len(value) > MAX_COMPRESS_ITERS:
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_COMPRESS_ITERS:  # a tuple: the original's
             raise ValueProblem(f"expected a list of at most {MAX_COMPRESS_ITERS} ranks, one per compression, got "
                                f"{short_repr(value)}")
-        return converter.structure(value, list[Rank])
+        return converter.structure(list(value), list[Rank])
 
     converter.register_structure_hook(RankList, rank_list)
 
@@ -395,6 +395,10 @@ class ScheduleCodec:
             run_settings = self._structure_settings({} if raw_settings is None else raw_settings, problems)
             if raw_layers is None:
                 raw_layers = {}
+        elif _is_int(data.get("format")):  # no layer's settings are an int: an output's musco.yaml, report, state
+            raise ConfigError(f"{origin}: $.format: a file musco-core writes (a manifest, report or run state), not "
+                              f"a schedule; expected a schedule (version, settings, layers) or a {{layer: settings}} "
+                              f"dict")
         else:
             raw_layers, given = data, []
             run_settings = self._structure_settings(settings or {}, given)
@@ -405,8 +409,9 @@ class ScheduleCodec:
         else:
             for name, raw in raw_layers.items():
                 path = key_path("$.layers", str(name))
-                if not isinstance(name, str):
-                    problems.append(f"{path}: expected a layer name (a string), got {short_repr(name)}")
+                if not isinstance(name, str):  # nn.Sequential's layers are named 0, 1, ...: YAML reads those as ints
+                    quote = f"; quote it, '{name}'" if _is_int(name) else ""
+                    problems.append(f"{path}: expected a layer name (a string), got {short_repr(name)}{quote}")
                     continue
                 known = len(problems)
                 layer = self._structure_layer(raw, path, problems)
@@ -692,6 +697,10 @@ class _StrictConstructor(yaml.constructor.SafeConstructor):
 
 
 _StrictConstructor.add_constructor("tag:yaml.org,2002:int", _StrictConstructor.construct_yaml_int)
+# The original musco-pytorch's configs were written with yaml.dump, which tags its tuple ranks (tucker2's (r_out,
+# r_in)) !!python/tuple: a plain tuple of the sequence, nothing imported or run. No other python tag is read.
+_StrictConstructor.add_constructor("tag:yaml.org,2002:python/tuple",
+                                   lambda constructor, node: tuple(constructor.construct_sequence(node, deep=True)))
 
 
 def bounded_loader(events: type) -> type:

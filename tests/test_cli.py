@@ -54,6 +54,10 @@ FACTORIES = textwrap.dedent("""
     def cnn_bfloat16():
         return cnn().bfloat16()
 
+    def noisy():
+        print("building the model")  # research code often prints
+        return cnn()
+
     def not_a_model():
         return 42
 
@@ -281,6 +285,41 @@ def test_an_invalid_schedule_is_reported_with_its_path(factories):
     result = run("config", "validate", schedule)
     assert result.exit_code == 2
     assert f'{schedule}: $.layers["2"].vbmf_weakenen_factor: expected a number in [0, 1], got 3' in result.output
+
+
+@pytest.mark.parametrize("name, text", [
+    ("musco.yaml", "format: 1\nmusco_core_version: 0.1.0\nlayers: {}\nschedule: {version: 1}\n"),
+    ("report.json", '{"format": 2, "layers": [], "totals": {}}'),
+    ("state.yaml", "format: 5\nrun_id: ab12\nnext_step: 2\n")])
+def test_a_file_musco_core_wrote_given_as_a_schedule_is_one_line(factories, name, text):
+    """An output's musco.yaml given as --config was read as an original {layer: settings} dict: a line per key,
+    each blaming a "layer" named format, layers or set_id."""
+    (factories / name).write_text(text)
+    result = run("config", "validate", factories / name)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"{factories / name}: $.format: a file musco-core writes (a manifest, report or run state), not a " \
+           f"schedule" in result.output
+
+
+def test_an_original_config_written_by_yaml_dump_with_tuple_ranks_is_read(factories):
+    """The original's tucker2 ranks are (r_out, r_in) tuples, which yaml.dump writes as !!python/tuple: such a file
+    was refused as "not valid YAML"; the tag builds a plain tuple (nothing is imported or run)."""
+    original = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [(16, 8)],
+                      "param_reduction_rate": None, "vbmf_weakenen_factor": None, "curr_compr_iter": 0},
+                "4": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": ((8,),)}, "7": None}
+    (factories / "dumped.yaml").write_text(yaml.dump(original))
+    assert "!!python/tuple" in (factories / "dumped.yaml").read_text()
+    result = run("config", "validate", factories / "dumped.yaml", "--model", "cli_factories:cnn")
+    assert result.exit_code == 0 and "valid, 2 layer(s)" in result.output, result.output
+
+
+def test_what_the_users_code_prints_stays_out_of_a_generated_schedule(factories):
+    """`musco config generate ... > schedule.yaml` with a factory that prints wrote its line into the schedule,
+    which then was not valid YAML."""
+    result = run("config", "generate", "--model", "cli_factories:noisy", "--type", "param_reduction",
+                 "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["version"] == 1 and "building the model" in result.stderr
 
 
 def test_the_installed_console_script_runs(factories):

@@ -71,6 +71,20 @@ HELPERS = textwrap.dedent("""
         def forward(self, x):
             return self.fc(self.features(x))
 
+    def trains_a_copy(model, step):
+        import copy
+        trained = copy.deepcopy(model)
+        tune(trained, step)
+        return trained
+
+    def returns_the_model(model, step):
+        tune(model, step)
+        return torch.nn.Sequential(model)  # a wrapper of the model itself is fine
+
+    def returns_a_loss(model, step):
+        tune(model, step)
+        return torch.nn.MSELoss()  # a module without parameters too
+
     def slow_from_2(model, step):
         tune(model, step)
         if step >= 2:
@@ -123,6 +137,27 @@ def test_overwrite_starts_a_new_run_and_keeps_what_musco_core_did_not_write(proj
     assert (project / "out" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (project / "out" / "checkpoints").iterdir()) == [".musco-core", "LATEST",
                                                                                  "step-0004"]
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/step-0002"])
+def test_overwrite_never_makes_another_runs_checkpoints_or_state_an_output(project, inside):
+    """--overwrite replaces another run's output: --out pointed into a run's checkpoints once turned its last
+    state into the new run's output (model.safetensors replaced under the old state.yaml), so it no longer resumed."""
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    before = snapshot(project / "out")
+    refused = compress(f"out/{inside}", "--overwrite", config="schedule.yaml")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert "of another musco-core run, not a run's output" in refused.output, refused.output
+    assert snapshot(project / "out") == before
+    assert compress("out", "--resume").exit_code == 0
+
+
+def test_an_out_symlink_to_an_empty_folder_is_refused_as_a_symlink_not_as_a_full_folder(project):
+    (project / "empty").mkdir()
+    (project / "link").symlink_to("empty")
+    refused = compress("link")
+    assert refused.exit_code == 2 and "link: is a symlink to empty; choose another folder, or pass" in refused.output
+    assert compress("link", "--overwrite").exit_code == 0 and (project / "empty" / "model.safetensors").is_file()
 
 
 def test_the_users_own_checkpoints_folder_is_refused_then_left_alone(project):
@@ -218,6 +253,76 @@ def test_ctrl_c_while_saving_the_output_says_where_to_resume(project, monkeypatc
     resumed = compress("out", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "out")
+
+
+def test_a_full_disk_says_where_to_resume(project, monkeypatch):
+    """A disk that fills at step 3 after hours of steps: the one line said only "cannot write", not that step 2 is
+    complete and --resume continues from it."""
+    from musco_core.compressor import Compressor
+
+    assert compress("whole").exit_code == 0
+    save_state = Compressor.save_state
+
+    def full_at_3(self, *args, **kwargs):
+        if self.curr_iter == 3:
+            raise OSError(28, os.strerror(28))
+        return save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compressor, "save_state", full_at_3)
+    full = compress("out")
+    assert full.exit_code == 2 and full.output == (
+        "musco: error: --out out: cannot write: No space left on device; the last complete state is "
+        "out/checkpoints/step-0002; run the same command with --resume to continue\n"), full.output
+    monkeypatch.setattr(Compressor, "save_state", save_state)
+    assert compress("out", "--resume").exit_code == 0
+    assert same_weights(project / "whole", project / "out")
+
+
+def test_data_aware_layers_without_calibration_name_the_option(project):
+    """The library's "pass calibration_data" alone did not tell a command-line user which option gives it."""
+    data_aware = {**SCHEDULE, "layers": {"6": {"decomposition": "whitened_svd", "rank_selection": "manual",
+                                               "manual_rank": [8, 4]}}}
+    (project / "data_aware.yaml").write_text(yaml.safe_dump(data_aware))
+    result = compress("out", config="data_aware.yaml")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.endswith("(musco compress: --calibration FILE)\n"), result.output
+
+
+def test_a_finetune_that_returns_a_trained_copy_is_refused_not_ignored(project):
+    """The model a --finetune callable returns was ignored: one that trained a copy and returned it left the
+    compressed model untrained, and the run saved it as if fine-tuned."""
+    refused = compress("out", finetune="run_helpers:trains_a_copy")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert refused.output.startswith("musco: error: --finetune run_helpers:trains_a_copy returned a Sequential that "
+                                     "holds none of the parameters of the model it was given, after step 1;"), \
+        refused.output
+    assert compress("whole").exit_code == 0
+    assert compress("wrapped", finetune="run_helpers:returns_the_model").exit_code == 0
+    assert same_weights(project / "whole", project / "wrapped")
+    assert compress("loss", finetune="run_helpers:returns_a_loss").exit_code == 0
+
+
+def test_resuming_an_overwrite_stopped_before_its_first_state_says_to_start_it_again(project):
+    """--resume after an --overwrite run stopped before its first step said only "step-0004: not a state saved by
+    the run of out/checkpoints": the state is the replaced run's, and the new run saved none."""
+    assert compress("out").exit_code == 0
+    stopped = compress("out", "--overwrite", finetune="run_helpers:fails_at_1")
+    assert stopped.exit_code == 2 and "no step was saved yet; run the command again" in stopped.output
+    refused = compress("out", "--resume")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert refused.output.startswith("musco: error: out/checkpoints/step-0004: a state of the run that out/checkpoints"
+                                     " held before; the run begun there with overwrite=True saved no state yet: "
+                                     "nothing to resume; run it again with overwrite=True (--overwrite)"), \
+        refused.output
+    assert compress("out", "--overwrite").exit_code == 0
+
+
+def test_resume_without_a_checkpoints_folder_says_it_is_missing(project):
+    assert compress("out").exit_code == 0
+    shutil.rmtree(project / "out" / "checkpoints")  # deleted to save space
+    result = compress("out", "--resume")
+    assert result.exit_code == 2 and result.output == ("musco: error: out/checkpoints: no such folder; nothing to "
+                                                       "resume\n"), result.output
 
 
 def test_resume_from_the_final_state_saves_the_same_model_again(project):
@@ -331,6 +436,25 @@ def test_a_lock_file_of_the_users_is_refused_and_left_as_it_is(project, make):
     assert lock.is_symlink() == (make == "symlink") and lock.is_dir() == (make == "folder")
     if make == "user file":
         assert lock.read_text() == "my notes\n"
+
+
+def test_a_lock_file_that_cannot_be_created_is_not_blamed_on_a_file_of_the_users(project, monkeypatch):
+    """On a read-only disk the lock's error said "never writes through a symlink or over a file of yours: move it"
+    though nothing was there to move."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".musco-lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = compress("out")
+    assert result.exit_code == 2 and result.output == (
+        "musco: error: out/.musco-lock: cannot open or create musco-core's lock file: Read-only file system; choose "
+        "another --out\n"), result.output
 
 
 def test_a_lock_file_left_by_a_dead_run_is_taken_over(project):
@@ -487,6 +611,8 @@ def test_finetune_distill_trains_on_the_calibration_inputs_and_repeats_exactly(p
     (("--distill-lr", "0"), "distill", "Invalid value for '--distill-lr': expected a positive number, got 0.0"),
     (("--distill-lr", "1e39"), "distill", "Invalid value for '--distill-lr': expected a positive number at most "
                                           "3.4e+37 (AdamW's first step"),
+    (("--calibration-batch-size", "8"), "run_helpers:tune", "--calibration-batch-size splits the --calibration "
+                                                            "inputs into batches: give --calibration FILE"),
 ])
 def test_distillation_options_misused_are_one_line(project, extra, finetune, message):
     result = compress("out", *extra, finetune=finetune)

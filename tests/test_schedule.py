@@ -437,7 +437,7 @@ def test_non_mapping_algo_kwargs_entry_is_a_config_error(tmp_path, registry, val
 def test_non_string_layer_name_is_rejected(tmp_path, registry):
     path = _write(tmp_path, "version: 1\nlayers:\n  1: null\n")
     message = _load_error(path, registry)
-    assert "expected a layer name (a string), got 1" in message
+    assert "expected a layer name (a string), got 1; quote it, '1'" in message  # YAML's 1: is an int key
 
 
 def test_several_problems_are_reported_together(tmp_path, registry):
