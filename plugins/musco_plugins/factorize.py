@@ -664,7 +664,8 @@ def evbmf_rank(singular_values: Tensor, shape: tuple[int, int]) -> int:
     `singular_values` are those of an L x M matrix of shape `shape` (either orientation). Follows the reference
     EVBMF code: sigma2 minimises the EVB objective on [lower, upper] (bounded Brent, rescaled by 1/lower as in
     Nakajima's MATLAB code, and also around the best point of a grid: the objective has local minima), and the
-    rank is the count of singular values above sqrt(M sigma2 (1 + tauubar)(1 + alpha / tauubar)). Residual energy is taken as zero (full spectrum given);
+    rank is the count of singular values above sqrt(M sigma2 (1 + tauubar)(1 + alpha / tauubar)).
+    Residual energy is taken as zero (full spectrum given);
     values below s_max * M * eps(dtype) are treated as round-off and lifted to that floor.
     """
     L, M = sorted(int(d) for d in shape)
