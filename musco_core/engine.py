@@ -73,6 +73,15 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
     return adapter, WeightSource(spec, dense=weight), bias
 
 
+def refuse_non_finite(source: WeightSource, name: str) -> None:
+    """One error naming the layer where its weights hold a NaN or Inf, before any rank selector or decomposition
+    reads them (their linear algebra fails with messages that name neither)."""
+    current = [f.weight for f in source.factors] if source.factors else [source.weight]
+    if not all(torch.isfinite(w).all() for w in current):
+        raise CompressionError(f"layer {name!r} has non-finite weights (NaN or Inf); fix the model or leave the "
+                               f"layer out of the schedule")
+
+
 def one_group(spec: LayerSpec) -> LayerSpec:
     """The geometry of one group of a grouped layer (the layer's own with one group)."""
     if spec.groups == 1:
@@ -241,10 +250,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     adapter, source, bias = read_layer(module, registry, name)
     source.input_stats = input_stats
     spec: LayerSpec = source.spec
-    current = [f.weight for f in source.factors] if source.factors else [source.weight]
-    if not all(torch.isfinite(w).all() for w in current):
-        raise CompressionError(f"layer {name!r} has non-finite weights (NaN or Inf); fix the model or leave the "
-                               f"layer out of the schedule")
+    refuse_non_finite(source, name)
     stage = schedule.curr_compr_iter
     current_layouts = [f.layout for f in source.factors] if source.factors else layer_layout(spec)
     if calls is None and input_shape is not None:
