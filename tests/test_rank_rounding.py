@@ -165,14 +165,14 @@ def test_auto_round_trips_through_yaml_and_bad_values_name_the_key(tmp_path):
 
 
 def test_auto_does_not_round_a_rank_up_where_that_would_leave_the_layer_dense():
-    # a 68 x 68 Linear of rank 33: svd at 33 keeps 4488 of 4624 weights; auto's 40 would keep 5440, so the layer
-    # was kept dense where rank_multiple 1 compressed it
+    # a 68 x 68 Linear of rank 10 at factor 0.6: int(68 - 0.6 (68 - 10)) = 33; svd at 33 keeps 4488 of 4624
+    # weights; auto's 40 would keep 5440, so the layer was kept dense where rank_multiple 1 compressed it
     g = torch.Generator().manual_seed(0)
     linear = nn.Linear(68, 68)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(68, 33, generator=g) @ torch.randn(33, 68, generator=g)
+        linear.weight.copy_(torch.randn(68, 10, generator=g) @ torch.randn(10, 68, generator=g)
                             + 1e-3 * torch.randn(68, 68, generator=g))
-    schedule = LayerSchedule("svd", "vbmf", VBMFParams(1.0))
+    schedule = LayerSchedule("svd", "vbmf", VBMFParams(0.6))
     _, result = compress_layer(linear, "fc", schedule, RunSettings(), default_registry(), (1, 68))
     assert result.applied and result.ranks == (33,) and (result.params_before, result.params_after) == (4624, 4488)
     assert result.note == ("ranks (33,) not rounded up to (40,) (rank_multiple auto): that would not make the "
