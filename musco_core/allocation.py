@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .calibration import forms_features
 from .components import Decomposer, InputStats, LayerChoice, ModelTotals, RankRounding, RankSelector
-from .engine import (LayerResult, checked_ranks, compress_layer, given_copy, read_layer, refuse_changed, split_groups,
-                     usable_decompositions)
+from .engine import (LayerResult, checked_ranks, compress_layer, given_copy, read_layer, refuse_changed,
+                     refuse_non_finite, split_groups, usable_decompositions)
 from . import distributed
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .factors import chain_cost, layer_layout, widen
@@ -58,6 +58,7 @@ def layer_choices(name: str, module: nn.Module, layer: LayerSchedule, context: R
     with the report's own arithmetic (and, given a ``profiler``, with measured times); ``tied_params`` of its
     weights stay in the model when it is factorized (tied to other modules')."""
     _, source, _ = read_layer(module, context.registry, name)
+    refuse_non_finite(source, name)
     source.input_stats = input_stats
     group_spec, group_sources = split_groups(source)
     current = tuple(f.layout for f in source.factors) if source.factors else tuple(layer_layout(source.spec))

@@ -267,8 +267,8 @@ class RunSettings:
     seed: Seed = 0
     #: Ranks are rounded up to a multiple of this int (e.g. 8) for hardware efficiency, then clamped to the layer.
     #: ``auto``: to the multiple the weights' device type runs fast (8 on CPU and CUDA) where that grows a rank by at
-    #: most a quarter, ranks the user gave (``manual``) and ``param_reduction``'s excepted, and every rank from 16
-    #: up that a whole-model selector (``budget``) may choose; 1 turns rounding off.
+    #: most a quarter and the layer still gets smaller, ranks the user gave (``manual``) and ``param_reduction``'s
+    #: excepted, and every rank from 16 up that a whole-model selector (``budget``) may choose; 1 turns rounding off.
     rank_multiple: RankMultiple = "auto"
     #: How data-aware decompositions calibrate the layers of a step: ``sequential`` compresses them in forward order,
     #: each fitted on the inputs it gets with the layers ahead of it already compressed, to the outputs it had

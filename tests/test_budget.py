@@ -855,3 +855,20 @@ def test_a_plan_names_the_layers_outside_it_compressed_after_it(registry, order,
                                                                                                      or "")
     assert named == uncounted, record.note
     assert (compressor.report().params_ratio > record.planned * 1.5) == uncounted
+
+
+def test_a_layer_with_non_finite_weights_is_one_error_naming_it():
+    # the budget priced the layer first and failed inside linalg.eigh, naming neither the layer nor the NaN
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    layers = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in ("0", "2")}
+    document = {"version": 1, "settings": {"algo_kwargs": {"budget": {"reduction": 2, "metric": "params"}}},
+                "layers": layers}
+    compressor = Compressor(model, example_input=torch.randn(2, 64), progress=False, model_compr_kwargs=document)
+    with pytest.raises(CompressionError, match=r"layer '2' has non-finite weights \(NaN or Inf\)"):
+        compressor.compression_step()
+    assert all(torch.allclose(tensor, before[name], rtol=0, atol=0, equal_nan=True)
+               for name, tensor in model.state_dict().items())

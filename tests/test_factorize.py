@@ -412,6 +412,15 @@ def test_evbmf_signal_plus_noise(shape):
     assert factorize.evbmf_rank(s * 1e-3, shape) == 7  # nor does the scale
 
 
+@pytest.mark.parametrize("rank", [30, 32])
+def test_evbmf_finds_the_global_minimum_of_its_free_energy(rank):
+    """A 68 x 68 weight of rank 30 or 32 plus small noise (EVBMF can see ranks up to 33 on it): bounded Brent over
+    the noise variance stopped in a local minimum of the free energy and gave 15, which the original shares."""
+    a = _low_rank((68, 68), rank, seed=23)
+    s = torch.linalg.svdvals(a + 1e-3 * torch.randn(68, 68, generator=_gen(24)))
+    assert factorize.evbmf_rank(s, (68, 68)) == rank
+
+
 def test_evbmf_pure_noise():
     for seed in range(3):
         s = torch.linalg.svdvals(torch.randn(100, 80, generator=_gen(seed)))

@@ -11,7 +11,7 @@ from musco_core.components import (AUTO_MAX_GROWTH, HARDWARE_RANK_MULTIPLES, Fac
                                    RankRounding, WeightSource, round_ranks)
 from musco_core.engine import compress_layer
 from musco_core.schedule import LayerSchedule, RunSettings
-from musco_plugins.rank_selectors import ParamReductionParams
+from musco_plugins.rank_selectors import ParamReductionParams, VBMFParams
 
 from models import make_trained_like
 
@@ -162,3 +162,20 @@ def test_auto_round_trips_through_yaml_and_bad_values_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=r"schedule.yaml: \$\.settings\.rank_multiple: expected 'auto' or a "
                                               r"positive int of at most 4096"):
             load_schedule(path)
+
+
+def test_auto_does_not_round_a_rank_up_where_that_would_leave_the_layer_dense():
+    # a 68 x 68 Linear of rank 10 at factor 0.6: int(68 - 0.6 (68 - 10)) = 33; svd at 33 keeps 4488 of 4624
+    # weights; auto's 40 would keep 5440, so the layer was kept dense where rank_multiple 1 compressed it
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(68, 68)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(68, 10, generator=g) @ torch.randn(10, 68, generator=g)
+                            + 1e-3 * torch.randn(68, 68, generator=g))
+    schedule = LayerSchedule("svd", "vbmf", VBMFParams(0.6))
+    _, result = compress_layer(linear, "fc", schedule, RunSettings(), default_registry(), (1, 68))
+    assert result.applied and result.ranks == (33,) and (result.params_before, result.params_after) == (4624, 4488)
+    assert result.note == ("ranks (33,) not rounded up to (40,) (rank_multiple auto): that would not make the "
+                           "layer smaller")
+    _, result = compress_layer(linear, "fc", schedule, RunSettings(rank_multiple=8), default_registry(), (1, 68))
+    assert not result.applied  # an int rounds every rank, as asked

@@ -23,15 +23,23 @@ def ranks_by_pass(compressor: Compressor) -> dict[str, list]:
     return by_layer
 
 
-def test_generated_vbmf_schedule_recompresses_every_layer_in_the_second_pass(registry):
+def test_generated_vbmf_schedule_recompresses_the_layers_in_the_second_pass(registry):
     model = make_trained_like(resnet18(num_classes=10, width=32)).eval()
     compressor = run(Compressor(model, example_input=torch.randn(1, 3, 32, 32), config_type="vbmf",
                                 nglobal_compress_iters=2, ft_every=100, registry=registry, progress=False))
     by_layer = ranks_by_pass(compressor)
     assert len(by_layer) == 19  # every conv but the 3-channel stem; the classifier is left out (output layer)
+    # a spectrum in which EVBMF finds no signal above noise (rank 0: here layer2.0.downsample.0's 16 x 16 svd core,
+    # which decays smoothly) keeps its full rank, as in the original, so that layer stays as it is
+    kept = {name: second.note for name, (_, second) in by_layer.items() if not second.applied}
+    assert kept == {"layer2.0.downsample.0": "kept as is: svd at ranks (16,) would not be smaller (1536 vs 1536 "
+                                             "weights, 24576 vs 24576 MACs)"}
     for name, (first, second) in by_layer.items():
+        if name in kept:
+            continue
         assert first.applied and second.applied, (name, first.note, second.note)
-        assert all(b < a for a, b in zip(first.ranks, second.ranks)), (name, first.ranks, second.ranks)
+        assert all(b <= a for a, b in zip(first.ranks, second.ranks)), (name, first.ranks, second.ranks)
+        assert any(b < a for a, b in zip(first.ranks, second.ranks)), (name, first.ranks, second.ranks)
         assert second.params_after < second.params_before == first.params_after, name
         assert second.note is None or "clamped" not in second.note, (name, second.note)  # not cut to the limits
 
