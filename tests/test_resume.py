@@ -280,76 +280,67 @@ def test_a_run_that_counted_macs_from_model_stats_resumes_with_them_and_not_with
     assert (resumed.report().macs_before, resumed.report().macs_after) == (8192, 2048)
 
 
-def test_a_run_begun_on_a_compressed_model_resumes_from_that_model(tmp_path):
-    # its states held the earlier run's factorized layer, which no adapter could rebuild on the model it began with:
-    # "the file has a conv layer, the model's FactorizedLayer cannot be rebuilt"
-    def model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                   torch.nn.Linear(16 * 8 * 8, 10))
+def small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(16 * 8 * 8, 10))
 
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    first = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
-                                                          "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
+
+CNN_INPUT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def saved_with_layer_2_at(ranks, folder):
+    """An earlier run's result: small_cnn with its layer '2' at tucker2 ``ranks``, saved to ``folder``."""
+    first = Compressor(small_cnn(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                              "manual_rank": [ranks]}},
+                       example_input=CNN_INPUT, progress=False)
     first.compression_step()
-    save_compressed(first, tmp_path / "first")
-    schedule = {"0": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[8, 2]]},
-                "5": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
-    whole = Compressor(load_compressed(model(), tmp_path / "first"), model_compr_kwargs=schedule, example_input=x,
+    save_compressed(first, folder)
+    return folder
+
+
+@pytest.mark.parametrize("again", [{"0": [8, 2]}, {"2": [4, 4]}], ids=["other-layers", "its-factorized-layer-too"])
+def test_a_run_begun_on_a_compressed_model_resumes_from_that_model(tmp_path, again):
+    # its states held the earlier run's factorized layer, which no adapter could rebuild on the model it began with
+    # ("the file has a conv layer, the model's FactorizedLayer cannot be rebuilt"); and once that layer was
+    # compressed again, "layer '2': the file has it as tucker2 (4, 4), the model as tucker2 (8, 8)"
+    first = saved_with_layer_2_at([8, 8], tmp_path / "first")
+    schedule = {name: {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [ranks]}
+                for name, ranks in again.items()}
+    schedule["5"] = {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}
+    whole = Compressor(load_compressed(small_cnn(), first), model_compr_kwargs=schedule, example_input=CNN_INPUT,
                        ft_every=1, progress=False)
     whole.compression_step()
     whole.save_state(tmp_path / "ckpt")
-    resumed = Compressor.resume(load_compressed(model(), tmp_path / "first"), tmp_path / "ckpt", example_input=x,
+    resumed = Compressor.resume(load_compressed(small_cnn(), first), tmp_path / "ckpt", example_input=CNN_INPUT,
                                 progress=False)
+    assert resumed.compressed_model[2].ranks == whole.compressed_model[2].ranks
     for run in (whole, resumed):
         run.compression_step()
     assert resumed.done and resumed.ranks == whole.ranks
-    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
-    other = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
-                                                          "manual_rank": [[4, 4]]}}, example_input=x, progress=False)
-    other.compression_step()
-    save_compressed(other, tmp_path / "other")
-    # the state's layer '2' is rebuilt as the state has it (8, 8): the model is not the one the run began with
-    with pytest.raises(ConfigError, match=r"params_before: the run began with 11,546 parameters, the model passed to "
-                                          r"resume has 10,986"):
-        Compressor.resume(load_compressed(model(), tmp_path / "other"), tmp_path / "ckpt", example_input=x,
-                          progress=False)
+    assert torch.equal(resumed.compressed_model(CNN_INPUT), whole.compressed_model(CNN_INPUT))
 
 
-def test_a_run_begun_on_a_compressed_model_resumes_after_compressing_its_factorized_layer_again(tmp_path):
-    # the state holds layer '2' at tucker2 (4, 4), the model the run began with at (8, 8): resume refused with
-    # "layer '2': the file has it as tucker2 (4, 4), the model as tucker2 (8, 8)"
-    def model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                   torch.nn.Linear(16 * 8 * 8, 10))
-
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    first = Compressor(model(), model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
-                                                          "manual_rank": [[8, 8]]}}, example_input=x, progress=False)
-    first.compression_step()
-    save_compressed(first, tmp_path / "first")
-    schedule = {"2": {"decomposition": "tucker2", "rank_selection": "manual", "manual_rank": [[4, 4]]},
-                "5": {"decomposition": "svd", "rank_selection": "manual", "manual_rank": [4]}}
-    whole = Compressor(load_compressed(model(), tmp_path / "first"), model_compr_kwargs=schedule, example_input=x,
-                       ft_every=1, progress=False)
+def test_a_run_begun_on_a_compressed_model_resumes_from_no_other_and_keeps_its_hooks(tmp_path):
+    first, other = (saved_with_layer_2_at(ranks, tmp_path / name) for ranks, name in (([8, 8], "first"),
+                                                                                       ([4, 4], "other")))
+    whole = Compressor(load_compressed(small_cnn(), first), example_input=CNN_INPUT, ft_every=1, progress=False,
+                       model_compr_kwargs={"2": {"decomposition": "tucker2", "rank_selection": "manual",
+                                                 "manual_rank": [[4, 4]]}})
     whole.compression_step()
     whole.save_state(tmp_path / "ckpt")
-    resumed = Compressor.resume(load_compressed(model(), tmp_path / "first"), tmp_path / "ckpt", example_input=x,
-                                progress=False)
-    assert resumed.compressed_model[2].ranks == (4, 4)
-    for run in (whole, resumed):
-        run.compression_step()
-    assert resumed.done and resumed.ranks == whole.ranks == {"2": (4, 4), "5": (4,)}
-    assert torch.equal(resumed.compressed_model(x), whole.compressed_model(x))
-
-    hooked = load_compressed(model(), tmp_path / "first")
+    # the state's layer '2' is rebuilt as the state has it: the model is not the one the run began with
+    with pytest.raises(ConfigError, match=r"params_before: the run began with 11,546 parameters, the model passed to "
+                                          r"resume has 10,986"):
+        Compressor.resume(load_compressed(small_cnn(), other), tmp_path / "ckpt", example_input=CNN_INPUT,
+                          progress=False)
+    hooked = load_compressed(small_cnn(), first)
     hooked[2].register_forward_hook(lambda module, inputs, output: output * 2)  # rebuilt, it would be dropped
     with pytest.raises(ConfigError, match=r"layer '2': the model's factorized layer cannot be rebuilt as the file "
                                           r"has it: .*hook"):
         load_compressed(hooked, tmp_path / "ckpt" / "step-0001")
+
 
 def test_an_empty_state_file_is_one_clear_error(saved):
     (saved / "step-0002" / STATE_FILE).write_text("")
