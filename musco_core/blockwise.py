@@ -244,9 +244,8 @@ def _check_checkpoint(model: nn.Module, names: Mapping[int, list[str]], checkpoi
                 continue
             stored = [name for name in tensor_names if name in checkpoint.files]
             values = checkpoint.read(stored) if len(stored) > 1 else {}
-            problems += [f"checkpoint {checkpoint.path}: {stored[0]!r} and {name!r} are one tensor in the model, "
-                         f"different values in the checkpoint" for name in stored[1:]
-                         if values and not torch.equal(values[stored[0]], values[name])]
+            problems += [f"checkpoint {checkpoint.path}: {line}"
+                         for line in io.tied_value_conflicts([stored], values, "the checkpoint")]
     if checkpoint is not None:
         extra = sorted(set(checkpoint.files) - set(tensors))
         if extra:

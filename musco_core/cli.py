@@ -268,22 +268,23 @@ def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | 
     A tensor the model holds under several keys (a language model's head tied to its embedding) is loaded from any
     of them: Hugging Face's ``save_pretrained`` and safetensors' ``save_model`` write it once. Two of its keys
     holding different values in the file do not fit: the model cannot hold both, and loading would keep one."""
+    from .io import tied_value_conflicts
+
     expected = model.state_dict(keep_vars=True)
     differ = [key for key, value in state.items()
               if isinstance(expected.get(key), torch.Tensor) and value.shape != expected[key].shape]
+    fitting = {key: value for key, value in state.items() if key not in differ}
     keys_of: dict[int, list[str]] = {}
     for key, tensor in expected.items():
         keys_of.setdefault(id(tensor), []).append(key)
-    held = [[key for key in keys if key in state and key not in differ] for keys in keys_of.values() if len(keys) > 1]
-    conflicts = [f"{keys[0]!r} and {key!r} are one tensor in the model, different values in the file"
-                 for keys in held for key in keys[1:] if not torch.equal(state[keys[0]], state[key])]
-    unfilled = _fill_meta(model, {key: value for key, value in state.items() if key not in differ})
+    tied = [keys for keys in keys_of.values() if len(keys) > 1]
+    conflicts = tied_value_conflicts(tied, fitting, "the file")
+    unfilled = _fill_meta(model, fitting)
     try:  # missing and unexpected as torch counts them (a module's load hooks may fill in or rename keys)
-        loaded = model.load_state_dict({key: value for key, value in state.items() if key not in differ}, strict=False)
+        loaded = model.load_state_dict(fitting, strict=False)
     except RuntimeError as exc:
         return _exception_line(exc)
-    tied_in_file = {key for keys in keys_of.values() if len(keys) > 1 and any(key in state and key not in differ
-                                                                               for key in keys) for key in keys}
+    tied_in_file = {key for keys in tied if any(key in fitting for key in keys) for key in keys}
     missing = sorted(set(loaded.missing_keys) - set(differ) - tied_in_file)
     unfilled = [name for name in unfilled if name not in missing and name not in differ]
     problems = [_listed(len(differ), "shape differs", "shapes differ",

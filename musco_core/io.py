@@ -39,7 +39,7 @@ import re
 import socket
 import stat
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,19 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 # -- markers: which folders musco-core wrote, and for which run --------------------------------------------------
+def tied_value_conflicts(names: Iterable[Sequence[str]], values: Mapping[str, torch.Tensor], where: str
+                         ) -> list[str]:
+    """For each tensor the model holds under several ``names`` (a head tied to its embedding), a line for each of
+    its names whose value in ``values`` differs from that of its first name there: the model holds one tensor, and
+    loading would keep one of the values silently. Names ``values`` lacks are skipped; ``where`` names the file."""
+    lines = []
+    for group in names:
+        held = [name for name in group if name in values]
+        lines += [f"{held[0]!r} and {name!r} are one tensor in the model, different values in {where}"
+                  for name in held[1:] if not torch.equal(values[held[0]], values[name])]
+    return lines
+
+
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a folder musco-core wrote, or None (no marker, or one it cannot read: then not ours)."""
     path = folder / MARKER
