@@ -327,7 +327,7 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     result = LayerResult(name, schedule.decomposition, schedule.rank_selection, stage, ranks, False,
                          params_before, params_before, macs_before, macs_before, note=note)
 
-    if not (after.smaller_than(before) and fewer_macs is not False) and not schedule.force:
+    if not shrinks(after, fewer_macs) and not schedule.force:
         reason = (f"{schedule.decomposition} at ranks {ranks} would not be smaller "
                   f"({params_after} vs {params_before} weights"
                   + (f", {macs_after} vs {macs_before} MACs)" if macs_after is not None else

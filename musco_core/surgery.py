@@ -570,7 +570,7 @@ def _share_storage_alike(model: nn.Module, copied: nn.Module) -> None:
         if name not in copies or all(entries[j][1] is tensor for j in others):
             continue  # shares no memory with another tensor (deepcopy keeps one tensor held twice as one)
         key = _memory_span(tensor)[0]
-        if key not in storages:  # one copy per storage: setdefault cloned it for every tensor over it
+        if key not in storages:  # cloned once per storage, however many tensors lie over it
             storages[key] = tensor.untyped_storage().clone()
         storage = storages[key]
         with torch.no_grad():
