@@ -738,17 +738,23 @@ def test_a_member_tied_to_another_module_is_planned_as_kept(registry, metric):
     assert achieved >= 1.6
 
 
-@pytest.mark.parametrize("metric", ["params", "flops"])
-def test_a_forced_tied_member_is_planned_with_its_shared_weight_staying(registry, metric):
-    # priced by its factors alone, the forced 'a' was planned at 1.69x params where the model ended 1.09x smaller
+def forced_tied_step(model: nn.Module, registry, metric: str) -> Compressor:
+    """One step of a 1.6x ``metric`` budget over ``a``, ``c`` and ``d`` of a tied pair, ``a`` forced."""
     torch.manual_seed(0)
-    model = make_trained_like(TiedPair()).eval()
+    model = make_trained_like(model).eval()
     schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in "acd"}
     schedule["a"]["force"] = True
     compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
                             model_compr_kwargs=schedule, all_algo_kwargs={"budget": {"reduction": 1.6,
                                                                                      "metric": metric}})
     compressor.compression_step()
+    return compressor
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_a_forced_tied_member_is_planned_with_its_shared_weight_staying(registry, metric):
+    # priced by its factors alone, the forced 'a' was planned at 1.69x params where the model ended 1.09x smaller
+    compressor = forced_tied_step(TiedPair(), registry, metric)
     report = compressor.report()
     achieved = report.params_ratio if metric == "params" else report.macs_ratio
     assert report.budgets[0].planned == pytest.approx(achieved)
@@ -769,14 +775,7 @@ class ConfigTiedPair(TiedPair):
 def test_a_forced_member_that_a_config_ties_is_planned_as_kept(registry):
     # the step keeps it even forced (transformers 4 would tie it again), but the plan counted it compressed:
     # planned 1.675x MACs, the model ended 1.387x
-    torch.manual_seed(0)
-    model = make_trained_like(ConfigTiedPair()).eval()
-    schedule = {name: {"decomposition": "svd", "rank_selection": "budget"} for name in "acd"}
-    schedule["a"]["force"] = True
-    compressor = Compressor(model, example_input=torch.randn(4, 128), ft_every=3, registry=registry, progress=False,
-                            model_compr_kwargs=schedule, all_algo_kwargs={"budget": {"reduction": 1.6,
-                                                                                     "metric": "flops"}})
-    compressor.compression_step()
+    compressor = forced_tied_step(ConfigTiedPair(), registry, "flops")
     report = compressor.report()
     assert compressor.ranks["a"] is None and "config.tie_word_embeddings" in compressor.state.history[0].note
     assert report.budgets[0].planned == pytest.approx(report.macs_ratio)
