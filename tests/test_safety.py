@@ -676,6 +676,39 @@ def test_an_adapter_that_loses_the_geometry_is_caught_by_the_output_shape_probe(
     assert "adapter 'no_padding' of plugin 'sloppy_adapter' does not reproduce the layer" in message
 
 
+class BlockSVD(SVD):
+    """Two column blocks, each of rank r: a grouped first factor ``in -> 2r`` (groups=2), then ``2r -> out``."""
+
+    name = "block_svd"
+    exact_at_max_rank = False
+
+    def layout(self, spec, ranks):
+        first, second = super().layout(spec, (2 * ranks[0],))
+        return [attrs.evolve(first, groups=2), second]
+
+    def decompose(self, source, ranks, params, seed=0):
+        weight = source.weight.reshape(source.spec.out_channels, 2, -1)  # (out, block, in / 2)
+        u, s, vh = torch.linalg.svd(weight.transpose(0, 1), full_matrices=False)  # per block
+        r = ranks[0]
+        first = (s[:, :r, None].sqrt() * vh[:, :r]).reshape(2 * r, -1)
+        second = (u[:, :, :r] * s[:, None, :r].sqrt()).transpose(0, 1).reshape(source.spec.out_channels, 2 * r)
+        return [first.reshape(2 * r, -1, *source.spec.kernel_size), second.reshape(-1, 2 * r, *source.spec.kernel_size)]
+
+
+def test_a_grouped_factor_the_linear_adapter_cannot_build_is_refused_with_the_reason():
+    """A decomposition with a grouped factor (a block SVD) works on a 1x1 convolution, but on a Linear layer the linear
+    adapter built an ungrouped nn.Linear and failed with torch's "shape '[8, 32]' is invalid for input of size 128";
+    now the adapter says it builds no grouped factors."""
+    reg = registry_with(("block_plugin", plugin(musco_register_decompositions=[BlockSVD])))
+    conv = Compressor(nn.Sequential(nn.Conv2d(32, 16, 1)), model_compr_kwargs={"0": manual(4, "block_svd")},
+                      example_input=torch.randn(1, 32, 4, 4), progress=False, registry=reg)
+    assert [result.ranks for result in conv.compression_step()] == [(4,)]
+    assert conv.compressed_model[0][0].groups == 2
+    model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(1, 32)
+    compress_refused(model, {"0": manual(4, "block_svd")},
+                     r"layer '0'.*the linear adapter builds ungrouped nn.Linear factors, factor 0 has groups=2", reg, x)
+
+
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])
 def test_a_decomposer_that_is_not_exact_at_its_max_rank_is_caught_on_a_miniature(decomposition, rank):
     layer = nn.Conv2d(8, 16, 1) if decomposition == "lossy_svd" else nn.Conv2d(8, 16, 3, padding=1)
