@@ -60,6 +60,14 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         if (reason := factor_mismatch(module, adapter)) is not None:
             raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
+        if (index := next((i for i, f in enumerate(factors) if f.weight.shape != f.layout.weight_shape), None)
+                ) is not None:  # else a decomposer gets it, and the error blames the decomposer
+            source = registry.adapters.entries[adapter.name].source
+            raise CompressionError(
+                f"layer {name!r}: layer adapter {adapter.name!r} of plugin {source.name!r} ({source.distribution}) "
+                f"read factor {index} back with a weight of shape {tuple(factors[index].weight.shape)}, its layout "
+                f"says {factors[index].layout.weight_shape}: its read_factor() must give the weight in conv layout "
+                f"(out, in // groups, *kernel), as build() takes it")
         bias = next((f.bias for f in factors if f.layout.bias), None)
         dense = functools.partial(compose_factors, module.spec, factors)
         return adapter, WeightSource(module.spec, factors, module.decomposition, dense=dense), bias

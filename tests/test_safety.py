@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from musco_core import Compressor, ConfigError, ModelStats, hookimpl
-from musco_core.components import Allocation, FactorLayout, RankSelector
+from musco_core.components import Allocation, FactorLayout, LayerAdapter, LayerSpec, RankSelector
 from musco_core.config import generate_model_compr_kwargs
 from musco_core.errors import CompressionError, PluginError
 from musco_core.plugins import make_plugin_manager
@@ -707,6 +707,51 @@ def test_a_grouped_factor_the_linear_adapter_cannot_build_is_refused_with_the_re
     model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(1, 32)
     compress_refused(model, {"0": manual(4, "block_svd")},
                      r"layer '0'.*the linear adapter builds ungrouped nn.Linear factors, factor 0 has groups=2", reg, x)
+
+
+class InOutLinear(nn.Module):
+    """A linear layer that stores its weight ``(in, out)``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) / in_features ** 0.5)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class InOutAdapter(LayerAdapter):
+    """Builds InOutLinear factors but leaves read_factor to the default, which reads ``weight`` as it is."""
+
+    name = "inout"
+    module_types = (InOutLinear,)
+
+    def read(self, module):
+        return LayerSpec(self.name, module.weight.shape[1], module.weight.shape[0]), module.weight.detach().T, None
+
+    def build(self, spec, factors, like):
+        modules = [InOutLinear(f.layout.in_channels, f.layout.out_channels).to(like) for f in factors]
+        with torch.no_grad():
+            for module, factor in zip(modules, factors):
+                module.weight.copy_(factor.weight.T)
+        return modules
+
+
+def test_an_adapter_whose_read_factor_gives_another_shape_is_refused_naming_the_adapter():
+    """The default read_factor hands back the module's weight as stored: for an adapter whose modules store it
+    (in, out), re-compressing failed with an error that blamed the decomposition ("decomposition 'svd' of plugin
+    'musco_plugins.svd' returned factor 0 of shape (4, 8), its layout says (4, 32)"); now the adapter is named."""
+    reg = registry_with(("inout_plugin", plugin(musco_register_layer_adapters=[InOutAdapter])))
+    model, x = nn.Sequential(InOutLinear(32, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(2, 32)
+    compressor = Compressor(model, model_compr_kwargs={"0": {**manual(8), "manual_rank": [8, 4]}}, example_input=x,
+                            nglobal_compress_iters=2, inplace=True, progress=False, registry=reg)
+    compressor.compression_step()
+    before = snapshot(model)
+    with pytest.raises(CompressionError, match=r"layer '0': layer adapter 'inout' of plugin 'inout_plugin' \(<registered "
+                                               r"in code>\) read factor 0 back with a weight of shape \(32, 8\), its "
+                                               r"layout says \(8, 32\)"):
+        compressor.compression_step()
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])
