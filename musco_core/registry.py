@@ -229,6 +229,9 @@ class Registry:
         shape (channel pruning that slices weights but not ``in_features``) still runs, but its chain would be
         built, and its weights counted, for the geometry its attributes give."""
         spec, weight, bias = self.adapters.get(adapter).read(module)
+        if spec.adapter != adapter:  # later stages, saving and loading take the adapter by this name
+            return (f"its read() gives a LayerSpec of adapter {spec.adapter!r}: LayerSpec.adapter must be "
+                    f"{adapter!r}, the name of the adapter that read it")
         for what, tensor in (("weight", weight), ("bias", bias)):
             if tensor is not None and not tensor.is_floating_point():
                 return f"its {what} is {tensor.dtype}: the decompositions factorize real floating-point weights"

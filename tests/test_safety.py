@@ -754,6 +754,26 @@ def test_an_adapter_whose_read_factor_gives_another_shape_is_refused_naming_the_
     assert_unchanged(model, before)
 
 
+def test_an_adapter_whose_spec_names_another_adapter_is_refused_when_the_schedule_is_checked():
+    """An adapter whose read() put another adapter's name in LayerSpec.adapter (a copied 'linear') compressed the
+    layer once, and the next stage took the linear adapter for its factors: "its factor 0 (InOutLinear) holds
+    weight of shape (32, 8) where its layout gives weight of shape (8, 32): it was changed after it was built".
+    Now the layer is refused when the Compressor is built, with the reason."""
+    class Misnamed(InOutAdapter):
+        def read(self, module):
+            spec, weight, bias = super().read(module)
+            return attrs.evolve(spec, adapter="linear"), weight, bias
+
+    reg = registry_with(("misnamed_plugin", plugin(musco_register_layer_adapters=[Misnamed])))
+    model = nn.Sequential(InOutLinear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    assert reg.unsupported_reason(model[0]) == ("the inout adapter rebuilds a stock InOutLinear, but its read() gives "
+                                                "a LayerSpec of adapter 'linear': LayerSpec.adapter must be 'inout', "
+                                                "the name of the adapter that read it")
+    with pytest.raises(ConfigError, match=r'\$\.layers\["0"\]: cannot be compressed: .*LayerSpec\.adapter must be'):
+        Compressor(model, model_compr_kwargs={"0": {**manual(8), "manual_rank": [8, 4]}},
+                   example_input=torch.randn(2, 32), nglobal_compress_iters=2, progress=False, registry=reg)
+
+
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])
 def test_a_decomposer_that_is_not_exact_at_its_max_rank_is_caught_on_a_miniature(decomposition, rank):
     layer = nn.Conv2d(8, 16, 1) if decomposition == "lossy_svd" else nn.Conv2d(8, 16, 3, padding=1)
