@@ -244,6 +244,13 @@ class Registry:
                         f"feature counts, kernel size and groups describe its weights")
         return None
 
+    def failures_note(self) -> str:
+        """For an error about an unknown component name: the plugins that failed to load (whose components are
+        missing, so the name may be right), as ``"; plugins that failed to load: ..."``, or ``""``."""
+        failures = "; ".join(f"{failure.name!r} ({failure.distribution}): {failure.error}"
+                             for failure in self.manager.failures)
+        return f"; plugins that failed to load: {failures}" if failures else ""
+
     def adapter_for(self, module: nn.Module, *, loading: bool = False) -> LayerAdapter | None:
         """A fresh instance of the adapter that reproduces the module, or None (see :meth:`unsupported_reason`)."""
         match = self.match(module, loading=loading)
