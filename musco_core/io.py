@@ -61,8 +61,9 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        make_converter, plain_data, read_text_bounded, read_yaml, validation_problems,
                        write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      module_paths, on_meta, replace_module, state_problem, unwrapped, why_not_replaceable)
+from .surgery import (FactorizedLayer, build_on_meta, carry_training_state, clear_broken_ties, deep_copy,
+                      factor_mismatch, module_paths, on_meta, replace_module, state_problem, unwrapped,
+                      why_not_replaceable)
 
 log = logging.getLogger(__name__)
 
@@ -694,10 +695,11 @@ def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
         raise ConfigError(f"{weights}: cannot read: {short_repr(str(exc))}") from None
 
 
-def _check_shapes(directory: Path, name: str, layer: FactorizedLayer, aliases: list[str],
+def _check_shapes(directory: Path, name: str, layer: nn.Module, aliases: list[str],
                   shapes: Mapping[str, tuple[int, ...]], renamed: Mapping[str, str]) -> None:
-    """A ConfigError unless the weights file holds every tensor of the factorized ``layer``, as its adapter built it
-    from the record's layouts (the shapes :func:`check_saveable` checked when saving), with the same shape."""
+    """A ConfigError unless the weights file holds every tensor of the factors ``layer`` holds, as the layer's
+    adapter builds them from the record's layouts (the shapes :func:`check_saveable` checked when saving), with the
+    same shape."""
     for key, tensor in layer.state_dict().items():
         index, _, kind = key.partition(".")
         keys = [renamed.get(stored, stored) for stored in (f"{alias}.{key}" for alias in aliases)]
@@ -766,13 +768,13 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
             spec, weight, _ = adapter.read(module)
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
+        _check_shapes(directory, name, nn.Sequential(*build_on_meta(adapter, spec, record.factors)),
+                      paths[id(module)], shapes, renamed)
         placeholders = [Factor(layout, torch.zeros(layout.weight_shape, dtype=weight.dtype, device=weight.device),
                                torch.zeros(layout.out_channels, dtype=weight.dtype, device=weight.device)
                                if layout.bias else None) for layout in record.factors]
-        new = FactorizedLayer(spec, record.decomposition, record.ranks, record.factors,
-                              adapter.build(spec, placeholders, weight))
-        _check_shapes(directory, name, new, paths[id(module)], shapes, renamed)
-        replacements.append((module, new))
+        replacements.append((module, FactorizedLayer(spec, record.decomposition, record.ranks, record.factors,
+                                                     adapter.build(spec, placeholders, weight))))
     for module, new in replacements:
         carry_training_state(module, new)
         for path in paths[id(module)]:
