@@ -774,6 +774,34 @@ def test_an_adapter_whose_spec_names_another_adapter_is_refused_when_the_schedul
                    example_input=torch.randn(2, 32), nglobal_compress_iters=2, progress=False, registry=reg)
 
 
+class FailingSVD(SVD):
+    name = "failing_svd"
+
+    def decompose(self, source, ranks, params, seed=0):
+        raise ValueError("cannot find my kernels")
+
+
+class FailingSelector(RankSelector):
+    name = "failing"
+
+    def select(self, decomposer, source, stage, params):
+        raise KeyError("stage")
+
+
+@pytest.mark.parametrize(("schedule", "blamed"), [
+    (manual(4, "failing_svd"), "decomposition 'failing_svd' of plugin 'failing_plugin' failed: ValueError: cannot "
+                               "find my kernels"),
+    ({"decomposition": "svd", "rank_selection": "failing"},
+     "rank selector 'failing' of plugin 'failing_plugin' failed: KeyError: 'stage'")])
+def test_an_exception_in_a_plugins_select_or_decompose_names_the_component_and_plugin(schedule, blamed):
+    """'layer 0: ValueError: cannot find my kernels' did not say which of several plugins raised it."""
+    reg = registry_with(("failing_plugin", plugin(musco_register_decompositions=[FailingSVD],
+                                                  musco_register_rank_selectors=[FailingSelector])))
+    model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(1, 16)
+    message = compress_refused(model, {"0": schedule}, "layer '0'", reg, x)
+    assert message == f"layer '0': {blamed}; the model was left as before this step"
+
+
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])
 def test_a_decomposer_that_is_not_exact_at_its_max_rank_is_caught_on_a_miniature(decomposition, rank):
     layer = nn.Conv2d(8, 16, 1) if decomposition == "lossy_svd" else nn.Conv2d(8, 16, 3, padding=1)
