@@ -6,13 +6,14 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
 from .components import Cost, Decomposer, Factor, FactorLayout, InputStats, LayerSpec, RankRounding, WeightSource
-from .errors import CompressionError, UnsupportedLayerError, short_repr
+from .errors import CompressionError, MuscoError, UnsupportedLayerError, short_repr
 from .factors import chain_cost, compose_factors, dense_weight, fewer_macs_at_any_input, layer_layout, widen
 from .registry import Registry
 from .schedule import LayerSchedule, NonNegativeFloat, NonNegativeInt, RunSettings
@@ -60,6 +61,14 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         if (reason := factor_mismatch(module, adapter)) is not None:
             raise UnsupportedLayerError(f"layer {name!r}: {reason}")
         factors = [adapter.read_factor(child, layout) for child, layout in zip(module, module.layouts, strict=True)]
+        if (index := next((i for i, f in enumerate(factors) if f.weight.shape != f.layout.weight_shape), None)
+                ) is not None:  # else a decomposer gets it, and the error blames the decomposer
+            source = registry.adapters.entries[adapter.name].source
+            raise CompressionError(
+                f"layer {name!r}: layer adapter {adapter.name!r} of plugin {source.name!r} ({source.distribution}) "
+                f"read factor {index} back with a weight of shape {tuple(factors[index].weight.shape)}, its layout "
+                f"says {factors[index].layout.weight_shape}: its read_factor() must give the weight in conv layout "
+                f"(out, in // groups, *kernel), as build() takes it")
         bias = next((f.bias for f in factors if f.layout.bias), None)
         dense = functools.partial(compose_factors, module.spec, factors)
         return adapter, WeightSource(module.spec, factors, module.decomposition, dense=dense), bias
@@ -106,6 +115,17 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     stats = source.input_stats
     return group_spec, [WeightSource(group_spec, dense=block, input_stats=None if stats is None else
                                      stats.group(g, groups)) for g, block in enumerate(blocks)]
+
+
+def blamed(call: Callable[[], object], name: str, component: str) -> Any:
+    """``call()``; an exception other than musco-core's own becomes a CompressionError naming the layer and the
+    ``component`` (with its plugin) that raised it, which the exception alone does not tell among several plugins."""
+    try:
+        return call()
+    except MuscoError:
+        raise
+    except Exception as exc:
+        raise CompressionError(f"layer {name!r}: {component} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def checked_ranks(ranks: object, decomposer: Decomposer, name: str, selector: str) -> tuple[int, ...]:
@@ -271,7 +291,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
     if ranks is None:
         given = [given_copy(s, params) for s in group_sources]
         ranks = tuple(max(per_group) for per_group in zip(*(
-            checked_ranks(selector.select(decomposer, s, stage, schedule.rank_params), decomposer, name, chooser)
+            checked_ranks(blamed(lambda s=s: selector.select(decomposer, s, stage, schedule.rank_params), name,
+                                 chooser), decomposer, name, chooser)
             for s, _ in given)))
         shortfall = next(filter(None, (selector.shortfall(decomposer, s, ranks, schedule.rank_params)
                                        for s, _ in given)), None)
@@ -340,7 +361,8 @@ def compress_layer(module: nn.Module, name: str, schedule: LayerSchedule, settin
         per_group = []
         for group_source in group_sources:
             given, changed = given_copy(group_source, params)
-            weights = decomposer.decompose(given, ranks, params, seed=settings.seed)
+            weights = blamed(lambda given=given: decomposer.decompose(given, ranks, params, seed=settings.seed), name,
+                             maker)
             refuse_changed(changed, name, maker, "decomposer")
             per_group.append(_checked_factors(weights, group_layouts, name, maker))
         factors = [Factor(layout, torch.cat(group_weights).to(like.dtype), bias if layout.bias else None)

@@ -61,8 +61,9 @@ from .schedule import (MAX_JSON_BYTES, SCHEMA_VERSION, PositiveInt, ValueProblem
                        make_converter, plain_data, read_text_bounded, read_yaml, validation_problems,
                        write_text_atomic)
 from .state import RunState, StateCodec
-from .surgery import (FactorizedLayer, carry_training_state, clear_broken_ties, deep_copy, factor_mismatch,
-                      module_paths, on_meta, replace_module, state_problem, unwrapped, why_not_replaceable)
+from .surgery import (FactorizedLayer, build_on_meta, carry_training_state, clear_broken_ties, deep_copy,
+                      factor_mismatch, module_paths, on_meta, replace_module, state_problem, unwrapped,
+                      why_not_replaceable)
 
 log = logging.getLogger(__name__)
 
@@ -694,17 +695,18 @@ def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
         raise ConfigError(f"{weights}: cannot read: {short_repr(str(exc))}") from None
 
 
-def _check_shapes(directory: Path, name: str, record: LayerRecord, aliases: list[str],
+def _check_shapes(directory: Path, name: str, layer: nn.Module, aliases: list[str],
                   shapes: Mapping[str, tuple[int, ...]], renamed: Mapping[str, str]) -> None:
-    """A ConfigError unless the weights file holds every factor of the record with the shape it declares."""
-    for index, layout in enumerate(record.factors):
-        expected = {"weight": layout.weight_shape, **({"bias": (layout.out_channels,)} if layout.bias else {})}
-        for kind, shape in expected.items():
-            keys = [renamed.get(key, key) for key in (f"{alias}.{index}.{kind}" for alias in aliases)]
-            found = next((shapes[key] for key in keys if key in shapes), None)
-            if found != shape:
-                raise ConfigError(f"{directory / MANIFEST}: layer {name!r}: factor {index} declares a {kind} of shape "
-                                  f"{shape}, {directory / WEIGHTS} holds {found}")
+    """A ConfigError unless the weights file holds every tensor of the factors ``layer`` holds, as the layer's
+    adapter builds them from the record's layouts (the shapes :func:`check_saveable` checked when saving), with the
+    same shape."""
+    for key, tensor in layer.state_dict().items():
+        index, _, kind = key.partition(".")
+        keys = [renamed.get(stored, stored) for stored in (f"{alias}.{key}" for alias in aliases)]
+        found = next((shapes[stored] for stored in keys if stored in shapes), None)
+        if found != tuple(tensor.shape):
+            raise ConfigError(f"{directory / MANIFEST}: layer {name!r}: factor {index} declares a {kind} of shape "
+                              f"{tuple(tensor.shape)}, {directory / WEIGHTS} holds {found}")
 
 
 def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry | None = None
@@ -746,7 +748,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         if isinstance(module, FactorizedLayer):  # an earlier run's result, in a model that began compressed
             if (module.spec, module.decomposition, module.ranks, module.layouts) == (
                     record.spec, record.decomposition, tuple(record.ranks), tuple(record.factors)):
-                _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
+                _check_shapes(directory, name, module, paths[id(module)], shapes, renamed)
                 continue  # the weights are loaded into it below
             # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
             adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
@@ -766,7 +768,8 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
             spec, weight, _ = adapter.read(module)
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
-        _check_shapes(directory, name, record, paths[id(module)], shapes, renamed)
+        _check_shapes(directory, name, nn.Sequential(*build_on_meta(adapter, spec, record.factors)),
+                      paths[id(module)], shapes, renamed)
         placeholders = [Factor(layout, torch.zeros(layout.weight_shape, dtype=weight.dtype, device=weight.device),
                                torch.zeros(layout.out_channels, dtype=weight.dtype, device=weight.device)
                                if layout.bias else None) for layout in record.factors]

@@ -229,6 +229,9 @@ class Registry:
         shape (channel pruning that slices weights but not ``in_features``) still runs, but its chain would be
         built, and its weights counted, for the geometry its attributes give."""
         spec, weight, bias = self.adapters.get(adapter).read(module)
+        if spec.adapter != adapter:  # later stages, saving and loading take the adapter by this name
+            return (f"its read() gives a LayerSpec of adapter {spec.adapter!r}: LayerSpec.adapter must be "
+                    f"{adapter!r}, the name of the adapter that read it")
         for what, tensor in (("weight", weight), ("bias", bias)):
             if tensor is not None and not tensor.is_floating_point():
                 return f"its {what} is {tensor.dtype}: the decompositions factorize real floating-point weights"
@@ -240,6 +243,13 @@ class Registry:
                         f"{expected[what]} (its weights were replaced after it was built): make its channel or "
                         f"feature counts, kernel size and groups describe its weights")
         return None
+
+    def failures_note(self) -> str:
+        """For an error about an unknown component name: the plugins that failed to load (whose components are
+        missing, so the name may be right), as ``"; plugins that failed to load: ..."``, or ``""``."""
+        failures = "; ".join(f"{failure.name!r} ({failure.distribution}): {failure.error}"
+                             for failure in self.manager.failures)
+        return f"; plugins that failed to load: {failures}" if failures else ""
 
     def adapter_for(self, module: nn.Module, *, loading: bool = False) -> LayerAdapter | None:
         """A fresh instance of the adapter that reproduces the module, or None (see :meth:`unsupported_reason`)."""

@@ -472,7 +472,7 @@ class ScheduleCodec:
         valid = True
         if not (isinstance(selection, str) and selection in self.registry.rank_selectors.entries):
             problems.append(f"{path}.rank_selection: expected one of {', '.join(self.registry.rank_selectors.names())}, "
-                            f"got {short_repr(selection)}")
+                            f"got {short_repr(selection)}{self.registry.failures_note()}")
             valid = False
         candidates = self._candidates(decomposition, selection if valid else None, path, problems)
         stage = fields.pop("curr_compr_iter", 0)
@@ -536,7 +536,7 @@ class ScheduleCodec:
                 and all(isinstance(name, str) and name in role.entries for name in names)):
             return tuple(names)
         problems.append(f"{path}.decomposition: expected one of {', '.join(role.names())}, got {short_repr(value)} "
-                        f"(or a list of them, or auto)")
+                        f"(or a list of them, or auto){self.registry.failures_note()}")
         return ()
 
     # -- writing --------------------------------------------------------------------------------------------

@@ -437,15 +437,21 @@ def why_not_recompressible(layer: FactorizedLayer) -> str | None:
     return f"re-compressing rebuilds it from its factors' weights, but {'; '.join(problems)}" if problems else None
 
 
+def build_on_meta(adapter: LayerAdapter, spec: LayerSpec, layouts: Sequence[FactorLayout]) -> list[nn.Module]:
+    """The modules ``adapter`` builds for ``layouts`` on the meta device: their state-dict keys and shapes, with
+    no weights allocated (the layouts may come from a file not yet checked)."""
+    meta = torch.empty(0, device="meta")
+    placeholders = [Factor(layout, meta.new_empty(layout.weight_shape),
+                           meta.new_empty(layout.out_channels) if layout.bias else None) for layout in layouts]
+    return adapter.build(spec, placeholders, meta)
+
+
 def factor_mismatch(layer: FactorizedLayer, adapter: LayerAdapter) -> str | None:
     """How the factors of ``layer`` differ from the modules ``adapter`` builds from its layouts (their number, their
     state-dict keys and shapes), or None. Loading rebuilds a saved layer from its layouts and re-compressing costs it
     by them, so a factor narrowed by hand, pruned or parametrized since the layer was built must not be taken for
     what its layouts say."""
-    meta = torch.empty(0, device="meta")
-    placeholders = [Factor(layout, meta.new_empty(layout.weight_shape),
-                           meta.new_empty(layout.out_channels) if layout.bias else None) for layout in layer.layouts]
-    built = adapter.build(layer.spec, placeholders, meta)
+    built = build_on_meta(adapter, layer.spec, layer.layouts)
     if len(built) != len(layer):
         return f"it has {len(layer)} factors, its layouts {len(built)} (it was changed after it was built)"
     for index, (factor, expected) in enumerate(zip(layer, built)):

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import stat
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from models import make_trained_like, resnet18
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, MuscoError, standardize_model
+from musco_core import (Compressor, ConfigError, FactorizedLayer, LayerAdapter, LayerSpec, MuscoError, Registry,
+                        hookimpl, make_plugin_manager, standardize_model)
 from musco_core.io import load_compressed, read_report, save_compressed
 
 SCHEDULE = {
@@ -195,6 +197,67 @@ def test_a_compressor_whose_model_was_standardized_saves_nothing(tmp_path, regis
     with pytest.raises(ConfigError, match=r"was standardize_model called already\?"):
         compressor.save_state(tmp_path / "ckpt")
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+class InOutLinear(nn.Module):
+    """A third-party linear layer that stores its weight ``(in, out)``, as Hugging Face's Conv1D does."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(in_features, out_features))
+        self.bias = nn.Parameter(torch.randn(out_features))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class InOutAdapter(LayerAdapter):
+    """Builds the factors as InOutLinear modules too, each holding its weight transposed to its layout's."""
+
+    name = "inout"
+    module_types = (InOutLinear,)
+
+    def read(self, module):
+        return (LayerSpec(self.name, module.out_features, module.in_features, has_bias=True),
+                module.weight.detach().T, module.bias.detach())
+
+    def build(self, spec, factors, like):
+        modules = []
+        for factor in factors:
+            module = InOutLinear(factor.layout.in_channels, factor.layout.out_channels).to(like)
+            with torch.no_grad():
+                module.weight.copy_(factor.weight.T)
+                module.bias.copy_(factor.bias if factor.bias is not None else torch.zeros_like(module.bias))
+            modules.append(module)
+        return modules
+
+
+def test_a_plugin_adapter_whose_modules_store_the_weight_transposed_loads_back(tmp_path):
+    """save_compressed checks the factors against the modules the adapter builds, but load_compressed checked the
+    file against the layouts' conv-layout shapes: a layer of such an adapter saved fine and then never loaded
+    ('factor 0 declares a weight of shape (4, 16), model.safetensors holds (16, 4)'). Now both check the same."""
+    @hookimpl
+    def musco_register_layer_adapters():
+        return [InOutAdapter]
+
+    plugin = types.ModuleType("inout_plugin")
+    plugin.musco_register_layer_adapters = musco_register_layer_adapters
+    registry = Registry.from_plugin_manager(make_plugin_manager(entry_points=False, plugins=[("inout", plugin)]))
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(InOutLinear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    compressor = Compressor(build(), registry=registry, progress=False, example_input=torch.randn(2, 16),
+                            model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "manual",
+                                                      "manual_rank": [4]}})
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path / "out")
+    loaded = load_compressed(build(), tmp_path / "out", registry=registry)
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), compressor.compressed_model(x))
+    assert [type(factor) for factor in loaded[0]] == [InOutLinear, InOutLinear]
 
 
 def narrow(layer: FactorizedLayer) -> None:

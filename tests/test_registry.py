@@ -14,7 +14,8 @@ from torch import nn
 
 from musco_core import Compressor, hookimpl
 from musco_core.components import Decomposer, LayerAdapter, NoParams, RankSelector, Scheduler
-from musco_core.errors import DuplicateComponentError, MuscoError, PluginError, UnknownComponentError
+from musco_core.errors import (ConfigError, DuplicateComponentError, MuscoError, PluginError,
+                               UnknownComponentError)
 from musco_core.plugins import (BUNDLED_PLUGINS, DISABLE_ENV, ENTRY_POINT_GROUP, MuscoPluginManager,
                                 PluginFailure, PluginSource, make_plugin_manager)
 from musco_core.registry import Registry, default_registry, forget_shared_registries
@@ -803,6 +804,25 @@ def test_a_hook_raising_system_exit_is_a_failure_of_its_plugin():
                         ("good", make_plugin(musco_register_decompositions=lambda: [FakeDecomposer])))
     assert reg.manager.failures == [PluginFailure("exiting", "<registered in code>", "SystemExit: 2")]
     assert "fake" in reg.decompositions.names()
+
+
+def test_a_schedule_naming_an_unknown_component_names_the_plugins_that_failed_to_load():
+    """With its plugin skipped (an import error), a schedule naming its components said only 'expected one of cp3,
+    ..., got 'block_svd'', as if the name were misspelt; the failure was in a log line the library user may not see.
+    Now the error names the plugins that failed to load, and why."""
+    def broken():
+        raise ImportError("No module named 'my_kernels'")
+
+    reg = registry_with(("block_plugin", make_plugin(musco_register_decompositions=broken)))
+    with pytest.raises(ConfigError) as info:
+        Compressor(nn.Sequential(nn.Linear(8, 8)), registry=reg,
+                   model_compr_kwargs={"0": {"decomposition": "block_svd", "rank_selection": "blocky"}})
+    for key in ("decomposition", "rank_selection"):
+        assert re.search(rf'\$\.layers\["0"\]\.{key}: expected one of .*; plugins that failed to load: '
+                         rf"'block_plugin' \(<registered in code>\): ImportError: No module named 'my_kernels'",
+                         str(info.value))
+    assert "failed to load" not in str(pytest.raises(ConfigError, Compressor, nn.Sequential(nn.Linear(8, 8)),
+                                                     model_compr_kwargs={"0": {"decomposition": "svd2"}}).value)
 
 
 def test_an_entry_point_raising_system_exit_at_import_is_skipped(installed_plugins, tmp_path):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from musco_core import Compressor, ConfigError, ModelStats, hookimpl
-from musco_core.components import Allocation, FactorLayout, RankSelector
+from musco_core.components import Allocation, FactorLayout, LayerAdapter, LayerSpec, RankSelector
 from musco_core.config import generate_model_compr_kwargs
 from musco_core.errors import CompressionError, PluginError
 from musco_core.plugins import make_plugin_manager
@@ -674,6 +674,132 @@ def test_an_adapter_that_loses_the_geometry_is_caught_by_the_output_shape_probe(
     message = compress_refused(model, {"0": manual([6, 6], "tucker2")}, r"\(1, 12, 4, 4\) instead of .*\(1, 12, 6, 6\)",
                                reg, x)
     assert "adapter 'no_padding' of plugin 'sloppy_adapter' does not reproduce the layer" in message
+
+
+class BlockSVD(SVD):
+    """Two column blocks, each of rank r: a grouped first factor ``in -> 2r`` (groups=2), then ``2r -> out``."""
+
+    name = "block_svd"
+    exact_at_max_rank = False
+
+    def layout(self, spec, ranks):
+        first, second = super().layout(spec, (2 * ranks[0],))
+        return [attrs.evolve(first, groups=2), second]
+
+    def decompose(self, source, ranks, params, seed=0):
+        weight = source.weight.reshape(source.spec.out_channels, 2, -1)  # (out, block, in / 2)
+        u, s, vh = torch.linalg.svd(weight.transpose(0, 1), full_matrices=False)  # per block
+        r = ranks[0]
+        first = (s[:, :r, None].sqrt() * vh[:, :r]).reshape(2 * r, -1)
+        second = (u[:, :, :r] * s[:, None, :r].sqrt()).transpose(0, 1).reshape(source.spec.out_channels, 2 * r)
+        return [first.reshape(2 * r, -1, *source.spec.kernel_size), second.reshape(-1, 2 * r, *source.spec.kernel_size)]
+
+
+def test_a_grouped_factor_the_linear_adapter_cannot_build_is_refused_with_the_reason():
+    """A decomposition with a grouped factor (a block SVD) works on a 1x1 convolution, but on a Linear layer the linear
+    adapter built an ungrouped nn.Linear and failed with torch's "shape '[8, 32]' is invalid for input of size 128";
+    now the adapter says it builds no grouped factors."""
+    reg = registry_with(("block_plugin", plugin(musco_register_decompositions=[BlockSVD])))
+    conv = Compressor(nn.Sequential(nn.Conv2d(32, 16, 1)), model_compr_kwargs={"0": manual(4, "block_svd")},
+                      example_input=torch.randn(1, 32, 4, 4), progress=False, registry=reg)
+    assert [result.ranks for result in conv.compression_step()] == [(4,)]
+    assert conv.compressed_model[0][0].groups == 2
+    model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(1, 32)
+    compress_refused(model, {"0": manual(4, "block_svd")},
+                     r"layer '0'.*the linear adapter builds ungrouped nn.Linear factors, factor 0 has groups=2", reg, x)
+
+
+class InOutLinear(nn.Module):
+    """A linear layer that stores its weight ``(in, out)``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) / in_features ** 0.5)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class InOutAdapter(LayerAdapter):
+    """Builds InOutLinear factors but leaves read_factor to the default, which reads ``weight`` as it is."""
+
+    name = "inout"
+    module_types = (InOutLinear,)
+
+    def read(self, module):
+        return LayerSpec(self.name, module.weight.shape[1], module.weight.shape[0]), module.weight.detach().T, None
+
+    def build(self, spec, factors, like):
+        modules = [InOutLinear(f.layout.in_channels, f.layout.out_channels).to(like) for f in factors]
+        with torch.no_grad():
+            for module, factor in zip(modules, factors):
+                module.weight.copy_(factor.weight.T)
+        return modules
+
+
+def test_an_adapter_whose_read_factor_gives_another_shape_is_refused_naming_the_adapter():
+    """The default read_factor hands back the module's weight as stored: for an adapter whose modules store it
+    (in, out), re-compressing failed with an error that blamed the decomposition ("decomposition 'svd' of plugin
+    'musco_plugins.svd' returned factor 0 of shape (4, 8), its layout says (4, 32)"); now the adapter is named."""
+    reg = registry_with(("inout_plugin", plugin(musco_register_layer_adapters=[InOutAdapter])))
+    model, x = nn.Sequential(InOutLinear(32, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(2, 32)
+    compressor = Compressor(model, model_compr_kwargs={"0": {**manual(8), "manual_rank": [8, 4]}}, example_input=x,
+                            nglobal_compress_iters=2, inplace=True, progress=False, registry=reg)
+    compressor.compression_step()
+    before = snapshot(model)
+    with pytest.raises(CompressionError, match=r"layer '0': layer adapter 'inout' of plugin 'inout_plugin' "
+                                               r"\(<registered in code>\) read factor 0 back with a weight of shape "
+                                               r"\(32, 8\), its layout says \(8, 32\)"):
+        compressor.compression_step()
+    assert_unchanged(model, before)
+
+
+def test_an_adapter_whose_spec_names_another_adapter_is_refused_when_the_schedule_is_checked():
+    """An adapter whose read() put another adapter's name in LayerSpec.adapter (a copied 'linear') compressed the
+    layer once, and the next stage took the linear adapter for its factors: "its factor 0 (InOutLinear) holds
+    weight of shape (32, 8) where its layout gives weight of shape (8, 32): it was changed after it was built".
+    Now the layer is refused when the Compressor is built, with the reason."""
+    class Misnamed(InOutAdapter):
+        def read(self, module):
+            spec, weight, bias = super().read(module)
+            return attrs.evolve(spec, adapter="linear"), weight, bias
+
+    reg = registry_with(("misnamed_plugin", plugin(musco_register_layer_adapters=[Misnamed])))
+    model = nn.Sequential(InOutLinear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    assert reg.unsupported_reason(model[0]) == ("the inout adapter rebuilds a stock InOutLinear, but its read() gives "
+                                                "a LayerSpec of adapter 'linear': LayerSpec.adapter must be 'inout', "
+                                                "the name of the adapter that read it")
+    with pytest.raises(ConfigError, match=r'\$\.layers\["0"\]: cannot be compressed: .*LayerSpec\.adapter must be'):
+        Compressor(model, model_compr_kwargs={"0": {**manual(8), "manual_rank": [8, 4]}},
+                   example_input=torch.randn(2, 32), nglobal_compress_iters=2, progress=False, registry=reg)
+
+
+class FailingSVD(SVD):
+    name = "failing_svd"
+
+    def decompose(self, source, ranks, params, seed=0):
+        raise ValueError("cannot find my kernels")
+
+
+class FailingSelector(RankSelector):
+    name = "failing"
+
+    def select(self, decomposer, source, stage, params):
+        raise KeyError("stage")
+
+
+@pytest.mark.parametrize(("schedule", "blamed"), [
+    (manual(4, "failing_svd"), "decomposition 'failing_svd' of plugin 'failing_plugin' failed: ValueError: cannot "
+                               "find my kernels"),
+    ({"decomposition": "svd", "rank_selection": "failing"},
+     "rank selector 'failing' of plugin 'failing_plugin' failed: KeyError: 'stage'")])
+def test_an_exception_in_a_plugins_select_or_decompose_names_the_component_and_plugin(schedule, blamed):
+    """'layer 0: ValueError: cannot find my kernels' did not say which of several plugins raised it."""
+    reg = registry_with(("failing_plugin", plugin(musco_register_decompositions=[FailingSVD],
+                                                  musco_register_rank_selectors=[FailingSelector])))
+    model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(1, 16)
+    message = compress_refused(model, {"0": schedule}, "layer '0'", reg, x)
+    assert message == f"layer '0': {blamed}; the model was left as before this step"
 
 
 @pytest.mark.parametrize(("decomposition", "rank"), [("lossy_svd", 4), ("exact_cp3", 4)])

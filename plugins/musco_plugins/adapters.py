@@ -92,6 +92,12 @@ class LinearAdapter(LayerAdapter):
         return spec, module.weight.detach(), _bias_of(module)
 
     def build(self, spec: LayerSpec, factors: Sequence[Factor], like: torch.Tensor) -> list[nn.Module]:
+        """Stock ``nn.Linear`` factors, which cannot be grouped: a grouped layout is refused rather than reshaped."""
+        grouped = next((index for index, f in enumerate(factors) if f.layout.groups != 1), None)
+        if grouped is not None:
+            raise UnsupportedLayerError(f"the {self.name} adapter builds ungrouped nn.Linear factors, factor {grouped} "
+                                        f"has groups={factors[grouped].layout.groups}; use a decomposition without "
+                                        f"grouped factors for this layer")
         return [_copy_into(skip_init(nn.Linear, f.layout.in_channels, f.layout.out_channels,
                                      bias=f.bias is not None, device=like.device, dtype=like.dtype), f)
                 for f in factors]
