@@ -668,8 +668,23 @@ class PythonYamlEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Par
 
 
 class _StrictConstructor(yaml.constructor.SafeConstructor):
-    """Safe construction that rejects duplicate keys (instead of silently keeping the last one) and overlong
-    integers."""
+    """Safe construction that rejects duplicate keys (instead of silently keeping the last one), all of the
+    document's in one error, and overlong integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duplicate_keys: list[tuple[yaml.Mark, Any]] = []
+
+    def construct_document(self, node):
+        data = super().construct_document(node)
+        duplicates, self.duplicate_keys = self.duplicate_keys, []
+        if duplicates:
+            found = "; ".join(f"{short_repr(key)} at line {mark.line + 1}, column {mark.column + 1}"
+                              for mark, key in sorted(duplicates, key=lambda entry: entry[0].index))
+            count = len(duplicates)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {found}" if count == 1 else f"{count} duplicate keys: {found}")
+        return data
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -683,8 +698,7 @@ class _StrictConstructor(yaml.constructor.SafeConstructor):
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                         "found an unhashable key", key_node.start_mark) from None
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short_repr(key)}",
-                                                        key_node.start_mark)
+                self.duplicate_keys.append((key_node.start_mark, key))
             seen.add(key)
         return super().construct_mapping(node, deep)
 
