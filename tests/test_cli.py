@@ -153,6 +153,31 @@ def test_generate_validate_compress_report(factories):
     assert result.exit_code == 0 and '"params_ratio"' in result.output
 
 
+def test_compress_and_validate_read_the_schedule_from_stdin_with_config_dash(factories):
+    # '-' was taken for a file: "musco: error: -: cannot read: No such file or directory"
+    schedule = 'version: 1\nlayers: {"2": {decomposition: tucker2, rank_selection: manual, manual_rank: [[8, 8]]}}\n'
+    result = CliRunner().invoke(main, ["config", "validate", "-"], input=schedule)
+    assert (result.exit_code, result.output) == (0, "<stdin>: valid, 1 layer(s) compressed 1 time(s)\n")
+    out = factories / "out"
+    for resume in ([], ["--resume"]):
+        result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                           str(out), "--quiet", *resume], input=schedule)
+        assert result.exit_code == 0 and "parameters: 20,504 ->" in result.output, result.output
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                       str(out), "--quiet", "--resume"], input=schedule.replace("8, 8", "8, 4"))
+    assert result.output.startswith("musco: error: --config <stdin>: is not the schedule the run in"), result.output
+    result = CliRunner().invoke(main, ["config", "validate", "-"], input="version: 1\nversion: 1\n")
+    assert result.output == "musco: error: <stdin>: not valid YAML: duplicate key 'version' at line 2, column 1\n"
+
+
+def test_config_dash_is_refused_under_torchrun(factories, monkeypatch):
+    monkeypatch.setattr("musco_core.distributed.launched_for_several", lambda: True)
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                       str(factories / "out")], input="version: 1\n")
+    assert result.output.startswith("musco: error: --config -: under torchrun every rank reads the schedule"), \
+        result.output
+
+
 def test_compress_with_weights_loads_them_first(factories):
     import cli_factories
     model = cli_factories.cnn()
