@@ -339,6 +339,12 @@ class Decomposer:
         """The largest meaningful ranks for this layer as it is now; larger requested ranks are clamped."""
         raise NotImplementedError
 
+    def min_ranks(self, source: WeightSource) -> tuple[int, ...]:
+        """The smallest ranks of this layer, one per rank: ``min_rank``, or the rank's limit (:meth:`max_ranks`)
+        where that is smaller: a floor above the dimension it limits would leave out a layer that the others shrink
+        (tucker2's ``r_in`` of a 3-channel stem convolution is at most 3, and ranks (8, 3) halve its weights)."""
+        return tuple(min(self.min_rank, limit) for limit in self.max_ranks(source))
+
     def rank_family(self, spec: LayerSpec, r: int) -> tuple[int, ...]:
         """A one-parameter family of ranks, growing with ``r``, used by budget-driven rank selection."""
         return (r,) * len(self.rank_names)

@@ -315,7 +315,7 @@ def test_the_sensitivity_pass_leaves_batchnorm_statistics_and_train_mode_as_they
 
     statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
     compressor = Compressor(model, example_input=x, config_type="budget", evaluate=evaluate, registry=registry,
-                            all_algo_kwargs={"budget": {"reduction": 1.5}}, progress=False)
+                            all_algo_kwargs={"budget": {"reduction": 1.5}}, ft_every=2, progress=False)
     compressor.compression_step()
     assert any(result.applied for result in compressor.history)
     buffers = dict(compressor.compressed_model.named_buffers())

@@ -129,7 +129,7 @@ def test_generate_validate_compress_report(factories):
     schedule.write_text(yaml.safe_dump(document))
 
     result = run("config", "validate", schedule, "--model", "cli_factories:cnn")
-    assert result.exit_code == 0 and "valid, 2 layer(s)" in result.output  # the classifier is the output layer
+    assert result.exit_code == 0 and "valid, 3 layer(s)" in result.output  # the classifier is the output layer
 
     out = factories / "out"
     result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
@@ -137,15 +137,15 @@ def test_generate_validate_compress_report(factories):
     assert result.exit_code == 0, result.output
     assert "parameters: 20,504 ->" in result.output
     import cli_factories
-    assert cli_factories.STEPS == [1, 2]
+    assert cli_factories.STEPS == [1, 2, 3]
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json", "checkpoints",
                                                ".musco-core", ".musco-lock"}
-    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0002"
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0003"
 
     result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
                  "--out", out, "--resume", "--quiet")
     assert result.exit_code == 0, result.output  # a finished run resumes to the same saved result
-    assert "parameters: 20,504 ->" in result.output and cli_factories.STEPS == [1, 2]
+    assert "parameters: 20,504 ->" in result.output and cli_factories.STEPS == [1, 2, 3]
 
     result = run("report", out)
     assert result.exit_code == 0 and "tucker2" in result.output and "MACs of compressible layers" in result.output
@@ -519,7 +519,7 @@ def test_a_generated_schedule_says_why_each_layer_it_leaves_out_is_left_out(fact
     result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "budget", "--input-shape", "1,3,16,16")
     assert result.exit_code == 0, result.output
     layers = result.output[result.output.index("layers:"):].splitlines()
-    assert layers[1] == "  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8"
+    assert layers[1] == "  '0': {decomposition: tucker2, rank_selection: budget, curr_compr_iter: 0}"
     assert layers[2].startswith("  '2': {decomposition: tucker2") and "#" not in layers[2]
     assert layers[4].startswith("  '7': null  # left out: output layer (the model returns its output): truncating")
     assert yaml.safe_load(result.output)["layers"]["7"] is None
@@ -527,7 +527,7 @@ def test_a_generated_schedule_says_why_each_layer_it_leaves_out_is_left_out(fact
                  "--input-shape", "1,3,16,16")
     assert result.exit_code == 0, result.output
     assert result.output.endswith("""layers:
-  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8
+  '0': {decomposition: tucker2, rank_selection: vbmf, vbmf_weakenen_factor: 0.8, curr_compr_iter: 0}
   '1': null  # left out: output layer (the model returns its output): truncating a classifier's logits costs the \
 most accuracy; name it in the schedule to compress it anyway
   # '2': left out: the example input never reaches it (its forward did not run), so it cannot be checked; leave it \

@@ -210,7 +210,7 @@ def test_a_generated_schedule_is_generated_once(registry, caplog):
         compressor = Compressor(small_cnn(), config_type="vbmf", example_input=torch.randn(1, 3, 8, 8),
                                 registry=registry, progress=False)
     left_out = [record.getMessage() for record in caplog.records if "left uncompressed" in record.getMessage()]
-    assert len(left_out) == len(set(left_out)) == 2 and compressor.lnames == ["2", "4"]  # the first conv, the output
+    assert len(left_out) == len(set(left_out)) == 1 and compressor.lnames == ["0", "2", "4"]  # the output layer
 
 
 def test_zero_ft_every_and_nglobal_compress_iters_mean_what_they_meant_in_the_original(registry):
@@ -275,13 +275,13 @@ def test_config_type_fills_in_the_layers_an_original_dict_leaves_out(registry):
     x = torch.randn(1, 3, 8, 8)
     compressor = Compressor(small_cnn(), None, {"7": SMALL_CONFIG["7"], "2": SMALL_CONFIG["2"]},
                             config_type="param_reduction", example_input=x, registry=registry, progress=False)
-    assert compressor.lnames == ["2", "4", "7"]
+    assert compressor.lnames == ["0", "2", "4", "7"]
     assert [compressor.schedule.layers[name].rank_selection for name in compressor.lnames] == [
-        "manual", "param_reduction", "manual"]
-    assert list(compressor.state.left_out) == ["0"]  # the output layer "7" is named, so compressed
+        "param_reduction", "manual", "param_reduction", "manual"]
+    assert list(compressor.state.left_out) == []  # the output layer "7" is named, so compressed
     compressor = Compressor(small_cnn(), None, {"4": None, "2": SMALL_CONFIG["2"]}, config_type="param_reduction",
                             example_input=x, registry=registry, progress=False)
-    assert compressor.lnames == ["2"] and list(compressor.state.left_out) == ["0", "7"]
+    assert compressor.lnames == ["0", "2"] and list(compressor.state.left_out) == ["7"]
 
 
 def test_an_original_dict_is_compressed_in_model_order_a_full_schedule_in_its_own(registry):
