@@ -103,8 +103,8 @@ class ParamReduction(RankSelector):
         if all(rank <= limit for rank, limit in zip(ranks, decomposer.max_ranks(source))):
             return ranks
         # a rank's limit is below min_rank (a 3-channel stem's r_in): its family at min_rank fits no layer
-        return tuple(max(rank, low) for rank, low in zip(decomposer.rank_family(source.spec, low),
-                                                         decomposer.min_ranks(source)))
+        return tuple(max(rank, floor) for rank, floor in zip(decomposer.rank_family(source.spec, low),
+                                                             decomposer.min_ranks(source)))
 
     def shortfall(self, decomposer: Decomposer, source: WeightSource, ranks: tuple[int, ...],
                   params: ParamReductionParams) -> str | None:
