@@ -32,7 +32,8 @@ from torch import nn
 
 from .errors import ConfigError, MuscoError, one_line, short_repr
 from .finetune import lr_problem
-from .schedule import SCHEMA_VERSION, RunSettings, ScheduleCodec, ValueProblem, read_yaml, validation_problems
+from .schedule import (SCHEMA_VERSION, STDIN, RunSettings, ScheduleCodec, ValueProblem, read_stdin_yaml, read_yaml,
+                       validation_problems)
 
 log = logging.getLogger("musco_core")
 
@@ -448,7 +449,8 @@ def main(debug) -> None:
 @main.command()
 @MODEL
 @WEIGHTS
-@click.option("--config", "config_path", required=True, type=NonEmptyPath(path_type=Path), help="YAML schedule.")
+@click.option("--config", "config_path", required=True, type=NonEmptyPath(path_type=Path),
+              help="YAML schedule; - reads it from stdin.")
 @INPUT_SHAPE
 @click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Directory for model.safetensors, musco.yaml, report.json and checkpoints/.")
@@ -499,6 +501,9 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
             "calibration_batch_size") is not click.core.ParameterSource.DEFAULT:  # else silently without effect
         raise UsageProblem("--calibration-batch-size splits the --calibration inputs into batches: give "
                            "--calibration FILE")
+    if str(config_path) == "-" and distributed.launched_for_several():  # only one process has the pipe
+        raise UsageProblem("--config -: under torchrun every rank reads the schedule, and only one has stdin: give "
+                           "the schedule's file")
     if finetune_spec == DISTILL and distributed.launched_for_several():  # before the group: a rank refusing
         # inside it would leave the others failing to connect to it (exit 1 instead of this error)
         raise UsageProblem("--finetune distill runs in one process; under torchrun, fine-tune with a "
@@ -518,7 +523,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
             if group is not None and calibration is not None:  # each rank its share; the sums are all-reduced
                 calibration = calibration[group.rank::group.world_size]
             registry = default_registry()
-            document = _with_target(read_yaml(config_path), target, config_path, registry, example is not None)
+            config_path, document = _read_schedule(config_path)
+            document = _with_target(document, target, config_path, registry, example is not None)
             checkpoints = out_dir / "checkpoints"
             if checkpoints.is_symlink():
                 raise UsageProblem(f"--out {out_dir}: {checkpoints} is a symlink; musco-core keeps its states in a "
@@ -545,13 +551,13 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                                                calibration_data=calibration, registry=registry)
                 codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
                 with _on_every_rank(group, "the schedule to resume"):
-                    begun = checked_schedule(model, document, str(config_path), registry)
+                    begun = checked_schedule(model, document, config_path, registry)
                     if codec.unstructure(begun) != codec.unstructure(compressor.initial_schedule):
                         raise UsageProblem(f"--config {config_path}: is not the schedule the run in {out_dir} began "
                                            f"with (with --target, if one was given); resume with that schedule, or "
                                            f"start a new run with --overwrite")
             else:
-                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
+                compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, config_path,
                                                                                        registry),
                                             example_input=example, progress=not quiet,
                                             calibration_data=calibration, registry=registry)
@@ -612,7 +618,13 @@ def _on_every_rank(group, what: str):
 TARGET_OPTIONS = {"scope": ("model", "compressed"), "form": ("as_compressed", "optimized")}
 
 
-def _with_target(document: Any, target: str | None, config_path: Path, registry, has_example: bool) -> Any:
+def _read_schedule(path: Path) -> tuple[str, Any]:
+    """The name errors give the schedule of ``--config path``, and its document: ``-`` is the one piped to stdin,
+    ``<stdin>``."""
+    return (STDIN, read_stdin_yaml()) if str(path) == "-" else (str(path), read_yaml(path))
+
+
+def _with_target(document: Any, target: str | None, config_path: str, registry, has_example: bool) -> Any:
     """The schedule document with ``--target METRIC:REDUCTION[:SCOPE][:FORM]`` as the budget selector's target:
     its metric, reduction, scope and form replace the schedule's (an option left out takes its default); the
     budget's other settings (``min_rank_fraction``) stay as the schedule has them. The target's values, and the
@@ -818,15 +830,16 @@ def _layers_yaml(layers: dict[str, Any], reasons: dict[str, str], order: list[st
               help="Also check the layer names and kinds against this model.")
 @_friendly
 def validate(schedule, model_spec) -> None:
-    """Check a YAML schedule; exit code 0 when it is valid."""
+    """Check a YAML schedule (- reads it from stdin); exit code 0 when it is valid."""
     from .registry import default_registry
     from .run import checked_schedule
 
     registry = default_registry()
+    schedule, document = _read_schedule(schedule)
     if model_spec:  # the file's own problems and the model's, reported together
-        checked = checked_schedule(_load_model(model_spec, None), read_yaml(schedule), str(schedule), registry)
+        checked = checked_schedule(_load_model(model_spec, None), document, schedule, registry)
     else:
-        checked = ScheduleCodec(registry).structure(read_yaml(schedule), str(schedule))
+        checked = ScheduleCodec(registry).structure(document, schedule)
     click.echo(f"{schedule}: valid, {len(checked.compressed_layers())} layer(s) compressed "
                f"{checked.settings.nglobal_compress_iters} time(s)")
 

@@ -339,6 +339,13 @@ class Decomposer:
         """The largest meaningful ranks for this layer as it is now; larger requested ranks are clamped."""
         raise NotImplementedError
 
+    def min_ranks(self, source: WeightSource) -> tuple[int, ...]:
+        """The smallest ranks of this layer, one per rank: ``min_rank``, or the rank's limit (:meth:`max_ranks`)
+        where that is smaller: a floor above the dimension it limits left out layers that lower ranks shrink
+        (tucker2's ``r_in`` of a 3-channel stem convolution is at most 3: a 3 -> 32 3x3 one keeps 481 of its 864
+        weights at ranks (8, 3))."""
+        return tuple(min(self.min_rank, limit) for limit in self.max_ranks(source))
+
     def rank_family(self, spec: LayerSpec, r: int) -> tuple[int, ...]:
         """A one-parameter family of ranks, growing with ``r``, used by budget-driven rank selection."""
         return (r,) * len(self.rank_names)

@@ -59,7 +59,7 @@ def _group_why_not(spec: LayerSpec, decomposition: str, rank_selection: str, par
     source = WeightSource(spec)
     limits = decomposer.max_ranks(source)
     if rank_selection == "vbmf" or registry.rank_selectors.get(rank_selection).scope == "model":
-        if min(limits) <= decomposer.min_rank:
+        if decomposer.min_ranks(source) == limits:  # a rank above its floor may still shrink it: the floor decides
             return f"dimensions {limits} are not above {decomposition}'s minimum rank {decomposer.min_rank}"
         return None
     ranks = registry.rank_selectors.get(rank_selection).select(decomposer, source, 0, params)
@@ -98,13 +98,15 @@ def rank_floor(decomposer: Decomposer, spec: LayerSpec, *, output_layer: bool = 
     """The smallest ranks a generated schedule (or the ``budget`` selector) lets a layer fall to, one per rank of
     ``decomposer``.
 
-    Each rank is at least the decomposition's minimum rank and ``fraction`` (by default
+    Each rank is at least the decomposition's minimum rank (its limit where that is smaller, see
+    :meth:`~musco_core.components.Decomposer.min_ranks`) and ``fraction`` (by default
     :data:`RANK_FLOOR_FRACTION`) of the layer's full size, the uncompressed layer's; an output layer's ranks are
     at least its output count (a classifier's class count: fewer directions than classes cannot keep the classes
     apart), or their full size when that is smaller.
     """
-    limits = decomposer.max_ranks(WeightSource(spec))
-    floor = [max(decomposer.min_rank, math.ceil(limit * fraction)) for limit in limits]
+    source = WeightSource(spec)
+    limits = decomposer.max_ranks(source)
+    floor = [max(low, math.ceil(limit * fraction)) for low, limit in zip(decomposer.min_ranks(source), limits)]
     if output_layer:
         floor = [max(f, min(limit, spec.out_channels)) for f, limit in zip(floor, limits)]
     return tuple(floor)

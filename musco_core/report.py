@@ -53,7 +53,8 @@ class BudgetRecord:
 class CompressionReport:
     """Every layer compression so far (one row per layer and stage) and the model's totals.
 
-    ``params_*`` count every parameter of the model; ``macs_*`` count the compressible layers on the example
+    ``params_*`` count every parameter of the model, each memory once (a weight tied between layers, also as
+    distinct Parameters over one tensor, counts once); ``macs_*`` count the compressible layers on the example
     input, every call of a layer the forward calls more than once (None when no input shapes were known).
     """
 

@@ -34,8 +34,8 @@ from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, pla
 from .state import RunContext, RunState, StateCodec
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
-from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, evaluating, held_elsewhere, module_paths,
-                      replace_module, tied_by_config, tied_parameters, unwrapped)
+from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, distinct_numel, evaluating, held_elsewhere,
+                      module_paths, replace_module, tied_by_config, tied_parameters, unwrapped)
 from .verify import unfaithful_swaps
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def without_autocast(function: F) -> F:
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """``model``'s parameters, each memory counted once (Parameters tied to one tensor, see
+    :func:`~musco_core.surgery.distinct_numel`)."""
+    return distinct_numel(list(model.parameters()))
 
 
 def check_same_model(model: nn.Module, state: RunState, origin: str) -> None:

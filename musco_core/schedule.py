@@ -25,6 +25,7 @@ import contextlib
 import os
 import re
 import stat
+import sys
 import typing
 import uuid
 from collections.abc import Callable, Mapping
@@ -668,8 +669,23 @@ class PythonYamlEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Par
 
 
 class _StrictConstructor(yaml.constructor.SafeConstructor):
-    """Safe construction that rejects duplicate keys (instead of silently keeping the last one) and overlong
-    integers."""
+    """Safe construction that rejects duplicate keys (instead of silently keeping the last one), all of the
+    document's in one error, and overlong integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duplicate_keys: list[tuple[yaml.Mark, Any]] = []
+
+    def construct_document(self, node):
+        data = super().construct_document(node)
+        duplicates, self.duplicate_keys = self.duplicate_keys, []
+        if duplicates:
+            found = "; ".join(f"{short_repr(key)} at line {mark.line + 1}, column {mark.column + 1}"
+                              for mark, key in sorted(duplicates, key=lambda entry: entry[0].index))
+            count = len(duplicates)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {found}" if count == 1 else f"{count} duplicate keys: {found}")
+        return data
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -683,8 +699,7 @@ class _StrictConstructor(yaml.constructor.SafeConstructor):
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                         "found an unhashable key", key_node.start_mark) from None
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short_repr(key)}",
-                                                        key_node.start_mark)
+                self.duplicate_keys.append((key_node.start_mark, key))
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -767,12 +782,31 @@ def read_text_bounded(path: str | os.PathLike, max_bytes: int) -> str:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(descriptor)
+    return _decoded(data, path, max_bytes)
+
+
+def _decoded(data: bytes, where: str | os.PathLike, max_bytes: int) -> str:
+    """``data``, read as at most ``max_bytes + 1`` bytes from ``where``, as UTF-8 text; else a ConfigError."""
     if len(data) > max_bytes:
-        raise ConfigError(f"{path}: cannot read: more than the {max_bytes:,} bytes allowed")
+        raise ConfigError(f"{where}: cannot read: more than the {max_bytes:,} bytes allowed")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(f"{where}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+#: The name errors give the schedule ``musco compress --config -`` reads from stdin.
+STDIN = "<stdin>"
+
+
+def read_stdin_yaml(expected: str = "a schedule mapping") -> Any:
+    """The YAML document piped to stdin, read and checked as :func:`read_yaml` reads a file, errors naming
+    :data:`STDIN`. A terminal is refused: the read would wait for the user to type a schedule."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None or sys.stdin.isatty():
+        raise ConfigError(f"{STDIN}: cannot read: stdin is {'a terminal' if stream else 'closed'}; pipe or redirect "
+                          f"the schedule in (< schedule.yaml), or give its file")
+    return _parse_yaml(_decoded(stream.read(MAX_YAML_BYTES + 1), STDIN, MAX_YAML_BYTES), STDIN, expected)
 
 
 def read_yaml(path: str | os.PathLike, expected: str = "a schedule mapping") -> Any:
@@ -782,7 +816,11 @@ def read_yaml(path: str | os.PathLike, expected: str = "a schedule mapping") -> 
     Files over :data:`MAX_YAML_BYTES`, documents of more than :data:`MAX_YAML_VALUES` values or nested deeper
     than :data:`MAX_YAML_DEPTH` (aliases expanded), recursive aliases and duplicate keys are refused.
     """
-    text = read_text_bounded(path, MAX_YAML_BYTES)
+    return _parse_yaml(read_text_bounded(path, MAX_YAML_BYTES), path, expected)
+
+
+def _parse_yaml(text: str, path: str | os.PathLike, expected: str) -> Any:
+    """The document of ``text``, read from ``path``, as :func:`read_yaml` loads it."""
     try:
         data = yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - safe construction, bounded composition
     except yaml.YAMLError as exc:

@@ -133,6 +133,37 @@ def memory_neighbours(tensors: Sequence[torch.Tensor]) -> list[set[int]]:
     return neighbours
 
 
+def distinct_numel(tensors: Sequence[torch.Tensor]) -> int:
+    """How many elements ``tensors`` hold, each memory counted once: the same tensor listed twice, or tensors over
+    the same bytes (see :func:`memory_neighbours`), count their shared elements once, so a model whose layers share
+    a weight (tied to one tensor, also as distinct Parameters) reports its true size. Tensors over one storage are
+    counted in the element size of the first of them."""
+    unique = list({id(tensor): tensor for tensor in tensors}.values())
+    by_storage: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    for tensor in unique:
+        key, first, end = _memory_span(tensor)
+        by_storage.setdefault(key, []).append((first, end, tensor))
+    total = 0
+    for spans in by_storage.values():
+        size = spans[0][2].element_size()
+        if len(spans) == 1:
+            total += spans[0][2].numel()
+        elif all(end - first == tensor.numel() * tensor.element_size() for first, end, tensor in spans):
+            covered, reach = 0, 0  # each tensor fills its span: the union of the spans
+            for first, end, _ in sorted(spans, key=lambda span: span[:2]):
+                covered, reach = covered + max(0, end - max(first, reach)), max(reach, end)
+            total += covered // size
+        else:  # a strided view with gaps: mark the bytes each tensor holds
+            low = min(first for first, _, _ in spans)
+            held = torch.zeros(max(end for _, end, _ in spans) - low, dtype=torch.bool)
+            for first, _, tensor in spans:
+                unit = tensor.element_size()
+                held.as_strided((*tensor.shape, unit), (*(stride * unit for stride in tensor.stride()), 1),
+                                first - low).fill_(True)
+            total += int(held.sum()) // size
+    return total
+
+
 def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
     """For each layer named, the parameters of *other* modules whose memory is one of its own's (see
     :func:`memory_neighbours`): the same tensor, or another Parameter over the same storage.
@@ -157,8 +188,10 @@ def tied_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[st
 def held_elsewhere(model: nn.Module, module: nn.Module, others: Sequence[str]) -> int:
     """How many weights of ``module`` are the very parameters ``others`` of other modules (see
     :func:`tied_parameters`): they stay in the model, and in its parameter count, when ``module`` is replaced."""
-    held = {id(model.get_parameter(other)) for other in others}
-    return sum(p.numel() for p in module.parameters() if id(p) in held)
+    own, held = list(module.parameters()), [model.get_parameter(other) for other in others]
+    shared = [parameter for parameter, neighbours in zip(own, memory_neighbours([*own, *held]))
+              if any(index >= len(own) for index in neighbours)]
+    return distinct_numel(shared)
 
 
 def tied_by_config(model: nn.Module, layer: nn.Module) -> str | None:

@@ -129,7 +129,7 @@ def test_generate_validate_compress_report(factories):
     schedule.write_text(yaml.safe_dump(document))
 
     result = run("config", "validate", schedule, "--model", "cli_factories:cnn")
-    assert result.exit_code == 0 and "valid, 2 layer(s)" in result.output  # the classifier is the output layer
+    assert result.exit_code == 0 and "valid, 3 layer(s)" in result.output  # the classifier is the output layer
 
     out = factories / "out"
     result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
@@ -137,20 +137,45 @@ def test_generate_validate_compress_report(factories):
     assert result.exit_code == 0, result.output
     assert "parameters: 20,504 ->" in result.output
     import cli_factories
-    assert cli_factories.STEPS == [1, 2]
+    assert cli_factories.STEPS == [1, 2, 3]
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "musco.yaml", "report.json", "checkpoints",
                                                ".musco-core", ".musco-lock"}
-    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0002"
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0003"
 
     result = run("compress", "--model", "cli_factories:cnn", "--config", schedule, "--input-shape", "1,3,16,16",
                  "--out", out, "--resume", "--quiet")
     assert result.exit_code == 0, result.output  # a finished run resumes to the same saved result
-    assert "parameters: 20,504 ->" in result.output and cli_factories.STEPS == [1, 2]
+    assert "parameters: 20,504 ->" in result.output and cli_factories.STEPS == [1, 2, 3]
 
     result = run("report", out)
     assert result.exit_code == 0 and "tucker2" in result.output and "MACs of compressible layers" in result.output
     result = run("report", out, "--json")
     assert result.exit_code == 0 and '"params_ratio"' in result.output
+
+
+def test_compress_and_validate_read_the_schedule_from_stdin_with_config_dash(factories):
+    # '-' was taken for a file: "musco: error: -: cannot read: No such file or directory"
+    schedule = 'version: 1\nlayers: {"2": {decomposition: tucker2, rank_selection: manual, manual_rank: [[8, 8]]}}\n'
+    result = CliRunner().invoke(main, ["config", "validate", "-"], input=schedule)
+    assert (result.exit_code, result.output) == (0, "<stdin>: valid, 1 layer(s) compressed 1 time(s)\n")
+    out = factories / "out"
+    for resume in ([], ["--resume"]):
+        result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                           str(out), "--quiet", *resume], input=schedule)
+        assert result.exit_code == 0 and "parameters: 20,504 ->" in result.output, result.output
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                       str(out), "--quiet", "--resume"], input=schedule.replace("8, 8", "8, 4"))
+    assert result.output.startswith("musco: error: --config <stdin>: is not the schedule the run in"), result.output
+    result = CliRunner().invoke(main, ["config", "validate", "-"], input="version: 1\nversion: 1\n")
+    assert result.output == "musco: error: <stdin>: not valid YAML: duplicate key 'version' at line 2, column 1\n"
+
+
+def test_config_dash_is_refused_under_torchrun(factories, monkeypatch):
+    monkeypatch.setattr("musco_core.distributed.launched_for_several", lambda: True)
+    result = CliRunner().invoke(main, ["compress", "--model", "cli_factories:cnn", "--config", "-", "--out",
+                                       str(factories / "out")], input="version: 1\n")
+    assert result.output.startswith("musco: error: --config -: under torchrun every rank reads the schedule"), \
+        result.output
 
 
 def test_compress_with_weights_loads_them_first(factories):
@@ -494,7 +519,7 @@ def test_a_generated_schedule_says_why_each_layer_it_leaves_out_is_left_out(fact
     result = run("config", "generate", "--model", "cli_factories:cnn", "--type", "budget", "--input-shape", "1,3,16,16")
     assert result.exit_code == 0, result.output
     layers = result.output[result.output.index("layers:"):].splitlines()
-    assert layers[1] == "  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8"
+    assert layers[1] == "  '0': {decomposition: tucker2, rank_selection: budget, curr_compr_iter: 0}"
     assert layers[2].startswith("  '2': {decomposition: tucker2") and "#" not in layers[2]
     assert layers[4].startswith("  '7': null  # left out: output layer (the model returns its output): truncating")
     assert yaml.safe_load(result.output)["layers"]["7"] is None
@@ -502,7 +527,7 @@ def test_a_generated_schedule_says_why_each_layer_it_leaves_out_is_left_out(fact
                  "--input-shape", "1,3,16,16")
     assert result.exit_code == 0, result.output
     assert result.output.endswith("""layers:
-  '0': null  # left out: dimensions (32, 3) are not above tucker2's minimum rank 8
+  '0': {decomposition: tucker2, rank_selection: vbmf, vbmf_weakenen_factor: 0.8, curr_compr_iter: 0}
   '1': null  # left out: output layer (the model returns its output): truncating a classifier's logits costs the \
 most accuracy; name it in the schedule to compress it anyway
   # '2': left out: the example input never reaches it (its forward did not run), so it cannot be checked; leave it \

@@ -19,7 +19,7 @@ from models import make_trained_like, resnet18, resnet50
 from musco_core import (CompressionError, Compressor, ConfigError, FactorizedLayer, ModelStats, MuscoError, Registry,
                         Scheduler, hookimpl, make_plugin_manager, optimize_for_inference, standardize_model)
 from musco_core.io import load_compressed, save_compressed
-from musco_core.surgery import deep_copy, tied_parameters
+from musco_core.surgery import deep_copy, distinct_numel, tied_parameters
 from musco_plugins.svd import SVD
 
 
@@ -210,7 +210,7 @@ def test_a_generated_schedule_is_generated_once(registry, caplog):
         compressor = Compressor(small_cnn(), config_type="vbmf", example_input=torch.randn(1, 3, 8, 8),
                                 registry=registry, progress=False)
     left_out = [record.getMessage() for record in caplog.records if "left uncompressed" in record.getMessage()]
-    assert len(left_out) == len(set(left_out)) == 2 and compressor.lnames == ["2", "4"]  # the first conv, the output
+    assert len(left_out) == len(set(left_out)) == 1 and compressor.lnames == ["0", "2", "4"]  # the output layer
 
 
 def test_zero_ft_every_and_nglobal_compress_iters_mean_what_they_meant_in_the_original(registry):
@@ -275,13 +275,13 @@ def test_config_type_fills_in_the_layers_an_original_dict_leaves_out(registry):
     x = torch.randn(1, 3, 8, 8)
     compressor = Compressor(small_cnn(), None, {"7": SMALL_CONFIG["7"], "2": SMALL_CONFIG["2"]},
                             config_type="param_reduction", example_input=x, registry=registry, progress=False)
-    assert compressor.lnames == ["2", "4", "7"]
+    assert compressor.lnames == ["0", "2", "4", "7"]
     assert [compressor.schedule.layers[name].rank_selection for name in compressor.lnames] == [
-        "manual", "param_reduction", "manual"]
-    assert list(compressor.state.left_out) == ["0"]  # the output layer "7" is named, so compressed
+        "param_reduction", "manual", "param_reduction", "manual"]
+    assert list(compressor.state.left_out) == []  # the output layer "7" is named, so compressed
     compressor = Compressor(small_cnn(), None, {"4": None, "2": SMALL_CONFIG["2"]}, config_type="param_reduction",
                             example_input=x, registry=registry, progress=False)
-    assert compressor.lnames == ["2"] and list(compressor.state.left_out) == ["0", "7"]
+    assert compressor.lnames == ["0", "2"] and list(compressor.state.left_out) == ["7"]
 
 
 def test_an_original_dict_is_compressed_in_model_order_a_full_schedule_in_its_own(registry):
@@ -562,15 +562,19 @@ class TiedHead(nn.Module):
         return self.head(self.embedding(tokens))
 
 
-def test_a_forced_layer_with_tied_weights_says_the_model_grew(registry):
-    # its row said 1,600 -> 464 weights and nothing more, while the model grew from 1,600 to 2,064 parameters
+@pytest.mark.parametrize("storage", [False, True], ids=["parameter", "storage"])
+def test_a_forced_layer_with_tied_weights_says_the_model_grew(registry, storage):
+    # its row said 1,600 -> 464 weights and nothing more, while the model grew from 1,600 to 2,064 parameters;
+    # tied by storage (another Parameter), the note said it gained -1,136 and the totals 3,200 -> 2,064
     model = TiedHead()
+    if storage:
+        model.head.weight = nn.Parameter(model.embedding.weight.detach())
     compressor = Compressor(model, model_compr_kwargs={"head": {"decomposition": "svd", "rank_selection": "manual",
                                                                 "manual_rank": [4], "force": True}},
                             example_input=torch.randint(0, 100, (2, 5)), registry=registry, progress=False)
     (row,) = compressor.compression_step()
     assert (row.applied, row.params_before, row.params_after) == (True, 1600, 4 * (16 + 100))
-    assert n_params(compressor.compressed_model) - n_params(model) == 464
+    assert n_params(compressor.compressed_model) == 1600 + 464  # the embedding, and the factors
     assert row.note == "forced although its weights are tied to embedding.weight, which stay: the model gained 464 " \
                        "parameters"
     assert "parameters: 1,600 -> 2,064 (1.29x larger)" in compressor.report().to_table()  # not "0.78x smaller"
@@ -626,6 +630,25 @@ def test_views_of_disjoint_parts_of_one_tensor_are_not_tied():
     assert tied_parameters(model, ["0", "1"]) == {}
     model[1].weight = nn.Parameter(halves[16:48])  # overlaps the first
     assert tied_parameters(model, ["0", "1"]) == {"0": ["1.weight"], "1": ["0.weight"]}
+
+
+def test_the_report_counts_parameters_over_one_memory_once(registry):
+    """Two Linear weights over one tensor (distinct Parameters) were counted twice: 12,288 -> 8,704 reported for a
+    model of 8,192 -> 4,608."""
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    model[1].weight = nn.Parameter(model[0].weight.detach())
+    compressor = Compressor(model, model_compr_kwargs={"2": {"decomposition": "svd", "rank_selection": "manual",
+                                                             "manual_rank": [4]}}, registry=registry, progress=False)
+    compressor.compression_step()
+    report = compressor.report()
+    assert (report.params_before, report.params_after) == (2 * 64 * 64, 64 * 64 + 4 * 128)
+
+
+def test_distinct_numel_counts_overlapping_views_once():
+    weight = torch.randn(10, 8)
+    assert distinct_numel([weight, weight, weight.t()]) == 80
+    assert distinct_numel([weight[:5], weight[3:]]) == 80 and distinct_numel([weight[:5], weight[6:]]) == 72
+    assert distinct_numel([weight[:, ::2], weight[:2]]) == 48  # a strided view with gaps
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])

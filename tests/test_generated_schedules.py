@@ -89,7 +89,18 @@ def test_generated_schedules_leave_out_the_output_layer_with_a_reason(registry, 
     assert config["fc2"] is None and config["fc1"] is not None
     assert list(reasons) == [name for name, entry in config.items() if entry is None] == ["conv", "fc2"]
     assert reasons["fc2"].startswith("output layer (the model returns its output)")
-    assert "(32, 1)" in reasons["conv"]  # the 1-channel stem: tucker2 cannot shrink it
+    assert "(8, 1)" in reasons["conv"] and "would not reduce its 288 weights" in reasons["conv"]  # even at r_in 1
+
+
+@pytest.mark.parametrize("kind", ["vbmf", "param_reduction", "budget"])
+def test_generated_schedules_take_a_stem_whose_rank_floor_is_its_channel_count(registry, kind):
+    """A 3 -> 32 3x3 stem was left out ("dimensions (32, 3) are not above tucker2's minimum rank 8", or "ranks (68,
+    8) would exceed the layer's dimensions"), though ranks (8, 3) shrink it from 864 to 481 weights."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    stats = ModelStats.from_model(model, registry, torch.randn(1, 3, 8, 8))
+    assert generate_model_compr_kwargs(stats, kind, registry=registry)["0"]["decomposition"] == "tucker2"
+    assert rank_floor(registry.decompositions.get("tucker2"), stats.layers["0"].spec) == (8, 3)
 
 
 @pytest.mark.parametrize("kind", ["none", "template"])
@@ -160,7 +171,7 @@ class Interleaved(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.stem = nn.Conv2d(1, 32, 3, padding=1)  # 1 channel: tucker2 at its floor (8, 1) would not shrink it
         self.unused = nn.Conv2d(32, 32, 3, padding=1)
         self.up = nn.ConvTranspose2d(32, 32, 3, padding=1)
         self.body = nn.Conv2d(32, 64, 3, padding=1)
@@ -173,7 +184,7 @@ class Interleaved(nn.Module):
 def test_exclusions_are_listed_in_model_order(registry):
     """Generated exclusions and the report's left_out interleave the layers that must not be replaced with the
     others as the model holds them, also where given statistics get the model's exclusions added."""
-    model, x = Interleaved().eval(), torch.randn(1, 3, 6, 6)
+    model, x = Interleaved().eval(), torch.randn(1, 1, 6, 6)
     expected = ["stem", "unused", "up", "head"]
     assert list(generated_exclusions(ModelStats.from_model(model, registry, x), "vbmf", registry=registry)) == expected
     for given in (None, ModelStats.from_model(model, registry)):  # the latter without the example input

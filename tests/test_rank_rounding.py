@@ -125,8 +125,17 @@ def test_param_reduction_prices_the_ranks_a_layer_below_the_minimum_rank_gets():
     schedule = LayerSchedule("tucker2", "param_reduction", ParamReductionParams(2.0), 0, True)
     _, result = compress_layer(nn.Conv2d(3, 4, 3), "conv", schedule, RunSettings(), default_registry(), (1, 3, 8, 8))
     assert result.applied and result.ranks == (4, 3) and (result.params_before, result.params_after) == (108, 133)
-    assert result.note.startswith("param_reduction_rate 2 cannot be met: the smallest ranks tucker2 allows (4, 3) "
-                                  "give 0.81x;")
+    assert result.note == "param_reduction_rate 2 cannot be met: the smallest ranks tucker2 allows (4, 3) give 0.81x"
+
+
+def test_param_reduction_floors_a_rank_at_its_limit_where_that_is_below_the_minimum_rank():
+    """EfficientNet-Lite0's stem, 3 -> 32 3x3: tucker2's floor 8 gave (68, 8), clamped to its full ranks (32, 3)
+    and kept ("the smallest ranks tucker2 allows (32, 3) give 0.46x"), where (8, 3) meets the rate at 1.80x."""
+    schedule = LayerSchedule("tucker2", "param_reduction", ParamReductionParams(1.5), 0, False)
+    stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
+    _, result = compress_layer(stem, "stem", schedule, RunSettings(), default_registry(), (1, 3, 32, 32))
+    assert result.applied and result.ranks == (8, 3) and (result.params_before, result.params_after) == (864, 481)
+    assert result.note is None
 
 
 def test_a_shortfall_that_is_not_a_string_is_refused_naming_the_selector(monkeypatch):

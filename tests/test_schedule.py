@@ -399,6 +399,15 @@ def test_duplicate_key_message_points_at_the_line(tmp_path, registry):
     assert "duplicate key 'fc'" in message and "line 5" in message
 
 
+def test_every_duplicate_key_is_reported_in_one_error(tmp_path, registry):
+    # only the first was reported ('settings' at line 5), then the others one fix at a time
+    text = ("version: 1\nsettings: {ft_every: 1}\nlayers:\n  fc: null\n  fc: {decomposition: svd, decomposition: cp3}\n"
+            "settings: {ft_every: 2}\n")
+    message = _load_error(_write(tmp_path, text), registry)
+    assert message.endswith("3 duplicate keys: 'fc' at line 5, column 3; 'decomposition' at line 5, column 28; "
+                            "'settings' at line 6, column 1"), message
+
+
 def test_missing_file_is_a_config_error_naming_it(tmp_path, registry):
     path = tmp_path / "no-such-schedule.yaml"
     message = _load_error(path, registry)

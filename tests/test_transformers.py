@@ -205,6 +205,18 @@ def test_a_forced_untie_keeps_tie_weights_from_hanging_the_embedding_on_the_fact
         torch.testing.assert_close(loaded(**tokens()).logits, untied(**tokens()).logits, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not TIES_MAPPED, reason="transformers 4 keeps a layer it ties by config.tie_word_embeddings")
+def test_resize_token_embeddings_cannot_resize_a_factorized_head_as_the_docs_say():
+    """docs/transformers.md: transformers reads the head's weight after it replaced the input embeddings; when this
+    fails, transformers resizes a factorized head (or fails first) and the docs must say so."""
+    forced = compress(tiny_gpt2(head=True), ["lm_head"], model_compr_kwargs=schedule(
+        ["lm_head"], rank_selection="manual", manual_rank=[8], force=True))
+    model = forced.compressed_model
+    with pytest.raises(AttributeError, match="'FactorizedLayer' object has no attribute 'weight'"):
+        model.resize_token_embeddings(VOCAB + 16)
+    assert (model.transformer.wte.num_embeddings, model.config.vocab_size) == (VOCAB + 16, VOCAB)
+
+
 def tiny_bart():
     from transformers import BartConfig, BartForConditionalGeneration
 

@@ -99,7 +99,12 @@ class ParamReduction(RankSelector):
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
-        return decomposer.rank_family(source.spec, max(low, decomposer.min_rank))
+        ranks = decomposer.rank_family(source.spec, max(low, decomposer.min_rank))
+        if all(rank <= limit for rank, limit in zip(ranks, decomposer.max_ranks(source))):
+            return ranks
+        # a rank's limit is below min_rank (a 3-channel stem's r_in): its family at min_rank fits no layer
+        return tuple(max(rank, floor) for rank, floor in zip(decomposer.rank_family(source.spec, low),
+                                                             decomposer.min_ranks(source)))
 
     def shortfall(self, decomposer: Decomposer, source: WeightSource, ranks: tuple[int, ...],
                   params: ParamReductionParams) -> str | None:
