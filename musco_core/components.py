@@ -43,7 +43,8 @@ from .errors import UnsupportedLayerError
 #: 3.6 added, additively, ``WeightSource.params``: the decomposition's ``Params`` of the run, so that the spectra a
 #: selector prices (:meth:`Decomposer.rank_matrices`, :meth:`Decomposer.output_errors`) are of the fit delivered.
 #: 3.7 added, additively, ``LayerChoice.tied_params``: weights of a forced tied layer that stay in the model.
-PLUGIN_API_VERSION = (3, 7)
+#: 3.8 added, additively, :meth:`Decomposer.min_ranks` (a rank floor never above the dimension it limits).
+PLUGIN_API_VERSION = (3, 8)
 
 
 @attrs.frozen
