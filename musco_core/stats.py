@@ -349,10 +349,13 @@ def parameters_kept(model: nn.Module, run: str) -> Iterator[None]:
     """One ConfigError when the model's forward, run by musco-core in the block (``run`` says on what), changed a
     parameter of it in place, as RWKV divides some of its weights on its first call in eval mode (and keeps the
     flag that says so out of its state dict): the changed values would be factorized and saved, and a freshly built
-    model loading them would change them again. Found by the parameters' version counters."""
-    versions = {name: parameter._version for name, parameter in model.named_parameters()}
+    model loading them would change them again. Found by the parameters' version counters; a lazy module's
+    parameters, which its first call fills in, are not counted."""
+    versions = {name: parameter._version for name, parameter in model.named_parameters()
+                if not isinstance(parameter, nn.parameter.UninitializedParameter)}
     yield
-    changed = [name for name, parameter in model.named_parameters() if parameter._version != versions.get(name)]
+    changed = [name for name, parameter in model.named_parameters()
+               if name in versions and parameter._version != versions[name]]
     if changed:
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise ConfigError(f"{type(model).__name__} changed its parameter{'s' if len(changed) > 1 else ''} {shown} "
