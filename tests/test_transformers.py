@@ -6,6 +6,7 @@ dtype, reproduce them at full rank, and survive ``standardize_model`` + ``save_p
 """
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -152,6 +153,31 @@ def test_save_pretrained_then_load_compressed_round_trip(tmp_path):
     standardize_model(loaded).save_pretrained(tmp_path / "again")
     again = load_compressed(BertModel(BertConfig.from_pretrained(tmp_path / "again")), tmp_path)
     torch.testing.assert_close(hidden(again, inputs), hidden(plain, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.skipif("save_original_format" not in inspect.signature(PreTrainedModel.save_pretrained).parameters,
+                    reason="transformers 4 saves every model under the names of its modules")
+@pytest.mark.parametrize("layers", [["encoder.layer.0.attention.q_proj"], ["encoder.layer.0.mlp.fc1"]],
+                         ids=["renamed-layer-factorized", "other-layer-factorized"])
+def test_save_pretrained_of_a_model_transformers_renames_says_how_to_save_it(tmp_path, layers):
+    # transformers 5 saves Dinov2 (ViT, Beit, Segformer, ...) under its original checkpoint's keys
+    # (attention.q_proj -> attention.attention.query): the documented flow failed with "model.safetensors holds
+    # None" or a list of missing keys, and never said why
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, mlp_ratio=2)).eval()
+    compressor = compress(model, layers, model_compr_kwargs=schedule(layers, rank_selection="manual",
+                                                                       manual_rank=[8]))
+    save_compressed(compressor, tmp_path)
+    plain = standardize_model(compressor.compressed_model)
+    plain.save_pretrained(tmp_path)
+    fresh = Dinov2Model(Dinov2Config.from_pretrained(tmp_path))
+    with pytest.raises(ConfigError, match=r"not written by musco-core.*save_original_format=False"):
+        load_compressed(fresh, tmp_path)
+    plain.save_pretrained(tmp_path, save_original_format=False)
+    images = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    torch.testing.assert_close(hidden(load_compressed(fresh, tmp_path), images), hidden(plain, images), rtol=0, atol=0)
 
 
 def test_a_layer_tied_to_the_embedding_is_kept_unless_forced(tmp_path):
