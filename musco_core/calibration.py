@@ -381,7 +381,8 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
 
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
             try:
-                with _model_failure("output statistics", n_batches), parameters_kept(model, f"batch {n_batches}"):
+                with (_model_failure("output statistics", n_batches),
+                      parameters_kept(model, f"calibration batch {n_batches}")):
                     tensors = _output_tensors(call_model(model, batch))
             finally:
                 for handle in handles:

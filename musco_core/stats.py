@@ -350,9 +350,9 @@ def parameters_kept(model: nn.Module, run: str) -> Iterator[None]:
     parameter of it in place, as RWKV divides some of its weights on its first call in eval mode (and keeps the
     flag that says so out of its state dict): the changed values would be factorized and saved, and a freshly built
     model loading them would change them again. Found by the parameters' version counters; a lazy module's
-    parameters, which its first call fills in, are not counted."""
+    parameters, which its first call fills in, are not counted, nor inference tensors, which have no counter."""
     versions = {name: parameter._version for name, parameter in model.named_parameters()
-                if not isinstance(parameter, nn.parameter.UninitializedParameter)}
+                if not isinstance(parameter, nn.parameter.UninitializedParameter) and not parameter.is_inference()}
     yield
     changed = [name for name, parameter in model.named_parameters()
                if name in versions and parameter._version != versions[name]]

@@ -150,12 +150,15 @@ class SelfScaling(nn.Module):
         return self.fc(x) * 2
 
 
-def test_a_forward_changing_the_models_parameters_is_refused_but_a_lazy_layer_may_fill_itself_in(registry):
+def test_a_forward_changing_the_models_parameters_is_refused_but_not_a_lazy_or_inference_mode_model(registry):
     with pytest.raises(ConfigError, match=r"SelfScaling changed its parameter fc\.weight in place when musco-core "
                                           r"ran it on the example input"):
         ModelStats.from_model(SelfScaling(), registry, torch.randn(2, 4))
     lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
     assert "2" in ModelStats.from_model(lazy, registry, torch.randn(2, 5)).layers  # not refused
+    with torch.inference_mode():  # its tensors have no version counter to read
+        made_there = nn.Sequential(nn.Linear(5, 4))
+    assert "0" in ModelStats.from_model(made_there, registry, torch.randn(2, 5)).layers
 
 
 def test_flopco_statistics_are_accepted_and_agree(registry):
