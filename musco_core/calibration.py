@@ -25,6 +25,7 @@ from . import distributed
 from .components import InputStats, LayerSpec
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 from .factors import padding_per_axis
+from .stats import parameters_kept
 from .surgery import evaluating, replace_module
 from .timing import call_model, first_input, tensors_in
 
@@ -187,7 +188,7 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
     handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, module in modules.items()]
     try:
-        with _model_failure("calibration", index):
+        with _model_failure("calibration", index), parameters_kept(model, f"calibration batch {index}"):
             try:
                 call_model(model, batch)
             except _Recorded:
@@ -380,7 +381,8 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
 
             handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
             try:
-                with _model_failure("output statistics", n_batches):
+                with (_model_failure("output statistics", n_batches),
+                      parameters_kept(model, f"calibration batch {n_batches}")):
                     tensors = _output_tensors(call_model(model, batch))
             finally:
                 for handle in handles:

@@ -695,8 +695,20 @@ def _header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
         raise ConfigError(f"{weights}: cannot read: {short_repr(str(exc))}") from None
 
 
+def _not_ours(metadata: Mapping[str, str]) -> str:
+    """What to add to the error of a weights file whose keys do not fit: where another tool wrote it (it carries
+    no set id), the likeliest cause, transformers 5's ``save_pretrained``, which saves some models (ViT, Dinov2,
+    Segformer, ...) under the keys of their original checkpoints instead of their modules' names."""
+    if SET_ID_KEY in metadata:
+        return ""
+    return ("; the file was not written by musco-core: if transformers' save_pretrained wrote it, it may have "
+            "renamed the keys to those of the model's original checkpoints, as transformers 5 does for some models; "
+            "save with save_pretrained(folder, save_original_format=False)")
+
+
 def _check_shapes(directory: Path, name: str, layer: nn.Module, aliases: list[str],
-                  shapes: Mapping[str, tuple[int, ...]], renamed: Mapping[str, str]) -> None:
+                  shapes: Mapping[str, tuple[int, ...]], renamed: Mapping[str, str], metadata: Mapping[str, str]
+                  ) -> None:
     """A ConfigError unless the weights file holds every tensor of the factors ``layer`` holds, as the layer's
     adapter builds them from the record's layouts (the shapes :func:`check_saveable` checked when saving), with the
     same shape."""
@@ -705,8 +717,10 @@ def _check_shapes(directory: Path, name: str, layer: nn.Module, aliases: list[st
         keys = [renamed.get(stored, stored) for stored in (f"{alias}.{key}" for alias in aliases)]
         found = next((shapes[stored] for stored in keys if stored in shapes), None)
         if found != tuple(tensor.shape):
+            held = (f"holds it with shape {found}" if found is not None
+                    else f"holds no {keys[0]}{_not_ours(metadata)}")
             raise ConfigError(f"{directory / MANIFEST}: layer {name!r}: factor {index} declares a {kind} of shape "
-                              f"{tuple(tensor.shape)}, {directory / WEIGHTS} holds {found}")
+                              f"{tuple(tensor.shape)}, {directory / WEIGHTS} {held}")
 
 
 def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, registry: Registry | None = None
@@ -748,7 +762,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         if isinstance(module, FactorizedLayer):  # an earlier run's result, in a model that began compressed
             if (module.spec, module.decomposition, module.ranks, module.layouts) == (
                     record.spec, record.decomposition, tuple(record.ranks), tuple(record.factors)):
-                _check_shapes(directory, name, module, paths[id(module)], shapes, renamed)
+                _check_shapes(directory, name, module, paths[id(module)], shapes, renamed, metadata)
                 continue  # the weights are loaded into it below
             # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
             adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
@@ -769,7 +783,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         if spec != record.spec:
             raise ConfigError(f"{where}: the file has {record.spec.describe()}, the model {spec.describe()}")
         _check_shapes(directory, name, nn.Sequential(*build_on_meta(adapter, spec, record.factors)),
-                      paths[id(module)], shapes, renamed)
+                      paths[id(module)], shapes, renamed, metadata)
         placeholders = [Factor(layout, torch.zeros(layout.weight_shape, dtype=weight.dtype, device=weight.device),
                                torch.zeros(layout.out_channels, dtype=weight.dtype, device=weight.device)
                                if layout.bias else None) for layout in record.factors]
@@ -794,7 +808,7 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
         raise ConfigError(f"{weights}: cannot load: {short_repr(str(exc))}") from None
     if missing or unexpected:
         raise ConfigError(f"{weights}: does not fit the rebuilt model: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
+                          f"unexpected {sorted(unexpected)[:5]}{_not_ours(metadata)}")
     return model
 
 

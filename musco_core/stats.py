@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -344,16 +344,37 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor._base is None else tensor._base
 
 
+@contextlib.contextmanager
+def parameters_kept(model: nn.Module, run: str) -> Iterator[None]:
+    """One ConfigError when the model's forward, run by musco-core in the block (``run`` says on what), changed a
+    parameter of it in place, as RWKV divides some of its weights on its first call in eval mode (and keeps the
+    flag that says so out of its state dict): the changed values would be factorized and saved, and a freshly built
+    model loading them would change them again. Found by the parameters' version counters; a lazy module's
+    parameters, which its first call fills in, are not counted, nor inference tensors, which have no counter."""
+    versions = {name: parameter._version for name, parameter in model.named_parameters()
+                if not isinstance(parameter, nn.parameter.UninitializedParameter) and not parameter.is_inference()}
+    yield
+    changed = [name for name, parameter in model.named_parameters()
+               if name in versions and parameter._version != versions[name]]
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(f"{type(model).__name__} changed its parameter{'s' if len(changed) > 1 else ''} {shown} "
+                          f"in place when musco-core ran it on {run}: the weights compressed and saved would not "
+                          f"be those a freshly built model starts from; keep the forward from changing them (for "
+                          f"RWKV, set config.rescale_every = 0: it rescales to keep float16 from overflowing)")
+
+
 def call_example(model: nn.Module, example_input: Any) -> Any:
     """``model`` on the example input (:func:`~musco_core.timing.call_model`); a ConfigError in one line when the
-    model's forward raises."""
-    try:
-        return call_model(model, example_input)
-    except Exception as exc:  # the user's model or input: one clear line, the cause chained
-        described, message = describe_input(example_input), str(exc).strip()
-        first_line = message.splitlines()[0] if message else ""
-        raise ConfigError(f"example input of {_bounded(described, 200)}: the model's forward raised "
-                          f"{type(exc).__name__}: {_bounded(first_line, 300)}") from exc
+    model's forward raises or changes the model's parameters (see :func:`parameters_kept`)."""
+    with parameters_kept(model, "the example input"):
+        try:
+            return call_model(model, example_input)
+        except Exception as exc:  # the user's model or input: one clear line, the cause chained
+            described, message = describe_input(example_input), str(exc).strip()
+            first_line = message.splitlines()[0] if message else ""
+            raise ConfigError(f"example input of {_bounded(described, 200)}: the model's forward raised "
+                              f"{type(exc).__name__}: {_bounded(first_line, 300)}") from exc
 
 
 def _bounded(text: str, limit: int) -> str:

@@ -134,6 +134,33 @@ def test_statistics_leave_the_model_as_it_was(registry):
     assert calls == ["hook", "hook"]
 
 
+class SelfScaling(nn.Module):
+    """Halves its layer's weight in place on its first call in eval mode, as RWKV does (see test_transformers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scaled = False
+
+    def forward(self, x):
+        if not self.training and not self.scaled:
+            with torch.no_grad():
+                self.fc.weight.div_(2)
+            self.scaled = True
+        return self.fc(x) * 2
+
+
+def test_a_forward_changing_the_models_parameters_is_refused_but_not_a_lazy_or_inference_mode_model(registry):
+    with pytest.raises(ConfigError, match=r"SelfScaling changed its parameter fc\.weight in place when musco-core "
+                                          r"ran it on the example input"):
+        ModelStats.from_model(SelfScaling(), registry, torch.randn(2, 4))
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
+    assert "2" in ModelStats.from_model(lazy, registry, torch.randn(2, 5)).layers  # not refused
+    with torch.inference_mode():  # its tensors have no version counter to read
+        made_there = nn.Sequential(nn.Linear(5, 4))
+    assert "0" in ModelStats.from_model(made_there, registry, torch.randn(2, 5)).layers
+
+
 def test_flopco_statistics_are_accepted_and_agree(registry):
     model = resnet18(num_classes=10, width=16).eval()  # FlopCo runs the model in its current mode
     ours = ModelStats.from_model(model, registry, torch.randn(1, 3, 32, 32))
