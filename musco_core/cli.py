@@ -839,12 +839,40 @@ def report(directory, as_json) -> None:
     """Show the report of a compressed model saved by `musco compress`."""
     from .io import REPORT, read_report
 
+    stopped = _stopped_run(Path(directory))
+    if stopped is not None:
+        raise UsageProblem(stopped)
     saved = read_report(directory)
     try:
         text = saved.to_json() if as_json else saved.to_table()
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # values of the wrong kind in the file
         raise UsageProblem(f"{Path(directory) / REPORT}: not a musco-core report: {_exception_line(exc)}") from exc
     click.echo(text)
+
+
+def _stopped_run(directory: Path) -> str | None:
+    """Why ``directory`` holds no report of its run, where ``musco compress`` began a run there that has not saved its
+    final output (killed, or a failing --finetune), with the state to report or resume from; else None. A report
+    there then is an earlier run's (one the new run replaces with --overwrite when it ends), not this run's."""
+    from .io import REPORT, STATE_FILE, latest_state, read_marker
+
+    checkpoints = directory / "checkpoints"
+    marker = read_marker(checkpoints) if checkpoints.is_dir() and not checkpoints.is_symlink() else None
+    if marker is None or marker["kind"] != "checkpoints":
+        return None
+    earlier = " (its report.json is an earlier run's)" if (directory / REPORT).exists() else ""
+    try:
+        step_dir, _ = latest_state(checkpoints)
+    except MuscoError:
+        return f"{directory}: the run begun there saved no step yet{earlier}: nothing to report; " \
+               f"{_resume_hint(checkpoints)}"
+    state = read_yaml(step_dir / STATE_FILE, "a musco-core run state")
+    taken, steps = (state.get("next_step"), state.get("steps")) if isinstance(state, Mapping) else (None, None)
+    if not isinstance(taken, int) or not isinstance(steps, list) or taken >= len(steps):
+        return None  # the run ended (its output is its final one), or a damaged state that --resume names
+    return (f"{directory}: the run there stopped after step {taken} of {len(steps)}, before it saved its final output"
+            f"{earlier}; its last complete state is {step_dir}: `musco report {step_dir}` shows what it did so far, "
+            f"and the same `musco compress` command with --resume continues it")
 
 
 CLASH_MARK = "<- name clash"

@@ -720,3 +720,29 @@ def test_a_run_killed_between_latest_and_removing_the_old_state_resumes(project,
     assert result.exit_code == 0, result.output
     assert same_weights(project / "whole", project / "out")
     assert sorted(p.name for p in checkpoints.iterdir()) == [".musco-core", "LATEST", "step-0004"]
+
+
+def test_report_on_a_stopped_run_names_the_state_to_report_or_resume_from(project):
+    """`musco report OUT` of a run stopped before its final output said only "out/report.json: cannot read: No such
+    file or directory"; and after an --overwrite run over a finished one stopped, it showed the earlier run's report
+    as OUT's. Both now say where the run stopped and which state to report or resume from."""
+    def report(folder):
+        return CliRunner().invoke(main, ["report", folder])
+
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    stopped = report("out")
+    assert stopped.exit_code == 2 and stopped.output == (
+        "musco: error: out: the run there stopped after step 2 of 4, before it saved its final output; its last "
+        "complete state is out/checkpoints/step-0002: `musco report out/checkpoints/step-0002` shows what it did so "
+        "far, and the same `musco compress` command with --resume continues it\n"), stopped.output
+    assert report("out/checkpoints/step-0002").exit_code == 0
+    assert compress("out", "--resume").exit_code == 0
+    assert report("out").exit_code == 0
+    assert compress("out", "--overwrite", finetune="run_helpers:fails_at_1").exit_code == 2
+    earlier = report("out")
+    assert earlier.exit_code == 2 and "out: the run begun there saved no step yet (its report.json is an earlier " \
+                                      "run's): nothing to report; no step was saved yet" in earlier.output
+    assert compress("out", "--overwrite", finetune="run_helpers:fails_at_3").exit_code == 2
+    earlier = report("out")
+    assert earlier.exit_code == 2 and "stopped after step 2 of 4, before it saved its final output (its report.json " \
+                                      "is an earlier run's)" in earlier.output
