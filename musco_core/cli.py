@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import itertools
 import logging
@@ -401,6 +402,26 @@ def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tenso
     return list(inputs.split(batch_size))
 
 
+def _run_inputs(calibration_path: Path | None, batch_size: int, finetune_spec: str | None, distill_steps: int,
+                distill_lr: float) -> dict[str, Any]:
+    """What the run's state records of its inputs besides the schedule, model and example input (which it checks
+    already), so that --resume refuses other ones: the calibration file's content hash and batch size, and the
+    fine-tuning (a callable by its name: its code is not hashed)."""
+    from .state import RunInput
+
+    finetune = (f"distill, {distill_steps} steps at lr {distill_lr:g}" if finetune_spec == DISTILL else
+                finetune_spec or "none")
+    inputs = {"finetune": RunInput(finetune)}
+    if calibration_path is not None:
+        digest = hashlib.sha256()
+        with calibration_path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        inputs["calibration_data"] = RunInput(f"sha256:{digest.hexdigest()[:16]} in batches of {batch_size}",
+                                              f"--calibration {calibration_path}")
+    return inputs
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -462,6 +483,9 @@ def main(debug) -> None:
 @click.option("--distill-lr", type=float, default=None, callback=_learning_rate,
               help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
+@click.option("--allow-changed-inputs", is_flag=True,
+              help="With --resume: continue with another --calibration file or batch size, --finetune or --distill-* "
+                   "than the run began with (refused otherwise); the report records the change and its step.")
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
                    "not write is never replaced or deleted).")
@@ -478,7 +502,7 @@ def main(debug) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
 def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, distill_steps, distill_lr, resume,
-             overwrite, calibration_path, calibration_batch_size, target, quiet) -> None:
+             allow_changed_inputs, overwrite, calibration_path, calibration_batch_size, target, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
@@ -494,6 +518,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
+    if allow_changed_inputs and not resume:
+        raise UsageProblem("--allow-changed-inputs lets --resume continue a run with other inputs: add --resume")
     _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
     if calibration_path is None and click.get_current_context().get_parameter_source(
             "calibration_batch_size") is not click.core.ParameterSource.DEFAULT:  # else silently without effect
@@ -511,6 +537,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                         if finetune_spec and finetune_spec != DISTILL else None)
             model, example = _model_and_example(model_spec, weights, input_shape)
             calibration = _calibration_batches(calibration_path, calibration_batch_size)
+            inputs = _run_inputs(calibration_path, calibration_batch_size, finetune_spec,
+                                 distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR)
             if finetune_spec == DISTILL:
                 _check_distill_inputs(model, calibration, calibration_path)
                 finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
@@ -542,7 +570,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 resume = False
             if resume:
                 compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                               calibration_data=calibration, registry=registry)
+                                               calibration_data=calibration, registry=registry, inputs=inputs,
+                                               allow_changed_inputs=allow_changed_inputs)
                 codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
                 with _on_every_rank(group, "the schedule to resume"):
                     begun = checked_schedule(model, document, str(config_path), registry)
@@ -554,7 +583,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, str(config_path),
                                                                                        registry),
                                             example_input=example, progress=not quiet,
-                                            calibration_data=calibration, registry=registry)
+                                            calibration_data=calibration, registry=registry, inputs=inputs)
             run_id = compressor.state.run_id
             # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
             # re-created, as --overwrite would (the checkpoints are the run's own already).
