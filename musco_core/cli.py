@@ -883,19 +883,25 @@ def _stopped_run(directory: Path) -> str | None:
     """Why ``directory`` holds no report of its run, where ``musco compress`` began a run there that has not saved its
     final output (killed, or a failing --finetune), with the state to report or resume from; else None. A report
     there then is an earlier run's (one the new run replaces with --overwrite when it ends), not this run's."""
-    from .io import REPORT, STATE_FILE, latest_state, read_marker
+    from .io import MARKER, REPORT, STATE_FILE, latest_state, read_marker
 
     checkpoints = directory / "checkpoints"
     marker = read_marker(checkpoints) if checkpoints.is_dir() and not checkpoints.is_symlink() else None
     if marker is None or marker["kind"] != "checkpoints":
         return None
-    earlier = " (its report.json is an earlier run's)" if (directory / REPORT).exists() else ""
+    report = directory / REPORT
+    earlier = " (its report.json is an earlier run's)" if report.exists() else ""
     try:
         step_dir, _ = latest_state(checkpoints)
-    except MuscoError:
+    except MuscoError:  # a report written after the run claimed its checkpoints is its own (its states removed)
+        if report.exists() and report.stat().st_mtime_ns > (checkpoints / MARKER).stat().st_mtime_ns:
+            return None
         return f"{directory}: the run begun there saved no step yet{earlier}: nothing to report; " \
                f"{_resume_hint(checkpoints)}"
-    state = read_yaml(step_dir / STATE_FILE, "a musco-core run state")
+    try:
+        state = read_yaml(step_dir / STATE_FILE, "a musco-core run state")
+    except MuscoError:
+        return None  # damaged: --resume names the problem, and a report there is shown as it is
     taken, steps = (state.get("next_step"), state.get("steps")) if isinstance(state, Mapping) else (None, None)
     if not isinstance(taken, int) or not isinstance(steps, list) or taken >= len(steps):
         return None  # the run ended (its output is its final one), or a damaged state that --resume names

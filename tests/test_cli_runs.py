@@ -743,6 +743,10 @@ def test_report_on_a_stopped_run_names_the_state_to_report_or_resume_from(projec
     assert report("out/checkpoints/step-0002").exit_code == 0
     assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
     assert report("out").exit_code == 0
+    shutil.copytree(project / "out", project / "finished")
+    for state in (project / "finished" / "checkpoints").glob("step-*"):
+        shutil.rmtree(state)  # the user removed the finished run's states: its report is still its own
+    assert report("finished").exit_code == 0
     assert compress("out", "--overwrite", finetune="run_helpers:fails_at_1").exit_code == 2
     earlier = report("out")
     assert earlier.exit_code == 2 and "out: the run begun there saved no step yet (its report.json is an earlier " \
