@@ -149,14 +149,15 @@ def _library_message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _writing(option: str, target: Path, checkpoints: Path):
+def _writing(option: str, target: Path, checkpoints: Path, overwrite: bool = False):
     """Reports a failed write (disk full, file too large, no permission) as one line naming the output and where
     the run can resume from (the states saved before stay complete)."""
     try:
         yield
     except (OSError, SafetensorError) as exc:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
-        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints)}") from exc
+        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints, overwrite)}"
+                           ) from exc
 
 
 def _call_user_code(option: str, spec: str, function, *args):
@@ -602,7 +603,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
 
             def save() -> None:
-                with _writing("--out", out_dir, checkpoints):
+                with _writing("--out", out_dir, checkpoints, overwrite):
                     save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
@@ -610,12 +611,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 while not compressor.done:
                     compressor.compression_step()
                     if finetune is not None:
-                        _call_finetune(finetune, finetune_spec, compressor, checkpoints)
-                    with _writing("--out", out_dir, checkpoints):
+                        _call_finetune(finetune, finetune_spec, compressor, checkpoints, overwrite)
+                    with _writing("--out", out_dir, checkpoints, overwrite):
                         compressor.save_state(checkpoints, overwrite=overwrite)
                 distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:
-                raise Interrupted(_resume_hint(checkpoints)) from None
+                raise Interrupted(_resume_hint(checkpoints, overwrite)) from None
         if group is None or group.first:
             click.echo(compressor.report().to_table())
             click.echo(f"\nsaved to {out_dir}")
@@ -742,18 +743,20 @@ def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: 
     return finetune
 
 
-def _resume_hint(checkpoints: Path) -> str:
-    """Where an interrupted run can continue from: the state LATEST names, if any was saved."""
+def _resume_hint(checkpoints: Path, overwrite: bool = False) -> str:
+    """Where an interrupted run can continue from: the state LATEST names, if any was saved. A run begun with
+    ``--overwrite`` continues with --resume in its place (the two together are refused)."""
     from .io import latest_state
 
     try:
         step_dir, _ = latest_state(checkpoints)
     except MuscoError:
         return "no step was saved yet; run the command again to start over"
-    return f"the last complete state is {step_dir}; run the same command with --resume to continue"
+    instead = " instead of --overwrite" if overwrite else ""
+    return f"the last complete state is {step_dir}; run the same command with --resume{instead} to continue"
 
 
-def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
+def _call_finetune(finetune, spec: str, compressor, checkpoints: Path, overwrite: bool = False) -> None:
     """Runs the user's fine-tuning, which trains the model it is given in place; its failure is one line that says
     where the run can resume from. A returned module with parameters, none of them the model's (a trained copy), is
     refused: ignoring it would save the untrained model as if fine-tuned."""
@@ -764,18 +767,18 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
         raise
     except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
         raise UsageProblem(f"--finetune {spec} called sys.exit({short_repr(exc.code)}) after step "
-                           f"{compressor.curr_iter}; {_resume_hint(checkpoints)}") from exc
+                           f"{compressor.curr_iter}; {_resume_hint(checkpoints, overwrite)}") from exc
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
         if spec == DISTILL and not isinstance(exc, MuscoError):
             raise  # not the user's code: a bug in musco-core
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
-                           f"{_resume_hint(checkpoints)}") from exc
+                           f"{_resume_hint(checkpoints, overwrite)}") from exc
     held = {id(parameter) for parameter in model.parameters()}
     returned_ids = {id(parameter) for parameter in returned.parameters()} if isinstance(returned, nn.Module) else ()
     if returned_ids and held.isdisjoint(returned_ids):  # a loss module it returns, with no parameters, is fine
         raise UsageProblem(f"--finetune {spec} returned a {type(returned).__name__} that holds none of the parameters "
                            f"of the model it was given, after step {compressor.curr_iter}; train that model in place "
-                           f"(what the function returns is not used); {_resume_hint(checkpoints)}")
+                           f"(what the function returns is not used); {_resume_hint(checkpoints, overwrite)}")
 
 
 class Interrupted(UsageProblem):

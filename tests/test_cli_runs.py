@@ -798,3 +798,14 @@ def test_resume_with_other_inputs_is_one_error_naming_each_unless_allowed(projec
     shown = CliRunner().invoke(main, ["report", "out"])
     assert "inputs changed during the run (allowed on resume):\n  from step 3 of 4: calibration_data changed" in \
         shown.output
+
+
+def test_a_failed_overwrite_run_says_to_resume_instead_of_overwriting(project):
+    """A run begun with --overwrite that failed said "run the same command with --resume", which is refused
+    ("--resume ... and --overwrite ...: give one of them"); it now says to give --resume instead."""
+    assert compress("out").exit_code == 0
+    failed = compress("out", "--overwrite", finetune="run_helpers:fails_at_3")
+    assert failed.exit_code == 2 and failed.output.endswith(
+        "the last complete state is out/checkpoints/step-0002; run the same command with --resume instead of "
+        "--overwrite to continue\n"), failed.output
+    assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
