@@ -894,11 +894,14 @@ def _stopped_run(directory: Path) -> str | None:
         return None
     report = directory / REPORT
     earlier = " (its report.json is an earlier run's)" if report.exists() else ""
+    running = _writer(directory)
     try:
         step_dir, _ = latest_state(checkpoints)
     except MuscoError:  # a report written after the run claimed its checkpoints is its own (its states removed)
         if report.exists() and report.stat().st_mtime_ns > (checkpoints / MARKER).stat().st_mtime_ns:
             return None
+        if running:
+            return f"{directory}: the run there is still running ({running}) and saved no step yet{earlier}"
         return f"{directory}: the run begun there saved no step yet{earlier}: nothing to report; " \
                f"{_resume_hint(checkpoints)}"
     try:
@@ -908,9 +911,27 @@ def _stopped_run(directory: Path) -> str | None:
     taken, steps = (state.get("next_step"), state.get("steps")) if isinstance(state, Mapping) else (None, None)
     if not isinstance(taken, int) or not isinstance(steps, list) or taken >= len(steps):
         return None  # the run ended (its output is its final one), or a damaged state that --resume names
+    if running:
+        return (f"{directory}: the run there is still running ({running}): it saved step {taken} of {len(steps)} so "
+                f"far{earlier}; `musco report {step_dir}` shows what it did up to that step")
     return (f"{directory}: the run there stopped after step {taken} of {len(steps)}, before it saved its final output"
             f"{earlier}; its last complete state is {step_dir}: `musco report {step_dir}` shows what it did so far, "
             f"and the same `musco compress` command with --resume continues it")
+
+
+def _writer(directory: Path) -> str | None:
+    """``pid N`` of the musco-core process that holds ``directory``'s lock (a run writing there now), else None;
+    the lock file is only read, never created."""
+    from .io import LOCK_FILE
+    from .schedule import advisory_lock
+
+    try:
+        descriptor = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(descriptor, encoding="utf-8", errors="replace") as handle:
+        with advisory_lock(descriptor) as alone:
+            return None if alone else f"pid {handle.read(32).strip() or 'unknown'}"
 
 
 CLASH_MARK = "<- name clash"

@@ -741,6 +741,11 @@ def test_report_on_a_stopped_run_names_the_state_to_report_or_resume_from(projec
         "complete state is out/checkpoints/step-0002: `musco report out/checkpoints/step-0002` shows what it did so "
         "far, and the same `musco compress` command with --resume continues it\n"), stopped.output
     assert report("out/checkpoints/step-0002").exit_code == 0
+    with output_lock(project / "out"):  # a run writing there now has not stopped
+        running = report("out")
+    assert running.exit_code == 2 and running.output == (
+        f"musco: error: out: the run there is still running (pid {os.getpid()}): it saved step 2 of 4 so far; "
+        f"`musco report out/checkpoints/step-0002` shows what it did up to that step\n"), running.output
     assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
     assert report("out").exit_code == 0
     shutil.copytree(project / "out", project / "finished")
