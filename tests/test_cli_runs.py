@@ -756,6 +756,9 @@ def test_report_on_a_stopped_run_names_the_state_to_report_or_resume_from(projec
     earlier = report("out")
     assert earlier.exit_code == 2 and "out: the run begun there saved no step yet (its report.json is an earlier " \
                                       "run's): nothing to report; no step was saved yet" in earlier.output
+    with output_lock(project / "out"):
+        assert report("out").output == (f"musco: error: out: the run there is still running (pid {os.getpid()}) and "
+                                         f"saved no step yet (its report.json is an earlier run's)\n")
     (project / "failed_at_3").unlink()
     assert compress("out", "--overwrite", finetune="run_helpers:fails_at_3").exit_code == 2
     earlier = report("out")
