@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import itertools
 import logging
@@ -149,14 +150,15 @@ def _library_message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _writing(option: str, target: Path, checkpoints: Path):
+def _writing(option: str, target: Path, checkpoints: Path, overwrite: bool = False):
     """Reports a failed write (disk full, file too large, no permission) as one line naming the output and where
     the run can resume from (the states saved before stay complete)."""
     try:
         yield
     except (OSError, SafetensorError) as exc:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else _exception_line(exc)
-        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints)}") from exc
+        raise UsageProblem(f"{option} {target}: cannot write: {reason}; {_resume_hint(checkpoints, overwrite)}"
+                           ) from exc
 
 
 def _call_user_code(option: str, spec: str, function, *args):
@@ -402,6 +404,26 @@ def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tenso
     return list(inputs.split(batch_size))
 
 
+def _run_inputs(calibration_path: Path | None, batch_size: int, finetune_spec: str | None, distill_steps: int,
+                distill_lr: float) -> dict[str, Any]:
+    """What the run's state records of its inputs besides the schedule, model and example input (which it checks
+    already), so that --resume refuses other ones: the calibration file's content hash and batch size, and the
+    fine-tuning (a callable by its name: its code is not hashed)."""
+    from .state import RunInput
+
+    finetune = (f"distill, {distill_steps} steps at lr {distill_lr:g}" if finetune_spec == DISTILL else
+                finetune_spec or "none")
+    inputs = {"finetune": RunInput(finetune)}
+    if calibration_path is not None:
+        digest = hashlib.sha256()
+        with calibration_path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        inputs["calibration_data"] = RunInput(f"sha256:{digest.hexdigest()[:16]} in batches of {batch_size}",
+                                              f"--calibration {calibration_path}")
+    return inputs
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -464,6 +486,9 @@ def main(debug) -> None:
 @click.option("--distill-lr", type=float, default=None, callback=_learning_rate,
               help=f"AdamW learning rate of --finetune distill  [default: {DISTILL_LR:g}]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT from OUT/checkpoints.")
+@click.option("--allow-changed-inputs", is_flag=True,
+              help="With --resume: continue with another --calibration file or batch size, --finetune or --distill-* "
+                   "than the run began with (refused otherwise); the report records the change and its step.")
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
                    "not write is never replaced or deleted).")
@@ -480,7 +505,7 @@ def main(debug) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @_friendly
 def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_spec, distill_steps, distill_lr, resume,
-             overwrite, calibration_path, calibration_batch_size, target, quiet) -> None:
+             allow_changed_inputs, overwrite, calibration_path, calibration_batch_size, target, quiet) -> None:
     """Compress a model with a YAML schedule and save the result to OUT.
 
     The state is saved to OUT/checkpoints after every step (and its fine-tuning), so a killed or interrupted run
@@ -496,6 +521,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
 
     if resume and overwrite:
         raise UsageProblem("--resume continues the run in OUT and --overwrite replaces it: give one of them")
+    if allow_changed_inputs and not resume:
+        raise UsageProblem("--allow-changed-inputs lets --resume continue a run with other inputs: add --resume")
     _check_distill_options(finetune_spec, distill_steps, distill_lr, calibration_path)
     if calibration_path is None and click.get_current_context().get_parameter_source(
             "calibration_batch_size") is not click.core.ParameterSource.DEFAULT:  # else silently without effect
@@ -516,6 +543,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                         if finetune_spec and finetune_spec != DISTILL else None)
             model, example = _model_and_example(model_spec, weights, input_shape)
             calibration = _calibration_batches(calibration_path, calibration_batch_size)
+            inputs = _run_inputs(calibration_path, calibration_batch_size, finetune_spec,
+                                 distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR)
             if finetune_spec == DISTILL:
                 _check_distill_inputs(model, calibration, calibration_path)
                 finetune = _distiller(model, calibration, distill_steps or DISTILL_STEPS, distill_lr or DISTILL_LR,
@@ -548,7 +577,8 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 resume = False
             if resume:
                 compressor = Compressor.resume(model, checkpoints, example_input=example, progress=not quiet,
-                                               calibration_data=calibration, registry=registry)
+                                               calibration_data=calibration, registry=registry, inputs=inputs,
+                                               allow_changed_inputs=allow_changed_inputs)
                 codec = ScheduleCodec(registry)  # as a new run would begin with it: a layer under its canonical name
                 with _on_every_rank(group, "the schedule to resume"):
                     begun = checked_schedule(model, document, config_path, registry)
@@ -560,7 +590,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 compressor = Compressor(model, model_compr_kwargs=checked_schedule(model, document, config_path,
                                                                                        registry),
                                             example_input=example, progress=not quiet,
-                                            calibration_data=calibration, registry=registry)
+                                            calibration_data=calibration, registry=registry, inputs=inputs)
             run_id = compressor.state.run_id
             # Resumed, OUT is the run's whose state its checkpoints hold: a marker lost in a copy (cp -r out/*) is
             # re-created, as --overwrite would (the checkpoints are the run's own already).
@@ -579,7 +609,7 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                     claim_folder(folder, kind, run_id, overwrite=overwrite or adopt)
 
             def save() -> None:
-                with _writing("--out", out_dir, checkpoints):
+                with _writing("--out", out_dir, checkpoints, overwrite):
                     save_compressed(compressor, out_dir)
 
             distributed.on_first_rank(group, f"--out {out_dir}", claim)
@@ -587,12 +617,12 @@ def compress(model_spec, weights, config_path, input_shape, out_dir, finetune_sp
                 while not compressor.done:
                     compressor.compression_step()
                     if finetune is not None:
-                        _call_finetune(finetune, finetune_spec, compressor, checkpoints)
-                    with _writing("--out", out_dir, checkpoints):
+                        _call_finetune(finetune, finetune_spec, compressor, checkpoints, overwrite)
+                    with _writing("--out", out_dir, checkpoints, overwrite):
                         compressor.save_state(checkpoints, overwrite=overwrite)
                 distributed.on_first_rank(group, f"--out {out_dir}", save)
             except KeyboardInterrupt:
-                raise Interrupted(_resume_hint(checkpoints)) from None
+                raise Interrupted(_resume_hint(checkpoints, overwrite)) from None
         if group is None or group.first:
             click.echo(compressor.report().to_table())
             click.echo(f"\nsaved to {out_dir}")
@@ -725,18 +755,20 @@ def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: 
     return finetune
 
 
-def _resume_hint(checkpoints: Path) -> str:
-    """Where an interrupted run can continue from: the state LATEST names, if any was saved."""
+def _resume_hint(checkpoints: Path, overwrite: bool = False) -> str:
+    """Where an interrupted run can continue from: the state LATEST names, if any was saved. A run begun with
+    ``--overwrite`` continues with --resume in its place (the two together are refused)."""
     from .io import latest_state
 
     try:
         step_dir, _ = latest_state(checkpoints)
     except MuscoError:
         return "no step was saved yet; run the command again to start over"
-    return f"the last complete state is {step_dir}; run the same command with --resume to continue"
+    instead = " instead of --overwrite" if overwrite else ""
+    return f"the last complete state is {step_dir}; run the same command with --resume{instead} to continue"
 
 
-def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
+def _call_finetune(finetune, spec: str, compressor, checkpoints: Path, overwrite: bool = False) -> None:
     """Runs the user's fine-tuning, which trains the model it is given in place; its failure is one line that says
     where the run can resume from. A returned module with parameters, none of them the model's (a trained copy), is
     refused: ignoring it would save the untrained model as if fine-tuned."""
@@ -747,18 +779,18 @@ def _call_finetune(finetune, spec: str, compressor, checkpoints: Path) -> None:
         raise
     except SystemExit as exc:  # the user's code ended the process: say so instead of exiting as if it succeeded
         raise UsageProblem(f"--finetune {spec} called sys.exit({short_repr(exc.code)}) after step "
-                           f"{compressor.curr_iter}; {_resume_hint(checkpoints)}") from exc
+                           f"{compressor.curr_iter}; {_resume_hint(checkpoints, overwrite)}") from exc
     except Exception as exc:  # the user's code: one line, and nothing of the step is saved
         if spec == DISTILL and not isinstance(exc, MuscoError):
             raise  # not the user's code: a bug in musco-core
         raise UsageProblem(f"--finetune {spec} failed after step {compressor.curr_iter}: {_exception_line(exc)}; "
-                           f"{_resume_hint(checkpoints)}") from exc
+                           f"{_resume_hint(checkpoints, overwrite)}") from exc
     held = {id(parameter) for parameter in model.parameters()}
     returned_ids = {id(parameter) for parameter in returned.parameters()} if isinstance(returned, nn.Module) else ()
     if returned_ids and held.isdisjoint(returned_ids):  # a loss module it returns, with no parameters, is fine
         raise UsageProblem(f"--finetune {spec} returned a {type(returned).__name__} that holds none of the parameters "
                            f"of the model it was given, after step {compressor.curr_iter}; train that model in place "
-                           f"(what the function returns is not used); {_resume_hint(checkpoints)}")
+                           f"(what the function returns is not used); {_resume_hint(checkpoints, overwrite)}")
 
 
 class Interrupted(UsageProblem):
@@ -852,12 +884,67 @@ def report(directory, as_json) -> None:
     """Show the report of a compressed model saved by `musco compress`."""
     from .io import REPORT, read_report
 
+    stopped = _stopped_run(Path(directory))
+    if stopped is not None:
+        raise UsageProblem(stopped)
     saved = read_report(directory)
     try:
         text = saved.to_json() if as_json else saved.to_table()
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # values of the wrong kind in the file
         raise UsageProblem(f"{Path(directory) / REPORT}: not a musco-core report: {_exception_line(exc)}") from exc
     click.echo(text)
+
+
+def _stopped_run(directory: Path) -> str | None:
+    """Why ``directory`` holds no report of its run, where ``musco compress`` began a run there that has not saved its
+    final output (killed, or a failing --finetune), with the state to report or resume from; else None. A report
+    there then is an earlier run's (one the new run replaces with --overwrite when it ends), not this run's."""
+    from .io import MARKER, REPORT, STATE_FILE, latest_state, read_marker
+
+    checkpoints = directory / "checkpoints"
+    marker = read_marker(checkpoints) if checkpoints.is_dir() and not checkpoints.is_symlink() else None
+    if marker is None or marker["kind"] != "checkpoints":
+        return None
+    report = directory / REPORT
+    earlier = " (its report.json is an earlier run's)" if report.exists() else ""
+    running = _writer(directory)
+    try:
+        step_dir, _ = latest_state(checkpoints)
+    except MuscoError:  # a report written after the run claimed its checkpoints is its own (its states removed)
+        if report.exists() and report.stat().st_mtime_ns > (checkpoints / MARKER).stat().st_mtime_ns:
+            return None
+        if running:
+            return f"{directory}: the run there is still running ({running}) and saved no step yet{earlier}"
+        return f"{directory}: the run begun there saved no step yet{earlier}: nothing to report; " \
+               f"{_resume_hint(checkpoints)}"
+    try:
+        state = read_yaml(step_dir / STATE_FILE, "a musco-core run state")
+    except MuscoError:
+        return None  # damaged: --resume names the problem, and a report there is shown as it is
+    taken, steps = (state.get("next_step"), state.get("steps")) if isinstance(state, Mapping) else (None, None)
+    if not isinstance(taken, int) or not isinstance(steps, list) or taken >= len(steps):
+        return None  # the run ended (its output is its final one), or a damaged state that --resume names
+    if running:
+        return (f"{directory}: the run there is still running ({running}): it saved step {taken} of {len(steps)} so "
+                f"far{earlier}; `musco report {step_dir}` shows what it did up to that step")
+    return (f"{directory}: the run there stopped after step {taken} of {len(steps)}, before it saved its final output"
+            f"{earlier}; its last complete state is {step_dir}: `musco report {step_dir}` shows what it did so far, "
+            f"and the same `musco compress` command with --resume continues it")
+
+
+def _writer(directory: Path) -> str | None:
+    """``pid N`` of the musco-core process that holds ``directory``'s lock (a run writing there now), else None;
+    the lock file is only read, never created."""
+    from .io import LOCK_FILE
+    from .schedule import advisory_lock
+
+    try:
+        descriptor = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(descriptor, encoding="utf-8", errors="replace") as handle:
+        with advisory_lock(descriptor) as alone:
+            return None if alone else f"pid {handle.read(32).strip() or 'unknown'}"
 
 
 CLASH_MARK = "<- name clash"

@@ -20,9 +20,9 @@ from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
 from .run import (build_report, check_calibration, check_resumable, check_same_example, check_same_model,
-                  checked_schedule, run_step, start_run)
+                  checked_schedule, run_step, start_run, with_inputs)
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
-from .state import RunContext, RunState
+from .state import RunContext, RunInput, RunState
 from .stats import ModelStats, as_model_stats
 from .surgery import deep_copy, factor_layouts, layer_aliases, on_meta, state_problem, unwrapped
 
@@ -65,6 +65,17 @@ def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_typ
                 enumerate(stats.in_model_order(dict.fromkeys(aliases.get(name, name) for name in layers)))}
     ordered = dict(sorted(layers.items(), key=lambda item: position[aliases.get(item[0], item[0])]))
     return ordered, {name: reason for name, reason in reasons.items() if name not in named}
+
+
+def _run_inputs(calibration_data: Any, evaluate: Any, inputs: Mapping[str, RunInput | str] | None
+                ) -> dict[str, RunInput]:
+    """What the state records of a run's other inputs (see :func:`~musco_core.run.with_inputs`): whether
+    calibration data and an evaluation were given (their contents are not hashed: a DataLoader may be any size), and
+    the caller's own ``inputs`` (a string for a :class:`RunInput`'s value), which may replace them."""
+    recorded = {"calibration_data": RunInput("none" if calibration_data is None else "batches"),
+                "evaluate": RunInput("none" if evaluate is None else "a callable")}
+    return {**recorded, **{str(name): value if isinstance(value, RunInput) else RunInput(str(value))
+                           for name, value in (inputs or {}).items()}}
 
 
 def _check_materialized(model: nn.Module) -> None:
@@ -122,6 +133,9 @@ class Compressor:
     (in eval mode, each module's mode put back after), so layers that hurt the model more get a larger share of the
     budget (a sensitivity pass). In a distributed job
     a rank whose evaluation data is empty returns None, and the ranks' losses are averaged over the others.
+    ``inputs`` names what else shapes the run that the Compressor cannot see (``{"finetune": "my_training v2"}``;
+    the command line records its calibration file's hash and its fine-tuning there): the state records them with
+    whether ``calibration_data`` and ``evaluate`` were given, and :meth:`resume` refuses other ones.
 
     The run's progress is one value, :attr:`state` (a :class:`~musco_core.state.RunState`); each step maps it
     and the model to the next ones, so a failing step changes neither.
@@ -143,7 +157,8 @@ class Compressor:
                  ft_every: int | None = 1, nglobal_compress_iters: int | None = None, all_algo_kwargs: Any = None,
                  config_type: str = "none", *, example_input: Any = None, inplace: bool = False,
                  seed: int = 0, registry: Registry | None = None, progress: bool = True,
-                 calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None) -> None:
+                 calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None,
+                 inputs: Mapping[str, RunInput | str] | None = None) -> None:
         # checked on every rank before the first collective (start_run's): a rank refusing alone would leave the
         # others failing on a dropped connection
         with distributed.agreement(distributed.current(), "checking the Compressor's arguments"):
@@ -177,7 +192,8 @@ class Compressor:
                     schedule.settings, ft_every=max(1, len(schedule.compressed_layers()))))
             calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
             check_model_inputs(schedule, registry, example_input, stats)
-        self._attach(model, start_run(model, schedule, registry, left_out, example_input),
+        self._attach(model, start_run(model, schedule, registry, left_out, example_input,
+                                      _run_inputs(calibration_data, evaluate, inputs)),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input,
                                 began_factorized=factor_layouts(model)))
 
@@ -212,7 +228,8 @@ class Compressor:
     @classmethod
     def resume(cls, model: nn.Module, directory: str | os.PathLike, *, example_input: Any = None,
                model_stats: Any = None, registry: Registry | None = None, progress: bool = True,
-               calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None
+               calibration_data: Any = None, evaluate: Callable[[nn.Module], float | None] | None = None,
+               inputs: Mapping[str, RunInput | str] | None = None, allow_changed_inputs: bool = False
                ) -> Compressor:
         """A compressor that continues a run from the newest state :meth:`save_state` wrote in ``directory``.
 
@@ -225,7 +242,9 @@ class Compressor:
         the dtypes and shapes of the one the run began with (None if it had none): MACs counted on another would be
         added to the run's. A run that counted its MACs from ``model_stats`` without an example input needs the
         same ``model_stats`` again (a run that counted MACs is not resumed without them, nor one that counted none
-        with them).
+        with them). Whether ``calibration_data`` and ``evaluate`` are given, and ``inputs``, must be as when the run
+        began, or ``allow_changed_inputs`` must be true: then the state and the report record the change and the
+        step it applies from (see :func:`~musco_core.run.with_inputs`).
         """
         registry = registry or default_registry()
         model = unwrapped(model)
@@ -235,6 +254,8 @@ class Compressor:
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
+            state = with_inputs(state, _run_inputs(calibration_data, evaluate, inputs), origin,
+                                allow_changed=allow_changed_inputs)
             stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin, began=model)
         distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",

@@ -10,9 +10,10 @@ import attrs
 from .engine import LayerResult
 from .schedule import NonNegativeFloat, NonNegativeInt, PositiveInt
 
-#: Version of the report's JSON form. 2 added the budgets' ``measured`` speed-up; reports of format 1 still load.
-REPORT_FORMAT = 2
-READABLE_REPORT_FORMATS = (1, 2)
+#: Version of the report's JSON form. 2 added the budgets' ``measured`` speed-up, 3 the run's ``inputs_changed``;
+#: reports of format 1 and 2 still load.
+REPORT_FORMAT = 3
+READABLE_REPORT_FORMATS = (1, 2, 3)
 
 
 def _ratio(before: int | None, after: int | None) -> float | None:
@@ -68,6 +69,9 @@ class CompressionReport:
     #: Layers left out of the run, with why: those that must not be replaced, and those a generated schedule left
     #: out (the output layer, layers that cannot shrink).
     left_out: dict[str, str] = attrs.field(factory=dict)
+    #: Changes of the run's inputs (calibration data, fine-tuning) that a resume was allowed to make, with the step
+    #: they apply from: the steps before were made with the inputs the run began with.
+    inputs_changed: list[str] = attrs.field(factory=list)
 
     @property
     def params_ratio(self) -> float | None:
@@ -85,7 +89,8 @@ class CompressionReport:
                            "params_ratio": self.params_ratio, "macs_before": self.macs_before,
                            "macs_after": self.macs_after, "macs_ratio": self.macs_ratio},
                 "budgets": [attrs.asdict(record) for record in self.budgets],
-                "left_out": dict(self.left_out)}
+                "left_out": dict(self.left_out),
+                "inputs_changed": list(self.inputs_changed)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -100,7 +105,8 @@ class CompressionReport:
         totals = data["totals"]
         return cls(rows, totals["params_before"], totals["params_after"], totals["macs_before"],
                    totals["macs_after"], [BudgetRecord(**record) for record in data.get("budgets", [])],
-                   {str(name): str(reason) for name, reason in data.get("left_out", {}).items()})
+                   {str(name): str(reason) for name, reason in data.get("left_out", {}).items()},
+                   [str(change) for change in data.get("inputs_changed", [])])
 
     def to_table(self) -> str:
         """A fixed-width text table, one row per layer and stage, then the totals."""
@@ -123,6 +129,9 @@ class CompressionReport:
         if self.left_out:
             lines.append(f"left out ({len(self.left_out)}):")
             lines.extend(f"  {name}: {reason}" for name, reason in self.left_out.items())
+        if self.inputs_changed:
+            lines.append("inputs changed during the run (allowed on resume):")
+            lines.extend(f"  {change}" for change in self.inputs_changed)
         return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from .factors import chain_cost, layer_layout
 from .registry import Registry
 from .report import BudgetRecord, CompressionReport
 from .schedule import LayerSchedule, ModelSchedule, ScheduleCodec, key_path, plain_data
-from .state import RunContext, RunState, StateCodec
+from .state import RunContext, RunInput, RunState, StateCodec
 from .stats import NO_EXAMPLE, ModelStats, describe_input
 from .latency import Chain, TimedForm, profiler_for
 from .surgery import (FactorizedLayer, by_canonical_name, clear_broken_ties, distinct_numel, evaluating, held_elsewhere,
@@ -87,6 +87,37 @@ def check_same_example(state: RunState, example_input: Any, origin: str) -> None
         raise ConfigError(f"{origin}: $.example_input: the run began with {began}, the resume was given {now}; the "
                           f"report and the budget would count MACs on both: resume with the same example input "
                           f"(musco compress: the same --input-shape)")
+
+
+def with_inputs(state: RunState, inputs: Mapping[str, RunInput], origin: str, *, allow_changed: bool = False
+                ) -> RunState:
+    """``state`` continued with the run's other ``inputs`` (see :attr:`RunState.inputs`): one ConfigError naming
+    each input the run recorded that the resume was given otherwise (old and new), unless ``allow_changed``, which
+    records the change and the step it applies from in the state and so in the report. The steps taken so far were
+    shaped by the recorded inputs; finishing with others silently would make a model that neither set of inputs
+    makes. A state written before inputs were recorded resumes unchecked and records ``inputs`` from now on; a
+    finished run, which no input changes any more, keeps its record."""
+    if state.done:
+        return state
+    if state.inputs is None:
+        log.info("%s: records none of the run's inputs (written before states did): cannot check that the calibration "
+                 "data and fine-tuning are those the run began with; recording those given now", origin)
+        return attrs.evolve(state, inputs=dict(inputs))
+    nothing = RunInput("nothing")
+    changed = {name: (began, inputs.get(name, nothing)) for name, began in state.inputs.items()
+               if inputs.get(name, nothing).value != began.value}
+    if changed and not allow_changed:
+        lines = [f"{origin}: {key_path('$.inputs', name)}: the run began with {began.describe()}, the resume was "
+                 f"given {now.describe()}" for name, (began, now) in changed.items()]
+        raise ConfigError("\n".join(lines) + f"; its {state.next_step} step(s) so far were made with the first: resume "
+                          f"with the inputs the run began with, or allow the change from step {state.next_step + 1} "
+                          f"on, recorded in the state and the report (musco compress --allow-changed-inputs; "
+                          f"Compressor.resume(..., allow_changed_inputs=True))")
+    notes = [f"from step {state.next_step + 1} of {len(state.steps)}: {name} changed from {began.describe()} to "
+             f"{now.describe()}" for name, (began, now) in changed.items()]
+    for note in notes:
+        log.warning("%s: %s (allowed)", origin, note)
+    return attrs.evolve(state, inputs={**state.inputs, **inputs}, inputs_changed=(*state.inputs_changed, *notes))
 
 
 def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
@@ -262,13 +293,15 @@ def plan_steps(schedule: ModelSchedule, registry: Registry) -> tuple[tuple[str, 
 
 
 def start_run(model: nn.Module, schedule: ModelSchedule, registry: Registry,
-              left_out: Mapping[str, str] | None = None, example_input: Any = None) -> RunState:
+              left_out: Mapping[str, str] | None = None, example_input: Any = None,
+              inputs: Mapping[str, RunInput] | None = None) -> RunState:
     """The state of a new run of ``schedule`` (already checked against ``model``) before its first step;
-    ``left_out`` records the layers the run leaves out and why, and ``example_input`` is described for resumes."""
+    ``left_out`` records the layers the run leaves out and why, ``example_input`` is described for resumes, and
+    ``inputs`` are the run's other inputs a resume must be given again (:func:`with_inputs`)."""
     run_id = distributed.broadcast_json(distributed.current(), uuid.uuid4().hex)  # one run on every rank
     state = RunState(run_id, schedule, plan_steps(schedule, registry), count_params(model),
                      left_out=dict(left_out or {}), model_fingerprint=distributed.fingerprint(model),
-                     example_input=describe_input(example_input))
+                     example_input=describe_input(example_input), inputs=dict(inputs or {}))
     if not state.steps:
         log.warning("the schedule compresses no layer; the run is done at once")
     return state
@@ -309,7 +342,7 @@ def build_report(model: nn.Module, state: RunState, model_stats: ModelStats) -> 
     if not any(value is None for pair in macs for value in pair):  # else a layer is not counted: unknown
         macs_before, macs_after = sum(before for before, _ in macs), sum(after for _, after in macs)
     return CompressionReport(list(state.history), state.params_before, count_params(model), macs_before, macs_after,
-                             list(state.budgets), dict(state.left_out))
+                             list(state.budgets), dict(state.left_out), list(state.inputs_changed))
 
 
 def _totals(model: nn.Module, state: RunState, context: RunContext, pending: Mapping[str, Pending]) -> ModelTotals:

@@ -30,9 +30,13 @@ from .stats import ModelStats
 #: the model's weights when the run began, which a state of format 4 or later must have; a state without one (format
 #: 2 or 3) resumes without that check, and a run resumed from one is saved in format 3 again (it has no fingerprint to
 #: record). 5 added the example input's dtypes and shapes; a state without them (format 2 to 4) resumes without that
-#: check.
-STATE_FORMAT = 5
-RESUMABLE_STATE_FORMATS = (2, 3, 4, 5)
+#: check. 6 added the run's other inputs (``inputs``: calibration data, fine-tuning, sensitivity evaluation) and
+#: the changes a resume was allowed to make to them (``inputs_changed``); a state of format 6 must record them, one
+#: without (format 2 to 5) resumes without that check and records the inputs given to the resume from then on.
+STATE_FORMAT = 6
+RESUMABLE_STATE_FORMATS = (2, 3, 4, 5, 6)
+#: The first format that records the run's inputs.
+INPUTS_STATE_FORMAT = 6
 #: The newest format without the fingerprint.
 UNFINGERPRINTED_STATE_FORMAT = 3
 
@@ -48,6 +52,20 @@ class Allocated:
 
 
 @attrs.frozen
+class RunInput:
+    """Something besides the schedule, the model and the example input that shapes a run's result: ``value``
+    identifies it and is compared when the run is resumed (a calibration file's content hash and batch size, a
+    fine-tuning callable's name, or just whether one was given); ``source`` says where it came from, shown but not
+    compared (the same file moved is the same input)."""
+
+    value: str
+    source: str | None = None
+
+    def describe(self) -> str:
+        return self.value if self.source is None else f"{self.value} ({self.source})"
+
+
+@attrs.frozen
 class RunState:
     """Where a multi-stage run stands; a compression step maps it (and the model) to the next one.
 
@@ -59,7 +77,10 @@ class RunState:
     ``model_fingerprint`` tells the weights the run began with from others (None in a state written before it was
     recorded), so that a run is never resumed on another model; ``example_input`` describes the dtypes and shapes of
     the example input the run began with (:func:`musco_core.stats.describe_input`, ``"none"`` without one; None in a
-    state written before it was recorded), so that a report never adds up MACs counted on two inputs.
+    state written before it was recorded), so that a report never adds up MACs counted on two inputs. ``inputs``
+    records the run's other inputs (:class:`RunInput` by name; None in a state written before they were recorded),
+    so that a run is never finished with other calibration data or fine-tuning than it began with unless the resume
+    allows it, and ``inputs_changed`` says which changes resumes allowed, and from which step (for the report).
     """
 
     run_id: str
@@ -74,6 +95,8 @@ class RunState:
     left_out: Mapping[str, str] = attrs.field(factory=dict)
     model_fingerprint: str | None = None
     example_input: str | None = None
+    inputs: Mapping[str, RunInput] | None = attrs.field(factory=dict)
+    inputs_changed: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -147,6 +170,8 @@ class _StateDocument:
     left_out: dict[str, str] = attrs.field(factory=dict)
     model_fingerprint: str | None = None
     example_input: str | None = None
+    inputs: dict[str, RunInput] | None = None
+    inputs_changed: list[str] = attrs.field(factory=list)
 
 
 class StateCodec:
@@ -166,7 +191,8 @@ class StateCodec:
 
     def unstructure(self, state: RunState) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT if state.model_fingerprint is not None else UNFINGERPRINTED_STATE_FORMAT,
+            "format": UNFINGERPRINTED_STATE_FORMAT if state.model_fingerprint is None else
+            STATE_FORMAT if state.inputs is not None else INPUTS_STATE_FORMAT - 1,
             "run_id": state.run_id,
             "next_step": state.next_step,
             "params_before": state.params_before,
@@ -180,6 +206,9 @@ class StateCodec:
             "left_out": dict(state.left_out),
             "model_fingerprint": state.model_fingerprint,
             "example_input": state.example_input,
+            "inputs": None if state.inputs is None else {name: attrs.asdict(given)
+                                                         for name, given in state.inputs.items()},
+            "inputs_changed": list(state.inputs_changed),
         }
 
     def structure(self, data: Any, origin: str) -> RunState:
@@ -204,6 +233,10 @@ class StateCodec:
             got = "null" if "model_fingerprint" in data else "nothing"
             problems.append(f"$.model_fingerprint: expected the hash of the model's weights the run began with (a "
                             f"string), which a state of format {found} records, got {got}")
+        if found >= INPUTS_STATE_FORMAT and document.inputs is None:
+            got = "null" if "inputs" in data else "nothing"
+            problems.append(f"$.inputs: expected the inputs the run began with (a mapping), which a state of format "
+                            f"{found} records, got {got}")
         if problems:
             raise ConfigError("\n".join(f"{origin}: {problem}" for problem in problems))
         schedule = self.schedules.structure(document.initial_schedule, f"{origin}: $.initial_schedule")
@@ -211,4 +244,5 @@ class StateCodec:
                         document.params_before, document.next_step,
                         document.allocated,
                         tuple(document.history), tuple(document.budgets), document.left_out,
-                        document.model_fingerprint, document.example_input)
+                        document.model_fingerprint, document.example_input, document.inputs,
+                        tuple(document.inputs_changed))

@@ -269,7 +269,8 @@ def run(args: argparse.Namespace, group: distributed.Group) -> int:
                 next(model.parameters()).add_(1.0)
         try:
             Compressor.resume(model, state_dir, example_input=base.EXAMPLE, progress=False,
-                              calibration_data=shard(base.calibration(), rank, world_size))
+                              calibration_data=shard(base.calibration(), rank, world_size),
+                              evaluate=evaluation(rank, world_size))  # as the run began: only the weights differ
         except MuscoError as exc:
             (args.out / f"rank-{rank}.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}),
                                                         encoding="utf-8")

@@ -3,6 +3,7 @@ output, and a failing fine-tuning, Ctrl-C or a finished run can all be continued
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from musco_core.io import load_compressed, output_lock
 HERE = Path(__file__).parent
 
 HELPERS = textwrap.dedent("""
+    import os
     import time
     import torch
     from torch import nn
@@ -45,8 +47,9 @@ HELPERS = textwrap.dedent("""
     def keep(model, step):
         pass
 
-    def fails_at_3(model, step):
-        if step == 3:
+    def fails_at_3(model, step):  # once, as code the user then fixes: the same --finetune resumes the run
+        if step == 3 and not os.path.exists("failed_at_3"):
+            open("failed_at_3", "w").close()
             raise RuntimeError("CUDA out of memory")
         tune(model, step)
 
@@ -85,9 +88,10 @@ HELPERS = textwrap.dedent("""
         tune(model, step)
         return torch.nn.MSELoss()  # a module without parameters too
 
-    def slow_from_2(model, step):
+    def slow_from_2(model, step):  # until a first run is interrupted: the same --finetune resumes the run
         tune(model, step)
-        if step >= 2:
+        if step >= 2 and not os.path.exists("slowed"):
+            open("slowed", "w").close()
             time.sleep(60)
 """)
 SCHEDULE = {"version": 1, "settings": {"ft_every": 1, "nglobal_compress_iters": 2},
@@ -149,7 +153,7 @@ def test_overwrite_never_makes_another_runs_checkpoints_or_state_an_output(proje
     assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
     assert "of another musco-core run, not a run's output" in refused.output, refused.output
     assert snapshot(project / "out") == before
-    assert compress("out", "--resume").exit_code == 0
+    assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
 
 
 def test_an_out_symlink_to_an_empty_folder_is_refused_as_a_symlink_not_as_a_full_folder(project):
@@ -230,10 +234,11 @@ def test_a_run_copied_without_its_marker_resumes(project):
     assert compress("whole").exit_code == 0
     assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
     shutil.copytree(project / "out" / "checkpoints", project / "moved" / "checkpoints")  # cp -r out/* moved/
-    resumed = compress("moved", "--resume")
+    resumed = compress("moved", "--resume", finetune="run_helpers:fails_at_3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "moved")
-    assert compress("moved", "--resume").exit_code == 0  # marked as the run's folder again
+    # marked as the run's folder again
+    assert compress("moved", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
 
 
 def test_ctrl_c_while_saving_the_output_says_where_to_resume(project, monkeypatch):
@@ -349,7 +354,7 @@ def test_a_failing_finetune_leaves_the_last_state_to_resume_from(project):
     assert failed.output.count("\n") == 1 and "Traceback" not in failed.output
     assert "--finetune run_helpers:fails_at_3 failed after step 3: RuntimeError: CUDA out of memory;" in failed.output
     assert "step-0002; run the same command with --resume" in failed.output
-    resumed = compress("out", "--resume")
+    resumed = compress("out", "--resume", finetune="run_helpers:fails_at_3")
     assert resumed.exit_code == 0, resumed.output
     expected, got = weights(project / "whole"), weights(project / "out")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
@@ -370,7 +375,7 @@ def test_a_schedule_naming_a_layer_by_its_second_name_resumes(project):
     run = functools.partial(compress, config="aliased.yaml", model="run_helpers:Aliased")
     assert run("whole").exit_code == 0
     assert run("out", finetune="run_helpers:fails_at_3").exit_code == 2
-    resumed = run("out", "--resume")
+    resumed = run("out", "--resume", finetune="run_helpers:fails_at_3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "out")
 
@@ -383,11 +388,11 @@ def test_resume_without_the_weights_the_run_began_with_is_refused(project):
     save_file(trained, project / "trained.safetensors")
     assert compress("whole", "--weights", "trained.safetensors").exit_code == 0
     assert compress("out", "--weights", "trained.safetensors", finetune="run_helpers:fails_at_3").exit_code == 2
-    forgotten = compress("out", "--resume")
+    forgotten = compress("out", "--resume", finetune="run_helpers:fails_at_3")
     assert forgotten.exit_code == 2 and forgotten.output.count("\n") == 1, forgotten.output
     assert "has other weights than the run began with; resume with the same model and weights (musco compress: the " \
            "same --model and --weights" in forgotten.output
-    resumed = compress("out", "--resume", "--weights", "trained.safetensors")
+    resumed = compress("out", "--resume", "--weights", "trained.safetensors", finetune="run_helpers:fails_at_3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "out")
 
@@ -396,7 +401,7 @@ def test_resume_with_another_input_shape_or_none_is_refused(project):
     assert compress("whole").exit_code == 0
     assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
     base = ["compress", "--model", "run_helpers:cnn", "--config", "schedule.yaml", "--out", "out", "--finetune",
-            "run_helpers:tune", "--quiet", "--resume"]
+            "run_helpers:fails_at_3", "--quiet", "--resume"]
     for shape, given in [(["--input-shape", "1,3,16,16"], "example input float32 (1, 3, 16, 16)"),
                          ([], "no example input")]:
         refused = CliRunner().invoke(main, base + shape)
@@ -405,7 +410,7 @@ def test_resume_with_another_input_shape_or_none_is_refused(project):
                                          f"began with example input float32 (1, 3, 8, 8), the resume was given {given}; "
                                          ), refused.output
         assert refused.output.endswith("resume with the same example input (musco compress: the same --input-shape)\n")
-    resumed = compress("out", "--resume")
+    resumed = compress("out", "--resume", finetune="run_helpers:fails_at_3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(project / "whole", project / "out")
     assert json.loads((project / "out" / "report.json").read_text())["totals"] == \
@@ -470,11 +475,11 @@ def test_resuming_a_run_another_process_is_writing_is_refused_before_its_state_i
     saved = latest.read_bytes()
     latest.write_text("step-9999")  # as a writer mid-commit may leave it for a moment
     with output_lock(project / "out"):
-        result = compress("out", "--resume")
+        result = compress("out", "--resume", finetune="run_helpers:fails_at_3")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert f"another musco-core process (pid {os.getpid()}) is writing here" in result.output
     latest.write_bytes(saved)
-    assert compress("out", "--resume").exit_code == 0
+    assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
 
 
 def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
@@ -500,7 +505,7 @@ def test_ctrl_c_saves_nothing_partial_and_says_where_to_resume(project):
     assert latest.read_text().strip() == "step-0001"
     assert not (project / "out" / "model.safetensors").exists()
     assert [p.name for p in (project / "out" / "checkpoints").iterdir() if ".staging-" in p.name] == []
-    assert compress("out", "--resume").exit_code == 0
+    assert compress("out", "--resume", finetune="run_helpers:slow_from_2").exit_code == 0
 
 
 BUDGET = {"version": 1, "settings": {"ft_every": 3},
@@ -720,3 +725,95 @@ def test_a_run_killed_between_latest_and_removing_the_old_state_resumes(project,
     assert result.exit_code == 0, result.output
     assert same_weights(project / "whole", project / "out")
     assert sorted(p.name for p in checkpoints.iterdir()) == [".musco-core", "LATEST", "step-0004"]
+
+
+def test_report_on_a_stopped_run_names_the_state_to_report_or_resume_from(project):
+    """`musco report OUT` of a run stopped before its final output said only "out/report.json: cannot read: No such
+    file or directory"; and after an --overwrite run over a finished one stopped, it showed the earlier run's report
+    as OUT's. Both now say where the run stopped and which state to report or resume from."""
+    def report(folder):
+        return CliRunner().invoke(main, ["report", folder])
+
+    assert compress("out", finetune="run_helpers:fails_at_3").exit_code == 2
+    stopped = report("out")
+    assert stopped.exit_code == 2 and stopped.output == (
+        "musco: error: out: the run there stopped after step 2 of 4, before it saved its final output; its last "
+        "complete state is out/checkpoints/step-0002: `musco report out/checkpoints/step-0002` shows what it did so "
+        "far, and the same `musco compress` command with --resume continues it\n"), stopped.output
+    assert report("out/checkpoints/step-0002").exit_code == 0
+    with output_lock(project / "out"):  # a run writing there now has not stopped
+        running = report("out")
+    assert running.exit_code == 2 and running.output == (
+        f"musco: error: out: the run there is still running (pid {os.getpid()}): it saved step 2 of 4 so far; "
+        f"`musco report out/checkpoints/step-0002` shows what it did up to that step\n"), running.output
+    assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0
+    assert report("out").exit_code == 0
+    shutil.copytree(project / "out", project / "finished")
+    for state in (project / "finished" / "checkpoints").glob("step-*"):
+        shutil.rmtree(state)  # the user removed the finished run's states: its report is still its own
+    assert report("finished").exit_code == 0
+    assert compress("out", "--overwrite", finetune="run_helpers:fails_at_1").exit_code == 2
+    earlier = report("out")
+    assert earlier.exit_code == 2 and "out: the run begun there saved no step yet (its report.json is an earlier " \
+                                      "run's): nothing to report; no step was saved yet" in earlier.output
+    with output_lock(project / "out"):
+        assert report("out").output == (f"musco: error: out: the run there is still running (pid {os.getpid()}) and "
+                                         f"saved no step yet (its report.json is an earlier run's)\n")
+    (project / "failed_at_3").unlink()
+    assert compress("out", "--overwrite", finetune="run_helpers:fails_at_3").exit_code == 2
+    earlier = report("out")
+    assert earlier.exit_code == 2 and "stopped after step 2 of 4, before it saved its final output (its report.json " \
+                                      "is an earlier run's)" in earlier.output
+
+
+def test_resume_with_other_inputs_is_one_error_naming_each_unless_allowed(project):
+    """--resume with another --calibration file (or batch size) and --finetune was accepted silently: the model mixed
+    steps made with both, and the report said nothing. Now it is one error naming each changed input, old and new,
+    and nothing is written; --allow-changed-inputs continues, and the report records the changes and their step."""
+    for name, seed in (("a", 1), ("b", 2)):
+        save_file({"inputs": torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))},
+                  project / f"{name}.safetensors")
+    assert compress("out", "--calibration", "a.safetensors", finetune="run_helpers:fails_at_3").exit_code == 2
+    before = snapshot(project / "out")
+    changed = ("--calibration", "b.safetensors", "--calibration-batch-size", "8")
+    refused = compress("out", "--resume", *changed)
+    assert refused.exit_code == 2 and refused.output.count("\n") == 2, refused.output
+    a_hash, b_hash = (hashlib.sha256((project / f"{name}.safetensors").read_bytes()).hexdigest()[:16]
+                      for name in "ab")
+    state = "out/checkpoints/step-0002/state.yaml"
+    assert refused.output == (
+        f'musco: error: {state}: $.inputs["calibration_data"]: the run began with sha256:{a_hash} in batches of 32 '
+        f'(--calibration a.safetensors), the resume was given sha256:{b_hash} in batches of 8 (--calibration '
+        f'b.safetensors)\n{state}: $.inputs["finetune"]: the run began with run_helpers:fails_at_3, the resume was '
+        f'given run_helpers:tune; its 2 step(s) so far were made with the first: resume with the inputs the run began '
+        f'with, or allow the change from step 3 on, recorded in the state and the report (musco compress '
+        f'--allow-changed-inputs; Compressor.resume(..., allow_changed_inputs=True))\n')
+    assert snapshot(project / "out") == before
+    not_resuming = compress("new", "--allow-changed-inputs")
+    assert not_resuming.exit_code == 2 and "--allow-changed-inputs lets --resume continue a run with other inputs: " \
+                                           "add --resume" in not_resuming.output
+    shutil.copy(project / "a.safetensors", project / "moved.safetensors")  # the same data elsewhere: no change
+    shutil.copytree(project / "out", project / "same")
+    same = compress("same", "--resume", "--calibration", "moved.safetensors", finetune="run_helpers:fails_at_3")
+    assert same.exit_code == 0, same.output
+    assert json.loads((project / "same" / "report.json").read_text())["inputs_changed"] == []
+    allowed = compress("out", "--resume", "--allow-changed-inputs", *changed)
+    assert allowed.exit_code == 0, allowed.output
+    changes = [f"from step 3 of 4: calibration_data changed from sha256:{a_hash} in batches of 32 (--calibration "
+               f"a.safetensors) to sha256:{b_hash} in batches of 8 (--calibration b.safetensors)",
+               "from step 3 of 4: finetune changed from run_helpers:fails_at_3 to run_helpers:tune"]
+    assert json.loads((project / "out" / "report.json").read_text())["inputs_changed"] == changes
+    shown = CliRunner().invoke(main, ["report", "out"])
+    assert "inputs changed during the run (allowed on resume):\n  from step 3 of 4: calibration_data changed" in \
+        shown.output
+
+
+def test_a_failed_overwrite_run_says_to_resume_instead_of_overwriting(project):
+    """A run begun with --overwrite that failed said "run the same command with --resume", which is refused
+    ("--resume ... and --overwrite ...: give one of them"); it now says to give --resume instead."""
+    assert compress("out").exit_code == 0
+    failed = compress("out", "--overwrite", finetune="run_helpers:fails_at_3")
+    assert failed.exit_code == 2 and failed.output.endswith(
+        "the last complete state is out/checkpoints/step-0002; run the same command with --resume instead of "
+        "--overwrite to continue\n"), failed.output
+    assert compress("out", "--resume", finetune="run_helpers:fails_at_3").exit_code == 0

@@ -171,13 +171,17 @@ def test_compressing_twice_equals_one_truncation(tmp_path):
 
 def test_a_second_compression_is_limited_to_the_first_rank(tmp_path):
     model = cnn().double().eval()
+    growing = write(tmp_path, {"2": {"decomposition": "spatial_svd", "rank_selection": "manual",
+                                     "manual_rank": [12, 20]}}, nglobal_compress_iters=2)
+    with pytest.raises(ConfigError, match=r'\$\.layers\["2"\]\.manual_rank\[1\]: \[20\] grows the layer'):
+        Compressor.from_yaml(model, growing)  # the kernel matrix has rank 12 after stage 1: refused when loaded
     path = write(tmp_path, {"2": {"decomposition": "spatial_svd", "rank_selection": "manual",
-                                  "manual_rank": [12, 20]}}, nglobal_compress_iters=2)
+                                  "manual_rank": [12, 12]}}, nglobal_compress_iters=2)
     compressor = Compressor.from_yaml(model, path)
     first, second = (compressor.compression_step()[0] for _ in range(2))
     assert (first.applied, first.ranks) == (True, (12,))
     assert (second.applied, second.ranks) == (False, None)  # kept: the kernel matrix has rank 12 now
-    assert "clamped to (12,)" in second.note and "at ranks (12,) would not be smaller" in second.note
+    assert "at ranks (12,) would not be smaller" in second.note
 
 
 def test_musco_plugins_lists_the_plugin():

@@ -83,7 +83,7 @@ def test_one_channel_layers_are_kept_with_a_reason(registry, layer, decompositio
 
 
 @pytest.mark.parametrize("layer,decomposition,rank,limit", [
-    (nn.Linear(64, 32), "svd", [8, 40], "rank at most [32]"),
+    (nn.Linear(64, 32), "svd", [40, 8], "rank at most [32]"),
     (nn.Conv2d(16, 24, 3), "tucker2", [[25, 8]], "r_out, r_in at most [24, 16]"),
     (nn.Conv2d(16, 24, 3, groups=4), "tucker2", [[6, 5]], "r_out, r_in at most [6, 4]"),
 ])

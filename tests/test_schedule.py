@@ -258,6 +258,15 @@ REJECTIONS = [
     ("manual-rank-negative",
      _doc("fc", decomposition="svd", rank_selection="manual", manual_rank=[8, -3]),
      '$.layers["fc"].manual_rank[1]', "expected a positive int or a list of 1 to 8 positive ints, got -3"),
+    ("manual-rank-growing",  # a later compression cannot grow a layer: stage 2 would be clamped to 8, not 16
+     _doc("fc", decomposition="svd", rank_selection="manual", manual_rank=[[8], [16]]),
+     '$.layers["fc"].manual_rank[1]', "[16] grows the layer: stage 1 left it at [8] (rank)"),
+    ("manual-rank-tucker2-growing-one-rank",
+     _doc("layer2.1.conv2", decomposition="tucker2", rank_selection="manual",
+          manual_rank=[[32, 32], [16, 16], [8, 24]]),
+     '$.layers["layer2.1.conv2"].manual_rank[2]', "[8, 24] grows the layer: stage 2 left it at [16, 16] (r_out, "
+                                                  "r_in) and a later compression cannot grow a layer; expected each "
+                                                  "rank of stage 3 at most the one of stage 2"),
     ("readme-typo-param_reduction",
      _doc("layer1.1.conv2", decomposition="cp4", rank_selection="param_reduction", param_reduction=4),
      '$.layers["layer1.1.conv2"]', "unknown keys ['param_reduction']"),

@@ -31,10 +31,21 @@ class Manual(RankSelector):
 
     def check_params(self, params: ManualParams, decomposer: Decomposer) -> str | None:
         for stage, ranks in enumerate(params.manual_rank):
-            problem = self._arity_problem(stage, ranks, decomposer)
+            problem = self._arity_problem(stage, ranks, decomposer) or self._growth_problem(params, stage, decomposer)
             if problem:
                 return problem
         return None
+
+    @staticmethod
+    def _growth_problem(params: ManualParams, stage: int, decomposer: Decomposer) -> str | None:
+        """A rank larger than the stage before left it: a compression cannot grow a layer (it would be clamped to
+        the smaller rank, not the one given)."""
+        if stage == 0 or not any(now > before for now, before in zip(params.manual_rank[stage],
+                                                                     params.manual_rank[stage - 1])):
+            return None
+        return (f"manual_rank[{stage}]: {list(params.manual_rank[stage])} grows the layer: stage {stage} left it at "
+                f"{list(params.manual_rank[stage - 1])} ({', '.join(decomposer.rank_names)}) and a later compression "
+                f"cannot grow a layer; expected each rank of stage {stage + 1} at most the one of stage {stage}")
 
     @staticmethod
     def _arity_problem(stage: int, ranks: tuple[int, ...], decomposer: Decomposer) -> str | None:
