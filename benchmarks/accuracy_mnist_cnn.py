@@ -7,7 +7,12 @@ the hidden Linear layer; the 1-channel stem and the 10-way classifier are left o
 in one step; it is then fine-tuned for at most 2 epochs on the training images, once with the labels
 (cross-entropy) and once by distillation from the uncompressed model without them (``musco_core.finetune``).
 
+``--vbmf-stages N`` runs the generated vbmf schedule instead (``config_type="vbmf"``: tucker2 for conv2 and conv3,
+svd for fc1), every layer in each of N passes, each pass followed by ``--ft-epochs`` epochs with the labels; it
+prints the ranks and the accuracy after each pass.
+
     python benchmarks/accuracy_mnist_cnn.py [--threads 2] [--targets 8 10 16] [--ft-epochs 2]
+    python benchmarks/accuracy_mnist_cnn.py --threads 1 --vbmf-stages 3 --ft-epochs 1
 """
 from __future__ import annotations
 
@@ -94,6 +99,28 @@ def pretrained(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.M
     return model
 
 
+def vbmf_stages(model: nn.Module, x_train, y_train, x_test, y_test, stages: int, ft_epochs: int, lr: float,
+                seed: int) -> None:
+    """The generated vbmf schedule over ``stages`` passes, fine-tuned with the labels after each."""
+    compressor = Compressor(model, example_input=x_test[:1], config_type="vbmf", ft_every=100,
+                            nglobal_compress_iters=stages, progress=False)
+    rows = ["| pass | ranks (conv2, conv3, fc1) | MACs reduction | params reduction | acc. after compression | "
+            f"+ {ft_epochs} epochs with labels |", "|---:|---|---:|---:|---:|---:|"]
+    for stage in range(stages):
+        compressor.compression_step()
+        results = {r.name: r for r in compressor.history if r.stage == stage}
+        ranks = ", ".join("x".join(map(str, results[name].ranks)) if results[name].applied else "kept"
+                          for name in ("conv2", "conv3", "fc1"))
+        report = compressor.report()
+        after = accuracy(compressor.compressed_model, x_test, y_test)
+        tuned = accuracy(train(compressor.compressed_model, x_train, y_train, ft_epochs, lr, seed + stage),
+                         x_test, y_test)
+        rows.append(f"| {stage + 1} | {ranks} | {report.macs_ratio:.2f} | {report.params_ratio:.2f} | {after:.2%} "
+                    f"| {tuned:.2%} |")
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -102,6 +129,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vbmf-stages", type=int, help="run the generated vbmf schedule over this many passes")
     args = parser.parse_args()
     print(setup(args.threads))
     x_train, y_train, x_test, y_test = mnist(args.seed)
@@ -110,6 +138,9 @@ def main() -> None:
     base = accuracy(model, x_test, y_test)
     print(f"trained CNN ({sum(p.numel() for p in model.parameters()):,} parameters): test accuracy {base:.2%} on "
           f"{len(x_test)} images ({time.perf_counter() - started:.0f} s)\n")
+    if args.vbmf_stages:
+        vbmf_stages(model, x_train, y_train, x_test, y_test, args.vbmf_stages, args.ft_epochs, args.ft_lr, args.seed)
+        return
     steps = args.ft_epochs * -(-len(x_train) // BATCH)
     unlabelled = list(x_train.split(BATCH))
     rows = ["| target | MACs reduction | params reduction | ranks (conv2, conv3, fc1) | acc. after compression | "

@@ -16,7 +16,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "product_core", "singular_values", "unfold",
+__all__ = ["compute_dtype", "truncated_svd", "svd_of_product", "singular_values", "unfold",
            "tucker2", "cp_als", "cp_to_tensor", "evbmf_rank", "whitening_factor", "whitened_target",
            "whitened_truncated_svd", "whitened_output_error"]
 
@@ -108,16 +108,6 @@ def _product_core(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q_l, r_l = torch.linalg.qr(left.detach().to(dtype))
     q_r, r_r = torch.linalg.qr(right.detach().to(dtype).T)
     return q_l, r_l @ r_r.T, q_r
-
-
-@torch.no_grad()
-def product_core(left: Tensor, right: Tensor) -> Tensor:
-    """A matrix of at most ``k x k`` with the singular values of ``left @ right`` (m x k @ k x n), not forming it.
-
-    A layer factorized at rank ``k`` is a rank-``k`` map: this is the matrix whose spectrum tells how far it can
-    shrink again (its size is the layer's current rank, where the product's is the original layer's).
-    """
-    return _product_core(left, right)[1]
 
 
 @torch.no_grad()

@@ -143,8 +143,11 @@ class VBMF(RankSelector):
     For each unfolding of size ``full = min(rows, cols)`` with EVBMF rank ``r_e``:
     ``r = max(int(full - f * (full - r_e)), min_rank)``; an EVBMF rank of 0 keeps the full rank.
     ``full`` is relative to the layer as it is now: never above the decomposer's ``max_ranks`` (its current rank
-    once it was factorized), whose ``rank_matrices`` then hold the factorization's own spectrum (e.g. svd's
-    ``r x r`` core), so every pass can shrink the layer again.
+    once it was factorized). A factorized layer's ``rank_matrices`` are those of its dense weight, with the shape
+    the first pass saw; EVBMF gets their first ``full`` singular values (the rest are the factorization's zeros),
+    so it estimates the noise from the spectrum the layer kept and every pass can shrink the layer again. (On the
+    ``r x r`` core of a rank-``r`` svd, EVBMF cannot find a rank above about ``r / 2``, and found none at all on
+    most planted-rank layers.)
     """
 
     name = "vbmf"
@@ -160,7 +163,7 @@ class VBMF(RankSelector):
         ranks = []
         for matrix, limit in zip(decomposer.rank_matrices(source), decomposer.max_ranks(source), strict=True):
             full = min(*matrix.shape, limit)
-            estimated = factorize.evbmf_rank(factorize.singular_values(matrix), tuple(matrix.shape))
+            estimated = factorize.evbmf_rank(factorize.singular_values(matrix)[:full], tuple(matrix.shape))
             if estimated == 0:
                 ranks.append(full)
             else:

@@ -39,10 +39,8 @@ class SVD(Decomposer):
         return (min(source.spec.out_channels, source.spec.in_channels),)
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        """The weight matrix; once factorized at rank ``r``, the ``r x r`` core with the same singular values."""
-        previous = source.previous_weights(self.name)
-        if previous:
-            return [factorize.product_core(_matrix(previous[1]), _matrix(previous[0]))]
+        """The ``out x in`` weight matrix, once factorized the product of the factors (rank ``r``): EVBMF's estimate
+        depends on the shape, and only this one means in a later pass what it meant in the first."""
         return [_matrix(source.weight)]
 
     def output_errors(self, source: WeightSource) -> list[torch.Tensor] | None:

@@ -99,20 +99,15 @@ class WhitenedSVD(Decomposer):
         return source.input_stats.second_moment
 
     def rank_matrices(self, source: WeightSource) -> list[torch.Tensor]:
-        """The whitened target (``W S``, see :func:`factorize.whitened_target`, times ``R^T`` with an output moment);
-        once factorized at rank ``r``, an ``r x r`` core with its singular values. ``S`` has the ridge
-        ``source.params.damping``, as :meth:`decompose` fits with: the spectrum is that of the fit delivered."""
+        """The whitened target (``W S``, see :func:`factorize.whitened_target`, times ``R^T`` with an output moment)
+        of the weight, once factorized of the dense weight the factors compose (as :meth:`decompose` fits it, and with
+        the shape the first pass saw). ``S`` has the ridge ``source.params.damping``, as :meth:`decompose` fits with:
+        the spectrum is that of the fit delivered."""
         second_moment = self._second_moment(source)
         root = factorize.whitening_factor(second_moment, _damping(source))
         stats = source.input_stats
         output_root = (None if stats.output_moment is None else
                        factorize.whitening_factor(stats.output_moment, OUTPUT_DAMPING))
-        previous = source.previous_weights(self.name)
-        if previous:
-            left, right = (_matrix(w).to(torch.float64) for w in (previous[1], previous[0]))
-            return [factorize.product_core(factorize.output_weighted(left, output_root),
-                                           factorize.whitened_target(right, root, stats.cross_moment,
-                                                                     second_moment))]
         return [factorize.output_weighted(factorize.whitened_target(_matrix(source.weight), root, stats.cross_moment,
                                                                     second_moment), output_root)]
 
