@@ -848,8 +848,8 @@ def _layer_stats(run: _Run, runner: BlockRunner, name: str, replacements: Mappin
         return collect_input_stats(runner, {name: spec}, _Batches(streams.reference), progress=run.progress)[name]
     paths = module_paths(runner)
     swaps = {path: new for old, new in replacements.items() for path in paths[id(runner.get_submodule(old))]}
-    return collect_sequential_stats(runner, name, spec, swaps, _Batches(streams.actual), progress=run.progress,
-                                    reference_batches=_Batches(streams.reference))
+    return collect_sequential_stats(runner, {name: spec}, swaps, _Batches(streams.actual), progress=run.progress,
+                                    reference_batches=_Batches(streams.reference))[name]
 
 
 def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:

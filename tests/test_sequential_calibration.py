@@ -100,8 +100,8 @@ def test_sequential_statistics_pair_the_inputs_before_and_after_the_replacements
     model = Reordered().eval()
     replacement = nn.Linear(8, 16)
     data = batches()
-    stats = collect_sequential_stats(model, "middle", registry.adapters.get("linear").read(model.middle)[0],
-                                     {"first": replacement}, data, progress=False)
+    stats = collect_sequential_stats(model, {"middle": registry.adapters.get("linear").read(model.middle)[0]},
+                                     {"first": replacement}, data, progress=False)["middle"]
     with torch.no_grad():
         reference = torch.cat([torch.relu(model.first(x)) for x in data])
         actual = torch.cat([torch.relu(replacement(x)) for x in data])
@@ -131,13 +131,14 @@ def test_sequential_statistics_pair_each_batch_with_itself_under_shuffling_and_a
     items = torch.cat(batches())
     loader = torch.utils.data.DataLoader(Augmented(items), batch_size=16, shuffle=True)
     same = copy.deepcopy(model.first)  # the reference and actual inputs of one batch are then equal
-    stats = collect_sequential_stats(model, "middle", spec, {"first": same}, loader, progress=False)
+    stats = collect_sequential_stats(model, {"middle": spec}, {"first": same}, loader, progress=False)["middle"]
     torch.testing.assert_close(stats.cross_moment, stats.second_moment, rtol=0, atol=0)
     replacement = nn.Linear(8, 16)
-    shuffled = collect_sequential_stats(model, "middle", spec, {"first": replacement},
+    shuffled = collect_sequential_stats(model, {"middle": spec}, {"first": replacement},
                                         torch.utils.data.DataLoader(items, batch_size=16, shuffle=True),
-                                        progress=False)
-    ordered = collect_sequential_stats(model, "middle", spec, {"first": replacement}, batches(), progress=False)
+                                        progress=False)["middle"]
+    ordered = collect_sequential_stats(model, {"middle": spec}, {"first": replacement}, batches(),
+                                       progress=False)["middle"]
     torch.testing.assert_close(shuffled.cross_moment, ordered.cross_moment)  # sums over the same rows
 
 
@@ -172,7 +173,7 @@ def test_sequential_statistics_of_a_convolution_use_its_input_features(registry)
     spec = registry.adapters.get("conv").read(model[2])[0]
     replacement = nn.Conv2d(3, 8, 3, padding=1)
     data = [torch.randn(2, 3, 10, 10) for _ in range(2)]
-    stats = collect_sequential_stats(model, "2", spec, {"0": replacement}, data, progress=False)
+    stats = collect_sequential_stats(model, {"2": spec}, {"0": replacement}, data, progress=False)["2"]
     with torch.no_grad():
         reference = torch.cat([input_features(spec, torch.relu(model[0](x))) for x in data]).double()
         actual = torch.cat([input_features(spec, torch.relu(replacement(x))) for x in data]).double()
@@ -286,6 +287,6 @@ def test_a_layer_called_a_different_number_of_times_per_batch_gets_every_call(re
     torch.manual_seed(0)
     model = Recurrent().eval()
     data = [torch.randn(3, 2, 4), torch.randn(3, 5, 4)]
-    stats = collect_sequential_stats(model, "cell", registry.adapters.get("linear").read(model.cell)[0],
-                                     {"first": nn.Linear(4, 6)}, data, progress=False)
+    stats = collect_sequential_stats(model, {"cell": registry.adapters.get("linear").read(model.cell)[0]},
+                                     {"first": nn.Linear(4, 6)}, data, progress=False)["cell"]
     assert stats.count == 3 * 2 + 3 * 5
