@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -256,24 +256,39 @@ def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batch
 def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]) -> list[str]:
     """The named layers in the order the model first runs them on the first calibration batch (layers it does not
     run there come last, in the given order)."""
-    return _first_pass(model, list(names), batches, tracked=False)[0]
+    names = list(names)
+    return _first_pass(model, names, _first_batch(names, batches), tracked=False)[0]
 
 
 def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
                    ) -> tuple[list[str], dict[str, list[str]]]:
     """:func:`forward_order`, and for each named layer the run on the first calibration batch, the named layers whose
     outputs its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`, which errs towards
-    more); a layer the model did not run there has no entry. JSON data (a distributed job sends it)."""
-    return _first_pass(model, list(names), batches, tracked=True)
-
-
-def _first_pass(model: nn.Module, names: list[str], batches: Iterable[Any], *, tracked: bool
-                ) -> tuple[list[str], dict[str, list[str]]]:
-    modules = {name: model.get_submodule(name) for name in names}
+    more); a layer the model did not run there, or every layer of a model the tracking cannot run through, has no
+    entry. JSON data (a distributed job sends it)."""
+    names = list(names)
+    batch = _first_batch(names, batches)
     try:
-        batch = next(iter(batches))
+        return _first_pass(model, names, batch, tracked=True)
+    except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
+        order = _first_pass(model, names, batch, tracked=False)[0]
+        log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated on "
+                 "its own passes", type(exc).__name__, exc)
+        return order, {}
+
+
+def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
+    try:
+        return next(iter(batches))
     except StopIteration:
         raise _empty("input statistics", names) from None
+
+
+def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool
+                ) -> tuple[list[str], dict[str, list[str]]]:
+    """The named layers in the order ``batch`` runs them and, ``tracked``, the layers each one's inputs may depend on
+    (see :func:`layer_dataflow`)."""
+    modules = {name: model.get_submodule(name) for name in names}
     sources: dict[str, set[str]] = {}
 
     def hook(name: str):

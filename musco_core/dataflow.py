@@ -300,6 +300,7 @@ def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedP
 #: Ops that read values into Python or whose output's shape depends on the values: what follows may branch on them.
 _DATA_READS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 _PYTHON_READS = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__)
+_ALLOCATIONS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided"}
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -317,14 +318,16 @@ class Dependence(TorchDispatchMode):
     Tags follow memory (a view and its base share theirs) and are never taken away, so a tensor may carry more
     than it depends on, never less. A tagged value read into Python (``.item()``, ``if tensor:``, ``.tolist()``) or
     deciding a shape (``nonzero``) may steer what runs next: its tags are then held by everything after
-    (:attr:`escaped`). What a module computes outside torch ops (a value kept from an earlier call, a C extension)
-    is not seen; the hooks that use this check their own layers' inputs only."""
+    (:attr:`escaped`). Memory allocated uninitialized (``torch.empty``) gets every tag given so far: an extension
+    that writes it outside torch ops may fill it from any of them. Only the pass is seen, not a value a module
+    kept from an earlier pass."""
 
     def __init__(self) -> None:
         super().__init__()
         self._bits: dict[str, int] = {}  # each tag a bit: a tensor's tags are one int
         self._tags: dict[int, int] = {}
         self._escaped = 0
+        self._given = 0  # every tag given so far
 
     @property
     def escaped(self) -> frozenset[str]:
@@ -339,6 +342,7 @@ class Dependence(TorchDispatchMode):
 
     def mark(self, value: Any, tag: str) -> None:
         bit = self._bits.setdefault(tag, 1 << len(self._bits))
+        self._given |= bit
         for tensor in tensors_in(value):
             key = _storage_key(tensor)
             self._tags[key] = self._tags.get(key, 0) | bit
@@ -354,11 +358,13 @@ class Dependence(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        tags = self._tags_in((*args, *kwargs.values())) if self._tags else 0
+        if not self._tags:
+            return output
+        reads, writes, allocates = _op_facts(func)
+        tags = self._given if allocates else self._tags_in((*args, *kwargs.values()))
         if tags:
-            reads, writes = _op_facts(func)
             results = output if isinstance(output, (list, tuple)) else (output,)
-            if reads or not all(isinstance(result, torch.Tensor) for result in results):
+            if reads or not all(isinstance(result, torch.Tensor) or result is None for result in results):
                 self._escaped |= tags
             written = [args[index] if index < len(args) else kwargs.get(name) for index, name in writes]
             for value in (*results, *written):
@@ -370,12 +376,12 @@ class Dependence(TorchDispatchMode):
 
 
 @functools.cache
-def _op_facts(func: torch._ops.OpOverload) -> tuple[bool, tuple[tuple[int, str], ...]]:
+def _op_facts(func: torch._ops.OpOverload) -> tuple[bool, tuple[tuple[int, str], ...], bool]:
     """Whether the op reads values into Python or shapes its output by them; (index, name) of the arguments it
-    writes in place."""
+    writes in place; whether it allocates uninitialized memory."""
     writes = tuple((index, argument.name) for index, argument in enumerate(func._schema.arguments)
                    if argument.alias_info is not None and argument.alias_info.is_write)
-    return any(tag in func.tags for tag in _DATA_READS), writes
+    return any(tag in func.tags for tag in _DATA_READS), writes, func._schema.name in _ALLOCATIONS
 
 
 class _PythonReads(TorchFunctionMode):
