@@ -399,9 +399,12 @@ class _PythonReads(TorchFunctionMode):
 
 @contextlib.contextmanager
 def tracking_dependence(marked: Mapping[str, Sequence[nn.Module]]) -> Iterator[Dependence]:
-    """Inside, a :class:`Dependence` over the ops run, the outputs of each of ``marked``'s modules tagged with its
-    key; the hooks are removed afterwards."""
+    """Inside, a :class:`Dependence` over the ops run, the outputs and parameters (which the model may read outside
+    the module's call) of each of ``marked``'s modules tagged with its key; the hooks are removed afterwards."""
     dependence = Dependence()
+    for tag, modules in marked.items():
+        for module in modules:
+            dependence.mark(list(module.parameters()), tag)
     handles = [module.register_forward_hook(lambda _module, _args, output, tag=tag: dependence.mark(output, tag))
                for tag, modules in marked.items() for module in modules]
     try:

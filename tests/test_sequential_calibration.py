@@ -297,7 +297,7 @@ def test_a_layer_called_a_different_number_of_times_per_batch_gets_every_call(re
 class Branches(nn.Module):
     """``a``, ``b`` and ``c`` read the same input, ``d`` their outputs; in the other modes ``c``'s input depends on
     ``b``'s output in ways no module call shows: a write into a slice of a copy of the input, a branch on a value,
-    a value read into Python, a copy made outside torch (as a C extension makes one)."""
+    a value read into Python, a read of its weight, a copy made outside torch (as a C extension makes one)."""
 
     def __init__(self, mode: str = "siblings"):
         super().__init__()
@@ -313,6 +313,8 @@ class Branches(nn.Module):
             x = x * 2 if bool(b.sum() > 0) else x - 1
         elif self.mode == "python":
             x = x + b[0, 0].tolist()
+        elif self.mode == "weight":
+            x = x + self.b.weight.sum()
         elif self.mode == "extension":
             x = torch.empty(b.shape)
             ctypes.memmove(x.data_ptr(), b.data_ptr(), b.numel() * b.element_size())
@@ -322,7 +324,7 @@ class Branches(nn.Module):
 MODES = ["siblings", "view", "branch", "python", "extension"]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "weight"])
 def test_the_dataflow_shows_which_layers_an_input_is_computed_from(mode):
     order, sources = layer_dataflow(Branches(mode).eval(), ["d", "c", "b", "a"], batches(2))
     assert order == ["a", "b", "c", "d"]
