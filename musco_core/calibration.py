@@ -262,10 +262,10 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
 
 def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
                    ) -> tuple[list[str], dict[str, list[str]]]:
-    """:func:`forward_order`, and for each named layer the run on the first calibration batch, the named layers whose
-    outputs its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`, which errs towards
-    more); a layer the model did not run there, or every layer of a model the tracking cannot run through, has no
-    entry. JSON data (a distributed job sends it)."""
+    """:func:`forward_order`, and for each named layer, from the same pass on the first calibration batch, the named
+    layers whose outputs or weights its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`,
+    which errs towards more); a layer the model did not run there, or every layer of a model the tracking cannot run
+    through, has no entry. JSON data (a distributed job sends it)."""
     names = list(names)
     batch = _first_batch(names, batches)
     try:

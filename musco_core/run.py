@@ -423,9 +423,10 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
     calibrated: dict[str, InputStats] = {}  # sequential statistics collected with an earlier layer's, until it comes
     if sequential:  # one rank's order (the first whose shard has a batch): the collectives below run in it everywhere
         holder = distributed.first_holding(group, _first_batch(context.calibration_data) is not None) if group else 0
+        # no rank has a batch: rank 0 reports the empty data
         order, sources = distributed.on_first_rank(group, "the order of the step's layers",
                                                    lambda: layer_dataflow(model, names, context.calibration_data),
-                                                   src=holder or 0)  # no rank has a batch: rank 0 reports the empty
+                                                   src=holder or 0)
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:
