@@ -329,6 +329,12 @@ class Dependence(TorchDispatchMode):
         self._escaped = 0
         self._given = 0  # every tag given so far
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No: torch would wrap every op's call here in ``torch._dynamo.disable``, importing torch._dynamo (about a
+        second of CPU) for a pass that compiles nothing."""
+        return False
+
     @property
     def escaped(self) -> frozenset[str]:
         return self._names(self._escaped)
