@@ -45,13 +45,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import io
-from .calibration import _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order
+from .calibration import (_calibration_pass, collect_input_stats, collect_sequential_stats, forward_order,
+                          layer_dataflow)
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
-from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
-                  tied_note, untied_note, without_autocast)
+from .run import (_independent_run, check_calibration, checked_schedule, count_params, needs_input_stats,
+                  output_projections, tied_note, untied_note, without_autocast)
 from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
@@ -839,34 +840,46 @@ class _Run:
         return Activations(self.work / f"activations-{self.generation}" if self.offload == "disk" else None)
 
 
-def _layer_stats(run: _Run, runner: BlockRunner, name: str, replacements: Mapping[str, nn.Module]):
-    """The calibration statistics of layer ``name`` of the runner's block, as a one-step sequential (or
-    independent) in-memory run collects them."""
-    spec = read_layer(runner.get_submodule(name), run.registry, name)[1].spec
+def _layer_stats(run: _Run, runner: BlockRunner, layers: Sequence[str], replacements: Mapping[str, nn.Module],
+                 sources: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The calibration statistics of layers of the runner's block, as a one-step sequential (or independent)
+    in-memory run collects them: a run of layers whose inputs do not depend on one another's
+    (:func:`~musco_core.run._independent_run`) together, the first alone where plain statistics are due."""
     streams = run.streams
     if not run.sequential or not streams.diverged and not replacements:
-        return collect_input_stats(runner, {name: spec}, _Batches(streams.reference), progress=run.progress)[name]
+        spec = read_layer(runner.get_submodule(layers[0]), run.registry, layers[0])[1].spec
+        return collect_input_stats(runner, {layers[0]: spec}, _Batches(streams.reference), progress=run.progress)
+    specs = {name: read_layer(runner.get_submodule(name), run.registry, name)[1].spec for name in layers}
+    upstream = set().union(*(sources.get(name, replacements) for name in layers))
     paths = module_paths(runner)
-    swaps = {path: new for old, new in replacements.items() for path in paths[id(runner.get_submodule(old))]}
-    return collect_sequential_stats(runner, name, spec, swaps, _Batches(streams.actual), progress=run.progress,
-                                    reference_batches=_Batches(streams.reference))
+    swaps = {path: new for old, new in replacements.items() if old in upstream
+             for path in paths[id(runner.get_submodule(old))]}
+    return collect_sequential_stats(runner, specs, swaps, _Batches(streams.actual), progress=run.progress,
+                                    reference_batches=_Batches(streams.reference) if streams.diverged else None)
 
 
 def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:
     """Compresses the schedule's layers ``names`` of the runner's block in forward order; the new layers."""
     needing = set(needs_input_stats(runner, run.schedule, run.registry, names))
+    sources: dict[str, list[str]] = {}
     if run.streams is not None and len(names) > 1:
-        names = forward_order(runner, names, _Batches(run.streams.reference))
+        reference = _Batches(run.streams.reference)
+        names, sources = (layer_dataflow(runner, names, reference) if run.sequential else
+                          (forward_order(runner, names, reference), {}))
     replacements: dict[str, nn.Module] = {}
     results: dict[str, LayerResult] = {}
+    calibrated: dict[str, Any] = {}  # statistics collected with an earlier layer's, until the layer comes
     for name in names:
         layer = run.schedule.layers[name]
         module = runner.get_submodule(name)
         stats = None
         if name in needing:
-            if run.sequential:  # a replacement the block cannot take is kept before it is swapped in to calibrate
-                _keep_unfaithful(run, runner, replacements, results)
-            stats = _layer_stats(run, runner, name, replacements)
+            if name not in calibrated:
+                if run.sequential:  # a replacement the block cannot take is kept before it is swapped in to calibrate
+                    _keep_unfaithful(run, runner, replacements, results)
+                layers = _independent_run(names, names.index(name), needing, sources) if run.sequential else [name]
+                calibrated.update(_layer_stats(run, runner, layers, replacements, sources))
+            stats = calibrated.pop(name)
         chosen = {"keep_note": tied_note(run.tied[name])} if name in run.tied and not layer.force else {}
         try:
             new, results[name] = compress_layer(module, name, layer, run.schedule.settings, run.registry, None,

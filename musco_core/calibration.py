@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .components import InputStats, LayerSpec
+from .dataflow import tracking_dependence
 from .errors import ConfigError, MuscoError, UnsupportedLayerError
 from .factors import padding_per_axis
 from .stats import parameters_kept
@@ -165,23 +166,27 @@ def _model_failure(stage: str, index: int):
         raise ConfigError(f"{stage}: the model failed on batch {index}: {type(exc).__name__}: {exc}") from exc
 
 
-def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *, stop_after: int = 0
-            ) -> dict[str, list[torch.Tensor]]:
+def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *,
+            once: Collection[str] = ()) -> dict[str, list[torch.Tensor]]:
     """The inputs each module receives when the model runs on ``batch`` (one per call, in order), the modules in the
     order they first ran (a module that did not run is missing).
 
-    With ``stop_after`` the pass ends once that many calls were recorded, so the rest of the model does not run.
+    A module in ``once`` has its first call recorded only; when all are, the pass ends once each has run, so the
+    rest of the model does not run.
     """
     seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
+    stops = set(modules) <= set(once)
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in once and name in seen:
+                return
             x = first_input(module, args, kwargs)
             if not isinstance(x, torch.Tensor):
                 raise ConfigError(f"calibration: layer {name!r} was called without an input tensor, as its first "
                                   f"argument or as the keyword of its forward's first parameter")
             seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
-            if stop_after and sum(map(len, seen.values())) >= stop_after:
+            if stops and len(seen) == len(modules):
                 raise _Recorded
         return record
 
@@ -253,30 +258,76 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
     """The named layers in the order the model first runs them on the first calibration batch (layers it does not
     run there come last, in the given order)."""
     names = list(names)
-    modules = {name: model.get_submodule(name) for name in names}
+    return _first_pass(model, names, _first_batch(names, batches), tracked=False)[0]
+
+
+def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
+                   ) -> tuple[list[str], dict[str, list[str]]]:
+    """:func:`forward_order`, and for each named layer, from the same pass on the first calibration batch, the named
+    layers whose outputs or weights its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`,
+    which errs towards more); a layer the model did not run there, or every layer of a model the tracking cannot run
+    through, has no entry. JSON data (a distributed job sends it)."""
+    names = list(names)
+    batch = _first_batch(names, batches)
     try:
-        batch = next(iter(batches))
+        return _first_pass(model, names, batch, tracked=True)
+    except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
+        order = _first_pass(model, names, batch, tracked=False)[0]
+        log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated on "
+                 "its own passes", type(exc).__name__, exc)
+        return order, {}
+
+
+def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
+    try:
+        return next(iter(batches))
     except StopIteration:
         raise _empty("input statistics", names) from None
-    with _calibration_pass(model):
-        order = list(_inputs(model, modules, batch, 0))
-    return sorted(names, key=lambda name: order.index(name) if name in order else len(order))
 
 
-def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, replacements: Mapping[str, nn.Module],
+def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool
+                ) -> tuple[list[str], dict[str, list[str]]]:
+    """The named layers in the order ``batch`` runs them and, ``tracked``, the layers each one's inputs may depend on
+    (see :func:`layer_dataflow`)."""
+    modules = {name: model.get_submodule(name) for name in names}
+    sources: dict[str, set[str]] = {}
+
+    def hook(name: str):
+        def look(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = first_input(module, args, kwargs)
+            sources.setdefault(name, set()).update(tracker.of(x) if isinstance(x, torch.Tensor) else names)
+        return look
+
+    handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True)
+               for name, module in modules.items()] if tracked else []
+    try:
+        with _calibration_pass(model), (tracking_dependence({name: [module] for name, module in modules.items()})
+                                        if tracked else contextlib.nullcontext()) as tracker:
+            order = list(_inputs(model, modules, batch, 0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = sorted(names, key=lambda name: order.index(name) if name in order else len(order))
+    return order, {name: sorted(found) for name, found in sources.items()}
+
+
+def collect_sequential_stats(model: nn.Module, layers: Mapping[str, LayerSpec], replacements: Mapping[str, nn.Module],
                              batches: Iterable[Any], *, progress: bool = True,
                              reference_batches: Iterable[Any] | None = None,
-                             group: distributed.Group | None = None) -> InputStats:
-    """The statistics of layer ``name``'s inputs in the model with ``replacements`` (``{path: module}``) swapped in,
-    paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the first,
-    ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
+                             group: distributed.Group | None = None) -> dict[str, InputStats]:
+    """The statistics of each named layer's inputs in the model with ``replacements`` (``{path: module}``) swapped
+    in, paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the
+    first, ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
 
     Each batch is drawn once and runs through both models (so the pairs match under a shuffling DataLoader or
-    random augmentation), up to the layer only when the layer runs once per pass. The model is as it was
-    afterwards, also on error; memory is two ``F x F`` float64 sums and one batch's inputs of the layer.
-    ``reference_batches``, one per batch, are what the reference pass runs on instead (the inputs a block of the
-    model had before the blocks ahead of it were compressed, see :mod:`musco_core.blockwise`). With a distributed
-    ``group`` the sums are added up over the ranks' shards, as in :func:`collect_input_stats`.
+    random augmentation), up to the layers only when each runs once per pass; with no replacement (and no
+    ``reference_batches``) the inputs are the reference's, from one pass. The layers are calibrated together, as
+    each would be alone: the caller names layers whose inputs do not depend on one another's replacement
+    (:func:`layer_dataflow`). The model is as it was afterwards, also on error; memory is two ``F x F`` float64
+    sums per layer and one batch's inputs of the layers. ``reference_batches``, one per batch, are what the
+    reference pass runs on instead (the inputs a block of the model had before the blocks ahead of it were
+    compressed, see :mod:`musco_core.blockwise`). With a distributed ``group`` the sums are added up over the
+    ranks' shards, as in :func:`collect_input_stats`.
     """
     check_reiterable(batches)
     if reference_batches is None:  # each batch drawn once: a shuffling or augmenting loader pairs the same items
@@ -284,31 +335,37 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
     else:
         check_reiterable(reference_batches, "reference batches")
         pairs = zip(batches, reference_batches, strict=True)
-    modules = _modules(model, {name: spec})
+    modules = _modules(model, layers)
     originals = {path: model.get_submodule(path) for path in replacements}
-    accumulator = InputStatsAccumulator(spec)
-    n_batches, calls = 0, 0
-    with distributed.agreement(group, f"input statistics of {name!r}"), _calibration_pass(model):
-        for batch, reference_batch in _bar(pairs, f"calibration of {name}", progress):
-            reference = _inputs(model, modules, reference_batch, n_batches, stop_after=calls).get(name, [])
-            try:
-                for path, module in replacements.items():
-                    replace_module(model, path, module)
-                actual = _inputs(model, modules, batch, n_batches, stop_after=calls).get(name, [])
-            finally:
-                for path, module in originals.items():
-                    replace_module(model, path, module)
-            if len(actual) != len(reference):
-                raise ConfigError(f"calibration: layer {name!r} ran {len(reference)} time(s) on batch {n_batches} "
-                                  f"before compressing the layers ahead of it and {len(actual)} after")
-            for x, x_ref in zip(actual, reference):
-                accumulator.update(x, x_ref)
-            # from the second batch on, a pass stops once the layer has run, where it ran once: a layer called
-            # more often may be called a different number of times per batch (a cell looped over its length)
-            calls = 1 if len(reference) == 1 and n_batches == 0 else calls
+    accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
+    described = ", ".join(map(repr, layers))
+    n_batches, once = 0, set()
+    with distributed.agreement(group, f"input statistics of {described}"), _calibration_pass(model):
+        for batch, reference_batch in _bar(pairs, f"calibration of {', '.join(layers)}", progress):
+            reference = _inputs(model, modules, reference_batch, n_batches, once=once)
+            actual = reference  # nothing swapped in: the inputs are the reference's
+            if replacements or reference_batches is not None:
+                try:
+                    for path, module in replacements.items():
+                        replace_module(model, path, module)
+                    actual = _inputs(model, modules, batch, n_batches, once=once)
+                finally:
+                    for path, module in originals.items():
+                        replace_module(model, path, module)
+            for name, accumulator in accumulators.items():
+                xs, x_refs = actual.get(name, []), reference.get(name, [])
+                if len(xs) != len(x_refs):
+                    raise ConfigError(f"calibration: layer {name!r} ran {len(x_refs)} time(s) on batch {n_batches} "
+                                      f"before compressing the layers ahead of it and {len(xs)} after")
+                for x, x_ref in zip(xs, x_refs):
+                    accumulator.update(x, x_ref)
+            # from the second batch on, a layer that ran once has its first call recorded only, and a pass stops
+            # once all ran, where each did: a layer called more often may be called a different number of times
+            # per batch (a cell looped over its length)
+            once = {name for name in layers if len(reference.get(name, ())) == 1} if n_batches == 0 else once
             n_batches += 1
-    n_batches = distributed.sum_moments(group, {name: accumulator}, n_batches)
-    return _results({name: accumulator}, n_batches)[name]
+    n_batches = distributed.sum_moments(group, accumulators, n_batches)
+    return _results(accumulators, n_batches)
 
 
 # --- output statistics: how much a layer's output directions move the model's output ----------------------------

@@ -4,19 +4,22 @@ read each output and each parameter), and ``torch.fx`` traces, trusted only wher
 without one, hold nothing computed while tracing."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import itertools
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .stats import call_example
@@ -292,3 +295,127 @@ def _trace_doubt(model: nn.Module, traces: Sequence[Traced], observed: ObservedP
         shown = ", ".join(list(dict.fromkeys(kept))[:3])
         return f"its forward keeps values on the model ({shown}), whose readers the trace does not show"
     return None
+
+
+#: Ops that read values into Python or whose output's shape depends on the values: what follows may branch on them.
+_DATA_READS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+_PYTHON_READS = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__)
+_ALLOCATIONS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided"}
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Who holds ``tensor``'s memory: its views and in-place writes share the key (its id where it has no storage)."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return id(tensor)
+
+
+class Dependence(TorchDispatchMode):
+    """Which marked outputs the values of a pass were computed from: every op run inside gives its outputs, and the
+    arguments it writes in place, the tags of its tensor arguments; :meth:`mark` tags a module's output.
+
+    Tags follow memory (a view and its base share theirs) and are never taken away, so a tensor may carry more
+    than it depends on, never less. A tagged value read into Python (``.item()``, ``if tensor:``, ``.tolist()``) or
+    deciding a shape (``nonzero``) may steer what runs next: its tags are then held by everything after
+    (:attr:`escaped`). Memory allocated uninitialized (``torch.empty``) gets every tag given so far: an extension
+    that writes it outside torch ops may fill it from any of them. Only the pass is seen, not a value a module
+    kept from an earlier pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bits: dict[str, int] = {}  # each tag a bit: a tensor's tags are one int
+        self._tags: dict[int, int] = {}
+        self._escaped = 0
+        self._given = 0  # every tag given so far
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No: torch would wrap every op's call here in ``torch._dynamo.disable``, importing torch._dynamo (about a
+        second of CPU) for a pass that compiles nothing."""
+        return False
+
+    @property
+    def escaped(self) -> frozenset[str]:
+        return self._names(self._escaped)
+
+    def _names(self, bits: int) -> frozenset[str]:
+        return frozenset(tag for tag, bit in self._bits.items() if bits & bit)
+
+    def of(self, tensor: torch.Tensor) -> frozenset[str]:
+        """The tags ``tensor`` may depend on: its own and the escaped ones."""
+        return self._names(self._tags.get(_storage_key(tensor), 0) | self._escaped)
+
+    def mark(self, value: Any, tag: str) -> None:
+        bit = self._bits.setdefault(tag, 1 << len(self._bits))
+        self._given |= bit
+        for tensor in tensors_in(value):
+            key = _storage_key(tensor)
+            self._tags[key] = self._tags.get(key, 0) | bit
+
+    def _tags_in(self, values: Sequence[Any]) -> int:
+        tags = 0
+        for value in values:
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    tags |= self._tags.get(_storage_key(tensor), 0)
+        return tags
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if not self._tags:
+            return output
+        reads, writes, allocates = _op_facts(func)
+        tags = self._given if allocates else self._tags_in((*args, *kwargs.values()))
+        if tags:
+            results = output if isinstance(output, (list, tuple)) else (output,)
+            if reads or not all(isinstance(result, torch.Tensor) or result is None for result in results):
+                self._escaped |= tags
+            written = [args[index] if index < len(args) else kwargs.get(name) for index, name in writes]
+            for value in (*results, *written):
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        key = _storage_key(tensor)
+                        self._tags[key] = self._tags.get(key, 0) | tags
+        return output
+
+
+@functools.cache
+def _op_facts(func: torch._ops.OpOverload) -> tuple[bool, tuple[tuple[int, str], ...], bool]:
+    """Whether the op reads values into Python or shapes its output by them; (index, name) of the arguments it
+    writes in place; whether it allocates uninitialized memory."""
+    writes = tuple((index, argument.name) for index, argument in enumerate(func._schema.arguments)
+                   if argument.alias_info is not None and argument.alias_info.is_write)
+    return any(tag in func.tags for tag in _DATA_READS), writes, func._schema.name in _ALLOCATIONS
+
+
+class _PythonReads(TorchFunctionMode):
+    """Escapes into :class:`Dependence` the tags of tensors read into Python by calls no op dispatch sees."""
+
+    def __init__(self, dependence: Dependence) -> None:
+        super().__init__()
+        self.dependence = dependence
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _PYTHON_READS:
+            self.dependence._escaped |= self.dependence._tags_in(args)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def tracking_dependence(marked: Mapping[str, Sequence[nn.Module]]) -> Iterator[Dependence]:
+    """Inside, a :class:`Dependence` over the ops run, the outputs and parameters (which the model may read outside
+    the module's call) of each of ``marked``'s modules tagged with its key; the hooks are removed afterwards."""
+    dependence = Dependence()
+    for tag, modules in marked.items():
+        for module in modules:
+            dependence.mark(list(module.parameters()), tag)
+    handles = [module.register_forward_hook(lambda _module, _args, output, tag=tag: dependence.mark(output, tag))
+               for tag, modules in marked.items() for module in modules]
+    try:
+        with _PythonReads(dependence), dependence:
+            yield dependence
+    finally:
+        for handle in handles:
+            handle.remove()

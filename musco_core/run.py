@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
-                          forward_order)
+                          layer_dataflow)
 from .components import Cost, Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
                      split_groups, usable_decompositions)
@@ -454,12 +454,14 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             step_stats.pop(name, None)  # F x F float64 each: only the layers still to come keep theirs
         queued.clear()
 
-    order = names
+    order, sources = names, {}
+    calibrated: dict[str, InputStats] = {}  # sequential statistics collected with an earlier layer's, until it comes
     if sequential:  # one rank's order (the first whose shard has a batch): the collectives below run in it everywhere
         holder = distributed.first_holding(group, _first_batch(context.calibration_data) is not None) if group else 0
-        order = distributed.on_first_rank(group, "the order of the step's layers",
-                                          lambda: forward_order(model, names, context.calibration_data),
-                                          src=holder or 0)  # no rank has a batch: rank 0 reports the empty data
+        # no rank has a batch: rank 0 reports the empty data
+        order, sources = distributed.on_first_rank(group, "the order of the step's layers",
+                                                   lambda: layer_dataflow(model, names, context.calibration_data),
+                                                   src=holder or 0)
     bar = tqdm(order, desc=f"compression step {state.next_step + 1}/{len(state.steps)}", unit="layer",
                disable=not (context.progress and sys.stderr.isatty()), file=sys.stderr, leave=False)
     for name in bar:
@@ -485,8 +487,11 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         elif name in tied and (owner := tied_by_config(model, module)):
             chosen = {"keep_note": config_tie_note(owner)}
         if sequential and name in needing:
-            decompose_queued()  # the layer's statistics are taken with the step's earlier layers compressed
-            stats = with_output(name, _calibrated(model, name, input_stats_for, pending, paths, context, group))
+            if name not in calibrated:  # taken with the step's earlier layers compressed
+                decompose_queued()
+                layers = _independent_run(order, order.index(name), needing, sources)
+                calibrated.update(_calibrated(model, layers, sources, input_stats_for, pending, paths, context, group))
+            stats = with_output(name, calibrated.pop(name))
         else:
             stats = step_stats.get(name)
         queued[name] = _Job(module, layer, chosen, stats)
@@ -705,23 +710,39 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
                                   seed=schedule.settings.seed, progress=context.progress, group=group)
 
 
-def _calibrated(model: nn.Module, name: str,
+def _independent_run(order: Sequence[str], start: int, needing: Collection[str],
+                     sources: Mapping[str, Sequence[str]]) -> list[str]:
+    """The layers from ``order[start]`` on that need input statistics and whose inputs do not depend on the earlier
+    ones' (``sources``, see :func:`~musco_core.calibration.layer_dataflow`): each sees the same inputs whether or
+    not those ahead of it in the run are compressed, so their sequential statistics are collected together."""
+    run = [order[start]]
+    for name in order[start + 1:]:
+        if name not in needing or name not in sources or set(sources[name]) & set(run):
+            break
+        run.append(name)
+    return run
+
+
+def _calibrated(model: nn.Module, layers: Sequence[str], sources: Mapping[str, Sequence[str]],
                 input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: dict[str, Pending],
                 paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None
-                ) -> InputStats | None:
-    """Sequential calibration of a layer that needs input statistics: those of ``name``'s inputs with the step's
-    layers compressed so far swapped in, paired with its inputs at the start of the step (plain statistics while
-    none is swapped in). The replacements are checked in the whole model first (:func:`_keep_unfaithful`): one
-    the model does not use as it uses its layer is kept, with the reason, before it is swapped in, so that the
-    layers after it are calibrated as in a step without it (and the model is not run on a swap it cannot take)."""
+                ) -> dict[str, InputStats]:
+    """Sequential calibration of layers that need input statistics, whose inputs do not depend on one another's
+    (:func:`_independent_run`): those of their inputs with the step's layers compressed so far swapped in (those
+    their inputs depend on, in ``sources``), paired with their inputs at the start of the step; plain statistics of
+    the first layer alone while none is swapped in. The replacements are checked in the whole model first
+    (:func:`_keep_unfaithful`): one the model does not use as it uses its layer is kept, with the reason, before it
+    is swapped in, so that the layers after it are calibrated as in a step without it (and the model is not run on
+    a swap it cannot take)."""
     _keep_unfaithful(model, pending, paths, context, group)
-    replacements = {path: entry.new for entry in pending.values() if entry.new is not None
+    if not any(entry.new is not None for entry in pending.values()):  # collected now, unless the allocation did
+        return {layers[0]: input_stats_for(layers[:1]).get(layers[0])}
+    upstream = set().union(*(sources.get(name, pending) for name in layers))
+    replacements = {path: entry.new for name, entry in pending.items() if entry.new is not None and name in upstream
                     for path in paths[id(entry.module)]}
-    if not replacements:  # collected now, unless the allocation collected them
-        return input_stats_for([name]).get(name)
-    spec = read_layer(model.get_submodule(name), context.registry, name)[1].spec
-    return collect_sequential_stats(model, name, spec, replacements, context.calibration_data,
-                                    progress=context.progress, group=group)
+    specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
+    return collect_sequential_stats(model, specs, replacements, context.calibration_data, progress=context.progress,
+                                    group=group)
 
 
 def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) -> int | None:

@@ -11,8 +11,9 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from musco_core import CompressionError, Compressor, ConfigError, FactorizedLayer, compress_blockwise
+from musco_core import CompressionError, Compressor, ConfigError, FactorizedLayer, blockwise, compress_blockwise
 from musco_core.blockwise import TensorEntry, resolve_blocks, unique_entries, write_safetensors
+from musco_core.calibration import forward_order
 from musco_core.io import load_compressed, read_manifest, read_report
 
 VOCAB = 60
@@ -608,3 +609,41 @@ def test_a_layer_the_model_reads_outside_its_block_is_kept_as_in_memory(tmp_path
     assert_same_weights(expected.compressed_model, loaded)
     loaded(*keyword_data()[0])
     assert type(model.h[0].up) is nn.Linear  # the watch is gone
+
+
+class Attention(nn.Module):
+    """Query and key read the block's input; the output layer reads their product."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key, self.out = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12)
+
+    def forward(self, x):
+        return x + self.out(torch.relu(self.query(x)) * self.key(x))
+
+
+def test_blockwise_calibrates_the_layers_of_a_block_whose_inputs_do_not_depend_on_one_another_together(
+        tmp_path, monkeypatch):
+    # each data-aware layer had a pair of passes over the block's streams of its own, the key too
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(), Attention()).eval()
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(4, 12, generator=generator) for _ in range(3)]
+    names = [f"{block}.{layer}" for block in "01" for layer in ("query", "key", "out")]
+    plan = schedule(names, decomposition="whitened_svd", rank_selection="manual", manual_rank=[4])
+    calibrated = []
+    collect = blockwise.collect_sequential_stats
+    monkeypatch.setattr(blockwise, "collect_sequential_stats", lambda model, layers, *args, **kwargs: (
+        calibrated.append(list(layers)) or collect(model, layers, *args, **kwargs)))
+
+    def compressed(out: str) -> nn.Module:
+        compress_blockwise(model, plan, ["0", "1"], tmp_path / out, calibration_data=data, progress=False)
+        return load_compressed(nn.Sequential(Attention(), Attention()), tmp_path / out)
+
+    together = compressed("together")
+    assert calibrated == [["0.key"], ["0.out"], ["1.query", "1.key"], ["1.out"]]  # '0.query' first, alone
+    assert_same_weights(in_memory(model, plan, data).compressed_model, together)
+    monkeypatch.setattr(blockwise, "layer_dataflow", lambda model, names, data: (forward_order(model, names, data),
+                                                                                 {}))
+    alone, together = compressed("alone").state_dict(), together.state_dict()
+    assert together.keys() == alone.keys() and all(torch.equal(together[key], alone[key]) for key in alone)

@@ -3,13 +3,15 @@ fitted on the inputs it gets with the layers ahead already compressed, to the ou
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
 from torch import nn
 
-from musco_core import Compressor, ConfigError
-from musco_core.calibration import collect_input_stats, collect_sequential_stats, forward_order, input_features
+from musco_core import Compressor, ConfigError, calibration, run
+from musco_core.calibration import (collect_input_stats, collect_sequential_stats, forward_order, input_features,
+                                    layer_dataflow)
 from musco_plugins import factorize
 
 
@@ -100,8 +102,8 @@ def test_sequential_statistics_pair_the_inputs_before_and_after_the_replacements
     model = Reordered().eval()
     replacement = nn.Linear(8, 16)
     data = batches()
-    stats = collect_sequential_stats(model, "middle", registry.adapters.get("linear").read(model.middle)[0],
-                                     {"first": replacement}, data, progress=False)
+    stats = collect_sequential_stats(model, {"middle": registry.adapters.get("linear").read(model.middle)[0]},
+                                     {"first": replacement}, data, progress=False)["middle"]
     with torch.no_grad():
         reference = torch.cat([torch.relu(model.first(x)) for x in data])
         actual = torch.cat([torch.relu(replacement(x)) for x in data])
@@ -131,13 +133,14 @@ def test_sequential_statistics_pair_each_batch_with_itself_under_shuffling_and_a
     items = torch.cat(batches())
     loader = torch.utils.data.DataLoader(Augmented(items), batch_size=16, shuffle=True)
     same = copy.deepcopy(model.first)  # the reference and actual inputs of one batch are then equal
-    stats = collect_sequential_stats(model, "middle", spec, {"first": same}, loader, progress=False)
+    stats = collect_sequential_stats(model, {"middle": spec}, {"first": same}, loader, progress=False)["middle"]
     torch.testing.assert_close(stats.cross_moment, stats.second_moment, rtol=0, atol=0)
     replacement = nn.Linear(8, 16)
-    shuffled = collect_sequential_stats(model, "middle", spec, {"first": replacement},
+    shuffled = collect_sequential_stats(model, {"middle": spec}, {"first": replacement},
                                         torch.utils.data.DataLoader(items, batch_size=16, shuffle=True),
-                                        progress=False)
-    ordered = collect_sequential_stats(model, "middle", spec, {"first": replacement}, batches(), progress=False)
+                                        progress=False)["middle"]
+    ordered = collect_sequential_stats(model, {"middle": spec}, {"first": replacement}, batches(),
+                                       progress=False)["middle"]
     torch.testing.assert_close(shuffled.cross_moment, ordered.cross_moment)  # sums over the same rows
 
 
@@ -172,7 +175,7 @@ def test_sequential_statistics_of_a_convolution_use_its_input_features(registry)
     spec = registry.adapters.get("conv").read(model[2])[0]
     replacement = nn.Conv2d(3, 8, 3, padding=1)
     data = [torch.randn(2, 3, 10, 10) for _ in range(2)]
-    stats = collect_sequential_stats(model, "2", spec, {"0": replacement}, data, progress=False)
+    stats = collect_sequential_stats(model, {"2": spec}, {"0": replacement}, data, progress=False)["2"]
     with torch.no_grad():
         reference = torch.cat([input_features(spec, torch.relu(model[0](x))) for x in data]).double()
         actual = torch.cat([input_features(spec, torch.relu(replacement(x))) for x in data]).double()
@@ -286,6 +289,81 @@ def test_a_layer_called_a_different_number_of_times_per_batch_gets_every_call(re
     torch.manual_seed(0)
     model = Recurrent().eval()
     data = [torch.randn(3, 2, 4), torch.randn(3, 5, 4)]
-    stats = collect_sequential_stats(model, "cell", registry.adapters.get("linear").read(model.cell)[0],
-                                     {"first": nn.Linear(4, 6)}, data, progress=False)
+    stats = collect_sequential_stats(model, {"cell": registry.adapters.get("linear").read(model.cell)[0]},
+                                     {"first": nn.Linear(4, 6)}, data, progress=False)["cell"]
     assert stats.count == 3 * 2 + 3 * 5
+
+
+class Branches(nn.Module):
+    """``a``, ``b`` and ``c`` read the same input, ``d`` their outputs; in the other modes ``c``'s input depends on
+    ``b``'s output in ways no module call shows: a write into a slice of a copy of the input, a branch on a value,
+    a value read into Python, a read of its weight, a copy made outside torch (as a C extension makes one)."""
+
+    def __init__(self, mode: str = "siblings"):
+        super().__init__()
+        self.mode = mode
+        self.a, self.b, self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.mode == "view":
+            x = x.clone()
+            x[:, :4] += b[:, :4]
+        elif self.mode == "branch":
+            x = x * 2 if bool(b.sum() > 0) else x - 1
+        elif self.mode == "python":
+            x = x + b[0, 0].tolist()
+        elif self.mode == "weight":
+            x = x + self.b.weight.sum()
+        elif self.mode == "extension":
+            x = torch.empty(b.shape)
+            ctypes.memmove(x.data_ptr(), b.data_ptr(), b.numel() * b.element_size())
+        return self.d(torch.relu(a) + b + self.c(x))
+
+
+MODES = ["siblings", "view", "branch", "python", "extension"]
+
+
+@pytest.mark.parametrize("mode", [*MODES, "weight"])
+def test_the_dataflow_shows_which_layers_an_input_is_computed_from(mode):
+    order, sources = layer_dataflow(Branches(mode).eval(), ["d", "c", "b", "a"], batches(2))
+    assert order == ["a", "b", "c", "d"]
+    assert sources["a"] == sources["b"] == [] and set(sources["d"]) >= {"a", "b", "c"}
+    assert ("b" in sources["c"]) == (mode != "siblings")
+
+
+def branches_step(mode: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    schedule = {"version": 1, "settings": {"ft_every": 4}, "layers": {
+        name: {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [3]} for name in "abcd"}}
+    compressor = Compressor(Branches(mode).eval(), model_compr_kwargs=schedule, calibration_data=batches(3),
+                            progress=False)
+    compressor.compression_step()
+    return compressor.compressed_model.state_dict()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_whose_inputs_do_not_depend_on_one_another_are_calibrated_together_as_one_at_a_time(mode,
+                                                                                                  monkeypatch):
+    # each data-aware layer had a pair of passes over all batches of its own, siblings reading one input too
+    calibrated, passes = [], []
+    collect, inputs = run.collect_sequential_stats, calibration._inputs
+    monkeypatch.setattr(run, "collect_sequential_stats", lambda model, layers, *args, **kwargs: (
+        calibrated.append(list(layers)) or collect(model, layers, *args, **kwargs)))
+    monkeypatch.setattr(calibration, "_inputs", lambda *args, **kwargs: passes.append(1) or inputs(*args, **kwargs))
+    together = branches_step(mode)
+    # 'a' alone first (nothing is compressed yet); 'b' and 'c' from one pass a batch: 'a' is not on their path
+    assert calibrated == ([["b", "c"], ["d"]] if mode == "siblings" else [["b"], ["c"], ["d"]])
+    assert len(passes) == (1 + 3 + 3 + 2 * 3 if mode == "siblings" else 1 + 3 + 3 + 2 * 3 + 2 * 3)
+    # as before: each layer alone, with every replacement so far swapped in
+    monkeypatch.setattr(run, "layer_dataflow", lambda model, names, data: (forward_order(model, names, data), {}))
+    alone = branches_step(mode)
+    assert together.keys() == alone.keys() and all(torch.equal(together[key], alone[key]) for key in alone)
+
+
+def test_a_model_the_tracking_cannot_run_through_has_its_layers_calibrated_one_at_a_time(monkeypatch):
+    def untrackable(marked):
+        raise RuntimeError("an op no dispatch mode can run")
+
+    monkeypatch.setattr(calibration, "tracking_dependence", untrackable)
+    assert layer_dataflow(Branches().eval(), ["d", "c", "b", "a"], batches(2)) == (["a", "b", "c", "d"], {})

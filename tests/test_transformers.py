@@ -16,7 +16,8 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from musco_core import Compressor, ConfigError, FactorizedLayer, standardize_model
+from musco_core import Compressor, ConfigError, FactorizedLayer, run, standardize_model
+from musco_core.calibration import forward_order
 from musco_core.io import load_compressed, save_compressed
 
 VOCAB = 50
@@ -467,3 +468,27 @@ def test_a_sentence_transformer_compresses_in_place_and_round_trips(tmp_path, de
 
     loaded = load_compressed(SentenceTransformer(str(tmp_path / "model"), device="cpu"), tmp_path / "compressed")
     assert torch.equal(embed(loaded.eval()), compressed)
+
+
+def test_sequential_calibration_takes_query_key_and_value_together_as_one_at_a_time(monkeypatch):
+    # every Linear had its own pair of passes: 2 blocks of 6 and the pooler, 13 pairs over all batches
+    names = weight_layers(tiny_bert())
+    calibrated = []
+    collect = run.collect_sequential_stats
+    monkeypatch.setattr(run, "collect_sequential_stats", lambda model, layers, *args, **kwargs: (
+        calibrated.append(list(layers)) or collect(model, layers, *args, **kwargs)))
+
+    def weights() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        compressor = compress(tiny_bert(), names, calibration_data=[tokens(seed=seed) for seed in range(3)],
+                              model_compr_kwargs=schedule(names, decomposition="whitened_svd",
+                                                          rank_selection="manual", manual_rank=[8]))
+        return compressor.compressed_model.state_dict()
+
+    together = weights()
+    attention = [f"encoder.layer.1.attention.self.{name}" for name in ("query", "key", "value")]
+    # block 0's query alone (nothing compressed yet), then its key and value; 3 runs after each; the pooler
+    assert attention in calibrated and len(calibrated) == 1 + 3 + 4 + 1
+    monkeypatch.setattr(run, "layer_dataflow", lambda model, names, data: (forward_order(model, names, data), {}))
+    alone = weights()
+    assert together.keys() == alone.keys() and all(torch.equal(together[key], alone[key]) for key in alone)
