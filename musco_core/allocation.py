@@ -306,10 +306,10 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
         for choice, copies in zip(choices, given):
             for _, changed in copies:
                 refuse_changed(changed, choice.name, who, "rank selector")
-    except Exception as exc:  # a plugin's bug as well as a refusal: the model was not touched
-        reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
-        raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "
-                               f"this step") from exc
+    except Exception as exc:  # a plugin's bug (blamed on it, as engine.blamed does) or a refusal: model untouched
+        reason = (f"rank selection {selector.name!r}: {exc}" if isinstance(exc, MuscoError)
+                  else f"{who} failed: {type(exc).__name__}: {exc}")
+        raise CompressionError(f"{reason}; the model was left as before this step") from exc
     offered: dict[str, dict[str, Decomposer]] = {}
     for choice in choices:
         offered.setdefault(choice.name, {})[choice.decomposer.name] = choice.decomposer

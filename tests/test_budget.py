@@ -547,6 +547,20 @@ def test_whole_model_ranks_that_are_not_ints_are_refused_naming_the_selector_and
     assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
 
 
+def test_an_exception_in_a_plugins_allocate_names_the_selector_and_plugin(monkeypatch):
+    """'rank selection 'numpy_budget': KeyError: 'pass'' did not say which of several plugins raised it, as
+    select and decompose now do (engine.blamed)."""
+    def allocate(*args, **kwargs):
+        raise KeyError("pass")
+
+    monkeypatch.setattr(NumpyBudget, "allocate", allocate)
+    compressor = numpy_budget_run()
+    with pytest.raises(CompressionError, match=r"^rank selector 'numpy_budget' of plugin 'numpy_plugin' failed: "
+                                               r"KeyError: 'pass'; the model was left as before this step$"):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
+
+
 class Conv3dNet(nn.Module):
     def __init__(self):
         super().__init__()
