@@ -161,8 +161,9 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
     for choice in tqdm(first, desc="sensitivity pass", unit="layer", leave=False, file=sys.stderr,
                        disable=not (context.progress and sys.stderr.isatty())):
         module = model.get_submodule(choice.name)
-        probe = tuple(max(choice.decomposer.min_rank, limit // 2)
-                      for limit in choice.decomposer.max_ranks(choice.sources[0]))
+        source = choice.sources[0]
+        probe = tuple(max(floor, limit // 2) for floor, limit in zip(choice.decomposer.min_ranks(source),
+                                                                       choice.decomposer.max_ranks(source)))
         layer = attrs.evolve(schedule.layers[choice.name], decomposition=choice.decomposer.name, force=True)
         with distributed.agreement(group, f"sensitivity pass of layer {choice.name!r}"):
             try:
@@ -174,14 +175,14 @@ def sensitivities(model: nn.Module, choices: Sequence[LayerChoice], schedule: Mo
             loss = None
             if new is not None and result.relative_error:
                 with swapped(model, {path: new for path in paths[id(module)]}):
-                    loss = _loss(context, model, f"with layer {choice.name!r} compressed at ranks {probe}",
+                    loss = _loss(context, model, f"with layer {choice.name!r} compressed at ranks {result.ranks}",
                                  without_data=mine is None)
         # whether a probe ran depends on its ranks and weights alone, the same on every rank
         if new is None or not result.relative_error:
             continue
         loss = distributed.mean(group, loss)
         measured[choice.name] = max(loss - base, 0.0) / result.relative_error ** 2
-        log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, probe)
+        log.debug("sensitivity of %r: loss %.4g -> %.4g at ranks %s", choice.name, base, loss, result.ranks)
     mean = sum(measured.values()) / len(measured) if measured else 0.0
     if mean <= 0:
         return {choice.name: 1.0 for choice in choices}
@@ -306,10 +307,10 @@ def _run_selector(selector: RankSelector, who: str, choices: Sequence[LayerChoic
         for choice, copies in zip(choices, given):
             for _, changed in copies:
                 refuse_changed(changed, choice.name, who, "rank selector")
-    except Exception as exc:  # a plugin's bug as well as a refusal: the model was not touched
-        reason = str(exc) if isinstance(exc, MuscoError) else f"{type(exc).__name__}: {exc}"
-        raise CompressionError(f"rank selection {selector.name!r}: {reason}; the model was left as before "
-                               f"this step") from exc
+    except Exception as exc:  # a plugin's bug (blamed on it, as engine.blamed does) or a refusal: model untouched
+        reason = (f"rank selection {selector.name!r}: {exc}" if isinstance(exc, MuscoError)
+                  else f"{who} failed: {type(exc).__name__}: {exc}")
+        raise CompressionError(f"{reason}; the model was left as before this step") from exc
     offered: dict[str, dict[str, Decomposer]] = {}
     for choice in choices:
         offered.setdefault(choice.name, {})[choice.decomposer.name] = choice.decomposer

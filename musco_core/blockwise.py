@@ -54,6 +54,7 @@ from .report import CompressionReport
 from .run import (_independent_run, check_calibration, checked_schedule, count_params, needs_input_stats,
                   output_projections, tied_note, untied_note, without_autocast)
 from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
+from .stats import parameters_kept
 from .surgery import module_paths, replace_module, tied_parameters
 from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
@@ -529,7 +530,8 @@ def _checked_first_call(model: nn.Module, blocks: Sequence[str], batch: Any, ind
         returned[:] = [_hidden_output(output, name)]
 
     try:
-        _hooked_pass(model, blocks, batch, index, before, after)
+        with parameters_kept(model, f"calibration batch {index}"):
+            _hooked_pass(model, blocks, batch, index, before, after)
     finally:
         while loaded:
             loaded.pop().__exit__(None, None, None)
@@ -996,7 +998,8 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
 
     Under ``calibration: sequential`` (the default) the result is that of a one-step in-memory run
     (``ft_every`` at least the number of layers) with the same schedule and data, to float rounding; the report
-    counts parameters only (there is no example pass, so no MACs). ``model`` is not modified, and ``output``
+    counts parameters only (there is no example pass, so no MACs). ``model`` is not modified (but by its own
+    forward, which is refused for it: :func:`~musco_core.stats.parameters_kept`), and ``output``
     gets the new set as a whole or, on any failure, nothing. A caller's ``torch.autocast`` is off inside, as in
     :func:`~musco_core.run.run_step`.
     """

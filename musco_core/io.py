@@ -765,12 +765,16 @@ def load_compressed(fresh_model: nn.Module, directory: str | os.PathLike, regist
                 _check_shapes(directory, name, module, paths[id(module)], shapes, renamed, metadata)
                 continue  # the weights are loaded into it below
             # compressed again (a later state of the run): rebuilt as the file has it, if of the same geometry
-            adapter, spec, weight = registry.adapters.get(module.spec.adapter), module.spec, next(module.parameters())
+            spec, weight = module.spec, next(module.parameters())
+            adapter = registry.adapters.get(spec.adapter) if spec.adapter in registry.adapters.entries else None
             why = why_not_replaceable(module, FactorizedLayer, loading=True)
             if adapter is None or why is not None:  # a hook of its own would be dropped with it
                 raise ConfigError(f"{where}: the model's factorized layer cannot be rebuilt as the file has it: "
-                                  f"{why or f'no adapter {module.spec.adapter!r} is installed'}")
+                                  f"{why or f'no adapter {spec.adapter!r} is installed{registry.failures_note()}'}")
         else:
+            if record.spec.adapter not in registry.adapters.entries:  # its plugin is missing, or failed to load
+                raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, and no layer adapter "
+                                  f"{record.spec.adapter!r} is installed{registry.failures_note()}")
             adapter = registry.adapter_for(module, loading=True)
             if adapter is None:
                 raise ConfigError(f"{where}: the file has a {record.spec.adapter} layer, the model's "

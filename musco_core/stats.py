@@ -350,10 +350,21 @@ def parameters_kept(model: nn.Module, run: str) -> Iterator[None]:
     parameter of it in place, as RWKV divides some of its weights on its first call in eval mode (and keeps the
     flag that says so out of its state dict): the changed values would be factorized and saved, and a freshly built
     model loading them would change them again. Found by the parameters' version counters; a lazy module's
-    parameters, which its first call fills in, are not counted, nor inference tensors, which have no counter."""
+    parameters, which its first call fills in, are not counted, nor inference tensors, which have no counter.
+    Checked too when the run raises: a change is its likelier cause (RWKV also halves its hidden state between the
+    blocks it rescaled, which blockwise compression's check of the blocks' inputs refuses), chained to it."""
     versions = {name: parameter._version for name, parameter in model.named_parameters()
                 if not isinstance(parameter, nn.parameter.UninitializedParameter) and not parameter.is_inference()}
-    yield
+    try:
+        yield
+    except Exception as exc:
+        _refuse_changed(model, versions, run, exc)
+        raise
+    _refuse_changed(model, versions, run, None)
+
+
+def _refuse_changed(model: nn.Module, versions: Mapping[str, int], run: str, cause: Exception | None) -> None:
+    """The ConfigError of :func:`parameters_kept` (raised from ``cause``) when a parameter's version changed."""
     changed = [name for name, parameter in model.named_parameters()
                if name in versions and parameter._version != versions[name]]
     if changed:
@@ -361,7 +372,8 @@ def parameters_kept(model: nn.Module, run: str) -> Iterator[None]:
         raise ConfigError(f"{type(model).__name__} changed its parameter{'s' if len(changed) > 1 else ''} {shown} "
                           f"in place when musco-core ran it on {run}: the weights compressed and saved would not "
                           f"be those a freshly built model starts from; keep the forward from changing them (for "
-                          f"RWKV, set config.rescale_every = 0: it rescales to keep float16 from overflowing)")
+                          f"RWKV, set config.rescale_every = 0: it rescales to keep float16 from overflowing)"
+                          ) from cause
 
 
 def call_example(model: nn.Module, example_input: Any) -> Any:

@@ -237,6 +237,30 @@ def test_what_blockwise_compression_refuses(tmp_path, checkpoint, change, messag
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_a_model_whose_forward_changes_its_weights_is_refused_as_in_memory(tmp_path, on_meta):
+    """RWKV (config.rescale_every > 0, eval mode) divides some weights in place on its first forward and halves its
+    hidden state between the blocks it rescaled: blockwise compression refused it only as 'blocks.1' did not get
+    the hidden state 'blocks.0' returned', as if the partition were wrong. Now the first pass says what the
+    in-memory run says (stats.parameters_kept), with the fix."""
+    from transformers import RwkvConfig, RwkvModel
+    config = RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                        intermediate_size=64, context_length=16, rescale_every=1)
+    torch.manual_seed(0)
+    model, path = RwkvModel(config).eval(), tmp_path / "rwkv.safetensors"
+    save_model(model, str(path))
+    if on_meta:
+        with torch.device("meta"):
+            model = RwkvModel(config).eval()
+    plan = schedule(["blocks.0.attention.key", "blocks.1.feed_forward.key"])
+    with pytest.raises(ConfigError, match=r"^RwkvModel changed its parameters blocks\.0\.attention\.output\.weight, "
+                                          r".* in place when musco-core ran it on calibration batch 0: .*for RWKV, "
+                                          r"set config.rescale_every = 0"):
+        compress_blockwise(model, plan, r"re:blocks\.\d+", tmp_path / "out", checkpoint=path if on_meta else None,
+                           calibration_data=[{"input_ids": torch.randint(0, VOCAB, (2, 8))}], progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("decomposition, rank_selection, rank", [("svd", "manual", {"manual_rank": [2]}),
                                                                   ("whitened_svd", "param_reduction", {})])
 def test_empty_calibration_data_is_one_clear_error(tmp_path, decomposition, rank_selection, rank):

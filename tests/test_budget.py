@@ -547,6 +547,20 @@ def test_whole_model_ranks_that_are_not_ints_are_refused_naming_the_selector_and
     assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
 
 
+def test_an_exception_in_a_plugins_allocate_names_the_selector_and_plugin(monkeypatch):
+    """'rank selection 'numpy_budget': KeyError: 'pass'' did not say which of several plugins raised it, as
+    select and decompose now do (engine.blamed)."""
+    def allocate(*args, **kwargs):
+        raise KeyError("pass")
+
+    monkeypatch.setattr(NumpyBudget, "allocate", allocate)
+    compressor = numpy_budget_run()
+    with pytest.raises(CompressionError, match=r"^rank selector 'numpy_budget' of plugin 'numpy_plugin' failed: "
+                                               r"KeyError: 'pass'; the model was left as before this step$"):
+        compressor.compression_step()
+    assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None, "4": None}
+
+
 class Conv3dNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -600,6 +614,21 @@ def test_a_loss_the_sensitivity_pass_cannot_use_is_refused(registry, losses, pro
     with pytest.raises(ConfigError, match=r"^evaluate\(model\) " + problem):
         compressor.compression_step()
     assert compressor.curr_iter == 0 and compressor.ranks == {"0": None, "2": None}
+
+
+def test_the_sensitivity_probe_of_a_3_channel_mode_asks_for_and_names_the_ranks_it_compresses_at(registry):
+    # the probe asked for half the ranks but at least min_rank 8, also of tucker2's r_in of a 3-channel stem, which
+    # the engine clamped to 3: a failing loss was reported 'compressed at ranks (16, 8)'; the floor is min_ranks now
+    calls = iter([0.5, float("inf")])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    compressor = Compressor(model, model_compr_kwargs={name: {"decomposition": "tucker2", "rank_selection": "budget"}
+                                                       for name in ("0", "2")}, ft_every=2, registry=registry,
+                            all_algo_kwargs={"budget": {"reduction": 2.0, "metric": "params"}},
+                            evaluate=lambda candidate: next(calls), progress=False)
+    with pytest.raises(ConfigError, match=r"^evaluate\(model\) returned inf with layer '0' compressed at ranks "
+                                          r"\(16, 3\);"):
+        compressor.compression_step()
 
 
 def test_a_latency_budget_whose_factorizations_all_time_slower_says_so(registry):

@@ -260,6 +260,34 @@ def test_a_plugin_adapter_whose_modules_store_the_weight_transposed_loads_back(t
     assert [type(factor) for factor in loaded[0]] == [InOutLinear, InOutLinear]
 
 
+def test_loading_a_layer_whose_adapter_plugin_failed_to_load_names_the_plugin(tmp_path):
+    """With the plugin of a file's layer adapter failed to load (an import error), load_compressed said only that
+    the stock linear adapter cannot rebuild the model's InOutLinear, as if the model were at fault; the failure was
+    in a log line. Now the error says the file's adapter is not installed and names the plugin that failed, and why."""
+    def plugin(hook):
+        module = types.ModuleType("inout_plugin")
+        module.musco_register_layer_adapters = hookimpl(hook)
+        return Registry.from_plugin_manager(make_plugin_manager(entry_points=False, plugins=[("inout", module)]))
+
+    def broken():
+        raise ImportError("No module named 'inout_kernels'")
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(InOutLinear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    compressor = Compressor(build(), registry=plugin(lambda: [InOutAdapter]), progress=False,
+                            example_input=torch.randn(2, 16),
+                            model_compr_kwargs={"0": {"decomposition": "svd", "rank_selection": "manual",
+                                                      "manual_rank": [4]}})
+    compressor.compression_step()
+    save_compressed(compressor, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"layer '0': the file has a inout layer, and no layer adapter 'inout' is "
+                                          r"installed; plugins that failed to load: 'inout' \(<registered in code>\): "
+                                          r"ImportError: No module named 'inout_kernels'"):
+        load_compressed(build(), tmp_path / "out", registry=plugin(broken))
+
+
 def narrow(layer: FactorizedLayer) -> None:
     """Cuts the rank between the first two factors of a tucker2 layer from 8 to 6 by hand, leaving its layouts."""
     first, core = layer[0], layer[1]

@@ -81,10 +81,11 @@ class ConvAdapter(LayerAdapter):
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear``, and subclasses that keep its computation (``NonDynamicallyQuantizableLinear``), on inputs of
-    any rank."""
+    any rank. Hugging Face Falcon's ``FalconLinear`` is listed by name (transformers is not imported): its own
+    forward, ``input @ weight.T (+ bias)``, is Linear's."""
 
     name = "linear"
-    module_types = (nn.Linear,)
+    module_types = (nn.Linear, "transformers.models.falcon.modeling_falcon.FalconLinear")
 
     def read(self, module: nn.Linear) -> tuple[LayerSpec, torch.Tensor, torch.Tensor | None]:
         spec = LayerSpec(adapter=self.name, out_channels=module.out_features, in_channels=module.in_features,
