@@ -53,7 +53,7 @@ from .report import CompressionReport
 from .run import (check_calibration, checked_schedule, count_params, needs_input_stats, output_projections,
                   tied_note, untied_note, without_autocast)
 from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
-from .surgery import module_paths, replace_module, tied_parameters
+from .surgery import module_paths, replace_module, select_modules, tied_parameters
 from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
 
@@ -77,26 +77,7 @@ def resolve_blocks(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
     """The modules that ``blocks`` names, in the model's order: exact module names, and ``re:`` patterns matched
     in full against module names (``re:transformer\\.h\\.\\d+``). A name that is not a module, a pattern that
     matches none, the whole model, or blocks inside one another are a ConfigError."""
-    entries = [blocks] if isinstance(blocks, str) else list(blocks)
-    names = [name for name, _ in model.named_modules() if name]
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str) or not entry:
-            raise ConfigError(f"blocks: expected module names or 're:' patterns, got {short_repr(entry)}")
-        if entry.startswith("re:"):
-            try:
-                pattern = re.compile(entry[3:])
-            except re.error as exc:
-                raise ConfigError(f"blocks: {short_repr(entry)} is not a regular expression: {exc}") from None
-            matched = [name for name in names if pattern.fullmatch(name)]
-            if not matched:
-                raise ConfigError(f"blocks: pattern {short_repr(entry)} matches no module of {type(model).__name__}")
-            chosen.update(matched)
-        elif entry in names:
-            chosen.add(entry)
-        else:
-            raise ConfigError(f"blocks: {short_repr(entry)} is not a module of {type(model).__name__}")
-    ordered = [name for name in names if name in chosen]
+    ordered = select_modules(model, blocks, "blocks")
     for outer, inner in itertools.combinations(ordered, 2):
         if inner.startswith(outer + "."):
             raise ConfigError(f"blocks: {inner!r} is inside block {outer!r}; name blocks that do not nest")
@@ -1003,6 +984,10 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         raise ConfigError(f"compress_blockwise: layer(s) {', '.join(map(repr, weighted[:5]))} weigh their fit by the "
                           f"model's output (output_weighting), which needs a backward pass through the whole model; "
                           f"blockwise compression holds one block at a time: use the Compressor or turn it off")
+    if checked.settings.calibration_mask is not None:
+        raise ConfigError("compress_blockwise: settings.calibration_mask is not supported: a block is calibrated on "
+                          "the hidden states carried from the block before, which do not hold the batch's mask; "
+                          "use the Compressor, or remove the setting")
     calibration = check_calibration(model, checked, registry, layers, calibration_data)
     if calibration is not None and not needs_input_stats(model, checked, registry, layers):
         first = next(iter(calibration), None)  # no statistics: one batch, each block's input for its check
