@@ -290,13 +290,15 @@ def _empty(what: str, names: Iterable[str]) -> ConfigError:
     return ConfigError(f"calibration data is empty: no batch to collect the {what} of {', '.join(map(repr, names))}")
 
 
-def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) -> dict[str, InputStats]:
+def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int, mask: TokenMask | None = None
+             ) -> dict[str, InputStats]:
     if n_batches == 0:
         raise _empty("input statistics", accumulators)
     silent = [name for name, acc in accumulators.items() if acc.count == 0]
     if silent:
+        masked = " or calibration_mask left them no real token" if mask and set(silent) & mask.layers else ""
         raise ConfigError(f"calibration: layer(s) {', '.join(map(repr, silent))} never ran on the {n_batches} "
-                          f"calibration batch(es); check that the batches reach them")
+                          f"calibration batch(es){masked}; check that the batches reach them")
     stats = {name: acc.result() for name, acc in accumulators.items()}
     broken = [name for name, s in stats.items() if not torch.isfinite(s.second_moment).all()
               or s.cross_moment is not None and not torch.isfinite(s.cross_moment).all()]
@@ -328,7 +330,7 @@ def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batch
                     accumulators[name].update(x)
             n_batches += 1
     n_batches = distributed.sum_moments(group, accumulators, n_batches)
-    stats = _results(accumulators, n_batches)
+    stats = _results(accumulators, n_batches, mask)
     log.info("calibration: input statistics of %d layer(s) from %d batch(es)", len(stats), n_batches)
     return stats
 
@@ -393,7 +395,7 @@ def collect_sequential_stats(model: nn.Module, name: str, spec: LayerSpec, repla
             calls = 1 if len(reference) == 1 and n_batches == 0 else calls
             n_batches += 1
     n_batches = distributed.sum_moments(group, {name: accumulator}, n_batches)
-    return _results({name: accumulator}, n_batches)[name]
+    return _results({name: accumulator}, n_batches, mask)[name]
 
 
 # --- output statistics: how much a layer's output directions move the model's output ----------------------------

@@ -709,6 +709,8 @@ def test_bad_masks_are_one_clear_error(registry):
                                                                   r"\(batch, tokens\) tensor")
     refused({**good, "attention_mask": [[1, 0]]}, "'attention_mask' is list")
     refused({**good, "attention_mask": good["attention_mask"] * 2}, "values other than 0 and 1")
+    refused({**good, "attention_mask": torch.zeros_like(good["attention_mask"])}, r"layer\(s\) 'encoder.0', "
+            r"'encoder.2' never ran on the 1 calibration batch\(es\) or calibration_mask left them no real token")
     refused({**good, "attention_mask": good["attention_mask"][:, :7]},
             r"layer 'encoder.0' got an input of shape \(2, 8, 12\) on batch 0, where the mask 'attention_mask' is "
             r"\(2, 7\); a masked layer needs \(batch, tokens, features\) inputs of the mask's shape")
