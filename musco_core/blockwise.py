@@ -45,7 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import io
-from .calibration import _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order
+from .calibration import (TokenMask, _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order,
+                          token_mask)
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
@@ -581,13 +582,16 @@ def _watching(model: nn.Module, layers: Sequence[str], blocks: Sequence[str]) ->
 
 def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
              store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager],
-             watch: _Watch) -> tuple[list[_Call], bool]:
+             watch: _Watch, mask: TokenMask | None) -> tuple[list[_Call], bool, TokenMask | None]:
     """Runs the model on each calibration batch up to the first block (through every block on the first batch, to
     check how they are called: :func:`_checked_first_call`); stores the block's hidden-state input in ``store`` and
-    returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
-    calls, keyword = [], None
+    returns its other arguments per batch (on CPU), whether the hidden state is a keyword, and ``mask`` carrying
+    the batches' masks (which the hidden states do not hold)."""
+    calls, keyword, masks = [], None, []
     with _calibration_pass(model):
         for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
+            if mask is not None:
+                masks.append(mask.of(batch, index).cpu())
             batch = _to(batch, device)
             hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload, watch)
                                         if index == 0 else _first_call(model, blocks, batch, index))
@@ -597,7 +601,7 @@ def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], de
             keyword = by_keyword
             store.append(hidden)
             calls.append(call)
-    return calls, bool(keyword)
+    return calls, bool(keyword), None if mask is None else attrs.evolve(mask, carried=tuple(masks))
 
 
 def _split_call(args: tuple, kwargs: dict, block: str) -> tuple[torch.Tensor, _Call, bool]:
@@ -810,6 +814,8 @@ class _Run:
     aliases: dict[str, str] = attrs.field(factory=dict)
     generation: int = 0
     read_outside: dict[str, str] = attrs.field(factory=dict)
+    #: ``settings.calibration_mask`` with the calibration batches' masks (:func:`_capture`).
+    mask: TokenMask | None = None
 
     @property
     def sequential(self) -> bool:
@@ -826,11 +832,12 @@ def _layer_stats(run: _Run, runner: BlockRunner, name: str, replacements: Mappin
     spec = read_layer(runner.get_submodule(name), run.registry, name)[1].spec
     streams = run.streams
     if not run.sequential or not streams.diverged and not replacements:
-        return collect_input_stats(runner, {name: spec}, _Batches(streams.reference), progress=run.progress)[name]
+        return collect_input_stats(runner, {name: spec}, _Batches(streams.reference), progress=run.progress,
+                                   mask=run.mask)[name]
     paths = module_paths(runner)
     swaps = {path: new for old, new in replacements.items() for path in paths[id(runner.get_submodule(old))]}
     return collect_sequential_stats(runner, name, spec, swaps, _Batches(streams.actual), progress=run.progress,
-                                    reference_batches=_Batches(streams.reference))
+                                    reference_batches=_Batches(streams.reference), mask=run.mask)
 
 
 def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -984,10 +991,6 @@ def compress_blockwise(model: nn.Module, schedule: Any, blocks: str | Sequence[s
         raise ConfigError(f"compress_blockwise: layer(s) {', '.join(map(repr, weighted[:5]))} weigh their fit by the "
                           f"model's output (output_weighting), which needs a backward pass through the whole model; "
                           f"blockwise compression holds one block at a time: use the Compressor or turn it off")
-    if checked.settings.calibration_mask is not None:
-        raise ConfigError("compress_blockwise: settings.calibration_mask is not supported: a block is calibrated on "
-                          "the hidden states carried from the block before, which do not hold the batch's mask; "
-                          "use the Compressor, or remove the setting")
     calibration = check_calibration(model, checked, registry, layers, calibration_data)
     if calibration is not None and not needs_input_stats(model, checked, registry, layers):
         first = next(iter(calibration), None)  # no statistics: one batch, each block's input for its check
@@ -1030,9 +1033,10 @@ def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkp
         outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
         with _onloaded(outside, names, checkpoint, run.device), \
                 _watching(model, run.schedule.compressed_layers(), blocks) as watch:
-            run.calls, run.hidden_keyword = _capture(
+            run.calls, run.hidden_keyword, run.mask = _capture(
                 model, blocks, calibration, run.device, first, run.progress,
-                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch)
+                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch,
+                token_mask(model, run.schedule.settings.calibration_mask))
         run.read_outside = {name: f"the model reads its {attribute!r} outside its block {_owner(name, blocks)!r}: it "
                                   f"uses the layer other than by calling it" for name, attribute in watch.read.items()}
         run.streams = _Streams(first, first)

@@ -87,9 +87,14 @@ class TokenMask:
 
     key: str
     layers: frozenset[str]
+    #: The batches' masks in order (from :meth:`of`), where the batches do not hold them: the hidden states that
+    #: :func:`~musco_core.blockwise.compress_blockwise` carries from block to block.
+    carried: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False)
 
     def of(self, batch: Any, index: int) -> torch.Tensor:
         """The mask of ``batch`` (the ``index``-th) as a bool tensor, checked."""
+        if self.carried is not None:
+            return self.carried[index]
         where = f"calibration_mask: batch {index}"
         if not isinstance(batch, Mapping):
             raise ConfigError(f"{where} is a {type(batch).__name__}; the mask is read from its key {self.key!r}, "

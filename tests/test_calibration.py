@@ -12,7 +12,6 @@ from torch import nn
 
 from musco_core import Compressor, ConfigError, FactorizedLayer, UnsupportedLayerError, calibration
 from musco_core.calibration import InputStats, collect_input_stats, input_features
-from musco_core.blockwise import compress_blockwise
 from musco_core.cli import main
 from musco_core.engine import compress_layer, read_layer
 from musco_core.factors import dense_weight
@@ -744,7 +743,7 @@ def test_bad_masks_are_one_clear_error(registry):
             mask_on(model, selector)
 
 
-def test_the_mask_setting_round_trips_is_checked_against_the_model_and_blockwise_refuses_it(registry, tmp_path):
+def test_the_mask_setting_round_trips_and_is_checked_against_the_model_and_batches(registry):
     whitened = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [5]}
     schedule = {"version": 1, "settings": {"calibration_mask": {"key": "attention_mask", "layers": ["encoder"]}},
                 "layers": {"encoder.0": whitened}}
@@ -762,7 +761,3 @@ def test_the_mask_setting_round_trips_is_checked_against_the_model_and_blockwise
                             calibration_data=[(b["input_ids"], b["attention_mask"]) for b in padded_batches()])
     with pytest.raises(ConfigError, match="calibration_mask: batch 0 is a tuple"):
         compressor.compression_step()
-    with pytest.raises(ConfigError, match="compress_blockwise: settings.calibration_mask is not supported"):
-        compress_blockwise(TokenEncoder(), schedule, ["encoder"], tmp_path / "out", calibration_data=padded_batches(),
-                           registry=registry)
-    assert not (tmp_path / "out").exists()
