@@ -130,14 +130,20 @@ class TokenMask:
                                   f"which has batch_first=False: its inputs are (tokens, batch, features), not the "
                                   f"mask's (batch, tokens); leave it out of calibration_mask.layers")
 
-    def rows(self, name: str, tensor: torch.Tensor, mask: torch.Tensor, index: int, what: str = "input"
-             ) -> torch.Tensor:
-        """The ``(real tokens, features)`` rows of a ``(batch, tokens, features)`` ``tensor`` of layer ``name``."""
+    def check_shape(self, name: str, tensor: torch.Tensor, mask: torch.Tensor, index: int, what: str = "input"
+                    ) -> None:
+        """A ConfigError unless ``tensor`` (an input or output of layer ``name``) is ``(batch, tokens, features)``
+        of the ``mask``'s batch and token shape."""
         if tensor.dim() != 3 or tensor.shape[:2] != mask.shape:
             raise ConfigError(f"calibration_mask: layer {name!r} got an {what} of shape {tuple(tensor.shape)} on "
                               f"batch {index}, where the mask {self.key!r} is {tuple(mask.shape)}; a masked layer "
                               f"needs (batch, tokens, features) {what}s of the mask's shape: leave it out of "
                               f"calibration_mask.layers")
+
+    def rows(self, name: str, tensor: torch.Tensor, mask: torch.Tensor, index: int, what: str = "input"
+             ) -> torch.Tensor:
+        """The ``(real tokens, features)`` rows of a ``(batch, tokens, features)`` ``tensor`` of layer ``name``."""
+        self.check_shape(name, tensor, mask, index, what)
         return tensor[mask.to(tensor.device)]
 
 
@@ -470,7 +476,7 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
                 def record(module: nn.Module, inputs: tuple, output: Any) -> Any:
                     if isinstance(output, torch.Tensor) and output.requires_grad:
                         if real is not None and name in mask.layers:
-                            mask.rows(name, output, real, n_batches, "output")  # checks the shape, before backward
+                            mask.check_shape(name, output, real, n_batches, "output")  # before the backward pass
                         outputs.append((name, output))
                         return output.clone()  # what follows gets a copy: an in-place op (ReLU) cannot overwrite it
                     return None

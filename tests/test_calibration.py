@@ -728,6 +728,10 @@ def test_bad_masks_are_one_clear_error(registry):
         collect_input_stats(flat, {"layer": spec_of(registry, flat.layer)},
                             [{"x": torch.randn(2, 3, 3), "mask": torch.ones(2, 3)}], progress=False,
                             mask=calibration.TokenMask("mask", frozenset({"layer"})))
+    with pytest.raises(ConfigError, match=r"layer 'layer' got an output of shape \(6, 2\) on batch 0"):
+        calibration.collect_output_moments(flat, {"layer": spec_of(registry, flat.layer)},
+                                           [{"x": torch.randn(2, 3, 3), "mask": torch.ones(2, 3)}], progress=False,
+                                           mask=calibration.TokenMask("mask", frozenset({"layer"})))
     conv = nn.Sequential(nn.Conv1d(3, 2, 1))
     with pytest.raises(ConfigError, match="calibration_mask: layer '0' is a .*no token axis"):
         collect_input_stats(conv, {"0": spec_of(registry, conv[0])}, [], progress=False,
