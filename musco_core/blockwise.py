@@ -45,8 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import io
-from .calibration import (_calibration_pass, collect_input_stats, collect_sequential_stats, forward_order,
-                          layer_dataflow)
+from .calibration import (TokenMask, _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order,
+                          layer_dataflow, token_mask)
 from .engine import LayerResult, compress_layer, read_layer
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
@@ -55,7 +55,7 @@ from .run import (_independent_run, check_calibration, checked_schedule, count_p
                   output_projections, tied_note, untied_note, without_autocast)
 from .schedule import MAX_JSON_BYTES, ModelSchedule, key_path, read_text_bounded, read_yaml
 from .stats import parameters_kept
-from .surgery import module_paths, replace_module, tied_parameters
+from .surgery import module_paths, replace_module, select_modules, tied_parameters
 from .timing import call_model, map_tensors
 from .verify import unfaithful_swaps
 
@@ -79,26 +79,7 @@ def resolve_blocks(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
     """The modules that ``blocks`` names, in the model's order: exact module names, and ``re:`` patterns matched
     in full against module names (``re:transformer\\.h\\.\\d+``). A name that is not a module, a pattern that
     matches none, the whole model, or blocks inside one another are a ConfigError."""
-    entries = [blocks] if isinstance(blocks, str) else list(blocks)
-    names = [name for name, _ in model.named_modules() if name]
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str) or not entry:
-            raise ConfigError(f"blocks: expected module names or 're:' patterns, got {short_repr(entry)}")
-        if entry.startswith("re:"):
-            try:
-                pattern = re.compile(entry[3:])
-            except re.error as exc:
-                raise ConfigError(f"blocks: {short_repr(entry)} is not a regular expression: {exc}") from None
-            matched = [name for name in names if pattern.fullmatch(name)]
-            if not matched:
-                raise ConfigError(f"blocks: pattern {short_repr(entry)} matches no module of {type(model).__name__}")
-            chosen.update(matched)
-        elif entry in names:
-            chosen.add(entry)
-        else:
-            raise ConfigError(f"blocks: {short_repr(entry)} is not a module of {type(model).__name__}")
-    ordered = [name for name in names if name in chosen]
+    ordered = select_modules(model, blocks, "blocks")
     for outer, inner in itertools.combinations(ordered, 2):
         if inner.startswith(outer + "."):
             raise ConfigError(f"blocks: {inner!r} is inside block {outer!r}; name blocks that do not nest")
@@ -603,13 +584,16 @@ def _watching(model: nn.Module, layers: Sequence[str], blocks: Sequence[str]) ->
 
 def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], device: torch.device,
              store: Activations, progress: bool, onload: Callable[[nn.Module], contextlib.AbstractContextManager],
-             watch: _Watch) -> tuple[list[_Call], bool]:
+             watch: _Watch, mask: TokenMask | None) -> tuple[list[_Call], bool, TokenMask | None]:
     """Runs the model on each calibration batch up to the first block (through every block on the first batch, to
     check how they are called: :func:`_checked_first_call`); stores the block's hidden-state input in ``store`` and
-    returns its other arguments per batch (on CPU) and whether the hidden state is a keyword."""
-    calls, keyword = [], None
+    returns its other arguments per batch (on CPU), whether the hidden state is a keyword, and ``mask`` carrying
+    the batches' masks (which the hidden states do not hold)."""
+    calls, keyword, masks = [], None, []
     with _calibration_pass(model):
         for index, batch in enumerate(_bar(batches, "capturing the first block's inputs", progress)):
+            if mask is not None:
+                masks.append(mask.of(batch, index).cpu())
             batch = _to(batch, device)
             hidden, call, by_keyword = (_checked_first_call(model, blocks, batch, index, onload, watch)
                                         if index == 0 else _first_call(model, blocks, batch, index))
@@ -619,7 +603,7 @@ def _capture(model: nn.Module, blocks: Sequence[str], batches: Iterable[Any], de
             keyword = by_keyword
             store.append(hidden)
             calls.append(call)
-    return calls, bool(keyword)
+    return calls, bool(keyword), None if mask is None else attrs.evolve(mask, carried=tuple(masks))
 
 
 def _split_call(args: tuple, kwargs: dict, block: str) -> tuple[torch.Tensor, _Call, bool]:
@@ -832,6 +816,8 @@ class _Run:
     aliases: dict[str, str] = attrs.field(factory=dict)
     generation: int = 0
     read_outside: dict[str, str] = attrs.field(factory=dict)
+    #: ``settings.calibration_mask`` with the calibration batches' masks (:func:`_capture`).
+    mask: TokenMask | None = None
 
     @property
     def sequential(self) -> bool:
@@ -850,14 +836,16 @@ def _layer_stats(run: _Run, runner: BlockRunner, layers: Sequence[str], replacem
     streams = run.streams
     if not run.sequential or not streams.diverged and not replacements:
         spec = read_layer(runner.get_submodule(layers[0]), run.registry, layers[0])[1].spec
-        return collect_input_stats(runner, {layers[0]: spec}, _Batches(streams.reference), progress=run.progress)
+        return collect_input_stats(runner, {layers[0]: spec}, _Batches(streams.reference), progress=run.progress,
+                                   mask=run.mask)
     specs = {name: read_layer(runner.get_submodule(name), run.registry, name)[1].spec for name in layers}
     upstream = set().union(*(sources.get(name, replacements) for name in layers))
     paths = module_paths(runner)
     swaps = {path: new for old, new in replacements.items() if old in upstream
              for path in paths[id(runner.get_submodule(old))]}
     return collect_sequential_stats(runner, specs, swaps, _Batches(streams.actual), progress=run.progress,
-                                    reference_batches=_Batches(streams.reference) if streams.diverged else None)
+                                    reference_batches=_Batches(streams.reference) if streams.diverged else None,
+                                    mask=run.mask)
 
 
 def _compress_block(run: _Run, runner: BlockRunner, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -1061,9 +1049,10 @@ def _blockwise(model: nn.Module, blocks: Sequence[str], calibration: Any, checkp
         outside = [module for name, module in model.named_modules() if _owner(name, blocks) is None]
         with _onloaded(outside, names, checkpoint, run.device), \
                 _watching(model, run.schedule.compressed_layers(), blocks) as watch:
-            run.calls, run.hidden_keyword = _capture(
+            run.calls, run.hidden_keyword, run.mask = _capture(
                 model, blocks, calibration, run.device, first, run.progress,
-                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch)
+                lambda block: _onloaded(list(block.modules()), names, checkpoint, run.device), watch,
+                token_mask(model, run.schedule.settings.calibration_mask))
         run.read_outside = {name: f"the model reads its {attribute!r} outside its block {_owner(name, blocks)!r}: it "
                                   f"uses the layer other than by calling it" for name, attribute in watch.read.items()}
         run.streams = _Streams(first, first)

@@ -4,7 +4,8 @@ A layer computes ``W x`` on the features ``x`` of its input (a Linear layer's in
 unfolded patches). A data-aware decomposition needs the second moment ``E[x x^T]`` of those features over the
 user's calibration batches: :func:`collect_input_stats` accumulates it with forward pre-hooks, keeping one
 ``F x F`` running sum per layer and never the activations. :func:`collect_output_moments` adds, for a
-decomposition that asks, how much each direction of a layer's output moves the model's output.
+decomposition that asks, how much each direction of a layer's output moves the model's output. With a
+:class:`TokenMask` (``settings.calibration_mask``), the padding tokens of the layers it covers are left out of both.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
@@ -24,10 +26,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .components import InputStats, LayerSpec
 from .dataflow import tracking_dependence
-from .errors import ConfigError, MuscoError, UnsupportedLayerError
+from .errors import ConfigError, MuscoError, UnsupportedLayerError, short_repr
 from .factors import padding_per_axis
 from .stats import parameters_kept
-from .surgery import evaluating, replace_module
+from .surgery import evaluating, replace_module, select_modules
 from .timing import call_model, first_input, tensors_in
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,90 @@ def input_features(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
         x, kernel, dilation, stride = x.unsqueeze(-2), (1, *kernel), (1, *dilation), (1, *stride)
     patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (batch, F, positions)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@attrs.frozen
+class TokenMask:
+    """Which rows of the calibration data are padding, for the layers ``layers`` (module names).
+
+    Every batch is a mapping whose ``key`` holds a ``(batch, tokens)`` tensor of 1 (a real token) and 0 (padding),
+    as a tokenizer's ``attention_mask``. A layer in ``layers`` must take ``(batch, tokens, features)`` inputs (and
+    give ``(batch, tokens, out)`` outputs) of that batch and token shape; only the rows of real tokens,
+    ``x[mask.bool()]``, enter its statistics: the input and cross moments and the output moment. Padding
+    otherwise biases the fit towards inputs the model's real tokens never see (a batch of sentences of 3 and 8
+    tokens padded to 8 counts 16 rows for 11 real ones). Anything else is one ConfigError.
+    """
+
+    key: str
+    layers: frozenset[str]
+    #: The batches' masks in order (from :meth:`of`), where the batches do not hold them: the hidden states that
+    #: :func:`~musco_core.blockwise.compress_blockwise` carries from block to block.
+    carried: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False)
+
+    def of(self, batch: Any, index: int) -> torch.Tensor:
+        """The mask of ``batch`` (the ``index``-th) as a bool tensor, checked."""
+        if self.carried is not None:
+            return self.carried[index]
+        where = f"calibration_mask: batch {index}"
+        if not isinstance(batch, Mapping):
+            raise ConfigError(f"{where} is a {type(batch).__name__}; the mask is read from its key {self.key!r}, "
+                              f"so every batch must be a mapping (the model called as model(**batch))")
+        if self.key not in batch:
+            raise ConfigError(f"{where} has no key {self.key!r} (its keys: {short_repr(sorted(map(str, batch)))}); "
+                              f"expected the (batch, tokens) mask of real tokens (1) and padding (0) there")
+        mask = batch[self.key]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_complex():
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ConfigError(f"{where}: {self.key!r} is {shape}; expected a (batch, tokens) tensor of 1 (a real "
+                              f"token) and 0 (padding)")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ConfigError(f"{where}: {self.key!r} holds values other than 0 and 1; expected 1 for a real token "
+                              f"and 0 for padding")
+        return mask.bool()
+
+    def check_layer(self, model: nn.Module, name: str, spec: LayerSpec) -> None:
+        """A ConfigError unless the layer ``name`` it covers can take batch-first token inputs: not a convolution,
+        nor inside or next to a module with ``batch_first=False`` (the attention of torch's Transformer layers, which
+        run on (tokens, batch, features): the mask would pick the wrong rows where the two counts are equal)."""
+        if spec.spatial_dims:
+            raise ConfigError(f"calibration_mask: layer {name!r} is a {spec.describe()}, whose inputs have no token "
+                              f"axis to mask; it covers layers of (batch, tokens, features) inputs: leave it out of "
+                              f"calibration_mask.layers")
+        parts = name.split(".")
+        owners = [".".join(parts[:end]) for end in range(len(parts))]
+        parent = owners[-1]
+        siblings = [f"{parent}.{child}".lstrip(".") for child, _ in model.get_submodule(parent).named_children()]
+        for other in owners + siblings:
+            if getattr(model.get_submodule(other), "batch_first", True) is False:
+                raise ConfigError(f"calibration_mask: layer {name!r} runs beside {other or type(model).__name__!r}, "
+                                  f"which has batch_first=False: its inputs are (tokens, batch, features), not the "
+                                  f"mask's (batch, tokens); leave it out of calibration_mask.layers")
+
+    def check_shape(self, name: str, tensor: torch.Tensor, mask: torch.Tensor, index: int, what: str = "input"
+                    ) -> None:
+        """A ConfigError unless ``tensor`` (an input or output of layer ``name``) is ``(batch, tokens, features)``
+        of the ``mask``'s batch and token shape."""
+        if tensor.dim() != 3 or tensor.shape[:2] != mask.shape:
+            raise ConfigError(f"calibration_mask: layer {name!r} got an {what} of shape {tuple(tensor.shape)} on "
+                              f"batch {index}, where the mask {self.key!r} is {tuple(mask.shape)}; a masked layer "
+                              f"needs (batch, tokens, features) {what}s of the mask's shape: leave it out of "
+                              f"calibration_mask.layers")
+
+    def rows(self, name: str, tensor: torch.Tensor, mask: torch.Tensor, index: int, what: str = "input"
+             ) -> torch.Tensor:
+        """The ``(real tokens, features)`` rows of a ``(batch, tokens, features)`` ``tensor`` of layer ``name``."""
+        self.check_shape(name, tensor, mask, index, what)
+        return tensor[mask.to(tensor.device)]
+
+
+def token_mask(model: nn.Module, setting: Any) -> TokenMask | None:
+    """The :class:`TokenMask` of a :class:`~musco_core.schedule.CalibrationMask` setting on ``model`` (None for
+    None): it covers the modules its ``layers`` name and every module inside them."""
+    if setting is None:
+        return None
+    chosen = select_modules(model, setting.layers, "calibration_mask.layers")
+    return TokenMask(setting.key, frozenset(name for name, _ in model.named_modules()
+                                            if any(name == top or name.startswith(top + ".") for top in chosen)))
 
 
 class InputStatsAccumulator:
@@ -130,7 +216,8 @@ def check_reiterable(batches: Any, what: str = "calibration data") -> None:
                           f"pass a list or a DataLoader, which can be iterated at every compression step")
 
 
-def _modules(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str, nn.Module]:
+def _modules(model: nn.Module, layers: Mapping[str, LayerSpec], mask: TokenMask | None = None
+             ) -> dict[str, nn.Module]:
     modules = {}
     for name, spec in layers.items():
         try:
@@ -141,6 +228,8 @@ def _modules(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str, nn.
             check_geometry(spec)
         except UnsupportedLayerError as exc:
             raise UnsupportedLayerError(f"calibration: layer {name!r}: {exc}") from None
+        if mask is not None and name in mask.layers:
+            mask.check_layer(model, name, spec)
     return modules
 
 
@@ -167,15 +256,17 @@ def _model_failure(stage: str, index: int):
 
 
 def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, index: int, *,
-            once: Collection[str] = ()) -> dict[str, list[torch.Tensor]]:
+            once: Collection[str] = (), mask: TokenMask | None = None) -> dict[str, list[torch.Tensor]]:
     """The inputs each module receives when the model runs on ``batch`` (one per call, in order), the modules in the
-    order they first ran (a module that did not run is missing).
+    order they first ran (a module that did not run is missing); with a ``mask``, those of the modules it covers as
+    the rows of real tokens only.
 
     A module in ``once`` has its first call recorded only; when all are, the pass ends once each has run, so the
     rest of the model does not run.
     """
     seen: dict[str, list[torch.Tensor]] = {}  # in the order of the modules' first calls
     stops = set(modules) <= set(once)
+    real = mask.of(batch, index) if mask is not None else None
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -185,7 +276,10 @@ def _inputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, inde
             if not isinstance(x, torch.Tensor):
                 raise ConfigError(f"calibration: layer {name!r} was called without an input tensor, as its first "
                                   f"argument or as the keyword of its forward's first parameter")
-            seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
+            if real is not None and name in mask.layers:
+                seen.setdefault(name, []).append(mask.rows(name, x.detach(), real, index))  # a copy already
+            else:
+                seen.setdefault(name, []).append(x.detach().clone())  # the model may change it in place later
             if stops and len(seen) == len(modules):
                 raise _Recorded
         return record
@@ -213,13 +307,15 @@ def _empty(what: str, names: Iterable[str]) -> ConfigError:
     return ConfigError(f"calibration data is empty: no batch to collect the {what} of {', '.join(map(repr, names))}")
 
 
-def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) -> dict[str, InputStats]:
+def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int, mask: TokenMask | None = None
+             ) -> dict[str, InputStats]:
     if n_batches == 0:
         raise _empty("input statistics", accumulators)
     silent = [name for name, acc in accumulators.items() if acc.count == 0]
     if silent:
+        masked = " or calibration_mask left them no real token" if mask and set(silent) & mask.layers else ""
         raise ConfigError(f"calibration: layer(s) {', '.join(map(repr, silent))} never ran on the {n_batches} "
-                          f"calibration batch(es); check that the batches reach them")
+                          f"calibration batch(es){masked}; check that the batches reach them")
     stats = {name: acc.result() for name, acc in accumulators.items()}
     broken = [name for name, s in stats.items() if not torch.isfinite(s.second_moment).all()
               or s.cross_moment is not None and not torch.isfinite(s.cross_moment).all()]
@@ -229,8 +325,10 @@ def _results(accumulators: Mapping[str, InputStatsAccumulator], n_batches: int) 
 
 
 def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
-                        progress: bool = True, group: distributed.Group | None = None) -> dict[str, InputStats]:
-    """The input statistics of the named layers over ``batches``, from one pass of ``model`` over them.
+                        progress: bool = True, group: distributed.Group | None = None,
+                        mask: TokenMask | None = None) -> dict[str, InputStats]:
+    """The input statistics of the named layers over ``batches``, from one pass of ``model`` over them (those
+    ``mask`` covers over their real tokens only).
 
     A batch is called as ``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a
     mapping. The pass runs in eval mode under ``no_grad``; every module's training flag is restored and the
@@ -239,17 +337,17 @@ def collect_input_stats(model: nn.Module, layers: Mapping[str, LayerSpec], batch
     ranks before they are normalized: every rank gets the statistics of all the shards.
     """
     check_reiterable(batches)
-    modules = _modules(model, layers)
+    modules = _modules(model, layers, mask)
     accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
     n_batches = 0
     with distributed.agreement(group, "input statistics"), _calibration_pass(model):
         for batch in _bar(batches, "calibration", progress):
-            for name, inputs in _inputs(model, modules, batch, n_batches).items():
+            for name, inputs in _inputs(model, modules, batch, n_batches, mask=mask).items():
                 for x in inputs:
                     accumulators[name].update(x)
             n_batches += 1
     n_batches = distributed.sum_moments(group, accumulators, n_batches)
-    stats = _results(accumulators, n_batches)
+    stats = _results(accumulators, n_batches, mask)
     log.info("calibration: input statistics of %d layer(s) from %d batch(es)", len(stats), n_batches)
     return stats
 
@@ -269,13 +367,15 @@ def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any
     through, has no entry. JSON data (a distributed job sends it)."""
     names = list(names)
     batch = _first_batch(names, batches)
-    try:
-        return _first_pass(model, names, batch, tracked=True)
-    except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
-        order = _first_pass(model, names, batch, tracked=False)[0]
-        log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated on "
-                 "its own passes", type(exc).__name__, exc)
-        return order, {}
+    # around both passes: a forward that changed its weights in the first may not change them again in the second
+    with parameters_kept(model, "calibration batch 0"):
+        try:
+            return _first_pass(model, names, batch, tracked=True)
+        except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
+            order = _first_pass(model, names, batch, tracked=False)[0]
+            log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated "
+                     "on its own passes", type(exc).__name__, exc)
+            return order, {}
 
 
 def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
@@ -314,7 +414,8 @@ def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: 
 def collect_sequential_stats(model: nn.Module, layers: Mapping[str, LayerSpec], replacements: Mapping[str, nn.Module],
                              batches: Iterable[Any], *, progress: bool = True,
                              reference_batches: Iterable[Any] | None = None,
-                             group: distributed.Group | None = None) -> dict[str, InputStats]:
+                             group: distributed.Group | None = None, mask: TokenMask | None = None
+                             ) -> dict[str, InputStats]:
     """The statistics of each named layer's inputs in the model with ``replacements`` (``{path: module}``) swapped
     in, paired with its inputs in the model as it is (the reference), over ``batches``: ``second_moment`` of the
     first, ``cross_moment`` of both (see :class:`~musco_core.components.InputStats`).
@@ -327,7 +428,8 @@ def collect_sequential_stats(model: nn.Module, layers: Mapping[str, LayerSpec], 
     sums per layer and one batch's inputs of the layers. ``reference_batches``, one per batch, are what the
     reference pass runs on instead (the inputs a block of the model had before the blocks ahead of it were
     compressed, see :mod:`musco_core.blockwise`). With a distributed ``group`` the sums are added up over the
-    ranks' shards, as in :func:`collect_input_stats`.
+    ranks' shards, as in :func:`collect_input_stats`; a ``mask`` keeps the real tokens' rows of both inputs, as
+    there.
     """
     check_reiterable(batches)
     if reference_batches is None:  # each batch drawn once: a shuffling or augmenting loader pairs the same items
@@ -335,20 +437,20 @@ def collect_sequential_stats(model: nn.Module, layers: Mapping[str, LayerSpec], 
     else:
         check_reiterable(reference_batches, "reference batches")
         pairs = zip(batches, reference_batches, strict=True)
-    modules = _modules(model, layers)
+    modules = _modules(model, layers, mask)
     originals = {path: model.get_submodule(path) for path in replacements}
     accumulators = {name: InputStatsAccumulator(spec) for name, spec in layers.items()}
     described = ", ".join(map(repr, layers))
     n_batches, once = 0, set()
     with distributed.agreement(group, f"input statistics of {described}"), _calibration_pass(model):
         for batch, reference_batch in _bar(pairs, f"calibration of {', '.join(layers)}", progress):
-            reference = _inputs(model, modules, reference_batch, n_batches, once=once)
+            reference = _inputs(model, modules, reference_batch, n_batches, once=once, mask=mask)
             actual = reference  # nothing swapped in: the inputs are the reference's
             if replacements or reference_batches is not None:
                 try:
                     for path, module in replacements.items():
                         replace_module(model, path, module)
-                    actual = _inputs(model, modules, batch, n_batches, once=once)
+                    actual = _inputs(model, modules, batch, n_batches, once=once, mask=mask)
                 finally:
                     for path, module in originals.items():
                         replace_module(model, path, module)
@@ -365,7 +467,7 @@ def collect_sequential_stats(model: nn.Module, layers: Mapping[str, LayerSpec], 
             once = {name for name in layers if len(reference.get(name, ())) == 1} if n_batches == 0 else once
             n_batches += 1
     n_batches = distributed.sum_moments(group, accumulators, n_batches)
-    return _results(accumulators, n_batches)
+    return _results(accumulators, n_batches, mask)
 
 
 # --- output statistics: how much a layer's output directions move the model's output ----------------------------
@@ -401,7 +503,8 @@ def _gradient_pass(model: nn.Module, modules: Mapping[str, nn.Module]):
 
 def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], batches: Iterable[Any], *,
                            projections: int = 1, seed: int = 0, progress: bool = True,
-                           group: distributed.Group | None = None) -> dict[str, torch.Tensor]:
+                           group: distributed.Group | None = None, mask: TokenMask | None = None
+                           ) -> dict[str, torch.Tensor]:
     """``E[g g^T]`` (``out x out``, float64, per row of the layer's output) of each named layer, where ``g`` is the
     gradient with respect to the layer's output of the model's output projected on a random direction.
 
@@ -414,12 +517,13 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     after the layer (``ReLU(inplace=True)``) leaves the output the gradient is taken at as the layer gave it. Runs in
     eval mode; memory is one ``out x out`` float64 sum per layer plus one batch's backward pass (with that copy).
     With a distributed ``group`` the sums are added up over the ranks, as in :func:`collect_input_stats`; each rank
-    draws its noise from its own seed (:func:`~musco_core.distributed.rank_seed`, ``seed`` on rank 0).
+    draws its noise from its own seed (:func:`~musco_core.distributed.rank_seed`, ``seed`` on rank 0). A layer
+    ``mask`` covers counts the rows of its real tokens only.
     """
     if projections < 1:
         raise ValueError(f"projections must be a positive int, got {projections!r}")
     check_reiterable(batches)
-    modules = _modules(model, layers)
+    modules = _modules(model, layers, mask)
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
     rows = dict.fromkeys(layers, 0)
     generator = torch.Generator().manual_seed(distributed.rank_seed(seed, group.rank if group is not None else 0))
@@ -427,10 +531,13 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
     with distributed.agreement(group, "output statistics"), _gradient_pass(model, modules):
         for batch in _bar(batches, "output statistics", progress):
             outputs: list[tuple[str, torch.Tensor]] = []
+            real = mask.of(batch, n_batches) if mask is not None else None
 
             def hook(name: str):
                 def record(module: nn.Module, inputs: tuple, output: Any) -> Any:
                     if isinstance(output, torch.Tensor) and output.requires_grad:
+                        if real is not None and name in mask.layers:
+                            mask.check_shape(name, output, real, n_batches, "output")  # before the backward pass
                         outputs.append((name, output))
                         return output.clone()  # what follows gets a copy: an in-place op (ReLU) cannot overwrite it
                     return None
@@ -456,7 +563,10 @@ def collect_output_moments(model: nn.Module, layers: Mapping[str, LayerSpec], ba
                 for (name, _), gradient in zip(outputs, gradients):
                     if gradient is None:
                         continue
-                    g = _output_rows(layers[name], gradient.detach())
+                    gradient = gradient.detach()
+                    if real is not None and name in mask.layers:
+                        gradient = mask.rows(name, gradient, real, n_batches, "output")
+                    g = _output_rows(layers[name], gradient)
                     sums[name] = g.T @ g if sums[name] is None else sums[name].addmm_(g.T, g)
                     rows[name] += g.shape[0]
             n_batches += 1

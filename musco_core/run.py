@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocation import Pending, allocate_pass, pending_replacements
-from .calibration import (check_reiterable, collect_input_stats, collect_output_moments, collect_sequential_stats,
-                          layer_dataflow)
+from .calibration import (TokenMask, check_reiterable, collect_input_stats, collect_output_moments,
+                          collect_sequential_stats, layer_dataflow, token_mask)
 from .components import Cost, Decomposer, InputStats, ModelTotals
 from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
                      split_groups, usable_decompositions)
@@ -244,6 +244,7 @@ def check_calibration(model: nn.Module, schedule: ModelSchedule, registry: Regis
     when a data-aware decomposition may compress one of them; also used by a whole-model rank selector's passes
     (see :func:`~musco_core.allocation.allocate_pass`)."""
     needing = needs_input_stats(model, schedule, registry, names)
+    token_mask(model, schedule.settings.calibration_mask)  # its selectors checked before the first step
     if calibration_data is None:
         if needing:
             raise ConfigError(f"calibration_data: layer(s) {', '.join(map(repr, needing))} use data-aware "
@@ -413,7 +414,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
                           f"this step compresses; step on the model the run compressed so far, with all its layers "
                           f"(Compressor.compressed_model)")
     step_stats: dict[str, InputStats] = {}
-    output_moments = _output_moments(model, schedule, names, context, group)
+    mask = token_mask(model, schedule.settings.calibration_mask)
+    output_moments = _output_moments(model, schedule, names, context, group, mask)
 
     def with_output(name: str, stats: InputStats | None) -> InputStats | None:
         """``stats`` with the layer's output moment, where its decomposition asked for one."""
@@ -428,7 +430,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         if missing and context.calibration_data is not None:
             specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
             collected = collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
-                                            group=group)
+                                            group=group, mask=mask)
             step_stats.update({name: with_output(name, stats) for name, stats in collected.items()})
         return step_stats
 
@@ -490,7 +492,8 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
             if name not in calibrated:  # taken with the step's earlier layers compressed
                 decompose_queued()
                 layers = _independent_run(order, order.index(name), needing, sources)
-                calibrated.update(_calibrated(model, layers, sources, input_stats_for, pending, paths, context, group))
+                calibrated.update(_calibrated(model, layers, sources, input_stats_for, pending, paths, context, group,
+                                              mask))
             stats = with_output(name, calibrated.pop(name))
         else:
             stats = step_stats.get(name)
@@ -699,7 +702,7 @@ def _decompose(jobs: Mapping[str, _Job], schedule: ModelSchedule, context: RunCo
 
 
 def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[str], context: RunContext,
-                    group: distributed.Group | None) -> dict[str, Any]:
+                    group: distributed.Group | None, mask: TokenMask | None) -> dict[str, Any]:
     """The output moments of the step's layers whose decomposition asks for them, on the model as the step found
     it (empty without calibration data, which :func:`check_calibration` refuses for such layers)."""
     layers = output_projections(model, schedule, context.registry, names)
@@ -707,7 +710,7 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
         return {}
     specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
     return collect_output_moments(model, specs, context.calibration_data, projections=max(layers.values()),
-                                  seed=schedule.settings.seed, progress=context.progress, group=group)
+                                  seed=schedule.settings.seed, progress=context.progress, group=group, mask=mask)
 
 
 def _independent_run(order: Sequence[str], start: int, needing: Collection[str],
@@ -725,8 +728,8 @@ def _independent_run(order: Sequence[str], start: int, needing: Collection[str],
 
 def _calibrated(model: nn.Module, layers: Sequence[str], sources: Mapping[str, Sequence[str]],
                 input_stats_for: Callable[[Sequence[str]], Mapping[str, InputStats]], pending: dict[str, Pending],
-                paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None
-                ) -> dict[str, InputStats]:
+                paths: Mapping[int, list[str]], context: RunContext, group: distributed.Group | None,
+                mask: TokenMask | None) -> dict[str, InputStats]:
     """Sequential calibration of layers that need input statistics, whose inputs do not depend on one another's
     (:func:`_independent_run`): those of their inputs with the step's layers compressed so far swapped in (those
     their inputs depend on, in ``sources``), paired with their inputs at the start of the step; plain statistics of
@@ -742,7 +745,7 @@ def _calibrated(model: nn.Module, layers: Sequence[str], sources: Mapping[str, S
                     for path in paths[id(entry.module)]}
     specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
     return collect_sequential_stats(model, specs, replacements, context.calibration_data, progress=context.progress,
-                                    group=group)
+                                    group=group, mask=mask)
 
 
 def _arity(registry: Registry, candidates: Sequence[str], decomposition: str) -> int | None:

@@ -63,6 +63,10 @@ Rank = NewType("Rank", tuple)
 RankList = NewType("RankList", list)
 #: ``"auto"``, or a positive int of at most :data:`MAX_RANK_MULTIPLE`.
 RankMultiple = NewType("RankMultiple", object)
+#: A non-empty string (a key of a batch).
+Key = NewType("Key", str)
+#: A non-empty list of module names and ``re:`` patterns (see :func:`~musco_core.surgery.select_modules`), as a tuple.
+ModuleSelectors = NewType("ModuleSelectors", tuple)
 
 
 class ValueProblem(ValueError):
@@ -113,6 +117,18 @@ def _stage_count(value: Any, _type=None) -> int:
         raise ValueProblem(f"expected a positive int of at most {MAX_COMPRESS_ITERS} (no layer's rank can halve "
                            f"more often), got {short_repr(value)}")
     return value
+
+
+def _key(value: Any, _type=None) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueProblem(f"expected a non-empty string, got {short_repr(value)}")
+    return value
+
+
+def _module_selectors(value: Any, _type=None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(entry, str) and entry for entry in value):
+        raise ValueProblem(f"expected a non-empty list of module names and 're:' patterns, got {short_repr(value)}")
+    return tuple(value)
 
 
 def _non_negative_float(value: Any, _type=None) -> float:
@@ -198,6 +214,8 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(ReductionRate, _reduction_rate)
     converter.register_structure_hook(Rank, _rank)
     converter.register_structure_hook(RankMultiple, _rank_multiple)
+    converter.register_structure_hook(Key, _key)
+    converter.register_structure_hook(ModuleSelectors, _module_selectors)
     converter.register_structure_hook_func(lambda kind: typing.get_origin(kind) is Literal, _literal)
 
     def rank_list(value: Any, _type=None) -> list[tuple[int, ...]]:
@@ -259,6 +277,20 @@ class LayerSchedule:
 
 
 @attrs.frozen
+class CalibrationMask:
+    """``settings.calibration_mask``: which calibration rows are padding, for which layers. Each calibration batch is
+    a mapping whose ``key`` holds a ``(batch, tokens)`` mask, 1 for a real token and 0 for padding; the layers
+    inside the modules ``layers`` names (module names, ``re:`` patterns) take ``(batch, tokens, features)`` inputs
+    and are calibrated on the rows of real tokens only (see :class:`~musco_core.calibration.TokenMask`)."""
+
+    #: The key of every calibration batch (a mapping) that holds the mask, e.g. ``attention_mask``.
+    key: Key
+    #: The modules whose layers the mask covers: module names (every layer inside counts) and ``re:`` patterns
+    #: matched in full; one that names no module of the model is an error.
+    layers: ModuleSelectors
+
+
+@attrs.frozen
 class RunSettings:
     """Settings of the whole run."""
 
@@ -275,6 +307,9 @@ class RunSettings:
     #: each fitted on the inputs it gets with the layers ahead of it already compressed, to the outputs it had
     #: before (so it also corrects their error); ``independent`` fits each on the inputs the step began with.
     calibration: Literal["sequential", "independent"] = "sequential"
+    #: Padding tokens left out of the calibration statistics of the layers it covers (a ``CalibrationMask``: the
+    #: batches' ``key`` and the ``layers``); null counts every row.
+    calibration_mask: CalibrationMask | None = None
     algo_kwargs: dict[str, Any] = attrs.field(factory=dict)
 
     def params_for(self, component: Any) -> Any:
@@ -553,6 +588,9 @@ class ScheduleCodec:
                 "seed": settings.seed,
                 "rank_multiple": settings.rank_multiple,
                 "calibration": settings.calibration,
+                **({} if settings.calibration_mask is None else
+                   {"calibration_mask": {"key": settings.calibration_mask.key,
+                                         "layers": list(settings.calibration_mask.layers)}}),
                 "algo_kwargs": {name: self.unstructure_params(params) for name, params in settings.algo_kwargs.items()},
             },
             "layers": {name: self.unstructure_layer(layer) for name, layer in schedule.layers.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .components import Factor, FactorLayout, LayerAdapter, LayerSpec
 from .factors import padding_per_axis
-from .errors import ConfigError, one_line
+from .errors import ConfigError, one_line, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,32 @@ def module_paths(model: nn.Module) -> dict[int, list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
     return paths
+
+
+def select_modules(model: nn.Module, entries: str | Sequence[str], what: str) -> list[str]:
+    """The modules that ``entries`` name, in the model's order: exact module names, and ``re:`` patterns matched in
+    full against module names (``re:encoder\\.layer\\.\\d+``). A name that is not a module or a pattern that matches
+    none is a ConfigError starting with ``what`` (the setting's name)."""
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    names = [name for name, _ in model.named_modules() if name]
+    chosen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(f"{what}: expected module names or 're:' patterns, got {short_repr(entry)}")
+        if entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as exc:
+                raise ConfigError(f"{what}: {short_repr(entry)} is not a regular expression: {exc}") from None
+            matched = [name for name in names if pattern.fullmatch(name)]
+            if not matched:
+                raise ConfigError(f"{what}: pattern {short_repr(entry)} matches no module of {type(model).__name__}")
+            chosen.update(matched)
+        elif entry in names:
+            chosen.add(entry)
+        else:
+            raise ConfigError(f"{what}: {short_repr(entry)} is not a module of {type(model).__name__}")
+    return [name for name in names if name in chosen]
 
 
 def _memory_span(tensor: torch.Tensor) -> tuple[tuple, int, int]:

@@ -111,6 +111,23 @@ def test_blockwise_gpt2_equals_the_in_memory_sequential_run(tmp_path, checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.safetensors", "out"]  # shards and activations gone
 
 
+def test_blockwise_with_a_calibration_mask_equals_the_in_memory_run(tmp_path, checkpoint):
+    """The padding of the calibration batches is left out as in memory: the blocks' carried hidden states do not
+    hold the mask, so each batch's is kept from its capture."""
+    model, data = gpt2(), token_batches()
+    data[2]["attention_mask"][1, 5:] = 0
+    plan = schedule(conv1d_layers(model))
+    plan["settings"]["calibration_mask"] = {"key": "attention_mask", "layers": ["transformer.h"]}
+    expected = in_memory(model, plan, data)
+    compress_blockwise(meta_gpt2(), plan, BLOCKS, tmp_path / "out", checkpoint=checkpoint, calibration_data=data,
+                       offload="disk", work_dir=tmp_path, progress=False)
+    assert_same_weights(expected.compressed_model, load_compressed(gpt2(), tmp_path / "out"))
+    unmasked = in_memory(model, schedule(conv1d_layers(model)), data).compressed_model.state_dict()
+    key = "transformer.h.0.attn.c_attn.0.weight"
+    assert unmasked[key].shape != expected.compressed_model.state_dict()[key].shape or not torch.allclose(
+        unmasked[key], expected.compressed_model.state_dict()[key], atol=1e-4)  # the mask changed the fit
+
+
 def test_sequential_calibration_carries_two_streams_across_blocks(tmp_path, checkpoint):
     """Sequential and independent calibration differ after the first compressed layer, and each matches its
     in-memory counterpart: the blocks after the first are fitted on the compressed blocks' outputs."""

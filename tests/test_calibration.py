@@ -16,7 +16,7 @@ from musco_core.cli import main
 from musco_core.engine import compress_layer, read_layer
 from musco_core.factors import dense_weight
 from musco_core.io import load_compressed, save_compressed
-from musco_core.schedule import LayerSchedule, RunSettings
+from musco_core.schedule import CalibrationMask, LayerSchedule, RunSettings, ScheduleCodec
 from musco_plugins import factorize
 from musco_plugins.rank_selectors import ManualParams, VBMFParams
 from musco_plugins.whitened_svd import WhitenedSVDParams
@@ -521,6 +521,13 @@ def test_cli_compress_with_calibration(tmp_path, monkeypatch):
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "out3"), "--calibration",
                                   str(tmp_path / "two.safetensors")])
     assert result.exit_code == 2 and "expected one tensor of model inputs, found 2 (a, b)" in result.output
+    # its batches are tensors: a calibration_mask, which reads mapping batches, is one clear error (docs say so)
+    (tmp_path / "masked.yaml").write_text(yaml.safe_dump({"version": 1, "settings": {
+        "calibration_mask": {"key": "attention_mask", "layers": ["0"]}}, "layers": {
+        "0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}}}))
+    result = runner.invoke(main, [*args[:4], str(tmp_path / "masked.yaml"), "--quiet", "--out",
+                                  str(tmp_path / "out4"), "--calibration", str(tmp_path / "calib.safetensors")])
+    assert result.exit_code == 2 and "calibration_mask: batch 0 is a Tensor" in result.output, result.output
 
 
 def seeded_net():
@@ -549,3 +556,212 @@ def test_resume_collects_statistics_again_and_ends_like_an_uninterrupted_run(reg
     expected, got = whole.compressed_model.state_dict(), resumed.compressed_model.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+# --- padding left out of the statistics (settings.calibration_mask) ----------------------------------------------
+
+class TokenEncoder(nn.Module):
+    """Per-token layers over embedded ids (``encoder``), the output pooled over the real tokens (``head``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 12)
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12))
+        self.head = nn.Linear(12, 6)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(self.embed(input_ids))
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1))
+
+
+SENTENCES = [3, 8, 5, 2, 7, 4, 6, 1]  # lengths
+
+
+def sentences():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(1, 40, (length,), generator=g) for length in SENTENCES]
+
+
+def padded_batches(size=2):
+    """The sentences in batches of ``size``, each padded with id 0 to its longest, mask 1 on the real tokens."""
+    batches = []
+    for start in range(0, len(SENTENCES), size):
+        group = sentences()[start:start + size]
+        ids = torch.zeros(len(group), max(map(len, group)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sentence in enumerate(group):
+            ids[row, :len(sentence)], mask[row, :len(sentence)] = sentence, 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def unpadded_batches():
+    return [{"input_ids": s[None], "attention_mask": torch.ones(1, len(s), dtype=torch.long)} for s in sentences()]
+
+
+def mask_on(model, *layers):
+    return calibration.token_mask(model, CalibrationMask("attention_mask", layers))
+
+
+def encoder_specs(registry, model):
+    return {name: spec_of(registry, model.get_submodule(name)) for name in ("encoder.0", "encoder.2", "head")}
+
+
+def test_a_masked_second_moment_is_that_of_the_real_tokens(registry):
+    """Brute force: the moment of the encoder layers' inputs at the real tokens only; the head (out of the mask's
+    scope, one row per sentence) keeps every row. Without the mask the padding counts (52 rows for 36 real)."""
+    torch.manual_seed(0)
+    model, batches = TokenEncoder(), padded_batches()
+    specs = encoder_specs(registry, model)
+    stats = collect_input_stats(model, specs, batches, progress=False, mask=mask_on(model, "encoder"))
+    with torch.no_grad():
+        real = torch.cat([model.embed(b["input_ids"])[b["attention_mask"].bool()] for b in batches]).double()
+        hidden = torch.relu(model.encoder[0](real.float())).double()
+    assert stats["encoder.0"].count == sum(SENTENCES) == 36
+    assert torch.allclose(stats["encoder.0"].second_moment, real.T @ real / len(real), atol=1e-12)
+    assert torch.allclose(stats["encoder.2"].second_moment, hidden.T @ hidden / len(hidden), atol=1e-10)
+    assert stats["head"].count == len(SENTENCES)
+    plain = collect_input_stats(model, specs, padded_batches(), progress=False)
+    assert plain["encoder.0"].count == 52 > 36
+    assert relative(plain["encoder.0"].second_moment, stats["encoder.0"].second_moment) > 0.05
+
+
+def test_padded_and_unpadded_sentences_give_the_same_statistics(registry):
+    """Input, sequential (cross) and output moments alike."""
+    torch.manual_seed(0)
+    model = TokenEncoder()
+    specs = encoder_specs(registry, model)
+    mask = mask_on(model, r"re:encoder\.\d+")
+    padded = collect_input_stats(model, specs, padded_batches(), progress=False, mask=mask)
+    unpadded = collect_input_stats(model, specs, unpadded_batches(), progress=False, mask=mask)
+    for name in specs:
+        assert padded[name].count == unpadded[name].count
+        assert torch.allclose(padded[name].second_moment, unpadded[name].second_moment, atol=1e-12)
+    swap = {"encoder.0": nn.Linear(12, 16)}
+    sequential = [calibration.collect_sequential_stats(model, {"encoder.2": specs["encoder.2"]}, swap, batches,
+                                                       progress=False, mask=mask)["encoder.2"]
+                  for batches in (padded_batches(), unpadded_batches())]
+    assert sequential[0].count == sequential[1].count == 36
+    assert torch.allclose(sequential[0].cross_moment, sequential[1].cross_moment, atol=1e-12)
+    assert torch.allclose(sequential[0].second_moment, sequential[1].second_moment, atol=1e-12)
+
+
+def test_a_masked_output_moment_counts_the_real_tokens_only(registry):
+    """Brute force: a model whose output is the layer's own, so each row's gradient is the projection's noise."""
+    model = nn.Linear(4, 3)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = model
+
+        def forward(self, x, attention_mask):
+            return self.layer(x)
+
+    wrapper, mask = Tokens(), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    batch = {"x": torch.randn(2, 4, 4), "attention_mask": mask}
+    moments = calibration.collect_output_moments(wrapper, {"layer": spec_of(registry, model)}, [batch],
+                                                 projections=2, seed=7, progress=False, mask=mask_on(wrapper, "layer"))
+    g = torch.Generator().manual_seed(7)
+    noise = torch.cat([torch.randn(2, 4, 3, generator=g)[mask.bool()] for _ in range(2)]).double()
+    assert torch.allclose(moments["layer"], noise.T @ noise / len(noise), atol=1e-6)
+
+
+def test_whitened_svd_with_the_mask_on_padded_batches_matches_unpadded_batches(registry):
+    """The compressed model is the same (to float rounding) whether the sentences come padded or one by one;
+    without the mask the padding moves the fit."""
+    torch.manual_seed(0)
+    model = TokenEncoder()
+    whitened = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [5]}
+
+    def compressed(batches, masked=True):
+        settings = {"calibration_mask": {"key": "attention_mask", "layers": ["encoder"]}} if masked else {}
+        schedule = {"version": 1, "settings": settings,
+                    "layers": {"encoder.0": whitened, "encoder.2": whitened, "head": {**whitened, "manual_rank": [3]}}}
+        compressor = Compressor(model, model_compr_kwargs=schedule, calibration_data=batches, registry=registry)
+        compressor.compression_step()
+        return compressor.compressed_model.state_dict()
+
+    padded, unpadded = compressed(padded_batches()), compressed(unpadded_batches())
+    assert all(torch.allclose(padded[key], unpadded[key], atol=1e-5) for key in padded)
+    unmasked = compressed(padded_batches(), masked=False)
+    assert not torch.allclose(unmasked["encoder.0.0.weight"], unpadded["encoder.0.0.weight"], atol=1e-3)
+
+
+def test_bad_masks_are_one_clear_error(registry):
+    torch.manual_seed(0)
+    model = TokenEncoder()
+    specs = encoder_specs(registry, model)
+    mask = mask_on(model, "encoder")
+    good = padded_batches()[0]
+
+    def refused(batch, match, layer_specs=specs, used=mask):
+        with pytest.raises(ConfigError, match=match):
+            collect_input_stats(model, layer_specs, [batch], progress=False, mask=used)
+
+    refused((good["input_ids"], good["attention_mask"]), "calibration_mask: batch 0 is a tuple; the mask is read from "
+                                                         "its key 'attention_mask'")
+    refused({"input_ids": good["input_ids"], "attention_mask": good["attention_mask"]},
+            "no key 'padding'", used=calibration.TokenMask("padding", mask.layers))
+    refused({**good, "attention_mask": good["attention_mask"][0]}, r"'attention_mask' is \(8,\); expected a "
+                                                                  r"\(batch, tokens\) tensor")
+    refused({**good, "attention_mask": [[1, 0]]}, "'attention_mask' is list")
+    refused({**good, "attention_mask": good["attention_mask"] * 2}, "values other than 0 and 1")
+    refused({**good, "attention_mask": torch.zeros_like(good["attention_mask"])}, r"layer\(s\) 'encoder.0', "
+            r"'encoder.2' never ran on the 1 calibration batch\(es\) or calibration_mask left them no real token")
+    refused({**good, "attention_mask": good["attention_mask"][:, :7]},
+            r"layer 'encoder.0' got an input of shape \(2, 8, 12\) on batch 0, where the mask 'attention_mask' is "
+            r"\(2, 7\); a masked layer needs \(batch, tokens, features\) inputs of the mask's shape")
+
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+        def forward(self, x, mask):
+            return self.layer(x.flatten(0, 1))
+
+    flat = Flattening()
+    with pytest.raises(ConfigError, match=r"layer 'layer' got an input of shape \(6, 3\) on batch 0, where the "
+                                          r"mask 'mask' is \(2, 3\)"):
+        collect_input_stats(flat, {"layer": spec_of(registry, flat.layer)},
+                            [{"x": torch.randn(2, 3, 3), "mask": torch.ones(2, 3)}], progress=False,
+                            mask=calibration.TokenMask("mask", frozenset({"layer"})))
+    with pytest.raises(ConfigError, match=r"layer 'layer' got an output of shape \(6, 2\) on batch 0"):
+        calibration.collect_output_moments(flat, {"layer": spec_of(registry, flat.layer)},
+                                           [{"x": torch.randn(2, 3, 3), "mask": torch.ones(2, 3)}], progress=False,
+                                           mask=calibration.TokenMask("mask", frozenset({"layer"})))
+    conv = nn.Sequential(nn.Conv1d(3, 2, 1))
+    with pytest.raises(ConfigError, match="calibration_mask: layer '0' is a .*no token axis"):
+        collect_input_stats(conv, {"0": spec_of(registry, conv[0])}, [], progress=False,
+                            mask=calibration.TokenMask("mask", frozenset({"0"})))
+    seq_first = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0))
+    with pytest.raises(ConfigError, match="layer '0.linear1' runs beside '0.self_attn', which has batch_first=False"):
+        collect_input_stats(seq_first, {"0.linear1": spec_of(registry, seq_first[0].linear1)}, [], progress=False,
+                            mask=calibration.token_mask(seq_first, CalibrationMask("mask", ("0",))))
+    for selector, match in [("decoder", "calibration_mask.layers: 'decoder' is not a module of TokenEncoder"),
+                            (r"re:decoder\..*", r"pattern 're:decoder\\\\..\*' matches no module"),
+                            ("re:(", "is not a regular expression")]:
+        with pytest.raises(ConfigError, match=match):
+            mask_on(model, selector)
+
+
+def test_the_mask_setting_round_trips_and_is_checked_against_the_model_and_batches(registry):
+    whitened = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [5]}
+    schedule = {"version": 1, "settings": {"calibration_mask": {"key": "attention_mask", "layers": ["encoder"]}},
+                "layers": {"encoder.0": whitened}}
+    codec = ScheduleCodec(registry)
+    loaded = codec.structure(schedule)
+    assert loaded.settings.calibration_mask == CalibrationMask("attention_mask", ("encoder",))
+    assert codec.structure(codec.unstructure(loaded)) == loaded
+    assert "calibration_mask" not in codec.unstructure(codec.structure({"version": 1}))["settings"]
+    with pytest.raises(ConfigError, match=r"\$.settings.calibration_mask.layers: expected a non-empty list"):
+        codec.structure({"version": 1, "settings": {"calibration_mask": {"key": "attention_mask", "layers": []}}})
+    wrong = {**schedule, "settings": {"calibration_mask": {"key": "attention_mask", "layers": ["decoder"]}}}
+    with pytest.raises(ConfigError, match="calibration_mask.layers: 'decoder' is not a module of TokenEncoder"):
+        Compressor(TokenEncoder(), model_compr_kwargs=wrong, calibration_data=padded_batches(), registry=registry)
+    compressor = Compressor(TokenEncoder(), model_compr_kwargs=schedule, registry=registry,
+                            calibration_data=[(b["input_ids"], b["attention_mask"]) for b in padded_batches()])
+    with pytest.raises(ConfigError, match="calibration_mask: batch 0 is a tuple"):
+        compressor.compression_step()

@@ -51,6 +51,8 @@ TYPE_WORDS: dict[str, tuple[str, str]] = {
     "RankList": ("list of ranks, one per compression (each a positive int, or a list of 1 to 8 positive ints)",
                  "lists of ranks"),
     "RankMultiple": ("int in [1, 4096]", "ints in [1, 4096]"),
+    "Key": ("non-empty string", "non-empty strings"),
+    "ModuleSelectors": ("non-empty list of module names and re: patterns", "lists of module names and re: patterns"),
 }
 BUILTIN_WORDS: dict[Any, tuple[str, str]] = {
     int: ("int", "ints"),
