@@ -81,19 +81,22 @@ def test_each_decomposition_shrinks_again_in_every_pass(registry, decomposition,
 
 @pytest.mark.parametrize("decomposition,ranks", [("svd", (5,)), ("whitened_svd", (5,)), ("tucker2", (9, 7)),
                                                  ("cp3", (6,)), ("cp4", (6,))])
-def test_a_factorized_layer_can_at_most_keep_its_current_ranks(registry, decomposition, ranks):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_factorized_layer_can_at_most_keep_its_current_ranks(registry, decomposition, ranks, groups):
+    """Also each group of a grouped layer (read dense, its limits were the group's size)."""
     from musco_core.calibration import InputStats
-    from musco_core.engine import compress_layer, read_layer
+    from musco_core.engine import compress_layer, read_layer, split_groups
     from musco_core.schedule import LayerSchedule, RunSettings
     from musco_plugins.rank_selectors import ManualParams
 
-    layer = nn.Conv2d(12, 16, 1 if decomposition == "svd" else 3)
-    features = layer.weight[0].numel()  # in_channels * kernel positions
+    layer = nn.Conv2d(12 * groups, 16 * groups, 1 if decomposition == "svd" else 3, groups=groups)
+    features = layer.weight[0].numel() * groups  # in_channels * kernel positions
     stats = InputStats(torch.eye(features, dtype=torch.float64), 1)
     schedule = LayerSchedule(decomposition, "manual", ManualParams([ranks]))
     new, _ = compress_layer(layer, "layer", schedule, RunSettings(), registry, input_stats=stats)
     _, source, _ = read_layer(new, registry, "layer")
-    assert registry.decompositions.get(decomposition).max_ranks(source) == ranks
+    for group in split_groups(source)[1]:
+        assert registry.decompositions.get(decomposition).max_ranks(group) == ranks
 
 
 def planted(layer: nn.Module, ranks: tuple[int, ...], noise: float) -> nn.Module:
