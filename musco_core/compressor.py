@@ -20,7 +20,7 @@ from .errors import ConfigError, short_repr
 from .registry import Registry, default_registry
 from .report import BudgetRecord, CompressionReport
 from .run import (build_report, check_calibration, check_resumable, check_same_example, check_same_model,
-                  checked_schedule, run_step, start_run, with_inputs)
+                  checked_schedule, component_inputs, run_step, start_run, with_inputs)
 from .schedule import ModelSchedule, ScheduleCodec, read_yaml
 from .state import RunContext, RunInput, RunState
 from .stats import ModelStats, as_model_stats
@@ -67,13 +67,14 @@ def _original_layers(model: nn.Module, stats: ModelStats, given: Any, config_typ
     return ordered, {name: reason for name, reason in reasons.items() if name not in named}
 
 
-def _run_inputs(calibration_data: Any, evaluate: Any, inputs: Mapping[str, RunInput | str] | None
-                ) -> dict[str, RunInput]:
+def _run_inputs(calibration_data: Any, evaluate: Any, inputs: Mapping[str, RunInput | str] | None,
+                components: Mapping[str, RunInput]) -> dict[str, RunInput]:
     """What the state records of a run's other inputs (see :func:`~musco_core.run.with_inputs`): whether
-    calibration data and an evaluation were given (their contents are not hashed: a DataLoader may be any size), and
-    the caller's own ``inputs`` (a string for a :class:`RunInput`'s value), which may replace them."""
+    calibration data and an evaluation were given (their contents are not hashed: a DataLoader may be any size), the
+    plugins of the ``components`` the schedule uses (:func:`~musco_core.run.component_inputs`), and the caller's own
+    ``inputs`` (a string for a :class:`RunInput`'s value), which may replace them."""
     recorded = {"calibration_data": RunInput("none" if calibration_data is None else "batches"),
-                "evaluate": RunInput("none" if evaluate is None else "a callable")}
+                "evaluate": RunInput("none" if evaluate is None else "a callable"), **components}
     return {**recorded, **{str(name): value if isinstance(value, RunInput) else RunInput(str(value))
                            for name, value in (inputs or {}).items()}}
 
@@ -193,7 +194,8 @@ class Compressor:
             calibration = check_calibration(model, schedule, registry, schedule.compressed_layers(), calibration_data)
             check_model_inputs(schedule, registry, example_input, stats)
         self._attach(model, start_run(model, schedule, registry, left_out, example_input,
-                                      _run_inputs(calibration_data, evaluate, inputs)),
+                                      _run_inputs(calibration_data, evaluate, inputs,
+                                                  component_inputs(model, schedule, registry))),
                      RunContext(registry, stats, calibration, evaluate, progress, example_input,
                                 began_factorized=factor_layouts(model)))
 
@@ -254,7 +256,8 @@ class Compressor:
             restored, state, origin = io.load_state(model, directory, registry)
             check_same_model(model, state, origin)
             check_same_example(state, example_input, origin)
-            state = with_inputs(state, _run_inputs(calibration_data, evaluate, inputs), origin,
+            components = component_inputs(model, state.initial_schedule, registry)  # model: as the run began
+            state = with_inputs(state, _run_inputs(calibration_data, evaluate, inputs, components), origin,
                                 allow_changed=allow_changed_inputs)
             stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin, began=model)

@@ -100,9 +100,12 @@ def one_group(spec: LayerSpec) -> LayerSpec:
 
 
 def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
-    """A grouped layer as independent per-group layers: their spec and one dense source per group.
+    """A grouped layer as independent per-group layers: their spec and one source per group.
 
-    A layer with one group is returned as it is, keeping any earlier factors for direct re-compression.
+    A layer with one group is returned as it is. Each group of a factorized layer keeps its slice of the earlier
+    factors, as a layer with one group keeps its factors: a decomposer re-compresses them and its ``max_ranks`` is
+    the group's current rank (dense, the limit was the group's size, and vbmf's later ranks could exceed the
+    current ones, so the layer was kept at its first ranks).
     """
     spec, groups = source.spec, source.spec.groups
     if groups == 1:
@@ -113,8 +116,23 @@ def split_groups(source: WeightSource) -> tuple[LayerSpec, list[WeightSource]]:
     blocks = [weight[g * out_size:(g + 1) * out_size] if not source.factors else
               weight[g * out_size:(g + 1) * out_size, g * in_size:(g + 1) * in_size] for g in range(groups)]
     stats = source.input_stats
-    return group_spec, [WeightSource(group_spec, dense=block, input_stats=None if stats is None else
-                                     stats.group(g, groups)) for g, block in enumerate(blocks)]
+
+    def group_factors(g: int) -> list[Factor] | None:
+        """Group ``g``'s slice of each factor (the core widened every per-group layout over the groups)."""
+        if not source.factors:
+            return None
+        sliced = []
+        for factor in source.factors:
+            layout = factor.layout
+            rows = slice(g * layout.out_channels // groups, (g + 1) * layout.out_channels // groups)
+            sliced.append(Factor(attrs.evolve(layout, out_channels=layout.out_channels // groups,
+                                              in_channels=layout.in_channels // groups, groups=layout.groups // groups),
+                                 factor.weight[rows], None if factor.bias is None else factor.bias[rows]))
+        return sliced
+
+    return group_spec, [WeightSource(group_spec, group_factors(g), source.previous, dense=block,
+                                     input_stats=None if stats is None else stats.group(g, groups))
+                        for g, block in enumerate(blocks)]
 
 
 def blamed(call: Callable[[], object], name: str, component: str) -> Any:

@@ -508,10 +508,9 @@ def check_saveable(model: nn.Module, registry: Registry, state: RunState | None 
 
 
 def _provenance(registry: Registry, role: str, name: str) -> dict[str, str]:
-    entries = {r.title: r for r in registry.roles}[role].entries
-    if name not in entries:
+    source = registry.source_of(role, name)
+    if source is None:
         return {"plugin": "unknown", "distribution": "unknown", "version": "unknown"}
-    source = entries[name].source
     return {"plugin": source.name, "distribution": source.distribution, "version": source.version}
 
 

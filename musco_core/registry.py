@@ -124,6 +124,11 @@ class Registry:
     def roles(self) -> tuple[Role, ...]:
         return (self.decompositions, self.rank_selectors, self.adapters, self.schedulers)
 
+    def source_of(self, role: str, name: str) -> PluginSource | None:
+        """The plugin that supplied the component ``name`` of ``role`` (a role's title), or None when none did."""
+        entry = {r.title: r for r in self.roles}[role].entries.get(name)
+        return None if entry is None else entry.source
+
     @classmethod
     def from_plugin_manager(cls, manager: MuscoPluginManager, *, strict: bool = False, keep_clashes: bool = False
                             ) -> Registry:

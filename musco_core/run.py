@@ -120,6 +120,26 @@ def with_inputs(state: RunState, inputs: Mapping[str, RunInput], origin: str, *,
     return attrs.evolve(state, inputs={**state.inputs, **inputs}, inputs_changed=(*state.inputs_changed, *notes))
 
 
+def component_inputs(model: nn.Module, schedule: ModelSchedule, registry: Registry) -> dict[str, RunInput]:
+    """The distribution and version of each component ``schedule`` uses on ``model`` (its scheduler, and each
+    layer's decompositions, rank selector and layer adapter), as run inputs named ``role/name`` as the output set's
+    musco.yaml names them: a resume whose plugins changed version, or come from another distribution, is then
+    refused as a changed input (see :func:`with_inputs`), where before it finished silently and the output credited
+    the new version with every step."""
+    modules = dict(model.named_modules())
+    used = {("scheduler", schedule.settings.scheduler)}
+    for name in schedule.compressed_layers():
+        layer, module = schedule.layers[name], modules.get(name)
+        used |= {("decomposition", candidate) for candidate in layer.candidates}
+        used.add(("rank selector", layer.rank_selection))
+        adapter = (module.spec.adapter if isinstance(module, FactorizedLayer) else
+                   None if module is None else getattr(registry.adapter_for(module), "name", None))
+        if adapter is not None:
+            used.add(("layer adapter", adapter))
+    return {f"{role}/{name}": RunInput(f"{source.distribution} {source.version}", f"plugin {source.name!r}")
+            for role, name in sorted(used) if (source := registry.source_of(role, name)) is not None}
+
+
 def stages_of(schedule: ModelSchedule, taken: Mapping[str, int] | None = None) -> dict[str, range]:
     """The compressions (0-based stage numbers) still to run on each layer, after ``taken`` ones of the run."""
     total = schedule.settings.nglobal_compress_iters

@@ -30,7 +30,8 @@ from .stats import ModelStats
 #: the model's weights when the run began, which a state of format 4 or later must have; a state without one (format
 #: 2 or 3) resumes without that check, and a run resumed from one is saved in format 3 again (it has no fingerprint to
 #: record). 5 added the example input's dtypes and shapes; a state without them (format 2 to 4) resumes without that
-#: check. 6 added the run's other inputs (``inputs``: calibration data, fine-tuning, sensitivity evaluation) and
+#: check. 6 added the run's other inputs (``inputs``: calibration data, fine-tuning, sensitivity evaluation, and
+#: since then the plugins of the components the schedule uses, see :func:`musco_core.run.component_inputs`) and
 #: the changes a resume was allowed to make to them (``inputs_changed``); a state of format 6 must record them, one
 #: without (format 2 to 5) resumes without that check and records the inputs given to the resume from then on.
 STATE_FORMAT = 6

@@ -81,19 +81,22 @@ def test_each_decomposition_shrinks_again_in_every_pass(registry, decomposition,
 
 @pytest.mark.parametrize("decomposition,ranks", [("svd", (5,)), ("whitened_svd", (5,)), ("tucker2", (9, 7)),
                                                  ("cp3", (6,)), ("cp4", (6,))])
-def test_a_factorized_layer_can_at_most_keep_its_current_ranks(registry, decomposition, ranks):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_factorized_layer_can_at_most_keep_its_current_ranks(registry, decomposition, ranks, groups):
+    """Also each group of a grouped layer (read dense, its limits were the group's size)."""
     from musco_core.calibration import InputStats
-    from musco_core.engine import compress_layer, read_layer
+    from musco_core.engine import compress_layer, read_layer, split_groups
     from musco_core.schedule import LayerSchedule, RunSettings
     from musco_plugins.rank_selectors import ManualParams
 
-    layer = nn.Conv2d(12, 16, 1 if decomposition == "svd" else 3)
-    features = layer.weight[0].numel()  # in_channels * kernel positions
+    layer = nn.Conv2d(12 * groups, 16 * groups, 1 if decomposition == "svd" else 3, groups=groups)
+    features = layer.weight[0].numel() * groups  # in_channels * kernel positions
     stats = InputStats(torch.eye(features, dtype=torch.float64), 1)
     schedule = LayerSchedule(decomposition, "manual", ManualParams([ranks]))
     new, _ = compress_layer(layer, "layer", schedule, RunSettings(), registry, input_stats=stats)
     _, source, _ = read_layer(new, registry, "layer")
-    assert registry.decompositions.get(decomposition).max_ranks(source) == ranks
+    for group in split_groups(source)[1]:
+        assert registry.decompositions.get(decomposition).max_ranks(group) == ranks
 
 
 def planted(layer: nn.Module, ranks: tuple[int, ...], noise: float) -> nn.Module:
@@ -154,3 +157,50 @@ def test_vbmf_never_grows_a_factorized_layer(registry, decomposition, shape, fir
                     signal, noise=0.3)
     result = vbmf_after_manual(registry, layer, decomposition, first)
     assert not result.applied or all(r <= f for r, f in zip(result.ranks, first)), (result.ranks, first)
+
+
+@pytest.mark.parametrize("decomposition,shape,signals,first", [
+    ("svd", (128, 128, 1, 1), [(24, 24), (16, 16)], (44,)),
+    ("tucker2", (48, 32, 3, 3), [(20, 16), (12, 10)], (30, 24))])
+def test_a_grouped_layer_is_ranked_at_every_pass_as_its_groups_alone(registry, decomposition, shape, signals, first):
+    """A grouped layer gets at each pass the largest of the ranks its groups would get alone: in a later pass each
+    group is read with its current factors (before, dense without them, so its limit was the group's size: two
+    128 x 128 groups of a 1x1 conv at svd rank 44 got 60 in pass 2, and the layer was kept at 44 in every pass).
+    The first pass is unchanged."""
+    from musco_core.engine import compress_layer
+    from musco_core.schedule import LayerSchedule, RunSettings
+    from musco_plugins.rank_selectors import ManualParams, VBMFParams
+
+    settings, vbmf = RunSettings(rank_multiple=1), LayerSchedule(decomposition, "vbmf", VBMFParams(0.8))
+    manual = LayerSchedule(decomposition, "manual", ManualParams([first]))
+    alone = [planted(nn.Conv2d(shape[1], shape[0], shape[2:]), signal, noise=0.3) for signal in signals]
+    layer = nn.Conv2d(2 * shape[1], 2 * shape[0], shape[2:], groups=2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([group.weight for group in alone]))
+
+    def ranks(module: nn.Module, *schedules: LayerSchedule) -> tuple[int, ...]:
+        for schedule in schedules:
+            module, result = compress_layer(module, "layer", schedule, settings, registry)
+            assert result.applied, result.note
+        return result.ranks
+
+    largest = tuple(map(max, zip(*(ranks(group, vbmf) for group in alone))))
+    assert ranks(layer, vbmf) == largest
+    second = [ranks(group, manual, vbmf) for group in alone]
+    assert all(r < f for rank in second for r, f in zip(rank, first)), second  # each group alone shrinks again
+    assert ranks(layer, manual, vbmf) == tuple(map(max, zip(*second)))
+
+
+@pytest.mark.parametrize("decomposition,layer", [("svd", nn.Conv2d(128, 128, 1, groups=2)),
+                                                 ("tucker2", nn.Conv2d(64, 96, 3, groups=2))])
+def test_param_reduction_halves_a_grouped_layer_at_every_pass(registry, decomposition, layer):
+    """Pass 2 halves the grouped layer's current weights (its groups were read dense, their count the group's
+    size: svd at rank 16 got 16 again, and the layer was kept at 4096 weights in every pass)."""
+    from musco_core.engine import compress_layer
+    from musco_core.schedule import LayerSchedule, RunSettings
+    from musco_plugins.rank_selectors import ParamReductionParams
+
+    schedule = LayerSchedule(decomposition, "param_reduction", ParamReductionParams(2.0))
+    first, _ = compress_layer(layer, "layer", schedule, RunSettings(rank_multiple=1), registry)
+    _, result = compress_layer(first, "layer", schedule, RunSettings(rank_multiple=1), registry)
+    assert result.applied and result.params_after <= result.params_before / 2, result.note

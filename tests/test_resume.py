@@ -283,6 +283,62 @@ def test_a_state_written_before_the_inputs_resumes_unchecked_and_records_them(sa
         Compressor.resume(worker.model(), saved, example_input=worker.EXAMPLE, progress=False)
 
 
+def versioned_registry(distribution: str, version: str):
+    """The bundled components and ``svd_v`` (svd under another name) from a plugin of this distribution and version."""
+    from musco_core import hookimpl
+    from musco_core.plugins import PluginSource, make_plugin_manager
+    from musco_core.registry import Registry
+    from musco_plugins.svd import SVD
+
+    class VersionedSVD(SVD):
+        name = "svd_v"
+
+    class Plugin:
+        @hookimpl
+        def musco_register_decompositions(self):
+            return [VersionedSVD]
+
+    manager = make_plugin_manager(entry_points=False)
+    manager.add_plugin(Plugin(), PluginSource("versioned", distribution, version), strict=True)
+    return Registry.from_plugin_manager(manager)
+
+
+@pytest.mark.parametrize("distribution, version", [("musco-versioned", "2.0"), ("musco-other", "1.0")])
+def test_resuming_with_another_plugin_version_is_refused_unless_allowed(tmp_path, distribution, version):
+    """A resume after the plugin that made the earlier steps changed version, or now comes from another
+    distribution, finished silently, and musco.yaml credited the new one with every step. The state now records
+    the distribution and version of each component the schedule uses, and a change is refused like any changed
+    input, or allowed and recorded. A state without that record resumes unchecked and records it."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+    schedule = {"0": {"decomposition": "svd_v", "rank_selection": "manual", "manual_rank": [[8], [4]]}}
+    compressor = Compressor(model(), model_compr_kwargs=schedule, nglobal_compress_iters=2, progress=False,
+                            registry=versioned_registry("musco-versioned", "1.0"))
+    compressor.compression_step()
+    compressor.save_state(tmp_path)
+    recorded = compressor.state.inputs
+    assert recorded["decomposition/svd_v"].describe() == "musco-versioned 1.0 (plugin 'versioned')"
+    assert {"rank selector/manual", "layer adapter/linear", "scheduler/musco"} <= set(recorded)
+    later = versioned_registry(distribution, version)
+    with pytest.raises(ConfigError) as refused:
+        Compressor.resume(model(), tmp_path, registry=later, progress=False)
+    assert str(refused.value).startswith(
+        f'{tmp_path}/step-0001/state.yaml: $.inputs["decomposition/svd_v"]: the run began with musco-versioned 1.0 '
+        f"(plugin 'versioned'), the resume was given {distribution} {version} (plugin 'versioned'); its 1 step(s) so "
+        f"far were made with the first")
+    resumed = Compressor.resume(model(), tmp_path, registry=later, progress=False, allow_changed_inputs=True)
+    assert resumed.report().inputs_changed == [
+        f"from step 2 of 2: decomposition/svd_v changed from musco-versioned 1.0 (plugin 'versioned') to "
+        f"{distribution} {version} (plugin 'versioned')"]
+    # a state written before components were recorded (its inputs without them) resumes unchecked, and records them
+    edit_state(tmp_path, lambda s: s["inputs"].pop("decomposition/svd_v"))
+    resumed = Compressor.resume(model(), tmp_path, registry=later, progress=False)
+    assert resumed.state.inputs["decomposition/svd_v"].value == f"{distribution} {version}"
+    assert resumed.report().inputs_changed == []
+
+
 def test_a_run_without_an_example_input_resumes_without_one_and_counts_no_macs(tmp_path):
     def model():
         torch.manual_seed(0)
