@@ -68,14 +68,16 @@ from musco_core.finetune import distill  # noqa: E402
 
 
 def compress(model, linears, decomposition: str, selection: str, fraction: float, params_total: int,
-             linear_weights: int, calibration, seed: int, scope: str, output_weighting: bool = False) -> Compressor:
+             linear_weights: int, calibration, seed: int, scope: str, output_weighting: bool = False,
+             calibration_mask: bool = False) -> Compressor:
     """All ``linears`` compressed by ``decomposition`` with ``fraction`` fewer Linear weights, uniformly or by
     budget (the budget with the calibration data: its damage is then each layer's output error on it;
     ``budget-weights``: without, by weight energy unless the decomposition is data-aware). ``budget+sens`` adds a
     sensitivity pass whose loss is one minus the mean embedding cosine on two calibration batches. With
     ``output_weighting`` (``whitened_svd``) the compressed model is the encoder with mean pooling on top
     (:class:`MeanPooled`), so that the fit is weighted by how much each layer moves the sentence embedding (see
-    :func:`encoder`)."""
+    :func:`encoder`). With ``calibration_mask`` the padding tokens are left out of the encoder layers'
+    calibration statistics (``settings.calibration_mask``)."""
     probe = calibration[:2]
     reference = embed(model, probe) if selection == "budget+sens" else None
 
@@ -96,8 +98,14 @@ def compress(model, linears, decomposition: str, selection: str, fraction: float
     if output_weighting:
         algo_kwargs = {**(algo_kwargs or {}), "whitened_svd": {"output_weighting": True}}
     data_aware = decomposition == "whitened_svd" or selection in ("budget", "budget+sens")
-    compressor = Compressor(MeanPooled(model) if output_weighting else model, model_compr_kwargs=schedule,
-                            ft_every=len(linears), seed=seed, all_algo_kwargs=algo_kwargs, progress=False,
+    run = {"ft_every": len(linears), "seed": seed, "all_algo_kwargs": algo_kwargs}
+    if calibration_mask:  # a full schedule: its settings carry the mask, and the run arguments with it
+        mask = {"key": "attention_mask", "layers": [prefix + "encoder"]}
+        schedule = {"version": 1, "layers": schedule, "settings": {
+            "ft_every": len(linears), "seed": seed, "algo_kwargs": algo_kwargs or {}, "calibration_mask": mask}}
+        run = {}
+    compressor = Compressor(MeanPooled(model) if output_weighting else model, model_compr_kwargs=schedule, **run,
+                            progress=False,
                             evaluate=sensitivity if selection == "budget+sens" else None,
                             calibration_data=calibration if data_aware else None)
     while not compressor.done:
@@ -362,6 +370,9 @@ def main() -> None:
     parser.add_argument("--output-weighting", action="store_true",
                         help="whitened_svd weighs its fit by how much each layer moves the mean-pooled sentence "
                              "embedding (algo_kwargs.whitened_svd.output_weighting)")
+    parser.add_argument("--calibration-mask", action="store_true",
+                        help="leave padding tokens out of the encoder layers' calibration statistics "
+                             "(settings.calibration_mask)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.stages and (args.stages < 2 or args.distill_steps < args.stages
@@ -422,12 +433,14 @@ def main() -> None:
                 continue
             started = time.perf_counter()
             compressor = compress(model, linears, decomposition, selection, fraction, params_total,
-                                  linear_weights, calibration, args.seed, args.scope, args.output_weighting)
+                                  linear_weights, calibration, args.seed, args.scope, args.output_weighting,
+                                  args.calibration_mask)
             seconds = time.perf_counter() - started
             kept = {r.name: r for r in compressor.history}
             weights = sum(r.params_after for r in kept.values())
             cos = cosines(encoder(compressor), held_out, reference)
-            weighted = " + output weighting" if args.output_weighting else ""
+            weighted = (" + output weighting" if args.output_weighting else "") + (
+                " + calibration mask" if args.calibration_mask else "")
             label = f"| {fraction:.0%} | {decomposition}{weighted} | {selection} | {weights:,} | " \
                     f"{1 - weights / linear_weights:.1%} |"
             rows.append(f"{label} {float(cos.mean()):.4f} | {float(cos.min()):.4f} | {seconds:.0f} |")
