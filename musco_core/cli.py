@@ -510,9 +510,9 @@ def main(debug) -> None:
                    "not write is never replaced or deleted).")
 @click.option("--calibration", "calibration_path", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for data-aware decompositions (whitened_svd) and --finetune distill: a "
-                   ".safetensors file split into batches along the first axis; one tensor gives the batches "
-                   "model(batch), several (input_ids, attention_mask) the batches model(**batch), so they must "
-                   "have the same first dimension.")
+                   ".safetensors file split into batches along the first axis: one tensor gives tensor batches, "
+                   "model(batch); several (input_ids, attention_mask) give mapping batches, model(**batch), and "
+                   "must have the same first dimension.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Inputs per calibration batch.")
 @click.option("--target", "target", metavar="METRIC:REDUCTION[:SCOPE][:FORM]",
