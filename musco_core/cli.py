@@ -410,7 +410,7 @@ def _calibration_batches(path: Path | None, batch_size: int) -> Batches | None:
         return list(inputs.split(batch_size))
     counts = {int(tensor.shape[0]) if tensor.dim() else None for tensor in tensors.values()}
     if len(counts) != 1 or None in counts:
-        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in sorted(tensors.items()))
         raise UsageProblem(f"--calibration {path}: its {len(tensors)} tensors are the model's keyword inputs, split "
                            f"along their first axis into batches, so they must have the same first dimension (the "
                            f"number of inputs); got {one_line(shapes, 300)}")
