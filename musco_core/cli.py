@@ -384,8 +384,14 @@ def _model_and_example(model_spec: str, weights: Path | None, input_shape: str |
     return model, example
 
 
-def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tensor] | None:
-    """The one tensor of a safetensors file, split along its first axis into batches of ``batch_size``."""
+#: The --calibration inputs: tensor batches (a file of one tensor) or mappings of keyword inputs (several).
+Batches = list[torch.Tensor] | list[dict[str, torch.Tensor]]
+
+
+def _calibration_batches(path: Path | None, batch_size: int) -> Batches | None:
+    """A safetensors file's tensors split along their first axis into batches of ``batch_size``: one tensor gives
+    tensor batches (``model(batch)``); several give mappings ``{name: tensor[i:i + b]}`` (``model(**batch)``, a
+    tokenizer's ``input_ids`` and ``attention_mask``), so they must agree on the number of inputs."""
     if path is None:
         return None
     from safetensors.torch import load_file
@@ -395,13 +401,23 @@ def _calibration_batches(path: Path | None, batch_size: int) -> list[torch.Tenso
         tensors = load_file(str(path))
     except SafetensorError as exc:
         raise UsageProblem(f"--calibration {path}: not a safetensors file: {_exception_line(exc)}") from None
-    if len(tensors) != 1:
-        raise UsageProblem(f"--calibration {path}: expected one tensor of model inputs, found {len(tensors)} "
-                           f"({one_line(', '.join(sorted(tensors)) or 'none', 200)})")
-    (inputs,) = tensors.values()
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise UsageProblem(f"--calibration {path}: the tensor of shape {tuple(inputs.shape)} holds no inputs")
-    return list(inputs.split(batch_size))
+    if not tensors:
+        raise UsageProblem(f"--calibration {path}: expected tensors of model inputs, found none")
+    if len(tensors) == 1:
+        (inputs,) = tensors.values()
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise UsageProblem(f"--calibration {path}: the tensor of shape {tuple(inputs.shape)} holds no inputs")
+        return list(inputs.split(batch_size))
+    counts = {int(tensor.shape[0]) if tensor.dim() else None for tensor in tensors.values()}
+    if len(counts) != 1 or None in counts:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in sorted(tensors.items()))
+        raise UsageProblem(f"--calibration {path}: its {len(tensors)} tensors are the model's keyword inputs, split "
+                           f"along their first axis into batches, so they must have the same first dimension (the "
+                           f"number of inputs); got {one_line(shapes, 300)}")
+    if counts == {0}:
+        raise UsageProblem(f"--calibration {path}: its {len(tensors)} tensors hold no inputs (first dimension 0)")
+    parts = zip(*(tensor.split(batch_size) for tensor in tensors.values()))
+    return [dict(zip(tensors, batch)) for batch in parts]
 
 
 def _run_inputs(calibration_path: Path | None, batch_size: int, finetune_spec: str | None, distill_steps: int,
@@ -493,8 +509,10 @@ def main(debug) -> None:
               help="Start a new run in an OUT that holds another run's output or other files (a file musco-core did "
                    "not write is never replaced or deleted).")
 @click.option("--calibration", "calibration_path", type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration inputs for data-aware decompositions (whitened_svd): a .safetensors file with one "
-                   "tensor, split into batches along its first axis.")
+              help="Calibration inputs for data-aware decompositions (whitened_svd) and --finetune distill: a "
+                   ".safetensors file split into batches along the first axis: one tensor gives tensor batches, "
+                   "model(batch); several (input_ids, attention_mask) give mapping batches, model(**batch), and "
+                   "must have the same first dimension.")
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Inputs per calibration batch.")
 @click.option("--target", "target", metavar="METRIC:REDUCTION[:SCOPE][:FORM]",
@@ -720,20 +738,21 @@ def _check_distill_options(finetune_spec: str | None, steps: int | None, lr: flo
         raise UsageProblem("--finetune distill trains on the --calibration inputs: give --calibration FILE")
 
 
-def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: Path) -> None:
-    """``--finetune distill``'s inputs checked before step 1, not after it: finite, and the model as loaded runs on
-    the first batch to a finite output."""
-    from .finetune import matched_output
+def _check_distill_inputs(model: nn.Module, batches: Batches, path: Path) -> None:
+    """``--finetune distill``'s inputs checked before step 1, not after it: finite (integer ids and masks always
+    are), and the model as loaded runs on the first batch to a finite output."""
+    from .finetune import matched_output, run_model
     from .stats import describe_input
 
-    bad = sum(int((~torch.isfinite(batch)).sum()) for batch in batches)
+    tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, Mapping) else (batch,))]
+    bad = sum(int((~torch.isfinite(tensor)).sum()) for tensor in tensors)
     if bad:
-        raise UsageProblem(f"--calibration {path}: {bad:,} of its {sum(b.numel() for b in batches):,} values are not "
+        raise UsageProblem(f"--calibration {path}: {bad:,} of its {sum(t.numel() for t in tensors):,} values are not "
                            f"finite (NaN or inf); distillation needs finite model inputs")
     first = batches[0]
     try:
         with torch.no_grad():
-            output = matched_output(model(first))
+            output = matched_output(run_model(model, first))
     except Exception as exc:  # noqa: BLE001 - the model's forward is the user's code
         raise UsageProblem(f"--calibration {path}: --model cannot run on its first batch "
                            f"({describe_input(first)}): "
@@ -743,7 +762,7 @@ def _check_distill_inputs(model: nn.Module, batches: list[torch.Tensor], path: P
                            f"distillation needs finite outputs to reproduce")
 
 
-def _distiller(teacher: nn.Module, batches: list[torch.Tensor], steps: int, lr: float, progress: bool):
+def _distiller(teacher: nn.Module, batches: Batches, steps: int, lr: float, progress: bool):
     """``finetune(model, step)`` for ``--finetune distill``: :func:`~musco_core.finetune.distill` from the model as
     loaded. The student trains in eval mode (no dropout, BatchNorm statistics kept: a few hundred calibration inputs
     are too few to re-estimate them), so the run has no randomness and resuming repeats it exactly."""

@@ -509,7 +509,7 @@ def test_cli_compress_with_calibration(tmp_path, monkeypatch):
     (tmp_path / "schedule.yaml").write_text(yaml.safe_dump({"version": 1, "layers": {
         "0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}}}))
     save_file({"inputs": torch.randn(50, 16)}, str(tmp_path / "calib.safetensors"))
-    save_file({"a": torch.randn(5, 16), "b": torch.randn(5, 16)}, str(tmp_path / "two.safetensors"))
+    save_file({"a": torch.randn(5, 16), "b": torch.randn(6, 16)}, str(tmp_path / "two.safetensors"))
     args = ["compress", "--model", "calib_factories:mlp", "--config", str(tmp_path / "schedule.yaml"), "--quiet"]
     runner = CliRunner()
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--calibration",
@@ -520,8 +520,12 @@ def test_cli_compress_with_calibration(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "calibration_data: layer(s) '0'" in result.output
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "out3"), "--calibration",
                                   str(tmp_path / "two.safetensors")])
-    assert result.exit_code == 2 and "expected one tensor of model inputs, found 2 (a, b)" in result.output
-    # its batches are tensors: a calibration_mask, which reads mapping batches, is one clear error (docs say so)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.endswith(f"--calibration {tmp_path / 'two.safetensors'}: its 2 tensors are the model's "
+                                  f"keyword inputs, split along their first axis into batches, so they must have the "
+                                  f"same first dimension (the number of inputs); got a (5, 16), b (6, 16)\n"), \
+        result.output
+    # one tensor's batches are tensors: a calibration_mask, which reads mapping batches, is one clear error
     (tmp_path / "masked.yaml").write_text(yaml.safe_dump({"version": 1, "settings": {
         "calibration_mask": {"key": "attention_mask", "layers": ["0"]}}, "layers": {
         "0": {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [4]}}}))
@@ -687,6 +691,123 @@ def test_whitened_svd_with_the_mask_on_padded_batches_matches_unpadded_batches(r
     assert all(torch.allclose(padded[key], unpadded[key], atol=1e-5) for key in padded)
     unmasked = compressed(padded_batches(), masked=False)
     assert not torch.allclose(unmasked["encoder.0.0.weight"], unpadded["encoder.0.0.weight"], atol=1e-3)
+
+
+TOKEN_FACTORIES = """
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 12)
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12))
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(self.embed(input_ids))
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def tokens():
+    torch.manual_seed(0)
+    return Tokens()
+"""
+
+
+def padded_file() -> dict[str, torch.Tensor]:
+    """The sentences padded with id 0 to the longest of all, as one tokenizer call gives them, mask 1 on the real
+    tokens: the integer tensors of a calibration file."""
+    ids = torch.zeros(len(SENTENCES), max(SENTENCES), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sentence in enumerate(sentences()):
+        ids[row, :len(sentence)], mask[row, :len(sentence)] = sentence, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def token_project(tmp_path, monkeypatch):
+    (tmp_path / "token_factories.py").write_text(TOKEN_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    save_file(padded_file(), str(tmp_path / "tokens.safetensors"))
+    yield tmp_path
+    import sys
+    sys.modules.pop("token_factories", None)
+
+
+def token_schedule(masked: bool) -> dict:
+    whitened = {"decomposition": "whitened_svd", "rank_selection": "manual", "manual_rank": [5]}
+    settings = {"calibration_mask": {"key": "attention_mask", "layers": ["encoder"]}} if masked else {}
+    return {"version": 1, "settings": settings, "layers": {"encoder.0": whitened, "encoder.2": whitened}}
+
+
+def compress_tokens(project, out: str, masked: bool, *extra: str):
+    (project / f"{out}.yaml").write_text(yaml.safe_dump(token_schedule(masked)))
+    return CliRunner().invoke(main, ["compress", "--model", "token_factories:tokens", "--config", f"{out}.yaml",
+                                     "--out", out, "--calibration", "tokens.safetensors", "--calibration-batch-size",
+                                     "3", "--quiet", *extra])
+
+
+def test_cli_calibration_file_of_several_tensors_gives_keyword_batches(token_project):
+    """A transformer is called as model(**batch) (input_ids and attention_mask): --calibration took one tensor only,
+    so the CLI could neither compress it with whitened_svd nor leave the padding out (calibration_mask refused with
+    "batch 0 is a Tensor"). A file of several tensors now gives the batches {name: tensor[i:i + b]}."""
+    import token_factories
+
+    runs = {}
+    for masked in (False, True):
+        result = compress_tokens(token_project, f"masked_{masked}", masked)
+        assert result.exit_code == 0, result.output
+        runs[masked] = load_compressed(token_factories.tokens(), token_project / f"masked_{masked}").state_dict()
+    data = padded_file()
+    batches = [dict(zip(data, parts)) for parts in zip(*(tensor.split(3) for tensor in data.values()))]
+    assert [tuple(batch["input_ids"].shape) for batch in batches] == [(3, 8), (3, 8), (2, 8)]
+    for masked, got in runs.items():  # as the library compresses the same batches
+        compressor = Compressor(token_factories.tokens(), model_compr_kwargs=token_schedule(masked),
+                                calibration_data=batches, progress=False)
+        while not compressor.done:
+            compressor.compression_step()
+        expected = compressor.compressed_model.state_dict()
+        assert expected.keys() == got.keys()
+        assert all(torch.allclose(expected[key], got[key], atol=1e-6) for key in expected)
+    assert not torch.allclose(runs[True]["encoder.0.0.weight"], runs[False]["encoder.0.0.weight"], atol=1e-3)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"input_ids": torch.zeros(8, 8, dtype=torch.long), "attention_mask": torch.ones(7, 8, dtype=torch.long)},
+     "so they must have the same first dimension (the number of inputs); got attention_mask (7, 8), input_ids (8, 8)"),
+    ({"input_ids": torch.zeros(8, 8, dtype=torch.long), "scale": torch.tensor(2.0)},
+     "so they must have the same first dimension (the number of inputs); got input_ids (8, 8), scale ()"),
+    ({"input_ids": torch.zeros(0, 8, dtype=torch.long), "attention_mask": torch.zeros(0, 8, dtype=torch.long)},
+     "its 2 tensors hold no inputs (first dimension 0)"),
+])
+def test_cli_calibration_tensors_that_cannot_be_keyword_batches_are_one_error(token_project, tensors, message):
+    save_file(tensors, "bad.safetensors")
+    (token_project / "plain.yaml").write_text(yaml.safe_dump(token_schedule(False)))
+    result = CliRunner().invoke(main, ["compress", "--model", "token_factories:tokens", "--config", "plain.yaml",
+                                       "--out", "out", "--calibration", "bad.safetensors", "--quiet"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("musco: error: --calibration bad.safetensors: ") and message in result.output
+    assert not (token_project / "out").exists()
+
+
+def test_cli_distills_on_keyword_batches_of_integer_tensors(token_project):
+    """--finetune distill checks its inputs are finite (integer ids and masks are) and runs the model on the first
+    batch, as model(**batch); a model that cannot run on it names the batch's keys, dtypes and shapes."""
+    result = compress_tokens(token_project, "distilled", True, "--finetune", "distill", "--distill-steps", "3")
+    assert result.exit_code == 0, result.output
+    data = padded_file()
+    save_file({"input_ids": data["input_ids"], "mask": data["attention_mask"]}, "renamed.safetensors")
+    (token_project / "plain.yaml").write_text(yaml.safe_dump(token_schedule(False)))
+    result = CliRunner().invoke(main, ["compress", "--model", "token_factories:tokens", "--config", "plain.yaml",
+                                       "--out", "out", "--calibration", "renamed.safetensors", "--finetune", "distill",
+                                       "--quiet"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("musco: error: --calibration renamed.safetensors: --model cannot run on its first "
+                                    "batch ({input_ids: int64 (8, 8), mask: int64 (8, 8)}): TypeError: "), result.output
+    assert not (token_project / "out").exists()
 
 
 def test_bad_masks_are_one_clear_error(registry):

@@ -285,6 +285,30 @@ def test_musco_compress_launched_by_torchrun_writes_the_single_process_output(tm
     assert rows[0] == rows[1]
 
 
+def test_musco_compress_on_two_ranks_shards_keyword_batches_and_their_masks(tmp_path, monkeypatch):
+    """A calibration file of input_ids and attention_mask gives mapping batches; each rank takes its share of them,
+    each batch with its own mask, so a masked whitened_svd equals the single-process run."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+    from test_calibration import TOKEN_FACTORIES, padded_file, token_schedule
+
+    from musco_core.cli import main
+
+    (tmp_path / "token_factories.py").write_text(TOKEN_FACTORIES, encoding="utf-8")
+    (tmp_path / "schedule.json").write_text(json.dumps(token_schedule(masked=True)), encoding="utf-8")
+    save_file(padded_file(), str(tmp_path / "tokens.safetensors"))
+    args = ["compress", "--model", "token_factories:tokens", "--config", "schedule.json", "--calibration",
+            "tokens.safetensors", "--calibration-batch-size", "2", "--quiet"]
+    processes = launch(command=[sys.executable, "-m", "musco_core.cli", *args, "--out", "shared"], cwd=tmp_path)
+    assert [p.returncode for p in processes] == [0, 0], processes[0].stderr[-2000:] + processes[1].stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(main, [*args, "--out", "alone"])
+    sys.modules.pop("token_factories", None)
+    assert result.exit_code == 0, result.output
+    close(load_file(tmp_path / "shared" / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors"))
+
+
 def test_musco_compress_with_a_file_one_rank_cannot_read_fails_every_rank_in_one_line(tmp_path):
     """The model's file is missing on rank 1 alone: every rank exits 2 with rank 1's error (rank 0 used to fail on
     the dropped connection, exit 1, "a bug in musco-core"), and nothing is written."""
