@@ -361,21 +361,35 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
 
 def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
                    ) -> tuple[list[str], dict[str, list[str]]]:
-    """:func:`forward_order`, and for each named layer, from the same pass on the first calibration batch, the named
-    layers whose outputs or weights its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`,
-    which errs towards more); a layer the model did not run there, or every layer of a model the tracking cannot run
-    through, has no entry. JSON data (a distributed job sends it)."""
+    """:func:`forward_order`, and for each named layer, over passes on every calibration batch, the named layers
+    whose outputs or weights its inputs may have been computed from (:class:`~musco_core.dataflow.Dependence`, which
+    errs towards more): a forward may take another path on another batch (a branch on the input's values or shape),
+    and the statistics are taken on all of them. A layer the model did not run, or every layer of a model the
+    tracking cannot run through, has no entry. JSON data (a distributed job sends it)."""
     names = list(names)
     batch = _first_batch(names, batches)
     # around both passes: a forward that changed its weights in the first may not change them again in the second
     with parameters_kept(model, "calibration batch 0"):
         try:
-            return _first_pass(model, names, batch, tracked=True)
+            order, sources = _first_pass(model, names, batch, tracked=True)
         except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
             order = _first_pass(model, names, batch, tracked=False)[0]
             log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated "
                      "on its own passes", type(exc).__name__, exc)
             return order, {}
+    for index, batch in enumerate(batches):
+        if index == 0:
+            continue
+        try:
+            with parameters_kept(model, f"calibration batch {index}"):
+                found = _first_pass(model, names, batch, tracked=True, index=index)[1]
+        except Exception as exc:  # noqa: BLE001 - the statistics' passes raise the model's own failure
+            log.info("calibration: the data flow between the layers cannot be tracked on batch %d (%s: %s): each is "
+                     "calibrated on its own passes", index, type(exc).__name__, exc)
+            return order, {}
+        for name, more in found.items():
+            sources[name] = sorted(set(sources.get(name, ())) | set(more))
+    return order, sources
 
 
 def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
@@ -385,7 +399,7 @@ def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
         raise _empty("input statistics", names) from None
 
 
-def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool
+def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool, index: int = 0
                 ) -> tuple[list[str], dict[str, list[str]]]:
     """The named layers in the order ``batch`` runs them and, ``tracked``, the layers each one's inputs may depend on
     (see :func:`layer_dataflow`)."""
@@ -403,7 +417,7 @@ def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: 
     try:
         with _calibration_pass(model), (tracking_dependence({name: [module] for name, module in modules.items()})
                                         if tracked else contextlib.nullcontext()) as tracker:
-            order = list(_inputs(model, modules, batch, 0))
+            order = list(_inputs(model, modules, batch, index))
     finally:
         for handle in handles:
             handle.remove()

@@ -317,8 +317,8 @@ class Dependence(TorchDispatchMode):
 
     Tags follow memory (a view and its base share theirs) and are never taken away, so a tensor may carry more
     than it depends on, never less. A tagged value read into Python (``.item()``, ``if tensor:``, ``.tolist()``) or
-    deciding a shape (``nonzero``) may steer what runs next: its tags are then held by everything after
-    (:attr:`escaped`). Memory allocated uninitialized (``torch.empty``) gets every tag given so far: an extension
+    deciding a shape (``nonzero``) may steer what runs next: its tags are then held by everything after (see
+    :meth:`of`). Memory allocated uninitialized (``torch.empty``) gets every tag given so far: an extension
     that writes it outside torch ops may fill it from any of them. Only the pass is seen, not a value a module
     kept from an earlier pass."""
 
@@ -334,10 +334,6 @@ class Dependence(TorchDispatchMode):
         """No: torch would wrap every op's call here in ``torch._dynamo.disable``, importing torch._dynamo (about a
         second of CPU) for a pass that compiles nothing."""
         return False
-
-    @property
-    def escaped(self) -> frozenset[str]:
-        return self._names(self._escaped)
 
     def _names(self, bits: int) -> frozenset[str]:
         return frozenset(tag for tag, bit in self._bits.items() if bits & bit)

@@ -315,6 +315,8 @@ class Branches(nn.Module):
             x = x + b[0, 0].tolist()
         elif self.mode == "weight":
             x = x + self.b.weight.sum()
+        elif self.mode == "input" and bool(x[0, 0] > 0):  # a branch on the input: batch 0 does not take it
+            x = x + b
         elif self.mode == "extension":
             x = torch.empty(b.shape)
             ctypes.memmove(x.data_ptr(), b.data_ptr(), b.numel() * b.element_size())
@@ -354,11 +356,24 @@ def test_layers_whose_inputs_do_not_depend_on_one_another_are_calibrated_togethe
     together = branches_step(mode)
     # 'a' alone first (nothing is compressed yet); 'b' and 'c' from one pass a batch: 'a' is not on their path
     assert calibrated == ([["b", "c"], ["d"]] if mode == "siblings" else [["b"], ["c"], ["d"]])
-    assert len(passes) == (1 + 3 + 3 + 2 * 3 if mode == "siblings" else 1 + 3 + 3 + 2 * 3 + 2 * 3)
+    assert len(passes) == (3 + 3 + 3 + 2 * 3 if mode == "siblings" else 3 + 3 + 3 + 2 * 3 + 2 * 3)
     # as before: each layer alone, with every replacement so far swapped in
     monkeypatch.setattr(run, "layer_dataflow", lambda model, names, data: (forward_order(model, names, data), {}))
     alone = branches_step(mode)
     assert together.keys() == alone.keys() and all(torch.equal(together[key], alone[key]) for key in alone)
+
+
+def test_the_dataflow_is_read_on_every_batch_a_forward_may_branch_on():
+    """The data flow was read on the first batch alone: a forward branching on its input's values took a path
+    there where 'c' did not read 'b', and another on the later batches, where it did; 'c' was calibrated with 'b'
+    (and its replacement) left out of its passes, 0.127 off the weights of calibrating it on its own (the branch
+    reads no value the layers computed, so it was never taken for a dependence). Now every batch's path counts,
+    and the step is as one at a time, bit for bit (the pass count test above checks that)."""
+    data = batches(3)
+    data[0][0, 0], data[1][0, 0] = -1.0, 1.0
+    order, sources = layer_dataflow(Branches("input").eval(), ["d", "c", "b", "a"], data)
+    assert order == ["a", "b", "c", "d"] and "b" in sources["c"]
+    assert "b" not in layer_dataflow(Branches("input").eval(), ["d", "c", "b", "a"], data[:1])[1]["c"]
 
 
 def test_a_model_the_tracking_cannot_run_through_has_its_layers_calibrated_one_at_a_time(monkeypatch):
