@@ -258,7 +258,7 @@ class Compressor:
             check_same_example(state, example_input, origin)
             components = component_inputs(model, state.initial_schedule, registry)  # model: as the run began
             state = with_inputs(state, _run_inputs(calibration_data, evaluate, inputs, components), origin,
-                                allow_changed=allow_changed_inputs)
+                                allow_changed=allow_changed_inputs, recorded_later=components)
             stats = as_model_stats(model_stats, restored, registry, example_input)
             check_resumable(restored, state, registry, stats, origin, began=model)
         distributed.on_first_rank(distributed.current(), f"removing older states from {directory}",

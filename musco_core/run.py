@@ -89,14 +89,16 @@ def check_same_example(state: RunState, example_input: Any, origin: str) -> None
                           f"(musco compress: the same --input-shape)")
 
 
-def with_inputs(state: RunState, inputs: Mapping[str, RunInput], origin: str, *, allow_changed: bool = False
-                ) -> RunState:
+def with_inputs(state: RunState, inputs: Mapping[str, RunInput], origin: str, *, allow_changed: bool = False,
+                recorded_later: Collection[str] = ()) -> RunState:
     """``state`` continued with the run's other ``inputs`` (see :attr:`RunState.inputs`): one ConfigError naming
-    each input the run recorded that the resume was given otherwise (old and new), unless ``allow_changed``, which
-    records the change and the step it applies from in the state and so in the report. The steps taken so far were
-    shaped by the recorded inputs; finishing with others silently would make a model that neither set of inputs
-    makes. A state written before inputs were recorded resumes unchecked and records ``inputs`` from now on; a
-    finished run, which no input changes any more, keeps its record."""
+    each input the run recorded that the resume was given otherwise, or was given and the run did not record (old
+    and new), unless ``allow_changed``, which records the change and the step it applies from in the state and so in
+    the report. The steps taken so far were shaped by the recorded inputs; finishing with others silently would
+    make a model that neither set of inputs makes. A state written before inputs were recorded resumes unchecked
+    and records ``inputs`` from now on, as one lacking an input of ``recorded_later`` (records that states began
+    to hold later, the plugins' versions) does for that input; a finished run, which no input changes any more,
+    keeps its record."""
     if state.done:
         return state
     if state.inputs is None:
@@ -104,8 +106,9 @@ def with_inputs(state: RunState, inputs: Mapping[str, RunInput], origin: str, *,
                  "data and fine-tuning are those the run began with; recording those given now", origin)
         return attrs.evolve(state, inputs=dict(inputs))
     nothing = RunInput("nothing")
-    changed = {name: (began, inputs.get(name, nothing)) for name, began in state.inputs.items()
-               if inputs.get(name, nothing).value != began.value}
+    compared = [*state.inputs, *(name for name in inputs if name not in state.inputs and name not in recorded_later)]
+    changed = {name: (began, now) for name in compared
+               if (now := inputs.get(name, nothing)).value != (began := state.inputs.get(name, nothing)).value}
     if changed and not allow_changed:
         lines = [f"{origin}: {key_path('$.inputs', name)}: the run began with {began.describe()}, the resume was "
                  f"given {now.describe()}" for name, (began, now) in changed.items()]

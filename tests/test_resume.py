@@ -249,10 +249,12 @@ def test_resuming_with_other_inputs_is_one_error_naming_each_unless_allowed(save
 
     with pytest.raises(ConfigError) as refused:
         resume(evaluate=lambda model: 0.0, inputs={"finetune": "lr 1e-3"})
+    # an input the run did not record counts as one it began without (finetune was accepted silently)
     assert str(refused.value) == (
         f'{saved}/step-0002/state.yaml: $.inputs["calibration_data"]: the run began with batches, the resume was given '
         f'none\n{saved}/step-0002/state.yaml: $.inputs["evaluate"]: the run began with none, the resume was given a '
-        f'callable; its 2 step(s) so far were made with the first: resume with the inputs the run began with, or allow '
+        f'callable\n{saved}/step-0002/state.yaml: $.inputs["finetune"]: the run began with nothing, the resume was '
+        f'given lr 1e-3; its 2 step(s) so far were made with the first: resume with the inputs the run began with, or allow '
         f'the change from step 3 on, recorded in the state and the report (musco compress --allow-changed-inputs; '
         f'Compressor.resume(..., allow_changed_inputs=True))')
     with caplog.at_level("WARNING", logger="musco_core"):
