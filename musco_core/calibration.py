@@ -356,7 +356,7 @@ def forward_order(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
     """The named layers in the order the model first runs them on the first calibration batch (layers it does not
     run there come last, in the given order)."""
     names = list(names)
-    return _first_pass(model, names, _first_batch(names, batches), tracked=False)[0]
+    return _traced_pass(model, names, _first_batch(names, batches), tracked=False)[0]
 
 
 def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any]
@@ -371,9 +371,9 @@ def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any
     # around both passes: a forward that changed its weights in the first may not change them again in the second
     with parameters_kept(model, "calibration batch 0"):
         try:
-            order, sources = _first_pass(model, names, batch, tracked=True)
+            order, sources = _traced_pass(model, names, batch, tracked=True)
         except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
-            order = _first_pass(model, names, batch, tracked=False)[0]
+            order = _traced_pass(model, names, batch, tracked=False)[0]
             log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated "
                      "on its own passes", type(exc).__name__, exc)
             return order, {}
@@ -382,7 +382,7 @@ def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any
             continue
         try:
             with parameters_kept(model, f"calibration batch {index}"):
-                found = _first_pass(model, names, batch, tracked=True, index=index)[1]
+                found = _traced_pass(model, names, batch, tracked=True, index=index)[1]
         except Exception as exc:  # noqa: BLE001 - the statistics' passes raise the model's own failure
             log.info("calibration: the data flow between the layers cannot be tracked on batch %d (%s: %s): each is "
                      "calibrated on its own passes", index, type(exc).__name__, exc)
@@ -399,10 +399,10 @@ def _first_batch(names: Sequence[str], batches: Iterable[Any]) -> Any:
         raise _empty("input statistics", names) from None
 
 
-def _first_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool, index: int = 0
+def _traced_pass(model: nn.Module, names: Sequence[str], batch: Any, *, tracked: bool, index: int = 0
                 ) -> tuple[list[str], dict[str, list[str]]]:
-    """The named layers in the order ``batch`` runs them and, ``tracked``, the layers each one's inputs may depend on
-    (see :func:`layer_dataflow`)."""
+    """The named layers in the order ``batch`` (the ``index``-th) runs them and, ``tracked``, the layers each one's
+    inputs may depend on there (see :func:`layer_dataflow`)."""
     modules = {name: model.get_submodule(name) for name in names}
     sources: dict[str, set[str]] = {}
 
