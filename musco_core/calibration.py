@@ -367,28 +367,23 @@ def layer_dataflow(model: nn.Module, names: Iterable[str], batches: Iterable[Any
     and the statistics are taken on all of them. A layer the model did not run, or every layer of a model the
     tracking cannot run through, has no entry. JSON data (a distributed job sends it)."""
     names = list(names)
-    batch = _first_batch(names, batches)
-    # around both passes: a forward that changed its weights in the first may not change them again in the second
-    with parameters_kept(model, "calibration batch 0"):
-        try:
-            order, sources = _traced_pass(model, names, batch, tracked=True)
-        except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by the pass without tracking
-            order = _traced_pass(model, names, batch, tracked=False)[0]
-            log.info("calibration: the data flow between the layers cannot be tracked (%s: %s): each is calibrated "
-                     "on its own passes", type(exc).__name__, exc)
-            return order, {}
+    order, sources = None, {}
     for index, batch in enumerate(batches):
-        if index == 0:
-            continue
-        try:
-            with parameters_kept(model, f"calibration batch {index}"):
-                found = _traced_pass(model, names, batch, tracked=True, index=index)[1]
-        except Exception as exc:  # noqa: BLE001 - the statistics' passes raise the model's own failure
-            log.info("calibration: the data flow between the layers cannot be tracked on batch %d (%s: %s): each is "
-                     "calibrated on its own passes", index, type(exc).__name__, exc)
-            return order, {}
+        # around both tries: a forward that changed its weights in the first may not change them again in the second
+        with parameters_kept(model, f"calibration batch {index}"):
+            try:
+                batch_order, found = _traced_pass(model, names, batch, tracked=True, index=index)
+            except Exception as exc:  # noqa: BLE001 - the model's own failure is raised by a pass without tracking
+                if order is None:
+                    order = _traced_pass(model, names, batch, tracked=False)[0]
+                log.info("calibration: the data flow between the layers cannot be tracked on batch %d (%s: %s): each "
+                         "is calibrated on its own passes", index, type(exc).__name__, exc)
+                return order, {}
+        order = batch_order if order is None else order
         for name, more in found.items():
             sources[name] = sorted(set(sources.get(name, ())) | set(more))
+    if order is None:
+        raise _empty("input statistics", names)
     return order, sources
 
 

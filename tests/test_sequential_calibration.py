@@ -376,6 +376,29 @@ def test_the_dataflow_is_read_on_every_batch_a_forward_may_branch_on():
     assert "b" not in layer_dataflow(Branches("input").eval(), ["d", "c", "b", "a"], data[:1])[1]["c"]
 
 
+class HalvesOnSecondCall(Branches):
+    """Halves ``a``'s weight in place on its second forward (the data-flow pass of the second batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            with torch.no_grad():
+                self.a.weight.mul_(0.5)
+        return super().forward(x)
+
+
+def test_a_forward_changing_its_weights_on_a_later_batch_of_the_dataflow_pass_is_refused():
+    """On a batch after the first, the data-flow pass's fallback (for a model the tracking cannot run through)
+    swallowed the refusal of a forward that changed its weights: the run went on with 'a' halved."""
+    with pytest.raises(ConfigError, match=r"changed its parameter a\.weight in place when musco-core ran it on "
+                                          r"calibration batch 1"):
+        layer_dataflow(HalvesOnSecondCall().eval(), ["d", "c", "b", "a"], batches(3))
+
+
 def test_a_model_the_tracking_cannot_run_through_has_its_layers_calibrated_one_at_a_time(monkeypatch):
     def untrackable(marked):
         raise RuntimeError("an op no dispatch mode can run")
