@@ -351,10 +351,8 @@ class Dependence(TorchDispatchMode):
 
     def _tags_in(self, values: Sequence[Any]) -> int:
         tags = 0
-        for value in values:
-            for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(tensor, torch.Tensor):
-                    tags |= self._tags.get(_storage_key(tensor), 0)
+        for tensor in _op_tensors(values):
+            tags |= self._tags.get(_storage_key(tensor), 0)
         return tags
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -369,12 +367,19 @@ class Dependence(TorchDispatchMode):
             if reads or not all(isinstance(result, torch.Tensor) or result is None for result in results):
                 self._escaped |= tags
             written = [args[index] if index < len(args) else kwargs.get(name) for index, name in writes]
-            for value in (*results, *written):
-                for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(tensor, torch.Tensor):
-                        key = _storage_key(tensor)
-                        self._tags[key] = self._tags.get(key, 0) | tags
+            for tensor in _op_tensors((*results, *written)):
+                key = _storage_key(tensor)
+                self._tags[key] = self._tags.get(key, 0) | tags
         return output
+
+
+def _op_tensors(values: Sequence[Any]) -> Iterator[torch.Tensor]:
+    """The tensors among an op's arguments or results, each a tensor or a list of them (as ``cat`` takes); not
+    :func:`~musco_core.timing.tensors_in`, which walks any nesting, on this path run for every op."""
+    for value in values:
+        for tensor in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
 
 
 @functools.cache
