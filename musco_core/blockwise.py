@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from . import io
 from .calibration import (TokenMask, _calibration_pass, collect_input_stats, collect_sequential_stats, forward_order,
                           layer_dataflow, token_mask)
-from .engine import LayerResult, compress_layer, read_layer
+from .engine import LayerResult, compress_layer, layer_specs
 from .errors import CompressionError, ConfigError, MuscoError, one_line, short_repr
 from .registry import Registry, default_registry
 from .report import CompressionReport
@@ -835,10 +835,9 @@ def _layer_stats(run: _Run, runner: BlockRunner, layers: Sequence[str], replacem
     (:func:`~musco_core.run._independent_run`) together, the first alone where plain statistics are due."""
     streams = run.streams
     if not run.sequential or not streams.diverged and not replacements:
-        spec = read_layer(runner.get_submodule(layers[0]), run.registry, layers[0])[1].spec
-        return collect_input_stats(runner, {layers[0]: spec}, _Batches(streams.reference), progress=run.progress,
-                                   mask=run.mask)
-    specs = {name: read_layer(runner.get_submodule(name), run.registry, name)[1].spec for name in layers}
+        return collect_input_stats(runner, layer_specs(runner, layers[:1], run.registry),
+                                   _Batches(streams.reference), progress=run.progress, mask=run.mask)
+    specs = layer_specs(runner, layers, run.registry)
     upstream = set().union(*(sources.get(name, replacements) for name in layers))
     paths = module_paths(runner)
     swaps = {path: new for old, new in replacements.items() if old in upstream

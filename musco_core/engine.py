@@ -5,7 +5,7 @@ import functools
 import logging
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -80,6 +80,11 @@ def read_layer(module: nn.Module, registry: Registry, name: str):
         raise UnsupportedLayerError(f"layer {name!r}: {registry.unsupported_reason(module)}{hint}")
     spec, weight, bias = adapter.read(module)
     return adapter, WeightSource(spec, dense=weight), bias
+
+
+def layer_specs(model: nn.Module, names: Iterable[str], registry: Registry) -> dict[str, LayerSpec]:
+    """The :class:`LayerSpec` of each named layer of ``model``, as its adapter reads it (:func:`read_layer`)."""
+    return {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in names}
 
 
 def refuse_non_finite(source: WeightSource, name: str) -> None:

@@ -24,8 +24,8 @@ from .allocation import Pending, allocate_pass, pending_replacements
 from .calibration import (TokenMask, check_reiterable, collect_input_stats, collect_output_moments,
                           collect_sequential_stats, layer_dataflow, token_mask)
 from .components import Cost, Decomposer, InputStats, ModelTotals
-from .engine import (LayerResult, compress_layer, factorized_like, given_copy, read_layer, refuse_changed,
-                     split_groups, usable_decompositions)
+from .engine import (LayerResult, compress_layer, factorized_like, given_copy, layer_specs, read_layer,
+                     refuse_changed, split_groups, usable_decompositions)
 from .errors import CompressionError, ConfigError, MuscoError, short_repr
 from .factors import chain_cost, layer_layout
 from .registry import Registry
@@ -451,7 +451,7 @@ def run_step(model: nn.Module, state: RunState, context: RunContext) -> tuple[nn
         collected once."""
         missing = [name for name in layers if name not in step_stats]
         if missing and context.calibration_data is not None:
-            specs = {name: read_layer(model.get_submodule(name), registry, name)[1].spec for name in missing}
+            specs = layer_specs(model, missing, registry)
             collected = collect_input_stats(model, specs, context.calibration_data, progress=context.progress,
                                             group=group, mask=mask)
             step_stats.update({name: with_output(name, stats) for name, stats in collected.items()})
@@ -731,7 +731,7 @@ def _output_moments(model: nn.Module, schedule: ModelSchedule, names: Sequence[s
     layers = output_projections(model, schedule, context.registry, names)
     if not layers or context.calibration_data is None:
         return {}
-    specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
+    specs = layer_specs(model, layers, context.registry)
     return collect_output_moments(model, specs, context.calibration_data, projections=max(layers.values()),
                                   seed=schedule.settings.seed, progress=context.progress, group=group, mask=mask)
 
@@ -766,7 +766,7 @@ def _calibrated(model: nn.Module, layers: Sequence[str], sources: Mapping[str, S
     upstream = set().union(*(sources.get(name, pending) for name in layers))
     replacements = {path: entry.new for name, entry in pending.items() if entry.new is not None and name in upstream
                     for path in paths[id(entry.module)]}
-    specs = {name: read_layer(model.get_submodule(name), context.registry, name)[1].spec for name in layers}
+    specs = layer_specs(model, layers, context.registry)
     return collect_sequential_stats(model, specs, replacements, context.calibration_data, progress=context.progress,
                                     group=group, mask=mask)
 
